@@ -1,0 +1,160 @@
+//! The filesystem error type every library returns. Each variant maps to one errno at the
+//! FUSE boundary, and survives a trip through gRPC (the errno rides in status metadata).
+
+use tonic::{Code, Status};
+
+pub type FsResult<T> = Result<T, FsError>;
+
+const ERRNO_METADATA_KEY: &str = "x-granary-errno";
+
+#[derive(Debug, Clone, thiserror::Error, PartialEq, Eq)]
+pub enum FsError {
+    #[error("no such file or directory: {0}")]
+    NotFound(String),
+    #[error("already exists: {0}")]
+    Exists(String),
+    #[error("not a directory: {0}")]
+    NotDir(String),
+    #[error("is a directory: {0}")]
+    IsDir(String),
+    #[error("name too long ({0} bytes, limit 255)")]
+    NameTooLong(usize),
+    #[error("invalid name or path: {0}")]
+    InvalidPath(String),
+    #[error("permission denied: {0}")]
+    PermissionDenied(String),
+    #[error("not supported: {0}")]
+    Unsupported(String),
+    #[error("unavailable: {0}")]
+    Unavailable(String),
+    #[error("timed out: {0}")]
+    TimedOut(String),
+    #[error("under-storage error: {0}")]
+    Ufs(String),
+    #[error("stale: {0}")]
+    Stale(String),
+    #[error("i/o error: {0}")]
+    Io(String),
+}
+
+impl FsError {
+    pub fn errno(&self) -> i32 {
+        match self {
+            FsError::NotFound(_) => libc::ENOENT,
+            FsError::Exists(_) => libc::EEXIST,
+            FsError::NotDir(_) => libc::ENOTDIR,
+            FsError::IsDir(_) => libc::EISDIR,
+            FsError::NameTooLong(_) => libc::ENAMETOOLONG,
+            FsError::InvalidPath(_) => libc::EINVAL,
+            FsError::PermissionDenied(_) => libc::EACCES,
+            FsError::Unsupported(_) => libc::ENOTSUP,
+            FsError::Stale(_) => libc::ESTALE,
+            FsError::Unavailable(_) | FsError::TimedOut(_) | FsError::Ufs(_) | FsError::Io(_) => {
+                libc::EIO
+            }
+        }
+    }
+
+    /// Whether retrying elsewhere or later may succeed.
+    pub fn is_retryable(&self) -> bool {
+        matches!(self, FsError::Unavailable(_) | FsError::TimedOut(_))
+    }
+
+    fn from_errno(errno: i32, msg: String) -> FsError {
+        match errno {
+            libc::ENOENT => FsError::NotFound(msg),
+            libc::EEXIST => FsError::Exists(msg),
+            libc::ENOTDIR => FsError::NotDir(msg),
+            libc::EISDIR => FsError::IsDir(msg),
+            libc::ENAMETOOLONG => FsError::NameTooLong(255),
+            libc::EINVAL => FsError::InvalidPath(msg),
+            libc::EACCES | libc::EPERM => FsError::PermissionDenied(msg),
+            libc::ENOTSUP => FsError::Unsupported(msg),
+            libc::ESTALE => FsError::Stale(msg),
+            _ => FsError::Io(msg),
+        }
+    }
+}
+
+impl From<std::io::Error> for FsError {
+    fn from(e: std::io::Error) -> Self {
+        match e.raw_os_error() {
+            Some(errno) => FsError::from_errno(errno, e.to_string()),
+            None => match e.kind() {
+                std::io::ErrorKind::NotFound => FsError::NotFound(e.to_string()),
+                std::io::ErrorKind::TimedOut => FsError::TimedOut(e.to_string()),
+                _ => FsError::Io(e.to_string()),
+            },
+        }
+    }
+}
+
+impl From<FsError> for Status {
+    fn from(e: FsError) -> Status {
+        let code = match &e {
+            FsError::NotFound(_) => Code::NotFound,
+            FsError::Exists(_) => Code::AlreadyExists,
+            FsError::NotDir(_) | FsError::IsDir(_) | FsError::NameTooLong(_) | FsError::InvalidPath(_) => {
+                Code::InvalidArgument
+            }
+            FsError::PermissionDenied(_) => Code::PermissionDenied,
+            FsError::Unsupported(_) => Code::Unimplemented,
+            FsError::Unavailable(_) => Code::Unavailable,
+            FsError::TimedOut(_) => Code::DeadlineExceeded,
+            FsError::Stale(_) => Code::FailedPrecondition,
+            FsError::Ufs(_) | FsError::Io(_) => Code::Internal,
+        };
+        let mut status = Status::new(code, e.to_string());
+        status
+            .metadata_mut()
+            .insert(ERRNO_METADATA_KEY, e.errno().to_string().parse().expect("ascii digits"));
+        status
+    }
+}
+
+impl From<Status> for FsError {
+    fn from(s: Status) -> FsError {
+        let msg = s.message().to_string();
+        if let Some(errno) = s
+            .metadata()
+            .get(ERRNO_METADATA_KEY)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.parse::<i32>().ok())
+        {
+            if errno != libc::EIO {
+                return FsError::from_errno(errno, msg);
+            }
+        }
+        match s.code() {
+            Code::NotFound => FsError::NotFound(msg),
+            Code::AlreadyExists => FsError::Exists(msg),
+            Code::PermissionDenied | Code::Unauthenticated => FsError::PermissionDenied(msg),
+            Code::Unavailable | Code::Cancelled | Code::Aborted | Code::ResourceExhausted => {
+                FsError::Unavailable(msg)
+            }
+            Code::DeadlineExceeded => FsError::TimedOut(msg),
+            Code::Unimplemented => FsError::Unsupported(msg),
+            _ => FsError::Io(msg),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn errno_survives_grpc() {
+        for e in [
+            FsError::NotFound("x".into()),
+            FsError::NameTooLong(300),
+            FsError::NotDir("d".into()),
+            FsError::Exists("e".into()),
+            FsError::Unavailable("u".into()),
+        ] {
+            let back = FsError::from(Status::from(e.clone()));
+            assert_eq!(back.errno(), e.errno(), "{e:?} -> {back:?}");
+        }
+        assert!(FsError::from(Status::unavailable("down")).is_retryable());
+    }
+}

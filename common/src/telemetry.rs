@@ -1,0 +1,21 @@
+//! Structured logs (filtered by `RUST_LOG`) and the Prometheus metrics endpoint.
+
+use std::net::SocketAddr;
+
+/// Installs the global tracing subscriber; `RUST_LOG` overrides `default_filter`.
+pub fn init_logging(default_filter: &str) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default_filter));
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .try_init();
+}
+
+/// Serves `/metrics` in Prometheus text format on `addr`. Must run inside a Tokio runtime.
+pub fn serve_metrics(addr: SocketAddr) -> Result<(), String> {
+    metrics_exporter_prometheus::PrometheusBuilder::new()
+        .with_http_listener(addr)
+        .install()
+        .map_err(|e| format!("cannot serve metrics on {addr}: {e}"))
+}

@@ -1,0 +1,15 @@
+//! A Granary master: the namespace state machine in redb, lazy metadata loading from the
+//! UFS, the worker registry and block locations, and the gRPC API over them.
+
+pub mod block_locations;
+pub mod command_log;
+pub mod config;
+pub mod loader;
+pub mod server;
+pub mod service;
+mod state_machine;
+pub mod store;
+pub mod workers;
+
+pub use config::MasterConfig;
+pub use server::{start, MasterError, RunningMaster};

@@ -1,0 +1,146 @@
+//! Lazy metadata loading: the first lookup or readdir of a directory lists it in the UFS
+//! and proposes the listing as a `LoadDirectory` command. Concurrent requests for the same
+//! directory share one listing.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+
+use granary_common::ufs::{ObjectKind, Ufs, UfsObject};
+use granary_common::{FsError, FsResult};
+use granary_protos::v1::{command, Command, FileKind, Inode, LoadDirectory, UfsEntry};
+use tokio::sync::mpsc;
+use tokio::task::JoinSet;
+
+use crate::command_log::CommandLog;
+use crate::store::NamespaceStore;
+
+/// Directories listed at once by a recursive load.
+const LOAD_CONCURRENCY: usize = 8;
+
+pub struct MetadataLoader<L> {
+    store: Arc<NamespaceStore>,
+    log: Arc<L>,
+    ufs: HashMap<u32, Arc<dyn Ufs>>,
+    inflight: Mutex<HashMap<u64, Arc<tokio::sync::Mutex<()>>>>,
+}
+
+/// Counts reported while a tree loads.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct LoadProgress {
+    pub directories: u64,
+    pub files: u64,
+}
+
+pub fn kind_of(k: ObjectKind) -> FileKind {
+    match k {
+        ObjectKind::File => FileKind::File,
+        ObjectKind::Directory => FileKind::Directory,
+        ObjectKind::Symlink => FileKind::Symlink,
+    }
+}
+
+fn entry_of(o: UfsObject) -> UfsEntry {
+    UfsEntry {
+        kind: kind_of(o.kind) as i32,
+        name: o.name,
+        size: o.size,
+        mtime_ns: o.mtime_ns,
+        mode: o.mode,
+        symlink_target: o.symlink_target,
+    }
+}
+
+impl<L: CommandLog> MetadataLoader<L> {
+    pub fn new(store: Arc<NamespaceStore>, log: Arc<L>, ufs: HashMap<u32, Arc<dyn Ufs>>) -> Self {
+        MetadataLoader {
+            store,
+            log,
+            ufs,
+            inflight: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// Makes sure `dir`'s children are in the namespace; returns the directory as stored.
+    pub async fn ensure_loaded(&self, dir: &Inode) -> FsResult<Inode> {
+        if dir.children_loaded {
+            return Ok(dir.clone());
+        }
+        if dir.kind != FileKind::Directory as i32 {
+            return Err(FsError::NotDir(String::from_utf8_lossy(&dir.name).into_owned()));
+        }
+        let gate = self.inflight.lock().expect("inflight lock").entry(dir.id).or_default().clone();
+        let result = async {
+            let _turn = gate.lock().await;
+            let current = self.store.get(dir.id)?;
+            if current.children_loaded {
+                return Ok(current);
+            }
+            let ufs = self
+                .ufs
+                .get(&current.mount_id)
+                .cloned()
+                .ok_or_else(|| FsError::Io(format!("no UFS for mount {}", current.mount_id)))?;
+            let path = current.ufs_path.clone();
+            let listed = tokio::task::spawn_blocking(move || ufs.list(&path))
+                .await
+                .map_err(|e| FsError::Io(format!("UFS listing task: {e}")))??;
+            metrics::counter!("granary_master_ufs_listings_total").increment(1);
+            let cmd = Command {
+                op: Some(command::Op::LoadDirectory(LoadDirectory {
+                    dir_id: current.id,
+                    entries: listed.into_iter().map(entry_of).collect(),
+                })),
+            };
+            self.log.propose(cmd).await?;
+            self.store.get(dir.id)
+        }
+        .await;
+        self.inflight.lock().expect("inflight lock").remove(&dir.id);
+        result
+    }
+
+    /// Loads the whole tree under `root`, reporting progress after every directory.
+    pub async fn load_tree(self: &Arc<Self>, root: Inode, progress: mpsc::Sender<LoadProgress>) -> FsResult<LoadProgress> {
+        let mut totals = LoadProgress::default();
+        if root.kind != FileKind::Directory as i32 {
+            totals.files = 1;
+            return Ok(totals);
+        }
+        let mut pending = vec![root];
+        let mut running: JoinSet<FsResult<Vec<Inode>>> = JoinSet::new();
+        loop {
+            while running.len() < LOAD_CONCURRENCY {
+                let Some(dir) = pending.pop() else { break };
+                let me = self.clone();
+                running.spawn(async move {
+                    let dir = me.ensure_loaded(&dir).await?;
+                    let mut children = Vec::new();
+                    let mut after = Vec::new();
+                    loop {
+                        let (page, more) = me.store.list(dir.id, &after, 4096)?;
+                        if let Some(last) = page.last() {
+                            after = last.name.clone();
+                        }
+                        children.extend(page);
+                        if !more {
+                            break;
+                        }
+                    }
+                    Ok(children)
+                });
+            }
+            let Some(done) = running.join_next().await else { break };
+            let children = done.map_err(|e| FsError::Io(format!("load task: {e}")))??;
+            totals.directories += 1;
+            for c in children {
+                if c.kind == FileKind::Directory as i32 {
+                    pending.push(c);
+                } else {
+                    totals.files += 1;
+                }
+            }
+            let _ = progress.try_send(totals);
+        }
+        Ok(totals)
+    }
+}

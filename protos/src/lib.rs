@@ -1,0 +1,20 @@
+//! Wire types shared by every Granary part: the gRPC control/metadata API, the state
+//! machine commands carried by the replicated log, and the framed block data protocol.
+
+pub mod frame;
+
+/// Control and metadata API (tonic/prost).
+pub mod v1 {
+    tonic::include_proto!("granary.v1");
+}
+
+/// Headers of the framed block data protocol.
+pub mod data {
+    tonic::include_proto!("granary.data.v1");
+}
+
+/// Version spoken on the data port; bumped on incompatible header changes.
+pub const DATA_PROTOCOL_VERSION: u32 = 1;
+
+/// Metadata key that carries the cluster token on every gRPC call.
+pub const TOKEN_METADATA_KEY: &str = "x-granary-token";
