@@ -19,3 +19,13 @@ pub fn serve_metrics(addr: SocketAddr) -> Result<(), String> {
         .install()
         .map_err(|e| format!("cannot serve metrics on {addr}: {e}"))
 }
+
+/// Resolves on SIGINT or SIGTERM (systemd stops services with SIGTERM).
+pub async fn shutdown_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = signal(SignalKind::terminate()).expect("install SIGTERM handler");
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term.recv() => {}
+    }
+}

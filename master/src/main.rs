@@ -25,6 +25,6 @@ async fn main() -> anyhow::Result<()> {
     let mut master = granary_master::start(config).await.context("master failed to start")?;
     tokio::select! {
         r = master.wait() => r.map_err(anyhow::Error::msg).context("master server stopped"),
-        _ = tokio::signal::ctrl_c() => { master.stop().await; Ok(()) }
+        _ = granary_common::telemetry::shutdown_signal() => { master.stop().await; Ok(()) }
     }
 }

@@ -1,0 +1,44 @@
+//! The UFS mounts this worker may read from, as the master's mount table says. A read
+//! request names a mount id and a path inside it, never a raw URI, so a client cannot make
+//! a worker read outside the mounted under-storage.
+
+use std::collections::HashMap;
+use std::sync::{Arc, RwLock};
+
+use granary_common::ufs::{open_ufs, Ufs};
+use granary_common::{FsError, FsResult};
+use granary_protos::v1::MountTable;
+
+#[derive(Debug, Default)]
+pub struct MountRegistry {
+    mounts: RwLock<HashMap<u32, Arc<dyn Ufs>>>,
+}
+
+impl MountRegistry {
+    /// Adopts the master's table: opens new mounts, drops removed ones.
+    pub fn update(&self, table: &MountTable) {
+        let mut mounts = self.mounts.write().expect("mounts lock");
+        mounts.retain(|id, ufs| table.mounts.iter().any(|m| m.mount_id == *id && m.ufs_uri == ufs.uri()));
+        for m in &table.mounts {
+            if mounts.contains_key(&m.mount_id) {
+                continue;
+            }
+            match open_ufs(&m.ufs_uri) {
+                Ok(ufs) => {
+                    tracing::info!(mount = m.mount_id, uri = %m.ufs_uri, "UFS mount available");
+                    mounts.insert(m.mount_id, ufs);
+                }
+                Err(e) => tracing::error!(mount = m.mount_id, uri = %m.ufs_uri, error = %e, "cannot open UFS mount"),
+            }
+        }
+    }
+
+    pub fn get(&self, mount_id: u32) -> FsResult<Arc<dyn Ufs>> {
+        self.mounts
+            .read()
+            .expect("mounts lock")
+            .get(&mount_id)
+            .cloned()
+            .ok_or_else(|| FsError::NotFound(format!("UFS mount {mount_id} is not known to this worker (yet)")))
+    }
+}

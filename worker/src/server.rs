@@ -1,0 +1,107 @@
+//! Starting a worker: open (and scan) the cache, listen on the data port, register with
+//! the masters. Used by `granary-worker` and by `granary local`.
+
+use std::net::SocketAddr;
+use std::path::Path;
+use std::sync::Arc;
+
+use granary_common::config::ConfigError;
+use granary_protos::v1::WorkerInfo;
+use tokio::net::TcpListener;
+use tokio::task::JoinHandle;
+
+use crate::block_store::BlockStore;
+use crate::config::WorkerConfig;
+use crate::data_server::DataServer;
+use crate::fetcher::BlockFetcher;
+use crate::mounts::MountRegistry;
+
+#[derive(Debug, thiserror::Error)]
+pub enum WorkerError {
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    #[error("cache_dir {path}: {source}")]
+    CacheDir { path: String, source: std::io::Error },
+    #[error("cannot listen on {addr}: {source}")]
+    Listen { addr: SocketAddr, source: std::io::Error },
+    #[error("invalid master address: {0}")]
+    MasterAddress(#[from] tonic::transport::Error),
+}
+
+pub struct RunningWorker {
+    pub worker_id: String,
+    pub data_addr: SocketAddr,
+    pub store: Arc<BlockStore>,
+    task: JoinHandle<()>,
+}
+
+impl RunningWorker {
+    pub fn stop(self) {
+        self.task.abort();
+    }
+}
+
+/// The worker's stable id, created on first start and kept in the cache directory so a
+/// restarted worker is recognised as the same one.
+fn worker_id(cache_dir: &Path) -> std::io::Result<String> {
+    let path = cache_dir.join("worker_id");
+    match std::fs::read_to_string(&path) {
+        Ok(id) if !id.trim().is_empty() => Ok(id.trim().to_string()),
+        _ => {
+            let id = uuid::Uuid::new_v4().to_string();
+            let tmp = cache_dir.join("worker_id.tmp");
+            std::fs::write(&tmp, &id)?;
+            std::fs::rename(tmp, path)?;
+            Ok(id)
+        }
+    }
+}
+
+pub async fn start(config: WorkerConfig) -> Result<RunningWorker, WorkerError> {
+    config.validate()?;
+    let cache_err = |source| WorkerError::CacheDir {
+        path: config.cache_dir.display().to_string(),
+        source,
+    };
+    std::fs::create_dir_all(&config.cache_dir).map_err(cache_err)?;
+    let id = worker_id(&config.cache_dir).map_err(cache_err)?;
+    let (dir, cap, hi, lo) = (config.cache_dir.clone(), config.capacity.0, config.high_watermark, config.low_watermark);
+    let (store, scan) = tokio::task::spawn_blocking(move || BlockStore::open(&dir, cap, hi, lo))
+        .await
+        .expect("cache scan task")
+        .map_err(cache_err)?;
+    let store = Arc::new(store);
+    tracing::info!(worker = %id, blocks = scan.blocks, bytes = scan.bytes, discarded = scan.discarded, "cache scanned");
+
+    let listener = TcpListener::bind(config.data_listen).await.map_err(|source| WorkerError::Listen {
+        addr: config.data_listen,
+        source,
+    })?;
+    let data_addr = listener.local_addr().map_err(|source| WorkerError::Listen {
+        addr: config.data_listen,
+        source,
+    })?;
+    let mounts = Arc::new(MountRegistry::default());
+    let hostname = crate::hostname();
+    let info = WorkerInfo {
+        worker_id: id.clone(),
+        host: config.advertised_host(),
+        data_port: data_addr.port() as u32,
+        hostname: hostname.clone(),
+        ..Default::default()
+    };
+    crate::master_link::start(&config.masters, info, store.clone(), mounts.clone())?;
+    let server = Arc::new(DataServer {
+        fetcher: Arc::new(BlockFetcher::new(store.clone(), mounts)),
+        worker_id: id.clone(),
+        hostname,
+    });
+    let task = tokio::spawn(server.serve(listener));
+    tracing::info!(worker = %id, %data_addr, "worker serving");
+    Ok(RunningWorker {
+        worker_id: id,
+        data_addr,
+        store,
+        task,
+    })
+}
