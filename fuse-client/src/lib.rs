@@ -1,0 +1,12 @@
+//! The Granary client: metadata and data access, the filesystem type, and its FUSE mount.
+
+pub mod block_reader;
+pub mod config;
+pub mod data_client;
+pub mod fs;
+pub mod fuse_adapter;
+pub mod meta_client;
+pub mod mount;
+
+pub use config::MountConfig;
+pub use mount::{check_mountpoint, mount, MountError, MountHandle};

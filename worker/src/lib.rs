@@ -12,15 +12,4 @@ pub mod server;
 pub use config::WorkerConfig;
 pub use server::{start, RunningWorker, WorkerError};
 
-/// This machine's host name; clients compare it with their own to find a co-located
-/// worker whose cache files they can read directly.
-pub fn hostname() -> String {
-    let mut buf = [0u8; 256];
-    // SAFETY: the buffer is valid for its length; gethostname NUL-terminates within it.
-    let rc = unsafe { libc::gethostname(buf.as_mut_ptr().cast(), buf.len()) };
-    if rc != 0 {
-        return "localhost".into();
-    }
-    let end = buf.iter().position(|&b| b == 0).unwrap_or(buf.len());
-    String::from_utf8_lossy(&buf[..end]).into_owned()
-}
+pub use granary_common::hostname;

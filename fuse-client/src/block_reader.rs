@@ -1,0 +1,308 @@
+//! The data path of an open file: split a read into blocks, pick a worker per block, and
+//! read either straight from a co-located worker's cache file (short-circuit) or over the
+//! data port with an adaptive readahead buffer. Sequential readers also get the next block
+//! warmed in the worker cache ahead of time, so a cold UFS fetch overlaps with reading.
+
+use std::collections::{HashMap, HashSet};
+use std::fs::File;
+use std::os::unix::fs::FileExt;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::mpsc::{sync_channel, SyncSender};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use granary_common::blocks::{block_count, block_len, spans, BlockSpan};
+use granary_common::{FsError, FsResult};
+use granary_protos::data::ReadBlockRequest;
+use granary_protos::v1::{Inode, WorkerInfo};
+
+use crate::data_client::DataClient;
+use crate::meta_client::MetadataService;
+
+/// Largest range one data-port request asks for (the worker's limit).
+const MAX_REQUEST: u64 = 16 << 20;
+const WORKER_LIST_TTL: Duration = Duration::from_secs(3);
+
+/// Reads file bytes for the filesystem.
+pub trait DataPath: Send + Sync {
+    fn read(&self, file: &Inode, state: &mut ReadState, offset: u64, len: u32) -> FsResult<Vec<u8>>;
+}
+
+/// Per-open-handle read state.
+#[derive(Default)]
+pub struct ReadState {
+    /// Open cache files of a co-located worker, by block index.
+    local_files: HashMap<u32, File>,
+    buffer: Option<Buffered>,
+    window: u64,
+    last_end: u64,
+    warmed: HashSet<u32>,
+    locations: Option<HashMap<u32, Vec<String>>>,
+}
+
+/// Readahead bytes held for one handle; gives its memory budget back when dropped.
+struct Buffered {
+    index: u32,
+    offset: u64,
+    data: Vec<u8>,
+    budget: Arc<AtomicU64>,
+}
+
+impl Drop for Buffered {
+    fn drop(&mut self) {
+        self.budget.fetch_sub(self.data.len() as u64, Ordering::Relaxed);
+    }
+}
+
+pub struct DataPathOptions {
+    pub short_circuit: bool,
+    pub readahead_max: u64,
+    pub readahead_memory: u64,
+}
+
+pub struct WorkerDataPath {
+    meta: Arc<dyn MetadataService>,
+    data: Arc<DataClient>,
+    opts: DataPathOptions,
+    hostname: String,
+    workers: Mutex<(Option<Instant>, Vec<WorkerInfo>)>,
+    buffered: Arc<AtomicU64>,
+    warm_tx: SyncSender<(String, ReadBlockRequest)>,
+    next_request: AtomicU64,
+}
+
+fn request_for(file: &Inode, index: u32, offset: u64, length: u64, local_path_only: bool) -> ReadBlockRequest {
+    let fp = file.fingerprint.unwrap_or_default();
+    ReadBlockRequest {
+        request_id: 0,
+        file_id: file.id,
+        index,
+        mount_id: file.mount_id,
+        ufs_path: file.ufs_path.clone(),
+        file_size: fp.size,
+        file_mtime_ns: fp.mtime_ns,
+        block_size: file.block_size,
+        offset,
+        length,
+        local_path_only,
+    }
+}
+
+fn addr(w: &WorkerInfo) -> String {
+    format!("{}:{}", w.host, w.data_port)
+}
+
+impl WorkerDataPath {
+    pub fn new(meta: Arc<dyn MetadataService>, opts: DataPathOptions, hostname: String) -> Arc<Self> {
+        let data = Arc::new(DataClient::new(Duration::from_secs(2), Duration::from_secs(120)));
+        // Warm-ups are best effort: a small pool, and a full queue drops new ones.
+        let (warm_tx, warm_rx) = sync_channel::<(String, ReadBlockRequest)>(64);
+        let warm_rx = Arc::new(Mutex::new(warm_rx));
+        for i in 0..2 {
+            let rx = warm_rx.clone();
+            let data = data.clone();
+            std::thread::Builder::new()
+                .name(format!("granary-warm-{i}"))
+                .spawn(move || loop {
+                    let next = rx.lock().expect("warm queue").recv();
+                    let Ok((addr, req)) = next else { return };
+                    if let Err(e) = data.request(&addr, &req) {
+                        tracing::debug!(worker = %addr, error = %e, "block warm-up failed");
+                    }
+                })
+                .expect("spawn warm-up thread");
+        }
+        Arc::new(WorkerDataPath {
+            meta,
+            data,
+            opts,
+            hostname,
+            workers: Mutex::new((None, Vec::new())),
+            buffered: Arc::new(AtomicU64::new(0)),
+            warm_tx,
+            next_request: AtomicU64::new(1),
+        })
+    }
+
+    fn workers(&self, refresh: bool) -> FsResult<Vec<WorkerInfo>> {
+        let mut w = self.workers.lock().expect("workers lock");
+        let fresh = matches!(w.0, Some(t) if t.elapsed() < WORKER_LIST_TTL);
+        if refresh || !fresh || w.1.is_empty() {
+            let mut list = self.meta.workers()?;
+            list.sort_by(|a, b| a.worker_id.cmp(&b.worker_id));
+            *w = (Some(Instant::now()), list);
+        }
+        Ok(w.1.clone())
+    }
+
+    /// The co-located worker, if there is one.
+    fn local_worker(&self, workers: &[WorkerInfo]) -> Option<WorkerInfo> {
+        workers.iter().find(|w| w.hostname == self.hostname).cloned()
+    }
+
+    /// The worker to read block `index` from: a co-located one (which caches what it
+    /// fetches for this node), else one already caching it, else a stable hash choice.
+    fn pick(&self, file: &Inode, state: &mut ReadState, index: u32, refresh: bool) -> FsResult<(WorkerInfo, bool)> {
+        let workers = self.workers(refresh)?;
+        if workers.is_empty() {
+            return Err(FsError::Unavailable("no live workers registered with the master".into()));
+        }
+        if let Some(w) = self.local_worker(&workers) {
+            return Ok((w, true));
+        }
+        if state.locations.is_none() || refresh {
+            let locs = self.meta.block_locations(file.id)?;
+            state.locations = Some(locs.blocks.into_iter().map(|b| (b.index, b.worker_ids)).collect());
+        }
+        if let Some(ids) = state.locations.as_ref().and_then(|l| l.get(&index)) {
+            if let Some(w) = workers.iter().find(|w| ids.contains(&w.worker_id)) {
+                return Ok((w.clone(), false));
+            }
+        }
+        let h = file.id.wrapping_mul(0x9e3779b97f4a7c15) ^ index as u64;
+        Ok((workers[(h % workers.len() as u64) as usize].clone(), false))
+    }
+
+    fn request(&self, worker: &WorkerInfo, mut req: ReadBlockRequest) -> FsResult<(granary_protos::data::ReadBlockResponse, Vec<u8>)> {
+        req.request_id = self.next_request.fetch_add(1, Ordering::Relaxed);
+        self.data.request(&addr(worker), &req)
+    }
+
+    fn read_span(&self, file: &Inode, state: &mut ReadState, span: BlockSpan, out: &mut Vec<u8>) -> FsResult<()> {
+        let index = span.index as u32;
+        let mut refresh = false;
+        loop {
+            let (worker, local) = self.pick(file, state, index, refresh)?;
+            let result = if local && self.opts.short_circuit {
+                self.read_local(file, state, &worker, span, out)
+            } else {
+                self.read_remote(file, state, &worker, span, out)
+            };
+            match result {
+                Err(e) if e.is_retryable() && !refresh => {
+                    tracing::warn!(worker = %worker.worker_id, error = %e, "worker read failed; retrying with a fresh worker list");
+                    self.data.forget(&addr(&worker));
+                    refresh = true;
+                }
+                other => return other,
+            }
+        }
+    }
+
+    fn read_local(&self, file: &Inode, state: &mut ReadState, worker: &WorkerInfo, span: BlockSpan, out: &mut Vec<u8>) -> FsResult<()> {
+        let index = span.index as u32;
+        for attempt in 0..2 {
+            if !state.local_files.contains_key(&index) {
+                let (resp, _) = self.request(worker, request_for(file, index, 0, 0, true))?;
+                match File::open(&resp.local_path) {
+                    Ok(f) => {
+                        state.local_files.insert(index, f);
+                    }
+                    // Evicted between the answer and the open: ask again.
+                    Err(e) if attempt == 0 && e.kind() == std::io::ErrorKind::NotFound => continue,
+                    Err(e) => return Err(FsError::Io(format!("cache file {}: {e}", resp.local_path))),
+                }
+            }
+            let f = &state.local_files[&index];
+            let start = out.len();
+            out.resize(start + span.len as usize, 0);
+            let mut done = 0usize;
+            while done < span.len as usize {
+                let n = f.read_at(&mut out[start + done..], span.offset + done as u64)?;
+                if n == 0 {
+                    out.truncate(start);
+                    return Err(FsError::Stale(format!("cache file of block {index} is shorter than expected")));
+                }
+                done += n;
+            }
+            metrics::counter!("granary_client_short_circuit_bytes_total").increment(span.len);
+            return Ok(());
+        }
+        Err(FsError::Io(format!("block {index} keeps being evicted while opened")))
+    }
+
+    fn read_remote(&self, file: &Inode, state: &mut ReadState, worker: &WorkerInfo, span: BlockSpan, out: &mut Vec<u8>) -> FsResult<()> {
+        let index = span.index as u32;
+        if let Some(b) = &state.buffer {
+            if b.index == index && span.offset >= b.offset && span.offset + span.len <= b.offset + b.data.len() as u64 {
+                let from = (span.offset - b.offset) as usize;
+                out.extend_from_slice(&b.data[from..from + span.len as usize]);
+                return Ok(());
+            }
+        }
+        state.buffer = None;
+        let abs = index as u64 * file.block_size + span.offset;
+        state.window = if abs == state.last_end && state.window > 0 {
+            (state.window * 2).min(self.opts.readahead_max)
+        } else {
+            span.len
+        };
+        let blen = block_len(file.size, file.block_size, index as u64);
+        let want = state.window.max(span.len).min(blen - span.offset).min(MAX_REQUEST);
+        let reserved = self.reserve(want, span.len);
+        let data = match self.request(worker, request_for(file, index, span.offset, reserved, false)) {
+            Ok((_, data)) => data,
+            Err(e) => {
+                self.buffered.fetch_sub(reserved, Ordering::Relaxed);
+                return Err(e);
+            }
+        };
+        // The data client never accepts more than was asked for.
+        self.buffered.fetch_sub(reserved - data.len() as u64, Ordering::Relaxed);
+        let buffered = Buffered {
+            index,
+            offset: span.offset,
+            data,
+            budget: self.buffered.clone(),
+        };
+        if (buffered.data.len() as u64) < span.len {
+            return Err(FsError::Stale(format!("worker returned {} of {} bytes", buffered.data.len(), span.len)));
+        }
+        out.extend_from_slice(&buffered.data[..span.len as usize]);
+        metrics::counter!("granary_client_remote_bytes_total").increment(span.len);
+        state.buffer = Some(buffered);
+        Ok(())
+    }
+
+    /// Reserves readahead memory for `want` bytes, or just `need` once the budget is spent.
+    fn reserve(&self, want: u64, need: u64) -> u64 {
+        let before = self.buffered.fetch_add(want, Ordering::Relaxed);
+        if want > need && before + want > self.opts.readahead_memory {
+            self.buffered.fetch_sub(want - need, Ordering::Relaxed);
+            return need;
+        }
+        want
+    }
+
+    /// Asks the worker that will serve the next block to cache it now.
+    fn warm_next(&self, file: &Inode, state: &mut ReadState, index: u32) {
+        let next = index + 1;
+        if next as u64 >= block_count(file.size, file.block_size) || !state.warmed.insert(next) {
+            return;
+        }
+        if let Ok((worker, _)) = self.pick(file, state, next, false) {
+            let mut req = request_for(file, next, 0, 0, true);
+            req.request_id = self.next_request.fetch_add(1, Ordering::Relaxed);
+            let _ = self.warm_tx.try_send((addr(&worker), req));
+        }
+    }
+}
+
+impl DataPath for WorkerDataPath {
+    fn read(&self, file: &Inode, state: &mut ReadState, offset: u64, len: u32) -> FsResult<Vec<u8>> {
+        if file.block_size == 0 {
+            return Err(FsError::Io("file has no block size".into()));
+        }
+        let sequential = offset == state.last_end;
+        let parts = spans(file.size, file.block_size, offset, len as u64);
+        let mut out = Vec::with_capacity(parts.iter().map(|s| s.len as usize).sum());
+        for span in parts {
+            self.read_span(file, state, span, &mut out)?;
+            if sequential && span.offset + span.len > file.block_size / 2 {
+                self.warm_next(file, state, span.index as u32);
+            }
+        }
+        state.last_end = offset + out.len() as u64;
+        Ok(out)
+    }
+}

@@ -1,0 +1,79 @@
+//! Mount configuration (TOML file or CLI flags). Defaults suit an immutable training
+//! dataset: long kernel TTLs and the kernel page cache kept across opens.
+
+use granary_common::bytesize::ByteSize;
+use granary_common::config::ConfigError;
+use serde::Deserialize;
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct MountConfig {
+    /// Master gRPC addresses of shard 0 (`host:port`).
+    pub masters: Vec<String>,
+    /// Kernel dentry cache lifetime.
+    pub entry_ttl_ms: u64,
+    /// Kernel attribute cache lifetime.
+    pub attr_ttl_ms: u64,
+    /// Keep the kernel page cache of a file across opens (re-reads never leave the kernel).
+    pub keep_cache: bool,
+    /// Userspace metadata cache lifetime and size.
+    pub meta_cache_ttl_ms: u64,
+    pub meta_cache_entries: u64,
+    /// Read a co-located worker's cache files directly instead of over TCP.
+    pub short_circuit: bool,
+    /// Largest adaptive readahead window for reads over TCP.
+    pub readahead_max: ByteSize,
+    /// Memory all readahead buffers together may use.
+    pub readahead_memory: ByteSize,
+    /// Threads serving FUSE requests.
+    pub fuse_threads: usize,
+    /// One metadata RPC attempt's timeout.
+    pub rpc_timeout_ms: u64,
+    /// How long an operation retries across masters before failing with EIO.
+    pub retry_deadline_ms: u64,
+    /// Let other users access the mount (needs `user_allow_other` for non-root).
+    pub allow_other: bool,
+    /// Owner shown for every file; default: the owner recorded in metadata.
+    pub uid: Option<u32>,
+    pub gid: Option<u32>,
+}
+
+impl Default for MountConfig {
+    fn default() -> Self {
+        MountConfig {
+            masters: vec!["127.0.0.1:19998".into()],
+            entry_ttl_ms: 300_000,
+            attr_ttl_ms: 300_000,
+            keep_cache: true,
+            meta_cache_ttl_ms: 300_000,
+            meta_cache_entries: 1_000_000,
+            short_circuit: true,
+            readahead_max: ByteSize(16 << 20),
+            readahead_memory: ByteSize(1 << 30),
+            fuse_threads: 16,
+            rpc_timeout_ms: 5_000,
+            retry_deadline_ms: 20_000,
+            allow_other: false,
+            uid: None,
+            gid: None,
+        }
+    }
+}
+
+impl MountConfig {
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        if self.masters.is_empty() {
+            return Err(ConfigError::invalid("masters", "at least one master address is required"));
+        }
+        if self.fuse_threads == 0 || self.fuse_threads > 1024 {
+            return Err(ConfigError::invalid("fuse_threads", "must be between 1 and 1024"));
+        }
+        if self.rpc_timeout_ms == 0 {
+            return Err(ConfigError::invalid("rpc_timeout_ms", "must be greater than zero"));
+        }
+        if self.readahead_max.0 < (128 << 10) || self.readahead_max.0 > (16 << 20) {
+            return Err(ConfigError::invalid("readahead_max", "must be between 128KiB and 16MiB"));
+        }
+        Ok(())
+    }
+}

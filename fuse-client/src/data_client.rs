@@ -1,0 +1,138 @@
+//! Client side of the worker data port: pooled blocking TCP connections (FUSE threads are
+//! plain threads), one request in flight per connection, several connections per worker.
+
+use std::collections::HashMap;
+use std::io::{BufReader, Read, Write};
+use std::net::{TcpStream, ToSocketAddrs};
+use std::sync::Mutex;
+use std::time::Duration;
+
+use granary_common::{FsError, FsResult};
+use granary_protos::data::{Hello, HelloReply, ReadBlockRequest, ReadBlockResponse, Status};
+use granary_protos::frame::{encode_header, read_header};
+use granary_protos::DATA_PROTOCOL_VERSION;
+
+/// Idle connections kept per worker.
+const MAX_IDLE_PER_WORKER: usize = 32;
+
+struct Conn {
+    reader: BufReader<TcpStream>,
+    writer: TcpStream,
+}
+
+pub struct DataClient {
+    idle: Mutex<HashMap<String, Vec<Conn>>>,
+    connect_timeout: Duration,
+    io_timeout: Duration,
+}
+
+fn frame_err(addr: &str, e: granary_protos::frame::FrameError) -> FsError {
+    FsError::Unavailable(format!("worker {addr}: {e}"))
+}
+
+impl DataClient {
+    pub fn new(connect_timeout: Duration, io_timeout: Duration) -> Self {
+        DataClient {
+            idle: Mutex::new(HashMap::new()),
+            connect_timeout,
+            io_timeout,
+        }
+    }
+
+    fn connect(&self, addr: &str) -> FsResult<Conn> {
+        let sockaddr = addr
+            .to_socket_addrs()
+            .map_err(|e| FsError::Unavailable(format!("worker {addr}: {e}")))?
+            .next()
+            .ok_or_else(|| FsError::Unavailable(format!("worker {addr}: no address")))?;
+        let s = TcpStream::connect_timeout(&sockaddr, self.connect_timeout)
+            .map_err(|e| FsError::Unavailable(format!("worker {addr}: {e}")))?;
+        s.set_nodelay(true)?;
+        s.set_read_timeout(Some(self.io_timeout))?;
+        s.set_write_timeout(Some(self.io_timeout))?;
+        let mut conn = Conn {
+            reader: BufReader::with_capacity(64 << 10, s.try_clone()?),
+            writer: s,
+        };
+        conn.writer
+            .write_all(&encode_header(&Hello {
+                version: DATA_PROTOCOL_VERSION,
+                cluster_token: String::new(),
+            }))
+            .map_err(|e| FsError::Unavailable(format!("worker {addr}: {e}")))?;
+        let hello: HelloReply = read_header(&mut conn.reader).map_err(|e| frame_err(addr, e))?;
+        if !hello.ok {
+            return Err(FsError::Io(format!("worker {addr} refused the connection: {}", hello.error)));
+        }
+        Ok(conn)
+    }
+
+    fn checkout(&self, addr: &str) -> FsResult<(Conn, bool)> {
+        if let Some(c) = self.idle.lock().expect("pool lock").get_mut(addr).and_then(|v| v.pop()) {
+            return Ok((c, true));
+        }
+        Ok((self.connect(addr)?, false))
+    }
+
+    fn checkin(&self, addr: &str, conn: Conn) {
+        let mut idle = self.idle.lock().expect("pool lock");
+        let list = idle.entry(addr.to_string()).or_default();
+        if list.len() < MAX_IDLE_PER_WORKER {
+            list.push(conn);
+        }
+    }
+
+    /// Sends `req` to the worker at `addr`; returns its response header and payload.
+    pub fn request(&self, addr: &str, req: &ReadBlockRequest) -> FsResult<(ReadBlockResponse, Vec<u8>)> {
+        // A pooled connection may have died with a worker restart: retry once on a new one.
+        for _ in 0..2 {
+            let (mut conn, pooled) = self.checkout(addr)?;
+            match exchange(&mut conn, addr, req) {
+                Ok(out) => {
+                    self.checkin(addr, conn);
+                    return check(addr, out);
+                }
+                Err(e) if pooled => {
+                    tracing::debug!(worker = addr, error = %e, "pooled data connection failed; reconnecting");
+                    continue;
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        Err(FsError::Unavailable(format!("worker {addr}: connection keeps failing")))
+    }
+
+    /// Forgets every pooled connection to `addr` (after the worker went away).
+    pub fn forget(&self, addr: &str) {
+        self.idle.lock().expect("pool lock").remove(addr);
+    }
+}
+
+fn exchange(conn: &mut Conn, addr: &str, req: &ReadBlockRequest) -> FsResult<(ReadBlockResponse, Vec<u8>)> {
+    conn.writer
+        .write_all(&encode_header(req))
+        .map_err(|e| FsError::Unavailable(format!("worker {addr}: {e}")))?;
+    let resp: ReadBlockResponse = read_header(&mut conn.reader).map_err(|e| frame_err(addr, e))?;
+    if resp.request_id != req.request_id {
+        return Err(FsError::Unavailable(format!("worker {addr}: response out of order")));
+    }
+    let mut payload = Vec::new();
+    if resp.status == Status::Ok as i32 && resp.local_path.is_empty() {
+        if resp.length > req.length {
+            return Err(FsError::Unavailable(format!("worker {addr}: sent more than asked")));
+        }
+        payload = vec![0u8; resp.length as usize];
+        conn.reader
+            .read_exact(&mut payload)
+            .map_err(|e| FsError::Unavailable(format!("worker {addr}: {e}")))?;
+    }
+    Ok((resp, payload))
+}
+
+fn check(addr: &str, (resp, payload): (ReadBlockResponse, Vec<u8>)) -> FsResult<(ReadBlockResponse, Vec<u8>)> {
+    match Status::try_from(resp.status).unwrap_or(Status::IoError) {
+        Status::Ok => Ok((resp, payload)),
+        Status::Stale => Err(FsError::Stale(resp.error)),
+        _ => Err(FsError::Io(format!("worker {addr}: {}", resp.error))),
+    }
+}

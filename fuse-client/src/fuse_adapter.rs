@@ -1,0 +1,232 @@
+//! The `fuser::Filesystem` adapter: translates kernel requests into [`GranaryFs`] calls
+//! and results into replies. No filesystem logic lives here.
+
+use std::ffi::OsStr;
+use std::os::unix::ffi::OsStrExt;
+use std::sync::Arc;
+use std::time::{Duration, UNIX_EPOCH};
+
+use fuser::{
+    Errno, FileAttr, FileHandle, FileType, Filesystem, FopenFlags, Generation, INodeNo, InitFlags, KernelConfig,
+    LockOwner, OpenFlags, ReplyAttr, ReplyData, ReplyDirectory, ReplyDirectoryPlus, ReplyEmpty, ReplyEntry, ReplyOpen,
+    ReplyStatfs, Request,
+};
+use granary_common::FsError;
+use granary_protos::v1::{FileKind, Inode};
+
+use crate::fs::GranaryFs;
+
+/// What the kernel is told about caching and ownership.
+#[derive(Debug, Clone)]
+pub struct KernelOptions {
+    pub entry_ttl: Duration,
+    pub attr_ttl: Duration,
+    pub keep_cache: bool,
+    pub uid: Option<u32>,
+    pub gid: Option<u32>,
+}
+
+pub struct FuseAdapter {
+    pub fs: Arc<GranaryFs>,
+    pub opts: KernelOptions,
+}
+
+fn errno(op: &str, e: &FsError) -> Errno {
+    let n = e.errno();
+    if n == libc::EIO {
+        tracing::warn!(op, error = %e, "returning EIO");
+    } else {
+        tracing::debug!(op, error = %e, "returning errno {n}");
+    }
+    Errno::from_i32(n)
+}
+
+impl FuseAdapter {
+    fn attr(&self, i: &Inode) -> FileAttr {
+        let kind = match FileKind::try_from(i.kind) {
+            Ok(FileKind::Directory) => FileType::Directory,
+            Ok(FileKind::Symlink) => FileType::Symlink,
+            _ => FileType::RegularFile,
+        };
+        let dir = kind == FileType::Directory;
+        let size = if kind == FileType::Symlink {
+            i.symlink_target.len() as u64
+        } else {
+            i.size
+        };
+        let t = UNIX_EPOCH + Duration::from_nanos(i.mtime_ns.max(0) as u64);
+        let perm = match i.mode & 0o7777 {
+            0 if dir => 0o755,
+            0 => 0o644,
+            p => p,
+        };
+        FileAttr {
+            ino: INodeNo(i.id),
+            size,
+            blocks: size.div_ceil(512),
+            atime: t,
+            mtime: t,
+            ctime: t,
+            crtime: t,
+            kind,
+            perm: perm as u16,
+            nlink: if dir { 2 } else { 1 },
+            uid: self.opts.uid.unwrap_or(i.uid),
+            gid: self.opts.gid.unwrap_or(i.gid),
+            rdev: 0,
+            blksize: 1 << 17,
+            flags: 0,
+        }
+    }
+}
+
+impl Filesystem for FuseAdapter {
+    fn init(&mut self, _req: &Request, config: &mut KernelConfig) -> std::io::Result<()> {
+        for flag in [
+            InitFlags::FUSE_DO_READDIRPLUS,
+            InitFlags::FUSE_READDIRPLUS_AUTO,
+            InitFlags::FUSE_PARALLEL_DIROPS,
+            InitFlags::FUSE_CACHE_SYMLINKS,
+        ] {
+            if config.add_capabilities(flag).is_err() {
+                tracing::debug!(?flag, "kernel lacks FUSE capability");
+            }
+        }
+        let _ = config.set_max_readahead(1 << 20);
+        let _ = config.set_max_background(64);
+        Ok(())
+    }
+
+    fn lookup(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
+        match self.fs.lookup(parent.0, name.as_bytes()) {
+            Ok(i) => reply.entry(&self.opts.entry_ttl, &self.attr(&i), Generation(0)),
+            Err(e) => reply.error(errno("lookup", &e)),
+        }
+    }
+
+    fn getattr(&self, _req: &Request, ino: INodeNo, _fh: Option<FileHandle>, reply: ReplyAttr) {
+        match self.fs.getattr(ino.0) {
+            Ok(i) => reply.attr(&self.opts.attr_ttl, &self.attr(&i)),
+            Err(e) => reply.error(errno("getattr", &e)),
+        }
+    }
+
+    fn readlink(&self, _req: &Request, ino: INodeNo, reply: ReplyData) {
+        match self.fs.readlink(ino.0) {
+            Ok(t) => reply.data(&t),
+            Err(e) => reply.error(errno("readlink", &e)),
+        }
+    }
+
+    fn open(&self, _req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
+        match self.fs.open(ino.0, flags.0) {
+            Ok(fh) => {
+                let flags = if self.opts.keep_cache {
+                    FopenFlags::FOPEN_KEEP_CACHE
+                } else {
+                    FopenFlags::empty()
+                };
+                reply.opened(FileHandle(fh), flags)
+            }
+            Err(e) => reply.error(errno("open", &e)),
+        }
+    }
+
+    fn read(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        fh: FileHandle,
+        offset: u64,
+        size: u32,
+        _flags: OpenFlags,
+        _lock_owner: Option<LockOwner>,
+        reply: ReplyData,
+    ) {
+        match self.fs.read(fh.0, offset, size) {
+            Ok(data) => reply.data(&data),
+            Err(e) => reply.error(errno("read", &e)),
+        }
+    }
+
+    fn release(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        fh: FileHandle,
+        _flags: OpenFlags,
+        _lock_owner: Option<LockOwner>,
+        _flush: bool,
+        reply: ReplyEmpty,
+    ) {
+        self.fs.release(fh.0);
+        reply.ok();
+    }
+
+    fn opendir(&self, _req: &Request, ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
+        match self.fs.opendir(ino.0) {
+            Ok(fh) => reply.opened(FileHandle(fh), FopenFlags::empty()),
+            Err(e) => reply.error(errno("opendir", &e)),
+        }
+    }
+
+    fn readdir(&self, _req: &Request, _ino: INodeNo, fh: FileHandle, offset: u64, mut reply: ReplyDirectory) {
+        let entries = match self.fs.readdir(fh.0, offset, 1024) {
+            Ok(e) => e,
+            Err(e) => return reply.error(errno("readdir", &e)),
+        };
+        for e in entries {
+            let kind = self.attr(&e.inode).kind;
+            if reply.add(INodeNo(e.inode.id), e.offset, kind, OsStr::from_bytes(&e.name)) {
+                break;
+            }
+        }
+        reply.ok();
+    }
+
+    fn readdirplus(&self, _req: &Request, _ino: INodeNo, fh: FileHandle, offset: u64, mut reply: ReplyDirectoryPlus) {
+        let entries = match self.fs.readdir(fh.0, offset, 1024) {
+            Ok(e) => e,
+            Err(e) => return reply.error(errno("readdirplus", &e)),
+        };
+        for e in entries {
+            let attr = self.attr(&e.inode);
+            if reply.add(
+                INodeNo(e.inode.id),
+                e.offset,
+                OsStr::from_bytes(&e.name),
+                &self.opts.entry_ttl,
+                &attr,
+                Generation(0),
+            ) {
+                break;
+            }
+        }
+        reply.ok();
+    }
+
+    fn releasedir(&self, _req: &Request, _ino: INodeNo, fh: FileHandle, _flags: OpenFlags, reply: ReplyEmpty) {
+        self.fs.releasedir(fh.0);
+        reply.ok();
+    }
+
+    fn statfs(&self, _req: &Request, _ino: INodeNo, reply: ReplyStatfs) {
+        match self.fs.statfs() {
+            Ok(s) => {
+                const BSIZE: u64 = 4096;
+                let free = s.capacity_bytes.saturating_sub(s.used_bytes) / BSIZE;
+                reply.statfs(
+                    s.capacity_bytes / BSIZE,
+                    free,
+                    free,
+                    s.inodes,
+                    u32::MAX as u64,
+                    BSIZE as u32,
+                    255,
+                    BSIZE as u32,
+                )
+            }
+            Err(e) => reply.error(errno("statfs", &e)),
+        }
+    }
+}

@@ -1,0 +1,165 @@
+//! Mounting: check the mount point, connect to the masters, start a multi-threaded FUSE
+//! session, and unmount when the handle is dropped.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use fuser::{BackgroundSession, Config, MountOption, SessionACL};
+use granary_common::config::ConfigError;
+use granary_common::FsError;
+
+use crate::block_reader::{DataPathOptions, WorkerDataPath};
+use crate::config::MountConfig;
+use crate::fs::{FsOptions, GranaryFs};
+use crate::fuse_adapter::{FuseAdapter, KernelOptions};
+use crate::meta_client::{GrpcMetadataClient, MetadataService};
+
+#[derive(Debug, thiserror::Error)]
+pub enum MountError {
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    #[error("mount point {0} does not exist")]
+    Missing(PathBuf),
+    #[error("mount point {0} is not a directory")]
+    NotDirectory(PathBuf),
+    #[error("mount point {0} is not empty (mounting would hide its contents)")]
+    NotEmpty(PathBuf),
+    #[error("mount point {path}: {source}")]
+    Inaccessible { path: PathBuf, source: std::io::Error },
+    #[error("cannot reach the metadata masters {masters:?}: {error}")]
+    Masters { masters: Vec<String>, error: FsError },
+    #[error("FUSE mount at {path} failed: {source}")]
+    Fuse { path: PathBuf, source: std::io::Error },
+}
+
+/// Refuses a mount point that is missing, not a directory, or not empty.
+pub fn check_mountpoint(path: &Path) -> Result<(), MountError> {
+    let md = std::fs::metadata(path).map_err(|e| match e.kind() {
+        std::io::ErrorKind::NotFound => MountError::Missing(path.to_path_buf()),
+        _ => MountError::Inaccessible {
+            path: path.to_path_buf(),
+            source: e,
+        },
+    })?;
+    if !md.is_dir() {
+        return Err(MountError::NotDirectory(path.to_path_buf()));
+    }
+    let mut entries = std::fs::read_dir(path).map_err(|source| MountError::Inaccessible {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    if entries.next().is_some() {
+        return Err(MountError::NotEmpty(path.to_path_buf()));
+    }
+    Ok(())
+}
+
+/// A mounted Granary filesystem; dropping it unmounts.
+pub struct MountHandle {
+    session: Option<BackgroundSession>,
+    pub mountpoint: PathBuf,
+}
+
+impl MountHandle {
+    /// True once the session has ended (e.g. unmounted from outside).
+    pub fn is_finished(&self) -> bool {
+        self.session.as_ref().is_none_or(|s| s.guard.is_finished())
+    }
+
+    pub fn unmount(mut self) -> std::io::Result<()> {
+        match self.session.take() {
+            Some(s) => s.umount_and_join(),
+            None => Ok(()),
+        }
+    }
+}
+
+impl Drop for MountHandle {
+    fn drop(&mut self) {
+        if let Some(s) = self.session.take() {
+            if let Err(e) = s.umount_and_join() {
+                tracing::warn!(mountpoint = %self.mountpoint.display(), error = %e, "unmount failed");
+            }
+        }
+    }
+}
+
+/// Builds the filesystem (metadata client, data path) without mounting it.
+pub fn build_fs(cfg: &MountConfig) -> Result<GranaryFs, MountError> {
+    cfg.validate()?;
+    let masters_err = |error| MountError::Masters {
+        masters: cfg.masters.clone(),
+        error,
+    };
+    let meta: Arc<dyn MetadataService> = Arc::new(
+        GrpcMetadataClient::connect(
+            0,
+            &cfg.masters,
+            Duration::from_millis(cfg.rpc_timeout_ms),
+            Duration::from_millis(cfg.retry_deadline_ms),
+        )
+        .map_err(masters_err)?,
+    );
+    meta.getattr(granary_common::ids::root_inode(0)).map_err(masters_err)?;
+    let data = WorkerDataPath::new(
+        meta.clone(),
+        DataPathOptions {
+            short_circuit: cfg.short_circuit,
+            readahead_max: cfg.readahead_max.0,
+            readahead_memory: cfg.readahead_memory.0,
+        },
+        granary_common::hostname(),
+    );
+    Ok(GranaryFs::new(
+        meta,
+        data,
+        FsOptions {
+            meta_cache_ttl: Duration::from_millis(cfg.meta_cache_ttl_ms),
+            meta_cache_entries: cfg.meta_cache_entries,
+        },
+    ))
+}
+
+pub fn mount(cfg: &MountConfig, mountpoint: &Path) -> Result<MountHandle, MountError> {
+    check_mountpoint(mountpoint)?;
+    let fs = Arc::new(build_fs(cfg)?);
+    let adapter = FuseAdapter {
+        fs,
+        opts: KernelOptions {
+            entry_ttl: Duration::from_millis(cfg.entry_ttl_ms),
+            attr_ttl: Duration::from_millis(cfg.attr_ttl_ms),
+            keep_cache: cfg.keep_cache,
+            uid: cfg.uid,
+            gid: cfg.gid,
+        },
+    };
+    let mut options = vec![
+        MountOption::FSName("granary".into()),
+        MountOption::Subtype("granary".into()),
+        MountOption::RO,
+        MountOption::NoAtime,
+        MountOption::DefaultPermissions,
+    ];
+    if cfg.allow_other {
+        options.push(MountOption::CUSTOM("allow_other".into()));
+    }
+    let mut config = Config::default();
+    config.mount_options = options;
+    config.acl = if cfg.allow_other {
+        SessionACL::All
+    } else {
+        SessionACL::Owner
+    };
+    config.n_threads = Some(cfg.fuse_threads);
+    config.clone_fd = true;
+    let session = fuser::spawn_mount(adapter, mountpoint, &config).map_err(|source| MountError::Fuse {
+        path: mountpoint.to_path_buf(),
+        source,
+    })?;
+    tracing::info!(mountpoint = %mountpoint.display(), masters = ?cfg.masters, "mounted");
+    Ok(MountHandle {
+        session: Some(session),
+        mountpoint: mountpoint.to_path_buf(),
+    })
+}
