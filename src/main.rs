@@ -1,1 +1,196 @@
-fn main() {}
+//! `granary`: the user CLI. Runs the all-in-one local mode, the individual services, the
+//! mount, namespace commands, admin reports and benchmarks.
+
+mod admin;
+mod bench;
+mod dataset;
+mod fs_cmd;
+mod local;
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+use granary_common::bytesize::ByteSize;
+
+#[derive(Parser)]
+#[command(name = "granary", version, about = "Granary: a POSIX caching filesystem for GPU training clusters")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run a master, a worker and a FUSE mount over a local directory, in this process.
+    Local {
+        /// Directory holding the dataset (the under-storage).
+        #[arg(long, required_unless_present = "demo")]
+        ufs: Option<PathBuf>,
+        /// Empty directory to mount on.
+        #[arg(long = "mount", required_unless_present = "demo")]
+        mountpoint: Option<PathBuf>,
+        /// Generate a sample dataset and use /tmp/granary-demo/{ufs,mnt} unless given.
+        #[arg(long)]
+        demo: bool,
+        /// Where metadata and cached blocks live (default: /var/tmp/granary/<hash of --ufs>).
+        #[arg(long)]
+        state_dir: Option<PathBuf>,
+        /// Block cache capacity.
+        #[arg(long, default_value = "10GiB")]
+        cache_capacity: ByteSize,
+        /// Master gRPC address (for `granary fs` / `admin` while this runs).
+        #[arg(long, default_value = "127.0.0.1:19998")]
+        master_listen: SocketAddr,
+        /// Serve Prometheus metrics here.
+        #[arg(long)]
+        metrics_listen: Option<SocketAddr>,
+    },
+    /// Run a metadata master.
+    Master {
+        #[arg(long)]
+        config: PathBuf,
+    },
+    /// Run a block cache worker.
+    Worker {
+        #[arg(long)]
+        config: PathBuf,
+    },
+    /// Mount a Granary namespace (runs in the foreground; Ctrl-C unmounts).
+    Mount {
+        /// Master address host:port (repeat for every member).
+        #[arg(long = "master", env = "GRANARY_MASTER")]
+        masters: Vec<String>,
+        /// TOML mount config; flags override it.
+        #[arg(long)]
+        config: Option<PathBuf>,
+        mountpoint: PathBuf,
+    },
+    /// Namespace commands against a master.
+    Fs {
+        #[arg(long, env = "GRANARY_MASTER", default_value = "127.0.0.1:19998", global = true)]
+        master: String,
+        #[command(subcommand)]
+        cmd: FsCommand,
+    },
+    /// Cluster administration.
+    Admin {
+        #[arg(long, env = "GRANARY_MASTER", default_value = "127.0.0.1:19998", global = true)]
+        master: String,
+        #[command(subcommand)]
+        cmd: AdminCommand,
+    },
+    /// Benchmarks that compare Granary with the raw under-storage side by side.
+    Bench {
+        #[command(subcommand)]
+        cmd: bench::BenchCommand,
+    },
+}
+
+#[derive(Subcommand)]
+enum FsCommand {
+    /// List a directory.
+    Ls { path: String },
+    /// Show an inode, its UFS fingerprint and where its blocks are cached.
+    Stat { path: String },
+    /// Print a file's bytes to stdout.
+    Cat { path: String },
+    /// Load metadata from the UFS (recursively by default).
+    LoadMetadata {
+        path: String,
+        /// Only this directory, not its subtree.
+        #[arg(long)]
+        no_recursive: bool,
+    },
+}
+
+#[derive(Subcommand)]
+enum AdminCommand {
+    /// Shard state, mounts and workers.
+    Report,
+}
+
+fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
+    Ok(tokio::runtime::Builder::new_multi_thread().enable_all().build()?)
+}
+
+fn main() -> anyhow::Result<()> {
+    granary_common::telemetry::init_logging("info");
+    let cli = Cli::parse();
+    match cli.command {
+        Command::Local {
+            ufs,
+            mountpoint,
+            demo,
+            state_dir,
+            cache_capacity,
+            master_listen,
+            metrics_listen,
+        } => {
+            let demo_root = PathBuf::from("/tmp/granary-demo");
+            let ufs = ufs.unwrap_or_else(|| demo_root.join("ufs"));
+            let mountpoint = mountpoint.unwrap_or_else(|| demo_root.join("mnt"));
+            if demo {
+                if !ufs.join("README.txt").exists() {
+                    eprintln!("generating the demo dataset in {} ...", ufs.display());
+                    dataset::write_demo(&ufs).context("cannot write the demo dataset")?;
+                }
+                std::fs::create_dir_all(&mountpoint)?;
+            }
+            let args = local::LocalArgs {
+                state_dir: state_dir.unwrap_or_else(|| local::default_state_dir(&ufs)),
+                ufs,
+                mountpoint,
+                master_listen,
+                capacity: cache_capacity,
+                metrics_listen,
+            };
+            runtime()?.block_on(async {
+                if let Some(addr) = args.metrics_listen {
+                    granary_common::telemetry::serve_metrics(addr).map_err(anyhow::Error::msg)?;
+                }
+                let cluster = local::start(&args).await?;
+                eprintln!(
+                    "Granary is serving {} at {} (master {}). Press Ctrl-C to unmount.",
+                    args.ufs.display(),
+                    args.mountpoint.display(),
+                    cluster.master.addr
+                );
+                granary_common::telemetry::shutdown_signal().await;
+                eprintln!("unmounting {} ...", args.mountpoint.display());
+                cluster.stop().await
+            })
+        }
+        Command::Master { config } => {
+            let cfg = granary_common::config::load_toml(&config)?;
+            Ok(runtime()?.block_on(granary_master::run(cfg))?)
+        }
+        Command::Worker { config } => {
+            let cfg = granary_common::config::load_toml(&config)?;
+            Ok(runtime()?.block_on(granary_worker::run(cfg))?)
+        }
+        Command::Mount { masters, config, mountpoint } => {
+            let mut cfg: granary_fuse_client::MountConfig = match &config {
+                Some(p) => granary_common::config::load_toml(p)?,
+                None => Default::default(),
+            };
+            if !masters.is_empty() {
+                cfg.masters = masters;
+            }
+            Ok(granary_fuse_client::run_mount(&cfg, &mountpoint)?)
+        }
+        Command::Fs { master, cmd } => match cmd {
+            FsCommand::Ls { path } => fs_cmd::ls(&master, &path),
+            FsCommand::Stat { path } => fs_cmd::stat(&master, &path),
+            FsCommand::Cat { path } => fs_cmd::cat(&master, &path),
+            FsCommand::LoadMetadata { path, no_recursive } => {
+                runtime()?.block_on(fs_cmd::load_metadata(&master, &path, !no_recursive))
+            }
+        },
+        Command::Admin { master, cmd } => match cmd {
+            AdminCommand::Report => runtime()?.block_on(admin::report(&master)),
+        },
+        Command::Bench { cmd } => bench::run(cmd),
+    }
+}

@@ -169,20 +169,26 @@ impl WorkerDataPath {
     }
 
     fn read_span(&self, file: &Inode, state: &mut ReadState, span: BlockSpan, out: &mut Vec<u8>) -> FsResult<()> {
-        let index = span.index as u32;
-        let mut refresh = false;
+        const ATTEMPTS: u32 = 4;
+        let mut attempt = 0;
         loop {
-            let (worker, local) = self.pick(file, state, index, refresh)?;
-            let result = if local && self.opts.short_circuit {
-                self.read_local(file, state, &worker, span, out)
-            } else {
-                self.read_remote(file, state, &worker, span, out)
-            };
-            match result {
-                Err(e) if e.is_retryable() && !refresh => {
-                    tracing::warn!(worker = %worker.worker_id, error = %e, "worker read failed; retrying with a fresh worker list");
+            let refresh = attempt > 0;
+            let result = self.pick(file, state, span.index as u32, refresh).and_then(|(worker, local)| {
+                let r = if local && self.opts.short_circuit {
+                    self.read_local(file, state, &worker, span, out)
+                } else {
+                    self.read_remote(file, state, &worker, span, out)
+                };
+                if r.as_ref().is_err_and(|e| e.is_retryable()) {
                     self.data.forget(&addr(&worker));
-                    refresh = true;
+                }
+                r
+            });
+            match result {
+                Err(e) if e.is_retryable() && attempt + 1 < ATTEMPTS => {
+                    tracing::warn!(file = file.id, block = span.index, error = %e, "block read failed; retrying with a fresh worker list");
+                    std::thread::sleep(Duration::from_millis(100 << attempt));
+                    attempt += 1;
                 }
                 other => return other,
             }

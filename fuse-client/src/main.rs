@@ -1,9 +1,7 @@
 //! `granary-fuse [--config FILE] [--master ADDR]... MOUNTPOINT`: mount Granary.
 
 use std::path::PathBuf;
-use std::time::Duration;
 
-use anyhow::Context;
 use clap::Parser;
 use granary_fuse_client::MountConfig;
 
@@ -27,15 +25,7 @@ fn main() -> anyhow::Result<()> {
         None => MountConfig::default(),
     };
     if !args.masters.is_empty() {
-        cfg.masters = args.masters.clone();
+        cfg.masters = args.masters;
     }
-    let handle = granary_fuse_client::mount(&cfg, &args.mountpoint).context("mount failed")?;
-    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
-    rt.block_on(async {
-        tokio::select! {
-            _ = granary_common::telemetry::shutdown_signal() => {}
-            _ = async { while !handle.is_finished() { tokio::time::sleep(Duration::from_millis(200)).await } } => {}
-        }
-    });
-    handle.unmount().context("unmount failed")
+    Ok(granary_fuse_client::run_mount(&cfg, &args.mountpoint)?)
 }

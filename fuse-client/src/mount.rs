@@ -85,23 +85,27 @@ impl Drop for MountHandle {
     }
 }
 
-/// Builds the filesystem (metadata client, data path) without mounting it.
-pub fn build_fs(cfg: &MountConfig) -> Result<GranaryFs, MountError> {
+/// Connects to shard 0's masters and checks that one answers.
+pub fn connect_metadata(cfg: &MountConfig) -> Result<Arc<GrpcMetadataClient>, MountError> {
     cfg.validate()?;
     let masters_err = |error| MountError::Masters {
         masters: cfg.masters.clone(),
         error,
     };
-    let meta: Arc<dyn MetadataService> = Arc::new(
-        GrpcMetadataClient::connect(
-            0,
-            &cfg.masters,
-            Duration::from_millis(cfg.rpc_timeout_ms),
-            Duration::from_millis(cfg.retry_deadline_ms),
-        )
-        .map_err(masters_err)?,
-    );
+    let meta = GrpcMetadataClient::connect(
+        0,
+        &cfg.masters,
+        Duration::from_millis(cfg.rpc_timeout_ms),
+        Duration::from_millis(cfg.retry_deadline_ms),
+    )
+    .map_err(masters_err)?;
     meta.getattr(granary_common::ids::root_inode(0)).map_err(masters_err)?;
+    Ok(Arc::new(meta))
+}
+
+/// Builds the filesystem (metadata client, data path) without mounting it.
+pub fn build_fs(cfg: &MountConfig) -> Result<GranaryFs, MountError> {
+    let meta: Arc<dyn MetadataService> = connect_metadata(cfg)?;
     let data = WorkerDataPath::new(
         meta.clone(),
         DataPathOptions {
@@ -162,4 +166,29 @@ pub fn mount(cfg: &MountConfig, mountpoint: &Path) -> Result<MountHandle, MountE
         session: Some(session),
         mountpoint: mountpoint.to_path_buf(),
     })
+}
+
+/// Mounts and serves in the foreground until SIGINT/SIGTERM or an outside unmount.
+pub fn run_mount(cfg: &MountConfig, mountpoint: &Path) -> Result<(), MountError> {
+    let handle = mount(cfg, mountpoint)?;
+    let fuse_err = |source| MountError::Fuse {
+        path: mountpoint.to_path_buf(),
+        source,
+    };
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(fuse_err)?;
+    rt.block_on(async {
+        tokio::select! {
+            _ = granary_common::telemetry::shutdown_signal() => {}
+            _ = async {
+                while !handle.is_finished() {
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                }
+            } => {}
+        }
+    });
+    tracing::info!(mountpoint = %mountpoint.display(), "unmounting");
+    handle.unmount().map_err(fuse_err)
 }

@@ -12,4 +12,4 @@ pub mod store;
 pub mod workers;
 
 pub use config::MasterConfig;
-pub use server::{start, MasterError, RunningMaster};
+pub use server::{run, start, MasterError, RunningMaster};

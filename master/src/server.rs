@@ -39,6 +39,8 @@ pub enum MasterError {
     DataDir { path: String, source: std::io::Error },
     #[error("cannot listen on {addr}: {source}")]
     Listen { addr: SocketAddr, source: std::io::Error },
+    #[error("master server stopped: {0}")]
+    Stopped(String),
     #[error(
         "data_dir holds the namespace of {stored}, but config `ufs` is {configured}; \
          use a fresh data_dir to serve a different UFS"
@@ -158,4 +160,19 @@ pub async fn start(mut config: MasterConfig) -> Result<RunningMaster, MasterErro
         shutdown: Some(tx),
         task,
     })
+}
+
+/// Serves until SIGINT/SIGTERM (the `granary-master` / `granary master` entry point).
+pub async fn run(config: MasterConfig) -> Result<(), MasterError> {
+    if let Some(addr) = config.metrics_listen {
+        granary_common::telemetry::serve_metrics(addr).map_err(MasterError::Stopped)?;
+    }
+    let mut master = start(config).await?;
+    tokio::select! {
+        r = master.wait() => r.map_err(MasterError::Stopped),
+        _ = granary_common::telemetry::shutdown_signal() => {
+            master.stop().await;
+            Ok(())
+        }
+    }
 }

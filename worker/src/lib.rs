@@ -10,6 +10,6 @@ pub mod mounts;
 pub mod server;
 
 pub use config::WorkerConfig;
-pub use server::{start, RunningWorker, WorkerError};
+pub use server::{run, start, RunningWorker, WorkerError};
 
 pub use granary_common::hostname;

@@ -24,6 +24,8 @@ pub enum WorkerError {
     CacheDir { path: String, source: std::io::Error },
     #[error("cannot listen on {addr}: {source}")]
     Listen { addr: SocketAddr, source: std::io::Error },
+    #[error("metrics endpoint: {0}")]
+    Metrics(String),
     #[error("invalid master address: {0}")]
     MasterAddress(#[from] tonic::transport::Error),
 }
@@ -104,4 +106,15 @@ pub async fn start(config: WorkerConfig) -> Result<RunningWorker, WorkerError> {
         store,
         task,
     })
+}
+
+/// Serves until SIGINT/SIGTERM (the `granary-worker` / `granary worker` entry point).
+pub async fn run(config: WorkerConfig) -> Result<(), WorkerError> {
+    if let Some(addr) = config.metrics_listen {
+        granary_common::telemetry::serve_metrics(addr).map_err(WorkerError::Metrics)?;
+    }
+    let worker = start(config).await?;
+    granary_common::telemetry::shutdown_signal().await;
+    worker.stop();
+    Ok(())
 }

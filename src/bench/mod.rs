@@ -1,0 +1,60 @@
+//! `granary bench …`: measured, not asserted. Each benchmark runs Granary and the raw
+//! under-storage side by side in one run, interleaved, and reports medians and ratios.
+
+mod read;
+mod report;
+
+use std::path::PathBuf;
+
+use clap::Subcommand;
+use granary_common::bytesize::ByteSize;
+
+#[derive(Subcommand)]
+pub enum BenchCommand {
+    /// Sequential big-file and random small-file reads: raw directory vs Granary mount.
+    Read {
+        /// Work directory (dataset, state, mount point); reused between runs.
+        #[arg(long, default_value = "/var/tmp/granary-bench")]
+        dir: PathBuf,
+        /// Size of the big file.
+        #[arg(long, default_value = "2GiB")]
+        big_size: ByteSize,
+        /// Number of small files.
+        #[arg(long, default_value_t = 20_000)]
+        small_files: u64,
+        /// Size of each small file.
+        #[arg(long, default_value = "100KiB")]
+        small_size: ByteSize,
+        /// Threads reading small files.
+        #[arg(long, default_value_t = 8)]
+        small_threads: usize,
+        /// Repetitions per case (the median is reported).
+        #[arg(long, default_value_t = 3)]
+        runs: usize,
+        /// Write the table into this markdown file (between bench-read markers).
+        #[arg(long)]
+        write_docs: Option<PathBuf>,
+    },
+}
+
+pub fn run(cmd: BenchCommand) -> anyhow::Result<()> {
+    match cmd {
+        BenchCommand::Read {
+            dir,
+            big_size,
+            small_files,
+            small_size,
+            small_threads,
+            runs,
+            write_docs,
+        } => read::run(read::ReadBench {
+            dir,
+            big_size: big_size.0,
+            small_files,
+            small_size: small_size.0,
+            small_threads,
+            runs: runs.max(1),
+            write_docs,
+        }),
+    }
+}

@@ -1,0 +1,50 @@
+//! Result tables: printed to the terminal and written into docs/BENCHMARKS.md between
+//! markers, with the command and the machine that produced them.
+
+use std::path::Path;
+
+pub struct Row {
+    pub case: String,
+    pub unit: &'static str,
+    pub raw: f64,
+    pub granary: f64,
+}
+
+pub fn render(rows: &[Row]) -> String {
+    let mut s = String::new();
+    s.push_str("| case | unit | raw | granary | granary/raw |\n|---|---|---:|---:|---:|\n");
+    for r in rows {
+        let ratio = if r.raw > 0.0 { r.granary / r.raw } else { 0.0 };
+        s.push_str(&format!(
+            "| {} | {} | {:.1} | {:.1} | {:.2}x |\n",
+            r.case, r.unit, r.raw, r.granary, ratio
+        ));
+    }
+    s
+}
+
+pub fn machine() -> String {
+    let cores = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0);
+    let mem = std::fs::read_to_string("/proc/meminfo")
+        .ok()
+        .and_then(|m| m.lines().next().map(|l| l.split_whitespace().nth(1).unwrap_or("0").to_string()))
+        .and_then(|kb| kb.parse::<u64>().ok())
+        .map(|kb| kb / 1024 / 1024)
+        .unwrap_or(0);
+    let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
+    format!("{cores} cores, {mem} GiB RAM, Linux {}", kernel.trim())
+}
+
+/// Replaces the block between `<!-- {marker}:begin -->` and `<!-- {marker}:end -->`
+/// (appending it if missing).
+pub fn write_section(path: &Path, marker: &str, body: &str) -> std::io::Result<()> {
+    let begin = format!("<!-- {marker}:begin -->");
+    let end = format!("<!-- {marker}:end -->");
+    let old = std::fs::read_to_string(path).unwrap_or_else(|_| "# Benchmarks\n".to_string());
+    let block = format!("{begin}\n{body}{end}");
+    let new = match (old.find(&begin), old.find(&end)) {
+        (Some(a), Some(b)) if b > a => format!("{}{block}{}", &old[..a], &old[b + end.len()..]),
+        _ => format!("{}\n{block}\n", old.trim_end()),
+    };
+    std::fs::write(path, new)
+}

@@ -1,0 +1,168 @@
+//! `granary fs …`: look at and load the namespace from the command line.
+
+use std::io::Write;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{bail, Context};
+use granary_common::path::components;
+use granary_fuse_client::block_reader::{DataPathOptions, WorkerDataPath};
+use granary_fuse_client::fs::{FsOptions, GranaryFs};
+use granary_fuse_client::meta_client::MetadataService;
+use granary_fuse_client::MountConfig;
+use granary_protos::v1::master_client::MasterClient;
+use granary_protos::v1::{FileKind, Inode, LoadMetadataRequest};
+
+pub struct FsClient {
+    pub fs: GranaryFs,
+    pub meta: Arc<dyn MetadataService>,
+}
+
+pub fn connect(master: &str) -> anyhow::Result<FsClient> {
+    let cfg = MountConfig {
+        masters: vec![master.to_string()],
+        retry_deadline_ms: 5_000,
+        ..Default::default()
+    };
+    let meta: Arc<dyn MetadataService> = granary_fuse_client::connect_metadata(&cfg)?;
+    let data = WorkerDataPath::new(
+        meta.clone(),
+        DataPathOptions {
+            short_circuit: true,
+            readahead_max: cfg.readahead_max.0,
+            readahead_memory: cfg.readahead_memory.0,
+        },
+        granary_common::hostname(),
+    );
+    let fs = GranaryFs::new(
+        meta.clone(),
+        data,
+        FsOptions {
+            meta_cache_ttl: Duration::from_secs(60),
+            meta_cache_entries: 100_000,
+        },
+    );
+    Ok(FsClient { fs, meta })
+}
+
+impl FsClient {
+    pub fn resolve(&self, path: &str) -> anyhow::Result<Inode> {
+        let mut node = self.fs.getattr(granary_common::ids::root_inode(0))?;
+        for part in components(path.as_bytes())? {
+            node = self
+                .fs
+                .lookup(node.id, part)
+                .with_context(|| format!("{path}: cannot resolve `{}`", String::from_utf8_lossy(part)))?;
+        }
+        Ok(node)
+    }
+}
+
+fn kind_char(i: &Inode) -> char {
+    match FileKind::try_from(i.kind) {
+        Ok(FileKind::Directory) => 'd',
+        Ok(FileKind::Symlink) => 'l',
+        _ => '-',
+    }
+}
+
+fn line(i: &Inode) -> String {
+    let name = String::from_utf8_lossy(&i.name);
+    let target = if i.kind == FileKind::Symlink as i32 {
+        format!(" -> {}", String::from_utf8_lossy(&i.symlink_target))
+    } else {
+        String::new()
+    };
+    format!("{}{:o} {:>14} {name}{target}", kind_char(i), i.mode & 0o7777, i.size)
+}
+
+pub fn ls(master: &str, path: &str) -> anyhow::Result<()> {
+    let c = connect(master)?;
+    let node = c.resolve(path)?;
+    if node.kind != FileKind::Directory as i32 {
+        println!("{}", line(&node));
+        return Ok(());
+    }
+    let fh = c.fs.opendir(node.id)?;
+    let mut offset = 2;
+    loop {
+        let page = c.fs.readdir(fh, offset, 4096)?;
+        let Some(last) = page.last() else { break };
+        offset = last.offset;
+        for e in &page {
+            println!("{}", line(&e.inode));
+        }
+    }
+    c.fs.releasedir(fh);
+    Ok(())
+}
+
+pub fn stat(master: &str, path: &str) -> anyhow::Result<()> {
+    let c = connect(master)?;
+    let i = c.resolve(path)?;
+    let fp = i.fingerprint.unwrap_or_default();
+    println!("path:        {path}");
+    println!("inode:       {:#x} (shard {})", i.id, granary_common::ids::shard_of(i.id));
+    println!("type:        {}", kind_char(&i));
+    println!("size:        {}", i.size);
+    println!("mode:        {:o}", i.mode & 0o7777);
+    println!("mtime_ns:    {}", i.mtime_ns);
+    println!("ufs path:    mount {} / {}", i.mount_id, String::from_utf8_lossy(&i.ufs_path));
+    if i.kind == FileKind::File as i32 {
+        let blocks = granary_common::blocks::block_count(i.size, i.block_size.max(1));
+        println!("fingerprint: size {} mtime_ns {}", fp.size, fp.mtime_ns);
+        println!("block size:  {} ({blocks} blocks)", i.block_size);
+        let locs = c.meta.block_locations(i.id)?;
+        let cached = locs.blocks.len();
+        println!("cached:      {cached} of {blocks} blocks");
+        for b in locs.blocks {
+            println!("  block {:>5}: {}", b.index, b.worker_ids.join(", "));
+        }
+    }
+    if i.kind == FileKind::Symlink as i32 {
+        println!("target:      {}", String::from_utf8_lossy(&i.symlink_target));
+    }
+    Ok(())
+}
+
+pub fn cat(master: &str, path: &str) -> anyhow::Result<()> {
+    let c = connect(master)?;
+    let i = c.resolve(path)?;
+    let fh = c.fs.open(i.id, libc::O_RDONLY)?;
+    let mut out = std::io::stdout().lock();
+    let mut offset = 0u64;
+    while offset < i.size {
+        let chunk = c.fs.read(fh, offset, 1 << 20)?;
+        if chunk.is_empty() {
+            bail!("{path}: read returned no data at offset {offset} of {}", i.size);
+        }
+        out.write_all(&chunk)?;
+        offset += chunk.len() as u64;
+    }
+    c.fs.release(fh);
+    Ok(())
+}
+
+pub async fn load_metadata(master: &str, path: &str, recursive: bool) -> anyhow::Result<()> {
+    let mut client = MasterClient::connect(format!("http://{master}"))
+        .await
+        .with_context(|| format!("cannot reach master {master}"))?;
+    let mut stream = client
+        .load_metadata(LoadMetadataRequest {
+            path: path.as_bytes().to_vec(),
+            recursive,
+        })
+        .await?
+        .into_inner();
+    let pb = indicatif::ProgressBar::new_spinner();
+    pb.enable_steady_tick(Duration::from_millis(120));
+    while let Some(msg) = stream.message().await? {
+        pb.set_message(format!("{} directories, {} files", msg.directories, msg.files));
+        if msg.done {
+            pb.finish_and_clear();
+            println!("loaded {path}: {} directories, {} files", msg.directories, msg.files);
+            return Ok(());
+        }
+    }
+    bail!("master closed the load of {path} before it finished")
+}
