@@ -128,9 +128,17 @@ impl WorkerDataPath {
         let mut w = self.workers.lock().expect("workers lock");
         let fresh = matches!(w.0, Some(t) if t.elapsed() < WORKER_LIST_TTL);
         if refresh || !fresh || w.1.is_empty() {
-            let mut list = self.meta.workers()?;
-            list.sort_by(|a, b| a.worker_id.cmp(&b.worker_id));
-            *w = (Some(Instant::now()), list);
+            match self.meta.workers() {
+                Ok(mut list) => {
+                    list.sort_by(|a, b| a.worker_id.cmp(&b.worker_id));
+                    *w = (Some(Instant::now()), list);
+                }
+                // Cached blocks stay readable while the masters are unreachable.
+                Err(e) if !w.1.is_empty() => {
+                    tracing::debug!(error = %e, "cannot refresh the worker list; using the last one");
+                }
+                Err(e) => return Err(e),
+            }
         }
         Ok(w.1.clone())
     }

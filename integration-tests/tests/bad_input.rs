@@ -1,0 +1,133 @@
+//! Bad input gets a clear error and a precise errno, never a hang.
+
+use std::io::ErrorKind;
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use granary_integration_tests::{bin, run_to_exit, Cluster, MasterSpec};
+
+fn master_with(config: &str) -> (i32, String) {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = dir.path().join("m.toml");
+    std::fs::write(&cfg, config).unwrap();
+    let mut cmd = Command::new(bin("granary-master"));
+    cmd.arg("--config").arg(&cfg);
+    run_to_exit(cmd, Duration::from_secs(20)).unwrap()
+}
+
+#[test]
+fn missing_ufs_directory_is_named() {
+    let dir = tempfile::tempdir().unwrap();
+    let (code, err) = master_with(&format!(
+        "listen = \"127.0.0.1:0\"\ndata_dir = \"{}\"\nufs = \"/nonexistent/granary-ufs\"\n",
+        dir.path().display()
+    ));
+    assert_ne!(code, 0);
+    assert!(err.contains("/nonexistent/granary-ufs"), "{err}");
+
+    let mnt = dir.path().join("mnt");
+    std::fs::create_dir(&mnt).unwrap();
+    let mut cmd = Command::new(bin("granary"));
+    cmd.args(["local", "--ufs", "/nonexistent/granary-ufs", "--mount"]).arg(&mnt);
+    let (code, err) = run_to_exit(cmd, Duration::from_secs(20)).unwrap();
+    assert_ne!(code, 0);
+    assert!(err.contains("/nonexistent/granary-ufs"), "{err}");
+}
+
+#[test]
+fn config_errors_name_the_key() {
+    let (code, err) = master_with("ufs = \"/tmp\"\nblock_sise = \"1MiB\"\n");
+    assert_ne!(code, 0);
+    assert!(err.contains("block_sise"), "{err}");
+    let (code, err) = master_with("ufs = \"/tmp\"\nblock_size = \"huge\"\n");
+    assert_ne!(code, 0);
+    assert!(err.contains("block_size"), "{err}");
+    let (code, err) = master_with("listen = \"127.0.0.1:0\"\n");
+    assert_ne!(code, 0);
+    assert!(err.contains("`ufs`"), "{err}");
+
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = dir.path().join("w.toml");
+    std::fs::write(&cfg, "capacity = \"lots\"\n").unwrap();
+    let mut cmd = Command::new(bin("granary-worker"));
+    cmd.arg("--config").arg(&cfg);
+    let (code, err) = run_to_exit(cmd, Duration::from_secs(20)).unwrap();
+    assert_ne!(code, 0);
+    assert!(err.contains("capacity"), "{err}");
+}
+
+#[test]
+fn bad_mount_points_are_refused() {
+    let ufs = tempfile::tempdir().unwrap();
+    std::fs::write(ufs.path().join("f"), b"x").unwrap();
+    let cluster = Cluster::start(&MasterSpec {
+        ufs: ufs.path().to_path_buf(),
+        block_size: "64KiB",
+    })
+    .unwrap();
+    let try_mount = |path: &std::path::Path| {
+        let mut cmd = Command::new(bin("granary-fuse"));
+        cmd.arg("--master").arg(cluster.master_addr()).arg(path);
+        run_to_exit(cmd, Duration::from_secs(20)).unwrap()
+    };
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("occupied"), b"").unwrap();
+    let (code, err) = try_mount(dir.path());
+    assert_ne!(code, 0);
+    assert!(err.contains("not empty"), "{err}");
+    let (code, err) = try_mount(&dir.path().join("occupied"));
+    assert_ne!(code, 0);
+    assert!(err.contains("not a directory"), "{err}");
+    let (code, err) = try_mount(&dir.path().join("missing"));
+    assert_ne!(code, 0);
+    assert!(err.contains("does not exist"), "{err}");
+}
+
+#[test]
+fn bad_paths_get_precise_errnos() {
+    let ufs = tempfile::tempdir().unwrap();
+    std::fs::write(ufs.path().join("file"), b"data").unwrap();
+    std::fs::create_dir(ufs.path().join("dir")).unwrap();
+    let cluster = Cluster::start(&MasterSpec {
+        ufs: ufs.path().to_path_buf(),
+        block_size: "64KiB",
+    })
+    .unwrap();
+    let m = cluster.mount("mnt", "").unwrap();
+    let errno = |r: std::io::Result<std::fs::Metadata>| r.unwrap_err().raw_os_error();
+    assert_eq!(errno(std::fs::metadata(m.path.join("missing"))), Some(libc::ENOENT));
+    assert_eq!(errno(std::fs::metadata(m.path.join("dir/missing"))), Some(libc::ENOENT));
+    assert_eq!(errno(std::fs::metadata(m.path.join("x".repeat(256)))), Some(libc::ENAMETOOLONG));
+    assert_eq!(errno(std::fs::metadata(m.path.join("file/x"))), Some(libc::ENOTDIR));
+    assert_eq!(std::fs::read(m.path.join("dir")).unwrap_err().raw_os_error(), Some(libc::EISDIR));
+    let w = std::fs::OpenOptions::new().write(true).open(m.path.join("file"));
+    assert_eq!(w.unwrap_err().raw_os_error(), Some(libc::EROFS));
+    assert_eq!(std::fs::read(m.path.join("file")).unwrap(), b"data");
+}
+
+#[test]
+fn unreachable_master_fails_with_eio_after_bounded_retries() {
+    let ufs = tempfile::tempdir().unwrap();
+    std::fs::write(ufs.path().join("cached"), b"cached bytes").unwrap();
+    std::fs::create_dir(ufs.path().join("never-listed")).unwrap();
+    std::fs::write(ufs.path().join("never-listed/f"), b"x").unwrap();
+    let mut cluster = Cluster::start(&MasterSpec {
+        ufs: ufs.path().to_path_buf(),
+        block_size: "64KiB",
+    })
+    .unwrap();
+    let m = cluster.mount("mnt", "retry_deadline_ms = 2000\nrpc_timeout_ms = 500").unwrap();
+    assert_eq!(std::fs::read(m.path.join("cached")).unwrap(), b"cached bytes");
+
+    cluster.master.kill();
+    let start = Instant::now();
+    let err = std::fs::metadata(m.path.join("never-listed/f")).unwrap_err();
+    let took = start.elapsed();
+    assert_eq!(err.raw_os_error(), Some(libc::EIO), "{err:?}");
+    assert!(took < Duration::from_secs(15), "EIO took {took:?}");
+    assert_ne!(err.kind(), ErrorKind::NotFound);
+    let log = m.proc.log_text();
+    assert!(log.contains("shard 0") && log.contains("unreachable"), "mount log: {log}");
+    // What was already read stays readable from the kernel cache.
+    assert_eq!(std::fs::read(m.path.join("cached")).unwrap(), b"cached bytes");
+}

@@ -1,0 +1,141 @@
+//! The whole read path with real processes: UFS directory -> master -> worker cache ->
+//! FUSE mount, checked byte for byte, across a worker restart and a capacity shrink.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+use granary_integration_tests::{Cluster, MasterSpec};
+use rand::seq::SliceRandom;
+use rand::{Rng, SeedableRng};
+use sha2::{Digest, Sha256};
+
+const BS: usize = 64 * 1024;
+
+fn write(ufs: &Path, rel: &str, size: usize, rng: &mut impl Rng) {
+    let path = ufs.join(rel);
+    std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+    let mut data = vec![0u8; size];
+    rng.fill(&mut data[..]);
+    std::fs::write(path, data).unwrap();
+}
+
+/// Builds the dataset and returns every regular file's SHA-256 by relative path.
+fn dataset(ufs: &Path) -> BTreeMap<PathBuf, String> {
+    let mut rng = rand::rngs::StdRng::seed_from_u64(7);
+    for (rel, size) in [
+        ("empty.bin", 0),
+        ("one.bin", 1),
+        ("bs-1.bin", BS - 1),
+        ("bs.bin", BS),
+        ("bs+1.bin", BS + 1),
+        ("three-blocks.bin", 3 * BS),
+        ("big.bin", 80 * BS + 123),
+        ("nested/a/b/c/deep.bin", 1000),
+        ("name with spaces.txt", 77),
+        ("ünïcødé-数据.bin", 4096),
+    ] {
+        write(ufs, rel, size, &mut rng);
+    }
+    for i in 0..2000 {
+        let size = rng.random_range(0..8192);
+        write(ufs, &format!("small/part-{}/f-{i:05}.bin", i % 4), size, &mut rng);
+    }
+    std::os::unix::fs::symlink("one.bin", ufs.join("link-to-one")).unwrap();
+    let mut out = BTreeMap::new();
+    collect(ufs, ufs, &mut out);
+    out
+}
+
+fn collect(root: &Path, dir: &Path, out: &mut BTreeMap<PathBuf, String>) {
+    for e in std::fs::read_dir(dir).unwrap() {
+        let e = e.unwrap();
+        let ft = e.file_type().unwrap();
+        if ft.is_dir() {
+            collect(root, &e.path(), out);
+        } else if ft.is_file() {
+            let sha = hex::encode(Sha256::digest(std::fs::read(e.path()).unwrap()));
+            out.insert(e.path().strip_prefix(root).unwrap().to_path_buf(), sha);
+        }
+    }
+}
+
+/// Reads every file through `mnt` from 8 threads in random order; returns mismatches.
+fn read_all(mnt: &Path, expected: &BTreeMap<PathBuf, String>, seed: u64) -> Vec<String> {
+    let mut files: Vec<_> = expected.iter().collect();
+    files.shuffle(&mut rand::rngs::StdRng::seed_from_u64(seed));
+    let next = AtomicUsize::new(0);
+    let bad = std::sync::Mutex::new(Vec::new());
+    std::thread::scope(|s| {
+        for _ in 0..8 {
+            s.spawn(|| loop {
+                let i = next.fetch_add(1, Ordering::Relaxed);
+                let Some((rel, sha)) = files.get(i) else { return };
+                match std::fs::read(mnt.join(rel)) {
+                    Ok(data) if hex::encode(Sha256::digest(&data)) == **sha => {}
+                    Ok(data) => bad.lock().unwrap().push(format!("{}: wrong bytes ({} read)", rel.display(), data.len())),
+                    Err(e) => bad.lock().unwrap().push(format!("{}: {e}", rel.display())),
+                }
+            });
+        }
+    });
+    bad.into_inner().unwrap()
+}
+
+fn listing(dir: &Path) -> Vec<String> {
+    let mut v: Vec<String> = std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    v.sort();
+    v
+}
+
+#[test]
+fn dataset_reads_match_across_worker_restart_and_eviction() {
+    let ufs_dir = tempfile::tempdir().unwrap();
+    let ufs = ufs_dir.path();
+    let expected = dataset(ufs);
+    let mut cluster = Cluster::start(&MasterSpec {
+        ufs: ufs.to_path_buf(),
+        block_size: "64KiB",
+    })
+    .unwrap();
+
+    // Short-circuit reads with the kernel page cache kept (the defaults).
+    let fast = cluster.mount("mnt-fast", "").unwrap();
+    assert_eq!(listing(&fast.path), listing(ufs));
+    assert_eq!(listing(&fast.path.join("small/part-3")), listing(&ufs.join("small/part-3")));
+    assert_eq!(std::fs::read_link(fast.path.join("link-to-one")).unwrap(), Path::new("one.bin"));
+    assert_eq!(std::fs::read(fast.path.join("link-to-one")).unwrap(), std::fs::read(ufs.join("one.bin")).unwrap());
+    let md = std::fs::metadata(fast.path.join("big.bin")).unwrap();
+    assert_eq!(md.len(), (80 * BS + 123) as u64);
+    let bad = read_all(&fast.path, &expected, 1);
+    assert!(bad.is_empty(), "short-circuit mount: {bad:?}");
+
+    // The TCP data path with readahead, no kernel page cache between opens.
+    let tcp = cluster.mount("mnt-tcp", "short_circuit = false\nkeep_cache = false").unwrap();
+    let bad = read_all(&tcp.path, &expected, 2);
+    assert!(bad.is_empty(), "TCP mount: {bad:?}");
+    let fetched = cluster.worker_ufs_fetches().unwrap();
+    assert!(fetched > 2000.0, "the first worker fetched {fetched} blocks");
+
+    // A restarted worker keeps its cache: reading everything again fetches nothing.
+    cluster.start_worker("1GiB").unwrap();
+    let bad = read_all(&tcp.path, &expected, 3);
+    assert!(bad.is_empty(), "after worker restart (TCP): {bad:?}");
+    let sc = cluster.mount("mnt-sc", "keep_cache = false").unwrap();
+    let bad = read_all(&sc.path, &expected, 4);
+    assert!(bad.is_empty(), "after worker restart (short-circuit): {bad:?}");
+    assert_eq!(cluster.worker_ufs_fetches().unwrap(), 0.0, "the restarted worker must not read the UFS again");
+
+    // Shrink the cache far below the dataset: eviction, refetch, still the right bytes.
+    cluster.start_worker("512KiB").unwrap();
+    let bad = read_all(&tcp.path, &expected, 5);
+    assert!(bad.is_empty(), "with a tiny cache (TCP): {bad:?}");
+    let bad = read_all(&sc.path, &expected, 6);
+    assert!(bad.is_empty(), "with a tiny cache (short-circuit): {bad:?}");
+    assert!(cluster.worker_ufs_fetches().unwrap() > 0.0);
+    let evictions = granary_integration_tests::scrape_counter(cluster.worker_metrics_port, "granary_worker_evictions_total").unwrap();
+    assert!(evictions > 0.0, "a 512KiB cache must have evicted");
+}
