@@ -23,6 +23,8 @@ pub enum FsError {
     InvalidPath(String),
     #[error("permission denied: {0}")]
     PermissionDenied(String),
+    #[error("read-only filesystem: {0}")]
+    ReadOnly(String),
     #[error("not supported: {0}")]
     Unsupported(String),
     #[error("unavailable: {0}")]
@@ -47,6 +49,7 @@ impl FsError {
             FsError::NameTooLong(_) => libc::ENAMETOOLONG,
             FsError::InvalidPath(_) => libc::EINVAL,
             FsError::PermissionDenied(_) => libc::EACCES,
+            FsError::ReadOnly(_) => libc::EROFS,
             FsError::Unsupported(_) => libc::ENOTSUP,
             FsError::Stale(_) => libc::ESTALE,
             FsError::Unavailable(_) | FsError::TimedOut(_) | FsError::Ufs(_) | FsError::Io(_) => {
@@ -69,6 +72,7 @@ impl FsError {
             libc::ENAMETOOLONG => FsError::NameTooLong(255),
             libc::EINVAL => FsError::InvalidPath(msg),
             libc::EACCES | libc::EPERM => FsError::PermissionDenied(msg),
+            libc::EROFS => FsError::ReadOnly(msg),
             libc::ENOTSUP => FsError::Unsupported(msg),
             libc::ESTALE => FsError::Stale(msg),
             _ => FsError::Io(msg),
@@ -98,6 +102,7 @@ impl From<FsError> for Status {
                 Code::InvalidArgument
             }
             FsError::PermissionDenied(_) => Code::PermissionDenied,
+            FsError::ReadOnly(_) => Code::FailedPrecondition,
             FsError::Unsupported(_) => Code::Unimplemented,
             FsError::Unavailable(_) => Code::Unavailable,
             FsError::TimedOut(_) => Code::DeadlineExceeded,

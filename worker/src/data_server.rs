@@ -163,3 +163,170 @@ impl DataServer {
         Err(FsError::Io("block vanished twice while being read".into()))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::block_store::BlockStore;
+    use crate::mounts::MountRegistry;
+    use granary_common::ufs::{LocalUfs, Ufs, UfsObject};
+    use granary_common::FsResult;
+    use granary_protos::frame::read_header;
+    use std::io::{Read, Write};
+    use std::net::TcpStream;
+    use std::os::unix::fs::MetadataExt;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    /// A local UFS that counts range reads.
+    #[derive(Debug)]
+    struct Counting(LocalUfs, AtomicUsize);
+    impl Ufs for Counting {
+        fn uri(&self) -> &str {
+            self.0.uri()
+        }
+        fn list(&self, d: &[u8]) -> FsResult<Vec<UfsObject>> {
+            self.0.list(d)
+        }
+        fn stat(&self, p: &[u8]) -> FsResult<UfsObject> {
+            self.0.stat(p)
+        }
+        fn read_range(&self, p: &[u8], o: u64, l: u64, s: &mut dyn std::io::Write) -> FsResult<u64> {
+            self.1.fetch_add(1, Ordering::SeqCst);
+            std::thread::sleep(std::time::Duration::from_millis(50));
+            self.0.read_range(p, o, l, s)
+        }
+    }
+
+    struct Setup {
+        _dirs: (tempfile::TempDir, tempfile::TempDir),
+        addr: std::net::SocketAddr,
+        ufs: Arc<Counting>,
+        data: Vec<u8>,
+        mtime_ns: i64,
+    }
+
+    async fn setup() -> Setup {
+        let ufs_dir = tempfile::tempdir().unwrap();
+        let data: Vec<u8> = (0..300_000u32).map(|i| (i * 7) as u8).collect();
+        std::fs::write(ufs_dir.path().join("f.bin"), &data).unwrap();
+        let md = std::fs::metadata(ufs_dir.path().join("f.bin")).unwrap();
+        let ufs = Arc::new(Counting(
+            LocalUfs::open("file://test", ufs_dir.path().to_str().unwrap()).unwrap(),
+            AtomicUsize::new(0),
+        ));
+        let mounts = Arc::new(MountRegistry::default());
+        mounts.insert(1, ufs.clone());
+        let cache = tempfile::tempdir().unwrap();
+        let (store, _) = BlockStore::open(cache.path(), 1 << 30, 0.9, 0.8).unwrap();
+        let server = Arc::new(DataServer {
+            fetcher: Arc::new(BlockFetcher::new(Arc::new(store), mounts)),
+            worker_id: "w".into(),
+            hostname: "h".into(),
+        });
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(server.serve(listener));
+        Setup {
+            _dirs: (ufs_dir, cache),
+            addr,
+            ufs,
+            data,
+            mtime_ns: md.mtime() * 1_000_000_000 + md.mtime_nsec(),
+        }
+    }
+
+    fn connect(addr: std::net::SocketAddr, version: u32) -> (TcpStream, HelloReply) {
+        let mut s = TcpStream::connect(addr).unwrap();
+        s.write_all(&encode_header(&Hello {
+            version,
+            cluster_token: String::new(),
+        }))
+        .unwrap();
+        let reply = read_header(&mut s).unwrap();
+        (s, reply)
+    }
+
+    fn request(s: &Setup, index: u32, offset: u64, length: u64) -> ReadBlockRequest {
+        ReadBlockRequest {
+            request_id: 9,
+            file_id: 5,
+            index,
+            mount_id: 1,
+            ufs_path: b"f.bin".to_vec(),
+            file_size: s.data.len() as u64,
+            file_mtime_ns: s.mtime_ns,
+            block_size: 128 * 1024,
+            offset,
+            length,
+            local_path_only: false,
+        }
+    }
+
+    fn exchange(sock: &mut TcpStream, req: &ReadBlockRequest) -> (ReadBlockResponse, Vec<u8>) {
+        sock.write_all(&encode_header(req)).unwrap();
+        let resp: ReadBlockResponse = read_header(sock).unwrap();
+        let mut payload = vec![0u8; if resp.status == 0 { resp.length as usize } else { 0 }];
+        sock.read_exact(&mut payload).unwrap();
+        (resp, payload)
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+    async fn concurrent_misses_read_the_ufs_once() {
+        let s = Arc::new(setup().await);
+        let handles: Vec<_> = (0..16)
+            .map(|i| {
+                let s = s.clone();
+                tokio::task::spawn_blocking(move || {
+                    let (mut sock, hello) = connect(s.addr, DATA_PROTOCOL_VERSION);
+                    assert!(hello.ok);
+                    let (resp, bytes) = exchange(&mut sock, &request(&s, 1, i * 100, 1000));
+                    assert_eq!(resp.status, 0, "{}", resp.error);
+                    let start = 128 * 1024 + i as usize * 100;
+                    assert_eq!(bytes, s.data[start..start + 1000]);
+                })
+            })
+            .collect();
+        for h in handles {
+            h.await.unwrap();
+        }
+        assert_eq!(s.ufs.1.load(Ordering::SeqCst), 1, "one UFS read for 16 concurrent misses");
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn malformed_frames_and_bad_requests_never_take_the_server_down() {
+        let s = setup().await;
+        let addr = s.addr;
+        let req_past_end = request(&s, 2, 40_000, 10_000);
+        let req_escape = ReadBlockRequest {
+            ufs_path: b"../etc/passwd".to_vec(),
+            ..request(&s, 0, 0, 10)
+        };
+        let last = request(&s, 2, s.data.len() as u64 - 2 * 128 * 1024 - 10, 10);
+        let data = s.data.clone();
+        tokio::task::spawn_blocking(move || {
+            // Garbage, an oversized header and a truncated frame: the connection closes.
+            for junk in [&b"\xff\xff\xff\xffjunk"[..], &[0, 0, 0, 3, 1, 2][..], b"\x00\x00\x00\x05\x08\x96\x01\xff\xff"] {
+                let mut sock = TcpStream::connect(addr).unwrap();
+                sock.write_all(junk).unwrap();
+                sock.shutdown(std::net::Shutdown::Write).unwrap();
+                let mut rest = Vec::new();
+                let _ = sock.read_to_end(&mut rest);
+            }
+            let (_, hello) = connect(addr, 99);
+            assert!(!hello.ok && hello.error.contains("version"));
+
+            let (mut sock, hello) = connect(addr, DATA_PROTOCOL_VERSION);
+            assert!(hello.ok);
+            let (resp, _) = exchange(&mut sock, &req_past_end);
+            assert_eq!(resp.status, Status::BadRequest as i32, "{}", resp.error);
+            let (resp, _) = exchange(&mut sock, &req_escape);
+            assert_ne!(resp.status, Status::Ok as i32);
+            // The same connection still serves a valid request.
+            let (resp, bytes) = exchange(&mut sock, &last);
+            assert_eq!(resp.status, 0, "{}", resp.error);
+            assert_eq!(bytes, data[data.len() - 10..]);
+        })
+        .await
+        .unwrap();
+    }
+}

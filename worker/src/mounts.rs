@@ -33,6 +33,11 @@ impl MountRegistry {
         }
     }
 
+    /// Serves `mount_id` from an already opened UFS.
+    pub fn insert(&self, mount_id: u32, ufs: Arc<dyn Ufs>) {
+        self.mounts.write().expect("mounts lock").insert(mount_id, ufs);
+    }
+
     pub fn get(&self, mount_id: u32) -> FsResult<Arc<dyn Ufs>> {
         self.mounts
             .read()
