@@ -10,11 +10,22 @@ pub async fn report(master: &str) -> anyhow::Result<()> {
         .await
         .with_context(|| format!("cannot reach master {master}"))?;
     let r = client.report(ReportRequest {}).await?.into_inner();
-    println!("shard {}  applied index {}  inodes {}  cached blocks {}", r.shard_id, r.applied_index, r.inodes, r.cached_blocks);
+    println!(
+        "shard {}  applied index {}  inodes {}  cached blocks {}",
+        r.shard_id, r.applied_index, r.inodes, r.cached_blocks
+    );
     for m in r.mounts.map(|m| m.mounts).unwrap_or_default() {
-        println!("mount {} {} -> {}", m.mount_id, String::from_utf8_lossy(&m.path), m.ufs_uri);
+        println!(
+            "mount {} {} -> {}",
+            m.mount_id,
+            String::from_utf8_lossy(&m.path),
+            m.ufs_uri
+        );
     }
-    println!("{:<38} {:<24} {:>10} {:>10} {:>8} {:>8}", "WORKER", "ADDRESS", "CAPACITY", "USED", "BLOCKS", "LAST HB");
+    println!(
+        "{:<38} {:<24} {:>10} {:>10} {:>8} {:>8}",
+        "WORKER", "ADDRESS", "CAPACITY", "USED", "BLOCKS", "LAST HB"
+    );
     for w in r.workers {
         println!(
             "{:<38} {:<24} {:>10} {:>10} {:>8} {:>6}ms",

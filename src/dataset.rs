@@ -69,7 +69,11 @@ pub fn write_demo(dir: &Path) -> std::io::Result<()> {
             std::fs::create_dir_all(&d)?;
             let n = if split == "train" { 200 } else { 40 };
             for i in 0..n {
-                write_file(&d.join(format!("{class}-{i:04}.jpg")), 16 * 1024 + i * 37, i ^ 0xfeed)?;
+                write_file(
+                    &d.join(format!("{class}-{i:04}.jpg")),
+                    16 * 1024 + i * 37,
+                    i ^ 0xfeed,
+                )?;
             }
         }
     }

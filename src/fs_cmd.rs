@@ -49,10 +49,9 @@ impl FsClient {
     pub fn resolve(&self, path: &str) -> anyhow::Result<Inode> {
         let mut node = self.fs.getattr(granary_common::ids::root_inode(0))?;
         for part in components(path.as_bytes())? {
-            node = self
-                .fs
-                .lookup(node.id, part)
-                .with_context(|| format!("{path}: cannot resolve `{}`", String::from_utf8_lossy(part)))?;
+            node = self.fs.lookup(node.id, part).with_context(|| {
+                format!("{path}: cannot resolve `{}`", String::from_utf8_lossy(part))
+            })?;
         }
         Ok(node)
     }
@@ -73,7 +72,12 @@ fn line(i: &Inode) -> String {
     } else {
         String::new()
     };
-    format!("{}{:o} {:>14} {name}{target}", kind_char(i), i.mode & 0o7777, i.size)
+    format!(
+        "{}{:o} {:>14} {name}{target}",
+        kind_char(i),
+        i.mode & 0o7777,
+        i.size
+    )
 }
 
 pub fn ls(master: &str, path: &str) -> anyhow::Result<()> {
@@ -102,12 +106,20 @@ pub fn stat(master: &str, path: &str) -> anyhow::Result<()> {
     let i = c.resolve(path)?;
     let fp = i.fingerprint.unwrap_or_default();
     println!("path:        {path}");
-    println!("inode:       {:#x} (shard {})", i.id, granary_common::ids::shard_of(i.id));
+    println!(
+        "inode:       {:#x} (shard {})",
+        i.id,
+        granary_common::ids::shard_of(i.id)
+    );
     println!("type:        {}", kind_char(&i));
     println!("size:        {}", i.size);
     println!("mode:        {:o}", i.mode & 0o7777);
     println!("mtime_ns:    {}", i.mtime_ns);
-    println!("ufs path:    mount {} / {}", i.mount_id, String::from_utf8_lossy(&i.ufs_path));
+    println!(
+        "ufs path:    mount {} / {}",
+        i.mount_id,
+        String::from_utf8_lossy(&i.ufs_path)
+    );
     if i.kind == FileKind::File as i32 {
         let blocks = granary_common::blocks::block_count(i.size, i.block_size.max(1));
         println!("fingerprint: size {} mtime_ns {}", fp.size, fp.mtime_ns);
@@ -120,7 +132,10 @@ pub fn stat(master: &str, path: &str) -> anyhow::Result<()> {
         }
     }
     if i.kind == FileKind::Symlink as i32 {
-        println!("target:      {}", String::from_utf8_lossy(&i.symlink_target));
+        println!(
+            "target:      {}",
+            String::from_utf8_lossy(&i.symlink_target)
+        );
     }
     Ok(())
 }
@@ -134,7 +149,10 @@ pub fn cat(master: &str, path: &str) -> anyhow::Result<()> {
     while offset < i.size {
         let chunk = c.fs.read(fh, offset, 1 << 20)?;
         if chunk.is_empty() {
-            bail!("{path}: read returned no data at offset {offset} of {}", i.size);
+            bail!(
+                "{path}: read returned no data at offset {offset} of {}",
+                i.size
+            );
         }
         out.write_all(&chunk)?;
         offset += chunk.len() as u64;
@@ -157,10 +175,16 @@ pub async fn load_metadata(master: &str, path: &str, recursive: bool) -> anyhow:
     let pb = indicatif::ProgressBar::new_spinner();
     pb.enable_steady_tick(Duration::from_millis(120));
     while let Some(msg) = stream.message().await? {
-        pb.set_message(format!("{} directories, {} files", msg.directories, msg.files));
+        pb.set_message(format!(
+            "{} directories, {} files",
+            msg.directories, msg.files
+        ));
         if msg.done {
             pb.finish_and_clear();
-            println!("loaded {path}: {} directories, {} files", msg.directories, msg.files);
+            println!(
+                "loaded {path}: {} directories, {} files",
+                msg.directories, msg.files
+            );
             return Ok(());
         }
     }

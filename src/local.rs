@@ -11,6 +11,7 @@ pub struct LocalArgs {
     pub ufs: PathBuf,
     pub mountpoint: PathBuf,
     pub state_dir: PathBuf,
+    pub cache_dir: PathBuf,
     pub master_listen: std::net::SocketAddr,
     pub capacity: granary_common::bytesize::ByteSize,
     pub metrics_listen: Option<std::net::SocketAddr>,
@@ -26,13 +27,21 @@ pub struct LocalCluster {
 /// Default state directory for a UFS: stable per UFS path, so a restart finds its warm
 /// cache and metadata again.
 pub fn default_state_dir(ufs: &Path) -> PathBuf {
-    let key = ufs.to_string_lossy().bytes().fold(0xcbf29ce484222325u64, |h, b| (h ^ b as u64).wrapping_mul(0x100000001b3));
+    let key = ufs
+        .to_string_lossy()
+        .bytes()
+        .fold(0xcbf29ce484222325u64, |h, b| {
+            (h ^ b as u64).wrapping_mul(0x100000001b3)
+        });
     PathBuf::from("/var/tmp/granary").join(format!("{key:016x}"))
 }
 
 pub async fn start(a: &LocalArgs) -> anyhow::Result<LocalCluster> {
     if !a.ufs.is_dir() {
-        bail!("UFS directory {} does not exist or is not a directory", a.ufs.display());
+        bail!(
+            "UFS directory {} does not exist or is not a directory",
+            a.ufs.display()
+        );
     }
     granary_fuse_client::check_mountpoint(&a.mountpoint)?;
     let ufs = granary_common::ufs::local_uri(&a.ufs)?;
@@ -47,7 +56,7 @@ pub async fn start(a: &LocalArgs) -> anyhow::Result<LocalCluster> {
     let worker = granary_worker::start(WorkerConfig {
         masters: vec![master.addr.to_string()],
         data_listen: "127.0.0.1:0".parse()?,
-        cache_dir: a.state_dir.join("cache"),
+        cache_dir: a.cache_dir.clone(),
         capacity: a.capacity,
         ..Default::default()
     })
@@ -59,16 +68,27 @@ pub async fn start(a: &LocalArgs) -> anyhow::Result<LocalCluster> {
         ..Default::default()
     };
     let mountpoint = a.mountpoint.clone();
-    let mount = tokio::task::spawn_blocking(move || granary_fuse_client::mount(&mount_cfg, &mountpoint))
-        .await?
-        .context("mount failed")?;
-    Ok(LocalCluster { mount, master, worker })
+    let mount =
+        tokio::task::spawn_blocking(move || granary_fuse_client::mount(&mount_cfg, &mountpoint))
+            .await?
+            .context("mount failed")?;
+    Ok(LocalCluster {
+        mount,
+        master,
+        worker,
+    })
 }
 
 impl LocalCluster {
     pub async fn stop(self) -> anyhow::Result<()> {
-        let LocalCluster { mount, master, worker } = self;
-        tokio::task::spawn_blocking(move || mount.unmount()).await?.context("unmount failed")?;
+        let LocalCluster {
+            mount,
+            master,
+            worker,
+        } = self;
+        tokio::task::spawn_blocking(move || mount.unmount())
+            .await?
+            .context("unmount failed")?;
         worker.stop();
         master.stop().await;
         Ok(())
@@ -77,7 +97,9 @@ impl LocalCluster {
 
 /// Waits until the master lists the worker, so the first read finds it.
 pub async fn wait_for_worker(master: &str, worker_id: &str) -> anyhow::Result<()> {
-    let mut client = granary_protos::v1::master_client::MasterClient::connect(format!("http://{master}")).await?;
+    let mut client =
+        granary_protos::v1::master_client::MasterClient::connect(format!("http://{master}"))
+            .await?;
     for _ in 0..200 {
         let workers = client
             .list_workers(granary_protos::v1::ListWorkersRequest {})

@@ -15,7 +15,11 @@ use clap::{Parser, Subcommand};
 use granary_common::bytesize::ByteSize;
 
 #[derive(Parser)]
-#[command(name = "granary", version, about = "Granary: a POSIX caching filesystem for GPU training clusters")]
+#[command(
+    name = "granary",
+    version,
+    about = "Granary: a POSIX caching filesystem for GPU training clusters"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -37,6 +41,9 @@ enum Command {
         /// Where metadata and cached blocks live (default: /var/tmp/granary/<hash of --ufs>).
         #[arg(long)]
         state_dir: Option<PathBuf>,
+        /// Block cache directory (default: <state-dir>/cache); put it on local NVMe.
+        #[arg(long)]
+        cache: Option<PathBuf>,
         /// Block cache capacity.
         #[arg(long, default_value = "10GiB")]
         cache_capacity: ByteSize,
@@ -69,15 +76,15 @@ enum Command {
     },
     /// Namespace commands against a master.
     Fs {
-        #[arg(long, env = "GRANARY_MASTER", default_value = "127.0.0.1:19998", global = true)]
-        master: String,
+        #[command(flatten)]
+        master: MasterArg,
         #[command(subcommand)]
         cmd: FsCommand,
     },
     /// Cluster administration.
     Admin {
-        #[arg(long, env = "GRANARY_MASTER", default_value = "127.0.0.1:19998", global = true)]
-        master: String,
+        #[command(flatten)]
+        master: MasterArg,
         #[command(subcommand)]
         cmd: AdminCommand,
     },
@@ -86,6 +93,18 @@ enum Command {
         #[command(subcommand)]
         cmd: bench::BenchCommand,
     },
+}
+
+#[derive(clap::Args)]
+struct MasterArg {
+    /// Master address host:port.
+    #[arg(
+        long = "master",
+        env = "GRANARY_MASTER",
+        default_value = "127.0.0.1:19998",
+        global = true
+    )]
+    addr: String,
 }
 
 #[derive(Subcommand)]
@@ -112,7 +131,9 @@ enum AdminCommand {
 }
 
 fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
-    Ok(tokio::runtime::Builder::new_multi_thread().enable_all().build()?)
+    Ok(tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?)
 }
 
 fn main() -> anyhow::Result<()> {
@@ -124,6 +145,7 @@ fn main() -> anyhow::Result<()> {
             mountpoint,
             demo,
             state_dir,
+            cache,
             cache_capacity,
             master_listen,
             metrics_listen,
@@ -138,8 +160,10 @@ fn main() -> anyhow::Result<()> {
                 }
                 std::fs::create_dir_all(&mountpoint)?;
             }
+            let state_dir = state_dir.unwrap_or_else(|| local::default_state_dir(&ufs));
             let args = local::LocalArgs {
-                state_dir: state_dir.unwrap_or_else(|| local::default_state_dir(&ufs)),
+                cache_dir: cache.unwrap_or_else(|| state_dir.join("cache")),
+                state_dir,
                 ufs,
                 mountpoint,
                 master_listen,
@@ -170,7 +194,11 @@ fn main() -> anyhow::Result<()> {
             let cfg = granary_common::config::load_toml(&config)?;
             Ok(runtime()?.block_on(granary_worker::run(cfg))?)
         }
-        Command::Mount { masters, config, mountpoint } => {
+        Command::Mount {
+            masters,
+            config,
+            mountpoint,
+        } => {
             let mut cfg: granary_fuse_client::MountConfig = match &config {
                 Some(p) => granary_common::config::load_toml(p)?,
                 None => Default::default(),
@@ -180,16 +208,19 @@ fn main() -> anyhow::Result<()> {
             }
             Ok(granary_fuse_client::run_mount(&cfg, &mountpoint)?)
         }
-        Command::Fs { master, cmd } => match cmd {
-            FsCommand::Ls { path } => fs_cmd::ls(&master, &path),
-            FsCommand::Stat { path } => fs_cmd::stat(&master, &path),
-            FsCommand::Cat { path } => fs_cmd::cat(&master, &path),
-            FsCommand::LoadMetadata { path, no_recursive } => {
-                runtime()?.block_on(fs_cmd::load_metadata(&master, &path, !no_recursive))
+        Command::Fs { master, cmd } => {
+            let master = master.addr;
+            match cmd {
+                FsCommand::Ls { path } => fs_cmd::ls(&master, &path),
+                FsCommand::Stat { path } => fs_cmd::stat(&master, &path),
+                FsCommand::Cat { path } => fs_cmd::cat(&master, &path),
+                FsCommand::LoadMetadata { path, no_recursive } => {
+                    runtime()?.block_on(fs_cmd::load_metadata(&master, &path, !no_recursive))
+                }
             }
-        },
+        }
         Command::Admin { master, cmd } => match cmd {
-            AdminCommand::Report => runtime()?.block_on(admin::report(&master)),
+            AdminCommand::Report => runtime()?.block_on(admin::report(&master.addr)),
         },
         Command::Bench { cmd } => bench::run(cmd),
     }

@@ -66,6 +66,12 @@ mod tests {
         assert!(err.to_string().contains("capacity"), "{err}");
         let err = parse_toml::<Sample>("capacity = 1\nport = -3\n", "x.toml").unwrap_err();
         assert!(err.to_string().contains("port"), "{err}");
-        assert_eq!(parse_toml::<Sample>("capacity = \"2KiB\"", "x").unwrap().capacity.0, 2048);
+        assert_eq!(
+            parse_toml::<Sample>("capacity = \"2KiB\"", "x")
+                .unwrap()
+                .capacity
+                .0,
+            2048
+        );
     }
 }

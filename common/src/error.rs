@@ -98,9 +98,10 @@ impl From<FsError> for Status {
         let code = match &e {
             FsError::NotFound(_) => Code::NotFound,
             FsError::Exists(_) => Code::AlreadyExists,
-            FsError::NotDir(_) | FsError::IsDir(_) | FsError::NameTooLong(_) | FsError::InvalidPath(_) => {
-                Code::InvalidArgument
-            }
+            FsError::NotDir(_)
+            | FsError::IsDir(_)
+            | FsError::NameTooLong(_)
+            | FsError::InvalidPath(_) => Code::InvalidArgument,
             FsError::PermissionDenied(_) => Code::PermissionDenied,
             FsError::ReadOnly(_) => Code::FailedPrecondition,
             FsError::Unsupported(_) => Code::Unimplemented,
@@ -110,9 +111,10 @@ impl From<FsError> for Status {
             FsError::Ufs(_) | FsError::Io(_) => Code::Internal,
         };
         let mut status = Status::new(code, e.to_string());
-        status
-            .metadata_mut()
-            .insert(ERRNO_METADATA_KEY, e.errno().to_string().parse().expect("ascii digits"));
+        status.metadata_mut().insert(
+            ERRNO_METADATA_KEY,
+            e.errno().to_string().parse().expect("ascii digits"),
+        );
         status
     }
 }

@@ -7,6 +7,7 @@ pub mod bytesize;
 pub mod config;
 pub mod error;
 pub mod ids;
+pub mod net;
 pub mod path;
 pub mod telemetry;
 pub mod ufs;

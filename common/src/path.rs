@@ -10,10 +10,14 @@ pub fn validate_name(name: &[u8]) -> FsResult<()> {
         return Err(FsError::NameTooLong(name.len()));
     }
     if name.is_empty() || name == b"." || name == b".." {
-        return Err(FsError::InvalidPath(String::from_utf8_lossy(name).into_owned()));
+        return Err(FsError::InvalidPath(
+            String::from_utf8_lossy(name).into_owned(),
+        ));
     }
     if name.iter().any(|&b| b == b'/' || b == 0) {
-        return Err(FsError::InvalidPath(String::from_utf8_lossy(name).into_owned()));
+        return Err(FsError::InvalidPath(
+            String::from_utf8_lossy(name).into_owned(),
+        ));
     }
     Ok(())
 }
@@ -55,7 +59,10 @@ mod tests {
     fn names_follow_posix_limits() {
         assert!(validate_name(b"ok name \xc3\xa9").is_ok());
         assert!(validate_name(&[b'a'; 255]).is_ok());
-        assert_eq!(validate_name(&[b'a'; 256]).unwrap_err().errno(), libc::ENAMETOOLONG);
+        assert_eq!(
+            validate_name(&[b'a'; 256]).unwrap_err().errno(),
+            libc::ENAMETOOLONG
+        );
         for bad in [&b""[..], b".", b"..", b"a/b", b"a\0b"] {
             assert!(validate_name(bad).is_err(), "{bad:?}");
         }
@@ -63,7 +70,10 @@ mod tests {
 
     #[test]
     fn components_reject_dotdot() {
-        assert_eq!(components(b"/a//b/./c/").unwrap(), vec![&b"a"[..], b"b", b"c"]);
+        assert_eq!(
+            components(b"/a//b/./c/").unwrap(),
+            vec![&b"a"[..], b"b", b"c"]
+        );
         assert!(components(b"/").unwrap().is_empty());
         assert!(components(b"a/../b").is_err());
         assert_eq!(join(b"", b"x"), b"x");

@@ -3,6 +3,7 @@
 //! data port with an adaptive readahead buffer. Sequential readers also get the next block
 //! warmed in the worker cache ahead of time, so a cold UFS fetch overlaps with reading.
 
+use std::collections::hash_map::Entry;
 use std::collections::{HashMap, HashSet};
 use std::fs::File;
 use std::os::unix::fs::FileExt;
@@ -25,7 +26,8 @@ const WORKER_LIST_TTL: Duration = Duration::from_secs(3);
 
 /// Reads file bytes for the filesystem.
 pub trait DataPath: Send + Sync {
-    fn read(&self, file: &Inode, state: &mut ReadState, offset: u64, len: u32) -> FsResult<Vec<u8>>;
+    fn read(&self, file: &Inode, state: &mut ReadState, offset: u64, len: u32)
+        -> FsResult<Vec<u8>>;
 }
 
 /// Per-open-handle read state.
@@ -50,7 +52,8 @@ struct Buffered {
 
 impl Drop for Buffered {
     fn drop(&mut self) {
-        self.budget.fetch_sub(self.data.len() as u64, Ordering::Relaxed);
+        self.budget
+            .fetch_sub(self.data.len() as u64, Ordering::Relaxed);
     }
 }
 
@@ -71,7 +74,13 @@ pub struct WorkerDataPath {
     next_request: AtomicU64,
 }
 
-fn request_for(file: &Inode, index: u32, offset: u64, length: u64, local_path_only: bool) -> ReadBlockRequest {
+fn request_for(
+    file: &Inode,
+    index: u32,
+    offset: u64,
+    length: u64,
+    local_path_only: bool,
+) -> ReadBlockRequest {
     let fp = file.fingerprint.unwrap_or_default();
     ReadBlockRequest {
         request_id: 0,
@@ -93,8 +102,15 @@ fn addr(w: &WorkerInfo) -> String {
 }
 
 impl WorkerDataPath {
-    pub fn new(meta: Arc<dyn MetadataService>, opts: DataPathOptions, hostname: String) -> Arc<Self> {
-        let data = Arc::new(DataClient::new(Duration::from_secs(2), Duration::from_secs(120)));
+    pub fn new(
+        meta: Arc<dyn MetadataService>,
+        opts: DataPathOptions,
+        hostname: String,
+    ) -> Arc<Self> {
+        let data = Arc::new(DataClient::new(
+            Duration::from_secs(2),
+            Duration::from_secs(120),
+        ));
         // Warm-ups are best effort: a small pool, and a full queue drops new ones.
         let (warm_tx, warm_rx) = sync_channel::<(String, ReadBlockRequest)>(64);
         let warm_rx = Arc::new(Mutex::new(warm_rx));
@@ -145,22 +161,38 @@ impl WorkerDataPath {
 
     /// The co-located worker, if there is one.
     fn local_worker(&self, workers: &[WorkerInfo]) -> Option<WorkerInfo> {
-        workers.iter().find(|w| w.hostname == self.hostname).cloned()
+        workers
+            .iter()
+            .find(|w| w.hostname == self.hostname)
+            .cloned()
     }
 
     /// The worker to read block `index` from: a co-located one (which caches what it
     /// fetches for this node), else one already caching it, else a stable hash choice.
-    fn pick(&self, file: &Inode, state: &mut ReadState, index: u32, refresh: bool) -> FsResult<(WorkerInfo, bool)> {
+    fn pick(
+        &self,
+        file: &Inode,
+        state: &mut ReadState,
+        index: u32,
+        refresh: bool,
+    ) -> FsResult<(WorkerInfo, bool)> {
         let workers = self.workers(refresh)?;
         if workers.is_empty() {
-            return Err(FsError::Unavailable("no live workers registered with the master".into()));
+            return Err(FsError::Unavailable(
+                "no live workers registered with the master".into(),
+            ));
         }
         if let Some(w) = self.local_worker(&workers) {
             return Ok((w, true));
         }
         if state.locations.is_none() || refresh {
             let locs = self.meta.block_locations(file.id)?;
-            state.locations = Some(locs.blocks.into_iter().map(|b| (b.index, b.worker_ids)).collect());
+            state.locations = Some(
+                locs.blocks
+                    .into_iter()
+                    .map(|b| (b.index, b.worker_ids))
+                    .collect(),
+            );
         }
         if let Some(ids) = state.locations.as_ref().and_then(|l| l.get(&index)) {
             if let Some(w) = workers.iter().find(|w| ids.contains(&w.worker_id)) {
@@ -171,27 +203,39 @@ impl WorkerDataPath {
         Ok((workers[(h % workers.len() as u64) as usize].clone(), false))
     }
 
-    fn request(&self, worker: &WorkerInfo, mut req: ReadBlockRequest) -> FsResult<(granary_protos::data::ReadBlockResponse, Vec<u8>)> {
+    fn request(
+        &self,
+        worker: &WorkerInfo,
+        mut req: ReadBlockRequest,
+    ) -> FsResult<(granary_protos::data::ReadBlockResponse, Vec<u8>)> {
         req.request_id = self.next_request.fetch_add(1, Ordering::Relaxed);
         self.data.request(&addr(worker), &req)
     }
 
-    fn read_span(&self, file: &Inode, state: &mut ReadState, span: BlockSpan, out: &mut Vec<u8>) -> FsResult<()> {
+    fn read_span(
+        &self,
+        file: &Inode,
+        state: &mut ReadState,
+        span: BlockSpan,
+        out: &mut Vec<u8>,
+    ) -> FsResult<()> {
         const ATTEMPTS: u32 = 4;
         let mut attempt = 0;
         loop {
             let refresh = attempt > 0;
-            let result = self.pick(file, state, span.index as u32, refresh).and_then(|(worker, local)| {
-                let r = if local && self.opts.short_circuit {
-                    self.read_local(file, state, &worker, span, out)
-                } else {
-                    self.read_remote(file, state, &worker, span, out)
-                };
-                if r.as_ref().is_err_and(|e| e.is_retryable()) {
-                    self.data.forget(&addr(&worker));
-                }
-                r
-            });
+            let result =
+                self.pick(file, state, span.index as u32, refresh)
+                    .and_then(|(worker, local)| {
+                        let r = if local && self.opts.short_circuit {
+                            self.read_local(file, state, &worker, span, out)
+                        } else {
+                            self.read_remote(file, state, &worker, span, out)
+                        };
+                        if r.as_ref().is_err_and(|e| e.is_retryable()) {
+                            self.data.forget(&addr(&worker));
+                        }
+                        r
+                    });
             match result {
                 Err(e) if e.is_retryable() && attempt + 1 < ATTEMPTS => {
                     tracing::warn!(file = file.id, block = span.index, error = %e, "block read failed; retrying with a fresh worker list");
@@ -203,18 +247,27 @@ impl WorkerDataPath {
         }
     }
 
-    fn read_local(&self, file: &Inode, state: &mut ReadState, worker: &WorkerInfo, span: BlockSpan, out: &mut Vec<u8>) -> FsResult<()> {
+    fn read_local(
+        &self,
+        file: &Inode,
+        state: &mut ReadState,
+        worker: &WorkerInfo,
+        span: BlockSpan,
+        out: &mut Vec<u8>,
+    ) -> FsResult<()> {
         let index = span.index as u32;
         for attempt in 0..2 {
-            if !state.local_files.contains_key(&index) {
+            if let Entry::Vacant(slot) = state.local_files.entry(index) {
                 let (resp, _) = self.request(worker, request_for(file, index, 0, 0, true))?;
                 match File::open(&resp.local_path) {
                     Ok(f) => {
-                        state.local_files.insert(index, f);
+                        slot.insert(f);
                     }
                     // Evicted between the answer and the open: ask again.
                     Err(e) if attempt == 0 && e.kind() == std::io::ErrorKind::NotFound => continue,
-                    Err(e) => return Err(FsError::Io(format!("cache file {}: {e}", resp.local_path))),
+                    Err(e) => {
+                        return Err(FsError::Io(format!("cache file {}: {e}", resp.local_path)))
+                    }
                 }
             }
             let f = &state.local_files[&index];
@@ -225,20 +278,34 @@ impl WorkerDataPath {
                 let n = f.read_at(&mut out[start + done..], span.offset + done as u64)?;
                 if n == 0 {
                     out.truncate(start);
-                    return Err(FsError::Stale(format!("cache file of block {index} is shorter than expected")));
+                    return Err(FsError::Stale(format!(
+                        "cache file of block {index} is shorter than expected"
+                    )));
                 }
                 done += n;
             }
             metrics::counter!("granary_client_short_circuit_bytes_total").increment(span.len);
             return Ok(());
         }
-        Err(FsError::Io(format!("block {index} keeps being evicted while opened")))
+        Err(FsError::Io(format!(
+            "block {index} keeps being evicted while opened"
+        )))
     }
 
-    fn read_remote(&self, file: &Inode, state: &mut ReadState, worker: &WorkerInfo, span: BlockSpan, out: &mut Vec<u8>) -> FsResult<()> {
+    fn read_remote(
+        &self,
+        file: &Inode,
+        state: &mut ReadState,
+        worker: &WorkerInfo,
+        span: BlockSpan,
+        out: &mut Vec<u8>,
+    ) -> FsResult<()> {
         let index = span.index as u32;
         if let Some(b) = &state.buffer {
-            if b.index == index && span.offset >= b.offset && span.offset + span.len <= b.offset + b.data.len() as u64 {
+            if b.index == index
+                && span.offset >= b.offset
+                && span.offset + span.len <= b.offset + b.data.len() as u64
+            {
                 let from = (span.offset - b.offset) as usize;
                 out.extend_from_slice(&b.data[from..from + span.len as usize]);
                 return Ok(());
@@ -252,9 +319,16 @@ impl WorkerDataPath {
             span.len
         };
         let blen = block_len(file.size, file.block_size, index as u64);
-        let want = state.window.max(span.len).min(blen - span.offset).min(MAX_REQUEST);
+        let want = state
+            .window
+            .max(span.len)
+            .min(blen - span.offset)
+            .min(MAX_REQUEST);
         let reserved = self.reserve(want, span.len);
-        let data = match self.request(worker, request_for(file, index, span.offset, reserved, false)) {
+        let data = match self.request(
+            worker,
+            request_for(file, index, span.offset, reserved, false),
+        ) {
             Ok((_, data)) => data,
             Err(e) => {
                 self.buffered.fetch_sub(reserved, Ordering::Relaxed);
@@ -262,7 +336,8 @@ impl WorkerDataPath {
             }
         };
         // The data client never accepts more than was asked for.
-        self.buffered.fetch_sub(reserved - data.len() as u64, Ordering::Relaxed);
+        self.buffered
+            .fetch_sub(reserved - data.len() as u64, Ordering::Relaxed);
         let buffered = Buffered {
             index,
             offset: span.offset,
@@ -270,7 +345,11 @@ impl WorkerDataPath {
             budget: self.buffered.clone(),
         };
         if (buffered.data.len() as u64) < span.len {
-            return Err(FsError::Stale(format!("worker returned {} of {} bytes", buffered.data.len(), span.len)));
+            return Err(FsError::Stale(format!(
+                "worker returned {} of {} bytes",
+                buffered.data.len(),
+                span.len
+            )));
         }
         out.extend_from_slice(&buffered.data[..span.len as usize]);
         metrics::counter!("granary_client_remote_bytes_total").increment(span.len);
@@ -303,7 +382,13 @@ impl WorkerDataPath {
 }
 
 impl DataPath for WorkerDataPath {
-    fn read(&self, file: &Inode, state: &mut ReadState, offset: u64, len: u32) -> FsResult<Vec<u8>> {
+    fn read(
+        &self,
+        file: &Inode,
+        state: &mut ReadState,
+        offset: u64,
+        len: u32,
+    ) -> FsResult<Vec<u8>> {
         if file.block_size == 0 {
             return Err(FsError::Io("file has no block size".into()));
         }

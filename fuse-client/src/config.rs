@@ -63,16 +63,28 @@ impl Default for MountConfig {
 impl MountConfig {
     pub fn validate(&self) -> Result<(), ConfigError> {
         if self.masters.is_empty() {
-            return Err(ConfigError::invalid("masters", "at least one master address is required"));
+            return Err(ConfigError::invalid(
+                "masters",
+                "at least one master address is required",
+            ));
         }
         if self.fuse_threads == 0 || self.fuse_threads > 1024 {
-            return Err(ConfigError::invalid("fuse_threads", "must be between 1 and 1024"));
+            return Err(ConfigError::invalid(
+                "fuse_threads",
+                "must be between 1 and 1024",
+            ));
         }
         if self.rpc_timeout_ms == 0 {
-            return Err(ConfigError::invalid("rpc_timeout_ms", "must be greater than zero"));
+            return Err(ConfigError::invalid(
+                "rpc_timeout_ms",
+                "must be greater than zero",
+            ));
         }
         if self.readahead_max.0 < (128 << 10) || self.readahead_max.0 > (16 << 20) {
-            return Err(ConfigError::invalid("readahead_max", "must be between 128KiB and 16MiB"));
+            return Err(ConfigError::invalid(
+                "readahead_max",
+                "must be between 128KiB and 16MiB",
+            ));
         }
         Ok(())
     }

@@ -62,13 +62,22 @@ impl DataClient {
             .map_err(|e| FsError::Unavailable(format!("worker {addr}: {e}")))?;
         let hello: HelloReply = read_header(&mut conn.reader).map_err(|e| frame_err(addr, e))?;
         if !hello.ok {
-            return Err(FsError::Io(format!("worker {addr} refused the connection: {}", hello.error)));
+            return Err(FsError::Io(format!(
+                "worker {addr} refused the connection: {}",
+                hello.error
+            )));
         }
         Ok(conn)
     }
 
     fn checkout(&self, addr: &str) -> FsResult<(Conn, bool)> {
-        if let Some(c) = self.idle.lock().expect("pool lock").get_mut(addr).and_then(|v| v.pop()) {
+        if let Some(c) = self
+            .idle
+            .lock()
+            .expect("pool lock")
+            .get_mut(addr)
+            .and_then(|v| v.pop())
+        {
             return Ok((c, true));
         }
         Ok((self.connect(addr)?, false))
@@ -83,7 +92,11 @@ impl DataClient {
     }
 
     /// Sends `req` to the worker at `addr`; returns its response header and payload.
-    pub fn request(&self, addr: &str, req: &ReadBlockRequest) -> FsResult<(ReadBlockResponse, Vec<u8>)> {
+    pub fn request(
+        &self,
+        addr: &str,
+        req: &ReadBlockRequest,
+    ) -> FsResult<(ReadBlockResponse, Vec<u8>)> {
         // A pooled connection may have died with a worker restart: retry once on a new one.
         for _ in 0..2 {
             let (mut conn, pooled) = self.checkout(addr)?;
@@ -99,7 +112,9 @@ impl DataClient {
                 Err(e) => return Err(e),
             }
         }
-        Err(FsError::Unavailable(format!("worker {addr}: connection keeps failing")))
+        Err(FsError::Unavailable(format!(
+            "worker {addr}: connection keeps failing"
+        )))
     }
 
     /// Forgets every pooled connection to `addr` (after the worker went away).
@@ -108,18 +123,26 @@ impl DataClient {
     }
 }
 
-fn exchange(conn: &mut Conn, addr: &str, req: &ReadBlockRequest) -> FsResult<(ReadBlockResponse, Vec<u8>)> {
+fn exchange(
+    conn: &mut Conn,
+    addr: &str,
+    req: &ReadBlockRequest,
+) -> FsResult<(ReadBlockResponse, Vec<u8>)> {
     conn.writer
         .write_all(&encode_header(req))
         .map_err(|e| FsError::Unavailable(format!("worker {addr}: {e}")))?;
     let resp: ReadBlockResponse = read_header(&mut conn.reader).map_err(|e| frame_err(addr, e))?;
     if resp.request_id != req.request_id {
-        return Err(FsError::Unavailable(format!("worker {addr}: response out of order")));
+        return Err(FsError::Unavailable(format!(
+            "worker {addr}: response out of order"
+        )));
     }
     let mut payload = Vec::new();
     if resp.status == Status::Ok as i32 && resp.local_path.is_empty() {
         if resp.length > req.length {
-            return Err(FsError::Unavailable(format!("worker {addr}: sent more than asked")));
+            return Err(FsError::Unavailable(format!(
+                "worker {addr}: sent more than asked"
+            )));
         }
         payload = vec![0u8; resp.length as usize];
         conn.reader
@@ -129,7 +152,10 @@ fn exchange(conn: &mut Conn, addr: &str, req: &ReadBlockRequest) -> FsResult<(Re
     Ok((resp, payload))
 }
 
-fn check(addr: &str, (resp, payload): (ReadBlockResponse, Vec<u8>)) -> FsResult<(ReadBlockResponse, Vec<u8>)> {
+fn check(
+    addr: &str,
+    (resp, payload): (ReadBlockResponse, Vec<u8>),
+) -> FsResult<(ReadBlockResponse, Vec<u8>)> {
     match Status::try_from(resp.status).unwrap_or(Status::IoError) {
         Status::Ok => Ok((resp, payload)),
         Status::Stale => Err(FsError::Stale(resp.error)),

@@ -80,7 +80,8 @@ impl GranaryFs {
     fn remember(&self, inode: &Inode) {
         self.attrs.insert(inode.id, inode.clone());
         if inode.id != inode.parent {
-            self.entries.insert((inode.parent, inode.name.clone()), inode.id);
+            self.entries
+                .insert((inode.parent, inode.name.clone()), inode.id);
         }
     }
 
@@ -125,7 +126,11 @@ impl GranaryFs {
         let inode = self.getattr(ino)?;
         match FileKind::try_from(inode.kind) {
             Ok(FileKind::File) => {}
-            Ok(FileKind::Directory) => return Err(FsError::IsDir(String::from_utf8_lossy(&inode.name).into_owned())),
+            Ok(FileKind::Directory) => {
+                return Err(FsError::IsDir(
+                    String::from_utf8_lossy(&inode.name).into_owned(),
+                ))
+            }
             _ => return Err(FsError::InvalidPath("not a regular file".into())),
         }
         let fh = self.handle();
@@ -159,7 +164,9 @@ impl GranaryFs {
     pub fn opendir(&self, ino: u64) -> FsResult<u64> {
         let dir = self.getattr(ino)?;
         if !is_dir(&dir) {
-            return Err(FsError::NotDir(String::from_utf8_lossy(&dir.name).into_owned()));
+            return Err(FsError::NotDir(
+                String::from_utf8_lossy(&dir.name).into_owned(),
+            ));
         }
         let fh = self.handle();
         let stream = DirStream {
@@ -167,7 +174,10 @@ impl GranaryFs {
             entries: Vec::new(),
             complete: false,
         };
-        self.dirs.write().expect("dirs lock").insert(fh, Arc::new(Mutex::new(stream)));
+        self.dirs
+            .write()
+            .expect("dirs lock")
+            .insert(fh, Arc::new(Mutex::new(stream)));
         Ok(fh)
     }
 
@@ -255,7 +265,11 @@ mod tests {
                 .ok_or_else(|| FsError::NotFound(String::from_utf8_lossy(name).into_owned()))
         }
         fn getattr(&self, id: u64) -> FsResult<Inode> {
-            self.inodes.iter().find(|i| i.id == id).cloned().ok_or_else(|| FsError::NotFound(id.to_string()))
+            self.inodes
+                .iter()
+                .find(|i| i.id == id)
+                .cloned()
+                .ok_or_else(|| FsError::NotFound(id.to_string()))
         }
         fn readdir(&self, id: u64, start_after: &[u8], limit: u32) -> FsResult<(Vec<Inode>, bool)> {
             let mut kids: Vec<Inode> = self
@@ -283,7 +297,13 @@ mod tests {
     /// File bytes are a function of (file id, offset).
     struct Bytes;
     impl DataPath for Bytes {
-        fn read(&self, file: &Inode, _: &mut ReadState, offset: u64, len: u32) -> FsResult<Vec<u8>> {
+        fn read(
+            &self,
+            file: &Inode,
+            _: &mut ReadState,
+            offset: u64,
+            len: u32,
+        ) -> FsResult<Vec<u8>> {
             let end = (offset + len as u64).min(file.size);
             Ok((offset..end).map(|o| (o as u8) ^ (file.id as u8)).collect())
         }
@@ -302,7 +322,10 @@ mod tests {
     }
 
     fn fs() -> (GranaryFs, Arc<Namespace>) {
-        let mut inodes = vec![node(1, 1, "", FileKind::Directory, 0), node(2, 1, "dir", FileKind::Directory, 0)];
+        let mut inodes = vec![
+            node(1, 1, "", FileKind::Directory, 0),
+            node(2, 1, "dir", FileKind::Directory, 0),
+        ];
         for i in 0..2500u64 {
             inodes.push(node(100 + i, 2, &format!("f{i:05}"), FileKind::File, i));
         }
@@ -325,12 +348,25 @@ mod tests {
         let (fs, ns) = fs();
         assert_eq!(fs.lookup(1, b"dir").unwrap().id, 2);
         assert_eq!(fs.lookup(1, b"dir").unwrap().id, 2);
-        assert_eq!(ns.lookups.load(Ordering::Relaxed), 1, "second lookup served from cache");
+        assert_eq!(
+            ns.lookups.load(Ordering::Relaxed),
+            1,
+            "second lookup served from cache"
+        );
         assert_eq!(fs.lookup(1, b"nope").unwrap_err().errno(), libc::ENOENT);
-        assert_eq!(fs.lookup(1, &[b'x'; 256]).unwrap_err().errno(), libc::ENAMETOOLONG);
+        assert_eq!(
+            fs.lookup(1, &[b'x'; 256]).unwrap_err().errno(),
+            libc::ENAMETOOLONG
+        );
         assert_eq!(fs.opendir(100).unwrap_err().errno(), libc::ENOTDIR);
-        assert_eq!(fs.open(2, libc::O_RDONLY).unwrap_err().errno(), libc::EISDIR);
-        assert_eq!(fs.open(100, libc::O_WRONLY).unwrap_err().errno(), libc::EROFS);
+        assert_eq!(
+            fs.open(2, libc::O_RDONLY).unwrap_err().errno(),
+            libc::EISDIR
+        );
+        assert_eq!(
+            fs.open(100, libc::O_WRONLY).unwrap_err().errno(),
+            libc::EROFS
+        );
         assert_eq!(fs.readlink(3).unwrap(), b"dir/f00001");
         assert_eq!(fs.readlink(2).unwrap_err().errno(), libc::EINVAL);
     }
@@ -353,7 +389,11 @@ mod tests {
         assert_eq!(names.last().unwrap(), "f02499");
         let before = ns.lookups.load(Ordering::Relaxed);
         assert_eq!(fs.lookup(2, b"f01234").unwrap().id, 1334);
-        assert_eq!(ns.lookups.load(Ordering::Relaxed), before, "readdir filled the entry cache");
+        assert_eq!(
+            ns.lookups.load(Ordering::Relaxed),
+            before,
+            "readdir filled the entry cache"
+        );
     }
 
     #[test]

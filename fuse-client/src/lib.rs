@@ -9,4 +9,6 @@ pub mod meta_client;
 pub mod mount;
 
 pub use config::MountConfig;
-pub use mount::{build_fs, check_mountpoint, connect_metadata, mount, run_mount, MountError, MountHandle};
+pub use mount::{
+    build_fs, check_mountpoint, connect_metadata, mount, run_mount, MountError, MountHandle,
+};

@@ -6,7 +6,11 @@ use clap::Parser;
 use granary_fuse_client::MountConfig;
 
 #[derive(Parser)]
-#[command(name = "granary-fuse", version, about = "Mount a Granary namespace with FUSE")]
+#[command(
+    name = "granary-fuse",
+    version,
+    about = "Mount a Granary namespace with FUSE"
+)]
 struct Args {
     /// TOML mount config (see README); flags override it.
     #[arg(long)]

@@ -34,7 +34,12 @@ pub struct GrpcMetadataClient {
 }
 
 impl GrpcMetadataClient {
-    pub fn connect(shard: u16, masters: &[String], rpc_timeout: Duration, deadline: Duration) -> FsResult<Self> {
+    pub fn connect(
+        shard: u16,
+        masters: &[String],
+        rpc_timeout: Duration,
+        deadline: Duration,
+    ) -> FsResult<Self> {
         let rt = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(2)
             .thread_name("granary-meta")
@@ -100,7 +105,10 @@ impl GrpcMetadataClient {
                     self.shard,
                     start.elapsed()
                 );
-                return Err(FsError::Io(format!("shard {} unavailable: {err}", self.shard)));
+                return Err(FsError::Io(format!(
+                    "shard {} unavailable: {err}",
+                    self.shard
+                )));
             }
             if attempt == 1 {
                 tracing::warn!(shard = self.shard, master = %self.addrs[idx], op = what, "metadata call failed, retrying: {err}");
@@ -112,7 +120,8 @@ impl GrpcMetadataClient {
 }
 
 fn inode(r: InodeReply) -> FsResult<Inode> {
-    r.inode.ok_or_else(|| FsError::Io("master answered without an inode".into()))
+    r.inode
+        .ok_or_else(|| FsError::Io("master answered without an inode".into()))
 }
 
 impl MetadataService for GrpcMetadataClient {
@@ -127,7 +136,9 @@ impl MetadataService for GrpcMetadataClient {
     }
 
     fn getattr(&self, id: u64) -> FsResult<Inode> {
-        inode(self.call("getattr", |mut c| async move { c.get_attr(GetAttrRequest { id }).await })?)
+        inode(self.call("getattr", |mut c| async move {
+            c.get_attr(GetAttrRequest { id }).await
+        })?)
     }
 
     fn readdir(&self, id: u64, start_after: &[u8], limit: u32) -> FsResult<(Vec<Inode>, bool)> {
@@ -144,17 +155,22 @@ impl MetadataService for GrpcMetadataClient {
 
     fn workers(&self) -> FsResult<Vec<WorkerInfo>> {
         Ok(self
-            .call("list_workers", |mut c| async move { c.list_workers(ListWorkersRequest {}).await })?
+            .call("list_workers", |mut c| async move {
+                c.list_workers(ListWorkersRequest {}).await
+            })?
             .workers)
     }
 
     fn block_locations(&self, file_id: u64) -> FsResult<BlockLocationsReply> {
         self.call("block_locations", |mut c| async move {
-            c.get_block_locations(BlockLocationsRequest { file_id }).await
+            c.get_block_locations(BlockLocationsRequest { file_id })
+                .await
         })
     }
 
     fn statfs(&self) -> FsResult<StatFsReply> {
-        self.call("statfs", |mut c| async move { c.stat_fs(StatFsRequest {}).await })
+        self.call("statfs", |mut c| async move {
+            c.stat_fs(StatFsRequest {}).await
+        })
     }
 }

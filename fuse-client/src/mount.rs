@@ -26,11 +26,20 @@ pub enum MountError {
     #[error("mount point {0} is not empty (mounting would hide its contents)")]
     NotEmpty(PathBuf),
     #[error("mount point {path}: {source}")]
-    Inaccessible { path: PathBuf, source: std::io::Error },
+    Inaccessible {
+        path: PathBuf,
+        source: std::io::Error,
+    },
     #[error("cannot reach the metadata masters {masters:?}: {error}")]
-    Masters { masters: Vec<String>, error: FsError },
+    Masters {
+        masters: Vec<String>,
+        error: FsError,
+    },
     #[error("FUSE mount at {path} failed: {source}")]
-    Fuse { path: PathBuf, source: std::io::Error },
+    Fuse {
+        path: PathBuf,
+        source: std::io::Error,
+    },
 }
 
 /// Refuses a mount point that is missing, not a directory, or not empty.
@@ -99,7 +108,8 @@ pub fn connect_metadata(cfg: &MountConfig) -> Result<Arc<GrpcMetadataClient>, Mo
         Duration::from_millis(cfg.retry_deadline_ms),
     )
     .map_err(masters_err)?;
-    meta.getattr(granary_common::ids::root_inode(0)).map_err(masters_err)?;
+    meta.getattr(granary_common::ids::root_inode(0))
+        .map_err(masters_err)?;
     Ok(Arc::new(meta))
 }
 
@@ -157,10 +167,11 @@ pub fn mount(cfg: &MountConfig, mountpoint: &Path) -> Result<MountHandle, MountE
     };
     config.n_threads = Some(cfg.fuse_threads);
     config.clone_fd = true;
-    let session = fuser::spawn_mount(adapter, mountpoint, &config).map_err(|source| MountError::Fuse {
-        path: mountpoint.to_path_buf(),
-        source,
-    })?;
+    let session =
+        fuser::spawn_mount(adapter, mountpoint, &config).map_err(|source| MountError::Fuse {
+            path: mountpoint.to_path_buf(),
+            source,
+        })?;
     tracing::info!(mountpoint = %mountpoint.display(), masters = ?cfg.masters, "mounted");
     Ok(MountHandle {
         session: Some(session),

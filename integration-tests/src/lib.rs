@@ -32,7 +32,11 @@ pub fn free_port() -> u16 {
         .port()
 }
 
-pub fn wait_until(what: &str, timeout: Duration, mut cond: impl FnMut() -> bool) -> anyhow::Result<()> {
+pub fn wait_until(
+    what: &str,
+    timeout: Duration,
+    mut cond: impl FnMut() -> bool,
+) -> anyhow::Result<()> {
     let start = Instant::now();
     while start.elapsed() < timeout {
         if cond() {
@@ -54,7 +58,10 @@ impl Proc {
     pub fn spawn(name: &str, mut cmd: Command, log: PathBuf) -> anyhow::Result<Proc> {
         let f = std::fs::File::create(&log)?;
         cmd.stdout(Stdio::null()).stderr(f).stdin(Stdio::null());
-        cmd.env("RUST_LOG", std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into()));
+        cmd.env(
+            "RUST_LOG",
+            std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into()),
+        );
         let child = cmd.spawn().with_context(|| format!("spawning {name}"))?;
         Ok(Proc {
             name: name.to_string(),
@@ -111,8 +118,14 @@ impl Drop for Proc {
 /// Runs a command to completion; returns (exit code, stderr).
 pub fn run_to_exit(mut cmd: Command, timeout: Duration) -> anyhow::Result<(i32, String)> {
     let dir = tempfile::tempdir()?;
-    let mut p = Proc::spawn("cmd", std::mem::replace(&mut cmd, Command::new("true")), dir.path().join("log"))?;
-    let st = p.wait_exit(timeout).context("command did not exit in time")?;
+    let mut p = Proc::spawn(
+        "cmd",
+        std::mem::replace(&mut cmd, Command::new("true")),
+        dir.path().join("log"),
+    )?;
+    let st = p
+        .wait_exit(timeout)
+        .context("command did not exit in time")?;
     Ok((st.code().unwrap_or(-1), p.log_text()))
 }
 
@@ -129,16 +142,27 @@ pub fn force_unmount(path: &Path) {
     if !is_mounted(path) {
         return;
     }
-    let _ = Command::new("fusermount3").arg("-u").arg(path).stderr(Stdio::null()).status();
+    let _ = Command::new("fusermount3")
+        .arg("-u")
+        .arg(path)
+        .stderr(Stdio::null())
+        .status();
     if is_mounted(path) {
-        let _ = Command::new("umount").arg("-l").arg(path).stderr(Stdio::null()).status();
+        let _ = Command::new("umount")
+            .arg("-l")
+            .arg(path)
+            .stderr(Stdio::null())
+            .status();
     }
 }
 
 /// Fetches `/metrics` and returns the value of a counter (0 if never incremented).
 pub fn scrape_counter(port: u16, name: &str) -> anyhow::Result<f64> {
     let mut s = TcpStream::connect(("127.0.0.1", port))?;
-    std::io::Write::write_all(&mut s, b"GET /metrics HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")?;
+    std::io::Write::write_all(
+        &mut s,
+        b"GET /metrics HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n",
+    )?;
     let mut body = String::new();
     s.read_to_string(&mut body)?;
     Ok(body
@@ -184,8 +208,12 @@ impl Cluster {
         let mut cmd = Command::new(bin("granary-master"));
         cmd.arg("--config").arg(&cfg);
         let master = Proc::spawn("master", cmd, dir.path().join("master.log"))?;
-        wait_until("master port", Duration::from_secs(20), || TcpStream::connect(("127.0.0.1", master_port)).is_ok())
-            .with_context(|| std::fs::read_to_string(dir.path().join("master.log")).unwrap_or_default())?;
+        wait_until("master port", Duration::from_secs(20), || {
+            TcpStream::connect(("127.0.0.1", master_port)).is_ok()
+        })
+        .with_context(|| {
+            std::fs::read_to_string(dir.path().join("master.log")).unwrap_or_default()
+        })?;
         let mut c = Cluster {
             dir,
             master,
@@ -218,12 +246,20 @@ impl Cluster {
         let mut cmd = Command::new(bin("granary-worker"));
         cmd.arg("--config").arg(&cfg);
         let n = std::fs::read_dir(self.dir.path())?.count();
-        let worker = Proc::spawn("worker", cmd, self.dir.path().join(format!("worker-{n}.log")))?;
+        let worker = Proc::spawn(
+            "worker",
+            cmd,
+            self.dir.path().join(format!("worker-{n}.log")),
+        )?;
         let id_path = self.dir.path().join("cache/worker_id");
         let master = self.master_addr();
         wait_until("worker registration", Duration::from_secs(20), || {
-            let Ok(id) = std::fs::read_to_string(&id_path) else { return false };
-            list_workers(&master).map(|ws| ws.contains(&id)).unwrap_or(false)
+            let Ok(id) = std::fs::read_to_string(&id_path) else {
+                return false;
+            };
+            list_workers(&master)
+                .map(|ws| ws.contains(&id))
+                .unwrap_or(false)
                 && TcpStream::connect(("127.0.0.1", self.worker_data_port)).is_ok()
         })
         .with_context(|| worker.log_text())?;
@@ -240,18 +276,33 @@ impl Cluster {
         let mnt = self.dir.path().join(name);
         std::fs::create_dir_all(&mnt)?;
         let cfg = self.dir.path().join(format!("{name}.toml"));
-        std::fs::write(&cfg, format!("masters = [\"{}\"]\n{extra_config}\n", self.master_addr()))?;
+        std::fs::write(
+            &cfg,
+            format!("masters = [\"{}\"]\n{extra_config}\n", self.master_addr()),
+        )?;
         Mount::start(&cfg, &mnt, self.dir.path().join(format!("{name}.log")))
     }
 }
 
 /// Worker ids the master currently lists.
 pub fn list_workers(master: &str) -> anyhow::Result<String> {
-    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
     rt.block_on(async {
-        let mut c = granary_protos::v1::master_client::MasterClient::connect(format!("http://{master}")).await?;
-        let ws = c.list_workers(granary_protos::v1::ListWorkersRequest {}).await?.into_inner().workers;
-        Ok(ws.into_iter().map(|w| w.worker_id).collect::<Vec<_>>().join(","))
+        let mut c =
+            granary_protos::v1::master_client::MasterClient::connect(format!("http://{master}"))
+                .await?;
+        let ws = c
+            .list_workers(granary_protos::v1::ListWorkersRequest {})
+            .await?
+            .into_inner()
+            .workers;
+        Ok(ws
+            .into_iter()
+            .map(|w| w.worker_id)
+            .collect::<Vec<_>>()
+            .join(","))
     })
 }
 
@@ -270,7 +321,8 @@ impl Mount {
             path: mnt.to_path_buf(),
             proc,
         };
-        wait_until("FUSE mount", Duration::from_secs(20), || is_mounted(mnt)).with_context(|| m.proc.log_text())?;
+        wait_until("FUSE mount", Duration::from_secs(20), || is_mounted(mnt))
+            .with_context(|| m.proc.log_text())?;
         Ok(m)
     }
 }

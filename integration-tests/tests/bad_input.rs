@@ -28,7 +28,8 @@ fn missing_ufs_directory_is_named() {
     let mnt = dir.path().join("mnt");
     std::fs::create_dir(&mnt).unwrap();
     let mut cmd = Command::new(bin("granary"));
-    cmd.args(["local", "--ufs", "/nonexistent/granary-ufs", "--mount"]).arg(&mnt);
+    cmd.args(["local", "--ufs", "/nonexistent/granary-ufs", "--mount"])
+        .arg(&mnt);
     let (code, err) = run_to_exit(cmd, Duration::from_secs(20)).unwrap();
     assert_ne!(code, 0);
     assert!(err.contains("/nonexistent/granary-ufs"), "{err}");
@@ -95,12 +96,31 @@ fn bad_paths_get_precise_errnos() {
     .unwrap();
     let m = cluster.mount("mnt", "").unwrap();
     let errno = |r: std::io::Result<std::fs::Metadata>| r.unwrap_err().raw_os_error();
-    assert_eq!(errno(std::fs::metadata(m.path.join("missing"))), Some(libc::ENOENT));
-    assert_eq!(errno(std::fs::metadata(m.path.join("dir/missing"))), Some(libc::ENOENT));
-    assert_eq!(errno(std::fs::metadata(m.path.join("x".repeat(256)))), Some(libc::ENAMETOOLONG));
-    assert_eq!(errno(std::fs::metadata(m.path.join("file/x"))), Some(libc::ENOTDIR));
-    assert_eq!(std::fs::read(m.path.join("dir")).unwrap_err().raw_os_error(), Some(libc::EISDIR));
-    let w = std::fs::OpenOptions::new().write(true).open(m.path.join("file"));
+    assert_eq!(
+        errno(std::fs::metadata(m.path.join("missing"))),
+        Some(libc::ENOENT)
+    );
+    assert_eq!(
+        errno(std::fs::metadata(m.path.join("dir/missing"))),
+        Some(libc::ENOENT)
+    );
+    assert_eq!(
+        errno(std::fs::metadata(m.path.join("x".repeat(256)))),
+        Some(libc::ENAMETOOLONG)
+    );
+    assert_eq!(
+        errno(std::fs::metadata(m.path.join("file/x"))),
+        Some(libc::ENOTDIR)
+    );
+    assert_eq!(
+        std::fs::read(m.path.join("dir"))
+            .unwrap_err()
+            .raw_os_error(),
+        Some(libc::EISDIR)
+    );
+    let w = std::fs::OpenOptions::new()
+        .write(true)
+        .open(m.path.join("file"));
     assert_eq!(w.unwrap_err().raw_os_error(), Some(libc::EROFS));
     assert_eq!(std::fs::read(m.path.join("file")).unwrap(), b"data");
 }
@@ -116,8 +136,13 @@ fn unreachable_master_fails_with_eio_after_bounded_retries() {
         block_size: "64KiB",
     })
     .unwrap();
-    let m = cluster.mount("mnt", "retry_deadline_ms = 2000\nrpc_timeout_ms = 500").unwrap();
-    assert_eq!(std::fs::read(m.path.join("cached")).unwrap(), b"cached bytes");
+    let m = cluster
+        .mount("mnt", "retry_deadline_ms = 2000\nrpc_timeout_ms = 500")
+        .unwrap();
+    assert_eq!(
+        std::fs::read(m.path.join("cached")).unwrap(),
+        b"cached bytes"
+    );
 
     cluster.master.kill();
     let start = Instant::now();
@@ -127,7 +152,13 @@ fn unreachable_master_fails_with_eio_after_bounded_retries() {
     assert!(took < Duration::from_secs(15), "EIO took {took:?}");
     assert_ne!(err.kind(), ErrorKind::NotFound);
     let log = m.proc.log_text();
-    assert!(log.contains("shard 0") && log.contains("unreachable"), "mount log: {log}");
+    assert!(
+        log.contains("shard 0") && log.contains("unreachable"),
+        "mount log: {log}"
+    );
     // What was already read stays readable from the kernel cache.
-    assert_eq!(std::fs::read(m.path.join("cached")).unwrap(), b"cached bytes");
+    assert_eq!(
+        std::fs::read(m.path.join("cached")).unwrap(),
+        b"cached bytes"
+    );
 }

@@ -39,7 +39,12 @@ fn dataset(ufs: &Path) -> BTreeMap<PathBuf, String> {
     }
     for i in 0..2000 {
         let size = rng.random_range(0..8192);
-        write(ufs, &format!("small/part-{}/f-{i:05}.bin", i % 4), size, &mut rng);
+        write(
+            ufs,
+            &format!("small/part-{}/f-{i:05}.bin", i % 4),
+            size,
+            &mut rng,
+        );
     }
     std::os::unix::fs::symlink("one.bin", ufs.join("link-to-one")).unwrap();
     let mut out = BTreeMap::new();
@@ -70,10 +75,16 @@ fn read_all(mnt: &Path, expected: &BTreeMap<PathBuf, String>, seed: u64) -> Vec<
         for _ in 0..8 {
             s.spawn(|| loop {
                 let i = next.fetch_add(1, Ordering::Relaxed);
-                let Some((rel, sha)) = files.get(i) else { return };
+                let Some((rel, sha)) = files.get(i) else {
+                    return;
+                };
                 match std::fs::read(mnt.join(rel)) {
                     Ok(data) if hex::encode(Sha256::digest(&data)) == **sha => {}
-                    Ok(data) => bad.lock().unwrap().push(format!("{}: wrong bytes ({} read)", rel.display(), data.len())),
+                    Ok(data) => bad.lock().unwrap().push(format!(
+                        "{}: wrong bytes ({} read)",
+                        rel.display(),
+                        data.len()
+                    )),
                     Err(e) => bad.lock().unwrap().push(format!("{}: {e}", rel.display())),
                 }
             });
@@ -105,20 +116,34 @@ fn dataset_reads_match_across_worker_restart_and_eviction() {
     // Short-circuit reads with the kernel page cache kept (the defaults).
     let fast = cluster.mount("mnt-fast", "").unwrap();
     assert_eq!(listing(&fast.path), listing(ufs));
-    assert_eq!(listing(&fast.path.join("small/part-3")), listing(&ufs.join("small/part-3")));
-    assert_eq!(std::fs::read_link(fast.path.join("link-to-one")).unwrap(), Path::new("one.bin"));
-    assert_eq!(std::fs::read(fast.path.join("link-to-one")).unwrap(), std::fs::read(ufs.join("one.bin")).unwrap());
+    assert_eq!(
+        listing(&fast.path.join("small/part-3")),
+        listing(&ufs.join("small/part-3"))
+    );
+    assert_eq!(
+        std::fs::read_link(fast.path.join("link-to-one")).unwrap(),
+        Path::new("one.bin")
+    );
+    assert_eq!(
+        std::fs::read(fast.path.join("link-to-one")).unwrap(),
+        std::fs::read(ufs.join("one.bin")).unwrap()
+    );
     let md = std::fs::metadata(fast.path.join("big.bin")).unwrap();
     assert_eq!(md.len(), (80 * BS + 123) as u64);
     let bad = read_all(&fast.path, &expected, 1);
     assert!(bad.is_empty(), "short-circuit mount: {bad:?}");
 
     // The TCP data path with readahead, no kernel page cache between opens.
-    let tcp = cluster.mount("mnt-tcp", "short_circuit = false\nkeep_cache = false").unwrap();
+    let tcp = cluster
+        .mount("mnt-tcp", "short_circuit = false\nkeep_cache = false")
+        .unwrap();
     let bad = read_all(&tcp.path, &expected, 2);
     assert!(bad.is_empty(), "TCP mount: {bad:?}");
     let fetched = cluster.worker_ufs_fetches().unwrap();
-    assert!(fetched > 2000.0, "the first worker fetched {fetched} blocks");
+    assert!(
+        fetched > 2000.0,
+        "the first worker fetched {fetched} blocks"
+    );
 
     // A restarted worker keeps its cache: reading everything again fetches nothing.
     cluster.start_worker("1GiB").unwrap();
@@ -126,8 +151,15 @@ fn dataset_reads_match_across_worker_restart_and_eviction() {
     assert!(bad.is_empty(), "after worker restart (TCP): {bad:?}");
     let sc = cluster.mount("mnt-sc", "keep_cache = false").unwrap();
     let bad = read_all(&sc.path, &expected, 4);
-    assert!(bad.is_empty(), "after worker restart (short-circuit): {bad:?}");
-    assert_eq!(cluster.worker_ufs_fetches().unwrap(), 0.0, "the restarted worker must not read the UFS again");
+    assert!(
+        bad.is_empty(),
+        "after worker restart (short-circuit): {bad:?}"
+    );
+    assert_eq!(
+        cluster.worker_ufs_fetches().unwrap(),
+        0.0,
+        "the restarted worker must not read the UFS again"
+    );
 
     // Shrink the cache far below the dataset: eviction, refetch, still the right bytes.
     cluster.start_worker("512KiB").unwrap();
@@ -136,6 +168,10 @@ fn dataset_reads_match_across_worker_restart_and_eviction() {
     let bad = read_all(&sc.path, &expected, 6);
     assert!(bad.is_empty(), "with a tiny cache (short-circuit): {bad:?}");
     assert!(cluster.worker_ufs_fetches().unwrap() > 0.0);
-    let evictions = granary_integration_tests::scrape_counter(cluster.worker_metrics_port, "granary_worker_evictions_total").unwrap();
+    let evictions = granary_integration_tests::scrape_counter(
+        cluster.worker_metrics_port,
+        "granary_worker_evictions_total",
+    )
+    .unwrap();
     assert!(evictions > 0.0, "a 512KiB cache must have evicted");
 }

@@ -21,7 +21,12 @@ struct Inner {
 
 impl Inner {
     fn add(&mut self, worker: &Arc<str>, key: Key) {
-        if self.by_worker.entry(worker.clone()).or_default().insert(key) {
+        if self
+            .by_worker
+            .entry(worker.clone())
+            .or_default()
+            .insert(key)
+        {
             self.by_block.entry(key).or_default().push(worker.clone());
         }
     }
@@ -80,7 +85,10 @@ impl BlockLocations {
     }
 
     pub fn drop_worker(&self, worker: &str) {
-        self.inner.write().expect("locations lock").drop_worker(worker);
+        self.inner
+            .write()
+            .expect("locations lock")
+            .drop_worker(worker);
     }
 
     /// Workers caching each block of `file_id`, for the given block indices.
@@ -106,7 +114,10 @@ mod tests {
     use super::*;
 
     fn k(f: u64, i: u32) -> BlockKey {
-        BlockKey { file_id: f, index: i }
+        BlockKey {
+            file_id: f,
+            index: i,
+        }
     }
 
     #[test]
@@ -114,7 +125,10 @@ mod tests {
         let loc = BlockLocations::default();
         loc.reset_worker("w1", &[k(1, 0), k(1, 1)]);
         loc.apply_delta("w2", &[k(1, 1)], &[]);
-        assert_eq!(loc.of_file(1, 3), vec![(0, vec!["w1".into()]), (1, vec!["w1".into(), "w2".into()])]);
+        assert_eq!(
+            loc.of_file(1, 3),
+            vec![(0, vec!["w1".into()]), (1, vec!["w1".into(), "w2".into()])]
+        );
         loc.apply_delta("w1", &[], &[k(1, 1)]);
         assert_eq!(loc.of_file(1, 3)[1], (1, vec!["w2".to_string()]));
         loc.drop_worker("w2");

@@ -47,13 +47,19 @@ impl Default for MasterConfig {
 impl MasterConfig {
     pub fn validate(&mut self) -> Result<(), ConfigError> {
         if self.ufs.is_empty() {
-            return Err(ConfigError::invalid("ufs", "required: the under-storage URI, e.g. file:///data/datasets"));
+            return Err(ConfigError::invalid(
+                "ufs",
+                "required: the under-storage URI, e.g. file:///data/datasets",
+            ));
         }
         if self.ufs.starts_with('/') {
             self.ufs = format!("file://{}", self.ufs);
         }
         if !(64 << 10..=4 << 30).contains(&self.block_size.0) {
-            return Err(ConfigError::invalid("block_size", "must be between 64KiB and 4GiB"));
+            return Err(ConfigError::invalid(
+                "block_size",
+                "must be between 64KiB and 4GiB",
+            ));
         }
         if self.worker_heartbeat_ms == 0 || self.worker_timeout_ms <= self.worker_heartbeat_ms {
             return Err(ConfigError::invalid(

@@ -66,9 +66,17 @@ impl<L: CommandLog> MetadataLoader<L> {
             return Ok(dir.clone());
         }
         if dir.kind != FileKind::Directory as i32 {
-            return Err(FsError::NotDir(String::from_utf8_lossy(&dir.name).into_owned()));
+            return Err(FsError::NotDir(
+                String::from_utf8_lossy(&dir.name).into_owned(),
+            ));
         }
-        let gate = self.inflight.lock().expect("inflight lock").entry(dir.id).or_default().clone();
+        let gate = self
+            .inflight
+            .lock()
+            .expect("inflight lock")
+            .entry(dir.id)
+            .or_default()
+            .clone();
         let result = async {
             let _turn = gate.lock().await;
             let current = self.store.get(dir.id)?;
@@ -100,7 +108,11 @@ impl<L: CommandLog> MetadataLoader<L> {
     }
 
     /// Loads the whole tree under `root`, reporting progress after every directory.
-    pub async fn load_tree(self: &Arc<Self>, root: Inode, progress: mpsc::Sender<LoadProgress>) -> FsResult<LoadProgress> {
+    pub async fn load_tree(
+        self: &Arc<Self>,
+        root: Inode,
+        progress: mpsc::Sender<LoadProgress>,
+    ) -> FsResult<LoadProgress> {
         let mut totals = LoadProgress::default();
         if root.kind != FileKind::Directory as i32 {
             totals.files = 1;
@@ -129,7 +141,9 @@ impl<L: CommandLog> MetadataLoader<L> {
                     Ok(children)
                 });
             }
-            let Some(done) = running.join_next().await else { break };
+            let Some(done) = running.join_next().await else {
+                break;
+            };
             let children = done.map_err(|e| FsError::Io(format!("load task: {e}")))??;
             totals.directories += 1;
             for c in children {

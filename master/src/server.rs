@@ -11,7 +11,6 @@ use granary_common::ufs::open_ufs;
 use granary_common::FsError;
 use granary_protos::v1::master_server::MasterServer;
 use granary_protos::v1::{command, Command, MountPoint, SetMount};
-use tokio::net::TcpListener;
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 use tokio_stream::wrappers::TcpListenerStream;
@@ -36,9 +35,15 @@ pub enum MasterError {
     #[error("under-storage: {0}")]
     Ufs(FsError),
     #[error("cannot create data_dir {path}: {source}")]
-    DataDir { path: String, source: std::io::Error },
+    DataDir {
+        path: String,
+        source: std::io::Error,
+    },
     #[error("cannot listen on {addr}: {source}")]
-    Listen { addr: SocketAddr, source: std::io::Error },
+    Listen {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
     #[error("master server stopped: {0}")]
     Stopped(String),
     #[error(
@@ -80,7 +85,10 @@ pub async fn start(mut config: MasterConfig) -> Result<RunningMaster, MasterErro
         source,
     })?;
     let ufs = open_ufs(&config.ufs).map_err(MasterError::Ufs)?;
-    let store = Arc::new(NamespaceStore::open(&config.data_dir.join("namespace.redb"), config.shard_id)?);
+    let store = Arc::new(NamespaceStore::open(
+        &config.data_dir.join("namespace.redb"),
+        config.shard_id,
+    )?);
     let log = Arc::new(LocalLog::start(store.clone())?);
 
     const ROOT_MOUNT_ID: u32 = 1;
@@ -132,16 +140,12 @@ pub async fn start(mut config: MasterConfig) -> Result<RunningMaster, MasterErro
         }
     });
 
-    let listener = TcpListener::bind(config.listen)
+    let (listener, addr) = granary_common::net::bind(config.listen)
         .await
         .map_err(|source| MasterError::Listen {
             addr: config.listen,
             source,
         })?;
-    let addr = listener.local_addr().map_err(|source| MasterError::Listen {
-        addr: config.listen,
-        source,
-    })?;
     let (tx, rx) = oneshot::channel::<()>();
     let svc = MasterServer::new(service)
         .max_decoding_message_size(MAX_MESSAGE_BYTES)

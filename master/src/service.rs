@@ -39,7 +39,9 @@ impl<L: CommandLog> MasterService<L> {
         validate_name(name)?;
         let dir = self.store.get(parent)?;
         if dir.kind != FileKind::Directory as i32 {
-            return Err(FsError::NotDir(String::from_utf8_lossy(&dir.name).into_owned()));
+            return Err(FsError::NotDir(
+                String::from_utf8_lossy(&dir.name).into_owned(),
+            ));
         }
         let dir = self.loader.ensure_loaded(&dir).await?;
         self.store
@@ -56,7 +58,9 @@ impl<L: CommandLog> MasterService<L> {
     }
 
     fn mounts(&self) -> Result<MountTable, Status> {
-        self.store.mount_table().map_err(|e| FsError::from(e).into())
+        self.store
+            .mount_table()
+            .map_err(|e| FsError::from(e).into())
     }
 }
 
@@ -77,13 +81,19 @@ impl<L: CommandLog> Master for MasterService<L> {
         Ok(Response::new(InodeReply { inode: Some(inode) }))
     }
 
-    async fn resolve_path(&self, req: Request<ResolvePathRequest>) -> Result<Response<InodeReply>, Status> {
+    async fn resolve_path(
+        &self,
+        req: Request<ResolvePathRequest>,
+    ) -> Result<Response<InodeReply>, Status> {
         count("resolve_path");
         let inode = self.resolve(&req.into_inner().path).await?;
         Ok(Response::new(InodeReply { inode: Some(inode) }))
     }
 
-    async fn read_dir(&self, req: Request<ReadDirRequest>) -> Result<Response<ReadDirReply>, Status> {
+    async fn read_dir(
+        &self,
+        req: Request<ReadDirRequest>,
+    ) -> Result<Response<ReadDirReply>, Status> {
         count("read_dir");
         let r = req.into_inner();
         let dir = self.store.get(r.id)?;
@@ -98,7 +108,10 @@ impl<L: CommandLog> Master for MasterService<L> {
 
     type LoadMetadataStream = LoadStream;
 
-    async fn load_metadata(&self, req: Request<LoadMetadataRequest>) -> Result<Response<LoadStream>, Status> {
+    async fn load_metadata(
+        &self,
+        req: Request<LoadMetadataRequest>,
+    ) -> Result<Response<LoadStream>, Status> {
         count("load_metadata");
         let r = req.into_inner();
         let root = self.resolve(&r.path).await?;
@@ -165,14 +178,20 @@ impl<L: CommandLog> Master for MasterService<L> {
         }))
     }
 
-    async fn list_workers(&self, _: Request<ListWorkersRequest>) -> Result<Response<ListWorkersReply>, Status> {
+    async fn list_workers(
+        &self,
+        _: Request<ListWorkersRequest>,
+    ) -> Result<Response<ListWorkersReply>, Status> {
         count("list_workers");
         Ok(Response::new(ListWorkersReply {
             workers: self.workers.list(),
         }))
     }
 
-    async fn get_mount_table(&self, _: Request<GetMountTableRequest>) -> Result<Response<MountTable>, Status> {
+    async fn get_mount_table(
+        &self,
+        _: Request<GetMountTableRequest>,
+    ) -> Result<Response<MountTable>, Status> {
         count("get_mount_table");
         Ok(Response::new(self.mounts()?))
     }
@@ -217,13 +236,17 @@ impl<L: CommandLog> Master for MasterService<L> {
         count("worker_heartbeat");
         let r = req.into_inner();
         let delta = r.added.len() as i64 - r.removed.len() as i64;
-        if !self.workers.heartbeat(&r.worker_id, r.capacity_bytes, r.used_bytes, delta) {
+        if !self
+            .workers
+            .heartbeat(&r.worker_id, r.capacity_bytes, r.used_bytes, delta)
+        {
             return Ok(Response::new(WorkerHeartbeatReply {
                 reregister: true,
                 mounts: None,
             }));
         }
-        self.locations.apply_delta(&r.worker_id, &r.added, &r.removed);
+        self.locations
+            .apply_delta(&r.worker_id, &r.added, &r.removed);
         Ok(Response::new(WorkerHeartbeatReply {
             reregister: false,
             mounts: Some(self.mounts()?),

@@ -7,12 +7,15 @@ use std::collections::BTreeMap;
 use granary_common::ids::{inode_id, root_inode};
 use granary_common::path::{join, validate_name};
 use granary_common::{FsError, FsResult};
-use granary_protos::v1::{command, Command, FileKind, Inode, LoadDirectory, MountTable, SetMount, UfsFingerprint};
+use granary_protos::v1::{
+    command, Command, FileKind, Inode, LoadDirectory, MountTable, SetMount, UfsFingerprint,
+};
 use prost::Message;
 use redb::{ReadableTable, Table};
 
 use crate::store::{
-    child_key, decode_inode, meta_u64, redb_err, StoreError, META_INODE_COUNT, META_MOUNTS, META_NEXT_LOCAL_ID,
+    child_key, decode_inode, meta_u64, redb_err, StoreError, META_INODE_COUNT, META_MOUNTS,
+    META_NEXT_LOCAL_ID,
 };
 
 const META_BLOCK_SIZE: &str = "block_size";
@@ -33,7 +36,9 @@ impl Tables<'_> {
     }
 
     fn put(&mut self, inode: &Inode) -> Result<(), StoreError> {
-        redb_err!(self.inodes.insert(inode.id, inode.encode_to_vec().as_slice()))?;
+        redb_err!(self
+            .inodes
+            .insert(inode.id, inode.encode_to_vec().as_slice()))?;
         Ok(())
     }
 
@@ -93,16 +98,22 @@ pub(crate) fn apply(t: &mut Tables<'_>, cmd: &Command) -> Result<FsResult<()>, S
 
 fn set_mount(t: &mut Tables<'_>, m: &SetMount) -> Result<FsResult<()>, StoreError> {
     let Some(mount) = &m.mount else {
-        return Ok(Err(FsError::InvalidPath("mount without a mount point".into())));
+        return Ok(Err(FsError::InvalidPath(
+            "mount without a mount point".into(),
+        )));
     };
     if mount.path != b"/" {
-        return Ok(Err(FsError::Unsupported("only the namespace root can be mounted".into())));
+        return Ok(Err(FsError::Unsupported(
+            "only the namespace root can be mounted".into(),
+        )));
     }
     let mut table = match redb_err!(t.meta.get(META_MOUNTS))? {
         Some(v) => MountTable::decode(v.value()).map_err(|e| StoreError::Corrupt(e.to_string()))?,
         None => MountTable::default(),
     };
-    table.mounts.retain(|x| x.mount_id != mount.mount_id && x.path != mount.path);
+    table
+        .mounts
+        .retain(|x| x.mount_id != mount.mount_id && x.path != mount.path);
     table.mounts.push(mount.clone());
     redb_err!(t.meta.insert(META_MOUNTS, table.encode_to_vec().as_slice()))?;
     t.set_u64(META_BLOCK_SIZE, m.block_size)?;
@@ -170,7 +181,11 @@ fn load_directory(t: &mut Tables<'_>, l: &LoadDirectory) -> Result<FsResult<()>,
                     parent: dir.id,
                     name: e.name.clone(),
                     kind: e.kind,
-                    size: if e.kind == FileKind::Directory as i32 { 0 } else { e.size },
+                    size: if e.kind == FileKind::Directory as i32 {
+                        0
+                    } else {
+                        e.size
+                    },
                     mtime_ns: e.mtime_ns,
                     mode: e.mode,
                     symlink_target: e.symlink_target.clone(),

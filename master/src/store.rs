@@ -54,7 +54,10 @@ pub(crate) fn child_key(parent: u64, name: &[u8]) -> Vec<u8> {
     k
 }
 
-pub(crate) fn meta_u64(table: &impl ReadableTable<&'static str, &'static [u8]>, key: &str) -> Result<u64, StoreError> {
+pub(crate) fn meta_u64(
+    table: &impl ReadableTable<&'static str, &'static [u8]>,
+    key: &str,
+) -> Result<u64, StoreError> {
     match redb_err!(table.get(key))? {
         Some(v) => {
             let b: [u8; 8] = v
@@ -74,7 +77,9 @@ pub struct NamespaceStore {
 
 impl std::fmt::Debug for NamespaceStore {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("NamespaceStore").field("shard", &self.shard).finish()
+        f.debug_struct("NamespaceStore")
+            .field("shard", &self.shard)
+            .finish()
     }
 }
 
@@ -89,9 +94,15 @@ impl NamespaceStore {
             let existing = redb_err!(meta.get(META_SHARD))?.map(|v| v.value().to_vec());
             match existing {
                 Some(v) => {
-                    let found = u16::from_be_bytes(v.try_into().map_err(|_| StoreError::Corrupt("shard id".into()))?);
+                    let found = u16::from_be_bytes(
+                        v.try_into()
+                            .map_err(|_| StoreError::Corrupt("shard id".into()))?,
+                    );
                     if found != shard {
-                        return Err(StoreError::ShardMismatch { found, configured: shard });
+                        return Err(StoreError::ShardMismatch {
+                            found,
+                            configured: shard,
+                        });
                     }
                 }
                 None => {
@@ -133,7 +144,9 @@ impl NamespaceStore {
                 results.push(state_machine::apply(&mut tables, cmd)?);
                 applied = *index;
             }
-            redb_err!(tables.meta.insert(META_APPLIED_INDEX, &applied.to_be_bytes()[..]))?;
+            redb_err!(tables
+                .meta
+                .insert(META_APPLIED_INDEX, &applied.to_be_bytes()[..]))?;
         }
         redb_err!(txn.commit())?;
         Ok(results)
@@ -154,14 +167,18 @@ impl NamespaceStore {
         let meta = redb_err!(txn.open_table(META))?;
         let found = redb_err!(meta.get(META_MOUNTS))?;
         match found {
-            Some(v) => MountTable::decode(v.value()).map_err(|e| StoreError::Corrupt(format!("mount table: {e}"))),
+            Some(v) => MountTable::decode(v.value())
+                .map_err(|e| StoreError::Corrupt(format!("mount table: {e}"))),
             None => Ok(MountTable::default()),
         }
     }
 
     pub fn get(&self, id: u64) -> FsResult<Inode> {
         if shard_of(id) != self.shard {
-            return Err(FsError::NotFound(format!("inode {id:#x} belongs to shard {}", shard_of(id))));
+            return Err(FsError::NotFound(format!(
+                "inode {id:#x} belongs to shard {}",
+                shard_of(id)
+            )));
         }
         let txn = redb_err!(self.db.begin_read())?;
         let inodes = redb_err!(txn.open_table(INODES))?;
@@ -187,7 +204,12 @@ impl NamespaceStore {
 
     /// Children of `parent` in name order, after `start_after` (exclusive), at most
     /// `limit`; the flag says whether more remain.
-    pub fn list(&self, parent: u64, start_after: &[u8], limit: usize) -> FsResult<(Vec<Inode>, bool)> {
+    pub fn list(
+        &self,
+        parent: u64,
+        start_after: &[u8],
+        limit: usize,
+    ) -> FsResult<(Vec<Inode>, bool)> {
         let txn = redb_err!(self.db.begin_read())?;
         let children = redb_err!(txn.open_table(CHILDREN))?;
         let inodes = redb_err!(txn.open_table(INODES))?;
@@ -203,7 +225,9 @@ impl NamespaceStore {
                 return Ok((out, true));
             }
             let found = redb_err!(inodes.get(id.value()))?;
-            let v = found.ok_or_else(|| StoreError::Corrupt(format!("dangling entry to {:#x}", id.value())))?;
+            let v = found.ok_or_else(|| {
+                StoreError::Corrupt(format!("dangling entry to {:#x}", id.value()))
+            })?;
             out.push(decode_inode(v.value())?);
         }
         Ok((out, false))
@@ -212,7 +236,10 @@ impl NamespaceStore {
     /// Next inode id the state machine would assign (tests use it to check determinism).
     pub fn next_id_hint(&self) -> Result<u64, StoreError> {
         let txn = redb_err!(self.db.begin_read())?;
-        Ok(inode_id(self.shard, meta_u64(&redb_err!(txn.open_table(META))?, META_NEXT_LOCAL_ID)?))
+        Ok(inode_id(
+            self.shard,
+            meta_u64(&redb_err!(txn.open_table(META))?, META_NEXT_LOCAL_ID)?,
+        ))
     }
 }
 
@@ -251,7 +278,10 @@ mod tests {
 
     fn load(dir: u64, entries: Vec<UfsEntry>) -> Command {
         Command {
-            op: Some(command::Op::LoadDirectory(LoadDirectory { dir_id: dir, entries })),
+            op: Some(command::Op::LoadDirectory(LoadDirectory {
+                dir_id: dir,
+                entries,
+            })),
         }
     }
 
@@ -270,7 +300,16 @@ mod tests {
         let tmp = tempfile::tempdir().unwrap();
         let log = vec![
             (1, mount()),
-            (2, load(1, vec![entry("b", FileKind::Directory, 0), entry("a.bin", FileKind::File, 3000)])),
+            (
+                2,
+                load(
+                    1,
+                    vec![
+                        entry("b", FileKind::Directory, 0),
+                        entry("a.bin", FileKind::File, 3000),
+                    ],
+                ),
+            ),
         ];
         let a = NamespaceStore::open(&tmp.path().join("a.redb"), 0).unwrap();
         let b = NamespaceStore::open(&tmp.path().join("b.redb"), 0).unwrap();
@@ -281,7 +320,10 @@ mod tests {
         assert_eq!(names(&a, 1), names(&b, 1));
         assert_eq!(names(&a, 1), vec![("a.bin".into(), 3), ("b".into(), 2)]);
         let file = a.lookup(1, b"a.bin").unwrap().unwrap();
-        assert_eq!((file.size, file.block_size, file.ufs_path.as_slice()), (3000, 1024, &b"a.bin"[..]));
+        assert_eq!(
+            (file.size, file.block_size, file.ufs_path.as_slice()),
+            (3000, 1024, &b"a.bin"[..])
+        );
         assert!(a.get(1).unwrap().children_loaded);
 
         // Replaying old entries is a no-op; the applied index is durable.
@@ -294,7 +336,10 @@ mod tests {
         drop(b);
         assert!(matches!(
             NamespaceStore::open(&tmp.path().join("b.redb"), 3),
-            Err(StoreError::ShardMismatch { found: 0, configured: 3 })
+            Err(StoreError::ShardMismatch {
+                found: 0,
+                configured: 3
+            })
         ));
     }
 
@@ -304,17 +349,33 @@ mod tests {
         let s = NamespaceStore::open(&tmp.path().join("s.redb"), 2).unwrap();
         let root = s.root_id();
         s.apply_batch(&[(1, mount())]).unwrap();
-        s.apply_batch(&[(2, load(root, vec![entry("d", FileKind::Directory, 0), entry("f", FileKind::File, 1)]))])
-            .unwrap();
+        s.apply_batch(&[(
+            2,
+            load(
+                root,
+                vec![
+                    entry("d", FileKind::Directory, 0),
+                    entry("f", FileKind::File, 1),
+                ],
+            ),
+        )])
+        .unwrap();
         let d = s.lookup(root, b"d").unwrap().unwrap();
         assert_eq!(granary_common::ids::shard_of(d.id), 2);
-        s.apply_batch(&[(3, load(d.id, vec![entry("x", FileKind::File, 5)]))]).unwrap();
+        s.apply_batch(&[(3, load(d.id, vec![entry("x", FileKind::File, 5)]))])
+            .unwrap();
         assert_eq!(s.inode_count().unwrap(), 4);
 
         // `f` grew, `d` vanished (with its child), `g` appeared.
         let f_before = s.lookup(root, b"f").unwrap().unwrap();
-        s.apply_batch(&[(4, load(root, vec![entry("f", FileKind::File, 9), entry("g", FileKind::File, 0)]))])
-            .unwrap();
+        s.apply_batch(&[(
+            4,
+            load(
+                root,
+                vec![entry("f", FileKind::File, 9), entry("g", FileKind::File, 0)],
+            ),
+        )])
+        .unwrap();
         let f_after = s.lookup(root, b"f").unwrap().unwrap();
         assert_eq!(f_after.id, f_before.id);
         assert_eq!(f_after.fingerprint.unwrap().size, 9);
@@ -333,7 +394,9 @@ mod tests {
         let tmp = tempfile::tempdir().unwrap();
         let s = NamespaceStore::open(&tmp.path().join("s.redb"), 0).unwrap();
         s.apply_batch(&[(1, mount())]).unwrap();
-        let entries = (0..10).map(|i| entry(&format!("f{i}"), FileKind::File, i)).collect();
+        let entries = (0..10)
+            .map(|i| entry(&format!("f{i}"), FileKind::File, i))
+            .collect();
         s.apply_batch(&[(2, load(1, entries))]).unwrap();
         let (page, more) = s.list(1, b"", 4).unwrap();
         assert!(more);

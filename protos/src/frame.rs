@@ -127,7 +127,9 @@ mod tests {
     fn partial_frames_ask_for_more() {
         let buf = encode_header(&request());
         for cut in 0..buf.len() {
-            assert!(decode_header::<ReadBlockRequest>(&buf[..cut]).unwrap().is_none());
+            assert!(decode_header::<ReadBlockRequest>(&buf[..cut])
+                .unwrap()
+                .is_none());
         }
         let (msg, used) = decode_header::<ReadBlockRequest>(&buf).unwrap().unwrap();
         assert_eq!((msg, used), (request(), buf.len()));

@@ -44,7 +44,9 @@ fn jump_hash(mut key: u64, buckets: u32) -> u32 {
 
 /// FNV-1a, stable across processes and versions (unlike `DefaultHasher`).
 fn fnv1a(bytes: &[u8]) -> u64 {
-    bytes.iter().fold(0xcbf29ce484222325u64, |h, &b| (h ^ b as u64).wrapping_mul(0x100000001b3))
+    bytes.iter().fold(0xcbf29ce484222325u64, |h, &b| {
+        (h ^ b as u64).wrapping_mul(0x100000001b3)
+    })
 }
 
 impl RoutingTable {
@@ -112,7 +114,12 @@ mod tests {
     fn table(n: u16) -> RoutingTable {
         RoutingTable {
             version: 1,
-            shards: (0..n).map(|id| ShardInfo { id, masters: vec![format!("m{id}:1")] }).collect(),
+            shards: (0..n)
+                .map(|id| ShardInfo {
+                    id,
+                    masters: vec![format!("m{id}:1")],
+                })
+                .collect(),
             prefixes: vec![("/datasets/imagenet".into(), 2)],
         }
     }
@@ -125,26 +132,51 @@ mod tests {
         let a = t.route("/datasets/imagenet2/x").unwrap().id;
         let b = t.route("/datasets/other").unwrap().id;
         assert_eq!(a, b, "both hash the first component `datasets`");
-        assert_eq!(t.route("/logs/a").unwrap().id, t.route("/logs/b/c").unwrap().id);
+        assert_eq!(
+            t.route("/logs/a").unwrap().id,
+            t.route("/logs/b/c").unwrap().id
+        );
     }
 
     #[test]
     fn adding_a_shard_moves_few_paths() {
         let (t4, t5) = (table(4), table(5));
         let names: Vec<String> = (0..2000).map(|i| format!("/top{i}/f")).collect();
-        let moved = names.iter().filter(|n| t4.route(n).unwrap().id != t5.route(n).unwrap().id).count();
+        let moved = names
+            .iter()
+            .filter(|n| t4.route(n).unwrap().id != t5.route(n).unwrap().id)
+            .count();
         assert!(moved < 2000 * 30 / 100, "moved {moved} of 2000");
-        let used: std::collections::HashSet<_> = names.iter().map(|n| t5.route(n).unwrap().id).collect();
+        let used: std::collections::HashSet<_> =
+            names.iter().map(|n| t5.route(n).unwrap().id).collect();
         assert_eq!(used.len(), 5);
     }
 
     #[test]
     fn bad_tables_are_rejected() {
         let mut t = table(2);
-        assert!(matches!(t.route("/x"), Err(RoutingError::UnknownShard { shard: 2, .. })));
+        assert!(matches!(
+            t.route("/x"),
+            Err(RoutingError::UnknownShard { shard: 2, .. })
+        ));
         t.prefixes.clear();
-        assert_eq!(t.shard_of_inode(granary_common::ids::inode_id(1, 5)).unwrap().id, 1);
-        assert!(t.shard_of_inode(granary_common::ids::inode_id(9, 5)).is_err());
-        assert_eq!(RoutingTable { version: 1, shards: vec![], prefixes: vec![] }.route("/"), Err(RoutingError::NoShards));
+        assert_eq!(
+            t.shard_of_inode(granary_common::ids::inode_id(1, 5))
+                .unwrap()
+                .id,
+            1
+        );
+        assert!(t
+            .shard_of_inode(granary_common::ids::inode_id(9, 5))
+            .is_err());
+        assert_eq!(
+            RoutingTable {
+                version: 1,
+                shards: vec![],
+                prefixes: vec![]
+            }
+            .route("/"),
+            Err(RoutingError::NoShards)
+        );
     }
 }

@@ -29,7 +29,10 @@ pub struct ReadBench {
 const BIG: &str = "big.bin";
 
 fn prepare_dataset(b: &ReadBench, ufs: &Path) -> anyhow::Result<()> {
-    let params = format!("big={} small={}x{}\n", b.big_size, b.small_files, b.small_size);
+    let params = format!(
+        "big={} small={}x{}\n",
+        b.big_size, b.small_files, b.small_size
+    );
     let marker = b.dir.join("dataset.params");
     if std::fs::read_to_string(&marker).ok().as_deref() == Some(params.as_str()) {
         return Ok(());
@@ -94,7 +97,9 @@ fn small_files(root: &Path, files: &[PathBuf], threads: usize) -> anyhow::Result
                     let mut bytes = 0;
                     loop {
                         let i = next.fetch_add(1, Ordering::Relaxed);
-                        let Some(rel) = files.get(i) else { return Ok(bytes) };
+                        let Some(rel) = files.get(i) else {
+                            return Ok(bytes);
+                        };
                         bytes += read_whole(&root.join(rel), &mut buf)?;
                     }
                 })
@@ -121,7 +126,12 @@ fn list_files(root: &Path, dir: &Path, out: &mut Vec<PathBuf>) -> std::io::Resul
         if e.file_type()?.is_dir() {
             list_files(root, &e.path(), out)?;
         } else {
-            out.push(e.path().strip_prefix(root).expect("under root").to_path_buf());
+            out.push(
+                e.path()
+                    .strip_prefix(root)
+                    .expect("under root")
+                    .to_path_buf(),
+            );
         }
     }
     Ok(())
@@ -132,19 +142,26 @@ pub fn run(b: ReadBench) -> anyhow::Result<()> {
     let mnt = b.dir.join("mnt");
     prepare_dataset(&b, &ufs)?;
     // A previous run killed mid-way may have left its mount behind.
-    let _ = std::process::Command::new("umount").arg("-l").arg(&mnt).status();
+    let _ = std::process::Command::new("umount")
+        .arg("-l")
+        .arg(&mnt)
+        .stderr(std::process::Stdio::null())
+        .status();
     std::fs::create_dir_all(&mnt)?;
 
     let mut small: Vec<PathBuf> = Vec::new();
     list_files(&ufs, &ufs.join("small"), &mut small)?;
     small.shuffle(&mut rand::rngs::StdRng::seed_from_u64(42));
 
-    let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
     let capacity = (b.big_size + b.small_files * (b.small_size + 4096)) * 2;
     let cluster = rt.block_on(local::start(&LocalArgs {
         ufs: ufs.clone(),
         mountpoint: mnt.clone(),
         state_dir: b.dir.join("state"),
+        cache_dir: b.dir.join("state/cache"),
         master_listen: "127.0.0.1:0".parse()?,
         capacity: ByteSize(capacity),
         metrics_listen: None,
@@ -184,7 +201,11 @@ fn measure(b: &ReadBench, ufs: &Path, mnt: &Path, small: &[PathBuf]) -> anyhow::
 
     let mut rows = Vec::new();
     for readers in [1usize, 4] {
-        let label = if readers == 1 { "1 reader".to_string() } else { format!("{readers} readers") };
+        let label = if readers == 1 {
+            "1 reader".to_string()
+        } else {
+            format!("{readers} readers")
+        };
         if is_root {
             let (mut raw, mut gr) = (Vec::new(), Vec::new());
             for _ in 0..b.runs {
@@ -223,7 +244,11 @@ fn measure(b: &ReadBench, ufs: &Path, mnt: &Path, small: &[PathBuf]) -> anyhow::
         raw.push(small_files(ufs, small, b.small_threads)?);
         gr.push(small_files(mnt, small, b.small_threads)?);
     }
-    let case = format!("{} small files, {} threads, random order, page cache warm", small.len(), b.small_threads);
+    let case = format!(
+        "{} small files, {} threads, random order, page cache warm",
+        small.len(),
+        b.small_threads
+    );
     rows.push(Row {
         case: case.clone(),
         unit: "files/s",

@@ -130,7 +130,12 @@ pub fn file_crc(path: &Path) -> io::Result<(u32, u64)> {
 }
 
 impl BlockStore {
-    pub fn open(cache_dir: &Path, capacity: u64, high_watermark: f64, low_watermark: f64) -> io::Result<(Self, ScanReport)> {
+    pub fn open(
+        cache_dir: &Path,
+        capacity: u64,
+        high_watermark: f64,
+        low_watermark: f64,
+    ) -> io::Result<(Self, ScanReport)> {
         let blocks_dir = cache_dir.join("blocks");
         let tmp_dir = cache_dir.join("tmp");
         fs::create_dir_all(&blocks_dir)?;
@@ -170,14 +175,21 @@ impl BlockStore {
                 let f = f?;
                 let fname = f.file_name();
                 let fname = fname.to_string_lossy();
-                let Some(index) = fname.strip_suffix(".meta").and_then(|i| i.parse::<u32>().ok()) else {
+                let Some(index) = fname
+                    .strip_suffix(".meta")
+                    .and_then(|i| i.parse::<u32>().ok())
+                else {
                     continue;
                 };
                 let block_path = self.block_path((file_id, index));
-                let valid = fs::read(f.path()).ok().and_then(|m| decode_meta(&m)).and_then(|(fp, len, crc)| {
-                    let md = fs::metadata(&block_path).ok()?;
-                    (md.len() == len).then(|| (md.modified().unwrap_or(std::time::UNIX_EPOCH), fp, len, crc))
-                });
+                let valid = fs::read(f.path())
+                    .ok()
+                    .and_then(|m| decode_meta(&m))
+                    .and_then(|(fp, len, crc)| {
+                        let md = fs::metadata(&block_path).ok()?;
+                        (md.len() == len)
+                            .then(|| (md.modified().unwrap_or(std::time::UNIX_EPOCH), fp, len, crc))
+                    });
                 match valid {
                     Some((mtime, fingerprint, len, crc)) => found.push((
                         mtime,
@@ -201,7 +213,11 @@ impl BlockStore {
             for f in fs::read_dir(dir.path())? {
                 let f = f?;
                 let n = f.file_name().to_string_lossy().into_owned();
-                if !n.ends_with(".meta") && !found.iter().any(|(_, (fid, i), _)| *fid == file_id && i.to_string() == n) {
+                if !n.ends_with(".meta")
+                    && !found
+                        .iter()
+                        .any(|(_, (fid, i), _)| *fid == file_id && i.to_string() == n)
+                {
                     let _ = fs::remove_file(f.path());
                 }
             }
@@ -220,11 +236,15 @@ impl BlockStore {
     }
 
     pub fn block_path(&self, (file_id, index): BlockId) -> PathBuf {
-        self.blocks_dir.join(format!("{file_id:016x}")).join(index.to_string())
+        self.blocks_dir
+            .join(format!("{file_id:016x}"))
+            .join(index.to_string())
     }
 
     fn meta_path(&self, (file_id, index): BlockId) -> PathBuf {
-        self.blocks_dir.join(format!("{file_id:016x}")).join(format!("{index}.meta"))
+        self.blocks_dir
+            .join(format!("{file_id:016x}"))
+            .join(format!("{index}.meta"))
     }
 
     /// The cached block if present and read from the same UFS version; a block cached
@@ -256,7 +276,11 @@ impl BlockStore {
             idx.touch(id);
             return Some(CachedBlock { path, len });
         }
-        tracing::warn!(file_id = id.0, index = id.1, "cached block failed its checksum; dropping it");
+        tracing::warn!(
+            file_id = id.0,
+            index = id.1,
+            "cached block failed its checksum; dropping it"
+        );
         metrics::counter!("granary_worker_checksum_failures_total").increment(1);
         idx.remove(id);
         drop(idx);
@@ -270,7 +294,14 @@ impl BlockStore {
     }
 
     /// Moves a fully written temp file into the cache as block `id`.
-    pub fn commit(&self, id: BlockId, fingerprint: Fingerprint, tmp: &Path, len: u64, crc: u32) -> io::Result<CachedBlock> {
+    pub fn commit(
+        &self,
+        id: BlockId,
+        fingerprint: Fingerprint,
+        tmp: &Path,
+        len: u64,
+        crc: u32,
+    ) -> io::Result<CachedBlock> {
         let path = self.block_path(id);
         fs::create_dir_all(path.parent().expect("block has a parent dir"))?;
         fs::rename(tmp, &path)?;
@@ -336,7 +367,10 @@ impl BlockStore {
     /// Blocks added and removed since the last call (for heartbeats).
     pub fn take_deltas(&self) -> (Vec<BlockId>, Vec<BlockId>) {
         let mut idx = self.index.lock().expect("index lock");
-        (std::mem::take(&mut idx.added), std::mem::take(&mut idx.removed))
+        (
+            std::mem::take(&mut idx.added),
+            std::mem::take(&mut idx.removed),
+        )
     }
 
     /// Every cached block (for a full registration). Pending deltas stay: replaying them
@@ -367,7 +401,10 @@ impl BlockStore {
 mod tests {
     use super::*;
 
-    const FP: Fingerprint = Fingerprint { size: 100, mtime_ns: 1 };
+    const FP: Fingerprint = Fingerprint {
+        size: 100,
+        mtime_ns: 1,
+    };
 
     fn put(store: &BlockStore, id: BlockId, data: &[u8]) -> CachedBlock {
         let tmp = store.temp_path();
@@ -412,7 +449,10 @@ mod tests {
         let (s, report) = BlockStore::open(dir.path(), 1 << 20, 0.9, 0.8).unwrap();
         assert_eq!(report.blocks, 2);
         assert_eq!(s.lookup((7, 0), FP).unwrap().len, 10);
-        assert!(s.lookup((7, 1), FP).is_none(), "checksum mismatch must not be served");
+        assert!(
+            s.lookup((7, 1), FP).is_none(),
+            "checksum mismatch must not be served"
+        );
         assert!(s.lookup((8, 0), FP).is_none());
         assert!(!s.block_path((8, 0)).exists());
         assert_eq!(fs::read_dir(dir.path().join("tmp")).unwrap().count(), 0);
@@ -423,7 +463,10 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let (s, _) = BlockStore::open(dir.path(), 1 << 20, 0.9, 0.8).unwrap();
         put(&s, (1, 0), b"v1");
-        let newer = Fingerprint { size: 100, mtime_ns: 2 };
+        let newer = Fingerprint {
+            size: 100,
+            mtime_ns: 2,
+        };
         assert!(s.lookup((1, 0), newer).is_none());
         assert!(s.lookup((1, 0), FP).is_none(), "the stale block is gone");
     }

@@ -47,21 +47,33 @@ impl Default for WorkerConfig {
 impl WorkerConfig {
     pub fn validate(&self) -> Result<(), ConfigError> {
         if self.masters.is_empty() {
-            return Err(ConfigError::invalid("masters", "at least one master address is required"));
+            return Err(ConfigError::invalid(
+                "masters",
+                "at least one master address is required",
+            ));
         }
         for m in &self.masters {
             if !m.contains(':') {
-                return Err(ConfigError::invalid("masters", format!("`{m}` is not host:port")));
+                return Err(ConfigError::invalid(
+                    "masters",
+                    format!("`{m}` is not host:port"),
+                ));
             }
         }
         if self.capacity.0 == 0 {
-            return Err(ConfigError::invalid("capacity", "must be greater than zero"));
+            return Err(ConfigError::invalid(
+                "capacity",
+                "must be greater than zero",
+            ));
         }
         if !(0.0..=1.0).contains(&self.high_watermark) || self.high_watermark == 0.0 {
             return Err(ConfigError::invalid("high_watermark", "must be in (0, 1]"));
         }
         if !(0.0..self.high_watermark).contains(&self.low_watermark) {
-            return Err(ConfigError::invalid("low_watermark", "must be in [0, high_watermark)"));
+            return Err(ConfigError::invalid(
+                "low_watermark",
+                "must be in [0, high_watermark)",
+            ));
         }
         Ok(())
     }

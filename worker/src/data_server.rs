@@ -112,7 +112,11 @@ impl DataServer {
         }
         let block_len = src.block_len(req.index);
         if !req.local_path_only
-            && (req.length > MAX_READ_LEN || req.offset.checked_add(req.length).is_none_or(|end| end > block_len))
+            && (req.length > MAX_READ_LEN
+                || req
+                    .offset
+                    .checked_add(req.length)
+                    .is_none_or(|end| end > block_len))
         {
             return Err(FsError::InvalidPath(format!(
                 "range {}+{} outside block {} of {block_len} bytes (or over {MAX_READ_LEN})",
@@ -146,7 +150,8 @@ impl DataServer {
             .map_err(|e| FsError::Io(e.to_string()))?;
             match data {
                 Ok(buf) => {
-                    metrics::counter!("granary_worker_served_bytes_total").increment(buf.len() as u64);
+                    metrics::counter!("granary_worker_served_bytes_total")
+                        .increment(buf.len() as u64);
                     return Ok((
                         ReadBlockResponse {
                             request_id: req.request_id,
@@ -190,7 +195,13 @@ mod tests {
         fn stat(&self, p: &[u8]) -> FsResult<UfsObject> {
             self.0.stat(p)
         }
-        fn read_range(&self, p: &[u8], o: u64, l: u64, s: &mut dyn std::io::Write) -> FsResult<u64> {
+        fn read_range(
+            &self,
+            p: &[u8],
+            o: u64,
+            l: u64,
+            s: &mut dyn std::io::Write,
+        ) -> FsResult<u64> {
             self.1.fetch_add(1, Ordering::SeqCst);
             std::thread::sleep(std::time::Duration::from_millis(50));
             self.0.read_range(p, o, l, s)
@@ -265,7 +276,14 @@ mod tests {
     fn exchange(sock: &mut TcpStream, req: &ReadBlockRequest) -> (ReadBlockResponse, Vec<u8>) {
         sock.write_all(&encode_header(req)).unwrap();
         let resp: ReadBlockResponse = read_header(sock).unwrap();
-        let mut payload = vec![0u8; if resp.status == 0 { resp.length as usize } else { 0 }];
+        let mut payload = vec![
+            0u8;
+            if resp.status == 0 {
+                resp.length as usize
+            } else {
+                0
+            }
+        ];
         sock.read_exact(&mut payload).unwrap();
         (resp, payload)
     }
@@ -289,7 +307,11 @@ mod tests {
         for h in handles {
             h.await.unwrap();
         }
-        assert_eq!(s.ufs.1.load(Ordering::SeqCst), 1, "one UFS read for 16 concurrent misses");
+        assert_eq!(
+            s.ufs.1.load(Ordering::SeqCst),
+            1,
+            "one UFS read for 16 concurrent misses"
+        );
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -305,7 +327,11 @@ mod tests {
         let data = s.data.clone();
         tokio::task::spawn_blocking(move || {
             // Garbage, an oversized header and a truncated frame: the connection closes.
-            for junk in [&b"\xff\xff\xff\xffjunk"[..], &[0, 0, 0, 3, 1, 2][..], b"\x00\x00\x00\x05\x08\x96\x01\xff\xff"] {
+            for junk in [
+                &b"\xff\xff\xff\xffjunk"[..],
+                &[0, 0, 0, 3, 1, 2][..],
+                b"\x00\x00\x00\x05\x08\x96\x01\xff\xff",
+            ] {
                 let mut sock = TcpStream::connect(addr).unwrap();
                 sock.write_all(junk).unwrap();
                 sock.shutdown(std::net::Shutdown::Write).unwrap();

@@ -70,7 +70,13 @@ impl BlockFetcher {
             metrics::counter!("granary_worker_cache_hits_total").increment(1);
             return Ok(b);
         }
-        let gate = self.inflight.lock().expect("inflight lock").entry(id).or_default().clone();
+        let gate = self
+            .inflight
+            .lock()
+            .expect("inflight lock")
+            .entry(id)
+            .or_default()
+            .clone();
         let result = async {
             let _turn = gate.lock().await;
             if let Some(b) = self.store.lookup(id, src.fingerprint) {
@@ -91,10 +97,18 @@ impl BlockFetcher {
     }
 }
 
-fn fetch(store: &BlockStore, ufs: &dyn granary_common::ufs::Ufs, id: BlockId, src: &BlockSource) -> FsResult<CachedBlock> {
+fn fetch(
+    store: &BlockStore,
+    ufs: &dyn granary_common::ufs::Ufs,
+    id: BlockId,
+    src: &BlockSource,
+) -> FsResult<CachedBlock> {
     let len = src.block_len(id.1);
     if len == 0 {
-        return Err(FsError::InvalidPath(format!("block {} is past the end of the file", id.1)));
+        return Err(FsError::InvalidPath(format!(
+            "block {} is past the end of the file",
+            id.1
+        )));
     }
     let now = ufs.stat(&src.ufs_path)?;
     if now.size != src.fingerprint.size || now.mtime_ns != src.fingerprint.mtime_ns {

@@ -20,7 +20,9 @@ struct Pending {
 }
 
 fn keys(ids: &[BlockId]) -> Vec<BlockKey> {
-    ids.iter().map(|&(file_id, index)| BlockKey { file_id, index }).collect()
+    ids.iter()
+        .map(|&(file_id, index)| BlockKey { file_id, index })
+        .collect()
 }
 
 pub fn channel(addr: &str) -> Result<Channel, tonic::transport::Error> {
@@ -32,14 +34,21 @@ pub fn channel(addr: &str) -> Result<Channel, tonic::transport::Error> {
 }
 
 /// Starts one link per master plus the task that fans block deltas out to them.
-pub fn start(masters: &[String], info: WorkerInfo, store: Arc<BlockStore>, mounts: Arc<MountRegistry>) -> Result<(), tonic::transport::Error> {
+pub fn start(
+    masters: &[String],
+    info: WorkerInfo,
+    store: Arc<BlockStore>,
+    mounts: Arc<MountRegistry>,
+) -> Result<(), tonic::transport::Error> {
     let mut queues = Vec::new();
     for addr in masters {
         let pending = Arc::new(Mutex::new(Pending::default()));
         queues.push(pending.clone());
         let link = Link {
             addr: addr.clone(),
-            client: MasterClient::new(channel(addr)?).max_decoding_message_size(64 << 20).max_encoding_message_size(64 << 20),
+            client: MasterClient::new(channel(addr)?)
+                .max_decoding_message_size(64 << 20)
+                .max_encoding_message_size(64 << 20),
             info: info.clone(),
             store: store.clone(),
             mounts: mounts.clone(),
@@ -90,7 +99,7 @@ impl Link {
                     Err(e) => {
                         failures += 1;
                         // Log the first failure and then every 30th, not every retry.
-                        if failures == 1 || failures % 30 == 0 {
+                        if failures == 1 || failures.is_multiple_of(30) {
                             tracing::warn!(master = %self.addr, error = %e.message(), "cannot register with master; retrying");
                         }
                         tokio::time::sleep(Duration::from_millis(500).min(interval)).await;

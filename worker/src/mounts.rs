@@ -18,7 +18,12 @@ impl MountRegistry {
     /// Adopts the master's table: opens new mounts, drops removed ones.
     pub fn update(&self, table: &MountTable) {
         let mut mounts = self.mounts.write().expect("mounts lock");
-        mounts.retain(|id, ufs| table.mounts.iter().any(|m| m.mount_id == *id && m.ufs_uri == ufs.uri()));
+        mounts.retain(|id, ufs| {
+            table
+                .mounts
+                .iter()
+                .any(|m| m.mount_id == *id && m.ufs_uri == ufs.uri())
+        });
         for m in &table.mounts {
             if mounts.contains_key(&m.mount_id) {
                 continue;
@@ -28,14 +33,19 @@ impl MountRegistry {
                     tracing::info!(mount = m.mount_id, uri = %m.ufs_uri, "UFS mount available");
                     mounts.insert(m.mount_id, ufs);
                 }
-                Err(e) => tracing::error!(mount = m.mount_id, uri = %m.ufs_uri, error = %e, "cannot open UFS mount"),
+                Err(e) => {
+                    tracing::error!(mount = m.mount_id, uri = %m.ufs_uri, error = %e, "cannot open UFS mount")
+                }
             }
         }
     }
 
     /// Serves `mount_id` from an already opened UFS.
     pub fn insert(&self, mount_id: u32, ufs: Arc<dyn Ufs>) {
-        self.mounts.write().expect("mounts lock").insert(mount_id, ufs);
+        self.mounts
+            .write()
+            .expect("mounts lock")
+            .insert(mount_id, ufs);
     }
 
     pub fn get(&self, mount_id: u32) -> FsResult<Arc<dyn Ufs>> {
@@ -44,6 +54,10 @@ impl MountRegistry {
             .expect("mounts lock")
             .get(&mount_id)
             .cloned()
-            .ok_or_else(|| FsError::NotFound(format!("UFS mount {mount_id} is not known to this worker (yet)")))
+            .ok_or_else(|| {
+                FsError::NotFound(format!(
+                    "UFS mount {mount_id} is not known to this worker (yet)"
+                ))
+            })
     }
 }

@@ -7,7 +7,6 @@ use std::sync::Arc;
 
 use granary_common::config::ConfigError;
 use granary_protos::v1::WorkerInfo;
-use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
 
 use crate::block_store::BlockStore;
@@ -21,9 +20,15 @@ pub enum WorkerError {
     #[error(transparent)]
     Config(#[from] ConfigError),
     #[error("cache_dir {path}: {source}")]
-    CacheDir { path: String, source: std::io::Error },
+    CacheDir {
+        path: String,
+        source: std::io::Error,
+    },
     #[error("cannot listen on {addr}: {source}")]
-    Listen { addr: SocketAddr, source: std::io::Error },
+    Listen {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
     #[error("metrics endpoint: {0}")]
     Metrics(String),
     #[error("invalid master address: {0}")]
@@ -67,7 +72,12 @@ pub async fn start(config: WorkerConfig) -> Result<RunningWorker, WorkerError> {
     };
     std::fs::create_dir_all(&config.cache_dir).map_err(cache_err)?;
     let id = worker_id(&config.cache_dir).map_err(cache_err)?;
-    let (dir, cap, hi, lo) = (config.cache_dir.clone(), config.capacity.0, config.high_watermark, config.low_watermark);
+    let (dir, cap, hi, lo) = (
+        config.cache_dir.clone(),
+        config.capacity.0,
+        config.high_watermark,
+        config.low_watermark,
+    );
     let (store, scan) = tokio::task::spawn_blocking(move || BlockStore::open(&dir, cap, hi, lo))
         .await
         .expect("cache scan task")
@@ -75,14 +85,12 @@ pub async fn start(config: WorkerConfig) -> Result<RunningWorker, WorkerError> {
     let store = Arc::new(store);
     tracing::info!(worker = %id, blocks = scan.blocks, bytes = scan.bytes, discarded = scan.discarded, "cache scanned");
 
-    let listener = TcpListener::bind(config.data_listen).await.map_err(|source| WorkerError::Listen {
-        addr: config.data_listen,
-        source,
-    })?;
-    let data_addr = listener.local_addr().map_err(|source| WorkerError::Listen {
-        addr: config.data_listen,
-        source,
-    })?;
+    let (listener, data_addr) = granary_common::net::bind(config.data_listen)
+        .await
+        .map_err(|source| WorkerError::Listen {
+            addr: config.data_listen,
+            source,
+        })?;
     let mounts = Arc::new(MountRegistry::default());
     let hostname = crate::hostname();
     let info = WorkerInfo {

@@ -27,7 +27,10 @@ impl LocalUfs {
         let dir = File::open(&root)
             .map_err(|e| FsError::NotFound(format!("UFS root {}: {e}", root.display())))?;
         if !dir.metadata()?.is_dir() {
-            return Err(FsError::NotDir(format!("UFS root {} is not a directory", root.display())));
+            return Err(FsError::NotDir(format!(
+                "UFS root {} is not a directory",
+                root.display()
+            )));
         }
         Ok(LocalUfs {
             uri: uri.to_string(),
@@ -47,7 +50,8 @@ impl LocalUfs {
         // SAFETY: open_how is plain data; the path is NUL-terminated and outlives the call.
         let mut how: libc::open_how = unsafe { std::mem::zeroed() };
         how.flags = (flags | libc::O_CLOEXEC) as u64;
-        how.resolve = libc::RESOLVE_BENEATH | libc::RESOLVE_NO_SYMLINKS | libc::RESOLVE_NO_MAGICLINKS;
+        how.resolve =
+            libc::RESOLVE_BENEATH | libc::RESOLVE_NO_SYMLINKS | libc::RESOLVE_NO_MAGICLINKS;
         let fd = unsafe {
             libc::syscall(
                 libc::SYS_openat2,
@@ -90,7 +94,11 @@ fn object_from(name: Vec<u8>, md: &std::fs::Metadata, target: Vec<u8>) -> Option
     Some(UfsObject {
         name,
         kind,
-        size: if kind == ObjectKind::Directory { 0 } else { md.len() },
+        size: if kind == ObjectKind::Directory {
+            0
+        } else {
+            md.len()
+        },
         mtime_ns: md.mtime() * 1_000_000_000 + md.mtime_nsec(),
         mode: md.mode() & 0o7777,
         symlink_target: target,
@@ -115,7 +123,10 @@ impl Ufs for LocalUfs {
                 Err(e) => return Err(e.into()),
             };
             let target = if md.file_type().is_symlink() {
-                std::fs::read_link(entry.path())?.as_os_str().as_bytes().to_vec()
+                std::fs::read_link(entry.path())?
+                    .as_os_str()
+                    .as_bytes()
+                    .to_vec()
             } else {
                 Vec::new()
             };
@@ -130,12 +141,25 @@ impl Ufs for LocalUfs {
     fn stat(&self, path: &[u8]) -> FsResult<UfsObject> {
         let f = self.open_beneath(path, libc::O_RDONLY | libc::O_PATH)?;
         let md = f.metadata()?;
-        let name = components(path)?.last().map(|n| n.to_vec()).unwrap_or_default();
-        object_from(name, &md, Vec::new())
-            .ok_or_else(|| FsError::Unsupported(format!("{}: not a file or directory", String::from_utf8_lossy(path))))
+        let name = components(path)?
+            .last()
+            .map(|n| n.to_vec())
+            .unwrap_or_default();
+        object_from(name, &md, Vec::new()).ok_or_else(|| {
+            FsError::Unsupported(format!(
+                "{}: not a file or directory",
+                String::from_utf8_lossy(path)
+            ))
+        })
     }
 
-    fn read_range(&self, path: &[u8], offset: u64, len: u64, sink: &mut dyn Write) -> FsResult<u64> {
+    fn read_range(
+        &self,
+        path: &[u8],
+        offset: u64,
+        len: u64,
+        sink: &mut dyn Write,
+    ) -> FsResult<u64> {
         let mut f = self.open_beneath(path, libc::O_RDONLY)?;
         f.seek(SeekFrom::Start(offset))?;
         let copied = std::io::copy(&mut f.take(len), sink)?;
@@ -159,8 +183,19 @@ mod tests {
 
         let uri = super::super::local_uri(&root).unwrap();
         let ufs = LocalUfs::open(&uri, root.to_str().unwrap()).unwrap();
-        let names: Vec<_> = ufs.list(b"").unwrap().into_iter().map(|o| (o.name, o.kind)).collect();
-        assert_eq!(names, vec![(b"escape".to_vec(), ObjectKind::Symlink), (b"sub".to_vec(), ObjectKind::Directory)]);
+        let names: Vec<_> = ufs
+            .list(b"")
+            .unwrap()
+            .into_iter()
+            .map(|o| (o.name, o.kind))
+            .collect();
+        assert_eq!(
+            names,
+            vec![
+                (b"escape".to_vec(), ObjectKind::Symlink),
+                (b"sub".to_vec(), ObjectKind::Directory)
+            ]
+        );
         let sub = ufs.list(b"sub").unwrap();
         assert_eq!(sub[0].symlink_target, b"/etc");
 

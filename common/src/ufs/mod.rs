@@ -39,7 +39,8 @@ pub trait Ufs: Send + Sync + Debug {
     fn stat(&self, path: &[u8]) -> FsResult<UfsObject>;
     /// Copies `len` bytes starting at `offset` of a file into `sink`; returns bytes copied
     /// (fewer only at end of file).
-    fn read_range(&self, path: &[u8], offset: u64, len: u64, sink: &mut dyn Write) -> FsResult<u64>;
+    fn read_range(&self, path: &[u8], offset: u64, len: u64, sink: &mut dyn Write)
+        -> FsResult<u64>;
 }
 
 /// Opens a UFS from its URI. Supported now: `file:///absolute/path`.
@@ -57,7 +58,10 @@ pub fn local_uri(path: &std::path::Path) -> FsResult<String> {
     let abs = std::fs::canonicalize(path)
         .map_err(|e| FsError::NotFound(format!("UFS directory {}: {e}", path.display())))?;
     if !abs.is_dir() {
-        return Err(FsError::NotDir(format!("UFS path {} is not a directory", abs.display())));
+        return Err(FsError::NotDir(format!(
+            "UFS path {} is not a directory",
+            abs.display()
+        )));
     }
     Ok(format!("file://{}", abs.display()))
 }
