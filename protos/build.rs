@@ -4,7 +4,14 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     tonic_prost_build::configure()
         .build_server(true)
         .build_client(true)
-        .compile_protos(&["proto/granary.proto", "proto/data.proto"], &["proto"])?;
+        .compile_protos(
+            &[
+                "proto/granary.proto",
+                "proto/data.proto",
+                "proto/raft.proto",
+            ],
+            &["proto"],
+        )?;
     println!("cargo:rerun-if-changed=proto");
     Ok(())
 }

@@ -2,6 +2,7 @@
 //! block arithmetic, byte sizes in config, the under-storage (UFS) access trait,
 //! logging and metrics setup.
 
+pub mod auth;
 pub mod blocks;
 pub mod bytesize;
 pub mod config;

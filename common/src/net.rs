@@ -11,3 +11,18 @@ pub async fn bind(addr: SocketAddr) -> std::io::Result<(TcpListener, SocketAddr)
     let local = listener.local_addr()?;
     Ok((listener, local))
 }
+
+/// A lazily connecting gRPC channel to `host:port` with the given timeouts.
+pub fn lazy_channel(
+    addr: &str,
+    connect_timeout: std::time::Duration,
+    timeout: std::time::Duration,
+) -> Result<tonic::transport::Channel, tonic::transport::Error> {
+    Ok(
+        tonic::transport::Endpoint::from_shared(format!("http://{addr}"))?
+            .connect_timeout(connect_timeout)
+            .timeout(timeout)
+            .tcp_nodelay(true)
+            .connect_lazy(),
+    )
+}

@@ -11,10 +11,26 @@ use serde::Deserialize;
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct MasterConfig {
+    /// This master's id in its shard's Raft group (non-zero, unique in the group).
+    pub id: u64,
     /// Metadata shard this master serves (high 16 bits of every inode id).
     pub shard_id: u16,
-    /// gRPC listen address for clients, workers and admin.
+    /// gRPC listen address for clients, workers, admin and Raft peers.
     pub listen: SocketAddr,
+    /// Address other parts use to reach this master; default: `listen` (or the hostname
+    /// with `listen`'s port when listening on all interfaces).
+    pub advertise: Option<String>,
+    /// The group's initial members as `"id@host:port"`; default: this master alone. A
+    /// master not listed here joins an existing group (`granary admin quorum add`).
+    pub members: Vec<String>,
+    /// Shared secret every cluster RPC must carry; empty disables the check.
+    pub cluster_token: String,
+    /// Raft clock: one tick; elections time out after `election_ticks` to twice that.
+    pub raft_tick_ms: u64,
+    pub election_ticks: usize,
+    pub heartbeat_ticks: usize,
+    /// Compact the Raft log (snapshot) once it holds this many applied entries.
+    pub snapshot_threshold: u64,
     /// Where the namespace store lives.
     pub data_dir: PathBuf,
     /// Under-storage mounted at the namespace root: `file:///path` (or a plain absolute path).
@@ -32,8 +48,16 @@ pub struct MasterConfig {
 impl Default for MasterConfig {
     fn default() -> Self {
         MasterConfig {
+            id: 1,
             shard_id: 0,
             listen: "127.0.0.1:19998".parse().expect("valid"),
+            advertise: None,
+            members: Vec::new(),
+            cluster_token: String::new(),
+            raft_tick_ms: 100,
+            election_ticks: 10,
+            heartbeat_ticks: 2,
+            snapshot_threshold: 10_000,
             data_dir: PathBuf::from("/var/lib/granary/master"),
             ufs: String::new(),
             block_size: ByteSize(DEFAULT_BLOCK_SIZE),
@@ -45,6 +69,36 @@ impl Default for MasterConfig {
 }
 
 impl MasterConfig {
+    /// The address other parts use to reach this master.
+    pub fn advertised(&self) -> String {
+        match &self.advertise {
+            Some(a) => a.clone(),
+            None if self.listen.ip().is_unspecified() => {
+                format!("{}:{}", granary_common::hostname(), self.listen.port())
+            }
+            None => self.listen.to_string(),
+        }
+    }
+
+    /// `members` parsed to (id, address); this master alone when empty.
+    pub fn initial_members(&self) -> Result<Vec<(u64, String)>, ConfigError> {
+        if self.members.is_empty() {
+            return Ok(vec![(self.id, self.advertised())]);
+        }
+        self.members
+            .iter()
+            .map(|m| {
+                let bad = || ConfigError::invalid("members", format!("`{m}` is not id@host:port"));
+                let (id, addr) = m.split_once('@').ok_or_else(bad)?;
+                let id: u64 = id.trim().parse().map_err(|_| bad())?;
+                if id == 0 || !addr.contains(':') {
+                    return Err(bad());
+                }
+                Ok((id, addr.trim().to_string()))
+            })
+            .collect()
+    }
+
     pub fn validate(&mut self) -> Result<(), ConfigError> {
         if self.ufs.is_empty() {
             return Err(ConfigError::invalid(
@@ -59,6 +113,31 @@ impl MasterConfig {
             return Err(ConfigError::invalid(
                 "block_size",
                 "must be between 64KiB and 4GiB",
+            ));
+        }
+        if self.id == 0 {
+            return Err(ConfigError::invalid("id", "must be non-zero"));
+        }
+        let members = self.initial_members()?;
+        let mut ids: Vec<u64> = members.iter().map(|m| m.0).collect();
+        ids.sort_unstable();
+        ids.dedup();
+        if ids.len() != members.len() {
+            return Err(ConfigError::invalid("members", "member ids must be unique"));
+        }
+        if self.raft_tick_ms == 0
+            || self.heartbeat_ticks == 0
+            || self.election_ticks <= self.heartbeat_ticks
+        {
+            return Err(ConfigError::invalid(
+                "election_ticks",
+                "raft_tick_ms and heartbeat_ticks must be non-zero and election_ticks larger than heartbeat_ticks",
+            ));
+        }
+        if self.snapshot_threshold < 16 {
+            return Err(ConfigError::invalid(
+                "snapshot_threshold",
+                "must be at least 16",
             ));
         }
         if self.worker_heartbeat_ms == 0 || self.worker_timeout_ms <= self.worker_heartbeat_ms {

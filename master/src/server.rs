@@ -3,7 +3,7 @@
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::sync::Arc;
+use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
 use granary_common::config::ConfigError;
@@ -14,11 +14,19 @@ use granary_protos::v1::{command, Command, MountPoint, SetMount};
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 use tokio_stream::wrappers::TcpListenerStream;
+use tonic::service::interceptor::InterceptedService;
+
+use granary_common::auth::{AttachToken, CheckToken};
+use granary_protos::raft::raft_transport_server::RaftTransportServer;
 
 use crate::block_locations::BlockLocations;
-use crate::command_log::{CommandLog, LocalLog};
+use crate::command_log::CommandLog;
 use crate::config::MasterConfig;
 use crate::loader::MetadataLoader;
+use crate::raft::log_store::RaftLogStore;
+use crate::raft::node::{NodeConfig, RaftNode};
+use crate::raft::transport::{RaftService, Transport, MAX_RAFT_MESSAGE};
+use crate::raft::{Mail, RaftLog, RaftStatus};
 use crate::service::MasterService;
 use crate::store::{NamespaceStore, StoreError};
 use crate::workers::WorkerRegistry;
@@ -58,6 +66,9 @@ pub struct RunningMaster {
     pub addr: SocketAddr,
     shutdown: Option<oneshot::Sender<()>>,
     task: JoinHandle<Result<(), tonic::transport::Error>>,
+    background: Vec<JoinHandle<()>>,
+    mailbox: std::sync::mpsc::Sender<Mail>,
+    raft_thread: Option<std::thread::JoinHandle<()>>,
 }
 
 impl RunningMaster {
@@ -65,7 +76,14 @@ impl RunningMaster {
         if let Some(tx) = self.shutdown.take() {
             let _ = tx.send(());
         }
-        let _ = self.task.await;
+        let _ = (&mut self.task).await;
+        for t in &self.background {
+            t.abort();
+        }
+        let _ = self.mailbox.send(Mail::Shutdown);
+        if let Some(t) = self.raft_thread.take() {
+            let _ = tokio::task::spawn_blocking(move || t.join()).await;
+        }
     }
 
     /// Waits until the server ends on its own (an error) — normally never.
@@ -78,6 +96,8 @@ impl RunningMaster {
     }
 }
 
+const ROOT_MOUNT_ID: u32 = 1;
+
 pub async fn start(mut config: MasterConfig) -> Result<RunningMaster, MasterError> {
     config.validate()?;
     std::fs::create_dir_all(&config.data_dir).map_err(|source| MasterError::DataDir {
@@ -89,47 +109,75 @@ pub async fn start(mut config: MasterConfig) -> Result<RunningMaster, MasterErro
         &config.data_dir.join("namespace.redb"),
         config.shard_id,
     )?);
-    let log = Arc::new(LocalLog::start(store.clone())?);
-
-    const ROOT_MOUNT_ID: u32 = 1;
-    let mounts = store.mount_table()?;
-    match mounts.mounts.iter().find(|m| m.path == b"/") {
-        Some(m) if m.ufs_uri != config.ufs => {
+    if let Some(m) = store.mount_table()?.mounts.iter().find(|m| m.path == b"/") {
+        if m.ufs_uri != config.ufs {
             return Err(MasterError::UfsChanged {
                 stored: m.ufs_uri.clone(),
                 configured: config.ufs.clone(),
-            })
-        }
-        Some(_) => {}
-        None => {
-            let cmd = Command {
-                op: Some(command::Op::SetMount(SetMount {
-                    mount: Some(MountPoint {
-                        mount_id: ROOT_MOUNT_ID,
-                        path: b"/".to_vec(),
-                        ufs_uri: config.ufs.clone(),
-                    }),
-                    block_size: config.block_size.0,
-                })),
-            };
-            log.propose(cmd).await.map_err(MasterError::Ufs)?;
+            });
         }
     }
+
+    let members = config.initial_members()?;
+    let bootstrap_voters = if members.iter().any(|(id, _)| *id == config.id) {
+        members.iter().map(|(id, _)| *id).collect()
+    } else {
+        Vec::new()
+    };
+    let log_store = RaftLogStore::open(
+        &config.data_dir.join("raft.redb"),
+        store.clone(),
+        bootstrap_voters,
+    )?;
+    let (mailbox, inbox) = std::sync::mpsc::channel();
+    let status = Arc::new(RwLock::new(RaftStatus::default()));
+    let attach = AttachToken::new(&config.cluster_token)
+        .map_err(|e| ConfigError::invalid("cluster_token", e))?;
+    let transport = Transport::new(mailbox.clone(), tokio::runtime::Handle::current(), attach);
+    let node = RaftNode::new(
+        NodeConfig {
+            id: config.id,
+            tick: Duration::from_millis(config.raft_tick_ms),
+            election_ticks: config.election_ticks,
+            heartbeat_ticks: config.heartbeat_ticks,
+            snapshot_threshold: config.snapshot_threshold,
+            initial_members: members,
+        },
+        store.clone(),
+        log_store,
+        transport,
+        inbox,
+        status.clone(),
+    )
+    .map_err(MasterError::Ufs)?;
+    let raft_thread = std::thread::Builder::new()
+        .name("granary-raft".into())
+        .spawn(move || node.run())
+        .map_err(|source| MasterError::DataDir {
+            path: "raft thread".into(),
+            source,
+        })?;
+    let raft = RaftLog::new(mailbox.clone(), status);
+
     let mut ufs_by_mount = HashMap::new();
     ufs_by_mount.insert(ROOT_MOUNT_ID, ufs);
-
     let workers = Arc::new(WorkerRegistry::default());
     let locations = Arc::new(BlockLocations::default());
     let service = MasterService {
         store: store.clone(),
-        loader: Arc::new(MetadataLoader::new(store.clone(), log, ufs_by_mount)),
+        raft: raft.clone(),
+        loader: Arc::new(MetadataLoader::new(
+            store.clone(),
+            Arc::new(raft.clone()),
+            ufs_by_mount,
+        )),
         workers: workers.clone(),
         locations: locations.clone(),
         heartbeat_interval_ms: config.worker_heartbeat_ms,
     };
 
     let timeout = Duration::from_millis(config.worker_timeout_ms);
-    tokio::spawn(async move {
+    let expiry = tokio::spawn(async move {
         let mut tick = tokio::time::interval(Duration::from_millis(500));
         loop {
             tick.tick().await;
@@ -139,6 +187,12 @@ pub async fn start(mut config: MasterConfig) -> Result<RunningMaster, MasterErro
             }
         }
     });
+    let mount_setup = tokio::spawn(ensure_root_mount(
+        store.clone(),
+        raft.clone(),
+        config.ufs.clone(),
+        config.block_size.0,
+    ));
 
     let (listener, addr) = granary_common::net::bind(config.listen)
         .await
@@ -147,23 +201,74 @@ pub async fn start(mut config: MasterConfig) -> Result<RunningMaster, MasterErro
             source,
         })?;
     let (tx, rx) = oneshot::channel::<()>();
+    let check = CheckToken::new(&config.cluster_token);
     let svc = MasterServer::new(service)
         .max_decoding_message_size(MAX_MESSAGE_BYTES)
         .max_encoding_message_size(MAX_MESSAGE_BYTES);
+    let raft_svc = RaftTransportServer::new(RaftService {
+        id: config.id,
+        mailbox: mailbox.clone(),
+    })
+    .max_decoding_message_size(MAX_RAFT_MESSAGE)
+    .max_encoding_message_size(MAX_RAFT_MESSAGE);
+    let svc = InterceptedService::new(svc, check.clone());
+    let raft_svc = InterceptedService::new(raft_svc, check);
     let task = tokio::spawn(
         tonic::transport::Server::builder()
             .tcp_nodelay(true)
             .add_service(svc)
+            .add_service(raft_svc)
             .serve_with_incoming_shutdown(TcpListenerStream::new(listener), async {
                 let _ = rx.await;
             }),
     );
-    tracing::info!(%addr, shard = config.shard_id, ufs = %config.ufs, "master serving");
+    tracing::info!(%addr, id = config.id, shard = config.shard_id, ufs = %config.ufs, "master serving");
     Ok(RunningMaster {
         addr,
         shutdown: Some(tx),
         task,
+        background: vec![expiry, mount_setup],
+        mailbox,
+        raft_thread: Some(raft_thread),
     })
+}
+
+/// Records the root mount once, through the log, as soon as this master leads and the
+/// namespace has none (a fresh cluster).
+async fn ensure_root_mount(
+    store: Arc<NamespaceStore>,
+    raft: RaftLog,
+    ufs: String,
+    block_size: u64,
+) {
+    loop {
+        match store.mount_table() {
+            Ok(t) if t.mounts.iter().any(|m| m.path == b"/") => {
+                if let Some(m) = t.mounts.iter().find(|m| m.path == b"/" && m.ufs_uri != ufs) {
+                    tracing::error!(stored = %m.ufs_uri, configured = %ufs, "the replicated namespace mounts a different UFS than this master's config");
+                }
+                return;
+            }
+            Ok(_) if raft.status().is_leader => {
+                let cmd = Command {
+                    op: Some(command::Op::SetMount(SetMount {
+                        mount: Some(MountPoint {
+                            mount_id: ROOT_MOUNT_ID,
+                            path: b"/".to_vec(),
+                            ufs_uri: ufs.clone(),
+                        }),
+                        block_size,
+                    })),
+                };
+                if let Err(e) = raft.propose(cmd).await {
+                    tracing::warn!(error = %e, "recording the root mount failed; retrying");
+                }
+            }
+            Ok(_) => {}
+            Err(e) => tracing::error!(error = %e, "cannot read the mount table"),
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
 }
 
 /// Serves until SIGINT/SIGTERM (the `granary-master` / `granary master` entry point).

@@ -3,6 +3,7 @@
 
 use std::pin::Pin;
 use std::sync::Arc;
+use std::time::Duration;
 
 use granary_common::blocks::block_count;
 use granary_common::path::{components, validate_name};
@@ -14,17 +15,21 @@ use tokio_stream::Stream;
 use tonic::{Request, Response, Status};
 
 use crate::block_locations::BlockLocations;
-use crate::command_log::CommandLog;
 use crate::loader::{LoadProgress, MetadataLoader};
+use crate::raft::{Mail, MemberChange, RaftLog};
 use crate::store::NamespaceStore;
 use crate::workers::WorkerRegistry;
+
+/// Status metadata naming the leader's address on a NotLeader answer.
+pub const LEADER_METADATA_KEY: &str = "x-granary-leader";
 
 const DEFAULT_READDIR_LIMIT: u32 = 1024;
 const MAX_READDIR_LIMIT: u32 = 16_384;
 
-pub struct MasterService<L> {
+pub struct MasterService {
     pub(crate) store: Arc<NamespaceStore>,
-    pub(crate) loader: Arc<MetadataLoader<L>>,
+    pub(crate) raft: RaftLog,
+    pub(crate) loader: Arc<MetadataLoader<RaftLog>>,
     pub(crate) workers: Arc<WorkerRegistry>,
     pub(crate) locations: Arc<BlockLocations>,
     pub(crate) heartbeat_interval_ms: u64,
@@ -34,7 +39,60 @@ fn count(method: &'static str) {
     metrics::counter!("granary_master_rpc_total", "method" => method).increment(1);
 }
 
-impl<L: CommandLog> MasterService<L> {
+impl MasterService {
+    /// Namespace reads and writes are served by the leader; others point to it.
+    fn leader_only(&self) -> Result<(), Status> {
+        let st = self.raft.status();
+        if st.is_leader {
+            return Ok(());
+        }
+        let mut status = Status::unavailable(match st.leader_addr() {
+            Some(addr) => format!(
+                "master {} is not the leader; leader is {} at {addr}",
+                st.id, st.leader_id
+            ),
+            None => format!(
+                "master {} is not the leader and knows no leader (election in progress)",
+                st.id
+            ),
+        });
+        if let Some(addr) = st.leader_addr() {
+            if let Ok(v) = addr.parse() {
+                status.metadata_mut().insert(LEADER_METADATA_KEY, v);
+            }
+        }
+        Err(status)
+    }
+
+    fn masters(&self) -> MasterSet {
+        self.raft.status().masters
+    }
+
+    /// Waits (bounded) until `cond` holds for the published raft status.
+    async fn wait_status(
+        &self,
+        what: &str,
+        timeout: Duration,
+        cond: impl Fn(&crate::raft::RaftStatus) -> bool,
+    ) -> Result<(), Status> {
+        let start = std::time::Instant::now();
+        while start.elapsed() < timeout {
+            if cond(&self.raft.status()) {
+                return Ok(());
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        Err(Status::deadline_exceeded(format!(
+            "timed out after {timeout:?} waiting for {what}"
+        )))
+    }
+
+    fn quorum(&self) -> QuorumChangeReply {
+        QuorumChangeReply {
+            info: Some(self.raft.status().info),
+        }
+    }
+
     async fn lookup_child(&self, parent: u64, name: &[u8]) -> Result<Inode, FsError> {
         validate_name(name)?;
         let dir = self.store.get(parent)?;
@@ -67,9 +125,10 @@ impl<L: CommandLog> MasterService<L> {
 type LoadStream = Pin<Box<dyn Stream<Item = Result<LoadMetadataReply, Status>> + Send>>;
 
 #[tonic::async_trait]
-impl<L: CommandLog> Master for MasterService<L> {
+impl Master for MasterService {
     async fn lookup(&self, req: Request<LookupRequest>) -> Result<Response<InodeReply>, Status> {
         count("lookup");
+        self.leader_only()?;
         let r = req.into_inner();
         let inode = self.lookup_child(r.parent, &r.name).await?;
         Ok(Response::new(InodeReply { inode: Some(inode) }))
@@ -77,6 +136,7 @@ impl<L: CommandLog> Master for MasterService<L> {
 
     async fn get_attr(&self, req: Request<GetAttrRequest>) -> Result<Response<InodeReply>, Status> {
         count("get_attr");
+        self.leader_only()?;
         let inode = self.store.get(req.into_inner().id)?;
         Ok(Response::new(InodeReply { inode: Some(inode) }))
     }
@@ -86,6 +146,7 @@ impl<L: CommandLog> Master for MasterService<L> {
         req: Request<ResolvePathRequest>,
     ) -> Result<Response<InodeReply>, Status> {
         count("resolve_path");
+        self.leader_only()?;
         let inode = self.resolve(&req.into_inner().path).await?;
         Ok(Response::new(InodeReply { inode: Some(inode) }))
     }
@@ -95,6 +156,7 @@ impl<L: CommandLog> Master for MasterService<L> {
         req: Request<ReadDirRequest>,
     ) -> Result<Response<ReadDirReply>, Status> {
         count("read_dir");
+        self.leader_only()?;
         let r = req.into_inner();
         let dir = self.store.get(r.id)?;
         let dir = self.loader.ensure_loaded(&dir).await?;
@@ -113,6 +175,7 @@ impl<L: CommandLog> Master for MasterService<L> {
         req: Request<LoadMetadataRequest>,
     ) -> Result<Response<LoadStream>, Status> {
         count("load_metadata");
+        self.leader_only()?;
         let r = req.into_inner();
         let root = self.resolve(&r.path).await?;
         let (tx, rx) = tokio::sync::mpsc::channel(16);
@@ -226,6 +289,7 @@ impl<L: CommandLog> Master for MasterService<L> {
         Ok(Response::new(RegisterWorkerReply {
             mounts: Some(self.mounts()?),
             heartbeat_interval_ms: self.heartbeat_interval_ms,
+            masters: Some(self.masters()),
         }))
     }
 
@@ -243,6 +307,7 @@ impl<L: CommandLog> Master for MasterService<L> {
             return Ok(Response::new(WorkerHeartbeatReply {
                 reregister: true,
                 mounts: None,
+                masters: Some(self.masters()),
             }));
         }
         self.locations
@@ -250,19 +315,147 @@ impl<L: CommandLog> Master for MasterService<L> {
         Ok(Response::new(WorkerHeartbeatReply {
             reregister: false,
             mounts: Some(self.mounts()?),
+            masters: Some(self.masters()),
         }))
     }
 
     async fn report(&self, _: Request<ReportRequest>) -> Result<Response<ReportReply>, Status> {
         count("report");
         let err = |e: crate::store::StoreError| Status::from(FsError::from(e));
+        let st = self.raft.status();
         Ok(Response::new(ReportReply {
+            master_id: st.id,
+            leader_id: st.leader_id,
+            term: st.term,
             shard_id: self.store.shard() as u32,
-            applied_index: self.store.applied_index().map_err(err)?,
+            applied_index: self.store.applied().map_err(err)?.0,
             inodes: self.store.inode_count().map_err(err)?,
             mounts: Some(self.mounts()?),
             workers: self.workers.list(),
             cached_blocks: self.locations.block_count(),
         }))
+    }
+
+    async fn get_masters(
+        &self,
+        _: Request<GetMastersRequest>,
+    ) -> Result<Response<MasterSet>, Status> {
+        count("get_masters");
+        Ok(Response::new(self.masters()))
+    }
+
+    async fn quorum_info(
+        &self,
+        _: Request<QuorumInfoRequest>,
+    ) -> Result<Response<QuorumInfoReply>, Status> {
+        count("quorum_info");
+        Ok(Response::new(self.raft.status().info))
+    }
+
+    async fn add_member(
+        &self,
+        req: Request<AddMemberRequest>,
+    ) -> Result<Response<QuorumChangeReply>, Status> {
+        count("add_member");
+        self.leader_only()?;
+        let r = req.into_inner();
+        if r.id == 0 || !r.addr.contains(':') {
+            return Err(Status::invalid_argument(
+                "add needs a non-zero id and a host:port address",
+            ));
+        }
+        // Join as a learner first, catch up, then become a voter through joint consensus.
+        self.raft
+            .change_members(MemberChange::AddLearner {
+                id: r.id,
+                addr: r.addr.clone(),
+            })
+            .await?;
+        let target = self.raft.status().info.commit;
+        self.wait_status(
+            "the new member to catch up",
+            Duration::from_secs(60),
+            |st| {
+                st.info
+                    .peers
+                    .iter()
+                    .any(|p| p.id == r.id && p.progress_known && p.matched >= target)
+            },
+        )
+        .await?;
+        self.raft
+            .change_members(MemberChange::Promote { id: r.id })
+            .await?;
+        self.wait_status(
+            "the joint configuration to be left",
+            Duration::from_secs(10),
+            |st| st.info.outgoing_voters.is_empty(),
+        )
+        .await?;
+        tracing::info!(id = r.id, addr = %r.addr, "master added");
+        Ok(Response::new(self.quorum()))
+    }
+
+    async fn remove_member(
+        &self,
+        req: Request<RemoveMemberRequest>,
+    ) -> Result<Response<QuorumChangeReply>, Status> {
+        count("remove_member");
+        self.leader_only()?;
+        let id = req.into_inner().id;
+        let st = self.raft.status();
+        if id == st.id {
+            // Hand leadership to the most caught-up voter; the caller retries there.
+            let next = st
+                .info
+                .peers
+                .iter()
+                .filter(|p| p.id != id && !p.learner)
+                .max_by_key(|p| p.matched)
+                .map(|p| p.id)
+                .ok_or_else(|| Status::failed_precondition("cannot remove the only voter"))?;
+            self.raft.send(Mail::TransferLeader(next))?;
+            self.wait_status("leadership transfer", Duration::from_secs(10), |s| {
+                s.leader_id == next
+            })
+            .await?;
+            return Err(self.leader_only().expect_err("leadership moved"));
+        }
+        self.raft
+            .change_members(MemberChange::Remove { id })
+            .await?;
+        self.wait_status(
+            "the joint configuration to be left",
+            Duration::from_secs(10),
+            |st| st.info.outgoing_voters.is_empty(),
+        )
+        .await?;
+        tracing::info!(id, "master removed");
+        Ok(Response::new(self.quorum()))
+    }
+
+    async fn transfer_leader(
+        &self,
+        req: Request<TransferLeaderRequest>,
+    ) -> Result<Response<QuorumChangeReply>, Status> {
+        count("transfer_leader");
+        self.leader_only()?;
+        let id = req.into_inner().id;
+        if !self
+            .raft
+            .status()
+            .info
+            .peers
+            .iter()
+            .any(|p| p.id == id && !p.learner)
+        {
+            return Err(Status::not_found(format!("master {id} is not a voter")));
+        }
+        self.raft.send(Mail::TransferLeader(id))?;
+        self.wait_status("leadership transfer", Duration::from_secs(10), |s| {
+            s.leader_id == id
+        })
+        .await?;
+        Ok(Response::new(self.quorum()))
     }
 }

@@ -7,7 +7,8 @@ use std::path::Path;
 
 use granary_common::ids::{inode_id, root_inode, shard_of};
 use granary_common::{FsError, FsResult};
-use granary_protos::v1::{Command, Inode, MountTable};
+use granary_protos::raft::{KeyValue, NamespaceSnapshot};
+use granary_protos::v1::{Command, Inode, MasterSet, MountTable};
 use prost::Message;
 use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
 
@@ -23,6 +24,11 @@ pub(crate) const META_NEXT_LOCAL_ID: &str = "next_local_id";
 pub(crate) const META_INODE_COUNT: &str = "inode_count";
 pub(crate) const META_MOUNTS: &str = "mount_table";
 pub(crate) const META_SHARD: &str = "shard_id";
+pub(crate) const META_APPLIED_TERM: &str = "applied_term";
+/// raft-rs `ConfState` as of the applied index (opaque bytes here).
+pub(crate) const META_CONF_STATE: &str = "conf_state";
+/// The master set (ids and addresses) as of the applied index.
+pub(crate) const META_MASTERS: &str = "masters";
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -67,6 +73,36 @@ pub(crate) fn meta_u64(
             Ok(u64::from_be_bytes(b))
         }
         None => Ok(0),
+    }
+}
+
+/// One committed log entry as the state machine sees it.
+#[derive(Debug, Clone)]
+pub struct LogEntry {
+    pub index: u64,
+    pub term: u64,
+    pub op: EntryOp,
+}
+
+#[derive(Debug, Clone)]
+pub enum EntryOp {
+    Command(Command),
+    /// An entry with no command (a new leader's first entry).
+    Noop,
+    /// A membership change, already applied to raft: the resulting configuration.
+    ConfChange {
+        conf_state: Vec<u8>,
+        masters: MasterSet,
+    },
+}
+
+impl LogEntry {
+    pub fn command(index: u64, term: u64, cmd: Command) -> Self {
+        LogEntry {
+            index,
+            term,
+            op: EntryOp::Command(cmd),
+        }
     }
 }
 
@@ -122,10 +158,11 @@ impl NamespaceStore {
         root_inode(self.shard)
     }
 
-    /// Applies log entries `(index, command)` in one transaction. Entries at or below the
-    /// applied index are skipped (replay after restart). Each entry gets its own result;
-    /// a command that fails still consumes its index, so every replica agrees.
-    pub fn apply_batch(&self, entries: &[(u64, Command)]) -> Result<Vec<FsResult<()>>, StoreError> {
+    /// Applies log entries in one transaction and records the last one's index and term as
+    /// applied. Entries at or below the applied index are skipped (replay after restart).
+    /// Each entry gets its own result; a command that fails still consumes its index, so
+    /// every replica agrees.
+    pub fn apply_batch(&self, entries: &[LogEntry]) -> Result<Vec<FsResult<()>>, StoreError> {
         let txn = redb_err!(self.db.begin_write())?;
         let mut results = Vec::with_capacity(entries.len());
         {
@@ -136,25 +173,131 @@ impl NamespaceStore {
                 shard: self.shard,
             };
             let mut applied = meta_u64(&tables.meta, META_APPLIED_INDEX)?;
-            for (index, cmd) in entries {
-                if *index <= applied {
+            let mut applied_term = meta_u64(&tables.meta, META_APPLIED_TERM)?;
+            for e in entries {
+                if e.index <= applied {
                     results.push(Ok(()));
                     continue;
                 }
-                results.push(state_machine::apply(&mut tables, cmd)?);
-                applied = *index;
+                results.push(match &e.op {
+                    EntryOp::Command(cmd) => state_machine::apply(&mut tables, cmd)?,
+                    EntryOp::Noop => Ok(()),
+                    EntryOp::ConfChange {
+                        conf_state,
+                        masters,
+                    } => {
+                        redb_err!(tables.meta.insert(META_CONF_STATE, conf_state.as_slice()))?;
+                        redb_err!(tables
+                            .meta
+                            .insert(META_MASTERS, masters.encode_to_vec().as_slice()))?;
+                        Ok(())
+                    }
+                });
+                applied = e.index;
+                applied_term = e.term;
             }
             redb_err!(tables
                 .meta
                 .insert(META_APPLIED_INDEX, &applied.to_be_bytes()[..]))?;
+            redb_err!(tables
+                .meta
+                .insert(META_APPLIED_TERM, &applied_term.to_be_bytes()[..]))?;
         }
         redb_err!(txn.commit())?;
         Ok(results)
     }
 
-    pub fn applied_index(&self) -> Result<u64, StoreError> {
+    /// (index, term) of the last applied entry.
+    pub fn applied(&self) -> Result<(u64, u64), StoreError> {
         let txn = redb_err!(self.db.begin_read())?;
-        meta_u64(&redb_err!(txn.open_table(META))?, META_APPLIED_INDEX)
+        let meta = redb_err!(txn.open_table(META))?;
+        Ok((
+            meta_u64(&meta, META_APPLIED_INDEX)?,
+            meta_u64(&meta, META_APPLIED_TERM)?,
+        ))
+    }
+
+    fn meta_bytes(&self, key: &str) -> Result<Option<Vec<u8>>, StoreError> {
+        let txn = redb_err!(self.db.begin_read())?;
+        let meta = redb_err!(txn.open_table(META))?;
+        let found = redb_err!(meta.get(key))?;
+        Ok(found.map(|v| v.value().to_vec()))
+    }
+
+    /// The raft `ConfState` (encoded) as of the applied index, if any was applied.
+    pub fn conf_state(&self) -> Result<Option<Vec<u8>>, StoreError> {
+        self.meta_bytes(META_CONF_STATE)
+    }
+
+    /// The master set as of the applied index.
+    pub fn masters(&self) -> Result<MasterSet, StoreError> {
+        match self.meta_bytes(META_MASTERS)? {
+            Some(b) => MasterSet::decode(b.as_slice())
+                .map_err(|e| StoreError::Corrupt(format!("master set: {e}"))),
+            None => Ok(MasterSet::default()),
+        }
+    }
+
+    /// A full copy of the state machine (Raft snapshot data).
+    pub fn dump(&self) -> Result<NamespaceSnapshot, StoreError> {
+        let txn = redb_err!(self.db.begin_read())?;
+        let mut snap = NamespaceSnapshot::default();
+        for item in redb_err!(redb_err!(txn.open_table(INODES))?.iter())? {
+            let (k, v) = redb_err!(item)?;
+            snap.inodes.push(KeyValue {
+                key: k.value().to_be_bytes().to_vec(),
+                value: v.value().to_vec(),
+            });
+        }
+        for item in redb_err!(redb_err!(txn.open_table(CHILDREN))?.iter())? {
+            let (k, v) = redb_err!(item)?;
+            snap.children.push(KeyValue {
+                key: k.value().to_vec(),
+                value: v.value().to_be_bytes().to_vec(),
+            });
+        }
+        for item in redb_err!(redb_err!(txn.open_table(META))?.iter())? {
+            let (k, v) = redb_err!(item)?;
+            snap.meta.push(KeyValue {
+                key: k.value().as_bytes().to_vec(),
+                value: v.value().to_vec(),
+            });
+        }
+        Ok(snap)
+    }
+
+    /// Replaces the whole state machine with a snapshot, in one transaction.
+    pub fn restore(&self, snap: &NamespaceSnapshot) -> Result<(), StoreError> {
+        let bad = |what: &str| StoreError::Corrupt(format!("snapshot {what} record"));
+        let txn = redb_err!(self.db.begin_write())?;
+        redb_err!(txn.delete_table(INODES))?;
+        redb_err!(txn.delete_table(CHILDREN))?;
+        redb_err!(txn.delete_table(META))?;
+        {
+            let mut inodes = redb_err!(txn.open_table(INODES))?;
+            for kv in &snap.inodes {
+                let k = u64::from_be_bytes(kv.key.as_slice().try_into().map_err(|_| bad("inode"))?);
+                redb_err!(inodes.insert(k, kv.value.as_slice()))?;
+            }
+            let mut children = redb_err!(txn.open_table(CHILDREN))?;
+            for kv in &snap.children {
+                let v =
+                    u64::from_be_bytes(kv.value.as_slice().try_into().map_err(|_| bad("child"))?);
+                redb_err!(children.insert(kv.key.as_slice(), v))?;
+            }
+            let mut meta = redb_err!(txn.open_table(META))?;
+            for kv in &snap.meta {
+                let k = std::str::from_utf8(&kv.key).map_err(|_| bad("meta"))?;
+                redb_err!(meta.insert(k, kv.value.as_slice()))?;
+            }
+            // The snapshot's shard must be ours.
+            let shard = redb_err!(meta.get(META_SHARD))?.map(|v| v.value().to_vec());
+            if shard.as_deref() != Some(&self.shard.to_be_bytes()[..]) {
+                return Err(StoreError::Corrupt("snapshot from another shard".into()));
+            }
+        }
+        redb_err!(txn.commit())?;
+        Ok(())
     }
 
     pub fn inode_count(&self) -> Result<u64, StoreError> {
@@ -299,9 +442,10 @@ mod tests {
     fn replicas_applying_the_same_log_agree_and_restarts_keep_state() {
         let tmp = tempfile::tempdir().unwrap();
         let log = vec![
-            (1, mount()),
-            (
+            LogEntry::command(1, 1, mount()),
+            LogEntry::command(
                 2,
+                1,
                 load(
                     1,
                     vec![
@@ -331,7 +475,7 @@ mod tests {
         assert_eq!(a.inode_count().unwrap(), 3);
         drop(a);
         let a = NamespaceStore::open(&tmp.path().join("a.redb"), 0).unwrap();
-        assert_eq!(a.applied_index().unwrap(), 2);
+        assert_eq!(a.applied().unwrap().0, 2);
         assert_eq!(names(&a, 1), names(&b, 1));
         drop(b);
         assert!(matches!(
@@ -348,9 +492,10 @@ mod tests {
         let tmp = tempfile::tempdir().unwrap();
         let s = NamespaceStore::open(&tmp.path().join("s.redb"), 2).unwrap();
         let root = s.root_id();
-        s.apply_batch(&[(1, mount())]).unwrap();
-        s.apply_batch(&[(
+        s.apply_batch(&[LogEntry::command(1, 1, mount())]).unwrap();
+        s.apply_batch(&[LogEntry::command(
             2,
+            1,
             load(
                 root,
                 vec![
@@ -362,14 +507,19 @@ mod tests {
         .unwrap();
         let d = s.lookup(root, b"d").unwrap().unwrap();
         assert_eq!(granary_common::ids::shard_of(d.id), 2);
-        s.apply_batch(&[(3, load(d.id, vec![entry("x", FileKind::File, 5)]))])
-            .unwrap();
+        s.apply_batch(&[LogEntry::command(
+            3,
+            1,
+            load(d.id, vec![entry("x", FileKind::File, 5)]),
+        )])
+        .unwrap();
         assert_eq!(s.inode_count().unwrap(), 4);
 
         // `f` grew, `d` vanished (with its child), `g` appeared.
         let f_before = s.lookup(root, b"f").unwrap().unwrap();
-        s.apply_batch(&[(
+        s.apply_batch(&[LogEntry::command(
             4,
+            1,
             load(
                 root,
                 vec![entry("f", FileKind::File, 9), entry("g", FileKind::File, 0)],
@@ -384,20 +534,23 @@ mod tests {
         assert_eq!(s.inode_count().unwrap(), 3);
 
         // A failing command still consumes its index.
-        let r = s.apply_batch(&[(5, load(12345, vec![]))]).unwrap();
+        let r = s
+            .apply_batch(&[LogEntry::command(5, 1, load(12345, vec![]))])
+            .unwrap();
         assert_eq!(r[0].as_ref().unwrap_err().errno(), libc::ENOENT);
-        assert_eq!(s.applied_index().unwrap(), 5);
+        assert_eq!(s.applied().unwrap().0, 5);
     }
 
     #[test]
     fn listing_pages_resume_after_a_name() {
         let tmp = tempfile::tempdir().unwrap();
         let s = NamespaceStore::open(&tmp.path().join("s.redb"), 0).unwrap();
-        s.apply_batch(&[(1, mount())]).unwrap();
+        s.apply_batch(&[LogEntry::command(1, 1, mount())]).unwrap();
         let entries = (0..10)
             .map(|i| entry(&format!("f{i}"), FileKind::File, i))
             .collect();
-        s.apply_batch(&[(2, load(1, entries))]).unwrap();
+        s.apply_batch(&[LogEntry::command(2, 1, load(1, entries))])
+            .unwrap();
         let (page, more) = s.list(1, b"", 4).unwrap();
         assert!(more);
         let (rest, more) = s.list(1, &page.last().unwrap().name, 100).unwrap();

@@ -13,8 +13,10 @@ pub mod data {
     tonic::include_proto!("granary.data.v1");
 }
 
+/// Raft transport between masters and the snapshot format.
+pub mod raft {
+    tonic::include_proto!("granary.raft.v1");
+}
+
 /// Version spoken on the data port; bumped on incompatible header changes.
 pub const DATA_PROTOCOL_VERSION: u32 = 1;
-
-/// Metadata key that carries the cluster token on every gRPC call.
-pub const TOKEN_METADATA_KEY: &str = "x-granary-token";

@@ -1,0 +1,347 @@
+//! The Raft log on disk (redb, its own file): entries keyed by index, the HardState and
+//! the last compaction point. Implements raft-rs `Storage`. The configuration and the
+//! snapshot data come from the namespace store, which keeps them as of its applied index,
+//! so the log never disagrees with the state machine it feeds.
+
+use std::sync::{Arc, RwLock};
+
+use granary_protos::raft::NamespaceSnapshot;
+use prost::Message as _;
+use protobuf::Message as PbMessage;
+use raft::eraftpb::{ConfState, Entry, HardState, Snapshot};
+use raft::{GetEntriesContext, RaftState, Storage, StorageError};
+use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
+
+use crate::store::{redb_err, NamespaceStore, StoreError};
+
+const ENTRIES: TableDefinition<u64, &[u8]> = TableDefinition::new("entries");
+const STATE: TableDefinition<&str, &[u8]> = TableDefinition::new("state");
+const HARD_STATE: &str = "hard_state";
+/// Index and term of the last entry removed by compaction or replaced by a snapshot.
+const TRUNCATED: &str = "truncated";
+
+#[derive(Debug, Clone, Copy, Default)]
+struct Bounds {
+    truncated_index: u64,
+    truncated_term: u64,
+    last: u64,
+}
+
+pub struct RaftLogStore {
+    db: Database,
+    namespace: Arc<NamespaceStore>,
+    hard_state: RwLock<HardState>,
+    bounds: RwLock<Bounds>,
+    /// Voters to start with when neither the log nor the namespace has a configuration
+    /// (first start of an initial member). Empty for a member that joins later.
+    bootstrap_voters: Vec<u64>,
+}
+
+fn store_err(e: StoreError) -> raft::Error {
+    raft::Error::Store(StorageError::Other(Box::new(e)))
+}
+
+fn pb_err(e: protobuf::ProtobufError) -> StoreError {
+    StoreError::Corrupt(format!("raft record: {e}"))
+}
+
+impl RaftLogStore {
+    pub fn open(
+        path: &std::path::Path,
+        namespace: Arc<NamespaceStore>,
+        bootstrap_voters: Vec<u64>,
+    ) -> Result<Self, StoreError> {
+        let db = redb_err!(Database::create(path))?;
+        let txn = redb_err!(db.begin_write())?;
+        redb_err!(txn.open_table(ENTRIES))?;
+        redb_err!(txn.open_table(STATE))?;
+        redb_err!(txn.commit())?;
+
+        let txn = redb_err!(db.begin_read())?;
+        let state = redb_err!(txn.open_table(STATE))?;
+        let mut hard_state = match redb_err!(state.get(HARD_STATE))? {
+            Some(v) => HardState::parse_from_bytes(v.value()).map_err(pb_err)?,
+            None => HardState::default(),
+        };
+        let mut bounds = Bounds::default();
+        if let Some(v) = redb_err!(state.get(TRUNCATED))? {
+            let b = v.value();
+            if b.len() != 16 {
+                return Err(StoreError::Corrupt("raft truncation record".into()));
+            }
+            bounds.truncated_index = u64::from_be_bytes(b[..8].try_into().expect("8 bytes"));
+            bounds.truncated_term = u64::from_be_bytes(b[8..].try_into().expect("8 bytes"));
+        }
+        let entries = redb_err!(txn.open_table(ENTRIES))?;
+        bounds.last = match redb_err!(entries.last())? {
+            Some((k, _)) => k.value(),
+            None => bounds.truncated_index,
+        };
+        // Applied entries were committed, even if the commit index was not persisted.
+        let (applied, _) = namespace.applied()?;
+        hard_state.commit = hard_state.commit.max(applied);
+        drop((entries, state, txn));
+        Ok(RaftLogStore {
+            db,
+            namespace,
+            hard_state: RwLock::new(hard_state),
+            bounds: RwLock::new(bounds),
+            bootstrap_voters,
+        })
+    }
+
+    pub fn namespace(&self) -> &Arc<NamespaceStore> {
+        &self.namespace
+    }
+
+    /// The configuration as of the state machine's applied index.
+    pub fn conf_state(&self) -> Result<ConfState, StoreError> {
+        match self.namespace.conf_state()? {
+            Some(b) => ConfState::parse_from_bytes(&b).map_err(pb_err),
+            None => {
+                let mut cs = ConfState::default();
+                cs.voters = self.bootstrap_voters.clone();
+                Ok(cs)
+            }
+        }
+    }
+
+    /// Persists new entries (replacing any conflicting suffix) and the HardState in one
+    /// transaction: one fsync before the messages that depend on them are sent.
+    pub fn append(&self, entries: &[Entry], hs: Option<&HardState>) -> Result<(), StoreError> {
+        if entries.is_empty() && hs.is_none() {
+            return Ok(());
+        }
+        let mut bounds = self.bounds.write().expect("bounds lock");
+        let txn = redb_err!(self.db.begin_write())?;
+        {
+            let mut table = redb_err!(txn.open_table(ENTRIES))?;
+            if let Some(first) = entries.first() {
+                if first.index <= bounds.last {
+                    redb_err!(table.retain_in(first.index.., |_, _| false))?;
+                }
+                for e in entries {
+                    redb_err!(
+                        table.insert(e.index, e.write_to_bytes().map_err(pb_err)?.as_slice())
+                    )?;
+                }
+            }
+            if let Some(hs) = hs {
+                let mut state = redb_err!(txn.open_table(STATE))?;
+                redb_err!(
+                    state.insert(HARD_STATE, hs.write_to_bytes().map_err(pb_err)?.as_slice())
+                )?;
+            }
+        }
+        redb_err!(txn.commit())?;
+        if let Some(last) = entries.last() {
+            bounds.last = last.index;
+        }
+        if let Some(hs) = hs {
+            *self.hard_state.write().expect("hard state lock") = hs.clone();
+        }
+        Ok(())
+    }
+
+    /// Records the commit index learned from a light ready (kept in memory; on restart
+    /// the commit index is at least the applied index).
+    pub fn set_commit(&self, commit: u64) {
+        let mut hs = self.hard_state.write().expect("hard state lock");
+        hs.commit = hs.commit.max(commit);
+    }
+
+    /// Installs a snapshot received from the leader: the state machine is replaced and the
+    /// log restarts after the snapshot's index.
+    pub fn apply_snapshot(&self, snap: &Snapshot) -> Result<(), StoreError> {
+        let meta = snap.get_metadata();
+        let data = NamespaceSnapshot::decode(snap.get_data())
+            .map_err(|e| StoreError::Corrupt(format!("snapshot data: {e}")))?;
+        self.namespace.restore(&data)?;
+        let mut bounds = self.bounds.write().expect("bounds lock");
+        let mut hs = self.hard_state.write().expect("hard state lock");
+        hs.term = hs.term.max(meta.term);
+        hs.commit = hs.commit.max(meta.index);
+        let txn = redb_err!(self.db.begin_write())?;
+        {
+            let mut table = redb_err!(txn.open_table(ENTRIES))?;
+            redb_err!(table.retain(|_, _| false))?;
+            let mut state = redb_err!(txn.open_table(STATE))?;
+            let mut t = meta.index.to_be_bytes().to_vec();
+            t.extend_from_slice(&meta.term.to_be_bytes());
+            redb_err!(state.insert(TRUNCATED, t.as_slice()))?;
+            redb_err!(state.insert(HARD_STATE, hs.write_to_bytes().map_err(pb_err)?.as_slice()))?;
+        }
+        redb_err!(txn.commit())?;
+        *bounds = Bounds {
+            truncated_index: meta.index,
+            truncated_term: meta.term,
+            last: meta.index,
+        };
+        Ok(())
+    }
+
+    /// Drops entries up to and including `upto` (which must be applied).
+    pub fn compact(&self, upto: u64) -> Result<(), StoreError> {
+        let term = self
+            .term(upto)
+            .map_err(|e| StoreError::Corrupt(format!("compact to {upto}: {e}")))?;
+        let mut bounds = self.bounds.write().expect("bounds lock");
+        if upto <= bounds.truncated_index || upto > bounds.last {
+            return Ok(());
+        }
+        let txn = redb_err!(self.db.begin_write())?;
+        {
+            let mut table = redb_err!(txn.open_table(ENTRIES))?;
+            redb_err!(table.retain_in(..=upto, |_, _| false))?;
+            let mut state = redb_err!(txn.open_table(STATE))?;
+            let mut t = upto.to_be_bytes().to_vec();
+            t.extend_from_slice(&term.to_be_bytes());
+            redb_err!(state.insert(TRUNCATED, t.as_slice()))?;
+        }
+        redb_err!(txn.commit())?;
+        bounds.truncated_index = upto;
+        bounds.truncated_term = term;
+        Ok(())
+    }
+
+    pub fn first_index_now(&self) -> u64 {
+        self.bounds.read().expect("bounds lock").truncated_index + 1
+    }
+}
+
+impl Storage for RaftLogStore {
+    fn initial_state(&self) -> raft::Result<RaftState> {
+        let conf_state = self.conf_state().map_err(store_err)?;
+        Ok(RaftState::new(
+            self.hard_state.read().expect("hard state lock").clone(),
+            conf_state,
+        ))
+    }
+
+    fn entries(
+        &self,
+        low: u64,
+        high: u64,
+        max_size: impl Into<Option<u64>>,
+        _ctx: GetEntriesContext,
+    ) -> raft::Result<Vec<Entry>> {
+        let bounds = *self.bounds.read().expect("bounds lock");
+        if low <= bounds.truncated_index {
+            return Err(raft::Error::Store(StorageError::Compacted));
+        }
+        if high > bounds.last + 1 {
+            return Err(raft::Error::Store(StorageError::Unavailable));
+        }
+        let max = max_size.into().unwrap_or(u64::MAX);
+        let txn = self
+            .db
+            .begin_read()
+            .map_err(|e| store_err(StoreError::Redb(e.into())))?;
+        let table = txn
+            .open_table(ENTRIES)
+            .map_err(|e| store_err(StoreError::Redb(e.into())))?;
+        let mut out = Vec::new();
+        let mut size = 0u64;
+        for item in table
+            .range(low..high)
+            .map_err(|e| store_err(StoreError::Redb(e.into())))?
+        {
+            let (_, v) = item.map_err(|e| store_err(StoreError::Redb(e.into())))?;
+            let bytes = v.value();
+            size += bytes.len() as u64;
+            if !out.is_empty() && size > max {
+                break;
+            }
+            out.push(Entry::parse_from_bytes(bytes).map_err(|e| store_err(pb_err(e)))?);
+        }
+        if out.len() as u64 != high - low && size <= max {
+            return Err(raft::Error::Store(StorageError::Unavailable));
+        }
+        Ok(out)
+    }
+
+    fn term(&self, idx: u64) -> raft::Result<u64> {
+        let bounds = *self.bounds.read().expect("bounds lock");
+        if idx == bounds.truncated_index {
+            return Ok(bounds.truncated_term);
+        }
+        if idx < bounds.truncated_index {
+            return Err(raft::Error::Store(StorageError::Compacted));
+        }
+        if idx > bounds.last {
+            return Err(raft::Error::Store(StorageError::Unavailable));
+        }
+        let txn = self
+            .db
+            .begin_read()
+            .map_err(|e| store_err(StoreError::Redb(e.into())))?;
+        let table = txn
+            .open_table(ENTRIES)
+            .map_err(|e| store_err(StoreError::Redb(e.into())))?;
+        let found = table
+            .get(idx)
+            .map_err(|e| store_err(StoreError::Redb(e.into())))?;
+        match found {
+            Some(v) => Ok(Entry::parse_from_bytes(v.value())
+                .map_err(|e| store_err(pb_err(e)))?
+                .term),
+            None => Err(raft::Error::Store(StorageError::Unavailable)),
+        }
+    }
+
+    fn first_index(&self) -> raft::Result<u64> {
+        Ok(self.first_index_now())
+    }
+
+    fn last_index(&self) -> raft::Result<u64> {
+        Ok(self.bounds.read().expect("bounds lock").last)
+    }
+
+    fn snapshot(&self, request_index: u64, _to: u64) -> raft::Result<Snapshot> {
+        // The dump and the applied index must come from one consistent view.
+        let (data, (index, term), cs) = (|| -> Result<_, StoreError> {
+            let data = self.namespace.dump()?;
+            let applied = snapshot_point(&data)?;
+            let cs = match data
+                .meta
+                .iter()
+                .find(|kv| kv.key == crate::store::META_CONF_STATE.as_bytes())
+            {
+                Some(kv) => ConfState::parse_from_bytes(&kv.value).map_err(pb_err)?,
+                None => self.conf_state()?,
+            };
+            Ok((data, applied, cs))
+        })()
+        .map_err(store_err)?;
+        if index < request_index {
+            return Err(raft::Error::Store(
+                StorageError::SnapshotTemporarilyUnavailable,
+            ));
+        }
+        let mut snap = Snapshot::default();
+        snap.set_data(data.encode_to_vec().into());
+        let meta = snap.mut_metadata();
+        meta.index = index;
+        meta.term = term;
+        meta.set_conf_state(cs);
+        Ok(snap)
+    }
+}
+
+/// The (applied index, applied term) recorded inside a namespace dump.
+fn snapshot_point(data: &NamespaceSnapshot) -> Result<(u64, u64), StoreError> {
+    let get = |key: &str| -> Result<u64, StoreError> {
+        match data.meta.iter().find(|kv| kv.key == key.as_bytes()) {
+            Some(kv) => {
+                Ok(u64::from_be_bytes(kv.value.as_slice().try_into().map_err(
+                    |_| StoreError::Corrupt(format!("snapshot {key}")),
+                )?))
+            }
+            None => Ok(0),
+        }
+    };
+    Ok((
+        get(crate::store::META_APPLIED_INDEX)?,
+        get(crate::store::META_APPLIED_TERM)?,
+    ))
+}

@@ -1,0 +1,109 @@
+//! Raft replication of the namespace: one `RawNode` per master, driven by a single Ready
+//! loop ([`node`]), with the log in redb ([`log_store`]) and messages over gRPC
+//! ([`transport`]). [`RaftLog`] is the `CommandLog` the rest of the master proposes to.
+
+pub mod log_store;
+pub mod node;
+pub mod transport;
+
+use std::future::Future;
+use std::sync::mpsc::Sender;
+use std::sync::{Arc, RwLock};
+use std::time::Duration;
+
+use granary_common::{FsError, FsResult};
+use granary_protos::v1::{Command, MasterSet, QuorumInfoReply};
+use tokio::sync::oneshot;
+
+use crate::command_log::CommandLog;
+
+/// How long a proposal may wait to be applied before the caller gets a retryable error.
+const PROPOSAL_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// A membership change asked of the leader.
+#[derive(Debug, Clone)]
+pub enum MemberChange {
+    AddLearner { id: u64, addr: String },
+    Promote { id: u64 },
+    Remove { id: u64 },
+}
+
+pub enum Mail {
+    Propose(Command, oneshot::Sender<FsResult<()>>),
+    Step(Vec<raft::eraftpb::Message>),
+    Change(MemberChange, oneshot::Sender<FsResult<()>>),
+    TransferLeader(u64),
+    Unreachable(u64),
+    SnapshotSent(u64, bool),
+    /// Ends the Ready loop (the master is stopping).
+    Shutdown,
+}
+
+/// What the Ready loop last published about this member; read by the RPC handlers.
+#[derive(Debug, Clone, Default)]
+pub struct RaftStatus {
+    pub id: u64,
+    pub leader_id: u64,
+    pub term: u64,
+    pub is_leader: bool,
+    pub info: QuorumInfoReply,
+    pub masters: MasterSet,
+}
+
+impl RaftStatus {
+    pub fn leader_addr(&self) -> Option<String> {
+        self.masters
+            .members
+            .iter()
+            .find(|m| m.id == self.leader_id && self.leader_id != 0)
+            .map(|m| m.addr.clone())
+    }
+}
+
+/// Handle to the Ready loop.
+#[derive(Clone)]
+pub struct RaftLog {
+    mailbox: Sender<Mail>,
+    status: Arc<RwLock<RaftStatus>>,
+}
+
+impl RaftLog {
+    pub fn new(mailbox: Sender<Mail>, status: Arc<RwLock<RaftStatus>>) -> Self {
+        RaftLog { mailbox, status }
+    }
+
+    pub fn status(&self) -> RaftStatus {
+        self.status.read().expect("status lock").clone()
+    }
+
+    pub fn send(&self, mail: Mail) -> FsResult<()> {
+        self.mailbox
+            .send(mail)
+            .map_err(|_| FsError::Unavailable("raft loop stopped".into()))
+    }
+
+    /// Sends a request that the loop answers through `rx`, bounded by the proposal timeout.
+    async fn ask(&self, mail: Mail, rx: oneshot::Receiver<FsResult<()>>) -> FsResult<()> {
+        self.send(mail)?;
+        match tokio::time::timeout(PROPOSAL_TIMEOUT, rx).await {
+            Ok(Ok(r)) => r,
+            Ok(Err(_)) => Err(FsError::Unavailable("raft loop dropped the request".into())),
+            Err(_) => Err(FsError::TimedOut(
+                "not applied in time (leader change?)".into(),
+            )),
+        }
+    }
+
+    pub async fn change_members(&self, change: MemberChange) -> FsResult<()> {
+        let (tx, rx) = oneshot::channel();
+        self.ask(Mail::Change(change, tx), rx).await
+    }
+}
+
+impl CommandLog for RaftLog {
+    fn propose(&self, cmd: Command) -> impl Future<Output = FsResult<()>> + Send {
+        let (tx, rx) = oneshot::channel();
+        let me = self.clone();
+        async move { me.ask(Mail::Propose(cmd, tx), rx).await }
+    }
+}

@@ -1,0 +1,526 @@
+//! The Ready loop: one thread owns the `RawNode`, takes mail (proposals, peer messages,
+//! membership changes), ticks, and handles each Ready in the order raft-rs requires:
+//! send the leader's messages, install a snapshot, apply committed entries, persist new
+//! entries and the HardState in one transaction, and only then send the messages that
+//! depend on them.
+
+use std::collections::HashMap;
+use std::sync::mpsc::{Receiver, RecvTimeoutError};
+use std::sync::{Arc, RwLock};
+use std::time::{Duration, Instant};
+
+use granary_common::{FsError, FsResult};
+use granary_protos::v1::{Command, MasterSet, Member, PeerProgress, QuorumInfoReply};
+use prost::Message as _;
+use protobuf::Message as PbMessage;
+use raft::eraftpb::{
+    ConfChangeSingle, ConfChangeTransition, ConfChangeType, ConfChangeV2, ConfState, Entry,
+    EntryType,
+};
+use raft::{RawNode, SnapshotStatus, StateRole};
+use tokio::sync::oneshot;
+
+use super::log_store::RaftLogStore;
+use super::transport::Transport;
+use super::{Mail, MemberChange, RaftStatus};
+use crate::store::{EntryOp, LogEntry, NamespaceStore, StoreError};
+
+#[derive(Debug, Clone)]
+pub struct NodeConfig {
+    pub id: u64,
+    pub tick: Duration,
+    pub election_ticks: usize,
+    pub heartbeat_ticks: usize,
+    /// Compact the log once this many applied entries are in it.
+    pub snapshot_threshold: u64,
+    /// Members known from config (id, address): the bootstrap configuration.
+    pub initial_members: Vec<(u64, String)>,
+}
+
+/// Applied entries kept in the log after a compaction, so a briefly lagging follower
+/// catches up from the log instead of a snapshot.
+const COMPACT_KEEP: u64 = 64;
+
+pub struct RaftNode {
+    cfg: NodeConfig,
+    raw: RawNode<RaftLogStore>,
+    namespace: Arc<NamespaceStore>,
+    transport: Transport,
+    mailbox: Receiver<Mail>,
+    status: Arc<RwLock<RaftStatus>>,
+    /// Member addresses: config, then every applied membership change.
+    book: HashMap<u64, String>,
+    conf_index: u64,
+    pending: HashMap<u64, oneshot::Sender<FsResult<()>>>,
+    next_seq: u64,
+    was_leader: bool,
+}
+
+fn slog_logger() -> slog::Logger {
+    use slog::Drain;
+    slog::Logger::root(slog_stdlog::StdLog.fuse(), slog::o!())
+}
+
+fn storage_error(e: StoreError) -> FsError {
+    FsError::Io(format!("raft storage: {e}"))
+}
+
+impl RaftNode {
+    pub fn new(
+        cfg: NodeConfig,
+        namespace: Arc<NamespaceStore>,
+        log_store: RaftLogStore,
+        transport: Transport,
+        mailbox: Receiver<Mail>,
+        status: Arc<RwLock<RaftStatus>>,
+    ) -> Result<Self, FsError> {
+        let (applied, _) = namespace.applied().map_err(storage_error)?;
+        let raft_cfg = raft::Config {
+            id: cfg.id,
+            election_tick: cfg.election_ticks,
+            heartbeat_tick: cfg.heartbeat_ticks,
+            applied,
+            check_quorum: true,
+            pre_vote: true,
+            max_size_per_msg: 1 << 20,
+            max_inflight_msgs: 256,
+            ..Default::default()
+        };
+        raft_cfg
+            .validate()
+            .map_err(|e| FsError::InvalidPath(format!("raft config: {e}")))?;
+        let raw = RawNode::new(&raft_cfg, log_store, &slog_logger())
+            .map_err(|e| FsError::Io(format!("raft: {e}")))?;
+        let mut node = RaftNode {
+            book: cfg.initial_members.iter().cloned().collect(),
+            cfg,
+            raw,
+            namespace,
+            transport,
+            mailbox,
+            status,
+            conf_index: 0,
+            pending: HashMap::new(),
+            next_seq: 1,
+            was_leader: false,
+        };
+        node.load_masters()?;
+        // A single-member group need not wait out an election timeout.
+        let cs = node.raw.raft.prs().conf().to_conf_state();
+        if cs.voters == [node.cfg.id] && cs.voters_outgoing.is_empty() {
+            let _ = node.raw.campaign();
+        }
+        node.publish();
+        Ok(node)
+    }
+
+    fn load_masters(&mut self) -> Result<(), FsError> {
+        let set = self.namespace.masters().map_err(storage_error)?;
+        for m in &set.members {
+            self.book.insert(m.id, m.addr.clone());
+        }
+        self.conf_index = set.conf_index;
+        Ok(())
+    }
+
+    pub fn run(mut self) {
+        let mut last_tick = Instant::now();
+        loop {
+            let wait = self.cfg.tick.saturating_sub(last_tick.elapsed());
+            match self.mailbox.recv_timeout(wait) {
+                Ok(Mail::Shutdown) => return,
+                Ok(mail) => self.handle(mail),
+                Err(RecvTimeoutError::Timeout) => {}
+                Err(RecvTimeoutError::Disconnected) => return,
+            }
+            while let Ok(mail) = self.mailbox.try_recv() {
+                if matches!(mail, Mail::Shutdown) {
+                    return;
+                }
+                self.handle(mail);
+            }
+            if last_tick.elapsed() >= self.cfg.tick {
+                self.raw.tick();
+                last_tick = Instant::now();
+            }
+            if let Err(e) = self.on_ready() {
+                // Storage failure: stop participating rather than risk diverging.
+                tracing::error!(error = %e, "raft storage failed; this master stops");
+                return;
+            }
+            self.publish();
+        }
+    }
+
+    fn is_leader(&self) -> bool {
+        self.raw.raft.state == StateRole::Leader
+    }
+
+    fn not_leader(&self) -> FsError {
+        let leader = self.raw.raft.leader_id;
+        match self.book.get(&leader) {
+            Some(addr) if leader != 0 => {
+                FsError::Unavailable(format!("not the leader; leader is {leader}@{addr}"))
+            }
+            _ => FsError::Unavailable("not the leader; no leader known".into()),
+        }
+    }
+
+    fn context(&mut self) -> (u64, Vec<u8>) {
+        let seq = self.next_seq;
+        self.next_seq += 1;
+        let mut ctx = self.cfg.id.to_be_bytes().to_vec();
+        ctx.extend_from_slice(&seq.to_be_bytes());
+        (seq, ctx)
+    }
+
+    fn handle(&mut self, mail: Mail) {
+        match mail {
+            Mail::Propose(cmd, done) => {
+                if !self.is_leader() {
+                    let _ = done.send(Err(self.not_leader()));
+                    return;
+                }
+                let (seq, ctx) = self.context();
+                match self.raw.propose(ctx, cmd.encode_to_vec()) {
+                    Ok(()) => {
+                        self.pending.insert(seq, done);
+                    }
+                    Err(e) => {
+                        let _ =
+                            done.send(Err(FsError::Unavailable(format!("proposal dropped: {e}"))));
+                    }
+                }
+            }
+            Mail::Step(msgs) => {
+                for m in msgs {
+                    if let Err(e) = self.raw.step(m) {
+                        tracing::debug!(error = %e, "raft step");
+                    }
+                }
+            }
+            Mail::Change(change, done) => {
+                let r = self.propose_change(change);
+                match r {
+                    Ok(seq) => {
+                        self.pending.insert(seq, done);
+                    }
+                    Err(e) => {
+                        let _ = done.send(Err(e));
+                    }
+                }
+            }
+            Mail::TransferLeader(id) => self.raw.transfer_leader(id),
+            Mail::Unreachable(id) => self.raw.report_unreachable(id),
+            Mail::Shutdown => {}
+            Mail::SnapshotSent(id, ok) => {
+                let status = if ok {
+                    SnapshotStatus::Finish
+                } else {
+                    SnapshotStatus::Failure
+                };
+                self.raw.report_snapshot(id, status);
+            }
+        }
+    }
+
+    fn propose_change(&mut self, change: MemberChange) -> FsResult<u64> {
+        if !self.is_leader() {
+            return Err(self.not_leader());
+        }
+        let conf = self.raw.raft.prs().conf().to_conf_state();
+        if self.raw.raft.has_pending_conf() || !conf.voters_outgoing.is_empty() {
+            return Err(FsError::Unavailable(
+                "a membership change is still in progress; retry shortly".into(),
+            ));
+        }
+        let single = |change_type, node_id| {
+            let mut s = ConfChangeSingle::default();
+            s.set_change_type(change_type);
+            s.node_id = node_id;
+            s
+        };
+        let mut cc = ConfChangeV2::default();
+        match &change {
+            MemberChange::AddLearner { id, addr } => {
+                if conf.voters.contains(id) || conf.learners.contains(id) {
+                    return Err(FsError::Exists(format!("master {id} is already a member")));
+                }
+                cc.set_changes(vec![single(ConfChangeType::AddLearnerNode, *id)].into());
+                cc.set_context(addr.clone().into_bytes().into());
+            }
+            MemberChange::Promote { id } => {
+                if !conf.learners.contains(id) {
+                    return Err(FsError::NotFound(format!("master {id} is not a learner")));
+                }
+                // Joint consensus (C_old,new), left automatically once applied.
+                cc.set_transition(ConfChangeTransition::Implicit);
+                cc.set_changes(vec![single(ConfChangeType::AddNode, *id)].into());
+            }
+            MemberChange::Remove { id } => {
+                if !conf.voters.contains(id) && !conf.learners.contains(id) {
+                    return Err(FsError::NotFound(format!("master {id} is not a member")));
+                }
+                if *id == self.cfg.id {
+                    return Err(FsError::Unsupported(
+                        "the leader cannot remove itself; transfer leadership first".into(),
+                    ));
+                }
+                if conf.voters.len() == 1 && conf.voters.contains(id) {
+                    return Err(FsError::Unsupported("cannot remove the last voter".into()));
+                }
+                cc.set_transition(ConfChangeTransition::Implicit);
+                cc.set_changes(vec![single(ConfChangeType::RemoveNode, *id)].into());
+            }
+        }
+        let (seq, ctx) = self.context();
+        self.raw
+            .propose_conf_change(ctx, cc)
+            .map_err(|e| FsError::Unavailable(format!("membership change dropped: {e}")))?;
+        tracing::info!(?change, "proposed membership change");
+        Ok(seq)
+    }
+
+    fn send(&self, msgs: Vec<raft::eraftpb::Message>) {
+        if msgs.is_empty() {
+            return;
+        }
+        let book = &self.book;
+        self.transport.send(msgs, |id| book.get(&id).cloned());
+    }
+
+    fn on_ready(&mut self) -> Result<(), StoreError> {
+        if !self.raw.has_ready() {
+            return Ok(());
+        }
+        let mut rd = self.raw.ready();
+        if let Some(ss) = rd.ss() {
+            self.on_role_change(ss.raft_state == StateRole::Leader, ss.leader_id);
+        }
+        self.send(rd.take_messages());
+        if !rd.snapshot().is_empty() {
+            let snap = rd.snapshot().clone();
+            tracing::info!(
+                index = snap.get_metadata().index,
+                term = snap.get_metadata().term,
+                "installing snapshot from the leader"
+            );
+            self.raw.store().apply_snapshot(&snap)?;
+            self.load_masters()
+                .map_err(|e| StoreError::Corrupt(e.to_string()))?;
+        }
+        self.apply(rd.take_committed_entries())?;
+        self.raw.store().append(rd.entries(), rd.hs())?;
+        self.send(rd.take_persisted_messages());
+        let mut light = self.raw.advance(rd);
+        if let Some(commit) = light.commit_index() {
+            self.raw.store().set_commit(commit);
+        }
+        self.send(light.take_messages());
+        self.apply(light.take_committed_entries())?;
+        self.raw.advance_apply();
+        self.maybe_compact()?;
+        Ok(())
+    }
+
+    fn on_role_change(&mut self, leader: bool, leader_id: u64) {
+        if leader && !self.was_leader {
+            tracing::info!(id = self.cfg.id, term = self.raw.raft.term, "became leader");
+            // A joint configuration left over from a previous leader is never left
+            // automatically: leave it now.
+            let conf = self.raw.raft.prs().conf().to_conf_state();
+            if !conf.voters_outgoing.is_empty() && !self.raw.raft.has_pending_conf() {
+                tracing::info!("leaving a joint configuration left by the previous leader");
+                let (_, ctx) = self.context();
+                if let Err(e) = self.raw.propose_conf_change(ctx, ConfChangeV2::default()) {
+                    tracing::warn!(error = %e, "could not propose leaving the joint configuration");
+                }
+            }
+        }
+        if !leader && self.was_leader {
+            tracing::info!(id = self.cfg.id, new_leader = leader_id, "lost leadership");
+            for (_, done) in self.pending.drain() {
+                let _ = done.send(Err(FsError::Unavailable(
+                    "leadership changed before the proposal applied".into(),
+                )));
+            }
+        }
+        self.was_leader = leader;
+    }
+
+    fn apply(&mut self, entries: Vec<Entry>) -> Result<(), StoreError> {
+        if entries.is_empty() {
+            return Ok(());
+        }
+        let mut batch = Vec::with_capacity(entries.len());
+        let mut waiters = Vec::with_capacity(entries.len());
+        let mut conf_errors: HashMap<u64, FsError> = HashMap::new();
+        for e in &entries {
+            let op = match e.get_entry_type() {
+                EntryType::EntryNormal if e.data.is_empty() => EntryOp::Noop,
+                EntryType::EntryNormal => match Command::decode(e.get_data()) {
+                    Ok(cmd) => EntryOp::Command(cmd),
+                    Err(err) => {
+                        tracing::error!(index = e.index, error = %err, "undecodable command in the log; skipping");
+                        EntryOp::Noop
+                    }
+                },
+                EntryType::EntryConfChange | EntryType::EntryConfChangeV2 => {
+                    match self.apply_conf_change(e) {
+                        Ok(op) => op,
+                        Err(err) => {
+                            conf_errors.insert(e.index, err);
+                            EntryOp::Noop
+                        }
+                    }
+                }
+            };
+            batch.push(LogEntry {
+                index: e.index,
+                term: e.term,
+                op,
+            });
+            waiters.push(self.own_proposal(e.get_context()));
+        }
+        let results = self.namespace.apply_batch(&batch)?;
+        for ((e, seq), result) in entries.iter().zip(waiters).zip(results) {
+            let Some(seq) = seq else { continue };
+            if let Some(done) = self.pending.remove(&seq) {
+                let r = match conf_errors.remove(&e.index) {
+                    Some(err) => Err(err),
+                    None => result,
+                };
+                let _ = done.send(r);
+            }
+        }
+        Ok(())
+    }
+
+    /// The sequence number if `ctx` marks a proposal made by this member.
+    fn own_proposal(&self, ctx: &[u8]) -> Option<u64> {
+        if ctx.len() != 16 || ctx[..8] != self.cfg.id.to_be_bytes() {
+            return None;
+        }
+        Some(u64::from_be_bytes(ctx[8..].try_into().expect("8 bytes")))
+    }
+
+    fn apply_conf_change(&mut self, e: &Entry) -> FsResult<EntryOp> {
+        // Granary only ever proposes ConfChangeV2 (raft-rs's automatic leave is one too).
+        if e.get_entry_type() != EntryType::EntryConfChangeV2 {
+            return Err(FsError::Unsupported(
+                "legacy ConfChange entries are not used".into(),
+            ));
+        }
+        let cc = ConfChangeV2::parse_from_bytes(e.get_data())
+            .map_err(|err| FsError::Io(err.to_string()))?;
+        let cs = self
+            .raw
+            .apply_conf_change(&cc)
+            .map_err(|err| FsError::InvalidPath(format!("membership change rejected: {err}")))?;
+        let addr = String::from_utf8_lossy(cc.get_context()).into_owned();
+        for c in cc.get_changes() {
+            match c.get_change_type() {
+                ConfChangeType::AddNode | ConfChangeType::AddLearnerNode if !addr.is_empty() => {
+                    self.book.insert(c.node_id, addr.clone());
+                }
+                _ => {}
+            }
+        }
+        self.conf_index = e.index;
+        tracing::info!(index = e.index, voters = ?cs.voters, learners = ?cs.learners, outgoing = ?cs.voters_outgoing, "membership changed");
+        Ok(EntryOp::ConfChange {
+            conf_state: cs
+                .write_to_bytes()
+                .map_err(|err| FsError::Io(err.to_string()))?,
+            masters: self.master_set(&cs),
+        })
+    }
+
+    fn master_set(&self, cs: &ConfState) -> MasterSet {
+        let mut members: Vec<Member> = Vec::new();
+        let mut add = |id: u64, learner: bool| {
+            if !members.iter().any(|m| m.id == id) {
+                members.push(Member {
+                    id,
+                    addr: self.book.get(&id).cloned().unwrap_or_default(),
+                    learner,
+                });
+            }
+        };
+        for &id in cs.voters.iter().chain(cs.voters_outgoing.iter()) {
+            add(id, false);
+        }
+        for &id in cs.learners.iter().chain(cs.learners_next.iter()) {
+            add(id, true);
+        }
+        members.sort_by_key(|m| m.id);
+        MasterSet {
+            members,
+            leader_id: self.raw.raft.leader_id,
+            term: self.raw.raft.term,
+            conf_index: self.conf_index,
+        }
+    }
+
+    fn maybe_compact(&mut self) -> Result<(), StoreError> {
+        let applied = self.raw.raft.raft_log.applied;
+        let first = self.raw.store().first_index_now();
+        if applied >= first + self.cfg.snapshot_threshold {
+            let upto = applied.saturating_sub(COMPACT_KEEP);
+            if upto >= first {
+                self.raw.store().compact(upto)?;
+                tracing::debug!(upto, "raft log compacted");
+            }
+        }
+        Ok(())
+    }
+
+    /// Publishes this member's view for the RPC handlers.
+    fn publish(&self) {
+        let raft = &self.raw.raft;
+        let cs = raft.prs().conf().to_conf_state();
+        let masters = self.master_set(&cs);
+        let leader = self.is_leader();
+        let peers = masters
+            .members
+            .iter()
+            .map(|m| {
+                let matched = if leader {
+                    raft.prs().get(m.id).map(|p| p.matched)
+                } else {
+                    None
+                };
+                PeerProgress {
+                    id: m.id,
+                    addr: m.addr.clone(),
+                    learner: m.learner,
+                    matched: matched.unwrap_or(0),
+                    progress_known: matched.is_some(),
+                }
+            })
+            .collect();
+        let role = match raft.state {
+            StateRole::Leader => "leader",
+            StateRole::Follower => "follower",
+            StateRole::Candidate => "candidate",
+            StateRole::PreCandidate => "pre-candidate",
+        };
+        let mut st = self.status.write().expect("status lock");
+        st.id = self.cfg.id;
+        st.leader_id = raft.leader_id;
+        st.term = raft.term;
+        st.is_leader = leader;
+        st.info = QuorumInfoReply {
+            id: self.cfg.id,
+            leader_id: raft.leader_id,
+            term: raft.term,
+            commit: raft.raft_log.committed,
+            applied: raft.raft_log.applied,
+            conf_index: self.conf_index,
+            outgoing_voters: cs.voters_outgoing.clone(),
+            peers,
+            role: role.into(),
+        };
+        st.masters = masters;
+    }
+}
