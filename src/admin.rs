@@ -1,18 +1,42 @@
-//! `granary admin …`: cluster state for operators.
+//! `granary admin …`: cluster state and membership for operators.
 
-use anyhow::Context;
+use std::time::Duration;
+
+use anyhow::{bail, Context};
+use granary_common::auth::AttachToken;
 use granary_common::bytesize::ByteSize;
 use granary_protos::v1::master_client::MasterClient;
-use granary_protos::v1::ReportRequest;
+use granary_protos::v1::{
+    AddMemberRequest, QuorumChangeReply, QuorumInfoReply, QuorumInfoRequest, RemoveMemberRequest,
+    ReportRequest, TransferLeaderRequest,
+};
+use granary_protos::LEADER_METADATA_KEY;
+use tonic::service::interceptor::InterceptedService;
+use tonic::transport::Channel;
 
-pub async fn report(master: &str) -> anyhow::Result<()> {
-    let mut client = MasterClient::connect(format!("http://{master}"))
+type Client = MasterClient<InterceptedService<Channel, AttachToken>>;
+
+pub async fn client(master: &str, token: &str) -> anyhow::Result<Client> {
+    let channel =
+        granary_common::net::lazy_channel(master, Duration::from_secs(3), Duration::from_secs(120))
+            .with_context(|| format!("bad master address {master}"))?;
+    Ok(MasterClient::with_interceptor(
+        channel,
+        AttachToken::new(token).map_err(anyhow::Error::msg)?,
+    )
+    .max_decoding_message_size(64 << 20))
+}
+
+pub async fn report(master: &str, token: &str) -> anyhow::Result<()> {
+    let mut client = client(master, token).await?;
+    let r = client
+        .report(ReportRequest {})
         .await
-        .with_context(|| format!("cannot reach master {master}"))?;
-    let r = client.report(ReportRequest {}).await?.into_inner();
+        .with_context(|| format!("master {master}"))?
+        .into_inner();
     println!(
-        "shard {}  applied index {}  inodes {}  cached blocks {}",
-        r.shard_id, r.applied_index, r.inodes, r.cached_blocks
+        "shard {}  master {}  leader {}  term {}  applied index {}  inodes {}  cached blocks {}",
+        r.shard_id, r.master_id, r.leader_id, r.term, r.applied_index, r.inodes, r.cached_blocks
     );
     for m in r.mounts.map(|m| m.mounts).unwrap_or_default() {
         println!(
@@ -38,4 +62,94 @@ pub async fn report(master: &str) -> anyhow::Result<()> {
         );
     }
     Ok(())
+}
+
+fn print_quorum(q: &QuorumInfoReply) {
+    println!(
+        "answered by master {} ({})  leader {}  term {}  commit {}  applied {}  conf index {}",
+        q.id, q.role, q.leader_id, q.term, q.commit, q.applied, q.conf_index
+    );
+    if !q.outgoing_voters.is_empty() {
+        println!(
+            "joint configuration in progress; outgoing voters {:?}",
+            q.outgoing_voters
+        );
+    }
+    println!(
+        "{:<6} {:<28} {:<8} {:>10}",
+        "ID", "ADDRESS", "ROLE", "MATCHED"
+    );
+    for p in &q.peers {
+        let role = if p.id == q.leader_id {
+            "leader"
+        } else if p.learner {
+            "learner"
+        } else {
+            "voter"
+        };
+        let matched = if p.progress_known {
+            p.matched.to_string()
+        } else {
+            "-".into()
+        };
+        println!("{:<6} {:<28} {:<8} {:>10}", p.id, p.addr, role, matched);
+    }
+}
+
+pub async fn quorum_info(master: &str, token: &str) -> anyhow::Result<()> {
+    let mut c = client(master, token).await?;
+    let q = c
+        .quorum_info(QuorumInfoRequest {})
+        .await
+        .with_context(|| format!("master {master}"))?
+        .into_inner();
+    print_quorum(&q);
+    Ok(())
+}
+
+pub enum QuorumChange {
+    Add { id: u64, addr: String },
+    Remove { id: u64 },
+    TransferLeader { id: u64 },
+}
+
+/// Sends a membership change to the leader, following leader hints.
+pub async fn quorum_change(master: &str, token: &str, change: QuorumChange) -> anyhow::Result<()> {
+    let mut target = master.to_string();
+    for _ in 0..5 {
+        let mut c = client(&target, token).await?;
+        let r: Result<tonic::Response<QuorumChangeReply>, tonic::Status> = match &change {
+            QuorumChange::Add { id, addr } => {
+                c.add_member(AddMemberRequest {
+                    id: *id,
+                    addr: addr.clone(),
+                })
+                .await
+            }
+            QuorumChange::Remove { id } => c.remove_member(RemoveMemberRequest { id: *id }).await,
+            QuorumChange::TransferLeader { id } => {
+                c.transfer_leader(TransferLeaderRequest { id: *id }).await
+            }
+        };
+        match r {
+            Ok(r) => {
+                if let Some(q) = r.into_inner().info {
+                    print_quorum(&q);
+                }
+                return Ok(());
+            }
+            Err(status) => match status
+                .metadata()
+                .get(LEADER_METADATA_KEY)
+                .and_then(|v| v.to_str().ok())
+            {
+                Some(leader) => {
+                    eprintln!("{target} is not the leader; retrying on {leader}");
+                    target = leader.to_string();
+                }
+                None => bail!("{target}: {}", status.message()),
+            },
+        }
+    }
+    bail!("no leader found after following 5 hints")
 }

@@ -10,7 +10,6 @@ use granary_fuse_client::block_reader::{DataPathOptions, WorkerDataPath};
 use granary_fuse_client::fs::{FsOptions, GranaryFs};
 use granary_fuse_client::meta_client::MetadataService;
 use granary_fuse_client::MountConfig;
-use granary_protos::v1::master_client::MasterClient;
 use granary_protos::v1::{FileKind, Inode, LoadMetadataRequest};
 
 pub struct FsClient {
@@ -18,9 +17,10 @@ pub struct FsClient {
     pub meta: Arc<dyn MetadataService>,
 }
 
-pub fn connect(master: &str) -> anyhow::Result<FsClient> {
+pub fn connect(master: &str, token: &str) -> anyhow::Result<FsClient> {
     let cfg = MountConfig {
         masters: vec![master.to_string()],
+        cluster_token: token.to_string(),
         retry_deadline_ms: 5_000,
         ..Default::default()
     };
@@ -28,6 +28,7 @@ pub fn connect(master: &str) -> anyhow::Result<FsClient> {
     let data = WorkerDataPath::new(
         meta.clone(),
         DataPathOptions {
+            cluster_token: token.to_string(),
             short_circuit: true,
             readahead_max: cfg.readahead_max.0,
             readahead_memory: cfg.readahead_memory.0,
@@ -80,8 +81,8 @@ fn line(i: &Inode) -> String {
     )
 }
 
-pub fn ls(master: &str, path: &str) -> anyhow::Result<()> {
-    let c = connect(master)?;
+pub fn ls(master: &str, token: &str, path: &str) -> anyhow::Result<()> {
+    let c = connect(master, token)?;
     let node = c.resolve(path)?;
     if node.kind != FileKind::Directory as i32 {
         println!("{}", line(&node));
@@ -101,8 +102,8 @@ pub fn ls(master: &str, path: &str) -> anyhow::Result<()> {
     Ok(())
 }
 
-pub fn stat(master: &str, path: &str) -> anyhow::Result<()> {
-    let c = connect(master)?;
+pub fn stat(master: &str, token: &str, path: &str) -> anyhow::Result<()> {
+    let c = connect(master, token)?;
     let i = c.resolve(path)?;
     let fp = i.fingerprint.unwrap_or_default();
     println!("path:        {path}");
@@ -140,8 +141,8 @@ pub fn stat(master: &str, path: &str) -> anyhow::Result<()> {
     Ok(())
 }
 
-pub fn cat(master: &str, path: &str) -> anyhow::Result<()> {
-    let c = connect(master)?;
+pub fn cat(master: &str, token: &str, path: &str) -> anyhow::Result<()> {
+    let c = connect(master, token)?;
     let i = c.resolve(path)?;
     let fh = c.fs.open(i.id, libc::O_RDONLY)?;
     let mut out = std::io::stdout().lock();
@@ -161,10 +162,13 @@ pub fn cat(master: &str, path: &str) -> anyhow::Result<()> {
     Ok(())
 }
 
-pub async fn load_metadata(master: &str, path: &str, recursive: bool) -> anyhow::Result<()> {
-    let mut client = MasterClient::connect(format!("http://{master}"))
-        .await
-        .with_context(|| format!("cannot reach master {master}"))?;
+pub async fn load_metadata(
+    master: &str,
+    token: &str,
+    path: &str,
+    recursive: bool,
+) -> anyhow::Result<()> {
+    let mut client = crate::admin::client(master, token).await?;
     let mut stream = client
         .load_metadata(LoadMetadataRequest {
             path: path.as_bytes().to_vec(),

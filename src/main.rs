@@ -21,6 +21,8 @@ use granary_common::bytesize::ByteSize;
     about = "Granary: a POSIX caching filesystem for GPU training clusters"
 )]
 struct Cli {
+    #[command(flatten)]
+    master: MasterArg,
     #[command(subcommand)]
     command: Command,
 }
@@ -76,15 +78,11 @@ enum Command {
     },
     /// Namespace commands against a master.
     Fs {
-        #[command(flatten)]
-        master: MasterArg,
         #[command(subcommand)]
         cmd: FsCommand,
     },
     /// Cluster administration.
     Admin {
-        #[command(flatten)]
-        master: MasterArg,
         #[command(subcommand)]
         cmd: AdminCommand,
     },
@@ -97,14 +95,23 @@ enum Command {
 
 #[derive(clap::Args)]
 struct MasterArg {
-    /// Master address host:port.
+    /// Master address host:port (any member; requests follow the leader).
     #[arg(
         long = "master",
         env = "GRANARY_MASTER",
         default_value = "127.0.0.1:19998",
         global = true
     )]
-    addr: String,
+    master: String,
+    /// The cluster token, if the cluster sets one.
+    #[arg(
+        long = "cluster-token",
+        env = "GRANARY_CLUSTER_TOKEN",
+        default_value = "",
+        global = true,
+        hide_env_values = true
+    )]
+    cluster_token: String,
 }
 
 #[derive(Subcommand)]
@@ -128,6 +135,23 @@ enum FsCommand {
 enum AdminCommand {
     /// Shard state, mounts and workers.
     Report,
+    /// The master group: show it or change it (joint consensus, no restarts).
+    Quorum {
+        #[command(subcommand)]
+        cmd: QuorumCommand,
+    },
+}
+
+#[derive(Subcommand)]
+enum QuorumCommand {
+    /// Members, roles, leader, term and replication progress.
+    Info,
+    /// Add a master (start it first with this id and the current members in its config).
+    Add { id: u64, addr: String },
+    /// Remove a master (the leader hands off leadership first if it is the one removed).
+    Remove { id: u64 },
+    /// Make another voter the leader.
+    TransferLeader { id: u64 },
 }
 
 fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
@@ -208,20 +232,49 @@ fn main() -> anyhow::Result<()> {
             }
             Ok(granary_fuse_client::run_mount(&cfg, &mountpoint)?)
         }
-        Command::Fs { master, cmd } => {
-            let master = master.addr;
+        Command::Fs { cmd } => {
+            let master = &cli.master;
+            let (m, t) = (master.master.as_str(), master.cluster_token.as_str());
             match cmd {
-                FsCommand::Ls { path } => fs_cmd::ls(&master, &path),
-                FsCommand::Stat { path } => fs_cmd::stat(&master, &path),
-                FsCommand::Cat { path } => fs_cmd::cat(&master, &path),
+                FsCommand::Ls { path } => fs_cmd::ls(m, t, &path),
+                FsCommand::Stat { path } => fs_cmd::stat(m, t, &path),
+                FsCommand::Cat { path } => fs_cmd::cat(m, t, &path),
                 FsCommand::LoadMetadata { path, no_recursive } => {
-                    runtime()?.block_on(fs_cmd::load_metadata(&master, &path, !no_recursive))
+                    runtime()?.block_on(fs_cmd::load_metadata(m, t, &path, !no_recursive))
                 }
             }
         }
-        Command::Admin { master, cmd } => match cmd {
-            AdminCommand::Report => runtime()?.block_on(admin::report(&master.addr)),
-        },
+        Command::Admin { cmd } => {
+            let master = &cli.master;
+            match cmd {
+                AdminCommand::Report => {
+                    runtime()?.block_on(admin::report(&master.master, &master.cluster_token))
+                }
+                AdminCommand::Quorum { cmd } => {
+                    let (m, t) = (master.master.as_str(), master.cluster_token.as_str());
+                    runtime()?.block_on(async {
+                        match cmd {
+                            QuorumCommand::Info => admin::quorum_info(m, t).await,
+                            QuorumCommand::Add { id, addr } => {
+                                admin::quorum_change(m, t, admin::QuorumChange::Add { id, addr })
+                                    .await
+                            }
+                            QuorumCommand::Remove { id } => {
+                                admin::quorum_change(m, t, admin::QuorumChange::Remove { id }).await
+                            }
+                            QuorumCommand::TransferLeader { id } => {
+                                admin::quorum_change(
+                                    m,
+                                    t,
+                                    admin::QuorumChange::TransferLeader { id },
+                                )
+                                .await
+                            }
+                        }
+                    })
+                }
+            }
+        }
         Command::Bench { cmd } => bench::run(cmd),
     }
 }

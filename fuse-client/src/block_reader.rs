@@ -58,6 +58,7 @@ impl Drop for Buffered {
 }
 
 pub struct DataPathOptions {
+    pub cluster_token: String,
     pub short_circuit: bool,
     pub readahead_max: u64,
     pub readahead_memory: u64,
@@ -110,6 +111,7 @@ impl WorkerDataPath {
         let data = Arc::new(DataClient::new(
             Duration::from_secs(2),
             Duration::from_secs(120),
+            &opts.cluster_token,
         ));
         // Warm-ups are best effort: a small pool, and a full queue drops new ones.
         let (warm_tx, warm_rx) = sync_channel::<(String, ReadBlockRequest)>(64);

@@ -8,8 +8,11 @@ use serde::Deserialize;
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct MountConfig {
-    /// Master gRPC addresses of shard 0 (`host:port`).
+    /// Master gRPC addresses of shard 0 (`host:port`); any subset will do, the client
+    /// learns the current master set from them.
     pub masters: Vec<String>,
+    /// The cluster's shared token (see the master's `cluster_token`).
+    pub cluster_token: String,
     /// Kernel dentry cache lifetime.
     pub entry_ttl_ms: u64,
     /// Kernel attribute cache lifetime.
@@ -42,6 +45,7 @@ impl Default for MountConfig {
     fn default() -> Self {
         MountConfig {
             masters: vec!["127.0.0.1:19998".into()],
+            cluster_token: String::new(),
             entry_ttl_ms: 300_000,
             attr_ttl_ms: 300_000,
             keep_cache: true,

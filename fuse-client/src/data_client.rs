@@ -24,6 +24,7 @@ pub struct DataClient {
     idle: Mutex<HashMap<String, Vec<Conn>>>,
     connect_timeout: Duration,
     io_timeout: Duration,
+    token: String,
 }
 
 fn frame_err(addr: &str, e: granary_protos::frame::FrameError) -> FsError {
@@ -31,11 +32,12 @@ fn frame_err(addr: &str, e: granary_protos::frame::FrameError) -> FsError {
 }
 
 impl DataClient {
-    pub fn new(connect_timeout: Duration, io_timeout: Duration) -> Self {
+    pub fn new(connect_timeout: Duration, io_timeout: Duration, token: &str) -> Self {
         DataClient {
             idle: Mutex::new(HashMap::new()),
             connect_timeout,
             io_timeout,
+            token: token.to_string(),
         }
     }
 
@@ -57,7 +59,7 @@ impl DataClient {
         conn.writer
             .write_all(&encode_header(&Hello {
                 version: DATA_PROTOCOL_VERSION,
-                cluster_token: String::new(),
+                cluster_token: self.token.clone(),
             }))
             .map_err(|e| FsError::Unavailable(format!("worker {addr}: {e}")))?;
         let hello: HelloReply = read_header(&mut conn.reader).map_err(|e| frame_err(addr, e))?;

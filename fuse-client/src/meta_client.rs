@@ -1,16 +1,23 @@
 //! Metadata access for the filesystem. [`MetadataService`] is what the filesystem needs;
-//! [`GrpcMetadataClient`] implements it against a shard's masters with bounded retries:
-//! an unreachable master is retried (across every member) until the deadline, then the
-//! call fails with EIO and a log line naming the shard.
+//! [`GrpcMetadataClient`] implements it against a shard's Raft group: it follows the
+//! leader hints non-leaders return, rotates across members when one is down, adopts a
+//! newer master set (master migration) without a restart, and gives up after a bounded
+//! deadline with EIO and a log line naming the shard.
 
 use std::future::Future;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
 
+use granary_common::auth::AttachToken;
 use granary_common::{FsError, FsResult};
 use granary_protos::v1::master_client::MasterClient;
 use granary_protos::v1::*;
-use tonic::transport::{Channel, Endpoint};
+use granary_protos::LEADER_METADATA_KEY;
+use tonic::service::interceptor::InterceptedService;
+use tonic::transport::Channel;
+
+pub type Client = MasterClient<InterceptedService<Channel, AttachToken>>;
 
 /// Read-only metadata operations the filesystem needs.
 pub trait MetadataService: Send + Sync {
@@ -23,73 +30,222 @@ pub trait MetadataService: Send + Sync {
     fn statfs(&self) -> FsResult<StatFsReply>;
 }
 
+#[derive(Clone)]
+struct Member {
+    addr: String,
+    client: Client,
+}
+
+struct Members {
+    list: Vec<Member>,
+    /// (conf_index, term) of the master set the list came from.
+    version: (u64, u64),
+}
+
 pub struct GrpcMetadataClient {
     shard: u16,
-    addrs: Vec<String>,
-    clients: Vec<MasterClient<Channel>>,
-    /// Member that answered last; tried first next time.
+    members: RwLock<Members>,
+    /// Member that answered last (the leader, normally); tried first.
     preferred: AtomicUsize,
+    rpc_timeout: Duration,
     deadline: Duration,
+    token: AttachToken,
     rt: tokio::runtime::Runtime,
+    stop: Arc<AtomicBool>,
+}
+
+impl Drop for GrpcMetadataClient {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+    }
 }
 
 impl GrpcMetadataClient {
     pub fn connect(
         shard: u16,
         masters: &[String],
+        token: &str,
         rpc_timeout: Duration,
         deadline: Duration,
-    ) -> FsResult<Self> {
+    ) -> FsResult<Arc<Self>> {
         let rt = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(2)
             .thread_name("granary-meta")
             .enable_all()
             .build()
             .map_err(|e| FsError::Io(format!("metadata runtime: {e}")))?;
-        let _guard = rt.enter();
-        let mut clients = Vec::new();
-        for addr in masters {
-            let ep = Endpoint::from_shared(format!("http://{addr}"))
-                .map_err(|e| FsError::InvalidPath(format!("master address `{addr}`: {e}")))?
-                .connect_timeout(rpc_timeout.min(Duration::from_secs(2)))
-                .timeout(rpc_timeout)
-                .tcp_nodelay(true);
-            clients.push(
-                MasterClient::new(ep.connect_lazy())
-                    .max_decoding_message_size(64 << 20)
-                    .max_encoding_message_size(64 << 20),
-            );
-        }
-        drop(_guard);
-        Ok(GrpcMetadataClient {
+        let token = AttachToken::new(token).map_err(FsError::InvalidPath)?;
+        let client = Arc::new(GrpcMetadataClient {
             shard,
-            addrs: masters.to_vec(),
-            clients,
+            members: RwLock::new(Members {
+                list: Vec::new(),
+                version: (0, 0),
+            }),
             preferred: AtomicUsize::new(0),
+            rpc_timeout,
             deadline,
+            token,
             rt,
+            stop: Arc::new(AtomicBool::new(false)),
+        });
+        let list = masters
+            .iter()
+            .map(|a| client.member(a))
+            .collect::<FsResult<Vec<_>>>()?;
+        client.members.write().expect("members lock").list = list;
+        client.start_refresher();
+        Ok(client)
+    }
+
+    fn member(&self, addr: &str) -> FsResult<Member> {
+        let _guard = self.rt.enter();
+        let channel = granary_common::net::lazy_channel(
+            addr,
+            self.rpc_timeout.min(Duration::from_secs(2)),
+            self.rpc_timeout,
+        )
+        .map_err(|e| FsError::InvalidPath(format!("master address `{addr}`: {e}")))?;
+        Ok(Member {
+            addr: addr.to_string(),
+            client: MasterClient::with_interceptor(channel, self.token.clone())
+                .max_decoding_message_size(64 << 20)
+                .max_encoding_message_size(64 << 20),
         })
+    }
+
+    /// Master addresses as currently known.
+    pub fn masters(&self) -> Vec<String> {
+        self.members
+            .read()
+            .expect("members lock")
+            .list
+            .iter()
+            .map(|m| m.addr.clone())
+            .collect()
+    }
+
+    /// Adopts `set` if it is newer than what the client has (master migration).
+    fn adopt(&self, set: &MasterSet) {
+        let version = (set.conf_index, set.term);
+        if set.members.is_empty() || version <= self.members.read().expect("members lock").version {
+            return;
+        }
+        let addrs: Vec<&str> = set
+            .members
+            .iter()
+            .filter(|m| !m.addr.is_empty())
+            .map(|m| m.addr.as_str())
+            .collect();
+        let mut members = self.members.write().expect("members lock");
+        if version <= members.version {
+            return;
+        }
+        let old = std::mem::take(&mut members.list);
+        let mut list = Vec::new();
+        for addr in &addrs {
+            match old.iter().find(|m| m.addr == *addr) {
+                Some(m) => list.push(m.clone()),
+                None => match self.member(addr) {
+                    Ok(m) => list.push(m),
+                    Err(e) => {
+                        tracing::warn!(addr, error = %e, "ignoring master with a bad address")
+                    }
+                },
+            }
+        }
+        if list.is_empty() {
+            members.list = old;
+            return;
+        }
+        let leader = set
+            .members
+            .iter()
+            .find(|m| m.id == set.leader_id)
+            .map(|m| m.addr.clone());
+        let preferred = leader
+            .and_then(|l| list.iter().position(|m| m.addr == l))
+            .unwrap_or(0);
+        if old.iter().map(|m| &m.addr).ne(list.iter().map(|m| &m.addr)) {
+            tracing::info!(shard = self.shard, masters = ?addrs, conf_index = set.conf_index, "adopted a new master set");
+        }
+        members.list = list;
+        members.version = version;
+        self.preferred.store(preferred, Ordering::Relaxed);
+    }
+
+    /// Polls the master set every couple of seconds so membership changes reach this
+    /// client even when it is idle.
+    fn start_refresher(self: &Arc<Self>) {
+        let weak = Arc::downgrade(self);
+        let stop = self.stop.clone();
+        std::thread::Builder::new()
+            .name("granary-masters".into())
+            .spawn(move || {
+                while !stop.load(Ordering::Relaxed) {
+                    std::thread::sleep(Duration::from_secs(2));
+                    let Some(me) = weak.upgrade() else { return };
+                    let list = me.members.read().expect("members lock").list.clone();
+                    let start = me.preferred.load(Ordering::Relaxed);
+                    for i in 0..list.len() {
+                        let mut c = list[(start + i) % list.len()].client.clone();
+                        if let Ok(r) = me.rt.block_on(c.get_masters(GetMastersRequest {})) {
+                            me.adopt(&r.into_inner());
+                            break;
+                        }
+                    }
+                }
+            })
+            .expect("spawn master-set refresher");
+    }
+
+    fn leader_hint(status: &tonic::Status) -> Option<String> {
+        status
+            .metadata()
+            .get(LEADER_METADATA_KEY)
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_string)
     }
 
     /// Runs `call` against the masters until one answers or the deadline passes.
     fn call<T, F, Fut>(&self, what: &str, call: F) -> FsResult<T>
     where
-        F: Fn(MasterClient<Channel>) -> Fut,
+        F: Fn(Client) -> Fut,
         Fut: Future<Output = Result<tonic::Response<T>, tonic::Status>>,
     {
         let start = Instant::now();
         let mut backoff = Duration::from_millis(20);
         let mut attempt = 0usize;
         loop {
-            let idx = (self.preferred.load(Ordering::Relaxed) + attempt) % self.clients.len();
-            let result = self.rt.block_on(call(self.clients[idx].clone()));
-            let err = match result {
-                Ok(r) => {
-                    self.preferred.store(idx, Ordering::Relaxed);
-                    return Ok(r.into_inner());
-                }
-                Err(status) => FsError::from(status),
+            let (idx, member, count) = {
+                let members = self.members.read().expect("members lock");
+                let n = members.list.len().max(1);
+                let idx = self.preferred.load(Ordering::Relaxed) % n;
+                (idx, members.list[idx].clone(), n)
             };
+            let status = match self.rt.block_on(call(member.client.clone())) {
+                Ok(r) => return Ok(r.into_inner()),
+                Err(status) => status,
+            };
+            if let Some(leader) = Self::leader_hint(&status) {
+                // A follower named the leader: go there at once.
+                let members = self.members.read().expect("members lock");
+                let pos = members.list.iter().position(|m| m.addr == leader);
+                drop(members);
+                let pos = match pos {
+                    Some(p) => Some(p),
+                    None => self.member(&leader).ok().map(|m| {
+                        let mut members = self.members.write().expect("members lock");
+                        members.list.push(m);
+                        members.list.len() - 1
+                    }),
+                };
+                if let Some(p) = pos {
+                    self.preferred.store(p, Ordering::Relaxed);
+                }
+            } else {
+                self.preferred.store((idx + 1) % count, Ordering::Relaxed);
+            }
+            let err = FsError::from(status);
             if !err.is_retryable() {
                 return Err(err);
             }
@@ -98,7 +254,7 @@ impl GrpcMetadataClient {
                 metrics::counter!("granary_client_metadata_failures_total").increment(1);
                 tracing::error!(
                     shard = self.shard,
-                    masters = ?self.addrs,
+                    masters = ?self.masters(),
                     op = what,
                     attempts = attempt,
                     "shard {} unreachable for {:?}: {err}; failing with EIO",
@@ -111,10 +267,13 @@ impl GrpcMetadataClient {
                 )));
             }
             if attempt == 1 {
-                tracing::warn!(shard = self.shard, master = %self.addrs[idx], op = what, "metadata call failed, retrying: {err}");
+                tracing::warn!(shard = self.shard, master = %member.addr, op = what, "metadata call failed, retrying: {err}");
             }
-            std::thread::sleep(backoff.min(self.deadline.saturating_sub(start.elapsed())));
-            backoff = (backoff * 2).min(Duration::from_secs(1));
+            // Every member tried once: back off before the next round.
+            if attempt.is_multiple_of(count) {
+                std::thread::sleep(backoff.min(self.deadline.saturating_sub(start.elapsed())));
+                backoff = (backoff * 2).min(Duration::from_millis(500));
+            }
         }
     }
 }

@@ -104,13 +104,14 @@ pub fn connect_metadata(cfg: &MountConfig) -> Result<Arc<GrpcMetadataClient>, Mo
     let meta = GrpcMetadataClient::connect(
         0,
         &cfg.masters,
+        &cfg.cluster_token,
         Duration::from_millis(cfg.rpc_timeout_ms),
         Duration::from_millis(cfg.retry_deadline_ms),
     )
     .map_err(masters_err)?;
     meta.getattr(granary_common::ids::root_inode(0))
         .map_err(masters_err)?;
-    Ok(Arc::new(meta))
+    Ok(meta)
 }
 
 /// Builds the filesystem (metadata client, data path) without mounting it.
@@ -119,6 +120,7 @@ pub fn build_fs(cfg: &MountConfig) -> Result<GranaryFs, MountError> {
     let data = WorkerDataPath::new(
         meta.clone(),
         DataPathOptions {
+            cluster_token: cfg.cluster_token.clone(),
             short_circuit: cfg.short_circuit,
             readahead_max: cfg.readahead_max.0,
             readahead_memory: cfg.readahead_memory.0,

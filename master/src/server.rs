@@ -119,16 +119,14 @@ pub async fn start(mut config: MasterConfig) -> Result<RunningMaster, MasterErro
     }
 
     let members = config.initial_members()?;
-    let bootstrap_voters = if members.iter().any(|(id, _)| *id == config.id) {
-        members.iter().map(|(id, _)| *id).collect()
+    // Only an initial member bootstraps; one that is not listed joins an existing group.
+    let bootstrap: &[(u64, String)] = if members.iter().any(|(id, _)| *id == config.id) {
+        &members
     } else {
-        Vec::new()
+        &[]
     };
-    let log_store = RaftLogStore::open(
-        &config.data_dir.join("raft.redb"),
-        store.clone(),
-        bootstrap_voters,
-    )?;
+    let log_store =
+        RaftLogStore::open(&config.data_dir.join("raft.redb"), store.clone(), bootstrap)?;
     let (mailbox, inbox) = std::sync::mpsc::channel();
     let status = Arc::new(RwLock::new(RaftStatus::default()));
     let attach = AttachToken::new(&config.cluster_token)

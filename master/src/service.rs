@@ -10,6 +10,7 @@ use granary_common::path::{components, validate_name};
 use granary_common::FsError;
 use granary_protos::v1::master_server::Master;
 use granary_protos::v1::*;
+use granary_protos::LEADER_METADATA_KEY;
 use tokio_stream::wrappers::ReceiverStream;
 use tokio_stream::Stream;
 use tonic::{Request, Response, Status};
@@ -19,9 +20,6 @@ use crate::loader::{LoadProgress, MetadataLoader};
 use crate::raft::{Mail, MemberChange, RaftLog};
 use crate::store::NamespaceStore;
 use crate::workers::WorkerRegistry;
-
-/// Status metadata naming the leader's address on a NotLeader answer.
-pub const LEADER_METADATA_KEY: &str = "x-granary-leader";
 
 const DEFAULT_READDIR_LIMIT: u32 = 1024;
 const MAX_READDIR_LIMIT: u32 = 16_384;
@@ -387,9 +385,12 @@ impl Master for MasterService {
             .change_members(MemberChange::Promote { id: r.id })
             .await?;
         self.wait_status(
-            "the joint configuration to be left",
+            "the new voter's joint configuration to be left",
             Duration::from_secs(10),
-            |st| st.info.outgoing_voters.is_empty(),
+            |st| {
+                st.info.outgoing_voters.is_empty()
+                    && st.info.peers.iter().any(|p| p.id == r.id && !p.learner)
+            },
         )
         .await?;
         tracing::info!(id = r.id, addr = %r.addr, "master added");
@@ -425,9 +426,9 @@ impl Master for MasterService {
             .change_members(MemberChange::Remove { id })
             .await?;
         self.wait_status(
-            "the joint configuration to be left",
+            "the removal's joint configuration to be left",
             Duration::from_secs(10),
-            |st| st.info.outgoing_voters.is_empty(),
+            |st| st.info.outgoing_voters.is_empty() && !st.info.peers.iter().any(|p| p.id == id),
         )
         .await?;
         tracing::info!(id, "master removed");

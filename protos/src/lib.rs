@@ -18,5 +18,8 @@ pub mod raft {
     tonic::include_proto!("granary.raft.v1");
 }
 
+/// Status metadata a non-leader master adds to name the leader's address.
+pub const LEADER_METADATA_KEY: &str = "x-granary-leader";
+
 /// Version spoken on the data port; bumped on incompatible header changes.
 pub const DATA_PROTOCOL_VERSION: u32 = 1;

@@ -10,8 +10,11 @@ use serde::Deserialize;
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct WorkerConfig {
-    /// Master gRPC addresses (`host:port`); the worker registers with every one.
+    /// Master gRPC addresses (`host:port`); the worker registers with every one and
+    /// follows the master set the leader announces.
     pub masters: Vec<String>,
+    /// The cluster's shared token (see the master's `cluster_token`).
+    pub cluster_token: String,
     /// Block data protocol listen address.
     pub data_listen: SocketAddr,
     /// Host name or IP clients use to reach this worker; default: the listen IP, or this
@@ -33,6 +36,7 @@ impl Default for WorkerConfig {
     fn default() -> Self {
         WorkerConfig {
             masters: vec!["127.0.0.1:19998".into()],
+            cluster_token: String::new(),
             data_listen: "127.0.0.1:19999".parse().expect("valid"),
             advertise_host: None,
             cache_dir: PathBuf::from("/var/cache/granary/worker"),

@@ -14,6 +14,7 @@ use tokio::net::{TcpListener, TcpStream};
 
 use crate::block_store::Fingerprint;
 use crate::fetcher::{BlockFetcher, BlockSource};
+use granary_common::auth::CheckToken;
 
 /// Largest byte range one request may ask for.
 pub const MAX_READ_LEN: u64 = 16 << 20;
@@ -22,6 +23,7 @@ pub struct DataServer {
     pub fetcher: Arc<BlockFetcher>,
     pub worker_id: String,
     pub hostname: String,
+    pub token: CheckToken,
 }
 
 fn status_of(e: &FsError) -> Status {
@@ -61,14 +63,20 @@ impl DataServer {
         let (rd, mut wr) = sock.into_split();
         let mut rd = BufReader::new(rd);
         let hello: Hello = read_header_async(&mut rd).await?;
-        let accepted = hello.version == DATA_PROTOCOL_VERSION;
+        let refusal = if hello.version != DATA_PROTOCOL_VERSION {
+            Some(format!(
+                "data protocol version {} not supported (this worker speaks {DATA_PROTOCOL_VERSION})",
+                hello.version
+            ))
+        } else if !self.token.accepts(&hello.cluster_token) {
+            Some("wrong or missing cluster token".to_string())
+        } else {
+            None
+        };
+        let accepted = refusal.is_none();
         let reply = HelloReply {
             ok: accepted,
-            error: if accepted {
-                String::new()
-            } else {
-                format!("data protocol version {} not supported (this worker speaks {DATA_PROTOCOL_VERSION})", hello.version)
-            },
+            error: refusal.unwrap_or_default(),
             worker_id: self.worker_id.clone(),
             hostname: self.hostname.clone(),
         };
@@ -233,6 +241,7 @@ mod tests {
             fetcher: Arc::new(BlockFetcher::new(Arc::new(store), mounts)),
             worker_id: "w".into(),
             hostname: "h".into(),
+            token: CheckToken::new(""),
         });
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();

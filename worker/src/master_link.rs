@@ -1,17 +1,27 @@
 //! Registration with every master and periodic heartbeats carrying capacity and block
 //! deltas. Each master gets its own link and its own queue of deltas, so a slow or dead
-//! master never delays the others; a master that lost track of us (restart) gets a full
-//! re-registration.
+//! master never delays the others; a master that lost track of this worker (restart)
+//! gets a full re-registration. Replies carry the current master set: a newer one is
+//! adopted on the fly, starting links to new masters and stopping links to removed ones
+//! (master migration without a restart).
 
+use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use granary_common::auth::AttachToken;
 use granary_protos::v1::master_client::MasterClient;
-use granary_protos::v1::{BlockKey, RegisterWorkerRequest, WorkerHeartbeatRequest, WorkerInfo};
-use tonic::transport::{Channel, Endpoint};
+use granary_protos::v1::{
+    BlockKey, MasterSet, RegisterWorkerRequest, WorkerHeartbeatRequest, WorkerInfo,
+};
+use tokio::task::JoinHandle;
+use tonic::service::interceptor::InterceptedService;
+use tonic::transport::Channel;
 
 use crate::block_store::{BlockId, BlockStore};
 use crate::mounts::MountRegistry;
+
+type Client = MasterClient<InterceptedService<Channel, AttachToken>>;
 
 #[derive(Default)]
 struct Pending {
@@ -25,61 +35,155 @@ fn keys(ids: &[BlockId]) -> Vec<BlockKey> {
         .collect()
 }
 
-pub fn channel(addr: &str) -> Result<Channel, tonic::transport::Error> {
-    Ok(Endpoint::from_shared(format!("http://{addr}"))?
-        .connect_timeout(Duration::from_secs(2))
-        .timeout(Duration::from_secs(10))
-        .tcp_nodelay(true)
-        .connect_lazy())
+struct LinkHandle {
+    pending: Arc<Mutex<Pending>>,
+    task: JoinHandle<()>,
 }
 
-/// Starts one link per master plus the task that fans block deltas out to them.
-pub fn start(
-    masters: &[String],
+struct Links {
+    by_addr: HashMap<String, LinkHandle>,
+    /// (conf_index, term) of the adopted master set.
+    version: (u64, u64),
+}
+
+/// Keeps one link per current master.
+pub struct MasterLinks {
     info: WorkerInfo,
     store: Arc<BlockStore>,
     mounts: Arc<MountRegistry>,
-) -> Result<(), tonic::transport::Error> {
-    let mut queues = Vec::new();
-    for addr in masters {
+    token: AttachToken,
+    links: Mutex<Links>,
+}
+
+impl MasterLinks {
+    /// Starts links to `masters` plus the task that fans block deltas out to them.
+    pub fn start(
+        masters: &[String],
+        info: WorkerInfo,
+        store: Arc<BlockStore>,
+        mounts: Arc<MountRegistry>,
+        token: AttachToken,
+    ) -> Arc<Self> {
+        let me = Arc::new(MasterLinks {
+            info,
+            store: store.clone(),
+            mounts,
+            token,
+            links: Mutex::new(Links {
+                by_addr: HashMap::new(),
+                version: (0, 0),
+            }),
+        });
+        for addr in masters {
+            me.add_link(addr);
+        }
+        let weak = Arc::downgrade(&me);
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(Duration::from_millis(200));
+            loop {
+                tick.tick().await;
+                let Some(me) = weak.upgrade() else { return };
+                let (added, removed) = me.store.take_deltas();
+                if added.is_empty() && removed.is_empty() {
+                    continue;
+                }
+                for link in me.links.lock().expect("links lock").by_addr.values() {
+                    let mut q = link.pending.lock().expect("pending lock");
+                    q.added.extend_from_slice(&added);
+                    q.removed.extend_from_slice(&removed);
+                }
+            }
+        });
+        me
+    }
+
+    fn add_link(self: &Arc<Self>, addr: &str) {
+        let mut links = self.links.lock().expect("links lock");
+        if links.by_addr.contains_key(addr) {
+            return;
+        }
+        let channel = match granary_common::net::lazy_channel(
+            addr,
+            Duration::from_secs(2),
+            Duration::from_secs(10),
+        ) {
+            Ok(c) => c,
+            Err(e) => {
+                tracing::error!(master = addr, error = %e, "invalid master address");
+                return;
+            }
+        };
         let pending = Arc::new(Mutex::new(Pending::default()));
-        queues.push(pending.clone());
         let link = Link {
-            addr: addr.clone(),
-            client: MasterClient::new(channel(addr)?)
+            addr: addr.to_string(),
+            client: MasterClient::with_interceptor(channel, self.token.clone())
                 .max_decoding_message_size(64 << 20)
                 .max_encoding_message_size(64 << 20),
-            info: info.clone(),
-            store: store.clone(),
-            mounts: mounts.clone(),
-            pending,
+            owner: Arc::downgrade(self),
+            pending: pending.clone(),
         };
-        tokio::spawn(link.run());
+        let task = tokio::spawn(link.run());
+        links
+            .by_addr
+            .insert(addr.to_string(), LinkHandle { pending, task });
     }
-    tokio::spawn(async move {
-        let mut tick = tokio::time::interval(Duration::from_millis(200));
-        loop {
-            tick.tick().await;
-            let (added, removed) = store.take_deltas();
-            if added.is_empty() && removed.is_empty() {
-                continue;
+
+    /// Adopts a master set newer than the current one.
+    fn adopt(self: &Arc<Self>, set: &MasterSet) {
+        let version = (set.conf_index, set.term);
+        let addrs: Vec<String> = set
+            .members
+            .iter()
+            .filter(|m| !m.addr.is_empty())
+            .map(|m| m.addr.clone())
+            .collect();
+        let removed: Vec<String> = {
+            let mut links = self.links.lock().expect("links lock");
+            if addrs.is_empty() || version <= links.version {
+                return;
             }
-            for q in &queues {
-                let mut q = q.lock().expect("pending lock");
-                q.added.extend_from_slice(&added);
-                q.removed.extend_from_slice(&removed);
+            links.version = version;
+            let gone: Vec<String> = links
+                .by_addr
+                .keys()
+                .filter(|a| !addrs.contains(a))
+                .cloned()
+                .collect();
+            for a in &gone {
+                if let Some(l) = links.by_addr.remove(a) {
+                    l.task.abort();
+                }
             }
+            gone
+        };
+        for a in &addrs {
+            self.add_link(a);
         }
-    });
-    Ok(())
+        if !removed.is_empty()
+            || addrs.len() != self.links.lock().expect("links lock").by_addr.len()
+        {
+            tracing::info!(masters = ?addrs, removed = ?removed, conf_index = set.conf_index, "adopted a new master set");
+        }
+    }
+
+    pub fn masters(&self) -> Vec<String> {
+        let mut v: Vec<String> = self
+            .links
+            .lock()
+            .expect("links lock")
+            .by_addr
+            .keys()
+            .cloned()
+            .collect();
+        v.sort();
+        v
+    }
 }
 
 struct Link {
     addr: String,
-    client: MasterClient<Channel>,
-    info: WorkerInfo,
-    store: Arc<BlockStore>,
-    mounts: Arc<MountRegistry>,
+    client: Client,
+    owner: std::sync::Weak<MasterLinks>,
     pending: Arc<Mutex<Pending>>,
 }
 
@@ -89,8 +193,11 @@ impl Link {
         let mut interval = Duration::from_secs(1);
         let mut failures = 0u32;
         loop {
+            let Some(owner) = self.owner.upgrade() else {
+                return;
+            };
             if !registered {
-                match self.register().await {
+                match self.register(&owner).await {
                     Ok(hb) => {
                         registered = true;
                         failures = 0;
@@ -102,31 +209,39 @@ impl Link {
                         if failures == 1 || failures.is_multiple_of(30) {
                             tracing::warn!(master = %self.addr, error = %e.message(), "cannot register with master; retrying");
                         }
+                        drop(owner);
                         tokio::time::sleep(Duration::from_millis(500).min(interval)).await;
                         continue;
                     }
                 }
             }
+            drop(owner);
             tokio::time::sleep(interval).await;
+            let Some(owner) = self.owner.upgrade() else {
+                return;
+            };
             let (added, removed) = {
                 let mut p = self.pending.lock().expect("pending lock");
                 (std::mem::take(&mut p.added), std::mem::take(&mut p.removed))
             };
             let req = WorkerHeartbeatRequest {
-                worker_id: self.info.worker_id.clone(),
-                capacity_bytes: self.store.capacity(),
-                used_bytes: self.store.used(),
+                worker_id: owner.info.worker_id.clone(),
+                capacity_bytes: owner.store.capacity(),
+                used_bytes: owner.store.used(),
                 added: keys(&added),
                 removed: keys(&removed),
             };
             match self.client.worker_heartbeat(req).await {
                 Ok(r) => {
                     let r = r.into_inner();
+                    if let Some(m) = &r.masters {
+                        owner.adopt(m);
+                    }
                     if r.reregister {
                         tracing::info!(master = %self.addr, "master asked for a full re-registration");
                         registered = false;
                     } else if let Some(m) = r.mounts {
-                        self.mounts.update(&m);
+                        owner.mounts.update(&m);
                     }
                 }
                 Err(e) => {
@@ -138,13 +253,13 @@ impl Link {
         }
     }
 
-    async fn register(&mut self) -> Result<Duration, tonic::Status> {
+    async fn register(&mut self, owner: &Arc<MasterLinks>) -> Result<Duration, tonic::Status> {
         // Deltas queued before the snapshot are contained in it.
         *self.pending.lock().expect("pending lock") = Pending::default();
-        let blocks = keys(&self.store.snapshot());
-        let mut info = self.info.clone();
-        info.capacity_bytes = self.store.capacity();
-        info.used_bytes = self.store.used();
+        let blocks = keys(&owner.store.snapshot());
+        let mut info = owner.info.clone();
+        info.capacity_bytes = owner.store.capacity();
+        info.used_bytes = owner.store.used();
         let reply = self
             .client
             .register_worker(RegisterWorkerRequest {
@@ -154,9 +269,12 @@ impl Link {
             .await?
             .into_inner();
         if let Some(m) = &reply.mounts {
-            self.mounts.update(m);
+            owner.mounts.update(m);
         }
-        tracing::info!(master = %self.addr, blocks = self.store.len(), "registered with master");
+        if let Some(m) = &reply.masters {
+            owner.adopt(m);
+        }
+        tracing::info!(master = %self.addr, blocks = owner.store.len(), "registered with master");
         Ok(Duration::from_millis(reply.heartbeat_interval_ms.max(100)))
     }
 }

@@ -13,7 +13,9 @@ use crate::block_store::BlockStore;
 use crate::config::WorkerConfig;
 use crate::data_server::DataServer;
 use crate::fetcher::BlockFetcher;
+use crate::master_link::MasterLinks;
 use crate::mounts::MountRegistry;
+use granary_common::auth::{AttachToken, CheckToken};
 
 #[derive(Debug, thiserror::Error)]
 pub enum WorkerError {
@@ -31,14 +33,13 @@ pub enum WorkerError {
     },
     #[error("metrics endpoint: {0}")]
     Metrics(String),
-    #[error("invalid master address: {0}")]
-    MasterAddress(#[from] tonic::transport::Error),
 }
 
 pub struct RunningWorker {
     pub worker_id: String,
     pub data_addr: SocketAddr,
     pub store: Arc<BlockStore>,
+    pub links: Arc<MasterLinks>,
     task: JoinHandle<()>,
 }
 
@@ -100,11 +101,14 @@ pub async fn start(config: WorkerConfig) -> Result<RunningWorker, WorkerError> {
         hostname: hostname.clone(),
         ..Default::default()
     };
-    crate::master_link::start(&config.masters, info, store.clone(), mounts.clone())?;
+    let token = AttachToken::new(&config.cluster_token)
+        .map_err(|e| ConfigError::invalid("cluster_token", e))?;
+    let links = MasterLinks::start(&config.masters, info, store.clone(), mounts.clone(), token);
     let server = Arc::new(DataServer {
         fetcher: Arc::new(BlockFetcher::new(store.clone(), mounts)),
         worker_id: id.clone(),
         hostname,
+        token: CheckToken::new(&config.cluster_token),
     });
     let task = tokio::spawn(server.serve(listener));
     tracing::info!(worker = %id, %data_addr, "worker serving");
@@ -112,6 +116,7 @@ pub async fn start(config: WorkerConfig) -> Result<RunningWorker, WorkerError> {
         worker_id: id,
         data_addr,
         store,
+        links,
         task,
     })
 }

@@ -12,7 +12,9 @@ use raft::eraftpb::{ConfState, Entry, HardState, Snapshot};
 use raft::{GetEntriesContext, RaftState, Storage, StorageError};
 use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
 
-use crate::store::{redb_err, NamespaceStore, StoreError};
+use granary_protos::v1::{MasterSet, Member};
+
+use crate::store::{redb_err, EntryOp, LogEntry, NamespaceStore, StoreError};
 
 const ENTRIES: TableDefinition<u64, &[u8]> = TableDefinition::new("entries");
 const STATE: TableDefinition<&str, &[u8]> = TableDefinition::new("state");
@@ -32,9 +34,6 @@ pub struct RaftLogStore {
     namespace: Arc<NamespaceStore>,
     hard_state: RwLock<HardState>,
     bounds: RwLock<Bounds>,
-    /// Voters to start with when neither the log nor the namespace has a configuration
-    /// (first start of an initial member). Empty for a member that joins later.
-    bootstrap_voters: Vec<u64>,
 }
 
 fn store_err(e: StoreError) -> raft::Error {
@@ -46,10 +45,14 @@ fn pb_err(e: protobuf::ProtobufError) -> StoreError {
 }
 
 impl RaftLogStore {
+    /// Opens the log. On the very first start of an initial member, `bootstrap` (the
+    /// initial members) becomes a snapshot at index 1: every initial member writes the same
+    /// one, and a member added later (empty log) is sent a snapshot that carries the
+    /// configuration, instead of replaying a log that never mentioned the first members.
     pub fn open(
         path: &std::path::Path,
         namespace: Arc<NamespaceStore>,
-        bootstrap_voters: Vec<u64>,
+        bootstrap: &[(u64, String)],
     ) -> Result<Self, StoreError> {
         let db = redb_err!(Database::create(path))?;
         let txn = redb_err!(db.begin_write())?;
@@ -59,7 +62,7 @@ impl RaftLogStore {
 
         let txn = redb_err!(db.begin_read())?;
         let state = redb_err!(txn.open_table(STATE))?;
-        let mut hard_state = match redb_err!(state.get(HARD_STATE))? {
+        let hard_state = match redb_err!(state.get(HARD_STATE))? {
             Some(v) => HardState::parse_from_bytes(v.value()).map_err(pb_err)?,
             None => HardState::default(),
         };
@@ -77,32 +80,89 @@ impl RaftLogStore {
             Some((k, _)) => k.value(),
             None => bounds.truncated_index,
         };
-        // Applied entries were committed, even if the commit index was not persisted.
-        let (applied, _) = namespace.applied()?;
-        hard_state.commit = hard_state.commit.max(applied);
+        let fresh = bounds.last == 0
+            && hard_state == HardState::default()
+            && namespace.conf_state()?.is_none();
         drop((entries, state, txn));
-        Ok(RaftLogStore {
+        let store = RaftLogStore {
             db,
             namespace,
             hard_state: RwLock::new(hard_state),
             bounds: RwLock::new(bounds),
-            bootstrap_voters,
-        })
+        };
+        if fresh && !bootstrap.is_empty() {
+            store.bootstrap(bootstrap)?;
+        }
+        // Applied entries were committed, even if the commit index was not persisted.
+        let (applied, _) = store.namespace.applied()?;
+        let mut hs = store.hard_state.write().expect("hard state lock");
+        hs.commit = hs.commit.max(applied);
+        drop(hs);
+        Ok(store)
+    }
+
+    fn bootstrap(&self, members: &[(u64, String)]) -> Result<(), StoreError> {
+        const INDEX: u64 = 1;
+        const TERM: u64 = 1;
+        let cs = ConfState {
+            voters: members.iter().map(|(id, _)| *id).collect(),
+            ..Default::default()
+        };
+        let masters = MasterSet {
+            members: members
+                .iter()
+                .map(|(id, addr)| Member {
+                    id: *id,
+                    addr: addr.clone(),
+                    learner: false,
+                })
+                .collect(),
+            leader_id: 0,
+            term: TERM,
+            conf_index: INDEX,
+        };
+        self.namespace.apply_batch(&[LogEntry {
+            index: INDEX,
+            term: TERM,
+            op: EntryOp::ConfChange {
+                conf_state: cs.write_to_bytes().map_err(pb_err)?,
+                masters,
+            },
+        }])?;
+        let hs = HardState {
+            term: TERM,
+            commit: INDEX,
+            ..Default::default()
+        };
+        let txn = redb_err!(self.db.begin_write())?;
+        {
+            let mut state = redb_err!(txn.open_table(STATE))?;
+            let mut t = INDEX.to_be_bytes().to_vec();
+            t.extend_from_slice(&TERM.to_be_bytes());
+            redb_err!(state.insert(TRUNCATED, t.as_slice()))?;
+            redb_err!(state.insert(HARD_STATE, hs.write_to_bytes().map_err(pb_err)?.as_slice()))?;
+        }
+        redb_err!(txn.commit())?;
+        *self.hard_state.write().expect("hard state lock") = hs;
+        *self.bounds.write().expect("bounds lock") = Bounds {
+            truncated_index: INDEX,
+            truncated_term: TERM,
+            last: INDEX,
+        };
+        tracing::info!(members = ?members, "bootstrapped a new Raft group");
+        Ok(())
     }
 
     pub fn namespace(&self) -> &Arc<NamespaceStore> {
         &self.namespace
     }
 
-    /// The configuration as of the state machine's applied index.
+    /// The configuration as of the state machine's applied index (empty for a member
+    /// that has not yet received the group's snapshot).
     pub fn conf_state(&self) -> Result<ConfState, StoreError> {
         match self.namespace.conf_state()? {
             Some(b) => ConfState::parse_from_bytes(&b).map_err(pb_err),
-            None => {
-                let mut cs = ConfState::default();
-                cs.voters = self.bootstrap_voters.clone();
-                Ok(cs)
-            }
+            None => Ok(ConfState::default()),
         }
     }
 

@@ -67,14 +67,12 @@ impl Transport {
     fn spawn_peer(&self, id: u64, addr: String) -> Peer {
         let (tx, mut rx) = mpsc::unbounded_channel::<Message>();
         let mailbox = self.mailbox.clone();
-        let channel = granary_common::net::lazy_channel(
-            &addr,
-            Duration::from_secs(1),
-            Duration::from_secs(30),
-        );
         let token = self.token.clone();
         let peer_addr = addr.clone();
         self.runtime.spawn(async move {
+            // A channel spawns its connection task, so it is made inside the runtime.
+            let channel =
+                granary_common::net::lazy_channel(&peer_addr, Duration::from_secs(1), Duration::from_secs(30));
             let Ok(channel) = channel else {
                 tracing::error!(peer = id, addr = %peer_addr, "invalid raft peer address");
                 return;
