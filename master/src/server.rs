@@ -25,7 +25,7 @@ use crate::config::MasterConfig;
 use crate::loader::MetadataLoader;
 use crate::raft::log_store::RaftLogStore;
 use crate::raft::node::{NodeConfig, RaftNode};
-use crate::raft::transport::{RaftService, Transport, MAX_RAFT_MESSAGE};
+use crate::raft::transport::{GrpcTransport, RaftService, MAX_RAFT_MESSAGE};
 use crate::raft::{Mail, RaftLog, RaftStatus};
 use crate::service::MasterService;
 use crate::store::{NamespaceStore, StoreError};
@@ -131,7 +131,7 @@ pub async fn start(mut config: MasterConfig) -> Result<RunningMaster, MasterErro
     let status = Arc::new(RwLock::new(RaftStatus::default()));
     let attach = AttachToken::new(&config.cluster_token)
         .map_err(|e| ConfigError::invalid("cluster_token", e))?;
-    let transport = Transport::new(mailbox.clone(), tokio::runtime::Handle::current(), attach);
+    let transport = GrpcTransport::new(mailbox.clone(), tokio::runtime::Handle::current(), attach);
     let node = RaftNode::new(
         NodeConfig {
             id: config.id,
@@ -143,7 +143,7 @@ pub async fn start(mut config: MasterConfig) -> Result<RunningMaster, MasterErro
         },
         store.clone(),
         log_store,
-        transport,
+        Box::new(transport),
         inbox,
         status.clone(),
     )

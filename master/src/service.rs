@@ -16,6 +16,7 @@ use tokio_stream::Stream;
 use tonic::{Request, Response, Status};
 
 use crate::block_locations::BlockLocations;
+use crate::command_log::CommandLog;
 use crate::loader::{LoadProgress, MetadataLoader};
 use crate::raft::{Mail, MemberChange, RaftLog};
 use crate::store::NamespaceStore;
@@ -129,6 +130,41 @@ impl Master for MasterService {
         self.leader_only()?;
         let r = req.into_inner();
         let inode = self.lookup_child(r.parent, &r.name).await?;
+        Ok(Response::new(InodeReply { inode: Some(inode) }))
+    }
+
+    async fn create(&self, req: Request<CreateRequest>) -> Result<Response<InodeReply>, Status> {
+        count("create");
+        self.leader_only()?;
+        let r = req.into_inner();
+        validate_name(&r.name).map_err(Status::from)?;
+        let dir = self.store.get(r.parent)?;
+        if dir.kind != FileKind::Directory as i32 {
+            return Err(FsError::NotDir(String::from_utf8_lossy(&dir.name).into_owned()).into());
+        }
+        // The directory must be listed first, or the listing would not know the new entry.
+        self.loader.ensure_loaded(&dir).await?;
+        let mtime_ns = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_nanos() as i64)
+            .unwrap_or(0);
+        let cmd = Command {
+            op: Some(command::Op::CreateInode(CreateInode {
+                parent: r.parent,
+                name: r.name.clone(),
+                kind: r.kind,
+                mode: r.mode,
+                uid: r.uid,
+                gid: r.gid,
+                mtime_ns,
+                symlink_target: Vec::new(),
+            })),
+        };
+        self.raft.propose(cmd).await?;
+        let inode = self
+            .store
+            .lookup(r.parent, &r.name)?
+            .ok_or_else(|| FsError::Io("created entry vanished".into()))?;
         Ok(Response::new(InodeReply { inode: Some(inode) }))
     }
 

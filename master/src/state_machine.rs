@@ -8,7 +8,8 @@ use granary_common::ids::{inode_id, root_inode};
 use granary_common::path::{join, validate_name};
 use granary_common::{FsError, FsResult};
 use granary_protos::v1::{
-    command, Command, FileKind, Inode, LoadDirectory, MountTable, SetMount, UfsFingerprint,
+    command, Command, CreateInode, FileKind, Inode, LoadDirectory, MountTable, SetMount,
+    UfsFingerprint,
 };
 use prost::Message;
 use redb::{ReadableTable, Table};
@@ -92,6 +93,7 @@ pub(crate) fn apply(t: &mut Tables<'_>, cmd: &Command) -> Result<FsResult<()>, S
     match &cmd.op {
         Some(command::Op::SetMount(m)) => set_mount(t, m),
         Some(command::Op::LoadDirectory(l)) => load_directory(t, l),
+        Some(command::Op::CreateInode(c)) => create_inode(t, c),
         None => Ok(Err(FsError::InvalidPath("empty command".into()))),
     }
 }
@@ -199,12 +201,57 @@ fn load_directory(t: &mut Tables<'_>, l: &LoadDirectory) -> Result<FsResult<()>,
         };
         t.put(&inode)?;
     }
-    // Whatever the UFS no longer lists is gone.
+    // Whatever the UFS no longer lists is gone, except entries created through Granary
+    // that have not reached the UFS yet (no fingerprint).
     for (name, id) in existing {
-        t.remove_subtree(dir.id, &name, id)?;
+        let created_here = t.get(id)?.is_some_and(|i| i.fingerprint.is_none());
+        if !created_here {
+            t.remove_subtree(dir.id, &name, id)?;
+        }
     }
     t.add_count(added)?;
     dir.children_loaded = true;
     t.put(&dir)?;
+    Ok(Ok(()))
+}
+
+fn create_inode(t: &mut Tables<'_>, c: &CreateInode) -> Result<FsResult<()>, StoreError> {
+    if let Err(e) = validate_name(&c.name) {
+        return Ok(Err(e));
+    }
+    let Some(dir) = t.get(c.parent)? else {
+        return Ok(Err(FsError::NotFound(format!("directory {:#x}", c.parent))));
+    };
+    if dir.kind != FileKind::Directory as i32 {
+        return Ok(Err(FsError::NotDir(
+            String::from_utf8_lossy(&dir.name).into_owned(),
+        )));
+    }
+    let key = child_key(dir.id, &c.name);
+    if redb_err!(t.children.get(key.as_slice()))?.is_some() {
+        return Ok(Err(FsError::Exists(
+            String::from_utf8_lossy(&c.name).into_owned(),
+        )));
+    }
+    let id = t.allocate_id()?;
+    redb_err!(t.children.insert(key.as_slice(), id))?;
+    let block_size = meta_u64(&t.meta, META_BLOCK_SIZE)?;
+    t.put(&Inode {
+        id,
+        parent: dir.id,
+        name: c.name.clone(),
+        kind: c.kind,
+        mode: c.mode & 0o7777,
+        uid: c.uid,
+        gid: c.gid,
+        mtime_ns: c.mtime_ns,
+        symlink_target: c.symlink_target.clone(),
+        block_size,
+        children_loaded: c.kind == FileKind::Directory as i32,
+        mount_id: dir.mount_id,
+        ufs_path: join(&dir.ufs_path, &c.name),
+        ..Default::default()
+    })?;
+    t.add_count(1)?;
     Ok(Ok(()))
 }

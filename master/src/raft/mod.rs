@@ -107,3 +107,5 @@ impl CommandLog for RaftLog {
         async move { me.ask(Mail::Propose(cmd, tx), rx).await }
     }
 }
+#[cfg(test)]
+mod tests;

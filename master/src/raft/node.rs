@@ -21,7 +21,7 @@ use raft::{RawNode, SnapshotStatus, StateRole};
 use tokio::sync::oneshot;
 
 use super::log_store::RaftLogStore;
-use super::transport::Transport;
+use super::transport::PeerNetwork;
 use super::{Mail, MemberChange, RaftStatus};
 use crate::store::{EntryOp, LogEntry, NamespaceStore, StoreError};
 
@@ -45,7 +45,7 @@ pub struct RaftNode {
     cfg: NodeConfig,
     raw: RawNode<RaftLogStore>,
     namespace: Arc<NamespaceStore>,
-    transport: Transport,
+    transport: Box<dyn PeerNetwork>,
     mailbox: Receiver<Mail>,
     status: Arc<RwLock<RaftStatus>>,
     /// Member addresses: config, then every applied membership change.
@@ -70,7 +70,7 @@ impl RaftNode {
         cfg: NodeConfig,
         namespace: Arc<NamespaceStore>,
         log_store: RaftLogStore,
-        transport: Transport,
+        transport: Box<dyn PeerNetwork>,
         mailbox: Receiver<Mail>,
         status: Arc<RwLock<RaftStatus>>,
     ) -> Result<Self, FsError> {
@@ -285,8 +285,7 @@ impl RaftNode {
         if msgs.is_empty() {
             return;
         }
-        let book = &self.book;
-        self.transport.send(msgs, |id| book.get(&id).cloned());
+        self.transport.send(msgs, &self.book);
     }
 
     fn on_ready(&mut self) -> Result<(), StoreError> {

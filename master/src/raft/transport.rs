@@ -28,16 +28,23 @@ struct Peer {
     tx: mpsc::UnboundedSender<Message>,
 }
 
-pub struct Transport {
+/// Carries raft messages to peers. The gRPC implementation is [`GrpcTransport`]; tests
+/// use an in-memory network that can drop messages and partition members.
+pub trait PeerNetwork: Send {
+    /// Queues messages for their peers; `book` maps member ids to addresses.
+    fn send(&self, msgs: Vec<Message>, book: &HashMap<u64, String>);
+}
+
+pub struct GrpcTransport {
     mailbox: Sender<Mail>,
     runtime: tokio::runtime::Handle,
     token: AttachToken,
     peers: Mutex<HashMap<u64, Peer>>,
 }
 
-impl Transport {
+impl GrpcTransport {
     pub fn new(mailbox: Sender<Mail>, runtime: tokio::runtime::Handle, token: AttachToken) -> Self {
-        Transport {
+        GrpcTransport {
             mailbox,
             runtime,
             token,
@@ -45,22 +52,12 @@ impl Transport {
         }
     }
 
-    /// Queues messages for their peers; `addr_of` resolves a member id to its address.
-    pub fn send(&self, msgs: Vec<Message>, addr_of: impl Fn(u64) -> Option<String>) {
-        let mut peers = self.peers.lock().expect("peers lock");
-        for m in msgs {
-            let to = m.to;
-            let Some(addr) = addr_of(to) else {
-                tracing::debug!(to, "no address for raft peer; dropping message");
-                continue;
-            };
-            let stale = peers
-                .get(&to)
-                .is_none_or(|p| p.addr != addr || p.tx.is_closed());
-            if stale {
-                peers.insert(to, self.spawn_peer(to, addr));
-            }
-            let _ = peers[&to].tx.send(m);
+    fn peer_for(&self, peers: &mut HashMap<u64, Peer>, to: u64, addr: &str) {
+        let stale = peers
+            .get(&to)
+            .is_none_or(|p| p.addr != addr || p.tx.is_closed());
+        if stale {
+            peers.insert(to, self.spawn_peer(to, addr.to_string()));
         }
     }
 
@@ -115,6 +112,21 @@ impl Transport {
             }
         });
         Peer { addr, tx }
+    }
+}
+
+impl PeerNetwork for GrpcTransport {
+    fn send(&self, msgs: Vec<Message>, book: &HashMap<u64, String>) {
+        let mut peers = self.peers.lock().expect("peers lock");
+        for m in msgs {
+            let to = m.to;
+            let Some(addr) = book.get(&to) else {
+                tracing::debug!(to, "no address for raft peer; dropping message");
+                continue;
+            };
+            self.peer_for(&mut peers, to, addr);
+            let _ = peers[&to].tx.send(m);
+        }
     }
 }
 

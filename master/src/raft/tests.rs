@@ -1,0 +1,289 @@
+//! The Raft wiring (Ready loop, log store, apply, membership) over an in-memory network
+//! that drops messages at a seeded rate and partitions members, with real redb stores.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::mpsc::Sender;
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::{Duration, Instant};
+
+use granary_protos::v1::{command, Command, CreateInode, FileKind, MountPoint, SetMount};
+use raft::eraftpb::Message;
+
+use super::log_store::RaftLogStore;
+use super::node::{NodeConfig, RaftNode};
+use super::transport::PeerNetwork;
+use super::{Mail, RaftLog, RaftStatus};
+use crate::command_log::CommandLog;
+use crate::store::NamespaceStore;
+
+#[derive(Default)]
+struct Network {
+    mailboxes: Mutex<HashMap<u64, Sender<Mail>>>,
+    isolated: Mutex<HashSet<u64>>,
+    /// Percent of messages dropped, decided by a seeded xorshift.
+    drop_percent: Mutex<(u64, u64)>,
+}
+
+impl Network {
+    fn deliver(&self, from: u64, m: Message) {
+        let isolated = self.isolated.lock().unwrap();
+        if isolated.contains(&from) || isolated.contains(&m.to) {
+            return;
+        }
+        drop(isolated);
+        {
+            let mut d = self.drop_percent.lock().unwrap();
+            d.1 ^= d.1 << 13;
+            d.1 ^= d.1 >> 7;
+            d.1 ^= d.1 << 17;
+            if d.1 % 100 < d.0 {
+                return;
+            }
+        }
+        if let Some(mb) = self.mailboxes.lock().unwrap().get(&m.to) {
+            let _ = mb.send(Mail::Step(vec![m]));
+        }
+    }
+}
+
+struct MemTransport {
+    from: u64,
+    net: Arc<Network>,
+}
+
+impl PeerNetwork for MemTransport {
+    fn send(&self, msgs: Vec<Message>, _book: &HashMap<u64, String>) {
+        for m in msgs {
+            self.net.deliver(self.from, m);
+        }
+    }
+}
+
+struct Member {
+    store: Arc<NamespaceStore>,
+    log: RaftLog,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+struct Group {
+    _dir: tempfile::TempDir,
+    net: Arc<Network>,
+    members: HashMap<u64, Member>,
+}
+
+impl Group {
+    fn new(ids: &[u64], snapshot_threshold: u64, drop_percent: u64) -> Group {
+        let dir = tempfile::tempdir().unwrap();
+        let net = Arc::new(Network::default());
+        *net.drop_percent.lock().unwrap() = (drop_percent, 0x2545f4914f6cdd1d);
+        let boot: Vec<(u64, String)> = ids.iter().map(|&i| (i, format!("mem-{i}"))).collect();
+        let mut members = HashMap::new();
+        for &id in ids {
+            let store = Arc::new(
+                NamespaceStore::open(&dir.path().join(format!("ns-{id}.redb")), 0).unwrap(),
+            );
+            let log_store = RaftLogStore::open(
+                &dir.path().join(format!("raft-{id}.redb")),
+                store.clone(),
+                &boot,
+            )
+            .unwrap();
+            let (tx, rx) = std::sync::mpsc::channel();
+            net.mailboxes.lock().unwrap().insert(id, tx.clone());
+            let status = Arc::new(RwLock::new(RaftStatus::default()));
+            let node = RaftNode::new(
+                NodeConfig {
+                    id,
+                    tick: Duration::from_millis(10),
+                    election_ticks: 10,
+                    heartbeat_ticks: 2,
+                    snapshot_threshold,
+                    initial_members: boot.clone(),
+                },
+                store.clone(),
+                log_store,
+                Box::new(MemTransport {
+                    from: id,
+                    net: net.clone(),
+                }),
+                rx,
+                status.clone(),
+            )
+            .unwrap();
+            let thread = std::thread::spawn(move || node.run());
+            members.insert(
+                id,
+                Member {
+                    store,
+                    log: RaftLog::new(tx, status),
+                    thread: Some(thread),
+                },
+            );
+        }
+        Group {
+            _dir: dir,
+            net,
+            members,
+        }
+    }
+
+    fn leader(&self, timeout: Duration) -> u64 {
+        let start = Instant::now();
+        while start.elapsed() < timeout {
+            let isolated = self.net.isolated.lock().unwrap().clone();
+            for (id, m) in &self.members {
+                if m.log.status().is_leader && !isolated.contains(id) {
+                    return *id;
+                }
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        panic!("no leader within {timeout:?}");
+    }
+
+    /// Proposes through whoever leads, retrying across leader changes.
+    fn propose(&self, rt: &tokio::runtime::Runtime, cmd: Command) {
+        let start = Instant::now();
+        loop {
+            let leader = self.leader(Duration::from_secs(10));
+            match rt.block_on(self.members[&leader].log.propose(cmd.clone())) {
+                Ok(()) => return,
+                Err(e) if e.errno() == libc::EEXIST => return,
+                Err(e) => {
+                    assert!(
+                        start.elapsed() < Duration::from_secs(20),
+                        "proposal keeps failing: {e}"
+                    );
+                    std::thread::sleep(Duration::from_millis(20));
+                }
+            }
+        }
+    }
+
+    /// Waits until every listed member applied the same index and holds the same inodes.
+    fn converge(&self, ids: &[u64]) {
+        let start = Instant::now();
+        loop {
+            let states: Vec<(u64, u64)> = ids
+                .iter()
+                .map(|id| {
+                    let s = &self.members[id].store;
+                    (s.applied().unwrap().0, s.inode_count().unwrap())
+                })
+                .collect();
+            if states.windows(2).all(|w| w[0] == w[1]) {
+                let lists: Vec<_> = ids
+                    .iter()
+                    .map(|id| self.members[id].store.list(1, b"", 10_000).unwrap().0)
+                    .collect();
+                assert!(
+                    lists.windows(2).all(|w| w[0] == w[1]),
+                    "same index, different namespaces"
+                );
+                return;
+            }
+            assert!(
+                start.elapsed() < Duration::from_secs(20),
+                "members did not converge: {states:?}"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+impl Drop for Group {
+    fn drop(&mut self) {
+        for m in self.members.values_mut() {
+            let _ = m.log.send(Mail::Shutdown);
+            if let Some(t) = m.thread.take() {
+                let _ = t.join();
+            }
+        }
+    }
+}
+
+fn mount() -> Command {
+    Command {
+        op: Some(command::Op::SetMount(SetMount {
+            mount: Some(MountPoint {
+                mount_id: 1,
+                path: b"/".to_vec(),
+                ufs_uri: "file:///nowhere".into(),
+            }),
+            block_size: 1 << 20,
+        })),
+    }
+}
+
+fn create(name: &str) -> Command {
+    Command {
+        op: Some(command::Op::CreateInode(CreateInode {
+            parent: 1,
+            name: name.as_bytes().to_vec(),
+            kind: FileKind::File as i32,
+            mode: 0o644,
+            ..Default::default()
+        })),
+    }
+}
+
+fn rt() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap()
+}
+
+#[test]
+fn lossy_network_replicates_and_survives_a_partitioned_leader() {
+    let rt = rt();
+    let g = Group::new(&[1, 2, 3], 10_000, 10);
+    g.propose(&rt, mount());
+    for i in 0..20 {
+        g.propose(&rt, create(&format!("before-{i}")));
+    }
+    g.converge(&[1, 2, 3]);
+
+    let old = g.leader(Duration::from_secs(10));
+    g.net.isolated.lock().unwrap().insert(old);
+    let new = g.leader(Duration::from_secs(10));
+    assert_ne!(new, old);
+    for i in 0..20 {
+        g.propose(&rt, create(&format!("during-{i}")));
+    }
+    let others: Vec<u64> = [1, 2, 3].into_iter().filter(|&i| i != old).collect();
+    g.converge(&others);
+
+    // The old leader steps down once it hears the new term, then catches up.
+    g.net.isolated.lock().unwrap().clear();
+    g.converge(&[1, 2, 3]);
+    assert_eq!(g.members[&1].store.inode_count().unwrap(), 41);
+    let leaders = g
+        .members
+        .values()
+        .filter(|m| m.log.status().is_leader)
+        .count();
+    assert_eq!(leaders, 1);
+}
+
+#[test]
+fn a_member_behind_a_compacted_log_catches_up_by_snapshot() {
+    let rt = rt();
+    let g = Group::new(&[1, 2, 3], 16, 0);
+    g.propose(&rt, mount());
+    g.converge(&[1, 2, 3]);
+    let leader = g.leader(Duration::from_secs(10));
+    let lagging = [1, 2, 3].into_iter().find(|&i| i != leader).unwrap();
+    g.net.isolated.lock().unwrap().insert(lagging);
+    for i in 0..200 {
+        g.propose(&rt, create(&format!("f{i:03}")));
+    }
+    g.net.isolated.lock().unwrap().clear();
+    g.converge(&[1, 2, 3]);
+    assert_eq!(g.members[&lagging].store.inode_count().unwrap(), 201);
+    assert!(g.members[&lagging]
+        .store
+        .lookup(1, b"f199")
+        .unwrap()
+        .is_some());
+}
