@@ -175,55 +175,300 @@ pub fn scrape_counter(port: u16, name: &str) -> anyhow::Result<f64> {
 pub struct MasterSpec {
     pub ufs: PathBuf,
     pub block_size: &'static str,
+    /// Members of the Raft group (ids 1..=masters).
+    pub masters: u64,
+    pub cluster_token: String,
+    pub snapshot_threshold: u64,
 }
 
-/// A master, a worker and their directories.
+impl Default for MasterSpec {
+    fn default() -> Self {
+        MasterSpec {
+            ufs: PathBuf::new(),
+            block_size: "64KiB",
+            masters: 1,
+            cluster_token: String::new(),
+            snapshot_threshold: 10_000,
+        }
+    }
+}
+
+/// One master process slot; `proc` is None while it is down.
+pub struct MasterProc {
+    pub proc: Option<Proc>,
+    pub port: u16,
+}
+
+/// A master group, a worker and their directories.
 pub struct Cluster {
     pub dir: tempfile::TempDir,
-    pub master: Proc,
-    pub master_port: u16,
+    pub spec: MasterSpec,
+    pub masters: std::collections::BTreeMap<u64, MasterProc>,
+    /// The initial members, as written into every master's config.
+    initial: Vec<u64>,
     pub worker: Option<Proc>,
     pub worker_metrics_port: u16,
     worker_data_port: u16,
+    rt: tokio::runtime::Runtime,
+}
+
+pub type Client = granary_protos::v1::master_client::MasterClient<
+    tonic::service::interceptor::InterceptedService<tonic::transport::Channel, TokenHeader>,
+>;
+
+/// Adds the cluster token to test clients' calls.
+#[derive(Clone)]
+pub struct TokenHeader(pub String);
+
+impl tonic::service::Interceptor for TokenHeader {
+    fn call(&mut self, mut req: tonic::Request<()>) -> Result<tonic::Request<()>, tonic::Status> {
+        if !self.0.is_empty() {
+            req.metadata_mut()
+                .insert("x-granary-token", self.0.parse().expect("ascii token"));
+        }
+        Ok(req)
+    }
+}
+
+fn toml_list(addrs: &[String]) -> String {
+    addrs
+        .iter()
+        .map(|a| format!("\"{a}\""))
+        .collect::<Vec<_>>()
+        .join(", ")
 }
 
 impl Cluster {
-    pub fn master_addr(&self) -> String {
-        format!("127.0.0.1:{}", self.master_port)
+    pub fn start(spec: &MasterSpec) -> anyhow::Result<Cluster> {
+        let spec = MasterSpec {
+            ufs: spec.ufs.clone(),
+            cluster_token: spec.cluster_token.clone(),
+            ..*spec
+        };
+        let dir = tempfile::tempdir()?;
+        let initial: Vec<u64> = (1..=spec.masters).collect();
+        let masters = initial
+            .iter()
+            .map(|&id| {
+                (
+                    id,
+                    MasterProc {
+                        proc: None,
+                        port: free_port(),
+                    },
+                )
+            })
+            .collect();
+        let mut c = Cluster {
+            dir,
+            spec,
+            masters,
+            initial,
+            worker: None,
+            worker_metrics_port: 0,
+            worker_data_port: free_port(),
+            rt: tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()?,
+        };
+        for id in c.initial.clone() {
+            c.start_master(id)?;
+        }
+        c.leader(Duration::from_secs(20))?;
+        c.start_worker("1GiB")?;
+        Ok(c)
     }
 
-    pub fn start(spec: &MasterSpec) -> anyhow::Result<Cluster> {
-        let dir = tempfile::tempdir()?;
-        let master_port = free_port();
-        let cfg = dir.path().join("master.toml");
+    pub fn master_addr(&self) -> String {
+        self.master_addrs()[0].clone()
+    }
+
+    pub fn addr_of(&self, id: u64) -> String {
+        format!("127.0.0.1:{}", self.masters[&id].port)
+    }
+
+    /// Addresses of every master slot, running or not.
+    pub fn master_addrs(&self) -> Vec<String> {
+        self.masters.keys().map(|&id| self.addr_of(id)).collect()
+    }
+
+    /// (Re)starts master `id` with its data directory. A slot not among the initial
+    /// members (or after a wipe) starts in join mode.
+    pub fn start_master(&mut self, id: u64) -> anyhow::Result<()> {
+        let port = self
+            .masters
+            .entry(id)
+            .or_insert(MasterProc {
+                proc: None,
+                port: free_port(),
+            })
+            .port;
+        let data = self.dir.path().join(format!("master-{id}"));
+        let join = !self.initial.contains(&id)
+            || self.dir.path().join(format!("master-{id}.wiped")).exists();
+        let members: Vec<String> = self
+            .initial
+            .iter()
+            .map(|&i| format!("{i}@{}", self.addr_of(i)))
+            .collect();
+        let cfg = self.dir.path().join(format!("master-{id}.toml"));
         std::fs::write(
             &cfg,
             format!(
-                "listen = \"127.0.0.1:{master_port}\"\ndata_dir = \"{}\"\nufs = \"{}\"\nblock_size = \"{}\"\nworker_heartbeat_ms = 200\nworker_timeout_ms = 3000\n",
-                dir.path().join("master").display(),
-                spec.ufs.display(),
-                spec.block_size
+                "id = {id}\nlisten = \"127.0.0.1:{port}\"\ndata_dir = \"{}\"\nufs = \"{}\"\nblock_size = \"{}\"\nmembers = [{}]\njoin = {join}\ncluster_token = \"{}\"\nsnapshot_threshold = {}\nworker_heartbeat_ms = 200\nworker_timeout_ms = 3000\n",
+                data.display(),
+                self.spec.ufs.display(),
+                self.spec.block_size,
+                toml_list(&members),
+                self.spec.cluster_token,
+                self.spec.snapshot_threshold,
             ),
         )?;
         let mut cmd = Command::new(bin("granary-master"));
         cmd.arg("--config").arg(&cfg);
-        let master = Proc::spawn("master", cmd, dir.path().join("master.log"))?;
+        let n = std::fs::read_dir(self.dir.path())?.count();
+        let proc = Proc::spawn(
+            "master",
+            cmd,
+            self.dir.path().join(format!("master-{id}-{n}.log")),
+        )?;
         wait_until("master port", Duration::from_secs(20), || {
-            TcpStream::connect(("127.0.0.1", master_port)).is_ok()
+            TcpStream::connect(("127.0.0.1", port)).is_ok()
         })
-        .with_context(|| {
-            std::fs::read_to_string(dir.path().join("master.log")).unwrap_or_default()
+        .with_context(|| proc.log_text())?;
+        self.masters.get_mut(&id).expect("slot").proc = Some(proc);
+        Ok(())
+    }
+
+    pub fn kill_master(&mut self, id: u64) {
+        if let Some(mut p) = self.masters.get_mut(&id).and_then(|m| m.proc.take()) {
+            p.kill();
+        }
+    }
+
+    /// Sends a signal (SIGSTOP/SIGCONT) to a running master.
+    pub fn signal_master(&self, id: u64, sig: i32) {
+        if let Some(p) = self.masters.get(&id).and_then(|m| m.proc.as_ref()) {
+            p.signal(sig);
+        }
+    }
+
+    /// Deletes a stopped master's data; it rejoins in join mode when started again.
+    pub fn wipe_master(&mut self, id: u64) -> anyhow::Result<()> {
+        self.kill_master(id);
+        let _ = std::fs::remove_dir_all(self.dir.path().join(format!("master-{id}")));
+        std::fs::write(self.dir.path().join(format!("master-{id}.wiped")), b"")?;
+        Ok(())
+    }
+
+    pub fn client(&self, addr: &str) -> anyhow::Result<Client> {
+        let _g = self.rt.enter();
+        let ch = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))?
+            .connect_timeout(Duration::from_millis(500))
+            .timeout(Duration::from_secs(5))
+            .connect_lazy();
+        Ok(
+            granary_protos::v1::master_client::MasterClient::with_interceptor(
+                ch,
+                TokenHeader(self.spec.cluster_token.clone()),
+            ),
+        )
+    }
+
+    pub fn block_on<F: std::future::Future>(&self, f: F) -> F::Output {
+        self.rt.block_on(f)
+    }
+
+    /// Quorum info as master `id` sees it.
+    pub fn quorum_info(&self, id: u64) -> anyhow::Result<granary_protos::v1::QuorumInfoReply> {
+        let mut c = self.client(&self.addr_of(id))?;
+        Ok(self
+            .rt
+            .block_on(c.quorum_info(granary_protos::v1::QuorumInfoRequest {}))?
+            .into_inner())
+    }
+
+    /// The id of the running master that says it leads (waits up to `timeout`).
+    pub fn leader(&self, timeout: Duration) -> anyhow::Result<u64> {
+        let mut found = None;
+        wait_until("a leader", timeout, || {
+            found = self
+                .masters
+                .iter()
+                .filter(|(_, m)| m.proc.is_some())
+                .find_map(|(&id, _)| {
+                    self.quorum_info(id)
+                        .ok()
+                        .filter(|q| q.role == "leader")
+                        .map(|_| id)
+                });
+            found.is_some()
         })?;
-        let mut c = Cluster {
-            dir,
-            master,
-            master_port,
-            worker: None,
-            worker_metrics_port: 0,
-            worker_data_port: free_port(),
+        Ok(found.expect("found"))
+    }
+
+    /// Runs `call` on the leader, following leader changes until `timeout`.
+    pub fn on_leader<T, F, Fut>(&self, timeout: Duration, call: F) -> anyhow::Result<T>
+    where
+        F: Fn(Client) -> Fut,
+        Fut: std::future::Future<Output = Result<tonic::Response<T>, tonic::Status>>,
+    {
+        let start = Instant::now();
+        loop {
+            let last = match self.leader(
+                timeout
+                    .saturating_sub(start.elapsed())
+                    .max(Duration::from_millis(100)),
+            ) {
+                Ok(id) => match self.rt.block_on(call(self.client(&self.addr_of(id))?)) {
+                    Ok(r) => return Ok(r.into_inner()),
+                    Err(s)
+                        if s.code() == tonic::Code::AlreadyExists
+                            || s.code() == tonic::Code::NotFound =>
+                    {
+                        bail!("{}", s.message())
+                    }
+                    Err(s) => s.message().to_string(),
+                },
+                Err(e) => e.to_string(),
+            };
+            if start.elapsed() > timeout {
+                bail!("no leader answered within {timeout:?}: {last}");
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// Creates `/name` through the leader; Ok once acknowledged.
+    pub fn create(&self, name: &str) -> anyhow::Result<()> {
+        let req = granary_protos::v1::CreateRequest {
+            parent: 1,
+            name: name.as_bytes().to_vec(),
+            kind: granary_protos::v1::FileKind::File as i32,
+            mode: 0o644,
+            ..Default::default()
         };
-        c.start_worker("1GiB")?;
-        Ok(c)
+        self.on_leader(Duration::from_secs(30), |mut c| {
+            let req = req.clone();
+            async move { c.create(req).await }
+        })
+        .map(|_| ())
+    }
+
+    /// Whether `/name` exists, asked of the leader.
+    pub fn exists(&self, name: &str) -> anyhow::Result<bool> {
+        let req = granary_protos::v1::LookupRequest {
+            parent: 1,
+            name: name.as_bytes().to_vec(),
+        };
+        match self.on_leader(Duration::from_secs(30), |mut c| {
+            let req = req.clone();
+            async move { c.lookup(req).await }
+        }) {
+            Ok(_) => Ok(true),
+            Err(e) if e.to_string().contains("no such file") => Ok(false),
+            Err(e) => Err(e),
+        }
     }
 
     /// (Re)starts the worker with the same cache directory and the given capacity.
@@ -236,8 +481,9 @@ impl Cluster {
         std::fs::write(
             &cfg,
             format!(
-                "masters = [\"{}\"]\ndata_listen = \"127.0.0.1:{}\"\ncache_dir = \"{}\"\ncapacity = \"{capacity}\"\nmetrics_listen = \"127.0.0.1:{}\"\n",
-                self.master_addr(),
+                "masters = [{}]\ncluster_token = \"{}\"\ndata_listen = \"127.0.0.1:{}\"\ncache_dir = \"{}\"\ncapacity = \"{capacity}\"\nmetrics_listen = \"127.0.0.1:{}\"\n",
+                toml_list(&self.master_addrs()),
+                self.spec.cluster_token,
                 self.worker_data_port,
                 self.dir.path().join("cache").display(),
                 self.worker_metrics_port
@@ -252,19 +498,31 @@ impl Cluster {
             self.dir.path().join(format!("worker-{n}.log")),
         )?;
         let id_path = self.dir.path().join("cache/worker_id");
-        let master = self.master_addr();
-        wait_until("worker registration", Duration::from_secs(20), || {
-            let Ok(id) = std::fs::read_to_string(&id_path) else {
-                return false;
-            };
-            list_workers(&master)
-                .map(|ws| ws.contains(&id))
-                .unwrap_or(false)
-                && TcpStream::connect(("127.0.0.1", self.worker_data_port)).is_ok()
-        })
+        wait_until(
+            "worker registration with the leader",
+            Duration::from_secs(20),
+            || {
+                let Ok(id) = std::fs::read_to_string(&id_path) else {
+                    return false;
+                };
+                self.worker_ids_on_leader()
+                    .map(|ws| ws.contains(&id))
+                    .unwrap_or(false)
+                    && TcpStream::connect(("127.0.0.1", self.worker_data_port)).is_ok()
+            },
+        )
         .with_context(|| worker.log_text())?;
         self.worker = Some(worker);
         Ok(())
+    }
+
+    /// Worker ids the current leader lists.
+    pub fn worker_ids_on_leader(&self) -> anyhow::Result<Vec<String>> {
+        let r = self.on_leader(Duration::from_secs(2), |mut c| async move {
+            c.list_workers(granary_protos::v1::ListWorkersRequest {})
+                .await
+        })?;
+        Ok(r.workers.into_iter().map(|w| w.worker_id).collect())
     }
 
     pub fn worker_ufs_fetches(&self) -> anyhow::Result<f64> {
@@ -278,32 +536,14 @@ impl Cluster {
         let cfg = self.dir.path().join(format!("{name}.toml"));
         std::fs::write(
             &cfg,
-            format!("masters = [\"{}\"]\n{extra_config}\n", self.master_addr()),
+            format!(
+                "masters = [{}]\ncluster_token = \"{}\"\n{extra_config}\n",
+                toml_list(&self.master_addrs()),
+                self.spec.cluster_token
+            ),
         )?;
         Mount::start(&cfg, &mnt, self.dir.path().join(format!("{name}.log")))
     }
-}
-
-/// Worker ids the master currently lists.
-pub fn list_workers(master: &str) -> anyhow::Result<String> {
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()?;
-    rt.block_on(async {
-        let mut c =
-            granary_protos::v1::master_client::MasterClient::connect(format!("http://{master}"))
-                .await?;
-        let ws = c
-            .list_workers(granary_protos::v1::ListWorkersRequest {})
-            .await?
-            .into_inner()
-            .workers;
-        Ok(ws
-            .into_iter()
-            .map(|w| w.worker_id)
-            .collect::<Vec<_>>()
-            .join(","))
-    })
 }
 
 /// A `granary-fuse` process and its mount point; unmounted and killed on drop.

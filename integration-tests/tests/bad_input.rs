@@ -64,6 +64,7 @@ fn bad_mount_points_are_refused() {
     let cluster = Cluster::start(&MasterSpec {
         ufs: ufs.path().to_path_buf(),
         block_size: "64KiB",
+        ..Default::default()
     })
     .unwrap();
     let try_mount = |path: &std::path::Path| {
@@ -92,6 +93,7 @@ fn bad_paths_get_precise_errnos() {
     let cluster = Cluster::start(&MasterSpec {
         ufs: ufs.path().to_path_buf(),
         block_size: "64KiB",
+        ..Default::default()
     })
     .unwrap();
     let m = cluster.mount("mnt", "").unwrap();
@@ -134,6 +136,7 @@ fn unreachable_master_fails_with_eio_after_bounded_retries() {
     let mut cluster = Cluster::start(&MasterSpec {
         ufs: ufs.path().to_path_buf(),
         block_size: "64KiB",
+        ..Default::default()
     })
     .unwrap();
     let m = cluster
@@ -144,7 +147,7 @@ fn unreachable_master_fails_with_eio_after_bounded_retries() {
         b"cached bytes"
     );
 
-    cluster.master.kill();
+    cluster.kill_master(1);
     let start = Instant::now();
     let err = std::fs::metadata(m.path.join("never-listed/f")).unwrap_err();
     let took = start.elapsed();

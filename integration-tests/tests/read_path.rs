@@ -110,6 +110,7 @@ fn dataset_reads_match_across_worker_restart_and_eviction() {
     let mut cluster = Cluster::start(&MasterSpec {
         ufs: ufs.to_path_buf(),
         block_size: "64KiB",
+        ..Default::default()
     })
     .unwrap();
 

@@ -23,6 +23,9 @@ pub struct MasterConfig {
     /// The group's initial members as `"id@host:port"`; default: this master alone. A
     /// master not listed here joins an existing group (`granary admin quorum add`).
     pub members: Vec<String>,
+    /// Start empty and wait to be added with `granary admin quorum add` (a new member, or
+    /// a wiped one rejoining), instead of bootstrapping from `members`.
+    pub join: bool,
     /// Shared secret every cluster RPC must carry; empty disables the check.
     pub cluster_token: String,
     /// Raft clock: one tick; elections time out after `election_ticks` to twice that.
@@ -53,6 +56,7 @@ impl Default for MasterConfig {
             listen: "127.0.0.1:19998".parse().expect("valid"),
             advertise: None,
             members: Vec::new(),
+            join: false,
             cluster_token: String::new(),
             raft_tick_ms: 100,
             election_ticks: 10,

@@ -119,12 +119,13 @@ pub async fn start(mut config: MasterConfig) -> Result<RunningMaster, MasterErro
     }
 
     let members = config.initial_members()?;
-    // Only an initial member bootstraps; one that is not listed joins an existing group.
-    let bootstrap: &[(u64, String)] = if members.iter().any(|(id, _)| *id == config.id) {
-        &members
-    } else {
-        &[]
-    };
+    // Only an initial member bootstraps; one not listed (or told to join) waits to be added.
+    let bootstrap: &[(u64, String)] =
+        if !config.join && members.iter().any(|(id, _)| *id == config.id) {
+            &members
+        } else {
+            &[]
+        };
     let log_store =
         RaftLogStore::open(&config.data_dir.join("raft.redb"), store.clone(), bootstrap)?;
     let (mailbox, inbox) = std::sync::mpsc::channel();
