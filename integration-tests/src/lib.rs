@@ -11,18 +11,22 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
 
-/// Path of a workspace binary (`cargo build --workspace --bins` must have run).
+/// Path of a workspace binary: next to the running executable (a release build running
+/// `granary bench`) or one level up (a test in `target/<profile>/deps`). `cargo build
+/// --workspace --bins` must have run.
 pub fn bin(name: &str) -> PathBuf {
     let exe = std::env::current_exe().expect("current exe");
-    // target/<profile>/deps/<test> -> target/<profile>/<name>
-    let dir = exe.parent().and_then(Path::parent).expect("target dir");
-    let path = dir.join(name);
-    assert!(
-        path.exists(),
-        "{} is missing: run `cargo build --workspace --bins` first (scripts/test.sh does)",
-        path.display()
+    let here = exe.parent().expect("exe dir");
+    for dir in [here, here.parent().unwrap_or(here)] {
+        let path = dir.join(name);
+        if path.exists() {
+            return path;
+        }
+    }
+    panic!(
+        "{name} is missing next to {}: run `cargo build --workspace --bins` first (scripts/test.sh does)",
+        exe.display()
     );
-    path
 }
 
 pub fn free_port() -> u16 {
@@ -209,7 +213,7 @@ pub struct Cluster {
     pub worker: Option<Proc>,
     pub worker_metrics_port: u16,
     worker_data_port: u16,
-    rt: tokio::runtime::Runtime,
+    rt: std::sync::Arc<tokio::runtime::Runtime>,
 }
 
 pub type Client = granary_protos::v1::master_client::MasterClient<
@@ -267,9 +271,13 @@ impl Cluster {
             worker: None,
             worker_metrics_port: 0,
             worker_data_port: free_port(),
-            rt: tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()?,
+            // Multi-threaded so several threads can call through it at once.
+            rt: std::sync::Arc::new(
+                tokio::runtime::Builder::new_multi_thread()
+                    .worker_threads(1)
+                    .enable_all()
+                    .build()?,
+            ),
         };
         for id in c.initial.clone() {
             c.start_master(id)?;
@@ -439,6 +447,16 @@ impl Cluster {
         }
     }
 
+    /// A client for creates that needs no access to the cluster (usable while another
+    /// thread kills and restarts masters).
+    pub fn writer(&self) -> Writer {
+        Writer {
+            addrs: self.master_addrs(),
+            token: self.spec.cluster_token.clone(),
+            rt: self.rt.clone(),
+        }
+    }
+
     /// Creates `/name` through the leader; Ok once acknowledged.
     pub fn create(&self, name: &str) -> anyhow::Result<()> {
         let req = granary_protos::v1::CreateRequest {
@@ -574,5 +592,49 @@ impl Drop for Mount {
             self.proc.kill();
         }
         force_unmount(&self.path);
+    }
+}
+
+/// Creates entries through whichever master leads, trying every address.
+pub struct Writer {
+    addrs: Vec<String>,
+    token: String,
+    rt: std::sync::Arc<tokio::runtime::Runtime>,
+}
+
+impl Writer {
+    /// Creates `/name`; Ok once acknowledged (an `AlreadyExists` answer counts: an earlier
+    /// attempt was applied but its answer was lost with a dying leader).
+    pub fn create(&self, name: &str, timeout: Duration) -> anyhow::Result<()> {
+        let start = Instant::now();
+        let req = granary_protos::v1::CreateRequest {
+            parent: 1,
+            name: name.as_bytes().to_vec(),
+            kind: granary_protos::v1::FileKind::File as i32,
+            mode: 0o644,
+            ..Default::default()
+        };
+        loop {
+            for addr in &self.addrs {
+                let _g = self.rt.enter();
+                let ch = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))?
+                    .connect_timeout(Duration::from_millis(300))
+                    .timeout(Duration::from_secs(3))
+                    .connect_lazy();
+                let mut c = granary_protos::v1::master_client::MasterClient::with_interceptor(
+                    ch,
+                    TokenHeader(self.token.clone()),
+                );
+                match self.rt.block_on(c.create(req.clone())) {
+                    Ok(_) => return Ok(()),
+                    Err(s) if s.code() == tonic::Code::AlreadyExists => return Ok(()),
+                    Err(_) => {}
+                }
+            }
+            if start.elapsed() > timeout {
+                bail!("no master acknowledged creating {name} within {timeout:?}");
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
     }
 }

@@ -1,6 +1,7 @@
 //! `granary bench …`: measured, not asserted. Each benchmark runs Granary and the raw
 //! under-storage side by side in one run, interleaved, and reports medians and ratios.
 
+mod failover;
 mod read;
 mod report;
 
@@ -35,6 +36,18 @@ pub enum BenchCommand {
         #[arg(long)]
         write_docs: Option<PathBuf>,
     },
+    /// Leader kill -9 rounds under read and write load (3 masters as real processes).
+    Failover {
+        /// Leader kills.
+        #[arg(long, default_value_t = 10)]
+        rounds: usize,
+        /// Threads reading cached files through the mount.
+        #[arg(long, default_value_t = 8)]
+        readers: usize,
+        /// Write the table into this markdown file (between bench-failover markers).
+        #[arg(long)]
+        write_docs: Option<PathBuf>,
+    },
 }
 
 pub fn run(cmd: BenchCommand) -> anyhow::Result<()> {
@@ -54,6 +67,15 @@ pub fn run(cmd: BenchCommand) -> anyhow::Result<()> {
             small_size: small_size.0,
             small_threads,
             runs: runs.max(1),
+            write_docs,
+        }),
+        BenchCommand::Failover {
+            rounds,
+            readers,
+            write_docs,
+        } => failover::run(failover::FailoverBench {
+            rounds: rounds.max(1),
+            readers,
             write_docs,
         }),
     }
