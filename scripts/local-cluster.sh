@@ -1,41 +1,69 @@
 #!/usr/bin/env bash
-# Starts a master, a worker and a mount as separate processes on this machine, the way a
-# real deployment runs them (see README "Deploying a cluster"). Ctrl-C stops all three.
+# Starts a 3-master Raft group, a worker and a mount as separate processes on this
+# machine, the way a real deployment runs them (README "Deploying a cluster").
+# Ctrl-C stops everything and unmounts.
 #   scripts/local-cluster.sh UFS_DIR MOUNTPOINT [STATE_DIR]
+# Env: MASTERS (default 3), TOKEN (cluster token, default: a random one).
 set -euo pipefail
-ufs=$(realpath "${1:?usage: $0 UFS_DIR MOUNTPOINT [STATE_DIR]}")
-mnt=$(realpath "${2:?usage: $0 UFS_DIR MOUNTPOINT [STATE_DIR]}")
+usage="usage: $0 UFS_DIR MOUNTPOINT [STATE_DIR]"
+ufs=$(realpath "${1:?$usage}")
+mnt=$(realpath "${2:?$usage}")
 state=${3:-$(mktemp -d /tmp/granary-cluster.XXXXXX)}
+masters=${MASTERS:-3}
+token=${TOKEN:-$(head -c 16 /dev/urandom | od -An -tx1 | tr -d ' \n')}
 bin=$(dirname "$0")/../target/release
 [ -x "$bin/granary-master" ] || cargo build --release --manifest-path "$(dirname "$0")/../Cargo.toml"
 mkdir -p "$state"
 
-cat > "$state/master.toml" <<TOML
-listen = "127.0.0.1:19998"
-data_dir = "$state/master"
+members=""
+for i in $(seq 1 "$masters"); do members+="\"$i@127.0.0.1:$((19997 + i))\", "; done
+members="[${members%, }]"
+addrs=""
+for i in $(seq 1 "$masters"); do addrs+="\"127.0.0.1:$((19997 + i))\", "; done
+addrs="[${addrs%, }]"
+
+for i in $(seq 1 "$masters"); do
+  cat > "$state/master-$i.toml" <<TOML
+id = $i
+listen = "127.0.0.1:$((19997 + i))"
+data_dir = "$state/master-$i"
 ufs = "file://$ufs"
-metrics_listen = "127.0.0.1:19991"
+members = $members
+cluster_token = "$token"
+metrics_listen = "127.0.0.1:$((19990 + i))"
 TOML
+done
 cat > "$state/worker.toml" <<TOML
-masters = ["127.0.0.1:19998"]
+masters = $addrs
+cluster_token = "$token"
 data_listen = "127.0.0.1:19999"
 cache_dir = "$state/cache"
 capacity = "10GiB"
-metrics_listen = "127.0.0.1:19992"
+metrics_listen = "127.0.0.1:19989"
+TOML
+cat > "$state/mount.toml" <<TOML
+masters = $addrs
+cluster_token = "$token"
 TOML
 
 pids=()
 cleanup() {
   kill -TERM "${pids[@]}" 2>/dev/null || true
   wait 2>/dev/null || true
-  grep -qs " $mnt " /proc/mounts && { fusermount3 -u "$mnt" 2>/dev/null || umount -l "$mnt"; }
+  if grep -qs " $mnt " /proc/mounts; then fusermount3 -u "$mnt" 2>/dev/null || umount -l "$mnt"; fi
 }
 trap cleanup EXIT INT TERM
 
-"$bin/granary-master" --config "$state/master.toml" 2>"$state/master.log" & pids+=($!)
-sleep 0.5
+for i in $(seq 1 "$masters"); do
+  "$bin/granary-master" --config "$state/master-$i.toml" 2>"$state/master-$i.log" & pids+=($!)
+done
+sleep 1
 "$bin/granary-worker" --config "$state/worker.toml" 2>"$state/worker.log" & pids+=($!)
-sleep 0.5
-"$bin/granary-fuse" --master 127.0.0.1:19998 "$mnt" 2>"$state/mount.log" & pids+=($!)
-echo "master, worker and mount running; logs in $state. Ctrl-C stops them."
+sleep 1
+"$bin/granary-fuse" --config "$state/mount.toml" "$mnt" 2>"$state/mount.log" & pids+=($!)
+cat <<TXT
+$masters masters, a worker and a mount are running; configs and logs in $state.
+  GRANARY_CLUSTER_TOKEN=$token target/release/granary admin quorum info --master 127.0.0.1:19998
+Ctrl-C stops them.
+TXT
 wait -n "${pids[@]}"

@@ -9,6 +9,8 @@ pub mod raft;
 pub mod server;
 pub mod service;
 mod state_machine;
+#[cfg(test)]
+mod state_machine_model;
 pub mod store;
 pub mod workers;
 

@@ -167,7 +167,11 @@ fn load_directory(t: &mut Tables<'_>, l: &LoadDirectory) -> Result<FsResult<()>,
         };
         let inode = match previous {
             Some(mut old) => {
-                old.size = e.size;
+                old.size = if e.kind == FileKind::Directory as i32 {
+                    0
+                } else {
+                    e.size
+                };
                 old.mtime_ns = e.mtime_ns;
                 old.mode = e.mode;
                 old.symlink_target = e.symlink_target.clone();

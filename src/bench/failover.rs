@@ -27,7 +27,10 @@ pub fn run(b: FailoverBench) -> anyhow::Result<()> {
     let ufs = tempfile::tempdir()?;
     std::fs::create_dir(ufs.path().join("data"))?;
     for i in 0..FILES {
-        std::fs::write(ufs.path().join(format!("data/f{i:03}")), vec![i as u8; FILE_SIZE])?;
+        std::fs::write(
+            ufs.path().join(format!("data/f{i:03}")),
+            vec![i as u8; FILE_SIZE],
+        )?;
     }
     eprintln!("starting 3 masters, a worker and a mount ...");
     let mut c = Cluster::start(&MasterSpec {
@@ -71,7 +74,10 @@ pub fn run(b: FailoverBench) -> anyhow::Result<()> {
                 if writer.create(&name, Duration::from_secs(5)).is_err() {
                     continue;
                 }
-                acked_ref.lock().expect("acked").push((name, Instant::now()));
+                acked_ref
+                    .lock()
+                    .expect("acked")
+                    .push((name, Instant::now()));
                 n += 1;
             }
         });
@@ -82,19 +88,37 @@ pub fn run(b: FailoverBench) -> anyhow::Result<()> {
             c.kill_master(leader);
             let killed = Instant::now();
             let mut took = None;
-            wait_until("an acknowledged create after the kill", Duration::from_secs(60), || {
-                took = acked.lock().expect("acked").last().filter(|(_, t)| *t > killed).map(|(_, t)| *t - killed);
-                took.is_some()
-            })?;
+            wait_until(
+                "an acknowledged create after the kill",
+                Duration::from_secs(60),
+                || {
+                    took = acked
+                        .lock()
+                        .expect("acked")
+                        .last()
+                        .filter(|(_, t)| *t > killed)
+                        .map(|(_, t)| *t - killed);
+                    took.is_some()
+                },
+            )?;
             let took = took.expect("found");
-            eprintln!("round {}: killed leader {leader}, next acknowledged write after {took:?}", round + 1);
+            eprintln!(
+                "round {}: killed leader {leader}, next acknowledged write after {took:?}",
+                round + 1
+            );
             failovers.push(took);
             c.start_master(leader)?;
             let now_leader = c.leader(Duration::from_secs(30))?;
             let commit = c.quorum_info(now_leader)?.commit;
-            wait_until("the restarted master to catch up", Duration::from_secs(60), || {
-                c.quorum_info(leader).map(|q| q.applied >= commit).unwrap_or(false)
-            })?;
+            wait_until(
+                "the restarted master to catch up",
+                Duration::from_secs(60),
+                || {
+                    c.quorum_info(leader)
+                        .map(|q| q.applied >= commit)
+                        .unwrap_or(false)
+                },
+            )?;
         }
         stop.store(true, Ordering::Relaxed);
         Ok(())
