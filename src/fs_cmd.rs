@@ -17,10 +17,19 @@ pub struct FsClient {
     pub meta: Arc<dyn MetadataService>,
 }
 
-pub fn connect(master: &str, token: &str) -> anyhow::Result<FsClient> {
+/// Which cluster a command talks to, and how.
+pub struct Target<'a> {
+    pub master: &'a str,
+    pub token: &'a str,
+    pub consistency: &'a str,
+}
+
+pub fn connect(t: &Target<'_>) -> anyhow::Result<FsClient> {
+    let (master, token) = (t.master, t.token);
     let cfg = MountConfig {
         masters: vec![master.to_string()],
         cluster_token: token.to_string(),
+        read_consistency: t.consistency.to_string(),
         retry_deadline_ms: 5_000,
         ..Default::default()
     };
@@ -81,8 +90,8 @@ fn line(i: &Inode) -> String {
     )
 }
 
-pub fn ls(master: &str, token: &str, path: &str) -> anyhow::Result<()> {
-    let c = connect(master, token)?;
+pub fn ls(t: &Target<'_>, path: &str) -> anyhow::Result<()> {
+    let c = connect(t)?;
     let node = c.resolve(path)?;
     if node.kind != FileKind::Directory as i32 {
         println!("{}", line(&node));
@@ -102,8 +111,8 @@ pub fn ls(master: &str, token: &str, path: &str) -> anyhow::Result<()> {
     Ok(())
 }
 
-pub fn stat(master: &str, token: &str, path: &str) -> anyhow::Result<()> {
-    let c = connect(master, token)?;
+pub fn stat(t: &Target<'_>, path: &str) -> anyhow::Result<()> {
+    let c = connect(t)?;
     let i = c.resolve(path)?;
     let fp = i.fingerprint.unwrap_or_default();
     println!("path:        {path}");
@@ -141,8 +150,8 @@ pub fn stat(master: &str, token: &str, path: &str) -> anyhow::Result<()> {
     Ok(())
 }
 
-pub fn cat(master: &str, token: &str, path: &str) -> anyhow::Result<()> {
-    let c = connect(master, token)?;
+pub fn cat(t: &Target<'_>, path: &str) -> anyhow::Result<()> {
+    let c = connect(t)?;
     let i = c.resolve(path)?;
     let fh = c.fs.open(i.id, libc::O_RDONLY)?;
     let mut out = std::io::stdout().lock();

@@ -112,6 +112,9 @@ struct MasterArg {
         hide_env_values = true
     )]
     cluster_token: String,
+    /// Consistency of metadata reads: linearizable, lease or bounded-staleness:<ms>.
+    #[arg(long, default_value = "linearizable", global = true)]
+    read_consistency: String,
 }
 
 #[derive(Subcommand)]
@@ -235,10 +238,15 @@ fn main() -> anyhow::Result<()> {
         Command::Fs { cmd } => {
             let master = &cli.master;
             let (m, t) = (master.master.as_str(), master.cluster_token.as_str());
+            let target = fs_cmd::Target {
+                master: m,
+                token: t,
+                consistency: &master.read_consistency,
+            };
             match cmd {
-                FsCommand::Ls { path } => fs_cmd::ls(m, t, &path),
-                FsCommand::Stat { path } => fs_cmd::stat(m, t, &path),
-                FsCommand::Cat { path } => fs_cmd::cat(m, t, &path),
+                FsCommand::Ls { path } => fs_cmd::ls(&target, &path),
+                FsCommand::Stat { path } => fs_cmd::stat(&target, &path),
+                FsCommand::Cat { path } => fs_cmd::cat(&target, &path),
                 FsCommand::LoadMetadata { path, no_recursive } => {
                     runtime()?.block_on(fs_cmd::load_metadata(m, t, &path, !no_recursive))
                 }

@@ -7,22 +7,34 @@ use tonic::service::Interceptor;
 use tonic::{Request, Status};
 
 pub const TOKEN_METADATA_KEY: &str = "x-granary-token";
+/// Same value as `granary_protos::CONSISTENCY_METADATA_KEY` (common does not depend on protos).
+pub const CONSISTENCY_METADATA_KEY: &str = "x-granary-consistency";
 
-/// Client side: attaches the token to every call.
+/// Client side: attaches the token (and, for reads, the chosen consistency) to every call.
 #[derive(Clone, Debug, Default)]
 pub struct AttachToken {
     value: Option<MetadataValue<tonic::metadata::Ascii>>,
+    consistency: Option<MetadataValue<tonic::metadata::Ascii>>,
 }
 
 impl AttachToken {
     pub fn new(token: &str) -> Result<Self, String> {
         if token.is_empty() {
-            return Ok(AttachToken { value: None });
+            return Ok(AttachToken::default());
         }
         let value = token
             .parse()
             .map_err(|_| "cluster_token must be printable ASCII".to_string())?;
-        Ok(AttachToken { value: Some(value) })
+        Ok(AttachToken {
+            value: Some(value),
+            consistency: None,
+        })
+    }
+
+    /// Also asks for this read consistency on every call.
+    pub fn with_consistency(mut self, c: crate::consistency::ReadConsistency) -> Self {
+        self.consistency = c.to_string().parse().ok();
+        self
     }
 }
 
@@ -30,6 +42,10 @@ impl Interceptor for AttachToken {
     fn call(&mut self, mut req: Request<()>) -> Result<Request<()>, Status> {
         if let Some(v) = &self.value {
             req.metadata_mut().insert(TOKEN_METADATA_KEY, v.clone());
+        }
+        if let Some(v) = &self.consistency {
+            req.metadata_mut()
+                .insert(CONSISTENCY_METADATA_KEY, v.clone());
         }
         Ok(req)
     }

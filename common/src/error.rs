@@ -136,9 +136,12 @@ impl From<Status> for FsError {
             Code::NotFound => FsError::NotFound(msg),
             Code::AlreadyExists => FsError::Exists(msg),
             Code::PermissionDenied | Code::Unauthenticated => FsError::PermissionDenied(msg),
-            Code::Unavailable | Code::Cancelled | Code::Aborted | Code::ResourceExhausted => {
-                FsError::Unavailable(msg)
-            }
+            // Unknown is what tonic reports when a connection dies mid-call.
+            Code::Unavailable
+            | Code::Unknown
+            | Code::Cancelled
+            | Code::Aborted
+            | Code::ResourceExhausted => FsError::Unavailable(msg),
             Code::DeadlineExceeded => FsError::TimedOut(msg),
             Code::Unimplemented => FsError::Unsupported(msg),
             _ => FsError::Io(msg),

@@ -6,6 +6,7 @@ pub mod auth;
 pub mod blocks;
 pub mod bytesize;
 pub mod config;
+pub mod consistency;
 pub mod error;
 pub mod ids;
 pub mod net;

@@ -147,6 +147,10 @@ impl WorkerDataPath {
         let fresh = matches!(w.0, Some(t) if t.elapsed() < WORKER_LIST_TTL);
         if refresh || !fresh || w.1.is_empty() {
             match self.meta.workers() {
+                // A master that just joined may not know the workers yet.
+                Ok(list) if list.is_empty() && !w.1.is_empty() => {
+                    tracing::debug!("a master listed no workers; keeping the last list");
+                }
                 Ok(mut list) => {
                     list.sort_by(|a, b| a.worker_id.cmp(&b.worker_id));
                     *w = (Some(Instant::now()), list);

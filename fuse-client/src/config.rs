@@ -3,6 +3,7 @@
 
 use granary_common::bytesize::ByteSize;
 use granary_common::config::ConfigError;
+use granary_common::consistency::ReadConsistency;
 use serde::Deserialize;
 
 #[derive(Debug, Clone, Deserialize)]
@@ -13,6 +14,10 @@ pub struct MountConfig {
     pub masters: Vec<String>,
     /// The cluster's shared token (see the master's `cluster_token`).
     pub cluster_token: String,
+    /// `linearizable` (default), `lease`, or `bounded-staleness:<ms>` (immutable datasets).
+    pub read_consistency: String,
+    /// Spread metadata reads over every master (followers answer too).
+    pub follower_reads: bool,
     /// Kernel dentry cache lifetime.
     pub entry_ttl_ms: u64,
     /// Kernel attribute cache lifetime.
@@ -46,6 +51,8 @@ impl Default for MountConfig {
         MountConfig {
             masters: vec!["127.0.0.1:19998".into()],
             cluster_token: String::new(),
+            read_consistency: "linearizable".into(),
+            follower_reads: true,
             entry_ttl_ms: 300_000,
             attr_ttl_ms: 300_000,
             keep_cache: true,
@@ -65,6 +72,12 @@ impl Default for MountConfig {
 }
 
 impl MountConfig {
+    pub fn consistency(&self) -> Result<ReadConsistency, ConfigError> {
+        self.read_consistency
+            .parse()
+            .map_err(|e: String| ConfigError::invalid("read_consistency", e))
+    }
+
     pub fn validate(&self) -> Result<(), ConfigError> {
         if self.masters.is_empty() {
             return Err(ConfigError::invalid(
@@ -78,6 +91,7 @@ impl MountConfig {
                 "must be between 1 and 1024",
             ));
         }
+        self.consistency()?;
         if self.rpc_timeout_ms == 0 {
             return Err(ConfigError::invalid(
                 "rpc_timeout_ms",

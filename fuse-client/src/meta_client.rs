@@ -10,6 +10,7 @@ use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
 
 use granary_common::auth::AttachToken;
+use granary_common::consistency::ReadConsistency;
 use granary_common::{FsError, FsResult};
 use granary_protos::v1::master_client::MasterClient;
 use granary_protos::v1::*;
@@ -42,11 +43,25 @@ struct Members {
     version: (u64, u64),
 }
 
+/// How a client talks to a shard's masters.
+#[derive(Debug, Clone)]
+pub struct ClientOptions {
+    pub cluster_token: String,
+    pub read_consistency: ReadConsistency,
+    /// Spread reads over every member instead of sending them all to the leader.
+    pub follower_reads: bool,
+    pub rpc_timeout: Duration,
+    pub retry_deadline: Duration,
+}
+
 pub struct GrpcMetadataClient {
     shard: u16,
     members: RwLock<Members>,
     /// Member that answered last (the leader, normally); tried first.
     preferred: AtomicUsize,
+    /// Spreads reads round-robin over every member (follower reads).
+    next_read: AtomicUsize,
+    follower_reads: bool,
     rpc_timeout: Duration,
     deadline: Duration,
     token: AttachToken,
@@ -61,20 +76,16 @@ impl Drop for GrpcMetadataClient {
 }
 
 impl GrpcMetadataClient {
-    pub fn connect(
-        shard: u16,
-        masters: &[String],
-        token: &str,
-        rpc_timeout: Duration,
-        deadline: Duration,
-    ) -> FsResult<Arc<Self>> {
+    pub fn connect(shard: u16, masters: &[String], opts: &ClientOptions) -> FsResult<Arc<Self>> {
         let rt = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(2)
             .thread_name("granary-meta")
             .enable_all()
             .build()
             .map_err(|e| FsError::Io(format!("metadata runtime: {e}")))?;
-        let token = AttachToken::new(token).map_err(FsError::InvalidPath)?;
+        let token = AttachToken::new(&opts.cluster_token)
+            .map_err(FsError::InvalidPath)?
+            .with_consistency(opts.read_consistency);
         let client = Arc::new(GrpcMetadataClient {
             shard,
             members: RwLock::new(Members {
@@ -82,8 +93,10 @@ impl GrpcMetadataClient {
                 version: (0, 0),
             }),
             preferred: AtomicUsize::new(0),
-            rpc_timeout,
-            deadline,
+            next_read: AtomicUsize::new(0),
+            follower_reads: opts.follower_reads,
+            rpc_timeout: opts.rpc_timeout,
+            deadline: opts.retry_deadline,
             token,
             rt,
             stop: Arc::new(AtomicBool::new(false)),
@@ -206,8 +219,9 @@ impl GrpcMetadataClient {
             .map(str::to_string)
     }
 
-    /// Runs `call` against the masters until one answers or the deadline passes.
-    fn call<T, F, Fut>(&self, what: &str, call: F) -> FsResult<T>
+    /// Runs `call` until a master answers or the deadline passes. Reads start at the next
+    /// member round-robin (any member serves them); writes start at the leader.
+    fn call<T, F, Fut>(&self, what: &str, read: bool, call: F) -> FsResult<T>
     where
         F: Fn(Client) -> Fut,
         Fut: Future<Output = Result<tonic::Response<T>, tonic::Status>>,
@@ -215,11 +229,16 @@ impl GrpcMetadataClient {
         let start = Instant::now();
         let mut backoff = Duration::from_millis(20);
         let mut attempt = 0usize;
+        let mut cursor = if read && self.follower_reads {
+            Some(self.next_read.fetch_add(1, Ordering::Relaxed))
+        } else {
+            None
+        };
         loop {
             let (idx, member, count) = {
                 let members = self.members.read().expect("members lock");
                 let n = members.list.len().max(1);
-                let idx = self.preferred.load(Ordering::Relaxed) % n;
+                let idx = cursor.unwrap_or_else(|| self.preferred.load(Ordering::Relaxed)) % n;
                 (idx, members.list[idx].clone(), n)
             };
             let status = match self.rt.block_on(call(member.client.clone())) {
@@ -241,7 +260,10 @@ impl GrpcMetadataClient {
                 };
                 if let Some(p) = pos {
                     self.preferred.store(p, Ordering::Relaxed);
+                    cursor = None;
                 }
+            } else if let Some(c) = cursor.as_mut() {
+                *c = idx + 1;
             } else {
                 self.preferred.store((idx + 1) % count, Ordering::Relaxed);
             }
@@ -285,7 +307,7 @@ fn inode(r: InodeReply) -> FsResult<Inode> {
 
 impl MetadataService for GrpcMetadataClient {
     fn lookup(&self, parent: u64, name: &[u8]) -> FsResult<Inode> {
-        inode(self.call("lookup", |mut c| {
+        inode(self.call("lookup", true, |mut c| {
             let req = LookupRequest {
                 parent,
                 name: name.to_vec(),
@@ -295,13 +317,13 @@ impl MetadataService for GrpcMetadataClient {
     }
 
     fn getattr(&self, id: u64) -> FsResult<Inode> {
-        inode(self.call("getattr", |mut c| async move {
+        inode(self.call("getattr", true, |mut c| async move {
             c.get_attr(GetAttrRequest { id }).await
         })?)
     }
 
     fn readdir(&self, id: u64, start_after: &[u8], limit: u32) -> FsResult<(Vec<Inode>, bool)> {
-        let r = self.call("readdir", |mut c| {
+        let r = self.call("readdir", true, |mut c| {
             let req = ReadDirRequest {
                 id,
                 start_after: start_after.to_vec(),
@@ -314,21 +336,21 @@ impl MetadataService for GrpcMetadataClient {
 
     fn workers(&self) -> FsResult<Vec<WorkerInfo>> {
         Ok(self
-            .call("list_workers", |mut c| async move {
+            .call("list_workers", true, |mut c| async move {
                 c.list_workers(ListWorkersRequest {}).await
             })?
             .workers)
     }
 
     fn block_locations(&self, file_id: u64) -> FsResult<BlockLocationsReply> {
-        self.call("block_locations", |mut c| async move {
+        self.call("block_locations", true, |mut c| async move {
             c.get_block_locations(BlockLocationsRequest { file_id })
                 .await
         })
     }
 
     fn statfs(&self) -> FsResult<StatFsReply> {
-        self.call("statfs", |mut c| async move {
+        self.call("statfs", true, |mut c| async move {
             c.stat_fs(StatFsRequest {}).await
         })
     }

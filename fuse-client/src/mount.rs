@@ -13,7 +13,7 @@ use crate::block_reader::{DataPathOptions, WorkerDataPath};
 use crate::config::MountConfig;
 use crate::fs::{FsOptions, GranaryFs};
 use crate::fuse_adapter::{FuseAdapter, KernelOptions};
-use crate::meta_client::{GrpcMetadataClient, MetadataService};
+use crate::meta_client::{ClientOptions, GrpcMetadataClient, MetadataService};
 
 #[derive(Debug, thiserror::Error)]
 pub enum MountError {
@@ -104,9 +104,13 @@ pub fn connect_metadata(cfg: &MountConfig) -> Result<Arc<GrpcMetadataClient>, Mo
     let meta = GrpcMetadataClient::connect(
         0,
         &cfg.masters,
-        &cfg.cluster_token,
-        Duration::from_millis(cfg.rpc_timeout_ms),
-        Duration::from_millis(cfg.retry_deadline_ms),
+        &ClientOptions {
+            cluster_token: cfg.cluster_token.clone(),
+            read_consistency: cfg.consistency()?,
+            follower_reads: cfg.follower_reads,
+            rpc_timeout: Duration::from_millis(cfg.rpc_timeout_ms),
+            retry_deadline: Duration::from_millis(cfg.retry_deadline_ms),
+        },
     )
     .map_err(masters_err)?;
     meta.getattr(granary_common::ids::root_inode(0))

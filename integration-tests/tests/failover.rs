@@ -316,7 +316,12 @@ fn master_migration_under_load_needs_no_restart() {
         std::thread::sleep(Duration::from_secs(3));
         stop.store(true, Ordering::Relaxed);
     });
-    assert_eq!(errors.load(Ordering::Relaxed), 0);
+    assert_eq!(
+        errors.load(Ordering::Relaxed),
+        0,
+        "mount log:\n{}",
+        m.proc.log_text()
+    );
     for name in [
         "after-add-4",
         "after-add-5",

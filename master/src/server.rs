@@ -27,7 +27,7 @@ use crate::raft::log_store::RaftLogStore;
 use crate::raft::node::{NodeConfig, RaftNode};
 use crate::raft::transport::{GrpcTransport, RaftService, MAX_RAFT_MESSAGE};
 use crate::raft::{Mail, RaftLog, RaftStatus};
-use crate::service::MasterService;
+use crate::service::{LeaderClients, MasterService};
 use crate::store::{NamespaceStore, StoreError};
 use crate::workers::WorkerRegistry;
 
@@ -129,6 +129,7 @@ pub async fn start(mut config: MasterConfig) -> Result<RunningMaster, MasterErro
     let log_store =
         RaftLogStore::open(&config.data_dir.join("raft.redb"), store.clone(), bootstrap)?;
     let (mailbox, inbox) = std::sync::mpsc::channel();
+    let (applied_tx, applied_rx) = tokio::sync::watch::channel(store.applied()?.0);
     let status = Arc::new(RwLock::new(RaftStatus::default()));
     let attach = AttachToken::new(&config.cluster_token)
         .map_err(|e| ConfigError::invalid("cluster_token", e))?;
@@ -147,6 +148,7 @@ pub async fn start(mut config: MasterConfig) -> Result<RunningMaster, MasterErro
         Box::new(transport),
         inbox,
         status.clone(),
+        applied_tx,
     )
     .map_err(MasterError::Ufs)?;
     let raft_thread = std::thread::Builder::new()
@@ -156,7 +158,7 @@ pub async fn start(mut config: MasterConfig) -> Result<RunningMaster, MasterErro
             path: "raft thread".into(),
             source,
         })?;
-    let raft = RaftLog::new(mailbox.clone(), status);
+    let raft = RaftLog::new(mailbox.clone(), status, applied_rx);
 
     let mut ufs_by_mount = HashMap::new();
     ufs_by_mount.insert(ROOT_MOUNT_ID, ufs);
@@ -173,6 +175,10 @@ pub async fn start(mut config: MasterConfig) -> Result<RunningMaster, MasterErro
         workers: workers.clone(),
         locations: locations.clone(),
         heartbeat_interval_ms: config.worker_heartbeat_ms,
+        leader_clients: LeaderClients::new(
+            AttachToken::new(&config.cluster_token)
+                .map_err(|e| ConfigError::invalid("cluster_token", e))?,
+        ),
     };
 
     let timeout = Duration::from_millis(config.worker_timeout_ms);

@@ -1,18 +1,24 @@
 //! The master's gRPC API: namespace reads (loading from the UFS on first touch), worker
 //! registration and heartbeats, block locations, and cluster reports.
 
+use std::collections::HashMap;
 use std::pin::Pin;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use granary_common::auth::{AttachToken, CONSISTENCY_METADATA_KEY};
 use granary_common::blocks::block_count;
+use granary_common::consistency::ReadConsistency;
 use granary_common::path::{components, validate_name};
 use granary_common::FsError;
+use granary_protos::v1::master_client::MasterClient;
 use granary_protos::v1::master_server::Master;
 use granary_protos::v1::*;
 use granary_protos::LEADER_METADATA_KEY;
 use tokio_stream::wrappers::ReceiverStream;
 use tokio_stream::Stream;
+use tonic::service::interceptor::InterceptedService;
+use tonic::transport::Channel;
 use tonic::{Request, Response, Status};
 
 use crate::block_locations::BlockLocations;
@@ -32,6 +38,50 @@ pub struct MasterService {
     pub(crate) workers: Arc<WorkerRegistry>,
     pub(crate) locations: Arc<BlockLocations>,
     pub(crate) heartbeat_interval_ms: u64,
+    /// Clients to the leader, for followers serving reads (read index, loads).
+    pub(crate) leader_clients: LeaderClients,
+}
+
+type PeerClient = MasterClient<InterceptedService<Channel, AttachToken>>;
+
+/// gRPC clients to other masters by address, made on first use.
+pub struct LeaderClients {
+    token: AttachToken,
+    clients: Mutex<HashMap<String, PeerClient>>,
+}
+
+impl LeaderClients {
+    pub fn new(token: AttachToken) -> Self {
+        LeaderClients {
+            token,
+            clients: Mutex::new(HashMap::new()),
+        }
+    }
+
+    fn get(&self, addr: &str) -> Result<PeerClient, Status> {
+        let mut clients = self.clients.lock().expect("clients lock");
+        if let Some(c) = clients.get(addr) {
+            return Ok(c.clone());
+        }
+        let ch =
+            granary_common::net::lazy_channel(addr, Duration::from_secs(1), Duration::from_secs(5))
+                .map_err(|e| Status::internal(format!("leader address {addr}: {e}")))?;
+        let c = MasterClient::with_interceptor(ch, self.token.clone());
+        clients.insert(addr.to_string(), c.clone());
+        Ok(c)
+    }
+}
+
+/// The consistency a read asked for (metadata `x-granary-consistency`).
+fn consistency_of<T>(req: &Request<T>) -> Result<ReadConsistency, Status> {
+    match req.metadata().get(CONSISTENCY_METADATA_KEY) {
+        None => Ok(ReadConsistency::default()),
+        Some(v) => v
+            .to_str()
+            .map_err(|_| Status::invalid_argument("x-granary-consistency is not ASCII"))?
+            .parse()
+            .map_err(|e: String| Status::invalid_argument(format!("read_consistency: {e}"))),
+    }
 }
 
 fn count(method: &'static str) {
@@ -92,21 +142,77 @@ impl MasterService {
         }
     }
 
-    async fn lookup_child(&self, parent: u64, name: &[u8]) -> Result<Inode, FsError> {
+    fn leader_client(&self) -> Result<PeerClient, Status> {
+        let st = self.raft.status();
+        let addr = st.leader_addr().ok_or_else(|| {
+            Status::unavailable(format!(
+                "master {} knows no leader (election in progress)",
+                st.id
+            ))
+        })?;
+        self.leader_clients.get(&addr)
+    }
+
+    /// Makes a read on this member see every write acknowledged before it started (or,
+    /// for bounded staleness, at most that old).
+    async fn read_barrier(&self, mode: ReadConsistency) -> Result<(), Status> {
+        let st = self.raft.status();
+        let index = match mode {
+            ReadConsistency::Lease if st.is_leader => return Ok(()),
+            ReadConsistency::BoundedStaleness(bound)
+                if st.leader_contact.is_some_and(|t| t.elapsed() <= bound) =>
+            {
+                metrics::counter!("granary_master_stale_reads_total").increment(1);
+                return Ok(());
+            }
+            ReadConsistency::Lease => {
+                self.leader_client()?
+                    .read_index(ReadIndexRequest { lease: true })
+                    .await?
+                    .into_inner()
+                    .index
+            }
+            _ => self.raft.read_index().await?,
+        };
+        self.raft.wait_applied(index).await?;
+        Ok(())
+    }
+
+    /// A directory with its children loaded. Only the leader lists the UFS and proposes;
+    /// a follower asks it to, then waits until the listing is applied here too.
+    async fn loaded(&self, dir: Inode) -> Result<Inode, Status> {
+        if dir.children_loaded {
+            return Ok(dir);
+        }
+        if dir.kind != FileKind::Directory as i32 {
+            return Err(FsError::NotDir(String::from_utf8_lossy(&dir.name).into_owned()).into());
+        }
+        if self.raft.status().is_leader {
+            return Ok(self.loader.ensure_loaded(&dir).await?);
+        }
+        let index = self
+            .leader_client()?
+            .ensure_loaded(EnsureLoadedRequest { dir_id: dir.id })
+            .await?
+            .into_inner()
+            .index;
+        self.raft.wait_applied(index).await?;
+        Ok(self.store.get(dir.id)?)
+    }
+
+    async fn lookup_child(&self, parent: u64, name: &[u8]) -> Result<Inode, Status> {
         validate_name(name)?;
         let dir = self.store.get(parent)?;
         if dir.kind != FileKind::Directory as i32 {
-            return Err(FsError::NotDir(
-                String::from_utf8_lossy(&dir.name).into_owned(),
-            ));
+            return Err(FsError::NotDir(String::from_utf8_lossy(&dir.name).into_owned()).into());
         }
-        let dir = self.loader.ensure_loaded(&dir).await?;
+        let dir = self.loaded(dir).await?;
         self.store
             .lookup(dir.id, name)?
-            .ok_or_else(|| FsError::NotFound(String::from_utf8_lossy(name).into_owned()))
+            .ok_or_else(|| FsError::NotFound(String::from_utf8_lossy(name).into_owned()).into())
     }
 
-    async fn resolve(&self, path: &[u8]) -> Result<Inode, FsError> {
+    async fn resolve(&self, path: &[u8]) -> Result<Inode, Status> {
         let mut node = self.store.get(self.store.root_id())?;
         for part in components(path)? {
             node = self.lookup_child(node.id, part).await?;
@@ -127,7 +233,7 @@ type LoadStream = Pin<Box<dyn Stream<Item = Result<LoadMetadataReply, Status>> +
 impl Master for MasterService {
     async fn lookup(&self, req: Request<LookupRequest>) -> Result<Response<InodeReply>, Status> {
         count("lookup");
-        self.leader_only()?;
+        self.read_barrier(consistency_of(&req)?).await?;
         let r = req.into_inner();
         let inode = self.lookup_child(r.parent, &r.name).await?;
         Ok(Response::new(InodeReply { inode: Some(inode) }))
@@ -170,7 +276,7 @@ impl Master for MasterService {
 
     async fn get_attr(&self, req: Request<GetAttrRequest>) -> Result<Response<InodeReply>, Status> {
         count("get_attr");
-        self.leader_only()?;
+        self.read_barrier(consistency_of(&req)?).await?;
         let inode = self.store.get(req.into_inner().id)?;
         Ok(Response::new(InodeReply { inode: Some(inode) }))
     }
@@ -180,7 +286,7 @@ impl Master for MasterService {
         req: Request<ResolvePathRequest>,
     ) -> Result<Response<InodeReply>, Status> {
         count("resolve_path");
-        self.leader_only()?;
+        self.read_barrier(consistency_of(&req)?).await?;
         let inode = self.resolve(&req.into_inner().path).await?;
         Ok(Response::new(InodeReply { inode: Some(inode) }))
     }
@@ -190,10 +296,9 @@ impl Master for MasterService {
         req: Request<ReadDirRequest>,
     ) -> Result<Response<ReadDirReply>, Status> {
         count("read_dir");
-        self.leader_only()?;
+        self.read_barrier(consistency_of(&req)?).await?;
         let r = req.into_inner();
-        let dir = self.store.get(r.id)?;
-        let dir = self.loader.ensure_loaded(&dir).await?;
+        let dir = self.loaded(self.store.get(r.id)?).await?;
         let limit = match r.limit {
             0 => DEFAULT_READDIR_LIMIT,
             n => n.min(MAX_READDIR_LIMIT),
@@ -261,6 +366,7 @@ impl Master for MasterService {
         req: Request<BlockLocationsRequest>,
     ) -> Result<Response<BlockLocationsReply>, Status> {
         count("get_block_locations");
+        self.read_barrier(consistency_of(&req)?).await?;
         let inode = self.store.get(req.into_inner().file_id)?;
         let blocks = block_count(inode.size, inode.block_size.max(1)) as u32;
         let blocks: Vec<BlockLocation> = self
@@ -367,6 +473,34 @@ impl Master for MasterService {
             mounts: Some(self.mounts()?),
             workers: self.workers.list(),
             cached_blocks: self.locations.block_count(),
+        }))
+    }
+
+    async fn read_index(
+        &self,
+        req: Request<ReadIndexRequest>,
+    ) -> Result<Response<ReadIndexReply>, Status> {
+        count("read_index");
+        self.leader_only()?;
+        let index = if req.into_inner().lease {
+            // The leader has applied every write it acknowledged.
+            self.raft.applied_index()
+        } else {
+            self.raft.read_index().await?
+        };
+        Ok(Response::new(ReadIndexReply { index }))
+    }
+
+    async fn ensure_loaded(
+        &self,
+        req: Request<EnsureLoadedRequest>,
+    ) -> Result<Response<ReadIndexReply>, Status> {
+        count("ensure_loaded");
+        self.leader_only()?;
+        let dir = self.store.get(req.into_inner().dir_id)?;
+        self.loader.ensure_loaded(&dir).await?;
+        Ok(Response::new(ReadIndexReply {
+            index: self.raft.applied_index(),
         }))
     }
 

@@ -2,6 +2,7 @@
 //! under-storage side by side in one run, interleaved, and reports medians and ratios.
 
 mod failover;
+mod meta;
 mod read;
 mod report;
 
@@ -36,6 +37,24 @@ pub enum BenchCommand {
         #[arg(long)]
         write_docs: Option<PathBuf>,
     },
+    /// Metadata read throughput: all reads to the leader vs spread over every member.
+    Meta {
+        /// Namespace entries (files, 1000 per directory) loaded from a generated UFS tree.
+        #[arg(long, default_value_t = 100_000)]
+        entries: u64,
+        /// Concurrent client requests.
+        #[arg(long, default_value_t = 64)]
+        threads: usize,
+        /// Seconds per mode.
+        #[arg(long, default_value_t = 5)]
+        seconds: u64,
+        /// linearizable, lease or bounded-staleness:<ms>.
+        #[arg(long = "consistency", default_value = "linearizable")]
+        consistency: String,
+        /// Write the table into this markdown file (between bench-meta markers).
+        #[arg(long)]
+        write_docs: Option<PathBuf>,
+    },
     /// Leader kill -9 rounds under read and write load (3 masters as real processes).
     Failover {
         /// Leader kills.
@@ -67,6 +86,19 @@ pub fn run(cmd: BenchCommand) -> anyhow::Result<()> {
             small_size: small_size.0,
             small_threads,
             runs: runs.max(1),
+            write_docs,
+        }),
+        BenchCommand::Meta {
+            entries,
+            threads,
+            seconds,
+            consistency,
+            write_docs,
+        } => meta::run(meta::MetaBench {
+            entries,
+            threads: threads.max(1),
+            seconds: seconds.max(1),
+            consistency,
             write_docs,
         }),
         BenchCommand::Failover {

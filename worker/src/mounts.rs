@@ -15,17 +15,17 @@ pub struct MountRegistry {
 }
 
 impl MountRegistry {
-    /// Adopts the master's table: opens new mounts, drops removed ones.
+    /// Adopts mounts from a master's table: opens new ones and reopens one whose URI
+    /// changed. Mounts are never dropped here: a master that has not caught up yet (a new
+    /// member) answers with an empty or older table, and dropping on its word would fail
+    /// reads that every other master can serve.
     pub fn update(&self, table: &MountTable) {
         let mut mounts = self.mounts.write().expect("mounts lock");
-        mounts.retain(|id, ufs| {
-            table
-                .mounts
-                .iter()
-                .any(|m| m.mount_id == *id && m.ufs_uri == ufs.uri())
-        });
         for m in &table.mounts {
-            if mounts.contains_key(&m.mount_id) {
+            if mounts
+                .get(&m.mount_id)
+                .is_some_and(|u| u.uri() == m.ufs_uri)
+            {
                 continue;
             }
             match open_ufs(&m.ufs_uri) {

@@ -19,6 +19,9 @@ use crate::command_log::CommandLog;
 
 /// How long a proposal may wait to be applied before the caller gets a retryable error.
 const PROPOSAL_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long a read waits for its read index (and for it to be applied) before the client
+/// is told to try another member.
+const READ_INDEX_TIMEOUT: Duration = Duration::from_secs(2);
 
 /// A membership change asked of the leader.
 #[derive(Debug, Clone)]
@@ -35,6 +38,9 @@ pub enum Mail {
     TransferLeader(u64),
     Unreachable(u64),
     SnapshotSent(u64, bool),
+    /// A linearizable read point: answered with the commit index confirmed by the leader
+    /// (raft-rs ReadIndex). Concurrent requests share one round.
+    ReadIndex(oneshot::Sender<FsResult<u64>>),
     /// Ends the Ready loop (the master is stopping).
     Shutdown,
 }
@@ -48,6 +54,8 @@ pub struct RaftStatus {
     pub is_leader: bool,
     pub info: QuorumInfoReply,
     pub masters: MasterSet,
+    /// When this member last heard from the leader (now, on the leader itself).
+    pub leader_contact: Option<std::time::Instant>,
 }
 
 impl RaftStatus {
@@ -65,11 +73,53 @@ impl RaftStatus {
 pub struct RaftLog {
     mailbox: Sender<Mail>,
     status: Arc<RwLock<RaftStatus>>,
+    applied: tokio::sync::watch::Receiver<u64>,
 }
 
 impl RaftLog {
-    pub fn new(mailbox: Sender<Mail>, status: Arc<RwLock<RaftStatus>>) -> Self {
-        RaftLog { mailbox, status }
+    pub fn new(
+        mailbox: Sender<Mail>,
+        status: Arc<RwLock<RaftStatus>>,
+        applied: tokio::sync::watch::Receiver<u64>,
+    ) -> Self {
+        RaftLog {
+            mailbox,
+            status,
+            applied,
+        }
+    }
+
+    /// A read index confirmed by the leader (one ReadIndex round shared by concurrent callers).
+    pub async fn read_index(&self) -> FsResult<u64> {
+        let (tx, rx) = oneshot::channel();
+        self.send(Mail::ReadIndex(tx))?;
+        match tokio::time::timeout(READ_INDEX_TIMEOUT, rx).await {
+            Ok(Ok(r)) => r,
+            Ok(Err(_)) => Err(FsError::Unavailable("raft loop dropped the read".into())),
+            Err(_) => Err(FsError::Unavailable(
+                "no read index from the leader in time".into(),
+            )),
+        }
+    }
+
+    /// The last index applied to this member's state machine.
+    pub fn applied_index(&self) -> u64 {
+        *self.applied.borrow()
+    }
+
+    /// Waits until this member has applied `index`.
+    pub async fn wait_applied(&self, index: u64) -> FsResult<()> {
+        let mut rx = self.applied.clone();
+        let waited = tokio::time::timeout(READ_INDEX_TIMEOUT, rx.wait_for(|&a| a >= index))
+            .await
+            .map(|r| r.is_ok());
+        match waited {
+            Ok(true) => Ok(()),
+            Ok(false) => Err(FsError::Unavailable("raft loop stopped".into())),
+            Err(_) => Err(FsError::Unavailable(format!(
+                "index {index} not applied in time"
+            ))),
+        }
     }
 
     pub fn status(&self) -> RaftStatus {

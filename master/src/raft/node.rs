@@ -15,7 +15,7 @@ use prost::Message as _;
 use protobuf::Message as PbMessage;
 use raft::eraftpb::{
     ConfChangeSingle, ConfChangeTransition, ConfChangeType, ConfChangeV2, ConfState, Entry,
-    EntryType,
+    EntryType, MessageType,
 };
 use raft::{RawNode, SnapshotStatus, StateRole};
 use tokio::sync::oneshot;
@@ -54,7 +54,27 @@ pub struct RaftNode {
     pending: HashMap<u64, oneshot::Sender<FsResult<()>>>,
     next_seq: u64,
     was_leader: bool,
+    reads: ReadIndexBatcher,
+    leader_contact: Option<Instant>,
+    applied_tx: tokio::sync::watch::Sender<u64>,
 }
+
+/// Batches ReadIndex requests: everyone waiting when a round starts shares its answer;
+/// those arriving later wait for the next round. raft-rs drops a ReadIndex silently when
+/// there is no leader (or it has not committed in its term), so a round that stays
+/// unanswered is reissued.
+#[derive(Default)]
+struct ReadIndexBatcher {
+    queued: ReadWaiters,
+    /// (round id, its waiters, when it was sent)
+    inflight: Option<(u64, ReadWaiters, Instant)>,
+    next_ctx: u64,
+}
+
+type ReadWaiters = Vec<oneshot::Sender<FsResult<u64>>>;
+
+/// A ReadIndex round unanswered this long is sent again.
+const READ_INDEX_RETRY: Duration = Duration::from_millis(300);
 
 fn slog_logger() -> slog::Logger {
     use slog::Drain;
@@ -73,6 +93,7 @@ impl RaftNode {
         transport: Box<dyn PeerNetwork>,
         mailbox: Receiver<Mail>,
         status: Arc<RwLock<RaftStatus>>,
+        applied_tx: tokio::sync::watch::Sender<u64>,
     ) -> Result<Self, FsError> {
         let (applied, _) = namespace.applied().map_err(storage_error)?;
         let raft_cfg = raft::Config {
@@ -103,6 +124,9 @@ impl RaftNode {
             pending: HashMap::new(),
             next_seq: 1,
             was_leader: false,
+            reads: ReadIndexBatcher::default(),
+            leader_contact: None,
+            applied_tx,
         };
         node.load_masters()?;
         // A single-member group need not wait out an election timeout.
@@ -143,6 +167,7 @@ impl RaftNode {
                 self.raw.tick();
                 last_tick = Instant::now();
             }
+            self.start_read_round();
             if let Err(e) = self.on_ready() {
                 // Storage failure: stop participating rather than risk diverging.
                 tracing::error!(error = %e, "raft storage failed; this master stops");
@@ -194,6 +219,16 @@ impl RaftNode {
             }
             Mail::Step(msgs) => {
                 for m in msgs {
+                    if m.from == self.raw.raft.leader_id
+                        && matches!(
+                            m.get_msg_type(),
+                            MessageType::MsgHeartbeat
+                                | MessageType::MsgAppend
+                                | MessageType::MsgSnapshot
+                        )
+                    {
+                        self.leader_contact = Some(Instant::now());
+                    }
                     if let Err(e) = self.raw.step(m) {
                         tracing::debug!(error = %e, "raft step");
                     }
@@ -212,6 +247,7 @@ impl RaftNode {
             }
             Mail::TransferLeader(id) => self.raw.transfer_leader(id),
             Mail::Unreachable(id) => self.raw.report_unreachable(id),
+            Mail::ReadIndex(done) => self.reads.queued.push(done),
             Mail::Shutdown => {}
             Mail::SnapshotSent(id, ok) => {
                 let status = if ok {
@@ -296,6 +332,9 @@ impl RaftNode {
         if let Some(ss) = rd.ss() {
             self.on_role_change(ss.raft_state == StateRole::Leader, ss.leader_id);
         }
+        for rs in rd.take_read_states() {
+            self.finish_read_round(&rs.request_ctx, rs.index);
+        }
         self.send(rd.take_messages());
         if !rd.snapshot().is_empty() {
             let snap = rd.snapshot().clone();
@@ -318,8 +357,46 @@ impl RaftNode {
         self.send(light.take_messages());
         self.apply(light.take_committed_entries())?;
         self.raw.advance_apply();
+        self.applied_tx.send_replace(self.raw.raft.raft_log.applied);
         self.maybe_compact()?;
         Ok(())
+    }
+
+    /// Starts a ReadIndex round for the queued reads, or reissues a stale one.
+    fn start_read_round(&mut self) {
+        let reads = &mut self.reads;
+        if let Some((_, waiters, started)) = &mut reads.inflight {
+            if started.elapsed() < READ_INDEX_RETRY {
+                return;
+            }
+            // Unanswered (no leader, or a leader without an entry in its term): reissue,
+            // taking in whoever queued meanwhile.
+            let mut all = std::mem::take(waiters);
+            all.append(&mut reads.queued);
+            reads.queued = all;
+            reads.inflight = None;
+        }
+        if reads.queued.is_empty() {
+            return;
+        }
+        reads.next_ctx += 1;
+        let ctx = reads.next_ctx;
+        reads.inflight = Some((ctx, std::mem::take(&mut reads.queued), Instant::now()));
+        self.raw.read_index(ctx.to_be_bytes().to_vec());
+    }
+
+    fn finish_read_round(&mut self, ctx: &[u8], index: u64) {
+        let Some((id, _, _)) = &self.reads.inflight else {
+            return;
+        };
+        if ctx != id.to_be_bytes() {
+            return;
+        }
+        let (_, waiters, _) = self.reads.inflight.take().expect("checked");
+        metrics::counter!("granary_master_read_index_rounds_total").increment(1);
+        for w in waiters {
+            let _ = w.send(Ok(index));
+        }
     }
 
     fn on_role_change(&mut self, leader: bool, leader_id: u64) {
@@ -382,6 +459,11 @@ impl RaftNode {
             waiters.push(self.own_proposal(e.get_context()));
         }
         let results = self.namespace.apply_batch(&batch)?;
+        // Published before any proposer hears back, so a read index taken after an
+        // acknowledged write always covers it.
+        if let Some(last) = batch.last() {
+            self.applied_tx.send_replace(last.index);
+        }
         for ((e, seq), result) in entries.iter().zip(waiters).zip(results) {
             let Some(seq) = seq else { continue };
             if let Some(done) = self.pending.remove(&seq) {
@@ -521,5 +603,10 @@ impl RaftNode {
             role: role.into(),
         };
         st.masters = masters;
+        st.leader_contact = if leader {
+            Some(Instant::now())
+        } else {
+            self.leader_contact
+        };
     }
 }

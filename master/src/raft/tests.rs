@@ -91,6 +91,7 @@ impl Group {
             let (tx, rx) = std::sync::mpsc::channel();
             net.mailboxes.lock().unwrap().insert(id, tx.clone());
             let status = Arc::new(RwLock::new(RaftStatus::default()));
+            let (applied_tx, applied_rx) = tokio::sync::watch::channel(0);
             let node = RaftNode::new(
                 NodeConfig {
                     id,
@@ -108,6 +109,7 @@ impl Group {
                 }),
                 rx,
                 status.clone(),
+                applied_tx,
             )
             .unwrap();
             let thread = std::thread::spawn(move || node.run());
@@ -115,7 +117,7 @@ impl Group {
                 id,
                 Member {
                     store,
-                    log: RaftLog::new(tx, status),
+                    log: RaftLog::new(tx, status, applied_rx),
                     thread: Some(thread),
                 },
             );

@@ -1,0 +1,269 @@
+//! `granary bench meta`: metadata read throughput of a 3-master group, all reads sent to
+//! the leader versus spread over every member (follower reads), side by side in one run.
+//! Clients issue getattr (50%), lookup (40%) and readdir pages (10%) over a loaded
+//! namespace, each request carrying the chosen read consistency.
+
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use granary_integration_tests::{Cluster, MasterSpec};
+use granary_protos::v1::{GetAttrRequest, LoadMetadataRequest, LookupRequest, ReadDirRequest};
+use rand::{Rng, SeedableRng};
+
+use super::report::{machine, write_section};
+
+pub struct MetaBench {
+    pub entries: u64,
+    pub threads: usize,
+    pub seconds: u64,
+    pub consistency: String,
+    pub write_docs: Option<PathBuf>,
+}
+
+const PER_DIR: u64 = 1000;
+
+struct Target {
+    dir: u64,
+    name: Vec<u8>,
+    file: u64,
+}
+
+struct ModeResult {
+    ops_per_s: f64,
+    p50_us: u64,
+    p99_us: u64,
+    errors: u64,
+}
+
+fn populate(ufs: &std::path::Path, entries: u64) -> anyhow::Result<()> {
+    let marker = ufs.join(".entries");
+    if std::fs::read_to_string(&marker).ok().as_deref() == Some(&entries.to_string()) {
+        return Ok(());
+    }
+    let pb = crate::dataset::progress(entries, "namespace");
+    for i in 0..entries {
+        let dir = ufs.join(format!("d{:05}", i / PER_DIR));
+        if i % PER_DIR == 0 {
+            std::fs::create_dir_all(&dir)?;
+        }
+        std::fs::File::create(dir.join(format!("f{:06}", i % PER_DIR)))?;
+        pb.inc(1);
+    }
+    pb.finish_and_clear();
+    std::fs::write(marker, entries.to_string())?;
+    Ok(())
+}
+
+pub fn run(b: MetaBench) -> anyhow::Result<()> {
+    let work = PathBuf::from("/var/tmp/granary-bench-meta");
+    let ufs = work.join("ufs");
+    std::fs::create_dir_all(&ufs)?;
+    populate(&ufs, b.entries)?;
+    eprintln!("starting 3 masters ...");
+    let c = Cluster::start(&MasterSpec {
+        ufs: ufs.clone(),
+        masters: 3,
+        ..Default::default()
+    })?;
+    let leader = c.leader(Duration::from_secs(20))?;
+    eprintln!("loading {} entries through the leader ...", b.entries);
+    let mut lc = c.client(&c.addr_of(leader))?;
+    c.block_on(async {
+        let mut s = lc
+            .load_metadata(LoadMetadataRequest {
+                path: b"/".to_vec(),
+                recursive: true,
+            })
+            .await?
+            .into_inner();
+        while let Some(m) = s.message().await? {
+            if m.done {
+                eprintln!("loaded {} directories, {} files", m.directories, m.files);
+            }
+        }
+        anyhow::Ok(())
+    })?;
+    // Every member must hold the whole namespace before measuring.
+    let commit = c.quorum_info(leader)?.commit;
+    granary_integration_tests::wait_until(
+        "followers to apply the load",
+        Duration::from_secs(300),
+        || {
+            c.masters.keys().all(|&id| {
+                c.quorum_info(id)
+                    .map(|q| q.applied >= commit)
+                    .unwrap_or(false)
+            })
+        },
+    )?;
+
+    let targets = Arc::new(collect_targets(&c, leader, b.entries)?);
+    let leader_addr = c.addr_of(leader);
+    let all = c.master_addrs();
+    let mut rows = Vec::new();
+    for (label, addrs) in [
+        ("leader only", vec![leader_addr.clone()]),
+        ("follower reads (all 3 members)", all.clone()),
+    ] {
+        let r = measure(&c, &addrs, &targets, &b)?;
+        eprintln!("{label}: {:.0} ops/s", r.ops_per_s);
+        rows.push((label, r));
+    }
+    let ratio = rows[1].1.ops_per_s / rows[0].1.ops_per_s.max(1.0);
+    let mut table =
+        String::from("| mode | ops/s | p50 | p99 | errors |\n|---|---:|---:|---:|---:|\n");
+    for (label, r) in &rows {
+        table.push_str(&format!(
+            "| {label} | {:.0} | {:.2} ms | {:.2} ms | {} |\n",
+            r.ops_per_s,
+            r.p50_us as f64 / 1000.0,
+            r.p99_us as f64 / 1000.0,
+            r.errors
+        ));
+    }
+    table.push_str(&format!(
+        "\nfollower reads / leader only: **{ratio:.2}x**\n"
+    ));
+    println!("\n{table}");
+    if let Some(path) = &b.write_docs {
+        let body = format!(
+            "Machine: {}. 3 masters on this machine, {} namespace entries ({} per directory), {} concurrent client requests, read consistency `{}`, {} s per mode. Mix: getattr 50%, lookup 40%, readdir page of 100 10%.\n\nCommand: `granary bench meta --entries {} --threads {} --seconds {} --consistency {}`\n\n{table}",
+            machine(),
+            b.entries,
+            PER_DIR,
+            b.threads,
+            b.consistency,
+            b.seconds,
+            b.entries,
+            b.threads,
+            b.seconds,
+            b.consistency
+        );
+        write_section(path, "bench-meta", &body)?;
+        eprintln!("wrote {}", path.display());
+    }
+    Ok(())
+}
+
+fn collect_targets(c: &Cluster, leader: u64, entries: u64) -> anyhow::Result<Vec<Target>> {
+    let mut client = c.client(&c.addr_of(leader))?;
+    let dirs = entries.div_ceil(PER_DIR);
+    let mut out = Vec::new();
+    for d in 0..dirs.min(200) {
+        let name = format!("d{d:05}").into_bytes();
+        let dir = c
+            .block_on(client.lookup(LookupRequest { parent: 1, name }))
+            .context("lookup of a benchmark directory")?
+            .into_inner()
+            .inode
+            .context("no inode")?;
+        let page = c
+            .block_on(client.read_dir(ReadDirRequest {
+                id: dir.id,
+                start_after: Vec::new(),
+                limit: 1000,
+            }))?
+            .into_inner();
+        for e in page.entries.into_iter().step_by(10) {
+            out.push(Target {
+                dir: dir.id,
+                name: e.name,
+                file: e.id,
+            });
+        }
+    }
+    Ok(out)
+}
+
+fn measure(
+    c: &Cluster,
+    addrs: &[String],
+    targets: &Arc<Vec<Target>>,
+    b: &MetaBench,
+) -> anyhow::Result<ModeResult> {
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
+    let clients: Vec<_> = addrs
+        .iter()
+        .map(|a| c.client(a))
+        .collect::<Result<_, _>>()?;
+    let stop = Arc::new(AtomicBool::new(false));
+    let consistency: tonic::metadata::MetadataValue<_> =
+        b.consistency.parse().context("read consistency")?;
+    let start = Instant::now();
+    let tasks: Vec<_> = (0..b.threads)
+        .map(|t| {
+            let mut client = clients[t % clients.len()].clone();
+            let (stop, targets, consistency) = (stop.clone(), targets.clone(), consistency.clone());
+            rt.spawn(async move {
+                let mut rng = rand::rngs::StdRng::seed_from_u64(t as u64);
+                let mut lat = Vec::new();
+                let mut errors = 0u64;
+                while !stop.load(Ordering::Relaxed) {
+                    let tg = &targets[rng.random_range(0..targets.len())];
+                    let roll = rng.random_range(0..100);
+                    let begin = Instant::now();
+                    macro_rules! call {
+                        ($method:ident, $req:expr) => {{
+                            let mut req = tonic::Request::new($req);
+                            req.metadata_mut()
+                                .insert("x-granary-consistency", consistency.clone());
+                            client.$method(req).await.map(|_| ())
+                        }};
+                    }
+                    let r = if roll < 50 {
+                        call!(get_attr, GetAttrRequest { id: tg.file })
+                    } else if roll < 90 {
+                        call!(
+                            lookup,
+                            LookupRequest {
+                                parent: tg.dir,
+                                name: tg.name.clone()
+                            }
+                        )
+                    } else {
+                        call!(
+                            read_dir,
+                            ReadDirRequest {
+                                id: tg.dir,
+                                start_after: tg.name.clone(),
+                                limit: 100
+                            }
+                        )
+                    };
+                    match r {
+                        Ok(()) => lat.push(begin.elapsed().as_micros() as u64),
+                        Err(_) => errors += 1,
+                    }
+                }
+                (lat, errors)
+            })
+        })
+        .collect();
+    std::thread::sleep(Duration::from_secs(b.seconds));
+    stop.store(true, Ordering::Relaxed);
+    let mut lat = Vec::new();
+    let mut errors = 0;
+    for t in tasks {
+        let (l, e) = rt.block_on(t)?;
+        lat.extend(l);
+        errors += e;
+    }
+    let secs = start.elapsed().as_secs_f64();
+    lat.sort_unstable();
+    let pct = |p: f64| {
+        lat.get(((lat.len() as f64 * p) as usize).min(lat.len().saturating_sub(1)))
+            .copied()
+            .unwrap_or(0)
+    };
+    Ok(ModeResult {
+        ops_per_s: lat.len() as f64 / secs,
+        p50_us: pct(0.5),
+        p99_us: pct(0.99),
+        errors,
+    })
+}
