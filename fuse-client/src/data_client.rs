@@ -161,6 +161,10 @@ fn check(
     match Status::try_from(resp.status).unwrap_or(Status::IoError) {
         Status::Ok => Ok((resp, payload)),
         Status::Stale => Err(FsError::Stale(resp.error)),
+        Status::Unavailable => Err(FsError::Unavailable(format!(
+            "worker {addr}: {}",
+            resp.error
+        ))),
         _ => Err(FsError::Io(format!("worker {addr}: {}", resp.error))),
     }
 }

@@ -31,6 +31,7 @@ fn status_of(e: &FsError) -> Status {
         FsError::InvalidPath(_) | FsError::NameTooLong(_) => Status::BadRequest,
         FsError::NotFound(_) => Status::NotFound,
         FsError::Stale(_) => Status::Stale,
+        FsError::Unavailable(_) | FsError::TimedOut(_) => Status::Unavailable,
         FsError::Ufs(_) | FsError::PermissionDenied(_) | FsError::NotDir(_) => Status::UfsError,
         _ => Status::IoError,
     }

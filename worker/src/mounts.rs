@@ -55,7 +55,7 @@ impl MountRegistry {
             .get(&mount_id)
             .cloned()
             .ok_or_else(|| {
-                FsError::NotFound(format!(
+                FsError::Unavailable(format!(
                     "UFS mount {mount_id} is not known to this worker (yet)"
                 ))
             })
