@@ -113,6 +113,23 @@ pub fn run(b: MetaBench) -> anyhow::Result<()> {
         rows.push((label, r));
     }
     let ratio = rows[1].1.ops_per_s / rows[0].1.ops_per_s.max(1.0);
+    // The same through FUSE: a stat() storm with every kernel and client cache disabled,
+    // so each stat is a lookup (and getattr) RPC.
+    let no_cache = format!(
+        "entry_ttl_ms = 0\nattr_ttl_ms = 0\nmeta_cache_ttl_ms = 0\nread_consistency = \"{}\"\n",
+        b.consistency
+    );
+    let leader_mount = c.mount("mnt-leader", &format!("{no_cache}follower_reads = false"))?;
+    let spread_mount = c.mount("mnt-followers", &format!("{no_cache}follower_reads = true"))?;
+    for (label, mnt) in [
+        ("FUSE stat(), leader only", &leader_mount.path),
+        ("FUSE stat(), follower reads", &spread_mount.path),
+    ] {
+        let r = stat_storm(mnt, b.entries, b.threads.min(32), b.seconds)?;
+        eprintln!("{label}: {:.0} stats/s", r.ops_per_s);
+        rows.push((label, r));
+    }
+    let fuse_ratio = rows[3].1.ops_per_s / rows[2].1.ops_per_s.max(1.0);
     let mut table =
         String::from("| mode | ops/s | p50 | p99 | errors |\n|---|---:|---:|---:|---:|\n");
     for (label, r) in &rows {
@@ -125,7 +142,7 @@ pub fn run(b: MetaBench) -> anyhow::Result<()> {
         ));
     }
     table.push_str(&format!(
-        "\nfollower reads / leader only: **{ratio:.2}x**\n"
+        "\nfollower reads / leader only: **{ratio:.2}x** over gRPC, **{fuse_ratio:.2}x** through FUSE\n"
     ));
     println!("\n{table}");
     if let Some(path) = &b.write_docs {
@@ -254,6 +271,62 @@ fn measure(
         errors += e;
     }
     let secs = start.elapsed().as_secs_f64();
+    lat.sort_unstable();
+    let pct = |p: f64| {
+        lat.get(((lat.len() as f64 * p) as usize).min(lat.len().saturating_sub(1)))
+            .copied()
+            .unwrap_or(0)
+    };
+    Ok(ModeResult {
+        ops_per_s: lat.len() as f64 / secs,
+        p50_us: pct(0.5),
+        p99_us: pct(0.99),
+        errors,
+    })
+}
+
+/// `threads` threads calling stat() on random files under `mnt` for `seconds`.
+fn stat_storm(
+    mnt: &std::path::Path,
+    entries: u64,
+    threads: usize,
+    seconds: u64,
+) -> anyhow::Result<ModeResult> {
+    let stop = AtomicBool::new(false);
+    let start = Instant::now();
+    let results: Vec<(Vec<u64>, u64)> = std::thread::scope(|s| {
+        let handles: Vec<_> = (0..threads)
+            .map(|t| {
+                let stop = &stop;
+                s.spawn(move || {
+                    let mut rng = rand::rngs::StdRng::seed_from_u64(1000 + t as u64);
+                    let (mut lat, mut errors) = (Vec::new(), 0u64);
+                    while !stop.load(Ordering::Relaxed) {
+                        let i = rng.random_range(0..entries);
+                        let path = mnt.join(format!("d{:05}/f{:06}", i / PER_DIR, i % PER_DIR));
+                        let begin = Instant::now();
+                        match std::fs::metadata(&path) {
+                            Ok(_) => lat.push(begin.elapsed().as_micros() as u64),
+                            Err(_) => errors += 1,
+                        }
+                    }
+                    (lat, errors)
+                })
+            })
+            .collect();
+        std::thread::sleep(Duration::from_secs(seconds));
+        stop.store(true, Ordering::Relaxed);
+        handles
+            .into_iter()
+            .map(|h| h.join().expect("stat thread"))
+            .collect()
+    });
+    let secs = start.elapsed().as_secs_f64();
+    let mut lat: Vec<u64> = results
+        .iter()
+        .flat_map(|(l, _)| l.iter().copied())
+        .collect();
+    let errors = results.iter().map(|(_, e)| e).sum();
     lat.sort_unstable();
     let pct = |p: f64| {
         lat.get(((lat.len() as f64 * p) as usize).min(lat.len().saturating_sub(1)))
