@@ -12,31 +12,35 @@ state=${3:-$(mktemp -d /tmp/granary-cluster.XXXXXX)}
 masters=${MASTERS:-3}
 token=${TOKEN:-$(head -c 16 /dev/urandom | od -An -tx1 | tr -d ' \n')}
 bin=$(dirname "$0")/../target/release
-[ -x "$bin/granary-master" ] || cargo build --release --manifest-path "$(dirname "$0")/../Cargo.toml"
+[ -x "$bin/granary-master" ] || cargo build --release --workspace --bins --manifest-path "$(dirname "$0")/../Cargo.toml"
 mkdir -p "$state"
 
+# Masters listen on 19998, 20008, 20018, ...; the worker on 19990; metrics on 1998x.
+port() { echo $((19998 + 10 * ($1 - 1))); }
 members=""
-for i in $(seq 1 "$masters"); do members+="\"$i@127.0.0.1:$((19997 + i))\", "; done
-members="[${members%, }]"
 addrs=""
-for i in $(seq 1 "$masters"); do addrs+="\"127.0.0.1:$((19997 + i))\", "; done
+for i in $(seq 1 "$masters"); do
+  members+="\"$i@127.0.0.1:$(port "$i")\", "
+  addrs+="\"127.0.0.1:$(port "$i")\", "
+done
+members="[${members%, }]"
 addrs="[${addrs%, }]"
 
 for i in $(seq 1 "$masters"); do
   cat > "$state/master-$i.toml" <<TOML
 id = $i
-listen = "127.0.0.1:$((19997 + i))"
+listen = "127.0.0.1:$(port "$i")"
 data_dir = "$state/master-$i"
 ufs = "file://$ufs"
 members = $members
 cluster_token = "$token"
-metrics_listen = "127.0.0.1:$((19990 + i))"
+metrics_listen = "127.0.0.1:$((19980 + i))"
 TOML
 done
 cat > "$state/worker.toml" <<TOML
 masters = $addrs
 cluster_token = "$token"
-data_listen = "127.0.0.1:19999"
+data_listen = "127.0.0.1:19990"
 cache_dir = "$state/cache"
 capacity = "10GiB"
 metrics_listen = "127.0.0.1:19989"
@@ -61,6 +65,14 @@ sleep 1
 "$bin/granary-worker" --config "$state/worker.toml" 2>"$state/worker.log" & pids+=($!)
 sleep 1
 "$bin/granary-fuse" --config "$state/mount.toml" "$mnt" 2>"$state/mount.log" & pids+=($!)
+sleep 2
+for pid in "${pids[@]}"; do
+  if ! kill -0 "$pid" 2>/dev/null; then
+    echo "a process exited at startup; its log:" >&2
+    for log in "$state"/*.log; do echo "== $log" >&2; tail -5 "$log" >&2; done
+    exit 1
+  fi
+done
 cat <<TXT
 $masters masters, a worker and a mount are running; configs and logs in $state.
   GRANARY_CLUSTER_TOKEN=$token target/release/granary admin quorum info --master 127.0.0.1:19998

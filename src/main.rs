@@ -233,6 +233,13 @@ fn main() -> anyhow::Result<()> {
             if !masters.is_empty() {
                 cfg.masters = masters;
             }
+            // Flags given explicitly win over the config file.
+            if !cli.master.cluster_token.is_empty() {
+                cfg.cluster_token = cli.master.cluster_token.clone();
+            }
+            if cli.master.read_consistency != "linearizable" {
+                cfg.read_consistency = cli.master.read_consistency.clone();
+            }
             Ok(granary_fuse_client::run_mount(&cfg, &mountpoint)?)
         }
         Command::Fs { cmd } => {

@@ -254,12 +254,14 @@ impl Filesystem for FuseAdapter {
             Ok(s) => {
                 const BSIZE: u64 = 4096;
                 let free = s.capacity_bytes.saturating_sub(s.used_bytes) / BSIZE;
+                // Inodes are not a limited resource; report plenty free so `df -i` adds up.
+                const FREE_INODES: u64 = 1 << 32;
                 reply.statfs(
                     s.capacity_bytes / BSIZE,
                     free,
                     free,
-                    s.inodes,
-                    u32::MAX as u64,
+                    s.inodes + FREE_INODES,
+                    FREE_INODES,
                     BSIZE as u32,
                     255,
                     BSIZE as u32,

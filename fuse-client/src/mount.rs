@@ -25,12 +25,14 @@ pub enum MountError {
     NotDirectory(PathBuf),
     #[error("mount point {0} is not empty (mounting would hide its contents)")]
     NotEmpty(PathBuf),
+    #[error("{0} is already a mount point (another Granary mount still running, or a stale one: `umount -l` it)")]
+    AlreadyMounted(PathBuf),
     #[error("mount point {path}: {source}")]
     Inaccessible {
         path: PathBuf,
         source: std::io::Error,
     },
-    #[error("cannot reach the metadata masters {masters:?}: {error}")]
+    #[error("the metadata masters {masters:?} did not accept the mount: {error}")]
     Masters {
         masters: Vec<String>,
         error: FsError,
@@ -53,6 +55,17 @@ pub fn check_mountpoint(path: &Path) -> Result<(), MountError> {
     })?;
     if !md.is_dir() {
         return Err(MountError::NotDirectory(path.to_path_buf()));
+    }
+    // A different device than its parent's: something is mounted here already.
+    if let Some(parent) = path
+        .canonicalize()
+        .ok()
+        .and_then(|p| p.parent().map(Path::to_path_buf))
+    {
+        use std::os::unix::fs::MetadataExt;
+        if std::fs::metadata(&parent).is_ok_and(|pm| pm.dev() != md.dev()) {
+            return Err(MountError::AlreadyMounted(path.to_path_buf()));
+        }
     }
     let mut entries = std::fs::read_dir(path).map_err(|source| MountError::Inaccessible {
         path: path.to_path_buf(),

@@ -7,7 +7,7 @@ use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
 use granary_common::config::ConfigError;
-use granary_common::ufs::open_ufs;
+use granary_common::ufs::{open_ufs, Ufs};
 use granary_common::FsError;
 use granary_protos::v1::master_server::MasterServer;
 use granary_protos::v1::{command, Command, MountPoint, SetMount};
@@ -161,7 +161,7 @@ pub async fn start(mut config: MasterConfig) -> Result<RunningMaster, MasterErro
     let raft = RaftLog::new(mailbox.clone(), status, applied_rx);
 
     let mut ufs_by_mount = HashMap::new();
-    ufs_by_mount.insert(ROOT_MOUNT_ID, ufs);
+    ufs_by_mount.insert(ROOT_MOUNT_ID, ufs.clone());
     let workers = Arc::new(WorkerRegistry::default());
     let locations = Arc::new(BlockLocations::default());
     let service = MasterService {
@@ -195,7 +195,7 @@ pub async fn start(mut config: MasterConfig) -> Result<RunningMaster, MasterErro
     let mount_setup = tokio::spawn(ensure_root_mount(
         store.clone(),
         raft.clone(),
-        config.ufs.clone(),
+        ufs,
         config.block_size.0,
     ));
 
@@ -243,26 +243,38 @@ pub async fn start(mut config: MasterConfig) -> Result<RunningMaster, MasterErro
 async fn ensure_root_mount(
     store: Arc<NamespaceStore>,
     raft: RaftLog,
-    ufs: String,
+    ufs: Arc<dyn Ufs>,
     block_size: u64,
 ) {
+    let uri = ufs.uri().to_string();
     loop {
         match store.mount_table() {
             Ok(t) if t.mounts.iter().any(|m| m.path == b"/") => {
-                if let Some(m) = t.mounts.iter().find(|m| m.path == b"/" && m.ufs_uri != ufs) {
-                    tracing::error!(stored = %m.ufs_uri, configured = %ufs, "the replicated namespace mounts a different UFS than this master's config");
+                if let Some(m) = t.mounts.iter().find(|m| m.path == b"/" && m.ufs_uri != uri) {
+                    tracing::error!(stored = %m.ufs_uri, configured = %uri, "the replicated namespace mounts a different UFS than this master's config");
                 }
                 return;
             }
             Ok(_) if raft.status().is_leader => {
+                // Listed before proposing: apply does no I/O.
+                let root = {
+                    let ufs = ufs.clone();
+                    tokio::task::spawn_blocking(move || ufs.stat(b"")).await
+                };
+                let (root_mtime_ns, root_mode) = match root {
+                    Ok(Ok(o)) => (o.mtime_ns, o.mode),
+                    _ => (0, 0o755),
+                };
                 let cmd = Command {
                     op: Some(command::Op::SetMount(SetMount {
                         mount: Some(MountPoint {
                             mount_id: ROOT_MOUNT_ID,
                             path: b"/".to_vec(),
-                            ufs_uri: ufs.clone(),
+                            ufs_uri: uri.clone(),
                         }),
                         block_size,
+                        root_mtime_ns,
+                        root_mode,
                     })),
                 };
                 if let Err(e) = raft.propose(cmd).await {

@@ -126,7 +126,8 @@ fn set_mount(t: &mut Tables<'_>, m: &SetMount) -> Result<FsResult<()>, StoreErro
             id: root,
             parent: root,
             kind: FileKind::Directory as i32,
-            mode: 0o755,
+            mode: if m.root_mode == 0 { 0o755 } else { m.root_mode },
+            mtime_ns: m.root_mtime_ns,
             mount_id: mount.mount_id,
             ..Default::default()
         })?;

@@ -159,6 +159,7 @@ proptest! {
             op: Some(command::Op::SetMount(SetMount {
                 mount: Some(MountPoint { mount_id: 1, path: b"/".to_vec(), ufs_uri: "file:///x".into() }),
                 block_size: 1024,
+            ..Default::default()
             })),
         };
         store.apply_batch(&[LogEntry::command(1, 1, mount)]).unwrap();

@@ -38,6 +38,16 @@ pub enum StoreError {
     ShardMismatch { found: u16, configured: u16 },
     #[error("corrupt metadata store: {0}")]
     Corrupt(String),
+    #[error("{0} is in use by another running master (one data_dir per master process)")]
+    InUse(String),
+}
+
+/// Opens (or creates) a redb file, naming it when another process holds it.
+pub(crate) fn open_db(path: &Path) -> Result<Database, StoreError> {
+    Database::create(path).map_err(|e| match e {
+        redb::DatabaseError::DatabaseAlreadyOpen => StoreError::InUse(path.display().to_string()),
+        other => StoreError::Redb(other.into()),
+    })
 }
 
 impl From<StoreError> for FsError {
@@ -121,7 +131,7 @@ impl std::fmt::Debug for NamespaceStore {
 
 impl NamespaceStore {
     pub fn open(path: &Path, shard: u16) -> Result<Self, StoreError> {
-        let db = redb_err!(Database::create(path))?;
+        let db = open_db(path)?;
         let txn = redb_err!(db.begin_write())?;
         {
             let mut meta = redb_err!(txn.open_table(META))?;
@@ -404,6 +414,7 @@ mod tests {
                     ufs_uri: "file:///data".into(),
                 }),
                 block_size: 1024,
+                ..Default::default()
             })),
         }
     }

@@ -54,7 +54,7 @@ impl RaftLogStore {
         namespace: Arc<NamespaceStore>,
         bootstrap: &[(u64, String)],
     ) -> Result<Self, StoreError> {
-        let db = redb_err!(Database::create(path))?;
+        let db = crate::store::open_db(path)?;
         let txn = redb_err!(db.begin_write())?;
         redb_err!(txn.open_table(ENTRIES))?;
         redb_err!(txn.open_table(STATE))?;

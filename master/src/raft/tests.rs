@@ -213,6 +213,7 @@ fn mount() -> Command {
                 ufs_uri: "file:///nowhere".into(),
             }),
             block_size: 1 << 20,
+            ..Default::default()
         })),
     }
 }
