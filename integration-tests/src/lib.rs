@@ -287,6 +287,14 @@ impl Cluster {
         Ok(c)
     }
 
+    /// Starts `binary --config cfg`, logging to a fresh file named after `name`.
+    fn spawn(&self, binary: &str, name: &str, cfg: &Path) -> anyhow::Result<Proc> {
+        let mut cmd = Command::new(bin(binary));
+        cmd.arg("--config").arg(cfg);
+        let n = std::fs::read_dir(self.dir.path())?.count();
+        Proc::spawn(name, cmd, self.dir.path().join(format!("{name}-{n}.log")))
+    }
+
     pub fn master_addr(&self) -> String {
         self.master_addrs()[0].clone()
     }
@@ -332,14 +340,7 @@ impl Cluster {
                 self.spec.snapshot_threshold,
             ),
         )?;
-        let mut cmd = Command::new(bin("granary-master"));
-        cmd.arg("--config").arg(&cfg);
-        let n = std::fs::read_dir(self.dir.path())?.count();
-        let proc = Proc::spawn(
-            "master",
-            cmd,
-            self.dir.path().join(format!("master-{id}-{n}.log")),
-        )?;
+        let proc = self.spawn("granary-master", &format!("master-{id}"), &cfg)?;
         wait_until("master port", Duration::from_secs(20), || {
             TcpStream::connect(("127.0.0.1", port)).is_ok()
         })
@@ -507,14 +508,7 @@ impl Cluster {
                 self.worker_metrics_port
             ),
         )?;
-        let mut cmd = Command::new(bin("granary-worker"));
-        cmd.arg("--config").arg(&cfg);
-        let n = std::fs::read_dir(self.dir.path())?.count();
-        let worker = Proc::spawn(
-            "worker",
-            cmd,
-            self.dir.path().join(format!("worker-{n}.log")),
-        )?;
+        let worker = self.spawn("granary-worker", "worker", &cfg)?;
         let id_path = self.dir.path().join("cache/worker_id");
         wait_until(
             "worker registration with the leader",

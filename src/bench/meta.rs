@@ -38,6 +38,24 @@ struct ModeResult {
     errors: u64,
 }
 
+impl ModeResult {
+    /// Throughput and percentiles of the successful operations' latencies (µs).
+    fn from_latencies(mut lat: Vec<u64>, errors: u64, secs: f64) -> Self {
+        lat.sort_unstable();
+        let pct = |p: f64| {
+            lat.get(((lat.len() as f64 * p) as usize).min(lat.len().saturating_sub(1)))
+                .copied()
+                .unwrap_or(0)
+        };
+        ModeResult {
+            ops_per_s: lat.len() as f64 / secs,
+            p50_us: pct(0.5),
+            p99_us: pct(0.99),
+            errors,
+        }
+    }
+}
+
 fn populate(ufs: &std::path::Path, entries: u64) -> anyhow::Result<()> {
     let marker = ufs.join(".entries");
     if std::fs::read_to_string(&marker).ok().as_deref() == Some(&entries.to_string()) {
@@ -271,18 +289,7 @@ fn measure(
         errors += e;
     }
     let secs = start.elapsed().as_secs_f64();
-    lat.sort_unstable();
-    let pct = |p: f64| {
-        lat.get(((lat.len() as f64 * p) as usize).min(lat.len().saturating_sub(1)))
-            .copied()
-            .unwrap_or(0)
-    };
-    Ok(ModeResult {
-        ops_per_s: lat.len() as f64 / secs,
-        p50_us: pct(0.5),
-        p99_us: pct(0.99),
-        errors,
-    })
+    Ok(ModeResult::from_latencies(lat, errors, secs))
 }
 
 /// `threads` threads calling stat() on random files under `mnt` for `seconds`.
@@ -322,21 +329,10 @@ fn stat_storm(
             .collect()
     });
     let secs = start.elapsed().as_secs_f64();
-    let mut lat: Vec<u64> = results
+    let lat: Vec<u64> = results
         .iter()
         .flat_map(|(l, _)| l.iter().copied())
         .collect();
     let errors = results.iter().map(|(_, e)| e).sum();
-    lat.sort_unstable();
-    let pct = |p: f64| {
-        lat.get(((lat.len() as f64 * p) as usize).min(lat.len().saturating_sub(1)))
-            .copied()
-            .unwrap_or(0)
-    };
-    Ok(ModeResult {
-        ops_per_s: lat.len() as f64 / secs,
-        p50_us: pct(0.5),
-        p99_us: pct(0.99),
-        errors,
-    })
+    Ok(ModeResult::from_latencies(lat, errors, secs))
 }

@@ -36,6 +36,14 @@ pub struct RaftLogStore {
     bounds: RwLock<Bounds>,
 }
 
+/// The truncation point as stored: index then term, big-endian.
+fn truncated_record(index: u64, term: u64) -> [u8; 16] {
+    let mut t = [0u8; 16];
+    t[..8].copy_from_slice(&index.to_be_bytes());
+    t[8..].copy_from_slice(&term.to_be_bytes());
+    t
+}
+
 fn store_err(e: StoreError) -> raft::Error {
     raft::Error::Store(StorageError::Other(Box::new(e)))
 }
@@ -137,9 +145,7 @@ impl RaftLogStore {
         let txn = redb_err!(self.db.begin_write())?;
         {
             let mut state = redb_err!(txn.open_table(STATE))?;
-            let mut t = INDEX.to_be_bytes().to_vec();
-            t.extend_from_slice(&TERM.to_be_bytes());
-            redb_err!(state.insert(TRUNCATED, t.as_slice()))?;
+            redb_err!(state.insert(TRUNCATED, &truncated_record(INDEX, TERM)[..]))?;
             redb_err!(state.insert(HARD_STATE, hs.write_to_bytes().map_err(pb_err)?.as_slice()))?;
         }
         redb_err!(txn.commit())?;
@@ -226,9 +232,7 @@ impl RaftLogStore {
             let mut table = redb_err!(txn.open_table(ENTRIES))?;
             redb_err!(table.retain(|_, _| false))?;
             let mut state = redb_err!(txn.open_table(STATE))?;
-            let mut t = meta.index.to_be_bytes().to_vec();
-            t.extend_from_slice(&meta.term.to_be_bytes());
-            redb_err!(state.insert(TRUNCATED, t.as_slice()))?;
+            redb_err!(state.insert(TRUNCATED, &truncated_record(meta.index, meta.term)[..]))?;
             redb_err!(state.insert(HARD_STATE, hs.write_to_bytes().map_err(pb_err)?.as_slice()))?;
         }
         redb_err!(txn.commit())?;
@@ -254,9 +258,7 @@ impl RaftLogStore {
             let mut table = redb_err!(txn.open_table(ENTRIES))?;
             redb_err!(table.retain_in(..=upto, |_, _| false))?;
             let mut state = redb_err!(txn.open_table(STATE))?;
-            let mut t = upto.to_be_bytes().to_vec();
-            t.extend_from_slice(&term.to_be_bytes());
-            redb_err!(state.insert(TRUNCATED, t.as_slice()))?;
+            redb_err!(state.insert(TRUNCATED, &truncated_record(upto, term)[..]))?;
         }
         redb_err!(txn.commit())?;
         bounds.truncated_index = upto;
