@@ -28,6 +28,13 @@ const WORKER_LIST_TTL: Duration = Duration::from_secs(3);
 pub trait DataPath: Send + Sync {
     fn read(&self, file: &Inode, state: &mut ReadState, offset: u64, len: u32)
         -> FsResult<Vec<u8>>;
+
+    /// A local file holding exactly `file`'s bytes, if one can be had cheaply (a
+    /// single-block file cached by a co-located worker): the kernel can then serve reads
+    /// from it directly (FUSE passthrough).
+    fn whole_file(&self, _file: &Inode) -> Option<File> {
+        None
+    }
 }
 
 /// Per-open-handle read state.
@@ -388,6 +395,20 @@ impl WorkerDataPath {
 }
 
 impl DataPath for WorkerDataPath {
+    fn whole_file(&self, file: &Inode) -> Option<File> {
+        if !self.opts.short_circuit || file.size == 0 || file.size > file.block_size {
+            return None;
+        }
+        let workers = self.workers(false).ok()?;
+        let worker = self.local_worker(&workers)?;
+        let (resp, _) = self
+            .request(&worker, request_for(file, 0, 0, 0, true))
+            .ok()?;
+        let f = File::open(&resp.local_path).ok()?;
+        // Only a complete copy may stand in for the file.
+        (f.metadata().ok()?.len() == file.size).then_some(f)
+    }
+
     fn read(
         &self,
         file: &Inode,

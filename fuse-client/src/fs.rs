@@ -157,6 +157,13 @@ impl GranaryFs {
         self.data.read(&file.inode, &mut state, offset, size)
     }
 
+    /// For an open handle, a local file with the same bytes that the kernel may read
+    /// directly (see [`DataPath::whole_file`]).
+    pub fn whole_file(&self, fh: u64) -> Option<std::fs::File> {
+        let file = self.files.read().expect("files lock").get(&fh).cloned()?;
+        self.data.whole_file(&file.inode)
+    }
+
     pub fn release(&self, fh: u64) {
         self.files.write().expect("files lock").remove(&fh);
     }

@@ -1,15 +1,17 @@
 //! The `fuser::Filesystem` adapter: translates kernel requests into [`GranaryFs`] calls
 //! and results into replies. No filesystem logic lives here.
 
+use std::collections::HashMap;
 use std::ffi::OsStr;
 use std::os::unix::ffi::OsStrExt;
-use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, UNIX_EPOCH};
 
 use fuser::{
-    Errno, FileAttr, FileHandle, FileType, Filesystem, FopenFlags, Generation, INodeNo, InitFlags,
-    KernelConfig, LockOwner, OpenFlags, ReplyAttr, ReplyData, ReplyDirectory, ReplyDirectoryPlus,
-    ReplyEmpty, ReplyEntry, ReplyOpen, ReplyStatfs, Request,
+    BackingId, Errno, FileAttr, FileHandle, FileType, Filesystem, FopenFlags, Generation, INodeNo,
+    InitFlags, KernelConfig, LockOwner, OpenFlags, ReplyAttr, ReplyData, ReplyDirectory,
+    ReplyDirectoryPlus, ReplyEmpty, ReplyEntry, ReplyOpen, ReplyStatfs, Request,
 };
 use granary_common::FsError;
 use granary_protos::v1::{FileKind, Inode};
@@ -29,6 +31,38 @@ pub struct KernelOptions {
 pub struct FuseAdapter {
     pub fs: Arc<GranaryFs>,
     pub opts: KernelOptions,
+    pub passthrough: Passthrough,
+}
+
+/// FUSE passthrough state: one backing file per inode, shared by all its open handles
+/// (the kernel requires that), closed when the last one is released.
+#[derive(Default)]
+pub struct Passthrough {
+    enabled: AtomicBool,
+    by_inode: Mutex<HashMap<u64, (Arc<BackingId>, usize)>>,
+    by_handle: Mutex<HashMap<u64, u64>>,
+}
+
+impl Passthrough {
+    pub fn new(wanted: bool) -> Self {
+        Passthrough {
+            enabled: AtomicBool::new(wanted),
+            ..Default::default()
+        }
+    }
+
+    fn release(&self, fh: u64) {
+        let Some(ino) = self.by_handle.lock().expect("passthrough lock").remove(&fh) else {
+            return;
+        };
+        let mut by_inode = self.by_inode.lock().expect("passthrough lock");
+        if let Some((_, users)) = by_inode.get_mut(&ino) {
+            *users -= 1;
+            if *users == 0 {
+                by_inode.remove(&ino);
+            }
+        }
+    }
 }
 
 fn errno(op: &str, e: &FsError) -> Errno {
@@ -80,6 +114,41 @@ impl FuseAdapter {
     }
 }
 
+impl FuseAdapter {
+    /// The inode's backing file for passthrough, registering it on first use.
+    fn backing_for(&self, ino: u64, fh: u64, reply: &ReplyOpen) -> Option<Arc<BackingId>> {
+        let pt = &self.passthrough;
+        let mut by_inode = pt.by_inode.lock().expect("passthrough lock");
+        let backing = match by_inode.get_mut(&ino) {
+            Some((id, users)) => {
+                *users += 1;
+                id.clone()
+            }
+            None => {
+                let file = self.fs.whole_file(fh)?;
+                match reply.open_backing(&file) {
+                    Ok(id) => {
+                        let id = Arc::new(id);
+                        by_inode.insert(ino, (id.clone(), 1));
+                        id
+                    }
+                    Err(e) => {
+                        tracing::warn!(error = %e, "FUSE passthrough unavailable; serving reads in userspace");
+                        pt.enabled.store(false, Ordering::Relaxed);
+                        return None;
+                    }
+                }
+            }
+        };
+        pt.by_handle
+            .lock()
+            .expect("passthrough lock")
+            .insert(fh, ino);
+        metrics::counter!("granary_client_passthrough_opens_total").increment(1);
+        Some(backing)
+    }
+}
+
 impl Filesystem for FuseAdapter {
     fn init(&mut self, _req: &Request, config: &mut KernelConfig) -> std::io::Result<()> {
         for flag in [
@@ -90,6 +159,14 @@ impl Filesystem for FuseAdapter {
         ] {
             if config.add_capabilities(flag).is_err() {
                 tracing::debug!(?flag, "kernel lacks FUSE capability");
+            }
+        }
+        if self.passthrough.enabled.load(Ordering::Relaxed) {
+            let ok = config.add_capabilities(InitFlags::FUSE_PASSTHROUGH).is_ok()
+                && config.set_max_stack_depth(1).is_ok();
+            if !ok {
+                tracing::info!("kernel lacks FUSE passthrough; serving reads in userspace");
+                self.passthrough.enabled.store(false, Ordering::Relaxed);
             }
         }
         let _ = config.set_max_readahead(1 << 20);
@@ -119,17 +196,23 @@ impl Filesystem for FuseAdapter {
     }
 
     fn open(&self, _req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
-        match self.fs.open(ino.0, flags.0) {
-            Ok(fh) => {
-                let flags = if self.opts.keep_cache {
-                    FopenFlags::FOPEN_KEEP_CACHE
-                } else {
-                    FopenFlags::empty()
-                };
-                reply.opened(FileHandle(fh), flags)
+        let fh = match self.fs.open(ino.0, flags.0) {
+            Ok(fh) => fh,
+            Err(e) => return reply.error(errno("open", &e)),
+        };
+        let flags = if self.opts.keep_cache {
+            FopenFlags::FOPEN_KEEP_CACHE
+        } else {
+            FopenFlags::empty()
+        };
+        if self.passthrough.enabled.load(Ordering::Relaxed) {
+            if let Some(backing) = self.backing_for(ino.0, fh, &reply) {
+                // The kernel refuses KEEP_CACHE with passthrough (the page cache is the
+                // backing file's own, so it is kept anyway).
+                return reply.opened_passthrough(FileHandle(fh), FopenFlags::empty(), &backing);
             }
-            Err(e) => reply.error(errno("open", &e)),
         }
+        reply.opened(FileHandle(fh), flags)
     }
 
     fn read(
@@ -172,6 +255,7 @@ impl Filesystem for FuseAdapter {
         _flush: bool,
         reply: ReplyEmpty,
     ) {
+        self.passthrough.release(fh.0);
         self.fs.release(fh.0);
         reply.ok();
     }

@@ -12,7 +12,7 @@ use granary_common::FsError;
 use crate::block_reader::{DataPathOptions, WorkerDataPath};
 use crate::config::MountConfig;
 use crate::fs::{FsOptions, GranaryFs};
-use crate::fuse_adapter::{FuseAdapter, KernelOptions};
+use crate::fuse_adapter::{FuseAdapter, KernelOptions, Passthrough};
 use crate::meta_client::{ClientOptions, GrpcMetadataClient, MetadataService};
 
 #[derive(Debug, thiserror::Error)]
@@ -166,6 +166,7 @@ pub fn mount(cfg: &MountConfig, mountpoint: &Path) -> Result<MountHandle, MountE
             uid: cfg.uid,
             gid: cfg.gid,
         },
+        passthrough: Passthrough::new(cfg.passthrough && cfg.short_circuit),
     };
     let mut options = vec![
         MountOption::FSName("granary".into()),

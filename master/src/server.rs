@@ -118,6 +118,18 @@ pub async fn start(mut config: MasterConfig) -> Result<RunningMaster, MasterErro
         }
     }
 
+    // Bound first, so a listen port of 0 is advertised as the port actually taken.
+    let (listener, addr) = granary_common::net::bind(config.listen)
+        .await
+        .map_err(|source| MasterError::Listen {
+            addr: config.listen,
+            source,
+        })?;
+    if config.advertise.is_none() && config.listen.port() == 0 {
+        let mut actual = config.listen;
+        actual.set_port(addr.port());
+        config.listen = actual;
+    }
     let members = config.initial_members()?;
     // Only an initial member bootstraps; one not listed (or told to join) waits to be added.
     let bootstrap: &[(u64, String)] =
@@ -199,12 +211,6 @@ pub async fn start(mut config: MasterConfig) -> Result<RunningMaster, MasterErro
         config.block_size.0,
     ));
 
-    let (listener, addr) = granary_common::net::bind(config.listen)
-        .await
-        .map_err(|source| MasterError::Listen {
-            addr: config.listen,
-            source,
-        })?;
     let (tx, rx) = oneshot::channel::<()>();
     let check = CheckToken::new(&config.cluster_token);
     let svc = MasterServer::new(service)
