@@ -134,6 +134,14 @@ fn dataset_reads_match_across_worker_restart_and_eviction() {
     let bad = read_all(&fast.path, &expected, 1);
     assert!(bad.is_empty(), "short-circuit mount: {bad:?}");
 
+    // FUSE passthrough: the kernel reads single-block files from the worker's cache files.
+    let pt = cluster
+        .mount("mnt-passthrough", "passthrough = true")
+        .unwrap();
+    let bad = read_all(&pt.path, &expected, 7);
+    assert!(bad.is_empty(), "passthrough mount: {bad:?}");
+    drop(pt);
+
     // The TCP data path with readahead, no kernel page cache between opens.
     let tcp = cluster
         .mount("mnt-tcp", "short_circuit = false\nkeep_cache = false")

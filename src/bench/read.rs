@@ -167,10 +167,14 @@ pub fn run(b: ReadBench) -> anyhow::Result<()> {
         metrics_listen: None,
     }))?;
     let result = measure(&b, &ufs, &mnt, &small);
+    // Report before tearing down, so a slow teardown cannot lose the figures.
+    let reported = result.and_then(|rows| report(&b, &rows));
     rt.block_on(cluster.stop())?;
-    let rows = result?;
+    reported
+}
 
-    let table = render(&rows);
+fn report(b: &ReadBench, rows: &[Row]) -> anyhow::Result<()> {
+    let table = render(rows);
     println!("\n{table}");
     if let Some(path) = &b.write_docs {
         let body = format!(

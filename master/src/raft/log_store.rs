@@ -98,15 +98,56 @@ impl RaftLogStore {
             hard_state: RwLock::new(hard_state),
             bounds: RwLock::new(bounds),
         };
+        let (applied, applied_term) = store.namespace.applied()?;
         if fresh && !bootstrap.is_empty() {
+            if applied > 0 {
+                return Err(StoreError::Corrupt(format!(
+                    "{} holds a namespace without a Raft configuration (an older format); \
+                     move the data_dir away to start fresh",
+                    path.display()
+                )));
+            }
             store.bootstrap(bootstrap)?;
         }
+        // The state machine is ahead of the log (the log file was lost): the applied state
+        // is the snapshot the log continues from.
+        if applied > store.bounds.read().expect("bounds lock").last {
+            tracing::warn!(
+                applied,
+                "raft log is behind the namespace; continuing from the applied state"
+            );
+            store.set_truncated(applied, applied_term)?;
+        }
         // Applied entries were committed, even if the commit index was not persisted.
-        let (applied, _) = store.namespace.applied()?;
+        let applied = store.namespace.applied()?.0;
         let mut hs = store.hard_state.write().expect("hard state lock");
         hs.commit = hs.commit.max(applied);
         drop(hs);
         Ok(store)
+    }
+
+    /// Drops every entry and records (index, term) as the log's starting point; the
+    /// HardState's term is raised to match.
+    fn set_truncated(&self, index: u64, term: u64) -> Result<(), StoreError> {
+        let mut bounds = self.bounds.write().expect("bounds lock");
+        let mut hs = self.hard_state.write().expect("hard state lock");
+        hs.term = hs.term.max(term);
+        hs.commit = hs.commit.max(index);
+        let txn = redb_err!(self.db.begin_write())?;
+        {
+            let mut table = redb_err!(txn.open_table(ENTRIES))?;
+            redb_err!(table.retain(|_, _| false))?;
+            let mut state = redb_err!(txn.open_table(STATE))?;
+            redb_err!(state.insert(TRUNCATED, &truncated_record(index, term)[..]))?;
+            redb_err!(state.insert(HARD_STATE, hs.write_to_bytes().map_err(pb_err)?.as_slice()))?;
+        }
+        redb_err!(txn.commit())?;
+        *bounds = Bounds {
+            truncated_index: index,
+            truncated_term: term,
+            last: index,
+        };
+        Ok(())
     }
 
     fn bootstrap(&self, members: &[(u64, String)]) -> Result<(), StoreError> {
