@@ -178,24 +178,7 @@ impl RaftLogStore {
                 masters,
             },
         }])?;
-        let hs = HardState {
-            term: TERM,
-            commit: INDEX,
-            ..Default::default()
-        };
-        let txn = redb_err!(self.db.begin_write())?;
-        {
-            let mut state = redb_err!(txn.open_table(STATE))?;
-            redb_err!(state.insert(TRUNCATED, &truncated_record(INDEX, TERM)[..]))?;
-            redb_err!(state.insert(HARD_STATE, hs.write_to_bytes().map_err(pb_err)?.as_slice()))?;
-        }
-        redb_err!(txn.commit())?;
-        *self.hard_state.write().expect("hard state lock") = hs;
-        *self.bounds.write().expect("bounds lock") = Bounds {
-            truncated_index: INDEX,
-            truncated_term: TERM,
-            last: INDEX,
-        };
+        self.set_truncated(INDEX, TERM)?;
         tracing::info!(members = ?members, "bootstrapped a new Raft group");
         Ok(())
     }
@@ -264,25 +247,7 @@ impl RaftLogStore {
         let data = NamespaceSnapshot::decode(snap.get_data())
             .map_err(|e| StoreError::Corrupt(format!("snapshot data: {e}")))?;
         self.namespace.restore(&data)?;
-        let mut bounds = self.bounds.write().expect("bounds lock");
-        let mut hs = self.hard_state.write().expect("hard state lock");
-        hs.term = hs.term.max(meta.term);
-        hs.commit = hs.commit.max(meta.index);
-        let txn = redb_err!(self.db.begin_write())?;
-        {
-            let mut table = redb_err!(txn.open_table(ENTRIES))?;
-            redb_err!(table.retain(|_, _| false))?;
-            let mut state = redb_err!(txn.open_table(STATE))?;
-            redb_err!(state.insert(TRUNCATED, &truncated_record(meta.index, meta.term)[..]))?;
-            redb_err!(state.insert(HARD_STATE, hs.write_to_bytes().map_err(pb_err)?.as_slice()))?;
-        }
-        redb_err!(txn.commit())?;
-        *bounds = Bounds {
-            truncated_index: meta.index,
-            truncated_term: meta.term,
-            last: meta.index,
-        };
-        Ok(())
+        self.set_truncated(meta.index, meta.term)
     }
 
     /// Drops entries up to and including `upto` (which must be applied).
