@@ -460,18 +460,7 @@ impl Cluster {
 
     /// Creates `/name` through the leader; Ok once acknowledged.
     pub fn create(&self, name: &str) -> anyhow::Result<()> {
-        let req = granary_protos::v1::CreateRequest {
-            parent: 1,
-            name: name.as_bytes().to_vec(),
-            kind: granary_protos::v1::FileKind::File as i32,
-            mode: 0o644,
-            ..Default::default()
-        };
-        self.on_leader(Duration::from_secs(30), |mut c| {
-            let req = req.clone();
-            async move { c.create(req).await }
-        })
-        .map(|_| ())
+        self.writer().create(name, Duration::from_secs(30))
     }
 
     /// Whether `/name` exists, asked of the leader.
