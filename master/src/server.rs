@@ -187,6 +187,7 @@ pub async fn start(mut config: MasterConfig) -> Result<RunningMaster, MasterErro
         workers: workers.clone(),
         locations: locations.clone(),
         heartbeat_interval_ms: config.worker_heartbeat_ms,
+        initialised: std::sync::atomic::AtomicBool::new(false),
         leader_clients: LeaderClients::new(
             AttachToken::new(&config.cluster_token)
                 .map_err(|e| ConfigError::invalid("cluster_token", e))?,

@@ -40,6 +40,8 @@ pub struct MasterService {
     pub(crate) heartbeat_interval_ms: u64,
     /// Clients to the leader, for followers serving reads (read index, loads).
     pub(crate) leader_clients: LeaderClients,
+    /// The root inode exists (set once; it is never removed).
+    pub(crate) initialised: std::sync::atomic::AtomicBool,
 }
 
 type PeerClient = MasterClient<InterceptedService<Channel, AttachToken>>;
@@ -156,6 +158,22 @@ impl MasterService {
     /// Makes a read on this member see every write acknowledged before it started (or,
     /// for bounded staleness, at most that old).
     async fn read_barrier(&self, mode: ReadConsistency) -> Result<(), Status> {
+        self.barrier(mode).await?;
+        // A fresh group records its root mount just after electing a leader; until then
+        // a read is retryable, not ENOENT.
+        if !self.initialised.load(std::sync::atomic::Ordering::Relaxed) {
+            if self.store.get(self.store.root_id()).is_err() {
+                return Err(Status::unavailable(
+                    "the namespace is not initialised yet (root mount pending)",
+                ));
+            }
+            self.initialised
+                .store(true, std::sync::atomic::Ordering::Relaxed);
+        }
+        Ok(())
+    }
+
+    async fn barrier(&self, mode: ReadConsistency) -> Result<(), Status> {
         let st = self.raft.status();
         let index = match mode {
             ReadConsistency::Lease if st.is_leader => return Ok(()),
