@@ -29,11 +29,19 @@ pub fn bin(name: &str) -> PathBuf {
     );
 }
 
+/// A port for a process to listen on. Drawn below the kernel's ephemeral range: a port
+/// from that range can be taken by any outgoing connection (another test's gRPC client)
+/// between this call and the process binding it, and the process we wait for would then
+/// be someone else.
 pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .expect("bind an ephemeral port")
-        .port()
+    use rand::Rng;
+    let mut rng = rand::rng();
+    loop {
+        let port = rng.random_range(20_000..32_000);
+        if std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return port;
+        }
+    }
 }
 
 pub fn wait_until(
@@ -346,6 +354,12 @@ impl Cluster {
         })
         .with_context(|| proc.log_text())?;
         self.masters.get_mut(&id).expect("slot").proc = Some(proc);
+        // The port answering must be this master, not another process that took it.
+        let who = self.quorum_info(id).map(|q| q.id);
+        anyhow::ensure!(
+            who.as_ref().is_ok_and(|&w| w == id),
+            "port {port} of master {id} is answered by {who:?}"
+        );
         Ok(())
     }
 

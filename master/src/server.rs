@@ -69,6 +69,7 @@ pub struct RunningMaster {
     background: Vec<JoinHandle<()>>,
     mailbox: std::sync::mpsc::Sender<Mail>,
     raft_thread: Option<std::thread::JoinHandle<()>>,
+    raft_end: oneshot::Receiver<String>,
 }
 
 impl RunningMaster {
@@ -88,10 +89,13 @@ impl RunningMaster {
 
     /// Waits until the server ends on its own (an error) — normally never.
     pub async fn wait(&mut self) -> Result<(), String> {
-        match (&mut self.task).await {
-            Ok(Ok(())) => Ok(()),
-            Ok(Err(e)) => Err(e.to_string()),
-            Err(e) => Err(e.to_string()),
+        tokio::select! {
+            served = &mut self.task => match served {
+                Ok(Ok(())) => Ok(()),
+                Ok(Err(e)) => Err(e.to_string()),
+                Err(e) => Err(e.to_string()),
+            },
+            Ok(why) = &mut self.raft_end => Err(why),
         }
     }
 }
@@ -163,9 +167,20 @@ pub async fn start(mut config: MasterConfig) -> Result<RunningMaster, MasterErro
         applied_tx,
     )
     .map_err(MasterError::Ufs)?;
+    // A master whose Ready loop ended would keep answering with a frozen status and
+    // never vote again: its end (error or panic) ends the server too.
+    let (raft_end_tx, raft_end) = oneshot::channel::<String>();
     let raft_thread = std::thread::Builder::new()
         .name("granary-raft".into())
-        .spawn(move || node.run())
+        .spawn(move || {
+            let why = match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| node.run())) {
+                Ok(Ok(())) => return,
+                Ok(Err(e)) => format!("raft storage failed: {e}"),
+                Err(_) => "the raft loop panicked".to_string(),
+            };
+            tracing::error!(reason = %why, "raft loop stopped; this master stops");
+            let _ = raft_end_tx.send(why);
+        })
         .map_err(|source| MasterError::DataDir {
             path: "raft thread".into(),
             source,
@@ -242,6 +257,7 @@ pub async fn start(mut config: MasterConfig) -> Result<RunningMaster, MasterErro
         background: vec![expiry, mount_setup],
         mailbox,
         raft_thread: Some(raft_thread),
+        raft_end,
     })
 }
 

@@ -147,19 +147,21 @@ impl RaftNode {
         Ok(())
     }
 
-    pub fn run(mut self) {
+    /// Runs until shut down; an error is a storage failure after which this member stops
+    /// participating rather than risk diverging.
+    pub fn run(mut self) -> FsResult<()> {
         let mut last_tick = Instant::now();
         loop {
             let wait = self.cfg.tick.saturating_sub(last_tick.elapsed());
             match self.mailbox.recv_timeout(wait) {
-                Ok(Mail::Shutdown) => return,
+                Ok(Mail::Shutdown) => return Ok(()),
                 Ok(mail) => self.handle(mail),
                 Err(RecvTimeoutError::Timeout) => {}
-                Err(RecvTimeoutError::Disconnected) => return,
+                Err(RecvTimeoutError::Disconnected) => return Ok(()),
             }
             while let Ok(mail) = self.mailbox.try_recv() {
                 if matches!(mail, Mail::Shutdown) {
-                    return;
+                    return Ok(());
                 }
                 self.handle(mail);
             }
@@ -168,11 +170,7 @@ impl RaftNode {
                 last_tick = Instant::now();
             }
             self.start_read_round();
-            if let Err(e) = self.on_ready() {
-                // Storage failure: stop participating rather than risk diverging.
-                tracing::error!(error = %e, "raft storage failed; this master stops");
-                return;
-            }
+            self.on_ready()?;
             self.publish();
         }
     }

@@ -62,7 +62,7 @@ impl PeerNetwork for MemTransport {
 struct Member {
     store: Arc<NamespaceStore>,
     log: RaftLog,
-    thread: Option<std::thread::JoinHandle<()>>,
+    thread: Option<std::thread::JoinHandle<granary_common::FsResult<()>>>,
 }
 
 struct Group {
