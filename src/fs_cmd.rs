@@ -50,8 +50,10 @@ pub fn connect(t: &Target<'_>) -> anyhow::Result<FsClient> {
         FsOptions {
             meta_cache_ttl: Duration::from_secs(60),
             meta_cache_entries: 100_000,
+            read_only: true,
+            staging_dir: cfg.staging_dir.clone(),
         },
-    );
+    )?;
     Ok(FsClient { fs, meta })
 }
 
@@ -153,7 +155,7 @@ pub fn stat(t: &Target<'_>, path: &str) -> anyhow::Result<()> {
 pub fn cat(t: &Target<'_>, path: &str) -> anyhow::Result<()> {
     let c = connect(t)?;
     let i = c.resolve(path)?;
-    let fh = c.fs.open(i.id, libc::O_RDONLY)?;
+    let (fh, _) = c.fs.open(i.id, libc::O_RDONLY)?;
     let mut out = std::io::stdout().lock();
     let mut offset = 0u64;
     while offset < i.size {

@@ -65,6 +65,7 @@ pub async fn start(a: &LocalArgs) -> anyhow::Result<LocalCluster> {
     wait_for_worker(&master.addr.to_string(), &worker.worker_id).await?;
     let mount_cfg = MountConfig {
         masters: vec![master.addr.to_string()],
+        staging_dir: a.state_dir.join("staging"),
         ..Default::default()
     };
     let mountpoint = a.mountpoint.clone();

@@ -23,6 +23,12 @@ pub enum FsError {
     InvalidPath(String),
     #[error("permission denied: {0}")]
     PermissionDenied(String),
+    #[error("operation not permitted: {0}")]
+    NotPermitted(String),
+    #[error("directory not empty: {0}")]
+    NotEmpty(String),
+    #[error("cross-device link: {0}")]
+    CrossDevice(String),
     #[error("read-only filesystem: {0}")]
     ReadOnly(String),
     #[error("not supported: {0}")]
@@ -49,6 +55,9 @@ impl FsError {
             FsError::NameTooLong(_) => libc::ENAMETOOLONG,
             FsError::InvalidPath(_) => libc::EINVAL,
             FsError::PermissionDenied(_) => libc::EACCES,
+            FsError::NotPermitted(_) => libc::EPERM,
+            FsError::NotEmpty(_) => libc::ENOTEMPTY,
+            FsError::CrossDevice(_) => libc::EXDEV,
             FsError::ReadOnly(_) => libc::EROFS,
             FsError::Unsupported(_) => libc::ENOTSUP,
             FsError::Stale(_) => libc::ESTALE,
@@ -71,7 +80,10 @@ impl FsError {
             libc::EISDIR => FsError::IsDir(msg),
             libc::ENAMETOOLONG => FsError::NameTooLong(255),
             libc::EINVAL => FsError::InvalidPath(msg),
-            libc::EACCES | libc::EPERM => FsError::PermissionDenied(msg),
+            libc::EACCES => FsError::PermissionDenied(msg),
+            libc::EPERM => FsError::NotPermitted(msg),
+            libc::ENOTEMPTY => FsError::NotEmpty(msg),
+            libc::EXDEV => FsError::CrossDevice(msg),
             libc::EROFS => FsError::ReadOnly(msg),
             libc::ENOTSUP => FsError::Unsupported(msg),
             libc::ESTALE => FsError::Stale(msg),
@@ -102,7 +114,8 @@ impl From<FsError> for Status {
             | FsError::IsDir(_)
             | FsError::NameTooLong(_)
             | FsError::InvalidPath(_) => Code::InvalidArgument,
-            FsError::PermissionDenied(_) => Code::PermissionDenied,
+            FsError::PermissionDenied(_) | FsError::NotPermitted(_) => Code::PermissionDenied,
+            FsError::NotEmpty(_) | FsError::CrossDevice(_) => Code::FailedPrecondition,
             FsError::ReadOnly(_) => Code::FailedPrecondition,
             FsError::Unsupported(_) => Code::Unimplemented,
             FsError::Unavailable(_) => Code::Unavailable,

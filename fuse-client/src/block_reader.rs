@@ -14,8 +14,8 @@ use std::time::{Duration, Instant};
 
 use granary_common::blocks::{block_count, block_len, spans, BlockSpan};
 use granary_common::{FsError, FsResult};
-use granary_protos::data::ReadBlockRequest;
-use granary_protos::v1::{Inode, WorkerInfo};
+use granary_protos::data::{ReadBlockRequest, WriteFileRequest};
+use granary_protos::v1::{Inode, UfsFingerprint, WorkerInfo};
 
 use crate::data_client::DataClient;
 use crate::meta_client::MetadataService;
@@ -34,6 +34,16 @@ pub trait DataPath: Send + Sync {
     /// from it directly (FUSE passthrough).
     fn whole_file(&self, _file: &Inode) -> Option<File> {
         None
+    }
+
+    /// Stores `size` bytes of `source` as `file`'s new content in the UFS (through a
+    /// worker); returns the fingerprint of the stored object.
+    fn upload(&self, file: &Inode, size: u64, source: &File) -> FsResult<UfsFingerprint> {
+        let _ = (size, source);
+        Err(FsError::ReadOnly(format!(
+            "{}: this data path is read-only",
+            String::from_utf8_lossy(&file.name)
+        )))
     }
 }
 
@@ -395,6 +405,51 @@ impl WorkerDataPath {
 }
 
 impl DataPath for WorkerDataPath {
+    fn upload(&self, file: &Inode, size: u64, source: &File) -> FsResult<UfsFingerprint> {
+        const ATTEMPTS: u32 = 4;
+        let mut attempt = 0;
+        loop {
+            let workers = self.workers(attempt > 0)?;
+            // The co-located worker caches what it uploads for this node's next read.
+            let worker = match self.local_worker(&workers) {
+                Some(w) => w,
+                None if workers.is_empty() => {
+                    return Err(FsError::Unavailable(
+                        "no live workers registered with the master".into(),
+                    ))
+                }
+                None => {
+                    let h = file.id.wrapping_mul(0x9e3779b97f4a7c15);
+                    workers[(h % workers.len() as u64) as usize].clone()
+                }
+            };
+            let req = WriteFileRequest {
+                request_id: self.next_request.fetch_add(1, Ordering::Relaxed),
+                file_id: file.id,
+                mount_id: file.mount_id,
+                ufs_path: file.ufs_path.clone(),
+                size,
+                block_size: file.block_size,
+            };
+            match self.data.upload(&addr(&worker), &req, source) {
+                Ok(r) => {
+                    metrics::counter!("granary_client_uploaded_bytes_total").increment(size);
+                    return Ok(UfsFingerprint {
+                        size: r.size,
+                        mtime_ns: r.mtime_ns,
+                    });
+                }
+                Err(e) if e.is_retryable() && attempt + 1 < ATTEMPTS => {
+                    self.data.forget(&addr(&worker));
+                    tracing::warn!(file = file.id, error = %e, "upload failed; retrying");
+                    std::thread::sleep(Duration::from_millis(100 << attempt));
+                    attempt += 1;
+                }
+                Err(e) => return Err(e),
+            }
+        }
+    }
+
     fn whole_file(&self, file: &Inode) -> Option<File> {
         if !self.opts.short_circuit || file.size == 0 || file.size > file.block_size {
             return None;

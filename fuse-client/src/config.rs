@@ -44,8 +44,14 @@ pub struct MountConfig {
     pub rpc_timeout_ms: u64,
     /// How long an operation retries across masters before failing with EIO.
     pub retry_deadline_ms: u64,
-    /// Let other users access the mount (needs `user_allow_other` for non-root).
+    /// Let other users access the mount (needs `user_allow_other` for non-root). The
+    /// kernel checks permissions against the mode and owner kept in the namespace.
     pub allow_other: bool,
+    /// Refuse every change (EROFS), for a dataset that must not be touched.
+    pub read_only: bool,
+    /// Where writes are staged until close or fsync (anonymous files; needs room for the
+    /// largest files written at once).
+    pub staging_dir: std::path::PathBuf,
     /// Owner shown for every file; default: the owner recorded in metadata.
     pub uid: Option<u32>,
     pub gid: Option<u32>,
@@ -71,6 +77,8 @@ impl Default for MountConfig {
             rpc_timeout_ms: 5_000,
             retry_deadline_ms: 20_000,
             allow_other: false,
+            read_only: false,
+            staging_dir: std::env::temp_dir().join("granary-staging"),
             uid: None,
             gid: None,
         }

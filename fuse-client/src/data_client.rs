@@ -8,7 +8,10 @@ use std::sync::Mutex;
 use std::time::Duration;
 
 use granary_common::{FsError, FsResult};
-use granary_protos::data::{Hello, HelloReply, ReadBlockRequest, ReadBlockResponse, Status};
+use granary_protos::data::{
+    data_request, DataRequest, Hello, HelloReply, ReadBlockRequest, ReadBlockResponse, Status,
+    WriteFileRequest, WriteFileResponse,
+};
 use granary_protos::frame::{encode_header, read_header};
 use granary_protos::DATA_PROTOCOL_VERSION;
 
@@ -119,10 +122,91 @@ impl DataClient {
         )))
     }
 
+    /// Uploads `req.size` bytes of `source` (from offset 0) as a whole file; returns the
+    /// worker's answer once the UFS object is durable under its final name.
+    pub fn upload(
+        &self,
+        addr: &str,
+        req: &WriteFileRequest,
+        source: &std::fs::File,
+    ) -> FsResult<WriteFileResponse> {
+        // Uploads are idempotent (the same bytes again), so a dead pooled connection is
+        // simply retried on a new one.
+        for _ in 0..2 {
+            let (mut conn, pooled) = self.checkout(addr)?;
+            match send_file(&mut conn, addr, req, source, self.io_timeout) {
+                Ok(resp) => {
+                    self.checkin(addr, conn);
+                    return match Status::try_from(resp.status).unwrap_or(Status::IoError) {
+                        Status::Ok => Ok(resp),
+                        Status::Unavailable => Err(FsError::Unavailable(format!(
+                            "worker {addr}: {}",
+                            resp.error
+                        ))),
+                        Status::NotFound => Err(FsError::NotFound(resp.error)),
+                        Status::BadRequest => Err(FsError::InvalidPath(resp.error)),
+                        _ => Err(FsError::Io(format!("worker {addr}: {}", resp.error))),
+                    };
+                }
+                Err(e) if pooled => {
+                    tracing::debug!(worker = addr, error = %e, "pooled data connection failed; reconnecting");
+                    continue;
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        Err(FsError::Unavailable(format!(
+            "worker {addr}: connection keeps failing"
+        )))
+    }
+
     /// Forgets every pooled connection to `addr` (after the worker went away).
     pub fn forget(&self, addr: &str) {
         self.idle.lock().expect("pool lock").remove(addr);
     }
+}
+
+/// How long the answer to an upload may take after its last byte: the worker makes the
+/// whole file durable first.
+const UPLOAD_ANSWER_TIMEOUT: Duration = Duration::from_secs(600);
+
+fn send_file(
+    conn: &mut Conn,
+    addr: &str,
+    req: &WriteFileRequest,
+    source: &std::fs::File,
+    io_timeout: Duration,
+) -> FsResult<WriteFileResponse> {
+    use std::os::unix::fs::FileExt;
+    let gone = |e: std::io::Error| FsError::Unavailable(format!("worker {addr}: {e}"));
+    let header = DataRequest {
+        op: Some(data_request::Op::Write(req.clone())),
+    };
+    conn.writer
+        .write_all(&encode_header(&header))
+        .map_err(gone)?;
+    let mut buf = vec![0u8; 1 << 20];
+    let mut offset = 0u64;
+    while offset < req.size {
+        let want = (req.size - offset).min(buf.len() as u64) as usize;
+        source.read_exact_at(&mut buf[..want], offset)?;
+        conn.writer.write_all(&buf[..want]).map_err(gone)?;
+        offset += want as u64;
+    }
+    conn.writer
+        .set_read_timeout(Some(UPLOAD_ANSWER_TIMEOUT))
+        .map_err(gone)?;
+    let resp: Result<WriteFileResponse, _> = read_header(&mut conn.reader);
+    conn.writer
+        .set_read_timeout(Some(io_timeout))
+        .map_err(gone)?;
+    let resp = resp.map_err(|e| frame_err(addr, e))?;
+    if resp.request_id != req.request_id {
+        return Err(FsError::Unavailable(format!(
+            "worker {addr}: response out of order"
+        )));
+    }
+    Ok(resp)
 }
 
 fn exchange(
@@ -130,8 +214,11 @@ fn exchange(
     addr: &str,
     req: &ReadBlockRequest,
 ) -> FsResult<(ReadBlockResponse, Vec<u8>)> {
+    let wrapped = DataRequest {
+        op: Some(data_request::Op::Read(req.clone())),
+    };
     conn.writer
-        .write_all(&encode_header(req))
+        .write_all(&encode_header(&wrapped))
         .map_err(|e| FsError::Unavailable(format!("worker {addr}: {e}")))?;
     let resp: ReadBlockResponse = read_header(&mut conn.reader).map_err(|e| frame_err(addr, e))?;
     if resp.request_id != req.request_id {

@@ -1,32 +1,60 @@
 //! Filesystem semantics independent of the kernel interface: lookups and attributes
-//! through a metadata cache, directory streams, open handles and reads. The FUSE adapter
-//! only translates types; tests drive this type directly.
+//! through a metadata cache, directory streams, open handles, reads, and writes staged
+//! per inode then uploaded through a worker and committed through the leader on flush,
+//! fsync or the last close (close-to-open consistency). The FUSE adapter only translates
+//! types; tests drive this type directly.
 
 use std::collections::HashMap;
+use std::os::unix::fs::FileExt;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
 use granary_common::path::validate_name;
 use granary_common::{FsError, FsResult};
-use granary_protos::v1::{FileKind, Inode, StatFsReply};
+use granary_protos::v1::{
+    CommitContent, CreateRequest, FileKind, Inode, RenameRequest, SetAttributes, StatFsReply,
+    UfsFingerprint,
+};
 use moka::sync::Cache;
 
 use crate::block_reader::{DataPath, ReadState};
 use crate::meta_client::MetadataService;
+use crate::staging::{SharedStaged, Staged, StagingArea};
 
 /// Directory entries fetched per metadata call.
 const READDIR_PAGE: u32 = 1024;
+/// Bytes copied per step when committed content is brought into a staging file.
+const FILL_CHUNK: u32 = 4 << 20;
 
 #[derive(Debug, Clone)]
 pub struct FsOptions {
     pub meta_cache_ttl: Duration,
     pub meta_cache_entries: u64,
+    /// Refuse every change (EROFS).
+    pub read_only: bool,
+    /// Where staging files of writes in progress live (anonymous files).
+    pub staging_dir: std::path::PathBuf,
 }
 
 struct OpenFile {
-    inode: Inode,
-    state: Mutex<ReadState>,
+    ino: u64,
+    /// The committed version reads go to, with the read state that belongs to it.
+    read: Mutex<(Inode, ReadState)>,
+    /// Open for writing: the inode's shared staged file.
+    staged: Option<SharedStaged>,
+    append: bool,
+}
+
+/// Attribute changes asked for by setattr; `None` leaves a field alone.
+#[derive(Debug, Default, Clone)]
+pub struct SetAttr {
+    pub size: Option<u64>,
+    pub mode: Option<u32>,
+    pub uid: Option<u32>,
+    pub gid: Option<u32>,
+    pub atime_ns: Option<i64>,
+    pub mtime_ns: Option<i64>,
 }
 
 struct DirStream {
@@ -52,15 +80,28 @@ pub struct GranaryFs {
     files: RwLock<HashMap<u64, Arc<OpenFile>>>,
     dirs: RwLock<HashMap<u64, Arc<Mutex<DirStream>>>>,
     next_handle: AtomicU64,
+    staging: StagingArea,
+    read_only: bool,
+    /// The content version of each inode when it was last opened here: the kernel may
+    /// keep its page cache across opens only while that has not changed.
+    opened_versions: Cache<u64, UfsFingerprint>,
 }
 
 fn is_dir(i: &Inode) -> bool {
     i.kind == FileKind::Directory as i32
 }
 
+fn shown(name: &[u8]) -> String {
+    String::from_utf8_lossy(name).into_owned()
+}
+
 impl GranaryFs {
-    pub fn new(meta: Arc<dyn MetadataService>, data: Arc<dyn DataPath>, opts: FsOptions) -> Self {
-        GranaryFs {
+    pub fn new(
+        meta: Arc<dyn MetadataService>,
+        data: Arc<dyn DataPath>,
+        opts: FsOptions,
+    ) -> FsResult<Self> {
+        Ok(GranaryFs {
             meta,
             data,
             attrs: Cache::builder()
@@ -74,7 +115,43 @@ impl GranaryFs {
             files: RwLock::new(HashMap::new()),
             dirs: RwLock::new(HashMap::new()),
             next_handle: AtomicU64::new(1),
+            staging: StagingArea::new(opts.staging_dir)?,
+            read_only: opts.read_only,
+            opened_versions: Cache::builder()
+                .max_capacity(opts.meta_cache_entries)
+                .build(),
+        })
+    }
+
+    /// The inode as this mount sees it: a file being written here has its staged size.
+    fn overlay(&self, mut inode: Inode) -> Inode {
+        if let Some(st) = self.staging.get(inode.id) {
+            let st = st.lock().expect("staged lock");
+            if st.filled {
+                inode.size = st.size;
+            }
         }
+        inode
+    }
+
+    fn writable(&self) -> FsResult<()> {
+        if self.read_only {
+            return Err(FsError::ReadOnly("this Granary mount is read-only".into()));
+        }
+        Ok(())
+    }
+
+    /// A directory's entries changed: its cached attributes (mtime, ctime) are stale.
+    fn dir_changed(&self, dir: u64) {
+        self.attrs.invalidate(&dir);
+    }
+
+    fn forget_entry(&self, parent: u64, name: &[u8]) {
+        self.dir_changed(parent);
+        if let Some(id) = self.entries.get(&(parent, name.to_vec())) {
+            self.attrs.invalidate(&id);
+        }
+        self.entries.invalidate(&(parent, name.to_vec()));
     }
 
     fn remember(&self, inode: &Inode) {
@@ -89,15 +166,20 @@ impl GranaryFs {
         validate_name(name)?;
         if let Some(id) = self.entries.get(&(parent, name.to_vec())) {
             if let Some(i) = self.attrs.get(&id) {
-                return Ok(i);
+                return Ok(self.overlay(i));
             }
         }
         let inode = self.meta.lookup(parent, name)?;
         self.remember(&inode);
-        Ok(inode)
+        Ok(self.overlay(inode))
     }
 
     pub fn getattr(&self, ino: u64) -> FsResult<Inode> {
+        Ok(self.overlay(self.committed(ino)?))
+    }
+
+    /// The inode as the namespace holds it (through the metadata cache).
+    fn committed(&self, ino: u64) -> FsResult<Inode> {
         if let Some(i) = self.attrs.get(&ino) {
             return Ok(i);
         }
@@ -118,54 +200,353 @@ impl GranaryFs {
         self.next_handle.fetch_add(1, Ordering::Relaxed)
     }
 
-    /// Opens a file for reading; write access is refused (read-only filesystem).
-    pub fn open(&self, ino: u64, flags: i32) -> FsResult<u64> {
-        if flags & libc::O_ACCMODE != libc::O_RDONLY || flags & libc::O_TRUNC != 0 {
-            return Err(FsError::ReadOnly("this Granary mount is read-only".into()));
+    /// Opens a file; returns the handle and whether the kernel may keep the page cache it
+    /// holds for this file (the content has not changed since it was last opened here).
+    pub fn open(&self, ino: u64, flags: i32) -> FsResult<(u64, bool)> {
+        let write = flags & libc::O_ACCMODE != libc::O_RDONLY;
+        if write || flags & libc::O_TRUNC != 0 {
+            self.writable()?;
         }
-        let inode = self.getattr(ino)?;
+        let inode = self.committed(ino)?;
         match FileKind::try_from(inode.kind) {
             Ok(FileKind::File) => {}
-            Ok(FileKind::Directory) => {
-                return Err(FsError::IsDir(
-                    String::from_utf8_lossy(&inode.name).into_owned(),
-                ))
-            }
+            Ok(FileKind::Directory) => return Err(FsError::IsDir(shown(&inode.name))),
             _ => return Err(FsError::InvalidPath("not a regular file".into())),
         }
-        let fh = self.handle();
-        let file = Arc::new(OpenFile {
-            inode,
-            state: Mutex::new(ReadState::default()),
-        });
-        self.files.write().expect("files lock").insert(fh, file);
-        Ok(fh)
+        let version = inode.fingerprint.unwrap_or_default();
+        let keep_cache = self.opened_versions.get(&ino) == Some(version);
+        self.opened_versions.insert(ino, version);
+        let staged = if write {
+            let st = self.staging.attach(ino)?;
+            if flags & libc::O_TRUNC != 0 {
+                let mut s = st.lock().expect("staged lock");
+                s.file.set_len(0)?;
+                s.size = 0;
+                s.filled = true;
+                s.modified = true;
+            }
+            Some(st)
+        } else {
+            None
+        };
+        Ok((self.add_handle(ino, inode, staged, flags), keep_cache))
     }
 
-    pub fn read(&self, fh: u64, offset: u64, size: u32) -> FsResult<Vec<u8>> {
-        let file = self
-            .files
+    fn add_handle(&self, ino: u64, inode: Inode, staged: Option<SharedStaged>, flags: i32) -> u64 {
+        let fh = self.handle();
+        let file = Arc::new(OpenFile {
+            ino,
+            read: Mutex::new((inode, ReadState::default())),
+            staged,
+            append: flags & libc::O_APPEND != 0,
+        });
+        self.files.write().expect("files lock").insert(fh, file);
+        fh
+    }
+
+    fn open_file(&self, fh: u64) -> FsResult<Arc<OpenFile>> {
+        self.files
             .read()
             .expect("files lock")
             .get(&fh)
             .cloned()
-            .ok_or_else(|| FsError::InvalidPath(format!("unknown file handle {fh}")))?;
-        if offset >= file.inode.size || size == 0 {
-            return Ok(Vec::new());
-        }
-        let mut state = file.state.lock().expect("read state lock");
-        self.data.read(&file.inode, &mut state, offset, size)
+            .ok_or_else(|| FsError::InvalidPath(format!("unknown file handle {fh}")))
     }
 
-    /// For an open handle, a local file with the same bytes that the kernel may read
-    /// directly (see [`DataPath::whole_file`]).
-    pub fn whole_file(&self, fh: u64) -> Option<std::fs::File> {
-        let file = self.files.read().expect("files lock").get(&fh).cloned()?;
-        self.data.whole_file(&file.inode)
+    /// Creates and opens a new regular file.
+    pub fn create(
+        &self,
+        parent: u64,
+        name: &[u8],
+        mode: u32,
+        flags: i32,
+        uid: u32,
+        gid: u32,
+    ) -> FsResult<(Inode, u64)> {
+        self.writable()?;
+        validate_name(name)?;
+        let inode = self.meta.create(CreateRequest {
+            parent,
+            name: name.to_vec(),
+            kind: FileKind::File as i32,
+            mode,
+            uid,
+            gid,
+            symlink_target: Vec::new(),
+        })?;
+        self.remember(&inode);
+        self.dir_changed(parent);
+        let st = self.staging.attach(inode.id)?;
+        {
+            // Empty and new: the first close puts an empty object in the UFS.
+            let mut s = st.lock().expect("staged lock");
+            s.file.set_len(0)?;
+            s.size = 0;
+            s.filled = true;
+            s.modified = true;
+        }
+        self.opened_versions
+            .insert(inode.id, inode.fingerprint.unwrap_or_default());
+        let fh = self.add_handle(inode.id, inode.clone(), Some(st), flags);
+        Ok((inode, fh))
+    }
+
+    pub fn read(&self, fh: u64, offset: u64, size: u32) -> FsResult<Vec<u8>> {
+        let file = self.open_file(fh)?;
+        if let Some(st) = self.staging.get(file.ino) {
+            let st = st.lock().expect("staged lock");
+            if st.filled {
+                return read_staged(&st, offset, size);
+            }
+        }
+        let mut guard = file.read.lock().expect("read state lock");
+        let (inode, state) = &mut *guard;
+        // Content committed on this mount since the handle opened replaces what it reads.
+        if let Some(now) = self.attrs.get(&file.ino) {
+            if now.fingerprint != inode.fingerprint || now.size != inode.size {
+                *inode = now;
+                *state = ReadState::default();
+            }
+        }
+        if offset >= inode.size || size == 0 {
+            return Ok(Vec::new());
+        }
+        self.data.read(inode, state, offset, size)
+    }
+
+    /// Brings the committed content into a staging file that has not got it yet.
+    fn fill(&self, ino: u64, st: &mut Staged) -> FsResult<()> {
+        if st.filled {
+            return Ok(());
+        }
+        let inode = self.committed(ino)?;
+        let mut state = ReadState::default();
+        let mut offset = 0;
+        while offset < inode.size {
+            let want = (inode.size - offset).min(FILL_CHUNK as u64) as u32;
+            let data = self.data.read(&inode, &mut state, offset, want)?;
+            if data.is_empty() {
+                return Err(FsError::Io(format!(
+                    "{}: content ended at {offset} of {} bytes",
+                    shown(&inode.name),
+                    inode.size
+                )));
+            }
+            st.file.write_all_at(&data, offset)?;
+            offset += data.len() as u64;
+        }
+        st.file.set_len(inode.size)?;
+        st.size = inode.size;
+        st.filled = true;
+        Ok(())
+    }
+
+    pub fn write(&self, fh: u64, offset: u64, data: &[u8]) -> FsResult<u32> {
+        let file = self.open_file(fh)?;
+        let Some(st) = &file.staged else {
+            return Err(FsError::InvalidPath("handle not open for writing".into()));
+        };
+        let mut st = st.lock().expect("staged lock");
+        self.fill(file.ino, &mut st)?;
+        let at = if file.append { st.size } else { offset };
+        st.file.write_all_at(data, at)?;
+        st.size = st.size.max(at + data.len() as u64);
+        st.modified = true;
+        Ok(data.len() as u32)
+    }
+
+    /// Makes what this mount wrote to the file durable and visible: upload through a
+    /// worker, then commit the new size and version through the leader.
+    fn commit_staged(&self, ino: u64, st: &mut Staged) -> FsResult<()> {
+        if !st.modified || st.unlinked {
+            return Ok(());
+        }
+        let inode = self.committed(ino)?;
+        let fingerprint = self.data.upload(&inode, st.size, &st.file)?;
+        let committed = self.meta.commit(CommitContent {
+            id: ino,
+            size: st.size,
+            fingerprint: Some(fingerprint),
+            mtime_ns: 0,
+        })?;
+        self.remember(&committed);
+        self.opened_versions.insert(ino, fingerprint);
+        st.modified = false;
+        Ok(())
+    }
+
+    /// close(2) of one descriptor: what it wrote becomes durable and visible.
+    pub fn flush(&self, fh: u64) -> FsResult<()> {
+        let file = self.open_file(fh)?;
+        match &file.staged {
+            Some(st) => self.commit_staged(file.ino, &mut st.lock().expect("staged lock")),
+            None => Ok(()),
+        }
+    }
+
+    pub fn fsync(&self, fh: u64) -> FsResult<()> {
+        self.flush(fh)
     }
 
     pub fn release(&self, fh: u64) {
-        self.files.write().expect("files lock").remove(&fh);
+        let Some(file) = self.files.write().expect("files lock").remove(&fh) else {
+            return;
+        };
+        if let Some(st) = &file.staged {
+            if let Err(e) = self.commit_staged(file.ino, &mut st.lock().expect("staged lock")) {
+                tracing::error!(ino = file.ino, error = %e, "committing a file at its last close failed; its changes are lost");
+            }
+            self.staging.detach(file.ino);
+        }
+    }
+
+    /// For an open handle, a local file with the same bytes that the kernel may read
+    /// directly (see [`DataPath::whole_file`]); never for a file being written.
+    pub fn whole_file(&self, fh: u64) -> Option<std::fs::File> {
+        let file = self.files.read().expect("files lock").get(&fh).cloned()?;
+        if file.staged.is_some() || self.staging.get(file.ino).is_some() {
+            return None;
+        }
+        let guard = file.read.lock().expect("read state lock");
+        self.data.whole_file(&guard.0)
+    }
+
+    pub fn setattr(&self, ino: u64, a: &SetAttr) -> FsResult<Inode> {
+        self.writable()?;
+        if let Some(size) = a.size {
+            let inode = self.committed(ino)?;
+            if inode.kind == FileKind::Directory as i32 {
+                return Err(FsError::IsDir(shown(&inode.name)));
+            }
+            let st = self.staging.attach(ino)?;
+            let result = (|| -> FsResult<()> {
+                let mut s = st.lock().expect("staged lock");
+                if !s.filled && size == 0 {
+                    s.filled = true;
+                }
+                self.fill(ino, &mut s)?;
+                s.file.set_len(size)?;
+                s.size = size;
+                s.modified = true;
+                // Nobody else writes it here: commit now, as truncate(2) is one call.
+                if self.staging.users(ino) == 1 {
+                    self.commit_staged(ino, &mut s)?;
+                }
+                Ok(())
+            })();
+            self.staging.detach(ino);
+            result?;
+        }
+        if a.mode.is_some()
+            || a.uid.is_some()
+            || a.gid.is_some()
+            || a.atime_ns.is_some()
+            || a.mtime_ns.is_some()
+        {
+            let inode = self.meta.set_attr(SetAttributes {
+                id: ino,
+                mode: a.mode,
+                uid: a.uid,
+                gid: a.gid,
+                atime_ns: a.atime_ns,
+                mtime_ns: a.mtime_ns,
+                now_ns: 0,
+            })?;
+            self.remember(&inode);
+        }
+        self.getattr(ino)
+    }
+
+    fn make(&self, req: CreateRequest) -> FsResult<Inode> {
+        self.writable()?;
+        validate_name(&req.name)?;
+        let inode = self.meta.create(req)?;
+        self.remember(&inode);
+        self.dir_changed(inode.parent);
+        Ok(inode)
+    }
+
+    pub fn mkdir(
+        &self,
+        parent: u64,
+        name: &[u8],
+        mode: u32,
+        uid: u32,
+        gid: u32,
+    ) -> FsResult<Inode> {
+        self.make(CreateRequest {
+            parent,
+            name: name.to_vec(),
+            kind: FileKind::Directory as i32,
+            mode,
+            uid,
+            gid,
+            symlink_target: Vec::new(),
+        })
+    }
+
+    pub fn symlink(
+        &self,
+        parent: u64,
+        name: &[u8],
+        target: &[u8],
+        uid: u32,
+        gid: u32,
+    ) -> FsResult<Inode> {
+        self.make(CreateRequest {
+            parent,
+            name: name.to_vec(),
+            kind: FileKind::Symlink as i32,
+            mode: 0o777,
+            uid,
+            gid,
+            symlink_target: target.to_vec(),
+        })
+    }
+
+    /// unlink(2) (`directory` false) or rmdir(2).
+    pub fn remove(&self, parent: u64, name: &[u8], directory: bool) -> FsResult<()> {
+        self.writable()?;
+        validate_name(name)?;
+        let victim = self.lookup(parent, name).ok();
+        self.meta.remove(parent, name, directory)?;
+        self.forget_entry(parent, name);
+        if let Some(st) = victim.and_then(|v| self.staging.get(v.id)) {
+            // Still open here: its last close must not bring it back in the UFS.
+            st.lock().expect("staged lock").unlinked = true;
+        }
+        Ok(())
+    }
+
+    pub fn rename(
+        &self,
+        parent: u64,
+        name: &[u8],
+        new_parent: u64,
+        new_name: &[u8],
+        no_replace: bool,
+    ) -> FsResult<()> {
+        self.writable()?;
+        validate_name(name)?;
+        validate_name(new_name)?;
+        let replaced = self.lookup(new_parent, new_name).ok();
+        let moved = self.meta.rename(RenameRequest {
+            parent,
+            name: name.to_vec(),
+            new_parent,
+            new_name: new_name.to_vec(),
+            no_replace,
+        })?;
+        self.forget_entry(parent, name);
+        self.forget_entry(new_parent, new_name);
+        if let Some(st) = replaced
+            .filter(|r| r.id != moved.id)
+            .and_then(|r| self.staging.get(r.id))
+        {
+            st.lock().expect("staged lock").unlinked = true;
+        }
+        self.remember(&moved);
+        Ok(())
     }
 
     pub fn opendir(&self, ino: u64) -> FsResult<u64> {
@@ -224,7 +605,7 @@ impl GranaryFs {
                             self.remember(e);
                         }
                         s.complete = !more || page.is_empty();
-                        s.entries.extend(page);
+                        s.entries.extend(page.into_iter().map(|e| self.overlay(e)));
                     }
                     let Some(e) = s.entries.get(i) else { break };
                     out.push(DirEntry {
@@ -246,6 +627,16 @@ impl GranaryFs {
     pub fn statfs(&self) -> FsResult<StatFsReply> {
         self.meta.statfs()
     }
+}
+
+fn read_staged(st: &Staged, offset: u64, size: u32) -> FsResult<Vec<u8>> {
+    if offset >= st.size {
+        return Ok(Vec::new());
+    }
+    let len = (st.size - offset).min(size as u64) as usize;
+    let mut buf = vec![0u8; len];
+    st.file.read_exact_at(&mut buf, offset)?;
+    Ok(buf)
 }
 
 #[cfg(test)]
@@ -346,8 +737,13 @@ mod tests {
         let opts = FsOptions {
             meta_cache_ttl: Duration::from_secs(60),
             meta_cache_entries: 10_000,
+            read_only: true,
+            staging_dir: std::env::temp_dir(),
         };
-        (GranaryFs::new(ns.clone(), Arc::new(Bytes), opts), ns)
+        (
+            GranaryFs::new(ns.clone(), Arc::new(Bytes), opts).unwrap(),
+            ns,
+        )
     }
 
     #[test]
@@ -406,7 +802,7 @@ mod tests {
     #[test]
     fn reads_clip_at_end_of_file() {
         let (fs, _) = fs();
-        let fh = fs.open(110, libc::O_RDONLY).unwrap();
+        let (fh, _) = fs.open(110, libc::O_RDONLY).unwrap();
         assert_eq!(fs.read(fh, 0, 100).unwrap().len(), 10);
         assert_eq!(fs.read(fh, 4, 2).unwrap(), vec![4 ^ 110u8, 5 ^ 110u8]);
         assert!(fs.read(fh, 10, 5).unwrap().is_empty());

@@ -9,14 +9,15 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, UNIX_EPOCH};
 
 use fuser::{
-    BackingId, Errno, FileAttr, FileHandle, FileType, Filesystem, FopenFlags, Generation, INodeNo,
-    InitFlags, KernelConfig, LockOwner, OpenFlags, ReplyAttr, ReplyData, ReplyDirectory,
-    ReplyDirectoryPlus, ReplyEmpty, ReplyEntry, ReplyOpen, ReplyStatfs, Request,
+    BackingId, BsdFileFlags, Errno, FileAttr, FileHandle, FileType, Filesystem, FopenFlags,
+    Generation, INodeNo, InitFlags, KernelConfig, LockOwner, OpenFlags, RenameFlags, ReplyAttr,
+    ReplyCreate, ReplyData, ReplyDirectory, ReplyDirectoryPlus, ReplyEmpty, ReplyEntry, ReplyOpen,
+    ReplyStatfs, ReplyWrite, Request, TimeOrNow, WriteFlags,
 };
 use granary_common::FsError;
 use granary_protos::v1::{FileKind, Inode};
 
-use crate::fs::GranaryFs;
+use crate::fs::{GranaryFs, SetAttr};
 
 /// What the kernel is told about caching and ownership.
 #[derive(Debug, Clone)]
@@ -75,7 +76,21 @@ fn errno(op: &str, e: &FsError) -> Errno {
     Errno::from_i32(n)
 }
 
+fn reply_empty(op: &str, r: granary_common::FsResult<()>, reply: ReplyEmpty) {
+    match r {
+        Ok(()) => reply.ok(),
+        Err(e) => reply.error(errno(op, &e)),
+    }
+}
+
 impl FuseAdapter {
+    fn reply_entry(&self, op: &str, r: granary_common::FsResult<Inode>, reply: ReplyEntry) {
+        match r {
+            Ok(i) => reply.entry(&self.opts.entry_ttl, &self.attr(&i), Generation(0)),
+            Err(e) => reply.error(errno(op, &e)),
+        }
+    }
+
     fn attr(&self, i: &Inode) -> FileAttr {
         let kind = match FileKind::try_from(i.kind) {
             Ok(FileKind::Directory) => FileType::Directory,
@@ -88,7 +103,9 @@ impl FuseAdapter {
         } else {
             i.size
         };
-        let t = UNIX_EPOCH + Duration::from_nanos(i.mtime_ns.max(0) as u64);
+        let time = |ns: i64| UNIX_EPOCH + Duration::from_nanos(ns.max(0) as u64);
+        let t = time(i.mtime_ns);
+        let or_mtime = |ns: i64| if ns == 0 { t } else { time(ns) };
         let perm = match i.mode & 0o7777 {
             0 if dir => 0o755,
             0 => 0o644,
@@ -98,9 +115,9 @@ impl FuseAdapter {
             ino: INodeNo(i.id),
             size,
             blocks: size.div_ceil(512),
-            atime: t,
+            atime: or_mtime(i.atime_ns),
             mtime: t,
-            ctime: t,
+            ctime: or_mtime(i.ctime_ns),
             crtime: t,
             kind,
             perm: perm as u16,
@@ -175,10 +192,7 @@ impl Filesystem for FuseAdapter {
     }
 
     fn lookup(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
-        match self.fs.lookup(parent.0, name.as_bytes()) {
-            Ok(i) => reply.entry(&self.opts.entry_ttl, &self.attr(&i), Generation(0)),
-            Err(e) => reply.error(errno("lookup", &e)),
-        }
+        self.reply_entry("lookup", self.fs.lookup(parent.0, name.as_bytes()), reply)
     }
 
     fn getattr(&self, _req: &Request, ino: INodeNo, _fh: Option<FileHandle>, reply: ReplyAttr) {
@@ -196,11 +210,11 @@ impl Filesystem for FuseAdapter {
     }
 
     fn open(&self, _req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
-        let fh = match self.fs.open(ino.0, flags.0) {
-            Ok(fh) => fh,
+        let (fh, unchanged) = match self.fs.open(ino.0, flags.0) {
+            Ok(x) => x,
             Err(e) => return reply.error(errno("open", &e)),
         };
-        let flags = if self.opts.keep_cache {
+        let flags = if self.opts.keep_cache && unchanged {
             FopenFlags::FOPEN_KEEP_CACHE
         } else {
             FopenFlags::empty()
@@ -236,13 +250,201 @@ impl Filesystem for FuseAdapter {
         &self,
         _req: &Request,
         _ino: INodeNo,
-        _fh: FileHandle,
+        fh: FileHandle,
         _lock_owner: LockOwner,
         reply: ReplyEmpty,
     ) {
-        // Nothing to flush on a read-only mount; ENOSYS makes the kernel stop sending
-        // FLUSH on every close(), saving a round trip per file.
-        reply.error(Errno::ENOSYS);
+        reply_empty("flush", self.fs.flush(fh.0), reply)
+    }
+
+    fn fsync(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        fh: FileHandle,
+        _datasync: bool,
+        reply: ReplyEmpty,
+    ) {
+        reply_empty("fsync", self.fs.fsync(fh.0), reply)
+    }
+
+    fn write(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        fh: FileHandle,
+        offset: u64,
+        data: &[u8],
+        _write_flags: WriteFlags,
+        _flags: OpenFlags,
+        _lock_owner: Option<LockOwner>,
+        reply: ReplyWrite,
+    ) {
+        match self.fs.write(fh.0, offset, data) {
+            Ok(n) => reply.written(n),
+            Err(e) => reply.error(errno("write", &e)),
+        }
+    }
+
+    fn create(
+        &self,
+        req: &Request,
+        parent: INodeNo,
+        name: &OsStr,
+        mode: u32,
+        _umask: u32,
+        flags: i32,
+        reply: ReplyCreate,
+    ) {
+        match self
+            .fs
+            .create(parent.0, name.as_bytes(), mode, flags, req.uid(), req.gid())
+        {
+            Ok((inode, fh)) => reply.created(
+                &self.opts.entry_ttl,
+                &self.attr(&inode),
+                Generation(0),
+                FileHandle(fh),
+                FopenFlags::empty(),
+            ),
+            Err(e) => reply.error(errno("create", &e)),
+        }
+    }
+
+    fn mkdir(
+        &self,
+        req: &Request,
+        parent: INodeNo,
+        name: &OsStr,
+        mode: u32,
+        _umask: u32,
+        reply: ReplyEntry,
+    ) {
+        self.reply_entry(
+            "mkdir",
+            self.fs
+                .mkdir(parent.0, name.as_bytes(), mode, req.uid(), req.gid()),
+            reply,
+        )
+    }
+
+    fn symlink(
+        &self,
+        req: &Request,
+        parent: INodeNo,
+        link_name: &OsStr,
+        target: &std::path::Path,
+        reply: ReplyEntry,
+    ) {
+        self.reply_entry(
+            "symlink",
+            self.fs.symlink(
+                parent.0,
+                link_name.as_bytes(),
+                target.as_os_str().as_bytes(),
+                req.uid(),
+                req.gid(),
+            ),
+            reply,
+        )
+    }
+
+    fn unlink(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
+        reply_empty(
+            "unlink",
+            self.fs.remove(parent.0, name.as_bytes(), false),
+            reply,
+        )
+    }
+
+    fn rmdir(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
+        reply_empty(
+            "rmdir",
+            self.fs.remove(parent.0, name.as_bytes(), true),
+            reply,
+        )
+    }
+
+    fn rename(
+        &self,
+        _req: &Request,
+        parent: INodeNo,
+        name: &OsStr,
+        newparent: INodeNo,
+        newname: &OsStr,
+        flags: RenameFlags,
+        reply: ReplyEmpty,
+    ) {
+        // Swapping two entries atomically is not supported.
+        if flags.contains(RenameFlags::RENAME_EXCHANGE) {
+            return reply.error(Errno::EINVAL);
+        }
+        reply_empty(
+            "rename",
+            self.fs.rename(
+                parent.0,
+                name.as_bytes(),
+                newparent.0,
+                newname.as_bytes(),
+                flags.contains(RenameFlags::RENAME_NOREPLACE),
+            ),
+            reply,
+        )
+    }
+
+    fn link(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        _newparent: INodeNo,
+        _newname: &OsStr,
+        reply: ReplyEntry,
+    ) {
+        // Hard links cannot be kept in an object-store UFS; EPERM is what link(2) answers
+        // on a filesystem that does not support them.
+        reply.error(Errno::EPERM);
+    }
+
+    fn setattr(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        mode: Option<u32>,
+        uid: Option<u32>,
+        gid: Option<u32>,
+        size: Option<u64>,
+        atime: Option<TimeOrNow>,
+        mtime: Option<TimeOrNow>,
+        _ctime: Option<std::time::SystemTime>,
+        _fh: Option<FileHandle>,
+        _crtime: Option<std::time::SystemTime>,
+        _chgtime: Option<std::time::SystemTime>,
+        _bkuptime: Option<std::time::SystemTime>,
+        _flags: Option<BsdFileFlags>,
+        reply: ReplyAttr,
+    ) {
+        let ns = |t: TimeOrNow| {
+            let t = match t {
+                TimeOrNow::SpecificTime(t) => t,
+                TimeOrNow::Now => std::time::SystemTime::now(),
+            };
+            match t.duration_since(UNIX_EPOCH) {
+                Ok(d) => d.as_nanos() as i64,
+                Err(e) => -(e.duration().as_nanos() as i64),
+            }
+        };
+        let change = SetAttr {
+            size,
+            mode,
+            uid,
+            gid,
+            atime_ns: atime.map(ns),
+            mtime_ns: mtime.map(ns),
+        };
+        match self.fs.setattr(ino.0, &change) {
+            Ok(i) => reply.attr(&self.opts.attr_ttl, &self.attr(&i)),
+            Err(e) => reply.error(errno("setattr", &e)),
+        }
     }
 
     fn release(

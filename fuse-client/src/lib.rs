@@ -7,6 +7,7 @@ pub mod fs;
 pub mod fuse_adapter;
 pub mod meta_client;
 pub mod mount;
+pub mod staging;
 
 pub use config::MountConfig;
 pub use mount::{

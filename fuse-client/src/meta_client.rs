@@ -20,7 +20,8 @@ use tonic::transport::Channel;
 
 pub type Client = MasterClient<InterceptedService<Channel, AttachToken>>;
 
-/// Read-only metadata operations the filesystem needs.
+/// Metadata operations the filesystem needs. The mutations have read-only defaults so a
+/// read-only service (a test double) need not spell them out.
 pub trait MetadataService: Send + Sync {
     fn lookup(&self, parent: u64, name: &[u8]) -> FsResult<Inode>;
     fn getattr(&self, id: u64) -> FsResult<Inode>;
@@ -29,6 +30,34 @@ pub trait MetadataService: Send + Sync {
     fn workers(&self) -> FsResult<Vec<WorkerInfo>>;
     fn block_locations(&self, file_id: u64) -> FsResult<BlockLocationsReply>;
     fn statfs(&self) -> FsResult<StatFsReply>;
+
+    /// Creates a file, directory or symlink (`req.symlink_target`).
+    fn create(&self, req: CreateRequest) -> FsResult<Inode> {
+        Err(read_only(&req.name))
+    }
+    fn remove(&self, parent: u64, name: &[u8], directory: bool) -> FsResult<()> {
+        let _ = (parent, directory);
+        Err(read_only(name))
+    }
+    fn rename(&self, req: RenameRequest) -> FsResult<Inode> {
+        Err(read_only(&req.name))
+    }
+    fn set_attr(&self, attrs: SetAttributes) -> FsResult<Inode> {
+        let _ = attrs;
+        Err(read_only(b""))
+    }
+    /// Records that a file's content reached the UFS.
+    fn commit(&self, content: CommitContent) -> FsResult<Inode> {
+        let _ = content;
+        Err(read_only(b""))
+    }
+}
+
+fn read_only(name: &[u8]) -> FsError {
+    FsError::ReadOnly(format!(
+        "{}: this metadata service is read-only",
+        String::from_utf8_lossy(name)
+    ))
 }
 
 #[derive(Clone)]
@@ -353,5 +382,84 @@ impl MetadataService for GrpcMetadataClient {
         self.call("statfs", true, |mut c| async move {
             c.stat_fs(StatFsRequest {}).await
         })
+    }
+
+    fn create(&self, req: CreateRequest) -> FsResult<Inode> {
+        let (r, retried) = self.mutate("create", |mut c| {
+            let req = req.clone();
+            async move { c.create(req).await }
+        });
+        match r {
+            // An earlier try went through before its answer was lost.
+            Err(FsError::Exists(_)) if retried => self.lookup(req.parent, &req.name),
+            r => inode(r?),
+        }
+    }
+
+    fn remove(&self, parent: u64, name: &[u8], directory: bool) -> FsResult<()> {
+        let (r, retried) = self.mutate("remove", |mut c| {
+            let req = RemoveRequest {
+                parent,
+                name: name.to_vec(),
+                directory,
+            };
+            async move { c.remove(req).await }
+        });
+        match r {
+            Err(FsError::NotFound(_)) if retried => Ok(()),
+            r => r.map(|_| ()),
+        }
+    }
+
+    fn rename(&self, req: RenameRequest) -> FsResult<Inode> {
+        let (r, retried) = self.mutate("rename", |mut c| {
+            let req = req.clone();
+            async move { c.rename(req).await }
+        });
+        match r {
+            Err(FsError::NotFound(_)) if retried => self.lookup(req.new_parent, &req.new_name),
+            r => inode(r?),
+        }
+    }
+
+    fn set_attr(&self, attrs: SetAttributes) -> FsResult<Inode> {
+        inode(
+            self.mutate("set_attr", |mut c| {
+                let req = SetAttrRequest {
+                    attributes: Some(attrs),
+                };
+                async move { c.set_attr(req).await }
+            })
+            .0?,
+        )
+    }
+
+    fn commit(&self, content: CommitContent) -> FsResult<Inode> {
+        inode(
+            self.mutate("commit", |mut c| {
+                let req = CommitRequest {
+                    content: Some(content),
+                };
+                async move { c.commit(req).await }
+            })
+            .0?,
+        )
+    }
+}
+
+impl GrpcMetadataClient {
+    /// A write through the leader; the flag says whether it was sent more than once (an
+    /// earlier try may have been applied before its answer was lost).
+    fn mutate<T, F, Fut>(&self, what: &str, call: F) -> (FsResult<T>, bool)
+    where
+        F: Fn(Client) -> Fut,
+        Fut: Future<Output = Result<tonic::Response<T>, tonic::Status>>,
+    {
+        let tries = std::sync::atomic::AtomicUsize::new(0);
+        let r = self.call(what, false, |c| {
+            tries.fetch_add(1, Ordering::Relaxed);
+            call(c)
+        });
+        (r, tries.load(Ordering::Relaxed) > 1)
     }
 }

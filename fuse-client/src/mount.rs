@@ -37,6 +37,8 @@ pub enum MountError {
         masters: Vec<String>,
         error: FsError,
     },
+    #[error("staging_dir {path}: {error}")]
+    Staging { path: PathBuf, error: FsError },
     #[error("FUSE mount at {path} failed: {source}")]
     Fuse {
         path: PathBuf,
@@ -144,14 +146,20 @@ pub fn build_fs(cfg: &MountConfig) -> Result<GranaryFs, MountError> {
         },
         granary_common::hostname(),
     );
-    Ok(GranaryFs::new(
+    GranaryFs::new(
         meta,
         data,
         FsOptions {
             meta_cache_ttl: Duration::from_millis(cfg.meta_cache_ttl_ms),
             meta_cache_entries: cfg.meta_cache_entries,
+            read_only: cfg.read_only,
+            staging_dir: cfg.staging_dir.clone(),
         },
-    ))
+    )
+    .map_err(|error| MountError::Staging {
+        path: cfg.staging_dir.clone(),
+        error,
+    })
 }
 
 pub fn mount(cfg: &MountConfig, mountpoint: &Path) -> Result<MountHandle, MountError> {
@@ -171,10 +179,12 @@ pub fn mount(cfg: &MountConfig, mountpoint: &Path) -> Result<MountHandle, MountE
     let mut options = vec![
         MountOption::FSName("granary".into()),
         MountOption::Subtype("granary".into()),
-        MountOption::RO,
         MountOption::NoAtime,
         MountOption::DefaultPermissions,
     ];
+    if cfg.read_only {
+        options.push(MountOption::RO);
+    }
     if cfg.allow_other {
         options.push(MountOption::CUSTOM("allow_other".into()));
     }

@@ -3,6 +3,8 @@
 //! guarantees that every process is killed and every mount is unmounted when the guard
 //! drops, also when a test fails.
 
+pub mod posix;
+
 use std::io::Read;
 use std::net::TcpStream;
 use std::path::{Path, PathBuf};
@@ -552,9 +554,10 @@ impl Cluster {
         std::fs::write(
             &cfg,
             format!(
-                "masters = [{}]\ncluster_token = \"{}\"\n{extra_config}\n",
+                "masters = [{}]\ncluster_token = \"{}\"\nstaging_dir = \"{}\"\n{extra_config}\n",
                 toml_list(&self.master_addrs()),
-                self.spec.cluster_token
+                self.spec.cluster_token,
+                self.dir.path().join(format!("{name}.staging")).display()
             ),
         )?;
         Mount::start(&cfg, &mnt, self.dir.path().join(format!("{name}.log")))

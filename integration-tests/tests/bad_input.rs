@@ -120,11 +120,26 @@ fn bad_paths_get_precise_errnos() {
             .raw_os_error(),
         Some(libc::EISDIR)
     );
+    // A read-only mount refuses every change with EROFS and keeps serving reads.
+    let ro = cluster.mount("ro", "read_only = true").unwrap();
     let w = std::fs::OpenOptions::new()
         .write(true)
-        .open(m.path.join("file"));
+        .open(ro.path.join("file"));
     assert_eq!(w.unwrap_err().raw_os_error(), Some(libc::EROFS));
-    assert_eq!(std::fs::read(m.path.join("file")).unwrap(), b"data");
+    let erofs = |r: std::io::Result<()>| r.unwrap_err().raw_os_error();
+    assert_eq!(
+        erofs(std::fs::write(ro.path.join("new"), b"x")),
+        Some(libc::EROFS)
+    );
+    assert_eq!(
+        erofs(std::fs::create_dir(ro.path.join("d2"))),
+        Some(libc::EROFS)
+    );
+    assert_eq!(
+        erofs(std::fs::remove_file(ro.path.join("file"))),
+        Some(libc::EROFS)
+    );
+    assert_eq!(std::fs::read(ro.path.join("file")).unwrap(), b"data");
 }
 
 #[test]

@@ -5,6 +5,7 @@ pub mod block_locations;
 pub mod command_log;
 pub mod config;
 pub mod loader;
+mod mutations;
 pub mod raft;
 pub mod server;
 pub mod service;

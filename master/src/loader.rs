@@ -60,6 +60,14 @@ impl<L: CommandLog> MetadataLoader<L> {
         }
     }
 
+    /// The UFS behind a mount.
+    pub fn ufs(&self, mount_id: u32) -> FsResult<Arc<dyn Ufs>> {
+        self.ufs
+            .get(&mount_id)
+            .cloned()
+            .ok_or_else(|| FsError::Io(format!("no UFS for mount {mount_id}")))
+    }
+
     /// Makes sure `dir`'s children are in the namespace; returns the directory as stored.
     pub async fn ensure_loaded(&self, dir: &Inode) -> FsResult<Inode> {
         if dir.children_loaded {
@@ -83,11 +91,7 @@ impl<L: CommandLog> MetadataLoader<L> {
             if current.children_loaded {
                 return Ok(current);
             }
-            let ufs = self
-                .ufs
-                .get(&current.mount_id)
-                .cloned()
-                .ok_or_else(|| FsError::Io(format!("no UFS for mount {}", current.mount_id)))?;
+            let ufs = self.ufs(current.mount_id)?;
             let path = current.ufs_path.clone();
             let listed = tokio::task::spawn_blocking(move || ufs.list(&path))
                 .await

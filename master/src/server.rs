@@ -203,6 +203,7 @@ pub async fn start(mut config: MasterConfig) -> Result<RunningMaster, MasterErro
         locations: locations.clone(),
         heartbeat_interval_ms: config.worker_heartbeat_ms,
         initialised: std::sync::atomic::AtomicBool::new(false),
+        mutations: tokio::sync::Mutex::new(()),
         leader_clients: LeaderClients::new(
             AttachToken::new(&config.cluster_token)
                 .map_err(|e| ConfigError::invalid("cluster_token", e))?,

@@ -22,7 +22,6 @@ use tonic::transport::Channel;
 use tonic::{Request, Response, Status};
 
 use crate::block_locations::BlockLocations;
-use crate::command_log::CommandLog;
 use crate::loader::{LoadProgress, MetadataLoader};
 use crate::raft::{Mail, MemberChange, RaftLog};
 use crate::store::NamespaceStore;
@@ -42,6 +41,8 @@ pub struct MasterService {
     pub(crate) leader_clients: LeaderClients,
     /// The root inode exists (set once; it is never removed).
     pub(crate) initialised: std::sync::atomic::AtomicBool,
+    /// Serializes namespace mutations on the leader (see `mutations`).
+    pub(crate) mutations: tokio::sync::Mutex<()>,
 }
 
 type PeerClient = MasterClient<InterceptedService<Channel, AttachToken>>;
@@ -260,35 +261,43 @@ impl Master for MasterService {
     async fn create(&self, req: Request<CreateRequest>) -> Result<Response<InodeReply>, Status> {
         count("create");
         self.leader_only()?;
-        let r = req.into_inner();
-        validate_name(&r.name).map_err(Status::from)?;
-        let dir = self.store.get(r.parent)?;
-        if dir.kind != FileKind::Directory as i32 {
-            return Err(FsError::NotDir(String::from_utf8_lossy(&dir.name).into_owned()).into());
-        }
-        // The directory must be listed first, or the listing would not know the new entry.
-        self.loader.ensure_loaded(&dir).await?;
-        let mtime_ns = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map(|d| d.as_nanos() as i64)
-            .unwrap_or(0);
-        let cmd = Command {
-            op: Some(command::Op::CreateInode(CreateInode {
-                parent: r.parent,
-                name: r.name.clone(),
-                kind: r.kind,
-                mode: r.mode,
-                uid: r.uid,
-                gid: r.gid,
-                mtime_ns,
-                symlink_target: Vec::new(),
-            })),
-        };
-        self.raft.propose(cmd).await?;
-        let inode = self
-            .store
-            .lookup(r.parent, &r.name)?
-            .ok_or_else(|| FsError::Io("created entry vanished".into()))?;
+        let inode = self.create_entry(req.into_inner()).await?;
+        Ok(Response::new(InodeReply { inode: Some(inode) }))
+    }
+
+    async fn remove(&self, req: Request<RemoveRequest>) -> Result<Response<RemoveReply>, Status> {
+        count("remove");
+        self.leader_only()?;
+        self.remove_entry(req.into_inner()).await?;
+        Ok(Response::new(RemoveReply {}))
+    }
+
+    async fn rename(&self, req: Request<RenameRequest>) -> Result<Response<InodeReply>, Status> {
+        count("rename");
+        self.leader_only()?;
+        let inode = self.rename_entry(req.into_inner()).await?;
+        Ok(Response::new(InodeReply { inode: Some(inode) }))
+    }
+
+    async fn set_attr(&self, req: Request<SetAttrRequest>) -> Result<Response<InodeReply>, Status> {
+        count("set_attr");
+        self.leader_only()?;
+        let a = req
+            .into_inner()
+            .attributes
+            .ok_or_else(|| Status::invalid_argument("set_attr without attributes"))?;
+        let inode = self.set_attributes(a).await?;
+        Ok(Response::new(InodeReply { inode: Some(inode) }))
+    }
+
+    async fn commit(&self, req: Request<CommitRequest>) -> Result<Response<InodeReply>, Status> {
+        count("commit");
+        self.leader_only()?;
+        let c = req
+            .into_inner()
+            .content
+            .ok_or_else(|| Status::invalid_argument("commit without content"))?;
+        let inode = self.commit_content(c).await?;
         Ok(Response::new(InodeReply { inode: Some(inode) }))
     }
 

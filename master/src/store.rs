@@ -217,6 +217,24 @@ impl NamespaceStore {
         Ok(results)
     }
 
+    /// What applying `cmd` now would answer, without changing anything: the transaction
+    /// is dropped. The leader checks a mutation this way before touching the UFS, so the
+    /// rules live only in the state machine.
+    pub fn dry_run(&self, cmd: &Command) -> Result<FsResult<()>, StoreError> {
+        let txn = redb_err!(self.db.begin_write())?;
+        let result = {
+            let mut tables = state_machine::Tables {
+                inodes: redb_err!(txn.open_table(INODES))?,
+                children: redb_err!(txn.open_table(CHILDREN))?,
+                meta: redb_err!(txn.open_table(META))?,
+                shard: self.shard,
+            };
+            state_machine::apply(&mut tables, cmd)?
+        };
+        redb_err!(txn.abort())?;
+        Ok(result)
+    }
+
     /// (index, term) of the last applied entry.
     pub fn applied(&self) -> Result<(u64, u64), StoreError> {
         let txn = redb_err!(self.db.begin_read())?;

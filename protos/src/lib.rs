@@ -22,4 +22,4 @@ pub mod raft {
 pub const LEADER_METADATA_KEY: &str = "x-granary-leader";
 
 /// Version spoken on the data port; bumped on incompatible header changes.
-pub const DATA_PROTOCOL_VERSION: u32 = 1;
+pub const DATA_PROTOCOL_VERSION: u32 = 2;

@@ -6,14 +6,18 @@ use std::os::unix::fs::FileExt;
 use std::sync::Arc;
 
 use granary_common::FsError;
-use granary_protos::data::{Hello, HelloReply, ReadBlockRequest, ReadBlockResponse, Status};
+use granary_protos::data::{
+    data_request, DataRequest, Hello, HelloReply, ReadBlockRequest, ReadBlockResponse, Status,
+    WriteFileRequest, WriteFileResponse,
+};
 use granary_protos::frame::{encode_header, read_header_async};
 use granary_protos::DATA_PROTOCOL_VERSION;
-use tokio::io::{AsyncWriteExt, BufReader};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::{TcpListener, TcpStream};
 
 use crate::block_store::Fingerprint;
 use crate::fetcher::{BlockFetcher, BlockSource};
+use crate::uploader::{upload, UploadTarget};
 use granary_common::auth::CheckToken;
 
 /// Largest byte range one request may ask for.
@@ -86,7 +90,15 @@ impl DataServer {
             return Ok(());
         }
         loop {
-            let req: ReadBlockRequest = read_header_async(&mut rd).await?;
+            let req = match read_header_async::<DataRequest, _>(&mut rd).await?.op {
+                Some(data_request::Op::Read(r)) => r,
+                Some(data_request::Op::Write(w)) => {
+                    let resp = self.write(&w, &mut rd).await?;
+                    wr.write_all(&encode_header(&resp)).await?;
+                    continue;
+                }
+                None => ReadBlockRequest::default(),
+            };
             let (resp, payload) = match self.read(&req).await {
                 Ok(x) => x,
                 Err(e) => (
@@ -104,6 +116,61 @@ impl DataServer {
                 wr.write_all(&payload).await?;
             }
         }
+    }
+
+    /// Receives an upload's payload and stores it. A payload that stops short is a
+    /// connection error (the upload is discarded); any other failure is answered after
+    /// the payload has been drained, so the connection stays usable.
+    async fn write<R: AsyncRead + Unpin>(
+        &self,
+        req: &WriteFileRequest,
+        rd: &mut R,
+    ) -> Result<WriteFileResponse, granary_protos::frame::FrameError> {
+        let (tx, rx) = tokio::sync::mpsc::channel::<Vec<u8>>(8);
+        let ufs = self.fetcher.mounts().get(req.mount_id);
+        let store = self.fetcher.store().clone();
+        let target = UploadTarget {
+            file_id: req.file_id,
+            ufs_path: req.ufs_path.clone(),
+            size: req.size,
+            block_size: req.block_size,
+        };
+        let task = tokio::task::spawn_blocking(move || upload(&store, &*ufs?, &target, rx));
+        let mut left = req.size;
+        let mut sink = Some(tx);
+        while left > 0 {
+            let mut buf = vec![0u8; left.min(1 << 20) as usize];
+            rd.read_exact(&mut buf).await?;
+            left -= buf.len() as u64;
+            // The uploader may have failed already: keep draining, stop feeding it.
+            if let Some(tx) = &sink {
+                if tx.send(buf).await.is_err() {
+                    sink = None;
+                }
+            }
+        }
+        drop(sink);
+        let outcome = task
+            .await
+            .map_err(|e| FsError::Io(format!("upload task: {e}")))
+            .and_then(|r| r);
+        Ok(match outcome {
+            Ok(obj) => WriteFileResponse {
+                request_id: req.request_id,
+                size: obj.size,
+                mtime_ns: obj.mtime_ns,
+                ..Default::default()
+            },
+            Err(e) => {
+                tracing::warn!(error = %e, path = %String::from_utf8_lossy(&req.ufs_path), "upload failed");
+                WriteFileResponse {
+                    request_id: req.request_id,
+                    status: status_of(&e) as i32,
+                    error: e.to_string(),
+                    ..Default::default()
+                }
+            }
+        })
     }
 
     async fn read(&self, req: &ReadBlockRequest) -> Result<(ReadBlockResponse, Vec<u8>), FsError> {
@@ -284,7 +351,10 @@ mod tests {
     }
 
     fn exchange(sock: &mut TcpStream, req: &ReadBlockRequest) -> (ReadBlockResponse, Vec<u8>) {
-        sock.write_all(&encode_header(req)).unwrap();
+        let wrapped = DataRequest {
+            op: Some(data_request::Op::Read(req.clone())),
+        };
+        sock.write_all(&encode_header(&wrapped)).unwrap();
         let resp: ReadBlockResponse = read_header(sock).unwrap();
         let mut payload = vec![
             0u8;

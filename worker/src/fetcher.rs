@@ -64,6 +64,10 @@ impl BlockFetcher {
         &self.store
     }
 
+    pub fn mounts(&self) -> &Arc<MountRegistry> {
+        &self.mounts
+    }
+
     /// The cached block, fetching it from the UFS first if needed.
     pub async fn get(&self, id: BlockId, src: &BlockSource) -> FsResult<CachedBlock> {
         if let Some(b) = self.store.lookup(id, src.fingerprint) {

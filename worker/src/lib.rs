@@ -8,6 +8,7 @@ pub mod fetcher;
 pub mod master_link;
 pub mod mounts;
 pub mod server;
+pub mod uploader;
 
 pub use config::WorkerConfig;
 pub use server::{run, start, RunningWorker, WorkerError};

@@ -10,7 +10,7 @@ use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::MetadataExt;
 use std::path::PathBuf;
 
-use super::{ObjectKind, Ufs, UfsObject};
+use super::{ObjectKind, Ufs, UfsObject, UfsUpload, UPLOAD_PREFIX};
 use crate::error::{FsError, FsResult};
 use crate::path::components;
 
@@ -80,6 +80,71 @@ impl LocalUfs {
     }
 }
 
+/// An upload into `dir` under a hidden temporary name, renamed into place on completion.
+struct LocalUpload {
+    dir: File,
+    tmp: CString,
+    name: CString,
+    file: Option<File>,
+}
+
+impl Write for LocalUpload {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.file.as_mut().expect("open until completed").write(buf)
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+impl UfsUpload for LocalUpload {
+    fn complete(mut self: Box<Self>) -> FsResult<UfsObject> {
+        let file = self.file.take().expect("open until completed");
+        file.sync_all()?;
+        let md = file.metadata()?;
+        drop(file);
+        // SAFETY: both names are NUL-terminated and relative to the held directory fd.
+        let rc = unsafe {
+            libc::renameat(
+                self.dir.as_raw_fd(),
+                self.tmp.as_ptr(),
+                self.dir.as_raw_fd(),
+                self.name.as_ptr(),
+            )
+        };
+        if rc != 0 {
+            return Err(std::io::Error::last_os_error().into());
+        }
+        // The rename itself must survive a crash before the caller commits the new size.
+        self.dir.sync_all()?;
+        self.tmp = CString::default();
+        object_from(self.name.as_bytes().to_vec(), &md, Vec::new())
+            .ok_or_else(|| FsError::Ufs("uploaded object is not a file".into()))
+    }
+}
+
+impl Drop for LocalUpload {
+    fn drop(&mut self) {
+        if !self.tmp.is_empty() {
+            // SAFETY: a NUL-terminated name relative to the held directory fd.
+            unsafe { libc::unlinkat(self.dir.as_raw_fd(), self.tmp.as_ptr(), 0) };
+        }
+    }
+}
+
+fn last_os_error(what: &str, path: &[u8]) -> FsError {
+    let e = std::io::Error::last_os_error();
+    let msg = format!("{what} {}: {e}", String::from_utf8_lossy(path));
+    match FsError::from(e) {
+        FsError::Io(_) => FsError::Ufs(msg),
+        other => other,
+    }
+}
+
+fn cstring(name: &[u8]) -> FsResult<CString> {
+    CString::new(name).map_err(|_| FsError::InvalidPath("NUL in name".into()))
+}
+
 fn object_from(name: Vec<u8>, md: &std::fs::Metadata, target: Vec<u8>) -> Option<UfsObject> {
     let ft = md.file_type();
     let kind = if ft.is_file() {
@@ -103,6 +168,51 @@ fn object_from(name: Vec<u8>, md: &std::fs::Metadata, target: Vec<u8>) -> Option
         mode: md.mode() & 0o7777,
         symlink_target: target,
     })
+}
+
+impl LocalUfs {
+    /// The parent directory of `path` (opened beneath the root) and the last component.
+    fn parent_of(&self, path: &[u8]) -> FsResult<(File, CString)> {
+        let parts = components(path)?;
+        let Some((name, dirs)) = parts.split_last() else {
+            return Err(FsError::InvalidPath("the UFS root itself".into()));
+        };
+        let dir = self.open_beneath(&dirs.join(&b'/'), libc::O_RDONLY | libc::O_DIRECTORY)?;
+        Ok((dir, cstring(name)?))
+    }
+
+    fn stat_at(&self, dir: &File, name: &CString) -> FsResult<UfsObject> {
+        // SAFETY: stat is plain data filled by the kernel; the name is NUL-terminated.
+        let mut st: libc::stat = unsafe { std::mem::zeroed() };
+        let rc = unsafe {
+            libc::fstatat(
+                dir.as_raw_fd(),
+                name.as_ptr(),
+                &mut st,
+                libc::AT_SYMLINK_NOFOLLOW,
+            )
+        };
+        if rc != 0 {
+            return Err(last_os_error("stat", name.as_bytes()));
+        }
+        let kind = match st.st_mode & libc::S_IFMT {
+            libc::S_IFDIR => ObjectKind::Directory,
+            libc::S_IFLNK => ObjectKind::Symlink,
+            _ => ObjectKind::File,
+        };
+        Ok(UfsObject {
+            name: name.as_bytes().to_vec(),
+            kind,
+            size: if kind == ObjectKind::Directory {
+                0
+            } else {
+                st.st_size as u64
+            },
+            mtime_ns: st.st_mtime * 1_000_000_000 + st.st_mtime_nsec,
+            mode: st.st_mode & 0o7777,
+            symlink_target: Vec::new(),
+        })
+    }
 }
 
 impl Ufs for LocalUfs {
@@ -130,6 +240,9 @@ impl Ufs for LocalUfs {
             } else {
                 Vec::new()
             };
+            if entry.file_name().as_bytes().starts_with(UPLOAD_PREFIX) {
+                continue;
+            }
             if let Some(obj) = object_from(entry.file_name().as_bytes().to_vec(), &md, target) {
                 out.push(obj);
             }
@@ -164,6 +277,104 @@ impl Ufs for LocalUfs {
         f.seek(SeekFrom::Start(offset))?;
         let copied = std::io::copy(&mut f.take(len), sink)?;
         Ok(copied)
+    }
+
+    fn create_upload(&self, path: &[u8]) -> FsResult<Box<dyn UfsUpload>> {
+        let (dir, name) = self.parent_of(path)?;
+        let mut tmp_name = UPLOAD_PREFIX.to_vec();
+        let nonce = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_nanos())
+            .unwrap_or(0);
+        tmp_name.extend_from_slice(format!("{:x}.{nonce:x}", std::process::id()).as_bytes());
+        let tmp = cstring(&tmp_name)?;
+        // SAFETY: a NUL-terminated name relative to the held directory fd.
+        let fd = unsafe {
+            libc::openat(
+                dir.as_raw_fd(),
+                tmp.as_ptr(),
+                libc::O_WRONLY | libc::O_CREAT | libc::O_EXCL | libc::O_CLOEXEC | libc::O_NOFOLLOW,
+                0o644,
+            )
+        };
+        if fd < 0 {
+            return Err(last_os_error("create", path));
+        }
+        // SAFETY: a fresh descriptor we now own.
+        let file = File::from(unsafe { OwnedFd::from_raw_fd(fd) });
+        Ok(Box::new(LocalUpload {
+            dir,
+            tmp,
+            name,
+            file: Some(file),
+        }))
+    }
+
+    fn mkdir(&self, path: &[u8]) -> FsResult<UfsObject> {
+        let (dir, name) = self.parent_of(path)?;
+        // SAFETY: a NUL-terminated name relative to the held directory fd.
+        if unsafe { libc::mkdirat(dir.as_raw_fd(), name.as_ptr(), 0o755) } != 0 {
+            return Err(last_os_error("mkdir", path));
+        }
+        self.stat_at(&dir, &name)
+    }
+
+    fn symlink(&self, target: &[u8], path: &[u8]) -> FsResult<UfsObject> {
+        let (dir, name) = self.parent_of(path)?;
+        let t = cstring(target)?;
+        // SAFETY: NUL-terminated strings; the link is made relative to the held fd.
+        if unsafe { libc::symlinkat(t.as_ptr(), dir.as_raw_fd(), name.as_ptr()) } != 0 {
+            return Err(last_os_error("symlink", path));
+        }
+        let mut obj = self.stat_at(&dir, &name)?;
+        obj.symlink_target = target.to_vec();
+        Ok(obj)
+    }
+
+    fn remove(&self, path: &[u8], directory: bool) -> FsResult<()> {
+        let (dir, name) = self.parent_of(path)?;
+        let flags = if directory { libc::AT_REMOVEDIR } else { 0 };
+        // SAFETY: a NUL-terminated name relative to the held directory fd.
+        if unsafe { libc::unlinkat(dir.as_raw_fd(), name.as_ptr(), flags) } == 0 {
+            return Ok(());
+        }
+        let err = last_os_error("remove", path);
+        if !matches!(err, FsError::NotEmpty(_)) {
+            return Err(err);
+        }
+        // What an upload cut off by a crash left behind does not keep a directory alive.
+        let d = self.open_beneath(path, libc::O_RDONLY | libc::O_DIRECTORY)?;
+        for entry in std::fs::read_dir(format!("/proc/self/fd/{}", d.as_raw_fd()))? {
+            let entry = entry?;
+            if entry.file_name().as_bytes().starts_with(UPLOAD_PREFIX) {
+                let n = cstring(entry.file_name().as_bytes())?;
+                // SAFETY: a NUL-terminated name relative to the held directory fd.
+                unsafe { libc::unlinkat(d.as_raw_fd(), n.as_ptr(), 0) };
+            }
+        }
+        // SAFETY: as above.
+        if unsafe { libc::unlinkat(dir.as_raw_fd(), name.as_ptr(), flags) } != 0 {
+            return Err(last_os_error("remove", path));
+        }
+        Ok(())
+    }
+
+    fn rename(&self, from: &[u8], to: &[u8]) -> FsResult<()> {
+        let (from_dir, from_name) = self.parent_of(from)?;
+        let (to_dir, to_name) = self.parent_of(to)?;
+        // SAFETY: NUL-terminated names relative to held directory fds.
+        let rc = unsafe {
+            libc::renameat(
+                from_dir.as_raw_fd(),
+                from_name.as_ptr(),
+                to_dir.as_raw_fd(),
+                to_name.as_ptr(),
+            )
+        };
+        if rc != 0 {
+            return Err(last_os_error("rename", from));
+        }
+        Ok(())
     }
 }
 

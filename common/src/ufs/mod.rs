@@ -30,6 +30,18 @@ pub struct UfsObject {
     pub symlink_target: Vec<u8>,
 }
 
+/// Names a UFS never reports: uploads in progress (see [`Ufs::create_upload`]). A crash
+/// mid-upload leaves such a file behind, never a partial file under the final name.
+pub const UPLOAD_PREFIX: &[u8] = b".granary-upload.";
+
+/// An object being written. Nothing is visible under the final name until
+/// [`UfsUpload::complete`]; dropping an upload without completing it discards it.
+pub trait UfsUpload: Write + Send {
+    /// Makes every byte durable, then moves the object under its final name atomically
+    /// (replacing what was there); returns the object as the UFS now reports it.
+    fn complete(self: Box<Self>) -> FsResult<UfsObject>;
+}
+
 pub trait Ufs: Send + Sync + Debug {
     /// The URI this UFS was opened from.
     fn uri(&self) -> &str;
@@ -41,6 +53,37 @@ pub trait Ufs: Send + Sync + Debug {
     /// (fewer only at end of file).
     fn read_range(&self, path: &[u8], offset: u64, len: u64, sink: &mut dyn Write)
         -> FsResult<u64>;
+
+    /// Starts writing the file at `path` (its parent directory must exist).
+    fn create_upload(&self, path: &[u8]) -> FsResult<Box<dyn UfsUpload>> {
+        Err(read_only(self.uri(), path))
+    }
+    /// Creates a directory (EEXIST if something is there).
+    fn mkdir(&self, path: &[u8]) -> FsResult<UfsObject> {
+        Err(read_only(self.uri(), path))
+    }
+    /// Creates a symbolic link at `path` pointing at `target`.
+    fn symlink(&self, target: &[u8], path: &[u8]) -> FsResult<UfsObject> {
+        let _ = target;
+        Err(read_only(self.uri(), path))
+    }
+    /// Removes a file or symlink, or (`directory`) an empty directory.
+    fn remove(&self, path: &[u8], directory: bool) -> FsResult<()> {
+        let _ = directory;
+        Err(read_only(self.uri(), path))
+    }
+    /// Renames atomically, replacing a compatible object at `to`.
+    fn rename(&self, from: &[u8], to: &[u8]) -> FsResult<()> {
+        let _ = to;
+        Err(read_only(self.uri(), from))
+    }
+}
+
+fn read_only(uri: &str, path: &[u8]) -> FsError {
+    FsError::ReadOnly(format!(
+        "{uri}: cannot write {} (this UFS is read-only)",
+        String::from_utf8_lossy(path)
+    ))
 }
 
 /// Opens a UFS from its URI. Supported now: `file:///absolute/path`.

@@ -1,0 +1,91 @@
+//! Writes in progress on this mount: one staging file per inode, shared by all its open
+//! handles, holding the file's whole current content once written to. Staging files are
+//! anonymous (O_TMPFILE), so a crashed client leaves nothing behind; what was not yet
+//! committed by a close or fsync is lost with it, as on a local filesystem.
+
+use std::collections::HashMap;
+use std::fs::File;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+
+use granary_common::{FsError, FsResult};
+
+pub struct Staged {
+    pub file: File,
+    /// Current size of the file as written here.
+    pub size: u64,
+    /// The staging file holds the whole content (copied from the committed content, or
+    /// the file was created or truncated here).
+    pub filled: bool,
+    /// Differs from what is committed: the next flush uploads it.
+    pub modified: bool,
+    /// Removed from the namespace while open: nothing is uploaded at close.
+    pub unlinked: bool,
+}
+
+pub type SharedStaged = Arc<Mutex<Staged>>;
+
+pub struct StagingArea {
+    dir: PathBuf,
+    /// By inode: the staged file and how many handles use it.
+    files: Mutex<HashMap<u64, (SharedStaged, usize)>>,
+}
+
+impl StagingArea {
+    pub fn new(dir: PathBuf) -> FsResult<Self> {
+        std::fs::create_dir_all(&dir)
+            .map_err(|e| FsError::Io(format!("staging directory {}: {e}", dir.display())))?;
+        Ok(StagingArea {
+            dir,
+            files: Mutex::new(HashMap::new()),
+        })
+    }
+
+    /// The inode's staged file, made (empty, not filled) for its first user.
+    pub fn attach(&self, ino: u64) -> FsResult<SharedStaged> {
+        let mut files = self.files.lock().expect("staging lock");
+        if let Some((s, users)) = files.get_mut(&ino) {
+            *users += 1;
+            return Ok(s.clone());
+        }
+        let file = tempfile::tempfile_in(&self.dir)
+            .map_err(|e| FsError::Io(format!("staging file in {}: {e}", self.dir.display())))?;
+        let s = Arc::new(Mutex::new(Staged {
+            file,
+            size: 0,
+            filled: false,
+            modified: false,
+            unlinked: false,
+        }));
+        files.insert(ino, (s.clone(), 1));
+        Ok(s)
+    }
+
+    /// One user is done; the last one drops the staged file.
+    pub fn detach(&self, ino: u64) {
+        let mut files = self.files.lock().expect("staging lock");
+        if let Some((_, users)) = files.get_mut(&ino) {
+            *users -= 1;
+            if *users == 0 {
+                files.remove(&ino);
+            }
+        }
+    }
+
+    /// How many users the inode's staged file has (0: none).
+    pub fn users(&self, ino: u64) -> usize {
+        self.files
+            .lock()
+            .expect("staging lock")
+            .get(&ino)
+            .map_or(0, |(_, users)| *users)
+    }
+
+    pub fn get(&self, ino: u64) -> Option<SharedStaged> {
+        self.files
+            .lock()
+            .expect("staging lock")
+            .get(&ino)
+            .map(|(s, _)| s.clone())
+    }
+}

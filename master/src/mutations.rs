@@ -1,0 +1,217 @@
+//! Namespace changes made through Granary: create (file, directory, symlink), remove,
+//! rename, attribute changes and content commits. The leader checks each against its
+//! state (a dry run of the state machine, so the rules live in one place), makes the UFS
+//! change, then proposes the command: apply stays free of I/O, and a crash between the two
+//! leaves the UFS ahead of the namespace, which the next listing of that directory
+//! reconciles. Mutations are serialized on the leader so that check, UFS change and
+//! proposal see one state.
+
+use std::sync::Arc;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use granary_common::path::{join, validate_name};
+use granary_common::ufs::{Ufs, UfsObject};
+use granary_common::{FsError, FsResult};
+use granary_protos::v1::{
+    command, Command, CommitContent, CreateInode, CreateRequest, FileKind, Inode, RemoveEntry,
+    RemoveRequest, RenameEntry, RenameRequest, SetAttributes, UfsFingerprint,
+};
+
+use crate::command_log::CommandLog;
+use crate::service::MasterService;
+
+fn now_ns() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_nanos() as i64)
+        .unwrap_or(0)
+}
+
+fn fingerprint(o: &UfsObject) -> UfsFingerprint {
+    UfsFingerprint {
+        size: o.size,
+        mtime_ns: o.mtime_ns,
+    }
+}
+
+/// Runs blocking UFS work off the async runtime.
+async fn ufs_call<T: Send + 'static>(
+    ufs: Arc<dyn Ufs>,
+    f: impl FnOnce(&dyn Ufs) -> FsResult<T> + Send + 'static,
+) -> FsResult<T> {
+    tokio::task::spawn_blocking(move || f(ufs.as_ref()))
+        .await
+        .map_err(|e| FsError::Io(format!("UFS task: {e}")))?
+}
+
+impl MasterService {
+    /// A directory of the namespace with its children loaded (on the leader).
+    async fn loaded_dir(&self, id: u64) -> FsResult<Inode> {
+        let dir = self.store.get(id)?;
+        if dir.kind != FileKind::Directory as i32 {
+            return Err(FsError::NotDir(
+                String::from_utf8_lossy(&dir.name).into_owned(),
+            ));
+        }
+        self.loader.ensure_loaded(&dir).await
+    }
+
+    fn check(&self, cmd: &Command) -> FsResult<()> {
+        self.store.dry_run(cmd)?
+    }
+
+    async fn commit(&self, op: command::Op) -> FsResult<()> {
+        self.raft.propose(Command { op: Some(op) }).await
+    }
+
+    pub(crate) async fn create_entry(&self, r: CreateRequest) -> FsResult<Inode> {
+        validate_name(&r.name)?;
+        let dir = self.loaded_dir(r.parent).await?;
+        let kind = FileKind::try_from(r.kind)
+            .map_err(|_| FsError::InvalidPath(format!("file kind {}", r.kind)))?;
+        if kind == FileKind::Symlink
+            && (r.symlink_target.is_empty() || r.symlink_target.len() > 4096)
+        {
+            return Err(FsError::InvalidPath(
+                "symlink target empty or over 4096 bytes".into(),
+            ));
+        }
+        let _turn = self.mutations.lock().await;
+        let mut create = CreateInode {
+            parent: r.parent,
+            name: r.name.clone(),
+            kind: r.kind,
+            mode: r.mode,
+            uid: r.uid,
+            gid: r.gid,
+            mtime_ns: now_ns(),
+            symlink_target: if kind == FileKind::Symlink {
+                r.symlink_target.clone()
+            } else {
+                Vec::new()
+            },
+            fingerprint: None,
+        };
+        self.check(&Command {
+            op: Some(command::Op::CreateInode(create.clone())),
+        })?;
+        // A file reaches the UFS with its first upload; directories and links exist there now.
+        let path = join(&dir.ufs_path, &r.name);
+        let ufs = self.loader.ufs(dir.mount_id)?;
+        create.fingerprint = match kind {
+            FileKind::Directory => {
+                Some(fingerprint(&ufs_call(ufs, move |u| u.mkdir(&path)).await?))
+            }
+            FileKind::Symlink => {
+                let target = r.symlink_target.clone();
+                Some(fingerprint(
+                    &ufs_call(ufs, move |u| u.symlink(&target, &path)).await?,
+                ))
+            }
+            _ => None,
+        };
+        self.commit(command::Op::CreateInode(create)).await?;
+        self.store
+            .lookup(r.parent, &r.name)?
+            .ok_or_else(|| FsError::Io("created entry vanished".into()))
+    }
+
+    pub(crate) async fn remove_entry(&self, r: RemoveRequest) -> FsResult<()> {
+        validate_name(&r.name)?;
+        let dir = self.loaded_dir(r.parent).await?;
+        let _turn = self.mutations.lock().await;
+        let op = RemoveEntry {
+            parent: r.parent,
+            name: r.name.clone(),
+            directory: r.directory,
+            now_ns: now_ns(),
+        };
+        self.check(&Command {
+            op: Some(command::Op::RemoveEntry(op.clone())),
+        })?;
+        let victim = self
+            .store
+            .lookup(dir.id, &r.name)?
+            .ok_or_else(|| FsError::NotFound(String::from_utf8_lossy(&r.name).into_owned()))?;
+        let ufs = self.loader.ufs(dir.mount_id)?;
+        let path = victim.ufs_path.clone();
+        let directory = r.directory;
+        match ufs_call(ufs, move |u| u.remove(&path, directory)).await {
+            // Created here and never uploaded: only the namespace holds it.
+            Ok(()) | Err(FsError::NotFound(_)) => {}
+            Err(e) => return Err(e),
+        }
+        self.commit(command::Op::RemoveEntry(op)).await
+    }
+
+    pub(crate) async fn rename_entry(&self, r: RenameRequest) -> FsResult<Inode> {
+        validate_name(&r.name)?;
+        validate_name(&r.new_name)?;
+        let from_dir = self.loaded_dir(r.parent).await?;
+        let to_dir = self.loaded_dir(r.new_parent).await?;
+        if from_dir.mount_id != to_dir.mount_id {
+            return Err(FsError::CrossDevice("rename across mounts".into()));
+        }
+        let _turn = self.mutations.lock().await;
+        let op = RenameEntry {
+            parent: r.parent,
+            name: r.name.clone(),
+            new_parent: r.new_parent,
+            new_name: r.new_name.clone(),
+            no_replace: r.no_replace,
+            now_ns: now_ns(),
+        };
+        self.check(&Command {
+            op: Some(command::Op::RenameEntry(op.clone())),
+        })?;
+        let moving = self
+            .store
+            .lookup(from_dir.id, &r.name)?
+            .ok_or_else(|| FsError::NotFound(String::from_utf8_lossy(&r.name).into_owned()))?;
+        let replaced = self.store.lookup(to_dir.id, &r.new_name)?;
+        if replaced.as_ref().is_none_or(|t| t.id != moving.id) {
+            let ufs = self.loader.ufs(from_dir.mount_id)?;
+            let from = moving.ufs_path.clone();
+            let to = join(&to_dir.ufs_path, &r.new_name);
+            let replaced_dir = replaced
+                .as_ref()
+                .map(|t| t.kind == FileKind::Directory as i32);
+            ufs_call(ufs, move |u| match u.rename(&from, &to) {
+                Ok(()) => Ok(()),
+                // Never uploaded: nothing moves in the UFS, but what it replaces must go,
+                // or a later listing would bring the old object back under this name.
+                Err(FsError::NotFound(_)) => match replaced_dir {
+                    Some(dir) => match u.remove(&to, dir) {
+                        Ok(()) | Err(FsError::NotFound(_)) => Ok(()),
+                        Err(e) => Err(e),
+                    },
+                    None => Ok(()),
+                },
+                Err(e) => Err(e),
+            })
+            .await?;
+        }
+        self.commit(command::Op::RenameEntry(op)).await?;
+        self.store.get(moving.id)
+    }
+
+    pub(crate) async fn set_attributes(&self, mut a: SetAttributes) -> FsResult<Inode> {
+        a.now_ns = now_ns();
+        let id = a.id;
+        self.commit(command::Op::SetAttributes(a)).await?;
+        self.store.get(id)
+    }
+
+    pub(crate) async fn commit_content(&self, mut c: CommitContent) -> FsResult<Inode> {
+        let inode = self.store.get(c.id)?;
+        if inode.kind != FileKind::File as i32 {
+            return Err(FsError::IsDir(
+                String::from_utf8_lossy(&inode.name).into_owned(),
+            ));
+        }
+        c.mtime_ns = now_ns();
+        let id = c.id;
+        self.commit(command::Op::CommitContent(c)).await?;
+        self.store.get(id)
+    }
+}
