@@ -1,0 +1,234 @@
+//! The write path end to end: a seeded fsx-style random test against a local file, and
+//! close-to-open visibility in the UFS and on a second mount.
+
+use std::fs::{File, OpenOptions};
+use std::os::unix::fs::FileExt;
+use std::path::Path;
+
+use granary_integration_tests::{Cluster, MasterSpec};
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+
+fn cluster(ufs: &Path) -> Cluster {
+    Cluster::start(&MasterSpec {
+        ufs: ufs.to_path_buf(),
+        block_size: "64KiB",
+        ..Default::default()
+    })
+    .unwrap()
+}
+
+fn open_rw(p: &Path) -> File {
+    OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .open(p)
+        .unwrap()
+}
+
+/// Reads `len` bytes at `offset` through a read-only shared mapping.
+fn mmap_read(f: &File, offset: u64, len: usize) -> Vec<u8> {
+    use std::os::fd::AsRawFd;
+    let page = 4096u64;
+    let start = offset / page * page;
+    let span = (offset - start) as usize + len;
+    // SAFETY: a fresh read-only mapping of an open file, unmapped below; the range lies
+    // within the file (checked by the caller).
+    unsafe {
+        let p = libc::mmap(
+            std::ptr::null_mut(),
+            span,
+            libc::PROT_READ,
+            libc::MAP_SHARED,
+            f.as_raw_fd(),
+            start as i64,
+        );
+        assert_ne!(
+            p,
+            libc::MAP_FAILED,
+            "mmap: {}",
+            std::io::Error::last_os_error()
+        );
+        let out = std::slice::from_raw_parts((p as *const u8).add((offset - start) as usize), len)
+            .to_vec();
+        libc::munmap(p, span);
+        out
+    }
+}
+
+const MAX_SIZE: u64 = 600_000;
+
+#[test]
+fn fsx_random_operations_match_a_local_file() {
+    let seed: u64 = std::env::var("GRANARY_FSX_SEED")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0x6772616e);
+    let ops: usize = std::env::var("GRANARY_FSX_OPS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(3000);
+    eprintln!("fsx seed {seed} ({ops} operations; GRANARY_FSX_SEED/GRANARY_FSX_OPS to change)");
+    let mut rng = StdRng::seed_from_u64(seed);
+    let ufs = tempfile::tempdir().unwrap();
+    let c = cluster(ufs.path());
+    let mnt = c.mount("mnt", "").unwrap();
+    let local_dir = tempfile::tempdir().unwrap();
+    let (gp, lp) = (mnt.path.join("fsx"), local_dir.path().join("fsx"));
+    let (mut g, mut l) = (open_rw(&gp), open_rw(&lp));
+    let mut size = 0u64;
+    let mut history: Vec<String> = Vec::new();
+    for step in 0..ops {
+        let op = rng.random_range(0..100);
+        let what = if op < 40 {
+            let off = rng.random_range(0..MAX_SIZE);
+            let len = rng.random_range(1..=(MAX_SIZE - off).min(70_000));
+            let data: Vec<u8> = (0..len).map(|_| rng.random()).collect();
+            g.write_all_at(&data, off).unwrap();
+            l.write_all_at(&data, off).unwrap();
+            size = size.max(off + len);
+            format!("write {off}+{len}")
+        } else if op < 65 {
+            let off = rng.random_range(0..=size);
+            let len = rng.random_range(0..=(size - off).min(100_000)) as usize;
+            let (mut a, mut b) = (vec![0u8; len], vec![0u8; len]);
+            g.read_exact_at(&mut a, off).unwrap();
+            l.read_exact_at(&mut b, off).unwrap();
+            assert!(
+                a == b,
+                "step {step} read {off}+{len} differs; seed {seed}; last ops {:?}",
+                &history[history.len().saturating_sub(10)..]
+            );
+            format!("read {off}+{len}")
+        } else if op < 75 {
+            if size == 0 {
+                continue;
+            }
+            let off = rng.random_range(0..size);
+            let len = rng.random_range(1..=(size - off).min(50_000)) as usize;
+            assert_eq!(
+                mmap_read(&g, off, len),
+                mmap_read(&l, off, len),
+                "step {step} mmap read {off}+{len}; seed {seed}"
+            );
+            format!("mmap {off}+{len}")
+        } else if op < 85 {
+            let to = rng.random_range(0..MAX_SIZE);
+            g.set_len(to).unwrap();
+            l.set_len(to).unwrap();
+            size = to;
+            format!("truncate {to}")
+        } else if op < 92 {
+            g.sync_all().unwrap();
+            "fsync".to_string()
+        } else {
+            // Close (commit) and reopen: what comes back is what was committed.
+            drop(g);
+            g = open_rw(&gp);
+            drop(l);
+            l = open_rw(&lp);
+            "reopen".to_string()
+        };
+        assert_eq!(
+            g.metadata().unwrap().len(),
+            size,
+            "step {step} after {what}: size; seed {seed}"
+        );
+        history.push(what);
+    }
+    drop(g);
+    drop(l);
+    let (a, b) = (std::fs::read(&gp).unwrap(), std::fs::read(&lp).unwrap());
+    assert!(a == b, "final content differs; seed {seed}");
+    assert!(
+        std::fs::read(ufs.path().join("fsx")).unwrap() == b,
+        "the UFS holds what the last close committed"
+    );
+}
+
+#[test]
+fn closed_files_are_in_the_ufs_and_visible_to_another_mount() {
+    let ufs = tempfile::tempdir().unwrap();
+    let c = cluster(ufs.path());
+    let writer = c.mount("writer", "").unwrap();
+    // A second node's mount: short kernel and metadata caches, so close-to-open shows
+    // within the TTL.
+    let reader = c
+        .mount(
+            "reader",
+            "entry_ttl_ms = 100\nattr_ttl_ms = 100\nmeta_cache_ttl_ms = 100\nshort_circuit = false",
+        )
+        .unwrap();
+    std::fs::create_dir_all(writer.path.join("ckpt/step-1")).unwrap();
+    let shard: Vec<u8> = (0..300_000u32).map(|i| (i % 251) as u8).collect();
+    std::fs::write(writer.path.join("ckpt/step-1/model.bin"), &shard).unwrap();
+    std::fs::write(writer.path.join("ckpt/log.txt"), b"epoch 1\n").unwrap();
+
+    assert_eq!(
+        std::fs::read(ufs.path().join("ckpt/step-1/model.bin")).unwrap(),
+        shard
+    );
+    let fetches = c.worker_ufs_fetches().unwrap();
+    assert_eq!(
+        std::fs::read(reader.path.join("ckpt/step-1/model.bin")).unwrap(),
+        shard
+    );
+    assert_eq!(
+        c.worker_ufs_fetches().unwrap(),
+        fetches,
+        "the upload cached the blocks: reading them back needs no UFS read"
+    );
+
+    // Append on the writer; after its close the reader sees the new content.
+    {
+        use std::io::Write;
+        let mut f = OpenOptions::new()
+            .append(true)
+            .open(writer.path.join("ckpt/log.txt"))
+            .unwrap();
+        f.write_all(b"epoch 2\n").unwrap();
+    }
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    assert_eq!(
+        std::fs::read(reader.path.join("ckpt/log.txt")).unwrap(),
+        b"epoch 1\nepoch 2\n"
+    );
+    assert_eq!(
+        std::fs::read(ufs.path().join("ckpt/log.txt")).unwrap(),
+        b"epoch 1\nepoch 2\n"
+    );
+
+    // Renames and removals reach the UFS too; no upload leftovers remain.
+    std::fs::rename(
+        writer.path.join("ckpt/step-1"),
+        writer.path.join("ckpt/final"),
+    )
+    .unwrap();
+    std::fs::remove_file(writer.path.join("ckpt/log.txt")).unwrap();
+    let mut names: Vec<String> = std::fs::read_dir(ufs.path().join("ckpt"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    names.sort();
+    assert_eq!(names, vec!["final"]);
+    assert_eq!(
+        std::fs::read(ufs.path().join("ckpt/final/model.bin")).unwrap(),
+        shard
+    );
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    assert_eq!(
+        std::fs::read(reader.path.join("ckpt/final/model.bin")).unwrap(),
+        shard
+    );
+    assert!(!reader.path.join("ckpt/log.txt").exists());
+
+    // A fresh mount sees the same tree (the namespace kept it).
+    drop(writer);
+    let again = c.mount("again", "").unwrap();
+    assert_eq!(
+        std::fs::read(again.path.join("ckpt/final/model.bin")).unwrap(),
+        shard
+    );
+}
