@@ -497,9 +497,7 @@ impl Cluster {
 
     /// (Re)starts the worker with the same cache directory and the given capacity.
     pub fn start_worker(&mut self, capacity: &str) -> anyhow::Result<()> {
-        if let Some(mut w) = self.worker.take() {
-            w.kill();
-        }
+        self.kill_worker();
         self.worker_metrics_port = free_port();
         let cfg = self.dir.path().join("worker.toml");
         std::fs::write(
@@ -531,6 +529,13 @@ impl Cluster {
         .with_context(|| worker.log_text())?;
         self.worker = Some(worker);
         Ok(())
+    }
+
+    /// Kills the worker (SIGKILL).
+    pub fn kill_worker(&mut self) {
+        if let Some(mut w) = self.worker.take() {
+            w.kill();
+        }
     }
 
     /// Worker ids the current leader lists.
