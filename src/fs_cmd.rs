@@ -178,12 +178,14 @@ pub async fn load_metadata(
     token: &str,
     path: &str,
     recursive: bool,
+    force: bool,
 ) -> anyhow::Result<()> {
     let mut client = crate::admin::client(master, token).await?;
     let mut stream = client
         .load_metadata(LoadMetadataRequest {
             path: path.as_bytes().to_vec(),
             recursive,
+            force,
         })
         .await?
         .into_inner();

@@ -131,6 +131,10 @@ enum FsCommand {
         /// Only this directory, not its subtree.
         #[arg(long)]
         no_recursive: bool,
+        /// List directories again even if loaded, picking up changes made in the UFS
+        /// behind Granary's back.
+        #[arg(long)]
+        force: bool,
     },
 }
 
@@ -254,9 +258,11 @@ fn main() -> anyhow::Result<()> {
                 FsCommand::Ls { path } => fs_cmd::ls(&target, &path),
                 FsCommand::Stat { path } => fs_cmd::stat(&target, &path),
                 FsCommand::Cat { path } => fs_cmd::cat(&target, &path),
-                FsCommand::LoadMetadata { path, no_recursive } => {
-                    runtime()?.block_on(fs_cmd::load_metadata(m, t, &path, !no_recursive))
-                }
+                FsCommand::LoadMetadata {
+                    path,
+                    no_recursive,
+                    force,
+                } => runtime()?.block_on(fs_cmd::load_metadata(m, t, &path, !no_recursive, force)),
             }
         }
         Command::Admin { cmd } => {

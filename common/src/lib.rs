@@ -9,6 +9,7 @@ pub mod config;
 pub mod consistency;
 pub mod error;
 pub mod ids;
+pub mod interval;
 pub mod net;
 pub mod path;
 pub mod telemetry;

@@ -311,7 +311,22 @@ impl GranaryFs {
         if offset >= inode.size || size == 0 {
             return Ok(Vec::new());
         }
-        self.data.read(inode, state, offset, size)
+        match self.data.read(inode, state, offset, size) {
+            Err(FsError::Stale(why)) => {
+                // Changed in the UFS behind Granary's back: list its directory again and
+                // read the new version (never the cached blocks of the old one).
+                tracing::info!(ino = file.ino, %why, "file changed in the UFS; refreshing its metadata");
+                self.meta.refresh(inode.parent)?;
+                self.attrs.invalidate(&file.ino);
+                *inode = self.committed(file.ino)?;
+                *state = ReadState::default();
+                if offset >= inode.size {
+                    return Ok(Vec::new());
+                }
+                self.data.read(inode, state, offset, size)
+            }
+            other => other,
+        }
     }
 
     /// Brings the committed content into a staging file that has not got it yet.

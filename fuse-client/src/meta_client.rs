@@ -46,6 +46,13 @@ pub trait MetadataService: Send + Sync {
         let _ = attrs;
         Err(read_only(b""))
     }
+    /// Lists a directory again from the UFS (a file in it changed behind Granary's back).
+    fn refresh(&self, dir: u64) -> FsResult<()> {
+        Err(FsError::Unsupported(format!(
+            "directory {dir:#x}: this metadata service cannot refresh"
+        )))
+    }
+
     /// Records that a file's content reached the UFS.
     fn commit(&self, content: CommitContent) -> FsResult<Inode> {
         let _ = content;
@@ -432,6 +439,17 @@ impl MetadataService for GrpcMetadataClient {
             })
             .0?,
         )
+    }
+
+    fn refresh(&self, dir: u64) -> FsResult<()> {
+        self.call("refresh", false, |mut c| async move {
+            c.ensure_loaded(EnsureLoadedRequest {
+                dir_id: dir,
+                force: true,
+            })
+            .await
+        })
+        .map(|_| ())
     }
 
     fn commit(&self, content: CommitContent) -> FsResult<Inode> {

@@ -193,6 +193,8 @@ pub struct MasterSpec {
     pub masters: u64,
     pub cluster_token: String,
     pub snapshot_threshold: u64,
+    /// The masters' `metadata_sync_interval`.
+    pub metadata_sync_interval: &'static str,
 }
 
 impl Default for MasterSpec {
@@ -203,6 +205,7 @@ impl Default for MasterSpec {
             masters: 1,
             cluster_token: String::new(),
             snapshot_threshold: 10_000,
+            metadata_sync_interval: "never",
         }
     }
 }
@@ -341,13 +344,14 @@ impl Cluster {
         std::fs::write(
             &cfg,
             format!(
-                "id = {id}\nlisten = \"127.0.0.1:{port}\"\ndata_dir = \"{}\"\nufs = \"{}\"\nblock_size = \"{}\"\nmembers = [{}]\njoin = {join}\ncluster_token = \"{}\"\nsnapshot_threshold = {}\nworker_heartbeat_ms = 200\nworker_timeout_ms = 3000\n",
+                "id = {id}\nlisten = \"127.0.0.1:{port}\"\ndata_dir = \"{}\"\nufs = \"{}\"\nblock_size = \"{}\"\nmembers = [{}]\njoin = {join}\ncluster_token = \"{}\"\nsnapshot_threshold = {}\nworker_heartbeat_ms = 200\nworker_timeout_ms = 3000\nmetadata_sync_interval = \"{}\"\n",
                 data.display(),
                 self.spec.ufs.display(),
                 self.spec.block_size,
                 toml_list(&members),
                 self.spec.cluster_token,
                 self.spec.snapshot_threshold,
+                self.spec.metadata_sync_interval,
             ),
         )?;
         let proc = self.spawn("granary-master", &format!("master-{id}"), &cfg)?;

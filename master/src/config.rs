@@ -46,6 +46,10 @@ pub struct MasterConfig {
     pub worker_heartbeat_ms: u64,
     /// A worker silent this long is considered lost.
     pub worker_timeout_ms: u64,
+    /// Re-list a directory from the UFS when it was last listed longer ago than this
+    /// (changes made behind Granary's back). `"never"` (default) suits immutable datasets;
+    /// `granary fs load-metadata --force PATH` refreshes on demand.
+    pub metadata_sync_interval: granary_common::interval::Interval,
 }
 
 impl Default for MasterConfig {
@@ -68,6 +72,7 @@ impl Default for MasterConfig {
             metrics_listen: None,
             worker_heartbeat_ms: 1000,
             worker_timeout_ms: 10_000,
+            metadata_sync_interval: granary_common::interval::Interval::NEVER,
         }
     }
 }

@@ -4,6 +4,7 @@
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use granary_common::ufs::{ObjectKind, Ufs, UfsObject};
 use granary_common::{FsError, FsResult};
@@ -22,6 +23,18 @@ pub struct MetadataLoader<L> {
     log: Arc<L>,
     ufs: HashMap<u32, Arc<dyn Ufs>>,
     inflight: Mutex<HashMap<u64, Arc<tokio::sync::Mutex<()>>>>,
+    /// Re-list a loaded directory once its listing is older than this.
+    sync_interval: Option<Duration>,
+    /// Serializes namespace mutations and re-listings on the leader, so that a listing
+    /// never falls between a mutation's UFS change and its proposal.
+    pub(crate) mutations: tokio::sync::Mutex<()>,
+}
+
+fn now_ns() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_nanos() as i64)
+        .unwrap_or(0)
 }
 
 /// Counts reported while a tree loads.
@@ -51,13 +64,39 @@ fn entry_of(o: UfsObject) -> UfsEntry {
 }
 
 impl<L: CommandLog> MetadataLoader<L> {
-    pub fn new(store: Arc<NamespaceStore>, log: Arc<L>, ufs: HashMap<u32, Arc<dyn Ufs>>) -> Self {
+    pub fn new(
+        store: Arc<NamespaceStore>,
+        log: Arc<L>,
+        ufs: HashMap<u32, Arc<dyn Ufs>>,
+        sync_interval: Option<Duration>,
+    ) -> Self {
         MetadataLoader {
             store,
             log,
             ufs,
             inflight: Mutex::new(HashMap::new()),
+            sync_interval,
+            mutations: tokio::sync::Mutex::new(()),
         }
+    }
+
+    /// Whether `dir` must be listed before it is served: never listed, or listed longer
+    /// ago than the sync interval.
+    pub fn needs_listing(&self, dir: &Inode) -> bool {
+        if !dir.children_loaded {
+            return true;
+        }
+        self.sync_interval
+            .is_some_and(|i| now_ns().saturating_sub(dir.listed_at_ns) > i.as_nanos() as i64)
+    }
+
+    /// Lists `dir` again even if loaded, picking up changes made in the UFS.
+    pub async fn refresh(&self, dir: &Inode) -> FsResult<Inode> {
+        self.load(dir, true).await
+    }
+
+    pub fn store(&self) -> &Arc<NamespaceStore> {
+        &self.store
     }
 
     /// The UFS behind a mount.
@@ -70,7 +109,11 @@ impl<L: CommandLog> MetadataLoader<L> {
 
     /// Makes sure `dir`'s children are in the namespace; returns the directory as stored.
     pub async fn ensure_loaded(&self, dir: &Inode) -> FsResult<Inode> {
-        if dir.children_loaded {
+        self.load(dir, false).await
+    }
+
+    async fn load(&self, dir: &Inode, force: bool) -> FsResult<Inode> {
+        if !force && !self.needs_listing(dir) {
             return Ok(dir.clone());
         }
         if dir.kind != FileKind::Directory as i32 {
@@ -88,9 +131,14 @@ impl<L: CommandLog> MetadataLoader<L> {
         let result = async {
             let _turn = gate.lock().await;
             let current = self.store.get(dir.id)?;
-            if current.children_loaded {
+            if !force && !self.needs_listing(&current) {
                 return Ok(current);
             }
+            // Entries of a loaded directory may be changing: list between mutations.
+            let _turn = match current.children_loaded {
+                true => Some(self.mutations.lock().await),
+                false => None,
+            };
             let ufs = self.ufs(current.mount_id)?;
             let path = current.ufs_path.clone();
             let listed = tokio::task::spawn_blocking(move || ufs.list(&path))
@@ -101,6 +149,7 @@ impl<L: CommandLog> MetadataLoader<L> {
                 op: Some(command::Op::LoadDirectory(LoadDirectory {
                     dir_id: current.id,
                     entries: listed.into_iter().map(entry_of).collect(),
+                    listed_at_ns: now_ns(),
                 })),
             };
             self.log.propose(cmd).await?;
@@ -115,6 +164,7 @@ impl<L: CommandLog> MetadataLoader<L> {
     pub async fn load_tree(
         self: &Arc<Self>,
         root: Inode,
+        force: bool,
         progress: mpsc::Sender<LoadProgress>,
     ) -> FsResult<LoadProgress> {
         let mut totals = LoadProgress::default();
@@ -129,7 +179,7 @@ impl<L: CommandLog> MetadataLoader<L> {
                 let Some(dir) = pending.pop() else { break };
                 let me = self.clone();
                 running.spawn(async move {
-                    let dir = me.ensure_loaded(&dir).await?;
+                    let dir = me.load(&dir, force).await?;
                     let mut children = Vec::new();
                     let mut after = Vec::new();
                     loop {

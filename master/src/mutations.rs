@@ -76,7 +76,7 @@ impl MasterService {
                 "symlink target empty or over 4096 bytes".into(),
             ));
         }
-        let _turn = self.mutations.lock().await;
+        let _turn = self.loader.mutations.lock().await;
         let mut create = CreateInode {
             parent: r.parent,
             name: r.name.clone(),
@@ -119,7 +119,7 @@ impl MasterService {
     pub(crate) async fn remove_entry(&self, r: RemoveRequest) -> FsResult<()> {
         validate_name(&r.name)?;
         let dir = self.loaded_dir(r.parent).await?;
-        let _turn = self.mutations.lock().await;
+        let _turn = self.loader.mutations.lock().await;
         let op = RemoveEntry {
             parent: r.parent,
             name: r.name.clone(),
@@ -152,7 +152,7 @@ impl MasterService {
         if from_dir.mount_id != to_dir.mount_id {
             return Err(FsError::CrossDevice("rename across mounts".into()));
         }
-        let _turn = self.mutations.lock().await;
+        let _turn = self.loader.mutations.lock().await;
         let op = RenameEntry {
             parent: r.parent,
             name: r.name.clone(),

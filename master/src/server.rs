@@ -198,12 +198,12 @@ pub async fn start(mut config: MasterConfig) -> Result<RunningMaster, MasterErro
             store.clone(),
             Arc::new(raft.clone()),
             ufs_by_mount,
+            config.metadata_sync_interval.0,
         )),
         workers: workers.clone(),
         locations: locations.clone(),
         heartbeat_interval_ms: config.worker_heartbeat_ms,
         initialised: std::sync::atomic::AtomicBool::new(false),
-        mutations: tokio::sync::Mutex::new(()),
         leader_clients: LeaderClients::new(
             AttachToken::new(&config.cluster_token)
                 .map_err(|e| ConfigError::invalid("cluster_token", e))?,

@@ -41,8 +41,6 @@ pub struct MasterService {
     pub(crate) leader_clients: LeaderClients,
     /// The root inode exists (set once; it is never removed).
     pub(crate) initialised: std::sync::atomic::AtomicBool,
-    /// Serializes namespace mutations on the leader (see `mutations`).
-    pub(crate) mutations: tokio::sync::Mutex<()>,
 }
 
 type PeerClient = MasterClient<InterceptedService<Channel, AttachToken>>;
@@ -200,7 +198,7 @@ impl MasterService {
     /// A directory with its children loaded. Only the leader lists the UFS and proposes;
     /// a follower asks it to, then waits until the listing is applied here too.
     async fn loaded(&self, dir: Inode) -> Result<Inode, Status> {
-        if dir.children_loaded {
+        if !self.loader.needs_listing(&dir) {
             return Ok(dir);
         }
         if dir.kind != FileKind::Directory as i32 {
@@ -211,7 +209,10 @@ impl MasterService {
         }
         let index = self
             .leader_client()?
-            .ensure_loaded(EnsureLoadedRequest { dir_id: dir.id })
+            .ensure_loaded(EnsureLoadedRequest {
+                dir_id: dir.id,
+                force: false,
+            })
             .await?
             .into_inner()
             .index;
@@ -350,9 +351,18 @@ impl Master for MasterService {
             let (ptx, mut prx) = tokio::sync::mpsc::channel::<LoadProgress>(1);
             let run = async {
                 if r.recursive {
-                    loader.load_tree(root, ptx).await
+                    loader.load_tree(root, r.force, ptx).await
                 } else {
-                    let dir = loader.ensure_loaded(&root).await?;
+                    let dir = if r.force && root.kind != FileKind::Directory as i32 {
+                        // A file is refreshed by listing its directory again.
+                        let parent = loader.store().get(root.parent)?;
+                        loader.refresh(&parent).await?;
+                        root.clone()
+                    } else if r.force {
+                        loader.refresh(&root).await?
+                    } else {
+                        loader.ensure_loaded(&root).await?
+                    };
                     drop(ptx);
                     Ok(LoadProgress {
                         directories: u64::from(dir.kind == FileKind::Directory as i32),
@@ -524,8 +534,13 @@ impl Master for MasterService {
     ) -> Result<Response<ReadIndexReply>, Status> {
         count("ensure_loaded");
         self.leader_only()?;
-        let dir = self.store.get(req.into_inner().dir_id)?;
-        self.loader.ensure_loaded(&dir).await?;
+        let r = req.into_inner();
+        let dir = self.store.get(r.dir_id)?;
+        if r.force {
+            self.loader.refresh(&dir).await?;
+        } else {
+            self.loader.ensure_loaded(&dir).await?;
+        }
         Ok(Response::new(ReadIndexReply {
             index: self.raft.applied_index(),
         }))

@@ -220,6 +220,7 @@ fn load_directory(t: &mut Tables<'_>, l: &LoadDirectory) -> Result<FsResult<()>,
     }
     t.add_count(added)?;
     dir.children_loaded = true;
+    dir.listed_at_ns = l.listed_at_ns;
     t.put(&dir)?;
     Ok(Ok(()))
 }
@@ -263,6 +264,7 @@ fn create_inode(t: &mut Tables<'_>, c: &CreateInode) -> Result<FsResult<()>, Sto
         fingerprint: c.fingerprint,
         mount_id: dir.mount_id,
         ufs_path: join(&dir.ufs_path, &c.name),
+        listed_at_ns: c.mtime_ns,
     })?;
     t.add_count(1)?;
     touch_dir(t, dir, c.mtime_ns)?;

@@ -1,10 +1,12 @@
-//! Property test: random sequences of directory listings and creates, applied to the real
-//! state machine and to a plain in-memory model, must leave the same tree.
+//! Property test: random sequences of directory listings, creates, removes and renames,
+//! applied to the real state machine and to a plain in-memory model, must leave the same
+//! tree.
 
 use std::collections::BTreeMap;
 
 use granary_protos::v1::{
-    command, Command, CreateInode, FileKind, LoadDirectory, MountPoint, SetMount, UfsEntry,
+    command, Command, CreateInode, FileKind, LoadDirectory, MountPoint, RemoveEntry, RenameEntry,
+    SetMount, UfsEntry,
 };
 use proptest::prelude::*;
 
@@ -24,6 +26,17 @@ enum Op {
         dir: usize,
         name: String,
         is_dir: bool,
+    },
+    Remove {
+        dir: usize,
+        name: String,
+        directory: bool,
+    },
+    Rename {
+        from: usize,
+        name: String,
+        to: usize,
+        new_name: String,
     },
 }
 
@@ -45,6 +58,19 @@ fn op() -> impl Strategy<Value = Op> {
             dir,
             name,
             is_dir
+        }),
+        (0usize..8, name(), any::<bool>()).prop_map(|(dir, name, directory)| Op::Remove {
+            dir,
+            name,
+            directory
+        }),
+        (0usize..8, name(), 0usize..8, name()).prop_map(|(from, name, to, new_name)| {
+            Op::Rename {
+                from,
+                name,
+                to,
+                new_name,
+            }
         }),
     ]
 }
@@ -95,7 +121,62 @@ fn apply_model(model: &mut Model, op: &Op) {
             p.push(name.clone());
             model.entry(p).or_insert((*is_dir, 0, true));
         }
+        Op::Remove {
+            dir,
+            name,
+            directory,
+        } => {
+            let mut p = all[dir % all.len()].clone();
+            p.push(name.clone());
+            let Some(&(is_dir, _, _)) = model.get(&p) else {
+                return;
+            };
+            if is_dir != *directory || (is_dir && has_children(model, &p)) {
+                return;
+            }
+            model.remove(&p);
+        }
+        Op::Rename {
+            from,
+            name,
+            to,
+            new_name,
+        } => {
+            let mut src = all[from % all.len()].clone();
+            src.push(name.clone());
+            let mut dst = all[to % all.len()].clone();
+            dst.push(new_name.clone());
+            let Some(&(is_dir, _, _)) = model.get(&src) else {
+                return;
+            };
+            if src == dst || (is_dir && dst.starts_with(&src)) {
+                return;
+            }
+            if let Some(&(target_dir, _, _)) = model.get(&dst) {
+                if is_dir != target_dir || (target_dir && has_children(model, &dst)) {
+                    return;
+                }
+                model.remove(&dst);
+            }
+            let moved: Vec<_> = model
+                .range(src.clone()..)
+                .take_while(|(p, _)| p.starts_with(&src))
+                .map(|(p, v)| (p.clone(), *v))
+                .collect();
+            for (p, v) in moved {
+                model.remove(&p);
+                let mut q = dst.clone();
+                q.extend_from_slice(&p[src.len()..]);
+                model.insert(q, v);
+            }
+        }
     }
+}
+
+fn has_children(model: &Model, dir: &[String]) -> bool {
+    model
+        .keys()
+        .any(|p| p.len() == dir.len() + 1 && p.starts_with(dir))
 }
 
 fn to_command(store: &NamespaceStore, model: &Model, op: &Op) -> Command {
@@ -123,6 +204,7 @@ fn to_command(store: &NamespaceStore, model: &Model, op: &Op) -> Command {
                         ..Default::default()
                     })
                     .collect(),
+                listed_at_ns: 1,
             })),
         },
         Op::Create { dir, name, is_dir } => Command {
@@ -132,6 +214,33 @@ fn to_command(store: &NamespaceStore, model: &Model, op: &Op) -> Command {
                 kind: kind(*is_dir),
                 mode: 0o644,
                 ..Default::default()
+            })),
+        },
+        Op::Remove {
+            dir,
+            name,
+            directory,
+        } => Command {
+            op: Some(command::Op::RemoveEntry(RemoveEntry {
+                parent: resolve(&all[dir % all.len()]),
+                name: name.as_bytes().to_vec(),
+                directory: *directory,
+                now_ns: 1,
+            })),
+        },
+        Op::Rename {
+            from,
+            name,
+            to,
+            new_name,
+        } => Command {
+            op: Some(command::Op::RenameEntry(RenameEntry {
+                parent: resolve(&all[from % all.len()]),
+                name: name.as_bytes().to_vec(),
+                new_parent: resolve(&all[to % all.len()]),
+                new_name: new_name.as_bytes().to_vec(),
+                no_replace: false,
+                now_ns: 1,
             })),
         },
     }

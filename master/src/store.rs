@@ -453,6 +453,7 @@ mod tests {
             op: Some(command::Op::LoadDirectory(LoadDirectory {
                 dir_id: dir,
                 entries,
+                listed_at_ns: 1,
             })),
         }
     }

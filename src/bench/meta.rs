@@ -92,6 +92,7 @@ pub fn run(b: MetaBench) -> anyhow::Result<()> {
     c.block_on(async {
         let mut s = lc
             .load_metadata(LoadMetadataRequest {
+                force: false,
                 path: b"/".to_vec(),
                 recursive: true,
             })

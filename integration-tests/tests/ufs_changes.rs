@@ -1,0 +1,79 @@
+//! Changes made in the UFS behind Granary's back: picked up by `metadata_sync_interval`,
+//! by `granary fs load-metadata --force`, and, for a file whose blocks are not cached, by
+//! the worker noticing the new version. An old version's cached blocks are never served
+//! once the namespace knows the new one.
+
+use std::process::Command;
+use std::time::Duration;
+
+use granary_integration_tests::{bin, run_to_exit, wait_until, Cluster, MasterSpec};
+
+const SHORT_CACHES: &str =
+    "entry_ttl_ms = 0\nattr_ttl_ms = 0\nmeta_cache_ttl_ms = 0\nkeep_cache = false";
+
+#[test]
+fn load_metadata_force_and_stale_versions_show_the_new_content() {
+    let ufs = tempfile::tempdir().unwrap();
+    std::fs::write(ufs.path().join("cached"), b"version one").unwrap();
+    std::fs::write(ufs.path().join("uncached"), b"first").unwrap();
+    let c = Cluster::start(&MasterSpec {
+        ufs: ufs.path().to_path_buf(),
+        ..Default::default()
+    })
+    .unwrap();
+    let m = c.mount("mnt", SHORT_CACHES).unwrap();
+    assert_eq!(
+        std::fs::read(m.path.join("cached")).unwrap(),
+        b"version one"
+    );
+    assert_eq!(std::fs::metadata(m.path.join("uncached")).unwrap().len(), 5);
+
+    // Never read before: the worker sees the UFS object changed, the client refreshes
+    // the directory and reads the new version.
+    std::fs::write(ufs.path().join("uncached"), b"second, longer").unwrap();
+    assert_eq!(
+        std::fs::read(m.path.join("uncached")).unwrap(),
+        b"second, longer"
+    );
+
+    // Cached: the namespace still has the old version until told to look again.
+    std::fs::write(ufs.path().join("cached"), b"version two!").unwrap();
+    std::fs::write(ufs.path().join("added"), b"new file").unwrap();
+    assert!(!m.path.join("added").exists());
+    let mut cmd = Command::new(bin("granary"));
+    cmd.args(["fs", "load-metadata", "--force", "/", "--master"])
+        .arg(c.master_addr());
+    let (code, out) = run_to_exit(cmd, Duration::from_secs(30)).unwrap();
+    assert_eq!(code, 0, "{out}");
+    assert_eq!(
+        std::fs::read(m.path.join("cached")).unwrap(),
+        b"version two!"
+    );
+    assert_eq!(std::fs::read(m.path.join("added")).unwrap(), b"new file");
+}
+
+#[test]
+fn metadata_sync_interval_relists_old_directories() {
+    let ufs = tempfile::tempdir().unwrap();
+    std::fs::create_dir(ufs.path().join("d")).unwrap();
+    let c = Cluster::start(&MasterSpec {
+        ufs: ufs.path().to_path_buf(),
+        metadata_sync_interval: "1s",
+        ..Default::default()
+    })
+    .unwrap();
+    let m = c.mount("mnt", SHORT_CACHES).unwrap();
+    assert_eq!(std::fs::read_dir(m.path.join("d")).unwrap().count(), 0);
+    std::fs::write(ufs.path().join("d/late"), b"arrived later").unwrap();
+    wait_until("the new UFS file to show", Duration::from_secs(10), || {
+        std::fs::read(m.path.join("d/late")).is_ok_and(|d| d == b"arrived later")
+    })
+    .unwrap();
+    std::fs::remove_file(ufs.path().join("d/late")).unwrap();
+    wait_until(
+        "the removed UFS file to go",
+        Duration::from_secs(10),
+        || !m.path.join("d/late").exists(),
+    )
+    .unwrap();
+}
