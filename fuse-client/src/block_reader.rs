@@ -37,9 +37,16 @@ pub trait DataPath: Send + Sync {
     }
 
     /// Stores `size` bytes of `source` as `file`'s new content in the UFS (through a
-    /// worker); returns the fingerprint of the stored object.
-    fn upload(&self, file: &Inode, size: u64, source: &File) -> FsResult<UfsFingerprint> {
-        let _ = (size, source);
+    /// worker), durably against machine crashes if asked; returns the fingerprint of
+    /// the stored object.
+    fn upload(
+        &self,
+        file: &Inode,
+        size: u64,
+        source: &File,
+        durable: bool,
+    ) -> FsResult<UfsFingerprint> {
+        let _ = (size, source, durable);
         Err(FsError::ReadOnly(format!(
             "{}: this data path is read-only",
             String::from_utf8_lossy(&file.name)
@@ -405,7 +412,13 @@ impl WorkerDataPath {
 }
 
 impl DataPath for WorkerDataPath {
-    fn upload(&self, file: &Inode, size: u64, source: &File) -> FsResult<UfsFingerprint> {
+    fn upload(
+        &self,
+        file: &Inode,
+        size: u64,
+        source: &File,
+        durable: bool,
+    ) -> FsResult<UfsFingerprint> {
         const ATTEMPTS: u32 = 4;
         let mut attempt = 0;
         loop {
@@ -430,6 +443,7 @@ impl DataPath for WorkerDataPath {
                 ufs_path: file.ufs_path.clone(),
                 size,
                 block_size: file.block_size,
+                durable,
             };
             match self.data.upload(&addr(&worker), &req, source) {
                 Ok(r) => {

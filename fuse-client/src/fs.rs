@@ -370,14 +370,15 @@ impl GranaryFs {
         Ok(data.len() as u32)
     }
 
-    /// Makes what this mount wrote to the file durable and visible: upload through a
-    /// worker, then commit the new size and version through the leader.
-    fn commit_staged(&self, ino: u64, st: &mut Staged) -> FsResult<()> {
-        if !st.modified || st.unlinked {
+    /// Makes what this mount wrote to the file visible, and safe from a crash of any
+    /// process: upload through a worker, then commit the new size and version through
+    /// the leader. `durable` (fsync) also makes it survive a machine crash.
+    fn commit_staged(&self, ino: u64, st: &mut Staged, durable: bool) -> FsResult<()> {
+        if st.unlinked || !(st.modified || durable && st.undurable) {
             return Ok(());
         }
         let inode = self.committed(ino)?;
-        let fingerprint = self.data.upload(&inode, st.size, &st.file)?;
+        let fingerprint = self.data.upload(&inode, st.size, &st.file, durable)?;
         let committed = self.meta.commit(CommitContent {
             id: ino,
             size: st.size,
@@ -387,20 +388,28 @@ impl GranaryFs {
         self.remember(&committed);
         self.opened_versions.insert(ino, fingerprint);
         st.modified = false;
+        st.undurable = !durable;
         Ok(())
     }
 
-    /// close(2) of one descriptor: what it wrote becomes durable and visible.
+    /// close(2) of one descriptor: what it wrote becomes visible.
     pub fn flush(&self, fh: u64) -> FsResult<()> {
-        let file = self.open_file(fh)?;
-        match &file.staged {
-            Some(st) => self.commit_staged(file.ino, &mut st.lock().expect("staged lock")),
-            None => Ok(()),
-        }
+        self.commit_handle(fh, false)
     }
 
+    /// fsync(2): what was written through the file becomes durable.
     pub fn fsync(&self, fh: u64) -> FsResult<()> {
-        self.flush(fh)
+        self.commit_handle(fh, true)
+    }
+
+    fn commit_handle(&self, fh: u64, durable: bool) -> FsResult<()> {
+        let file = self.open_file(fh)?;
+        match &file.staged {
+            Some(st) => {
+                self.commit_staged(file.ino, &mut st.lock().expect("staged lock"), durable)
+            }
+            None => Ok(()),
+        }
     }
 
     pub fn release(&self, fh: u64) {
@@ -408,7 +417,9 @@ impl GranaryFs {
             return;
         };
         if let Some(st) = &file.staged {
-            if let Err(e) = self.commit_staged(file.ino, &mut st.lock().expect("staged lock")) {
+            if let Err(e) =
+                self.commit_staged(file.ino, &mut st.lock().expect("staged lock"), false)
+            {
                 tracing::error!(ino = file.ino, error = %e, "committing a file at its last close failed; its changes are lost");
             }
             self.staging.detach(file.ino);
@@ -445,7 +456,7 @@ impl GranaryFs {
                 s.modified = true;
                 // Nobody else writes it here: commit now, as truncate(2) is one call.
                 if self.staging.users(ino) == 1 {
-                    self.commit_staged(ino, &mut s)?;
+                    self.commit_staged(ino, &mut s, false)?;
                 }
                 Ok(())
             })();

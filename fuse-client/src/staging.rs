@@ -19,6 +19,9 @@ pub struct Staged {
     pub filled: bool,
     /// Differs from what is committed: the next flush uploads it.
     pub modified: bool,
+    /// Committed by a close but not made durable by an fsync: an fsync uploads it again,
+    /// durably.
+    pub undurable: bool,
     /// Removed from the namespace while open: nothing is uploaded at close.
     pub unlinked: bool,
 }
@@ -55,6 +58,7 @@ impl StagingArea {
             size: 0,
             filled: false,
             modified: false,
+            undurable: false,
             unlinked: false,
         }));
         files.insert(ino, (s.clone(), 1));

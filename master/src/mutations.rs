@@ -56,8 +56,13 @@ impl MasterService {
         self.loader.ensure_loaded(&dir).await
     }
 
-    fn check(&self, cmd: &Command) -> FsResult<()> {
-        self.store.dry_run(cmd)?
+    /// The state machine's answer to `cmd` now, without applying it. Off the async
+    /// threads: a write transaction waits for the one applying the log.
+    async fn check(&self, cmd: Command) -> FsResult<()> {
+        let store = self.store.clone();
+        tokio::task::spawn_blocking(move || store.dry_run(&cmd))
+            .await
+            .map_err(|e| FsError::Io(format!("dry run task: {e}")))??
     }
 
     async fn commit(&self, op: command::Op) -> FsResult<()> {
@@ -76,7 +81,6 @@ impl MasterService {
                 "symlink target empty or over 4096 bytes".into(),
             ));
         }
-        let _turn = self.loader.mutations.lock().await;
         let mut create = CreateInode {
             parent: r.parent,
             name: r.name.clone(),
@@ -92,10 +96,21 @@ impl MasterService {
             },
             fingerprint: None,
         };
-        self.check(&Command {
-            op: Some(command::Op::CreateInode(create.clone())),
-        })?;
-        // A file reaches the UFS with its first upload; directories and links exist there now.
+        // A file reaches the UFS with its first upload: creating it touches only the
+        // namespace, whose state machine has the last word (no lock, no dry run), so
+        // concurrent creates share Raft rounds. Directories and links exist in the UFS
+        // at once: checked first, then made there, then proposed, between mutations.
+        let _turn = match kind {
+            FileKind::File => None,
+            _ => {
+                let turn = self.loader.mutations.lock().await;
+                self.check(Command {
+                    op: Some(command::Op::CreateInode(create.clone())),
+                })
+                .await?;
+                Some(turn)
+            }
+        };
         let path = join(&dir.ufs_path, &r.name);
         let ufs = self.loader.ufs(dir.mount_id)?;
         create.fingerprint = match kind {
@@ -126,9 +141,10 @@ impl MasterService {
             directory: r.directory,
             now_ns: now_ns(),
         };
-        self.check(&Command {
+        self.check(Command {
             op: Some(command::Op::RemoveEntry(op.clone())),
-        })?;
+        })
+        .await?;
         let victim = self
             .store
             .lookup(dir.id, &r.name)?
@@ -161,9 +177,10 @@ impl MasterService {
             no_replace: r.no_replace,
             now_ns: now_ns(),
         };
-        self.check(&Command {
+        self.check(Command {
             op: Some(command::Op::RenameEntry(op.clone())),
-        })?;
+        })
+        .await?;
         let moving = self
             .store
             .lookup(from_dir.id, &r.name)?

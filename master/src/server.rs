@@ -13,7 +13,6 @@ use granary_protos::v1::master_server::MasterServer;
 use granary_protos::v1::{command, Command, MountPoint, SetMount};
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
-use tokio_stream::wrappers::TcpListenerStream;
 use tonic::service::interceptor::InterceptedService;
 
 use granary_common::auth::{AttachToken, CheckToken};
@@ -243,12 +242,17 @@ pub async fn start(mut config: MasterConfig) -> Result<RunningMaster, MasterErro
     let raft_svc = InterceptedService::new(raft_svc, check);
     let task = tokio::spawn(
         tonic::transport::Server::builder()
-            .tcp_nodelay(true)
             .add_service(svc)
             .add_service(raft_svc)
-            .serve_with_incoming_shutdown(TcpListenerStream::new(listener), async {
-                let _ = rx.await;
-            }),
+            // Without TCP_NODELAY on accepted sockets every reply waits out the peer's
+            // delayed ACK (40 ms), and the server's own nodelay setting does not reach
+            // sockets from a listener passed in.
+            .serve_with_incoming_shutdown(
+                tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true)),
+                async {
+                    let _ = rx.await;
+                },
+            ),
     );
     tracing::info!(%addr, id = config.id, shard = config.shard_id, ufs = %config.ufs, "master serving");
     Ok(RunningMaster {

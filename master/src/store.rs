@@ -172,8 +172,13 @@ impl NamespaceStore {
     /// applied. Entries at or below the applied index are skipped (replay after restart).
     /// Each entry gets its own result; a command that fails still consumes its index, so
     /// every replica agrees.
+    ///
+    /// The transaction is not synced: the Raft log is durable and replaying it is
+    /// idempotent, so the applied state may lag on disk by what [`NamespaceStore::sync`]
+    /// has not flushed yet (the log is never compacted past a synced index).
     pub fn apply_batch(&self, entries: &[LogEntry]) -> Result<Vec<FsResult<()>>, StoreError> {
-        let txn = redb_err!(self.db.begin_write())?;
+        let mut txn = redb_err!(self.db.begin_write())?;
+        redb_err!(txn.set_durability(redb::Durability::None))?;
         let mut results = Vec::with_capacity(entries.len());
         {
             let mut tables = state_machine::Tables {
@@ -215,6 +220,13 @@ impl NamespaceStore {
         }
         redb_err!(txn.commit())?;
         Ok(results)
+    }
+
+    /// Makes every applied batch durable.
+    pub fn sync(&self) -> Result<(), StoreError> {
+        let txn = redb_err!(self.db.begin_write())?;
+        redb_err!(txn.commit())?;
+        Ok(())
     }
 
     /// What applying `cmd` now would answer, without changing anything: the transaction

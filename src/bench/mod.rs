@@ -5,6 +5,7 @@ mod failover;
 mod meta;
 mod read;
 mod report;
+mod write;
 
 use std::path::PathBuf;
 
@@ -34,6 +35,30 @@ pub enum BenchCommand {
         #[arg(long, default_value_t = 3)]
         runs: usize,
         /// Write the table into this markdown file (between bench-read markers).
+        #[arg(long)]
+        write_docs: Option<PathBuf>,
+    },
+    /// Checkpoint-style big-file writes and small-file creates: raw directory vs mount.
+    Write {
+        /// Work directory (UFS, raw target, state, mount point); emptied first.
+        #[arg(long, default_value = "/var/tmp/granary-bench")]
+        dir: PathBuf,
+        /// Size of the checkpoint file.
+        #[arg(long, default_value = "2GiB")]
+        big_size: ByteSize,
+        /// Number of small files per run.
+        #[arg(long, default_value_t = 10_000)]
+        small_files: u64,
+        /// Size of each small file.
+        #[arg(long, default_value = "16KiB")]
+        small_size: ByteSize,
+        /// Threads writing small files.
+        #[arg(long, default_value_t = 8)]
+        small_threads: usize,
+        /// Repetitions per case (the median is reported).
+        #[arg(long, default_value_t = 3)]
+        runs: usize,
+        /// Write the table into this markdown file (between bench-write markers).
         #[arg(long)]
         write_docs: Option<PathBuf>,
     },
@@ -85,6 +110,23 @@ pub fn run(cmd: BenchCommand) -> anyhow::Result<()> {
             small_files,
             small_size: small_size.0,
             small_threads,
+            runs: runs.max(1),
+            write_docs,
+        }),
+        BenchCommand::Write {
+            dir,
+            big_size,
+            small_files,
+            small_size,
+            small_threads,
+            runs,
+            write_docs,
+        } => write::run(write::WriteBench {
+            dir,
+            big_size: big_size.0,
+            small_files,
+            small_size: small_size.0,
+            small_threads: small_threads.max(1),
             runs: runs.max(1),
             write_docs,
         }),

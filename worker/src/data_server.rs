@@ -134,6 +134,7 @@ impl DataServer {
             ufs_path: req.ufs_path.clone(),
             size: req.size,
             block_size: req.block_size,
+            durable: req.durable,
         };
         let task = tokio::task::spawn_blocking(move || upload(&store, &*ufs?, &target, rx));
         let mut left = req.size;

@@ -27,6 +27,7 @@ pub struct UploadTarget {
     pub ufs_path: Vec<u8>,
     pub size: u64,
     pub block_size: u64,
+    pub durable: bool,
 }
 
 /// Writes the chunks arriving on `chunks` (exactly `target.size` bytes; the channel closing
@@ -82,7 +83,7 @@ pub fn upload(
                 target.size
             )));
         }
-        let stored = ufs_file.complete()?;
+        let stored = ufs_file.complete(target.durable)?;
         if stored.size != target.size {
             return Err(FsError::Ufs(format!(
                 "{} holds {} bytes after an upload of {}",

@@ -98,9 +98,11 @@ impl Write for LocalUpload {
 }
 
 impl UfsUpload for LocalUpload {
-    fn complete(mut self: Box<Self>) -> FsResult<UfsObject> {
+    fn complete(mut self: Box<Self>, durable: bool) -> FsResult<UfsObject> {
         let file = self.file.take().expect("open until completed");
-        file.sync_all()?;
+        if durable {
+            file.sync_all()?;
+        }
         let md = file.metadata()?;
         drop(file);
         // SAFETY: both names are NUL-terminated and relative to the held directory fd.
@@ -115,8 +117,10 @@ impl UfsUpload for LocalUpload {
         if rc != 0 {
             return Err(std::io::Error::last_os_error().into());
         }
-        // The rename itself must survive a crash before the caller commits the new size.
-        self.dir.sync_all()?;
+        if durable {
+            // The rename itself must survive a crash before the caller commits the size.
+            self.dir.sync_all()?;
+        }
         self.tmp = CString::default();
         object_from(self.name.as_bytes().to_vec(), &md, Vec::new())
             .ok_or_else(|| FsError::Ufs("uploaded object is not a file".into()))

@@ -37,9 +37,10 @@ pub const UPLOAD_PREFIX: &[u8] = b".granary-upload.";
 /// An object being written. Nothing is visible under the final name until
 /// [`UfsUpload::complete`]; dropping an upload without completing it discards it.
 pub trait UfsUpload: Write + Send {
-    /// Makes every byte durable, then moves the object under its final name atomically
-    /// (replacing what was there); returns the object as the UFS now reports it.
-    fn complete(self: Box<Self>) -> FsResult<UfsObject>;
+    /// Moves the object under its final name atomically (replacing what was there);
+    /// returns the object as the UFS now reports it. With `durable`, every byte and the
+    /// rename survive a machine crash too, not only a crash of any process.
+    fn complete(self: Box<Self>, durable: bool) -> FsResult<UfsObject>;
 }
 
 pub trait Ufs: Send + Sync + Debug {

@@ -57,6 +57,8 @@ pub struct RaftNode {
     reads: ReadIndexBatcher,
     leader_contact: Option<Instant>,
     applied_tx: tokio::sync::watch::Sender<u64>,
+    /// When the namespace store was last synced.
+    synced_at: Instant,
 }
 
 /// Batches ReadIndex requests: everyone waiting when a round starts shares its answer;
@@ -72,6 +74,9 @@ struct ReadIndexBatcher {
 }
 
 type ReadWaiters = Vec<oneshot::Sender<FsResult<u64>>>;
+
+/// Longest time applied state stays unsynced on disk.
+const NAMESPACE_SYNC_INTERVAL: Duration = Duration::from_secs(1);
 
 /// A ReadIndex round unanswered this long is sent again.
 const READ_INDEX_RETRY: Duration = Duration::from_millis(300);
@@ -127,6 +132,7 @@ impl RaftNode {
             reads: ReadIndexBatcher::default(),
             leader_contact: None,
             applied_tx,
+            synced_at: Instant::now(),
         };
         node.load_masters()?;
         // A single-member group need not wait out an election timeout.
@@ -154,14 +160,14 @@ impl RaftNode {
         loop {
             let wait = self.cfg.tick.saturating_sub(last_tick.elapsed());
             match self.mailbox.recv_timeout(wait) {
-                Ok(Mail::Shutdown) => return Ok(()),
+                Ok(Mail::Shutdown) => return self.namespace.sync().map_err(storage_error),
                 Ok(mail) => self.handle(mail),
                 Err(RecvTimeoutError::Timeout) => {}
                 Err(RecvTimeoutError::Disconnected) => return Ok(()),
             }
             while let Ok(mail) = self.mailbox.try_recv() {
                 if matches!(mail, Mail::Shutdown) {
-                    return Ok(());
+                    return self.namespace.sync().map_err(storage_error);
                 }
                 self.handle(mail);
             }
@@ -542,11 +548,20 @@ impl RaftNode {
     }
 
     fn maybe_compact(&mut self) -> Result<(), StoreError> {
+        // Applied batches are not synced one by one (the log replays them); bound how
+        // much a machine crash makes the namespace replay.
+        if self.synced_at.elapsed() >= NAMESPACE_SYNC_INTERVAL {
+            self.namespace.sync()?;
+            self.synced_at = Instant::now();
+        }
         let applied = self.raw.raft.raft_log.applied;
         let first = self.raw.store().first_index_now();
         if applied >= first + self.cfg.snapshot_threshold {
             let upto = applied.saturating_sub(COMPACT_KEEP);
             if upto >= first {
+                // Entries leave the log only once their effect is durable.
+                self.namespace.sync()?;
+                self.synced_at = Instant::now();
                 self.raw.store().compact(upto)?;
                 tracing::debug!(upto, "raft log compacted");
             }

@@ -1,0 +1,197 @@
+//! `granary bench write`: (a) a checkpoint-style write of one big file in 1 MiB writes,
+//! then fsync and close; (b) many small files created, written and closed by several
+//! threads. Raw directory and Granary mount alternate run by run; every run writes fresh
+//! files (the figures include making them durable: fsync on raw, the upload and commit
+//! that close performs on Granary).
+
+use std::fs::File;
+use std::io::Write;
+use std::os::fd::IntoRawFd;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Instant;
+
+use anyhow::Context;
+use granary_common::bytesize::ByteSize;
+
+use super::report::{machine, render, write_section, Row};
+use crate::local::{self, LocalArgs};
+
+pub struct WriteBench {
+    pub dir: PathBuf,
+    pub big_size: u64,
+    pub small_files: u64,
+    pub small_size: u64,
+    pub small_threads: usize,
+    pub runs: usize,
+    pub write_docs: Option<PathBuf>,
+}
+
+/// close(2) with its result: on Granary the close is where the file becomes durable.
+fn close(f: File) -> std::io::Result<()> {
+    // SAFETY: the descriptor is ours and closed exactly once.
+    if unsafe { libc::close(f.into_raw_fd()) } == 0 {
+        Ok(())
+    } else {
+        Err(std::io::Error::last_os_error())
+    }
+}
+
+/// MB/s of writing `size` bytes to `path` in 1 MiB writes, then fsync and close.
+fn checkpoint(path: &Path, size: u64) -> anyhow::Result<f64> {
+    let chunk: Vec<u8> = (0..1u32 << 20)
+        .map(|i| (i.wrapping_mul(2654435761) >> 24) as u8)
+        .collect();
+    let start = Instant::now();
+    let mut f = File::create(path).with_context(|| format!("creating {}", path.display()))?;
+    let mut left = size;
+    while left > 0 {
+        let n = left.min(chunk.len() as u64) as usize;
+        f.write_all(&chunk[..n])?;
+        left -= n as u64;
+    }
+    f.sync_all()?;
+    close(f)?;
+    Ok(size as f64 / 1e6 / start.elapsed().as_secs_f64())
+}
+
+/// Files/s of `threads` threads creating `count` files of `size` bytes under `dir`
+/// (100 per subdirectory), each written whole and closed.
+fn small_files(dir: &Path, count: u64, size: u64, threads: usize) -> anyhow::Result<f64> {
+    for d in 0..count.div_ceil(100) {
+        std::fs::create_dir_all(dir.join(format!("d{d}")))?;
+    }
+    let data = vec![0x5au8; size as usize];
+    let next = AtomicU64::new(0);
+    let start = Instant::now();
+    std::thread::scope(|s| {
+        let workers: Vec<_> = (0..threads)
+            .map(|_| {
+                s.spawn(|| -> std::io::Result<()> {
+                    loop {
+                        let i = next.fetch_add(1, Ordering::Relaxed);
+                        if i >= count {
+                            return Ok(());
+                        }
+                        let mut f = File::create(dir.join(format!("d{}/f{i}", i / 100)))?;
+                        f.write_all(&data)?;
+                        close(f)?;
+                    }
+                })
+            })
+            .collect();
+        workers
+            .into_iter()
+            .try_for_each(|w| w.join().expect("writer thread"))
+    })
+    .with_context(|| format!("writing small files under {}", dir.display()))?;
+    Ok(count as f64 / start.elapsed().as_secs_f64())
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(|a, b| a.total_cmp(b));
+    v[v.len() / 2]
+}
+
+pub fn run(b: WriteBench) -> anyhow::Result<()> {
+    let ufs = b.dir.join("write-ufs");
+    let raw = b.dir.join("write-raw");
+    let mnt = b.dir.join("write-mnt");
+    let state = b.dir.join("write-state");
+    let _ = std::process::Command::new("umount")
+        .arg("-l")
+        .arg(&mnt)
+        .stderr(std::process::Stdio::null())
+        .status();
+    for d in [&ufs, &raw, &state] {
+        let _ = std::fs::remove_dir_all(d);
+        std::fs::create_dir_all(d)?;
+    }
+    std::fs::create_dir_all(&mnt)?;
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
+    let cluster = rt.block_on(local::start(&LocalArgs {
+        ufs: ufs.clone(),
+        mountpoint: mnt.clone(),
+        state_dir: state.clone(),
+        cache_dir: state.join("cache"),
+        master_listen: "127.0.0.1:0".parse()?,
+        capacity: ByteSize((b.big_size * 2).max(1 << 30)),
+        metrics_listen: None,
+    }))?;
+    let result = measure(&b, &raw, &mnt);
+    let reported = result.and_then(|rows| report(&b, &rows));
+    rt.block_on(cluster.stop())?;
+    let _ = std::fs::remove_dir_all(&raw);
+    let _ = std::fs::remove_dir_all(&ufs);
+    reported
+}
+
+fn measure(b: &WriteBench, raw: &Path, mnt: &Path) -> anyhow::Result<Vec<Row>> {
+    let (mut raw_ckpt, mut gr_ckpt) = (Vec::new(), Vec::new());
+    let (mut raw_small, mut gr_small) = (Vec::new(), Vec::new());
+    for run in 0..b.runs {
+        eprintln!("run {} of {} ...", run + 1, b.runs);
+        raw_ckpt.push(checkpoint(&raw.join(format!("ckpt-{run}")), b.big_size)?);
+        gr_ckpt.push(checkpoint(&mnt.join(format!("ckpt-{run}")), b.big_size)?);
+        // Old checkpoints go, as a training job rotates them; disk space stays bounded.
+        std::fs::remove_file(raw.join(format!("ckpt-{run}")))?;
+        std::fs::remove_file(mnt.join(format!("ckpt-{run}")))?;
+        let sub = format!("small-{run}");
+        raw_small.push(small_files(
+            &raw.join(&sub),
+            b.small_files,
+            b.small_size,
+            b.small_threads,
+        )?);
+        gr_small.push(small_files(
+            &mnt.join(&sub),
+            b.small_files,
+            b.small_size,
+            b.small_threads,
+        )?);
+    }
+    Ok(vec![
+        Row {
+            case: format!(
+                "checkpoint: one {} file, 1 MiB writes + fsync + close",
+                ByteSize(b.big_size)
+            ),
+            unit: "MB/s",
+            raw: median(raw_ckpt),
+            granary: median(gr_ckpt),
+        },
+        Row {
+            case: format!(
+                "{} small files of {}, {} threads (create, write, close)",
+                b.small_files,
+                ByteSize(b.small_size),
+                b.small_threads
+            ),
+            unit: "files/s",
+            raw: median(raw_small),
+            granary: median(gr_small),
+        },
+    ])
+}
+
+fn report(b: &WriteBench, rows: &[Row]) -> anyhow::Result<()> {
+    let table = render(rows);
+    println!("\n{table}");
+    if let Some(path) = &b.write_docs {
+        let body = format!(
+            "Machine: {}. Raw: a directory on the same disk as the UFS (fsync before close). Granary: `granary local` over that disk; a close uploads through the worker (UFS temp file, fsync, rename) and commits through the master.\n\nCommand: `granary bench write --big-size {} --small-files {} --small-size {} --small-threads {} --runs {}` (median of {} interleaved runs)\n\n{table}",
+            machine(),
+            ByteSize(b.big_size),
+            b.small_files,
+            ByteSize(b.small_size),
+            b.small_threads,
+            b.runs,
+            b.runs
+        );
+        write_section(path, "bench-write", &body)?;
+        eprintln!("wrote {}", path.display());
+    }
+    Ok(())
+}
