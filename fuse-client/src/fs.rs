@@ -141,9 +141,19 @@ impl GranaryFs {
         Ok(())
     }
 
-    /// A directory's entries changed: its cached attributes (mtime, ctime) are stale.
+    /// A directory's entries changed here: its cached mtime and ctime move to now, as
+    /// the master moved them (by its clock), without asking it again — the kernel
+    /// re-reads a changed directory's attributes after every create or remove.
     fn dir_changed(&self, dir: u64) {
-        self.attrs.invalidate(&dir);
+        if let Some(mut d) = self.attrs.get(&dir) {
+            let now = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| d.as_nanos() as i64)
+                .unwrap_or(0);
+            d.mtime_ns = now;
+            d.ctime_ns = now;
+            self.attrs.insert(dir, d);
+        }
     }
 
     fn forget_entry(&self, parent: u64, name: &[u8]) {

@@ -214,19 +214,29 @@ impl Filesystem for FuseAdapter {
             Ok(x) => x,
             Err(e) => return reply.error(errno("open", &e)),
         };
-        let flags = if self.opts.keep_cache && unchanged {
+        let mut fopen = if self.opts.keep_cache && unchanged {
             FopenFlags::FOPEN_KEEP_CACHE
         } else {
             FopenFlags::empty()
         };
-        if self.passthrough.enabled.load(Ordering::Relaxed) {
+        // A read-only descriptor has nothing to commit at close: spare the FLUSH round
+        // trip every close(2) would otherwise cost.
+        let read_only = flags.0 & libc::O_ACCMODE == libc::O_RDONLY;
+        if read_only {
+            fopen |= FopenFlags::FOPEN_NOFLUSH;
+        }
+        if read_only && self.passthrough.enabled.load(Ordering::Relaxed) {
             if let Some(backing) = self.backing_for(ino.0, fh, &reply) {
                 // The kernel refuses KEEP_CACHE with passthrough (the page cache is the
                 // backing file's own, so it is kept anyway).
-                return reply.opened_passthrough(FileHandle(fh), FopenFlags::empty(), &backing);
+                return reply.opened_passthrough(
+                    FileHandle(fh),
+                    FopenFlags::FOPEN_NOFLUSH,
+                    &backing,
+                );
             }
         }
-        reply.opened(FileHandle(fh), flags)
+        reply.opened(FileHandle(fh), fopen)
     }
 
     fn read(

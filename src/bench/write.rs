@@ -8,7 +8,6 @@ use std::fs::File;
 use std::io::Write;
 use std::os::fd::IntoRawFd;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Instant;
 
 use anyhow::Context;
@@ -55,28 +54,31 @@ fn checkpoint(path: &Path, size: u64) -> anyhow::Result<f64> {
     Ok(size as f64 / 1e6 / start.elapsed().as_secs_f64())
 }
 
-/// Files/s of `threads` threads creating `count` files of `size` bytes under `dir`
-/// (100 per subdirectory), each written whole and closed.
+/// Files/s of `threads` threads creating `count` files of `size` bytes under `dir`, each
+/// written whole and closed. Each thread writes its own subdirectories of 100 files (as
+/// data-loader or rank processes write their own shards): creates in one directory are
+/// serialized by the kernel on any filesystem.
 fn small_files(dir: &Path, count: u64, size: u64, threads: usize) -> anyhow::Result<f64> {
-    for d in 0..count.div_ceil(100) {
+    let threads = threads as u64;
+    // Thread t writes its share into directories t, t + threads, t + 2 * threads, ...
+    let share = |t: u64| count / threads + u64::from(t < count % threads);
+    for d in 0..share(0).div_ceil(100) * threads {
         std::fs::create_dir_all(dir.join(format!("d{d}")))?;
     }
     let data = vec![0x5au8; size as usize];
-    let next = AtomicU64::new(0);
     let start = Instant::now();
     std::thread::scope(|s| {
         let workers: Vec<_> = (0..threads)
-            .map(|_| {
-                s.spawn(|| -> std::io::Result<()> {
-                    loop {
-                        let i = next.fetch_add(1, Ordering::Relaxed);
-                        if i >= count {
-                            return Ok(());
-                        }
-                        let mut f = File::create(dir.join(format!("d{}/f{i}", i / 100)))?;
-                        f.write_all(&data)?;
+            .map(|t| {
+                let data = &data;
+                s.spawn(move || -> std::io::Result<()> {
+                    for i in 0..share(t) {
+                        let d = (i / 100) * threads + t;
+                        let mut f = File::create(dir.join(format!("d{d}/f{i}")))?;
+                        f.write_all(data)?;
                         close(f)?;
                     }
+                    Ok(())
                 })
             })
             .collect();
