@@ -20,6 +20,14 @@ use granary_protos::v1::{Inode, UfsFingerprint, WorkerInfo};
 use crate::data_client::DataClient;
 use crate::meta_client::MetadataService;
 
+/// Tries of a block read or an upload that fails retryably (a worker restarting, or one
+/// that has not yet learned a mount, which takes up to a heartbeat): about 2.5 s in all.
+const RETRY_ATTEMPTS: u32 = 6;
+
+fn retry_pause(attempt: u32) -> Duration {
+    Duration::from_millis((100u64 << attempt).min(1000))
+}
+
 /// Largest range one data-port request asks for (the worker's limit).
 const MAX_REQUEST: u64 = 16 << 20;
 const WORKER_LIST_TTL: Duration = Duration::from_secs(3);
@@ -249,7 +257,7 @@ impl WorkerDataPath {
         span: BlockSpan,
         out: &mut Vec<u8>,
     ) -> FsResult<()> {
-        const ATTEMPTS: u32 = 4;
+        const ATTEMPTS: u32 = RETRY_ATTEMPTS;
         let mut attempt = 0;
         loop {
             let refresh = attempt > 0;
@@ -269,7 +277,7 @@ impl WorkerDataPath {
             match result {
                 Err(e) if e.is_retryable() && attempt + 1 < ATTEMPTS => {
                     tracing::warn!(file = file.id, block = span.index, error = %e, "block read failed; retrying with a fresh worker list");
-                    std::thread::sleep(Duration::from_millis(100 << attempt));
+                    std::thread::sleep(retry_pause(attempt));
                     attempt += 1;
                 }
                 other => return other,
@@ -419,7 +427,7 @@ impl DataPath for WorkerDataPath {
         source: &File,
         durable: bool,
     ) -> FsResult<UfsFingerprint> {
-        const ATTEMPTS: u32 = 4;
+        const ATTEMPTS: u32 = RETRY_ATTEMPTS;
         let mut attempt = 0;
         loop {
             let workers = self.workers(attempt > 0)?;
@@ -456,7 +464,7 @@ impl DataPath for WorkerDataPath {
                 Err(e) if e.is_retryable() && attempt + 1 < ATTEMPTS => {
                     self.data.forget(&addr(&worker));
                     tracing::warn!(file = file.id, error = %e, "upload failed; retrying");
-                    std::thread::sleep(Duration::from_millis(100 << attempt));
+                    std::thread::sleep(retry_pause(attempt));
                     attempt += 1;
                 }
                 Err(e) => return Err(e),

@@ -39,6 +39,8 @@ pub struct FsOptions {
 
 struct OpenFile {
     ino: u64,
+    /// The mount's commit count when this handle last checked its version.
+    seen_commits: AtomicU64,
     /// The committed version reads go to, with the read state that belongs to it.
     read: Mutex<(Inode, ReadState)>,
     /// Open for writing: the inode's shared staged file.
@@ -85,6 +87,9 @@ pub struct GranaryFs {
     /// The content version of each inode when it was last opened here: the kernel may
     /// keep its page cache across opens only while that has not changed.
     opened_versions: Cache<u64, UfsFingerprint>,
+    /// Content commits made through this mount; an open handle looks for a newer version
+    /// of its file only when this moved.
+    commits: AtomicU64,
 }
 
 fn is_dir(i: &Inode) -> bool {
@@ -120,6 +125,7 @@ impl GranaryFs {
             opened_versions: Cache::builder()
                 .max_capacity(opts.meta_cache_entries)
                 .build(),
+            commits: AtomicU64::new(0),
         })
     }
 
@@ -225,7 +231,9 @@ impl GranaryFs {
         }
         let version = inode.fingerprint.unwrap_or_default();
         let keep_cache = self.opened_versions.get(&ino) == Some(version);
-        self.opened_versions.insert(ino, version);
+        if !keep_cache {
+            self.opened_versions.insert(ino, version);
+        }
         let staged = if write {
             let st = self.staging.attach(ino)?;
             if flags & libc::O_TRUNC != 0 {
@@ -246,6 +254,7 @@ impl GranaryFs {
         let fh = self.handle();
         let file = Arc::new(OpenFile {
             ino,
+            seen_commits: AtomicU64::new(self.commits.load(Ordering::Acquire)),
             read: Mutex::new((inode, ReadState::default())),
             staged,
             append: flags & libc::O_APPEND != 0,
@@ -312,10 +321,13 @@ impl GranaryFs {
         let mut guard = file.read.lock().expect("read state lock");
         let (inode, state) = &mut *guard;
         // Content committed on this mount since the handle opened replaces what it reads.
-        if let Some(now) = self.attrs.get(&file.ino) {
-            if now.fingerprint != inode.fingerprint || now.size != inode.size {
-                *inode = now;
-                *state = ReadState::default();
+        let commits = self.commits.load(Ordering::Acquire);
+        if file.seen_commits.swap(commits, Ordering::AcqRel) != commits {
+            if let Some(now) = self.attrs.get(&file.ino) {
+                if now.fingerprint != inode.fingerprint || now.size != inode.size {
+                    *inode = now;
+                    *state = ReadState::default();
+                }
             }
         }
         if offset >= inode.size || size == 0 {
@@ -396,6 +408,7 @@ impl GranaryFs {
             mtime_ns: 0,
         })?;
         self.remember(&committed);
+        self.commits.fetch_add(1, Ordering::AcqRel);
         self.opened_versions.insert(ino, fingerprint);
         st.modified = false;
         st.undurable = !durable;

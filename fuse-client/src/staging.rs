@@ -6,7 +6,8 @@
 use std::collections::HashMap;
 use std::fs::File;
 use std::path::PathBuf;
-use std::sync::{Arc, Mutex};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
 
 use granary_common::{FsError, FsResult};
 
@@ -31,7 +32,10 @@ pub type SharedStaged = Arc<Mutex<Staged>>;
 pub struct StagingArea {
     dir: PathBuf,
     /// By inode: the staged file and how many handles use it.
-    files: Mutex<HashMap<u64, (SharedStaged, usize)>>,
+    files: RwLock<HashMap<u64, (SharedStaged, usize)>>,
+    /// How many inodes have a staged file: reads on a mount that writes nothing never
+    /// touch the map.
+    active: AtomicUsize,
 }
 
 impl StagingArea {
@@ -40,13 +44,14 @@ impl StagingArea {
             .map_err(|e| FsError::Io(format!("staging directory {}: {e}", dir.display())))?;
         Ok(StagingArea {
             dir,
-            files: Mutex::new(HashMap::new()),
+            files: RwLock::new(HashMap::new()),
+            active: AtomicUsize::new(0),
         })
     }
 
     /// The inode's staged file, made (empty, not filled) for its first user.
     pub fn attach(&self, ino: u64) -> FsResult<SharedStaged> {
-        let mut files = self.files.lock().expect("staging lock");
+        let mut files = self.files.write().expect("staging lock");
         if let Some((s, users)) = files.get_mut(&ino) {
             *users += 1;
             return Ok(s.clone());
@@ -62,32 +67,37 @@ impl StagingArea {
             unlinked: false,
         }));
         files.insert(ino, (s.clone(), 1));
+        self.active.store(files.len(), Ordering::Release);
         Ok(s)
     }
 
     /// One user is done; the last one drops the staged file.
     pub fn detach(&self, ino: u64) {
-        let mut files = self.files.lock().expect("staging lock");
+        let mut files = self.files.write().expect("staging lock");
         if let Some((_, users)) = files.get_mut(&ino) {
             *users -= 1;
             if *users == 0 {
                 files.remove(&ino);
             }
         }
+        self.active.store(files.len(), Ordering::Release);
     }
 
     /// How many users the inode's staged file has (0: none).
     pub fn users(&self, ino: u64) -> usize {
         self.files
-            .lock()
+            .read()
             .expect("staging lock")
             .get(&ino)
             .map_or(0, |(_, users)| *users)
     }
 
     pub fn get(&self, ino: u64) -> Option<SharedStaged> {
+        if self.active.load(Ordering::Acquire) == 0 {
+            return None;
+        }
         self.files
-            .lock()
+            .read()
             .expect("staging lock")
             .get(&ino)
             .map(|(s, _)| s.clone())

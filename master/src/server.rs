@@ -128,10 +128,15 @@ pub async fn start(mut config: MasterConfig) -> Result<RunningMaster, MasterErro
             addr: config.listen,
             source,
         })?;
+    // A port picked at startup differs from run to run: this member's address in the
+    // stored master set is then replaced by today's, or workers and mounts would be told
+    // yesterday's.
+    let mut moved_to = None;
     if config.advertise.is_none() && config.listen.port() == 0 {
         let mut actual = config.listen;
         actual.set_port(addr.port());
         config.listen = actual;
+        moved_to = Some(config.advertised());
     }
     let members = config.initial_members()?;
     // Only an initial member bootstraps; one not listed (or told to join) waits to be added.
@@ -157,6 +162,7 @@ pub async fn start(mut config: MasterConfig) -> Result<RunningMaster, MasterErro
             heartbeat_ticks: config.heartbeat_ticks,
             snapshot_threshold: config.snapshot_threshold,
             initial_members: members,
+            ephemeral_addr: moved_to,
         },
         store.clone(),
         log_store,

@@ -35,6 +35,9 @@ pub struct NodeConfig {
     pub snapshot_threshold: u64,
     /// Members known from config (id, address): the bootstrap configuration.
     pub initial_members: Vec<(u64, String)>,
+    /// This member's address when it listens on a port picked at startup: it overrides
+    /// the address stored for it.
+    pub ephemeral_addr: Option<String>,
 }
 
 /// Applied entries kept in the log after a compaction, so a briefly lagging follower
@@ -148,6 +151,9 @@ impl RaftNode {
         let set = self.namespace.masters().map_err(storage_error)?;
         for m in &set.members {
             self.book.insert(m.id, m.addr.clone());
+        }
+        if let Some(addr) = &self.cfg.ephemeral_addr {
+            self.book.insert(self.cfg.id, addr.clone());
         }
         self.conf_index = set.conf_index;
         Ok(())

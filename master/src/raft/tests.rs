@@ -100,6 +100,7 @@ impl Group {
                     heartbeat_ticks: 2,
                     snapshot_threshold,
                     initial_members: boot.clone(),
+                    ephemeral_addr: None,
                 },
                 store.clone(),
                 log_store,
