@@ -428,9 +428,7 @@ impl GranaryFs {
     fn commit_handle(&self, fh: u64, durable: bool) -> FsResult<()> {
         let file = self.open_file(fh)?;
         match &file.staged {
-            Some(st) => {
-                self.commit_staged(file.ino, &mut st.lock().expect("staged lock"), durable)
-            }
+            Some(st) => self.commit_staged(file.ino, &mut st.lock().expect("staged lock"), durable),
             None => Ok(()),
         }
     }
