@@ -284,7 +284,7 @@ impl GranaryFs {
     ) -> FsResult<(Inode, u64)> {
         self.writable()?;
         validate_name(name)?;
-        let inode = self.meta.create(CreateRequest {
+        let created = self.meta.create(CreateRequest {
             parent,
             name: name.to_vec(),
             kind: FileKind::File as i32,
@@ -292,7 +292,18 @@ impl GranaryFs {
             uid,
             gid,
             symlink_target: Vec::new(),
-        })?;
+        });
+        let inode = match created {
+            // Made elsewhere since the kernel looked the name up: open it, as open(2)
+            // without O_EXCL does.
+            Err(FsError::Exists(_)) if flags & libc::O_EXCL == 0 => {
+                let existing = self.meta.lookup(parent, name)?;
+                self.remember(&existing);
+                let (fh, _) = self.open(existing.id, flags)?;
+                return Ok((self.overlay(existing), fh));
+            }
+            other => other?,
+        };
         self.remember(&inode);
         self.dir_changed(parent);
         let st = self.staging.attach(inode.id)?;
@@ -857,3 +868,7 @@ mod tests {
         assert_eq!(fs.read(fh, 0, 1).unwrap_err().errno(), libc::EINVAL);
     }
 }
+
+#[cfg(test)]
+#[path = "fs_write_tests.rs"]
+mod write_tests;

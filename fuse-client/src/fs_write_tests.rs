@@ -1,0 +1,216 @@
+//! The write path driven without a kernel: an in-memory namespace that accepts
+//! creates and commits, and a data path that keeps uploaded contents by inode.
+
+use super::*;
+use granary_protos::v1::{BlockLocationsReply, WorkerInfo};
+use std::io::Read;
+
+#[derive(Default)]
+struct Namespace {
+    inodes: Mutex<HashMap<u64, Inode>>,
+    next: AtomicU64,
+}
+
+impl MetadataService for Namespace {
+    fn lookup(&self, parent: u64, name: &[u8]) -> FsResult<Inode> {
+        self.inodes
+            .lock()
+            .unwrap()
+            .values()
+            .find(|i| i.parent == parent && i.name == name && i.id != parent)
+            .cloned()
+            .ok_or_else(|| FsError::NotFound(shown(name)))
+    }
+    fn getattr(&self, id: u64) -> FsResult<Inode> {
+        self.inodes
+            .lock()
+            .unwrap()
+            .get(&id)
+            .cloned()
+            .ok_or_else(|| FsError::NotFound(id.to_string()))
+    }
+    fn readdir(&self, _: u64, _: &[u8], _: u32) -> FsResult<(Vec<Inode>, bool)> {
+        Ok((Vec::new(), false))
+    }
+    fn workers(&self) -> FsResult<Vec<WorkerInfo>> {
+        Ok(Vec::new())
+    }
+    fn block_locations(&self, _: u64) -> FsResult<BlockLocationsReply> {
+        Ok(BlockLocationsReply::default())
+    }
+    fn statfs(&self) -> FsResult<StatFsReply> {
+        Ok(StatFsReply::default())
+    }
+    fn create(&self, req: CreateRequest) -> FsResult<Inode> {
+        if self.lookup(req.parent, &req.name).is_ok() {
+            return Err(FsError::Exists(shown(&req.name)));
+        }
+        let inode = Inode {
+            id: 100 + self.next.fetch_add(1, Ordering::Relaxed),
+            parent: req.parent,
+            name: req.name,
+            kind: req.kind,
+            mode: req.mode,
+            block_size: 1 << 20,
+            ..Default::default()
+        };
+        self.inodes.lock().unwrap().insert(inode.id, inode.clone());
+        Ok(inode)
+    }
+    fn commit(&self, c: CommitContent) -> FsResult<Inode> {
+        let mut inodes = self.inodes.lock().unwrap();
+        let i = inodes
+            .get_mut(&c.id)
+            .ok_or_else(|| FsError::NotFound("gone".into()))?;
+        i.size = c.size;
+        i.fingerprint = c.fingerprint;
+        Ok(i.clone())
+    }
+}
+
+/// Uploaded contents by inode; reads serve them.
+#[derive(Default)]
+struct Store {
+    files: Mutex<HashMap<u64, Vec<u8>>>,
+    uploads: AtomicU64,
+}
+
+impl DataPath for Store {
+    fn read(&self, file: &Inode, _: &mut ReadState, offset: u64, len: u32) -> FsResult<Vec<u8>> {
+        let files = self.files.lock().unwrap();
+        let data = files.get(&file.id).cloned().unwrap_or_default();
+        let start = (offset as usize).min(data.len());
+        let end = (start + len as usize).min(data.len());
+        Ok(data[start..end].to_vec())
+    }
+    fn upload(
+        &self,
+        file: &Inode,
+        size: u64,
+        source: &std::fs::File,
+        _: bool,
+    ) -> FsResult<UfsFingerprint> {
+        let mut data = Vec::new();
+        source.try_clone()?.read_to_end(&mut data)?;
+        data.truncate(size as usize);
+        self.files.lock().unwrap().insert(file.id, data);
+        let n = self.uploads.fetch_add(1, Ordering::Relaxed) as i64;
+        Ok(UfsFingerprint {
+            size,
+            mtime_ns: n + 1,
+        })
+    }
+}
+
+fn fs() -> (GranaryFs, Arc<Namespace>, Arc<Store>) {
+    let ns = Arc::new(Namespace::default());
+    ns.inodes.lock().unwrap().insert(
+        1,
+        Inode {
+            id: 1,
+            parent: 1,
+            kind: FileKind::Directory as i32,
+            ..Default::default()
+        },
+    );
+    let store = Arc::new(Store::default());
+    let opts = FsOptions {
+        meta_cache_ttl: Duration::from_secs(60),
+        meta_cache_entries: 1000,
+        read_only: false,
+        staging_dir: std::env::temp_dir().join("granary-fs-unit-tests"),
+    };
+    let fs = GranaryFs::new(ns.clone(), store.clone(), opts).unwrap();
+    (fs, ns, store)
+}
+
+#[test]
+fn writes_are_read_back_then_committed_at_close() {
+    let (fs, ns, store) = fs();
+    let (inode, fh) = fs.create(1, b"ckpt", 0o644, libc::O_WRONLY, 0, 0).unwrap();
+    fs.write(fh, 0, b"hello world").unwrap();
+    fs.write(fh, 20, b"!").unwrap();
+    let (reader, _) = fs.open(inode.id, libc::O_RDONLY).unwrap();
+    let mut expected = b"hello world".to_vec();
+    expected.resize(20, 0);
+    expected.push(b'!');
+    assert_eq!(
+        fs.read(reader, 0, 100).unwrap(),
+        expected,
+        "read-your-writes"
+    );
+    assert_eq!(fs.getattr(inode.id).unwrap().size, 21);
+    assert_eq!(
+        store.uploads.load(Ordering::Relaxed),
+        0,
+        "nothing uploaded before close"
+    );
+
+    fs.flush(fh).unwrap();
+    fs.release(fh);
+    fs.release(reader);
+    assert_eq!(store.files.lock().unwrap()[&inode.id], expected);
+    assert_eq!(ns.getattr(inode.id).unwrap().size, 21);
+    // A second close uploads nothing: the content did not change.
+    let (again, _) = fs.open(inode.id, libc::O_RDWR).unwrap();
+    fs.flush(again).unwrap();
+    fs.release(again);
+    assert_eq!(store.uploads.load(Ordering::Relaxed), 1);
+}
+
+#[test]
+fn overwrite_truncate_and_append_start_from_the_committed_content() {
+    let (fs, _, store) = fs();
+    let (inode, fh) = fs.create(1, b"log", 0o644, libc::O_WRONLY, 0, 0).unwrap();
+    fs.write(fh, 0, b"0123456789").unwrap();
+    fs.release(fh);
+
+    let (fh, _) = fs.open(inode.id, libc::O_WRONLY).unwrap();
+    fs.write(fh, 2, b"ab").unwrap();
+    fs.release(fh);
+    assert_eq!(store.files.lock().unwrap()[&inode.id], b"01ab456789");
+
+    let (fh, _) = fs.open(inode.id, libc::O_WRONLY | libc::O_APPEND).unwrap();
+    fs.write(fh, 0, b"+").unwrap();
+    fs.release(fh);
+    assert_eq!(store.files.lock().unwrap()[&inode.id], b"01ab456789+");
+
+    let attrs = SetAttr {
+        size: Some(4),
+        ..Default::default()
+    };
+    assert_eq!(fs.setattr(inode.id, &attrs).unwrap().size, 4);
+    assert_eq!(
+        store.files.lock().unwrap()[&inode.id],
+        b"01ab",
+        "truncate(2) commits at once"
+    );
+
+    let (fh, _) = fs.open(inode.id, libc::O_WRONLY | libc::O_TRUNC).unwrap();
+    fs.release(fh);
+    assert!(store.files.lock().unwrap()[&inode.id].is_empty());
+}
+
+#[test]
+fn create_of_a_name_made_elsewhere_opens_it_unless_exclusive() {
+    let (fs, ns, _) = fs();
+    let elsewhere = ns
+        .create(CreateRequest {
+            parent: 1,
+            name: b"shared".to_vec(),
+            kind: FileKind::File as i32,
+            ..Default::default()
+        })
+        .unwrap();
+    let (inode, fh) = fs
+        .create(1, b"shared", 0o644, libc::O_WRONLY, 0, 0)
+        .unwrap();
+    assert_eq!(inode.id, elsewhere.id);
+    fs.release(fh);
+    let err = fs
+        .create(1, b"shared", 0o644, libc::O_WRONLY | libc::O_EXCL, 0, 0)
+        .unwrap_err();
+    assert_eq!(err.errno(), libc::EEXIST);
+    let (fh, _) = fs.open(elsewhere.id, libc::O_RDONLY).unwrap();
+    assert_eq!(fs.write(fh, 0, b"x").unwrap_err().errno(), libc::EINVAL);
+}
