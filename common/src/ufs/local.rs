@@ -14,6 +14,9 @@ use super::{ObjectKind, Ufs, UfsObject, UfsUpload, UPLOAD_PREFIX};
 use crate::error::{FsError, FsResult};
 use crate::path::components;
 
+/// An upload temporary file untouched this long is garbage from a crash; listings sweep it.
+const ABANDONED_UPLOAD_AGE: std::time::Duration = std::time::Duration::from_secs(24 * 3600);
+
 #[derive(Debug)]
 pub struct LocalUfs {
     uri: String,
@@ -245,6 +248,17 @@ impl Ufs for LocalUfs {
                 Vec::new()
             };
             if entry.file_name().as_bytes().starts_with(UPLOAD_PREFIX) {
+                // Left by an upload cut off by a crash long ago: no upload runs this long.
+                let abandoned = md
+                    .modified()
+                    .ok()
+                    .and_then(|t| t.elapsed().ok())
+                    .is_some_and(|age| age > ABANDONED_UPLOAD_AGE);
+                if abandoned {
+                    let n = cstring(entry.file_name().as_bytes())?;
+                    // SAFETY: a NUL-terminated name relative to the held directory fd.
+                    unsafe { libc::unlinkat(d.as_raw_fd(), n.as_ptr(), 0) };
+                }
                 continue;
             }
             if let Some(obj) = object_from(entry.file_name().as_bytes().to_vec(), &md, target) {
@@ -423,5 +437,44 @@ mod tests {
         assert!(ufs.list(b"sub/etc").is_err());
         assert!(ufs.read_range(b"../secret", 0, 10, &mut sink).is_err());
         assert_eq!(ufs.stat(b"missing").unwrap_err().errno(), libc::ENOENT);
+    }
+
+    #[test]
+    fn uploads_appear_whole_and_abandoned_ones_are_swept() {
+        let tmp = tempfile::tempdir().unwrap();
+        let uri = super::super::local_uri(tmp.path()).unwrap();
+        let ufs = LocalUfs::open(&uri, tmp.path().to_str().unwrap()).unwrap();
+        let mut up = ufs.create_upload(b"f").unwrap();
+        up.write_all(b"partial").unwrap();
+        assert!(
+            ufs.list(b"").unwrap().is_empty(),
+            "an upload in progress is not listed"
+        );
+        drop(up);
+        assert_eq!(
+            std::fs::read_dir(tmp.path()).unwrap().count(),
+            0,
+            "a dropped upload leaves nothing"
+        );
+
+        let mut up = ufs.create_upload(b"f").unwrap();
+        up.write_all(b"whole").unwrap();
+        let obj = up.complete(true).unwrap();
+        assert_eq!(obj.size, 5);
+        assert_eq!(std::fs::read(tmp.path().join("f")).unwrap(), b"whole");
+
+        // A crash leaves a temp file: hidden, and swept once old enough.
+        let stale = tmp.path().join(".granary-upload.dead");
+        std::fs::write(&stale, b"x").unwrap();
+        let old = std::time::SystemTime::now() - ABANDONED_UPLOAD_AGE * 2;
+        File::options()
+            .write(true)
+            .open(&stale)
+            .unwrap()
+            .set_modified(old)
+            .unwrap();
+        let names: Vec<_> = ufs.list(b"").unwrap().into_iter().map(|o| o.name).collect();
+        assert_eq!(names, vec![b"f".to_vec()]);
+        assert!(!stale.exists());
     }
 }
