@@ -24,8 +24,26 @@ use crate::meta_client::MetadataService;
 /// that has not yet learned a mount, which takes up to a heartbeat): about 2.5 s in all.
 const RETRY_ATTEMPTS: u32 = 6;
 
-fn retry_pause(attempt: u32) -> Duration {
-    Duration::from_millis((100u64 << attempt).min(1000))
+/// Runs `op` (told whether to refresh its worker list) until it succeeds, fails for
+/// good, or has failed retryably `RETRY_ATTEMPTS` times; `what` names it in the log.
+fn with_retries<T>(what: &str, file: u64, mut op: impl FnMut(bool) -> FsResult<T>) -> FsResult<T> {
+    let mut attempt = 0;
+    loop {
+        match op(attempt > 0) {
+            Err(e) if e.is_retryable() && attempt + 1 < RETRY_ATTEMPTS => {
+                tracing::warn!(file, error = %e, "{what} failed; retrying with a fresh worker list");
+                std::thread::sleep(Duration::from_millis((100u64 << attempt).min(1000)));
+                attempt += 1;
+            }
+            other => return other,
+        }
+    }
+}
+
+/// A stable choice among `workers` for block `index` of a file.
+fn hashed(workers: &[WorkerInfo], file_id: u64, index: u32) -> WorkerInfo {
+    let h = file_id.wrapping_mul(0x9e3779b97f4a7c15) ^ index as u64;
+    workers[(h % workers.len() as u64) as usize].clone()
 }
 
 /// Largest range one data-port request asks for (the worker's limit).
@@ -214,12 +232,7 @@ impl WorkerDataPath {
         index: u32,
         refresh: bool,
     ) -> FsResult<(WorkerInfo, bool)> {
-        let workers = self.workers(refresh)?;
-        if workers.is_empty() {
-            return Err(FsError::Unavailable(
-                "no live workers registered with the master".into(),
-            ));
-        }
+        let workers = self.live_workers(refresh)?;
         if let Some(w) = self.local_worker(&workers) {
             return Ok((w, true));
         }
@@ -237,8 +250,18 @@ impl WorkerDataPath {
                 return Ok((w.clone(), false));
             }
         }
-        let h = file.id.wrapping_mul(0x9e3779b97f4a7c15) ^ index as u64;
-        Ok((workers[(h % workers.len() as u64) as usize].clone(), false))
+        Ok((hashed(&workers, file.id, index), false))
+    }
+
+    /// The worker list, failing (retryably) when it is empty.
+    fn live_workers(&self, refresh: bool) -> FsResult<Vec<WorkerInfo>> {
+        let workers = self.workers(refresh)?;
+        if workers.is_empty() {
+            return Err(FsError::Unavailable(
+                "no live workers registered with the master".into(),
+            ));
+        }
+        Ok(workers)
     }
 
     fn request(
@@ -257,32 +280,18 @@ impl WorkerDataPath {
         span: BlockSpan,
         out: &mut Vec<u8>,
     ) -> FsResult<()> {
-        const ATTEMPTS: u32 = RETRY_ATTEMPTS;
-        let mut attempt = 0;
-        loop {
-            let refresh = attempt > 0;
-            let result =
-                self.pick(file, state, span.index as u32, refresh)
-                    .and_then(|(worker, local)| {
-                        let r = if local && self.opts.short_circuit {
-                            self.read_local(file, state, &worker, span, out)
-                        } else {
-                            self.read_remote(file, state, &worker, span, out)
-                        };
-                        if r.as_ref().is_err_and(|e| e.is_retryable()) {
-                            self.data.forget(&addr(&worker));
-                        }
-                        r
-                    });
-            match result {
-                Err(e) if e.is_retryable() && attempt + 1 < ATTEMPTS => {
-                    tracing::warn!(file = file.id, block = span.index, error = %e, "block read failed; retrying with a fresh worker list");
-                    std::thread::sleep(retry_pause(attempt));
-                    attempt += 1;
-                }
-                other => return other,
+        with_retries("block read", file.id, |refresh| {
+            let (worker, local) = self.pick(file, state, span.index as u32, refresh)?;
+            let r = if local && self.opts.short_circuit {
+                self.read_local(file, state, &worker, span, out)
+            } else {
+                self.read_remote(file, state, &worker, span, out)
+            };
+            if r.as_ref().is_err_and(|e| e.is_retryable()) {
+                self.data.forget(&addr(&worker));
             }
-        }
+            r
+        })
     }
 
     fn read_local(
@@ -427,23 +436,12 @@ impl DataPath for WorkerDataPath {
         source: &File,
         durable: bool,
     ) -> FsResult<UfsFingerprint> {
-        const ATTEMPTS: u32 = RETRY_ATTEMPTS;
-        let mut attempt = 0;
-        loop {
-            let workers = self.workers(attempt > 0)?;
+        let fingerprint = with_retries("upload", file.id, |refresh| {
+            let workers = self.live_workers(refresh)?;
             // The co-located worker caches what it uploads for this node's next read.
-            let worker = match self.local_worker(&workers) {
-                Some(w) => w,
-                None if workers.is_empty() => {
-                    return Err(FsError::Unavailable(
-                        "no live workers registered with the master".into(),
-                    ))
-                }
-                None => {
-                    let h = file.id.wrapping_mul(0x9e3779b97f4a7c15);
-                    workers[(h % workers.len() as u64) as usize].clone()
-                }
-            };
+            let worker = self
+                .local_worker(&workers)
+                .unwrap_or_else(|| hashed(&workers, file.id, 0));
             let req = WriteFileRequest {
                 request_id: self.next_request.fetch_add(1, Ordering::Relaxed),
                 file_id: file.id,
@@ -453,23 +451,17 @@ impl DataPath for WorkerDataPath {
                 block_size: file.block_size,
                 durable,
             };
-            match self.data.upload(&addr(&worker), &req, source) {
-                Ok(r) => {
-                    metrics::counter!("granary_client_uploaded_bytes_total").increment(size);
-                    return Ok(UfsFingerprint {
-                        size: r.size,
-                        mtime_ns: r.mtime_ns,
-                    });
-                }
-                Err(e) if e.is_retryable() && attempt + 1 < ATTEMPTS => {
-                    self.data.forget(&addr(&worker));
-                    tracing::warn!(file = file.id, error = %e, "upload failed; retrying");
-                    std::thread::sleep(retry_pause(attempt));
-                    attempt += 1;
-                }
-                Err(e) => return Err(e),
+            let r = self.data.upload(&addr(&worker), &req, source);
+            if r.as_ref().is_err_and(|e| e.is_retryable()) {
+                self.data.forget(&addr(&worker));
             }
-        }
+            r.map(|r| UfsFingerprint {
+                size: r.size,
+                mtime_ns: r.mtime_ns,
+            })
+        })?;
+        metrics::counter!("granary_client_uploaded_bytes_total").increment(size);
+        Ok(fingerprint)
     }
 
     fn whole_file(&self, file: &Inode) -> Option<File> {

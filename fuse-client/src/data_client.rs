@@ -96,23 +96,23 @@ impl DataClient {
         }
     }
 
-    /// Sends `req` to the worker at `addr`; returns its response header and payload.
-    pub fn request(
+    /// Runs one exchange on a connection to `addr`. A pooled connection may have died
+    /// with a worker restart: the exchange is retried once on a new one (reads and whole
+    /// uploads are idempotent).
+    fn on_connection<T>(
         &self,
         addr: &str,
-        req: &ReadBlockRequest,
-    ) -> FsResult<(ReadBlockResponse, Vec<u8>)> {
-        // A pooled connection may have died with a worker restart: retry once on a new one.
+        mut exchange: impl FnMut(&mut Conn) -> FsResult<T>,
+    ) -> FsResult<T> {
         for _ in 0..2 {
             let (mut conn, pooled) = self.checkout(addr)?;
-            match exchange(&mut conn, addr, req) {
+            match exchange(&mut conn) {
                 Ok(out) => {
                     self.checkin(addr, conn);
-                    return check(addr, out);
+                    return Ok(out);
                 }
                 Err(e) if pooled => {
                     tracing::debug!(worker = addr, error = %e, "pooled data connection failed; reconnecting");
-                    continue;
                 }
                 Err(e) => return Err(e),
             }
@@ -122,42 +122,30 @@ impl DataClient {
         )))
     }
 
+    /// Sends `req` to the worker at `addr`; returns its response header and payload.
+    pub fn request(
+        &self,
+        addr: &str,
+        req: &ReadBlockRequest,
+    ) -> FsResult<(ReadBlockResponse, Vec<u8>)> {
+        let (resp, payload) = self.on_connection(addr, |conn| exchange(conn, addr, req))?;
+        status_error(addr, resp.status, &resp.error)?;
+        Ok((resp, payload))
+    }
+
     /// Uploads `req.size` bytes of `source` (from offset 0) as a whole file; returns the
-    /// worker's answer once the UFS object is durable under its final name.
+    /// worker's answer once the UFS object is under its final name.
     pub fn upload(
         &self,
         addr: &str,
         req: &WriteFileRequest,
         source: &std::fs::File,
     ) -> FsResult<WriteFileResponse> {
-        // Uploads are idempotent (the same bytes again), so a dead pooled connection is
-        // simply retried on a new one.
-        for _ in 0..2 {
-            let (mut conn, pooled) = self.checkout(addr)?;
-            match send_file(&mut conn, addr, req, source, self.io_timeout) {
-                Ok(resp) => {
-                    self.checkin(addr, conn);
-                    return match Status::try_from(resp.status).unwrap_or(Status::IoError) {
-                        Status::Ok => Ok(resp),
-                        Status::Unavailable => Err(FsError::Unavailable(format!(
-                            "worker {addr}: {}",
-                            resp.error
-                        ))),
-                        Status::NotFound => Err(FsError::NotFound(resp.error)),
-                        Status::BadRequest => Err(FsError::InvalidPath(resp.error)),
-                        _ => Err(FsError::Io(format!("worker {addr}: {}", resp.error))),
-                    };
-                }
-                Err(e) if pooled => {
-                    tracing::debug!(worker = addr, error = %e, "pooled data connection failed; reconnecting");
-                    continue;
-                }
-                Err(e) => return Err(e),
-            }
-        }
-        Err(FsError::Unavailable(format!(
-            "worker {addr}: connection keeps failing"
-        )))
+        let resp = self.on_connection(addr, |conn| {
+            send_file(conn, addr, req, source, self.io_timeout)
+        })?;
+        status_error(addr, resp.status, &resp.error)?;
+        Ok(resp)
     }
 
     /// Forgets every pooled connection to `addr` (after the worker went away).
@@ -241,17 +229,15 @@ fn exchange(
     Ok((resp, payload))
 }
 
-fn check(
-    addr: &str,
-    (resp, payload): (ReadBlockResponse, Vec<u8>),
-) -> FsResult<(ReadBlockResponse, Vec<u8>)> {
-    match Status::try_from(resp.status).unwrap_or(Status::IoError) {
-        Status::Ok => Ok((resp, payload)),
-        Status::Stale => Err(FsError::Stale(resp.error)),
-        Status::Unavailable => Err(FsError::Unavailable(format!(
-            "worker {addr}: {}",
-            resp.error
-        ))),
-        _ => Err(FsError::Io(format!("worker {addr}: {}", resp.error))),
+/// The error a worker's answer status stands for (`Ok` when there is none). A missing
+/// UFS object is EIO, as read(2) and close(2) report data errors.
+fn status_error(addr: &str, status: i32, error: &str) -> FsResult<()> {
+    let error = error.to_string();
+    match Status::try_from(status).unwrap_or(Status::IoError) {
+        Status::Ok => Ok(()),
+        Status::Stale => Err(FsError::Stale(error)),
+        Status::Unavailable => Err(FsError::Unavailable(format!("worker {addr}: {error}"))),
+        Status::BadRequest => Err(FsError::InvalidPath(error)),
+        _ => Err(FsError::Io(format!("worker {addr}: {error}"))),
     }
 }

@@ -46,6 +46,18 @@ pub fn free_port() -> u16 {
     }
 }
 
+/// close(2) with its result: dropping a `File` ignores it, and on Granary the close is
+/// where written data is uploaded and committed.
+pub fn close(f: std::fs::File) -> std::io::Result<()> {
+    use std::os::fd::IntoRawFd;
+    // SAFETY: the descriptor is ours and closed exactly once.
+    if unsafe { libc::close(f.into_raw_fd()) } == 0 {
+        Ok(())
+    } else {
+        Err(std::io::Error::last_os_error())
+    }
+}
+
 pub fn wait_until(
     what: &str,
     timeout: Duration,

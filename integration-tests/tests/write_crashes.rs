@@ -4,12 +4,11 @@
 
 use std::fs::File;
 use std::io::Write;
-use std::os::fd::IntoRawFd;
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 
-use granary_integration_tests::{force_unmount, wait_until, Cluster, MasterSpec};
+use granary_integration_tests::{close, force_unmount, wait_until, Cluster, MasterSpec};
 
 fn cluster(ufs: &Path, masters: u64) -> Cluster {
     Cluster::start(&MasterSpec {
@@ -19,16 +18,6 @@ fn cluster(ufs: &Path, masters: u64) -> Cluster {
         ..Default::default()
     })
     .unwrap()
-}
-
-/// close(2) with its result (dropping a `File` ignores it).
-fn close(f: File) -> std::io::Result<()> {
-    // SAFETY: the descriptor is ours and closed exactly once.
-    if unsafe { libc::close(f.into_raw_fd()) } == 0 {
-        Ok(())
-    } else {
-        Err(std::io::Error::last_os_error())
-    }
 }
 
 fn content(i: u64, len: usize) -> Vec<u8> {

@@ -12,7 +12,7 @@ use granary_common::bytesize::ByteSize;
 use rand::seq::SliceRandom;
 use rand::SeedableRng;
 
-use super::report::{machine, render, write_section, Row};
+use super::report::{machine, median, render, write_section, Row};
 use crate::dataset;
 use crate::local::{self, LocalArgs};
 
@@ -113,11 +113,6 @@ fn small_files(root: &Path, files: &[PathBuf], threads: usize) -> anyhow::Result
     .with_context(|| format!("reading small files under {}", root.display()))?;
     let secs = start.elapsed().as_secs_f64();
     Ok((files.len() as f64 / secs, total as f64 / 1e6 / secs))
-}
-
-fn median(mut v: Vec<f64>) -> f64 {
-    v.sort_by(|a, b| a.total_cmp(b));
-    v[v.len() / 2]
 }
 
 fn list_files(root: &Path, dir: &Path, out: &mut Vec<PathBuf>) -> std::io::Result<()> {

@@ -10,6 +10,12 @@ pub struct Row {
     pub granary: f64,
 }
 
+/// The middle value of a run's repetitions.
+pub fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(|a, b| a.total_cmp(b));
+    v[v.len() / 2]
+}
+
 pub fn render(rows: &[Row]) -> String {
     let mut s = String::new();
     s.push_str("| case | unit | raw | granary | granary/raw |\n|---|---|---:|---:|---:|\n");

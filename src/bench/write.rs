@@ -6,14 +6,14 @@
 
 use std::fs::File;
 use std::io::Write;
-use std::os::fd::IntoRawFd;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use anyhow::Context;
 use granary_common::bytesize::ByteSize;
+use granary_integration_tests::close;
 
-use super::report::{machine, render, write_section, Row};
+use super::report::{machine, median, render, write_section, Row};
 use crate::local::{self, LocalArgs};
 
 pub struct WriteBench {
@@ -24,16 +24,6 @@ pub struct WriteBench {
     pub small_threads: usize,
     pub runs: usize,
     pub write_docs: Option<PathBuf>,
-}
-
-/// close(2) with its result: on Granary the close is where the file becomes durable.
-fn close(f: File) -> std::io::Result<()> {
-    // SAFETY: the descriptor is ours and closed exactly once.
-    if unsafe { libc::close(f.into_raw_fd()) } == 0 {
-        Ok(())
-    } else {
-        Err(std::io::Error::last_os_error())
-    }
 }
 
 /// MB/s of writing `size` bytes to `path` in 1 MiB writes, then fsync and close.
@@ -88,11 +78,6 @@ fn small_files(dir: &Path, count: u64, size: u64, threads: usize) -> anyhow::Res
     })
     .with_context(|| format!("writing small files under {}", dir.display()))?;
     Ok(count as f64 / start.elapsed().as_secs_f64())
-}
-
-fn median(mut v: Vec<f64>) -> f64 {
-    v.sort_by(|a, b| a.total_cmp(b));
-    v[v.len() / 2]
 }
 
 pub fn run(b: WriteBench) -> anyhow::Result<()> {
