@@ -462,7 +462,7 @@ impl GranaryFs {
     /// directly (see [`DataPath::whole_file`]); never for a file being written.
     pub fn whole_file(&self, fh: u64) -> Option<std::fs::File> {
         let file = self.files.read().expect("files lock").get(&fh).cloned()?;
-        if file.staged.is_some() || self.staging.get(file.ino).is_some() {
+        if self.staging.get(file.ino).is_some() {
             return None;
         }
         let guard = file.read.lock().expect("read state lock");
@@ -566,14 +566,22 @@ impl GranaryFs {
     pub fn remove(&self, parent: u64, name: &[u8], directory: bool) -> FsResult<()> {
         self.writable()?;
         validate_name(name)?;
-        let victim = self.lookup(parent, name).ok();
+        let victim = self.entries.get(&(parent, name.to_vec()));
         self.meta.remove(parent, name, directory)?;
         self.forget_entry(parent, name);
-        if let Some(st) = victim.and_then(|v| self.staging.get(v.id)) {
-            // Still open here: its last close must not bring it back in the UFS.
-            st.lock().expect("staged lock").unlinked = true;
+        if let Some(id) = victim {
+            self.unlinked(id);
         }
         Ok(())
+    }
+
+    /// A file open for writing here lost its name: its last close must not bring it back
+    /// in the UFS. (The kernel looks a name up before removing or replacing it, so an
+    /// open file's entry is in the cache; no metadata call is needed.)
+    fn unlinked(&self, ino: u64) {
+        if let Some(st) = self.staging.get(ino) {
+            st.lock().expect("staged lock").unlinked = true;
+        }
     }
 
     pub fn rename(
@@ -587,7 +595,7 @@ impl GranaryFs {
         self.writable()?;
         validate_name(name)?;
         validate_name(new_name)?;
-        let replaced = self.lookup(new_parent, new_name).ok();
+        let replaced = self.entries.get(&(new_parent, new_name.to_vec()));
         let moved = self.meta.rename(RenameRequest {
             parent,
             name: name.to_vec(),
@@ -597,11 +605,8 @@ impl GranaryFs {
         })?;
         self.forget_entry(parent, name);
         self.forget_entry(new_parent, new_name);
-        if let Some(st) = replaced
-            .filter(|r| r.id != moved.id)
-            .and_then(|r| self.staging.get(r.id))
-        {
-            st.lock().expect("staged lock").unlinked = true;
+        if let Some(id) = replaced.filter(|&id| id != moved.id) {
+            self.unlinked(id);
         }
         self.remember(&moved);
         Ok(())

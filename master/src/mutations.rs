@@ -220,12 +220,6 @@ impl MasterService {
     }
 
     pub(crate) async fn commit_content(&self, mut c: CommitContent) -> FsResult<Inode> {
-        let inode = self.store.get(c.id)?;
-        if inode.kind != FileKind::File as i32 {
-            return Err(FsError::IsDir(
-                String::from_utf8_lossy(&inode.name).into_owned(),
-            ));
-        }
         c.mtime_ns = now_ns();
         let id = c.id;
         self.commit(command::Op::CommitContent(c)).await?;
