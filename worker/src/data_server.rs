@@ -5,6 +5,7 @@
 use std::os::unix::fs::FileExt;
 use std::sync::Arc;
 
+use granary_common::ufs::UfsObject;
 use granary_common::FsError;
 use granary_protos::data::{
     data_request, DataRequest, Hello, HelloReply, ReadBlockRequest, ReadBlockResponse, Status,
@@ -30,7 +31,32 @@ pub struct DataServer {
     pub token: CheckToken,
 }
 
-fn status_of(e: &FsError) -> Status {
+/// The answer to an upload of `ufs_path` (over the data port or a local one).
+pub(crate) fn upload_response(
+    request_id: u64,
+    ufs_path: &[u8],
+    outcome: Result<UfsObject, FsError>,
+) -> WriteFileResponse {
+    match outcome {
+        Ok(obj) => WriteFileResponse {
+            request_id,
+            size: obj.size,
+            mtime_ns: obj.mtime_ns,
+            ..Default::default()
+        },
+        Err(e) => {
+            tracing::warn!(error = %e, path = %String::from_utf8_lossy(ufs_path), "upload failed");
+            WriteFileResponse {
+                request_id,
+                status: status_of(&e) as i32,
+                error: e.to_string(),
+                ..Default::default()
+            }
+        }
+    }
+}
+
+pub(crate) fn status_of(e: &FsError) -> Status {
     match e {
         FsError::InvalidPath(_) | FsError::NameTooLong(_) => Status::BadRequest,
         FsError::NotFound(_) => Status::NotFound,
@@ -155,23 +181,7 @@ impl DataServer {
             .await
             .map_err(|e| FsError::Io(format!("upload task: {e}")))
             .and_then(|r| r);
-        Ok(match outcome {
-            Ok(obj) => WriteFileResponse {
-                request_id: req.request_id,
-                size: obj.size,
-                mtime_ns: obj.mtime_ns,
-                ..Default::default()
-            },
-            Err(e) => {
-                tracing::warn!(error = %e, path = %String::from_utf8_lossy(&req.ufs_path), "upload failed");
-                WriteFileResponse {
-                    request_id: req.request_id,
-                    status: status_of(&e) as i32,
-                    error: e.to_string(),
-                    ..Default::default()
-                }
-            }
-        })
+        Ok(upload_response(req.request_id, &req.ufs_path, outcome))
     }
 
     async fn read(&self, req: &ReadBlockRequest) -> Result<(ReadBlockResponse, Vec<u8>), FsError> {

@@ -5,6 +5,7 @@ pub mod block_store;
 pub mod config;
 pub mod data_server;
 pub mod fetcher;
+pub mod local_upload;
 pub mod master_link;
 pub mod mounts;
 pub mod server;

@@ -13,6 +13,7 @@ use crate::block_store::BlockStore;
 use crate::config::WorkerConfig;
 use crate::data_server::DataServer;
 use crate::fetcher::BlockFetcher;
+use crate::local_upload::{self, LocalUploads};
 use crate::master_link::MasterLinks;
 use crate::mounts::MountRegistry;
 use granary_common::auth::{AttachToken, CheckToken};
@@ -40,12 +41,14 @@ pub struct RunningWorker {
     pub data_addr: SocketAddr,
     pub store: Arc<BlockStore>,
     pub links: Arc<MasterLinks>,
-    task: JoinHandle<()>,
+    tasks: Vec<JoinHandle<()>>,
 }
 
 impl RunningWorker {
     pub fn stop(self) {
-        self.task.abort();
+        for t in self.tasks {
+            t.abort();
+        }
     }
 }
 
@@ -92,6 +95,8 @@ pub async fn start(config: WorkerConfig) -> Result<RunningWorker, WorkerError> {
             addr: config.data_listen,
             source,
         })?;
+    let upload_socket = config.cache_dir.join("upload.sock");
+    let upload_listener = local_upload::bind(&upload_socket).map_err(cache_err)?;
     let mounts = Arc::new(MountRegistry::default());
     let hostname = crate::hostname();
     let info = WorkerInfo {
@@ -99,25 +104,38 @@ pub async fn start(config: WorkerConfig) -> Result<RunningWorker, WorkerError> {
         host: config.advertised_host(),
         data_port: data_addr.port() as u32,
         hostname: hostname.clone(),
+        upload_socket: match &upload_listener {
+            Some(_) => upload_socket.display().to_string(),
+            None => String::new(),
+        },
         ..Default::default()
     };
     let token = AttachToken::new(&config.cluster_token)
         .map_err(|e| ConfigError::invalid("cluster_token", e))?;
     let links = MasterLinks::start(&config.masters, info, store.clone(), mounts.clone(), token);
+    let fetcher = Arc::new(BlockFetcher::new(store.clone(), mounts));
     let server = Arc::new(DataServer {
-        fetcher: Arc::new(BlockFetcher::new(store.clone(), mounts)),
+        fetcher: fetcher.clone(),
         worker_id: id.clone(),
         hostname,
         token: CheckToken::new(&config.cluster_token),
     });
-    let task = tokio::spawn(server.serve(listener));
+    let mut tasks = vec![tokio::spawn(server.serve(listener))];
+    if let Some(listener) = upload_listener {
+        let uploads = Arc::new(LocalUploads {
+            worker_id: id.clone(),
+            fetcher,
+            token: CheckToken::new(&config.cluster_token),
+        });
+        tasks.push(tokio::spawn(uploads.serve(listener, upload_socket)));
+    }
     tracing::info!(worker = %id, %data_addr, "worker serving");
     Ok(RunningWorker {
         worker_id: id,
         data_addr,
         store,
         links,
-        task,
+        tasks,
     })
 }
 

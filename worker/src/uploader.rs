@@ -1,14 +1,19 @@
-//! Uploads: a client streams a whole file; the bytes go to the UFS under a temporary name
-//! and, block by block, into temp files of the cache. Only when the UFS object is durable
-//! and renamed into place are the blocks committed to the cache, under the fingerprint the
+//! Uploads. Over the data port a client streams a whole file: the bytes go to the UFS
+//! under a temporary name and, block by block, into temp files of the cache. A client on
+//! this machine may instead write into the UFS temp file itself (see `local_upload`);
+//! its blocks are then cached from that file. Either way, only when the UFS object is
+//! renamed into place are the blocks committed to the cache, under the fingerprint the
 //! UFS now reports — so a read right after the close is a cache hit, and a cut-off upload
 //! leaves neither a partial UFS object nor a cached block.
 
 use std::fs::File;
 use std::io::Write;
+use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Mutex;
 
-use granary_common::ufs::{Ufs, UfsObject};
+use granary_common::ufs::{Ufs, UfsObject, UfsUpload};
 use granary_common::{FsError, FsResult};
 
 use crate::block_store::{BlockStore, Fingerprint};
@@ -30,6 +35,202 @@ pub struct UploadTarget {
     pub durable: bool,
 }
 
+/// An upload's blocks on their way into the cache.
+struct CacheFill<'a> {
+    store: &'a BlockStore,
+    block_size: u64,
+    blocks: Vec<PendingBlock>,
+    received: u64,
+}
+
+impl<'a> CacheFill<'a> {
+    fn new(store: &'a BlockStore, block_size: u64) -> FsResult<Self> {
+        if block_size == 0 {
+            return Err(FsError::InvalidPath("block_size is zero".into()));
+        }
+        Ok(CacheFill {
+            store,
+            block_size,
+            blocks: Vec::new(),
+            received: 0,
+        })
+    }
+
+    /// Appends the upload's next bytes.
+    fn push(&mut self, mut data: &[u8]) -> FsResult<()> {
+        while !data.is_empty() {
+            let index = (self.received / self.block_size) as usize;
+            if self.blocks.len() <= index {
+                let path = self.store.temp_path();
+                self.blocks.push(PendingBlock {
+                    file: File::create(&path)?,
+                    path,
+                    crc: 0,
+                    len: 0,
+                });
+            }
+            let b = &mut self.blocks[index];
+            let room = (self.block_size - b.len) as usize;
+            let (now, later) = data.split_at(room.min(data.len()));
+            b.file.write_all(now)?;
+            b.crc = crc32c::crc32c_append(b.crc, now);
+            b.len += now.len() as u64;
+            self.received += now.len() as u64;
+            data = later;
+        }
+        Ok(())
+    }
+
+    /// Caches the first `size` bytes of `source`, whose pages the client has just
+    /// written, a few blocks at a time (the disk serves several writes at once). The
+    /// copies bypass the page cache (O_DIRECT where the cache filesystem allows it):
+    /// they are seldom read back soon, and a second set of fresh pages for a multi-GiB
+    /// checkpoint would throttle the very writes that made it.
+    fn copy_file(&mut self, source: &File, size: u64) -> FsResult<()> {
+        let count = size.div_ceil(self.block_size) as usize;
+        let next = AtomicUsize::new(0);
+        let copied = Mutex::new(Vec::with_capacity(count));
+        let failed = Mutex::new(None);
+        std::thread::scope(|s| {
+            for _ in 0..COPY_THREADS.min(count) {
+                s.spawn(|| {
+                    let mut buf = AlignedBuf::new(COPY_CHUNK);
+                    loop {
+                        let index = next.fetch_add(1, Ordering::Relaxed);
+                        if index >= count || failed.lock().expect("copy lock").is_some() {
+                            return;
+                        }
+                        match self.copy_block(source, index as u64, size, &mut buf) {
+                            Ok(b) => copied.lock().expect("copy lock").push((index, b)),
+                            Err(e) => {
+                                *failed.lock().expect("copy lock") = Some(e);
+                                return;
+                            }
+                        }
+                    }
+                });
+            }
+        });
+        let mut copied = copied.into_inner().expect("copy lock");
+        copied.sort_by_key(|(index, _)| *index);
+        self.blocks = copied.into_iter().map(|(_, b)| b).collect();
+        match failed.into_inner().expect("copy lock") {
+            Some(e) => Err(e),
+            None => {
+                self.received = size;
+                Ok(())
+            }
+        }
+    }
+
+    /// Copies block `index` of a `size`-byte `source` into a temp file of the cache.
+    fn copy_block(
+        &self,
+        source: &File,
+        index: u64,
+        size: u64,
+        buf: &mut AlignedBuf,
+    ) -> FsResult<PendingBlock> {
+        let path = self.store.temp_path();
+        let (file, direct) = match File::options()
+            .write(true)
+            .create_new(true)
+            .custom_flags(libc::O_DIRECT)
+            .open(&path)
+        {
+            Ok(f) => (f, true),
+            Err(e) if e.raw_os_error() == Some(libc::EINVAL) => (File::create(&path)?, false),
+            Err(e) => return Err(e.into()),
+        };
+        let mut block = PendingBlock {
+            path,
+            file,
+            crc: 0,
+            len: 0,
+        };
+        let start = index * self.block_size;
+        let end = (start + self.block_size).min(size);
+        let written = (|| {
+            while start + block.len < end {
+                let want = (end - start - block.len).min(COPY_CHUNK as u64) as usize;
+                let data = &mut buf.bytes_mut()[..want];
+                source.read_exact_at(data, start + block.len)?;
+                block.crc = crc32c::crc32c_append(block.crc, data);
+                // O_DIRECT writes whole sectors: pad the block's tail, then cut it back.
+                let padded = if direct {
+                    want.next_multiple_of(DIRECT_ALIGN)
+                } else {
+                    want
+                };
+                buf.bytes_mut()[want..padded].fill(0);
+                block.file.write_all(&buf.bytes_mut()[..padded])?;
+                block.len += want as u64;
+            }
+            block.file.set_len(block.len)
+        })();
+        match written {
+            Ok(()) => Ok(block),
+            Err(e) => {
+                let _ = std::fs::remove_file(&block.path);
+                Err(e.into())
+            }
+        }
+    }
+
+    fn discard(self) {
+        for b in self.blocks {
+            let _ = std::fs::remove_file(&b.path);
+        }
+    }
+
+    /// Caches the blocks as the content of `stored`, now in place in the UFS.
+    fn commit(self, file_id: u64, stored: &UfsObject) {
+        let fingerprint = Fingerprint {
+            size: stored.size,
+            mtime_ns: stored.mtime_ns,
+        };
+        for (index, b) in self.blocks.into_iter().enumerate() {
+            drop(b.file);
+            // The upload is done; a block that cannot be cached is only a later miss.
+            if let Err(e) =
+                self.store
+                    .commit((file_id, index as u32), fingerprint, &b.path, b.len, b.crc)
+            {
+                tracing::warn!(error = %e, file_id, index, "caching an uploaded block failed");
+                let _ = std::fs::remove_file(&b.path);
+            }
+        }
+    }
+}
+
+/// Completes a UFS upload holding `target.size` bytes and caches `fill`'s blocks under
+/// the fingerprint the UFS then reports.
+fn publish(
+    upload: Box<dyn UfsUpload>,
+    fill: CacheFill<'_>,
+    target: &UploadTarget,
+) -> FsResult<UfsObject> {
+    let stored = match upload.complete(target.durable) {
+        Ok(s) if s.size == target.size => s,
+        Ok(s) => {
+            fill.discard();
+            return Err(FsError::Ufs(format!(
+                "{} holds {} bytes after an upload of {}",
+                String::from_utf8_lossy(&target.ufs_path),
+                s.size,
+                target.size
+            )));
+        }
+        Err(e) => {
+            fill.discard();
+            return Err(e);
+        }
+    };
+    metrics::counter!("granary_worker_uploaded_bytes_total").increment(target.size);
+    fill.commit(target.file_id, &stored);
+    Ok(stored)
+}
+
 /// Writes the chunks arriving on `chunks` (exactly `target.size` bytes; the channel closing
 /// early aborts) to the UFS and the cache. Returns the UFS object as now stored.
 pub fn upload(
@@ -38,15 +239,11 @@ pub fn upload(
     target: &UploadTarget,
     mut chunks: tokio::sync::mpsc::Receiver<Vec<u8>>,
 ) -> FsResult<UfsObject> {
-    if target.block_size == 0 {
-        return Err(FsError::InvalidPath("block_size is zero".into()));
-    }
-    let mut blocks: Vec<PendingBlock> = Vec::new();
-    let result = (|| {
+    let mut fill = CacheFill::new(store, target.block_size)?;
+    let received = (|| {
         let mut ufs_file = ufs.create_upload(&target.ufs_path)?;
-        let mut received = 0u64;
         while let Some(chunk) = chunks.blocking_recv() {
-            if received + chunk.len() as u64 > target.size {
+            if fill.received + chunk.len() as u64 > target.size {
                 return Err(FsError::InvalidPath(format!(
                     "upload of {} sends more than its {} bytes",
                     String::from_utf8_lossy(&target.ufs_path),
@@ -54,73 +251,97 @@ pub fn upload(
                 )));
             }
             ufs_file.write_all(&chunk)?;
-            let mut rest = &chunk[..];
-            while !rest.is_empty() {
-                let index = (received / target.block_size) as usize;
-                if blocks.len() <= index {
-                    let path = store.temp_path();
-                    blocks.push(PendingBlock {
-                        file: File::create(&path)?,
-                        path,
-                        crc: 0,
-                        len: 0,
-                    });
-                }
-                let b = &mut blocks[index];
-                let room = (target.block_size - b.len) as usize;
-                let (now, later) = rest.split_at(room.min(rest.len()));
-                b.file.write_all(now)?;
-                b.crc = crc32c::crc32c_append(b.crc, now);
-                b.len += now.len() as u64;
-                received += now.len() as u64;
-                rest = later;
-            }
+            fill.push(&chunk)?;
         }
-        if received != target.size {
+        if fill.received != target.size {
             return Err(FsError::Io(format!(
-                "upload of {} cut off after {received} of {} bytes",
+                "upload of {} cut off after {} of {} bytes",
                 String::from_utf8_lossy(&target.ufs_path),
+                fill.received,
                 target.size
             )));
         }
-        let stored = ufs_file.complete(target.durable)?;
-        if stored.size != target.size {
-            return Err(FsError::Ufs(format!(
-                "{} holds {} bytes after an upload of {}",
-                String::from_utf8_lossy(&target.ufs_path),
-                stored.size,
-                target.size
-            )));
-        }
-        metrics::counter!("granary_worker_uploaded_bytes_total").increment(received);
-        Ok(stored)
+        Ok(ufs_file)
     })();
-    let stored = match result {
-        Ok(s) => s,
+    match received {
+        Ok(ufs_file) => publish(ufs_file, fill, target),
         Err(e) => {
-            for b in blocks {
-                let _ = std::fs::remove_file(&b.path);
-            }
-            return Err(e);
-        }
-    };
-    let fingerprint = Fingerprint {
-        size: stored.size,
-        mtime_ns: stored.mtime_ns,
-    };
-    for (index, b) in blocks.into_iter().enumerate() {
-        drop(b.file);
-        // The upload is done; a block that cannot be cached is only a later miss.
-        if let Err(e) = store.commit(
-            (target.file_id, index as u32),
-            fingerprint,
-            &b.path,
-            b.len,
-            b.crc,
-        ) {
-            tracing::warn!(error = %e, file_id = target.file_id, index, "caching an uploaded block failed");
-            let _ = std::fs::remove_file(&b.path);
+            fill.discard();
+            Err(e)
         }
     }
-    Ok(stored)
+}
+
+/// Blocks cached at once when caching from a file.
+const COPY_THREADS: usize = 4;
+/// Bytes read and cached per step when caching from a file.
+const COPY_CHUNK: usize = 1 << 20;
+/// Alignment O_DIRECT asks of buffers, offsets and lengths (a page covers every device).
+const DIRECT_ALIGN: usize = 4096;
+
+/// A page-aligned buffer, as O_DIRECT needs.
+struct AlignedBuf {
+    ptr: std::ptr::NonNull<u8>,
+    layout: std::alloc::Layout,
+}
+
+impl AlignedBuf {
+    fn new(len: usize) -> Self {
+        let layout = std::alloc::Layout::from_size_align(len, DIRECT_ALIGN).expect("valid layout");
+        // SAFETY: the layout has a non-zero size.
+        let ptr = unsafe { std::alloc::alloc_zeroed(layout) };
+        let ptr =
+            std::ptr::NonNull::new(ptr).unwrap_or_else(|| std::alloc::handle_alloc_error(layout));
+        AlignedBuf { ptr, layout }
+    }
+
+    fn bytes_mut(&mut self) -> &mut [u8] {
+        // SAFETY: ptr points at layout.size() initialised bytes owned by self.
+        unsafe { std::slice::from_raw_parts_mut(self.ptr.as_ptr(), self.layout.size()) }
+    }
+}
+
+impl Drop for AlignedBuf {
+    fn drop(&mut self) {
+        // SAFETY: allocated in new() with this layout.
+        unsafe { std::alloc::dealloc(self.ptr.as_ptr(), self.layout) }
+    }
+}
+
+/// Publishes a local upload whose bytes a co-located client wrote into the UFS temp
+/// file: they are cached from that file, then the file is renamed into place.
+pub fn publish_local(
+    store: &BlockStore,
+    upload: Box<dyn UfsUpload>,
+    target: &UploadTarget,
+) -> FsResult<UfsObject> {
+    let file = upload
+        .local_file()
+        .ok_or_else(|| FsError::Unsupported("this UFS has no local upload file".into()))?;
+    let len = file.metadata()?.len();
+    if len != target.size {
+        return Err(FsError::InvalidPath(format!(
+            "upload of {}: the file holds {len} bytes, the client says {}",
+            String::from_utf8_lossy(&target.ufs_path),
+            target.size
+        )));
+    }
+    let mut fill = CacheFill::new(store, target.block_size)?;
+    // The disk takes the file's dirty pages while the blocks are copied (the rename's own
+    // sync then finds nothing left to write).
+    let copied = std::thread::scope(|s| {
+        let synced = target.durable.then(|| s.spawn(|| file.sync_data()));
+        let copied = fill.copy_file(file, target.size);
+        match synced.map(|t| t.join().expect("sync thread")) {
+            Some(Err(e)) => Err(e.into()),
+            _ => copied,
+        }
+    });
+    match copied {
+        Ok(()) => publish(upload, fill, target),
+        Err(e) => {
+            fill.discard();
+            Err(e)
+        }
+    }
 }

@@ -101,6 +101,10 @@ impl Write for LocalUpload {
 }
 
 impl UfsUpload for LocalUpload {
+    fn local_file(&self) -> Option<&File> {
+        self.file.as_ref()
+    }
+
     fn complete(mut self: Box<Self>, durable: bool) -> FsResult<UfsObject> {
         let file = self.file.take().expect("open until completed");
         if durable {
@@ -311,7 +315,7 @@ impl Ufs for LocalUfs {
             libc::openat(
                 dir.as_raw_fd(),
                 tmp.as_ptr(),
-                libc::O_WRONLY | libc::O_CREAT | libc::O_EXCL | libc::O_CLOEXEC | libc::O_NOFOLLOW,
+                libc::O_RDWR | libc::O_CREAT | libc::O_EXCL | libc::O_CLOEXEC | libc::O_NOFOLLOW,
                 0o644,
             )
         };

@@ -37,6 +37,11 @@ pub const UPLOAD_PREFIX: &[u8] = b".granary-upload.";
 /// An object being written. Nothing is visible under the final name until
 /// [`UfsUpload::complete`]; dropping an upload without completing it discards it.
 pub trait UfsUpload: Write + Send {
+    /// The file being written, where the UFS is a local (or NFS) filesystem: a process
+    /// on this machine may write into it directly (see the worker's local uploads).
+    fn local_file(&self) -> Option<&std::fs::File> {
+        None
+    }
     /// Moves the object under its final name atomically (replacing what was there);
     /// returns the object as the UFS now reports it. With `durable`, every byte and the
     /// rename survive a machine crash too, not only a crash of any process.
