@@ -35,6 +35,11 @@ pub struct FuseAdapter {
     pub passthrough: Passthrough,
 }
 
+/// How a descriptor open for writing is served: its writes go straight to the staged
+/// file, not first into the mount's page cache (where a multi-GiB checkpoint would take
+/// as many fresh pages again as the staged file does).
+const WRITER_FOPEN: FopenFlags = FopenFlags::FOPEN_DIRECT_IO;
+
 /// FUSE passthrough state: one backing file per inode, shared by all its open handles
 /// (the kernel requires that), closed when the last one is released.
 #[derive(Default)]
@@ -173,6 +178,7 @@ impl Filesystem for FuseAdapter {
             InitFlags::FUSE_READDIRPLUS_AUTO,
             InitFlags::FUSE_PARALLEL_DIROPS,
             InitFlags::FUSE_CACHE_SYMLINKS,
+            InitFlags::FUSE_DIRECT_IO_ALLOW_MMAP,
         ] {
             if config.add_capabilities(flag).is_err() {
                 tracing::debug!(?flag, "kernel lacks FUSE capability");
@@ -214,14 +220,16 @@ impl Filesystem for FuseAdapter {
             Ok(x) => x,
             Err(e) => return reply.error(errno("open", &e)),
         };
-        let mut fopen = if self.opts.keep_cache && unchanged {
+        // A read-only descriptor has nothing to commit at close: spare the FLUSH round
+        // trip every close(2) would otherwise cost.
+        let read_only = flags.0 & libc::O_ACCMODE == libc::O_RDONLY;
+        let mut fopen = if !read_only {
+            WRITER_FOPEN
+        } else if self.opts.keep_cache && unchanged {
             FopenFlags::FOPEN_KEEP_CACHE
         } else {
             FopenFlags::empty()
         };
-        // A read-only descriptor has nothing to commit at close: spare the FLUSH round
-        // trip every close(2) would otherwise cost.
-        let read_only = flags.0 & libc::O_ACCMODE == libc::O_RDONLY;
         if read_only {
             fopen |= FopenFlags::FOPEN_NOFLUSH;
         }
@@ -315,7 +323,7 @@ impl Filesystem for FuseAdapter {
                 &self.attr(&inode),
                 Generation(0),
                 FileHandle(fh),
-                FopenFlags::empty(),
+                WRITER_FOPEN,
             ),
             Err(e) => reply.error(errno("create", &e)),
         }
