@@ -18,6 +18,7 @@ use granary_protos::data::{ReadBlockRequest, WriteFileRequest};
 use granary_protos::v1::{Inode, UfsFingerprint, WorkerInfo};
 
 use crate::data_client::DataClient;
+use crate::local_upload::LocalUpload;
 use crate::meta_client::MetadataService;
 
 /// Tries of a block read or an upload that fails retryably (a worker restarting, or one
@@ -59,6 +60,12 @@ pub trait DataPath: Send + Sync {
     /// single-block file cached by a co-located worker): the kernel can then serve reads
     /// from it directly (FUSE passthrough).
     fn whole_file(&self, _file: &Inode) -> Option<File> {
+        None
+    }
+
+    /// A file to write `file`'s new content into, which the worker on this machine then
+    /// publishes (see [`LocalUpload`]); `None` without such a worker.
+    fn begin_upload(&self, _file: &Inode) -> Option<LocalUpload> {
         None
     }
 
@@ -429,6 +436,20 @@ impl WorkerDataPath {
 }
 
 impl DataPath for WorkerDataPath {
+    fn begin_upload(&self, file: &Inode) -> Option<LocalUpload> {
+        let worker = self.local_worker(&self.live_workers(false).ok()?)?;
+        if worker.upload_socket.is_empty() {
+            return None;
+        }
+        match LocalUpload::open(&worker.upload_socket, &self.opts.cluster_token, file) {
+            Ok(u) => Some(u),
+            Err(e) => {
+                tracing::debug!(error = %e, "no local upload; staging the file here");
+                None
+            }
+        }
+    }
+
     fn upload(
         &self,
         file: &Inode,

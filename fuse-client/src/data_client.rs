@@ -156,7 +156,7 @@ impl DataClient {
 
 /// How long the answer to an upload may take after its last byte: the worker makes the
 /// whole file durable first.
-const UPLOAD_ANSWER_TIMEOUT: Duration = Duration::from_secs(600);
+pub(crate) const UPLOAD_ANSWER_TIMEOUT: Duration = Duration::from_secs(600);
 
 fn send_file(
     conn: &mut Conn,
@@ -231,7 +231,7 @@ fn exchange(
 
 /// The error a worker's answer status stands for (`Ok` when there is none). A missing
 /// UFS object is EIO, as read(2) and close(2) report data errors.
-fn status_error(addr: &str, status: i32, error: &str) -> FsResult<()> {
+pub(crate) fn status_error(addr: &str, status: i32, error: &str) -> FsResult<()> {
     let error = error.to_string();
     match Status::try_from(status).unwrap_or(Status::IoError) {
         Status::Ok => Ok(()),

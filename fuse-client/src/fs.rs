@@ -20,10 +20,13 @@ use moka::sync::Cache;
 
 use crate::block_reader::{DataPath, ReadState};
 use crate::meta_client::MetadataService;
-use crate::staging::{SharedStaged, Staged, StagingArea};
+use crate::staging::{Backing, SharedStaged, Staged, StagingArea};
 
 /// Directory entries fetched per metadata call.
 const READDIR_PAGE: u32 = 1024;
+/// Written ranges of a local upload handed to the disk early, as a file grows past each
+/// multiple of this.
+const WRITEBACK_STEP: u64 = 8 << 20;
 /// Bytes copied per step when committed content is brought into a staging file.
 const FILL_CHUNK: u32 = 4 << 20;
 
@@ -237,11 +240,7 @@ impl GranaryFs {
         let staged = if write {
             let st = self.staging.attach(ino)?;
             if flags & libc::O_TRUNC != 0 {
-                let mut s = st.lock().expect("staged lock");
-                s.file.set_len(0)?;
-                s.size = 0;
-                s.filled = true;
-                s.modified = true;
+                st.lock().expect("staged lock").empty()?;
             }
             Some(st)
         } else {
@@ -309,11 +308,7 @@ impl GranaryFs {
         let st = self.staging.attach(inode.id)?;
         {
             // Empty and new: the first close puts an empty object in the UFS.
-            let mut s = st.lock().expect("staged lock");
-            s.file.set_len(0)?;
-            s.size = 0;
-            s.filled = true;
-            s.modified = true;
+            st.lock().expect("staged lock").empty()?;
         }
         self.opened_versions
             .insert(inode.id, inode.fingerprint.unwrap_or_default());
@@ -367,6 +362,10 @@ impl GranaryFs {
         if st.filled {
             return Ok(());
         }
+        if st.published.is_some() {
+            // The new content is in the UFS already; what is committed is older.
+            self.commit_staged(ino, st, false)?;
+        }
         let inode = self.committed(ino)?;
         let mut state = ReadState::default();
         let mut offset = 0;
@@ -380,10 +379,10 @@ impl GranaryFs {
                     inode.size
                 )));
             }
-            st.file.write_all_at(&data, offset)?;
+            self.backing(ino, st)?.write_all_at(&data, offset)?;
             offset += data.len() as u64;
         }
-        st.file.set_len(inode.size)?;
+        self.backing(ino, st)?.set_len(inode.size)?;
         st.size = inode.size;
         st.filled = true;
         Ok(())
@@ -397,8 +396,17 @@ impl GranaryFs {
         let mut st = st.lock().expect("staged lock");
         self.fill(file.ino, &mut st)?;
         let at = if file.append { st.size } else { offset };
-        st.file.write_all_at(data, at)?;
-        st.size = st.size.max(at + data.len() as u64);
+        let end = at + data.len() as u64;
+        self.backing(file.ino, &mut st)?.write_all_at(data, at)?;
+        if let Some(Backing::Worker(u)) = &st.backing {
+            // A big file written in order: the disk starts on what is written while the
+            // rest comes, so the fsync or close that publishes it waits for less.
+            let done = end / WRITEBACK_STEP * WRITEBACK_STEP;
+            if done > at && done >= WRITEBACK_STEP {
+                u.start_writeback(done - WRITEBACK_STEP, WRITEBACK_STEP);
+            }
+        }
+        st.size = st.size.max(end);
         st.modified = true;
         Ok(data.len() as u32)
     }
@@ -410,8 +418,60 @@ impl GranaryFs {
         if st.unlinked || !(st.modified || durable && st.undurable) {
             return Ok(());
         }
+        if let Some(fingerprint) = st.published.take() {
+            if let Err(e) = self.commit_version(ino, st, fingerprint, false) {
+                st.published = Some(fingerprint);
+                return Err(e);
+            }
+            if !durable {
+                return Ok(());
+            }
+        }
+        // Made durable again after a close published it: the content comes back from
+        // what was committed.
+        self.fill(ino, st)?;
+        self.backing(ino, st)?;
         let inode = self.committed(ino)?;
-        let fingerprint = self.data.upload(&inode, st.size, &st.file, durable)?;
+        let (fingerprint, published) = match st.backing.take().expect("made above") {
+            Backing::Worker(mut u) if u.ufs_path == inode.ufs_path => {
+                match u.complete(&inode, st.size, durable) {
+                    // The staged file is the UFS object now: what is written next starts
+                    // from the committed content.
+                    Ok(fp) => {
+                        st.filled = false;
+                        (fp, true)
+                    }
+                    Err(e) if e.is_retryable() => {
+                        tracing::warn!(ino, error = %e, "local upload failed; uploading over the data port");
+                        (self.upload_own(&inode, st, u.into_file(), durable)?, false)
+                    }
+                    Err(e) => {
+                        st.backing = Some(Backing::Own(u.into_file()));
+                        return Err(e);
+                    }
+                }
+            }
+            // Renamed on this mount since the local upload began: it would land under
+            // the old name.
+            Backing::Worker(u) => (self.upload_own(&inode, st, u.into_file(), durable)?, false),
+            Backing::Own(f) => (self.upload_own(&inode, st, f, durable)?, false),
+        };
+        let committed = self.commit_version(ino, st, fingerprint, durable);
+        if committed.is_err() && published {
+            // In the UFS but not in the namespace: the next try commits it as it is.
+            st.published = Some(fingerprint);
+        }
+        committed
+    }
+
+    /// Records the uploaded `fingerprint` as the file's content through the leader.
+    fn commit_version(
+        &self,
+        ino: u64,
+        st: &mut Staged,
+        fingerprint: UfsFingerprint,
+        durable: bool,
+    ) -> FsResult<()> {
         let committed = self.meta.commit(CommitContent {
             id: ino,
             size: st.size,
@@ -424,6 +484,32 @@ impl GranaryFs {
         st.modified = false;
         st.undurable = !durable;
         Ok(())
+    }
+
+    /// Uploads a staged file of this mount over the data port; it stays the staged file.
+    fn upload_own(
+        &self,
+        inode: &Inode,
+        st: &mut Staged,
+        file: std::fs::File,
+        durable: bool,
+    ) -> FsResult<UfsFingerprint> {
+        let r = self.data.upload(inode, st.size, &file, durable);
+        st.backing = Some(Backing::Own(file));
+        r
+    }
+
+    /// The staged file's bytes, made on first use: the temp file of a local upload where
+    /// a worker runs on this machine, else an anonymous file here.
+    fn backing<'a>(&self, ino: u64, st: &'a mut Staged) -> FsResult<&'a std::fs::File> {
+        if st.backing.is_none() {
+            let inode = self.committed(ino)?;
+            st.backing = Some(match self.data.begin_upload(&inode) {
+                Some(u) => Backing::Worker(u),
+                None => self.staging.own_file()?,
+            });
+        }
+        Ok(st.backing.as_ref().expect("made above").file())
     }
 
     /// close(2) of one descriptor: what it wrote becomes visible.
@@ -483,7 +569,7 @@ impl GranaryFs {
                     s.filled = true;
                 }
                 self.fill(ino, &mut s)?;
-                s.file.set_len(size)?;
+                self.backing(ino, &mut s)?.set_len(size)?;
                 s.size = size;
                 s.modified = true;
                 // Nobody else writes it here: commit now, as truncate(2) is one call.
@@ -698,7 +784,10 @@ fn read_staged(st: &Staged, offset: u64, size: u32) -> FsResult<Vec<u8>> {
     }
     let len = (st.size - offset).min(size as u64) as usize;
     let mut buf = vec![0u8; len];
-    st.file.read_exact_at(&mut buf, offset)?;
+    // Nothing backs a staged file never written to: it is all zeros.
+    if let Some(b) = &st.backing {
+        b.file().read_exact_at(&mut buf, offset)?;
+    }
     Ok(buf)
 }
 

@@ -5,6 +5,7 @@ pub mod config;
 pub mod data_client;
 pub mod fs;
 pub mod fuse_adapter;
+pub mod local_upload;
 pub mod meta_client;
 pub mod mount;
 pub mod staging;

@@ -1,7 +1,9 @@
-//! Writes in progress on this mount: one staging file per inode, shared by all its open
-//! handles, holding the file's whole current content once written to. Staging files are
-//! anonymous (O_TMPFILE), so a crashed client leaves nothing behind; what was not yet
-//! committed by a close or fsync is lost with it, as on a local filesystem.
+//! Writes in progress on this mount: one staged file per inode, shared by all its open
+//! handles, holding the file's whole current content once written to. With a worker on
+//! this machine the staged file is the UFS temp file of a local upload (the bytes are
+//! written once); otherwise an anonymous file here (O_TMPFILE). Either way a crashed
+//! client leaves nothing visible behind; what was not yet committed by a close or fsync is
+//! lost with it, as on a local filesystem.
 
 use std::collections::HashMap;
 use std::fs::File;
@@ -11,8 +13,30 @@ use std::sync::{Arc, Mutex, RwLock};
 
 use granary_common::{FsError, FsResult};
 
+use granary_protos::v1::UfsFingerprint;
+
+use crate::local_upload::LocalUpload;
+
+/// Where a staged file's bytes are.
+pub enum Backing {
+    /// An anonymous file of this mount's staging directory.
+    Own(File),
+    /// The temp file of a local upload, published by the worker at commit.
+    Worker(LocalUpload),
+}
+
+impl Backing {
+    pub fn file(&self) -> &File {
+        match self {
+            Backing::Own(f) => f,
+            Backing::Worker(u) => u.file(),
+        }
+    }
+}
+
 pub struct Staged {
-    pub file: File,
+    /// Made at the first write, truncate or fill (`None` while all is still empty).
+    pub backing: Option<Backing>,
     /// Current size of the file as written here.
     pub size: u64,
     /// The staging file holds the whole content (copied from the committed content, or
@@ -23,8 +47,23 @@ pub struct Staged {
     /// Committed by a close but not made durable by an fsync: an fsync uploads it again,
     /// durably.
     pub undurable: bool,
+    /// Published in the UFS by a local upload whose commit through the leader failed.
+    pub published: Option<UfsFingerprint>,
     /// Removed from the namespace while open: nothing is uploaded at close.
     pub unlinked: bool,
+}
+
+impl Staged {
+    /// Truncated to nothing here (O_TRUNC, or a new file): the next flush uploads it.
+    pub fn empty(&mut self) -> FsResult<()> {
+        if let Some(b) = &self.backing {
+            b.file().set_len(0)?;
+        }
+        self.size = 0;
+        self.filled = true;
+        self.modified = true;
+        Ok(())
+    }
 }
 
 pub type SharedStaged = Arc<Mutex<Staged>>;
@@ -49,6 +88,13 @@ impl StagingArea {
         })
     }
 
+    /// An anonymous file in the staging directory.
+    pub fn own_file(&self) -> FsResult<Backing> {
+        tempfile::tempfile_in(&self.dir)
+            .map(Backing::Own)
+            .map_err(|e| FsError::Io(format!("staging file in {}: {e}", self.dir.display())))
+    }
+
     /// The inode's staged file, made (empty, not filled) for its first user.
     pub fn attach(&self, ino: u64) -> FsResult<SharedStaged> {
         let mut files = self.files.write().expect("staging lock");
@@ -56,14 +102,13 @@ impl StagingArea {
             *users += 1;
             return Ok(s.clone());
         }
-        let file = tempfile::tempfile_in(&self.dir)
-            .map_err(|e| FsError::Io(format!("staging file in {}: {e}", self.dir.display())))?;
         let s = Arc::new(Mutex::new(Staged {
-            file,
+            backing: None,
             size: 0,
             filled: false,
             modified: false,
             undurable: false,
+            published: None,
             unlinked: false,
         }));
         files.insert(ino, (s.clone(), 1));
