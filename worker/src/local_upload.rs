@@ -208,39 +208,44 @@ mod tests {
         let ufs = s.ufs_dir.path().to_path_buf();
         let store = s.store.clone();
         tokio::task::spawn_blocking(move || {
-            // Three blocks of 64 KiB and a tail that is no whole sector.
-            let data: Vec<u8> = (0..3 * 65536 + 1000u32).map(|i| (i % 251) as u8).collect();
-            let (mut sock, opened) = open(&socket, "secret", "ckpt");
-            assert_eq!(opened.status, 0, "{}", opened.error);
-            let file = recv_file(&sock).unwrap();
-            file.write_all_at(&data, 0).unwrap();
-            assert_eq!(visible(&ufs).len(), 1, "only the temp file exists");
-            assert!(
-                !ufs.join("ckpt").exists(),
-                "nothing under the final name yet"
-            );
-            let done = LocalUploadComplete {
-                file_id: 7,
-                size: data.len() as u64,
-                block_size: 65536,
-                durable: true,
-            };
-            write_header(&mut sock, &done).unwrap();
-            let resp: WriteFileResponse = read_header(&mut sock).unwrap();
-            assert_eq!(resp.status, 0, "{}", resp.error);
-            assert_eq!(resp.size, data.len() as u64);
-            assert_eq!(std::fs::read(ufs.join("ckpt")).unwrap(), data);
-            assert_eq!(visible(&ufs), vec!["ckpt".to_string()]);
-            let fingerprint = Fingerprint {
-                size: resp.size,
-                mtime_ns: resp.mtime_ns,
-            };
-            for (index, chunk) in data.chunks(65536).enumerate() {
-                let block = store
-                    .lookup((7, index as u32), fingerprint)
-                    .expect("block cached");
-                assert_eq!(std::fs::read(&block.path).unwrap(), chunk, "block {index}");
+            // Small: blocks copied through the page cache; big: with O_DIRECT, several at
+            // once. Both end in a tail that is no whole sector.
+            for (name, size, block_size) in [
+                ("small", 3 * 65536 + 1000, 65536u64),
+                ("big", (8 << 20) + 1000, 1 << 20),
+            ] {
+                let data: Vec<u8> = (0..size as u32).map(|i| (i % 251) as u8).collect();
+                let (mut sock, opened) = open(&socket, "secret", name);
+                assert_eq!(opened.status, 0, "{}", opened.error);
+                let file = recv_file(&sock).unwrap();
+                file.write_all_at(&data, 0).unwrap();
+                assert!(!ufs.join(name).exists(), "nothing under the final name yet");
+                let done = LocalUploadComplete {
+                    file_id: size,
+                    size,
+                    block_size,
+                    durable: true,
+                };
+                write_header(&mut sock, &done).unwrap();
+                let resp: WriteFileResponse = read_header(&mut sock).unwrap();
+                assert_eq!(resp.status, 0, "{}", resp.error);
+                assert_eq!(resp.size, size);
+                assert!(std::fs::read(ufs.join(name)).unwrap() == data);
+                let fingerprint = Fingerprint {
+                    size: resp.size,
+                    mtime_ns: resp.mtime_ns,
+                };
+                for (index, chunk) in data.chunks(block_size as usize).enumerate() {
+                    let block = store
+                        .lookup((size, index as u32), fingerprint)
+                        .expect("block cached");
+                    assert!(
+                        std::fs::read(&block.path).unwrap() == chunk,
+                        "{name} block {index}"
+                    );
+                }
             }
+            assert_eq!(visible(&ufs), vec!["big".to_string(), "small".to_string()]);
         })
         .await
         .unwrap();

@@ -83,11 +83,25 @@ impl<'a> CacheFill<'a> {
 
     /// Caches the first `size` bytes of `source`, whose pages the client has just
     /// written, a few blocks at a time (the disk serves several writes at once). The
-    /// copies bypass the page cache (O_DIRECT where the cache filesystem allows it):
-    /// they are seldom read back soon, and a second set of fresh pages for a multi-GiB
-    /// checkpoint would throttle the very writes that made it.
+    /// copies of a big file bypass the page cache (O_DIRECT where the cache filesystem
+    /// allows it): they are seldom read back soon, and a second set of fresh pages for a
+    /// multi-GiB checkpoint would throttle the very writes that made it. A small file is
+    /// copied through the page cache, in this thread: waiting for the disk would cost it
+    /// more than the pages do.
     fn copy_file(&mut self, source: &File, size: u64) -> FsResult<()> {
         let count = size.div_ceil(self.block_size) as usize;
+        if size < DIRECT_MIN {
+            let chunk = size
+                .next_multiple_of(DIRECT_ALIGN as u64)
+                .max(DIRECT_ALIGN as u64);
+            let mut buf = AlignedBuf::new((COPY_CHUNK as u64).min(chunk) as usize);
+            for index in 0..count {
+                let b = self.copy_block(source, index as u64, size, &mut buf, false)?;
+                self.blocks.push(b);
+            }
+            self.received = size;
+            return Ok(());
+        }
         let next = AtomicUsize::new(0);
         let copied = Mutex::new(Vec::with_capacity(count));
         let failed = Mutex::new(None);
@@ -100,7 +114,7 @@ impl<'a> CacheFill<'a> {
                         if index >= count || failed.lock().expect("copy lock").is_some() {
                             return;
                         }
-                        match self.copy_block(source, index as u64, size, &mut buf) {
+                        match self.copy_block(source, index as u64, size, &mut buf, true) {
                             Ok(b) => copied.lock().expect("copy lock").push((index, b)),
                             Err(e) => {
                                 *failed.lock().expect("copy lock") = Some(e);
@@ -130,17 +144,24 @@ impl<'a> CacheFill<'a> {
         index: u64,
         size: u64,
         buf: &mut AlignedBuf,
+        direct: bool,
     ) -> FsResult<PendingBlock> {
         let path = self.store.temp_path();
-        let (file, direct) = match File::options()
-            .write(true)
-            .create_new(true)
-            .custom_flags(libc::O_DIRECT)
-            .open(&path)
-        {
-            Ok(f) => (f, true),
-            Err(e) if e.raw_os_error() == Some(libc::EINVAL) => (File::create(&path)?, false),
-            Err(e) => return Err(e.into()),
+        let open = |flags| {
+            File::options()
+                .write(true)
+                .create_new(true)
+                .custom_flags(flags)
+                .open(&path)
+        };
+        let (file, direct) = match direct {
+            false => (open(0)?, false),
+            true => match open(libc::O_DIRECT) {
+                Ok(f) => (f, true),
+                // The cache filesystem has no O_DIRECT (tmpfs before Linux 6.6).
+                Err(e) if e.raw_os_error() == Some(libc::EINVAL) => (open(0)?, false),
+                Err(e) => return Err(e.into()),
+            },
         };
         let mut block = PendingBlock {
             path,
@@ -152,7 +173,7 @@ impl<'a> CacheFill<'a> {
         let end = (start + self.block_size).min(size);
         let written = (|| {
             while start + block.len < end {
-                let want = (end - start - block.len).min(COPY_CHUNK as u64) as usize;
+                let want = (end - start - block.len).min(buf.len() as u64) as usize;
                 let data = &mut buf.bytes_mut()[..want];
                 source.read_exact_at(data, start + block.len)?;
                 block.crc = crc32c::crc32c_append(block.crc, data);
@@ -274,6 +295,8 @@ pub fn upload(
 
 /// Blocks cached at once when caching from a file.
 const COPY_THREADS: usize = 4;
+/// Uploads from this size on are cached with O_DIRECT, several blocks at once.
+const DIRECT_MIN: u64 = 8 << 20;
 /// Bytes read and cached per step when caching from a file.
 const COPY_CHUNK: usize = 1 << 20;
 /// Alignment O_DIRECT asks of buffers, offsets and lengths (a page covers every device).
@@ -293,6 +316,10 @@ impl AlignedBuf {
         let ptr =
             std::ptr::NonNull::new(ptr).unwrap_or_else(|| std::alloc::handle_alloc_error(layout));
         AlignedBuf { ptr, layout }
+    }
+
+    fn len(&self) -> usize {
+        self.layout.size()
     }
 
     fn bytes_mut(&mut self) -> &mut [u8] {
