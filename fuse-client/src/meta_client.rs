@@ -72,7 +72,6 @@ fn read_only(name: &[u8]) -> FsError {
 #[derive(Clone)]
 struct Member {
     addr: String,
-    client: Client,
 }
 
 struct Members {
@@ -103,7 +102,6 @@ pub struct GrpcMetadataClient {
     rpc_timeout: Duration,
     deadline: Duration,
     token: AttachToken,
-    rt: tokio::runtime::Runtime,
     stop: Arc<AtomicBool>,
     /// Tells this client's connections apart in [`THREAD_CLIENTS`].
     id: u64,
@@ -129,12 +127,6 @@ impl Drop for GrpcMetadataClient {
 
 impl GrpcMetadataClient {
     pub fn connect(shard: u16, masters: &[String], opts: &ClientOptions) -> FsResult<Arc<Self>> {
-        let rt = tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(2)
-            .thread_name("granary-meta")
-            .enable_all()
-            .build()
-            .map_err(|e| FsError::Io(format!("metadata runtime: {e}")))?;
         let token = AttachToken::new(&opts.cluster_token)
             .map_err(FsError::InvalidPath)?
             .with_consistency(opts.read_consistency);
@@ -150,7 +142,6 @@ impl GrpcMetadataClient {
             rpc_timeout: opts.rpc_timeout,
             deadline: opts.retry_deadline,
             token,
-            rt,
             stop: Arc::new(AtomicBool::new(false)),
             id: NEXT_CLIENT_ID.fetch_add(1, Ordering::Relaxed),
         });
@@ -164,10 +155,10 @@ impl GrpcMetadataClient {
     }
 
     fn member(&self, addr: &str) -> FsResult<Member> {
-        let _guard = self.rt.enter();
+        tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
+            .map_err(|e| FsError::InvalidPath(format!("master address `{addr}`: {e}")))?;
         Ok(Member {
             addr: addr.to_string(),
-            client: self.client(addr)?,
         })
     }
 
@@ -297,8 +288,11 @@ impl GrpcMetadataClient {
                     let list = me.members.read().expect("members lock").list.clone();
                     let start = me.preferred.load(Ordering::Relaxed);
                     for i in 0..list.len() {
-                        let mut c = list[(start + i) % list.len()].client.clone();
-                        if let Ok(r) = me.rt.block_on(c.get_masters(GetMastersRequest {})) {
+                        let addr = &list[(start + i) % list.len()].addr;
+                        let asked = me.on_this_thread(addr, |mut c| async move {
+                            c.get_masters(GetMastersRequest {}).await
+                        });
+                        if let Ok(r) = asked {
                             me.adopt(&r.into_inner());
                             break;
                         }
