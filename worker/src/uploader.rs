@@ -10,8 +10,6 @@ use std::fs::File;
 use std::io::Write;
 use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::Mutex;
 
 use granary_common::ufs::{Ufs, UfsObject, UfsUpload};
 use granary_common::{FsError, FsResult};
@@ -90,51 +88,56 @@ impl<'a> CacheFill<'a> {
     /// more than the pages do.
     fn copy_file(&mut self, source: &File, size: u64) -> FsResult<()> {
         let count = size.div_ceil(self.block_size) as usize;
-        if size < DIRECT_MIN {
-            let chunk = size
-                .next_multiple_of(DIRECT_ALIGN as u64)
-                .max(DIRECT_ALIGN as u64);
-            let mut buf = AlignedBuf::new((COPY_CHUNK as u64).min(chunk) as usize);
-            for index in 0..count {
-                let b = self.copy_block(source, index as u64, size, &mut buf, false)?;
-                self.blocks.push(b);
-            }
-            self.received = size;
-            return Ok(());
+        let direct = size >= DIRECT_MIN;
+        let threads = if direct { COPY_THREADS.min(count) } else { 1 };
+        let this = &*self;
+        let shares = if threads <= 1 {
+            vec![this.copy_share(source, size, direct, 0, 1)]
+        } else {
+            std::thread::scope(|s| {
+                let copiers: Vec<_> = (0..threads)
+                    .map(|t| s.spawn(move || this.copy_share(source, size, direct, t, threads)))
+                    .collect();
+                copiers
+                    .into_iter()
+                    .map(|c| c.join().expect("copy thread"))
+                    .collect()
+            })
+        };
+        let mut result = Ok(());
+        let mut copied = Vec::with_capacity(count);
+        for (blocks, r) in shares {
+            copied.extend(blocks);
+            result = result.and(r);
         }
-        let next = AtomicUsize::new(0);
-        let copied = Mutex::new(Vec::with_capacity(count));
-        let failed = Mutex::new(None);
-        std::thread::scope(|s| {
-            for _ in 0..COPY_THREADS.min(count) {
-                s.spawn(|| {
-                    let mut buf = AlignedBuf::new(COPY_CHUNK);
-                    loop {
-                        let index = next.fetch_add(1, Ordering::Relaxed);
-                        if index >= count || failed.lock().expect("copy lock").is_some() {
-                            return;
-                        }
-                        match self.copy_block(source, index as u64, size, &mut buf, true) {
-                            Ok(b) => copied.lock().expect("copy lock").push((index, b)),
-                            Err(e) => {
-                                *failed.lock().expect("copy lock") = Some(e);
-                                return;
-                            }
-                        }
-                    }
-                });
-            }
-        });
-        let mut copied = copied.into_inner().expect("copy lock");
         copied.sort_by_key(|(index, _)| *index);
         self.blocks = copied.into_iter().map(|(_, b)| b).collect();
-        match failed.into_inner().expect("copy lock") {
-            Some(e) => Err(e),
-            None => {
-                self.received = size;
-                Ok(())
+        result.map(|()| self.received = size)
+    }
+
+    /// Copies blocks `first`, `first + step`, ... of `source`, stopping at an error;
+    /// returns those copied and how it ended.
+    fn copy_share(
+        &self,
+        source: &File,
+        size: u64,
+        direct: bool,
+        first: usize,
+        step: usize,
+    ) -> (Vec<(usize, PendingBlock)>, FsResult<()>) {
+        let count = size.div_ceil(self.block_size) as usize;
+        let fits = size
+            .next_multiple_of(DIRECT_ALIGN as u64)
+            .max(DIRECT_ALIGN as u64);
+        let mut buf = AlignedBuf::new((COPY_CHUNK as u64).min(fits) as usize);
+        let mut copied = Vec::new();
+        for index in (first..count).step_by(step) {
+            match self.copy_block(source, index as u64, size, &mut buf, direct) {
+                Ok(b) => copied.push((index, b)),
+                Err(e) => return (copied, Err(e)),
             }
         }
+        (copied, Ok(()))
     }
 
     /// Copies block `index` of a `size`-byte `source` into a temp file of the cache.
