@@ -156,7 +156,6 @@ pub fn run(b: FailoverBench) -> anyhow::Result<()> {
             b.readers
         );
         write_section(path, "bench-failover", &body)?;
-        eprintln!("wrote {}", path.display());
     }
     drop(m);
     anyhow::ensure!(missing == 0, "{missing} acknowledged creates are missing");

@@ -179,7 +179,6 @@ pub fn run(b: MetaBench) -> anyhow::Result<()> {
             b.consistency
         );
         write_section(path, "bench-meta", &body)?;
-        eprintln!("wrote {}", path.display());
     }
     Ok(())
 }

@@ -186,7 +186,6 @@ fn report(b: &ReadBench, rows: &[Row]) -> anyhow::Result<()> {
             b.runs
         );
         write_section(path, "bench-read", &body)?;
-        eprintln!("wrote {}", path.display());
     }
     Ok(())
 }

@@ -48,7 +48,7 @@ pub fn machine() -> String {
 }
 
 /// Replaces the block between `<!-- {marker}:begin -->` and `<!-- {marker}:end -->`
-/// (appending it if missing).
+/// (appending it if missing), and says so.
 pub fn write_section(path: &Path, marker: &str, body: &str) -> std::io::Result<()> {
     let begin = format!("<!-- {marker}:begin -->");
     let end = format!("<!-- {marker}:end -->");
@@ -58,5 +58,7 @@ pub fn write_section(path: &Path, marker: &str, body: &str) -> std::io::Result<(
         (Some(a), Some(b)) if b > a => format!("{}{block}{}", &old[..a], &old[b + end.len()..]),
         _ => format!("{}\n{block}\n", old.trim_end()),
     };
-    std::fs::write(path, new)
+    std::fs::write(path, new)?;
+    eprintln!("wrote {}", path.display());
+    Ok(())
 }

@@ -178,7 +178,6 @@ fn report(b: &WriteBench, rows: &[Row]) -> anyhow::Result<()> {
             b.runs
         );
         write_section(path, "bench-write", &body)?;
-        eprintln!("wrote {}", path.display());
     }
     Ok(())
 }
