@@ -1,8 +1,10 @@
-//! The on-disk block cache. Each block is one file `blocks/<file id>/<index>` (for a file
-//! no larger than the block size, the whole file) with a sidecar `<index>.meta` holding the
-//! UFS fingerprint it was read at, its length and its CRC32C. Eviction is LRU between a
-//! high and a low watermark. On open the directory is scanned and every complete block is
-//! kept; its checksum is verified before it is first served.
+//! The on-disk block cache. Each block is one file in one of 256 shard directories,
+//! `blocks/<shard>/<file id>.<index>.<fingerprint size>.<fingerprint mtime>.<len>.<crc>`
+//! (hex; for a file no larger than the block size, the whole file): the name carries the
+//! UFS version it was read at, its length and its CRC32C, so a block is committed by one
+//! rename and costs one inode (small-file writes cache a block per file). Eviction is LRU
+//! between a high and a low watermark. On open the directories are listed and every
+//! complete block is kept; its checksum is verified before it is first served.
 
 use std::collections::{BTreeMap, HashMap};
 use std::fs::{self, File};
@@ -55,16 +57,12 @@ impl Index {
         }
     }
 
-    fn remove(&mut self, id: BlockId) -> bool {
-        match self.entries.remove(&id) {
-            Some(e) => {
-                self.lru.remove(&e.tick);
-                self.used -= e.len;
-                self.removed.push(id);
-                true
-            }
-            None => false,
-        }
+    fn remove(&mut self, id: BlockId) -> Option<Entry> {
+        let e = self.entries.remove(&id)?;
+        self.lru.remove(&e.tick);
+        self.used -= e.len;
+        self.removed.push(id);
+        Some(e)
     }
 }
 
@@ -86,31 +84,35 @@ pub struct BlockStore {
     index: Mutex<Index>,
 }
 
-const META_MAGIC: &[u8; 4] = b"GRB1";
-const META_LEN: usize = 32;
+/// Shard directories under `blocks/`: bounded, created once, so caching a block never
+/// makes a directory.
+const SHARDS: u64 = 256;
 
-fn encode_meta(fp: Fingerprint, len: u64, crc: u32) -> [u8; META_LEN] {
-    let mut m = [0u8; META_LEN];
-    m[..4].copy_from_slice(META_MAGIC);
-    m[4..12].copy_from_slice(&fp.size.to_be_bytes());
-    m[12..20].copy_from_slice(&fp.mtime_ns.to_be_bytes());
-    m[20..28].copy_from_slice(&len.to_be_bytes());
-    m[28..32].copy_from_slice(&crc.to_be_bytes());
-    m
+fn block_name((file_id, index): BlockId, fp: Fingerprint, len: u64, crc: u32) -> String {
+    format!(
+        "{file_id:016x}.{index:x}.{:x}.{:x}.{len:x}.{crc:08x}",
+        fp.size, fp.mtime_ns as u64
+    )
 }
 
-fn decode_meta(m: &[u8]) -> Option<(Fingerprint, u64, u32)> {
-    if m.len() != META_LEN || &m[..4] != META_MAGIC {
+/// The block and its metadata from a block file's name.
+fn parse_block_name(name: &str) -> Option<(BlockId, Fingerprint, u64, u32)> {
+    let mut parts = name.split('.');
+    let mut field = || u64::from_str_radix(parts.next()?, 16).ok();
+    let (file_id, index, size, mtime, len, crc) =
+        (field()?, field()?, field()?, field()?, field()?, field()?);
+    if parts.next().is_some() {
         return None;
     }
-    let u = |r: std::ops::Range<usize>| u64::from_be_bytes(m[r].try_into().expect("8 bytes"));
+    let fp = Fingerprint {
+        size,
+        mtime_ns: mtime as i64,
+    };
     Some((
-        Fingerprint {
-            size: u(4..12),
-            mtime_ns: u(12..20) as i64,
-        },
-        u(20..28),
-        u32::from_be_bytes(m[28..32].try_into().expect("4 bytes")),
+        (file_id, u32::try_from(index).ok()?),
+        fp,
+        len,
+        u32::try_from(crc).ok()?,
     ))
 }
 
@@ -129,6 +131,12 @@ pub fn file_crc(path: &Path) -> io::Result<(u32, u64)> {
     }
 }
 
+fn delete_files(paths: Vec<PathBuf>) {
+    for p in paths {
+        let _ = fs::remove_file(p);
+    }
+}
+
 impl BlockStore {
     pub fn open(
         cache_dir: &Path,
@@ -138,7 +146,9 @@ impl BlockStore {
     ) -> io::Result<(Self, ScanReport)> {
         let blocks_dir = cache_dir.join("blocks");
         let tmp_dir = cache_dir.join("tmp");
-        fs::create_dir_all(&blocks_dir)?;
+        for shard in 0..SHARDS {
+            fs::create_dir_all(blocks_dir.join(format!("{shard:02x}")))?;
+        }
         // Partial fetches from before a crash are garbage.
         let _ = fs::remove_dir_all(&tmp_dir);
         fs::create_dir_all(&tmp_dir)?;
@@ -157,7 +167,7 @@ impl BlockStore {
             idx.removed.clear();
             store.evict_locked(&mut idx, None)
         };
-        store.delete_files(doomed);
+        delete_files(doomed);
         Ok((store, report))
     }
 
@@ -167,65 +177,51 @@ impl BlockStore {
         for dir in fs::read_dir(&self.blocks_dir)? {
             let dir = dir?;
             let name = dir.file_name();
-            let Some(file_id) = name.to_str().and_then(|s| u64::from_str_radix(s, 16).ok()) else {
+            let shard = name.to_str().and_then(|s| u64::from_str_radix(s, 16).ok());
+            if name.len() != 2 || shard.is_none() {
+                // Not a shard (e.g. the per-file directories of an older layout).
                 let _ = fs::remove_dir_all(dir.path());
                 continue;
-            };
+            }
             for f in fs::read_dir(dir.path())? {
                 let f = f?;
-                let fname = f.file_name();
-                let fname = fname.to_string_lossy();
-                let Some(index) = fname
-                    .strip_suffix(".meta")
-                    .and_then(|i| i.parse::<u32>().ok())
-                else {
-                    continue;
-                };
-                let block_path = self.block_path((file_id, index));
-                let valid = fs::read(f.path())
-                    .ok()
-                    .and_then(|m| decode_meta(&m))
-                    .and_then(|(fp, len, crc)| {
-                        let md = fs::metadata(&block_path).ok()?;
-                        (md.len() == len)
-                            .then(|| (md.modified().unwrap_or(std::time::UNIX_EPOCH), fp, len, crc))
-                    });
+                let parsed = f.file_name().to_str().and_then(parse_block_name);
+                let valid = parsed.and_then(|(id, fingerprint, len, crc)| {
+                    let md = f.metadata().ok()?;
+                    let entry = Entry {
+                        len,
+                        fingerprint,
+                        crc,
+                        verified: false,
+                        tick: 0,
+                    };
+                    let mtime = md.modified().unwrap_or(std::time::UNIX_EPOCH);
+                    (md.len() == len && self.block_path(id, &entry) == f.path())
+                        .then_some((mtime, id, entry))
+                });
                 match valid {
-                    Some((mtime, fingerprint, len, crc)) => found.push((
-                        mtime,
-                        (file_id, index),
-                        Entry {
-                            len,
-                            fingerprint,
-                            crc,
-                            verified: false,
-                            tick: 0,
-                        },
-                    )),
+                    Some(block) => found.push(block),
                     None => {
                         report.discarded += 1;
                         let _ = fs::remove_file(f.path());
-                        let _ = fs::remove_file(&block_path);
                     }
                 }
             }
-            // Block files without a sidecar were never committed.
-            for f in fs::read_dir(dir.path())? {
-                let f = f?;
-                let n = f.file_name().to_string_lossy().into_owned();
-                if !n.ends_with(".meta")
-                    && !found
-                        .iter()
-                        .any(|(_, (fid, i), _)| *fid == file_id && i.to_string() == n)
-                {
-                    let _ = fs::remove_file(f.path());
-                }
-            }
         }
-        // Oldest first, so eviction after a restart still prefers cold blocks.
+        // Oldest first, so eviction after a restart still prefers cold blocks, and of two
+        // versions of one block (a crash between caching the new and deleting the old)
+        // the newer stays.
         found.sort_by_key(|(t, _, _)| *t);
         let mut idx = self.index.lock().expect("index lock");
         for (_, id, entry) in found {
+            if let Some(stale) = idx.entries.remove(&id) {
+                idx.lru.remove(&stale.tick);
+                idx.used -= stale.len;
+                report.blocks -= 1;
+                report.bytes -= stale.len;
+                report.discarded += 1;
+                let _ = fs::remove_file(self.block_path(id, &stale));
+            }
             report.blocks += 1;
             report.bytes += entry.len;
             idx.used += entry.len;
@@ -235,37 +231,34 @@ impl BlockStore {
         Ok(report)
     }
 
-    pub fn block_path(&self, (file_id, index): BlockId) -> PathBuf {
-        self.blocks_dir
-            .join(format!("{file_id:016x}"))
-            .join(index.to_string())
+    fn shard_dir(&self, file_id: u64) -> PathBuf {
+        self.blocks_dir.join(format!("{:02x}", file_id % SHARDS))
     }
 
-    fn meta_path(&self, (file_id, index): BlockId) -> PathBuf {
-        self.blocks_dir
-            .join(format!("{file_id:016x}"))
-            .join(format!("{index}.meta"))
+    fn block_path(&self, id: BlockId, e: &Entry) -> PathBuf {
+        self.shard_dir(id.0)
+            .join(block_name(id, e.fingerprint, e.len, e.crc))
     }
 
     /// The cached block if present and read from the same UFS version; a block cached
     /// from another version is dropped. Verifies the checksum on first use after a scan.
     pub fn lookup(&self, id: BlockId, fingerprint: Fingerprint) -> Option<CachedBlock> {
-        let path = self.block_path(id);
-        let expected_crc = {
+        let (path, expected_crc) = {
             let mut idx = self.index.lock().expect("index lock");
             let entry = idx.entries.get(&id)?;
             if entry.fingerprint != fingerprint {
-                idx.remove(id);
+                let stale = idx.remove(id).expect("present");
                 drop(idx);
-                self.delete_files(vec![id]);
+                let _ = fs::remove_file(self.block_path(id, &stale));
                 return None;
             }
+            let path = self.block_path(id, entry);
             let (verified, len, crc) = (entry.verified, entry.len, entry.crc);
             if verified {
                 idx.touch(id);
                 return Some(CachedBlock { path, len });
             }
-            crc
+            (path, crc)
         };
         let ok = matches!(file_crc(&path), Ok((crc, _)) if crc == expected_crc);
         let mut idx = self.index.lock().expect("index lock");
@@ -282,9 +275,12 @@ impl BlockStore {
             "cached block failed its checksum; dropping it"
         );
         metrics::counter!("granary_worker_checksum_failures_total").increment(1);
-        idx.remove(id);
+        // Only the version checked: a new one may have been cached meanwhile.
+        if idx.entries.get(&id).map(|e| e.crc) == Some(expected_crc) {
+            idx.remove(id);
+        }
         drop(idx);
-        self.delete_files(vec![id]);
+        let _ = fs::remove_file(&path);
         None
     }
 
@@ -302,42 +298,47 @@ impl BlockStore {
         len: u64,
         crc: u32,
     ) -> io::Result<CachedBlock> {
-        let path = self.block_path(id);
-        fs::create_dir_all(path.parent().expect("block has a parent dir"))?;
-        fs::rename(tmp, &path)?;
-        // The sidecar is written last: a block without one is discarded by the next scan.
-        let meta_tmp = self.temp_path();
-        fs::write(&meta_tmp, encode_meta(fingerprint, len, crc))?;
-        fs::rename(&meta_tmp, self.meta_path(id))?;
-        let doomed = {
+        let entry = Entry {
+            len,
+            fingerprint,
+            crc,
+            verified: true,
+            tick: 0,
+        };
+        let path = self.block_path(id, &entry);
+        if let Err(e) = fs::rename(tmp, &path) {
+            if e.kind() != io::ErrorKind::NotFound || !tmp.exists() {
+                return Err(e);
+            }
+            // A shard directory removed behind our back.
+            fs::create_dir_all(self.shard_dir(id.0))?;
+            fs::rename(tmp, &path)?;
+        }
+        let mut doomed = Vec::new();
+        {
             let mut idx = self.index.lock().expect("index lock");
             if let Some(old) = idx.entries.remove(&id) {
                 idx.lru.remove(&old.tick);
                 idx.used -= old.len;
+                let old_path = self.block_path(id, &old);
+                if old_path != path {
+                    doomed.push(old_path);
+                }
             }
-            idx.entries.insert(
-                id,
-                Entry {
-                    len,
-                    fingerprint,
-                    crc,
-                    verified: true,
-                    tick: 0,
-                },
-            );
+            idx.entries.insert(id, entry);
             idx.used += len;
             idx.touch(id);
             idx.added.push(id);
-            self.evict_locked(&mut idx, Some(id))
-        };
-        self.delete_files(doomed);
+            doomed.extend(self.evict_locked(&mut idx, Some(id)));
+        }
+        delete_files(doomed);
         metrics::gauge!("granary_worker_cache_used_bytes").set(self.used() as f64);
         Ok(CachedBlock { path, len })
     }
 
     /// Drops least recently used blocks until usage is at the low watermark, if it is
-    /// above the high one. Returns the blocks whose files must be deleted.
-    fn evict_locked(&self, idx: &mut Index, keep: Option<BlockId>) -> Vec<BlockId> {
+    /// above the high one. Returns the files to delete.
+    fn evict_locked(&self, idx: &mut Index, keep: Option<BlockId>) -> Vec<PathBuf> {
         let mut doomed = Vec::new();
         if idx.used <= self.high {
             return doomed;
@@ -350,18 +351,12 @@ impl BlockStore {
             if Some(id) == keep {
                 continue;
             }
-            idx.remove(id);
-            doomed.push(id);
+            if let Some(e) = idx.remove(id) {
+                doomed.push(self.block_path(id, &e));
+            }
         }
         metrics::counter!("granary_worker_evictions_total").increment(doomed.len() as u64);
         doomed
-    }
-
-    fn delete_files(&self, ids: Vec<BlockId>) {
-        for id in ids {
-            let _ = fs::remove_file(self.meta_path(id));
-            let _ = fs::remove_file(self.block_path(id));
-        }
     }
 
     /// Blocks added and removed since the last call (for heartbeats).
@@ -418,9 +413,7 @@ mod tests {
     fn lru_eviction_between_watermarks() {
         let dir = tempfile::tempdir().unwrap();
         let (s, _) = BlockStore::open(dir.path(), 1000, 0.9, 0.5).unwrap();
-        for i in 0..4 {
-            put(&s, (1, i), &[i as u8; 200]);
-        }
+        let blocks: Vec<CachedBlock> = (0..4).map(|i| put(&s, (1, i), &[i as u8; 200])).collect();
         assert_eq!(s.used(), 800);
         assert!(s.lookup((1, 0), FP).is_some()); // block 0 is now the most recent
         put(&s, (1, 4), &[4; 200]); // 1000 > 900: evict down to <= 500
@@ -428,7 +421,7 @@ mod tests {
         assert!(s.lookup((1, 0), FP).is_some());
         assert!(s.lookup((1, 4), FP).is_some());
         assert!(s.lookup((1, 1), FP).is_none());
-        assert!(!s.block_path((1, 1)).exists());
+        assert!(!blocks[1].path.exists());
         let (added, removed) = s.take_deltas();
         assert_eq!(added.len(), 5);
         assert_eq!(removed.len(), 3);
@@ -437,24 +430,39 @@ mod tests {
     #[test]
     fn restart_keeps_valid_blocks_and_drops_corrupt_or_partial_ones() {
         let dir = tempfile::tempdir().unwrap();
-        {
+        let (truncated, old_version, old_layout) = {
             let (s, _) = BlockStore::open(dir.path(), 1 << 20, 0.9, 0.8).unwrap();
             put(&s, (7, 0), b"good block");
-            put(&s, (7, 1), b"will be corrupted");
-            put(&s, (8, 0), b"sidecar lost");
-            fs::write(s.block_path((7, 1)), b"WILL BE CORRUPTED").unwrap();
-            fs::remove_file(s.meta_path((8, 0))).unwrap();
+            let corrupt = put(&s, (7, 1), b"will be corrupted");
+            let truncated = put(&s, (8, 0), b"cut short by a crash");
+            let old_version = put(&s, (9, 0), b"old version");
+            fs::write(&corrupt.path, b"WILL BE CORRUPTED").unwrap();
+            fs::write(&truncated.path, b"cut").unwrap();
             fs::write(s.temp_path(), b"partial fetch").unwrap();
-        }
+            // A crash between caching a new version and deleting the old one.
+            let kept = old_version.path.with_file_name("kept");
+            fs::copy(&old_version.path, &kept).unwrap();
+            std::thread::sleep(std::time::Duration::from_millis(20));
+            put(&s, (9, 0), b"new version!");
+            fs::rename(&kept, &old_version.path).unwrap();
+            let old_layout = dir.path().join("blocks/0000000000000007");
+            fs::create_dir_all(&old_layout).unwrap();
+            fs::write(old_layout.join("0"), b"older layout").unwrap();
+            (truncated, old_version, old_layout)
+        };
         let (s, report) = BlockStore::open(dir.path(), 1 << 20, 0.9, 0.8).unwrap();
-        assert_eq!(report.blocks, 2);
+        assert_eq!(report.blocks, 3);
         assert_eq!(s.lookup((7, 0), FP).unwrap().len, 10);
         assert!(
             s.lookup((7, 1), FP).is_none(),
             "checksum mismatch must not be served"
         );
         assert!(s.lookup((8, 0), FP).is_none());
-        assert!(!s.block_path((8, 0)).exists());
+        assert!(!truncated.path.exists());
+        let newest = s.lookup((9, 0), FP).unwrap();
+        assert_eq!(fs::read(newest.path).unwrap(), b"new version!");
+        assert!(!old_version.path.exists());
+        assert!(!old_layout.exists());
         assert_eq!(fs::read_dir(dir.path().join("tmp")).unwrap().count(), 0);
     }
 
@@ -462,13 +470,14 @@ mod tests {
     fn a_new_ufs_version_invalidates_the_block() {
         let dir = tempfile::tempdir().unwrap();
         let (s, _) = BlockStore::open(dir.path(), 1 << 20, 0.9, 0.8).unwrap();
-        put(&s, (1, 0), b"v1");
+        let v1 = put(&s, (1, 0), b"v1");
         let newer = Fingerprint {
             size: 100,
             mtime_ns: 2,
         };
         assert!(s.lookup((1, 0), newer).is_none());
         assert!(s.lookup((1, 0), FP).is_none(), "the stale block is gone");
+        assert!(!v1.path.exists());
     }
 
     #[test]
