@@ -18,7 +18,7 @@ use granary_protos::data::{ReadBlockRequest, WriteFileRequest};
 use granary_protos::v1::{Inode, UfsFingerprint, WorkerInfo};
 
 use crate::data_client::DataClient;
-use crate::local_upload::LocalUpload;
+use crate::local_upload::{LocalUpload, UploadConnections};
 use crate::meta_client::MetadataService;
 
 /// Tries of a block read or an upload that fails retryably (a worker restarting, or one
@@ -130,6 +130,7 @@ pub struct WorkerDataPath {
     buffered: Arc<AtomicU64>,
     warm_tx: SyncSender<(String, ReadBlockRequest)>,
     next_request: AtomicU64,
+    upload_conns: Arc<UploadConnections>,
 }
 
 fn request_for(
@@ -196,6 +197,7 @@ impl WorkerDataPath {
             buffered: Arc::new(AtomicU64::new(0)),
             warm_tx,
             next_request: AtomicU64::new(1),
+            upload_conns: Arc::default(),
         })
     }
 
@@ -441,7 +443,12 @@ impl DataPath for WorkerDataPath {
         if worker.upload_socket.is_empty() {
             return None;
         }
-        match LocalUpload::open(&worker.upload_socket, &self.opts.cluster_token, file) {
+        match LocalUpload::open(
+            &self.upload_conns,
+            &worker.upload_socket,
+            &self.opts.cluster_token,
+            file,
+        ) {
             Ok(u) => Some(u),
             Err(e) => {
                 tracing::debug!(error = %e, "no local upload; staging the file here");

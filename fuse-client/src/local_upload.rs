@@ -1,23 +1,51 @@
 //! Local uploads, client side: with a worker on this machine, a file's new content is
 //! written straight into the UFS temp file that worker hands over (see `LocalUploadOpen`
 //! in data.proto), and the worker is then asked to publish it. The bytes are written
-//! once, instead of once into a staging file and again by the worker.
+//! once, instead of once into a staging file and again by the worker. A connection that
+//! finished an upload is kept for the next one (small files come in thousands).
 
+use std::collections::HashMap;
 use std::fs::File;
 use std::os::unix::net::UnixStream;
+use std::sync::{Arc, Mutex};
 
 use granary_common::fd_passing::recv_file;
 use granary_common::{FsError, FsResult};
 use granary_protos::data::{
     LocalUploadComplete, LocalUploadOpen, LocalUploadOpened, WriteFileResponse,
 };
-use granary_protos::frame::{read_header, write_header};
+use granary_protos::frame::{read_header, write_header, FrameError};
 use granary_protos::v1::{Inode, UfsFingerprint};
 
 use crate::data_client::{status_error, UPLOAD_ANSWER_TIMEOUT};
 
+/// Idle connections to each local worker's upload socket.
+#[derive(Default)]
+pub struct UploadConnections {
+    idle: Mutex<HashMap<String, Vec<UnixStream>>>,
+}
+
+/// Idle connections kept per socket; each holds a worker thread.
+const MAX_IDLE: usize = 16;
+
+impl UploadConnections {
+    fn take(&self, socket: &str) -> Option<UnixStream> {
+        self.idle.lock().expect("idle lock").get_mut(socket)?.pop()
+    }
+
+    fn put(&self, socket: &str, sock: UnixStream) {
+        let mut idle = self.idle.lock().expect("idle lock");
+        let list = idle.entry(socket.to_string()).or_default();
+        if list.len() < MAX_IDLE {
+            list.push(sock);
+        }
+    }
+}
+
 pub struct LocalUpload {
-    sock: UnixStream,
+    /// `None` once the upload completed and the connection went back to the pool.
+    sock: Option<UnixStream>,
+    conns: Arc<UploadConnections>,
     file: File,
     socket: String,
     /// Where the worker will put the file: a rename on this mount since makes the upload
@@ -27,27 +55,54 @@ pub struct LocalUpload {
 
 impl LocalUpload {
     /// Asks the worker listening on `socket` for a temp file for `file`'s new content.
-    pub fn open(socket: &str, cluster_token: &str, file: &Inode) -> FsResult<LocalUpload> {
-        let gone = |e: std::io::Error| FsError::Unavailable(format!("worker {socket}: {e}"));
-        let mut sock = UnixStream::connect(socket).map_err(gone)?;
-        sock.set_read_timeout(Some(UPLOAD_ANSWER_TIMEOUT))
-            .map_err(gone)?;
+    pub fn open(
+        conns: &Arc<UploadConnections>,
+        socket: &str,
+        cluster_token: &str,
+        file: &Inode,
+    ) -> FsResult<LocalUpload> {
         let open = LocalUploadOpen {
             cluster_token: cluster_token.to_string(),
             mount_id: file.mount_id,
             ufs_path: file.ufs_path.clone(),
         };
-        write_header(&mut sock, &open).map_err(gone)?;
-        let opened: LocalUploadOpened = read_header(&mut sock)
-            .map_err(|e| FsError::Unavailable(format!("worker {socket}: {e}")))?;
-        status_error(socket, opened.status, &opened.error)?;
-        let file_handle = recv_file(&sock).map_err(gone)?;
+        // An idle connection may be dead (the worker restarted): then a fresh one.
+        let (sock, opened) = match conns.take(socket).map(|s| Self::ask(s, &open)) {
+            Some(Ok(asked)) => Ok(asked),
+            _ => Self::ask(Self::connect(socket)?, &open),
+        }
+        .map_err(|e| FsError::Unavailable(format!("worker {socket}: {e}")))?;
+        if let Err(e) = status_error(socket, opened.status, &opened.error) {
+            // A refusal ends the exchange: the connection serves the next one.
+            conns.put(socket, sock);
+            return Err(e);
+        }
+        let file_handle =
+            recv_file(&sock).map_err(|e| FsError::Unavailable(format!("worker {socket}: {e}")))?;
         Ok(LocalUpload {
-            sock,
+            sock: Some(sock),
+            conns: conns.clone(),
             file: file_handle,
             socket: socket.to_string(),
             ufs_path: file.ufs_path.clone(),
         })
+    }
+
+    fn connect(socket: &str) -> FsResult<UnixStream> {
+        let gone = |e: std::io::Error| FsError::Unavailable(format!("worker {socket}: {e}"));
+        let sock = UnixStream::connect(socket).map_err(gone)?;
+        sock.set_read_timeout(Some(UPLOAD_ANSWER_TIMEOUT))
+            .map_err(gone)?;
+        Ok(sock)
+    }
+
+    fn ask(
+        mut sock: UnixStream,
+        open: &LocalUploadOpen,
+    ) -> Result<(UnixStream, LocalUploadOpened), FrameError> {
+        write_header(&mut sock, open)?;
+        let opened = read_header(&mut sock)?;
+        Ok((sock, opened))
     }
 
     /// The file to write the content into.
@@ -81,15 +136,19 @@ impl LocalUpload {
     pub fn complete(&mut self, file: &Inode, size: u64, durable: bool) -> FsResult<UfsFingerprint> {
         let socket = &self.socket;
         let gone = |e: String| FsError::Unavailable(format!("worker {socket}: {e}"));
+        let mut sock = self
+            .sock
+            .take()
+            .ok_or_else(|| gone("upload already completed".into()))?;
         let done = LocalUploadComplete {
             file_id: file.id,
             size,
             block_size: file.block_size,
             durable,
         };
-        write_header(&mut self.sock, &done).map_err(|e| gone(e.to_string()))?;
-        let resp: WriteFileResponse =
-            read_header(&mut self.sock).map_err(|e| gone(e.to_string()))?;
+        write_header(&mut sock, &done).map_err(|e| gone(e.to_string()))?;
+        let resp: WriteFileResponse = read_header(&mut sock).map_err(|e| gone(e.to_string()))?;
+        self.conns.put(socket, sock);
         status_error(socket, resp.status, &resp.error)?;
         metrics::counter!("granary_client_uploaded_bytes_total").increment(size);
         Ok(UfsFingerprint {

@@ -1,8 +1,9 @@
 //! Local uploads: the worker's Unix socket for clients on the same machine (protocol in
 //! `LocalUploadOpen`, data.proto). The client writes a file's new content straight into
 //! the UFS temp file this worker made and handed over, so the bytes cross no socket and
-//! are not staged twice. A connection lives as long as the client's staged file, so each
-//! one gets a thread of its own; closing it before completing discards the temp file.
+//! are not staged twice. A connection carries one upload after another (the client keeps
+//! it for its next file) and gets a thread of its own, since an upload lives as long as
+//! the client's staged file; closing it before completing discards the temp file.
 
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
@@ -94,8 +95,18 @@ impl LocalUploads {
         Ok(upload)
     }
 
+    /// Serves uploads one after another until the client closes the connection.
     fn session(&self, mut sock: UnixStream) -> Result<(), FrameError> {
-        let open: LocalUploadOpen = read_header(&mut sock)?;
+        loop {
+            let open: LocalUploadOpen = match read_header(&mut sock) {
+                Err(e) if e.is_eof() => return Ok(()),
+                other => other?,
+            };
+            self.upload(&mut sock, open)?;
+        }
+    }
+
+    fn upload(&self, sock: &mut UnixStream, open: LocalUploadOpen) -> Result<(), FrameError> {
         let upload = match self.open(&open) {
             Ok(u) => u,
             Err(e) => {
@@ -104,18 +115,18 @@ impl LocalUploads {
                     error: e.to_string(),
                     worker_id: self.worker_id.clone(),
                 };
-                return Ok(write_header(&mut sock, &reply)?);
+                return Ok(write_header(sock, &reply)?);
             }
         };
         let opened = LocalUploadOpened {
             worker_id: self.worker_id.clone(),
             ..Default::default()
         };
-        write_header(&mut sock, &opened)?;
-        send_file(&sock, upload.local_file().expect("checked at open"))?;
+        write_header(sock, &opened)?;
+        send_file(sock, upload.local_file().expect("checked at open"))?;
         // The client writes now; it ends by asking to complete, or by going away (the
         // upload is then dropped, which discards the temp file).
-        let done: LocalUploadComplete = read_header(&mut sock)?;
+        let done: LocalUploadComplete = read_header(sock)?;
         let target = UploadTarget {
             file_id: done.file_id,
             ufs_path: open.ufs_path,
@@ -125,7 +136,7 @@ impl LocalUploads {
         };
         let outcome = publish_local(self.fetcher.store(), upload, &target);
         let resp = upload_response(0, &target.ufs_path, outcome);
-        Ok(write_header(&mut sock, &resp)?)
+        Ok(write_header(sock, &resp)?)
     }
 }
 
@@ -180,15 +191,19 @@ mod tests {
         }
     }
 
-    fn open(socket: &Path, token: &str, path: &str) -> (UnixStream, LocalUploadOpened) {
-        let mut sock = UnixStream::connect(socket).unwrap();
+    fn ask(sock: &mut UnixStream, token: &str, path: &str) -> LocalUploadOpened {
         let req = LocalUploadOpen {
             cluster_token: token.into(),
             mount_id: 1,
             ufs_path: path.as_bytes().to_vec(),
         };
-        write_header(&mut sock, &req).unwrap();
-        let opened: LocalUploadOpened = read_header(&mut sock).unwrap();
+        write_header(sock, &req).unwrap();
+        read_header(sock).unwrap()
+    }
+
+    fn open(socket: &Path, token: &str, path: &str) -> (UnixStream, LocalUploadOpened) {
+        let mut sock = UnixStream::connect(socket).unwrap();
+        let opened = ask(&mut sock, token, path);
         (sock, opened)
     }
 
@@ -209,13 +224,14 @@ mod tests {
         let store = s.store.clone();
         tokio::task::spawn_blocking(move || {
             // Small: blocks copied through the page cache; big: with O_DIRECT, several at
-            // once. Both end in a tail that is no whole sector.
+            // once. Both end in a tail that is no whole sector. One connection carries both.
+            let mut sock = UnixStream::connect(&socket).unwrap();
             for (name, size, block_size) in [
                 ("small", 3 * 65536 + 1000, 65536u64),
                 ("big", (8 << 20) + 1000, 1 << 20),
             ] {
                 let data: Vec<u8> = (0..size as u32).map(|i| (i % 251) as u8).collect();
-                let (mut sock, opened) = open(&socket, "secret", name);
+                let opened = ask(&mut sock, "secret", name);
                 assert_eq!(opened.status, 0, "{}", opened.error);
                 let file = recv_file(&sock).unwrap();
                 file.write_all_at(&data, 0).unwrap();
@@ -258,10 +274,10 @@ mod tests {
         let ufs = s.ufs_dir.path().to_path_buf();
         std::fs::write(ufs.join("old"), b"previous version").unwrap();
         tokio::task::spawn_blocking(move || {
-            let (_, opened) = open(&socket, "wrong", "f");
+            let (mut sock, opened) = open(&socket, "wrong", "f");
             assert_ne!(opened.status, 0, "a wrong token is refused");
 
-            let (sock, opened) = open(&socket, "secret", "old");
+            let opened = ask(&mut sock, "secret", "old");
             assert_eq!(opened.status, 0, "{}", opened.error);
             let file = recv_file(&sock).unwrap();
             file.write_all_at(b"half of a new version", 0).unwrap();
