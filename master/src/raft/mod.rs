@@ -56,6 +56,9 @@ pub struct RaftStatus {
     pub masters: MasterSet,
     /// When this member last heard from the leader (now, on the leader itself).
     pub leader_contact: Option<std::time::Instant>,
+    /// Leader and the group's only voter: no other member can lead (or commit) without a
+    /// membership change this member applies first, so its applied state is linearizable.
+    pub sole_voter_leader: bool,
 }
 
 impl RaftStatus {
@@ -124,6 +127,11 @@ impl RaftLog {
 
     pub fn status(&self) -> RaftStatus {
         self.status.read().expect("status lock").clone()
+    }
+
+    /// See [`RaftStatus::sole_voter_leader`] (without copying the whole status).
+    pub fn sole_voter_leader(&self) -> bool {
+        self.status.read().expect("status lock").sole_voter_leader
     }
 
     pub fn send(&self, mail: Mail) -> FsResult<()> {

@@ -622,6 +622,8 @@ impl RaftNode {
             role: role.into(),
         };
         st.masters = masters;
+        st.sole_voter_leader =
+            leader && cs.voters == [self.cfg.id] && cs.voters_outgoing.is_empty();
         st.leader_contact = if leader {
             Some(Instant::now())
         } else {
