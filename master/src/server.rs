@@ -60,6 +60,9 @@ pub enum MasterError {
     UfsChanged { stored: String, configured: String },
 }
 
+/// How long a stopping master lets calls in flight finish.
+const STOP_GRACE: std::time::Duration = std::time::Duration::from_secs(1);
+
 /// A master serving in the background.
 pub struct RunningMaster {
     pub addr: SocketAddr,
@@ -76,7 +79,14 @@ impl RunningMaster {
         if let Some(tx) = self.shutdown.take() {
             let _ = tx.send(());
         }
-        let _ = (&mut self.task).await;
+        // A graceful stop waits for every client to hang up; idle connections (a
+        // worker's channel, a mount's) may never do, so in-flight calls get a bound.
+        if tokio::time::timeout(STOP_GRACE, &mut self.task)
+            .await
+            .is_err()
+        {
+            self.task.abort();
+        }
         for t in &self.background {
             t.abort();
         }
