@@ -88,13 +88,6 @@ impl<'a> CacheFill<'a> {
     /// more than the pages do.
     fn copy_file(&mut self, source: &File, size: u64) -> FsResult<()> {
         let count = size.div_ceil(self.block_size) as usize;
-        if count == 1 {
-            if let Some(block) = self.link_block(source, size) {
-                self.blocks = vec![block];
-                self.received = size;
-                return Ok(());
-            }
-        }
         let direct = size >= DIRECT_MIN;
         let threads = if direct { COPY_THREADS.min(count) } else { 1 };
         let this = &*self;
@@ -120,46 +113,6 @@ impl<'a> CacheFill<'a> {
         copied.sort_by_key(|(index, _)| *index);
         self.blocks = copied.into_iter().map(|(_, b)| b).collect();
         result.map(|()| self.received = size)
-    }
-
-    /// A file of one block whose temp file lies on the cache's filesystem (a local UFS
-    /// there) becomes its cached block by a hard link: no copy, and no new inode — on a
-    /// busy filesystem the costliest part of caching a small file. The UFS object is
-    /// never changed in place by Granary (every upload is a new temp file), and one
-    /// changed behind its back has another fingerprint, so the block is not served for it.
-    fn link_block(&self, source: &File, size: u64) -> Option<PendingBlock> {
-        use std::os::fd::AsRawFd;
-        use std::os::unix::ffi::OsStrExt;
-        let path = self.store.temp_path();
-        let from = std::ffi::CString::new(format!("/proc/self/fd/{}", source.as_raw_fd())).ok()?;
-        let to = std::ffi::CString::new(path.as_os_str().as_bytes()).ok()?;
-        // SAFETY: two NUL-terminated paths that outlive the call.
-        let linked = unsafe {
-            libc::linkat(
-                libc::AT_FDCWD,
-                from.as_ptr(),
-                libc::AT_FDCWD,
-                to.as_ptr(),
-                libc::AT_SYMLINK_FOLLOW,
-            )
-        };
-        if linked != 0 {
-            // Another filesystem (EXDEV) or no /proc: copied instead.
-            return None;
-        }
-        let block = file_range_crc(source, size).and_then(|crc| Ok((crc, source.try_clone()?)));
-        match block {
-            Ok((crc, file)) => Some(PendingBlock {
-                path,
-                file,
-                crc,
-                len: size,
-            }),
-            Err(_) => {
-                let _ = std::fs::remove_file(&path);
-                None
-            }
-        }
     }
 
     /// Copies blocks `first`, `first + step`, ... of `source`, stopping at an error;
@@ -341,19 +294,6 @@ pub fn upload(
             Err(e)
         }
     }
-}
-
-/// CRC32C of the first `size` bytes of `file`.
-fn file_range_crc(file: &File, size: u64) -> std::io::Result<u32> {
-    let mut buf = vec![0u8; (COPY_CHUNK as u64).min(size) as usize];
-    let (mut crc, mut at) = (0u32, 0u64);
-    while at < size {
-        let n = (size - at).min(buf.len() as u64) as usize;
-        file.read_exact_at(&mut buf[..n], at)?;
-        crc = crc32c::crc32c_append(crc, &buf[..n]);
-        at += n as u64;
-    }
-    Ok(crc)
 }
 
 /// Blocks cached at once when caching from a file.
