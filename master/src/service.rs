@@ -180,14 +180,14 @@ impl MasterService {
         }
         let st = self.raft.status();
         let index = match mode {
-            ReadConsistency::Lease if st.is_leader => return Ok(()),
+            ReadConsistency::Lease if st.leader_caught_up => return Ok(()),
             ReadConsistency::BoundedStaleness(bound)
                 if st.leader_contact.is_some_and(|t| t.elapsed() <= bound) =>
             {
                 metrics::counter!("granary_master_stale_reads_total").increment(1);
                 return Ok(());
             }
-            ReadConsistency::Lease => {
+            ReadConsistency::Lease if !st.is_leader => {
                 self.leader_client()?
                     .read_index(ReadIndexRequest { lease: true })
                     .await?
@@ -524,8 +524,9 @@ impl Master for MasterService {
     ) -> Result<Response<ReadIndexReply>, Status> {
         count("read_index");
         self.leader_only()?;
-        let index = if req.into_inner().lease {
-            // The leader has applied every write it acknowledged.
+        let index = if req.into_inner().lease && self.raft.status().leader_caught_up {
+            // The leader has applied every write it acknowledged, and, caught up, every
+            // one its predecessors did.
             self.raft.applied_index()
         } else {
             self.raft.read_index().await?

@@ -56,8 +56,12 @@ pub struct RaftStatus {
     pub masters: MasterSet,
     /// When this member last heard from the leader (now, on the leader itself).
     pub leader_contact: Option<std::time::Instant>,
-    /// Leader and the group's only voter: no other member can lead (or commit) without a
-    /// membership change this member applies first, so its applied state is linearizable.
+    /// Leader, and it has applied an entry of its own term (so everything committed
+    /// before: a restarted master replays its log first).
+    pub leader_caught_up: bool,
+    /// A caught-up leader that is the group's only voter: no other member can lead (or
+    /// commit) without a membership change this member applies first, so its applied
+    /// state is linearizable.
     pub sole_voter_leader: bool,
 }
 

@@ -622,8 +622,11 @@ impl RaftNode {
             role: role.into(),
         };
         st.masters = masters;
+        // Its own first entry applied: everything committed before it took over is too.
+        st.leader_caught_up =
+            leader && raft.raft_log.term(raft.raft_log.applied).ok() == Some(raft.term);
         st.sole_voter_leader =
-            leader && cs.voters == [self.cfg.id] && cs.voters_outgoing.is_empty();
+            st.leader_caught_up && cs.voters == [self.cfg.id] && cs.voters_outgoing.is_empty();
         st.leader_contact = if leader {
             Some(Instant::now())
         } else {
