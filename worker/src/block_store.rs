@@ -57,11 +57,18 @@ impl Index {
         }
     }
 
+    /// Drops the entry, reported to the masters as removed.
     fn remove(&mut self, id: BlockId) -> Option<Entry> {
+        let e = self.take(id)?;
+        self.removed.push(id);
+        Some(e)
+    }
+
+    /// Drops the entry without a report (it is replaced at once).
+    fn take(&mut self, id: BlockId) -> Option<Entry> {
         let e = self.entries.remove(&id)?;
         self.lru.remove(&e.tick);
         self.used -= e.len;
-        self.removed.push(id);
         Some(e)
     }
 }
@@ -214,9 +221,7 @@ impl BlockStore {
         found.sort_by_key(|(t, _, _)| *t);
         let mut idx = self.index.lock().expect("index lock");
         for (_, id, entry) in found {
-            if let Some(stale) = idx.entries.remove(&id) {
-                idx.lru.remove(&stale.tick);
-                idx.used -= stale.len;
+            if let Some(stale) = idx.take(id) {
                 report.blocks -= 1;
                 report.bytes -= stale.len;
                 report.discarded += 1;
@@ -262,8 +267,13 @@ impl BlockStore {
         };
         let ok = matches!(file_crc(&path), Ok((crc, _)) if crc == expected_crc);
         let mut idx = self.index.lock().expect("index lock");
+        // Cached anew or dropped meanwhile: the checked file is not the entry's any more
+        // (a commit deletes the file it replaces); this read is a miss.
+        let entry = idx
+            .entries
+            .get_mut(&id)
+            .filter(|e| !e.verified && self.block_path(id, e) == path)?;
         if ok {
-            let entry = idx.entries.get_mut(&id)?;
             entry.verified = true;
             let len = entry.len;
             idx.touch(id);
@@ -275,10 +285,7 @@ impl BlockStore {
             "cached block failed its checksum; dropping it"
         );
         metrics::counter!("granary_worker_checksum_failures_total").increment(1);
-        // Only the version checked: a new one may have been cached meanwhile.
-        if idx.entries.get(&id).map(|e| e.crc) == Some(expected_crc) {
-            idx.remove(id);
-        }
+        idx.remove(id);
         drop(idx);
         let _ = fs::remove_file(&path);
         None
@@ -317,9 +324,7 @@ impl BlockStore {
         let mut doomed = Vec::new();
         {
             let mut idx = self.index.lock().expect("index lock");
-            if let Some(old) = idx.entries.remove(&id) {
-                idx.lru.remove(&old.tick);
-                idx.used -= old.len;
+            if let Some(old) = idx.take(id) {
                 let old_path = self.block_path(id, &old);
                 if old_path != path {
                     doomed.push(old_path);
@@ -442,8 +447,15 @@ mod tests {
             // A crash between caching a new version and deleting the old one.
             let kept = old_version.path.with_file_name("kept");
             fs::copy(&old_version.path, &kept).unwrap();
-            std::thread::sleep(std::time::Duration::from_millis(20));
-            put(&s, (9, 0), b"new version!");
+            let new_version = put(&s, (9, 0), b"new version!");
+            let an_hour_ago = std::time::SystemTime::now() - std::time::Duration::from_secs(3600);
+            File::options()
+                .write(true)
+                .open(&kept)
+                .unwrap()
+                .set_modified(an_hour_ago)
+                .unwrap();
+            assert!(new_version.path.exists());
             fs::rename(&kept, &old_version.path).unwrap();
             let old_layout = dir.path().join("blocks/0000000000000007");
             fs::create_dir_all(&old_layout).unwrap();
