@@ -80,7 +80,8 @@ impl RunningMaster {
             let _ = tx.send(());
         }
         // A graceful stop waits for every client to hang up; idle connections (a
-        // worker's channel, a mount's) may never do, so in-flight calls get a bound.
+        // worker's channel, a mount's) may never do. After the bound the stop goes on
+        // without them: their connection tasks end with the process's runtime.
         if tokio::time::timeout(STOP_GRACE, &mut self.task)
             .await
             .is_err()
