@@ -69,6 +69,25 @@ pub trait DataPath: Send + Sync {
         None
     }
 
+    /// The upload socket of the worker on this machine, which also takes small files
+    /// whole ([`DataPath::publish_whole`]); `None` without such a worker.
+    fn local_upload_socket(&self) -> Option<String> {
+        None
+    }
+
+    /// Publishes `data` as `file`'s whole content through the worker listening on
+    /// `socket` (from [`DataPath::local_upload_socket`]); returns the stored fingerprint.
+    fn publish_whole(
+        &self,
+        socket: &str,
+        file: &Inode,
+        data: &[u8],
+        durable: bool,
+    ) -> FsResult<UfsFingerprint> {
+        let _ = (file, data, durable);
+        Err(FsError::Unavailable(format!("no local upload at {socket}")))
+    }
+
     /// Stores `size` bytes of `source` as `file`'s new content in the UFS (through a
     /// worker), durably against machine crashes if asked; returns the fingerprint of
     /// the stored object.
@@ -438,17 +457,31 @@ impl WorkerDataPath {
 }
 
 impl DataPath for WorkerDataPath {
-    fn begin_upload(&self, file: &Inode) -> Option<LocalUpload> {
+    fn local_upload_socket(&self) -> Option<String> {
         let worker = self.local_worker(&self.live_workers(false).ok()?)?;
-        if worker.upload_socket.is_empty() {
-            return None;
-        }
-        match LocalUpload::open(
+        (!worker.upload_socket.is_empty()).then_some(worker.upload_socket)
+    }
+
+    fn publish_whole(
+        &self,
+        socket: &str,
+        file: &Inode,
+        data: &[u8],
+        durable: bool,
+    ) -> FsResult<UfsFingerprint> {
+        LocalUpload::put(
             &self.upload_conns,
-            &worker.upload_socket,
+            socket,
             &self.opts.cluster_token,
             file,
-        ) {
+            data,
+            durable,
+        )
+    }
+
+    fn begin_upload(&self, file: &Inode) -> Option<LocalUpload> {
+        let socket = self.local_upload_socket()?;
+        match LocalUpload::open(&self.upload_conns, &socket, &self.opts.cluster_token, file) {
             Ok(u) => Some(u),
             Err(e) => {
                 tracing::debug!(error = %e, "no local upload; staging the file here");

@@ -20,7 +20,7 @@ use moka::sync::Cache;
 
 use crate::block_reader::{DataPath, ReadState};
 use crate::meta_client::MetadataService;
-use crate::staging::{Backing, SharedStaged, Staged, StagingArea};
+use crate::staging::{Backing, SharedStaged, Staged, StagingArea, SMALL_FILE_MAX};
 
 /// Directory entries fetched per metadata call.
 const READDIR_PAGE: u32 = 1024;
@@ -367,6 +367,8 @@ impl GranaryFs {
             self.commit_staged(ino, st, false)?;
         }
         let inode = self.committed(ino)?;
+        // Sized for the whole content up front: a big file never starts in memory.
+        self.backing_for(ino, st, inode.size)?;
         let mut state = ReadState::default();
         let mut offset = 0;
         while offset < inode.size {
@@ -379,10 +381,12 @@ impl GranaryFs {
                     inode.size
                 )));
             }
-            self.backing(ino, st)?.write_all_at(&data, offset)?;
-            offset += data.len() as u64;
+            let end = offset + data.len() as u64;
+            self.backing_for(ino, st, end)?
+                .write_all_at(&data, offset)?;
+            offset = end;
         }
-        self.backing(ino, st)?.set_len(inode.size)?;
+        self.backing_for(ino, st, inode.size)?.set_len(inode.size)?;
         st.size = inode.size;
         st.filled = true;
         Ok(())
@@ -397,7 +401,8 @@ impl GranaryFs {
         self.fill(file.ino, &mut st)?;
         let at = if file.append { st.size } else { offset };
         let end = at + data.len() as u64;
-        self.backing(file.ino, &mut st)?.write_all_at(data, at)?;
+        self.backing_for(file.ino, &mut st, end)?
+            .write_all_at(data, at)?;
         if let Some(Backing::Worker(u)) = &st.backing {
             // A big file written in order: the disk starts on what is written while the
             // rest comes, so the fsync or close that publishes it waits for less.
@@ -430,9 +435,27 @@ impl GranaryFs {
         // Made durable again after a close published it: the content comes back from
         // what was committed.
         self.fill(ino, st)?;
-        self.backing(ino, st)?;
+        self.backing_for(ino, st, st.size)?;
         let inode = self.committed(ino)?;
         let (fingerprint, published) = match st.backing.take().expect("made above") {
+            Backing::Memory { socket, data } => {
+                match self.data.publish_whole(&socket, &inode, &data, durable) {
+                    Ok(fp) => {
+                        st.filled = false;
+                        (fp, true)
+                    }
+                    Err(e) if e.is_retryable() => {
+                        tracing::warn!(ino, error = %e, "publishing through the local worker failed; uploading over the data port");
+                        let file = self.staging.own_file()?;
+                        file.write_all_at(&data, 0)?;
+                        (self.upload_own(&inode, st, file, durable)?, false)
+                    }
+                    Err(e) => {
+                        st.backing = Some(Backing::Memory { socket, data });
+                        return Err(e);
+                    }
+                }
+            }
             Backing::Worker(mut u) if u.ufs_path == inode.ufs_path => {
                 match u.complete(&inode, st.size, durable) {
                     // The staged file is the UFS object now: what is written next starts
@@ -499,17 +522,35 @@ impl GranaryFs {
         r
     }
 
-    /// The staged file's bytes, made on first use: the temp file of a local upload where
-    /// a worker runs on this machine, else an anonymous file here.
-    fn backing<'a>(&self, ino: u64, st: &'a mut Staged) -> FsResult<&'a std::fs::File> {
-        if st.backing.is_none() {
+    /// The staged file's bytes, able to hold `end` bytes, made on first use: memory for
+    /// a small file where the worker on this machine takes files whole, else the temp
+    /// file of a local upload, else an anonymous file here. Memory outgrown moves to a
+    /// file.
+    fn backing_for<'a>(&self, ino: u64, st: &'a mut Staged, end: u64) -> FsResult<&'a mut Backing> {
+        let outgrown = matches!(st.backing, Some(Backing::Memory { .. })) && end > SMALL_FILE_MAX;
+        if st.backing.is_none() || outgrown {
             let inode = self.committed(ino)?;
-            st.backing = Some(match self.data.begin_upload(&inode) {
-                Some(u) => Backing::Worker(u),
-                None => self.staging.own_file()?,
-            });
+            let socket = (st.backing.is_none() && end <= SMALL_FILE_MAX)
+                .then(|| self.data.local_upload_socket())
+                .flatten();
+            let fresh = match socket {
+                Some(socket) => Backing::Memory {
+                    socket,
+                    data: Vec::new(),
+                },
+                None => match self.data.begin_upload(&inode) {
+                    Some(u) => Backing::Worker(u),
+                    None => Backing::Own(self.staging.own_file()?),
+                },
+            };
+            if let Some(Backing::Memory { data, .. }) = st.backing.replace(fresh) {
+                st.backing
+                    .as_mut()
+                    .expect("just made")
+                    .write_all_at(&data, 0)?;
+            }
         }
-        Ok(st.backing.as_ref().expect("made above").file())
+        Ok(st.backing.as_mut().expect("made above"))
     }
 
     /// close(2) of one descriptor: what it wrote becomes visible.
@@ -569,7 +610,7 @@ impl GranaryFs {
                     s.filled = true;
                 }
                 self.fill(ino, &mut s)?;
-                self.backing(ino, &mut s)?.set_len(size)?;
+                self.backing_for(ino, &mut s, size)?.set_len(size)?;
                 s.size = size;
                 s.modified = true;
                 // Nobody else writes it here: commit now, as truncate(2) is one call.
@@ -786,7 +827,7 @@ fn read_staged(st: &Staged, offset: u64, size: u32) -> FsResult<Vec<u8>> {
     let mut buf = vec![0u8; len];
     // Nothing backs a staged file never written to: it is all zeros.
     if let Some(b) = &st.backing {
-        b.file().read_exact_at(&mut buf, offset)?;
+        b.read_exact_at(&mut buf, offset)?;
     }
     Ok(buf)
 }

@@ -68,11 +68,26 @@ impl MetadataService for Namespace {
     }
 }
 
-/// Uploaded contents by inode; reads serve them.
+/// Uploaded contents by inode; reads serve them. With `local_worker`, small files are
+/// published whole (as through a worker on this machine), counted in `whole` too.
 #[derive(Default)]
 struct Store {
     files: Mutex<HashMap<u64, Vec<u8>>>,
     uploads: AtomicU64,
+    local_worker: bool,
+    whole: AtomicU64,
+}
+
+impl Store {
+    fn keep(&self, file: &Inode, data: Vec<u8>) -> UfsFingerprint {
+        let size = data.len() as u64;
+        self.files.lock().unwrap().insert(file.id, data);
+        let n = self.uploads.fetch_add(1, Ordering::Relaxed) as i64;
+        UfsFingerprint {
+            size,
+            mtime_ns: n + 1,
+        }
+    }
 }
 
 impl DataPath for Store {
@@ -93,16 +108,28 @@ impl DataPath for Store {
         let mut data = Vec::new();
         source.try_clone()?.read_to_end(&mut data)?;
         data.truncate(size as usize);
-        self.files.lock().unwrap().insert(file.id, data);
-        let n = self.uploads.fetch_add(1, Ordering::Relaxed) as i64;
-        Ok(UfsFingerprint {
-            size,
-            mtime_ns: n + 1,
-        })
+        Ok(self.keep(file, data))
+    }
+    fn local_upload_socket(&self) -> Option<String> {
+        self.local_worker.then(|| "upload.sock".to_string())
+    }
+    fn publish_whole(
+        &self,
+        _: &str,
+        file: &Inode,
+        data: &[u8],
+        _: bool,
+    ) -> FsResult<UfsFingerprint> {
+        self.whole.fetch_add(1, Ordering::Relaxed);
+        Ok(self.keep(file, data.to_vec()))
     }
 }
 
 fn fs() -> (GranaryFs, Arc<Namespace>, Arc<Store>) {
+    fs_with(false)
+}
+
+fn fs_with(local_worker: bool) -> (GranaryFs, Arc<Namespace>, Arc<Store>) {
     let ns = Arc::new(Namespace::default());
     ns.inodes.lock().unwrap().insert(
         1,
@@ -113,7 +140,10 @@ fn fs() -> (GranaryFs, Arc<Namespace>, Arc<Store>) {
             ..Default::default()
         },
     );
-    let store = Arc::new(Store::default());
+    let store = Arc::new(Store {
+        local_worker,
+        ..Default::default()
+    });
     let opts = FsOptions {
         meta_cache_ttl: Duration::from_secs(60),
         meta_cache_entries: 1000,
@@ -126,7 +156,13 @@ fn fs() -> (GranaryFs, Arc<Namespace>, Arc<Store>) {
 
 #[test]
 fn writes_are_read_back_then_committed_at_close() {
-    let (fs, ns, store) = fs();
+    for local_worker in [false, true] {
+        writes_are_read_back_then_committed_at_close_with(local_worker);
+    }
+}
+
+fn writes_are_read_back_then_committed_at_close_with(local_worker: bool) {
+    let (fs, ns, store) = fs_with(local_worker);
     let (inode, fh) = fs.create(1, b"ckpt", 0o644, libc::O_WRONLY, 0, 0).unwrap();
     fs.write(fh, 0, b"hello world").unwrap();
     fs.write(fh, 20, b"!").unwrap();
@@ -156,11 +192,18 @@ fn writes_are_read_back_then_committed_at_close() {
     fs.flush(again).unwrap();
     fs.release(again);
     assert_eq!(store.uploads.load(Ordering::Relaxed), 1);
+    assert_eq!(store.whole.load(Ordering::Relaxed), u64::from(local_worker));
 }
 
 #[test]
 fn overwrite_truncate_and_append_start_from_the_committed_content() {
-    let (fs, _, store) = fs();
+    for local_worker in [false, true] {
+        overwrite_truncate_and_append_with(local_worker);
+    }
+}
+
+fn overwrite_truncate_and_append_with(local_worker: bool) {
+    let (fs, _, store) = fs_with(local_worker);
     let (inode, fh) = fs.create(1, b"log", 0o644, libc::O_WRONLY, 0, 0).unwrap();
     fs.write(fh, 0, b"0123456789").unwrap();
     fs.release(fh);
@@ -213,4 +256,38 @@ fn create_of_a_name_made_elsewhere_opens_it_unless_exclusive() {
     assert_eq!(err.errno(), libc::EEXIST);
     let (fh, _) = fs.open(elsewhere.id, libc::O_RDONLY).unwrap();
     assert_eq!(fs.write(fh, 0, b"x").unwrap_err().errno(), libc::EINVAL);
+}
+
+#[test]
+fn a_small_file_kept_in_memory_moves_to_a_file_when_it_grows() {
+    let (fs, _, store) = fs_with(true);
+    let (inode, fh) = fs.create(1, b"grows", 0o644, libc::O_RDWR, 0, 0).unwrap();
+    let chunk = vec![7u8; 100 << 10];
+    let mut expected = Vec::new();
+    for i in 0..4u64 {
+        fs.write(fh, i * chunk.len() as u64, &chunk).unwrap();
+        expected.extend_from_slice(&chunk);
+        assert_eq!(fs.read(fh, 0, expected.len() as u32).unwrap(), expected);
+    }
+    assert!(expected.len() as u64 > SMALL_FILE_MAX);
+    fs.flush(fh).unwrap();
+    fs.release(fh);
+    assert_eq!(store.files.lock().unwrap()[&inode.id], expected);
+    assert_eq!(
+        store.whole.load(Ordering::Relaxed),
+        0,
+        "too big to send whole"
+    );
+
+    // Truncated back to a small size, then grown past the limit by a truncate alone.
+    let attrs = |size| SetAttr {
+        size: Some(size),
+        ..Default::default()
+    };
+    fs.setattr(inode.id, &attrs(10)).unwrap();
+    assert_eq!(store.files.lock().unwrap()[&inode.id], vec![7u8; 10]);
+    fs.setattr(inode.id, &attrs(SMALL_FILE_MAX + 1)).unwrap();
+    let mut grown = vec![7u8; 10];
+    grown.resize(SMALL_FILE_MAX as usize + 1, 0);
+    assert_eq!(store.files.lock().unwrap()[&inode.id], grown);
 }

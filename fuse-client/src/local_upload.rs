@@ -1,11 +1,14 @@
 //! Local uploads, client side: with a worker on this machine, a file's new content is
 //! written straight into the UFS temp file that worker hands over (see `LocalUploadOpen`
 //! in data.proto), and the worker is then asked to publish it. The bytes are written
-//! once, instead of once into a staging file and again by the worker. A connection that
-//! finished an upload is kept for the next one (small files come in thousands).
+//! once, instead of once into a staging file and again by the worker. A small file kept
+//! in memory is sent whole instead ([`LocalUpload::put`]): one exchange, no descriptor.
+//! A connection that finished an upload is kept for the next one (small files come in
+//! thousands).
 
 use std::collections::HashMap;
 use std::fs::File;
+use std::io::Write;
 use std::os::unix::net::UnixStream;
 use std::sync::{Arc, Mutex};
 
@@ -65,20 +68,20 @@ impl LocalUpload {
             cluster_token: cluster_token.to_string(),
             mount_id: file.mount_id,
             ufs_path: file.ufs_path.clone(),
+            inline: None,
         };
         // An idle connection may be dead (the worker restarted): then a fresh one.
         let (sock, opened) = match conns.take(socket).map(|s| Self::ask(s, &open)) {
             Some(Ok(asked)) => Ok(asked),
             _ => Self::ask(Self::connect(socket)?, &open),
         }
-        .map_err(|e| FsError::Unavailable(format!("worker {socket}: {e}")))?;
+        .map_err(|e| gone(socket, e))?;
         if let Err(e) = status_error(socket, opened.status, &opened.error) {
             // A refusal ends the exchange: the connection serves the next one.
             conns.put(socket, sock);
             return Err(e);
         }
-        let file_handle =
-            recv_file(&sock).map_err(|e| FsError::Unavailable(format!("worker {socket}: {e}")))?;
+        let file_handle = recv_file(&sock).map_err(|e| gone(socket, e))?;
         Ok(LocalUpload {
             sock: Some(sock),
             conns: conns.clone(),
@@ -88,11 +91,47 @@ impl LocalUpload {
         })
     }
 
+    /// Publishes `data` as `file`'s whole content through the worker listening on
+    /// `socket`; returns the fingerprint of the object now in the UFS.
+    pub fn put(
+        conns: &Arc<UploadConnections>,
+        socket: &str,
+        cluster_token: &str,
+        file: &Inode,
+        data: &[u8],
+        durable: bool,
+    ) -> FsResult<UfsFingerprint> {
+        let open = LocalUploadOpen {
+            cluster_token: cluster_token.to_string(),
+            mount_id: file.mount_id,
+            ufs_path: file.ufs_path.clone(),
+            inline: Some(LocalUploadComplete {
+                file_id: file.id,
+                size: data.len() as u64,
+                block_size: file.block_size,
+                durable,
+            }),
+        };
+        let send = |mut sock: UnixStream| -> Result<(UnixStream, WriteFileResponse), FrameError> {
+            write_header(&mut sock, &open)?;
+            sock.write_all(data)?;
+            let resp = read_header(&mut sock)?;
+            Ok((sock, resp))
+        };
+        // Publishing the same bytes twice is harmless: a dead idle connection is retried
+        // on a fresh one.
+        let (sock, resp) = match conns.take(socket).map(send) {
+            Some(Ok(sent)) => Ok(sent),
+            _ => send(Self::connect(socket)?),
+        }
+        .map_err(|e| gone(socket, e))?;
+        published(conns, socket, sock, &resp, data.len() as u64)
+    }
+
     fn connect(socket: &str) -> FsResult<UnixStream> {
-        let gone = |e: std::io::Error| FsError::Unavailable(format!("worker {socket}: {e}"));
-        let sock = UnixStream::connect(socket).map_err(gone)?;
+        let sock = UnixStream::connect(socket).map_err(|e| gone(socket, e))?;
         sock.set_read_timeout(Some(UPLOAD_ANSWER_TIMEOUT))
-            .map_err(gone)?;
+            .map_err(|e| gone(socket, e))?;
         Ok(sock)
     }
 
@@ -135,25 +174,39 @@ impl LocalUpload {
     /// the object now in the UFS.
     pub fn complete(&mut self, file: &Inode, size: u64, durable: bool) -> FsResult<UfsFingerprint> {
         let socket = &self.socket;
-        let gone = |e: String| FsError::Unavailable(format!("worker {socket}: {e}"));
         let mut sock = self
             .sock
             .take()
-            .ok_or_else(|| gone("upload already completed".into()))?;
+            .ok_or_else(|| gone(socket, "upload already completed"))?;
         let done = LocalUploadComplete {
             file_id: file.id,
             size,
             block_size: file.block_size,
             durable,
         };
-        write_header(&mut sock, &done).map_err(|e| gone(e.to_string()))?;
-        let resp: WriteFileResponse = read_header(&mut sock).map_err(|e| gone(e.to_string()))?;
-        self.conns.put(socket, sock);
-        status_error(socket, resp.status, &resp.error)?;
-        metrics::counter!("granary_client_uploaded_bytes_total").increment(size);
-        Ok(UfsFingerprint {
-            size: resp.size,
-            mtime_ns: resp.mtime_ns,
-        })
+        write_header(&mut sock, &done).map_err(|e| gone(socket, e))?;
+        let resp: WriteFileResponse = read_header(&mut sock).map_err(|e| gone(socket, e))?;
+        published(&self.conns, socket, sock, &resp, size)
     }
+}
+
+/// The end of a publishing exchange: the connection is free for the next one.
+fn published(
+    conns: &UploadConnections,
+    socket: &str,
+    sock: UnixStream,
+    resp: &WriteFileResponse,
+    size: u64,
+) -> FsResult<UfsFingerprint> {
+    conns.put(socket, sock);
+    status_error(socket, resp.status, &resp.error)?;
+    metrics::counter!("granary_client_uploaded_bytes_total").increment(size);
+    Ok(UfsFingerprint {
+        size: resp.size,
+        mtime_ns: resp.mtime_ns,
+    })
+}
+
+fn gone(socket: &str, e: impl std::fmt::Display) -> FsError {
+    FsError::Unavailable(format!("worker {socket}: {e}"))
 }

@@ -1,12 +1,14 @@
 //! Writes in progress on this mount: one staged file per inode, shared by all its open
 //! handles, holding the file's whole current content once written to. With a worker on
 //! this machine the staged file is the UFS temp file of a local upload (the bytes are
-//! written once); otherwise an anonymous file here (O_TMPFILE). Either way a crashed
-//! client leaves nothing visible behind; what was not yet committed by a close or fsync is
-//! lost with it, as on a local filesystem.
+//! written once), or, for a small file (up to [`SMALL_FILE_MAX`]), memory that worker takes
+//! whole at commit; otherwise an anonymous file here (O_TMPFILE). Either way a crashed
+//! client leaves nothing visible behind; what was not yet committed by a close or fsync
+//! is lost with it, as on a local filesystem.
 
 use std::collections::HashMap;
 use std::fs::File;
+use std::os::unix::fs::FileExt;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
@@ -17,19 +19,70 @@ use granary_protos::v1::UfsFingerprint;
 
 use crate::local_upload::LocalUpload;
 
+/// Largest file staged in memory (and published whole by the local worker); one that
+/// grows past it moves to a file.
+pub const SMALL_FILE_MAX: u64 = 256 << 10;
+
 /// Where a staged file's bytes are.
 pub enum Backing {
     /// An anonymous file of this mount's staging directory.
     Own(File),
     /// The temp file of a local upload, published by the worker at commit.
     Worker(LocalUpload),
+    /// A small file's bytes, sent whole at commit to the worker listening on `socket`
+    /// (one exchange instead of opening a local upload and completing it).
+    Memory { socket: String, data: Vec<u8> },
 }
 
 impl Backing {
-    pub fn file(&self) -> &File {
+    fn file(&self) -> Option<&File> {
         match self {
-            Backing::Own(f) => f,
-            Backing::Worker(u) => u.file(),
+            Backing::Own(f) => Some(f),
+            Backing::Worker(u) => Some(u.file()),
+            Backing::Memory { .. } => None,
+        }
+    }
+
+    /// Reads `buf.len()` bytes at `offset` (past the end of a memory backing: zeros, as
+    /// a sparse file reads).
+    pub fn read_exact_at(&self, buf: &mut [u8], offset: u64) -> std::io::Result<()> {
+        match (self.file(), self) {
+            (Some(f), _) => f.read_exact_at(buf, offset),
+            (None, Backing::Memory { data, .. }) => {
+                let from = (offset as usize).min(data.len());
+                let n = (data.len() - from).min(buf.len());
+                buf[..n].copy_from_slice(&data[from..from + n]);
+                buf[n..].fill(0);
+                Ok(())
+            }
+            (None, _) => unreachable!("only memory backings have no file"),
+        }
+    }
+
+    pub fn write_all_at(&mut self, bytes: &[u8], offset: u64) -> std::io::Result<()> {
+        match self {
+            Backing::Memory { data, .. } => {
+                let end = offset as usize + bytes.len();
+                if data.len() < end {
+                    data.resize(end, 0);
+                }
+                data[offset as usize..end].copy_from_slice(bytes);
+                Ok(())
+            }
+            other => other
+                .file()
+                .expect("a file backing")
+                .write_all_at(bytes, offset),
+        }
+    }
+
+    pub fn set_len(&mut self, len: u64) -> std::io::Result<()> {
+        match self {
+            Backing::Memory { data, .. } => {
+                data.resize(len as usize, 0);
+                Ok(())
+            }
+            other => other.file().expect("a file backing").set_len(len),
         }
     }
 }
@@ -56,8 +109,8 @@ pub struct Staged {
 impl Staged {
     /// Truncated to nothing here (O_TRUNC, or a new file): the next flush uploads it.
     pub fn empty(&mut self) -> FsResult<()> {
-        if let Some(b) = &self.backing {
-            b.file().set_len(0)?;
+        if let Some(b) = &mut self.backing {
+            b.set_len(0)?;
         }
         self.size = 0;
         self.filled = true;
@@ -89,9 +142,8 @@ impl StagingArea {
     }
 
     /// An anonymous file in the staging directory.
-    pub fn own_file(&self) -> FsResult<Backing> {
+    pub fn own_file(&self) -> FsResult<File> {
         tempfile::tempfile_in(&self.dir)
-            .map(Backing::Own)
             .map_err(|e| FsError::Io(format!("staging file in {}: {e}", self.dir.display())))
     }
 

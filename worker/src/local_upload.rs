@@ -1,10 +1,13 @@
 //! Local uploads: the worker's Unix socket for clients on the same machine (protocol in
 //! `LocalUploadOpen`, data.proto). The client writes a file's new content straight into
 //! the UFS temp file this worker made and handed over, so the bytes cross no socket and
-//! are not staged twice. A connection carries one upload after another (the client keeps
+//! are not staged twice; a small file may instead come whole with its request and be
+//! published at once. A connection carries one upload after another (the client keeps
 //! it for its next file) and gets a thread of its own, since an upload lives as long as
 //! the client's staged file; closing it before completing discards the temp file.
 
+use std::io::Read;
+use std::os::unix::fs::FileExt;
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -23,6 +26,8 @@ use crate::uploader::{publish_local, UploadTarget};
 
 /// Longest path a Unix socket address holds (`sun_path` less its NUL).
 const MAX_SOCKET_PATH: usize = 107;
+/// Largest file a client may send whole (clients send far smaller ones).
+const MAX_INLINE: u64 = 4 << 20;
 
 pub struct LocalUploads {
     pub worker_id: String,
@@ -107,6 +112,9 @@ impl LocalUploads {
     }
 
     fn upload(&self, sock: &mut UnixStream, open: LocalUploadOpen) -> Result<(), FrameError> {
+        if let Some(done) = open.inline {
+            return self.upload_inline(sock, open, done);
+        }
         let upload = match self.open(&open) {
             Ok(u) => u,
             Err(e) => {
@@ -135,6 +143,45 @@ impl LocalUploads {
             durable: done.durable,
         };
         let outcome = publish_local(self.fetcher.store(), upload, &target);
+        let resp = upload_response(0, &target.ufs_path, outcome);
+        Ok(write_header(sock, &resp)?)
+    }
+}
+
+impl LocalUploads {
+    /// A small file sent whole: written into the temp file here, then published.
+    fn upload_inline(
+        &self,
+        sock: &mut UnixStream,
+        open: LocalUploadOpen,
+        done: LocalUploadComplete,
+    ) -> Result<(), FrameError> {
+        if done.size > MAX_INLINE {
+            // The bytes that follow cannot be skipped cheaply: end the connection.
+            return Err(FrameError::Io(std::io::Error::new(
+                std::io::ErrorKind::InvalidData,
+                format!(
+                    "inline upload of {} bytes over the {MAX_INLINE}-byte limit",
+                    done.size
+                ),
+            )));
+        }
+        let mut data = vec![0u8; done.size as usize];
+        sock.read_exact(&mut data)?;
+        let target = UploadTarget {
+            file_id: done.file_id,
+            ufs_path: open.ufs_path.clone(),
+            size: done.size,
+            block_size: done.block_size,
+            durable: done.durable,
+        };
+        let outcome = self.open(&open).and_then(|upload| {
+            upload
+                .local_file()
+                .expect("checked at open")
+                .write_all_at(&data, 0)?;
+            publish_local(self.fetcher.store(), upload, &target)
+        });
         let resp = upload_response(0, &target.ufs_path, outcome);
         Ok(write_header(sock, &resp)?)
     }
@@ -196,6 +243,7 @@ mod tests {
             cluster_token: token.into(),
             mount_id: 1,
             ufs_path: path.as_bytes().to_vec(),
+            inline: None,
         };
         write_header(sock, &req).unwrap();
         read_header(sock).unwrap()
@@ -261,7 +309,34 @@ mod tests {
                     );
                 }
             }
-            assert_eq!(visible(&ufs), vec!["big".to_string(), "small".to_string()]);
+            // A small file sent whole, on the same connection.
+            let whole = b"sent whole with its request".to_vec();
+            let req = LocalUploadOpen {
+                cluster_token: "secret".into(),
+                mount_id: 1,
+                ufs_path: b"whole".to_vec(),
+                inline: Some(LocalUploadComplete {
+                    file_id: 42,
+                    size: whole.len() as u64,
+                    block_size: 65536,
+                    durable: false,
+                }),
+            };
+            write_header(&mut sock, &req).unwrap();
+            std::io::Write::write_all(&mut sock, &whole).unwrap();
+            let resp: WriteFileResponse = read_header(&mut sock).unwrap();
+            assert_eq!(resp.status, 0, "{}", resp.error);
+            assert_eq!(std::fs::read(ufs.join("whole")).unwrap(), whole);
+            let fingerprint = Fingerprint {
+                size: resp.size,
+                mtime_ns: resp.mtime_ns,
+            };
+            let block = store.lookup((42, 0), fingerprint).expect("cached");
+            assert_eq!(std::fs::read(block.path).unwrap(), whole);
+            assert_eq!(
+                visible(&ufs),
+                vec!["big".to_string(), "small".to_string(), "whole".to_string()]
+            );
         })
         .await
         .unwrap();
@@ -276,6 +351,22 @@ mod tests {
         tokio::task::spawn_blocking(move || {
             let (mut sock, opened) = open(&socket, "wrong", "f");
             assert_ne!(opened.status, 0, "a wrong token is refused");
+
+            // Too big to come whole: the connection ends, nothing is written.
+            let mut big = UnixStream::connect(&socket).unwrap();
+            let req = LocalUploadOpen {
+                cluster_token: "secret".into(),
+                mount_id: 1,
+                ufs_path: b"huge".to_vec(),
+                inline: Some(LocalUploadComplete {
+                    file_id: 7,
+                    size: MAX_INLINE + 1,
+                    block_size: 65536,
+                    durable: false,
+                }),
+            };
+            write_header(&mut big, &req).unwrap();
+            assert!(read_header::<WriteFileResponse, _>(&mut big).is_err());
 
             let opened = ask(&mut sock, "secret", "old");
             assert_eq!(opened.status, 0, "{}", opened.error);
