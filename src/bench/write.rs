@@ -172,7 +172,7 @@ fn report(b: &WriteBench, rows: &[Row]) -> anyhow::Result<()> {
     println!("\n{table}");
     if let Some(path) = &b.write_docs {
         let body = format!(
-            "Machine: {}. Raw: a directory on the same disk as the UFS (fsync before close). Granary: `granary local` over that disk; the mount writes into the UFS temp file its worker hands over (local upload), a close or fsync has the worker cache the blocks and rename the file into place, then commits through the master.\n\nCommand: `granary bench write --big-size {} --small-files {} --small-size {} --small-threads {} --runs {}` (median of {} interleaved runs)\n\n{table}",
+            "Machine: {}. Raw: a directory on the same disk as the UFS (fsync before close). Granary: `granary local` over that disk; the mount writes into the UFS temp file its worker hands over (local upload; a file of up to 256 KiB is held in memory and sent whole at close), a close or fsync has the worker cache the blocks and rename the file into place, then commits through the master.\n\nCommand: `granary bench write --big-size {} --small-files {} --small-size {} --small-threads {} --runs {}` (median of {} interleaved runs)\n\n{table}",
             machine(),
             ByteSize(b.big_size),
             b.small_files,
