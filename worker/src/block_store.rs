@@ -138,12 +138,6 @@ pub fn file_crc(path: &Path) -> io::Result<(u32, u64)> {
     }
 }
 
-fn delete_files(paths: Vec<PathBuf>) {
-    for p in paths {
-        let _ = fs::remove_file(p);
-    }
-}
-
 impl BlockStore {
     pub fn open(
         cache_dir: &Path,
@@ -174,7 +168,7 @@ impl BlockStore {
             idx.removed.clear();
             store.evict_locked(&mut idx, None)
         };
-        delete_files(doomed);
+        store.delete_files(doomed);
         Ok((store, report))
     }
 
@@ -254,7 +248,7 @@ impl BlockStore {
             if entry.fingerprint != fingerprint {
                 let stale = idx.remove(id).expect("present");
                 drop(idx);
-                let _ = fs::remove_file(self.block_path(id, &stale));
+                self.delete_files(vec![(id, self.block_path(id, &stale))]);
                 return None;
             }
             let path = self.block_path(id, entry);
@@ -287,7 +281,7 @@ impl BlockStore {
         metrics::counter!("granary_worker_checksum_failures_total").increment(1);
         idx.remove(id);
         drop(idx);
-        let _ = fs::remove_file(&path);
+        self.delete_files(vec![(id, path)]);
         None
     }
 
@@ -313,21 +307,23 @@ impl BlockStore {
             tick: 0,
         };
         let path = self.block_path(id, &entry);
-        if let Err(e) = fs::rename(tmp, &path) {
-            if e.kind() != io::ErrorKind::NotFound || !tmp.exists() {
-                return Err(e);
-            }
-            // A shard directory removed behind our back.
-            fs::create_dir_all(self.shard_dir(id.0))?;
-            fs::rename(tmp, &path)?;
-        }
         let mut doomed = Vec::new();
         {
+            // Renamed under the lock: a deletion of the same name decided before (an
+            // eviction) then sees this entry and leaves the file alone.
             let mut idx = self.index.lock().expect("index lock");
+            if let Err(e) = fs::rename(tmp, &path) {
+                if e.kind() != io::ErrorKind::NotFound || !tmp.exists() {
+                    return Err(e);
+                }
+                // A shard directory removed behind our back.
+                fs::create_dir_all(self.shard_dir(id.0))?;
+                fs::rename(tmp, &path)?;
+            }
             if let Some(old) = idx.take(id) {
                 let old_path = self.block_path(id, &old);
                 if old_path != path {
-                    doomed.push(old_path);
+                    doomed.push((id, old_path));
                 }
             }
             idx.entries.insert(id, entry);
@@ -336,14 +332,14 @@ impl BlockStore {
             idx.added.push(id);
             doomed.extend(self.evict_locked(&mut idx, Some(id)));
         }
-        delete_files(doomed);
+        self.delete_files(doomed);
         metrics::gauge!("granary_worker_cache_used_bytes").set(self.used() as f64);
         Ok(CachedBlock { path, len })
     }
 
     /// Drops least recently used blocks until usage is at the low watermark, if it is
     /// above the high one. Returns the files to delete.
-    fn evict_locked(&self, idx: &mut Index, keep: Option<BlockId>) -> Vec<PathBuf> {
+    fn evict_locked(&self, idx: &mut Index, keep: Option<BlockId>) -> Vec<(BlockId, PathBuf)> {
         let mut doomed = Vec::new();
         if idx.used <= self.high {
             return doomed;
@@ -357,11 +353,22 @@ impl BlockStore {
                 continue;
             }
             if let Some(e) = idx.remove(id) {
-                doomed.push(self.block_path(id, &e));
+                doomed.push((id, self.block_path(id, &e)));
             }
         }
         metrics::counter!("granary_worker_evictions_total").increment(doomed.len() as u64);
         doomed
+    }
+
+    /// Deletes the files of dropped blocks, one at a time under the index lock, unless the
+    /// block was cached again under the same name meanwhile.
+    fn delete_files(&self, doomed: Vec<(BlockId, PathBuf)>) {
+        for (id, path) in doomed {
+            let idx = self.index.lock().expect("index lock");
+            if idx.entries.get(&id).map(|e| self.block_path(id, e)) != Some(path.clone()) {
+                let _ = fs::remove_file(&path);
+            }
+        }
     }
 
     /// Blocks added and removed since the last call (for heartbeats).
