@@ -143,6 +143,22 @@ impl GranaryFs {
         inode
     }
 
+    /// [`Self::overlay`] of the committed inode, read under the staged file's lock: a
+    /// commit that empties the staged file (its content is the UFS object now) holds that
+    /// lock until it has remembered what it committed, so the size seen is never the one
+    /// from before it.
+    fn current(&self, ino: u64) -> FsResult<Inode> {
+        let Some(st) = self.staging.get(ino) else {
+            return self.committed(ino);
+        };
+        let st = st.lock().expect("staged lock");
+        let mut inode = self.committed(ino)?;
+        if st.filled {
+            inode.size = st.size;
+        }
+        Ok(inode)
+    }
+
     fn writable(&self) -> FsResult<()> {
         if self.read_only {
             return Err(FsError::ReadOnly("this Granary mount is read-only".into()));
@@ -184,8 +200,8 @@ impl GranaryFs {
     pub fn lookup(&self, parent: u64, name: &[u8]) -> FsResult<Inode> {
         validate_name(name)?;
         if let Some(id) = self.entries.get(&(parent, name.to_vec())) {
-            if let Some(i) = self.attrs.get(&id) {
-                return Ok(self.overlay(i));
+            if self.attrs.contains_key(&id) {
+                return self.current(id);
             }
         }
         let inode = self.meta.lookup(parent, name)?;
@@ -194,7 +210,7 @@ impl GranaryFs {
     }
 
     pub fn getattr(&self, ino: u64) -> FsResult<Inode> {
-        Ok(self.overlay(self.committed(ino)?))
+        self.current(ino)
     }
 
     /// The inode as the namespace holds it (through the metadata cache).

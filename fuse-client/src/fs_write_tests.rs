@@ -9,6 +9,9 @@ use std::io::Read;
 struct Namespace {
     inodes: Mutex<HashMap<u64, Inode>>,
     next: AtomicU64,
+    /// Commits that have started (each then takes `commit_delay`).
+    commits_started: AtomicU64,
+    commit_delay: Mutex<Duration>,
 }
 
 impl MetadataService for Namespace {
@@ -58,6 +61,8 @@ impl MetadataService for Namespace {
         Ok(inode)
     }
     fn commit(&self, c: CommitContent) -> FsResult<Inode> {
+        self.commits_started.fetch_add(1, Ordering::SeqCst);
+        std::thread::sleep(*self.commit_delay.lock().unwrap());
         let mut inodes = self.inodes.lock().unwrap();
         let i = inodes
             .get_mut(&c.id)
@@ -290,4 +295,28 @@ fn a_small_file_kept_in_memory_moves_to_a_file_when_it_grows() {
     let mut grown = vec![7u8; 10];
     grown.resize(SMALL_FILE_MAX as usize + 1, 0);
     assert_eq!(store.files.lock().unwrap()[&inode.id], grown);
+}
+
+#[test]
+fn attributes_read_during_a_commit_show_the_new_size() {
+    for local_worker in [false, true] {
+        let (fs, ns, _) = fs_with(local_worker);
+        let fs = Arc::new(fs);
+        let (inode, fh) = fs.create(1, b"racy", 0o644, libc::O_WRONLY, 0, 0).unwrap();
+        fs.write(fh, 0, b"eleven byte").unwrap();
+        *ns.commit_delay.lock().unwrap() = Duration::from_millis(300);
+        let flusher = {
+            let fs = fs.clone();
+            std::thread::spawn(move || fs.flush(fh))
+        };
+        while ns.commits_started.load(Ordering::SeqCst) == 0 {
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        // The upload is done and the commit under way: neither the staged size nor the
+        // size from before the write may be shown as if committed.
+        assert_eq!(fs.getattr(inode.id).unwrap().size, 11);
+        flusher.join().unwrap().unwrap();
+        assert_eq!(fs.getattr(inode.id).unwrap().size, 11);
+        fs.release(fh);
+    }
 }

@@ -134,7 +134,8 @@ fn fsx_random_operations_match_a_local_file() {
         assert_eq!(
             g.metadata().unwrap().len(),
             size,
-            "step {step} after {what}: size; seed {seed}"
+            "step {step} after {what}: size; seed {seed}; last ops {:?}",
+            &history[history.len().saturating_sub(10)..]
         );
         history.push(what);
     }
