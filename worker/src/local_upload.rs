@@ -7,7 +7,6 @@
 //! the client's staged file; closing it before completing discards the temp file.
 
 use std::io::Read;
-use std::os::unix::fs::FileExt;
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -22,7 +21,7 @@ use tokio::net::UnixListener;
 
 use crate::data_server::{status_of, upload_response};
 use crate::fetcher::BlockFetcher;
-use crate::uploader::{publish_local, UploadTarget};
+use crate::uploader::{publish_local, upload_bytes, UploadTarget};
 
 /// Longest path a Unix socket address holds (`sun_path` less its NUL).
 const MAX_SOCKET_PATH: usize = 107;
@@ -81,17 +80,22 @@ impl LocalUploads {
         }
     }
 
-    fn open(&self, req: &LocalUploadOpen) -> FsResult<Box<dyn UfsUpload>> {
+    /// A new UFS upload for an authorised client.
+    fn create(&self, req: &LocalUploadOpen) -> FsResult<Box<dyn UfsUpload>> {
         if !self.token.accepts(&req.cluster_token) {
             return Err(FsError::PermissionDenied(
                 "wrong or missing cluster token".into(),
             ));
         }
-        let upload = self
-            .fetcher
+        self.fetcher
             .mounts()
             .get(req.mount_id)?
-            .create_upload(&req.ufs_path)?;
+            .create_upload(&req.ufs_path)
+    }
+
+    /// [`Self::create`], for a client that writes the temp file itself.
+    fn open(&self, req: &LocalUploadOpen) -> FsResult<Box<dyn UfsUpload>> {
+        let upload = self.create(req)?;
         if upload.local_file().is_none() {
             return Err(FsError::Unsupported(
                 "this UFS has no local upload file".into(),
@@ -149,7 +153,8 @@ impl LocalUploads {
 }
 
 impl LocalUploads {
-    /// A small file sent whole: written into the temp file here, then published.
+    /// A small file sent whole: written to the UFS and the cache from the bytes received,
+    /// then published.
     fn upload_inline(
         &self,
         sock: &mut UnixStream,
@@ -175,13 +180,9 @@ impl LocalUploads {
             block_size: done.block_size,
             durable: done.durable,
         };
-        let outcome = self.open(&open).and_then(|upload| {
-            upload
-                .local_file()
-                .expect("checked at open")
-                .write_all_at(&data, 0)?;
-            publish_local(self.fetcher.store(), upload, &target)
-        });
+        let outcome = self
+            .create(&open)
+            .and_then(|upload| upload_bytes(self.fetcher.store(), upload, &target, &data));
         let resp = upload_response(0, &target.ufs_path, outcome);
         Ok(write_header(sock, &resp)?)
     }

@@ -255,6 +255,28 @@ fn publish(
     Ok(stored)
 }
 
+/// Writes `data`, the whole content, to the UFS and the cache, as [`upload`] does with
+/// chunks. Returns the UFS object as now stored.
+pub fn upload_bytes(
+    store: &BlockStore,
+    mut ufs_file: Box<dyn UfsUpload>,
+    target: &UploadTarget,
+    data: &[u8],
+) -> FsResult<UfsObject> {
+    let mut fill = CacheFill::new(store, target.block_size)?;
+    let written = ufs_file
+        .write_all(data)
+        .map_err(FsError::from)
+        .and_then(|()| fill.push(data));
+    match written {
+        Ok(()) => publish(ufs_file, fill, target),
+        Err(e) => {
+            fill.discard();
+            Err(e)
+        }
+    }
+}
+
 /// Writes the chunks arriving on `chunks` (exactly `target.size` bytes; the channel closing
 /// early aborts) to the UFS and the cache. Returns the UFS object as now stored.
 pub fn upload(
