@@ -145,7 +145,8 @@ pub struct WorkerDataPath {
     data: Arc<DataClient>,
     opts: DataPathOptions,
     hostname: String,
-    workers: Mutex<(Option<Instant>, Vec<WorkerInfo>)>,
+    /// When listed, and the list (shared: reads take it per block).
+    workers: Mutex<(Option<Instant>, Arc<Vec<WorkerInfo>>)>,
     buffered: Arc<AtomicU64>,
     warm_tx: SyncSender<(String, ReadBlockRequest)>,
     next_request: AtomicU64,
@@ -212,7 +213,7 @@ impl WorkerDataPath {
             data,
             opts,
             hostname,
-            workers: Mutex::new((None, Vec::new())),
+            workers: Mutex::new((None, Arc::default())),
             buffered: Arc::new(AtomicU64::new(0)),
             warm_tx,
             next_request: AtomicU64::new(1),
@@ -220,7 +221,7 @@ impl WorkerDataPath {
         })
     }
 
-    fn workers(&self, refresh: bool) -> FsResult<Vec<WorkerInfo>> {
+    fn workers(&self, refresh: bool) -> FsResult<Arc<Vec<WorkerInfo>>> {
         let mut w = self.workers.lock().expect("workers lock");
         let fresh = matches!(w.0, Some(t) if t.elapsed() < WORKER_LIST_TTL);
         if refresh || !fresh || w.1.is_empty() {
@@ -231,7 +232,7 @@ impl WorkerDataPath {
                 }
                 Ok(mut list) => {
                     list.sort_by(|a, b| a.worker_id.cmp(&b.worker_id));
-                    *w = (Some(Instant::now()), list);
+                    *w = (Some(Instant::now()), Arc::new(list));
                 }
                 // Cached blocks stay readable while the masters are unreachable.
                 Err(e) if !w.1.is_empty() => {
@@ -282,7 +283,7 @@ impl WorkerDataPath {
     }
 
     /// The worker list, failing (retryably) when it is empty.
-    fn live_workers(&self, refresh: bool) -> FsResult<Vec<WorkerInfo>> {
+    fn live_workers(&self, refresh: bool) -> FsResult<Arc<Vec<WorkerInfo>>> {
         let workers = self.workers(refresh)?;
         if workers.is_empty() {
             return Err(FsError::Unavailable(
