@@ -1,7 +1,10 @@
 //! Raft messages between masters: each peer gets a sender task that batches whatever is
-//! queued into one gRPC call; incoming batches are decoded and handed to the Ready loop.
-//! Failures are reported to raft (unreachable peer, failed snapshot) rather than retried
-//! here: raft resends what matters.
+//! queued and writes the batches, in order, into one long-lived gRPC stream (waiting for
+//! an acknowledgement per batch made every hop of a ReadIndex round cost up to two round
+//! trips). Snapshots go as single calls, whose acknowledgement raft needs to hear of.
+//! Incoming batches are decoded and handed to the Ready loop. Failures are reported to
+//! raft (unreachable peer, failed snapshot) rather than retried here: raft resends what
+//! matters.
 
 use std::collections::HashMap;
 use std::sync::mpsc::Sender;
@@ -14,6 +17,8 @@ use granary_protos::raft::{RaftAck, RaftBatch};
 use protobuf::Message as PbMessage;
 use raft::eraftpb::{Message, MessageType};
 use tokio::sync::mpsc;
+use tonic::service::interceptor::InterceptedService;
+use tonic::transport::Channel;
 use tonic::{Request, Response, Status};
 
 use super::Mail;
@@ -62,56 +67,196 @@ impl GrpcTransport {
     }
 
     fn spawn_peer(&self, id: u64, addr: String) -> Peer {
-        let (tx, mut rx) = mpsc::unbounded_channel::<Message>();
-        let mailbox = self.mailbox.clone();
-        let token = self.token.clone();
-        let peer_addr = addr.clone();
-        self.runtime.spawn(async move {
-            // A channel spawns its connection task, so it is made inside the runtime.
-            let channel =
-                granary_common::net::lazy_channel(&peer_addr, Duration::from_secs(1), Duration::from_secs(30));
-            let Ok(channel) = channel else {
-                tracing::error!(peer = id, addr = %peer_addr, "invalid raft peer address");
-                return;
-            };
-            let mut client = RaftTransportClient::with_interceptor(channel, token)
-                .max_decoding_message_size(MAX_RAFT_MESSAGE)
-                .max_encoding_message_size(MAX_RAFT_MESSAGE);
-            let mut failures = 0u32;
-            while let Some(first) = rx.recv().await {
-                let mut batch = vec![first];
-                while batch.len() < MAX_BATCH {
-                    match rx.try_recv() {
-                        Ok(m) => batch.push(m),
-                        Err(_) => break,
-                    }
+        let (tx, rx) = mpsc::unbounded_channel::<Message>();
+        let sender = PeerSender {
+            id,
+            addr: addr.clone(),
+            mailbox: self.mailbox.clone(),
+            token: self.token.clone(),
+        };
+        self.runtime.spawn(sender.run(rx));
+        Peer { addr, tx }
+    }
+}
+
+type Client = RaftTransportClient<InterceptedService<Channel, AttachToken>>;
+
+/// Feeds one peer's messages to it.
+struct PeerSender {
+    id: u64,
+    addr: String,
+    mailbox: Sender<Mail>,
+    token: AttachToken,
+}
+
+/// How a stream ended.
+enum StreamEnd {
+    /// Our side of the transport is gone: stop.
+    Closed,
+    /// The peer is unreachable, or the stream broke: open another after a pause.
+    Broken(Status),
+    /// The peer predates streams: send single calls from now on.
+    Unsupported,
+}
+
+impl PeerSender {
+    async fn run(self, mut rx: mpsc::UnboundedReceiver<Message>) {
+        // Channels spawn their connection tasks, so they are made inside the runtime.
+        // A stream lives indefinitely, so its channel has no request timeout; keepalive
+        // pings end it when the peer stops answering.
+        let channels = granary_common::net::lazy_channel(
+            &self.addr,
+            Duration::from_secs(1),
+            Duration::from_secs(30),
+        )
+        .and_then(|calls| {
+            let stream = tonic::transport::Endpoint::from_shared(format!("http://{}", self.addr))?
+                .connect_timeout(Duration::from_secs(1))
+                .tcp_nodelay(true)
+                .http2_keep_alive_interval(Duration::from_secs(1))
+                .keep_alive_timeout(Duration::from_secs(3))
+                .keep_alive_while_idle(true)
+                .connect_lazy();
+            Ok((calls, stream))
+        });
+        let Ok((calls, stream)) = channels else {
+            tracing::error!(peer = self.id, addr = %self.addr, "invalid raft peer address");
+            return;
+        };
+        let mut calls = self.client(calls);
+        let mut stream = self.client(stream);
+        let mut failures = 0u32;
+        let mut streaming = true;
+        loop {
+            let end = if streaming {
+                self.stream(&mut stream, &mut calls, &mut rx, &mut failures)
+                    .await
+            } else {
+                match self.next_batch(&mut rx).await {
+                    Some(batch) => match self.call(&mut calls, batch, &mut failures).await {
+                        Ok(()) => continue,
+                        Err(e) => StreamEnd::Broken(e),
+                    },
+                    None => StreamEnd::Closed,
                 }
-                let has_snapshot = batch.iter().any(|m| m.get_msg_type() == MessageType::MsgSnapshot);
-                let encoded: Vec<Vec<u8>> = batch.iter().filter_map(|m| m.write_to_bytes().ok()).collect();
-                let sent = client.send(RaftBatch { messages: encoded }).await;
-                match sent {
-                    Ok(_) => {
-                        failures = 0;
-                        if has_snapshot {
-                            let _ = mailbox.send(Mail::SnapshotSent(id, true));
-                        }
-                    }
-                    Err(e) => {
-                        failures += 1;
-                        if failures == 1 || failures.is_multiple_of(50) {
-                            tracing::warn!(peer = id, addr = %peer_addr, error = %e.message(), "raft peer unreachable");
-                        }
-                        if has_snapshot {
-                            let _ = mailbox.send(Mail::SnapshotSent(id, false));
-                        }
-                        let _ = mailbox.send(Mail::Unreachable(id));
-                        // Don't spin on a dead peer; raft keeps resending what it needs.
-                        tokio::time::sleep(Duration::from_millis(50)).await;
-                    }
+            };
+            match end {
+                StreamEnd::Closed => return,
+                StreamEnd::Unsupported => {
+                    tracing::info!(
+                        peer = self.id,
+                        "raft peer has no message stream; sending single calls"
+                    );
+                    streaming = false;
+                }
+                StreamEnd::Broken(e) => {
+                    self.unreachable(&e, &mut failures);
+                    tokio::time::sleep(Duration::from_millis(50)).await;
                 }
             }
-        });
-        Peer { addr, tx }
+        }
+    }
+
+    fn client(&self, channel: Channel) -> Client {
+        RaftTransportClient::with_interceptor(channel, self.token.clone())
+            .max_decoding_message_size(MAX_RAFT_MESSAGE)
+            .max_encoding_message_size(MAX_RAFT_MESSAGE)
+    }
+
+    /// Waits for the next message and takes whatever else is queued behind it.
+    async fn next_batch(&self, rx: &mut mpsc::UnboundedReceiver<Message>) -> Option<Vec<Message>> {
+        let mut batch = vec![rx.recv().await?];
+        while batch.len() < MAX_BATCH {
+            match rx.try_recv() {
+                Ok(m) => batch.push(m),
+                Err(_) => break,
+            }
+        }
+        Some(batch)
+    }
+
+    /// Writes batches into one stream until it breaks. Snapshots go as single calls.
+    async fn stream(
+        &self,
+        stream: &mut Client,
+        calls: &mut Client,
+        rx: &mut mpsc::UnboundedReceiver<Message>,
+        failures: &mut u32,
+    ) -> StreamEnd {
+        let (batches, body) = mpsc::channel::<RaftBatch>(16);
+        let call = stream.stream(tokio_stream::wrappers::ReceiverStream::new(body));
+        tokio::pin!(call);
+        loop {
+            let batch = tokio::select! {
+                ended = &mut call => return stream_ended(ended),
+                batch = self.next_batch(rx) => match batch {
+                    Some(batch) => batch,
+                    None => return StreamEnd::Closed,
+                },
+            };
+            if batch
+                .iter()
+                .any(|m| m.get_msg_type() == MessageType::MsgSnapshot)
+            {
+                if let Err(e) = self.call(calls, batch, failures).await {
+                    self.unreachable(&e, failures);
+                }
+                continue;
+            }
+            tokio::select! {
+                ended = &mut call => return stream_ended(ended),
+                sent = batches.send(encode(&batch)) => {
+                    if sent.is_err() {
+                        return StreamEnd::Broken(Status::unavailable("raft stream closed"));
+                    }
+                    *failures = 0;
+                }
+            }
+        }
+    }
+
+    /// Sends one batch as a single call, reporting a snapshot's fate to raft.
+    async fn call(
+        &self,
+        calls: &mut Client,
+        batch: Vec<Message>,
+        failures: &mut u32,
+    ) -> Result<(), Status> {
+        let has_snapshot = batch
+            .iter()
+            .any(|m| m.get_msg_type() == MessageType::MsgSnapshot);
+        let sent = calls.send(encode(&batch)).await;
+        if has_snapshot {
+            let _ = self.mailbox.send(Mail::SnapshotSent(self.id, sent.is_ok()));
+        }
+        sent?;
+        *failures = 0;
+        Ok(())
+    }
+
+    fn unreachable(&self, e: &Status, failures: &mut u32) {
+        *failures += 1;
+        if *failures == 1 || failures.is_multiple_of(50) {
+            tracing::warn!(peer = self.id, addr = %self.addr, error = %e.message(), "raft peer unreachable");
+        }
+        let _ = self.mailbox.send(Mail::Unreachable(self.id));
+    }
+}
+
+fn encode(batch: &[Message]) -> RaftBatch {
+    RaftBatch {
+        messages: batch
+            .iter()
+            .filter_map(|m| m.write_to_bytes().ok())
+            .collect(),
+    }
+}
+
+fn stream_ended(ended: Result<Response<RaftAck>, Status>) -> StreamEnd {
+    match ended {
+        Err(e) if e.code() == tonic::Code::Unimplemented => StreamEnd::Unsupported,
+        Err(e) => StreamEnd::Broken(e),
+        Ok(_) => StreamEnd::Broken(Status::unavailable("raft peer ended the stream")),
     }
 }
 
@@ -136,11 +281,11 @@ pub struct RaftService {
     pub mailbox: Sender<Mail>,
 }
 
-#[tonic::async_trait]
-impl RaftTransport for RaftService {
-    async fn send(&self, req: Request<RaftBatch>) -> Result<Response<RaftAck>, Status> {
-        let mut msgs = Vec::new();
-        for bytes in req.into_inner().messages {
+impl RaftService {
+    /// Decodes a batch addressed to this member and queues it for the raft loop.
+    fn deliver(&self, batch: RaftBatch) -> Result<(), Status> {
+        let mut msgs = Vec::with_capacity(batch.messages.len());
+        for bytes in batch.messages {
             let m = Message::parse_from_bytes(&bytes)
                 .map_err(|e| Status::invalid_argument(format!("undecodable raft message: {e}")))?;
             if m.to != self.id {
@@ -153,7 +298,25 @@ impl RaftTransport for RaftService {
         }
         self.mailbox
             .send(Mail::Step(msgs))
-            .map_err(|_| Status::unavailable("raft loop stopped"))?;
+            .map_err(|_| Status::unavailable("raft loop stopped"))
+    }
+}
+
+#[tonic::async_trait]
+impl RaftTransport for RaftService {
+    async fn send(&self, req: Request<RaftBatch>) -> Result<Response<RaftAck>, Status> {
+        self.deliver(req.into_inner())?;
+        Ok(Response::new(RaftAck {}))
+    }
+
+    async fn stream(
+        &self,
+        req: Request<tonic::Streaming<RaftBatch>>,
+    ) -> Result<Response<RaftAck>, Status> {
+        let mut batches = req.into_inner();
+        while let Some(batch) = batches.message().await? {
+            self.deliver(batch)?;
+        }
         Ok(Response::new(RaftAck {}))
     }
 }
