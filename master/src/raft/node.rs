@@ -64,22 +64,36 @@ pub struct RaftNode {
     synced_at: Instant,
 }
 
-/// Batches ReadIndex requests: everyone waiting when a round starts shares its answer;
-/// those arriving later wait for the next round. raft-rs drops a ReadIndex silently when
-/// there is no leader (or it has not committed in its term), so a round that stays
-/// unanswered is reissued.
+/// Batches ReadIndex requests: everyone waiting when a round starts shares its answer.
+/// Up to `MAX_READ_ROUNDS` rounds are in flight at once, so a read arriving just after a
+/// round started waits about one round, not the rest of that one and then its own. An
+/// answer also serves every earlier round: their reads began before its round did.
+/// raft-rs drops a ReadIndex silently when there is no leader (or it has not committed in
+/// its term), so a round that stays unanswered is reissued.
 #[derive(Default)]
 struct ReadIndexBatcher {
     queued: ReadWaiters,
-    /// (round id, its waiters, when it was sent)
-    inflight: Option<(u64, ReadWaiters, Instant)>,
+    /// round id → (its waiters, when it was sent)
+    inflight: std::collections::BTreeMap<u64, (ReadWaiters, Instant)>,
     next_ctx: u64,
 }
 
-type ReadWaiters = Vec<oneshot::Sender<FsResult<u64>>>;
+type ReadWaiters = Vec<ReadWaiter>;
+
+/// Who waits for a read index: a read on this member, or (on the leader) a follower's
+/// ReadIndex request. The leader folds followers' requests into its own rounds instead of
+/// letting raft-rs start a heartbeat round for each, which made every follower read cost
+/// the whole group a round.
+enum ReadWaiter {
+    Local(oneshot::Sender<FsResult<u64>>),
+    Remote { from: u64, ctx: bytes::Bytes },
+}
 
 /// Longest time applied state stays unsynced on disk.
 const NAMESPACE_SYNC_INTERVAL: Duration = Duration::from_secs(1);
+
+/// ReadIndex rounds one member keeps in flight.
+const MAX_READ_ROUNDS: usize = 4;
 
 /// A ReadIndex round unanswered this long is sent again.
 const READ_INDEX_RETRY: Duration = Duration::from_millis(300);
@@ -228,7 +242,18 @@ impl RaftNode {
                 }
             }
             Mail::Step(msgs) => {
-                for m in msgs {
+                for mut m in msgs {
+                    if m.get_msg_type() == MessageType::MsgReadIndex
+                        && self.is_leader()
+                        && m.from != self.cfg.id
+                        && m.entries.len() == 1
+                    {
+                        let ctx = m.mut_entries()[0].take_data();
+                        self.reads
+                            .queued
+                            .push(ReadWaiter::Remote { from: m.from, ctx });
+                        continue;
+                    }
                     if m.from == self.raw.raft.leader_id
                         && matches!(
                             m.get_msg_type(),
@@ -257,7 +282,7 @@ impl RaftNode {
             }
             Mail::TransferLeader(id) => self.raw.transfer_leader(id),
             Mail::Unreachable(id) => self.raw.report_unreachable(id),
-            Mail::ReadIndex(done) => self.reads.queued.push(done),
+            Mail::ReadIndex(done) => self.reads.queued.push(ReadWaiter::Local(done)),
             Mail::Shutdown => {}
             Mail::SnapshotSent(id, ok) => {
                 let status = if ok {
@@ -372,41 +397,69 @@ impl RaftNode {
         Ok(())
     }
 
-    /// Starts a ReadIndex round for the queued reads, or reissues a stale one.
+    /// Starts a ReadIndex round for the queued reads if fewer than `MAX_READ_ROUNDS` are
+    /// in flight; reads of rounds unanswered too long queue again.
     fn start_read_round(&mut self) {
         let reads = &mut self.reads;
-        if let Some((_, waiters, started)) = &mut reads.inflight {
-            if started.elapsed() < READ_INDEX_RETRY {
-                return;
-            }
-            // Unanswered (no leader, or a leader without an entry in its term): reissue,
-            // taking in whoever queued meanwhile.
-            let mut all = std::mem::take(waiters);
-            all.append(&mut reads.queued);
-            reads.queued = all;
-            reads.inflight = None;
+        let stale: Vec<u64> = reads
+            .inflight
+            .iter()
+            .filter(|(_, (_, sent))| sent.elapsed() >= READ_INDEX_RETRY)
+            .map(|(&id, _)| id)
+            .collect();
+        for id in stale {
+            let (waiters, _) = reads.inflight.remove(&id).expect("listed");
+            reads.queued.extend(waiters);
         }
-        if reads.queued.is_empty() {
+        if reads.queued.is_empty() || reads.inflight.len() >= MAX_READ_ROUNDS {
             return;
         }
         reads.next_ctx += 1;
         let ctx = reads.next_ctx;
-        reads.inflight = Some((ctx, std::mem::take(&mut reads.queued), Instant::now()));
+        reads
+            .inflight
+            .insert(ctx, (std::mem::take(&mut reads.queued), Instant::now()));
         self.raw.read_index(ctx.to_be_bytes().to_vec());
     }
 
+    /// Answers round `ctx` and every round started before it.
     fn finish_read_round(&mut self, ctx: &[u8], index: u64) {
-        let Some((id, _, _)) = &self.reads.inflight else {
+        let Some(id) = ctx.try_into().ok().map(u64::from_be_bytes) else {
             return;
         };
-        if ctx != id.to_be_bytes() {
+        if !self.reads.inflight.contains_key(&id) {
             return;
         }
-        let (_, waiters, _) = self.reads.inflight.take().expect("checked");
+        let later = self.reads.inflight.split_off(&(id + 1));
+        let answered = std::mem::replace(&mut self.reads.inflight, later);
         metrics::counter!("granary_master_read_index_rounds_total").increment(1);
-        for w in waiters {
-            let _ = w.send(Ok(index));
+        // A follower may commit up to the index answered with the leader's term (raft-rs
+        // answers a leader's ReadIndex only once it has committed in its term, so the
+        // entry there is of this term). A member that is no longer leader answers no
+        // follower: they ask again.
+        let leader = self.is_leader();
+        let mut replies = Vec::new();
+        for w in answered.into_values().flat_map(|(waiters, _)| waiters) {
+            match w {
+                ReadWaiter::Local(done) => {
+                    let _ = done.send(Ok(index));
+                }
+                ReadWaiter::Remote { from, ctx } if leader => {
+                    let mut entry = Entry::default();
+                    entry.set_data(ctx);
+                    let mut m = raft::eraftpb::Message::default();
+                    m.set_msg_type(MessageType::MsgReadIndexResp);
+                    m.to = from;
+                    m.from = self.cfg.id;
+                    m.term = self.raw.raft.term;
+                    m.index = index;
+                    m.set_entries(vec![entry].into());
+                    replies.push(m);
+                }
+                ReadWaiter::Remote { .. } => {}
+            }
         }
+        self.send(replies);
     }
 
     fn on_role_change(&mut self, leader: bool, leader_id: u64) {

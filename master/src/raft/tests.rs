@@ -291,3 +291,41 @@ fn a_member_behind_a_compacted_log_catches_up_by_snapshot() {
         .unwrap()
         .is_some());
 }
+
+#[test]
+fn follower_read_indexes_cover_every_acknowledged_write_on_a_lossy_network() {
+    let rt = rt();
+    let g = Group::new(&[1, 2, 3], 10_000, 10);
+    g.propose(&rt, mount());
+    for i in 0..15 {
+        let name = format!("f{i}");
+        g.propose(&rt, create(&name));
+        let leader = g.leader(Duration::from_secs(10));
+        // Many concurrent reads on every member share rounds; on followers they are folded
+        // into the leader's rounds. Each must see the write acknowledged before it began.
+        rt.block_on(async {
+            let mut reads = tokio::task::JoinSet::new();
+            for (&id, m) in &g.members {
+                for _ in 0..8 {
+                    let log = m.log.clone();
+                    let store = m.store.clone();
+                    let name = name.clone();
+                    reads.spawn(async move {
+                        let index = tokio::time::timeout(Duration::from_secs(10), log.read_index())
+                            .await
+                            .unwrap_or_else(|_| panic!("read index on {id} hangs"))
+                            .unwrap();
+                        log.wait_applied(index).await.unwrap();
+                        assert!(
+                            store.lookup(1, name.as_bytes()).unwrap().is_some(),
+                            "member {id} (leader {leader}) misses {name} at read index {index}"
+                        );
+                    });
+                }
+            }
+            while let Some(r) = reads.join_next().await {
+                r.unwrap();
+            }
+        });
+    }
+}
