@@ -72,6 +72,8 @@ fn read_only(name: &[u8]) -> FsError {
 #[derive(Clone)]
 struct Member {
     addr: String,
+    /// Calls to this member in flight from this client.
+    outstanding: Arc<AtomicUsize>,
 }
 
 struct Members {
@@ -96,7 +98,7 @@ pub struct GrpcMetadataClient {
     members: RwLock<Members>,
     /// Member that answered last (the leader, normally); tried first.
     preferred: AtomicUsize,
-    /// Spreads reads round-robin over every member (follower reads).
+    /// Where the search for the least busy member starts (follower reads).
     next_read: AtomicUsize,
     follower_reads: bool,
     rpc_timeout: Duration,
@@ -159,6 +161,7 @@ impl GrpcMetadataClient {
             .map_err(|e| FsError::InvalidPath(format!("master address `{addr}`: {e}")))?;
         Ok(Member {
             addr: addr.to_string(),
+            outstanding: Arc::new(AtomicUsize::new(0)),
         })
     }
 
@@ -310,8 +313,26 @@ impl GrpcMetadataClient {
             .map(str::to_string)
     }
 
-    /// Runs `call` until a master answers or the deadline passes. Reads start at the next
-    /// member round-robin (any member serves them); writes start at the leader.
+    /// The member with the fewest calls in flight from this client, ties taken in turn. A
+    /// busy member answers slower and so gets fewer reads: the leader, which also runs
+    /// every ReadIndex round, is not sent a full third of them.
+    fn least_outstanding(&self) -> usize {
+        let members = self.members.read().expect("members lock");
+        let n = members.list.len().max(1);
+        let start = self.next_read.fetch_add(1, Ordering::Relaxed);
+        (0..n)
+            .map(|k| (start + k) % n)
+            .min_by_key(|&i| {
+                members
+                    .list
+                    .get(i)
+                    .map_or(0, |m| m.outstanding.load(Ordering::Relaxed))
+            })
+            .unwrap_or(0)
+    }
+
+    /// Runs `call` until a master answers or the deadline passes. Reads start at the
+    /// least busy member (any member serves them); writes start at the leader.
     fn call<T, F, Fut>(&self, what: &str, read: bool, call: F) -> FsResult<T>
     where
         F: Fn(Client) -> Fut,
@@ -321,7 +342,7 @@ impl GrpcMetadataClient {
         let mut backoff = Duration::from_millis(20);
         let mut attempt = 0usize;
         let mut cursor = if read && self.follower_reads {
-            Some(self.next_read.fetch_add(1, Ordering::Relaxed))
+            Some(self.least_outstanding())
         } else {
             None
         };
@@ -332,7 +353,10 @@ impl GrpcMetadataClient {
                 let idx = cursor.unwrap_or_else(|| self.preferred.load(Ordering::Relaxed)) % n;
                 (idx, members.list[idx].clone(), n)
             };
-            let status = match self.on_this_thread(&member.addr, &call) {
+            member.outstanding.fetch_add(1, Ordering::Relaxed);
+            let answer = self.on_this_thread(&member.addr, &call);
+            member.outstanding.fetch_sub(1, Ordering::Relaxed);
+            let status = match answer {
                 Ok(r) => return Ok(r.into_inner()),
                 Err(status) => status,
             };
@@ -534,5 +558,35 @@ impl GrpcMetadataClient {
             call(c)
         });
         (r, tries.load(Ordering::Relaxed) > 1)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reads_go_to_the_member_with_the_fewest_calls_in_flight() {
+        let opts = ClientOptions {
+            cluster_token: String::new(),
+            read_consistency: ReadConsistency::Linearizable,
+            follower_reads: true,
+            rpc_timeout: Duration::from_millis(100),
+            retry_deadline: Duration::from_millis(100),
+        };
+        let addrs: Vec<String> = (1..=3).map(|p| format!("127.0.0.1:{p}")).collect();
+        let client = GrpcMetadataClient::connect(0, &addrs, &opts).unwrap();
+        let busy = |counts: [usize; 3]| {
+            let members = client.members.read().unwrap();
+            for (m, n) in members.list.iter().zip(counts) {
+                m.outstanding.store(n, Ordering::Relaxed);
+            }
+        };
+        busy([5, 0, 3]);
+        assert!((0..6).all(|_| client.least_outstanding() == 1));
+        busy([5, 2, 2]);
+        let picks: std::collections::HashSet<usize> =
+            (0..6).map(|_| client.least_outstanding()).collect();
+        assert_eq!(picks, [1, 2].into(), "ties are taken in turn");
     }
 }
