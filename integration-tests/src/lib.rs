@@ -58,6 +58,30 @@ pub fn close(f: std::fs::File) -> std::io::Result<()> {
     }
 }
 
+fn cpu_set(cores: &[usize]) -> libc::cpu_set_t {
+    // SAFETY: cpu_set_t is a plain bit array; all zeroes is the empty set.
+    let mut set: libc::cpu_set_t = unsafe { std::mem::zeroed() };
+    for &c in cores {
+        // SAFETY: CPU_SET bounds-checks against the set's size.
+        unsafe { libc::CPU_SET(c, &mut set) };
+    }
+    set
+}
+
+/// Confines the calling thread, and every thread and process it starts afterwards, to
+/// `cores`.
+pub fn pin_to_cores(cores: &[usize]) -> anyhow::Result<()> {
+    let set = cpu_set(cores);
+    // SAFETY: a valid cpu_set_t of the size passed.
+    let rc = unsafe { libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set) };
+    anyhow::ensure!(
+        rc == 0,
+        "sched_setaffinity({cores:?}): {}",
+        std::io::Error::last_os_error()
+    );
+    Ok(())
+}
+
 pub fn wait_until(
     what: &str,
     timeout: Duration,
@@ -207,6 +231,9 @@ pub struct MasterSpec {
     pub snapshot_threshold: u64,
     /// The masters' `metadata_sync_interval`.
     pub metadata_sync_interval: &'static str,
+    /// When set, master `id` runs on its own cores: (id-1)*n .. id*n. Benchmarks use it to
+    /// stand in for masters on separate machines.
+    pub cores_per_master: Option<usize>,
 }
 
 impl Default for MasterSpec {
@@ -218,6 +245,7 @@ impl Default for MasterSpec {
             cluster_token: String::new(),
             snapshot_threshold: 10_000,
             metadata_sync_interval: "never",
+            cores_per_master: None,
         }
     }
 }
@@ -312,10 +340,31 @@ impl Cluster {
         Ok(c)
     }
 
-    /// Starts `binary --config cfg`, logging to a fresh file named after `name`.
-    fn spawn(&self, binary: &str, name: &str, cfg: &Path) -> anyhow::Result<Proc> {
+    /// Starts `binary --config cfg`, logging to a fresh file named after `name`, on the
+    /// given cores if any.
+    fn spawn(
+        &self,
+        binary: &str,
+        name: &str,
+        cfg: &Path,
+        cores: Option<Vec<usize>>,
+    ) -> anyhow::Result<Proc> {
         let mut cmd = Command::new(bin(binary));
         cmd.arg("--config").arg(cfg);
+        if let Some(cores) = cores {
+            use std::os::unix::process::CommandExt;
+            let set = cpu_set(&cores);
+            // SAFETY: sched_setaffinity is a plain syscall, safe between fork and exec.
+            unsafe {
+                cmd.pre_exec(move || {
+                    if libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set) != 0
+                    {
+                        return Err(std::io::Error::last_os_error());
+                    }
+                    Ok(())
+                });
+            }
+        }
         let n = std::fs::read_dir(self.dir.path())?.count();
         Proc::spawn(name, cmd, self.dir.path().join(format!("{name}-{n}.log")))
     }
@@ -366,7 +415,11 @@ impl Cluster {
                 self.spec.metadata_sync_interval,
             ),
         )?;
-        let proc = self.spawn("granary-master", &format!("master-{id}"), &cfg)?;
+        let cores = self
+            .spec
+            .cores_per_master
+            .map(|n| ((id as usize - 1) * n..id as usize * n).collect());
+        let proc = self.spawn("granary-master", &format!("master-{id}"), &cfg, cores)?;
         wait_until("master port", Duration::from_secs(20), || {
             TcpStream::connect(("127.0.0.1", port)).is_ok()
         })
@@ -403,7 +456,13 @@ impl Cluster {
     }
 
     pub fn client(&self, addr: &str) -> anyhow::Result<Client> {
-        let _g = self.rt.enter();
+        self.client_on(addr, &self.rt)
+    }
+
+    /// A client whose connection is driven by `rt` (the harness's own runtime has one
+    /// thread, too few for a load generator).
+    pub fn client_on(&self, addr: &str, rt: &tokio::runtime::Runtime) -> anyhow::Result<Client> {
+        let _g = rt.enter();
         let ch = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))?
             .connect_timeout(Duration::from_millis(500))
             .timeout(Duration::from_secs(5))
@@ -527,7 +586,7 @@ impl Cluster {
                 self.worker_metrics_port
             ),
         )?;
-        let worker = self.spawn("granary-worker", "worker", &cfg)?;
+        let worker = self.spawn("granary-worker", "worker", &cfg, None)?;
         let id_path = self.dir.path().join("cache/worker_id");
         wait_until(
             "worker registration with the leader",

@@ -4,7 +4,7 @@
 //! namespace, each request carrying the chosen read consistency.
 
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -20,8 +20,15 @@ pub struct MetaBench {
     pub threads: usize,
     pub seconds: u64,
     pub consistency: String,
+    /// Each master on its own cores, the benchmark's clients on the rest.
+    pub cores_per_master: Option<usize>,
     pub write_docs: Option<PathBuf>,
 }
+
+/// Concurrent requests per simulated client node; each node holds one connection to
+/// every master it uses and sends each read to the member with the fewest of its
+/// requests in flight, as a mount does.
+const REQUESTS_PER_NODE: usize = 8;
 
 const PER_DIR: u64 = 1000;
 
@@ -36,11 +43,78 @@ struct ModeResult {
     p50_us: u64,
     p99_us: u64,
     errors: u64,
+    /// Cores each process kept busy during the mode.
+    cpu: String,
+}
+
+/// CPU time (user + system, seconds) of a process so far, from /proc/<pid>/stat.
+fn cpu_seconds(pid: &str) -> f64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    // Fields after the parenthesised command name; utime and stime are the 12th and 13th.
+    let rest = stat.rsplit_once(')').map(|(_, r)| r).unwrap_or("");
+    let ticks: u64 = rest
+        .split_whitespace()
+        .skip(11)
+        .take(2)
+        .filter_map(|f| f.parse::<u64>().ok())
+        .sum();
+    // SAFETY: sysconf reads a constant.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1);
+    ticks as f64 / hz as f64
+}
+
+/// Measures how many cores each named process keeps busy between `new` and `report`.
+struct CpuMeter {
+    procs: Vec<(String, String, f64)>,
+    start: Instant,
+}
+
+impl CpuMeter {
+    /// `procs`: (label, pid) pairs.
+    fn new(procs: Vec<(String, String)>) -> Self {
+        CpuMeter {
+            procs: procs
+                .into_iter()
+                .map(|(label, pid)| {
+                    let cpu = cpu_seconds(&pid);
+                    (label, pid, cpu)
+                })
+                .collect(),
+            start: Instant::now(),
+        }
+    }
+
+    fn report(&self) -> String {
+        let secs = self.start.elapsed().as_secs_f64().max(1e-3);
+        self.procs
+            .iter()
+            .map(|(label, pid, before)| {
+                format!("{label} {:.1}", (cpu_seconds(pid) - before) / secs)
+            })
+            .collect::<Vec<_>>()
+            .join(", ")
+    }
+}
+
+/// (label, pid) of every master: the leader first.
+fn master_procs(c: &Cluster, leader: u64) -> Vec<(String, String)> {
+    let mut procs: Vec<(String, String)> = c
+        .masters
+        .iter()
+        .filter_map(|(&id, m)| {
+            let label = if id == leader { "leader" } else { "follower" };
+            m.proc
+                .as_ref()
+                .map(|p| (label.to_string(), p.pid().to_string()))
+        })
+        .collect();
+    procs.sort_by_key(|(label, _)| label != "leader");
+    procs
 }
 
 impl ModeResult {
     /// Throughput and percentiles of the successful operations' latencies (µs).
-    fn from_latencies(mut lat: Vec<u64>, errors: u64, secs: f64) -> Self {
+    fn from_latencies(mut lat: Vec<u64>, errors: u64, secs: f64, cpu: String) -> Self {
         lat.sort_unstable();
         let pct = |p: f64| {
             lat.get(((lat.len() as f64 * p) as usize).min(lat.len().saturating_sub(1)))
@@ -52,6 +126,7 @@ impl ModeResult {
             p50_us: pct(0.5),
             p99_us: pct(0.99),
             errors,
+            cpu,
         }
     }
 }
@@ -75,15 +150,37 @@ fn populate(ufs: &std::path::Path, entries: u64) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Pins the benchmark (and the worker and mounts it starts) to the cores the masters do
+/// not use, and describes the placement.
+fn place(cores_per_master: Option<usize>) -> anyhow::Result<String> {
+    let Some(n) = cores_per_master else {
+        return Ok("3 masters and the clients share all cores".into());
+    };
+    let total = std::thread::available_parallelism()?.get();
+    anyhow::ensure!(
+        n > 0 && 3 * n < total,
+        "--cores-per-master {n}: 3 masters need {} cores and the clients at least one more; this machine has {total}",
+        3 * n
+    );
+    granary_integration_tests::pin_to_cores(&(3 * n..total).collect::<Vec<_>>())?;
+    Ok(format!(
+        "each master pinned to its own {n} cores (standing in for 3 master machines), the clients on the other {}",
+        total - 3 * n
+    ))
+}
+
 pub fn run(b: MetaBench) -> anyhow::Result<()> {
+    let machine = machine();
+    let placement = place(b.cores_per_master)?;
     let work = PathBuf::from("/var/tmp/granary-bench-meta");
     let ufs = work.join("ufs");
     std::fs::create_dir_all(&ufs)?;
     populate(&ufs, b.entries)?;
-    eprintln!("starting 3 masters ...");
+    eprintln!("starting 3 masters ({placement}) ...");
     let c = Cluster::start(&MasterSpec {
         ufs: ufs.clone(),
         masters: 3,
+        cores_per_master: b.cores_per_master,
         ..Default::default()
     })?;
     let leader = c.leader(Duration::from_secs(20))?;
@@ -127,7 +224,9 @@ pub fn run(b: MetaBench) -> anyhow::Result<()> {
         ("leader only", vec![leader_addr.clone()]),
         ("follower reads (all 3 members)", all.clone()),
     ] {
-        let r = measure(&c, &addrs, &targets, &b)?;
+        let mut procs = master_procs(&c, leader);
+        procs.push(("client".into(), "self".into()));
+        let r = measure(&c, &addrs, &targets, &b, procs)?;
         eprintln!("{label}: {:.0} ops/s", r.ops_per_s);
         rows.push((label, r));
     }
@@ -140,24 +239,36 @@ pub fn run(b: MetaBench) -> anyhow::Result<()> {
     );
     let leader_mount = c.mount("mnt-leader", &format!("{no_cache}follower_reads = false"))?;
     let spread_mount = c.mount("mnt-followers", &format!("{no_cache}follower_reads = true"))?;
-    for (label, mnt) in [
-        ("FUSE stat(), leader only", &leader_mount.path),
-        ("FUSE stat(), follower reads", &spread_mount.path),
+    for (label, mnt, mount_pid) in [
+        (
+            "FUSE stat(), leader only",
+            &leader_mount.path,
+            leader_mount.proc.pid(),
+        ),
+        (
+            "FUSE stat(), follower reads",
+            &spread_mount.path,
+            spread_mount.proc.pid(),
+        ),
     ] {
-        let r = stat_storm(mnt, b.entries, b.threads.min(32), b.seconds)?;
+        let mut procs = master_procs(&c, leader);
+        procs.push(("mount".into(), mount_pid.to_string()));
+        let r = stat_storm(mnt, b.entries, b.threads.min(32), b.seconds, procs)?;
         eprintln!("{label}: {:.0} stats/s", r.ops_per_s);
         rows.push((label, r));
     }
     let fuse_ratio = rows[3].1.ops_per_s / rows[2].1.ops_per_s.max(1.0);
-    let mut table =
-        String::from("| mode | ops/s | p50 | p99 | errors |\n|---|---:|---:|---:|---:|\n");
+    let mut table = String::from(
+        "| mode | ops/s | p50 | p99 | errors | cores busy |\n|---|---:|---:|---:|---:|---|\n",
+    );
     for (label, r) in &rows {
         table.push_str(&format!(
-            "| {label} | {:.0} | {:.2} ms | {:.2} ms | {} |\n",
+            "| {label} | {:.0} | {:.2} ms | {:.2} ms | {} | {} |\n",
             r.ops_per_s,
             r.p50_us as f64 / 1000.0,
             r.p99_us as f64 / 1000.0,
-            r.errors
+            r.errors,
+            r.cpu
         ));
     }
     table.push_str(&format!(
@@ -166,17 +277,20 @@ pub fn run(b: MetaBench) -> anyhow::Result<()> {
     println!("\n{table}");
     if let Some(path) = &b.write_docs {
         let body = format!(
-            "Machine: {}. 3 masters on this machine, {} namespace entries ({} per directory), {} concurrent client requests, read consistency `{}`, {} s per mode. Mix: getattr 50%, lookup 40%, readdir page of 100 10%.\n\nCommand: `granary bench meta --entries {} --threads {} --seconds {} --consistency {}`\n\n{table}",
-            machine(),
+            "Machine: {machine}. 3 masters on this machine: {placement}. {} namespace entries ({} per directory), {} concurrent client requests ({} per client connection), read consistency `{}`, {} s per mode. Mix: getattr 50%, lookup 40%, readdir page of 100 10%.\n\nCommand: `granary bench meta --entries {} --threads {} --seconds {} --consistency {}{}`\n\n{table}",
             b.entries,
             PER_DIR,
             b.threads,
+            REQUESTS_PER_NODE,
             b.consistency,
             b.seconds,
             b.entries,
             b.threads,
             b.seconds,
-            b.consistency
+            b.consistency,
+            b.cores_per_master
+                .map(|n| format!(" --cores-per-master {n}"))
+                .unwrap_or_default()
         );
         write_section(path, "bench-meta", &body)?;
     }
@@ -218,21 +332,31 @@ fn measure(
     addrs: &[String],
     targets: &Arc<Vec<Target>>,
     b: &MetaBench,
+    procs: Vec<(String, String)>,
 ) -> anyhow::Result<ModeResult> {
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?;
-    let clients: Vec<_> = addrs
-        .iter()
-        .map(|a| c.client(a))
+    // One connection per (client node, master): a single shared connection would make
+    // one HTTP/2 stream's framing the bottleneck rather than the masters.
+    let nodes = b.threads.div_ceil(REQUESTS_PER_NODE);
+    let clients: Vec<Arc<Vec<_>>> = (0..nodes)
+        .map(|_| {
+            addrs
+                .iter()
+                .map(|a| Ok((c.client_on(a, &rt)?, AtomicUsize::new(0))))
+                .collect::<anyhow::Result<Vec<_>>>()
+                .map(Arc::new)
+        })
         .collect::<Result<_, _>>()?;
     let stop = Arc::new(AtomicBool::new(false));
     let consistency: tonic::metadata::MetadataValue<_> =
         b.consistency.parse().context("read consistency")?;
     let start = Instant::now();
+    let meter = CpuMeter::new(procs);
     let tasks: Vec<_> = (0..b.threads)
         .map(|t| {
-            let mut client = clients[t % clients.len()].clone();
+            let node = clients[t / REQUESTS_PER_NODE].clone();
             let (stop, targets, consistency) = (stop.clone(), targets.clone(), consistency.clone());
             rt.spawn(async move {
                 let mut rng = rand::rngs::StdRng::seed_from_u64(t as u64);
@@ -240,6 +364,14 @@ fn measure(
                 let mut errors = 0u64;
                 while !stop.load(Ordering::Relaxed) {
                     let tg = &targets[rng.random_range(0..targets.len())];
+                    let start = rng.random_range(0..node.len());
+                    let pick = (0..node.len())
+                        .map(|k| (start + k) % node.len())
+                        .min_by_key(|&i| node[i].1.load(Ordering::Relaxed))
+                        .unwrap_or(0);
+                    let (client, outstanding) = &node[pick];
+                    let mut client = client.clone();
+                    outstanding.fetch_add(1, Ordering::Relaxed);
                     let roll = rng.random_range(0..100);
                     let begin = Instant::now();
                     macro_rules! call {
@@ -270,6 +402,7 @@ fn measure(
                             }
                         )
                     };
+                    outstanding.fetch_sub(1, Ordering::Relaxed);
                     match r {
                         Ok(()) => lat.push(begin.elapsed().as_micros() as u64),
                         Err(_) => errors += 1,
@@ -280,6 +413,7 @@ fn measure(
         })
         .collect();
     std::thread::sleep(Duration::from_secs(b.seconds));
+    let cpu = meter.report();
     stop.store(true, Ordering::Relaxed);
     let mut lat = Vec::new();
     let mut errors = 0;
@@ -289,7 +423,7 @@ fn measure(
         errors += e;
     }
     let secs = start.elapsed().as_secs_f64();
-    Ok(ModeResult::from_latencies(lat, errors, secs))
+    Ok(ModeResult::from_latencies(lat, errors, secs, cpu))
 }
 
 /// `threads` threads calling stat() on random files under `mnt` for `seconds`.
@@ -298,10 +432,12 @@ fn stat_storm(
     entries: u64,
     threads: usize,
     seconds: u64,
+    procs: Vec<(String, String)>,
 ) -> anyhow::Result<ModeResult> {
     let stop = AtomicBool::new(false);
     let start = Instant::now();
-    let results: Vec<(Vec<u64>, u64)> = std::thread::scope(|s| {
+    let meter = CpuMeter::new(procs);
+    let (results, cpu) = std::thread::scope(|s| {
         let handles: Vec<_> = (0..threads)
             .map(|t| {
                 let stop = &stop;
@@ -322,11 +458,13 @@ fn stat_storm(
             })
             .collect();
         std::thread::sleep(Duration::from_secs(seconds));
+        let cpu = meter.report();
         stop.store(true, Ordering::Relaxed);
-        handles
+        let results: Vec<(Vec<u64>, u64)> = handles
             .into_iter()
             .map(|h| h.join().expect("stat thread"))
-            .collect()
+            .collect();
+        (results, cpu)
     });
     let secs = start.elapsed().as_secs_f64();
     let lat: Vec<u64> = results
@@ -334,5 +472,5 @@ fn stat_storm(
         .flat_map(|(l, _)| l.iter().copied())
         .collect();
     let errors = results.iter().map(|(_, e)| e).sum();
-    Ok(ModeResult::from_latencies(lat, errors, secs))
+    Ok(ModeResult::from_latencies(lat, errors, secs, cpu))
 }

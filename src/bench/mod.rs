@@ -76,6 +76,10 @@ pub enum BenchCommand {
         /// linearizable, lease or bounded-staleness:<ms>.
         #[arg(long = "consistency", default_value = "linearizable")]
         consistency: String,
+        /// Run each master on its own N cores and the clients on the rest, standing in for
+        /// masters on separate machines (needs more than 3N cores).
+        #[arg(long)]
+        cores_per_master: Option<usize>,
         /// Write the table into this markdown file (between bench-meta markers).
         #[arg(long)]
         write_docs: Option<PathBuf>,
@@ -135,12 +139,14 @@ pub fn run(cmd: BenchCommand) -> anyhow::Result<()> {
             threads,
             seconds,
             consistency,
+            cores_per_master,
             write_docs,
         } => meta::run(meta::MetaBench {
             entries,
             threads: threads.max(1),
             seconds: seconds.max(1),
             consistency,
+            cores_per_master,
             write_docs,
         }),
         BenchCommand::Failover {

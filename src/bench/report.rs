@@ -44,7 +44,18 @@ pub fn machine() -> String {
         .map(|kb| kb / 1024 / 1024)
         .unwrap_or(0);
     let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
-    format!("{cores} cores, {mem} GiB RAM, Linux {}", kernel.trim())
+    let cpu = std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|c| {
+            c.lines()
+                .find_map(|l| l.strip_prefix("model name"))
+                .map(|m| m.trim_start_matches([' ', '\t', ':']).to_string())
+        })
+        .unwrap_or_else(|| "unknown CPU".into());
+    format!(
+        "{cores} cores ({cpu}), {mem} GiB RAM, Linux {}",
+        kernel.trim()
+    )
 }
 
 /// Replaces the block between `<!-- {marker}:begin -->` and `<!-- {marker}:end -->`
