@@ -4,6 +4,7 @@
 pub mod block_locations;
 pub mod command_log;
 pub mod config;
+mod lease_reads;
 pub mod loader;
 mod mutations;
 pub mod raft;

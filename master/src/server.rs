@@ -21,6 +21,7 @@ use granary_protos::raft::raft_transport_server::RaftTransportServer;
 use crate::block_locations::BlockLocations;
 use crate::command_log::CommandLog;
 use crate::config::MasterConfig;
+use crate::lease_reads::LeaseIndex;
 use crate::loader::MetadataLoader;
 use crate::raft::log_store::RaftLogStore;
 use crate::raft::node::{NodeConfig, RaftNode};
@@ -207,6 +208,10 @@ pub async fn start(mut config: MasterConfig) -> Result<RunningMaster, MasterErro
     ufs_by_mount.insert(ROOT_MOUNT_ID, ufs.clone());
     let workers = Arc::new(WorkerRegistry::default());
     let locations = Arc::new(BlockLocations::default());
+    let leader_clients = Arc::new(LeaderClients::new(
+        AttachToken::new(&config.cluster_token)
+            .map_err(|e| ConfigError::invalid("cluster_token", e))?,
+    ));
     let service = MasterService {
         store: store.clone(),
         raft: raft.clone(),
@@ -220,10 +225,8 @@ pub async fn start(mut config: MasterConfig) -> Result<RunningMaster, MasterErro
         locations: locations.clone(),
         heartbeat_interval_ms: config.worker_heartbeat_ms,
         initialised: std::sync::atomic::AtomicBool::new(false),
-        leader_clients: LeaderClients::new(
-            AttachToken::new(&config.cluster_token)
-                .map_err(|e| ConfigError::invalid("cluster_token", e))?,
-        ),
+        lease_index: LeaseIndex::start(raft.clone(), leader_clients.clone()),
+        leader_clients,
     };
 
     let timeout = Duration::from_millis(config.worker_timeout_ms);

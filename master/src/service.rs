@@ -22,6 +22,7 @@ use tonic::transport::Channel;
 use tonic::{Request, Response, Status};
 
 use crate::block_locations::BlockLocations;
+use crate::lease_reads::LeaseIndex;
 use crate::loader::{LoadProgress, MetadataLoader};
 use crate::raft::{Mail, MemberChange, RaftLog};
 use crate::store::NamespaceStore;
@@ -38,7 +39,9 @@ pub struct MasterService {
     pub(crate) locations: Arc<BlockLocations>,
     pub(crate) heartbeat_interval_ms: u64,
     /// Clients to the leader, for followers serving reads (read index, loads).
-    pub(crate) leader_clients: LeaderClients,
+    pub(crate) leader_clients: Arc<LeaderClients>,
+    /// Shared calls for followers' `lease` read indexes.
+    pub(crate) lease_index: LeaseIndex,
     /// The root inode exists (set once; it is never removed).
     pub(crate) initialised: std::sync::atomic::AtomicBool,
 }
@@ -57,6 +60,18 @@ impl LeaderClients {
             token,
             clients: Mutex::new(HashMap::new()),
         }
+    }
+
+    /// A client of the current leader, as this member knows it.
+    pub fn leader(&self, raft: &RaftLog) -> Result<PeerClient, Status> {
+        let st = raft.status();
+        let addr = st.leader_addr().ok_or_else(|| {
+            Status::unavailable(format!(
+                "master {} knows no leader (election in progress)",
+                st.id
+            ))
+        })?;
+        self.get(&addr)
     }
 
     fn get(&self, addr: &str) -> Result<PeerClient, Status> {
@@ -144,14 +159,7 @@ impl MasterService {
     }
 
     fn leader_client(&self) -> Result<PeerClient, Status> {
-        let st = self.raft.status();
-        let addr = st.leader_addr().ok_or_else(|| {
-            Status::unavailable(format!(
-                "master {} knows no leader (election in progress)",
-                st.id
-            ))
-        })?;
-        self.leader_clients.get(&addr)
+        self.leader_clients.leader(&self.raft)
     }
 
     /// Makes a read on this member see every write acknowledged before it started (or,
@@ -187,13 +195,7 @@ impl MasterService {
                 metrics::counter!("granary_master_stale_reads_total").increment(1);
                 return Ok(());
             }
-            ReadConsistency::Lease if !st.is_leader => {
-                self.leader_client()?
-                    .read_index(ReadIndexRequest { lease: true })
-                    .await?
-                    .into_inner()
-                    .index
-            }
+            ReadConsistency::Lease if !st.is_leader => self.lease_index.get().await?,
             _ => self.raft.read_index().await?,
         };
         self.raft.wait_applied(index).await?;
