@@ -69,8 +69,7 @@ pub struct RaftNode {
 /// round started waits about one round, not the rest of that one and then its own. An
 /// answer also serves every earlier round: their reads began before its round did.
 /// raft-rs drops a ReadIndex silently when there is no leader (or it has not committed in
-/// its term), so a round that stays unanswered is reissued.
-#[derive(Default)]
+/// its term), so a round that stays unanswered is asked again under the same id.
 struct ReadIndexBatcher {
     queued: ReadWaiters,
     /// round id → (its waiters, when it was sent)
@@ -79,6 +78,26 @@ struct ReadIndexBatcher {
 }
 
 type ReadWaiters = Vec<ReadWaiter>;
+
+impl ReadIndexBatcher {
+    fn new() -> Self {
+        // Round ids start somewhere new on every start, so an answer to a round of a
+        // previous run of this member cannot pass for one of this run.
+        let seed = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_nanos() as u64)
+            .unwrap_or(0);
+        ReadIndexBatcher {
+            queued: Vec::new(),
+            inflight: Default::default(),
+            next_ctx: seed,
+        }
+    }
+
+    fn can_start(&self) -> bool {
+        !self.queued.is_empty() && self.inflight.len() < MAX_READ_ROUNDS
+    }
+}
 
 /// Who waits for a read index: a read on this member, or (on the leader) a follower's
 /// ReadIndex request. The leader folds followers' requests into its own rounds instead of
@@ -146,7 +165,7 @@ impl RaftNode {
             pending: HashMap::new(),
             next_seq: 1,
             was_leader: false,
-            reads: ReadIndexBatcher::default(),
+            reads: ReadIndexBatcher::new(),
             leader_contact: None,
             applied_tx,
             synced_at: Instant::now(),
@@ -197,6 +216,12 @@ impl RaftNode {
             }
             self.start_read_round();
             self.on_ready()?;
+            // Answered rounds freed slots: reads queued behind them go now, not at the
+            // next mail or tick.
+            if self.reads.can_start() {
+                self.start_read_round();
+                self.on_ready()?;
+            }
             self.publish();
         }
     }
@@ -397,21 +422,23 @@ impl RaftNode {
         Ok(())
     }
 
-    /// Starts a ReadIndex round for the queued reads if fewer than `MAX_READ_ROUNDS` are
-    /// in flight; reads of rounds unanswered too long queue again.
+    /// Asks again for rounds unanswered too long, under the same id (a late answer to the
+    /// first request still counts), and starts a round for the queued reads if fewer than
+    /// `MAX_READ_ROUNDS` are in flight.
     fn start_read_round(&mut self) {
         let reads = &mut self.reads;
-        let stale: Vec<u64> = reads
-            .inflight
-            .iter()
-            .filter(|(_, (_, sent))| sent.elapsed() >= READ_INDEX_RETRY)
-            .map(|(&id, _)| id)
-            .collect();
-        for id in stale {
-            let (waiters, _) = reads.inflight.remove(&id).expect("listed");
-            reads.queued.extend(waiters);
+        let mut again = Vec::new();
+        for (&id, (_, sent)) in reads.inflight.iter_mut() {
+            if sent.elapsed() >= READ_INDEX_RETRY {
+                *sent = Instant::now();
+                again.push(id);
+            }
         }
-        if reads.queued.is_empty() || reads.inflight.len() >= MAX_READ_ROUNDS {
+        for id in again {
+            self.raw.read_index(id.to_be_bytes().to_vec());
+        }
+        let reads = &mut self.reads;
+        if !reads.can_start() {
             return;
         }
         reads.next_ctx += 1;
