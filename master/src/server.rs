@@ -262,6 +262,10 @@ pub async fn start(mut config: MasterConfig) -> Result<RunningMaster, MasterErro
     let raft_svc = InterceptedService::new(raft_svc, check);
     let task = tokio::spawn(
         tonic::transport::Server::builder()
+            // Ends the raft streams (and client connections) of peers that went away
+            // without closing them, e.g. across a network partition.
+            .http2_keepalive_interval(Some(Duration::from_secs(5)))
+            .http2_keepalive_timeout(Some(Duration::from_secs(10)))
             .add_service(svc)
             .add_service(raft_svc)
             // Without TCP_NODELAY on accepted sockets every reply waits out the peer's

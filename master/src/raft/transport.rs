@@ -27,6 +27,11 @@ use granary_common::auth::AttachToken;
 /// Largest raft batch (snapshots included) accepted or sent.
 pub const MAX_RAFT_MESSAGE: usize = 1 << 30;
 const MAX_BATCH: usize = 256;
+/// How long a peer without the message stream gets single calls before the stream is
+/// tried again.
+const STREAM_RETRY: Duration = Duration::from_secs(60);
+/// A stream up this long means the peer is reachable again.
+const STREAM_HEALTHY: Duration = Duration::from_secs(2);
 
 struct Peer {
     addr: String,
@@ -126,8 +131,11 @@ impl PeerSender {
         let mut calls = self.client(calls);
         let mut stream = self.client(stream);
         let mut failures = 0u32;
-        let mut streaming = true;
+        // When a peer without the stream (an older master) is asked again: it may have
+        // been upgraded meanwhile.
+        let mut unary_until: Option<tokio::time::Instant> = None;
         loop {
+            let streaming = unary_until.is_none_or(|t| tokio::time::Instant::now() >= t);
             let end = if streaming {
                 self.stream(&mut stream, &mut calls, &mut rx, &mut failures)
                     .await
@@ -147,7 +155,7 @@ impl PeerSender {
                         peer = self.id,
                         "raft peer has no message stream; sending single calls"
                     );
-                    streaming = false;
+                    unary_until = Some(tokio::time::Instant::now() + STREAM_RETRY);
                 }
                 StreamEnd::Broken(e) => {
                     self.unreachable(&e, &mut failures);
@@ -186,6 +194,10 @@ impl PeerSender {
         let (batches, body) = mpsc::channel::<RaftBatch>(16);
         let call = stream.stream(tokio_stream::wrappers::ReceiverStream::new(body));
         tokio::pin!(call);
+        // Writing into the stream says nothing of the peer receiving it: only a stream that
+        // stayed up a while counts as the peer being back (else a dead peer, reconnected
+        // every 50 ms, would log a new warning each time).
+        let opened = tokio::time::Instant::now();
         loop {
             let batch = tokio::select! {
                 ended = &mut call => return stream_ended(ended),
@@ -209,7 +221,9 @@ impl PeerSender {
                     if sent.is_err() {
                         return StreamEnd::Broken(Status::unavailable("raft stream closed"));
                     }
-                    *failures = 0;
+                    if opened.elapsed() >= STREAM_HEALTHY {
+                        *failures = 0;
+                    }
                 }
             }
         }
