@@ -13,6 +13,8 @@ use crate::raft::RaftLog;
 use crate::service::LeaderClients;
 
 const MAX_CALLS: usize = 4;
+/// The leader answers a lease read index from memory; longer means it is gone.
+const CALL_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(1);
 
 type Waiter = oneshot::Sender<Result<u64, Status>>;
 
@@ -62,10 +64,13 @@ async fn batch(
         let leader = clients.leader(&raft);
         calls.spawn(async move {
             let index = match leader {
-                Ok(mut c) => c
-                    .read_index(ReadIndexRequest { lease: true })
-                    .await
-                    .map(|r| r.into_inner().index),
+                Ok(mut c) => {
+                    // Short: calls stuck on a leader that died hold the slots that reads
+                    // to its successor need.
+                    let mut req = tonic::Request::new(ReadIndexRequest { lease: true });
+                    req.set_timeout(CALL_TIMEOUT);
+                    c.read_index(req).await.map(|r| r.into_inner().index)
+                }
                 Err(e) => Err(e),
             };
             for w in batch {
