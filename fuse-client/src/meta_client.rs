@@ -74,6 +74,41 @@ struct Member {
     addr: String,
     /// Calls to this member in flight from this client.
     outstanding: Arc<AtomicUsize>,
+    /// When a call to it last failed (ms since `EPOCH`; 0: never). A member that fails
+    /// fast has no calls in flight and would otherwise be picked first every time.
+    failed_at: Arc<AtomicU64>,
+}
+
+/// How long a member that failed is passed over while another one is there.
+const FAILED_PASS_OVER: Duration = Duration::from_secs(1);
+
+static EPOCH: std::sync::LazyLock<Instant> = std::sync::LazyLock::new(Instant::now);
+
+fn now_ms() -> u64 {
+    EPOCH.elapsed().as_millis() as u64 + 1
+}
+
+impl Member {
+    fn failed_recently(&self) -> bool {
+        let at = self.failed_at.load(Ordering::Relaxed);
+        at != 0 && now_ms().saturating_sub(at) < FAILED_PASS_OVER.as_millis() as u64
+    }
+}
+
+/// Counts a call in flight to a member for as long as it lives.
+struct InFlight(Arc<AtomicUsize>);
+
+impl InFlight {
+    fn start(counter: &Arc<AtomicUsize>) -> Self {
+        counter.fetch_add(1, Ordering::Relaxed);
+        InFlight(counter.clone())
+    }
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
 }
 
 struct Members {
@@ -162,6 +197,7 @@ impl GrpcMetadataClient {
         Ok(Member {
             addr: addr.to_string(),
             outstanding: Arc::new(AtomicUsize::new(0)),
+            failed_at: Arc::new(AtomicU64::new(0)),
         })
     }
 
@@ -313,9 +349,10 @@ impl GrpcMetadataClient {
             .map(str::to_string)
     }
 
-    /// The member with the fewest calls in flight from this client, ties taken in turn. A
-    /// busy member answers slower and so gets fewer reads: the leader, which also runs
-    /// every ReadIndex round, is not sent a full third of them.
+    /// The member with the fewest calls in flight from this client, ties taken in turn,
+    /// passing over members that failed in the last second. A busy member answers slower
+    /// and so gets fewer reads: the leader, which also runs every ReadIndex round, is not
+    /// sent a full third of them.
     fn least_outstanding(&self) -> usize {
         let members = self.members.read().expect("members lock");
         let n = members.list.len().max(1);
@@ -323,10 +360,9 @@ impl GrpcMetadataClient {
         (0..n)
             .map(|k| (start + k) % n)
             .min_by_key(|&i| {
-                members
-                    .list
-                    .get(i)
-                    .map_or(0, |m| m.outstanding.load(Ordering::Relaxed))
+                members.list.get(i).map_or((false, 0), |m| {
+                    (m.failed_recently(), m.outstanding.load(Ordering::Relaxed))
+                })
             })
             .unwrap_or(0)
     }
@@ -353,14 +389,16 @@ impl GrpcMetadataClient {
                 let idx = cursor.unwrap_or_else(|| self.preferred.load(Ordering::Relaxed)) % n;
                 (idx, members.list[idx].clone(), n)
             };
-            member.outstanding.fetch_add(1, Ordering::Relaxed);
-            let answer = self.on_this_thread(&member.addr, &call);
-            member.outstanding.fetch_sub(1, Ordering::Relaxed);
+            let answer = {
+                let _in_flight = InFlight::start(&member.outstanding);
+                self.on_this_thread(&member.addr, &call)
+            };
             let status = match answer {
                 Ok(r) => return Ok(r.into_inner()),
                 Err(status) => status,
             };
-            if let Some(leader) = Self::leader_hint(&status) {
+            let hint = Self::leader_hint(&status);
+            if let Some(leader) = hint.clone() {
                 // A follower named the leader: go there at once.
                 let members = self.members.read().expect("members lock");
                 let pos = members.list.iter().position(|m| m.addr == leader);
@@ -385,6 +423,10 @@ impl GrpcMetadataClient {
             let err = FsError::from(status);
             if !err.is_retryable() {
                 return Err(err);
+            }
+            if hint.is_none() {
+                // Not a redirect to the leader: this member could not serve the call.
+                member.failed_at.store(now_ms(), Ordering::Relaxed);
             }
             attempt += 1;
             if start.elapsed() >= self.deadline {
@@ -588,5 +630,11 @@ mod tests {
         let picks: std::collections::HashSet<usize> =
             (0..6).map(|_| client.least_outstanding()).collect();
         assert_eq!(picks, [1, 2].into(), "ties are taken in turn");
+        // A member that just failed is passed over, however idle it looks.
+        busy([5, 0, 3]);
+        client.members.read().unwrap().list[1]
+            .failed_at
+            .store(now_ms(), Ordering::Relaxed);
+        assert!((0..6).all(|_| client.least_outstanding() == 2));
     }
 }
