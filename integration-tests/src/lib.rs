@@ -68,6 +68,24 @@ fn cpu_set(cores: &[usize]) -> libc::cpu_set_t {
     set
 }
 
+/// The cores this thread may run on (a container's cpuset may not start at 0).
+pub fn allowed_cores() -> anyhow::Result<Vec<usize>> {
+    // SAFETY: cpu_set_t is a plain bit array; all zeroes is the empty set.
+    let mut set: libc::cpu_set_t = unsafe { std::mem::zeroed() };
+    // SAFETY: a valid cpu_set_t of the size passed.
+    let rc =
+        unsafe { libc::sched_getaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &mut set) };
+    anyhow::ensure!(
+        rc == 0,
+        "sched_getaffinity: {}",
+        std::io::Error::last_os_error()
+    );
+    // SAFETY: CPU_ISSET bounds-checks against the set's size.
+    Ok((0..libc::CPU_SETSIZE as usize)
+        .filter(|&c| unsafe { libc::CPU_ISSET(c, &set) })
+        .collect())
+}
+
 /// Confines the calling thread, and every thread and process it starts afterwards, to
 /// `cores`.
 pub fn pin_to_cores(cores: &[usize]) -> anyhow::Result<()> {
@@ -231,9 +249,9 @@ pub struct MasterSpec {
     pub snapshot_threshold: u64,
     /// The masters' `metadata_sync_interval`.
     pub metadata_sync_interval: &'static str,
-    /// When set, master `id` runs on its own cores: (id-1)*n .. id*n. Benchmarks use it to
-    /// stand in for masters on separate machines.
-    pub cores_per_master: Option<usize>,
+    /// When not empty, master `id` runs on the cores `master_cores[id - 1]`. Benchmarks use
+    /// it to stand in for masters on separate machines.
+    pub master_cores: Vec<Vec<usize>>,
 }
 
 impl Default for MasterSpec {
@@ -245,7 +263,7 @@ impl Default for MasterSpec {
             cluster_token: String::new(),
             snapshot_threshold: 10_000,
             metadata_sync_interval: "never",
-            cores_per_master: None,
+            master_cores: Vec::new(),
         }
     }
 }
@@ -300,6 +318,7 @@ impl Cluster {
         let spec = MasterSpec {
             ufs: spec.ufs.clone(),
             cluster_token: spec.cluster_token.clone(),
+            master_cores: spec.master_cores.clone(),
             ..*spec
         };
         let dir = tempfile::tempdir()?;
@@ -415,10 +434,7 @@ impl Cluster {
                 self.spec.metadata_sync_interval,
             ),
         )?;
-        let cores = self
-            .spec
-            .cores_per_master
-            .map(|n| ((id as usize - 1) * n..id as usize * n).collect());
+        let cores = self.spec.master_cores.get(id as usize - 1).cloned();
         let proc = self.spawn("granary-master", &format!("master-{id}"), &cfg, cores)?;
         wait_until("master port", Duration::from_secs(20), || {
             TcpStream::connect(("127.0.0.1", port)).is_ok()

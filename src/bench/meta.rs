@@ -150,28 +150,37 @@ fn populate(ufs: &std::path::Path, entries: u64) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Pins the benchmark (and the worker and mounts it starts) to the cores the masters do
-/// not use, and describes the placement.
-fn place(cores_per_master: Option<usize>) -> anyhow::Result<String> {
+/// Splits the cores this process may use: `n` for each master, the rest for the
+/// benchmark (and the worker and mounts it starts), which is pinned there. Returns the
+/// masters' cores and a description of the placement.
+fn place(cores_per_master: Option<usize>) -> anyhow::Result<(Vec<Vec<usize>>, String)> {
     let Some(n) = cores_per_master else {
-        return Ok("3 masters and the clients share all cores".into());
+        return Ok((
+            Vec::new(),
+            "3 masters and the clients share all cores".into(),
+        ));
     };
-    let total = std::thread::available_parallelism()?.get();
+    let allowed = granary_integration_tests::allowed_cores()?;
     anyhow::ensure!(
-        n > 0 && 3 * n < total,
-        "--cores-per-master {n}: 3 masters need {} cores and the clients at least one more; this machine has {total}",
-        3 * n
+        n > 0 && 3 * n < allowed.len(),
+        "--cores-per-master {n}: 3 masters need {} cores and the clients at least one more; this process may use {}",
+        3 * n,
+        allowed.len()
     );
-    granary_integration_tests::pin_to_cores(&(3 * n..total).collect::<Vec<_>>())?;
-    Ok(format!(
-        "each master pinned to its own {n} cores (standing in for 3 master machines), the clients on the other {}",
-        total - 3 * n
+    let masters: Vec<Vec<usize>> = allowed[..3 * n].chunks(n).map(<[usize]>::to_vec).collect();
+    granary_integration_tests::pin_to_cores(&allowed[3 * n..])?;
+    Ok((
+        masters,
+        format!(
+            "each master pinned to its own {n} cores (standing in for 3 master machines), the clients on the other {}",
+            allowed.len() - 3 * n
+        ),
     ))
 }
 
 pub fn run(b: MetaBench) -> anyhow::Result<()> {
     let machine = machine();
-    let placement = place(b.cores_per_master)?;
+    let (master_cores, placement) = place(b.cores_per_master)?;
     let work = PathBuf::from("/var/tmp/granary-bench-meta");
     let ufs = work.join("ufs");
     std::fs::create_dir_all(&ufs)?;
@@ -180,7 +189,7 @@ pub fn run(b: MetaBench) -> anyhow::Result<()> {
     let c = Cluster::start(&MasterSpec {
         ufs: ufs.clone(),
         masters: 3,
-        cores_per_master: b.cores_per_master,
+        master_cores,
         ..Default::default()
     })?;
     let leader = c.leader(Duration::from_secs(20))?;
