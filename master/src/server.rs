@@ -262,17 +262,21 @@ pub async fn start(mut config: MasterConfig) -> Result<RunningMaster, MasterErro
     let raft_svc = InterceptedService::new(raft_svc, check);
     let task = tokio::spawn(
         tonic::transport::Server::builder()
-            // Ends the raft streams (and client connections) of peers that went away
-            // without closing them, e.g. across a network partition.
-            .http2_keepalive_interval(Some(Duration::from_secs(5)))
-            .http2_keepalive_timeout(Some(Duration::from_secs(10)))
             .add_service(svc)
             .add_service(raft_svc)
             // Without TCP_NODELAY on accepted sockets every reply waits out the peer's
             // delayed ACK (40 ms), and the server's own nodelay setting does not reach
-            // sockets from a listener passed in.
+            // sockets from a listener passed in. TCP keepalive (answered by the peer's
+            // kernel, so idle clients that poll nothing still answer) ends the raft streams
+            // and connections of peers that vanished without closing them, e.g. across a
+            // network partition; HTTP/2 pings would need every client to poll its idle
+            // connections, which a mount's per-thread connections do not.
             .serve_with_incoming_shutdown(
-                tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true)),
+                tonic::transport::server::TcpIncoming::from(listener)
+                    .with_nodelay(Some(true))
+                    .with_keepalive(Some(Duration::from_secs(10)))
+                    .with_keepalive_interval(Some(Duration::from_secs(2)))
+                    .with_keepalive_retries(Some(5)),
                 async {
                     let _ = rx.await;
                 },
