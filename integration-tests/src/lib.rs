@@ -86,18 +86,21 @@ pub fn allowed_cores() -> anyhow::Result<Vec<usize>> {
         .collect())
 }
 
+/// Confines the calling thread to the cores in `set`. Only a syscall: also safe between
+/// fork and exec.
+fn set_affinity(set: &libc::cpu_set_t) -> std::io::Result<()> {
+    // SAFETY: a valid cpu_set_t of the size passed.
+    let rc = unsafe { libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), set) };
+    if rc != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(())
+}
+
 /// Confines the calling thread, and every thread and process it starts afterwards, to
 /// `cores`.
 pub fn pin_to_cores(cores: &[usize]) -> anyhow::Result<()> {
-    let set = cpu_set(cores);
-    // SAFETY: a valid cpu_set_t of the size passed.
-    let rc = unsafe { libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set) };
-    anyhow::ensure!(
-        rc == 0,
-        "sched_setaffinity({cores:?}): {}",
-        std::io::Error::last_os_error()
-    );
-    Ok(())
+    set_affinity(&cpu_set(cores)).with_context(|| format!("sched_setaffinity({cores:?})"))
 }
 
 pub fn wait_until(
@@ -373,15 +376,9 @@ impl Cluster {
         if let Some(cores) = cores {
             use std::os::unix::process::CommandExt;
             let set = cpu_set(&cores);
-            // SAFETY: sched_setaffinity is a plain syscall, safe between fork and exec.
+            // SAFETY: set_affinity makes one syscall and allocates nothing.
             unsafe {
-                cmd.pre_exec(move || {
-                    if libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set) != 0
-                    {
-                        return Err(std::io::Error::last_os_error());
-                    }
-                    Ok(())
-                });
+                cmd.pre_exec(move || set_affinity(&set));
             }
         }
         let n = std::fs::read_dir(self.dir.path())?.count();
