@@ -426,16 +426,11 @@ impl RaftNode {
     /// first request still counts), and starts a round for the queued reads if fewer than
     /// `MAX_READ_ROUNDS` are in flight.
     fn start_read_round(&mut self) {
-        let reads = &mut self.reads;
-        let mut again = Vec::new();
-        for (&id, (_, sent)) in reads.inflight.iter_mut() {
+        for (&id, (_, sent)) in self.reads.inflight.iter_mut() {
             if sent.elapsed() >= READ_INDEX_RETRY {
                 *sent = Instant::now();
-                again.push(id);
+                self.raw.read_index(id.to_be_bytes().to_vec());
             }
-        }
-        for id in again {
-            self.raw.read_index(id.to_be_bytes().to_vec());
         }
         let reads = &mut self.reads;
         if !reads.can_start() {
