@@ -115,9 +115,7 @@ impl PeerSender {
             Duration::from_secs(30),
         )
         .and_then(|calls| {
-            let stream = tonic::transport::Endpoint::from_shared(format!("http://{}", self.addr))?
-                .connect_timeout(Duration::from_secs(1))
-                .tcp_nodelay(true)
+            let stream = granary_common::net::endpoint(&self.addr, Duration::from_secs(1))?
                 .http2_keep_alive_interval(Duration::from_secs(1))
                 .keep_alive_timeout(Duration::from_secs(3))
                 .keep_alive_while_idle(true)
