@@ -150,9 +150,7 @@ impl LocalUploads {
         let resp = upload_response(0, &target.ufs_path, outcome);
         Ok(write_header(sock, &resp)?)
     }
-}
 
-impl LocalUploads {
     /// A small file sent whole: written to the UFS and the cache from the bytes received,
     /// then published.
     fn upload_inline(
