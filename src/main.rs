@@ -296,6 +296,6 @@ fn main() -> anyhow::Result<()> {
                 }
             }
         }
-        Command::Bench { cmd } => bench::run(cmd),
+        Command::Bench { cmd } => bench::run(cmd, &cli.master.read_consistency),
     }
 }

@@ -286,7 +286,7 @@ pub fn run(b: MetaBench) -> anyhow::Result<()> {
     println!("\n{table}");
     if let Some(path) = &b.write_docs {
         let body = format!(
-            "Machine: {machine}. 3 masters on this machine: {placement}. {} namespace entries ({} per directory), {} concurrent client requests ({} per simulated client node, each with one connection per master), read consistency `{}`, {} s per mode. Mix: getattr 50%, lookup 40%, readdir page of 100 10%.\n\nCommand: `granary bench meta --entries {} --threads {} --seconds {} --consistency {}{}`\n\n{table}",
+            "Machine: {machine}. 3 masters on this machine: {placement}. {} namespace entries ({} per directory), {} concurrent client requests ({} per simulated client node, each with one connection per master), read consistency `{}`, {} s per mode. Mix: getattr 50%, lookup 40%, readdir page of 100 10%.\n\nCommand: `granary bench meta --entries {} --threads {} --seconds {} --read-consistency {}{}`\n\n{table}",
             b.entries,
             PER_DIR,
             b.threads,

@@ -73,9 +73,6 @@ pub enum BenchCommand {
         /// Seconds per mode.
         #[arg(long, default_value_t = 5)]
         seconds: u64,
-        /// linearizable, lease or bounded-staleness:<ms>.
-        #[arg(long = "consistency", default_value = "linearizable")]
-        consistency: String,
         /// Run each master on its own N cores and the clients on the rest, standing in for
         /// masters on separate machines (needs more than 3N cores).
         #[arg(long)]
@@ -98,7 +95,8 @@ pub enum BenchCommand {
     },
 }
 
-pub fn run(cmd: BenchCommand) -> anyhow::Result<()> {
+/// `read_consistency` is the global `--read-consistency` flag (used by `bench meta`).
+pub fn run(cmd: BenchCommand, read_consistency: &str) -> anyhow::Result<()> {
     match cmd {
         BenchCommand::Read {
             dir,
@@ -138,14 +136,13 @@ pub fn run(cmd: BenchCommand) -> anyhow::Result<()> {
             entries,
             threads,
             seconds,
-            consistency,
             cores_per_master,
             write_docs,
         } => meta::run(meta::MetaBench {
             entries,
             threads: threads.max(1),
             seconds: seconds.max(1),
-            consistency,
+            consistency: read_consistency.to_string(),
             cores_per_master,
             write_docs,
         }),
