@@ -107,6 +107,7 @@ fn errno_name(e: i32) -> String {
         (libc::ENOTSUP, "ENOTSUP"),
         (libc::ENOSYS, "ENOSYS"),
         (libc::EBUSY, "EBUSY"),
+        (libc::ENOTTY, "ENOTTY"),
     ];
     known
         .iter()
@@ -164,6 +165,17 @@ impl Probe {
         // SAFETY: closing a descriptor this probe opened.
         let rc = unsafe { libc::close(fd) };
         self.rec("close", rc as i64);
+    }
+
+    /// Asks whether `fd` is a terminal (the ioctl behind `isatty`, which Python's `open()`
+    /// makes).
+    pub fn terminal_check(&mut self, fd: i32) {
+        // SAFETY: `termios` is plain data the ioctl may fill.
+        let rc = unsafe {
+            let mut t: libc::termios = std::mem::zeroed();
+            libc::ioctl(fd, libc::TCGETS, &mut t)
+        };
+        self.rec("ioctl TCGETS", rc as i64);
     }
 
     pub fn write(&mut self, fd: i32, data: &[u8]) {

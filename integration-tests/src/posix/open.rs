@@ -21,6 +21,10 @@ pub fn cases() -> Vec<Case> {
                 p.stat("f");
                 p.open("missing", O_RDONLY, 0);
                 p.open("missing/x", O_CREAT | O_WRONLY, 0o644);
+                if let Some(fd) = p.open("f", O_RDONLY, 0) {
+                    p.terminal_check(fd);
+                    p.close(fd);
+                }
             },
         },
         Case {
