@@ -1,5 +1,6 @@
-//! The write path end to end: a seeded fsx-style random test against a local file, and
-//! close-to-open visibility in the UFS and on a second mount.
+//! The write path end to end: a seeded fsx-style random test against a local file,
+//! close-to-open visibility in the UFS and on a second mount, and many threads writing
+//! small files at once.
 
 use std::fs::{File, OpenOptions};
 use std::os::unix::fs::FileExt;
@@ -232,4 +233,50 @@ fn closed_files_are_in_the_ufs_and_visible_to_another_mount() {
         std::fs::read(again.path.join("ckpt/final/model.bin")).unwrap(),
         shard
     );
+}
+
+#[test]
+fn many_threads_creating_small_files_each_get_their_own_bytes() {
+    let ufs = tempfile::tempdir().unwrap();
+    let c = cluster(ufs.path());
+    let m = c.mount("writer", "").unwrap();
+    let (threads, files) = (16usize, 25usize);
+    let content = |t: usize, i: usize| format!("thread {t} file {i}\n").repeat(t + i + 1);
+    std::thread::scope(|s| {
+        for t in 0..threads {
+            let (root, content) = (&m.path, &content);
+            s.spawn(move || {
+                let dir = root.join(format!("t{}", t % 4));
+                std::fs::create_dir_all(&dir).unwrap();
+                for i in 0..files {
+                    std::fs::write(dir.join(format!("f{t}-{i}")), content(t, i)).unwrap();
+                    let f = std::fs::metadata(dir.join(format!("f{t}-{i}"))).unwrap();
+                    assert_eq!(f.len(), content(t, i).len() as u64);
+                }
+            });
+        }
+    });
+    let other = c.mount("reader", "").unwrap();
+    for t in 0..threads {
+        for i in 0..files {
+            let rel = format!("t{}/f{t}-{i}", t % 4);
+            let want = content(t, i).into_bytes();
+            assert_eq!(
+                std::fs::read(ufs.path().join(&rel)).unwrap(),
+                want,
+                "{rel} in the UFS"
+            );
+            assert_eq!(
+                std::fs::read(other.path.join(&rel)).unwrap(),
+                want,
+                "{rel} on another mount"
+            );
+        }
+    }
+    for d in 0..4 {
+        let n = std::fs::read_dir(other.path.join(format!("t{d}")))
+            .unwrap()
+            .count();
+        assert_eq!(n, threads / 4 * files, "t{d} lists every file once");
+    }
 }
