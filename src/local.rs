@@ -52,7 +52,18 @@ pub async fn start(a: &LocalArgs) -> anyhow::Result<LocalCluster> {
         ..Default::default()
     })
     .await
-    .context("master failed to start")?;
+    .map_err(|e| match &e {
+        granary_master::MasterError::Listen { source, .. }
+            if source.kind() == std::io::ErrorKind::AddrInUse =>
+        {
+            anyhow::Error::new(e).context(format!(
+                "master failed to start: another `granary local` or master listens on {}; \
+                 stop it or pass --master-listen with a free port",
+                a.master_listen
+            ))
+        }
+        _ => anyhow::Error::new(e).context("master failed to start"),
+    })?;
     let worker = granary_worker::start(WorkerConfig {
         masters: vec![master.addr.to_string()],
         data_listen: "127.0.0.1:0".parse()?,

@@ -36,6 +36,30 @@ fn missing_ufs_directory_is_named() {
 }
 
 #[test]
+fn a_taken_master_port_names_the_flag_that_moves_it() {
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = taken.local_addr().unwrap().to_string();
+    let dir = tempfile::tempdir().unwrap();
+    let (ufs, mnt) = (dir.path().join("ufs"), dir.path().join("mnt"));
+    std::fs::create_dir(&ufs).unwrap();
+    std::fs::create_dir(&mnt).unwrap();
+    let mut cmd = Command::new(bin("granary"));
+    cmd.args(["local", "--master-listen", &addr, "--ufs"])
+        .arg(&ufs)
+        .arg("--mount")
+        .arg(&mnt)
+        .arg("--state-dir")
+        .arg(dir.path().join("state"));
+    let (code, err) = run_to_exit(cmd, Duration::from_secs(20)).unwrap();
+    assert_ne!(code, 0);
+    assert!(
+        err.contains(&addr) && err.contains("--master-listen"),
+        "{err}"
+    );
+    assert!(!granary_integration_tests::is_mounted(&mnt));
+}
+
+#[test]
 fn config_errors_name_the_key() {
     let (code, err) = master_with("ufs = \"/tmp\"\nblock_sise = \"1MiB\"\n");
     assert_ne!(code, 0);
