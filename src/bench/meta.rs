@@ -13,7 +13,7 @@ use granary_integration_tests::{Cluster, MasterSpec};
 use granary_protos::v1::{GetAttrRequest, LoadMetadataRequest, LookupRequest, ReadDirRequest};
 use rand::{Rng, SeedableRng};
 
-use super::report::{machine, write_section};
+use super::report::{machine, ticks_to_seconds, write_section};
 
 pub struct MetaBench {
     pub entries: u64,
@@ -58,9 +58,7 @@ fn cpu_seconds(pid: &str) -> f64 {
         .take(2)
         .filter_map(|f| f.parse::<u64>().ok())
         .sum();
-    // SAFETY: sysconf reads a constant.
-    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1);
-    ticks as f64 / hz as f64
+    ticks_to_seconds(ticks)
 }
 
 /// Measures how many cores each named process keeps busy between `new` and `report`.

@@ -10,6 +10,30 @@ pub struct Row {
     pub granary: f64,
 }
 
+/// Seconds of CPU time in `ticks` of the kernel's clock (as /proc reports CPU time).
+pub fn ticks_to_seconds(ticks: u64) -> f64 {
+    // SAFETY: sysconf reads a constant.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1);
+    ticks as f64 / hz as f64
+}
+
+/// CPU time the whole machine has spent busy so far (every core, every process, kernel
+/// included; idle and I/O wait not), from /proc/stat.
+pub fn machine_busy_seconds() -> f64 {
+    let stat = std::fs::read_to_string("/proc/stat").unwrap_or_default();
+    let fields: Vec<u64> = stat
+        .lines()
+        .next()
+        .unwrap_or("")
+        .split_whitespace()
+        .skip(1)
+        .filter_map(|f| f.parse().ok())
+        .collect();
+    // user nice system idle iowait irq softirq steal ...: idle and iowait are not busy.
+    let busy = fields.iter().sum::<u64>() - fields.iter().skip(3).take(2).sum::<u64>();
+    ticks_to_seconds(busy)
+}
+
 /// The middle value of a run's repetitions.
 pub fn median(mut v: Vec<f64>) -> f64 {
     v.sort_by(|a, b| a.total_cmp(b));

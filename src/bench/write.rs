@@ -13,7 +13,7 @@ use anyhow::Context;
 use granary_common::bytesize::ByteSize;
 use granary_integration_tests::close;
 
-use super::report::{machine, median, render, write_section, Row};
+use super::report::{machine, machine_busy_seconds, median, render, write_section, Row};
 use crate::local::{self, LocalArgs};
 
 pub struct WriteBench {
@@ -45,10 +45,11 @@ fn checkpoint(path: &Path, size: u64) -> anyhow::Result<f64> {
 }
 
 /// Files/s of `threads` threads creating `count` files of `size` bytes under `dir`, each
-/// written whole and closed. Each thread writes its own subdirectories of 100 files (as
+/// written whole and closed, and the machine's CPU seconds per file meanwhile (every
+/// process: for Granary the mount, master and worker too). Each thread writes its own subdirectories of 100 files (as
 /// data-loader or rank processes write their own shards): creates in one directory are
 /// serialized by the kernel on any filesystem.
-fn small_files(dir: &Path, count: u64, size: u64, threads: usize) -> anyhow::Result<f64> {
+fn small_files(dir: &Path, count: u64, size: u64, threads: usize) -> anyhow::Result<SmallFiles> {
     let threads = threads as u64;
     // Thread t writes its share into directories t, t + threads, t + 2 * threads, ...
     let share = |t: u64| count / threads + u64::from(t < count % threads);
@@ -56,6 +57,7 @@ fn small_files(dir: &Path, count: u64, size: u64, threads: usize) -> anyhow::Res
         std::fs::create_dir_all(dir.join(format!("d{d}")))?;
     }
     let data = vec![0x5au8; size as usize];
+    let busy = machine_busy_seconds();
     let start = Instant::now();
     std::thread::scope(|s| {
         let workers: Vec<_> = (0..threads)
@@ -77,7 +79,15 @@ fn small_files(dir: &Path, count: u64, size: u64, threads: usize) -> anyhow::Res
             .try_for_each(|w| w.join().expect("writer thread"))
     })
     .with_context(|| format!("writing small files under {}", dir.display()))?;
-    Ok(count as f64 / start.elapsed().as_secs_f64())
+    Ok(SmallFiles {
+        per_s: count as f64 / start.elapsed().as_secs_f64(),
+        cpu_per_file: (machine_busy_seconds() - busy) / count as f64,
+    })
+}
+
+struct SmallFiles {
+    per_s: f64,
+    cpu_per_file: f64,
 }
 
 pub fn run(b: WriteBench) -> anyhow::Result<()> {
@@ -108,7 +118,7 @@ pub fn run(b: WriteBench) -> anyhow::Result<()> {
         metrics_listen: None,
     }))?;
     let result = measure(&b, &raw, &mnt);
-    let reported = result.and_then(|rows| report(&b, &rows));
+    let reported = result.and_then(|(rows, cpu)| report(&b, &rows, &cpu));
     rt.block_on(cluster.stop())?;
     // Everything goes now, not at the next run's start: on ext4 without a journal an
     // inode freed in the last minutes is skipped by every create in its block group,
@@ -119,7 +129,8 @@ pub fn run(b: WriteBench) -> anyhow::Result<()> {
     reported
 }
 
-fn measure(b: &WriteBench, raw: &Path, mnt: &Path) -> anyhow::Result<Vec<Row>> {
+/// The table's rows, and a line with the CPU time per small file.
+fn measure(b: &WriteBench, raw: &Path, mnt: &Path) -> anyhow::Result<(Vec<Row>, String)> {
     let (mut raw_ckpt, mut gr_ckpt) = (Vec::new(), Vec::new());
     let (mut raw_small, mut gr_small) = (Vec::new(), Vec::new());
     for run in 0..b.runs {
@@ -143,7 +154,12 @@ fn measure(b: &WriteBench, raw: &Path, mnt: &Path) -> anyhow::Result<Vec<Row>> {
             b.small_threads,
         )?);
     }
-    Ok(vec![
+    let cpu = format!(
+        "CPU time per small file, whole machine (/proc/stat, median): raw {:.0} µs, Granary {:.0} µs.",
+        median(raw_small.iter().map(|s| s.cpu_per_file * 1e6).collect()),
+        median(gr_small.iter().map(|s| s.cpu_per_file * 1e6).collect()),
+    );
+    let rows = vec![
         Row {
             case: format!(
                 "checkpoint: one {} file, 1 MiB writes + fsync + close",
@@ -161,18 +177,19 @@ fn measure(b: &WriteBench, raw: &Path, mnt: &Path) -> anyhow::Result<Vec<Row>> {
                 b.small_threads
             ),
             unit: "files/s",
-            raw: median(raw_small),
-            granary: median(gr_small),
+            raw: median(raw_small.iter().map(|s| s.per_s).collect()),
+            granary: median(gr_small.iter().map(|s| s.per_s).collect()),
         },
-    ])
+    ];
+    Ok((rows, cpu))
 }
 
-fn report(b: &WriteBench, rows: &[Row]) -> anyhow::Result<()> {
+fn report(b: &WriteBench, rows: &[Row], cpu: &str) -> anyhow::Result<()> {
     let table = render(rows);
-    println!("\n{table}");
+    println!("\n{table}\n{cpu}");
     if let Some(path) = &b.write_docs {
         let body = format!(
-            "Machine: {}. Raw: a directory on the same disk as the UFS (fsync before close). Granary: `granary local` over that disk; the mount writes into the UFS temp file its worker hands over (local upload; a file of up to 256 KiB is held in memory and sent whole at close), a close or fsync has the worker cache the blocks and rename the file into place, then commits through the master.\n\nCommand: `granary bench write --big-size {} --small-files {} --small-size {} --small-threads {} --runs {}` (median of {} interleaved runs)\n\n{table}",
+            "Machine: {}. Raw: a directory on the same disk as the UFS (fsync before close). Granary: `granary local` over that disk; the mount writes into the UFS temp file its worker hands over (local upload; a file of up to 256 KiB is held in memory and sent whole at close), a close or fsync has the worker cache the blocks and rename the file into place, then commits through the master.\n\nCommand: `granary bench write --big-size {} --small-files {} --small-size {} --small-threads {} --runs {}` (median of {} interleaved runs)\n\n{table}\n{cpu}\n",
             machine(),
             ByteSize(b.big_size),
             b.small_files,
