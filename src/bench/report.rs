@@ -18,20 +18,23 @@ pub fn ticks_to_seconds(ticks: u64) -> f64 {
 }
 
 /// CPU time the whole machine has spent busy so far (every core, every process, kernel
-/// included; idle and I/O wait not), from /proc/stat.
-pub fn machine_busy_seconds() -> f64 {
-    let stat = std::fs::read_to_string("/proc/stat").unwrap_or_default();
+/// included), from /proc/stat: user, nice, system, irq and softirq. Idle, I/O wait and
+/// time the hypervisor gave to other guests (steal) are not this machine's work; guest
+/// time is already inside user and nice. None where /proc/stat cannot be read.
+pub fn machine_busy_seconds() -> Option<f64> {
+    let stat = std::fs::read_to_string("/proc/stat").ok()?;
     let fields: Vec<u64> = stat
         .lines()
-        .next()
-        .unwrap_or("")
+        .next()?
         .split_whitespace()
         .skip(1)
-        .filter_map(|f| f.parse().ok())
-        .collect();
-    // user nice system idle iowait irq softirq steal ...: idle and iowait are not busy.
-    let busy = fields.iter().sum::<u64>() - fields.iter().skip(3).take(2).sum::<u64>();
-    ticks_to_seconds(busy)
+        .map(|f| f.parse().ok())
+        .collect::<Option<_>>()?;
+    let busy = [0, 1, 2, 5, 6]
+        .iter()
+        .map(|&i| fields.get(i).copied())
+        .sum::<Option<u64>>()?;
+    Some(ticks_to_seconds(busy))
 }
 
 /// The middle value of a run's repetitions.

@@ -46,9 +46,9 @@ fn checkpoint(path: &Path, size: u64) -> anyhow::Result<f64> {
 
 /// Files/s of `threads` threads creating `count` files of `size` bytes under `dir`, each
 /// written whole and closed, and the machine's CPU seconds per file meanwhile (every
-/// process: for Granary the mount, master and worker too). Each thread writes its own subdirectories of 100 files (as
-/// data-loader or rank processes write their own shards): creates in one directory are
-/// serialized by the kernel on any filesystem.
+/// process: for Granary the mount, master and worker too). Each thread writes its own
+/// subdirectories of 100 files (as data-loader or rank processes write their own
+/// shards): creates in one directory are serialized by the kernel on any filesystem.
 fn small_files(dir: &Path, count: u64, size: u64, threads: usize) -> anyhow::Result<SmallFiles> {
     let threads = threads as u64;
     // Thread t writes its share into directories t, t + threads, t + 2 * threads, ...
@@ -81,13 +81,16 @@ fn small_files(dir: &Path, count: u64, size: u64, threads: usize) -> anyhow::Res
     .with_context(|| format!("writing small files under {}", dir.display()))?;
     Ok(SmallFiles {
         per_s: count as f64 / start.elapsed().as_secs_f64(),
-        cpu_per_file: (machine_busy_seconds() - busy) / count as f64,
+        cpu_per_file: busy
+            .zip(machine_busy_seconds())
+            .map(|(before, after)| (after - before) / count as f64),
     })
 }
 
 struct SmallFiles {
     per_s: f64,
-    cpu_per_file: f64,
+    /// None where /proc/stat cannot be read.
+    cpu_per_file: Option<f64>,
 }
 
 pub fn run(b: WriteBench) -> anyhow::Result<()> {
@@ -154,11 +157,16 @@ fn measure(b: &WriteBench, raw: &Path, mnt: &Path) -> anyhow::Result<(Vec<Row>, 
             b.small_threads,
         )?);
     }
-    let cpu = format!(
-        "CPU time per small file, whole machine (/proc/stat, median): raw {:.0} µs, Granary {:.0} µs.",
-        median(raw_small.iter().map(|s| s.cpu_per_file * 1e6).collect()),
-        median(gr_small.iter().map(|s| s.cpu_per_file * 1e6).collect()),
-    );
+    let cpu_us = |runs: &[SmallFiles]| -> Option<f64> {
+        let v: Option<Vec<f64>> = runs.iter().map(|s| s.cpu_per_file).collect();
+        Some(median(v?) * 1e6)
+    };
+    let cpu = match (cpu_us(&raw_small), cpu_us(&gr_small)) {
+        (Some(raw), Some(granary)) => format!(
+            "CPU time per small file, whole machine (/proc/stat, median): raw {raw:.0} µs, Granary {granary:.0} µs."
+        ),
+        _ => "CPU time per small file: unavailable (/proc/stat unreadable).".to_string(),
+    };
     let rows = vec![
         Row {
             case: format!(
