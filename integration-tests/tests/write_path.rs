@@ -274,9 +274,16 @@ fn many_threads_creating_small_files_each_get_their_own_bytes() {
         }
     }
     for d in 0..4 {
-        let n = std::fs::read_dir(other.path.join(format!("t{d}")))
-            .unwrap()
-            .count();
-        assert_eq!(n, threads / 4 * files, "t{d} lists every file once");
+        for root in [&other.path, &ufs.path().to_path_buf()] {
+            let n = std::fs::read_dir(root.join(format!("t{d}")))
+                .unwrap()
+                .count();
+            assert_eq!(
+                n,
+                threads / 4 * files,
+                "{}/t{d} holds every file once and nothing else",
+                root.display()
+            );
+        }
     }
 }

@@ -21,6 +21,13 @@ pub fn cases() -> Vec<Case> {
                 p.stat("f");
                 p.open("missing", O_RDONLY, 0);
                 p.open("missing/x", O_CREAT | O_WRONLY, 0o644);
+            },
+        },
+        Case {
+            name: "open/not_a_terminal",
+            body_as: As::Root,
+            setup: |p| p.make_file("f", b"x"),
+            body: |p| {
                 if let Some(fd) = p.open("f", O_RDONLY, 0) {
                     p.terminal_check(fd);
                     p.close(fd);
