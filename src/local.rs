@@ -57,8 +57,8 @@ pub async fn start(a: &LocalArgs) -> anyhow::Result<LocalCluster> {
             if source.kind() == std::io::ErrorKind::AddrInUse =>
         {
             anyhow::Error::new(e).context(format!(
-                "master failed to start: another `granary local` or master listens on {} \
-                 (or something else does); stop it or pass --master-listen with a free port",
+                "master failed to start: {} is taken (another `granary local` or master?); \
+                 stop it or pass --master-listen with a free port",
                 a.master_listen
             ))
         }
