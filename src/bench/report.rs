@@ -7,6 +7,9 @@ pub struct Row {
     pub case: String,
     pub unit: &'static str,
     pub raw: f64,
+    /// The same case on the other filesystems a bench measures, in the order of the
+    /// table's extra columns (see [`render`]).
+    pub others: Vec<f64>,
     pub granary: f64,
 }
 
@@ -43,15 +46,22 @@ pub fn median(mut v: Vec<f64>) -> f64 {
     v[v.len() / 2]
 }
 
-pub fn render(rows: &[Row]) -> String {
-    let mut s = String::new();
-    s.push_str("| case | unit | raw | granary | granary/raw |\n|---|---|---:|---:|---:|\n");
+/// The table; `others` names the columns between raw and granary.
+pub fn render(rows: &[Row], others: &[&str]) -> String {
+    let mut s = String::from("| case | unit | raw |");
+    for name in others {
+        s.push_str(&format!(" {name} |"));
+    }
+    s.push_str(" granary | granary/raw |\n|---|---|---:|");
+    s.push_str(&"---:|".repeat(others.len()));
+    s.push_str("---:|---:|\n");
     for r in rows {
         let ratio = if r.raw > 0.0 { r.granary / r.raw } else { 0.0 };
-        s.push_str(&format!(
-            "| {} | {} | {:.1} | {:.1} | {:.2}x |\n",
-            r.case, r.unit, r.raw, r.granary, ratio
-        ));
+        s.push_str(&format!("| {} | {} | {:.1} |", r.case, r.unit, r.raw));
+        for v in &r.others {
+            s.push_str(&format!(" {v:.1} |"));
+        }
+        s.push_str(&format!(" {:.1} | {:.2}x |\n", r.granary, ratio));
     }
     s
 }

@@ -1,8 +1,9 @@
 //! `granary bench write`: (a) a checkpoint-style write of one big file in 1 MiB writes,
 //! then fsync and close; (b) many small files created, written and closed by several
-//! threads. Raw directory and Granary mount alternate run by run; every run writes fresh
-//! files (the figures include making them durable: fsync on raw, the upload and commit
-//! that close performs on Granary).
+//! threads. Raw directory, a plain passthrough FUSE mount of another directory on the
+//! same disk (what FUSE itself costs) and the Granary mount alternate run by run; every
+//! run writes fresh files (the figures include making them durable: fsync on raw and
+//! passthrough, the upload and commit that close performs on Granary).
 
 use std::fs::File;
 use std::io::Write;
@@ -11,8 +12,11 @@ use std::time::Instant;
 
 use anyhow::Context;
 use granary_common::bytesize::ByteSize;
+use granary_fuse_client::config::MountConfig;
 use granary_integration_tests::close;
 
+use super::juicefs::JuiceFs;
+use super::passthrough;
 use super::report::{machine, machine_busy_seconds, median, render, write_section, Row};
 use crate::local::{self, LocalArgs};
 
@@ -23,6 +27,8 @@ pub struct WriteBench {
     pub small_size: u64,
     pub small_threads: usize,
     pub runs: usize,
+    /// Also measure JuiceFS (the `juicefs` binary on PATH).
+    pub juicefs: bool,
     pub write_docs: Option<PathBuf>,
 }
 
@@ -93,21 +99,66 @@ struct SmallFiles {
     cpu_per_file: Option<f64>,
 }
 
+/// A filesystem measured beside raw and Granary, kept mounted while it is alive.
+enum Other {
+    Fuse(fuser::BackgroundSession),
+    JuiceFs(JuiceFs),
+}
+
+/// Where a run writes: raw first, Granary last, the others between (the table's order).
+struct Target {
+    name: &'static str,
+    dir: PathBuf,
+}
+
 pub fn run(b: WriteBench) -> anyhow::Result<()> {
     let ufs = b.dir.join("write-ufs");
     let raw = b.dir.join("write-raw");
+    let fuse_backing = b.dir.join("write-fuse-backing");
+    let fuse_mnt = b.dir.join("write-fuse-mnt");
+    let jfs_work = b.dir.join("write-juicefs");
+    let jfs_mnt = b.dir.join("write-juicefs-mnt");
     let mnt = b.dir.join("write-mnt");
     let state = b.dir.join("write-state");
-    let _ = std::process::Command::new("umount")
-        .arg("-l")
-        .arg(&mnt)
-        .stderr(std::process::Stdio::null())
-        .status();
-    for d in [&ufs, &raw, &state] {
+    for m in [&mnt, &fuse_mnt] {
+        let _ = std::process::Command::new("umount")
+            .arg("-l")
+            .arg(m)
+            .stderr(std::process::Stdio::null())
+            .status();
+    }
+    for d in [&ufs, &raw, &fuse_backing, &state] {
         let _ = std::fs::remove_dir_all(d);
         std::fs::create_dir_all(d)?;
     }
     std::fs::create_dir_all(&mnt)?;
+    std::fs::create_dir_all(&fuse_mnt)?;
+    let mut others = vec![Other::Fuse(passthrough::mount(
+        &fuse_backing,
+        &fuse_mnt,
+        MountConfig::default().fuse_threads,
+    )?)];
+    let mut targets = vec![
+        Target {
+            name: "raw",
+            dir: raw.clone(),
+        },
+        Target {
+            name: "plain FUSE",
+            dir: fuse_mnt.clone(),
+        },
+    ];
+    if b.juicefs {
+        others.push(Other::JuiceFs(JuiceFs::mount(&jfs_work, &jfs_mnt)?));
+        targets.push(Target {
+            name: "JuiceFS",
+            dir: jfs_mnt.clone(),
+        });
+    }
+    targets.push(Target {
+        name: "Granary",
+        dir: mnt.clone(),
+    });
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?;
@@ -120,90 +171,116 @@ pub fn run(b: WriteBench) -> anyhow::Result<()> {
         capacity: ByteSize((b.big_size * 2).max(1 << 30)),
         metrics_listen: None,
     }))?;
-    let result = measure(&b, &raw, &mnt);
-    let reported = result.and_then(|(rows, cpu)| report(&b, &rows, &cpu));
+    let reported = measure(&b, &targets).and_then(|(rows, cpu)| {
+        let names: Vec<&str> = targets[1..targets.len() - 1]
+            .iter()
+            .map(|t| t.name)
+            .collect();
+        report(&b, &rows, &names, &cpu)
+    });
     rt.block_on(cluster.stop())?;
+    for other in others {
+        match other {
+            Other::Fuse(session) => drop(session),
+            Other::JuiceFs(fs) => drop(fs),
+        }
+    }
     // Everything goes now, not at the next run's start: on ext4 without a journal an
     // inode freed in the last minutes is skipped by every create in its block group,
     // one lookup each, so mass deletes right before measuring slow the creates measured.
-    for d in [&raw, &ufs, &state] {
+    for d in [&raw, &fuse_backing, &jfs_work, &ufs, &state] {
         let _ = std::fs::remove_dir_all(d);
     }
     reported
 }
 
-/// The table's rows, and a line with the CPU time per small file.
-fn measure(b: &WriteBench, raw: &Path, mnt: &Path) -> anyhow::Result<(Vec<Row>, String)> {
-    let (mut raw_ckpt, mut gr_ckpt) = (Vec::new(), Vec::new());
-    let (mut raw_small, mut gr_small) = (Vec::new(), Vec::new());
+/// The table's rows, and a line with the CPU time per small file on each target.
+fn measure(b: &WriteBench, targets: &[Target]) -> anyhow::Result<(Vec<Row>, String)> {
+    let mut ckpt: Vec<Vec<f64>> = targets.iter().map(|_| Vec::new()).collect();
+    let mut small: Vec<Vec<SmallFiles>> = targets.iter().map(|_| Vec::new()).collect();
     for run in 0..b.runs {
         eprintln!("run {} of {} ...", run + 1, b.runs);
-        raw_ckpt.push(checkpoint(&raw.join(format!("ckpt-{run}")), b.big_size)?);
-        gr_ckpt.push(checkpoint(&mnt.join(format!("ckpt-{run}")), b.big_size)?);
-        // Old checkpoints go, as a training job rotates them; disk space stays bounded.
-        std::fs::remove_file(raw.join(format!("ckpt-{run}")))?;
-        std::fs::remove_file(mnt.join(format!("ckpt-{run}")))?;
-        let sub = format!("small-{run}");
-        raw_small.push(small_files(
-            &raw.join(&sub),
-            b.small_files,
-            b.small_size,
-            b.small_threads,
-        )?);
-        gr_small.push(small_files(
-            &mnt.join(&sub),
-            b.small_files,
-            b.small_size,
-            b.small_threads,
-        )?);
+        for (i, t) in targets.iter().enumerate() {
+            let path = t.dir.join(format!("ckpt-{run}"));
+            ckpt[i].push(checkpoint(&path, b.big_size)?);
+            // Old checkpoints go, as a training job rotates them; disk space stays bounded.
+            std::fs::remove_file(&path)?;
+        }
+        for (i, t) in targets.iter().enumerate() {
+            small[i].push(small_files(
+                &t.dir.join(format!("small-{run}")),
+                b.small_files,
+                b.small_size,
+                b.small_threads,
+            )?);
+        }
     }
-    let cpu_us = |runs: &[SmallFiles]| -> Option<f64> {
-        let v: Option<Vec<f64>> = runs.iter().map(|s| s.cpu_per_file).collect();
-        Some(median(v?) * 1e6)
-    };
-    let cpu = match (cpu_us(&raw_small), cpu_us(&gr_small)) {
-        (Some(raw), Some(granary)) => format!(
-            "CPU time per small file, whole machine (/proc/stat, median): raw {raw:.0} µs, Granary {granary:.0} µs."
+    let cpu: Option<Vec<String>> = targets
+        .iter()
+        .zip(&small)
+        .map(|(t, runs)| {
+            let v: Option<Vec<f64>> = runs.iter().map(|s| s.cpu_per_file).collect();
+            Some(format!("{} {:.0} µs", t.name, median(v?) * 1e6))
+        })
+        .collect();
+    let cpu = match cpu {
+        Some(each) => format!(
+            "CPU time per small file, whole machine (/proc/stat, median): {}.",
+            each.join(", ")
         ),
-        _ => "CPU time per small file: unavailable (/proc/stat unreadable).".to_string(),
+        None => "CPU time per small file: unavailable (/proc/stat unreadable).".to_string(),
+    };
+    let row = |case: String, unit: &'static str, v: Vec<f64>| Row {
+        case,
+        unit,
+        raw: v[0],
+        others: v[1..v.len() - 1].to_vec(),
+        granary: v[v.len() - 1],
     };
     let rows = vec![
-        Row {
-            case: format!(
+        row(
+            format!(
                 "checkpoint: one {} file, 1 MiB writes + fsync + close",
                 ByteSize(b.big_size)
             ),
-            unit: "MB/s",
-            raw: median(raw_ckpt),
-            granary: median(gr_ckpt),
-        },
-        Row {
-            case: format!(
+            "MB/s",
+            ckpt.into_iter().map(median).collect(),
+        ),
+        row(
+            format!(
                 "{} small files of {}, {} threads (create, write, close)",
                 b.small_files,
                 ByteSize(b.small_size),
                 b.small_threads
             ),
-            unit: "files/s",
-            raw: median(raw_small.iter().map(|s| s.per_s).collect()),
-            granary: median(gr_small.iter().map(|s| s.per_s).collect()),
-        },
+            "files/s",
+            small
+                .iter()
+                .map(|runs| median(runs.iter().map(|s| s.per_s).collect()))
+                .collect(),
+        ),
     ];
     Ok((rows, cpu))
 }
 
-fn report(b: &WriteBench, rows: &[Row], cpu: &str) -> anyhow::Result<()> {
-    let table = render(rows);
+fn report(b: &WriteBench, rows: &[Row], others: &[&str], cpu: &str) -> anyhow::Result<()> {
+    let table = render(rows, others);
     println!("\n{table}\n{cpu}");
     if let Some(path) = &b.write_docs {
+        let juicefs = if b.juicefs {
+            "JuiceFS: a fresh volume with SQLite metadata and its objects in a directory on that disk, default settings (a close uploads and commits). "
+        } else {
+            ""
+        };
         let body = format!(
-            "Machine: {}. Raw: a directory on the same disk as the UFS (fsync before close). Granary: `granary local` over that disk; the mount writes into the UFS temp file its worker hands over (local upload; a file of up to 256 KiB is held in memory and sent whole at close), a close or fsync has the worker cache the blocks and rename the file into place, then commits through the master.\n\nCommand: `granary bench write --big-size {} --small-files {} --small-size {} --small-threads {} --runs {}` (median of {} interleaved runs)\n\n{table}\n{cpu}\n",
+            "Machine: {}. Raw: a directory on the same disk as the UFS (fsync before close). Plain FUSE: a passthrough FUSE mount (in the bench process, as many threads as Granary's mount, direct I/O for writers) of another directory on that disk; what FUSE alone costs. {juicefs}Granary: `granary local` over that disk; the mount writes into the UFS temp file its worker hands over (local upload; a file of up to 256 KiB is held in memory and sent whole at close), a close or fsync has the worker cache the blocks and rename the file into place, then commits through the master.\n\nCommand: `granary bench write --big-size {} --small-files {} --small-size {} --small-threads {} --runs {}{}` (median of {} interleaved runs)\n\n{table}\n{cpu}\n",
             machine(),
             ByteSize(b.big_size),
             b.small_files,
             ByteSize(b.small_size),
             b.small_threads,
             b.runs,
+            if b.juicefs { " --juicefs" } else { "" },
             b.runs
         );
         write_section(path, "bench-write", &body)?;

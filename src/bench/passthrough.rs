@@ -1,0 +1,377 @@
+//! A plain passthrough FUSE filesystem over a directory, for the benches: what any FUSE
+//! filesystem pays for an operation (the kernel round trips, one host syscall each) with
+//! no metadata service, upload or cache behind it. Mounted the way Granary's mount is
+//! (threads, `default_permissions`, direct I/O for writers), it shows how much of a gap
+//! to the raw disk is FUSE's own. It serves what the benches do: lookups, attributes,
+//! directories made and listed, files created, opened, read, written, closed and removed.
+
+use std::collections::HashMap;
+use std::ffi::OsStr;
+use std::fs::{File, OpenOptions};
+use std::os::unix::fs::{DirBuilderExt, FileExt, MetadataExt, OpenOptionsExt};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, RwLock};
+use std::time::{Duration, UNIX_EPOCH};
+
+use fuser::{
+    BackgroundSession, Config, Errno, FileAttr, FileHandle, FileType, Filesystem, FopenFlags,
+    Generation, INodeNo, LockOwner, MountOption, OpenFlags, ReplyAttr, ReplyCreate, ReplyData,
+    ReplyDirectory, ReplyEmpty, ReplyEntry, ReplyOpen, ReplyWrite, Request, WriteFlags,
+};
+
+const TTL: Duration = Duration::from_secs(300);
+const ROOT: u64 = 1;
+
+/// Paths by inode number and back; numbers are handed out on first sight.
+#[derive(Default)]
+struct Inodes {
+    paths: HashMap<u64, PathBuf>,
+    numbers: HashMap<PathBuf, u64>,
+}
+
+struct Passthrough {
+    inodes: RwLock<Inodes>,
+    next_ino: AtomicU64,
+    files: RwLock<HashMap<u64, Arc<File>>>,
+    next_fh: AtomicU64,
+}
+
+fn errno(e: &std::io::Error) -> Errno {
+    Errno::from_i32(e.raw_os_error().unwrap_or(libc::EIO))
+}
+
+impl Passthrough {
+    fn new(root: &Path) -> Self {
+        let mut inodes = Inodes::default();
+        inodes.paths.insert(ROOT, root.to_path_buf());
+        inodes.numbers.insert(root.to_path_buf(), ROOT);
+        Passthrough {
+            inodes: RwLock::new(inodes),
+            next_ino: AtomicU64::new(ROOT + 1),
+            files: RwLock::new(HashMap::new()),
+            next_fh: AtomicU64::new(1),
+        }
+    }
+
+    fn path(&self, ino: INodeNo) -> Result<PathBuf, Errno> {
+        let inodes = self.inodes.read().expect("inodes lock");
+        inodes.paths.get(&ino.0).cloned().ok_or(Errno::ENOENT)
+    }
+
+    fn child(&self, parent: INodeNo, name: &OsStr) -> Result<PathBuf, Errno> {
+        Ok(self.path(parent)?.join(name))
+    }
+
+    fn number(&self, path: &Path) -> u64 {
+        if let Some(&ino) = self.inodes.read().expect("inodes lock").numbers.get(path) {
+            return ino;
+        }
+        let mut inodes = self.inodes.write().expect("inodes lock");
+        if let Some(&ino) = inodes.numbers.get(path) {
+            return ino;
+        }
+        let ino = self.next_ino.fetch_add(1, Ordering::Relaxed);
+        inodes.paths.insert(ino, path.to_path_buf());
+        inodes.numbers.insert(path.to_path_buf(), ino);
+        ino
+    }
+
+    fn attr(&self, path: &Path) -> Result<FileAttr, Errno> {
+        let m = std::fs::symlink_metadata(path).map_err(|e| errno(&e))?;
+        let time = |s: i64, ns: i64| UNIX_EPOCH + Duration::new(s.max(0) as u64, ns as u32);
+        let kind = if m.is_dir() {
+            FileType::Directory
+        } else if m.file_type().is_symlink() {
+            FileType::Symlink
+        } else {
+            FileType::RegularFile
+        };
+        Ok(FileAttr {
+            ino: INodeNo(self.number(path)),
+            size: m.size(),
+            blocks: m.blocks(),
+            atime: time(m.atime(), m.atime_nsec()),
+            mtime: time(m.mtime(), m.mtime_nsec()),
+            ctime: time(m.ctime(), m.ctime_nsec()),
+            crtime: time(m.mtime(), m.mtime_nsec()),
+            kind,
+            perm: (m.mode() & 0o7777) as u16,
+            nlink: m.nlink() as u32,
+            uid: m.uid(),
+            gid: m.gid(),
+            rdev: m.rdev() as u32,
+            blksize: m.blksize() as u32,
+            flags: 0,
+        })
+    }
+
+    fn add_file(&self, f: File) -> FileHandle {
+        let fh = self.next_fh.fetch_add(1, Ordering::Relaxed);
+        self.files
+            .write()
+            .expect("files lock")
+            .insert(fh, Arc::new(f));
+        FileHandle(fh)
+    }
+
+    fn file(&self, fh: FileHandle) -> Result<Arc<File>, Errno> {
+        let files = self.files.read().expect("files lock");
+        files.get(&fh.0).cloned().ok_or(Errno::EBADF)
+    }
+}
+
+fn open_options(flags: i32) -> OpenOptions {
+    let mut o = OpenOptions::new();
+    match flags & libc::O_ACCMODE {
+        libc::O_WRONLY => o.write(true),
+        libc::O_RDWR => o.read(true).write(true),
+        _ => o.read(true),
+    };
+    o.custom_flags(flags & (libc::O_APPEND | libc::O_TRUNC | libc::O_EXCL));
+    o
+}
+
+/// Descriptors open for writing skip the mount's page cache, as Granary's do.
+fn fopen(flags: i32) -> FopenFlags {
+    if flags & libc::O_ACCMODE == libc::O_RDONLY {
+        FopenFlags::empty()
+    } else {
+        FopenFlags::FOPEN_DIRECT_IO
+    }
+}
+
+impl Filesystem for Passthrough {
+    fn lookup(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
+        match self.child(parent, name).and_then(|p| self.attr(&p)) {
+            Ok(a) => reply.entry(&TTL, &a, Generation(0)),
+            Err(e) => reply.error(e),
+        }
+    }
+
+    fn getattr(&self, _req: &Request, ino: INodeNo, _fh: Option<FileHandle>, reply: ReplyAttr) {
+        match self.path(ino).and_then(|p| self.attr(&p)) {
+            Ok(a) => reply.attr(&TTL, &a),
+            Err(e) => reply.error(e),
+        }
+    }
+
+    fn mkdir(
+        &self,
+        _req: &Request,
+        parent: INodeNo,
+        name: &OsStr,
+        mode: u32,
+        _umask: u32,
+        reply: ReplyEntry,
+    ) {
+        let made = self.child(parent, name).and_then(|p| {
+            std::fs::DirBuilder::new()
+                .mode(mode)
+                .create(&p)
+                .map_err(|e| errno(&e))?;
+            self.attr(&p)
+        });
+        match made {
+            Ok(a) => reply.entry(&TTL, &a, Generation(0)),
+            Err(e) => reply.error(e),
+        }
+    }
+
+    fn unlink(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
+        let removed = self.child(parent, name).and_then(|p| {
+            std::fs::remove_file(&p).map_err(|e| errno(&e))?;
+            let mut inodes = self.inodes.write().expect("inodes lock");
+            if let Some(ino) = inodes.numbers.remove(&p) {
+                inodes.paths.remove(&ino);
+            }
+            Ok(())
+        });
+        match removed {
+            Ok(()) => reply.ok(),
+            Err(e) => reply.error(e),
+        }
+    }
+
+    fn create(
+        &self,
+        _req: &Request,
+        parent: INodeNo,
+        name: &OsStr,
+        mode: u32,
+        _umask: u32,
+        flags: i32,
+        reply: ReplyCreate,
+    ) {
+        let made = self.child(parent, name).and_then(|p| {
+            let f = open_options(flags)
+                .create(true)
+                .mode(mode)
+                .open(&p)
+                .map_err(|e| errno(&e))?;
+            Ok((self.attr(&p)?, f))
+        });
+        match made {
+            Ok((a, f)) => reply.created(&TTL, &a, Generation(0), self.add_file(f), fopen(flags)),
+            Err(e) => reply.error(e),
+        }
+    }
+
+    fn open(&self, _req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
+        let opened = self
+            .path(ino)
+            .and_then(|p| open_options(flags.0).open(p).map_err(|e| errno(&e)));
+        match opened {
+            Ok(f) => reply.opened(self.add_file(f), fopen(flags.0)),
+            Err(e) => reply.error(e),
+        }
+    }
+
+    fn read(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        fh: FileHandle,
+        offset: u64,
+        size: u32,
+        _flags: OpenFlags,
+        _lock_owner: Option<LockOwner>,
+        reply: ReplyData,
+    ) {
+        let read = self.file(fh).and_then(|f| {
+            let mut buf = vec![0u8; size as usize];
+            let n = f.read_at(&mut buf, offset).map_err(|e| errno(&e))?;
+            buf.truncate(n);
+            Ok(buf)
+        });
+        match read {
+            Ok(data) => reply.data(&data),
+            Err(e) => reply.error(e),
+        }
+    }
+
+    fn write(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        fh: FileHandle,
+        offset: u64,
+        data: &[u8],
+        _write_flags: WriteFlags,
+        _flags: OpenFlags,
+        _lock_owner: Option<LockOwner>,
+        reply: ReplyWrite,
+    ) {
+        let written = self.file(fh).and_then(|f| {
+            f.write_all_at(data, offset).map_err(|e| errno(&e))?;
+            Ok(data.len() as u32)
+        });
+        match written {
+            Ok(n) => reply.written(n),
+            Err(e) => reply.error(e),
+        }
+    }
+
+    fn flush(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        _fh: FileHandle,
+        _lock_owner: LockOwner,
+        reply: ReplyEmpty,
+    ) {
+        reply.ok();
+    }
+
+    fn fsync(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        fh: FileHandle,
+        datasync: bool,
+        reply: ReplyEmpty,
+    ) {
+        let synced = self.file(fh).and_then(|f| {
+            if datasync {
+                f.sync_data()
+            } else {
+                f.sync_all()
+            }
+            .map_err(|e| errno(&e))
+        });
+        match synced {
+            Ok(()) => reply.ok(),
+            Err(e) => reply.error(e),
+        }
+    }
+
+    fn release(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        fh: FileHandle,
+        _flags: OpenFlags,
+        _lock_owner: Option<LockOwner>,
+        _flush: bool,
+        reply: ReplyEmpty,
+    ) {
+        self.files.write().expect("files lock").remove(&fh.0);
+        reply.ok();
+    }
+
+    fn readdir(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        _fh: FileHandle,
+        offset: u64,
+        mut reply: ReplyDirectory,
+    ) {
+        let entries = self.path(ino).and_then(|dir| {
+            let mut out = Vec::new();
+            for e in std::fs::read_dir(&dir).map_err(|e| errno(&e))? {
+                let e = e.map_err(|e| errno(&e))?;
+                let kind = match e.file_type() {
+                    Ok(t) if t.is_dir() => FileType::Directory,
+                    Ok(t) if t.is_symlink() => FileType::Symlink,
+                    _ => FileType::RegularFile,
+                };
+                out.push((self.number(&e.path()), kind, e.file_name()));
+            }
+            Ok(out)
+        });
+        match entries {
+            Ok(entries) => {
+                for (i, (ino, kind, name)) in entries.iter().enumerate().skip(offset as usize) {
+                    if reply.add(INodeNo(*ino), i as u64 + 1, *kind, name) {
+                        break;
+                    }
+                }
+                reply.ok();
+            }
+            Err(e) => reply.error(e),
+        }
+    }
+}
+
+/// Mounts a passthrough of `backing` at `mountpoint` with `threads` FUSE threads; the
+/// returned session unmounts when dropped.
+pub fn mount(
+    backing: &Path,
+    mountpoint: &Path,
+    threads: usize,
+) -> anyhow::Result<BackgroundSession> {
+    let mut config = Config::default();
+    config.mount_options = vec![
+        MountOption::FSName("passthrough".into()),
+        MountOption::NoAtime,
+        MountOption::DefaultPermissions,
+    ];
+    config.n_threads = Some(threads);
+    config.clone_fd = true;
+    Ok(fuser::spawn_mount(
+        Passthrough::new(backing),
+        mountpoint,
+        &config,
+    )?)
+}
