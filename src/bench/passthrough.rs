@@ -375,3 +375,44 @@ pub fn mount(
         &config,
     )?)
 }
+
+#[cfg(test)]
+mod tests {
+    use std::io::{Read, Write};
+
+    use super::*;
+
+    #[test]
+    fn a_passthrough_mount_forwards_what_the_benches_do() {
+        let backing = tempfile::tempdir().unwrap();
+        let mnt = tempfile::tempdir().unwrap();
+        let session = mount(backing.path(), mnt.path(), 4).unwrap();
+        let m = mnt.path();
+        std::fs::create_dir_all(m.join("d/e")).unwrap();
+        let data: Vec<u8> = (0..300_000u32).map(|i| (i % 251) as u8).collect();
+        let mut f = File::create(m.join("d/e/f")).unwrap();
+        f.write_all(&data).unwrap();
+        f.sync_all().unwrap();
+        drop(f);
+        assert_eq!(std::fs::read(backing.path().join("d/e/f")).unwrap(), data);
+        let mut back = Vec::new();
+        File::open(m.join("d/e/f"))
+            .unwrap()
+            .read_to_end(&mut back)
+            .unwrap();
+        assert_eq!(back, data);
+        let listed: Vec<_> = std::fs::read_dir(m.join("d/e"))
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
+        assert_eq!(listed, ["f"]);
+        assert_eq!(
+            File::create_new(m.join("d/e/f")).unwrap_err().kind(),
+            std::io::ErrorKind::AlreadyExists
+        );
+        std::fs::remove_file(m.join("d/e/f")).unwrap();
+        assert!(!backing.path().join("d/e/f").exists());
+        assert!(std::fs::metadata(m.join("d/e/f")).is_err());
+        drop(session);
+    }
+}
