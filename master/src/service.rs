@@ -188,9 +188,9 @@ impl MasterService {
         }
         let st = self.raft.status();
         let index = match mode {
-            ReadConsistency::Lease if st.leader_caught_up => return Ok(()),
+            ReadConsistency::Lease if st.lease_holds() => return Ok(()),
             ReadConsistency::BoundedStaleness(bound)
-                if st.leader_contact.is_some_and(|t| t.elapsed() <= bound) =>
+                if st.fresh_as_of.is_some_and(|t| t.elapsed() <= bound) =>
             {
                 metrics::counter!("granary_master_stale_reads_total").increment(1);
                 return Ok(());
@@ -526,9 +526,9 @@ impl Master for MasterService {
     ) -> Result<Response<ReadIndexReply>, Status> {
         count("read_index");
         self.leader_only()?;
-        let index = if req.into_inner().lease && self.raft.status().leader_caught_up {
+        let index = if req.into_inner().lease && self.raft.status().lease_holds() {
             // The leader has applied every write it acknowledged, and, caught up, every
-            // one its predecessors did.
+            // one its predecessors did; in its lease no other member can lead.
             self.raft.applied_index()
         } else {
             self.raft.read_index().await?

@@ -54,11 +54,16 @@ pub struct RaftStatus {
     pub is_leader: bool,
     pub info: QuorumInfoReply,
     pub masters: MasterSet,
-    /// When this member last heard from the leader (now, on the leader itself).
-    pub leader_contact: Option<std::time::Instant>,
+    /// Every write acknowledged before this instant is applied here: the start of the
+    /// latest ReadIndex round answered whose index is applied (not a heartbeat's arrival,
+    /// which a paused member or a deposed leader would take for news).
+    pub fresh_as_of: Option<std::time::Instant>,
     /// Leader, and it has applied an entry of its own term (so everything committed
     /// before: a restarted master replays its log first).
     pub leader_caught_up: bool,
+    /// Until when this leader may answer from its own state (`lease` reads): an election
+    /// timeout, less a tick, after a quorum last followed it.
+    pub lease_until: Option<std::time::Instant>,
     /// A caught-up leader that is the group's only voter: no other member can lead (or
     /// commit) without a membership change this member applies first, so its applied
     /// state is linearizable.
@@ -72,6 +77,12 @@ impl RaftStatus {
             .iter()
             .find(|m| m.id == self.leader_id && self.leader_id != 0)
             .map(|m| m.addr.clone())
+    }
+
+    /// This leader holds its lease: it may answer from its own state now.
+    pub fn lease_holds(&self) -> bool {
+        self.lease_until
+            .is_some_and(|until| std::time::Instant::now() < until)
     }
 }
 

@@ -58,7 +58,17 @@ pub struct RaftNode {
     next_seq: u64,
     was_leader: bool,
     reads: ReadIndexBatcher,
-    leader_contact: Option<Instant>,
+    /// The latest answered ReadIndex round: when it was first sent and the index it
+    /// answered. Once that index is applied here, every write acknowledged before that
+    /// instant is too (a quorum confirmed the leader after the round was sent).
+    confirmed: Option<(Instant, u64)>,
+    /// When the latest round this member sent as leader and answered as leader, in that
+    /// term, was first sent, and the term: a quorum followed it then, so no other member
+    /// can lead until an election timeout later (check-quorum).
+    led_at: Option<(Instant, u64)>,
+    /// No lease from rounds sent before this: a leadership transfer was under way, which
+    /// lets the target win an election inside the lease.
+    lease_floor: Option<Instant>,
     applied_tx: tokio::sync::watch::Sender<u64>,
     /// When the namespace store was last synced.
     synced_at: Instant,
@@ -72,12 +82,21 @@ pub struct RaftNode {
 /// its term), so a round that stays unanswered is asked again under the same id.
 struct ReadIndexBatcher {
     queued: ReadWaiters,
-    /// round id → (its waiters, when it was sent)
-    inflight: std::collections::BTreeMap<u64, (ReadWaiters, Instant)>,
+    inflight: std::collections::BTreeMap<u64, Round>,
     next_ctx: u64,
 }
 
 type ReadWaiters = Vec<ReadWaiter>;
+
+struct Round {
+    waiters: ReadWaiters,
+    /// When it was first sent (answers to any send count).
+    started: Instant,
+    /// When it was last sent.
+    sent: Instant,
+    /// The term, if this member led when it sent the round.
+    led_term: Option<u64>,
+}
 
 impl ReadIndexBatcher {
     fn new() -> Self {
@@ -166,7 +185,9 @@ impl RaftNode {
             next_seq: 1,
             was_leader: false,
             reads: ReadIndexBatcher::new(),
-            leader_contact: None,
+            confirmed: None,
+            led_at: None,
+            lease_floor: None,
             applied_tx,
             synced_at: Instant::now(),
         };
@@ -221,6 +242,9 @@ impl RaftNode {
             if self.reads.can_start() {
                 self.start_read_round();
                 self.on_ready()?;
+            }
+            if self.raw.raft.lead_transferee.is_some() {
+                self.lease_floor = Some(Instant::now());
             }
             self.publish();
         }
@@ -278,16 +302,6 @@ impl RaftNode {
                             .queued
                             .push(ReadWaiter::Remote { from: m.from, ctx });
                         continue;
-                    }
-                    if m.from == self.raw.raft.leader_id
-                        && matches!(
-                            m.get_msg_type(),
-                            MessageType::MsgHeartbeat
-                                | MessageType::MsgAppend
-                                | MessageType::MsgSnapshot
-                        )
-                    {
-                        self.leader_contact = Some(Instant::now());
                     }
                     if let Err(e) = self.raw.step(m) {
                         tracing::debug!(error = %e, "raft step");
@@ -426,9 +440,9 @@ impl RaftNode {
     /// first request still counts), and starts a round for the queued reads if fewer than
     /// `MAX_READ_ROUNDS` are in flight.
     fn start_read_round(&mut self) {
-        for (&id, (_, sent)) in self.reads.inflight.iter_mut() {
-            if sent.elapsed() >= READ_INDEX_RETRY {
-                *sent = Instant::now();
+        for (&id, round) in self.reads.inflight.iter_mut() {
+            if round.sent.elapsed() >= READ_INDEX_RETRY {
+                round.sent = Instant::now();
                 self.raw.read_index(id.to_be_bytes().to_vec());
             }
         }
@@ -438,9 +452,17 @@ impl RaftNode {
         }
         reads.next_ctx += 1;
         let ctx = reads.next_ctx;
-        reads
-            .inflight
-            .insert(ctx, (std::mem::take(&mut reads.queued), Instant::now()));
+        let now = Instant::now();
+        let led_term = (self.raw.raft.state == StateRole::Leader).then_some(self.raw.raft.term);
+        reads.inflight.insert(
+            ctx,
+            Round {
+                waiters: std::mem::take(&mut reads.queued),
+                started: now,
+                sent: now,
+                led_term,
+            },
+        );
         self.raw.read_index(ctx.to_be_bytes().to_vec());
     }
 
@@ -454,6 +476,13 @@ impl RaftNode {
         }
         let later = self.reads.inflight.split_off(&(id + 1));
         let answered = std::mem::replace(&mut self.reads.inflight, later);
+        if let Some(round) = answered.get(&id) {
+            self.confirmed = Some((round.started, index));
+            let term = self.raw.raft.term;
+            if self.is_leader() && round.led_term == Some(term) {
+                self.led_at = Some((round.started, term));
+            }
+        }
         metrics::counter!("granary_master_read_index_rounds_total").increment(1);
         // A follower may commit up to the index answered with the leader's term (raft-rs
         // answers a leader's ReadIndex only once it has committed in its term, so the
@@ -461,7 +490,7 @@ impl RaftNode {
         // follower: they ask again.
         let leader = self.is_leader();
         let mut replies = Vec::new();
-        for w in answered.into_values().flat_map(|(waiters, _)| waiters) {
+        for w in answered.into_values().flat_map(|r| r.waiters) {
             match w {
                 ReadWaiter::Local(done) => {
                     let _ = done.send(Ok(index));
@@ -702,10 +731,24 @@ impl RaftNode {
             leader && raft.raft_log.term(raft.raft_log.applied).ok() == Some(raft.term);
         st.sole_voter_leader =
             st.leader_caught_up && cs.voters == [self.cfg.id] && cs.voters_outgoing.is_empty();
-        st.leader_contact = if leader {
-            Some(Instant::now())
-        } else {
-            self.leader_contact
+        if let Some((at, index)) = self.confirmed {
+            if raft.raft_log.applied >= index {
+                st.fresh_as_of = Some(at);
+            }
+        }
+        // A follower's election clock restarts when the round's heartbeat reaches it, and
+        // its first tick may come at once: one tick less than the timeout is safe.
+        let lease = self.cfg.tick * self.cfg.election_ticks.saturating_sub(1) as u32;
+        st.lease_until = match self.led_at {
+            Some((at, term))
+                if st.leader_caught_up
+                    && term == raft.term
+                    && raft.lead_transferee.is_none()
+                    && self.lease_floor.is_none_or(|floor| at > floor) =>
+            {
+                Some(at + lease)
+            }
+            _ => None,
         };
     }
 }

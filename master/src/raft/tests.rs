@@ -329,3 +329,80 @@ fn follower_read_indexes_cover_every_acknowledged_write_on_a_lossy_network() {
         });
     }
 }
+
+#[test]
+fn freshness_and_leases_come_from_answered_read_rounds_never_from_leading() {
+    let rt = rt();
+    let g = Group::new(&[1, 2, 3], 10_000, 0);
+    g.propose(&rt, mount());
+    g.converge(&[1, 2, 3]);
+    let fresh = |id: u64| g.members[&id].log.status().fresh_as_of;
+    let old = g.leader(Duration::from_secs(10));
+    assert!(fresh(old).is_none(), "no round answered yet");
+
+    let before = Instant::now();
+    for m in g.members.values() {
+        let index = rt.block_on(m.log.read_index()).unwrap();
+        rt.block_on(m.log.wait_applied(index)).unwrap();
+    }
+    let start = Instant::now();
+    while ![1, 2, 3]
+        .iter()
+        .all(|&id| fresh(id).is_some_and(|t| t >= before))
+    {
+        assert!(
+            start.elapsed() < Duration::from_secs(10),
+            "rounds answered but not published"
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+
+    let start = Instant::now();
+    while !g.members[&old].log.status().lease_holds() {
+        assert!(
+            start.elapsed() < Duration::from_secs(10),
+            "the leader's round gave no lease"
+        );
+        rt.block_on(g.members[&old].log.read_index()).unwrap();
+    }
+
+    // Cut off, the leader leads on until check-quorum notices: it must not take that for
+    // news (a bounded-staleness read there would miss what the others commit), and its
+    // lease ends within an election timeout, before another member can lead.
+    g.net.isolated.lock().unwrap().insert(old);
+    let cut = Instant::now();
+    let lease = Duration::from_millis(10 * 9);
+    let mut still_leading = 0;
+    while cut.elapsed() < Duration::from_millis(500) {
+        let st = g.members[&old].log.status();
+        still_leading += usize::from(st.is_leader);
+        assert!(
+            st.fresh_as_of.is_some_and(|t| t <= cut),
+            "an isolated member claims state newer than its isolation"
+        );
+        assert!(
+            st.lease_until.is_none_or(|until| until <= cut + lease),
+            "an isolated leader's lease outlives an election timeout"
+        );
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    assert!(
+        still_leading > 0,
+        "the isolated leader stepped down before the first look"
+    );
+    g.propose(&rt, create("after-the-cut"));
+    assert!(fresh(old).is_some_and(|t| t <= cut));
+
+    let new = g.leader(Duration::from_secs(10));
+    let index = rt.block_on(g.members[&new].log.read_index()).unwrap();
+    rt.block_on(g.members[&new].log.wait_applied(index))
+        .unwrap();
+    let start = Instant::now();
+    while fresh(new).is_none_or(|t| t <= cut) {
+        assert!(
+            start.elapsed() < Duration::from_secs(10),
+            "the new leader's round did not count"
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
