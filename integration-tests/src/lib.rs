@@ -472,13 +472,30 @@ impl Cluster {
         self.client_on(addr, &self.rt)
     }
 
+    /// A client for membership changes: the leader answers one only once it is done (a
+    /// new member caught up and promoted takes up to a minute and more). A shorter
+    /// timeout would give up on a change that then completes, and every retry would
+    /// fail ("already a member").
+    pub fn admin_client(&self, addr: &str) -> anyhow::Result<Client> {
+        self.connect(addr, &self.rt, Duration::from_secs(90))
+    }
+
     /// A client whose connection is driven by `rt` (the harness's own runtime has one
     /// thread, too few for a load generator).
     pub fn client_on(&self, addr: &str, rt: &tokio::runtime::Runtime) -> anyhow::Result<Client> {
+        self.connect(addr, rt, Duration::from_secs(5))
+    }
+
+    fn connect(
+        &self,
+        addr: &str,
+        rt: &tokio::runtime::Runtime,
+        timeout: Duration,
+    ) -> anyhow::Result<Client> {
         let _g = rt.enter();
         let ch = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))?
             .connect_timeout(Duration::from_millis(500))
-            .timeout(Duration::from_secs(5))
+            .timeout(timeout)
             .connect_lazy();
         Ok(
             granary_protos::v1::master_client::MasterClient::with_interceptor(

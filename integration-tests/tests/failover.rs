@@ -187,16 +187,16 @@ fn an_isolated_leader_is_replaced_and_steps_down_when_it_returns() {
         },
     )
     .unwrap();
-    let leaders = c
-        .masters
-        .keys()
-        .filter(|&&id| {
+    // Each member answers from its own view, a moment apart: look until they agree.
+    granary_integration_tests::wait_until("exactly one leader", Duration::from_secs(15), || {
+        let leaders = c.masters.keys().filter(|&&id| {
             c.quorum_info(id)
                 .map(|q| q.role == "leader")
                 .unwrap_or(false)
-        })
-        .count();
-    assert_eq!(leaders, 1);
+        });
+        leaders.count() == 1
+    })
+    .unwrap();
     assert!(c.exists("while-isolated").unwrap());
 }
 
@@ -209,7 +209,7 @@ fn a_wiped_member_rejoins_through_a_snapshot() {
     c.wipe_master(victim).unwrap();
     let addr = c.addr_of(victim);
     let leader_addr = c.addr_of(leader);
-    let mut admin = c.client(&leader_addr).unwrap();
+    let mut admin = c.admin_client(&leader_addr).unwrap();
     c.block_on(admin.remove_member(granary_protos::v1::RemoveMemberRequest { id: victim }))
         .unwrap();
     // Far more entries than the snapshot threshold: the log is compacted past them.
@@ -236,7 +236,7 @@ fn a_wiped_member_rejoins_through_a_snapshot() {
         "expected a snapshot install:\n{log}"
     );
     // It serves the full namespace once it leads.
-    let mut admin = c.client(&c.addr_of(leader)).unwrap();
+    let mut admin = c.admin_client(&c.addr_of(leader)).unwrap();
     c.block_on(admin.transfer_leader(granary_protos::v1::TransferLeaderRequest { id: victim }))
         .unwrap();
     assert_eq!(c.leader(Duration::from_secs(10)).unwrap(), victim);
@@ -283,7 +283,7 @@ fn master_migration_under_load_needs_no_restart() {
         ) -> Result<(), tonic::Status>| {
             for _ in 0..50 {
                 let leader = c.leader(Duration::from_secs(10)).unwrap();
-                let mut cl = c.client(&c.addr_of(leader)).unwrap();
+                let mut cl = c.admin_client(&c.addr_of(leader)).unwrap();
                 if req(&mut cl).is_ok() {
                     return;
                 }
