@@ -49,6 +49,9 @@ fn hashed(workers: &[WorkerInfo], file_id: u64, index: u32) -> WorkerInfo {
 
 /// Largest range one data-port request asks for (the worker's limit).
 const MAX_REQUEST: u64 = 16 << 20;
+/// Times a short-circuit read asks for a block's cache file that was evicted before it
+/// could be opened, before it has the worker send the bytes instead.
+const LOCAL_OPEN_TRIES: u32 = 3;
 const WORKER_LIST_TTL: Duration = Duration::from_secs(3);
 
 /// Reads file bytes for the filesystem.
@@ -332,15 +335,24 @@ impl WorkerDataPath {
         out: &mut Vec<u8>,
     ) -> FsResult<()> {
         let index = span.index as u32;
-        for attempt in 0..2 {
+        let mut evicted = 0;
+        loop {
             if let Entry::Vacant(slot) = state.local_files.entry(index) {
                 let (resp, _) = self.request(worker, request_for(file, index, 0, 0, true))?;
                 match File::open(&resp.local_path) {
                     Ok(f) => {
                         slot.insert(f);
                     }
-                    // Evicted between the answer and the open: ask again.
-                    Err(e) if attempt == 0 && e.kind() == std::io::ErrorKind::NotFound => continue,
+                    // Evicted between the answer and the open: ask again, and in a cache
+                    // churning that fast, let the worker send the bytes (it holds the
+                    // block while it reads it).
+                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                        evicted += 1;
+                        if evicted == LOCAL_OPEN_TRIES {
+                            return self.read_remote(file, state, worker, span, out);
+                        }
+                        continue;
+                    }
                     Err(e) => {
                         return Err(FsError::Io(format!("cache file {}: {e}", resp.local_path)))
                     }
@@ -363,9 +375,6 @@ impl WorkerDataPath {
             metrics::counter!("granary_client_short_circuit_bytes_total").increment(span.len);
             return Ok(());
         }
-        Err(FsError::Io(format!(
-            "block {index} keeps being evicted while opened"
-        )))
     }
 
     fn read_remote(

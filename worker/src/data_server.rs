@@ -23,6 +23,8 @@ use granary_common::auth::CheckToken;
 
 /// Largest byte range one request may ask for.
 pub const MAX_READ_LEN: u64 = 16 << 20;
+/// Times a read refetches a block evicted between its lookup and its open.
+const VANISHED_RETRIES: usize = 4;
 
 pub struct DataServer {
     pub fetcher: Arc<BlockFetcher>,
@@ -211,8 +213,9 @@ impl DataServer {
             )));
         }
         let id = (req.file_id, req.index);
-        // An eviction can race between lookup and open; one retry refetches.
-        for attempt in 0..2 {
+        // An eviction can race between lookup and open (a small cache under many
+        // readers); each retry refetches.
+        for _ in 0..VANISHED_RETRIES {
             let block = self.fetcher.get(id, &src).await?;
             if req.local_path_only {
                 return Ok((
@@ -248,11 +251,14 @@ impl DataServer {
                         buf,
                     ));
                 }
-                Err(e) if attempt == 0 && e.kind() == std::io::ErrorKind::NotFound => continue,
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
                 Err(e) => return Err(e.into()),
             }
         }
-        Err(FsError::Io("block vanished twice while being read".into()))
+        // The client retries (elsewhere, or here once the cache calms down).
+        Err(FsError::Unavailable(format!(
+            "block evicted {VANISHED_RETRIES} times while being read"
+        )))
     }
 }
 
