@@ -625,9 +625,14 @@ impl Cluster {
                 let Ok(id) = std::fs::read_to_string(&id_path) else {
                     return false;
                 };
-                self.worker_ids_on_leader()
-                    .map(|ws| ws.contains(&id))
-                    .unwrap_or(false)
+                // After a restart the id file and the leader's list (until the old
+                // registration expires) predate this process: its own log says when it
+                // has registered.
+                worker.log_text().contains("registered with master")
+                    && self
+                        .worker_ids_on_leader()
+                        .map(|ws| ws.contains(&id))
+                        .unwrap_or(false)
                     && TcpStream::connect(("127.0.0.1", self.worker_data_port)).is_ok()
             },
         )
