@@ -189,8 +189,9 @@ impl MasterService {
         let st = self.raft.status();
         let index = match mode {
             ReadConsistency::Lease if st.lease_holds() => return Ok(()),
+            // A leader in its lease is as fresh as now.
             ReadConsistency::BoundedStaleness(bound)
-                if st.fresh_as_of.is_some_and(|t| t.elapsed() <= bound) =>
+                if st.lease_holds() || st.fresh_as_of.is_some_and(|t| t.elapsed() <= bound) =>
             {
                 metrics::counter!("granary_master_stale_reads_total").increment(1);
                 return Ok(());

@@ -4,7 +4,7 @@
 //! entries and the HardState in one transaction, and only then send the messages that
 //! depend on them.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::sync::mpsc::{Receiver, RecvTimeoutError};
 use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
@@ -17,7 +17,7 @@ use raft::eraftpb::{
     ConfChangeSingle, ConfChangeTransition, ConfChangeType, ConfChangeV2, ConfState, Entry,
     EntryType, MessageType,
 };
-use raft::{RawNode, SnapshotStatus, StateRole};
+use raft::{RawNode, SnapshotStatus, StateRole, CAMPAIGN_TRANSFER};
 use tokio::sync::oneshot;
 
 use super::log_store::RaftLogStore;
@@ -58,17 +58,24 @@ pub struct RaftNode {
     next_seq: u64,
     was_leader: bool,
     reads: ReadIndexBatcher,
-    /// The latest answered ReadIndex round: when it was first sent and the index it
-    /// answered. Once that index is applied here, every write acknowledged before that
-    /// instant is too (a quorum confirmed the leader after the round was sent).
-    confirmed: Option<(Instant, u64)>,
+    /// Answered ReadIndex rounds not yet applied here: when each was first sent and the
+    /// index it answered. Once that index is applied, every write acknowledged before
+    /// that instant is too (a quorum confirmed the leader after the round was sent).
+    confirmed: VecDeque<(Instant, u64)>,
+    /// The newest such instant whose index is applied.
+    fresh_as_of: Option<Instant>,
     /// When the latest round this member sent as leader and answered as leader, in that
     /// term, was first sent, and the term: a quorum followed it then, so no other member
     /// can lead until an election timeout later (check-quorum).
     led_at: Option<(Instant, u64)>,
-    /// No lease from rounds sent before this: a leadership transfer was under way, which
-    /// lets the target win an election inside the lease.
+    /// No lease from rounds sent before this: a leadership transfer lets its target win
+    /// an election inside the lease (its campaign overrides the followers' own lease), so
+    /// this stays an election timeout ahead while one is under way, for a late
+    /// MsgTimeoutNow.
     lease_floor: Option<Instant>,
+    /// When this process started: it does not vote for an election timeout after (it
+    /// cannot know whether it had just heard from a leader whose lease it would break).
+    started: Instant,
     applied_tx: tokio::sync::watch::Sender<u64>,
     /// When the namespace store was last synced.
     synced_at: Instant,
@@ -135,6 +142,9 @@ const MAX_READ_ROUNDS: usize = 4;
 
 /// A ReadIndex round unanswered this long is sent again.
 const READ_INDEX_RETRY: Duration = Duration::from_millis(300);
+/// Answered rounds remembered until their index is applied; older ones are dropped
+/// first (a newer one, once applied, says more).
+const MAX_UNAPPLIED_ROUNDS: usize = 64;
 
 fn slog_logger() -> slog::Logger {
     use slog::Drain;
@@ -185,9 +195,11 @@ impl RaftNode {
             next_seq: 1,
             was_leader: false,
             reads: ReadIndexBatcher::new(),
-            confirmed: None,
+            confirmed: VecDeque::new(),
+            fresh_as_of: None,
             led_at: None,
             lease_floor: None,
+            started: Instant::now(),
             applied_tx,
             synced_at: Instant::now(),
         };
@@ -243,10 +255,31 @@ impl RaftNode {
                 self.start_read_round();
                 self.on_ready()?;
             }
-            if self.raw.raft.lead_transferee.is_some() {
-                self.lease_floor = Some(Instant::now());
-            }
+            self.note_transfer();
+            self.advance_freshness();
             self.publish();
+        }
+    }
+
+    fn election_timeout(&self) -> Duration {
+        self.cfg.tick * self.cfg.election_ticks as u32
+    }
+
+    fn note_transfer(&mut self) {
+        if self.raw.raft.lead_transferee.is_some() {
+            self.lease_floor = Some(Instant::now() + self.election_timeout());
+        }
+    }
+
+    /// Moves `fresh_as_of` to the newest answered round whose index is applied.
+    fn advance_freshness(&mut self) {
+        let applied = self.raw.raft.raft_log.applied;
+        while let Some(&(at, index)) = self.confirmed.front() {
+            if index > applied {
+                break;
+            }
+            self.fresh_as_of = Some(at);
+            self.confirmed.pop_front();
         }
     }
 
@@ -303,6 +336,16 @@ impl RaftNode {
                             .push(ReadWaiter::Remote { from: m.from, ctx });
                         continue;
                     }
+                    if matches!(
+                        m.get_msg_type(),
+                        MessageType::MsgRequestVote | MessageType::MsgRequestPreVote
+                    ) && m.get_context() != CAMPAIGN_TRANSFER
+                        && self.started.elapsed() < self.election_timeout()
+                    {
+                        // Just started: it may have acknowledged a leader's round moments
+                        // before, and raft-rs's check-quorum lease died with the process.
+                        continue;
+                    }
                     if let Err(e) = self.raw.step(m) {
                         tracing::debug!(error = %e, "raft step");
                     }
@@ -319,7 +362,12 @@ impl RaftNode {
                     }
                 }
             }
-            Mail::TransferLeader(id) => self.raw.transfer_leader(id),
+            Mail::TransferLeader(id) => {
+                self.raw.transfer_leader(id);
+                // The lease ends before the Ready that may carry MsgTimeoutNow goes out.
+                self.note_transfer();
+                self.publish();
+            }
             Mail::Unreachable(id) => self.raw.report_unreachable(id),
             Mail::ReadIndex(done) => self.reads.queued.push(ReadWaiter::Local(done)),
             Mail::Shutdown => {}
@@ -477,7 +525,10 @@ impl RaftNode {
         let later = self.reads.inflight.split_off(&(id + 1));
         let answered = std::mem::replace(&mut self.reads.inflight, later);
         if let Some(round) = answered.get(&id) {
-            self.confirmed = Some((round.started, index));
+            self.confirmed.push_back((round.started, index));
+            if self.confirmed.len() > MAX_UNAPPLIED_ROUNDS {
+                self.confirmed.pop_front();
+            }
             let term = self.raw.raft.term;
             if self.is_leader() && round.led_term == Some(term) {
                 self.led_at = Some((round.started, term));
@@ -731,14 +782,10 @@ impl RaftNode {
             leader && raft.raft_log.term(raft.raft_log.applied).ok() == Some(raft.term);
         st.sole_voter_leader =
             st.leader_caught_up && cs.voters == [self.cfg.id] && cs.voters_outgoing.is_empty();
-        if let Some((at, index)) = self.confirmed {
-            if raft.raft_log.applied >= index {
-                st.fresh_as_of = Some(at);
-            }
-        }
+        st.fresh_as_of = self.fresh_as_of;
         // A follower's election clock restarts when the round's heartbeat reaches it, and
         // its first tick may come at once: one tick less than the timeout is safe.
-        let lease = self.cfg.tick * self.cfg.election_ticks.saturating_sub(1) as u32;
+        let lease = self.election_timeout().saturating_sub(self.cfg.tick);
         st.lease_until = match self.led_at {
             Some((at, term))
                 if st.leader_caught_up
