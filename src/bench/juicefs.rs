@@ -57,6 +57,9 @@ impl JuiceFs {
         let bucket = format!("{}/", arg(&work.join("bucket"))?);
         juicefs(&[
             "format",
+            // Deleted checkpoints leave at once, as on the other targets.
+            "--trash-days",
+            "0",
             "--storage",
             "file",
             "--bucket",

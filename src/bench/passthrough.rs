@@ -2,22 +2,24 @@
 //! filesystem pays for an operation (the kernel round trips, one host syscall each) with
 //! no metadata service, upload or cache behind it. Mounted the way Granary's mount is
 //! (threads, `default_permissions`, direct I/O for writers), it shows how much of a gap
-//! to the raw disk is FUSE's own. It serves what the benches do: lookups, attributes,
-//! directories made and listed, files created, opened, read, written, closed and removed.
+//! to the raw disk is FUSE's own. It serves what the benches do: lookups, attributes
+//! (read and set), directories made and listed, files created, opened, read, written,
+//! closed and removed.
 
 use std::collections::HashMap;
 use std::ffi::OsStr;
 use std::fs::{File, OpenOptions};
-use std::os::unix::fs::{DirBuilderExt, FileExt, MetadataExt, OpenOptionsExt};
+use std::os::unix::fs::{DirBuilderExt, FileExt, MetadataExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, RwLock};
 use std::time::{Duration, UNIX_EPOCH};
 
 use fuser::{
-    BackgroundSession, Config, Errno, FileAttr, FileHandle, FileType, Filesystem, FopenFlags,
-    Generation, INodeNo, LockOwner, MountOption, OpenFlags, ReplyAttr, ReplyCreate, ReplyData,
-    ReplyDirectory, ReplyEmpty, ReplyEntry, ReplyOpen, ReplyWrite, Request, WriteFlags,
+    BackgroundSession, BsdFileFlags, Config, Errno, FileAttr, FileHandle, FileType, Filesystem,
+    FopenFlags, Generation, INodeNo, LockOwner, MountOption, OpenFlags, ReplyAttr, ReplyCreate,
+    ReplyData, ReplyDirectory, ReplyEmpty, ReplyEntry, ReplyOpen, ReplyWrite, Request, TimeOrNow,
+    WriteFlags,
 };
 
 const TTL: Duration = Duration::from_secs(300);
@@ -121,6 +123,8 @@ impl Passthrough {
     }
 }
 
+/// The kernel's open flags as they are (O_CREAT among them, which std would refuse with
+/// a read-only descriptor).
 fn open_options(flags: i32) -> OpenOptions {
     let mut o = OpenOptions::new();
     match flags & libc::O_ACCMODE {
@@ -128,8 +132,15 @@ fn open_options(flags: i32) -> OpenOptions {
         libc::O_RDWR => o.read(true).write(true),
         _ => o.read(true),
     };
-    o.custom_flags(flags & (libc::O_APPEND | libc::O_TRUNC | libc::O_EXCL));
+    o.custom_flags(flags & (libc::O_APPEND | libc::O_TRUNC | libc::O_EXCL | libc::O_CREAT));
     o
+}
+
+fn system_time(t: TimeOrNow) -> std::time::SystemTime {
+    match t {
+        TimeOrNow::SpecificTime(t) => t,
+        TimeOrNow::Now => std::time::SystemTime::now(),
+    }
 }
 
 /// Descriptors open for writing skip the mount's page cache, as Granary's do.
@@ -151,6 +162,58 @@ impl Filesystem for Passthrough {
 
     fn getattr(&self, _req: &Request, ino: INodeNo, _fh: Option<FileHandle>, reply: ReplyAttr) {
         match self.path(ino).and_then(|p| self.attr(&p)) {
+            Ok(a) => reply.attr(&TTL, &a),
+            Err(e) => reply.error(e),
+        }
+    }
+
+    fn setattr(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        mode: Option<u32>,
+        uid: Option<u32>,
+        gid: Option<u32>,
+        size: Option<u64>,
+        atime: Option<TimeOrNow>,
+        mtime: Option<TimeOrNow>,
+        _ctime: Option<std::time::SystemTime>,
+        _fh: Option<FileHandle>,
+        _crtime: Option<std::time::SystemTime>,
+        _chgtime: Option<std::time::SystemTime>,
+        _bkuptime: Option<std::time::SystemTime>,
+        _flags: Option<BsdFileFlags>,
+        reply: ReplyAttr,
+    ) {
+        let changed = self.path(ino).and_then(|p| {
+            let io = |e: std::io::Error| errno(&e);
+            if uid.is_some() || gid.is_some() {
+                std::os::unix::fs::lchown(&p, uid, gid).map_err(io)?;
+            }
+            if let Some(mode) = mode {
+                std::fs::set_permissions(&p, std::fs::Permissions::from_mode(mode)).map_err(io)?;
+            }
+            if size.is_some() || atime.is_some() || mtime.is_some() {
+                let f = OpenOptions::new()
+                    .write(size.is_some())
+                    .read(size.is_none())
+                    .open(&p)
+                    .map_err(io)?;
+                if let Some(size) = size {
+                    f.set_len(size).map_err(io)?;
+                }
+                let mut times = std::fs::FileTimes::new();
+                if let Some(t) = atime {
+                    times = times.set_accessed(system_time(t));
+                }
+                if let Some(t) = mtime {
+                    times = times.set_modified(system_time(t));
+                }
+                f.set_times(times).map_err(io)?;
+            }
+            self.attr(&p)
+        });
+        match changed {
             Ok(a) => reply.attr(&TTL, &a),
             Err(e) => reply.error(e),
         }
@@ -204,8 +267,7 @@ impl Filesystem for Passthrough {
         reply: ReplyCreate,
     ) {
         let made = self.child(parent, name).and_then(|p| {
-            let f = open_options(flags)
-                .create(true)
+            let f = open_options(flags | libc::O_CREAT)
                 .mode(mode)
                 .open(&p)
                 .map_err(|e| errno(&e))?;
@@ -410,6 +472,19 @@ mod tests {
             File::create_new(m.join("d/e/f")).unwrap_err().kind(),
             std::io::ErrorKind::AlreadyExists
         );
+        // Opening an existing file with O_TRUNC truncates it (a setattr); chmod too.
+        File::create(m.join("d/e/f")).unwrap();
+        assert_eq!(
+            std::fs::metadata(backing.path().join("d/e/f"))
+                .unwrap()
+                .len(),
+            0
+        );
+        std::fs::set_permissions(m.join("d/e/f"), std::fs::Permissions::from_mode(0o600)).unwrap();
+        let mode = std::fs::metadata(backing.path().join("d/e/f"))
+            .unwrap()
+            .mode();
+        assert_eq!(mode & 0o777, 0o600);
         std::fs::remove_file(m.join("d/e/f")).unwrap();
         assert!(!backing.path().join("d/e/f").exists());
         assert!(std::fs::metadata(m.join("d/e/f")).is_err());

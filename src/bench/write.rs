@@ -2,8 +2,8 @@
 //! then fsync and close; (b) many small files created, written and closed by several
 //! threads. Raw directory, a plain passthrough FUSE mount of another directory on the
 //! same disk (what FUSE itself costs) and the Granary mount alternate run by run; every
-//! run writes fresh files (the figures include making them durable: fsync on raw and
-//! passthrough, the upload and commit that close performs on Granary).
+//! run writes fresh files. The checkpoint's figures include its fsync everywhere; a small
+//! file's close on Granary also uploads it and commits it through the master.
 
 use std::fs::File;
 use std::io::Write;
