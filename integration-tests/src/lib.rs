@@ -438,10 +438,17 @@ impl Cluster {
         })
         .with_context(|| proc.log_text())?;
         self.masters.get_mut(&id).expect("slot").proc = Some(proc);
-        // The port answering must be this master, not another process that took it.
-        let who = self.quorum_info(id).map(|q| q.id);
+        // The port answering must be this master, not another process that took it. It
+        // binds the port before it opens its log (a repair after a kill takes a while),
+        // so ask until something answers.
+        let mut who = None;
+        wait_until("the master to answer", Duration::from_secs(30), || {
+            who = self.quorum_info(id).ok().map(|q| q.id);
+            who.is_some()
+        })
+        .with_context(|| format!("port {port} of master {id}"))?;
         anyhow::ensure!(
-            who.as_ref().is_ok_and(|&w| w == id),
+            who == Some(id),
             "port {port} of master {id} is answered by {who:?}"
         );
         Ok(())
