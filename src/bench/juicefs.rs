@@ -5,9 +5,10 @@
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use anyhow::{bail, Context};
+use granary_integration_tests::{force_unmount, is_mounted, wait_until};
 
 /// A mounted JuiceFS volume; unmounted when dropped.
 pub struct JuiceFs {
@@ -44,12 +45,7 @@ impl JuiceFs {
     /// Formats a new volume whose files all live under `work` and mounts it at
     /// `mountpoint` (both emptied first).
     pub fn mount(work: &Path, mountpoint: &Path) -> anyhow::Result<Self> {
-        let _ = Command::new("juicefs")
-            .args(["umount", "--force"])
-            .arg(mountpoint)
-            .stderr(Stdio::null())
-            .stdout(Stdio::null())
-            .status();
+        force_unmount(mountpoint);
         let _ = std::fs::remove_dir_all(work);
         std::fs::create_dir_all(work)?;
         std::fs::create_dir_all(mountpoint)?;
@@ -80,22 +76,10 @@ impl JuiceFs {
         let fs = JuiceFs {
             mountpoint: mountpoint.to_path_buf(),
         };
-        let start = Instant::now();
-        while !is_mountpoint(mountpoint) {
-            if start.elapsed() > Duration::from_secs(30) {
-                bail!("JuiceFS did not mount at {}", mountpoint.display());
-            }
-            std::thread::sleep(Duration::from_millis(100));
-        }
+        wait_until("JuiceFS to mount", Duration::from_secs(30), || {
+            is_mounted(mountpoint)
+        })?;
         Ok(fs)
-    }
-}
-
-fn is_mountpoint(p: &Path) -> bool {
-    use std::os::unix::fs::MetadataExt;
-    match (std::fs::metadata(p), p.parent().map(std::fs::metadata)) {
-        (Ok(m), Some(Ok(parent))) => m.dev() != parent.dev(),
-        _ => false,
     }
 }
 

@@ -13,7 +13,7 @@ use std::time::Instant;
 use anyhow::Context;
 use granary_common::bytesize::ByteSize;
 use granary_fuse_client::config::MountConfig;
-use granary_integration_tests::close;
+use granary_integration_tests::{close, force_unmount};
 
 use super::juicefs::JuiceFs;
 use super::passthrough;
@@ -99,12 +99,6 @@ struct SmallFiles {
     cpu_per_file: Option<f64>,
 }
 
-/// A filesystem measured beside raw and Granary, kept mounted while it is alive.
-enum Other {
-    Fuse(fuser::BackgroundSession),
-    JuiceFs(JuiceFs),
-}
-
 /// Where a run writes: raw first, Granary last, the others between (the table's order).
 struct Target {
     name: &'static str,
@@ -121,11 +115,7 @@ pub fn run(b: WriteBench) -> anyhow::Result<()> {
     let mnt = b.dir.join("write-mnt");
     let state = b.dir.join("write-state");
     for m in [&mnt, &fuse_mnt] {
-        let _ = std::process::Command::new("umount")
-            .arg("-l")
-            .arg(m)
-            .stderr(std::process::Stdio::null())
-            .status();
+        force_unmount(m);
     }
     for d in [&ufs, &raw, &fuse_backing, &state] {
         let _ = std::fs::remove_dir_all(d);
@@ -133,11 +123,11 @@ pub fn run(b: WriteBench) -> anyhow::Result<()> {
     }
     std::fs::create_dir_all(&mnt)?;
     std::fs::create_dir_all(&fuse_mnt)?;
-    let mut others = vec![Other::Fuse(passthrough::mount(
+    let fuse = passthrough::mount(
         &fuse_backing,
         &fuse_mnt,
         MountConfig::default().fuse_threads,
-    )?)];
+    )?;
     let mut targets = vec![
         Target {
             name: "raw",
@@ -148,8 +138,11 @@ pub fn run(b: WriteBench) -> anyhow::Result<()> {
             dir: fuse_mnt.clone(),
         },
     ];
-    if b.juicefs {
-        others.push(Other::JuiceFs(JuiceFs::mount(&jfs_work, &jfs_mnt)?));
+    let juicefs = b
+        .juicefs
+        .then(|| JuiceFs::mount(&jfs_work, &jfs_mnt))
+        .transpose()?;
+    if juicefs.is_some() {
         targets.push(Target {
             name: "JuiceFS",
             dir: jfs_mnt.clone(),
@@ -179,12 +172,8 @@ pub fn run(b: WriteBench) -> anyhow::Result<()> {
         report(&b, &rows, &names, &cpu)
     });
     rt.block_on(cluster.stop())?;
-    for other in others {
-        match other {
-            Other::Fuse(session) => drop(session),
-            Other::JuiceFs(fs) => drop(fs),
-        }
-    }
+    drop(juicefs);
+    drop(fuse);
     // Everything goes now, not at the next run's start: on ext4 without a journal an
     // inode freed in the last minutes is skipped by every create in its block group,
     // one lookup each, so mass deletes right before measuring slow the creates measured.
