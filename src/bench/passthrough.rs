@@ -39,8 +39,29 @@ struct Passthrough {
     next_fh: AtomicU64,
 }
 
-fn errno(e: &std::io::Error) -> Errno {
+fn errno(e: std::io::Error) -> Errno {
     Errno::from_i32(e.raw_os_error().unwrap_or(libc::EIO))
+}
+
+fn reply_entry(reply: ReplyEntry, r: Result<FileAttr, Errno>) {
+    match r {
+        Ok(a) => reply.entry(&TTL, &a, Generation(0)),
+        Err(e) => reply.error(e),
+    }
+}
+
+fn reply_attr(reply: ReplyAttr, r: Result<FileAttr, Errno>) {
+    match r {
+        Ok(a) => reply.attr(&TTL, &a),
+        Err(e) => reply.error(e),
+    }
+}
+
+fn reply_empty(reply: ReplyEmpty, r: Result<(), Errno>) {
+    match r {
+        Ok(()) => reply.ok(),
+        Err(e) => reply.error(e),
+    }
 }
 
 impl Passthrough {
@@ -80,7 +101,7 @@ impl Passthrough {
     }
 
     fn attr(&self, path: &Path) -> Result<FileAttr, Errno> {
-        let m = std::fs::symlink_metadata(path).map_err(|e| errno(&e))?;
+        let m = std::fs::symlink_metadata(path).map_err(errno)?;
         let time = |s: i64, ns: i64| UNIX_EPOCH + Duration::new(s.max(0) as u64, ns as u32);
         let kind = if m.is_dir() {
             FileType::Directory
@@ -154,17 +175,11 @@ fn fopen(flags: i32) -> FopenFlags {
 
 impl Filesystem for Passthrough {
     fn lookup(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
-        match self.child(parent, name).and_then(|p| self.attr(&p)) {
-            Ok(a) => reply.entry(&TTL, &a, Generation(0)),
-            Err(e) => reply.error(e),
-        }
+        reply_entry(reply, self.child(parent, name).and_then(|p| self.attr(&p)));
     }
 
     fn getattr(&self, _req: &Request, ino: INodeNo, _fh: Option<FileHandle>, reply: ReplyAttr) {
-        match self.path(ino).and_then(|p| self.attr(&p)) {
-            Ok(a) => reply.attr(&TTL, &a),
-            Err(e) => reply.error(e),
-        }
+        reply_attr(reply, self.path(ino).and_then(|p| self.attr(&p)));
     }
 
     fn setattr(
@@ -186,21 +201,21 @@ impl Filesystem for Passthrough {
         reply: ReplyAttr,
     ) {
         let changed = self.path(ino).and_then(|p| {
-            let io = |e: std::io::Error| errno(&e);
             if uid.is_some() || gid.is_some() {
-                std::os::unix::fs::lchown(&p, uid, gid).map_err(io)?;
+                std::os::unix::fs::lchown(&p, uid, gid).map_err(errno)?;
             }
             if let Some(mode) = mode {
-                std::fs::set_permissions(&p, std::fs::Permissions::from_mode(mode)).map_err(io)?;
+                std::fs::set_permissions(&p, std::fs::Permissions::from_mode(mode))
+                    .map_err(errno)?;
             }
             if size.is_some() || atime.is_some() || mtime.is_some() {
                 let f = OpenOptions::new()
                     .write(size.is_some())
                     .read(size.is_none())
                     .open(&p)
-                    .map_err(io)?;
+                    .map_err(errno)?;
                 if let Some(size) = size {
-                    f.set_len(size).map_err(io)?;
+                    f.set_len(size).map_err(errno)?;
                 }
                 let mut times = std::fs::FileTimes::new();
                 if let Some(t) = atime {
@@ -209,14 +224,11 @@ impl Filesystem for Passthrough {
                 if let Some(t) = mtime {
                     times = times.set_modified(system_time(t));
                 }
-                f.set_times(times).map_err(io)?;
+                f.set_times(times).map_err(errno)?;
             }
             self.attr(&p)
         });
-        match changed {
-            Ok(a) => reply.attr(&TTL, &a),
-            Err(e) => reply.error(e),
-        }
+        reply_attr(reply, changed);
     }
 
     fn mkdir(
@@ -232,28 +244,22 @@ impl Filesystem for Passthrough {
             std::fs::DirBuilder::new()
                 .mode(mode)
                 .create(&p)
-                .map_err(|e| errno(&e))?;
+                .map_err(errno)?;
             self.attr(&p)
         });
-        match made {
-            Ok(a) => reply.entry(&TTL, &a, Generation(0)),
-            Err(e) => reply.error(e),
-        }
+        reply_entry(reply, made);
     }
 
     fn unlink(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
         let removed = self.child(parent, name).and_then(|p| {
-            std::fs::remove_file(&p).map_err(|e| errno(&e))?;
+            std::fs::remove_file(&p).map_err(errno)?;
             let mut inodes = self.inodes.write().expect("inodes lock");
             if let Some(ino) = inodes.numbers.remove(&p) {
                 inodes.paths.remove(&ino);
             }
             Ok(())
         });
-        match removed {
-            Ok(()) => reply.ok(),
-            Err(e) => reply.error(e),
-        }
+        reply_empty(reply, removed);
     }
 
     fn create(
@@ -270,7 +276,7 @@ impl Filesystem for Passthrough {
             let f = open_options(flags | libc::O_CREAT)
                 .mode(mode)
                 .open(&p)
-                .map_err(|e| errno(&e))?;
+                .map_err(errno)?;
             Ok((self.attr(&p)?, f))
         });
         match made {
@@ -282,7 +288,7 @@ impl Filesystem for Passthrough {
     fn open(&self, _req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
         let opened = self
             .path(ino)
-            .and_then(|p| open_options(flags.0).open(p).map_err(|e| errno(&e)));
+            .and_then(|p| open_options(flags.0).open(p).map_err(errno));
         match opened {
             Ok(f) => reply.opened(self.add_file(f), fopen(flags.0)),
             Err(e) => reply.error(e),
@@ -302,7 +308,7 @@ impl Filesystem for Passthrough {
     ) {
         let read = self.file(fh).and_then(|f| {
             let mut buf = vec![0u8; size as usize];
-            let n = f.read_at(&mut buf, offset).map_err(|e| errno(&e))?;
+            let n = f.read_at(&mut buf, offset).map_err(errno)?;
             buf.truncate(n);
             Ok(buf)
         });
@@ -325,7 +331,7 @@ impl Filesystem for Passthrough {
         reply: ReplyWrite,
     ) {
         let written = self.file(fh).and_then(|f| {
-            f.write_all_at(data, offset).map_err(|e| errno(&e))?;
+            f.write_all_at(data, offset).map_err(errno)?;
             Ok(data.len() as u32)
         });
         match written {
@@ -359,12 +365,9 @@ impl Filesystem for Passthrough {
             } else {
                 f.sync_all()
             }
-            .map_err(|e| errno(&e))
+            .map_err(errno)
         });
-        match synced {
-            Ok(()) => reply.ok(),
-            Err(e) => reply.error(e),
-        }
+        reply_empty(reply, synced);
     }
 
     fn release(
@@ -391,8 +394,8 @@ impl Filesystem for Passthrough {
     ) {
         let entries = self.path(ino).and_then(|dir| {
             let mut out = Vec::new();
-            for e in std::fs::read_dir(&dir).map_err(|e| errno(&e))? {
-                let e = e.map_err(|e| errno(&e))?;
+            for e in std::fs::read_dir(&dir).map_err(errno)? {
+                let e = e.map_err(errno)?;
                 let kind = match e.file_type() {
                     Ok(t) if t.is_dir() => FileType::Directory,
                     Ok(t) if t.is_symlink() => FileType::Symlink,
