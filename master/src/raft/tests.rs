@@ -263,20 +263,13 @@ fn lossy_network_replicates_and_survives_a_partitioned_leader() {
     g.converge(&[1, 2, 3]);
     assert_eq!(g.members[&1].store.inode_count().unwrap(), 41);
     // Each member publishes its own view a moment apart: look until they agree.
-    let start = Instant::now();
-    while g
-        .members
-        .values()
-        .filter(|m| m.log.status().is_leader)
-        .count()
-        != 1
-    {
-        assert!(
-            start.elapsed() < Duration::from_secs(10),
-            "no single leader after healing"
-        );
-        std::thread::sleep(Duration::from_millis(10));
-    }
+    eventually("a single leader after healing", || {
+        g.members
+            .values()
+            .filter(|m| m.log.status().is_leader)
+            .count()
+            == 1
+    });
 }
 
 #[test]
@@ -354,26 +347,15 @@ fn freshness_and_leases_come_from_answered_read_rounds_never_from_leading() {
         let index = rt.block_on(m.log.read_index()).unwrap();
         rt.block_on(m.log.wait_applied(index)).unwrap();
     }
-    let start = Instant::now();
-    while ![1, 2, 3]
-        .iter()
-        .all(|&id| fresh(id).is_some_and(|t| t >= before))
-    {
-        assert!(
-            start.elapsed() < Duration::from_secs(10),
-            "rounds answered but not published"
-        );
-        std::thread::sleep(Duration::from_millis(10));
-    }
-
-    let start = Instant::now();
-    while !g.members[&old].log.status().lease_holds() {
-        assert!(
-            start.elapsed() < Duration::from_secs(10),
-            "the leader's round gave no lease"
-        );
+    eventually("every member's answered round published", || {
+        [1, 2, 3]
+            .iter()
+            .all(|&id| fresh(id).is_some_and(|t| t >= before))
+    });
+    eventually("a lease from the leader's round", || {
         rt.block_on(g.members[&old].log.read_index()).unwrap();
-    }
+        g.members[&old].log.status().lease_holds()
+    });
 
     // Cut off, the leader leads on until check-quorum notices: it must not take that for
     // news (a bounded-staleness read there would miss what the others commit), and its
@@ -406,11 +388,18 @@ fn freshness_and_leases_come_from_answered_read_rounds_never_from_leading() {
     let index = rt.block_on(g.members[&new].log.read_index()).unwrap();
     rt.block_on(g.members[&new].log.wait_applied(index))
         .unwrap();
+    eventually("the new leader's round to count", || {
+        fresh(new).is_some_and(|t| t > cut)
+    });
+}
+
+/// Waits up to 10 s for `done`; the Ready loop publishes its status on its own time.
+fn eventually(what: &str, mut done: impl FnMut() -> bool) {
     let start = Instant::now();
-    while fresh(new).is_none_or(|t| t <= cut) {
+    while !done() {
         assert!(
             start.elapsed() < Duration::from_secs(10),
-            "the new leader's round did not count"
+            "timed out waiting for {what}"
         );
         std::thread::sleep(Duration::from_millis(10));
     }
