@@ -3,15 +3,14 @@
 
 mod admin;
 mod bench;
-mod dataset;
 mod fs_cmd;
-mod local;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
+use granary::{dataset, local};
 use granary_common::bytesize::ByteSize;
 
 #[derive(Parser)]
@@ -86,10 +85,12 @@ enum Command {
         #[command(subcommand)]
         cmd: AdminCommand,
     },
-    /// Benchmarks that compare Granary with the raw under-storage side by side.
+    /// Benchmarks that compare Granary with the raw under-storage side by side (runs
+    /// `granary-bench`; `granary bench --help` lists them).
+    #[command(disable_help_flag = true)]
     Bench {
-        #[command(subcommand)]
-        cmd: bench::BenchCommand,
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<std::ffi::OsString>,
     },
 }
 
@@ -296,6 +297,6 @@ fn main() -> anyhow::Result<()> {
                 }
             }
         }
-        Command::Bench { cmd } => bench::run(cmd, &cli.master.read_consistency),
+        Command::Bench { args } => bench::exec(&cli.master.read_consistency, args),
     }
 }

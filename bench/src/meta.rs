@@ -19,7 +19,7 @@ pub struct MetaBench {
     pub entries: u64,
     pub threads: usize,
     pub seconds: u64,
-    pub consistency: String,
+    pub consistency: granary_common::consistency::ReadConsistency,
     /// Each master on its own cores, the benchmark's clients on the rest.
     pub cores_per_master: Option<usize>,
     pub write_docs: Option<PathBuf>,
@@ -134,7 +134,7 @@ fn populate(ufs: &std::path::Path, entries: u64) -> anyhow::Result<()> {
     if std::fs::read_to_string(&marker).ok().as_deref() == Some(&entries.to_string()) {
         return Ok(());
     }
-    let pb = crate::dataset::progress(entries, "namespace");
+    let pb = granary::dataset::progress(entries, "namespace");
     for i in 0..entries {
         let dir = ufs.join(format!("d{:05}", i / PER_DIR));
         if i % PER_DIR == 0 {
@@ -357,8 +357,11 @@ fn measure(
         })
         .collect::<Result<_, _>>()?;
     let stop = Arc::new(AtomicBool::new(false));
-    let consistency: tonic::metadata::MetadataValue<_> =
-        b.consistency.parse().context("read consistency")?;
+    let consistency: tonic::metadata::MetadataValue<_> = b
+        .consistency
+        .to_string()
+        .parse()
+        .context("read consistency")?;
     let start = Instant::now();
     let meter = CpuMeter::new(procs);
     let tasks: Vec<_> = (0..b.threads)

@@ -18,7 +18,7 @@ use granary_integration_tests::{close, force_unmount};
 use super::juicefs::JuiceFs;
 use super::passthrough;
 use super::report::{machine, machine_busy_seconds, median, render, write_section, Row};
-use crate::local::{self, LocalArgs};
+use granary::local::{self, LocalArgs};
 
 pub struct WriteBench {
     pub dir: PathBuf,

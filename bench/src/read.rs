@@ -13,8 +13,8 @@ use rand::seq::SliceRandom;
 use rand::SeedableRng;
 
 use super::report::{machine, median, render, write_section, Row};
-use crate::dataset;
-use crate::local::{self, LocalArgs};
+use granary::dataset;
+use granary::local::{self, LocalArgs};
 
 pub struct ReadBench {
     pub dir: PathBuf,

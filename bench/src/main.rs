@@ -1,5 +1,6 @@
-//! `granary bench …`: measured, not asserted. Each benchmark runs Granary and the raw
-//! under-storage side by side in one run, interleaved, and reports medians and ratios.
+//! `granary-bench` (also run as `granary bench …`): measured, not asserted. Each benchmark
+//! runs Granary and the raw under-storage side by side in one run, interleaved, and
+//! reports medians and ratios.
 
 mod failover;
 mod juicefs;
@@ -11,11 +12,27 @@ mod write;
 
 use std::path::PathBuf;
 
-use clap::Subcommand;
+use clap::{Parser, Subcommand};
 use granary_common::bytesize::ByteSize;
+use granary_common::consistency::ReadConsistency;
+
+#[derive(Parser)]
+#[command(
+    name = "granary-bench",
+    version,
+    about = "Benchmarks that compare Granary with the raw under-storage side by side"
+)]
+struct Cli {
+    /// Consistency of metadata reads (`meta`): linearizable, lease or
+    /// bounded-staleness:<ms>.
+    #[arg(long, default_value = "linearizable", global = true)]
+    read_consistency: ReadConsistency,
+    #[command(subcommand)]
+    command: BenchCommand,
+}
 
 #[derive(Subcommand)]
-pub enum BenchCommand {
+enum BenchCommand {
     /// Sequential big-file and random small-file reads: raw directory vs Granary mount.
     Read {
         /// Work directory (dataset, state, mount point); reused between runs.
@@ -103,9 +120,10 @@ pub enum BenchCommand {
     },
 }
 
-/// `read_consistency` is the global `--read-consistency` flag (used by `bench meta`).
-pub fn run(cmd: BenchCommand, read_consistency: &str) -> anyhow::Result<()> {
-    match cmd {
+fn main() -> anyhow::Result<()> {
+    granary_common::telemetry::init_logging("info");
+    let cli = Cli::parse();
+    match cli.command {
         BenchCommand::Read {
             dir,
             big_size,
@@ -152,7 +170,7 @@ pub fn run(cmd: BenchCommand, read_consistency: &str) -> anyhow::Result<()> {
             entries,
             threads: threads.max(1),
             seconds: seconds.max(1),
-            consistency: read_consistency.to_string(),
+            consistency: cli.read_consistency,
             cores_per_master,
             write_docs,
         }),
