@@ -60,7 +60,7 @@ impl MasterService {
     /// threads: a write transaction waits for the one applying the log.
     async fn check(&self, cmd: Command) -> FsResult<()> {
         let store = self.store.clone();
-        tokio::task::spawn_blocking(move || store.dry_run(&cmd))
+        tokio::task::spawn_blocking(move || crate::state_machine::dry_run(&store, &cmd))
             .await
             .map_err(|e| FsError::Io(format!("dry run task: {e}")))??
     }

@@ -10,7 +10,8 @@ use granary_protos::v1::{
 };
 use proptest::prelude::*;
 
-use crate::store::{LogEntry, NamespaceStore};
+use crate::state_machine::{apply_batch, LogEntry};
+use crate::store::NamespaceStore;
 
 /// path -> (is directory, size, created through Granary)
 type Model = BTreeMap<Vec<String>, (bool, u64, bool)>;
@@ -271,11 +272,11 @@ proptest! {
             ..Default::default()
             })),
         };
-        store.apply_batch(&[LogEntry::command(1, 1, mount)]).unwrap();
+        apply_batch(&store, &[LogEntry::command(1, 1, mount)]).unwrap();
         let mut model = Model::new();
         for (i, op) in ops.iter().enumerate() {
             let cmd = to_command(&store, &model, op);
-            store.apply_batch(&[LogEntry::command(i as u64 + 2, 1, cmd)]).unwrap();
+            apply_batch(&store, &[LogEntry::command(i as u64 + 2, 1, cmd)]).unwrap();
             apply_model(&mut model, op);
             let mut actual = Model::new();
             walk(&store, 1, Vec::new(), &mut actual);

@@ -1,18 +1,16 @@
 //! The namespace store: redb tables for inodes, directory entries and state-machine
-//! metadata. Reads are served straight from committed state; writes only happen through
-//! [`NamespaceStore::apply_batch`], which applies a run of log entries and records the
-//! last applied index in the same transaction.
+//! metadata. Reads are served straight from committed state; writes happen in
+//! [`NamespaceStore::write`] transactions, which only the state machine opens (it
+//! applies a run of log entries and records the last applied index in the same one).
 
 use std::path::Path;
 
 use granary_common::ids::{inode_id, root_inode, shard_of};
 use granary_common::{FsError, FsResult};
 use granary_protos::raft::{KeyValue, NamespaceSnapshot};
-use granary_protos::v1::{Command, Inode, MasterSet, MountTable};
+use granary_protos::v1::{Inode, MasterSet, MountTable};
 use prost::Message;
-use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
-
-use crate::state_machine;
+use redb::{Database, ReadableDatabase, ReadableTable, Table, TableDefinition};
 
 pub(crate) const INODES: TableDefinition<u64, &[u8]> = TableDefinition::new("inodes");
 /// Key: parent id (big-endian) followed by the child's name; value: child id.
@@ -86,34 +84,42 @@ pub(crate) fn meta_u64(
     }
 }
 
-/// One committed log entry as the state machine sees it.
-#[derive(Debug, Clone)]
-pub struct LogEntry {
-    pub index: u64,
-    pub term: u64,
-    pub op: EntryOp,
+/// The tables as one write transaction sees them: what the state machine changes.
+pub(crate) struct Tables<'t> {
+    pub inodes: Table<'t, u64, &'static [u8]>,
+    pub children: Table<'t, &'static [u8], u64>,
+    pub meta: Table<'t, &'static str, &'static [u8]>,
+    pub shard: u16,
 }
 
-#[derive(Debug, Clone)]
-pub enum EntryOp {
-    Command(Command),
-    /// An entry with no command (a new leader's first entry).
-    Noop,
-    /// A membership change, already applied to raft: the resulting configuration.
-    ConfChange {
-        conf_state: Vec<u8>,
-        masters: MasterSet,
-    },
-}
-
-impl LogEntry {
-    pub fn command(index: u64, term: u64, cmd: Command) -> Self {
-        LogEntry {
-            index,
-            term,
-            op: EntryOp::Command(cmd),
+impl Tables<'_> {
+    pub(crate) fn get(&self, id: u64) -> Result<Option<Inode>, StoreError> {
+        match redb_err!(self.inodes.get(id))? {
+            Some(v) => Ok(Some(decode_inode(v.value())?)),
+            None => Ok(None),
         }
     }
+
+    pub(crate) fn put(&mut self, inode: &Inode) -> Result<(), StoreError> {
+        redb_err!(self
+            .inodes
+            .insert(inode.id, inode.encode_to_vec().as_slice()))?;
+        Ok(())
+    }
+
+    pub(crate) fn set_u64(&mut self, key: &str, v: u64) -> Result<(), StoreError> {
+        redb_err!(self.meta.insert(key, &v.to_be_bytes()[..]))?;
+        Ok(())
+    }
+}
+
+/// What happens to a write transaction once its work is done.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Commit {
+    /// Committed without an fsync: the Raft log is durable and replays it.
+    Unsynced,
+    /// Dropped: a dry run.
+    Never,
 }
 
 pub struct NamespaceStore {
@@ -168,60 +174,6 @@ impl NamespaceStore {
         root_inode(self.shard)
     }
 
-    /// Applies log entries in one transaction and records the last one's index and term as
-    /// applied. Entries at or below the applied index are skipped (replay after restart).
-    /// Each entry gets its own result; a command that fails still consumes its index, so
-    /// every replica agrees.
-    ///
-    /// The transaction is not synced: the Raft log is durable and replaying it is
-    /// idempotent, so the applied state may lag on disk by what [`NamespaceStore::sync`]
-    /// has not flushed yet (the log is never compacted past a synced index).
-    pub fn apply_batch(&self, entries: &[LogEntry]) -> Result<Vec<FsResult<()>>, StoreError> {
-        let mut txn = redb_err!(self.db.begin_write())?;
-        redb_err!(txn.set_durability(redb::Durability::None))?;
-        let mut results = Vec::with_capacity(entries.len());
-        {
-            let mut tables = state_machine::Tables {
-                inodes: redb_err!(txn.open_table(INODES))?,
-                children: redb_err!(txn.open_table(CHILDREN))?,
-                meta: redb_err!(txn.open_table(META))?,
-                shard: self.shard,
-            };
-            let mut applied = meta_u64(&tables.meta, META_APPLIED_INDEX)?;
-            let mut applied_term = meta_u64(&tables.meta, META_APPLIED_TERM)?;
-            for e in entries {
-                if e.index <= applied {
-                    results.push(Ok(()));
-                    continue;
-                }
-                results.push(match &e.op {
-                    EntryOp::Command(cmd) => state_machine::apply(&mut tables, cmd)?,
-                    EntryOp::Noop => Ok(()),
-                    EntryOp::ConfChange {
-                        conf_state,
-                        masters,
-                    } => {
-                        redb_err!(tables.meta.insert(META_CONF_STATE, conf_state.as_slice()))?;
-                        redb_err!(tables
-                            .meta
-                            .insert(META_MASTERS, masters.encode_to_vec().as_slice()))?;
-                        Ok(())
-                    }
-                });
-                applied = e.index;
-                applied_term = e.term;
-            }
-            redb_err!(tables
-                .meta
-                .insert(META_APPLIED_INDEX, &applied.to_be_bytes()[..]))?;
-            redb_err!(tables
-                .meta
-                .insert(META_APPLIED_TERM, &applied_term.to_be_bytes()[..]))?;
-        }
-        redb_err!(txn.commit())?;
-        Ok(results)
-    }
-
     /// Makes every applied batch durable.
     pub fn sync(&self) -> Result<(), StoreError> {
         let txn = redb_err!(self.db.begin_write())?;
@@ -229,22 +181,32 @@ impl NamespaceStore {
         Ok(())
     }
 
-    /// What applying `cmd` now would answer, without changing anything: the transaction
-    /// is dropped. The leader checks a mutation this way before touching the UFS, so the
-    /// rules live only in the state machine.
-    pub fn dry_run(&self, cmd: &Command) -> Result<FsResult<()>, StoreError> {
-        let txn = redb_err!(self.db.begin_write())?;
-        let result = {
-            let mut tables = state_machine::Tables {
+    /// Runs `f` over the tables in one write transaction. `Commit::Unsynced` commits it
+    /// without an fsync (see [`NamespaceStore::sync`]); `Commit::Never` drops it, so `f`
+    /// only answers what it would do.
+    pub(crate) fn write<R>(
+        &self,
+        commit: Commit,
+        f: impl FnOnce(&mut Tables<'_>) -> Result<R, StoreError>,
+    ) -> Result<R, StoreError> {
+        let mut txn = redb_err!(self.db.begin_write())?;
+        if commit == Commit::Unsynced {
+            redb_err!(txn.set_durability(redb::Durability::None))?;
+        }
+        let out = {
+            let mut tables = Tables {
                 inodes: redb_err!(txn.open_table(INODES))?,
                 children: redb_err!(txn.open_table(CHILDREN))?,
                 meta: redb_err!(txn.open_table(META))?,
                 shard: self.shard,
             };
-            state_machine::apply(&mut tables, cmd)?
+            f(&mut tables)?
         };
-        redb_err!(txn.abort())?;
-        Ok(result)
+        match commit {
+            Commit::Unsynced => redb_err!(txn.commit())?,
+            Commit::Never => redb_err!(txn.abort())?,
+        }
+        Ok(out)
     }
 
     /// (index, term) of the last applied entry.
@@ -428,176 +390,4 @@ impl NamespaceStore {
 
 pub(crate) fn decode_inode(bytes: &[u8]) -> Result<Inode, StoreError> {
     Inode::decode(bytes).map_err(|e| StoreError::Corrupt(format!("inode record: {e}")))
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use granary_protos::v1::{command, FileKind, LoadDirectory, MountPoint, SetMount, UfsEntry};
-
-    fn mount() -> Command {
-        Command {
-            op: Some(command::Op::SetMount(SetMount {
-                mount: Some(MountPoint {
-                    mount_id: 1,
-                    path: b"/".to_vec(),
-                    ufs_uri: "file:///data".into(),
-                }),
-                block_size: 1024,
-                ..Default::default()
-            })),
-        }
-    }
-
-    fn entry(name: &str, kind: FileKind, size: u64) -> UfsEntry {
-        UfsEntry {
-            name: name.as_bytes().to_vec(),
-            kind: kind as i32,
-            size,
-            mtime_ns: 7,
-            mode: 0o644,
-            ..Default::default()
-        }
-    }
-
-    fn load(dir: u64, entries: Vec<UfsEntry>) -> Command {
-        Command {
-            op: Some(command::Op::LoadDirectory(LoadDirectory {
-                dir_id: dir,
-                entries,
-                listed_at_ns: 1,
-            })),
-        }
-    }
-
-    fn names(store: &NamespaceStore, dir: u64) -> Vec<(String, u64)> {
-        store
-            .list(dir, b"", 100)
-            .unwrap()
-            .0
-            .into_iter()
-            .map(|i| (String::from_utf8(i.name).unwrap(), i.id))
-            .collect()
-    }
-
-    #[test]
-    fn replicas_applying_the_same_log_agree_and_restarts_keep_state() {
-        let tmp = tempfile::tempdir().unwrap();
-        let log = vec![
-            LogEntry::command(1, 1, mount()),
-            LogEntry::command(
-                2,
-                1,
-                load(
-                    1,
-                    vec![
-                        entry("b", FileKind::Directory, 0),
-                        entry("a.bin", FileKind::File, 3000),
-                    ],
-                ),
-            ),
-        ];
-        let a = NamespaceStore::open(&tmp.path().join("a.redb"), 0).unwrap();
-        let b = NamespaceStore::open(&tmp.path().join("b.redb"), 0).unwrap();
-        a.apply_batch(&log).unwrap();
-        for e in &log {
-            b.apply_batch(std::slice::from_ref(e)).unwrap();
-        }
-        assert_eq!(names(&a, 1), names(&b, 1));
-        assert_eq!(names(&a, 1), vec![("a.bin".into(), 3), ("b".into(), 2)]);
-        let file = a.lookup(1, b"a.bin").unwrap().unwrap();
-        assert_eq!(
-            (file.size, file.block_size, file.ufs_path.as_slice()),
-            (3000, 1024, &b"a.bin"[..])
-        );
-        assert!(a.get(1).unwrap().children_loaded);
-
-        // Replaying old entries is a no-op; the applied index is durable.
-        a.apply_batch(&log).unwrap();
-        assert_eq!(a.inode_count().unwrap(), 3);
-        drop(a);
-        let a = NamespaceStore::open(&tmp.path().join("a.redb"), 0).unwrap();
-        assert_eq!(a.applied().unwrap().0, 2);
-        assert_eq!(names(&a, 1), names(&b, 1));
-        drop(b);
-        assert!(matches!(
-            NamespaceStore::open(&tmp.path().join("b.redb"), 3),
-            Err(StoreError::ShardMismatch {
-                found: 0,
-                configured: 3
-            })
-        ));
-    }
-
-    #[test]
-    fn relisting_keeps_ids_and_drops_vanished_subtrees() {
-        let tmp = tempfile::tempdir().unwrap();
-        let s = NamespaceStore::open(&tmp.path().join("s.redb"), 2).unwrap();
-        let root = s.root_id();
-        s.apply_batch(&[LogEntry::command(1, 1, mount())]).unwrap();
-        s.apply_batch(&[LogEntry::command(
-            2,
-            1,
-            load(
-                root,
-                vec![
-                    entry("d", FileKind::Directory, 0),
-                    entry("f", FileKind::File, 1),
-                ],
-            ),
-        )])
-        .unwrap();
-        let d = s.lookup(root, b"d").unwrap().unwrap();
-        assert_eq!(granary_common::ids::shard_of(d.id), 2);
-        s.apply_batch(&[LogEntry::command(
-            3,
-            1,
-            load(d.id, vec![entry("x", FileKind::File, 5)]),
-        )])
-        .unwrap();
-        assert_eq!(s.inode_count().unwrap(), 4);
-
-        // `f` grew, `d` vanished (with its child), `g` appeared.
-        let f_before = s.lookup(root, b"f").unwrap().unwrap();
-        s.apply_batch(&[LogEntry::command(
-            4,
-            1,
-            load(
-                root,
-                vec![entry("f", FileKind::File, 9), entry("g", FileKind::File, 0)],
-            ),
-        )])
-        .unwrap();
-        let f_after = s.lookup(root, b"f").unwrap().unwrap();
-        assert_eq!(f_after.id, f_before.id);
-        assert_eq!(f_after.fingerprint.unwrap().size, 9);
-        assert!(s.lookup(root, b"d").unwrap().is_none());
-        assert!(s.get(d.id).is_err());
-        assert_eq!(s.inode_count().unwrap(), 3);
-
-        // A failing command still consumes its index.
-        let r = s
-            .apply_batch(&[LogEntry::command(5, 1, load(12345, vec![]))])
-            .unwrap();
-        assert_eq!(r[0].as_ref().unwrap_err().errno(), libc::ENOENT);
-        assert_eq!(s.applied().unwrap().0, 5);
-    }
-
-    #[test]
-    fn listing_pages_resume_after_a_name() {
-        let tmp = tempfile::tempdir().unwrap();
-        let s = NamespaceStore::open(&tmp.path().join("s.redb"), 0).unwrap();
-        s.apply_batch(&[LogEntry::command(1, 1, mount())]).unwrap();
-        let entries = (0..10)
-            .map(|i| entry(&format!("f{i}"), FileKind::File, i))
-            .collect();
-        s.apply_batch(&[LogEntry::command(2, 1, load(1, entries))])
-            .unwrap();
-        let (page, more) = s.list(1, b"", 4).unwrap();
-        assert!(more);
-        let (rest, more) = s.list(1, &page.last().unwrap().name, 100).unwrap();
-        assert!(!more);
-        assert_eq!(page.len() + rest.len(), 10);
-        assert_eq!(rest[0].name, b"f4");
-    }
 }

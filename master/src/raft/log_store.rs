@@ -14,7 +14,8 @@ use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
 
 use granary_protos::v1::{MasterSet, Member};
 
-use crate::store::{redb_err, EntryOp, LogEntry, NamespaceStore, StoreError};
+use crate::state_machine::{self, EntryOp, LogEntry};
+use crate::store::{redb_err, NamespaceStore, StoreError};
 
 const ENTRIES: TableDefinition<u64, &[u8]> = TableDefinition::new("entries");
 const STATE: TableDefinition<&str, &[u8]> = TableDefinition::new("state");
@@ -170,14 +171,17 @@ impl RaftLogStore {
             term: TERM,
             conf_index: INDEX,
         };
-        self.namespace.apply_batch(&[LogEntry {
-            index: INDEX,
-            term: TERM,
-            op: EntryOp::ConfChange {
-                conf_state: cs.write_to_bytes().map_err(pb_err)?,
-                masters,
-            },
-        }])?;
+        state_machine::apply_batch(
+            &self.namespace,
+            &[LogEntry {
+                index: INDEX,
+                term: TERM,
+                op: EntryOp::ConfChange {
+                    conf_state: cs.write_to_bytes().map_err(pb_err)?,
+                    masters,
+                },
+            }],
+        )?;
         self.set_truncated(INDEX, TERM)?;
         tracing::info!(members = ?members, "bootstrapped a new Raft group");
         Ok(())

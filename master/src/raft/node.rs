@@ -23,7 +23,8 @@ use tokio::sync::oneshot;
 use super::log_store::RaftLogStore;
 use super::transport::PeerNetwork;
 use super::{Mail, MemberChange, RaftStatus};
-use crate::store::{EntryOp, LogEntry, NamespaceStore, StoreError};
+use crate::state_machine::{self, EntryOp, LogEntry};
+use crate::store::{NamespaceStore, StoreError};
 
 #[derive(Debug, Clone)]
 pub struct NodeConfig {
@@ -623,7 +624,7 @@ impl RaftNode {
             });
             waiters.push(self.own_proposal(e.get_context()));
         }
-        let results = self.namespace.apply_batch(&batch)?;
+        let results = state_machine::apply_batch(&self.namespace, &batch)?;
         // Published before any proposer hears back, so a read index taken after an
         // acknowledged write always covers it.
         if let Some(last) = batch.last() {
