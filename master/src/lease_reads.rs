@@ -9,8 +9,8 @@ use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinSet;
 use tonic::Status;
 
+use crate::leader_clients::LeaderClients;
 use crate::raft::RaftLog;
-use crate::service::LeaderClients;
 
 const MAX_CALLS: usize = 4;
 /// The leader answers a lease read index from memory; longer means it is gone.

@@ -4,6 +4,7 @@
 pub mod block_locations;
 pub mod command_log;
 pub mod config;
+mod leader_clients;
 mod lease_reads;
 pub mod loader;
 mod mutations;

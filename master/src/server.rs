@@ -21,13 +21,14 @@ use granary_protos::raft::raft_transport_server::RaftTransportServer;
 use crate::block_locations::BlockLocations;
 use crate::command_log::CommandLog;
 use crate::config::MasterConfig;
+use crate::leader_clients::LeaderClients;
 use crate::lease_reads::LeaseIndex;
 use crate::loader::MetadataLoader;
 use crate::raft::log_store::RaftLogStore;
 use crate::raft::node::{NodeConfig, RaftNode};
 use crate::raft::transport::{GrpcTransport, RaftService, MAX_RAFT_MESSAGE};
 use crate::raft::{Mail, RaftLog, RaftStatus};
-use crate::service::{LeaderClients, MasterService};
+use crate::service::MasterService;
 use crate::store::{NamespaceStore, StoreError};
 use crate::workers::WorkerRegistry;
 

@@ -1,27 +1,24 @@
 //! The master's gRPC API: namespace reads (loading from the UFS on first touch), worker
 //! registration and heartbeats, block locations, and cluster reports.
 
-use std::collections::HashMap;
 use std::pin::Pin;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
-use granary_common::auth::{AttachToken, CONSISTENCY_METADATA_KEY};
+use granary_common::auth::CONSISTENCY_METADATA_KEY;
 use granary_common::blocks::block_count;
 use granary_common::consistency::ReadConsistency;
 use granary_common::path::{components, validate_name};
 use granary_common::FsError;
-use granary_protos::v1::master_client::MasterClient;
 use granary_protos::v1::master_server::Master;
 use granary_protos::v1::*;
 use granary_protos::LEADER_METADATA_KEY;
 use tokio_stream::wrappers::ReceiverStream;
 use tokio_stream::Stream;
-use tonic::service::interceptor::InterceptedService;
-use tonic::transport::Channel;
 use tonic::{Request, Response, Status};
 
 use crate::block_locations::BlockLocations;
+use crate::leader_clients::{LeaderClients, PeerClient};
 use crate::lease_reads::LeaseIndex;
 use crate::loader::{LoadProgress, MetadataLoader};
 use crate::raft::{Mail, MemberChange, RaftLog};
@@ -44,48 +41,6 @@ pub struct MasterService {
     pub(crate) lease_index: LeaseIndex,
     /// The root inode exists (set once; it is never removed).
     pub(crate) initialised: std::sync::atomic::AtomicBool,
-}
-
-type PeerClient = MasterClient<InterceptedService<Channel, AttachToken>>;
-
-/// gRPC clients to other masters by address, made on first use.
-pub struct LeaderClients {
-    token: AttachToken,
-    clients: Mutex<HashMap<String, PeerClient>>,
-}
-
-impl LeaderClients {
-    pub fn new(token: AttachToken) -> Self {
-        LeaderClients {
-            token,
-            clients: Mutex::new(HashMap::new()),
-        }
-    }
-
-    /// A client of the current leader, as this member knows it.
-    pub fn leader(&self, raft: &RaftLog) -> Result<PeerClient, Status> {
-        let st = raft.status();
-        let addr = st.leader_addr().ok_or_else(|| {
-            Status::unavailable(format!(
-                "master {} knows no leader (election in progress)",
-                st.id
-            ))
-        })?;
-        self.get(&addr)
-    }
-
-    fn get(&self, addr: &str) -> Result<PeerClient, Status> {
-        let mut clients = self.clients.lock().expect("clients lock");
-        if let Some(c) = clients.get(addr) {
-            return Ok(c.clone());
-        }
-        let ch =
-            granary_common::net::lazy_channel(addr, Duration::from_secs(1), Duration::from_secs(5))
-                .map_err(|e| Status::internal(format!("leader address {addr}: {e}")))?;
-        let c = MasterClient::with_interceptor(ch, self.token.clone());
-        clients.insert(addr.to_string(), c.clone());
-        Ok(c)
-    }
 }
 
 /// The consistency a read asked for (metadata `x-granary-consistency`).
