@@ -6,8 +6,7 @@ use std::time::Duration;
 
 use anyhow::{bail, Context};
 use granary_common::path::components;
-use granary_fuse_client::block_reader::{DataPathOptions, WorkerDataPath};
-use granary_fuse_client::fs::{FsOptions, GranaryFs};
+use granary_fuse_client::fs::GranaryFs;
 use granary_fuse_client::meta_client::MetadataService;
 use granary_fuse_client::MountConfig;
 use granary_protos::v1::{FileKind, Inode, LoadMetadataRequest};
@@ -31,29 +30,13 @@ pub fn connect(t: &Target<'_>) -> anyhow::Result<FsClient> {
         cluster_token: token.to_string(),
         read_consistency: t.consistency.to_string(),
         retry_deadline_ms: 5_000,
+        meta_cache_ttl_ms: 60_000,
+        meta_cache_entries: 100_000,
+        read_only: true,
         ..Default::default()
     };
     let meta: Arc<dyn MetadataService> = granary_fuse_client::connect_metadata(&cfg)?;
-    let data = WorkerDataPath::new(
-        meta.clone(),
-        DataPathOptions {
-            cluster_token: token.to_string(),
-            short_circuit: true,
-            readahead_max: cfg.readahead_max.0,
-            readahead_memory: cfg.readahead_memory.0,
-        },
-        granary_common::hostname(),
-    );
-    let fs = GranaryFs::new(
-        meta.clone(),
-        data,
-        FsOptions {
-            meta_cache_ttl: Duration::from_secs(60),
-            meta_cache_entries: 100_000,
-            read_only: true,
-            staging_dir: cfg.staging_dir.clone(),
-        },
-    )?;
+    let fs = granary_fuse_client::build_fs_over(&cfg, meta.clone())?;
     Ok(FsClient { fs, meta })
 }
 

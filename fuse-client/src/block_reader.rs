@@ -10,52 +10,24 @@ use std::os::unix::fs::FileExt;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc::{sync_channel, SyncSender};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
 
 use granary_common::blocks::{block_count, block_len, spans, BlockSpan};
 use granary_common::{FsError, FsResult};
-use granary_protos::data::{ReadBlockRequest, WriteFileRequest};
-use granary_protos::v1::{Inode, UfsFingerprint, WorkerInfo};
+use granary_protos::data::ReadBlockRequest;
+use granary_protos::v1::{Inode, WorkerInfo};
 
 use crate::data_client::DataClient;
-use crate::local_upload::{LocalUpload, UploadConnections};
 use crate::meta_client::MetadataService;
-
-/// Tries of a block read or an upload that fails retryably (a worker restarting, or one
-/// that has not yet learned a mount, which takes up to a heartbeat): about 2.5 s in all.
-const RETRY_ATTEMPTS: u32 = 6;
-
-/// Runs `op` (told whether to refresh its worker list) until it succeeds, fails for
-/// good, or has failed retryably `RETRY_ATTEMPTS` times; `what` names it in the log.
-fn with_retries<T>(what: &str, file: u64, mut op: impl FnMut(bool) -> FsResult<T>) -> FsResult<T> {
-    let mut attempt = 0;
-    loop {
-        match op(attempt > 0) {
-            Err(e) if e.is_retryable() && attempt + 1 < RETRY_ATTEMPTS => {
-                tracing::warn!(file, error = %e, "{what} failed; retrying with a fresh worker list");
-                std::thread::sleep(Duration::from_millis((100u64 << attempt).min(1000)));
-                attempt += 1;
-            }
-            other => return other,
-        }
-    }
-}
-
-/// A stable choice among `workers` for block `index` of a file.
-fn hashed(workers: &[WorkerInfo], file_id: u64, index: u32) -> WorkerInfo {
-    let h = file_id.wrapping_mul(0x9e3779b97f4a7c15) ^ index as u64;
-    workers[(h % workers.len() as u64) as usize].clone()
-}
+use crate::worker_list::{data_addr, hashed, with_retries, WorkerList};
 
 /// Largest range one data-port request asks for (the worker's limit).
 const MAX_REQUEST: u64 = 16 << 20;
 /// Times a short-circuit read asks for a block's cache file that was evicted before it
 /// could be opened, before it has the worker send the bytes instead.
 const LOCAL_OPEN_TRIES: u32 = 3;
-const WORKER_LIST_TTL: Duration = Duration::from_secs(3);
 
 /// Reads file bytes for the filesystem.
-pub trait DataPath: Send + Sync {
+pub trait BlockRead: Send + Sync {
     fn read(&self, file: &Inode, state: &mut ReadState, offset: u64, len: u32)
         -> FsResult<Vec<u8>>;
 
@@ -64,48 +36,6 @@ pub trait DataPath: Send + Sync {
     /// from it directly (FUSE passthrough).
     fn whole_file(&self, _file: &Inode) -> Option<File> {
         None
-    }
-
-    /// A file to write `file`'s new content into, which the worker on this machine then
-    /// publishes (see [`LocalUpload`]); `None` without such a worker.
-    fn begin_upload(&self, _file: &Inode) -> Option<LocalUpload> {
-        None
-    }
-
-    /// The upload socket of the worker on this machine, which also takes small files
-    /// whole ([`DataPath::publish_whole`]); `None` without such a worker.
-    fn local_upload_socket(&self) -> Option<String> {
-        None
-    }
-
-    /// Publishes `data` as `file`'s whole content through the worker listening on
-    /// `socket` (from [`DataPath::local_upload_socket`]); returns the stored fingerprint.
-    fn publish_whole(
-        &self,
-        socket: &str,
-        file: &Inode,
-        data: &[u8],
-        durable: bool,
-    ) -> FsResult<UfsFingerprint> {
-        let _ = (file, data, durable);
-        Err(FsError::Unavailable(format!("no local upload at {socket}")))
-    }
-
-    /// Stores `size` bytes of `source` as `file`'s new content in the UFS (through a
-    /// worker), durably against machine crashes if asked; returns the fingerprint of
-    /// the stored object.
-    fn upload(
-        &self,
-        file: &Inode,
-        size: u64,
-        source: &File,
-        durable: bool,
-    ) -> FsResult<UfsFingerprint> {
-        let _ = (size, source, durable);
-        Err(FsError::ReadOnly(format!(
-            "{}: this data path is read-only",
-            String::from_utf8_lossy(&file.name)
-        )))
     }
 }
 
@@ -136,24 +66,21 @@ impl Drop for Buffered {
     }
 }
 
-pub struct DataPathOptions {
-    pub cluster_token: String,
+pub struct ReadOptions {
     pub short_circuit: bool,
     pub readahead_max: u64,
     pub readahead_memory: u64,
 }
 
-pub struct WorkerDataPath {
+/// The read path through workers: short-circuit reads of a co-located worker's cache
+/// files, remote reads over the data port with readahead, and warm-up of the next block.
+pub struct BlockReader {
     meta: Arc<dyn MetadataService>,
+    workers: Arc<WorkerList>,
     data: Arc<DataClient>,
-    opts: DataPathOptions,
-    hostname: String,
-    /// When listed, and the list (shared: reads take it per block).
-    workers: Mutex<(Option<Instant>, Arc<Vec<WorkerInfo>>)>,
+    opts: ReadOptions,
     buffered: Arc<AtomicU64>,
     warm_tx: SyncSender<(String, ReadBlockRequest)>,
-    next_request: AtomicU64,
-    upload_conns: Arc<UploadConnections>,
 }
 
 fn request_for(
@@ -179,21 +106,13 @@ fn request_for(
     }
 }
 
-fn addr(w: &WorkerInfo) -> String {
-    format!("{}:{}", w.host, w.data_port)
-}
-
-impl WorkerDataPath {
+impl BlockReader {
     pub fn new(
         meta: Arc<dyn MetadataService>,
-        opts: DataPathOptions,
-        hostname: String,
-    ) -> Arc<Self> {
-        let data = Arc::new(DataClient::new(
-            Duration::from_secs(2),
-            Duration::from_secs(120),
-            &opts.cluster_token,
-        ));
+        workers: Arc<WorkerList>,
+        data: Arc<DataClient>,
+        opts: ReadOptions,
+    ) -> Self {
         // Warm-ups are best effort: a small pool, and a full queue drops new ones.
         let (warm_tx, warm_rx) = sync_channel::<(String, ReadBlockRequest)>(64);
         let warm_rx = Arc::new(Mutex::new(warm_rx));
@@ -205,54 +124,20 @@ impl WorkerDataPath {
                 .spawn(move || loop {
                     let next = rx.lock().expect("warm queue").recv();
                     let Ok((addr, req)) = next else { return };
-                    if let Err(e) = data.request(&addr, &req) {
+                    if let Err(e) = data.request(&addr, req) {
                         tracing::debug!(worker = %addr, error = %e, "block warm-up failed");
                     }
                 })
                 .expect("spawn warm-up thread");
         }
-        Arc::new(WorkerDataPath {
+        BlockReader {
             meta,
+            workers,
             data,
             opts,
-            hostname,
-            workers: Mutex::new((None, Arc::default())),
             buffered: Arc::new(AtomicU64::new(0)),
             warm_tx,
-            next_request: AtomicU64::new(1),
-            upload_conns: Arc::default(),
-        })
-    }
-
-    fn workers(&self, refresh: bool) -> FsResult<Arc<Vec<WorkerInfo>>> {
-        let mut w = self.workers.lock().expect("workers lock");
-        let fresh = matches!(w.0, Some(t) if t.elapsed() < WORKER_LIST_TTL);
-        if refresh || !fresh || w.1.is_empty() {
-            match self.meta.workers() {
-                // A master that just joined may not know the workers yet.
-                Ok(list) if list.is_empty() && !w.1.is_empty() => {
-                    tracing::debug!("a master listed no workers; keeping the last list");
-                }
-                Ok(mut list) => {
-                    list.sort_by(|a, b| a.worker_id.cmp(&b.worker_id));
-                    *w = (Some(Instant::now()), Arc::new(list));
-                }
-                // Cached blocks stay readable while the masters are unreachable.
-                Err(e) if !w.1.is_empty() => {
-                    tracing::debug!(error = %e, "cannot refresh the worker list; using the last one");
-                }
-                Err(e) => return Err(e),
-            }
         }
-        Ok(w.1.clone())
-    }
-
-    /// The co-located worker, if there is one.
-    fn local_worker(&self, workers: &[WorkerInfo]) -> Option<WorkerInfo> {
-        workers
-            .iter()
-            .find(|w| w.hostname == self.hostname)
-            .cloned()
     }
 
     /// The worker to read block `index` from: a co-located one (which caches what it
@@ -264,8 +149,8 @@ impl WorkerDataPath {
         index: u32,
         refresh: bool,
     ) -> FsResult<(WorkerInfo, bool)> {
-        let workers = self.live_workers(refresh)?;
-        if let Some(w) = self.local_worker(&workers) {
+        let workers = self.workers.live(refresh)?;
+        if let Some(w) = self.workers.local(&workers) {
             return Ok((w, true));
         }
         if state.locations.is_none() || refresh {
@@ -285,24 +170,12 @@ impl WorkerDataPath {
         Ok((hashed(&workers, file.id, index), false))
     }
 
-    /// The worker list, failing (retryably) when it is empty.
-    fn live_workers(&self, refresh: bool) -> FsResult<Arc<Vec<WorkerInfo>>> {
-        let workers = self.workers(refresh)?;
-        if workers.is_empty() {
-            return Err(FsError::Unavailable(
-                "no live workers registered with the master".into(),
-            ));
-        }
-        Ok(workers)
-    }
-
     fn request(
         &self,
         worker: &WorkerInfo,
-        mut req: ReadBlockRequest,
+        req: ReadBlockRequest,
     ) -> FsResult<(granary_protos::data::ReadBlockResponse, Vec<u8>)> {
-        req.request_id = self.next_request.fetch_add(1, Ordering::Relaxed);
-        self.data.request(&addr(worker), &req)
+        self.data.request(&data_addr(worker), req)
     }
 
     fn read_span(
@@ -320,7 +193,7 @@ impl WorkerDataPath {
                 self.read_remote(file, state, &worker, span, out)
             };
             if r.as_ref().is_err_and(|e| e.is_retryable()) {
-                self.data.forget(&addr(&worker));
+                self.data.forget(&data_addr(&worker));
             }
             r
         })
@@ -459,88 +332,19 @@ impl WorkerDataPath {
             return;
         }
         if let Ok((worker, _)) = self.pick(file, state, next, false) {
-            let mut req = request_for(file, next, 0, 0, true);
-            req.request_id = self.next_request.fetch_add(1, Ordering::Relaxed);
-            let _ = self.warm_tx.try_send((addr(&worker), req));
+            let req = request_for(file, next, 0, 0, true);
+            let _ = self.warm_tx.try_send((data_addr(&worker), req));
         }
     }
 }
 
-impl DataPath for WorkerDataPath {
-    fn local_upload_socket(&self) -> Option<String> {
-        let worker = self.local_worker(&self.live_workers(false).ok()?)?;
-        (!worker.upload_socket.is_empty()).then_some(worker.upload_socket)
-    }
-
-    fn publish_whole(
-        &self,
-        socket: &str,
-        file: &Inode,
-        data: &[u8],
-        durable: bool,
-    ) -> FsResult<UfsFingerprint> {
-        LocalUpload::put(
-            &self.upload_conns,
-            socket,
-            &self.opts.cluster_token,
-            file,
-            data,
-            durable,
-        )
-    }
-
-    fn begin_upload(&self, file: &Inode) -> Option<LocalUpload> {
-        let socket = self.local_upload_socket()?;
-        match LocalUpload::open(&self.upload_conns, &socket, &self.opts.cluster_token, file) {
-            Ok(u) => Some(u),
-            Err(e) => {
-                tracing::debug!(error = %e, "no local upload; staging the file here");
-                None
-            }
-        }
-    }
-
-    fn upload(
-        &self,
-        file: &Inode,
-        size: u64,
-        source: &File,
-        durable: bool,
-    ) -> FsResult<UfsFingerprint> {
-        let fingerprint = with_retries("upload", file.id, |refresh| {
-            let workers = self.live_workers(refresh)?;
-            // The co-located worker caches what it uploads for this node's next read.
-            let worker = self
-                .local_worker(&workers)
-                .unwrap_or_else(|| hashed(&workers, file.id, 0));
-            let req = WriteFileRequest {
-                request_id: self.next_request.fetch_add(1, Ordering::Relaxed),
-                file_id: file.id,
-                mount_id: file.mount_id,
-                ufs_path: file.ufs_path.clone(),
-                size,
-                block_size: file.block_size,
-                durable,
-            };
-            let r = self.data.upload(&addr(&worker), &req, source);
-            if r.as_ref().is_err_and(|e| e.is_retryable()) {
-                self.data.forget(&addr(&worker));
-            }
-            r.map(|r| UfsFingerprint {
-                size: r.size,
-                mtime_ns: r.mtime_ns,
-            })
-        })?;
-        metrics::counter!("granary_client_uploaded_bytes_total").increment(size);
-        Ok(fingerprint)
-    }
-
+impl BlockRead for BlockReader {
     fn whole_file(&self, file: &Inode) -> Option<File> {
         if !self.opts.short_circuit || file.size == 0 || file.size > file.block_size {
             return None;
         }
-        let workers = self.workers(false).ok()?;
-        let worker = self.local_worker(&workers)?;
+        let workers = self.workers.live(false).ok()?;
+        let worker = self.workers.local(&workers)?;
         let (resp, _) = self
             .request(&worker, request_for(file, 0, 0, 0, true))
             .ok()?;

@@ -4,6 +4,7 @@
 use std::collections::HashMap;
 use std::io::{BufReader, Read, Write};
 use std::net::{TcpStream, ToSocketAddrs};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Mutex;
 use std::time::Duration;
 
@@ -28,6 +29,8 @@ pub struct DataClient {
     connect_timeout: Duration,
     io_timeout: Duration,
     token: String,
+    /// Numbers requests, so an answer is matched to the request it belongs to.
+    next_request: AtomicU64,
 }
 
 fn frame_err(addr: &str, e: granary_protos::frame::FrameError) -> FsError {
@@ -41,6 +44,7 @@ impl DataClient {
             connect_timeout,
             io_timeout,
             token: token.to_string(),
+            next_request: AtomicU64::new(1),
         }
     }
 
@@ -126,9 +130,10 @@ impl DataClient {
     pub fn request(
         &self,
         addr: &str,
-        req: &ReadBlockRequest,
+        mut req: ReadBlockRequest,
     ) -> FsResult<(ReadBlockResponse, Vec<u8>)> {
-        let (resp, payload) = self.on_connection(addr, |conn| exchange(conn, addr, req))?;
+        req.request_id = self.next_request.fetch_add(1, Ordering::Relaxed);
+        let (resp, payload) = self.on_connection(addr, |conn| exchange(conn, addr, &req))?;
         status_error(addr, resp.status, &resp.error)?;
         Ok((resp, payload))
     }
@@ -138,11 +143,12 @@ impl DataClient {
     pub fn upload(
         &self,
         addr: &str,
-        req: &WriteFileRequest,
+        mut req: WriteFileRequest,
         source: &std::fs::File,
     ) -> FsResult<WriteFileResponse> {
+        req.request_id = self.next_request.fetch_add(1, Ordering::Relaxed);
         let resp = self.on_connection(addr, |conn| {
-            send_file(conn, addr, req, source, self.io_timeout)
+            send_file(conn, addr, &req, source, self.io_timeout)
         })?;
         status_error(addr, resp.status, &resp.error)?;
         Ok(resp)

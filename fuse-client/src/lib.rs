@@ -2,6 +2,7 @@
 
 pub mod block_reader;
 pub mod config;
+pub mod content_store;
 pub mod data_client;
 pub mod fs;
 pub mod fuse_adapter;
@@ -9,8 +10,10 @@ pub mod local_upload;
 pub mod meta_client;
 pub mod mount;
 pub mod staging;
+pub mod worker_list;
 
 pub use config::MountConfig;
 pub use mount::{
-    build_fs, check_mountpoint, connect_metadata, mount, run_mount, MountError, MountHandle,
+    build_fs, build_fs_over, check_mountpoint, connect_metadata, mount, run_mount, MountError,
+    MountHandle,
 };

@@ -9,11 +9,17 @@ use fuser::{BackgroundSession, Config, MountOption, SessionACL};
 use granary_common::config::ConfigError;
 use granary_common::FsError;
 
-use crate::block_reader::{DataPathOptions, WorkerDataPath};
+use crate::block_reader::{BlockReader, ReadOptions};
 use crate::config::MountConfig;
+use crate::content_store::WorkerContentStore;
+use crate::data_client::DataClient;
 use crate::fs::{FsOptions, GranaryFs};
 use crate::fuse_adapter::{FuseAdapter, KernelOptions, Passthrough};
 use crate::meta_client::{ClientOptions, GrpcMetadataClient, MetadataService};
+use crate::worker_list::WorkerList;
+
+/// How long a worker list serves before it is listed again.
+const WORKER_LIST_TTL: Duration = Duration::from_secs(3);
 
 #[derive(Debug, thiserror::Error)]
 pub enum MountError {
@@ -133,33 +139,57 @@ pub fn connect_metadata(cfg: &MountConfig) -> Result<Arc<GrpcMetadataClient>, Mo
     Ok(meta)
 }
 
-/// Builds the filesystem (metadata client, data path) without mounting it.
+/// Builds the filesystem (metadata client, data paths) without mounting it.
 pub fn build_fs(cfg: &MountConfig) -> Result<GranaryFs, MountError> {
-    let meta: Arc<dyn MetadataService> = connect_metadata(cfg)?;
-    let data = WorkerDataPath::new(
+    build_fs_over(cfg, connect_metadata(cfg)?)
+}
+
+/// Builds the filesystem over a connected metadata service: the read path and the write
+/// path share one worker list and one pool of data connections.
+pub fn build_fs_over(
+    cfg: &MountConfig,
+    meta: Arc<dyn MetadataService>,
+) -> Result<GranaryFs, MountError> {
+    let workers = Arc::new(WorkerList::new(
         meta.clone(),
-        DataPathOptions {
-            cluster_token: cfg.cluster_token.clone(),
+        granary_common::hostname(),
+        WORKER_LIST_TTL,
+    ));
+    let data = Arc::new(DataClient::new(
+        Duration::from_secs(2),
+        Duration::from_secs(120),
+        &cfg.cluster_token,
+    ));
+    let reader = BlockReader::new(
+        meta.clone(),
+        workers.clone(),
+        data.clone(),
+        ReadOptions {
             short_circuit: cfg.short_circuit,
             readahead_max: cfg.readahead_max.0,
             readahead_memory: cfg.readahead_memory.0,
         },
-        granary_common::hostname(),
     );
-    GranaryFs::new(
-        meta,
+    let store = WorkerContentStore::new(
+        workers,
         data,
-        FsOptions {
-            meta_cache_ttl: Duration::from_millis(cfg.meta_cache_ttl_ms),
-            meta_cache_entries: cfg.meta_cache_entries,
-            read_only: cfg.read_only,
-            staging_dir: cfg.staging_dir.clone(),
-        },
+        cfg.cluster_token.clone(),
+        cfg.staging_dir.clone(),
     )
     .map_err(|error| MountError::Staging {
         path: cfg.staging_dir.clone(),
         error,
-    })
+    })?;
+    Ok(GranaryFs::new(
+        meta,
+        Arc::new(reader),
+        Arc::new(store),
+        FsOptions {
+            meta_cache_ttl: Duration::from_millis(cfg.meta_cache_ttl_ms),
+            meta_cache_entries: cfg.meta_cache_entries,
+            read_only: cfg.read_only,
+        },
+    ))
 }
 
 pub fn mount(cfg: &MountConfig, mountpoint: &Path) -> Result<MountHandle, MountError> {

@@ -9,15 +9,17 @@
 use std::collections::HashMap;
 use std::fs::File;
 use std::os::unix::fs::FileExt;
-use std::path::PathBuf;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 
-use granary_common::{FsError, FsResult};
-
+use granary_common::FsResult;
 use granary_protos::v1::UfsFingerprint;
 
 use crate::local_upload::LocalUpload;
+
+/// Written ranges of a local upload handed to the disk early, as a file grows past each
+/// multiple of this.
+const WRITEBACK_STEP: u64 = 8 << 20;
 
 /// Largest file staged in memory (and published whole by the local worker); one that
 /// grows past it moves to a file.
@@ -76,6 +78,18 @@ impl Backing {
         }
     }
 
+    /// `at..end` was just written. A big file written in order into a local upload has
+    /// the disk start on what is written while the rest comes, so the fsync or close that
+    /// publishes it waits for less.
+    pub fn written(&self, at: u64, end: u64) {
+        if let Backing::Worker(u) = self {
+            let done = end / WRITEBACK_STEP * WRITEBACK_STEP;
+            if done > at && done >= WRITEBACK_STEP {
+                u.start_writeback(done - WRITEBACK_STEP, WRITEBACK_STEP);
+            }
+        }
+    }
+
     pub fn set_len(&mut self, len: u64) -> std::io::Result<()> {
         match self {
             Backing::Memory { data, .. } => {
@@ -121,8 +135,8 @@ impl Staged {
 
 pub type SharedStaged = Arc<Mutex<Staged>>;
 
+#[derive(Default)]
 pub struct StagingArea {
-    dir: PathBuf,
     /// By inode: the staged file and how many handles use it.
     files: RwLock<HashMap<u64, (SharedStaged, usize)>>,
     /// How many inodes have a staged file: reads on a mount that writes nothing never
@@ -131,22 +145,6 @@ pub struct StagingArea {
 }
 
 impl StagingArea {
-    pub fn new(dir: PathBuf) -> FsResult<Self> {
-        std::fs::create_dir_all(&dir)
-            .map_err(|e| FsError::Io(format!("staging directory {}: {e}", dir.display())))?;
-        Ok(StagingArea {
-            dir,
-            files: RwLock::new(HashMap::new()),
-            active: AtomicUsize::new(0),
-        })
-    }
-
-    /// An anonymous file in the staging directory.
-    pub fn own_file(&self) -> FsResult<File> {
-        tempfile::tempfile_in(&self.dir)
-            .map_err(|e| FsError::Io(format!("staging file in {}: {e}", self.dir.display())))
-    }
-
     /// The inode's staged file, made (empty, not filled) for its first user.
     pub fn attach(&self, ino: u64) -> FsResult<SharedStaged> {
         let mut files = self.files.write().expect("staging lock");

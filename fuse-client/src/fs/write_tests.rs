@@ -2,7 +2,9 @@
 //! creates and commits, and a data path that keeps uploaded contents by inode.
 
 use super::*;
-use granary_protos::v1::{BlockLocationsReply, WorkerInfo};
+use crate::content_store::{NotStored, Stored};
+use crate::staging::{Backing, SMALL_FILE_MAX};
+use granary_protos::v1::{BlockLocationsReply, CommitContent, CreateRequest, FileKind, WorkerInfo};
 use std::io::Read;
 
 #[derive(Default)]
@@ -95,7 +97,7 @@ impl Store {
     }
 }
 
-impl DataPath for Store {
+impl BlockRead for Store {
     fn read(&self, file: &Inode, _: &mut ReadState, offset: u64, len: u32) -> FsResult<Vec<u8>> {
         let files = self.files.lock().unwrap();
         let data = files.get(&file.id).cloned().unwrap_or_default();
@@ -103,30 +105,44 @@ impl DataPath for Store {
         let end = (start + len as usize).min(data.len());
         Ok(data[start..end].to_vec())
     }
-    fn upload(
+}
+
+impl ContentStore for Store {
+    fn backing(&self, _: &Inode, end: u64) -> FsResult<Backing> {
+        if self.local_worker && end <= SMALL_FILE_MAX {
+            return Ok(Backing::Memory {
+                socket: "upload.sock".into(),
+                data: Vec::new(),
+            });
+        }
+        Ok(Backing::Own(tempfile::tempfile()?))
+    }
+    fn store(
         &self,
         file: &Inode,
+        backing: Backing,
         size: u64,
-        source: &std::fs::File,
         _: bool,
-    ) -> FsResult<UfsFingerprint> {
-        let mut data = Vec::new();
-        source.try_clone()?.read_to_end(&mut data)?;
-        data.truncate(size as usize);
-        Ok(self.keep(file, data))
-    }
-    fn local_upload_socket(&self) -> Option<String> {
-        self.local_worker.then(|| "upload.sock".to_string())
-    }
-    fn publish_whole(
-        &self,
-        _: &str,
-        file: &Inode,
-        data: &[u8],
-        _: bool,
-    ) -> FsResult<UfsFingerprint> {
-        self.whole.fetch_add(1, Ordering::Relaxed);
-        Ok(self.keep(file, data.to_vec()))
+    ) -> Result<Stored, NotStored> {
+        match backing {
+            Backing::Memory { data, .. } => {
+                self.whole.fetch_add(1, Ordering::Relaxed);
+                Ok(Stored {
+                    fingerprint: self.keep(file, data),
+                    kept: None,
+                })
+            }
+            Backing::Own(f) => {
+                let mut data = Vec::new();
+                f.try_clone().unwrap().read_to_end(&mut data).unwrap();
+                data.truncate(size as usize);
+                Ok(Stored {
+                    fingerprint: self.keep(file, data),
+                    kept: Some(Backing::Own(f)),
+                })
+            }
+            Backing::Worker(_) => unreachable!("this store makes no local uploads"),
+        }
     }
 }
 
@@ -153,9 +169,8 @@ fn fs_with(local_worker: bool) -> (GranaryFs, Arc<Namespace>, Arc<Store>) {
         meta_cache_ttl: Duration::from_secs(60),
         meta_cache_entries: 1000,
         read_only: false,
-        staging_dir: std::env::temp_dir().join("granary-fs-unit-tests"),
     };
-    let fs = GranaryFs::new(ns.clone(), store.clone(), opts).unwrap();
+    let fs = GranaryFs::new(ns.clone(), store.clone(), store.clone(), opts);
     (fs, ns, store)
 }
 

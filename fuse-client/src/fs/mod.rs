@@ -1,0 +1,240 @@
+//! Filesystem semantics independent of the kernel interface: lookups and attributes
+//! through a metadata cache, directory streams, open handles, reads, and writes staged
+//! per inode then stored in the UFS through a worker and committed through the leader on
+//! flush, fsync or the last close (close-to-open consistency). The FUSE adapter only
+//! translates types; tests drive this type directly.
+//!
+//! `namespace` holds the operations on names and attributes, `read` opening and reading,
+//! `write` creating, writing and committing; this file the state they share.
+
+mod namespace;
+mod read;
+mod write;
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::Duration;
+
+use granary_common::{FsError, FsResult};
+use granary_protos::v1::{FileKind, Inode, StatFsReply, UfsFingerprint};
+use moka::sync::Cache;
+
+use crate::block_reader::{BlockRead, ReadState};
+use crate::content_store::ContentStore;
+use crate::meta_client::MetadataService;
+use crate::staging::{SharedStaged, StagingArea};
+
+#[derive(Debug, Clone)]
+pub struct FsOptions {
+    pub meta_cache_ttl: Duration,
+    pub meta_cache_entries: u64,
+    /// Refuse every change (EROFS).
+    pub read_only: bool,
+}
+
+struct OpenFile {
+    ino: u64,
+    /// The mount's commit count when this handle last checked its version.
+    seen_commits: AtomicU64,
+    /// The committed version reads go to, with the read state that belongs to it.
+    read: Mutex<(Inode, ReadState)>,
+    /// Open for writing: the inode's shared staged file.
+    staged: Option<SharedStaged>,
+    append: bool,
+}
+
+/// Attribute changes asked for by setattr; `None` leaves a field alone.
+#[derive(Debug, Default, Clone)]
+pub struct SetAttr {
+    pub size: Option<u64>,
+    pub mode: Option<u32>,
+    pub uid: Option<u32>,
+    pub gid: Option<u32>,
+    pub atime_ns: Option<i64>,
+    pub mtime_ns: Option<i64>,
+}
+
+struct DirStream {
+    dir: Inode,
+    entries: Vec<Inode>,
+    complete: bool,
+}
+
+/// One entry of a directory stream. `offset` is what the kernel passes back to continue
+/// after this entry.
+#[derive(Debug, Clone)]
+pub struct DirEntry {
+    pub inode: Inode,
+    pub name: Vec<u8>,
+    pub offset: u64,
+}
+
+pub struct GranaryFs {
+    meta: Arc<dyn MetadataService>,
+    reader: Arc<dyn BlockRead>,
+    store: Arc<dyn ContentStore>,
+    attrs: Cache<u64, Inode>,
+    entries: Cache<(u64, Vec<u8>), u64>,
+    files: RwLock<HashMap<u64, Arc<OpenFile>>>,
+    dirs: RwLock<HashMap<u64, Arc<Mutex<DirStream>>>>,
+    next_handle: AtomicU64,
+    staging: StagingArea,
+    read_only: bool,
+    /// The content version of each inode when it was last opened here: the kernel may
+    /// keep its page cache across opens only while that has not changed.
+    opened_versions: Cache<u64, UfsFingerprint>,
+    /// Content commits made through this mount; an open handle looks for a newer version
+    /// of its file only when this moved.
+    commits: AtomicU64,
+}
+
+fn is_dir(i: &Inode) -> bool {
+    i.kind == FileKind::Directory as i32
+}
+
+fn shown(name: &[u8]) -> String {
+    String::from_utf8_lossy(name).into_owned()
+}
+
+impl GranaryFs {
+    pub fn new(
+        meta: Arc<dyn MetadataService>,
+        reader: Arc<dyn BlockRead>,
+        store: Arc<dyn ContentStore>,
+        opts: FsOptions,
+    ) -> Self {
+        GranaryFs {
+            meta,
+            reader,
+            store,
+            attrs: Cache::builder()
+                .max_capacity(opts.meta_cache_entries)
+                .time_to_live(opts.meta_cache_ttl)
+                .build(),
+            entries: Cache::builder()
+                .max_capacity(opts.meta_cache_entries)
+                .time_to_live(opts.meta_cache_ttl)
+                .build(),
+            files: RwLock::new(HashMap::new()),
+            dirs: RwLock::new(HashMap::new()),
+            next_handle: AtomicU64::new(1),
+            staging: StagingArea::default(),
+            read_only: opts.read_only,
+            opened_versions: Cache::builder()
+                .max_capacity(opts.meta_cache_entries)
+                .build(),
+            commits: AtomicU64::new(0),
+        }
+    }
+
+    /// The inode as this mount sees it: a file being written here has its staged size.
+    fn overlay(&self, mut inode: Inode) -> Inode {
+        if let Some(st) = self.staging.get(inode.id) {
+            let st = st.lock().expect("staged lock");
+            if st.filled {
+                inode.size = st.size;
+            }
+        }
+        inode
+    }
+
+    /// [`Self::overlay`] of the committed inode, read under the staged file's lock: a
+    /// commit that empties the staged file (its content is the UFS object now) holds that
+    /// lock until it has remembered what it committed, so the size seen is never the one
+    /// from before it.
+    fn current(&self, ino: u64) -> FsResult<Inode> {
+        let Some(st) = self.staging.get(ino) else {
+            return self.committed(ino);
+        };
+        let st = st.lock().expect("staged lock");
+        let mut inode = self.committed(ino)?;
+        if st.filled {
+            inode.size = st.size;
+        }
+        Ok(inode)
+    }
+
+    fn writable(&self) -> FsResult<()> {
+        if self.read_only {
+            return Err(FsError::ReadOnly("this Granary mount is read-only".into()));
+        }
+        Ok(())
+    }
+
+    /// A directory's entries changed here: its cached mtime and ctime move to now, as
+    /// the master moved them (by its clock), without asking it again — the kernel
+    /// re-reads a changed directory's attributes after every create or remove.
+    fn dir_changed(&self, dir: u64) {
+        if let Some(mut d) = self.attrs.get(&dir) {
+            let now = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| d.as_nanos() as i64)
+                .unwrap_or(0);
+            d.mtime_ns = now;
+            d.ctime_ns = now;
+            self.attrs.insert(dir, d);
+        }
+    }
+
+    fn forget_entry(&self, parent: u64, name: &[u8]) {
+        self.dir_changed(parent);
+        if let Some(id) = self.entries.get(&(parent, name.to_vec())) {
+            self.attrs.invalidate(&id);
+        }
+        self.entries.invalidate(&(parent, name.to_vec()));
+    }
+
+    fn remember(&self, inode: &Inode) {
+        self.attrs.insert(inode.id, inode.clone());
+        if inode.id != inode.parent {
+            self.entries
+                .insert((inode.parent, inode.name.clone()), inode.id);
+        }
+    }
+
+    /// The inode as the namespace holds it (through the metadata cache).
+    fn committed(&self, ino: u64) -> FsResult<Inode> {
+        if let Some(i) = self.attrs.get(&ino) {
+            return Ok(i);
+        }
+        let inode = self.meta.getattr(ino)?;
+        self.attrs.insert(ino, inode.clone());
+        Ok(inode)
+    }
+
+    fn handle(&self) -> u64 {
+        self.next_handle.fetch_add(1, Ordering::Relaxed)
+    }
+
+    fn add_handle(&self, ino: u64, inode: Inode, staged: Option<SharedStaged>, flags: i32) -> u64 {
+        let fh = self.handle();
+        let file = Arc::new(OpenFile {
+            ino,
+            seen_commits: AtomicU64::new(self.commits.load(Ordering::Acquire)),
+            read: Mutex::new((inode, ReadState::default())),
+            staged,
+            append: flags & libc::O_APPEND != 0,
+        });
+        self.files.write().expect("files lock").insert(fh, file);
+        fh
+    }
+
+    fn open_file(&self, fh: u64) -> FsResult<Arc<OpenFile>> {
+        self.files
+            .read()
+            .expect("files lock")
+            .get(&fh)
+            .cloned()
+            .ok_or_else(|| FsError::InvalidPath(format!("unknown file handle {fh}")))
+    }
+
+    pub fn statfs(&self) -> FsResult<StatFsReply> {
+        self.meta.statfs()
+    }
+}
+
+#[cfg(test)]
+mod tests;
+#[cfg(test)]
+mod write_tests;

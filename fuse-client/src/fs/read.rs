@@ -1,0 +1,108 @@
+//! Opening and reading: the committed version through the block reader, or what this
+//! mount has staged for a file being written here.
+
+use std::sync::atomic::Ordering;
+
+use granary_common::{FsError, FsResult};
+use granary_protos::v1::FileKind;
+
+use super::{shown, GranaryFs};
+use crate::block_reader::ReadState;
+use crate::staging::Staged;
+
+impl GranaryFs {
+    /// Opens a file; returns the handle and whether the kernel may keep the page cache it
+    /// holds for this file (the content has not changed since it was last opened here).
+    pub fn open(&self, ino: u64, flags: i32) -> FsResult<(u64, bool)> {
+        let write = flags & libc::O_ACCMODE != libc::O_RDONLY;
+        if write || flags & libc::O_TRUNC != 0 {
+            self.writable()?;
+        }
+        let inode = self.committed(ino)?;
+        match FileKind::try_from(inode.kind) {
+            Ok(FileKind::File) => {}
+            Ok(FileKind::Directory) => return Err(FsError::IsDir(shown(&inode.name))),
+            _ => return Err(FsError::InvalidPath("not a regular file".into())),
+        }
+        let version = inode.fingerprint.unwrap_or_default();
+        let keep_cache = self.opened_versions.get(&ino) == Some(version);
+        if !keep_cache {
+            self.opened_versions.insert(ino, version);
+        }
+        let staged = if write {
+            let st = self.staging.attach(ino)?;
+            if flags & libc::O_TRUNC != 0 {
+                st.lock().expect("staged lock").empty()?;
+            }
+            Some(st)
+        } else {
+            None
+        };
+        Ok((self.add_handle(ino, inode, staged, flags), keep_cache))
+    }
+
+    pub fn read(&self, fh: u64, offset: u64, size: u32) -> FsResult<Vec<u8>> {
+        let file = self.open_file(fh)?;
+        if let Some(st) = self.staging.get(file.ino) {
+            let st = st.lock().expect("staged lock");
+            if st.filled {
+                return read_staged(&st, offset, size);
+            }
+        }
+        let mut guard = file.read.lock().expect("read state lock");
+        let (inode, state) = &mut *guard;
+        // Content committed on this mount since the handle opened replaces what it reads.
+        let commits = self.commits.load(Ordering::Acquire);
+        if file.seen_commits.swap(commits, Ordering::AcqRel) != commits {
+            if let Some(now) = self.attrs.get(&file.ino) {
+                if now.fingerprint != inode.fingerprint || now.size != inode.size {
+                    *inode = now;
+                    *state = ReadState::default();
+                }
+            }
+        }
+        if offset >= inode.size || size == 0 {
+            return Ok(Vec::new());
+        }
+        match self.reader.read(inode, state, offset, size) {
+            Err(FsError::Stale(why)) => {
+                // Changed in the UFS behind Granary's back: list its directory again and
+                // read the new version (never the cached blocks of the old one).
+                tracing::info!(ino = file.ino, %why, "file changed in the UFS; refreshing its metadata");
+                self.meta.refresh(inode.parent)?;
+                self.attrs.invalidate(&file.ino);
+                *inode = self.committed(file.ino)?;
+                *state = ReadState::default();
+                if offset >= inode.size {
+                    return Ok(Vec::new());
+                }
+                self.reader.read(inode, state, offset, size)
+            }
+            other => other,
+        }
+    }
+
+    /// For an open handle, a local file with the same bytes that the kernel may read
+    /// directly (see [`DataPath::whole_file`]); never for a file being written.
+    pub fn whole_file(&self, fh: u64) -> Option<std::fs::File> {
+        let file = self.files.read().expect("files lock").get(&fh).cloned()?;
+        if self.staging.get(file.ino).is_some() {
+            return None;
+        }
+        let guard = file.read.lock().expect("read state lock");
+        self.reader.whole_file(&guard.0)
+    }
+}
+
+fn read_staged(st: &Staged, offset: u64, size: u32) -> FsResult<Vec<u8>> {
+    if offset >= st.size {
+        return Ok(Vec::new());
+    }
+    let len = (st.size - offset).min(size as u64) as usize;
+    let mut buf = vec![0u8; len];
+    // Nothing backs a staged file never written to: it is all zeros.
+    if let Some(b) = &st.backing {
+        b.read_exact_at(&mut buf, offset)?;
+    }
+    Ok(buf)
+}

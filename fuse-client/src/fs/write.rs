@@ -1,0 +1,257 @@
+//! Writing: creating files, staging what is written, and at a close or fsync storing it
+//! in the UFS (through the content store) and committing the new version through the
+//! leader.
+
+use std::sync::atomic::Ordering;
+
+use granary_common::path::validate_name;
+use granary_common::{FsError, FsResult};
+use granary_protos::v1::{CommitContent, CreateRequest, FileKind, Inode, UfsFingerprint};
+
+use super::{shown, GranaryFs};
+use crate::block_reader::ReadState;
+use crate::content_store::NotStored;
+use crate::staging::{Backing, Staged, SMALL_FILE_MAX};
+
+/// Bytes copied per step when committed content is brought into a staging file.
+const FILL_CHUNK: u32 = 4 << 20;
+
+impl GranaryFs {
+    /// Creates and opens a new regular file.
+    pub fn create(
+        &self,
+        parent: u64,
+        name: &[u8],
+        mode: u32,
+        flags: i32,
+        uid: u32,
+        gid: u32,
+    ) -> FsResult<(Inode, u64)> {
+        self.writable()?;
+        validate_name(name)?;
+        let created = self.meta.create(CreateRequest {
+            parent,
+            name: name.to_vec(),
+            kind: FileKind::File as i32,
+            mode,
+            uid,
+            gid,
+            symlink_target: Vec::new(),
+        });
+        let inode = match created {
+            // Made elsewhere since the kernel looked the name up: open it, as open(2)
+            // without O_EXCL does.
+            Err(FsError::Exists(_)) if flags & libc::O_EXCL == 0 => {
+                let existing = self.meta.lookup(parent, name)?;
+                self.remember(&existing);
+                let (fh, _) = self.open(existing.id, flags)?;
+                return Ok((self.overlay(existing), fh));
+            }
+            other => other?,
+        };
+        self.remember(&inode);
+        self.dir_changed(parent);
+        let st = self.staging.attach(inode.id)?;
+        {
+            // Empty and new: the first close puts an empty object in the UFS.
+            st.lock().expect("staged lock").empty()?;
+        }
+        self.opened_versions
+            .insert(inode.id, inode.fingerprint.unwrap_or_default());
+        let fh = self.add_handle(inode.id, inode.clone(), Some(st), flags);
+        Ok((inode, fh))
+    }
+
+    /// Brings the committed content into a staging file that has not got it yet.
+    fn fill(&self, ino: u64, st: &mut Staged) -> FsResult<()> {
+        if st.filled {
+            return Ok(());
+        }
+        if st.published.is_some() {
+            // The new content is in the UFS already; what is committed is older.
+            self.commit_staged(ino, st, false)?;
+        }
+        let inode = self.committed(ino)?;
+        // Sized for the whole content up front: a big file never starts in memory.
+        self.backing_for(ino, st, inode.size)?;
+        let mut state = ReadState::default();
+        let mut offset = 0;
+        while offset < inode.size {
+            let want = (inode.size - offset).min(FILL_CHUNK as u64) as u32;
+            let data = self.reader.read(&inode, &mut state, offset, want)?;
+            if data.is_empty() {
+                return Err(FsError::Io(format!(
+                    "{}: content ended at {offset} of {} bytes",
+                    shown(&inode.name),
+                    inode.size
+                )));
+            }
+            let end = offset + data.len() as u64;
+            self.backing_for(ino, st, end)?
+                .write_all_at(&data, offset)?;
+            offset = end;
+        }
+        self.backing_for(ino, st, inode.size)?.set_len(inode.size)?;
+        st.size = inode.size;
+        st.filled = true;
+        Ok(())
+    }
+
+    pub fn write(&self, fh: u64, offset: u64, data: &[u8]) -> FsResult<u32> {
+        let file = self.open_file(fh)?;
+        let Some(st) = &file.staged else {
+            return Err(FsError::InvalidPath("handle not open for writing".into()));
+        };
+        let mut st = st.lock().expect("staged lock");
+        self.fill(file.ino, &mut st)?;
+        let at = if file.append { st.size } else { offset };
+        let end = at + data.len() as u64;
+        let backing = self.backing_for(file.ino, &mut st, end)?;
+        backing.write_all_at(data, at)?;
+        backing.written(at, end);
+        st.size = st.size.max(end);
+        st.modified = true;
+        Ok(data.len() as u32)
+    }
+
+    /// Makes what this mount wrote to the file visible, and safe from a crash of any
+    /// process: upload through a worker, then commit the new size and version through
+    /// the leader. `durable` (fsync) also makes it survive a machine crash.
+    fn commit_staged(&self, ino: u64, st: &mut Staged, durable: bool) -> FsResult<()> {
+        if st.unlinked || !(st.modified || durable && st.undurable) {
+            return Ok(());
+        }
+        if let Some(fingerprint) = st.published.take() {
+            if let Err(e) = self.commit_version(ino, st, fingerprint, false) {
+                st.published = Some(fingerprint);
+                return Err(e);
+            }
+            if !durable {
+                return Ok(());
+            }
+        }
+        // Made durable again after a close published it: the content comes back from
+        // what was committed.
+        self.fill(ino, st)?;
+        self.backing_for(ino, st, st.size)?;
+        let inode = self.committed(ino)?;
+        let backing = st.backing.take().expect("made above");
+        let stored = match self.store.store(&inode, backing, st.size, durable) {
+            Ok(stored) => stored,
+            Err(NotStored { error, backing }) => {
+                st.backing = Some(backing);
+                return Err(error);
+            }
+        };
+        // Published by a worker: the staged bytes are the UFS object now, and what is
+        // written next starts from the committed content.
+        let published = stored.kept.is_none();
+        if published {
+            st.filled = false;
+        }
+        st.backing = stored.kept;
+        let committed = self.commit_version(ino, st, stored.fingerprint, durable);
+        if committed.is_err() && published {
+            // In the UFS but not in the namespace: the next try commits it as it is.
+            st.published = Some(stored.fingerprint);
+        }
+        committed
+    }
+
+    /// Records the uploaded `fingerprint` as the file's content through the leader.
+    fn commit_version(
+        &self,
+        ino: u64,
+        st: &mut Staged,
+        fingerprint: UfsFingerprint,
+        durable: bool,
+    ) -> FsResult<()> {
+        let committed = self.meta.commit(CommitContent {
+            id: ino,
+            size: st.size,
+            fingerprint: Some(fingerprint),
+            mtime_ns: 0,
+        })?;
+        self.remember(&committed);
+        self.commits.fetch_add(1, Ordering::AcqRel);
+        self.opened_versions.insert(ino, fingerprint);
+        st.modified = false;
+        st.undurable = !durable;
+        Ok(())
+    }
+
+    /// The staged file's bytes, able to hold `end` bytes, made on first use (see
+    /// [`crate::content_store::ContentStore::backing`]). Memory outgrown moves to a file.
+    fn backing_for<'a>(&self, ino: u64, st: &'a mut Staged, end: u64) -> FsResult<&'a mut Backing> {
+        let outgrown = matches!(st.backing, Some(Backing::Memory { .. })) && end > SMALL_FILE_MAX;
+        if st.backing.is_none() || outgrown {
+            let inode = self.committed(ino)?;
+            let fresh = self.store.backing(&inode, end)?;
+            if let Some(Backing::Memory { data, .. }) = st.backing.replace(fresh) {
+                st.backing
+                    .as_mut()
+                    .expect("just made")
+                    .write_all_at(&data, 0)?;
+            }
+        }
+        Ok(st.backing.as_mut().expect("made above"))
+    }
+
+    /// close(2) of one descriptor: what it wrote becomes visible.
+    pub fn flush(&self, fh: u64) -> FsResult<()> {
+        self.commit_handle(fh, false)
+    }
+
+    /// fsync(2): what was written through the file becomes durable.
+    pub fn fsync(&self, fh: u64) -> FsResult<()> {
+        self.commit_handle(fh, true)
+    }
+
+    fn commit_handle(&self, fh: u64, durable: bool) -> FsResult<()> {
+        let file = self.open_file(fh)?;
+        match &file.staged {
+            Some(st) => self.commit_staged(file.ino, &mut st.lock().expect("staged lock"), durable),
+            None => Ok(()),
+        }
+    }
+
+    pub fn release(&self, fh: u64) {
+        let Some(file) = self.files.write().expect("files lock").remove(&fh) else {
+            return;
+        };
+        if let Some(st) = &file.staged {
+            if let Err(e) =
+                self.commit_staged(file.ino, &mut st.lock().expect("staged lock"), false)
+            {
+                tracing::error!(ino = file.ino, error = %e, "committing a file at its last close failed; its changes are lost");
+            }
+            self.staging.detach(file.ino);
+        }
+    }
+
+    /// truncate(2) / ftruncate(2) to `size`.
+    pub(super) fn truncate(&self, ino: u64, size: u64) -> FsResult<()> {
+        let inode = self.committed(ino)?;
+        if inode.kind == FileKind::Directory as i32 {
+            return Err(FsError::IsDir(shown(&inode.name)));
+        }
+        let st = self.staging.attach(ino)?;
+        let result = (|| -> FsResult<()> {
+            let mut s = st.lock().expect("staged lock");
+            if !s.filled && size == 0 {
+                s.filled = true;
+            }
+            self.fill(ino, &mut s)?;
+            self.backing_for(ino, &mut s, size)?.set_len(size)?;
+            s.size = size;
+            s.modified = true;
+            // Nobody else writes it here: commit now, as truncate(2) is one call.
+            if self.staging.users(ino) == 1 {
+                self.commit_staged(ino, &mut s, false)?;
+            }
+            Ok(())
+        })();
+        self.staging.detach(ino);
+        result
+    }
+}
