@@ -18,7 +18,7 @@ use crate::fuse_adapter::{FuseAdapter, KernelOptions, Passthrough};
 use crate::meta_client::{ClientOptions, GrpcMetadataClient, MetadataService};
 use crate::worker_list::WorkerList;
 
-/// How long a worker list serves before it is listed again.
+/// How long a worker list serves before it is listed again (in the background).
 const WORKER_LIST_TTL: Duration = Duration::from_secs(3);
 
 #[derive(Debug, thiserror::Error)]

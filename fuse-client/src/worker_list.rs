@@ -1,7 +1,10 @@
-//! The live workers as the masters list them, shared by the read and write paths, and
-//! the retry policy of the operations that pick one.
+//! The live workers as the masters list them, shared by the read and write paths. A
+//! caller takes the last known list without waiting on the masters: a stale list is
+//! listed again by a background thread, and no lock is held across that call, so cached
+//! blocks stay readable at full speed while every master is unreachable.
 
-use std::sync::{Arc, Mutex};
+use std::sync::mpsc::{sync_channel, Receiver, SyncSender};
+use std::sync::{Arc, Condvar, Mutex, Weak};
 use std::time::{Duration, Instant};
 
 use granary_common::{FsError, FsResult};
@@ -12,54 +15,132 @@ use crate::meta_client::MetadataService;
 /// Tries of a block read or an upload that fails retryably (a worker restarting, or one
 /// that has not yet learned a mount, which takes up to a heartbeat): about 2.5 s in all.
 const RETRY_ATTEMPTS: u32 = 6;
+/// How long a retry waits for the masters to list the workers again before it goes on
+/// with the list it has.
+const REFRESH_WAIT: Duration = Duration::from_secs(1);
 
 pub struct WorkerList {
-    meta: Arc<dyn MetadataService>,
+    shared: Arc<Shared>,
+    wake: SyncSender<()>,
     hostname: String,
+}
+
+struct Shared {
+    meta: Arc<dyn MetadataService>,
     ttl: Duration,
-    /// When listed, and the list (shared: reads take it per block).
-    workers: Mutex<(Option<Instant>, Arc<Vec<WorkerInfo>>)>,
+    state: Mutex<Listing>,
+    listed: Condvar,
+}
+
+#[derive(Default)]
+struct Listing {
+    /// When the masters last answered, and what (sorted by worker id).
+    at: Option<Instant>,
+    workers: Arc<Vec<WorkerInfo>>,
+    /// Listing attempts finished, and the last one's error.
+    attempts: u64,
+    error: Option<FsError>,
+}
+
+impl Shared {
+    /// Asks the masters once and records the answer; no lock is held across the call.
+    fn list(&self) {
+        let answer = self.meta.workers();
+        let mut st = self.state.lock().expect("worker list lock");
+        match answer {
+            // A master that just joined may not know the workers yet.
+            Ok(list) if list.is_empty() && !st.workers.is_empty() => {
+                tracing::debug!("a master listed no workers; keeping the last list");
+                st.error = None;
+            }
+            Ok(mut list) => {
+                list.sort_by(|a, b| a.worker_id.cmp(&b.worker_id));
+                st.at = Some(Instant::now());
+                st.workers = Arc::new(list);
+                st.error = None;
+            }
+            Err(e) => {
+                tracing::debug!(error = %e, "cannot list the workers; keeping the last list");
+                st.error = Some(e);
+            }
+        }
+        st.attempts += 1;
+        self.listed.notify_all();
+    }
+}
+
+/// Lists the workers whenever woken, until the list is dropped.
+fn refresher(shared: Weak<Shared>, wake: Receiver<()>) {
+    while wake.recv().is_ok() {
+        let Some(shared) = shared.upgrade() else {
+            return;
+        };
+        shared.list();
+    }
 }
 
 impl WorkerList {
-    /// `ttl`: how old a list may get before it is listed again.
+    /// `ttl`: how old a list may get before a caller's use of it starts a new listing.
     pub fn new(meta: Arc<dyn MetadataService>, hostname: String, ttl: Duration) -> Self {
-        WorkerList {
+        let shared = Arc::new(Shared {
             meta,
-            hostname,
             ttl,
-            workers: Mutex::new((None, Arc::default())),
+            state: Mutex::default(),
+            listed: Condvar::new(),
+        });
+        // One wake-up pending is enough: the listing it starts answers every caller.
+        let (wake, rx) = sync_channel(1);
+        let weak = Arc::downgrade(&shared);
+        std::thread::Builder::new()
+            .name("granary-workers".into())
+            .spawn(move || refresher(weak, rx))
+            .expect("spawn the worker list thread");
+        WorkerList {
+            shared,
+            wake,
+            hostname,
         }
     }
 
-    /// The workers to choose from, failing (retryably) when none is known; `refresh`
-    /// (a retry after a failure) lists them again first.
+    /// The workers to choose from, failing (retryably) when none is known. A stale list
+    /// is served as it is while a new one is listed; `refresh` (a retry after a failure)
+    /// waits up to a second for the masters' answer first. Only a mount that knows no
+    /// worker yet waits for the masters in full.
     pub fn live(&self, refresh: bool) -> FsResult<Arc<Vec<WorkerInfo>>> {
-        let mut w = self.workers.lock().expect("workers lock");
-        let fresh = matches!(w.0, Some(t) if t.elapsed() < self.ttl);
-        if refresh || !fresh || w.1.is_empty() {
-            match self.meta.workers() {
-                // A master that just joined may not know the workers yet.
-                Ok(list) if list.is_empty() && !w.1.is_empty() => {
-                    tracing::debug!("a master listed no workers; keeping the last list");
+        let mut st = self.shared.state.lock().expect("worker list lock");
+        let stale = st.at.is_none_or(|t| t.elapsed() >= self.shared.ttl);
+        if refresh || st.workers.is_empty() {
+            let seen = st.attempts;
+            let _ = self.wake.try_send(());
+            let wait = if st.workers.is_empty() {
+                Duration::MAX
+            } else {
+                REFRESH_WAIT
+            };
+            let started = Instant::now();
+            while st.attempts == seen {
+                let left = wait.saturating_sub(started.elapsed());
+                if left.is_zero() {
+                    break;
                 }
-                Ok(mut list) => {
-                    list.sort_by(|a, b| a.worker_id.cmp(&b.worker_id));
-                    *w = (Some(Instant::now()), Arc::new(list));
-                }
-                // Cached blocks stay readable while the masters are unreachable.
-                Err(e) if !w.1.is_empty() => {
-                    tracing::debug!(error = %e, "cannot refresh the worker list; using the last one");
-                }
-                Err(e) => return Err(e),
+                st = self
+                    .shared
+                    .listed
+                    .wait_timeout(st, left)
+                    .expect("worker list lock")
+                    .0;
             }
+        } else if stale {
+            let _ = self.wake.try_send(());
         }
-        if w.1.is_empty() {
-            return Err(FsError::Unavailable(
-                "no live workers registered with the master".into(),
-            ));
+        if st.workers.is_empty() {
+            return Err(match &st.error {
+                Some(e) if !e.is_retryable() => e.clone(),
+                Some(e) => FsError::Unavailable(format!("cannot list the workers: {e}")),
+                None => FsError::Unavailable("no live workers registered with the master".into()),
+            });
         }
-        Ok(w.1.clone())
+        Ok(st.workers.clone())
     }
 
     /// The worker on this machine, if it is in the list.
@@ -106,5 +187,108 @@ pub fn with_retries<T>(
             }
             other => return other,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use granary_protos::v1::{BlockLocationsReply, Inode, StatFsReply};
+    use std::sync::atomic::{AtomicU64, Ordering};
+
+    /// Lists one worker once; every later listing blocks until `release` is dropped, as a
+    /// call to unreachable masters retries for its whole deadline.
+    struct Masters {
+        calls: AtomicU64,
+        release: Mutex<Option<std::sync::mpsc::Receiver<()>>>,
+    }
+
+    impl MetadataService for Masters {
+        fn lookup(&self, _: u64, _: &[u8]) -> FsResult<Inode> {
+            unreachable!()
+        }
+        fn getattr(&self, _: u64) -> FsResult<Inode> {
+            unreachable!()
+        }
+        fn readdir(&self, _: u64, _: &[u8], _: u32) -> FsResult<(Vec<Inode>, bool)> {
+            unreachable!()
+        }
+        fn workers(&self) -> FsResult<Vec<WorkerInfo>> {
+            if self.calls.fetch_add(1, Ordering::SeqCst) == 0 {
+                return Ok(vec![WorkerInfo {
+                    worker_id: "w1".into(),
+                    hostname: "here".into(),
+                    ..Default::default()
+                }]);
+            }
+            let rx = self.release.lock().unwrap().take();
+            if let Some(rx) = rx {
+                let _ = rx.recv();
+            }
+            Err(FsError::Unavailable("no master answers".into()))
+        }
+        fn block_locations(&self, _: u64) -> FsResult<BlockLocationsReply> {
+            unreachable!()
+        }
+        fn statfs(&self) -> FsResult<StatFsReply> {
+            unreachable!()
+        }
+    }
+
+    #[test]
+    fn a_stale_list_is_served_while_the_masters_do_not_answer() {
+        let (release, blocked) = std::sync::mpsc::channel();
+        let masters = Arc::new(Masters {
+            calls: AtomicU64::new(0),
+            release: Mutex::new(Some(blocked)),
+        });
+        let list = Arc::new(WorkerList::new(
+            masters.clone(),
+            "here".into(),
+            Duration::from_millis(1),
+        ));
+        assert_eq!(list.live(false).unwrap().len(), 1);
+        std::thread::sleep(Duration::from_millis(5));
+
+        // The list is stale and the masters hang: every use still gets the last list,
+        // from several threads at once.
+        let (done, finished) = std::sync::mpsc::channel();
+        for _ in 0..4 {
+            let (list, done) = (list.clone(), done.clone());
+            std::thread::spawn(move || {
+                let mut served = 0;
+                for _ in 0..1000 {
+                    let workers = list.live(false).unwrap();
+                    served += usize::from(list.local(&workers).is_some());
+                }
+                done.send(served).unwrap();
+            });
+        }
+        for _ in 0..4 {
+            let served = finished
+                .recv_timeout(Duration::from_secs(30))
+                .expect("uses of the list waited for the masters");
+            assert_eq!(served, 1000);
+        }
+        assert_eq!(
+            masters.calls.load(Ordering::SeqCst),
+            2,
+            "one listing in the background, not one per use"
+        );
+        // A retry waits for the masters a bounded time, then goes on with what it has.
+        assert_eq!(list.live(true).unwrap().len(), 1);
+        drop(release);
+    }
+
+    #[test]
+    fn a_mount_that_knows_no_worker_reports_why() {
+        let masters = Arc::new(Masters {
+            calls: AtomicU64::new(1),
+            release: Mutex::new(None),
+        });
+        let list = WorkerList::new(masters, "here".into(), Duration::from_secs(3));
+        let err = list.live(false).unwrap_err();
+        assert!(err.is_retryable(), "{err}");
+        assert!(err.to_string().contains("no master answers"), "{err}");
     }
 }

@@ -152,6 +152,48 @@ fn all_masters_killed_and_restarted_keep_every_acknowledged_write() {
 }
 
 #[test]
+fn cached_files_stay_readable_while_every_master_is_down() {
+    let ufs = ufs_with_files(20);
+    let mut c = group(ufs.path(), 1);
+    // No kernel page cache across opens: every read below reaches the mount, which must
+    // find its worker while the masters it would ask are gone. Their calls would retry
+    // for ten minutes.
+    let m = c
+        .mount("mnt", "keep_cache = false\nretry_deadline_ms = 600000")
+        .unwrap();
+    let expected = |i: usize| vec![i as u8; 1000 + i];
+    for i in 0..20 {
+        assert_eq!(
+            std::fs::read(m.path.join(format!("data/f{i:03}"))).unwrap(),
+            expected(i)
+        );
+    }
+    c.kill_master(1);
+    // Past the worker list's lifetime (3 s): the next reads find it stale.
+    std::thread::sleep(Duration::from_secs(4));
+    let (done, finished) = std::sync::mpsc::channel();
+    for t in 0..4 {
+        let (path, done) = (m.path.clone(), done.clone());
+        std::thread::spawn(move || {
+            let mut good = 0;
+            for n in 0..100 {
+                let i = (t * 7 + n) % 20;
+                if std::fs::read(path.join(format!("data/f{i:03}"))).ok() == Some(expected(i)) {
+                    good += 1;
+                }
+            }
+            let _ = done.send(good);
+        });
+    }
+    for _ in 0..4 {
+        let good = finished
+            .recv_timeout(Duration::from_secs(120))
+            .expect("reads of cached files waited on the dead masters");
+        assert_eq!(good, 100, "every read of a cached file succeeds");
+    }
+}
+
+#[test]
 fn an_isolated_leader_is_replaced_and_steps_down_when_it_returns() {
     let ufs = ufs_with_files(1);
     let c = group(ufs.path(), 3);
