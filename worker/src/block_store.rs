@@ -239,8 +239,26 @@ impl BlockStore {
             .join(block_name(id, e.fingerprint, e.len, e.crc))
     }
 
+    /// The cached block if it is present, read from the same UFS version and verified,
+    /// from memory alone (no disk I/O: safe on an async thread); otherwise
+    /// [`BlockStore::lookup`] decides.
+    pub fn cached(&self, id: BlockId, fingerprint: Fingerprint) -> Option<CachedBlock> {
+        let mut idx = self.index.lock().expect("index lock");
+        let entry = idx.entries.get(&id)?;
+        if entry.fingerprint != fingerprint || !entry.verified {
+            return None;
+        }
+        let block = CachedBlock {
+            path: self.block_path(id, entry),
+            len: entry.len,
+        };
+        idx.touch(id);
+        Some(block)
+    }
+
     /// The cached block if present and read from the same UFS version; a block cached
     /// from another version is dropped. Verifies the checksum on first use after a scan.
+    /// Blocking: it may read the whole block or delete files.
     pub fn lookup(&self, id: BlockId, fingerprint: Fingerprint) -> Option<CachedBlock> {
         let (path, expected_crc) = {
             let mut idx = self.index.lock().expect("index lock");

@@ -68,9 +68,12 @@ impl BlockFetcher {
         &self.mounts
     }
 
-    /// The cached block, fetching it from the UFS first if needed.
+    /// The cached block, fetching it from the UFS first if needed. Only a hit on a
+    /// verified block is answered on the async thread; checking a block cached before a
+    /// restart (which reads it whole), deleting a stale version and fetching all run on
+    /// the blocking pool.
     pub async fn get(&self, id: BlockId, src: &BlockSource) -> FsResult<CachedBlock> {
-        if let Some(b) = self.store.lookup(id, src.fingerprint) {
+        if let Some(b) = self.store.cached(id, src.fingerprint) {
             metrics::counter!("granary_worker_cache_hits_total").increment(1);
             return Ok(b);
         }
@@ -83,17 +86,19 @@ impl BlockFetcher {
             .clone();
         let result = async {
             let _turn = gate.lock().await;
-            if let Some(b) = self.store.lookup(id, src.fingerprint) {
-                metrics::counter!("granary_worker_cache_hits_total").increment(1);
-                return Ok(b);
-            }
-            metrics::counter!("granary_worker_cache_misses_total").increment(1);
             let store = self.store.clone();
-            let ufs = self.mounts.get(src.mount_id)?;
+            let mounts = self.mounts.clone();
             let src = src.clone();
-            tokio::task::spawn_blocking(move || fetch(&store, &*ufs, id, &src))
-                .await
-                .map_err(|e| FsError::Io(format!("fetch task: {e}")))?
+            tokio::task::spawn_blocking(move || {
+                if let Some(b) = store.lookup(id, src.fingerprint) {
+                    metrics::counter!("granary_worker_cache_hits_total").increment(1);
+                    return Ok(b);
+                }
+                metrics::counter!("granary_worker_cache_misses_total").increment(1);
+                fetch(&store, &*mounts.get(src.mount_id)?, id, &src)
+            })
+            .await
+            .map_err(|e| FsError::Io(format!("fetch task: {e}")))?
         }
         .await;
         self.inflight.lock().expect("inflight lock").remove(&id);
@@ -145,4 +150,72 @@ fn fetch(
         let _ = std::fs::remove_file(&tmp);
     }
     result
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::ffi::CString;
+    use std::os::unix::ffi::OsStrExt;
+    use std::time::Duration;
+
+    /// A block cached before a restart is checked by reading it whole. Here its file is a
+    /// FIFO, so the check blocks until a writer comes: the writer is a task on the same
+    /// single-threaded runtime, which runs only if the check is off the async thread.
+    #[test]
+    fn checking_a_cached_block_leaves_the_async_thread_free() {
+        let dir = tempfile::tempdir().unwrap();
+        let fp = Fingerprint {
+            size: 0,
+            mtime_ns: 1,
+        };
+        let fifo = {
+            let (store, _) = BlockStore::open(dir.path(), 1 << 20, 0.9, 0.8).unwrap();
+            let tmp = store.temp_path();
+            std::fs::write(&tmp, b"").unwrap();
+            let block = store.commit((7, 0), fp, &tmp, 0, 0).unwrap();
+            std::fs::remove_file(&block.path).unwrap();
+            let path = CString::new(block.path.as_os_str().as_bytes()).unwrap();
+            // SAFETY: a plain syscall on a valid C string.
+            assert_eq!(unsafe { libc::mkfifo(path.as_ptr(), 0o600) }, 0);
+            block.path
+        };
+        let (store, _) = BlockStore::open(dir.path(), 1 << 20, 0.9, 0.8).unwrap();
+        let fetcher = Arc::new(BlockFetcher::new(
+            Arc::new(store),
+            Arc::new(MountRegistry::default()),
+        ));
+        let src = BlockSource {
+            mount_id: 1,
+            ufs_path: b"f".to_vec(),
+            fingerprint: fp,
+            block_size: 1 << 20,
+        };
+        let (done, finished) = std::sync::mpsc::channel();
+        let (writer_path, runtime_fifo) = (fifo.clone(), fifo.clone());
+        std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .build()
+                .unwrap();
+            let got = rt.block_on(async move {
+                let check = tokio::spawn(async move { fetcher.get((7, 0), &src).await });
+                // Opening the FIFO for writing ends the check's read (with EOF).
+                let writer = tokio::spawn(async move {
+                    tokio::task::yield_now().await;
+                    drop(std::fs::OpenOptions::new().write(true).open(&writer_path));
+                });
+                writer.await.unwrap();
+                check.await.unwrap()
+            });
+            let _ = done.send(got.map(|b| b.path == runtime_fifo));
+        });
+        match finished.recv_timeout(Duration::from_secs(20)) {
+            Ok(got) => assert!(got.unwrap(), "the checked block is served"),
+            Err(_) => {
+                // Unblock the stuck runtime thread before failing.
+                drop(std::fs::OpenOptions::new().write(true).open(&fifo));
+                panic!("the block check blocked the async thread");
+            }
+        }
+    }
 }
