@@ -180,7 +180,7 @@ pub async fn start(mut config: MasterConfig) -> Result<RunningMaster, MasterErro
         store.clone(),
         log_store,
         Box::new(transport),
-        inbox,
+        (mailbox.clone(), inbox),
         status.clone(),
         applied_tx,
     )

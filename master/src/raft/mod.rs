@@ -2,6 +2,7 @@
 //! loop ([`node`]), with the log in redb ([`log_store`]) and messages over gRPC
 //! ([`transport`]). [`RaftLog`] is the `CommandLog` the rest of the master proposes to.
 
+mod apply;
 pub mod log_store;
 pub mod node;
 pub mod transport;
@@ -41,6 +42,13 @@ pub enum Mail {
     /// A linearizable read point: answered with the commit index confirmed by the leader
     /// (raft-rs ReadIndex). Concurrent requests share one round.
     ReadIndex(oneshot::Sender<FsResult<u64>>),
+    /// The apply thread's progress: applied, and applied and synced to disk.
+    Applied {
+        applied: u64,
+        synced: u64,
+    },
+    /// The apply thread stopped on a storage failure; this member stops too.
+    ApplyFailed(String),
     /// Ends the Ready loop (the master is stopping).
     Shutdown,
 }

@@ -1,11 +1,11 @@
 //! The Ready loop: one thread owns the `RawNode`, takes mail (proposals, peer messages,
-//! membership changes), ticks, and handles each Ready in the order raft-rs requires:
-//! send the leader's messages, install a snapshot, apply committed entries, persist new
-//! entries and the HardState in one transaction, and only then send the messages that
-//! depend on them.
+//! membership changes, the apply thread's progress), ticks, and handles each Ready in the
+//! order raft-rs requires: send the leader's messages, install a snapshot, hand committed
+//! entries to the apply thread ([`super::apply`]), persist new entries and the HardState
+//! in one transaction, and only then send the messages that depend on them.
 
 use std::collections::{HashMap, VecDeque};
-use std::sync::mpsc::{Receiver, RecvTimeoutError};
+use std::sync::mpsc::{Receiver, RecvTimeoutError, Sender};
 use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
 
@@ -20,10 +20,11 @@ use raft::eraftpb::{
 use raft::{RawNode, SnapshotStatus, StateRole, CAMPAIGN_TRANSFER};
 use tokio::sync::oneshot;
 
+use super::apply::{Applier, Committed, Waiter};
 use super::log_store::RaftLogStore;
 use super::transport::PeerNetwork;
 use super::{Mail, MemberChange, RaftStatus};
-use crate::state_machine::{self, EntryOp, LogEntry};
+use crate::state_machine::{EntryOp, LogEntry};
 use crate::store::{NamespaceStore, StoreError};
 
 #[derive(Debug, Clone)]
@@ -78,8 +79,9 @@ pub struct RaftNode {
     /// cannot know whether it had just heard from a leader whose lease it would break).
     started: Instant,
     applied_tx: tokio::sync::watch::Sender<u64>,
-    /// When the namespace store was last synced.
-    synced_at: Instant,
+    applier: Applier,
+    /// Applied and synced to disk: the log may be compacted up to here.
+    synced: u64,
 }
 
 /// Batches ReadIndex requests: everyone waiting when a round starts shares its answer.
@@ -135,9 +137,6 @@ enum ReadWaiter {
     Remote { from: u64, ctx: bytes::Bytes },
 }
 
-/// Longest time applied state stays unsynced on disk.
-const NAMESPACE_SYNC_INTERVAL: Duration = Duration::from_secs(1);
-
 /// ReadIndex rounds one member keeps in flight.
 const MAX_READ_ROUNDS: usize = 4;
 
@@ -162,10 +161,11 @@ impl RaftNode {
         namespace: Arc<NamespaceStore>,
         log_store: RaftLogStore,
         transport: Box<dyn PeerNetwork>,
-        mailbox: Receiver<Mail>,
+        (reports, mailbox): (Sender<Mail>, Receiver<Mail>),
         status: Arc<RwLock<RaftStatus>>,
         applied_tx: tokio::sync::watch::Sender<u64>,
     ) -> Result<Self, FsError> {
+        // `reports` is the mailbox's own sender: the apply thread reports there.
         let (applied, _) = namespace.applied().map_err(storage_error)?;
         let raft_cfg = raft::Config {
             id: cfg.id,
@@ -183,6 +183,8 @@ impl RaftNode {
             .map_err(|e| FsError::InvalidPath(format!("raft config: {e}")))?;
         let raw = RawNode::new(&raft_cfg, log_store, &slog_logger())
             .map_err(|e| FsError::Io(format!("raft: {e}")))?;
+        let applier = Applier::start(namespace.clone(), applied_tx.clone(), reports)
+            .map_err(|e| FsError::Io(format!("apply thread: {e}")))?;
         let mut node = RaftNode {
             book: cfg.initial_members.iter().cloned().collect(),
             cfg,
@@ -202,7 +204,8 @@ impl RaftNode {
             lease_floor: None,
             started: Instant::now(),
             applied_tx,
-            synced_at: Instant::now(),
+            applier,
+            synced: applied,
         };
         node.load_masters()?;
         // A single-member group need not wait out an election timeout.
@@ -233,16 +236,18 @@ impl RaftNode {
         loop {
             let wait = self.cfg.tick.saturating_sub(last_tick.elapsed());
             match self.mailbox.recv_timeout(wait) {
-                Ok(Mail::Shutdown) => return self.namespace.sync().map_err(storage_error),
+                Ok(Mail::Shutdown) => return self.applier.stop().map_err(storage_error),
+                Ok(Mail::ApplyFailed(why)) => return Err(FsError::Io(format!("apply: {why}"))),
                 Ok(mail) => self.handle(mail),
                 Err(RecvTimeoutError::Timeout) => {}
                 Err(RecvTimeoutError::Disconnected) => return Ok(()),
             }
             while let Ok(mail) = self.mailbox.try_recv() {
-                if matches!(mail, Mail::Shutdown) {
-                    return self.namespace.sync().map_err(storage_error);
+                match mail {
+                    Mail::Shutdown => return self.applier.stop().map_err(storage_error),
+                    Mail::ApplyFailed(why) => return Err(FsError::Io(format!("apply: {why}"))),
+                    mail => self.handle(mail),
                 }
-                self.handle(mail);
             }
             if last_tick.elapsed() >= self.cfg.tick {
                 self.raw.tick();
@@ -370,6 +375,14 @@ impl RaftNode {
                 self.publish();
             }
             Mail::Unreachable(id) => self.raw.report_unreachable(id),
+            Mail::Applied { applied, synced } => {
+                // A report from before a snapshot was installed may come late.
+                if applied > self.raw.raft.raft_log.applied {
+                    self.raw.advance_apply_to(applied);
+                }
+                self.synced = self.synced.max(synced);
+            }
+            Mail::ApplyFailed(_) => {}
             Mail::ReadIndex(done) => self.reads.queued.push(ReadWaiter::Local(done)),
             Mail::Shutdown => {}
             Mail::SnapshotSent(id, ok) => {
@@ -466,21 +479,32 @@ impl RaftNode {
                 term = snap.get_metadata().term,
                 "installing snapshot from the leader"
             );
+            // What was handed over before applies first; the snapshot replaces it.
+            self.applier.drain()?;
             self.raw.store().apply_snapshot(&snap)?;
             self.load_masters()
                 .map_err(|e| StoreError::Corrupt(e.to_string()))?;
         }
-        self.apply(rd.take_committed_entries())?;
+        let snapshot_index = rd.snapshot().get_metadata().index;
+        self.hand_over(rd.take_committed_entries());
         self.raw.store().append(rd.entries(), rd.hs())?;
         self.send(rd.take_persisted_messages());
-        let mut light = self.raw.advance(rd);
+        let mut light = self.raw.advance_append(rd);
+        if snapshot_index > self.raw.raft.raft_log.applied {
+            // Installed above, durably: applied as a whole.
+            self.raw.advance_apply_to(snapshot_index);
+            self.synced = self.synced.max(snapshot_index);
+            self.applied_tx.send_if_modified(|v| {
+                let newer = snapshot_index > *v;
+                *v = (*v).max(snapshot_index);
+                newer
+            });
+        }
         if let Some(commit) = light.commit_index() {
             self.raw.store().set_commit(commit);
         }
         self.send(light.take_messages());
-        self.apply(light.take_committed_entries())?;
-        self.raw.advance_apply();
-        self.applied_tx.send_replace(self.raw.raft.raft_log.applied);
+        self.hand_over(light.take_committed_entries());
         self.maybe_compact()?;
         Ok(())
     }
@@ -590,14 +614,17 @@ impl RaftNode {
         self.was_leader = leader;
     }
 
-    fn apply(&mut self, entries: Vec<Entry>) -> Result<(), StoreError> {
+    /// Hands committed entries to the apply thread, with this member's proposers waiting
+    /// on them. A membership change is applied to raft-rs here, in log order: the apply
+    /// thread only records the configuration it produced.
+    fn hand_over(&mut self, entries: Vec<Entry>) {
         if entries.is_empty() {
-            return Ok(());
+            return;
         }
         let mut batch = Vec::with_capacity(entries.len());
-        let mut waiters = Vec::with_capacity(entries.len());
-        let mut conf_errors: HashMap<u64, FsError> = HashMap::new();
-        for e in &entries {
+        let mut waiters = Vec::new();
+        for (position, e) in entries.iter().enumerate() {
+            let mut answer = None;
             let op = match e.get_entry_type() {
                 EntryType::EntryNormal if e.data.is_empty() => EntryOp::Noop,
                 EntryType::EntryNormal => match Command::decode(e.get_data()) {
@@ -611,7 +638,7 @@ impl RaftNode {
                     match self.apply_conf_change(e) {
                         Ok(op) => op,
                         Err(err) => {
-                            conf_errors.insert(e.index, err);
+                            answer = Some(err);
                             EntryOp::Noop
                         }
                     }
@@ -622,25 +649,22 @@ impl RaftNode {
                 term: e.term,
                 op,
             });
-            waiters.push(self.own_proposal(e.get_context()));
-        }
-        let results = state_machine::apply_batch(&self.namespace, &batch)?;
-        // Published before any proposer hears back, so a read index taken after an
-        // acknowledged write always covers it.
-        if let Some(last) = batch.last() {
-            self.applied_tx.send_replace(last.index);
-        }
-        for ((e, seq), result) in entries.iter().zip(waiters).zip(results) {
-            let Some(seq) = seq else { continue };
-            if let Some(done) = self.pending.remove(&seq) {
-                let r = match conf_errors.remove(&e.index) {
-                    Some(err) => Err(err),
-                    None => result,
-                };
-                let _ = done.send(r);
+            // Committed: it will be applied, whatever happens to leadership meanwhile.
+            let proposer = self
+                .own_proposal(e.get_context())
+                .and_then(|seq| self.pending.remove(&seq));
+            if let Some(done) = proposer {
+                waiters.push(Waiter {
+                    position,
+                    done,
+                    answer,
+                });
             }
         }
-        Ok(())
+        self.applier.apply(Committed {
+            entries: batch,
+            waiters,
+        });
     }
 
     /// The sequence number if `ctx` marks a proposal made by this member.
@@ -710,20 +734,13 @@ impl RaftNode {
     }
 
     fn maybe_compact(&mut self) -> Result<(), StoreError> {
-        // Applied batches are not synced one by one (the log replays them); bound how
-        // much a machine crash makes the namespace replay.
-        if self.synced_at.elapsed() >= NAMESPACE_SYNC_INTERVAL {
-            self.namespace.sync()?;
-            self.synced_at = Instant::now();
-        }
         let applied = self.raw.raft.raft_log.applied;
         let first = self.raw.store().first_index_now();
         if applied >= first + self.cfg.snapshot_threshold {
-            let upto = applied.saturating_sub(COMPACT_KEEP);
+            // Entries leave the log only once their effect is durable (the apply thread
+            // syncs at most a second behind).
+            let upto = applied.saturating_sub(COMPACT_KEEP).min(self.synced);
             if upto >= first {
-                // Entries leave the log only once their effect is durable.
-                self.namespace.sync()?;
-                self.synced_at = Instant::now();
                 self.raw.store().compact(upto)?;
                 tracing::debug!(upto, "raft log compacted");
             }

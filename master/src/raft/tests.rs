@@ -108,7 +108,7 @@ impl Group {
                     from: id,
                     net: net.clone(),
                 }),
-                rx,
+                (tx.clone(), rx),
                 status.clone(),
                 applied_tx,
             )
