@@ -474,7 +474,7 @@ fn rename_entry(t: &mut Tables<'_>, r: &RenameEntry) -> Result<FsResult<()>, Sto
     moving.ufs_path = join(&to_dir.ufs_path, &r.new_name);
     moving.ctime_ns = r.now_ns;
     t.put(&moving)?;
-    if moving_dir {
+    if moving_dir && !t.dry_run {
         move_subtree_paths(t, &moving)?;
     }
     let same_dir = from_dir.id == to_dir.id;

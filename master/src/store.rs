@@ -90,6 +90,9 @@ pub(crate) struct Tables<'t> {
     pub children: Table<'t, &'static [u8], u64>,
     pub meta: Table<'t, &'static str, &'static [u8]>,
     pub shard: u16,
+    /// The transaction will be dropped: work that cannot change the answer (rewriting
+    /// descendants' paths) may be skipped.
+    pub dry_run: bool,
 }
 
 impl Tables<'_> {
@@ -199,6 +202,7 @@ impl NamespaceStore {
                 children: redb_err!(txn.open_table(CHILDREN))?,
                 meta: redb_err!(txn.open_table(META))?,
                 shard: self.shard,
+                dry_run: commit == Commit::Never,
             };
             f(&mut tables)?
         };
