@@ -7,7 +7,6 @@ use std::collections::hash_map::Entry;
 use std::collections::{HashMap, HashSet};
 use std::fs::File;
 use std::os::unix::fs::FileExt;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc::{sync_channel, SyncSender};
 use std::sync::{Arc, Mutex};
 
@@ -17,6 +16,7 @@ use granary_protos::data::ReadBlockRequest;
 use granary_protos::v1::{Inode, WorkerInfo};
 
 use crate::data_client::DataClient;
+use crate::memory::{MemoryLimiter, Reservation};
 use crate::meta_client::MetadataService;
 use crate::worker_list::{data_addr, hashed, with_retries, WorkerList};
 
@@ -51,25 +51,17 @@ pub struct ReadState {
     locations: Option<HashMap<u32, Vec<String>>>,
 }
 
-/// Readahead bytes held for one handle; gives its memory budget back when dropped.
+/// Readahead bytes held for one handle, with the memory they hold.
 struct Buffered {
     index: u32,
     offset: u64,
     data: Vec<u8>,
-    budget: Arc<AtomicU64>,
-}
-
-impl Drop for Buffered {
-    fn drop(&mut self) {
-        self.budget
-            .fetch_sub(self.data.len() as u64, Ordering::Relaxed);
-    }
+    _memory: Reservation,
 }
 
 pub struct ReadOptions {
     pub short_circuit: bool,
     pub readahead_max: u64,
-    pub readahead_memory: u64,
 }
 
 /// The read path through workers: short-circuit reads of a co-located worker's cache
@@ -79,7 +71,7 @@ pub struct BlockReader {
     workers: Arc<WorkerList>,
     data: Arc<DataClient>,
     opts: ReadOptions,
-    buffered: Arc<AtomicU64>,
+    memory: Arc<MemoryLimiter>,
     warm_tx: SyncSender<(String, ReadBlockRequest)>,
 }
 
@@ -111,6 +103,7 @@ impl BlockReader {
         meta: Arc<dyn MetadataService>,
         workers: Arc<WorkerList>,
         data: Arc<DataClient>,
+        memory: Arc<MemoryLimiter>,
         opts: ReadOptions,
     ) -> Self {
         // Warm-ups are best effort: a small pool, and a full queue drops new ones.
@@ -135,7 +128,7 @@ impl BlockReader {
             workers,
             data,
             opts,
-            buffered: Arc::new(AtomicU64::new(0)),
+            memory,
             warm_tx,
         }
     }
@@ -282,25 +275,18 @@ impl BlockReader {
             .max(span.len)
             .min(blen - span.offset)
             .min(MAX_REQUEST);
-        let reserved = self.reserve(want, span.len);
-        let data = match self.request(
+        let mut memory = self.memory.reserve(want, span.len);
+        let (_, data) = self.request(
             worker,
-            request_for(file, index, span.offset, reserved, false),
-        ) {
-            Ok((_, data)) => data,
-            Err(e) => {
-                self.buffered.fetch_sub(reserved, Ordering::Relaxed);
-                return Err(e);
-            }
-        };
+            request_for(file, index, span.offset, memory.bytes(), false),
+        )?;
         // The data client never accepts more than was asked for.
-        self.buffered
-            .fetch_sub(reserved - data.len() as u64, Ordering::Relaxed);
+        memory.shrink_to(data.len() as u64);
         let buffered = Buffered {
             index,
             offset: span.offset,
             data,
-            budget: self.buffered.clone(),
+            _memory: memory,
         };
         if (buffered.data.len() as u64) < span.len {
             return Err(FsError::Stale(format!(
@@ -313,16 +299,6 @@ impl BlockReader {
         metrics::counter!("granary_client_remote_bytes_total").increment(span.len);
         state.buffer = Some(buffered);
         Ok(())
-    }
-
-    /// Reserves readahead memory for `want` bytes, or just `need` once the budget is spent.
-    fn reserve(&self, want: u64, need: u64) -> u64 {
-        let before = self.buffered.fetch_add(want, Ordering::Relaxed);
-        if want > need && before + want > self.opts.readahead_memory {
-            self.buffered.fetch_sub(want - need, Ordering::Relaxed);
-            return need;
-        }
-        want
     }
 
     /// Asks the worker that will serve the next block to cache it now.

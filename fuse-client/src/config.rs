@@ -36,8 +36,10 @@ pub struct MountConfig {
     pub passthrough: bool,
     /// Largest adaptive readahead window for reads over TCP.
     pub readahead_max: ByteSize,
-    /// Memory all readahead buffers together may use.
-    pub readahead_memory: ByteSize,
+    /// Memory readahead buffers and small files being written may use together; past it,
+    /// reads fetch only what they are asked for and writes stage in files.
+    #[serde(alias = "readahead_memory")]
+    pub buffer_memory: ByteSize,
     /// Threads serving FUSE requests.
     pub fuse_threads: usize,
     /// One metadata RPC attempt's timeout.
@@ -72,7 +74,7 @@ impl Default for MountConfig {
             short_circuit: true,
             passthrough: false,
             readahead_max: ByteSize(16 << 20),
-            readahead_memory: ByteSize(1 << 30),
+            buffer_memory: ByteSize(1 << 30),
             fuse_threads: 16,
             rpc_timeout_ms: 5_000,
             retry_deadline_ms: 20_000,
@@ -119,5 +121,19 @@ impl MountConfig {
             ));
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use granary_common::config::parse_toml;
+
+    #[test]
+    fn buffer_memory_takes_its_old_name_too() {
+        let cfg: MountConfig = parse_toml("readahead_memory = \"64MiB\"", "test").unwrap();
+        assert_eq!(cfg.buffer_memory.0, 64 << 20);
+        let cfg: MountConfig = parse_toml("buffer_memory = \"2GiB\"", "test").unwrap();
+        assert_eq!(cfg.buffer_memory.0, 2 << 30);
     }
 }

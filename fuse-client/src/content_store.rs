@@ -14,6 +14,7 @@ use granary_protos::v1::{Inode, UfsFingerprint};
 
 use crate::data_client::DataClient;
 use crate::local_upload::{LocalUpload, UploadConnections};
+use crate::memory::MemoryLimiter;
 use crate::staging::{Backing, SMALL_FILE_MAX};
 use crate::worker_list::{data_addr, hashed, with_retries, WorkerList};
 
@@ -55,6 +56,7 @@ pub struct WorkerContentStore {
     cluster_token: String,
     /// Where anonymous staging files are made.
     staging_dir: PathBuf,
+    memory: Arc<MemoryLimiter>,
 }
 
 impl WorkerContentStore {
@@ -63,6 +65,7 @@ impl WorkerContentStore {
         data: Arc<DataClient>,
         cluster_token: String,
         staging_dir: PathBuf,
+        memory: Arc<MemoryLimiter>,
     ) -> FsResult<Self> {
         std::fs::create_dir_all(&staging_dir).map_err(|e| {
             FsError::Io(format!("staging directory {}: {e}", staging_dir.display()))
@@ -73,6 +76,7 @@ impl WorkerContentStore {
             uploads: Arc::default(),
             cluster_token,
             staging_dir,
+            memory,
         })
     }
 
@@ -146,15 +150,19 @@ impl WorkerContentStore {
 }
 
 impl ContentStore for WorkerContentStore {
-    /// Memory for a small file where the worker on this machine takes files whole, else
-    /// the temp file of a local upload, else an anonymous file here.
+    /// Memory for a small file where the worker on this machine takes files whole (and
+    /// the mount's buffer memory allows), else the temp file of a local upload, else an
+    /// anonymous file here.
     fn backing(&self, file: &Inode, end: u64) -> FsResult<Backing> {
         let socket = self.workers.local_upload_socket();
         if let Some(socket) = socket.clone().filter(|_| end <= SMALL_FILE_MAX) {
-            return Ok(Backing::Memory {
-                socket,
-                data: Vec::new(),
-            });
+            if let Some(memory) = self.memory.try_reserve(end) {
+                return Ok(Backing::Memory {
+                    socket,
+                    data: Vec::new(),
+                    memory,
+                });
+            }
         }
         if let Some(socket) = socket {
             match LocalUpload::open(&self.uploads, &socket, &self.cluster_token, file) {
@@ -173,7 +181,11 @@ impl ContentStore for WorkerContentStore {
         durable: bool,
     ) -> Result<Stored, NotStored> {
         match backing {
-            Backing::Memory { socket, data } => {
+            Backing::Memory {
+                socket,
+                data,
+                memory,
+            } => {
                 match LocalUpload::put(
                     &self.uploads,
                     &socket,
@@ -196,13 +208,21 @@ impl ContentStore for WorkerContentStore {
                             Ok(own) => self.upload_own(file, own, size, durable),
                             Err(error) => Err(NotStored {
                                 error,
-                                backing: Backing::Memory { socket, data },
+                                backing: Backing::Memory {
+                                    socket,
+                                    data,
+                                    memory,
+                                },
                             }),
                         }
                     }
                     Err(error) => Err(NotStored {
                         error,
-                        backing: Backing::Memory { socket, data },
+                        backing: Backing::Memory {
+                            socket,
+                            data,
+                            memory,
+                        },
                     }),
                 }
             }

@@ -15,6 +15,7 @@ use crate::content_store::WorkerContentStore;
 use crate::data_client::DataClient;
 use crate::fs::{FsOptions, GranaryFs};
 use crate::fuse_adapter::{FuseAdapter, KernelOptions, Passthrough};
+use crate::memory::MemoryLimiter;
 use crate::meta_client::{ClientOptions, GrpcMetadataClient, MetadataService};
 use crate::worker_list::WorkerList;
 
@@ -160,14 +161,15 @@ pub fn build_fs_over(
         Duration::from_secs(120),
         &cfg.cluster_token,
     ));
+    let memory = MemoryLimiter::new(cfg.buffer_memory.0);
     let reader = BlockReader::new(
         meta.clone(),
         workers.clone(),
         data.clone(),
+        memory.clone(),
         ReadOptions {
             short_circuit: cfg.short_circuit,
             readahead_max: cfg.readahead_max.0,
-            readahead_memory: cfg.readahead_memory.0,
         },
     );
     let store = WorkerContentStore::new(
@@ -175,6 +177,7 @@ pub fn build_fs_over(
         data,
         cfg.cluster_token.clone(),
         cfg.staging_dir.clone(),
+        memory,
     )
     .map_err(|error| MountError::Staging {
         path: cfg.staging_dir.clone(),

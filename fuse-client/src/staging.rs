@@ -16,6 +16,7 @@ use granary_common::FsResult;
 use granary_protos::v1::UfsFingerprint;
 
 use crate::local_upload::LocalUpload;
+use crate::memory::Reservation;
 
 /// Written ranges of a local upload handed to the disk early, as a file grows past each
 /// multiple of this.
@@ -32,11 +33,25 @@ pub enum Backing {
     /// The temp file of a local upload, published by the worker at commit.
     Worker(LocalUpload),
     /// A small file's bytes, sent whole at commit to the worker listening on `socket`
-    /// (one exchange instead of opening a local upload and completing it).
-    Memory { socket: String, data: Vec<u8> },
+    /// (one exchange instead of opening a local upload and completing it), held against
+    /// the mount's buffer memory.
+    Memory {
+        socket: String,
+        data: Vec<u8>,
+        memory: Reservation,
+    },
 }
 
 impl Backing {
+    /// Whether it can hold `end` bytes: memory only up to [`SMALL_FILE_MAX`] and while
+    /// the mount's buffer memory allows.
+    pub fn fits(&mut self, end: u64) -> bool {
+        match self {
+            Backing::Memory { memory, .. } => end <= SMALL_FILE_MAX && memory.grow_to(end),
+            _ => true,
+        }
+    }
+
     fn file(&self) -> Option<&File> {
         match self {
             Backing::Own(f) => Some(f),

@@ -11,7 +11,7 @@ use granary_protos::v1::{CommitContent, CreateRequest, FileKind, Inode, UfsFinge
 use super::{shown, GranaryFs};
 use crate::block_reader::ReadState;
 use crate::content_store::NotStored;
-use crate::staging::{Backing, Staged, SMALL_FILE_MAX};
+use crate::staging::{Backing, Staged};
 
 /// Bytes copied per step when committed content is brought into a staging file.
 const FILL_CHUNK: u32 = 4 << 20;
@@ -181,9 +181,10 @@ impl GranaryFs {
     }
 
     /// The staged file's bytes, able to hold `end` bytes, made on first use (see
-    /// [`crate::content_store::ContentStore::backing`]). Memory outgrown moves to a file.
+    /// [`crate::content_store::ContentStore::backing`]). Memory outgrown (past the small
+    /// file size, or the mount's buffer memory) moves to a file.
     fn backing_for<'a>(&self, ino: u64, st: &'a mut Staged, end: u64) -> FsResult<&'a mut Backing> {
-        let outgrown = matches!(st.backing, Some(Backing::Memory { .. })) && end > SMALL_FILE_MAX;
+        let outgrown = st.backing.as_mut().is_some_and(|b| !b.fits(end));
         if st.backing.is_none() || outgrown {
             let inode = self.committed(ino)?;
             let fresh = self.store.backing(&inode, end)?;

@@ -3,6 +3,7 @@
 
 use super::*;
 use crate::content_store::{NotStored, Stored};
+use crate::memory::MemoryLimiter;
 use crate::staging::{Backing, SMALL_FILE_MAX};
 use granary_protos::v1::{BlockLocationsReply, CommitContent, CreateRequest, FileKind, WorkerInfo};
 use std::io::Read;
@@ -83,6 +84,7 @@ struct Store {
     uploads: AtomicU64,
     local_worker: bool,
     whole: AtomicU64,
+    memory: Option<Arc<MemoryLimiter>>,
 }
 
 impl Store {
@@ -109,11 +111,15 @@ impl BlockRead for Store {
 
 impl ContentStore for Store {
     fn backing(&self, _: &Inode, end: u64) -> FsResult<Backing> {
+        let memory = self.memory.as_ref().expect("made with a limiter");
         if self.local_worker && end <= SMALL_FILE_MAX {
-            return Ok(Backing::Memory {
-                socket: "upload.sock".into(),
-                data: Vec::new(),
-            });
+            if let Some(memory) = memory.try_reserve(end) {
+                return Ok(Backing::Memory {
+                    socket: "upload.sock".into(),
+                    data: Vec::new(),
+                    memory,
+                });
+            }
         }
         Ok(Backing::Own(tempfile::tempfile()?))
     }
@@ -151,6 +157,10 @@ fn fs() -> (GranaryFs, Arc<Namespace>, Arc<Store>) {
 }
 
 fn fs_with(local_worker: bool) -> (GranaryFs, Arc<Namespace>, Arc<Store>) {
+    fs_with_memory(local_worker, 1 << 30)
+}
+
+fn fs_with_memory(local_worker: bool, memory: u64) -> (GranaryFs, Arc<Namespace>, Arc<Store>) {
     let ns = Arc::new(Namespace::default());
     ns.inodes.lock().unwrap().insert(
         1,
@@ -163,6 +173,7 @@ fn fs_with(local_worker: bool) -> (GranaryFs, Arc<Namespace>, Arc<Store>) {
     );
     let store = Arc::new(Store {
         local_worker,
+        memory: Some(MemoryLimiter::new(memory)),
         ..Default::default()
     });
     let opts = FsOptions {
@@ -334,4 +345,32 @@ fn attributes_read_during_a_commit_show_the_new_size() {
         assert_eq!(fs.getattr(inode.id).unwrap().size, 11);
         fs.release(fh);
     }
+}
+
+#[test]
+fn small_files_stage_in_files_once_the_buffer_memory_is_spent() {
+    let (fs, _, store) = fs_with_memory(true, 150 << 10);
+    let memory = store.memory.clone().unwrap();
+    let chunk = vec![3u8; 100 << 10];
+    let (a, fa) = fs.create(1, b"a", 0o644, libc::O_RDWR, 0, 0).unwrap();
+    let (b, fb) = fs.create(1, b"b", 0o644, libc::O_RDWR, 0, 0).unwrap();
+    fs.write(fa, 0, &chunk).unwrap();
+    assert_eq!(memory.used(), 100 << 10, "a is held in memory");
+    fs.write(fb, 0, &chunk).unwrap();
+    assert_eq!(memory.used(), 100 << 10, "b did not fit: it went to a file");
+    // a grows past what is left: it moves to a file too, and gives its memory back.
+    fs.write(fa, chunk.len() as u64, &chunk).unwrap();
+    assert_eq!(memory.used(), 0);
+    for fh in [fa, fb] {
+        fs.flush(fh).unwrap();
+        fs.release(fh);
+    }
+    let files = store.files.lock().unwrap();
+    assert_eq!(files[&a.id], [chunk.clone(), chunk.clone()].concat());
+    assert_eq!(files[&b.id], chunk);
+    assert_eq!(
+        store.whole.load(Ordering::Relaxed),
+        0,
+        "neither was sent whole"
+    );
 }
