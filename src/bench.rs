@@ -1,6 +1,7 @@
 //! `granary bench …` runs `granary-bench` (the benchmarks live in their own crate, above
 //! the product and the test harness, so this binary carries none of their code).
 
+use granary_common::consistency::ReadConsistency;
 use std::ffi::OsString;
 use std::os::unix::process::CommandExt;
 use std::path::PathBuf;
@@ -27,7 +28,7 @@ fn bench_binary() -> Option<PathBuf> {
 
 /// Replaces this process with `granary-bench ARGS`, passing a global
 /// `--read-consistency` given before `bench` along.
-pub fn exec(read_consistency: &str, args: Vec<OsString>) -> anyhow::Result<()> {
+pub fn exec(read_consistency: Option<ReadConsistency>, args: Vec<OsString>) -> anyhow::Result<()> {
     let Some(binary) = bench_binary() else {
         bail!(
             "{BENCH_BINARY} is not installed next to granary or on PATH; build it with \
@@ -35,8 +36,8 @@ pub fn exec(read_consistency: &str, args: Vec<OsString>) -> anyhow::Result<()> {
         );
     };
     let mut cmd = std::process::Command::new(&binary);
-    if read_consistency != "linearizable" {
-        cmd.arg("--read-consistency").arg(read_consistency);
+    if let Some(c) = read_consistency {
+        cmd.arg("--read-consistency").arg(c.to_string());
     }
     let err = cmd.args(args).exec();
     bail!("cannot run {}: {err}", binary.display())

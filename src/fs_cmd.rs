@@ -6,6 +6,7 @@ use std::time::Duration;
 
 use anyhow::{bail, Context};
 use granary_common::path::components;
+use granary_fuse_client::cli::ClusterArgs;
 use granary_fuse_client::fs::GranaryFs;
 use granary_fuse_client::meta_client::MetadataService;
 use granary_fuse_client::MountConfig;
@@ -16,25 +17,16 @@ pub struct FsClient {
     pub meta: Arc<dyn MetadataService>,
 }
 
-/// Which cluster a command talks to, and how.
-pub struct Target<'a> {
-    pub master: &'a str,
-    pub token: &'a str,
-    pub consistency: &'a str,
-}
-
-pub fn connect(t: &Target<'_>) -> anyhow::Result<FsClient> {
-    let (master, token) = (t.master, t.token);
-    let cfg = MountConfig {
-        masters: vec![master.to_string()],
-        cluster_token: token.to_string(),
-        read_consistency: t.consistency.to_string(),
+pub fn connect(cluster: &ClusterArgs) -> anyhow::Result<FsClient> {
+    let mut cfg = MountConfig {
+        masters: vec![cluster.master().to_string()],
         retry_deadline_ms: 5_000,
         meta_cache_ttl_ms: 60_000,
         meta_cache_entries: 100_000,
         read_only: true,
         ..Default::default()
     };
+    cluster.apply_to(&mut cfg);
     let meta: Arc<dyn MetadataService> = granary_fuse_client::connect_metadata(&cfg)?;
     let fs = granary_fuse_client::build_fs_over(&cfg, meta.clone())?;
     Ok(FsClient { fs, meta })
@@ -75,7 +67,7 @@ fn line(i: &Inode) -> String {
     )
 }
 
-pub fn ls(t: &Target<'_>, path: &str) -> anyhow::Result<()> {
+pub fn ls(t: &ClusterArgs, path: &str) -> anyhow::Result<()> {
     let c = connect(t)?;
     let node = c.resolve(path)?;
     if node.kind != FileKind::Directory as i32 {
@@ -96,7 +88,7 @@ pub fn ls(t: &Target<'_>, path: &str) -> anyhow::Result<()> {
     Ok(())
 }
 
-pub fn stat(t: &Target<'_>, path: &str) -> anyhow::Result<()> {
+pub fn stat(t: &ClusterArgs, path: &str) -> anyhow::Result<()> {
     let c = connect(t)?;
     let i = c.resolve(path)?;
     let fp = i.fingerprint.unwrap_or_default();
@@ -135,7 +127,7 @@ pub fn stat(t: &Target<'_>, path: &str) -> anyhow::Result<()> {
     Ok(())
 }
 
-pub fn cat(t: &Target<'_>, path: &str) -> anyhow::Result<()> {
+pub fn cat(t: &ClusterArgs, path: &str) -> anyhow::Result<()> {
     let c = connect(t)?;
     let i = c.resolve(path)?;
     let (fh, _) = c.fs.open(i.id, libc::O_RDONLY)?;

@@ -12,6 +12,7 @@ use anyhow::Context;
 use clap::{Parser, Subcommand};
 use granary::{dataset, local};
 use granary_common::bytesize::ByteSize;
+use granary_fuse_client::cli::{ClusterArgs, MountArgs};
 
 #[derive(Parser)]
 #[command(
@@ -21,7 +22,7 @@ use granary_common::bytesize::ByteSize;
 )]
 struct Cli {
     #[command(flatten)]
-    master: MasterArg,
+    cluster: ClusterArgs,
     #[command(subcommand)]
     command: Command,
 }
@@ -67,13 +68,8 @@ enum Command {
     },
     /// Mount a Granary namespace (runs in the foreground; Ctrl-C unmounts).
     Mount {
-        /// Master address host:port (repeat for every member).
-        #[arg(long = "master", env = "GRANARY_MASTER")]
-        masters: Vec<String>,
-        /// TOML mount config; flags override it.
-        #[arg(long)]
-        config: Option<PathBuf>,
-        mountpoint: PathBuf,
+        #[command(flatten)]
+        mount: MountArgs,
     },
     /// Namespace commands against a master.
     Fs {
@@ -92,30 +88,6 @@ enum Command {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<std::ffi::OsString>,
     },
-}
-
-#[derive(clap::Args)]
-struct MasterArg {
-    /// Master address host:port (any member; requests follow the leader).
-    #[arg(
-        long = "master",
-        env = "GRANARY_MASTER",
-        default_value = "127.0.0.1:19998",
-        global = true
-    )]
-    master: String,
-    /// The cluster token, if the cluster sets one.
-    #[arg(
-        long = "cluster-token",
-        env = "GRANARY_CLUSTER_TOKEN",
-        default_value = "",
-        global = true,
-        hide_env_values = true
-    )]
-    cluster_token: String,
-    /// Consistency of metadata reads: linearizable, lease or bounded-staleness:<ms>.
-    #[arg(long, default_value = "linearizable", global = true)]
-    read_consistency: String,
 }
 
 #[derive(Subcommand)]
@@ -226,39 +198,17 @@ fn main() -> anyhow::Result<()> {
             let cfg = granary_common::config::load_toml(&config)?;
             Ok(runtime()?.block_on(granary_worker::run(cfg))?)
         }
-        Command::Mount {
-            masters,
-            config,
-            mountpoint,
-        } => {
-            let mut cfg: granary_fuse_client::MountConfig = match &config {
-                Some(p) => granary_common::config::load_toml(p)?,
-                None => Default::default(),
-            };
-            if !masters.is_empty() {
-                cfg.masters = masters;
-            }
-            // Flags given explicitly win over the config file.
-            if !cli.master.cluster_token.is_empty() {
-                cfg.cluster_token = cli.master.cluster_token.clone();
-            }
-            if cli.master.read_consistency != "linearizable" {
-                cfg.read_consistency = cli.master.read_consistency.clone();
-            }
-            Ok(granary_fuse_client::run_mount(&cfg, &mountpoint)?)
+        Command::Mount { mount } => {
+            let cfg = mount.config(&cli.cluster)?;
+            Ok(granary_fuse_client::run_mount(&cfg, &mount.mountpoint)?)
         }
         Command::Fs { cmd } => {
-            let master = &cli.master;
-            let (m, t) = (master.master.as_str(), master.cluster_token.as_str());
-            let target = fs_cmd::Target {
-                master: m,
-                token: t,
-                consistency: &master.read_consistency,
-            };
+            let target = &cli.cluster;
+            let (m, t) = (target.master(), target.token());
             match cmd {
-                FsCommand::Ls { path } => fs_cmd::ls(&target, &path),
-                FsCommand::Stat { path } => fs_cmd::stat(&target, &path),
-                FsCommand::Cat { path } => fs_cmd::cat(&target, &path),
+                FsCommand::Ls { path } => fs_cmd::ls(target, &path),
+                FsCommand::Stat { path } => fs_cmd::stat(target, &path),
+                FsCommand::Cat { path } => fs_cmd::cat(target, &path),
                 FsCommand::LoadMetadata {
                     path,
                     no_recursive,
@@ -267,36 +217,35 @@ fn main() -> anyhow::Result<()> {
             }
         }
         Command::Admin { cmd } => {
-            let master = &cli.master;
+            let (m, t) = (cli.cluster.master(), cli.cluster.token());
             match cmd {
-                AdminCommand::Report => {
-                    runtime()?.block_on(admin::report(&master.master, &master.cluster_token))
-                }
-                AdminCommand::Quorum { cmd } => {
-                    let (m, t) = (master.master.as_str(), master.cluster_token.as_str());
-                    runtime()?.block_on(async {
-                        match cmd {
-                            QuorumCommand::Info => admin::quorum_info(m, t).await,
-                            QuorumCommand::Add { id, addr } => {
-                                admin::quorum_change(m, t, admin::QuorumChange::Add { id, addr })
-                                    .await
-                            }
-                            QuorumCommand::Remove { id } => {
-                                admin::quorum_change(m, t, admin::QuorumChange::Remove { id }).await
-                            }
-                            QuorumCommand::TransferLeader { id } => {
-                                admin::quorum_change(
-                                    m,
-                                    t,
-                                    admin::QuorumChange::TransferLeader { id },
-                                )
-                                .await
-                            }
+                AdminCommand::Report => runtime()?.block_on(admin::report(m, t)),
+                AdminCommand::Quorum { cmd } => runtime()?.block_on(async {
+                    match cmd {
+                        QuorumCommand::Info => admin::quorum_info(m, t).await,
+                        QuorumCommand::Add { id, addr } => {
+                            admin::quorum_change(m, t, admin::QuorumChange::Add { id, addr }).await
                         }
-                    })
-                }
+                        QuorumCommand::Remove { id } => {
+                            admin::quorum_change(m, t, admin::QuorumChange::Remove { id }).await
+                        }
+                        QuorumCommand::TransferLeader { id } => {
+                            admin::quorum_change(m, t, admin::QuorumChange::TransferLeader { id })
+                                .await
+                        }
+                    }
+                }),
             }
         }
-        Command::Bench { args } => bench::exec(&cli.master.read_consistency, args),
+        Command::Bench { args } => bench::exec(cli.cluster.read_consistency, args),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn the_arguments_are_well_formed() {
+        use clap::CommandFactory;
+        super::Cli::command().debug_assert();
     }
 }

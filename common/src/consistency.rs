@@ -4,7 +4,8 @@ use std::fmt;
 use std::str::FromStr;
 use std::time::Duration;
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Deserialize)]
+#[serde(try_from = "String")]
 pub enum ReadConsistency {
     /// The serving member gets a read index confirmed by a leader quorum round and answers
     /// once it has applied it: the read sees every write acknowledged before it started.
@@ -35,6 +36,13 @@ impl FromStr for ReadConsistency {
                 )),
             },
         }
+    }
+}
+
+impl TryFrom<String> for ReadConsistency {
+    type Error = String;
+    fn try_from(s: String) -> Result<Self, String> {
+        s.parse()
     }
 }
 

@@ -15,7 +15,7 @@ pub struct MountConfig {
     /// The cluster's shared token (see the master's `cluster_token`).
     pub cluster_token: String,
     /// `linearizable` (default), `lease`, or `bounded-staleness:<ms>` (immutable datasets).
-    pub read_consistency: String,
+    pub read_consistency: ReadConsistency,
     /// Spread metadata reads over every master (followers answer too).
     pub follower_reads: bool,
     /// Kernel dentry cache lifetime.
@@ -64,7 +64,7 @@ impl Default for MountConfig {
         MountConfig {
             masters: vec!["127.0.0.1:19998".into()],
             cluster_token: String::new(),
-            read_consistency: "linearizable".into(),
+            read_consistency: ReadConsistency::Linearizable,
             follower_reads: true,
             entry_ttl_ms: 300_000,
             attr_ttl_ms: 300_000,
@@ -88,12 +88,6 @@ impl Default for MountConfig {
 }
 
 impl MountConfig {
-    pub fn consistency(&self) -> Result<ReadConsistency, ConfigError> {
-        self.read_consistency
-            .parse()
-            .map_err(|e: String| ConfigError::invalid("read_consistency", e))
-    }
-
     pub fn validate(&self) -> Result<(), ConfigError> {
         if self.masters.is_empty() {
             return Err(ConfigError::invalid(
@@ -107,7 +101,6 @@ impl MountConfig {
                 "must be between 1 and 1024",
             ));
         }
-        self.consistency()?;
         if self.rpc_timeout_ms == 0 {
             return Err(ConfigError::invalid(
                 "rpc_timeout_ms",

@@ -1,6 +1,7 @@
 //! The Granary client: metadata and data access, the filesystem type, and its FUSE mount.
 
 pub mod block_reader;
+pub mod cli;
 pub mod config;
 pub mod content_store;
 pub mod data_client;

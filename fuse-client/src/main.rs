@@ -1,9 +1,8 @@
-//! `granary-fuse [--config FILE] [--master ADDR]... MOUNTPOINT`: mount Granary.
-
-use std::path::PathBuf;
+//! `granary-fuse [--config FILE] [--master ADDR]... [--cluster-token T]
+//! [--read-consistency C] MOUNTPOINT`: mount Granary.
 
 use clap::Parser;
-use granary_fuse_client::MountConfig;
+use granary_fuse_client::cli::{ClusterArgs, MountArgs};
 
 #[derive(Parser)]
 #[command(
@@ -12,24 +11,27 @@ use granary_fuse_client::MountConfig;
     about = "Mount a Granary namespace with FUSE"
 )]
 struct Args {
-    /// TOML mount config (see README); flags override it.
-    #[arg(long)]
-    config: Option<PathBuf>,
-    /// Master address host:port (repeat for every member).
-    #[arg(long = "master")]
-    masters: Vec<String>,
-    mountpoint: PathBuf,
+    #[command(flatten)]
+    cluster: ClusterArgs,
+    #[command(flatten)]
+    mount: MountArgs,
 }
 
 fn main() -> anyhow::Result<()> {
     granary_common::telemetry::init_logging("info");
     let args = Args::parse();
-    let mut cfg: MountConfig = match &args.config {
-        Some(p) => granary_common::config::load_toml(p)?,
-        None => MountConfig::default(),
-    };
-    if !args.masters.is_empty() {
-        cfg.masters = args.masters;
+    let cfg = args.mount.config(&args.cluster)?;
+    Ok(granary_fuse_client::run_mount(
+        &cfg,
+        &args.mount.mountpoint,
+    )?)
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn the_arguments_are_well_formed() {
+        use clap::CommandFactory;
+        super::Args::command().debug_assert();
     }
-    Ok(granary_fuse_client::run_mount(&cfg, &args.mountpoint)?)
 }

@@ -128,7 +128,7 @@ pub fn connect_metadata(cfg: &MountConfig) -> Result<Arc<GrpcMetadataClient>, Mo
         &cfg.masters,
         &ClientOptions {
             cluster_token: cfg.cluster_token.clone(),
-            read_consistency: cfg.consistency()?,
+            read_consistency: cfg.read_consistency,
             follower_reads: cfg.follower_reads,
             rpc_timeout: Duration::from_millis(cfg.rpc_timeout_ms),
             retry_deadline: Duration::from_millis(cfg.retry_deadline_ms),
