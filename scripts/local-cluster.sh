@@ -11,6 +11,7 @@ mnt=$(realpath "${2:?$usage}")
 state=${3:-$(mktemp -d /tmp/granary-cluster.XXXXXX)}
 masters=${MASTERS:-3}
 token=${TOKEN:-$(head -c 16 /dev/urandom | od -An -tx1 | tr -d ' \n')}
+peer_token=$(head -c 16 /dev/urandom | od -An -tx1 | tr -d ' \n')
 bin=$(dirname "$0")/../target/release
 [ -x "$bin/granary-master" ] || cargo build --release --workspace --bins --manifest-path "$(dirname "$0")/../Cargo.toml"
 mkdir -p "$state"
@@ -34,6 +35,7 @@ data_dir = "$state/master-$i"
 ufs = "file://$ufs"
 members = $members
 cluster_token = "$token"
+peer_token = "$peer_token"
 metrics_listen = "127.0.0.1:$((19980 + i))"
 TOML
 done

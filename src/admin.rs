@@ -5,7 +5,8 @@ use std::time::Duration;
 use anyhow::{bail, Context};
 use granary_common::auth::AttachToken;
 use granary_common::bytesize::ByteSize;
-use granary_protos::v1::master_client::MasterClient;
+use granary_protos::v1::admin_client::AdminClient;
+use granary_protos::v1::namespace_client::NamespaceClient;
 use granary_protos::v1::{
     AddMemberRequest, QuorumChangeReply, QuorumInfoReply, QuorumInfoRequest, RemoveMemberRequest,
     ReportRequest, TransferLeaderRequest,
@@ -14,21 +15,33 @@ use granary_protos::LEADER_METADATA_KEY;
 use tonic::service::interceptor::InterceptedService;
 use tonic::transport::Channel;
 
-type Client = MasterClient<InterceptedService<Channel, AttachToken>>;
+type Authenticated = InterceptedService<Channel, AttachToken>;
 
-pub async fn client(master: &str, token: &str) -> anyhow::Result<Client> {
+fn channel(master: &str, token: &str) -> anyhow::Result<Authenticated> {
     let channel =
         granary_common::net::lazy_channel(master, Duration::from_secs(3), Duration::from_secs(120))
             .with_context(|| format!("bad master address {master}"))?;
-    Ok(MasterClient::with_interceptor(
+    Ok(InterceptedService::new(
         channel,
         AttachToken::new(token).map_err(anyhow::Error::msg)?,
-    )
-    .max_decoding_message_size(64 << 20))
+    ))
+}
+
+/// A client of the master's `Admin` service.
+pub fn client(master: &str, token: &str) -> anyhow::Result<AdminClient<Authenticated>> {
+    Ok(AdminClient::new(channel(master, token)?).max_decoding_message_size(64 << 20))
+}
+
+/// A client of the master's `Namespace` service.
+pub fn namespace_client(
+    master: &str,
+    token: &str,
+) -> anyhow::Result<NamespaceClient<Authenticated>> {
+    Ok(NamespaceClient::new(channel(master, token)?).max_decoding_message_size(64 << 20))
 }
 
 pub async fn report(master: &str, token: &str) -> anyhow::Result<()> {
-    let mut client = client(master, token).await?;
+    let mut client = client(master, token)?;
     let r = client
         .report(ReportRequest {})
         .await
@@ -97,7 +110,7 @@ fn print_quorum(q: &QuorumInfoReply) {
 }
 
 pub async fn quorum_info(master: &str, token: &str) -> anyhow::Result<()> {
-    let mut c = client(master, token).await?;
+    let mut c = client(master, token)?;
     let q = c
         .quorum_info(QuorumInfoRequest {})
         .await
@@ -117,7 +130,7 @@ pub enum QuorumChange {
 pub async fn quorum_change(master: &str, token: &str, change: QuorumChange) -> anyhow::Result<()> {
     let mut target = master.to_string();
     for _ in 0..5 {
-        let mut c = client(&target, token).await?;
+        let mut c = client(&target, token)?;
         let r: Result<tonic::Response<QuorumChangeReply>, tonic::Status> = match &change {
             QuorumChange::Add { id, addr } => {
                 c.add_member(AddMemberRequest {

@@ -155,7 +155,7 @@ pub async fn load_metadata(
     recursive: bool,
     force: bool,
 ) -> anyhow::Result<()> {
-    let mut client = crate::admin::client(master, token).await?;
+    let mut client = crate::admin::namespace_client(master, token)?;
     let mut stream = client
         .load_metadata(LoadMetadataRequest {
             path: path.as_bytes().to_vec(),

@@ -120,7 +120,7 @@ impl LocalCluster {
 /// Waits until the master lists the worker, so the first read finds it.
 pub async fn wait_for_worker(master: &str, worker_id: &str) -> anyhow::Result<()> {
     let mut client =
-        granary_protos::v1::master_client::MasterClient::connect(format!("http://{master}"))
+        granary_protos::v1::namespace_client::NamespaceClient::connect(format!("http://{master}"))
             .await?;
     for _ in 0..200 {
         let workers = client

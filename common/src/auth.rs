@@ -55,12 +55,23 @@ impl Interceptor for AttachToken {
 #[derive(Clone, Debug, Default)]
 pub struct CheckToken {
     token: String,
+    /// Calls only the masters of one group make (their peer token).
+    peers_only: bool,
 }
 
 impl CheckToken {
     pub fn new(token: &str) -> Self {
         CheckToken {
             token: token.to_string(),
+            peers_only: false,
+        }
+    }
+
+    /// For the calls between the masters of one group: refusals say so.
+    pub fn for_peers(token: &str) -> Self {
+        CheckToken {
+            token: token.to_string(),
+            peers_only: true,
         }
     }
 
@@ -83,6 +94,10 @@ impl Interceptor for CheckToken {
             .unwrap_or("");
         if self.accepts(presented) {
             Ok(req)
+        } else if self.peers_only {
+            Err(Status::permission_denied(
+                "this call is only for the masters of the group (wrong or missing peer token)",
+            ))
         } else if presented.is_empty() {
             Err(Status::unauthenticated(
                 "missing cluster token: set cluster_token to the cluster's token",
@@ -108,5 +123,10 @@ mod tests {
         let mut wrong = AttachToken::new("guess").unwrap();
         assert!(check.call(wrong.call(Request::new(())).unwrap()).is_err());
         assert!(CheckToken::new("").call(Request::new(())).is_ok());
+        let err = CheckToken::for_peers("peers")
+            .call(attach.call(Request::new(())).unwrap())
+            .unwrap_err();
+        assert_eq!(err.code(), tonic::Code::PermissionDenied);
+        assert!(err.message().contains("only for the masters"));
     }
 }

@@ -14,13 +14,13 @@ use std::time::{Duration, Instant};
 use granary_common::auth::AttachToken;
 use granary_common::consistency::ReadConsistency;
 use granary_common::{FsError, FsResult};
-use granary_protos::v1::master_client::MasterClient;
+use granary_protos::v1::namespace_client::NamespaceClient;
 use granary_protos::v1::*;
 use granary_protos::LEADER_METADATA_KEY;
 use tonic::service::interceptor::InterceptedService;
 use tonic::transport::Channel;
 
-pub type Client = MasterClient<InterceptedService<Channel, AttachToken>>;
+pub type Client = NamespaceClient<InterceptedService<Channel, AttachToken>>;
 
 /// Metadata operations the filesystem needs. The mutations have read-only defaults so a
 /// read-only service (a test double) need not spell them out.
@@ -210,9 +210,11 @@ impl GrpcMetadataClient {
             self.rpc_timeout,
         )
         .map_err(|e| FsError::InvalidPath(format!("master address `{addr}`: {e}")))?;
-        Ok(MasterClient::with_interceptor(channel, self.token.clone())
-            .max_decoding_message_size(64 << 20)
-            .max_encoding_message_size(64 << 20))
+        Ok(
+            NamespaceClient::with_interceptor(channel, self.token.clone())
+                .max_decoding_message_size(64 << 20)
+                .max_encoding_message_size(64 << 20),
+        )
     }
 
     /// Runs `call` against the master at `addr` on this thread's own connection to it,
@@ -564,11 +566,8 @@ impl MetadataService for GrpcMetadataClient {
 
     fn refresh(&self, dir: u64) -> FsResult<()> {
         self.call("refresh", false, |mut c| async move {
-            c.ensure_loaded(EnsureLoadedRequest {
-                dir_id: dir,
-                force: true,
-            })
-            .await
+            c.refresh_directory(RefreshDirectoryRequest { dir_id: dir })
+                .await
         })
         .map(|_| ())
     }

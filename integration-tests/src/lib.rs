@@ -249,6 +249,8 @@ pub struct MasterSpec {
     /// Members of the Raft group (ids 1..=masters).
     pub masters: u64,
     pub cluster_token: String,
+    /// The masters' `peer_token` (empty: they use the cluster token).
+    pub peer_token: String,
     pub snapshot_threshold: u64,
     /// The masters' `metadata_sync_interval`.
     pub metadata_sync_interval: &'static str,
@@ -264,6 +266,7 @@ impl Default for MasterSpec {
             block_size: "64KiB",
             masters: 1,
             cluster_token: String::new(),
+            peer_token: String::new(),
             snapshot_threshold: 10_000,
             metadata_sync_interval: "never",
             master_cores: Vec::new(),
@@ -290,9 +293,12 @@ pub struct Cluster {
     rt: std::sync::Arc<tokio::runtime::Runtime>,
 }
 
-pub type Client = granary_protos::v1::master_client::MasterClient<
-    tonic::service::interceptor::InterceptedService<tonic::transport::Channel, TokenHeader>,
->;
+type Authenticated =
+    tonic::service::interceptor::InterceptedService<tonic::transport::Channel, TokenHeader>;
+/// A client of a master's `Namespace` service.
+pub type Client = granary_protos::v1::namespace_client::NamespaceClient<Authenticated>;
+/// A client of a master's `Admin` service.
+pub type AdminClient = granary_protos::v1::admin_client::AdminClient<Authenticated>;
 
 /// Adds the cluster token to test clients' calls.
 #[derive(Clone)]
@@ -321,6 +327,7 @@ impl Cluster {
         let spec = MasterSpec {
             ufs: spec.ufs.clone(),
             cluster_token: spec.cluster_token.clone(),
+            peer_token: spec.peer_token.clone(),
             master_cores: spec.master_cores.clone(),
             ..*spec
         };
@@ -421,12 +428,13 @@ impl Cluster {
         std::fs::write(
             &cfg,
             format!(
-                "id = {id}\nlisten = \"127.0.0.1:{port}\"\ndata_dir = \"{}\"\nufs = \"{}\"\nblock_size = \"{}\"\nmembers = [{}]\njoin = {join}\ncluster_token = \"{}\"\nsnapshot_threshold = {}\nworker_heartbeat_ms = 200\nworker_timeout_ms = 3000\nmetadata_sync_interval = \"{}\"\n",
+                "id = {id}\nlisten = \"127.0.0.1:{port}\"\ndata_dir = \"{}\"\nufs = \"{}\"\nblock_size = \"{}\"\nmembers = [{}]\njoin = {join}\ncluster_token = \"{}\"\npeer_token = \"{}\"\nsnapshot_threshold = {}\nworker_heartbeat_ms = 200\nworker_timeout_ms = 3000\nmetadata_sync_interval = \"{}\"\n",
                 data.display(),
                 self.spec.ufs.display(),
                 self.spec.block_size,
                 toml_list(&members),
                 self.spec.cluster_token,
+                self.spec.peer_token,
                 self.spec.snapshot_threshold,
                 self.spec.metadata_sync_interval,
             ),
@@ -483,33 +491,39 @@ impl Cluster {
     /// new member caught up and promoted takes up to a minute and more). A shorter
     /// timeout would give up on a change that then completes, and every retry would
     /// fail ("already a member").
-    pub fn admin_client(&self, addr: &str) -> anyhow::Result<Client> {
-        self.connect(addr, &self.rt, Duration::from_secs(90))
+    pub fn admin_client(&self, addr: &str) -> anyhow::Result<AdminClient> {
+        Ok(AdminClient::new(self.channel(
+            addr,
+            &self.rt,
+            Duration::from_secs(90),
+        )?))
     }
 
     /// A client whose connection is driven by `rt` (the harness's own runtime has one
     /// thread, too few for a load generator).
     pub fn client_on(&self, addr: &str, rt: &tokio::runtime::Runtime) -> anyhow::Result<Client> {
-        self.connect(addr, rt, Duration::from_secs(5))
+        Ok(Client::new(self.channel(
+            addr,
+            rt,
+            Duration::from_secs(5),
+        )?))
     }
 
-    fn connect(
+    fn channel(
         &self,
         addr: &str,
         rt: &tokio::runtime::Runtime,
         timeout: Duration,
-    ) -> anyhow::Result<Client> {
+    ) -> anyhow::Result<Authenticated> {
         let _g = rt.enter();
         let ch = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))?
             .connect_timeout(Duration::from_millis(500))
             .timeout(timeout)
             .connect_lazy();
-        Ok(
-            granary_protos::v1::master_client::MasterClient::with_interceptor(
-                ch,
-                TokenHeader(self.spec.cluster_token.clone()),
-            ),
-        )
+        Ok(Authenticated::new(
+            ch,
+            TokenHeader(self.spec.cluster_token.clone()),
+        ))
     }
 
     pub fn block_on<F: std::future::Future>(&self, f: F) -> F::Output {
@@ -518,7 +532,8 @@ impl Cluster {
 
     /// Quorum info as master `id` sees it.
     pub fn quorum_info(&self, id: u64) -> anyhow::Result<granary_protos::v1::QuorumInfoReply> {
-        let mut c = self.client(&self.addr_of(id))?;
+        let mut c =
+            AdminClient::new(self.channel(&self.addr_of(id), &self.rt, Duration::from_secs(5))?);
         Ok(self
             .rt
             .block_on(c.quorum_info(granary_protos::v1::QuorumInfoRequest {}))?
@@ -743,10 +758,7 @@ impl Writer {
                     .connect_timeout(Duration::from_millis(300))
                     .timeout(Duration::from_secs(3))
                     .connect_lazy();
-                let mut c = granary_protos::v1::master_client::MasterClient::with_interceptor(
-                    ch,
-                    TokenHeader(self.token.clone()),
-                );
+                let mut c = Client::new(Authenticated::new(ch, TokenHeader(self.token.clone())));
                 match self.rt.block_on(c.create(req.clone())) {
                     Ok(_) => return Ok(()),
                     Err(s) if s.code() == tonic::Code::AlreadyExists => return Ok(()),

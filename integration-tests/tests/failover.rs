@@ -321,7 +321,7 @@ fn master_migration_under_load_needs_no_restart() {
         readers(s, &m.path, 20, &stop, &reads, &errors);
         let admin_to_leader = |c: &Cluster,
                                req: &dyn Fn(
-            &mut granary_integration_tests::Client,
+            &mut granary_integration_tests::AdminClient,
         ) -> Result<(), tonic::Status>| {
             for _ in 0..50 {
                 let leader = c.leader(Duration::from_secs(10)).unwrap();
@@ -389,9 +389,39 @@ fn cluster_rpcs_without_the_token_are_refused() {
     let c = Cluster::start(&MasterSpec {
         ufs: ufs.path().to_path_buf(),
         cluster_token: "s3cret-token".into(),
+        peer_token: "masters-only".into(),
+        masters: 3,
         ..Default::default()
     })
     .unwrap();
+    // The members reach each other with the peer token: a leader is elected and every
+    // member answers reads (a follower's lease read asks the leader for its index).
+    c.leader(Duration::from_secs(20)).unwrap();
+    for addr in c.master_addrs() {
+        let mut client = c.client(&addr).unwrap();
+        let mut req = tonic::Request::new(granary_protos::v1::GetAttrRequest { id: 1 });
+        req.metadata_mut()
+            .insert("x-granary-consistency", "lease".parse().unwrap());
+        c.block_on(client.get_attr(req)).unwrap();
+    }
+    // A client that knows only the cluster token cannot make the masters' own calls.
+    let leader = c.addr_of(c.leader(Duration::from_secs(10)).unwrap());
+    let ch = c
+        .block_on(
+            tonic::transport::Endpoint::from_shared(format!("http://{leader}"))
+                .unwrap()
+                .connect(),
+        )
+        .unwrap();
+    let mut intruder = granary_protos::v1::peer_client::PeerClient::with_interceptor(
+        ch,
+        granary_integration_tests::TokenHeader("s3cret-token".into()),
+    );
+    let err = c
+        .block_on(intruder.read_index(granary_protos::v1::ReadIndexRequest { lease: true }))
+        .unwrap_err();
+    assert_eq!(err.code(), tonic::Code::PermissionDenied, "{err:?}");
+
     let m = c.mount("mnt", "").unwrap();
     assert_eq!(
         std::fs::read(m.path.join("data/f001")).unwrap(),
@@ -405,7 +435,7 @@ fn cluster_rpcs_without_the_token_are_refused() {
                 .connect(),
         )
         .unwrap();
-    let mut anon = granary_protos::v1::master_client::MasterClient::new(ch);
+    let mut anon = granary_protos::v1::namespace_client::NamespaceClient::new(ch);
     let err = c
         .block_on(anon.get_attr(granary_protos::v1::GetAttrRequest { id: 1 }))
         .unwrap_err();

@@ -28,6 +28,10 @@ pub struct MasterConfig {
     pub join: bool,
     /// Shared secret every cluster RPC must carry; empty disables the check.
     pub cluster_token: String,
+    /// Secret only the masters of this group share, for the calls between them (Raft
+    /// messages, read indexes, forwarded loads): set, it keeps clients that know the
+    /// cluster token off those calls. Empty: peers use `cluster_token`.
+    pub peer_token: String,
     /// Raft clock: one tick; elections time out after `election_ticks` to twice that.
     pub raft_tick_ms: u64,
     pub election_ticks: usize,
@@ -62,6 +66,7 @@ impl Default for MasterConfig {
             members: Vec::new(),
             join: false,
             cluster_token: String::new(),
+            peer_token: String::new(),
             raft_tick_ms: 100,
             election_ticks: 10,
             heartbeat_ticks: 2,

@@ -6,14 +6,14 @@ use std::sync::Mutex;
 use std::time::Duration;
 
 use granary_common::auth::AttachToken;
-use granary_protos::v1::master_client::MasterClient;
+use granary_protos::v1::peer_client::PeerClient as GrpcPeerClient;
 use tonic::service::interceptor::InterceptedService;
 use tonic::transport::Channel;
 use tonic::Status;
 
 use crate::raft::RaftLog;
 
-pub type PeerClient = MasterClient<InterceptedService<Channel, AttachToken>>;
+pub type PeerClient = GrpcPeerClient<InterceptedService<Channel, AttachToken>>;
 
 /// gRPC clients to other masters by address, made on first use.
 pub struct LeaderClients {
@@ -49,7 +49,7 @@ impl LeaderClients {
         let ch =
             granary_common::net::lazy_channel(addr, Duration::from_secs(1), Duration::from_secs(5))
                 .map_err(|e| Status::internal(format!("leader address {addr}: {e}")))?;
-        let c = MasterClient::with_interceptor(ch, self.token.clone());
+        let c = GrpcPeerClient::with_interceptor(ch, self.token.clone());
         clients.insert(addr.to_string(), c.clone());
         Ok(c)
     }

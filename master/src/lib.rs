@@ -1,6 +1,7 @@
 //! A Granary master: the namespace state machine in redb, lazy metadata loading from the
 //! UFS, the worker registry and block locations, and the gRPC API over them.
 
+mod api;
 pub mod block_locations;
 pub mod command_log;
 pub mod config;

@@ -9,7 +9,10 @@ use std::time::Duration;
 use granary_common::config::ConfigError;
 use granary_common::ufs::{open_ufs, Ufs};
 use granary_common::FsError;
-use granary_protos::v1::master_server::MasterServer;
+use granary_protos::v1::admin_server::AdminServer;
+use granary_protos::v1::namespace_server::NamespaceServer;
+use granary_protos::v1::peer_server::PeerServer;
+use granary_protos::v1::workers_server::WorkersServer;
 use granary_protos::v1::{command, Command, MountPoint, SetMount};
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
@@ -164,9 +167,17 @@ pub async fn start(mut config: MasterConfig) -> Result<RunningMaster, MasterErro
     let (mailbox, inbox) = std::sync::mpsc::channel();
     let (applied_tx, applied_rx) = tokio::sync::watch::channel(store.applied()?.0);
     let status = Arc::new(RwLock::new(RaftStatus::default()));
-    let attach = AttachToken::new(&config.cluster_token)
-        .map_err(|e| ConfigError::invalid("cluster_token", e))?;
-    let transport = GrpcTransport::new(mailbox.clone(), tokio::runtime::Handle::current(), attach);
+    let (peer_key, peer_token) = match config.peer_token.as_str() {
+        "" => ("cluster_token", config.cluster_token.as_str()),
+        token => ("peer_token", token),
+    };
+    let attach_peer =
+        AttachToken::new(peer_token).map_err(|e| ConfigError::invalid(peer_key, e))?;
+    let transport = GrpcTransport::new(
+        mailbox.clone(),
+        tokio::runtime::Handle::current(),
+        attach_peer.clone(),
+    );
     let node = RaftNode::new(
         NodeConfig {
             id: config.id,
@@ -209,10 +220,7 @@ pub async fn start(mut config: MasterConfig) -> Result<RunningMaster, MasterErro
     ufs_by_mount.insert(ROOT_MOUNT_ID, ufs.clone());
     let workers = Arc::new(WorkerRegistry::default());
     let locations = Arc::new(BlockLocations::default());
-    let leader_clients = Arc::new(LeaderClients::new(
-        AttachToken::new(&config.cluster_token)
-            .map_err(|e| ConfigError::invalid("cluster_token", e))?,
-    ));
+    let leader_clients = Arc::new(LeaderClients::new(attach_peer));
     let service = MasterService {
         store: store.clone(),
         raft: raft.clone(),
@@ -249,22 +257,32 @@ pub async fn start(mut config: MasterConfig) -> Result<RunningMaster, MasterErro
     ));
 
     let (tx, rx) = oneshot::channel::<()>();
+    // Each service checks the token of the callers it is for: the peer services (the
+    // group's own calls) the peer token, the others the cluster token.
     let check = CheckToken::new(&config.cluster_token);
-    let svc = MasterServer::new(service)
+    let check_peer = CheckToken::for_peers(peer_token);
+    let service = Arc::new(service);
+    let namespace_svc = NamespaceServer::from_arc(service.clone())
         .max_decoding_message_size(MAX_MESSAGE_BYTES)
         .max_encoding_message_size(MAX_MESSAGE_BYTES);
+    let workers_svc = WorkersServer::from_arc(service.clone())
+        .max_decoding_message_size(MAX_MESSAGE_BYTES)
+        .max_encoding_message_size(MAX_MESSAGE_BYTES);
+    let admin_svc = AdminServer::from_arc(service.clone());
+    let peer_svc = PeerServer::from_arc(service);
     let raft_svc = RaftTransportServer::new(RaftService {
         id: config.id,
         mailbox: mailbox.clone(),
     })
     .max_decoding_message_size(MAX_RAFT_MESSAGE)
     .max_encoding_message_size(MAX_RAFT_MESSAGE);
-    let svc = InterceptedService::new(svc, check.clone());
-    let raft_svc = InterceptedService::new(raft_svc, check);
     let task = tokio::spawn(
         tonic::transport::Server::builder()
-            .add_service(svc)
-            .add_service(raft_svc)
+            .add_service(InterceptedService::new(namespace_svc, check.clone()))
+            .add_service(InterceptedService::new(workers_svc, check.clone()))
+            .add_service(InterceptedService::new(admin_svc, check))
+            .add_service(InterceptedService::new(peer_svc, check_peer.clone()))
+            .add_service(InterceptedService::new(raft_svc, check_peer))
             // Without TCP_NODELAY on accepted sockets every reply waits out the peer's
             // delayed ACK (40 ms), and the server's own nodelay setting does not reach
             // sockets from a listener passed in. TCP keepalive (answered by the peer's

@@ -10,7 +10,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use granary_common::auth::AttachToken;
-use granary_protos::v1::master_client::MasterClient;
+use granary_protos::v1::workers_client::WorkersClient;
 use granary_protos::v1::{
     BlockKey, MasterSet, RegisterWorkerRequest, WorkerHeartbeatRequest, WorkerInfo,
 };
@@ -21,7 +21,7 @@ use tonic::transport::Channel;
 use crate::block_store::{BlockId, BlockStore};
 use crate::mounts::MountRegistry;
 
-type Client = MasterClient<InterceptedService<Channel, AttachToken>>;
+type Client = WorkersClient<InterceptedService<Channel, AttachToken>>;
 
 #[derive(Default)]
 struct Pending {
@@ -116,7 +116,7 @@ impl MasterLinks {
         let pending = Arc::new(Mutex::new(Pending::default()));
         let link = Link {
             addr: addr.to_string(),
-            client: MasterClient::with_interceptor(channel, self.token.clone())
+            client: WorkersClient::with_interceptor(channel, self.token.clone())
                 .max_decoding_message_size(64 << 20)
                 .max_encoding_message_size(64 << 20),
             owner: Arc::downgrade(self),

@@ -1,0 +1,150 @@
+//! The `Admin` service: the master's report and changes to its group's membership.
+
+use std::time::Duration;
+
+use granary_common::FsError;
+use granary_protos::v1::admin_server::Admin;
+use granary_protos::v1::*;
+use tonic::{Request, Response, Status};
+
+use super::count;
+use crate::raft::{Mail, MemberChange};
+use crate::service::MasterService;
+
+#[tonic::async_trait]
+impl Admin for MasterService {
+    async fn report(&self, _: Request<ReportRequest>) -> Result<Response<ReportReply>, Status> {
+        count("report");
+        let err = |e: crate::store::StoreError| Status::from(FsError::from(e));
+        let st = self.raft.status();
+        Ok(Response::new(ReportReply {
+            master_id: st.id,
+            leader_id: st.leader_id,
+            term: st.term,
+            shard_id: self.store.shard() as u32,
+            applied_index: self.store.applied().map_err(err)?.0,
+            inodes: self.store.inode_count().map_err(err)?,
+            mounts: Some(self.mounts()?),
+            workers: self.workers.list(),
+            cached_blocks: self.locations.block_count(),
+        }))
+    }
+
+    async fn quorum_info(
+        &self,
+        _: Request<QuorumInfoRequest>,
+    ) -> Result<Response<QuorumInfoReply>, Status> {
+        count("quorum_info");
+        Ok(Response::new(self.raft.status().info))
+    }
+
+    async fn add_member(
+        &self,
+        req: Request<AddMemberRequest>,
+    ) -> Result<Response<QuorumChangeReply>, Status> {
+        count("add_member");
+        self.leader_only()?;
+        let r = req.into_inner();
+        if r.id == 0 || !r.addr.contains(':') {
+            return Err(Status::invalid_argument(
+                "add needs a non-zero id and a host:port address",
+            ));
+        }
+        // Join as a learner first, catch up, then become a voter through joint consensus.
+        self.raft
+            .change_members(MemberChange::AddLearner {
+                id: r.id,
+                addr: r.addr.clone(),
+            })
+            .await?;
+        let target = self.raft.status().info.commit;
+        self.wait_status(
+            "the new member to catch up",
+            Duration::from_secs(60),
+            |st| {
+                st.info
+                    .peers
+                    .iter()
+                    .any(|p| p.id == r.id && p.progress_known && p.matched >= target)
+            },
+        )
+        .await?;
+        self.raft
+            .change_members(MemberChange::Promote { id: r.id })
+            .await?;
+        self.wait_status(
+            "the new voter's joint configuration to be left",
+            Duration::from_secs(10),
+            |st| {
+                st.info.outgoing_voters.is_empty()
+                    && st.info.peers.iter().any(|p| p.id == r.id && !p.learner)
+            },
+        )
+        .await?;
+        tracing::info!(id = r.id, addr = %r.addr, "master added");
+        Ok(Response::new(self.quorum()))
+    }
+
+    async fn remove_member(
+        &self,
+        req: Request<RemoveMemberRequest>,
+    ) -> Result<Response<QuorumChangeReply>, Status> {
+        count("remove_member");
+        self.leader_only()?;
+        let id = req.into_inner().id;
+        let st = self.raft.status();
+        if id == st.id {
+            // Hand leadership to the most caught-up voter; the caller retries there.
+            let next = st
+                .info
+                .peers
+                .iter()
+                .filter(|p| p.id != id && !p.learner)
+                .max_by_key(|p| p.matched)
+                .map(|p| p.id)
+                .ok_or_else(|| Status::failed_precondition("cannot remove the only voter"))?;
+            self.raft.send(Mail::TransferLeader(next))?;
+            self.wait_status("leadership transfer", Duration::from_secs(10), |s| {
+                s.leader_id == next
+            })
+            .await?;
+            return Err(self.leader_only().expect_err("leadership moved"));
+        }
+        self.raft
+            .change_members(MemberChange::Remove { id })
+            .await?;
+        self.wait_status(
+            "the removal's joint configuration to be left",
+            Duration::from_secs(10),
+            |st| st.info.outgoing_voters.is_empty() && !st.info.peers.iter().any(|p| p.id == id),
+        )
+        .await?;
+        tracing::info!(id, "master removed");
+        Ok(Response::new(self.quorum()))
+    }
+
+    async fn transfer_leader(
+        &self,
+        req: Request<TransferLeaderRequest>,
+    ) -> Result<Response<QuorumChangeReply>, Status> {
+        count("transfer_leader");
+        self.leader_only()?;
+        let id = req.into_inner().id;
+        if !self
+            .raft
+            .status()
+            .info
+            .peers
+            .iter()
+            .any(|p| p.id == id && !p.learner)
+        {
+            return Err(Status::not_found(format!("master {id} is not a voter")));
+        }
+        self.raft.send(Mail::TransferLeader(id))?;
+        self.wait_status("leadership transfer", Duration::from_secs(10), |s| {
+            s.leader_id == id
+        })
+        .await?;
+        Ok(Response::new(self.quorum()))
+    }
+}
