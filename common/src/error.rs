@@ -19,8 +19,12 @@ pub enum FsError {
     IsDir(String),
     #[error("name too long ({0} bytes, limit 255)")]
     NameTooLong(usize),
-    #[error("invalid name or path: {0}")]
-    InvalidPath(String),
+    /// A bad name or path, or an argument that makes no sense here (EINVAL).
+    #[error("invalid argument: {0}")]
+    InvalidArgument(String),
+    /// A file or directory handle that is not open, or not open for the operation.
+    #[error("bad file handle: {0}")]
+    BadHandle(String),
     #[error("permission denied: {0}")]
     PermissionDenied(String),
     #[error("operation not permitted: {0}")]
@@ -53,7 +57,8 @@ impl FsError {
             FsError::NotDir(_) => libc::ENOTDIR,
             FsError::IsDir(_) => libc::EISDIR,
             FsError::NameTooLong(_) => libc::ENAMETOOLONG,
-            FsError::InvalidPath(_) => libc::EINVAL,
+            FsError::InvalidArgument(_) => libc::EINVAL,
+            FsError::BadHandle(_) => libc::EBADF,
             FsError::PermissionDenied(_) => libc::EACCES,
             FsError::NotPermitted(_) => libc::EPERM,
             FsError::NotEmpty(_) => libc::ENOTEMPTY,
@@ -79,7 +84,8 @@ impl FsError {
             libc::ENOTDIR => FsError::NotDir(msg),
             libc::EISDIR => FsError::IsDir(msg),
             libc::ENAMETOOLONG => FsError::NameTooLong(255),
-            libc::EINVAL => FsError::InvalidPath(msg),
+            libc::EINVAL => FsError::InvalidArgument(msg),
+            libc::EBADF => FsError::BadHandle(msg),
             libc::EACCES => FsError::PermissionDenied(msg),
             libc::EPERM => FsError::NotPermitted(msg),
             libc::ENOTEMPTY => FsError::NotEmpty(msg),
@@ -113,7 +119,8 @@ impl From<FsError> for Status {
             FsError::NotDir(_)
             | FsError::IsDir(_)
             | FsError::NameTooLong(_)
-            | FsError::InvalidPath(_) => Code::InvalidArgument,
+            | FsError::InvalidArgument(_)
+            | FsError::BadHandle(_) => Code::InvalidArgument,
             FsError::PermissionDenied(_) | FsError::NotPermitted(_) => Code::PermissionDenied,
             FsError::NotEmpty(_) | FsError::CrossDevice(_) => Code::FailedPrecondition,
             FsError::ReadOnly(_) => Code::FailedPrecondition,

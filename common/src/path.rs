@@ -10,12 +10,12 @@ pub fn validate_name(name: &[u8]) -> FsResult<()> {
         return Err(FsError::NameTooLong(name.len()));
     }
     if name.is_empty() || name == b"." || name == b".." {
-        return Err(FsError::InvalidPath(
+        return Err(FsError::InvalidArgument(
             String::from_utf8_lossy(name).into_owned(),
         ));
     }
     if name.iter().any(|&b| b == b'/' || b == 0) {
-        return Err(FsError::InvalidPath(
+        return Err(FsError::InvalidArgument(
             String::from_utf8_lossy(name).into_owned(),
         ));
     }
@@ -26,7 +26,7 @@ pub fn validate_name(name: &[u8]) -> FsResult<()> {
 /// `"/"` and `""` yield no components.
 pub fn components(path: &[u8]) -> FsResult<Vec<&[u8]>> {
     if path.contains(&0) {
-        return Err(FsError::InvalidPath("path contains NUL".into()));
+        return Err(FsError::InvalidArgument("path contains NUL".into()));
     }
     let mut out = Vec::new();
     for part in path.split(|&b| b == b'/') {

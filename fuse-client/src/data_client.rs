@@ -243,7 +243,7 @@ pub(crate) fn status_error(addr: &str, status: i32, error: &str) -> FsResult<()>
         Status::Ok => Ok(()),
         Status::Stale => Err(FsError::Stale(error)),
         Status::Unavailable => Err(FsError::Unavailable(format!("worker {addr}: {error}"))),
-        Status::BadRequest => Err(FsError::InvalidPath(error)),
+        Status::BadRequest => Err(FsError::InvalidArgument(error)),
         _ => Err(FsError::Io(format!("worker {addr}: {error}"))),
     }
 }

@@ -165,7 +165,7 @@ impl Drop for GrpcMetadataClient {
 impl GrpcMetadataClient {
     pub fn connect(shard: u16, masters: &[String], opts: &ClientOptions) -> FsResult<Arc<Self>> {
         let token = AttachToken::new(&opts.cluster_token)
-            .map_err(FsError::InvalidPath)?
+            .map_err(FsError::InvalidArgument)?
             .with_consistency(opts.read_consistency);
         let client = Arc::new(GrpcMetadataClient {
             shard,
@@ -193,7 +193,7 @@ impl GrpcMetadataClient {
 
     fn member(&self, addr: &str) -> FsResult<Member> {
         tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
-            .map_err(|e| FsError::InvalidPath(format!("master address `{addr}`: {e}")))?;
+            .map_err(|e| FsError::InvalidArgument(format!("master address `{addr}`: {e}")))?;
         Ok(Member {
             addr: addr.to_string(),
             outstanding: Arc::new(AtomicUsize::new(0)),
@@ -209,7 +209,7 @@ impl GrpcMetadataClient {
             self.rpc_timeout.min(Duration::from_secs(2)),
             self.rpc_timeout,
         )
-        .map_err(|e| FsError::InvalidPath(format!("master address `{addr}`: {e}")))?;
+        .map_err(|e| FsError::InvalidArgument(format!("master address `{addr}`: {e}")))?;
         Ok(
             NamespaceClient::with_interceptor(channel, self.token.clone())
                 .max_decoding_message_size(64 << 20)

@@ -73,11 +73,11 @@ impl MasterService {
         validate_name(&r.name)?;
         let dir = self.loaded_dir(r.parent).await?;
         let kind = FileKind::try_from(r.kind)
-            .map_err(|_| FsError::InvalidPath(format!("file kind {}", r.kind)))?;
+            .map_err(|_| FsError::InvalidArgument(format!("file kind {}", r.kind)))?;
         if kind == FileKind::Symlink
             && (r.symlink_target.is_empty() || r.symlink_target.len() > 4096)
         {
-            return Err(FsError::InvalidPath(
+            return Err(FsError::InvalidArgument(
                 "symlink target empty or over 4096 bytes".into(),
             ));
         }

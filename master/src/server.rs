@@ -45,7 +45,9 @@ pub enum MasterError {
     #[error("{0}")]
     Store(#[from] StoreError),
     #[error("under-storage: {0}")]
-    Ufs(FsError),
+    Ufs(#[source] FsError),
+    #[error(transparent)]
+    Raft(#[from] crate::raft::node::NodeError),
     #[error("cannot create data_dir {path}: {source}")]
     DataDir {
         path: String,
@@ -194,8 +196,7 @@ pub async fn start(mut config: MasterConfig) -> Result<RunningMaster, MasterErro
         (mailbox.clone(), inbox),
         status.clone(),
         applied_tx,
-    )
-    .map_err(MasterError::Ufs)?;
+    )?;
     // A master whose Ready loop ended would keep answering with a frozen status and
     // never vote again: its end (error or panic) ends the server too.
     let (raft_end_tx, raft_end) = oneshot::channel::<String>();
@@ -204,7 +205,7 @@ pub async fn start(mut config: MasterConfig) -> Result<RunningMaster, MasterErro
         .spawn(move || {
             let why = match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| node.run())) {
                 Ok(Ok(())) => return,
-                Ok(Err(e)) => format!("raft storage failed: {e}"),
+                Ok(Err(e)) => format!("raft node failed: {e}"),
                 Err(_) => "the raft loop panicked".to_string(),
             };
             tracing::error!(reason = %why, "raft loop stopped; this master stops");

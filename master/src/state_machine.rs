@@ -155,13 +155,13 @@ pub(crate) fn apply(t: &mut Tables<'_>, cmd: &Command) -> Result<FsResult<()>, S
         Some(command::Op::RenameEntry(r)) => rename_entry(t, r),
         Some(command::Op::SetAttributes(a)) => set_attributes(t, a),
         Some(command::Op::CommitContent(c)) => commit_content(t, c),
-        None => Ok(Err(FsError::InvalidPath("empty command".into()))),
+        None => Ok(Err(FsError::InvalidArgument("empty command".into()))),
     }
 }
 
 fn set_mount(t: &mut Tables<'_>, m: &SetMount) -> Result<FsResult<()>, StoreError> {
     let Some(mount) = &m.mount else {
-        return Ok(Err(FsError::InvalidPath(
+        return Ok(Err(FsError::InvalidArgument(
             "mount without a mount point".into(),
         )));
     };
@@ -434,7 +434,7 @@ fn rename_entry(t: &mut Tables<'_>, r: &RenameEntry) -> Result<FsResult<()>, Sto
         let mut up = to_dir.id;
         loop {
             if up == moving.id {
-                return Ok(Err(FsError::InvalidPath(format!(
+                return Ok(Err(FsError::InvalidArgument(format!(
                     "cannot move {} beneath itself",
                     shown(&r.name)
                 ))));

@@ -60,7 +60,7 @@ pub(crate) fn upload_response(
 
 pub(crate) fn status_of(e: &FsError) -> Status {
     match e {
-        FsError::InvalidPath(_) | FsError::NameTooLong(_) => Status::BadRequest,
+        FsError::InvalidArgument(_) | FsError::NameTooLong(_) => Status::BadRequest,
         FsError::NotFound(_) => Status::NotFound,
         FsError::Stale(_) => Status::Stale,
         FsError::Unavailable(_) | FsError::TimedOut(_) => Status::Unavailable,
@@ -197,7 +197,7 @@ impl DataServer {
             block_size: req.block_size,
         };
         if req.block_size == 0 {
-            return Err(FsError::InvalidPath("block_size is zero".into()));
+            return Err(FsError::InvalidArgument("block_size is zero".into()));
         }
         let block_len = src.block_len(req.index);
         if !req.local_path_only
@@ -207,7 +207,7 @@ impl DataServer {
                     .checked_add(req.length)
                     .is_none_or(|end| end > block_len))
         {
-            return Err(FsError::InvalidPath(format!(
+            return Err(FsError::InvalidArgument(format!(
                 "range {}+{} outside block {} of {block_len} bytes (or over {MAX_READ_LEN})",
                 req.offset, req.length, req.index
             )));

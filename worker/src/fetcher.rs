@@ -114,7 +114,7 @@ fn fetch(
 ) -> FsResult<CachedBlock> {
     let len = src.block_len(id.1);
     if len == 0 {
-        return Err(FsError::InvalidPath(format!(
+        return Err(FsError::InvalidArgument(format!(
             "block {} is past the end of the file",
             id.1
         )));

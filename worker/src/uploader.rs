@@ -44,7 +44,7 @@ struct CacheFill<'a> {
 impl<'a> CacheFill<'a> {
     fn new(store: &'a BlockStore, block_size: u64) -> FsResult<Self> {
         if block_size == 0 {
-            return Err(FsError::InvalidPath("block_size is zero".into()));
+            return Err(FsError::InvalidArgument("block_size is zero".into()));
         }
         Ok(CacheFill {
             store,
@@ -290,7 +290,7 @@ pub fn upload(
         let mut ufs_file = ufs.create_upload(&target.ufs_path)?;
         while let Some(chunk) = chunks.blocking_recv() {
             if fill.received + chunk.len() as u64 > target.size {
-                return Err(FsError::InvalidPath(format!(
+                return Err(FsError::InvalidArgument(format!(
                     "upload of {} sends more than its {} bytes",
                     String::from_utf8_lossy(&target.ufs_path),
                     target.size
@@ -372,7 +372,7 @@ pub fn publish_local(
         .ok_or_else(|| FsError::Unsupported("this UFS has no local upload file".into()))?;
     let len = file.metadata()?.len();
     if len != target.size {
-        return Err(FsError::InvalidPath(format!(
+        return Err(FsError::InvalidArgument(format!(
             "upload of {}: the file holds {len} bytes, the client says {}",
             String::from_utf8_lossy(&target.ufs_path),
             target.size

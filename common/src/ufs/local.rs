@@ -49,7 +49,7 @@ impl LocalUfs {
         } else {
             parts.join(&b'/')
         };
-        let c = CString::new(rel).map_err(|_| FsError::InvalidPath("NUL in path".into()))?;
+        let c = CString::new(rel).map_err(|_| FsError::InvalidArgument("NUL in path".into()))?;
         // SAFETY: open_how is plain data; the path is NUL-terminated and outlives the call.
         let mut how: libc::open_how = unsafe { std::mem::zeroed() };
         how.flags = (flags | libc::O_CLOEXEC) as u64;
@@ -153,7 +153,7 @@ fn last_os_error(what: &str, path: &[u8]) -> FsError {
 }
 
 fn cstring(name: &[u8]) -> FsResult<CString> {
-    CString::new(name).map_err(|_| FsError::InvalidPath("NUL in name".into()))
+    CString::new(name).map_err(|_| FsError::InvalidArgument("NUL in name".into()))
 }
 
 fn object_from(name: Vec<u8>, md: &std::fs::Metadata, target: Vec<u8>) -> Option<UfsObject> {
@@ -186,7 +186,7 @@ impl LocalUfs {
     fn parent_of(&self, path: &[u8]) -> FsResult<(File, CString)> {
         let parts = components(path)?;
         let Some((name, dirs)) = parts.split_last() else {
-            return Err(FsError::InvalidPath("the UFS root itself".into()));
+            return Err(FsError::InvalidArgument("the UFS root itself".into()));
         };
         let dir = self.open_beneath(&dirs.join(&b'/'), libc::O_RDONLY | libc::O_DIRECTORY)?;
         Ok((dir, cstring(name)?))

@@ -226,7 +226,7 @@ impl GranaryFs {
             .expect("files lock")
             .get(&fh)
             .cloned()
-            .ok_or_else(|| FsError::InvalidPath(format!("unknown file handle {fh}")))
+            .ok_or_else(|| FsError::BadHandle(format!("unknown file handle {fh}")))
     }
 
     pub fn statfs(&self) -> FsResult<StatFsReply> {

@@ -30,7 +30,7 @@ impl GranaryFs {
     pub fn readlink(&self, ino: u64) -> FsResult<Vec<u8>> {
         let i = self.getattr(ino)?;
         if i.kind != FileKind::Symlink as i32 {
-            return Err(FsError::InvalidPath("not a symbolic link".into()));
+            return Err(FsError::InvalidArgument("not a symbolic link".into()));
         }
         Ok(i.symlink_target)
     }
@@ -185,7 +185,7 @@ impl GranaryFs {
             .expect("dirs lock")
             .get(&fh)
             .cloned()
-            .ok_or_else(|| FsError::InvalidPath(format!("unknown directory handle {fh}")))?;
+            .ok_or_else(|| FsError::BadHandle(format!("unknown directory handle {fh}")))?;
         let mut s = stream.lock().expect("dir stream lock");
         let mut out = Vec::new();
         let mut pos = offset;

@@ -22,7 +22,7 @@ impl GranaryFs {
         match FileKind::try_from(inode.kind) {
             Ok(FileKind::File) => {}
             Ok(FileKind::Directory) => return Err(FsError::IsDir(shown(&inode.name))),
-            _ => return Err(FsError::InvalidPath("not a regular file".into())),
+            _ => return Err(FsError::InvalidArgument("not a regular file".into())),
         }
         let version = inode.fingerprint.unwrap_or_default();
         let keep_cache = self.opened_versions.get(&ino) == Some(version);

@@ -171,5 +171,6 @@ fn reads_clip_at_end_of_file() {
     assert_eq!(fs.read(fh, 4, 2).unwrap(), vec![4 ^ 110u8, 5 ^ 110u8]);
     assert!(fs.read(fh, 10, 5).unwrap().is_empty());
     fs.release(fh);
-    assert_eq!(fs.read(fh, 0, 1).unwrap_err().errno(), libc::EINVAL);
+    assert_eq!(fs.read(fh, 0, 1).unwrap_err().errno(), libc::EBADF);
+    assert_eq!(fs.readdir(fh, 0, 10).unwrap_err().errno(), libc::EBADF);
 }

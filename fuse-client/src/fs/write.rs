@@ -100,7 +100,7 @@ impl GranaryFs {
     pub fn write(&self, fh: u64, offset: u64, data: &[u8]) -> FsResult<u32> {
         let file = self.open_file(fh)?;
         let Some(st) = &file.staged else {
-            return Err(FsError::InvalidPath("handle not open for writing".into()));
+            return Err(FsError::BadHandle("handle not open for writing".into()));
         };
         let mut st = st.lock().expect("staged lock");
         self.fill(file.ino, &mut st)?;

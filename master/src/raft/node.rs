@@ -151,8 +151,19 @@ fn slog_logger() -> slog::Logger {
     slog::Logger::root(slog_stdlog::StdLog.fuse(), slog::o!())
 }
 
-fn storage_error(e: StoreError) -> FsError {
-    FsError::Io(format!("raft storage: {e}"))
+/// Why a member's Raft node could not start, or stopped.
+#[derive(Debug, thiserror::Error)]
+pub enum NodeError {
+    #[error("raft config: {0}")]
+    Config(#[source] raft::Error),
+    #[error("raft: {0}")]
+    Raft(#[source] raft::Error),
+    #[error("raft storage: {0}")]
+    Storage(#[from] StoreError),
+    #[error("cannot start the apply thread: {0}")]
+    ApplyThread(#[source] std::io::Error),
+    #[error("the apply thread stopped: {0}")]
+    ApplyFailed(String),
 }
 
 impl RaftNode {
@@ -164,9 +175,9 @@ impl RaftNode {
         (reports, mailbox): (Sender<Mail>, Receiver<Mail>),
         status: Arc<RwLock<RaftStatus>>,
         applied_tx: tokio::sync::watch::Sender<u64>,
-    ) -> Result<Self, FsError> {
+    ) -> Result<Self, NodeError> {
         // `reports` is the mailbox's own sender: the apply thread reports there.
-        let (applied, _) = namespace.applied().map_err(storage_error)?;
+        let (applied, _) = namespace.applied()?;
         let raft_cfg = raft::Config {
             id: cfg.id,
             election_tick: cfg.election_ticks,
@@ -178,13 +189,10 @@ impl RaftNode {
             max_inflight_msgs: 256,
             ..Default::default()
         };
-        raft_cfg
-            .validate()
-            .map_err(|e| FsError::InvalidPath(format!("raft config: {e}")))?;
-        let raw = RawNode::new(&raft_cfg, log_store, &slog_logger())
-            .map_err(|e| FsError::Io(format!("raft: {e}")))?;
+        raft_cfg.validate().map_err(NodeError::Config)?;
+        let raw = RawNode::new(&raft_cfg, log_store, &slog_logger()).map_err(NodeError::Raft)?;
         let applier = Applier::start(namespace.clone(), applied_tx.clone(), reports)
-            .map_err(|e| FsError::Io(format!("apply thread: {e}")))?;
+            .map_err(NodeError::ApplyThread)?;
         let mut node = RaftNode {
             book: cfg.initial_members.iter().cloned().collect(),
             cfg,
@@ -217,8 +225,8 @@ impl RaftNode {
         Ok(node)
     }
 
-    fn load_masters(&mut self) -> Result<(), FsError> {
-        let set = self.namespace.masters().map_err(storage_error)?;
+    fn load_masters(&mut self) -> Result<(), StoreError> {
+        let set = self.namespace.masters()?;
         for m in &set.members {
             self.book.insert(m.id, m.addr.clone());
         }
@@ -231,21 +239,21 @@ impl RaftNode {
 
     /// Runs until shut down; an error is a storage failure after which this member stops
     /// participating rather than risk diverging.
-    pub fn run(mut self) -> FsResult<()> {
+    pub fn run(mut self) -> Result<(), NodeError> {
         let mut last_tick = Instant::now();
         loop {
             let wait = self.cfg.tick.saturating_sub(last_tick.elapsed());
             match self.mailbox.recv_timeout(wait) {
-                Ok(Mail::Shutdown) => return self.applier.stop().map_err(storage_error),
-                Ok(Mail::ApplyFailed(why)) => return Err(FsError::Io(format!("apply: {why}"))),
+                Ok(Mail::Shutdown) => return Ok(self.applier.stop()?),
+                Ok(Mail::ApplyFailed(why)) => return Err(NodeError::ApplyFailed(why)),
                 Ok(mail) => self.handle(mail),
                 Err(RecvTimeoutError::Timeout) => {}
                 Err(RecvTimeoutError::Disconnected) => return Ok(()),
             }
             while let Ok(mail) = self.mailbox.try_recv() {
                 match mail {
-                    Mail::Shutdown => return self.applier.stop().map_err(storage_error),
-                    Mail::ApplyFailed(why) => return Err(FsError::Io(format!("apply: {why}"))),
+                    Mail::Shutdown => return Ok(self.applier.stop()?),
+                    Mail::ApplyFailed(why) => return Err(NodeError::ApplyFailed(why)),
                     mail => self.handle(mail),
                 }
             }
@@ -482,8 +490,7 @@ impl RaftNode {
             // What was handed over before applies first; the snapshot replaces it.
             self.applier.drain()?;
             self.raw.store().apply_snapshot(&snap)?;
-            self.load_masters()
-                .map_err(|e| StoreError::Corrupt(e.to_string()))?;
+            self.load_masters()?;
         }
         let snapshot_index = rd.snapshot().get_metadata().index;
         self.hand_over(rd.take_committed_entries());
@@ -684,10 +691,9 @@ impl RaftNode {
         }
         let cc = ConfChangeV2::parse_from_bytes(e.get_data())
             .map_err(|err| FsError::Io(err.to_string()))?;
-        let cs = self
-            .raw
-            .apply_conf_change(&cc)
-            .map_err(|err| FsError::InvalidPath(format!("membership change rejected: {err}")))?;
+        let cs = self.raw.apply_conf_change(&cc).map_err(|err| {
+            FsError::InvalidArgument(format!("membership change rejected: {err}"))
+        })?;
         let addr = String::from_utf8_lossy(cc.get_context()).into_owned();
         for c in cc.get_changes() {
             match c.get_change_type() {

@@ -62,7 +62,7 @@ impl PeerNetwork for MemTransport {
 struct Member {
     store: Arc<NamespaceStore>,
     log: RaftLog,
-    thread: Option<std::thread::JoinHandle<granary_common::FsResult<()>>>,
+    thread: Option<std::thread::JoinHandle<Result<(), crate::raft::node::NodeError>>>,
 }
 
 struct Group {
