@@ -116,34 +116,51 @@ impl Backing {
     }
 }
 
+/// Where a file's current content is, against what is committed through the leader.
+/// `synced`: made durable against a machine crash (by an fsync, or never changed here);
+/// an fsync of content committed by a close alone stores it again, durably.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Content {
+    /// Nothing staged: the committed version is the content.
+    Committed { synced: bool },
+    /// The staged bytes are the whole content, and it is what is committed.
+    Clean { synced: bool },
+    /// The staged bytes are the whole content, changed since the last commit: the next
+    /// close or fsync stores and commits it.
+    Dirty,
+    /// Stored in the UFS under the file's name (a worker took the staged bytes), but its
+    /// commit through the leader failed: the next try commits it as it is.
+    Published {
+        fingerprint: UfsFingerprint,
+        synced: bool,
+    },
+}
+
+impl Content {
+    /// The staged bytes are the file's whole content: reads and sizes come from them.
+    pub fn is_staged(self) -> bool {
+        matches!(self, Content::Clean { .. } | Content::Dirty)
+    }
+}
+
 pub struct Staged {
     /// Made at the first write, truncate or fill (`None` while all is still empty).
     pub backing: Option<Backing>,
     /// Current size of the file as written here.
     pub size: u64,
-    /// The staging file holds the whole content (copied from the committed content, or
-    /// the file was created or truncated here).
-    pub filled: bool,
-    /// Differs from what is committed: the next flush uploads it.
-    pub modified: bool,
-    /// Committed by a close but not made durable by an fsync: an fsync uploads it again,
-    /// durably.
-    pub undurable: bool,
-    /// Published in the UFS by a local upload whose commit through the leader failed.
-    pub published: Option<UfsFingerprint>,
-    /// Removed from the namespace while open: nothing is uploaded at close.
+    pub content: Content,
+    /// Removed from the namespace while open: nothing is stored at close.
     pub unlinked: bool,
 }
 
 impl Staged {
-    /// Truncated to nothing here (O_TRUNC, or a new file): the next flush uploads it.
+    /// Truncated to nothing here (O_TRUNC, or a new file): the next flush stores it.
     pub fn empty(&mut self) -> FsResult<()> {
         if let Some(b) = &mut self.backing {
             b.set_len(0)?;
         }
         self.size = 0;
-        self.filled = true;
-        self.modified = true;
+        self.content = Content::Dirty;
         Ok(())
     }
 }
@@ -160,7 +177,7 @@ pub struct StagingArea {
 }
 
 impl StagingArea {
-    /// The inode's staged file, made (empty, not filled) for its first user.
+    /// The inode's staged file, made (holding nothing yet) for its first user.
     pub fn attach(&self, ino: u64) -> FsResult<SharedStaged> {
         let mut files = self.files.write().expect("staging lock");
         if let Some((s, users)) = files.get_mut(&ino) {
@@ -170,10 +187,7 @@ impl StagingArea {
         let s = Arc::new(Mutex::new(Staged {
             backing: None,
             size: 0,
-            filled: false,
-            modified: false,
-            undurable: false,
-            published: None,
+            content: Content::Committed { synced: true },
             unlinked: false,
         }));
         files.insert(ino, (s.clone(), 1));

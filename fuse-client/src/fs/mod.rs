@@ -132,7 +132,7 @@ impl GranaryFs {
     fn overlay(&self, mut inode: Inode) -> Inode {
         if let Some(st) = self.staging.get(inode.id) {
             let st = st.lock().expect("staged lock");
-            if st.filled {
+            if st.content.is_staged() {
                 inode.size = st.size;
             }
         }
@@ -149,7 +149,7 @@ impl GranaryFs {
         };
         let st = st.lock().expect("staged lock");
         let mut inode = self.committed(ino)?;
-        if st.filled {
+        if st.content.is_staged() {
             inode.size = st.size;
         }
         Ok(inode)

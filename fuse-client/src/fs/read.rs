@@ -45,7 +45,7 @@ impl GranaryFs {
         let file = self.open_file(fh)?;
         if let Some(st) = self.staging.get(file.ino) {
             let st = st.lock().expect("staged lock");
-            if st.filled {
+            if st.content.is_staged() {
                 return read_staged(&st, offset, size);
             }
         }

@@ -11,7 +11,7 @@ use granary_protos::v1::{CommitContent, CreateRequest, FileKind, Inode, UfsFinge
 use super::{shown, GranaryFs};
 use crate::block_reader::ReadState;
 use crate::content_store::NotStored;
-use crate::staging::{Backing, Staged};
+use crate::staging::{Backing, Content, Staged};
 
 /// Bytes copied per step when committed content is brought into a staging file.
 const FILL_CHUNK: u32 = 4 << 20;
@@ -64,13 +64,15 @@ impl GranaryFs {
 
     /// Brings the committed content into a staging file that has not got it yet.
     fn fill(&self, ino: u64, st: &mut Staged) -> FsResult<()> {
-        if st.filled {
-            return Ok(());
-        }
-        if st.published.is_some() {
+        let synced = match st.content {
+            Content::Clean { .. } | Content::Dirty => return Ok(()),
+            Content::Committed { synced } => synced,
             // The new content is in the UFS already; what is committed is older.
-            self.commit_staged(ino, st, false)?;
-        }
+            Content::Published { .. } => {
+                self.commit_published(ino, st)?;
+                return self.fill(ino, st);
+            }
+        };
         let inode = self.committed(ino)?;
         // Sized for the whole content up front: a big file never starts in memory.
         self.backing_for(ino, st, inode.size)?;
@@ -93,7 +95,7 @@ impl GranaryFs {
         }
         self.backing_for(ino, st, inode.size)?.set_len(inode.size)?;
         st.size = inode.size;
-        st.filled = true;
+        st.content = Content::Clean { synced };
         Ok(())
     }
 
@@ -110,29 +112,30 @@ impl GranaryFs {
         backing.write_all_at(data, at)?;
         backing.written(at, end);
         st.size = st.size.max(end);
-        st.modified = true;
+        st.content = Content::Dirty;
         Ok(data.len() as u32)
     }
 
     /// Makes what this mount wrote to the file visible, and safe from a crash of any
-    /// process: upload through a worker, then commit the new size and version through
-    /// the leader. `durable` (fsync) also makes it survive a machine crash.
+    /// process: store it in the UFS through a worker, then commit the new size and version
+    /// through the leader. `durable` (fsync) also makes it survive a machine crash.
     fn commit_staged(&self, ino: u64, st: &mut Staged, durable: bool) -> FsResult<()> {
-        if st.unlinked || !(st.modified || durable && st.undurable) {
+        if st.unlinked {
             return Ok(());
         }
-        if let Some(fingerprint) = st.published.take() {
-            if let Err(e) = self.commit_version(ino, st, fingerprint, false) {
-                st.published = Some(fingerprint);
-                return Err(e);
-            }
-            if !durable {
-                return Ok(());
-            }
+        if let Content::Published { .. } = st.content {
+            self.commit_published(ino, st)?;
         }
-        // Made durable again after a close published it: the content comes back from
-        // what was committed.
-        self.fill(ino, st)?;
+        match st.content {
+            Content::Dirty => {}
+            Content::Committed { synced } | Content::Clean { synced } if synced || !durable => {
+                return Ok(())
+            }
+            // Committed by a close, now fsync'ed: stored again, durably, from what was
+            // committed.
+            Content::Committed { .. } | Content::Clean { .. } => self.fill(ino, st)?,
+            Content::Published { .. } => unreachable!("committed above"),
+        }
         self.backing_for(ino, st, st.size)?;
         let inode = self.committed(ino)?;
         let backing = st.backing.take().expect("made above");
@@ -146,37 +149,46 @@ impl GranaryFs {
         // Published by a worker: the staged bytes are the UFS object now, and what is
         // written next starts from the committed content.
         let published = stored.kept.is_none();
-        if published {
-            st.filled = false;
-        }
         st.backing = stored.kept;
-        let committed = self.commit_version(ino, st, stored.fingerprint, durable);
-        if committed.is_err() && published {
+        let committed = self.commit_version(ino, st.size, stored.fingerprint);
+        st.content = match (&committed, published) {
+            (Ok(()), true) => Content::Committed { synced: durable },
+            (Ok(()), false) => Content::Clean { synced: durable },
             // In the UFS but not in the namespace: the next try commits it as it is.
-            st.published = Some(stored.fingerprint);
-        }
+            (Err(_), true) => Content::Published {
+                fingerprint: stored.fingerprint,
+                synced: durable,
+            },
+            (Err(_), false) => st.content,
+        };
         committed
     }
 
-    /// Records the uploaded `fingerprint` as the file's content through the leader.
-    fn commit_version(
-        &self,
-        ino: u64,
-        st: &mut Staged,
-        fingerprint: UfsFingerprint,
-        durable: bool,
-    ) -> FsResult<()> {
+    /// Commits content a worker already stored in the UFS.
+    fn commit_published(&self, ino: u64, st: &mut Staged) -> FsResult<()> {
+        if let Content::Published {
+            fingerprint,
+            synced,
+        } = st.content
+        {
+            self.commit_version(ino, st.size, fingerprint)?;
+            st.content = Content::Committed { synced };
+        }
+        Ok(())
+    }
+
+    /// Records the stored `fingerprint` (and `size`) as the file's content through the
+    /// leader.
+    fn commit_version(&self, ino: u64, size: u64, fingerprint: UfsFingerprint) -> FsResult<()> {
         let committed = self.meta.commit(CommitContent {
             id: ino,
-            size: st.size,
+            size,
             fingerprint: Some(fingerprint),
             mtime_ns: 0,
         })?;
         self.remember(&committed);
         self.commits.fetch_add(1, Ordering::AcqRel);
         self.opened_versions.insert(ino, fingerprint);
-        st.modified = false;
-        st.undurable = !durable;
         Ok(())
     }
 
@@ -239,13 +251,14 @@ impl GranaryFs {
         let st = self.staging.attach(ino)?;
         let result = (|| -> FsResult<()> {
             let mut s = st.lock().expect("staged lock");
-            if !s.filled && size == 0 {
-                s.filled = true;
+            // Truncated to nothing: what was committed need not be read first.
+            if size == 0 && matches!(s.content, Content::Committed { .. }) {
+                s.content = Content::Dirty;
             }
             self.fill(ino, &mut s)?;
             self.backing_for(ino, &mut s, size)?.set_len(size)?;
             s.size = size;
-            s.modified = true;
+            s.content = Content::Dirty;
             // Nobody else writes it here: commit now, as truncate(2) is one call.
             if self.staging.users(ino) == 1 {
                 self.commit_staged(ino, &mut s, false)?;

@@ -6,7 +6,6 @@ use crate::content_store::{NotStored, Stored};
 use crate::memory::MemoryLimiter;
 use crate::staging::{Backing, SMALL_FILE_MAX};
 use granary_protos::v1::{BlockLocationsReply, CommitContent, CreateRequest, FileKind, WorkerInfo};
-use std::io::Read;
 
 #[derive(Default)]
 struct Namespace {
@@ -15,6 +14,8 @@ struct Namespace {
     /// Commits that have started (each then takes `commit_delay`).
     commits_started: AtomicU64,
     commit_delay: Mutex<Duration>,
+    /// The next this many commits fail as if the leader were unreachable.
+    failing_commits: AtomicU64,
 }
 
 impl MetadataService for Namespace {
@@ -66,6 +67,12 @@ impl MetadataService for Namespace {
     fn commit(&self, c: CommitContent) -> FsResult<Inode> {
         self.commits_started.fetch_add(1, Ordering::SeqCst);
         std::thread::sleep(*self.commit_delay.lock().unwrap());
+        let failing = self
+            .failing_commits
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1));
+        if failing.is_ok() {
+            return Err(FsError::Unavailable("shard 0 unreachable".into()));
+        }
         let mut inodes = self.inodes.lock().unwrap();
         let i = inodes
             .get_mut(&c.id)
@@ -139,9 +146,8 @@ impl ContentStore for Store {
                 })
             }
             Backing::Own(f) => {
-                let mut data = Vec::new();
-                f.try_clone().unwrap().read_to_end(&mut data).unwrap();
-                data.truncate(size as usize);
+                let mut data = vec![0u8; size as usize];
+                std::os::unix::fs::FileExt::read_exact_at(&f, &mut data, 0).unwrap();
                 Ok(Stored {
                     fingerprint: self.keep(file, data),
                     kept: Some(Backing::Own(f)),
@@ -373,4 +379,58 @@ fn small_files_stage_in_files_once_the_buffer_memory_is_spent() {
         0,
         "neither was sent whole"
     );
+}
+
+#[test]
+fn content_stored_but_not_committed_is_committed_by_the_next_try_as_it_is() {
+    let (fs, ns, store) = fs_with(true);
+    let (inode, fh) = fs.create(1, b"ckpt", 0o644, libc::O_RDWR, 0, 0).unwrap();
+    fs.write(fh, 0, b"version one").unwrap();
+    ns.failing_commits.store(1, Ordering::SeqCst);
+    assert!(fs.flush(fh).unwrap_err().is_retryable());
+    assert_eq!(store.uploads.load(Ordering::Relaxed), 1, "stored once");
+    assert_eq!(ns.getattr(inode.id).unwrap().size, 0, "not committed");
+    // The retry commits what is in the UFS already; it is not stored again.
+    fs.flush(fh).unwrap();
+    assert_eq!(store.uploads.load(Ordering::Relaxed), 1);
+    assert_eq!(ns.getattr(inode.id).unwrap().size, 11);
+    assert_eq!(fs.read(fh, 0, 100).unwrap(), b"version one");
+    fs.release(fh);
+}
+
+#[test]
+fn truncating_content_whose_commit_failed_truncates_what_was_stored() {
+    let (fs, ns, store) = fs_with(true);
+    let (inode, fh) = fs.create(1, b"log", 0o644, libc::O_RDWR, 0, 0).unwrap();
+    fs.write(fh, 0, b"0123456789").unwrap();
+    ns.failing_commits.store(1, Ordering::SeqCst);
+    fs.flush(fh).unwrap_err();
+    let attrs = SetAttr {
+        size: Some(0),
+        ..Default::default()
+    };
+    fs.setattr(inode.id, &attrs).unwrap();
+    fs.release(fh);
+    assert_eq!(ns.getattr(inode.id).unwrap().size, 0);
+    assert!(store.files.lock().unwrap()[&inode.id].is_empty());
+}
+
+#[test]
+fn an_fsync_after_a_close_stores_the_content_again_durably_and_only_once() {
+    let (fs, _, store) = fs_with(false);
+    let (inode, fh) = fs.create(1, b"f", 0o644, libc::O_RDWR, 0, 0).unwrap();
+    fs.write(fh, 0, b"abc").unwrap();
+    fs.flush(fh).unwrap();
+    assert_eq!(store.uploads.load(Ordering::Relaxed), 1);
+    fs.fsync(fh).unwrap();
+    assert_eq!(store.uploads.load(Ordering::Relaxed), 2, "made durable");
+    fs.fsync(fh).unwrap();
+    fs.flush(fh).unwrap();
+    assert_eq!(
+        store.uploads.load(Ordering::Relaxed),
+        2,
+        "nothing new to store"
+    );
+    assert_eq!(store.files.lock().unwrap()[&inode.id], b"abc");
+    fs.release(fh);
 }
