@@ -18,6 +18,7 @@ use granary_common::FsError;
 use granary_protos::v1::{FileKind, Inode};
 
 use crate::fs::{GranaryFs, SetAttr};
+use crate::kernel_view::{Attributes, OpenMode, OwnerOverride, BLOCK_SIZE_HINT};
 
 /// What the kernel is told about caching and ownership.
 #[derive(Debug, Clone)]
@@ -25,8 +26,7 @@ pub struct KernelOptions {
     pub entry_ttl: Duration,
     pub attr_ttl: Duration,
     pub keep_cache: bool,
-    pub uid: Option<u32>,
-    pub gid: Option<u32>,
+    pub owner: OwnerOverride,
 }
 
 pub struct FuseAdapter {
@@ -34,11 +34,6 @@ pub struct FuseAdapter {
     pub opts: KernelOptions,
     pub passthrough: Passthrough,
 }
-
-/// How a descriptor open for writing is served: its writes go straight to the staged
-/// file, not first into the mount's page cache (where a multi-GiB checkpoint would take
-/// as many fresh pages again as the staged file does).
-const WRITER_FOPEN: FopenFlags = FopenFlags::FOPEN_DIRECT_IO;
 
 /// FUSE passthrough state: one backing file per inode, shared by all its open handles
 /// (the kernel requires that), closed when the last one is released.
@@ -97,43 +92,47 @@ impl FuseAdapter {
     }
 
     fn attr(&self, i: &Inode) -> FileAttr {
-        let kind = match FileKind::try_from(i.kind) {
-            Ok(FileKind::Directory) => FileType::Directory,
-            Ok(FileKind::Symlink) => FileType::Symlink,
-            _ => FileType::RegularFile,
-        };
-        let dir = kind == FileType::Directory;
-        let size = if kind == FileType::Symlink {
-            i.symlink_target.len() as u64
-        } else {
-            i.size
-        };
-        let time = |ns: i64| UNIX_EPOCH + Duration::from_nanos(ns.max(0) as u64);
-        let t = time(i.mtime_ns);
-        let or_mtime = |ns: i64| if ns == 0 { t } else { time(ns) };
-        let perm = match i.mode & 0o7777 {
-            0 if dir => 0o755,
-            0 => 0o644,
-            p => p,
-        };
+        let a = Attributes::of(i, self.opts.owner);
         FileAttr {
-            ino: INodeNo(i.id),
-            size,
-            blocks: size.div_ceil(512),
-            atime: or_mtime(i.atime_ns),
-            mtime: t,
-            ctime: or_mtime(i.ctime_ns),
-            crtime: t,
-            kind,
-            perm: perm as u16,
-            nlink: if dir { 2 } else { 1 },
-            uid: self.opts.uid.unwrap_or(i.uid),
-            gid: self.opts.gid.unwrap_or(i.gid),
+            ino: INodeNo(a.ino),
+            size: a.size,
+            blocks: a.blocks,
+            atime: a.atime,
+            mtime: a.mtime,
+            ctime: a.ctime,
+            crtime: a.mtime,
+            kind: file_type(a.kind),
+            perm: a.perm,
+            nlink: a.nlink,
+            uid: a.uid,
+            gid: a.gid,
             rdev: 0,
-            blksize: 1 << 17,
+            blksize: BLOCK_SIZE_HINT,
             flags: 0,
         }
     }
+}
+
+fn file_type(kind: FileKind) -> FileType {
+    match kind {
+        FileKind::Directory => FileType::Directory,
+        FileKind::Symlink => FileType::Symlink,
+        _ => FileType::RegularFile,
+    }
+}
+
+fn fopen(mode: OpenMode) -> FopenFlags {
+    let mut flags = FopenFlags::empty();
+    if mode.direct_io {
+        flags |= FopenFlags::FOPEN_DIRECT_IO;
+    }
+    if mode.keep_cache {
+        flags |= FopenFlags::FOPEN_KEEP_CACHE;
+    }
+    if mode.no_flush {
+        flags |= FopenFlags::FOPEN_NOFLUSH;
+    }
+    flags
 }
 
 impl FuseAdapter {
@@ -220,19 +219,8 @@ impl Filesystem for FuseAdapter {
             Ok(x) => x,
             Err(e) => return reply.error(errno("open", &e)),
         };
-        // A read-only descriptor has nothing to commit at close: spare the FLUSH round
-        // trip every close(2) would otherwise cost.
+        let mode = OpenMode::for_open(flags.0, self.opts.keep_cache, unchanged);
         let read_only = flags.0 & libc::O_ACCMODE == libc::O_RDONLY;
-        let mut fopen = if !read_only {
-            WRITER_FOPEN
-        } else if self.opts.keep_cache && unchanged {
-            FopenFlags::FOPEN_KEEP_CACHE
-        } else {
-            FopenFlags::empty()
-        };
-        if read_only {
-            fopen |= FopenFlags::FOPEN_NOFLUSH;
-        }
         if read_only && self.passthrough.enabled.load(Ordering::Relaxed) {
             if let Some(backing) = self.backing_for(ino.0, fh, &reply) {
                 // The kernel refuses KEEP_CACHE with passthrough (the page cache is the
@@ -244,7 +232,7 @@ impl Filesystem for FuseAdapter {
                 );
             }
         }
-        reply.opened(FileHandle(fh), fopen)
+        reply.opened(FileHandle(fh), fopen(mode))
     }
 
     fn read(
@@ -323,7 +311,7 @@ impl Filesystem for FuseAdapter {
                 &self.attr(&inode),
                 Generation(0),
                 FileHandle(fh),
-                WRITER_FOPEN,
+                fopen(OpenMode::writer()),
             ),
             Err(e) => reply.error(errno("create", &e)),
         }

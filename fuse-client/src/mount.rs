@@ -15,6 +15,7 @@ use crate::content_store::WorkerContentStore;
 use crate::data_client::DataClient;
 use crate::fs::{FsOptions, GranaryFs};
 use crate::fuse_adapter::{FuseAdapter, KernelOptions, Passthrough};
+use crate::kernel_view::OwnerOverride;
 use crate::memory::MemoryLimiter;
 use crate::meta_client::{ClientOptions, GrpcMetadataClient, MetadataService};
 use crate::worker_list::WorkerList;
@@ -204,8 +205,10 @@ pub fn mount(cfg: &MountConfig, mountpoint: &Path) -> Result<MountHandle, MountE
             entry_ttl: Duration::from_millis(cfg.entry_ttl_ms),
             attr_ttl: Duration::from_millis(cfg.attr_ttl_ms),
             keep_cache: cfg.keep_cache,
-            uid: cfg.uid,
-            gid: cfg.gid,
+            owner: OwnerOverride {
+                uid: cfg.uid,
+                gid: cfg.gid,
+            },
         },
         passthrough: Passthrough::new(cfg.passthrough && cfg.short_circuit),
     };
