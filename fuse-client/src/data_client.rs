@@ -247,3 +247,185 @@ pub(crate) fn status_error(addr: &str, status: i32, error: &str) -> FsResult<()>
         _ => Err(FsError::Io(format!("worker {addr}: {error}"))),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    //! The data client against a scripted worker on a loopback port.
+
+    use super::*;
+    use std::net::TcpListener;
+    use std::sync::atomic::AtomicUsize;
+    use std::sync::Arc;
+
+    /// How the scripted worker answers one read.
+    #[derive(Clone, Copy)]
+    enum Answer {
+        /// `length` bytes of `b'x'`, with the request's id.
+        Bytes(u64),
+        /// An answer to some other request.
+        WrongId,
+        /// More bytes than were asked for.
+        TooMuch,
+        /// The connection closes without an answer (a worker that restarted).
+        Hangup,
+        Status(Status),
+    }
+
+    /// Serves connections on a loopback port: a handshake checking `token`, then reads
+    /// answered by `script` (one answer per read, in order; the last repeats).
+    struct Worker {
+        addr: String,
+        connections: Arc<AtomicUsize>,
+    }
+
+    impl Worker {
+        fn start(token: &'static str, script: Vec<Answer>) -> Worker {
+            let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+            let addr = listener.local_addr().unwrap().to_string();
+            let connections = Arc::new(AtomicUsize::new(0));
+            let script = Arc::new(Mutex::new(script));
+            let conns = connections.clone();
+            std::thread::spawn(move || {
+                for stream in listener.incoming() {
+                    let Ok(stream) = stream else { return };
+                    conns.fetch_add(1, Ordering::SeqCst);
+                    let script = script.clone();
+                    std::thread::spawn(move || serve(stream, token, &script));
+                }
+            });
+            Worker { addr, connections }
+        }
+    }
+
+    fn serve(mut s: TcpStream, token: &str, script: &Mutex<Vec<Answer>>) {
+        let hello: Hello = match read_header(&mut s) {
+            Ok(h) => h,
+            Err(_) => return,
+        };
+        let ok = hello.cluster_token == token;
+        let reply = HelloReply {
+            ok,
+            error: if ok {
+                String::new()
+            } else {
+                "wrong cluster token".into()
+            },
+            ..Default::default()
+        };
+        if s.write_all(&encode_header(&reply)).is_err() || !ok {
+            return;
+        }
+        while let Ok(req) = read_header::<DataRequest, _>(&mut s) {
+            let Some(data_request::Op::Read(r)) = req.op else {
+                return;
+            };
+            let answer = {
+                let mut script = script.lock().unwrap();
+                if script.len() > 1 {
+                    script.remove(0)
+                } else {
+                    script[0]
+                }
+            };
+            let (resp, payload) = match answer {
+                Answer::Bytes(n) => (ok_header(r.request_id, n), vec![b'x'; n as usize]),
+                Answer::WrongId => (ok_header(r.request_id + 1, 0), Vec::new()),
+                Answer::TooMuch => (
+                    ok_header(r.request_id, r.length + 1),
+                    vec![b'x'; r.length as usize + 1],
+                ),
+                Answer::Hangup => return,
+                Answer::Status(status) => (
+                    ReadBlockResponse {
+                        request_id: r.request_id,
+                        status: status as i32,
+                        error: "scripted".into(),
+                        ..Default::default()
+                    },
+                    Vec::new(),
+                ),
+            };
+            if s.write_all(&encode_header(&resp)).is_err() || s.write_all(&payload).is_err() {
+                return;
+            }
+        }
+    }
+
+    fn ok_header(request_id: u64, length: u64) -> ReadBlockResponse {
+        ReadBlockResponse {
+            request_id,
+            length,
+            ..Default::default()
+        }
+    }
+
+    fn read(length: u64) -> ReadBlockRequest {
+        ReadBlockRequest {
+            length,
+            ..Default::default()
+        }
+    }
+
+    fn client(token: &str) -> DataClient {
+        DataClient::new(Duration::from_secs(2), Duration::from_secs(5), token)
+    }
+
+    #[test]
+    fn connections_are_reused_and_a_dead_pooled_one_is_replaced() {
+        let w = Worker::start(
+            "t",
+            vec![
+                Answer::Bytes(3),
+                Answer::Bytes(3),
+                Answer::Hangup,
+                Answer::Bytes(3),
+            ],
+        );
+        let c = client("t");
+        for _ in 0..2 {
+            let (resp, data) = c.request(&w.addr, read(3)).unwrap();
+            assert_eq!((resp.length, data), (3, b"xxx".to_vec()));
+        }
+        assert_eq!(
+            w.connections.load(Ordering::SeqCst),
+            1,
+            "one pooled connection"
+        );
+        // The pooled connection dies mid-exchange: the read is asked again on a new one.
+        assert_eq!(c.request(&w.addr, read(3)).unwrap().1, b"xxx");
+        assert_eq!(w.connections.load(Ordering::SeqCst), 2);
+    }
+
+    #[test]
+    fn answers_that_do_not_fit_the_request_are_refused() {
+        let w = Worker::start("t", vec![Answer::WrongId]);
+        let err = client("t").request(&w.addr, read(3)).unwrap_err();
+        assert!(
+            err.is_retryable() && err.to_string().contains("out of order"),
+            "{err}"
+        );
+
+        let w = Worker::start("t", vec![Answer::TooMuch]);
+        let err = client("t").request(&w.addr, read(3)).unwrap_err();
+        assert!(err.to_string().contains("more than asked"), "{err}");
+    }
+
+    #[test]
+    fn worker_statuses_and_refusals_map_to_errnos() {
+        for (status, errno) in [
+            (Status::Stale, libc::ESTALE),
+            (Status::Unavailable, libc::EIO),
+            (Status::BadRequest, libc::EINVAL),
+            (Status::IoError, libc::EIO),
+        ] {
+            let w = Worker::start("t", vec![Answer::Status(status)]);
+            let err = client("t").request(&w.addr, read(1)).unwrap_err();
+            assert_eq!(err.errno(), errno, "{status:?}: {err}");
+        }
+        let w = Worker::start("t", vec![Answer::Bytes(1)]);
+        let err = client("wrong").request(&w.addr, read(1)).unwrap_err();
+        assert!(err.to_string().contains("refused the connection"), "{err}");
+        let err = client("t").request("127.0.0.1:1", read(1)).unwrap_err();
+        assert!(err.is_retryable(), "nobody listening: {err}");
+    }
+}
