@@ -235,6 +235,10 @@ impl GranaryFs {
 }
 
 #[cfg(test)]
+mod doubles;
+#[cfg(test)]
+mod model_tests;
+#[cfg(test)]
 mod tests;
 #[cfg(test)]
 mod write_tests;

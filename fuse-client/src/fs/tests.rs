@@ -1,78 +1,8 @@
-//! GranaryFs driven without a kernel, over in-memory metadata and data doubles.
+//! GranaryFs driven without a kernel, over the in-memory doubles: lookups, listings and
+//! reads.
 
+use super::doubles::{MemNamespace, MemStore, ROOT};
 use super::*;
-use crate::content_store::{NotStored, Stored};
-use crate::staging::Backing;
-use granary_protos::v1::{BlockLocationsReply, WorkerInfo};
-use std::sync::atomic::AtomicUsize;
-
-#[derive(Default)]
-struct Namespace {
-    inodes: Vec<Inode>,
-    lookups: AtomicUsize,
-}
-
-impl MetadataService for Namespace {
-    fn lookup(&self, parent: u64, name: &[u8]) -> FsResult<Inode> {
-        self.lookups.fetch_add(1, Ordering::Relaxed);
-        self.inodes
-            .iter()
-            .find(|i| i.parent == parent && i.name == name && i.id != parent)
-            .cloned()
-            .ok_or_else(|| FsError::NotFound(String::from_utf8_lossy(name).into_owned()))
-    }
-    fn getattr(&self, id: u64) -> FsResult<Inode> {
-        self.inodes
-            .iter()
-            .find(|i| i.id == id)
-            .cloned()
-            .ok_or_else(|| FsError::NotFound(id.to_string()))
-    }
-    fn readdir(&self, id: u64, start_after: &[u8], limit: u32) -> FsResult<(Vec<Inode>, bool)> {
-        let mut kids: Vec<Inode> = self
-            .inodes
-            .iter()
-            .filter(|i| i.parent == id && i.id != id && i.name.as_slice() > start_after)
-            .cloned()
-            .collect();
-        kids.sort_by(|a, b| a.name.cmp(&b.name));
-        let more = kids.len() > limit as usize;
-        kids.truncate(limit as usize);
-        Ok((kids, more))
-    }
-    fn workers(&self) -> FsResult<Vec<WorkerInfo>> {
-        Ok(Vec::new())
-    }
-    fn block_locations(&self, _: u64) -> FsResult<BlockLocationsReply> {
-        Ok(BlockLocationsReply::default())
-    }
-    fn statfs(&self) -> FsResult<StatFsReply> {
-        Ok(StatFsReply::default())
-    }
-}
-
-/// File bytes are a function of (file id, offset).
-struct Bytes;
-impl BlockRead for Bytes {
-    fn read(&self, file: &Inode, _: &mut ReadState, offset: u64, len: u32) -> FsResult<Vec<u8>> {
-        let end = (offset + len as u64).min(file.size);
-        Ok((offset..end).map(|o| (o as u8) ^ (file.id as u8)).collect())
-    }
-}
-
-/// A mount that writes nothing.
-struct NoStore;
-impl ContentStore for NoStore {
-    fn backing(&self, file: &Inode, _: u64) -> FsResult<Backing> {
-        Err(FsError::ReadOnly(shown(&file.name)))
-    }
-    fn store(&self, file: &Inode, backing: Backing, _: u64, _: bool) -> Result<Stored, NotStored> {
-        Err(NotStored {
-            error: FsError::ReadOnly(shown(&file.name)),
-            backing,
-        })
-    }
-}
 
 fn node(id: u64, parent: u64, name: &str, kind: FileKind, size: u64) -> Inode {
     Inode {
@@ -86,33 +16,39 @@ fn node(id: u64, parent: u64, name: &str, kind: FileKind, size: u64) -> Inode {
     }
 }
 
-fn fs() -> (GranaryFs, Arc<Namespace>) {
-    let mut inodes = vec![
-        node(1, 1, "", FileKind::Directory, 0),
-        node(2, 1, "dir", FileKind::Directory, 0),
-    ];
+/// File bytes are a function of (file id, offset).
+fn content(id: u64, size: u64) -> Vec<u8> {
+    (0..size).map(|o| (o as u8) ^ (id as u8)).collect()
+}
+
+/// A read-only mount of `/dir` (2500 files), `/link` -> `dir/f00001`.
+fn fs() -> (GranaryFs, Arc<MemNamespace>, Arc<MemStore>) {
+    let ns = Arc::new(MemNamespace::default());
+    let store = Arc::new(MemStore::new(false, 1 << 30));
+    ns.insert(node(2, ROOT, "dir", FileKind::Directory, 0));
     for i in 0..2500u64 {
-        inodes.push(node(100 + i, 2, &format!("f{i:05}"), FileKind::File, i));
+        ns.insert(node(100 + i, 2, &format!("f{i:05}"), FileKind::File, i));
+        store
+            .files
+            .lock()
+            .unwrap()
+            .insert(100 + i, content(100 + i, i));
     }
-    let mut link = node(3, 1, "link", FileKind::Symlink, 0);
+    let mut link = node(3, ROOT, "link", FileKind::Symlink, 0);
     link.symlink_target = b"dir/f00001".to_vec();
-    inodes.push(link);
-    let ns = Arc::new(Namespace {
-        inodes,
-        ..Default::default()
-    });
+    ns.insert(link);
     let opts = FsOptions {
         meta_cache_ttl: Duration::from_secs(60),
         meta_cache_entries: 10_000,
         read_only: true,
     };
-    let store = Arc::new(NoStore);
-    (GranaryFs::new(ns.clone(), Arc::new(Bytes), store, opts), ns)
+    let fs = GranaryFs::new(ns.clone(), store.clone(), store.clone(), opts);
+    (fs, ns, store)
 }
 
 #[test]
 fn lookups_are_cached_and_errors_are_precise() {
-    let (fs, ns) = fs();
+    let (fs, ns, _) = fs();
     assert_eq!(fs.lookup(1, b"dir").unwrap().id, 2);
     assert_eq!(fs.lookup(1, b"dir").unwrap().id, 2);
     assert_eq!(
@@ -140,7 +76,7 @@ fn lookups_are_cached_and_errors_are_precise() {
 
 #[test]
 fn readdir_pages_through_large_directories_and_fills_the_cache() {
-    let (fs, ns) = fs();
+    let (fs, ns, _) = fs();
     let fh = fs.opendir(2).unwrap();
     let mut names = Vec::new();
     let mut offset = 0;
@@ -165,7 +101,7 @@ fn readdir_pages_through_large_directories_and_fills_the_cache() {
 
 #[test]
 fn reads_clip_at_end_of_file() {
-    let (fs, _) = fs();
+    let (fs, _, _) = fs();
     let (fh, _) = fs.open(110, libc::O_RDONLY).unwrap();
     assert_eq!(fs.read(fh, 0, 100).unwrap().len(), 10);
     assert_eq!(fs.read(fh, 4, 2).unwrap(), vec![4 ^ 110u8, 5 ^ 110u8]);
@@ -173,4 +109,22 @@ fn reads_clip_at_end_of_file() {
     fs.release(fh);
     assert_eq!(fs.read(fh, 0, 1).unwrap_err().errno(), libc::EBADF);
     assert_eq!(fs.readdir(fh, 0, 10).unwrap_err().errno(), libc::EBADF);
+}
+
+#[test]
+fn a_file_changed_in_the_ufs_is_listed_again_and_read_at_its_new_version() {
+    let (fs, ns, store) = fs();
+    let (fh, _) = fs.open(110, libc::O_RDONLY).unwrap();
+    assert_eq!(fs.read(fh, 0, 100).unwrap(), content(110, 10));
+    // The worker finds the UFS object changed; listing the directory again shows it.
+    store.stale_once.lock().unwrap().insert(110);
+    store
+        .files
+        .lock()
+        .unwrap()
+        .insert(110, b"new and longer".to_vec());
+    ns.update(110, |i| i.size = 14);
+    assert_eq!(fs.read(fh, 0, 100).unwrap(), b"new and longer");
+    assert_eq!(ns.refreshes.load(Ordering::SeqCst), 1);
+    fs.release(fh);
 }

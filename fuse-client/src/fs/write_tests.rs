@@ -1,194 +1,17 @@
-//! The write path driven without a kernel: an in-memory namespace that accepts
-//! creates and commits, and a data path that keeps uploaded contents by inode.
+//! The write path driven without a kernel, over the in-memory doubles: the namespace
+//! accepts creates and commits, the store keeps what is stored by inode.
 
+use super::doubles::{writable_fs, MemNamespace, MemStore};
 use super::*;
-use crate::content_store::{NotStored, Stored};
-use crate::memory::MemoryLimiter;
-use crate::staging::{Backing, SMALL_FILE_MAX};
-use granary_protos::v1::{BlockLocationsReply, CommitContent, CreateRequest, FileKind, WorkerInfo};
+use crate::staging::SMALL_FILE_MAX;
+use granary_protos::v1::{CreateRequest, FileKind};
 
-#[derive(Default)]
-struct Namespace {
-    inodes: Mutex<HashMap<u64, Inode>>,
-    next: AtomicU64,
-    /// Commits that have started (each then takes `commit_delay`).
-    commits_started: AtomicU64,
-    commit_delay: Mutex<Duration>,
-    /// The next this many commits fail as if the leader were unreachable.
-    failing_commits: AtomicU64,
+fn fs() -> (GranaryFs, Arc<MemNamespace>, Arc<MemStore>) {
+    writable_fs(false, 1 << 30)
 }
 
-impl MetadataService for Namespace {
-    fn lookup(&self, parent: u64, name: &[u8]) -> FsResult<Inode> {
-        self.inodes
-            .lock()
-            .unwrap()
-            .values()
-            .find(|i| i.parent == parent && i.name == name && i.id != parent)
-            .cloned()
-            .ok_or_else(|| FsError::NotFound(shown(name)))
-    }
-    fn getattr(&self, id: u64) -> FsResult<Inode> {
-        self.inodes
-            .lock()
-            .unwrap()
-            .get(&id)
-            .cloned()
-            .ok_or_else(|| FsError::NotFound(id.to_string()))
-    }
-    fn readdir(&self, _: u64, _: &[u8], _: u32) -> FsResult<(Vec<Inode>, bool)> {
-        Ok((Vec::new(), false))
-    }
-    fn workers(&self) -> FsResult<Vec<WorkerInfo>> {
-        Ok(Vec::new())
-    }
-    fn block_locations(&self, _: u64) -> FsResult<BlockLocationsReply> {
-        Ok(BlockLocationsReply::default())
-    }
-    fn statfs(&self) -> FsResult<StatFsReply> {
-        Ok(StatFsReply::default())
-    }
-    fn create(&self, req: CreateRequest) -> FsResult<Inode> {
-        if self.lookup(req.parent, &req.name).is_ok() {
-            return Err(FsError::Exists(shown(&req.name)));
-        }
-        let inode = Inode {
-            id: 100 + self.next.fetch_add(1, Ordering::Relaxed),
-            parent: req.parent,
-            name: req.name,
-            kind: req.kind,
-            mode: req.mode,
-            block_size: 1 << 20,
-            ..Default::default()
-        };
-        self.inodes.lock().unwrap().insert(inode.id, inode.clone());
-        Ok(inode)
-    }
-    fn commit(&self, c: CommitContent) -> FsResult<Inode> {
-        self.commits_started.fetch_add(1, Ordering::SeqCst);
-        std::thread::sleep(*self.commit_delay.lock().unwrap());
-        let failing = self
-            .failing_commits
-            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1));
-        if failing.is_ok() {
-            return Err(FsError::Unavailable("shard 0 unreachable".into()));
-        }
-        let mut inodes = self.inodes.lock().unwrap();
-        let i = inodes
-            .get_mut(&c.id)
-            .ok_or_else(|| FsError::NotFound("gone".into()))?;
-        i.size = c.size;
-        i.fingerprint = c.fingerprint;
-        Ok(i.clone())
-    }
-}
-
-/// Uploaded contents by inode; reads serve them. With `local_worker`, small files are
-/// published whole (as through a worker on this machine), counted in `whole` too.
-#[derive(Default)]
-struct Store {
-    files: Mutex<HashMap<u64, Vec<u8>>>,
-    uploads: AtomicU64,
-    local_worker: bool,
-    whole: AtomicU64,
-    memory: Option<Arc<MemoryLimiter>>,
-}
-
-impl Store {
-    fn keep(&self, file: &Inode, data: Vec<u8>) -> UfsFingerprint {
-        let size = data.len() as u64;
-        self.files.lock().unwrap().insert(file.id, data);
-        let n = self.uploads.fetch_add(1, Ordering::Relaxed) as i64;
-        UfsFingerprint {
-            size,
-            mtime_ns: n + 1,
-        }
-    }
-}
-
-impl BlockRead for Store {
-    fn read(&self, file: &Inode, _: &mut ReadState, offset: u64, len: u32) -> FsResult<Vec<u8>> {
-        let files = self.files.lock().unwrap();
-        let data = files.get(&file.id).cloned().unwrap_or_default();
-        let start = (offset as usize).min(data.len());
-        let end = (start + len as usize).min(data.len());
-        Ok(data[start..end].to_vec())
-    }
-}
-
-impl ContentStore for Store {
-    fn backing(&self, _: &Inode, end: u64) -> FsResult<Backing> {
-        let memory = self.memory.as_ref().expect("made with a limiter");
-        if self.local_worker && end <= SMALL_FILE_MAX {
-            if let Some(memory) = memory.try_reserve(end) {
-                return Ok(Backing::Memory {
-                    socket: "upload.sock".into(),
-                    data: Vec::new(),
-                    memory,
-                });
-            }
-        }
-        Ok(Backing::Own(tempfile::tempfile()?))
-    }
-    fn store(
-        &self,
-        file: &Inode,
-        backing: Backing,
-        size: u64,
-        _: bool,
-    ) -> Result<Stored, NotStored> {
-        match backing {
-            Backing::Memory { data, .. } => {
-                self.whole.fetch_add(1, Ordering::Relaxed);
-                Ok(Stored {
-                    fingerprint: self.keep(file, data),
-                    kept: None,
-                })
-            }
-            Backing::Own(f) => {
-                let mut data = vec![0u8; size as usize];
-                std::os::unix::fs::FileExt::read_exact_at(&f, &mut data, 0).unwrap();
-                Ok(Stored {
-                    fingerprint: self.keep(file, data),
-                    kept: Some(Backing::Own(f)),
-                })
-            }
-            Backing::Worker(_) => unreachable!("this store makes no local uploads"),
-        }
-    }
-}
-
-fn fs() -> (GranaryFs, Arc<Namespace>, Arc<Store>) {
-    fs_with(false)
-}
-
-fn fs_with(local_worker: bool) -> (GranaryFs, Arc<Namespace>, Arc<Store>) {
-    fs_with_memory(local_worker, 1 << 30)
-}
-
-fn fs_with_memory(local_worker: bool, memory: u64) -> (GranaryFs, Arc<Namespace>, Arc<Store>) {
-    let ns = Arc::new(Namespace::default());
-    ns.inodes.lock().unwrap().insert(
-        1,
-        Inode {
-            id: 1,
-            parent: 1,
-            kind: FileKind::Directory as i32,
-            ..Default::default()
-        },
-    );
-    let store = Arc::new(Store {
-        local_worker,
-        memory: Some(MemoryLimiter::new(memory)),
-        ..Default::default()
-    });
-    let opts = FsOptions {
-        meta_cache_ttl: Duration::from_secs(60),
-        meta_cache_entries: 1000,
-        read_only: false,
-    };
-    let fs = GranaryFs::new(ns.clone(), store.clone(), store.clone(), opts);
-    (fs, ns, store)
+fn fs_with(local_worker: bool) -> (GranaryFs, Arc<MemNamespace>, Arc<MemStore>) {
+    writable_fs(local_worker, 1 << 30)
 }
 
 #[test]
@@ -355,8 +178,8 @@ fn attributes_read_during_a_commit_show_the_new_size() {
 
 #[test]
 fn small_files_stage_in_files_once_the_buffer_memory_is_spent() {
-    let (fs, _, store) = fs_with_memory(true, 150 << 10);
-    let memory = store.memory.clone().unwrap();
+    let (fs, _, store) = writable_fs(true, 150 << 10);
+    let memory = store.memory.clone();
     let chunk = vec![3u8; 100 << 10];
     let (a, fa) = fs.create(1, b"a", 0o644, libc::O_RDWR, 0, 0).unwrap();
     let (b, fb) = fs.create(1, b"b", 0o644, libc::O_RDWR, 0, 0).unwrap();
@@ -386,7 +209,7 @@ fn content_stored_but_not_committed_is_committed_by_the_next_try_as_it_is() {
     let (fs, ns, store) = fs_with(true);
     let (inode, fh) = fs.create(1, b"ckpt", 0o644, libc::O_RDWR, 0, 0).unwrap();
     fs.write(fh, 0, b"version one").unwrap();
-    ns.failing_commits.store(1, Ordering::SeqCst);
+    ns.faults.commits.store(1, Ordering::SeqCst);
     assert!(fs.flush(fh).unwrap_err().is_retryable());
     assert_eq!(store.uploads.load(Ordering::Relaxed), 1, "stored once");
     assert_eq!(ns.getattr(inode.id).unwrap().size, 0, "not committed");
@@ -403,7 +226,7 @@ fn truncating_content_whose_commit_failed_truncates_what_was_stored() {
     let (fs, ns, store) = fs_with(true);
     let (inode, fh) = fs.create(1, b"log", 0o644, libc::O_RDWR, 0, 0).unwrap();
     fs.write(fh, 0, b"0123456789").unwrap();
-    ns.failing_commits.store(1, Ordering::SeqCst);
+    ns.faults.commits.store(1, Ordering::SeqCst);
     fs.flush(fh).unwrap_err();
     let attrs = SetAttr {
         size: Some(0),
