@@ -8,8 +8,8 @@ use anyhow::{bail, Context};
 use granary_common::path::components;
 use granary_fuse_client::cli::ClusterArgs;
 use granary_fuse_client::fs::GranaryFs;
-use granary_fuse_client::meta_client::MetadataService;
 use granary_fuse_client::MountConfig;
+use granary_meta_client::MetadataService;
 use granary_protos::v1::{FileKind, Inode, LoadMetadataRequest};
 
 pub struct FsClient {

@@ -17,8 +17,8 @@ use granary_protos::v1::{Inode, WorkerInfo};
 
 use crate::data_client::DataClient;
 use crate::memory::{MemoryLimiter, Reservation};
-use crate::meta_client::MetadataService;
 use crate::worker_list::{data_addr, hashed, with_retries, WorkerList};
+use granary_meta_client::MetadataService;
 
 /// Largest range one data-port request asks for (the worker's limit).
 const MAX_REQUEST: u64 = 16 << 20;

@@ -10,7 +10,6 @@ pub mod fuse_adapter;
 pub mod kernel_view;
 pub mod local_upload;
 pub mod memory;
-pub mod meta_client;
 pub mod mount;
 pub mod staging;
 pub mod worker_list;

@@ -17,8 +17,8 @@ use crate::fs::{FsOptions, GranaryFs};
 use crate::fuse_adapter::{FuseAdapter, KernelOptions, Passthrough};
 use crate::kernel_view::OwnerOverride;
 use crate::memory::MemoryLimiter;
-use crate::meta_client::{ClientOptions, GrpcMetadataClient, MetadataService};
 use crate::worker_list::WorkerList;
+use granary_meta_client::{ClientOptions, GrpcMetadataClient, MetadataService};
 
 /// How long a worker list serves before it is listed again (in the background).
 const WORKER_LIST_TTL: Duration = Duration::from_secs(3);

@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 use granary_common::{FsError, FsResult};
 use granary_protos::v1::WorkerInfo;
 
-use crate::meta_client::MetadataService;
+use granary_meta_client::MetadataService;
 
 /// Tries of a block read or an upload that fails retryably (a worker restarting, or one
 /// that has not yet learned a mount, which takes up to a heartbeat): about 2.5 s in all.

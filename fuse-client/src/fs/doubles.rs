@@ -18,8 +18,8 @@ use super::{shown, FsOptions, GranaryFs};
 use crate::block_reader::{BlockRead, ReadState};
 use crate::content_store::{ContentStore, NotStored, Stored};
 use crate::memory::MemoryLimiter;
-use crate::meta_client::MetadataService;
 use crate::staging::{Backing, SMALL_FILE_MAX};
+use granary_meta_client::MetadataService;
 
 pub const ROOT: u64 = 1;
 

@@ -22,8 +22,8 @@ use moka::sync::Cache;
 
 use crate::block_reader::{BlockRead, ReadState};
 use crate::content_store::ContentStore;
-use crate::meta_client::MetadataService;
 use crate::staging::{SharedStaged, StagingArea};
+use granary_meta_client::MetadataService;
 
 #[derive(Debug, Clone)]
 pub struct FsOptions {

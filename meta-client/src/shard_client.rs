@@ -1,6 +1,5 @@
-//! Metadata access for the filesystem. [`MetadataService`] is what the filesystem needs;
-//! [`GrpcMetadataClient`] implements it against a shard's Raft group: it follows the
-//! leader hints non-leaders return, rotates across members when one is down, adopts a
+//! [`GrpcMetadataClient`]: the [`MetadataService`] of one shard's Raft group. It follows
+//! the leader hints non-leaders return, rotates across members when one is down, adopts a
 //! newer master set (master migration) without a restart, and gives up after a bounded
 //! deadline with EIO and a log line naming the shard.
 
@@ -20,54 +19,9 @@ use granary_protos::LEADER_METADATA_KEY;
 use tonic::service::interceptor::InterceptedService;
 use tonic::transport::Channel;
 
+use crate::MetadataService;
+
 pub type Client = NamespaceClient<InterceptedService<Channel, AttachToken>>;
-
-/// Metadata operations the filesystem needs. The mutations have read-only defaults so a
-/// read-only service (a test double) need not spell them out.
-pub trait MetadataService: Send + Sync {
-    fn lookup(&self, parent: u64, name: &[u8]) -> FsResult<Inode>;
-    fn getattr(&self, id: u64) -> FsResult<Inode>;
-    /// One page of a directory, after `start_after`; the flag says whether more remain.
-    fn readdir(&self, id: u64, start_after: &[u8], limit: u32) -> FsResult<(Vec<Inode>, bool)>;
-    fn workers(&self) -> FsResult<Vec<WorkerInfo>>;
-    fn block_locations(&self, file_id: u64) -> FsResult<BlockLocationsReply>;
-    fn statfs(&self) -> FsResult<StatFsReply>;
-
-    /// Creates a file, directory or symlink (`req.symlink_target`).
-    fn create(&self, req: CreateRequest) -> FsResult<Inode> {
-        Err(read_only(&req.name))
-    }
-    fn remove(&self, parent: u64, name: &[u8], directory: bool) -> FsResult<()> {
-        let _ = (parent, directory);
-        Err(read_only(name))
-    }
-    fn rename(&self, req: RenameRequest) -> FsResult<Inode> {
-        Err(read_only(&req.name))
-    }
-    fn set_attr(&self, attrs: SetAttributes) -> FsResult<Inode> {
-        let _ = attrs;
-        Err(read_only(b""))
-    }
-    /// Lists a directory again from the UFS (a file in it changed behind Granary's back).
-    fn refresh(&self, dir: u64) -> FsResult<()> {
-        Err(FsError::Unsupported(format!(
-            "directory {dir:#x}: this metadata service cannot refresh"
-        )))
-    }
-
-    /// Records that a file's content reached the UFS.
-    fn commit(&self, content: CommitContent) -> FsResult<Inode> {
-        let _ = content;
-        Err(read_only(b""))
-    }
-}
-
-fn read_only(name: &[u8]) -> FsError {
-    FsError::ReadOnly(format!(
-        "{}: this metadata service is read-only",
-        String::from_utf8_lossy(name)
-    ))
-}
 
 #[derive(Clone)]
 struct Member {

@@ -1,0 +1,59 @@
+//! Metadata clients: [`MetadataService`] is what a filesystem (or a proxy) needs of the
+//! namespace; [`GrpcMetadataClient`] serves it from one shard's masters.
+
+mod shard_client;
+
+use granary_common::{FsError, FsResult};
+use granary_protos::v1::{
+    BlockLocationsReply, CommitContent, CreateRequest, Inode, RenameRequest, SetAttributes,
+    StatFsReply, WorkerInfo,
+};
+
+pub use shard_client::{ClientOptions, GrpcMetadataClient};
+
+/// Metadata operations the filesystem needs. The mutations have read-only defaults so a
+/// read-only service (a test double) need not spell them out.
+pub trait MetadataService: Send + Sync {
+    fn lookup(&self, parent: u64, name: &[u8]) -> FsResult<Inode>;
+    fn getattr(&self, id: u64) -> FsResult<Inode>;
+    /// One page of a directory, after `start_after`; the flag says whether more remain.
+    fn readdir(&self, id: u64, start_after: &[u8], limit: u32) -> FsResult<(Vec<Inode>, bool)>;
+    fn workers(&self) -> FsResult<Vec<WorkerInfo>>;
+    fn block_locations(&self, file_id: u64) -> FsResult<BlockLocationsReply>;
+    fn statfs(&self) -> FsResult<StatFsReply>;
+
+    /// Creates a file, directory or symlink (`req.symlink_target`).
+    fn create(&self, req: CreateRequest) -> FsResult<Inode> {
+        Err(read_only(&req.name))
+    }
+    fn remove(&self, parent: u64, name: &[u8], directory: bool) -> FsResult<()> {
+        let _ = (parent, directory);
+        Err(read_only(name))
+    }
+    fn rename(&self, req: RenameRequest) -> FsResult<Inode> {
+        Err(read_only(&req.name))
+    }
+    fn set_attr(&self, attrs: SetAttributes) -> FsResult<Inode> {
+        let _ = attrs;
+        Err(read_only(b""))
+    }
+    /// Lists a directory again from the UFS (a file in it changed behind Granary's back).
+    fn refresh(&self, dir: u64) -> FsResult<()> {
+        Err(FsError::Unsupported(format!(
+            "directory {dir:#x}: this metadata service cannot refresh"
+        )))
+    }
+
+    /// Records that a file's content reached the UFS.
+    fn commit(&self, content: CommitContent) -> FsResult<Inode> {
+        let _ = content;
+        Err(read_only(b""))
+    }
+}
+
+fn read_only(name: &[u8]) -> FsError {
+    FsError::ReadOnly(format!(
+        "{}: this metadata service is read-only",
+        String::from_utf8_lossy(name)
+    ))
+}
