@@ -2,6 +2,9 @@
 //! servers refuse calls without the right one. An empty configured token disables the check
 //! (single-user local mode).
 
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+
 use tonic::metadata::MetadataValue;
 use tonic::service::Interceptor;
 use tonic::{Request, Status};
@@ -10,11 +13,13 @@ pub const TOKEN_METADATA_KEY: &str = "x-granary-token";
 /// Same value as `granary_protos::CONSISTENCY_METADATA_KEY` (common does not depend on protos).
 pub const CONSISTENCY_METADATA_KEY: &str = "x-granary-consistency";
 
-/// Client side: attaches the token (and, for reads, the chosen consistency) to every call.
+/// Client side: attaches the token (and, for reads, the chosen consistency; for routed
+/// calls, the routing table version they were routed by) to every call.
 #[derive(Clone, Debug, Default)]
 pub struct AttachToken {
     value: Option<MetadataValue<tonic::metadata::Ascii>>,
     consistency: Option<MetadataValue<tonic::metadata::Ascii>>,
+    routing: Option<Arc<AtomicU64>>,
 }
 
 impl AttachToken {
@@ -27,13 +32,19 @@ impl AttachToken {
             .map_err(|_| "cluster_token must be printable ASCII".to_string())?;
         Ok(AttachToken {
             value: Some(value),
-            consistency: None,
+            ..Default::default()
         })
     }
 
     /// Also asks for this read consistency on every call.
     pub fn with_consistency(mut self, c: crate::consistency::ReadConsistency) -> Self {
         self.consistency = c.to_string().parse().ok();
+        self
+    }
+
+    /// Also says, on every call, which routing table version routed it (0: none).
+    pub fn with_routing(mut self, version: Arc<AtomicU64>) -> Self {
+        self.routing = Some(version);
         self
     }
 }
@@ -46,6 +57,15 @@ impl Interceptor for AttachToken {
         if let Some(v) = &self.consistency {
             req.metadata_mut()
                 .insert(CONSISTENCY_METADATA_KEY, v.clone());
+        }
+        if let Some(version) = &self.routing {
+            let v = version.load(Ordering::Relaxed);
+            if v > 0 {
+                req.metadata_mut().insert(
+                    crate::error::ROUTING_VERSION_METADATA_KEY,
+                    v.to_string().parse().expect("ascii digits"),
+                );
+            }
         }
         Ok(req)
     }

@@ -6,6 +6,8 @@ use tonic::{Code, Status};
 pub type FsResult<T> = Result<T, FsError>;
 
 const ERRNO_METADATA_KEY: &str = "x-granary-errno";
+/// On a refusal for routing by an older table: the version the server has.
+pub const ROUTING_VERSION_METADATA_KEY: &str = "x-granary-routing-version";
 
 #[derive(Debug, Clone, thiserror::Error, PartialEq, Eq)]
 pub enum FsError {
@@ -33,6 +35,13 @@ pub enum FsError {
     NotEmpty(String),
     #[error("cross-device link: {0}")]
     CrossDevice(String),
+    /// In use by the system, as a mount point is (a prefix pinned to another shard).
+    #[error("busy: {0}")]
+    Busy(String),
+    /// The caller routed by an older routing table than this server's (version given):
+    /// it fetches the new one and routes again.
+    #[error("the routing table changed (now version {0}); routing again")]
+    StaleRouting(u64),
     #[error("read-only filesystem: {0}")]
     ReadOnly(String),
     #[error("not supported: {0}")]
@@ -63,6 +72,8 @@ impl FsError {
             FsError::NotPermitted(_) => libc::EPERM,
             FsError::NotEmpty(_) => libc::ENOTEMPTY,
             FsError::CrossDevice(_) => libc::EXDEV,
+            FsError::Busy(_) => libc::EBUSY,
+            FsError::StaleRouting(_) => libc::EIO,
             FsError::ReadOnly(_) => libc::EROFS,
             FsError::Unsupported(_) => libc::ENOTSUP,
             FsError::Stale(_) => libc::ESTALE,
@@ -90,6 +101,7 @@ impl FsError {
             libc::EPERM => FsError::NotPermitted(msg),
             libc::ENOTEMPTY => FsError::NotEmpty(msg),
             libc::EXDEV => FsError::CrossDevice(msg),
+            libc::EBUSY => FsError::Busy(msg),
             libc::EROFS => FsError::ReadOnly(msg),
             libc::ENOTSUP => FsError::Unsupported(msg),
             libc::ESTALE => FsError::Stale(msg),
@@ -122,7 +134,10 @@ impl From<FsError> for Status {
             | FsError::InvalidArgument(_)
             | FsError::BadHandle(_) => Code::InvalidArgument,
             FsError::PermissionDenied(_) | FsError::NotPermitted(_) => Code::PermissionDenied,
-            FsError::NotEmpty(_) | FsError::CrossDevice(_) => Code::FailedPrecondition,
+            FsError::NotEmpty(_) | FsError::CrossDevice(_) | FsError::Busy(_) => {
+                Code::FailedPrecondition
+            }
+            FsError::StaleRouting(_) => Code::FailedPrecondition,
             FsError::ReadOnly(_) => Code::FailedPrecondition,
             FsError::Unsupported(_) => Code::Unimplemented,
             FsError::Unavailable(_) => Code::Unavailable,
@@ -135,6 +150,12 @@ impl From<FsError> for Status {
             ERRNO_METADATA_KEY,
             e.errno().to_string().parse().expect("ascii digits"),
         );
+        if let FsError::StaleRouting(version) = e {
+            status.metadata_mut().insert(
+                ROUTING_VERSION_METADATA_KEY,
+                version.to_string().parse().expect("ascii digits"),
+            );
+        }
         status
     }
 }
@@ -142,6 +163,14 @@ impl From<FsError> for Status {
 impl From<Status> for FsError {
     fn from(s: Status) -> FsError {
         let msg = s.message().to_string();
+        if let Some(version) = s
+            .metadata()
+            .get(ROUTING_VERSION_METADATA_KEY)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.parse::<u64>().ok())
+        {
+            return FsError::StaleRouting(version);
+        }
         if let Some(errno) = s
             .metadata()
             .get(ERRNO_METADATA_KEY)
@@ -181,9 +210,14 @@ mod tests {
             FsError::NotDir("d".into()),
             FsError::Exists("e".into()),
             FsError::Unavailable("u".into()),
+            FsError::Busy("b".into()),
+            FsError::StaleRouting(7),
         ] {
             let back = FsError::from(Status::from(e.clone()));
             assert_eq!(back.errno(), e.errno(), "{e:?} -> {back:?}");
+            if let FsError::StaleRouting(v) = e {
+                assert_eq!(back, FsError::StaleRouting(v));
+            }
         }
         assert!(FsError::from(Status::unavailable("down")).is_retryable());
     }

@@ -28,6 +28,9 @@ pub struct MasterConfig {
     pub join: bool,
     /// Shared secret every cluster RPC must carry; empty disables the check.
     pub cluster_token: String,
+    /// Where a shard other than 0 gets the routing table: routers or shard 0's masters
+    /// (`host:port`). Shard 0 keeps the table itself.
+    pub routing: Vec<String>,
     /// Secret only the masters of this group share, for the calls between them (Raft
     /// messages, read indexes, forwarded loads): set, it keeps clients that know the
     /// cluster token off those calls. Empty: peers use `cluster_token`.
@@ -67,6 +70,7 @@ impl Default for MasterConfig {
             join: false,
             cluster_token: String::new(),
             peer_token: String::new(),
+            routing: Vec::new(),
             raft_tick_ms: 100,
             election_ticks: 10,
             heartbeat_ticks: 2,
@@ -131,6 +135,12 @@ impl MasterConfig {
         }
         if self.id == 0 {
             return Err(ConfigError::invalid("id", "must be non-zero"));
+        }
+        if self.shard_id != 0 && self.routing.is_empty() {
+            return Err(ConfigError::invalid(
+                "routing",
+                "a shard other than 0 needs the addresses of routers or of shard 0's masters",
+            ));
         }
         let members = self.initial_members()?;
         let mut ids: Vec<u64> = members.iter().map(|m| m.0).collect();

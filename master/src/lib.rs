@@ -10,12 +10,14 @@ mod lease_reads;
 pub mod loader;
 mod mutations;
 pub mod raft;
+mod routing;
 pub mod server;
 pub mod service;
 mod state_machine;
 #[cfg(test)]
 mod state_machine_model;
 pub mod store;
+mod table_follower;
 pub mod workers;
 
 pub use config::MasterConfig;

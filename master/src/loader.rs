@@ -12,6 +12,8 @@ use granary_protos::v1::{command, Command, FileKind, Inode, LoadDirectory, UfsEn
 use tokio::sync::mpsc;
 use tokio::task::JoinSet;
 
+use granary_shard_router::{child_path, Placement};
+
 use crate::command_log::CommandLog;
 use crate::store::NamespaceStore;
 
@@ -60,6 +62,7 @@ fn entry_of(o: UfsObject) -> UfsEntry {
         mtime_ns: o.mtime_ns,
         mode: o.mode,
         symlink_target: o.symlink_target,
+        referral: None,
     }
 }
 
@@ -83,6 +86,10 @@ impl<L: CommandLog> MetadataLoader<L> {
     /// Whether `dir` must be listed before it is served: never listed, or listed longer
     /// ago than the sync interval.
     pub fn needs_listing(&self, dir: &Inode) -> bool {
+        // Another shard's subtree is never listed here.
+        if dir.referral.is_some() {
+            return false;
+        }
         if !dir.children_loaded {
             return true;
         }
@@ -148,7 +155,7 @@ impl<L: CommandLog> MetadataLoader<L> {
             let cmd = Command {
                 op: Some(command::Op::LoadDirectory(LoadDirectory {
                     dir_id: current.id,
-                    entries: listed.into_iter().map(entry_of).collect(),
+                    entries: self.placed(&current, listed)?,
                     listed_at_ns: now_ns(),
                 })),
             };
@@ -158,6 +165,32 @@ impl<L: CommandLog> MetadataLoader<L> {
         .await;
         self.inflight.lock().expect("inflight lock").remove(&dir.id);
         result
+    }
+
+    /// The listed entries this shard keeps, by its routing table: its own, and referrals
+    /// for prefixes pinned to other shards.
+    fn placed(&self, dir: &Inode, listed: Vec<UfsObject>) -> FsResult<Vec<UfsEntry>> {
+        let Some(table) = self.store.routing_table()? else {
+            return Ok(listed.into_iter().map(entry_of).collect());
+        };
+        let path = self.store.path_of(dir.id)?;
+        let shard = self.store.shard();
+        Ok(listed
+            .into_iter()
+            .filter_map(|o| {
+                let child = child_path(&path, &o.name);
+                let placement = table.placement(shard, &child);
+                if placement == Placement::Elsewhere {
+                    return None;
+                }
+                let mut e = entry_of(o);
+                e.referral = crate::routing::referral(placement, child);
+                if e.referral.is_some() {
+                    e.kind = FileKind::Directory as i32;
+                }
+                Some(e)
+            })
+            .collect())
     }
 
     /// Loads the whole tree under `root`, reporting progress after every directory.

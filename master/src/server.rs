@@ -12,6 +12,7 @@ use granary_common::FsError;
 use granary_protos::v1::admin_server::AdminServer;
 use granary_protos::v1::namespace_server::NamespaceServer;
 use granary_protos::v1::peer_server::PeerServer;
+use granary_protos::v1::routing_server::RoutingServer;
 use granary_protos::v1::workers_server::WorkersServer;
 use granary_protos::v1::{command, Command, MountPoint, SetMount};
 use tokio::sync::oneshot;
@@ -33,6 +34,7 @@ use crate::raft::transport::{GrpcTransport, RaftService, MAX_RAFT_MESSAGE};
 use crate::raft::{Mail, RaftLog, RaftStatus};
 use crate::service::MasterService;
 use crate::store::{NamespaceStore, StoreError};
+use crate::table_follower::TableFollower;
 use crate::workers::WorkerRegistry;
 
 /// Largest gRPC message accepted (big directory pages, block lists of large workers).
@@ -237,6 +239,17 @@ pub async fn start(mut config: MasterConfig) -> Result<RunningMaster, MasterErro
         initialised: std::sync::atomic::AtomicBool::new(false),
         lease_index: LeaseIndex::start(raft.clone(), leader_clients.clone()),
         leader_clients,
+        routing_follower: match config.shard_id {
+            0 => TableFollower::none(),
+            _ => TableFollower::start(
+                config.routing.clone(),
+                AttachToken::new(&config.cluster_token)
+                    .map_err(|e| ConfigError::invalid("cluster_token", e))?,
+                store.clone(),
+                raft.clone(),
+            ),
+        },
+        routing_changes: tokio::sync::Mutex::new(()),
     };
 
     let timeout = Duration::from_millis(config.worker_timeout_ms);
@@ -270,6 +283,7 @@ pub async fn start(mut config: MasterConfig) -> Result<RunningMaster, MasterErro
         .max_decoding_message_size(MAX_MESSAGE_BYTES)
         .max_encoding_message_size(MAX_MESSAGE_BYTES);
     let admin_svc = AdminServer::from_arc(service.clone());
+    let routing_svc = RoutingServer::from_arc(service.clone());
     let peer_svc = PeerServer::from_arc(service);
     let raft_svc = RaftTransportServer::new(RaftService {
         id: config.id,
@@ -281,7 +295,8 @@ pub async fn start(mut config: MasterConfig) -> Result<RunningMaster, MasterErro
         tonic::transport::Server::builder()
             .add_service(InterceptedService::new(namespace_svc, check.clone()))
             .add_service(InterceptedService::new(workers_svc, check.clone()))
-            .add_service(InterceptedService::new(admin_svc, check))
+            .add_service(InterceptedService::new(admin_svc, check.clone()))
+            .add_service(InterceptedService::new(routing_svc, check))
             .add_service(InterceptedService::new(peer_svc, check_peer.clone()))
             .add_service(InterceptedService::new(raft_svc, check_peer))
             // Without TCP_NODELAY on accepted sockets every reply waits out the peer's

@@ -6,11 +6,12 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use granary_common::consistency::ReadConsistency;
+use granary_common::error::ROUTING_VERSION_METADATA_KEY;
 use granary_common::path::{components, validate_name};
 use granary_common::FsError;
 use granary_protos::v1::*;
 use granary_protos::LEADER_METADATA_KEY;
-use tonic::Status;
+use tonic::{Request, Status};
 
 use crate::block_locations::BlockLocations;
 use crate::leader_clients::{LeaderClients, PeerClient};
@@ -33,9 +34,39 @@ pub struct MasterService {
     pub(crate) lease_index: LeaseIndex,
     /// The root inode exists (set once; it is never removed).
     pub(crate) initialised: std::sync::atomic::AtomicBool,
+    /// Adopts shard 0's newer routing tables (a shard other than 0).
+    pub(crate) routing_follower: crate::table_follower::TableFollower,
+    /// Changes to the routing table (shard 0) one at a time: each starts from the last.
+    pub(crate) routing_changes: tokio::sync::Mutex<()>,
 }
 
 impl MasterService {
+    /// Refuses a call routed by a routing table older than this shard's (the caller
+    /// fetches the new one and routes again), and one routed by a newer table than this
+    /// shard has adopted yet (retryable: it is on its way).
+    pub(crate) fn check_routing<T>(&self, req: &Request<T>) -> Result<(), Status> {
+        let Some(theirs) = req
+            .metadata()
+            .get(ROUTING_VERSION_METADATA_KEY)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.parse::<u64>().ok())
+        else {
+            return Ok(());
+        };
+        let ours = self.store.routing_version();
+        if theirs < ours {
+            return Err(FsError::StaleRouting(ours).into());
+        }
+        if theirs > ours {
+            self.routing_follower.kick();
+            return Err(Status::unavailable(format!(
+                "shard {} works by routing table version {ours}, older than the caller's {theirs}; adopting the new one",
+                self.store.shard()
+            )));
+        }
+        Ok(())
+    }
+
     /// Namespace reads and writes are served by the leader; others point to it.
     pub(crate) fn leader_only(&self) -> Result<(), Status> {
         let st = self.raft.status();

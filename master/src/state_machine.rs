@@ -105,7 +105,15 @@ pub fn apply_batch(
     store: &NamespaceStore,
     entries: &[LogEntry],
 ) -> Result<Vec<FsResult<()>>, StoreError> {
-    store.write(Commit::Unsynced, |tables| {
+    let routing_changed = entries.iter().any(|e| {
+        matches!(
+            &e.op,
+            EntryOp::Command(Command {
+                op: Some(command::Op::SetRoutingTable(_))
+            })
+        )
+    });
+    let results = store.write(Commit::Unsynced, |tables| {
         let mut results = Vec::with_capacity(entries.len());
         let mut applied = meta_u64(&tables.meta, META_APPLIED_INDEX)?;
         let mut applied_term = meta_u64(&tables.meta, META_APPLIED_TERM)?;
@@ -134,7 +142,11 @@ pub fn apply_batch(
         tables.set_u64(META_APPLIED_INDEX, applied)?;
         tables.set_u64(META_APPLIED_TERM, applied_term)?;
         Ok(results)
-    })
+    })?;
+    if routing_changed {
+        store.reload_routing_version()?;
+    }
+    Ok(results)
 }
 
 /// What applying `cmd` now would answer, without changing anything: the transaction is
@@ -155,6 +167,7 @@ pub(crate) fn apply(t: &mut Tables<'_>, cmd: &Command) -> Result<FsResult<()>, S
         Some(command::Op::RenameEntry(r)) => rename_entry(t, r),
         Some(command::Op::SetAttributes(a)) => set_attributes(t, a),
         Some(command::Op::CommitContent(c)) => commit_content(t, c),
+        Some(command::Op::SetRoutingTable(s)) => crate::routing::set_routing_table(t, s),
         None => Ok(Err(FsError::InvalidArgument("empty command".into()))),
     }
 }
@@ -218,7 +231,8 @@ fn load_directory(t: &mut Tables<'_>, l: &LoadDirectory) -> Result<FsResult<()>,
         };
         let previous = match existing.remove(&e.name) {
             Some(id) => match t.get(id)? {
-                Some(old) if old.kind == e.kind => Some(old),
+                // A directory that became a referral (or stopped being one) is replaced.
+                Some(old) if old.kind == e.kind && old.referral == e.referral => Some(old),
                 Some(_) => {
                     t.remove_subtree(dir.id, &e.name, id)?;
                     None
@@ -261,6 +275,9 @@ fn load_directory(t: &mut Tables<'_>, l: &LoadDirectory) -> Result<FsResult<()>,
                     fingerprint: Some(fingerprint),
                     mount_id: dir.mount_id,
                     ufs_path: join(&dir.ufs_path, &e.name),
+                    // Another shard's subtree: nothing of it is listed here.
+                    children_loaded: e.referral.is_some(),
+                    referral: e.referral.clone(),
                     ..Default::default()
                 }
             }
@@ -300,6 +317,9 @@ fn create_inode(t: &mut Tables<'_>, c: &CreateInode) -> Result<FsResult<()>, Sto
             String::from_utf8_lossy(&c.name).into_owned(),
         )));
     }
+    if let Err(e) = t.check_owned(&dir, &c.name)? {
+        return Ok(Err(e));
+    }
     let id = t.allocate_id()?;
     redb_err!(t.children.insert(key.as_slice(), id))?;
     let block_size = meta_u64(&t.meta, META_BLOCK_SIZE)?;
@@ -322,6 +342,7 @@ fn create_inode(t: &mut Tables<'_>, c: &CreateInode) -> Result<FsResult<()>, Sto
         mount_id: dir.mount_id,
         ufs_path: join(&dir.ufs_path, &c.name),
         listed_at_ns: c.mtime_ns,
+        referral: None,
     })?;
     t.add_count(1)?;
     touch_dir(t, dir, c.mtime_ns)?;
@@ -387,6 +408,9 @@ fn remove_entry(t: &mut Tables<'_>, r: &RemoveEntry) -> Result<FsResult<()>, Sto
     if !r.directory && is_dir {
         return Ok(Err(FsError::IsDir(shown(&r.name))));
     }
+    if let Err(e) = t.check_movable(&victim)? {
+        return Ok(Err(e));
+    }
     if is_dir && has_children(t, victim.id)? {
         return Ok(Err(FsError::NotEmpty(shown(&r.name))));
     }
@@ -428,6 +452,12 @@ fn rename_entry(t: &mut Tables<'_>, r: &RenameEntry) -> Result<FsResult<()>, Sto
     let Some(mut moving) = child(t, from_dir.id, &r.name)? else {
         return Ok(Err(FsError::NotFound(shown(&r.name))));
     };
+    if let Err(e) = t.check_movable(&moving)? {
+        return Ok(Err(e));
+    }
+    if let Err(e) = t.check_owned(&to_dir, &r.new_name)? {
+        return Ok(Err(e));
+    }
     let moving_dir = moving.kind == FileKind::Directory as i32;
     if moving_dir {
         // A directory cannot move beneath itself.
@@ -451,6 +481,9 @@ fn rename_entry(t: &mut Tables<'_>, r: &RenameEntry) -> Result<FsResult<()>, Sto
         }
         if r.no_replace {
             return Ok(Err(FsError::Exists(shown(&r.new_name))));
+        }
+        if let Err(e) = t.check_movable(&target)? {
+            return Ok(Err(e));
         }
         let target_dir = target.kind == FileKind::Directory as i32;
         match (moving_dir, target_dir) {

@@ -128,6 +128,8 @@ pub(crate) enum Commit {
 pub struct NamespaceStore {
     db: Database,
     shard: u16,
+    /// The applied routing table's version (0: none), for checks on every request.
+    routing_version: std::sync::atomic::AtomicU64,
 }
 
 impl std::fmt::Debug for NamespaceStore {
@@ -166,7 +168,27 @@ impl NamespaceStore {
             }
         }
         redb_err!(txn.commit())?;
-        Ok(NamespaceStore { db, shard })
+        let store = NamespaceStore {
+            db,
+            shard,
+            routing_version: Default::default(),
+        };
+        store.reload_routing_version()?;
+        Ok(store)
+    }
+
+    /// The version of the routing table this shard works by (0: none yet).
+    pub fn routing_version(&self) -> u64 {
+        self.routing_version
+            .load(std::sync::atomic::Ordering::Acquire)
+    }
+
+    /// Reads the applied routing table's version again (after applying or restoring one).
+    pub(crate) fn reload_routing_version(&self) -> Result<(), StoreError> {
+        let version = self.routing_table()?.map_or(0, |t| t.version());
+        self.routing_version
+            .store(version, std::sync::atomic::Ordering::Release);
+        Ok(())
     }
 
     pub fn shard(&self) -> u16 {
@@ -223,7 +245,7 @@ impl NamespaceStore {
         ))
     }
 
-    fn meta_bytes(&self, key: &str) -> Result<Option<Vec<u8>>, StoreError> {
+    pub(crate) fn meta_bytes(&self, key: &str) -> Result<Option<Vec<u8>>, StoreError> {
         let txn = redb_err!(self.db.begin_read())?;
         let meta = redb_err!(txn.open_table(META))?;
         let found = redb_err!(meta.get(key))?;
@@ -303,6 +325,7 @@ impl NamespaceStore {
             }
         }
         redb_err!(txn.commit())?;
+        self.reload_routing_version()?;
         Ok(())
     }
 

@@ -8,6 +8,7 @@
 mod admin;
 mod namespace;
 mod peer;
+mod routing;
 mod workers;
 
 use granary_common::auth::CONSISTENCY_METADATA_KEY;

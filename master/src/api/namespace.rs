@@ -24,6 +24,7 @@ type LoadStream = Pin<Box<dyn Stream<Item = Result<LoadMetadataReply, Status>> +
 impl Namespace for MasterService {
     async fn lookup(&self, req: Request<LookupRequest>) -> Result<Response<InodeReply>, Status> {
         count("lookup");
+        self.check_routing(&req)?;
         self.read_barrier(consistency_of(&req)?).await?;
         let r = req.into_inner();
         let inode = self.lookup_child(r.parent, &r.name).await?;
@@ -32,6 +33,7 @@ impl Namespace for MasterService {
 
     async fn create(&self, req: Request<CreateRequest>) -> Result<Response<InodeReply>, Status> {
         count("create");
+        self.check_routing(&req)?;
         self.leader_only()?;
         let inode = self.create_entry(req.into_inner()).await?;
         Ok(Response::new(InodeReply { inode: Some(inode) }))
@@ -39,6 +41,7 @@ impl Namespace for MasterService {
 
     async fn remove(&self, req: Request<RemoveRequest>) -> Result<Response<RemoveReply>, Status> {
         count("remove");
+        self.check_routing(&req)?;
         self.leader_only()?;
         self.remove_entry(req.into_inner()).await?;
         Ok(Response::new(RemoveReply {}))
@@ -46,6 +49,7 @@ impl Namespace for MasterService {
 
     async fn rename(&self, req: Request<RenameRequest>) -> Result<Response<InodeReply>, Status> {
         count("rename");
+        self.check_routing(&req)?;
         self.leader_only()?;
         let inode = self.rename_entry(req.into_inner()).await?;
         Ok(Response::new(InodeReply { inode: Some(inode) }))
@@ -80,11 +84,23 @@ impl Namespace for MasterService {
         Ok(Response::new(InodeReply { inode: Some(inode) }))
     }
 
+    async fn resolve_path(
+        &self,
+        req: Request<ResolvePathRequest>,
+    ) -> Result<Response<InodeReply>, Status> {
+        count("resolve_path");
+        self.check_routing(&req)?;
+        self.read_barrier(consistency_of(&req)?).await?;
+        let inode = self.resolve(&req.into_inner().path).await?;
+        Ok(Response::new(InodeReply { inode: Some(inode) }))
+    }
+
     async fn read_dir(
         &self,
         req: Request<ReadDirRequest>,
     ) -> Result<Response<ReadDirReply>, Status> {
         count("read_dir");
+        self.check_routing(&req)?;
         self.read_barrier(consistency_of(&req)?).await?;
         let r = req.into_inner();
         let dir = self.loaded(self.store.get(r.id)?).await?;
@@ -103,6 +119,7 @@ impl Namespace for MasterService {
         req: Request<LoadMetadataRequest>,
     ) -> Result<Response<LoadStream>, Status> {
         count("load_metadata");
+        self.check_routing(&req)?;
         self.leader_only()?;
         let r = req.into_inner();
         let root = self.resolve(&r.path).await?;
