@@ -18,7 +18,8 @@ use crate::fuse_adapter::{FuseAdapter, KernelOptions, Passthrough};
 use crate::kernel_view::OwnerOverride;
 use crate::memory::MemoryLimiter;
 use crate::worker_list::WorkerList;
-use granary_meta_client::{ClientOptions, GrpcMetadataClient, MetadataService};
+use granary_meta_client::{ClientOptions, MetadataService};
+use granary_shard_router::ShardedMetadata;
 
 /// How long a worker list serves before it is listed again (in the background).
 const WORKER_LIST_TTL: Duration = Duration::from_secs(3);
@@ -117,15 +118,15 @@ impl Drop for MountHandle {
     }
 }
 
-/// Connects to shard 0's masters and checks that one answers.
-pub fn connect_metadata(cfg: &MountConfig) -> Result<Arc<GrpcMetadataClient>, MountError> {
+/// Fetches the routing table from `masters` (shard 0's masters, or routers), connects to
+/// every shard it lists and checks that the root answers.
+pub fn connect_metadata(cfg: &MountConfig) -> Result<Arc<ShardedMetadata>, MountError> {
     cfg.validate()?;
     let masters_err = |error| MountError::Masters {
         masters: cfg.masters.clone(),
         error,
     };
-    let meta = GrpcMetadataClient::connect(
-        0,
+    let meta = ShardedMetadata::connect(
         &cfg.masters,
         &ClientOptions {
             cluster_token: cfg.cluster_token.clone(),
@@ -133,10 +134,11 @@ pub fn connect_metadata(cfg: &MountConfig) -> Result<Arc<GrpcMetadataClient>, Mo
             follower_reads: cfg.follower_reads,
             rpc_timeout: Duration::from_millis(cfg.rpc_timeout_ms),
             retry_deadline: Duration::from_millis(cfg.retry_deadline_ms),
+            routing_version: None,
         },
     )
     .map_err(masters_err)?;
-    meta.getattr(granary_common::ids::root_inode(0))
+    meta.getattr(granary_shard_router::ROOT)
         .map_err(masters_err)?;
     Ok(meta)
 }

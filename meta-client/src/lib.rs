@@ -37,6 +37,14 @@ pub trait MetadataService: Send + Sync {
         let _ = attrs;
         Err(read_only(b""))
     }
+    /// The inode at a namespace path (where a referral points).
+    fn resolve_path(&self, path: &[u8]) -> FsResult<Inode> {
+        Err(FsError::Unsupported(format!(
+            "{}: this metadata service cannot resolve paths",
+            String::from_utf8_lossy(path)
+        )))
+    }
+
     /// Lists a directory again from the UFS (a file in it changed behind Granary's back).
     fn refresh(&self, dir: u64) -> FsResult<()> {
         Err(FsError::Unsupported(format!(

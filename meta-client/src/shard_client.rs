@@ -80,6 +80,9 @@ pub struct ClientOptions {
     pub follower_reads: bool,
     pub rpc_timeout: Duration,
     pub retry_deadline: Duration,
+    /// The routing table version calls are routed by, sent along with each (sharded
+    /// namespaces); `None` for a client that does not route.
+    pub routing_version: Option<Arc<AtomicU64>>,
 }
 
 pub struct GrpcMetadataClient {
@@ -118,9 +121,12 @@ impl Drop for GrpcMetadataClient {
 
 impl GrpcMetadataClient {
     pub fn connect(shard: u16, masters: &[String], opts: &ClientOptions) -> FsResult<Arc<Self>> {
-        let token = AttachToken::new(&opts.cluster_token)
+        let mut token = AttachToken::new(&opts.cluster_token)
             .map_err(FsError::InvalidArgument)?
             .with_consistency(opts.read_consistency);
+        if let Some(version) = &opts.routing_version {
+            token = token.with_routing(version.clone());
+        }
         let client = Arc::new(GrpcMetadataClient {
             shard,
             members: RwLock::new(Members {
@@ -435,6 +441,15 @@ impl MetadataService for GrpcMetadataClient {
         })?)
     }
 
+    fn resolve_path(&self, path: &[u8]) -> FsResult<Inode> {
+        inode(self.call("resolve_path", true, |mut c| {
+            let req = ResolvePathRequest {
+                path: path.to_vec(),
+            };
+            async move { c.resolve_path(req).await }
+        })?)
+    }
+
     fn readdir(&self, id: u64, start_after: &[u8], limit: u32) -> FsResult<(Vec<Inode>, bool)> {
         let r = self.call("readdir", true, |mut c| {
             let req = ReadDirRequest {
@@ -568,6 +583,7 @@ mod tests {
             follower_reads: true,
             rpc_timeout: Duration::from_millis(100),
             retry_deadline: Duration::from_millis(100),
+            routing_version: None,
         };
         let addrs: Vec<String> = (1..=3).map(|p| format!("127.0.0.1:{p}")).collect();
         let client = GrpcMetadataClient::connect(0, &addrs, &opts).unwrap();

@@ -1,6 +1,8 @@
 //! Metadata sharding: the routing table (which shard owns a path), and the routed
 //! metadata service and router daemon built on it.
 
+mod sharded;
 mod table;
 
+pub use sharded::{fetch_table, ShardedMetadata, ROOT};
 pub use table::{child_path, Placement, RoutingError, RoutingTable};
