@@ -69,6 +69,7 @@ impl LocalUpload {
             mount_id: file.mount_id,
             ufs_path: file.ufs_path.clone(),
             inline: None,
+            shard: granary_common::ids::shard_of(file.id) as u32,
         };
         // An idle connection may be dead (the worker restarted): then a fresh one.
         let (sock, opened) = match conns.take(socket).map(|s| Self::ask(s, &open)) {
@@ -111,6 +112,7 @@ impl LocalUpload {
                 block_size: file.block_size,
                 durable,
             }),
+            shard: granary_common::ids::shard_of(file.id) as u32,
         };
         let send = |mut sock: UnixStream| -> Result<(UnixStream, WriteFileResponse), FrameError> {
             write_header(&mut sock, &open)?;

@@ -10,9 +10,13 @@ use serde::Deserialize;
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct WorkerConfig {
-    /// Master gRPC addresses (`host:port`); the worker registers with every one and
-    /// follows the master set the leader announces.
+    /// Where the routing table comes from (`host:port`): shard 0's masters, or routers.
+    /// The worker registers with every master of every shard the table lists and follows
+    /// the master set each shard's leader announces.
     pub masters: Vec<String>,
+    /// Register only with these shards (workers of a separate cluster that serves some
+    /// shards); empty: every shard.
+    pub shards: Vec<u16>,
     /// The cluster's shared token (see the master's `cluster_token`).
     pub cluster_token: String,
     /// Block data protocol listen address.
@@ -36,6 +40,7 @@ impl Default for WorkerConfig {
     fn default() -> Self {
         WorkerConfig {
             masters: vec!["127.0.0.1:19998".into()],
+            shards: Vec::new(),
             cluster_token: String::new(),
             data_listen: "127.0.0.1:19999".parse().expect("valid"),
             advertise_host: None,

@@ -5,6 +5,7 @@
 use std::os::unix::fs::FileExt;
 use std::sync::Arc;
 
+use granary_common::ids::shard_of;
 use granary_common::ufs::UfsObject;
 use granary_common::FsError;
 use granary_protos::data::{
@@ -155,7 +156,10 @@ impl DataServer {
         rd: &mut R,
     ) -> Result<WriteFileResponse, granary_protos::frame::FrameError> {
         let (tx, rx) = tokio::sync::mpsc::channel::<Vec<u8>>(8);
-        let ufs = self.fetcher.mounts().get(req.mount_id);
+        let ufs = self
+            .fetcher
+            .mounts()
+            .get(shard_of(req.file_id), req.mount_id);
         let store = self.fetcher.store().clone();
         let target = UploadTarget {
             file_id: req.file_id,
@@ -319,7 +323,7 @@ mod tests {
             AtomicUsize::new(0),
         ));
         let mounts = Arc::new(MountRegistry::default());
-        mounts.insert(1, ufs.clone());
+        mounts.insert(0, 1, ufs.clone());
         let cache = tempfile::tempdir().unwrap();
         let (store, _) = BlockStore::open(cache.path(), 1 << 30, 0.9, 0.8).unwrap();
         let server = Arc::new(DataServer {

@@ -7,6 +7,7 @@ use std::io::{self, Write};
 use std::sync::{Arc, Mutex};
 
 use granary_common::blocks::block_len;
+use granary_common::ids::shard_of;
 use granary_common::{FsError, FsResult};
 
 use crate::block_store::{BlockId, BlockStore, CachedBlock, Fingerprint};
@@ -95,7 +96,12 @@ impl BlockFetcher {
                     return Ok(b);
                 }
                 metrics::counter!("granary_worker_cache_misses_total").increment(1);
-                fetch(&store, &*mounts.get(src.mount_id)?, id, &src)
+                fetch(
+                    &store,
+                    &*mounts.get(shard_of(id.0), src.mount_id)?,
+                    id,
+                    &src,
+                )
             })
             .await
             .map_err(|e| FsError::Io(format!("fetch task: {e}")))?

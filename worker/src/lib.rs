@@ -1,5 +1,6 @@
 //! A Granary worker: caches blocks of UFS files on local disk and serves them to clients
-//! over the framed data protocol; registers with, and heartbeats to, every master.
+//! over the framed data protocol; registers with, and heartbeats to, every master of
+//! every metadata shard.
 
 pub mod block_store;
 pub mod config;
@@ -9,6 +10,7 @@ pub mod local_upload;
 pub mod master_link;
 pub mod mounts;
 pub mod server;
+pub mod shards;
 pub mod uploader;
 
 pub use config::WorkerConfig;

@@ -89,7 +89,7 @@ impl LocalUploads {
         }
         self.fetcher
             .mounts()
-            .get(req.mount_id)?
+            .get(req.shard as u16, req.mount_id)?
             .create_upload(&req.ufs_path)
     }
 
@@ -215,6 +215,7 @@ mod tests {
         let ufs_dir = tempfile::tempdir().unwrap();
         let mounts = Arc::new(MountRegistry::default());
         mounts.insert(
+            0,
             1,
             Arc::new(LocalUfs::open("file://test", ufs_dir.path().to_str().unwrap()).unwrap()),
         );
@@ -239,6 +240,7 @@ mod tests {
 
     fn ask(sock: &mut UnixStream, token: &str, path: &str) -> LocalUploadOpened {
         let req = LocalUploadOpen {
+            shard: 0,
             cluster_token: token.into(),
             mount_id: 1,
             ufs_path: path.as_bytes().to_vec(),
@@ -311,6 +313,7 @@ mod tests {
             // A small file sent whole, on the same connection.
             let whole = b"sent whole with its request".to_vec();
             let req = LocalUploadOpen {
+                shard: 0,
                 cluster_token: "secret".into(),
                 mount_id: 1,
                 ufs_path: b"whole".to_vec(),
@@ -354,6 +357,7 @@ mod tests {
             // Too big to come whole: the connection ends, nothing is written.
             let mut big = UnixStream::connect(&socket).unwrap();
             let req = LocalUploadOpen {
+                shard: 0,
                 cluster_token: "secret".into(),
                 mount_id: 1,
                 ufs_path: b"huge".to_vec(),

@@ -1,15 +1,16 @@
-//! Registration with every master and periodic heartbeats carrying capacity and block
-//! deltas. Each master gets its own link and its own queue of deltas, so a slow or dead
-//! master never delays the others; a master that lost track of this worker (restart)
-//! gets a full re-registration. Replies carry the current master set: a newer one is
-//! adopted on the fly, starting links to new masters and stopping links to removed ones
-//! (master migration without a restart).
+//! Registration with every master of one shard and periodic heartbeats carrying capacity
+//! and the deltas of the shard's blocks. Each master gets its own link and its own queue
+//! of deltas, so a slow or dead master never delays the others; a master that lost track
+//! of this worker (restart) gets a full re-registration. Replies carry the shard's
+//! current master set: a newer one is adopted on the fly, starting links to new masters
+//! and stopping links to removed ones (master migration without a restart).
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use granary_common::auth::AttachToken;
+use granary_common::ids::shard_of;
 use granary_protos::v1::workers_client::WorkersClient;
 use granary_protos::v1::{
     BlockKey, MasterSet, RegisterWorkerRequest, WorkerHeartbeatRequest, WorkerInfo,
@@ -46,8 +47,9 @@ struct Links {
     version: (u64, u64),
 }
 
-/// Keeps one link per current master.
+/// Keeps one link per current master of a shard.
 pub struct MasterLinks {
+    shard: u16,
     info: WorkerInfo,
     store: Arc<BlockStore>,
     mounts: Arc<MountRegistry>,
@@ -56,8 +58,9 @@ pub struct MasterLinks {
 }
 
 impl MasterLinks {
-    /// Starts links to `masters` plus the task that fans block deltas out to them.
+    /// Starts links to shard `shard`'s `masters`.
     pub fn start(
+        shard: u16,
         masters: &[String],
         info: WorkerInfo,
         store: Arc<BlockStore>,
@@ -65,6 +68,7 @@ impl MasterLinks {
         token: AttachToken,
     ) -> Arc<Self> {
         let me = Arc::new(MasterLinks {
+            shard,
             info,
             store: store.clone(),
             mounts,
@@ -77,24 +81,23 @@ impl MasterLinks {
         for addr in masters {
             me.add_link(addr);
         }
-        let weak = Arc::downgrade(&me);
-        tokio::spawn(async move {
-            let mut tick = tokio::time::interval(Duration::from_millis(200));
-            loop {
-                tick.tick().await;
-                let Some(me) = weak.upgrade() else { return };
-                let (added, removed) = me.store.take_deltas();
-                if added.is_empty() && removed.is_empty() {
-                    continue;
-                }
-                for link in me.links.lock().expect("links lock").by_addr.values() {
-                    let mut q = link.pending.lock().expect("pending lock");
-                    q.added.extend_from_slice(&added);
-                    q.removed.extend_from_slice(&removed);
-                }
-            }
-        });
         me
+    }
+
+    /// Queues block deltas (of this shard's files) for every master's next heartbeat.
+    pub fn queue(&self, added: &[BlockId], removed: &[BlockId]) {
+        for link in self.links.lock().expect("links lock").by_addr.values() {
+            let mut q = link.pending.lock().expect("pending lock");
+            q.added.extend_from_slice(added);
+            q.removed.extend_from_slice(removed);
+        }
+    }
+
+    /// Stops every link (the shard left the routing table).
+    pub fn stop(&self) {
+        for (_, l) in self.links.lock().expect("links lock").by_addr.drain() {
+            l.task.abort();
+        }
     }
 
     fn add_link(self: &Arc<Self>, addr: &str) {
@@ -162,7 +165,7 @@ impl MasterLinks {
         if !removed.is_empty()
             || addrs.len() != self.links.lock().expect("links lock").by_addr.len()
         {
-            tracing::info!(masters = ?addrs, removed = ?removed, conf_index = set.conf_index, "adopted a new master set");
+            tracing::info!(shard = self.shard, masters = ?addrs, removed = ?removed, conf_index = set.conf_index, "adopted a new master set");
         }
     }
 
@@ -241,7 +244,7 @@ impl Link {
                         tracing::info!(master = %self.addr, "master asked for a full re-registration");
                         registered = false;
                     } else if let Some(m) = r.mounts {
-                        owner.mounts.update(&m);
+                        owner.mounts.update(owner.shard, &m);
                     }
                 }
                 Err(e) => {
@@ -256,7 +259,14 @@ impl Link {
     async fn register(&mut self, owner: &Arc<MasterLinks>) -> Result<Duration, tonic::Status> {
         // Deltas queued before the snapshot are contained in it.
         *self.pending.lock().expect("pending lock") = Pending::default();
-        let blocks = keys(&owner.store.snapshot());
+        let shard = owner.shard;
+        let mine: Vec<BlockId> = owner
+            .store
+            .snapshot()
+            .into_iter()
+            .filter(|(file_id, _)| shard_of(*file_id) == shard)
+            .collect();
+        let blocks = keys(&mine);
         let mut info = owner.info.clone();
         info.capacity_bytes = owner.store.capacity();
         info.used_bytes = owner.store.used();
@@ -269,12 +279,12 @@ impl Link {
             .await?
             .into_inner();
         if let Some(m) = &reply.mounts {
-            owner.mounts.update(m);
+            owner.mounts.update(shard, m);
         }
         if let Some(m) = &reply.masters {
             owner.adopt(m);
         }
-        tracing::info!(master = %self.addr, blocks = owner.store.len(), "registered with master");
+        tracing::info!(shard, master = %self.addr, blocks = mine.len(), "registered with master");
         Ok(Duration::from_millis(reply.heartbeat_interval_ms.max(100)))
     }
 }

@@ -1,6 +1,7 @@
-//! The UFS mounts this worker may read from, as the master's mount table says. A read
-//! request names a mount id and a path inside it, never a raw URI, so a client cannot make
-//! a worker read outside the mounted under-storage.
+//! The UFS mounts this worker may read from, as each shard's masters' mount table says
+//! (shards may mount different under-storages under the same mount id). A read request
+//! names a file (whose id carries its shard), a mount id and a path inside it, never a
+//! raw URI, so a client cannot make a worker read outside the mounted under-storage.
 
 use std::collections::HashMap;
 use std::sync::{Arc, RwLock};
@@ -11,7 +12,8 @@ use granary_protos::v1::MountTable;
 
 #[derive(Debug, Default)]
 pub struct MountRegistry {
-    mounts: RwLock<HashMap<u32, Arc<dyn Ufs>>>,
+    /// By (shard, mount id).
+    mounts: RwLock<HashMap<(u16, u32), Arc<dyn Ufs>>>,
 }
 
 impl MountRegistry {
@@ -19,44 +21,44 @@ impl MountRegistry {
     /// changed. Mounts are never dropped here: a master that has not caught up yet (a new
     /// member) answers with an empty or older table, and dropping on its word would fail
     /// reads that every other master can serve.
-    pub fn update(&self, table: &MountTable) {
+    pub fn update(&self, shard: u16, table: &MountTable) {
         let mut mounts = self.mounts.write().expect("mounts lock");
         for m in &table.mounts {
             if mounts
-                .get(&m.mount_id)
+                .get(&(shard, m.mount_id))
                 .is_some_and(|u| u.uri() == m.ufs_uri)
             {
                 continue;
             }
             match open_ufs(&m.ufs_uri) {
                 Ok(ufs) => {
-                    tracing::info!(mount = m.mount_id, uri = %m.ufs_uri, "UFS mount available");
-                    mounts.insert(m.mount_id, ufs);
+                    tracing::info!(shard, mount = m.mount_id, uri = %m.ufs_uri, "UFS mount available");
+                    mounts.insert((shard, m.mount_id), ufs);
                 }
                 Err(e) => {
-                    tracing::error!(mount = m.mount_id, uri = %m.ufs_uri, error = %e, "cannot open UFS mount")
+                    tracing::error!(shard, mount = m.mount_id, uri = %m.ufs_uri, error = %e, "cannot open UFS mount")
                 }
             }
         }
     }
 
-    /// Serves `mount_id` from an already opened UFS.
-    pub fn insert(&self, mount_id: u32, ufs: Arc<dyn Ufs>) {
+    /// Serves shard `shard`'s `mount_id` from an already opened UFS.
+    pub fn insert(&self, shard: u16, mount_id: u32, ufs: Arc<dyn Ufs>) {
         self.mounts
             .write()
             .expect("mounts lock")
-            .insert(mount_id, ufs);
+            .insert((shard, mount_id), ufs);
     }
 
-    pub fn get(&self, mount_id: u32) -> FsResult<Arc<dyn Ufs>> {
+    pub fn get(&self, shard: u16, mount_id: u32) -> FsResult<Arc<dyn Ufs>> {
         self.mounts
             .read()
             .expect("mounts lock")
-            .get(&mount_id)
+            .get(&(shard, mount_id))
             .cloned()
             .ok_or_else(|| {
                 FsError::Unavailable(format!(
-                    "UFS mount {mount_id} is not known to this worker (yet)"
+                    "UFS mount {mount_id} of shard {shard} is not known to this worker (yet)"
                 ))
             })
     }

@@ -14,8 +14,8 @@ use crate::config::WorkerConfig;
 use crate::data_server::DataServer;
 use crate::fetcher::BlockFetcher;
 use crate::local_upload::{self, LocalUploads};
-use crate::master_link::MasterLinks;
 use crate::mounts::MountRegistry;
+use crate::shards::ShardRegistrations;
 use granary_common::auth::{AttachToken, CheckToken};
 
 #[derive(Debug, thiserror::Error)]
@@ -40,7 +40,7 @@ pub struct RunningWorker {
     pub worker_id: String,
     pub data_addr: SocketAddr,
     pub store: Arc<BlockStore>,
-    pub links: Arc<MasterLinks>,
+    pub links: Arc<ShardRegistrations>,
     tasks: Vec<JoinHandle<()>>,
 }
 
@@ -112,7 +112,14 @@ pub async fn start(config: WorkerConfig) -> Result<RunningWorker, WorkerError> {
     };
     let token = AttachToken::new(&config.cluster_token)
         .map_err(|e| ConfigError::invalid("cluster_token", e))?;
-    let links = MasterLinks::start(&config.masters, info, store.clone(), mounts.clone(), token);
+    let links = ShardRegistrations::start(
+        config.masters.clone(),
+        config.shards.clone(),
+        info,
+        store.clone(),
+        mounts.clone(),
+        token,
+    );
     let fetcher = Arc::new(BlockFetcher::new(store.clone(), mounts));
     let server = Arc::new(DataServer {
         fetcher: fetcher.clone(),
