@@ -53,11 +53,18 @@ fn jump_hash(mut key: u64, buckets: u32) -> u32 {
     b as u32
 }
 
-/// FNV-1a, stable across processes and versions (unlike `DefaultHasher`).
-fn fnv1a(bytes: &[u8]) -> u64 {
-    bytes.iter().fold(0xcbf29ce484222325u64, |h, &b| {
+/// A name's hash: FNV-1a (stable across processes and versions, unlike `DefaultHasher`)
+/// finished with MurmurHash3's mixer, without which short names (`a`, `b`, …) differ only
+/// in low bits and pile onto few shards.
+fn name_hash(bytes: &[u8]) -> u64 {
+    let mut k = bytes.iter().fold(0xcbf29ce484222325u64, |h, &b| {
         (h ^ b as u64).wrapping_mul(0x100000001b3)
-    })
+    });
+    k ^= k >> 33;
+    k = k.wrapping_mul(0xff51afd7ed558ccd);
+    k ^= k >> 33;
+    k = k.wrapping_mul(0xc4ceb9fe1a85ec53);
+    k ^ (k >> 33)
 }
 
 fn shown(path: &[u8]) -> String {
@@ -179,7 +186,7 @@ impl RoutingTable {
                     .split(|&b| b == b'/')
                     .find(|c| !c.is_empty())
                     .unwrap_or_default();
-                self.ids[jump_hash(fnv1a(first), self.ids.len() as u32) as usize]
+                self.ids[jump_hash(name_hash(first), self.ids.len() as u32) as usize]
             }
         }
     }
@@ -395,6 +402,16 @@ mod tests {
             RoutingTable::new(TableProto::default()),
             Err(RoutingError::NoShards)
         );
+    }
+
+    #[test]
+    fn even_short_names_spread_over_every_shard() {
+        let t = table(4, &[]);
+        let mut counts = [0; 4];
+        for c in b'a'..=b'z' {
+            counts[t.owner(&[b'/', c]) as usize] += 1;
+        }
+        assert!(counts.iter().all(|&n| n >= 3), "{counts:?}");
     }
 
     proptest! {
