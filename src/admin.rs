@@ -15,9 +15,9 @@ use granary_protos::LEADER_METADATA_KEY;
 use tonic::service::interceptor::InterceptedService;
 use tonic::transport::Channel;
 
-type Authenticated = InterceptedService<Channel, AttachToken>;
+pub type Authenticated = InterceptedService<Channel, AttachToken>;
 
-fn channel(master: &str, token: &str) -> anyhow::Result<Authenticated> {
+pub fn channel(master: &str, token: &str) -> anyhow::Result<Authenticated> {
     let channel =
         granary_common::net::lazy_channel(master, Duration::from_secs(3), Duration::from_secs(120))
             .with_context(|| format!("bad master address {master}"))?;
@@ -40,7 +40,39 @@ pub fn namespace_client(
     Ok(NamespaceClient::new(channel(master, token)?).max_decoding_message_size(64 << 20))
 }
 
+/// Every shard the routing table lists: its leader's view, mounts and workers.
 pub async fn report(master: &str, token: &str) -> anyhow::Result<()> {
+    let table = crate::shards_cmd::table(master, token).await?;
+    println!(
+        "routing table version {}: {} shard(s), {} pinned prefix(es)",
+        table.version,
+        table.shards.len(),
+        table.pins.len()
+    );
+    for shard in &table.shards {
+        println!();
+        let mut answered = false;
+        for addr in &shard.masters {
+            match shard_report(addr, token).await {
+                Ok(()) => {
+                    answered = true;
+                    break;
+                }
+                Err(e) => eprintln!("shard {}: master {addr}: {e:#}", shard.id),
+            }
+        }
+        if !answered {
+            println!(
+                "shard {}: no master answered ({})",
+                shard.id,
+                shard.masters.join(", ")
+            );
+        }
+    }
+    Ok(())
+}
+
+async fn shard_report(master: &str, token: &str) -> anyhow::Result<()> {
     let mut client = client(master, token)?;
     let r = client
         .report(ReportRequest {})

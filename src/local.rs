@@ -1,4 +1,5 @@
-//! `granary local`: a master, a worker and a mount in one process over a local directory.
+//! `granary local`: a master (or one per shard), a worker and a mount in one process over
+//! a local directory.
 
 use std::path::{Path, PathBuf};
 
@@ -15,12 +16,17 @@ pub struct LocalArgs {
     pub master_listen: std::net::SocketAddr,
     pub capacity: granary_common::bytesize::ByteSize,
     pub metrics_listen: Option<std::net::SocketAddr>,
+    /// Metadata shards, one master each (1: no sharding).
+    pub shards: u16,
 }
 
 /// Everything `granary local` runs; dropping it unmounts and stops the servers.
 pub struct LocalCluster {
     pub mount: granary_fuse_client::MountHandle,
+    /// Shard 0's master (it keeps the routing table).
     pub master: granary_master::RunningMaster,
+    /// The other shards' masters.
+    pub shard_masters: Vec<granary_master::RunningMaster>,
     pub worker: granary_worker::RunningWorker,
 }
 
@@ -48,7 +54,7 @@ pub async fn start(a: &LocalArgs) -> anyhow::Result<LocalCluster> {
     let master = granary_master::start(MasterConfig {
         listen: a.master_listen,
         data_dir: a.state_dir.join("master"),
-        ufs,
+        ufs: ufs.clone(),
         ..Default::default()
     })
     .await
@@ -64,6 +70,7 @@ pub async fn start(a: &LocalArgs) -> anyhow::Result<LocalCluster> {
         }
         _ => anyhow::Error::new(e).context("master failed to start"),
     })?;
+    let shard_masters = start_shards(a, &master.addr.to_string(), &ufs).await?;
     let worker = granary_worker::start(WorkerConfig {
         masters: vec![master.addr.to_string()],
         data_listen: "127.0.0.1:0".parse()?,
@@ -74,6 +81,9 @@ pub async fn start(a: &LocalArgs) -> anyhow::Result<LocalCluster> {
     .await
     .context("worker failed to start")?;
     wait_for_worker(&master.addr.to_string(), &worker.worker_id).await?;
+    for m in &shard_masters {
+        wait_for_worker(&m.addr.to_string(), &worker.worker_id).await?;
+    }
     let mount_cfg = MountConfig {
         masters: vec![master.addr.to_string()],
         staging_dir: a.state_dir.join("staging"),
@@ -87,8 +97,68 @@ pub async fn start(a: &LocalArgs) -> anyhow::Result<LocalCluster> {
     Ok(LocalCluster {
         mount,
         master,
+        shard_masters,
         worker,
     })
+}
+
+/// Starts shards 1.. (one master each, on ports 10, 20, … above shard 0's, over the same
+/// UFS) and adds them to the routing table shard 0 keeps.
+async fn start_shards(
+    a: &LocalArgs,
+    shard0: &str,
+    ufs: &str,
+) -> anyhow::Result<Vec<granary_master::RunningMaster>> {
+    let mut masters = Vec::new();
+    for shard in 1..a.shards.max(1) {
+        // Next to shard 0's port, so a restart finds the addresses the table recorded.
+        let mut listen = a.master_listen;
+        if listen.port() != 0 {
+            listen.set_port(listen.port() + 10 * shard);
+        }
+        let m = granary_master::start(MasterConfig {
+            listen,
+            shard_id: shard,
+            routing: vec![shard0.to_string()],
+            data_dir: a.state_dir.join(format!("master-shard-{shard}")),
+            ufs: ufs.to_string(),
+            ..Default::default()
+        })
+        .await
+        .with_context(|| format!("master of shard {shard} failed to start"))?;
+        masters.push(m);
+    }
+    let mut routing =
+        granary_protos::v1::routing_client::RoutingClient::connect(format!("http://{shard0}"))
+            .await?;
+    let table = routing
+        .get_routing_table(granary_protos::v1::GetRoutingTableRequest {})
+        .await?
+        .into_inner();
+    for (i, m) in masters.iter().enumerate() {
+        let id = i as u32 + 1;
+        let addr = m.addr.to_string();
+        let known = table.shards.iter().find(|s| s.id == id);
+        if known.is_some_and(|s| s.masters.contains(&addr)) {
+            continue;
+        }
+        if known.is_some() {
+            bail!(
+                "shard {id} is in the routing table of {} with other masters; use a fresh --state-dir",
+                a.state_dir.display()
+            );
+        }
+        routing
+            .add_shard(granary_protos::v1::AddShardRequest {
+                shard: Some(granary_protos::v1::ShardInfo {
+                    id,
+                    masters: vec![addr],
+                }),
+            })
+            .await
+            .with_context(|| format!("adding shard {id} to the routing table"))?;
+    }
+    Ok(masters)
 }
 
 impl LocalCluster {
@@ -96,6 +166,7 @@ impl LocalCluster {
         let LocalCluster {
             mount,
             master,
+            shard_masters,
             worker,
         } = self;
         let mountpoint = mount.mountpoint.clone();
@@ -112,6 +183,9 @@ impl LocalCluster {
                 .status();
         }
         worker.stop();
+        for m in shard_masters {
+            m.stop().await;
+        }
         master.stop().await;
         Ok(())
     }

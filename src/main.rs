@@ -4,6 +4,7 @@
 mod admin;
 mod bench;
 mod fs_cmd;
+mod shards_cmd;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -55,6 +56,10 @@ enum Command {
         /// Serve Prometheus metrics here.
         #[arg(long)]
         metrics_listen: Option<SocketAddr>,
+        /// Metadata shards, each with its own master (paths spread by their first
+        /// component; `granary admin shards list` shows the table).
+        #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u16).range(1..=64))]
+        shards: u16,
     },
     /// Run a metadata master.
     Master {
@@ -113,13 +118,34 @@ enum FsCommand {
 
 #[derive(Subcommand)]
 enum AdminCommand {
-    /// Shard state, mounts and workers.
+    /// Every shard's state, mounts and workers.
     Report,
+    /// The routing table: which shard owns which paths.
+    Shards {
+        #[command(subcommand)]
+        cmd: ShardsCommand,
+    },
     /// The master group: show it or change it (joint consensus, no restarts).
     Quorum {
         #[command(subcommand)]
         cmd: QuorumCommand,
     },
+}
+
+#[derive(Subcommand)]
+enum ShardsCommand {
+    /// The table: shards with their masters, pinned prefixes, version.
+    List,
+    /// Add a shard (start its masters first, with `shard_id` and `routing` set): paths
+    /// whose first component now hashes to it move there.
+    Add {
+        id: u32,
+        /// Its masters, `host:port` (comma-separated or repeated).
+        #[arg(value_delimiter = ',', required = true)]
+        masters: Vec<String>,
+    },
+    /// Send a path prefix (and everything below it) to a shard, e.g. /datasets/imagenet 3.
+    Pin { prefix: String, shard: u32 },
 }
 
 #[derive(Subcommand)]
@@ -153,6 +179,7 @@ fn main() -> anyhow::Result<()> {
             cache_capacity,
             master_listen,
             metrics_listen,
+            shards,
         } => {
             let demo_root = PathBuf::from("/tmp/granary-demo");
             let ufs = ufs.unwrap_or_else(|| demo_root.join("ufs"));
@@ -173,6 +200,7 @@ fn main() -> anyhow::Result<()> {
                 master_listen,
                 capacity: cache_capacity,
                 metrics_listen,
+                shards,
             };
             runtime()?.block_on(async {
                 if let Some(addr) = args.metrics_listen {
@@ -220,6 +248,19 @@ fn main() -> anyhow::Result<()> {
             let (m, t) = (cli.cluster.master(), cli.cluster.token());
             match cmd {
                 AdminCommand::Report => runtime()?.block_on(admin::report(m, t)),
+                AdminCommand::Shards { cmd } => runtime()?.block_on(async {
+                    match cmd {
+                        ShardsCommand::List => shards_cmd::list(m, t).await,
+                        ShardsCommand::Add { id, masters } => {
+                            let change = shards_cmd::TableChange::AddShard { id, masters };
+                            shards_cmd::change(m, t, change).await
+                        }
+                        ShardsCommand::Pin { prefix, shard } => {
+                            let change = shards_cmd::TableChange::Pin { prefix, shard };
+                            shards_cmd::change(m, t, change).await
+                        }
+                    }
+                }),
                 AdminCommand::Quorum { cmd } => runtime()?.block_on(async {
                     match cmd {
                         QuorumCommand::Info => admin::quorum_info(m, t).await,

@@ -160,6 +160,7 @@ pub fn run(b: ReadBench) -> anyhow::Result<()> {
         master_listen: "127.0.0.1:0".parse()?,
         capacity: ByteSize(capacity),
         metrics_listen: None,
+        shards: 1,
     }))?;
     let result = measure(&b, &ufs, &mnt, &small);
     // Report before tearing down, so a slow teardown cannot lose the figures.

@@ -163,6 +163,7 @@ pub fn run(b: WriteBench) -> anyhow::Result<()> {
         master_listen: "127.0.0.1:0".parse()?,
         capacity: ByteSize((b.big_size * 2).max(1 << 30)),
         metrics_listen: None,
+        shards: 1,
     }))?;
     let reported = measure(&b, &targets).and_then(|(rows, cpu)| {
         let names: Vec<&str> = targets[1..targets.len() - 1]
