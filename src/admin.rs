@@ -6,7 +6,6 @@ use anyhow::{bail, Context};
 use granary_common::auth::AttachToken;
 use granary_common::bytesize::ByteSize;
 use granary_protos::v1::admin_client::AdminClient;
-use granary_protos::v1::namespace_client::NamespaceClient;
 use granary_protos::v1::{
     AddMemberRequest, QuorumChangeReply, QuorumInfoReply, QuorumInfoRequest, RemoveMemberRequest,
     ReportRequest, TransferLeaderRequest,
@@ -30,14 +29,6 @@ pub fn channel(master: &str, token: &str) -> anyhow::Result<Authenticated> {
 /// A client of the master's `Admin` service.
 pub fn client(master: &str, token: &str) -> anyhow::Result<AdminClient<Authenticated>> {
     Ok(AdminClient::new(channel(master, token)?).max_decoding_message_size(64 << 20))
-}
-
-/// A client of the master's `Namespace` service.
-pub fn namespace_client(
-    master: &str,
-    token: &str,
-) -> anyhow::Result<NamespaceClient<Authenticated>> {
-    Ok(NamespaceClient::new(channel(master, token)?).max_decoding_message_size(64 << 20))
 }
 
 /// Every shard the routing table lists: its leader's view, mounts and workers.

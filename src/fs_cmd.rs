@@ -10,7 +10,7 @@ use granary_fuse_client::cli::ClusterArgs;
 use granary_fuse_client::fs::GranaryFs;
 use granary_fuse_client::MountConfig;
 use granary_meta_client::MetadataService;
-use granary_protos::v1::{FileKind, Inode, LoadMetadataRequest};
+use granary_protos::v1::{FileKind, Inode};
 
 pub struct FsClient {
     pub fs: GranaryFs,
@@ -155,30 +155,26 @@ pub async fn load_metadata(
     recursive: bool,
     force: bool,
 ) -> anyhow::Result<()> {
-    let mut client = crate::admin::namespace_client(master, token)?;
-    let mut stream = client
-        .load_metadata(LoadMetadataRequest {
-            path: path.as_bytes().to_vec(),
-            recursive,
-            force,
-        })
-        .await?
-        .into_inner();
+    // Each part of the tree is loaded by the shard that keeps it.
+    let table =
+        granary_shard_router::RoutingTable::new(crate::shards_cmd::table(master, token).await?)?;
+    let token = granary_common::auth::AttachToken::new(token).map_err(anyhow::Error::msg)?;
     let pb = indicatif::ProgressBar::new_spinner();
     pb.enable_steady_tick(Duration::from_millis(120));
-    while let Some(msg) = stream.message().await? {
-        pb.set_message(format!(
-            "{} directories, {} files",
-            msg.directories, msg.files
-        ));
-        if msg.done {
-            pb.finish_and_clear();
-            println!(
-                "loaded {path}: {} directories, {} files",
-                msg.directories, msg.files
-            );
-            return Ok(());
-        }
-    }
-    bail!("master closed the load of {path} before it finished")
+    let path_bytes = match path.trim_end_matches('/') {
+        "" => b"/".to_vec(),
+        p => p.as_bytes().to_vec(),
+    };
+    let done =
+        granary_shard_router::load_tree(&table, &path_bytes, recursive, force, &token, |p| {
+            pb.set_message(format!("{} directories, {} files", p.directories, p.files));
+        })
+        .await;
+    pb.finish_and_clear();
+    let done = done.with_context(|| format!("loading {path}"))?;
+    println!(
+        "loaded {path}: {} directories, {} files",
+        done.directories, done.files
+    );
+    Ok(())
 }

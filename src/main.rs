@@ -71,6 +71,11 @@ enum Command {
         #[arg(long)]
         config: PathBuf,
     },
+    /// Run a shard router (the routing table, and a metadata proxy).
+    Router {
+        #[arg(long)]
+        config: PathBuf,
+    },
     /// Mount a Granary namespace (runs in the foreground; Ctrl-C unmounts).
     Mount {
         #[command(flatten)]
@@ -225,6 +230,10 @@ fn main() -> anyhow::Result<()> {
         Command::Worker { config } => {
             let cfg = granary_common::config::load_toml(&config)?;
             Ok(runtime()?.block_on(granary_worker::run(cfg))?)
+        }
+        Command::Router { config } => {
+            let cfg = granary_common::config::load_toml(&config)?;
+            Ok(runtime()?.block_on(granary_shard_router::router::run(cfg))?)
         }
         Command::Mount { mount } => {
             let cfg = mount.config(&cli.cluster)?;

@@ -18,6 +18,9 @@ pub struct MountConfig {
     pub read_consistency: ReadConsistency,
     /// Spread metadata reads over every master (followers answer too).
     pub follower_reads: bool,
+    /// `masters` are routers, and every metadata call goes through them (for a client
+    /// that should not route by itself); otherwise the mount routes to each shard.
+    pub proxy: bool,
     /// Kernel dentry cache lifetime.
     pub entry_ttl_ms: u64,
     /// Kernel attribute cache lifetime.
@@ -66,6 +69,7 @@ impl Default for MountConfig {
             cluster_token: String::new(),
             read_consistency: ReadConsistency::Linearizable,
             follower_reads: true,
+            proxy: false,
             entry_ttl_ms: 300_000,
             attr_ttl_ms: 300_000,
             keep_cache: true,

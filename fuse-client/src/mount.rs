@@ -18,7 +18,7 @@ use crate::fuse_adapter::{FuseAdapter, KernelOptions, Passthrough};
 use crate::kernel_view::OwnerOverride;
 use crate::memory::MemoryLimiter;
 use crate::worker_list::WorkerList;
-use granary_meta_client::{ClientOptions, MetadataService};
+use granary_meta_client::{ClientOptions, GrpcMetadataClient, MetadataService};
 use granary_shard_router::ShardedMetadata;
 
 /// How long a worker list serves before it is listed again (in the background).
@@ -119,25 +119,27 @@ impl Drop for MountHandle {
 }
 
 /// Fetches the routing table from `masters` (shard 0's masters, or routers), connects to
-/// every shard it lists and checks that the root answers.
-pub fn connect_metadata(cfg: &MountConfig) -> Result<Arc<ShardedMetadata>, MountError> {
+/// every shard it lists and checks that the root answers. With `proxy`, every call goes
+/// to the routers in `masters` instead, which route it.
+pub fn connect_metadata(cfg: &MountConfig) -> Result<Arc<dyn MetadataService>, MountError> {
     cfg.validate()?;
     let masters_err = |error| MountError::Masters {
         masters: cfg.masters.clone(),
         error,
     };
-    let meta = ShardedMetadata::connect(
-        &cfg.masters,
-        &ClientOptions {
-            cluster_token: cfg.cluster_token.clone(),
-            read_consistency: cfg.read_consistency,
-            follower_reads: cfg.follower_reads,
-            rpc_timeout: Duration::from_millis(cfg.rpc_timeout_ms),
-            retry_deadline: Duration::from_millis(cfg.retry_deadline_ms),
-            routing_version: None,
-        },
-    )
-    .map_err(masters_err)?;
+    let opts = ClientOptions {
+        cluster_token: cfg.cluster_token.clone(),
+        read_consistency: cfg.read_consistency,
+        follower_reads: cfg.follower_reads,
+        rpc_timeout: Duration::from_millis(cfg.rpc_timeout_ms),
+        retry_deadline: Duration::from_millis(cfg.retry_deadline_ms),
+        routing_version: None,
+    };
+    let meta: Arc<dyn MetadataService> = if cfg.proxy {
+        GrpcMetadataClient::connect(0, &cfg.masters, &opts).map_err(masters_err)?
+    } else {
+        ShardedMetadata::connect(&cfg.masters, &opts).map_err(masters_err)?
+    };
     meta.getattr(granary_shard_router::ROOT)
         .map_err(masters_err)?;
     Ok(meta)

@@ -141,7 +141,7 @@ impl ShardedMetadata {
     }
 
     /// Fetches the table now and adopts it if newer.
-    fn refresh(&self) -> FsResult<()> {
+    pub fn refresh_table(&self) -> FsResult<()> {
         let table = fetch_table(&self.sources, &self.opts.cluster_token)?;
         self.install(table)
     }
@@ -155,7 +155,7 @@ impl ShardedMetadata {
                 while !stop.load(Ordering::Relaxed) {
                     std::thread::sleep(TABLE_REFRESH);
                     let Some(me) = weak.upgrade() else { return };
-                    if let Err(e) = me.refresh() {
+                    if let Err(e) = me.refresh_table() {
                         tracing::debug!(error = %e, "routing table refresh failed");
                     }
                 }
@@ -193,7 +193,7 @@ impl ShardedMetadata {
                 Err(FsError::StaleRouting(version)) if tries < REROUTES => {
                     tries += 1;
                     tracing::info!(version, "routing table changed; fetching it");
-                    self.refresh()?;
+                    self.refresh_table()?;
                 }
                 other => return other,
             }

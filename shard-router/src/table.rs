@@ -236,6 +236,22 @@ impl RoutingTable {
         Placement::Elsewhere
     }
 
+    /// Where loading the tree at `path` happens: the shard owning it, loading `path`,
+    /// and each shard a prefix below it is pinned to, loading that prefix (the owner
+    /// keeps a referral there). The root is every shard's.
+    pub fn load_targets(&self, path: &[u8]) -> Vec<(u16, Vec<u8>)> {
+        if path == b"/" {
+            return self.ids.iter().map(|&id| (id, b"/".to_vec())).collect();
+        }
+        let mut targets = vec![(self.owner(path), path.to_vec())];
+        for pin in &self.proto.pins {
+            if pin.prefix != path && is_at_or_under(&pin.prefix, path) {
+                targets.push((pin.shard as u16, pin.prefix.clone()));
+            }
+        }
+        targets
+    }
+
     /// A new version with `shard` added (an unused id).
     pub fn with_shard(&self, shard: ShardInfo) -> Result<Self, RoutingError> {
         let mut next = self.proto.clone();
@@ -353,6 +369,14 @@ mod tests {
             }
         }
         assert!(t.is_above_a_pin(b"/datasets"));
+        assert_eq!(
+            t.load_targets(b"/datasets"),
+            vec![
+                (hashed, b"/datasets".to_vec()),
+                (2, b"/datasets/imagenet".to_vec())
+            ]
+        );
+        assert_eq!(t.load_targets(b"/").len(), 4);
         assert!(!t.is_above_a_pin(b"/datasets/imagenet"));
         assert!(!t.is_above_a_pin(b"/data"));
     }
