@@ -257,6 +257,13 @@ pub struct MasterSpec {
     /// When not empty, master `id` runs on the cores `master_cores[id - 1]`. Benchmarks use
     /// it to stand in for masters on separate machines.
     pub master_cores: Vec<Vec<usize>>,
+    /// The metadata shard this group serves, and (for a shard other than 0) where it gets
+    /// the routing table.
+    pub shard_id: u16,
+    pub routing: Vec<String>,
+    /// Start a worker with the group (a shard's group other than 0's needs none: workers
+    /// follow the routing table to it).
+    pub worker: bool,
 }
 
 impl Default for MasterSpec {
@@ -270,6 +277,9 @@ impl Default for MasterSpec {
             snapshot_threshold: 10_000,
             metadata_sync_interval: "never",
             master_cores: Vec::new(),
+            shard_id: 0,
+            routing: Vec::new(),
+            worker: true,
         }
     }
 }
@@ -299,6 +309,8 @@ type Authenticated =
 pub type Client = granary_protos::v1::namespace_client::NamespaceClient<Authenticated>;
 /// A client of a master's `Admin` service.
 pub type AdminClient = granary_protos::v1::admin_client::AdminClient<Authenticated>;
+/// A client of a master's (or a router's) `Routing` service.
+pub type RoutingClient = granary_protos::v1::routing_client::RoutingClient<Authenticated>;
 
 /// Adds the cluster token to test clients' calls.
 #[derive(Clone)]
@@ -329,6 +341,7 @@ impl Cluster {
             cluster_token: spec.cluster_token.clone(),
             peer_token: spec.peer_token.clone(),
             master_cores: spec.master_cores.clone(),
+            routing: spec.routing.clone(),
             ..*spec
         };
         let dir = tempfile::tempdir()?;
@@ -365,7 +378,9 @@ impl Cluster {
             c.start_master(id)?;
         }
         c.leader(Duration::from_secs(20))?;
-        c.start_worker("1GiB")?;
+        if c.spec.worker {
+            c.start_worker("1GiB")?;
+        }
         Ok(c)
     }
 
@@ -428,7 +443,7 @@ impl Cluster {
         std::fs::write(
             &cfg,
             format!(
-                "id = {id}\nlisten = \"127.0.0.1:{port}\"\ndata_dir = \"{}\"\nufs = \"{}\"\nblock_size = \"{}\"\nmembers = [{}]\njoin = {join}\ncluster_token = \"{}\"\npeer_token = \"{}\"\nsnapshot_threshold = {}\nworker_heartbeat_ms = 200\nworker_timeout_ms = 3000\nmetadata_sync_interval = \"{}\"\n",
+                "id = {id}\nlisten = \"127.0.0.1:{port}\"\ndata_dir = \"{}\"\nufs = \"{}\"\nblock_size = \"{}\"\nmembers = [{}]\njoin = {join}\ncluster_token = \"{}\"\npeer_token = \"{}\"\nsnapshot_threshold = {}\nworker_heartbeat_ms = 200\nworker_timeout_ms = 3000\nmetadata_sync_interval = \"{}\"\nshard_id = {}\nrouting = [{}]\n",
                 data.display(),
                 self.spec.ufs.display(),
                 self.spec.block_size,
@@ -437,6 +452,8 @@ impl Cluster {
                 self.spec.peer_token,
                 self.spec.snapshot_threshold,
                 self.spec.metadata_sync_interval,
+                self.spec.shard_id,
+                toml_list(&self.spec.routing),
             ),
         )?;
         let cores = self.spec.master_cores.get(id as usize - 1).cloned();
@@ -663,6 +680,99 @@ impl Cluster {
         Ok(())
     }
 
+    /// Starts another worker (its own cache, ports and log) following this group's table.
+    pub fn start_extra_worker(&self, name: &str) -> anyhow::Result<Proc> {
+        let cfg = self.dir.path().join(format!("{name}.toml"));
+        std::fs::write(
+            &cfg,
+            format!(
+                "masters = [{}]\ncluster_token = \"{}\"\ndata_listen = \"127.0.0.1:{}\"\ncache_dir = \"{}\"\ncapacity = \"1GiB\"\n",
+                toml_list(&self.master_addrs()),
+                self.spec.cluster_token,
+                free_port(),
+                self.dir.path().join(format!("{name}-cache")).display(),
+            ),
+        )?;
+        let worker = self.spawn("granary-worker", name, &cfg, None)?;
+        wait_until("the worker to register", Duration::from_secs(20), || {
+            worker.log_text().contains("registered with master")
+        })
+        .with_context(|| worker.log_text())?;
+        Ok(worker)
+    }
+
+    /// Starts a `granary-router` over this group (shard 0's); returns it and its address.
+    pub fn start_router(&self, name: &str) -> anyhow::Result<(Proc, String)> {
+        let port = free_port();
+        let cfg = self.dir.path().join(format!("{name}.toml"));
+        std::fs::write(
+            &cfg,
+            format!(
+                "listen = \"127.0.0.1:{port}\"\nmasters = [{}]\ncluster_token = \"{}\"\n",
+                toml_list(&self.master_addrs()),
+                self.spec.cluster_token,
+            ),
+        )?;
+        let router = self.spawn("granary-router", name, &cfg, None)?;
+        wait_until("the router port", Duration::from_secs(20), || {
+            TcpStream::connect(("127.0.0.1", port)).is_ok()
+        })
+        .with_context(|| router.log_text())?;
+        Ok((router, format!("127.0.0.1:{port}")))
+    }
+
+    /// A client of the `Routing` service at `addr` (a master or a router).
+    pub fn routing_client(&self, addr: &str) -> anyhow::Result<RoutingClient> {
+        Ok(RoutingClient::new(self.channel(
+            addr,
+            &self.rt,
+            Duration::from_secs(30),
+        )?))
+    }
+
+    /// Adds shard `id` (served by `masters`) to the routing table this group keeps.
+    pub fn add_shard(&self, id: u32, masters: Vec<String>) -> anyhow::Result<u64> {
+        let leader = self.addr_of(self.leader(Duration::from_secs(10))?);
+        let req = granary_protos::v1::AddShardRequest {
+            shard: Some(granary_protos::v1::ShardInfo { id, masters }),
+        };
+        let mut c = self.routing_client(&leader)?;
+        Ok(self.rt.block_on(c.add_shard(req))?.into_inner().version)
+    }
+
+    /// Pins `prefix` to shard `shard` in the routing table this group keeps.
+    pub fn pin(&self, prefix: &str, shard: u32) -> anyhow::Result<u64> {
+        let leader = self.addr_of(self.leader(Duration::from_secs(10))?);
+        let req = granary_protos::v1::PinPrefixRequest {
+            prefix: prefix.as_bytes().to_vec(),
+            shard,
+        };
+        let mut c = self.routing_client(&leader)?;
+        Ok(self.rt.block_on(c.pin_prefix(req))?.into_inner().version)
+    }
+
+    /// Waits until every running master of this group works by routing table `version`
+    /// or newer.
+    pub fn wait_for_table(&self, version: u64) -> anyhow::Result<()> {
+        wait_until("the routing table", Duration::from_secs(30), || {
+            self.masters
+                .iter()
+                .filter(|(_, m)| m.proc.is_some())
+                .all(|(&id, _)| {
+                    self.routing_client(&self.addr_of(id))
+                        .ok()
+                        .and_then(|mut c| {
+                            self.rt
+                                .block_on(c.get_routing_table(
+                                    granary_protos::v1::GetRoutingTableRequest {},
+                                ))
+                                .ok()
+                        })
+                        .is_some_and(|t| t.into_inner().version >= version)
+                })
+        })
+    }
+
     /// Kills the worker (SIGKILL).
     pub fn kill_worker(&mut self) {
         if let Some(mut w) = self.worker.take() {
@@ -685,6 +795,16 @@ impl Cluster {
 
     /// Mounts with extra TOML lines appended to the mount config.
     pub fn mount(&self, name: &str, extra_config: &str) -> anyhow::Result<Mount> {
+        self.mount_on(name, &self.master_addrs(), extra_config)
+    }
+
+    /// Mounts with `masters` (routers, say) as where the mount starts.
+    pub fn mount_on(
+        &self,
+        name: &str,
+        masters: &[String],
+        extra_config: &str,
+    ) -> anyhow::Result<Mount> {
         let mnt = self.dir.path().join(name);
         std::fs::create_dir_all(&mnt)?;
         let cfg = self.dir.path().join(format!("{name}.toml"));
@@ -692,7 +812,7 @@ impl Cluster {
             &cfg,
             format!(
                 "masters = [{}]\ncluster_token = \"{}\"\nstaging_dir = \"{}\"\n{extra_config}\n",
-                toml_list(&self.master_addrs()),
+                toml_list(masters),
                 self.spec.cluster_token,
                 self.dir.path().join(format!("{name}.staging")).display()
             ),

@@ -140,9 +140,16 @@ impl ShardedMetadata {
         Ok(())
     }
 
-    /// Fetches the table now and adopts it if newer.
+    /// Fetches the table now and adopts it if newer. When the configured sources (routers)
+    /// do not answer, shard 0's masters, which keep the table, are asked.
     pub fn refresh_table(&self) -> FsResult<()> {
-        let table = fetch_table(&self.sources, &self.opts.cluster_token)?;
+        let table = match fetch_table(&self.sources, &self.opts.cluster_token) {
+            Ok(t) => t,
+            Err(e) => {
+                let shard0 = self.table().masters(0).unwrap_or_default().to_vec();
+                fetch_table(&shard0, &self.opts.cluster_token).map_err(|_| e)?
+            }
+        };
         self.install(table)
     }
 

@@ -1,0 +1,282 @@
+//! One namespace over several shards, with real processes: 3 shards of 3 masters each, 2
+//! workers, a router, a mount that routes by itself and one that goes through the router.
+//! Files spread by hash and by a pinned prefix; both mounts read and write all of them;
+//! a rename across shards is EXDEV; a shard added and a prefix pinned to it while the
+//! mounts run; the router killed (the routing mount goes on from its cached table); one
+//! shard's leader killed (only that shard pauses).
+
+use std::collections::BTreeSet;
+use std::os::unix::fs::MetadataExt;
+use std::path::Path;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+use granary_integration_tests::{wait_until, Cluster, MasterSpec};
+
+const TOP: usize = 12;
+
+fn content(path: &str) -> Vec<u8> {
+    format!("bytes of {path}\n").repeat(40).into_bytes()
+}
+
+/// `/tNN/fK` for 12 top-level directories, and `/datasets/{imagenet/train,other}`.
+fn files() -> Vec<String> {
+    let mut v: Vec<String> = (0..TOP)
+        .flat_map(|t| (0..3).map(move |f| format!("t{t:02}/f{f}")))
+        .collect();
+    v.extend((0..5).map(|i| format!("datasets/imagenet/train/img{i}")));
+    v.push("datasets/other/x".into());
+    v
+}
+
+fn shard_of(path: &Path) -> u64 {
+    std::fs::metadata(path).unwrap().ino() >> 48
+}
+
+fn group(ufs: &Path, shard: u16, masters: u64, shard0: &[String]) -> Cluster {
+    Cluster::start(&MasterSpec {
+        ufs: ufs.to_path_buf(),
+        masters,
+        shard_id: shard,
+        routing: shard0.to_vec(),
+        worker: false,
+        ..Default::default()
+    })
+    .unwrap()
+}
+
+/// Waits until `group`'s leader lists `n` workers.
+fn workers_registered(group: &Cluster, n: usize) {
+    wait_until(
+        "workers registered with the shard",
+        Duration::from_secs(30),
+        || group.worker_ids_on_leader().is_ok_and(|w| w.len() == n),
+    )
+    .unwrap();
+}
+
+fn read_all(mnt: &Path, files: &[String]) -> Vec<String> {
+    files
+        .iter()
+        .filter(|f| std::fs::read(mnt.join(f)).ok() != Some(content(f)))
+        .cloned()
+        .collect()
+}
+
+#[test]
+fn one_namespace_over_three_shards_routers_and_failures() {
+    let ufs = tempfile::tempdir().unwrap();
+    let files = files();
+    for f in &files {
+        let p = ufs.path().join(f);
+        std::fs::create_dir_all(p.parent().unwrap()).unwrap();
+        std::fs::write(p, content(f)).unwrap();
+    }
+    let s0 = Cluster::start(&MasterSpec {
+        ufs: ufs.path().to_path_buf(),
+        masters: 3,
+        ..Default::default()
+    })
+    .unwrap();
+    let shard0 = s0.master_addrs();
+    let mut s1 = group(ufs.path(), 1, 3, &shard0);
+    let s2 = group(ufs.path(), 2, 3, &shard0);
+    s0.add_shard(1, s1.master_addrs()).unwrap();
+    s0.add_shard(2, s2.master_addrs()).unwrap();
+    let version = s0.pin("/datasets/imagenet", 2).unwrap();
+    for g in [&s0, &s1, &s2] {
+        g.wait_for_table(version).unwrap();
+    }
+    let (router, router_addr) = s0.start_router("router").unwrap();
+    let _worker2 = s0.start_extra_worker("worker-2").unwrap();
+    for g in [&s0, &s1, &s2] {
+        workers_registered(g, 2);
+    }
+    // Short kernel and client caches: routing changes and failures show at once.
+    let fresh =
+        "entry_ttl_ms = 300\nattr_ttl_ms = 300\nmeta_cache_ttl_ms = 300\nkeep_cache = false";
+    let direct = s0
+        .mount_on("direct", std::slice::from_ref(&router_addr), fresh)
+        .unwrap();
+    let proxied = s0
+        .mount_on(
+            "proxied",
+            std::slice::from_ref(&router_addr),
+            "proxy = true",
+        )
+        .unwrap();
+
+    // Every file, through both mounts; spread over every shard, the pin on shard 2.
+    assert_eq!(read_all(&direct.path, &files), Vec::<String>::new());
+    assert_eq!(read_all(&proxied.path, &files), Vec::<String>::new());
+    let tops: Vec<(String, u64)> = (0..TOP)
+        .map(|t| {
+            let name = format!("t{t:02}");
+            let shard = shard_of(&direct.path.join(&name));
+            (name, shard)
+        })
+        .collect();
+    let used: BTreeSet<u64> = tops.iter().map(|(_, s)| *s).collect();
+    assert_eq!(
+        used,
+        BTreeSet::from([0, 1, 2]),
+        "hashed over every shard: {tops:?}"
+    );
+    assert_eq!(shard_of(&direct.path.join("datasets/imagenet")), 2);
+    assert_eq!(
+        shard_of(&direct.path.join("datasets/imagenet/train/img3")),
+        2
+    );
+    assert_eq!(
+        shard_of(&direct.path.join("datasets/other")),
+        shard_of(&direct.path.join("datasets")),
+        "the rest of /datasets stays with the shard `datasets` hashes to"
+    );
+    let listed = |mnt: &Path| -> BTreeSet<String> {
+        std::fs::read_dir(mnt)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().into_string().unwrap())
+            .collect()
+    };
+    let mut expected: BTreeSet<String> = tops.iter().map(|(n, _)| n.clone()).collect();
+    expected.insert("datasets".into());
+    assert_eq!(
+        listed(&direct.path),
+        expected,
+        "the root merges every shard's"
+    );
+    assert_eq!(listed(&proxied.path), expected);
+    assert_eq!(
+        listed(&direct.path.join("datasets")),
+        BTreeSet::from(["imagenet".to_string(), "other".to_string()])
+    );
+
+    // Writable through both, seen by the other and in the UFS.
+    std::fs::write(direct.path.join("t03/new.txt"), b"written directly").unwrap();
+    assert_eq!(
+        std::fs::read(proxied.path.join("t03/new.txt")).unwrap(),
+        b"written directly"
+    );
+    std::fs::write(
+        proxied.path.join("datasets/imagenet/new.txt"),
+        b"through the router",
+    )
+    .unwrap();
+    assert_eq!(
+        std::fs::read(direct.path.join("datasets/imagenet/new.txt")).unwrap(),
+        b"through the router"
+    );
+    assert_eq!(
+        std::fs::read(ufs.path().join("datasets/imagenet/new.txt")).unwrap(),
+        b"through the router"
+    );
+    std::fs::create_dir(direct.path.join("made-here")).unwrap();
+    assert!(ufs.path().join("made-here").is_dir());
+
+    // A rename across shards is EXDEV (mv copies); within a shard it is a rename.
+    let (a, b) = tops
+        .iter()
+        .find_map(|(a, sa)| tops.iter().find(|(_, sb)| sb != sa).map(|(b, _)| (a, b)))
+        .unwrap();
+    let err = std::fs::rename(
+        direct.path.join(a).join("f0"),
+        direct.path.join(b).join("moved"),
+    )
+    .unwrap_err();
+    assert_eq!(err.raw_os_error(), Some(libc::EXDEV), "{a} -> {b}");
+    std::fs::rename(
+        direct.path.join(a).join("f0"),
+        direct.path.join(a).join("renamed"),
+    )
+    .unwrap();
+    assert!(ufs.path().join(a).join("renamed").exists());
+    std::fs::rename(
+        direct.path.join(a).join("renamed"),
+        direct.path.join(a).join("f0"),
+    )
+    .unwrap();
+
+    // A shard added, and a prefix pinned to it, while the mounts run.
+    let s3 = group(ufs.path(), 3, 1, &shard0);
+    s0.add_shard(3, s3.master_addrs()).unwrap();
+    let version = s0.pin("/t05", 3).unwrap();
+    s3.wait_for_table(version).unwrap();
+    workers_registered(&s3, 2);
+    wait_until("/t05 served by shard 3", Duration::from_secs(30), || {
+        std::fs::metadata(direct.path.join("t05")).is_ok_and(|m| m.ino() >> 48 == 3)
+    })
+    .unwrap();
+    assert_eq!(read_all(&direct.path, &files), Vec::<String>::new());
+    assert_eq!(shard_of(&direct.path.join("t05/f1")), 3);
+
+    // Without the router, the routing mount goes on from its cached table.
+    drop(router);
+    assert_eq!(read_all(&direct.path, &files), Vec::<String>::new());
+    std::fs::write(direct.path.join("t07/after-router.txt"), b"still writable").unwrap();
+    assert_eq!(
+        std::fs::read(ufs.path().join("t07/after-router.txt")).unwrap(),
+        b"still writable"
+    );
+
+    // One shard's leader dies: only its paths pause; the others see no error.
+    let (on_one, elsewhere): (Vec<String>, Vec<String>) = files
+        .iter()
+        .cloned()
+        .partition(|f| shard_of(&direct.path.join(f)) == 1);
+    assert!(!on_one.is_empty() && !elsewhere.is_empty());
+    let (stop, reads, errors) = (
+        AtomicBool::new(false),
+        AtomicUsize::new(0),
+        AtomicUsize::new(0),
+    );
+    std::thread::scope(|scope| {
+        for t in 0..2 {
+            let (stop, reads, errors, elsewhere, mnt) =
+                (&stop, &reads, &errors, &elsewhere, &direct.path);
+            scope.spawn(move || {
+                let mut i = t;
+                while !stop.load(Ordering::Relaxed) {
+                    let f = &elsewhere[i % elsewhere.len()];
+                    match std::fs::read(mnt.join(f)) {
+                        Ok(d) if d == content(f) => {
+                            reads.fetch_add(1, Ordering::Relaxed);
+                        }
+                        other => {
+                            eprintln!("read {f} failed: {:?}", other.map(|d| d.len()));
+                            errors.fetch_add(1, Ordering::Relaxed);
+                        }
+                    }
+                    i += 1;
+                }
+            });
+        }
+        let leader = s1.leader(Duration::from_secs(10)).unwrap();
+        s1.kill_master(leader);
+        let killed = Instant::now();
+        // A create needs shard 1's new leader.
+        let dir = Path::new(&on_one[0]).parent().unwrap().to_path_buf();
+        let mut n = 0;
+        wait_until(
+            "shard 1 to take writes again",
+            Duration::from_secs(30),
+            || {
+                n += 1;
+                std::fs::write(direct.path.join(&dir).join(format!("after-kill-{n}")), b"x").is_ok()
+            },
+        )
+        .unwrap();
+        eprintln!(
+            "shard 1 took writes again {:?} after its leader was killed",
+            killed.elapsed()
+        );
+        std::thread::sleep(Duration::from_secs(1));
+        stop.store(true, Ordering::Relaxed);
+    });
+    assert_eq!(
+        errors.load(Ordering::Relaxed),
+        0,
+        "other shards' reads failed"
+    );
+    assert!(reads.load(Ordering::Relaxed) > 0);
+    assert_eq!(read_all(&direct.path, &files), Vec::<String>::new());
+}
