@@ -145,9 +145,15 @@ enum ShardsCommand {
     /// whose first component now hashes to it move there.
     Add {
         id: u32,
-        /// Its masters, `host:port` (comma-separated or repeated).
-        #[arg(value_delimiter = ',', required = true)]
-        masters: Vec<String>,
+        /// Its masters, `host:port,host:port,...` (named apart from the global
+        /// `--master`, which says where to send the change).
+        #[arg(
+            value_name = "MASTERS",
+            value_delimiter = ',',
+            num_args = 1,
+            required = true
+        )]
+        shard_masters: Vec<String>,
     },
     /// Send a path prefix (and everything below it) to a shard, e.g. /datasets/imagenet 3.
     Pin { prefix: String, shard: u32 },
@@ -260,8 +266,11 @@ fn main() -> anyhow::Result<()> {
                 AdminCommand::Shards { cmd } => runtime()?.block_on(async {
                     match cmd {
                         ShardsCommand::List => shards_cmd::list(m, t).await,
-                        ShardsCommand::Add { id, masters } => {
-                            let change = shards_cmd::TableChange::AddShard { id, masters };
+                        ShardsCommand::Add { id, shard_masters } => {
+                            let change = shards_cmd::TableChange::AddShard {
+                                id,
+                                masters: shard_masters,
+                            };
                             shards_cmd::change(m, t, change).await
                         }
                         ShardsCommand::Pin { prefix, shard } => {
@@ -297,5 +306,25 @@ mod tests {
     fn the_arguments_are_well_formed() {
         use clap::CommandFactory;
         super::Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn cluster_flags_follow_any_subcommand() {
+        use clap::Parser;
+        let cli = super::Cli::try_parse_from([
+            "granary", "admin", "shards", "add", "1", "a:1,b:2", "--master", "m:1",
+        ])
+        .unwrap();
+        assert_eq!(cli.cluster.masters, ["m:1"]);
+        let super::Command::Admin {
+            cmd:
+                super::AdminCommand::Shards {
+                    cmd: super::ShardsCommand::Add { shard_masters, .. },
+                },
+        } = cli.command
+        else {
+            panic!("parsed as another command");
+        };
+        assert_eq!(shard_masters, ["a:1", "b:2"]);
     }
 }
