@@ -8,6 +8,7 @@ mod meta;
 mod passthrough;
 mod read;
 mod report;
+mod shards;
 mod write;
 
 use std::path::PathBuf;
@@ -102,7 +103,12 @@ enum BenchCommand {
         /// masters on separate machines (needs more than 3N cores).
         #[arg(long)]
         cores_per_master: Option<usize>,
-        /// Write the table into this markdown file (between bench-meta markers).
+        /// Instead: one namespace over each of these shard counts (one master each),
+        /// side by side, e.g. 1,2,4: reads and creates through a routing client.
+        #[arg(long, value_delimiter = ',')]
+        shards: Vec<u16>,
+        /// Write the table into this markdown file (between bench-meta markers, or
+        /// bench-shards with --shards).
         #[arg(long)]
         write_docs: Option<PathBuf>,
     },
@@ -164,8 +170,24 @@ fn main() -> anyhow::Result<()> {
             entries,
             threads,
             seconds,
+            shards,
+            write_docs,
+            ..
+        } if !shards.is_empty() => shards::run(shards::ShardsBench {
+            entries,
+            shards,
+            threads: threads.max(1),
+            seconds: seconds.max(1),
+            consistency: cli.read_consistency,
+            write_docs,
+        }),
+        BenchCommand::Meta {
+            entries,
+            threads,
+            seconds,
             cores_per_master,
             write_docs,
+            ..
         } => meta::run(meta::MetaBench {
             entries,
             threads: threads.max(1),

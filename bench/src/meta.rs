@@ -129,7 +129,7 @@ impl ModeResult {
     }
 }
 
-fn populate(ufs: &std::path::Path, entries: u64) -> anyhow::Result<()> {
+pub(crate) fn populate(ufs: &std::path::Path, entries: u64) -> anyhow::Result<()> {
     let marker = ufs.join(".entries");
     if std::fs::read_to_string(&marker).ok().as_deref() == Some(&entries.to_string()) {
         return Ok(());
