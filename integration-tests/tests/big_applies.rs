@@ -1,6 +1,7 @@
 //! Work that one log entry makes the state machine do (a directory rename rewrites every
 //! descendant) must not stall the Raft group: heartbeats keep going, so no member starts
-//! an election, and cached reads keep being served.
+//! an election, and cached reads keep being served. A directory too big for one command
+//! is listed in parts.
 
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
@@ -10,6 +11,7 @@ use granary_protos::v1::LoadMetadataRequest;
 
 const DIRS: usize = 100;
 const FILES_PER_DIR: usize = 1000;
+const FLAT: usize = 20_000;
 
 #[test]
 fn renaming_a_100k_entry_tree_causes_no_election() {
@@ -24,6 +26,12 @@ fn renaming_a_100k_entry_tree_causes_no_election() {
         for f in 0..FILES_PER_DIR {
             std::fs::File::create(dir.join(format!("f{f:03}"))).unwrap();
         }
+    }
+    // One flat directory bigger than one command's worth of entries: listed in parts.
+    let flat = ufs.path().join("flat");
+    std::fs::create_dir(&flat).unwrap();
+    for f in 0..FLAT {
+        std::fs::File::create(flat.join(format!("f{f:05}"))).unwrap();
     }
     std::fs::create_dir(ufs.path().join("data")).unwrap();
     for i in 0..20 {
@@ -63,6 +71,28 @@ fn renaming_a_100k_entry_tree_causes_no_election() {
     );
 
     let m = c.mount("mnt", "keep_cache = false").unwrap();
+    assert_eq!(std::fs::read_dir(m.path.join("flat")).unwrap().count(), FLAT);
+    std::fs::remove_file(flat.join("f00007")).unwrap();
+    std::fs::File::create(flat.join("added")).unwrap();
+    c.on_leader(Duration::from_secs(60), |mut client| async move {
+        let mut progress = client
+            .load_metadata(LoadMetadataRequest {
+                path: b"/flat".to_vec(),
+                recursive: false,
+                force: true,
+            })
+            .await?
+            .into_inner();
+        while progress.message().await?.is_some() {}
+        Ok(tonic::Response::new(()))
+    })
+    .unwrap();
+    let names: std::collections::BTreeSet<String> = std::fs::read_dir(m.path.join("flat"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().into_string().unwrap())
+        .collect();
+    assert_eq!(names.len(), FLAT, "one removed, one added");
+    assert!(names.contains("added") && !names.contains("f00007"));
     for i in 0..20 {
         std::fs::read(m.path.join(format!("data/f{i:02}"))).unwrap();
     }

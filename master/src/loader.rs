@@ -19,6 +19,9 @@ use crate::store::NamespaceStore;
 
 /// Directories listed at once by a recursive load.
 const LOAD_CONCURRENCY: usize = 8;
+/// Entries per `LoadDirectory` command: a bigger listing is proposed in parts, so no
+/// command (and no Raft message, no apply) grows with the directory.
+const ENTRIES_PER_COMMAND: usize = 8192;
 
 pub struct MetadataLoader<L> {
     store: Arc<NamespaceStore>,
@@ -152,19 +155,72 @@ impl<L: CommandLog> MetadataLoader<L> {
                 .await
                 .map_err(|e| FsError::Io(format!("UFS listing task: {e}")))??;
             metrics::counter!("granary_master_ufs_listings_total").increment(1);
-            let cmd = Command {
-                op: Some(command::Op::LoadDirectory(LoadDirectory {
-                    dir_id: current.id,
-                    entries: self.placed(&current, listed)?,
-                    listed_at_ns: now_ns(),
-                })),
-            };
-            self.log.propose(cmd).await?;
+            let entries = self.placed(&current, listed)?;
+            for part in self.parts(&current, entries)? {
+                self.log
+                    .propose(Command {
+                        op: Some(command::Op::LoadDirectory(part)),
+                    })
+                    .await?;
+            }
             self.store.get(dir.id)
         }
         .await;
         self.inflight.lock().expect("inflight lock").remove(&dir.id);
         result
+    }
+
+    /// The commands that record a listing of `dir`: one, or for a big directory parts of
+    /// `ENTRIES_PER_COMMAND` entries, the last naming what the UFS no longer lists.
+    fn parts(&self, dir: &Inode, entries: Vec<UfsEntry>) -> FsResult<Vec<LoadDirectory>> {
+        let listed_at_ns = now_ns();
+        if entries.len() <= ENTRIES_PER_COMMAND {
+            return Ok(vec![LoadDirectory {
+                dir_id: dir.id,
+                entries,
+                listed_at_ns,
+                ..Default::default()
+            }]);
+        }
+        let listed: std::collections::HashSet<&[u8]> =
+            entries.iter().map(|e| e.name.as_slice()).collect();
+        let mut removed = Vec::new();
+        let mut after = Vec::new();
+        loop {
+            let (page, more) = self.store.list(dir.id, &after, 4096)?;
+            if let Some(last) = page.last() {
+                after = last.name.clone();
+            }
+            removed.extend(
+                page.into_iter()
+                    .filter(|i| !listed.contains(i.name.as_slice()))
+                    .map(|i| i.name),
+            );
+            if !more {
+                break;
+            }
+        }
+        let chunks: Vec<Vec<UfsEntry>> = entries
+            .chunks(ENTRIES_PER_COMMAND)
+            .map(<[UfsEntry]>::to_vec)
+            .collect();
+        let last = chunks.len() - 1;
+        Ok(chunks
+            .into_iter()
+            .enumerate()
+            .map(|(i, entries)| LoadDirectory {
+                dir_id: dir.id,
+                entries,
+                listed_at_ns,
+                partial: i < last,
+                explicit_removals: i == last,
+                removed: if i == last {
+                    std::mem::take(&mut removed)
+                } else {
+                    Vec::new()
+                },
+            })
+            .collect())
     }
 
     /// The listed entries this shard keeps, by its routing table: its own, and referrals

@@ -269,6 +269,7 @@ mod tests {
                     dir_id: root,
                     entries: vec![dir("data", None)],
                     listed_at_ns: 1,
+                    ..Default::default()
                 })),
             ),
         ];
@@ -285,6 +286,7 @@ mod tests {
                 dir_id: data.id,
                 entries: vec![dir("pinned", Some(referral)), dir("own", None)],
                 listed_at_ns: 1,
+                ..Default::default()
             })),
         )];
         apply_batch(&s, &log).unwrap();
@@ -380,6 +382,7 @@ mod tests {
                     dir_id: data.id,
                     entries: vec![dir("pinned", None)],
                     listed_at_ns: 2,
+                    ..Default::default()
                 })),
             )],
         )

@@ -211,14 +211,19 @@ fn set_mount(t: &mut Tables<'_>, m: &SetMount) -> Result<FsResult<()>, StoreErro
 }
 
 fn load_directory(t: &mut Tables<'_>, l: &LoadDirectory) -> Result<FsResult<()>, StoreError> {
-    let Some(mut dir) = t.get(l.dir_id)? else {
+    let Some(dir) = t.get(l.dir_id)? else {
         return Ok(Err(FsError::NotFound(format!("directory {:#x}", l.dir_id))));
     };
     if dir.kind != FileKind::Directory as i32 {
         return Ok(Err(FsError::NotDir(format!("inode {:#x}", l.dir_id))));
     }
     let block_size = meta_u64(&t.meta, META_BLOCK_SIZE)?;
-    let mut existing = t.children_of(dir.id)?;
+    // A listing in one command removes what it does not list; a part of a bigger one
+    // touches only its own entries (and the last part names the removals).
+    let mut existing = match l.partial || l.explicit_removals {
+        true => None,
+        false => Some(t.children_of(dir.id)?),
+    };
     let mut added = 0i64;
     for e in &l.entries {
         // A UFS name we cannot represent is skipped on every replica alike.
@@ -229,7 +234,13 @@ fn load_directory(t: &mut Tables<'_>, l: &LoadDirectory) -> Result<FsResult<()>,
             size: e.size,
             mtime_ns: e.mtime_ns,
         };
-        let previous = match existing.remove(&e.name) {
+        let previous_id = match &mut existing {
+            Some(map) => map.remove(&e.name),
+            None => {
+                redb_err!(t.children.get(child_key(dir.id, &e.name).as_slice()))?.map(|v| v.value())
+            }
+        };
+        let previous = match previous_id {
             Some(id) => match t.get(id)? {
                 // A directory that became a referral (or stopped being one) is replaced.
                 Some(old) if old.kind == e.kind && old.referral == e.referral => Some(old),
@@ -286,16 +297,33 @@ fn load_directory(t: &mut Tables<'_>, l: &LoadDirectory) -> Result<FsResult<()>,
     }
     // Whatever the UFS no longer lists is gone, except entries created through Granary
     // that have not reached the UFS yet (no fingerprint).
-    for (name, id) in existing {
+    let vanished: Vec<(Vec<u8>, u64)> = match existing {
+        Some(map) => map.into_iter().collect(),
+        None => {
+            let mut named = Vec::new();
+            for name in &l.removed {
+                let id = redb_err!(t.children.get(child_key(dir.id, name).as_slice()))?;
+                if let Some(id) = id {
+                    named.push((name.clone(), id.value()));
+                }
+            }
+            named
+        }
+    };
+    for (name, id) in vanished {
         let created_here = t.get(id)?.is_some_and(|i| i.fingerprint.is_none());
         if !created_here {
             t.remove_subtree(dir.id, &name, id)?;
         }
     }
     t.add_count(added)?;
-    dir.children_loaded = true;
-    dir.listed_at_ns = l.listed_at_ns;
-    t.put(&dir)?;
+    if !l.partial {
+        // Re-read: a part's own entries do not change the directory's record.
+        let mut dir = t.get(dir.id)?.unwrap_or(dir);
+        dir.children_loaded = true;
+        dir.listed_at_ns = l.listed_at_ns;
+        t.put(&dir)?;
+    }
     Ok(Ok(()))
 }
 
@@ -597,6 +625,7 @@ mod tests {
                 dir_id: dir,
                 entries,
                 listed_at_ns: 1,
+                ..Default::default()
             })),
         }
     }
@@ -719,6 +748,65 @@ mod tests {
         let r = apply_batch(&s, &[LogEntry::command(5, 1, load(12345, vec![]))]).unwrap();
         assert_eq!(r[0].as_ref().unwrap_err().errno(), libc::ENOENT);
         assert_eq!(s.applied().unwrap().0, 5);
+    }
+
+    #[test]
+    fn a_listing_in_parts_ends_where_one_command_would() {
+        let tmp = tempfile::tempdir().unwrap();
+        let s = NamespaceStore::open(&tmp.path().join("s.redb"), 0).unwrap();
+        apply_batch(&s, &[LogEntry::command(1, 1, mount())]).unwrap();
+        let files = |names: &[&str]| -> Vec<UfsEntry> {
+            names.iter().map(|n| entry(n, FileKind::File, 1)).collect()
+        };
+        apply_batch(
+            &s,
+            &[LogEntry::command(
+                2,
+                1,
+                load(1, files(&["a", "b", "c", "d"])),
+            )],
+        )
+        .unwrap();
+        let a = s.lookup(1, b"a").unwrap().unwrap();
+        // Relisted in two parts: `c` and `d` are gone from the UFS, `e` and `f` are new.
+        let part = |entries, partial, removed: &[&str]| Command {
+            op: Some(command::Op::LoadDirectory(LoadDirectory {
+                dir_id: 1,
+                entries,
+                listed_at_ns: 9,
+                partial,
+                explicit_removals: !partial,
+                removed: removed.iter().map(|n| n.as_bytes().to_vec()).collect(),
+            })),
+        };
+        apply_batch(
+            &s,
+            &[LogEntry::command(3, 1, part(files(&["a", "e"]), true, &[]))],
+        )
+        .unwrap();
+        assert_eq!(
+            s.get(1).unwrap().listed_at_ns,
+            1,
+            "not listed until the last part"
+        );
+        assert!(
+            s.lookup(1, b"c").unwrap().is_some(),
+            "a part removes nothing"
+        );
+        apply_batch(
+            &s,
+            &[LogEntry::command(
+                4,
+                1,
+                part(files(&["b", "f"]), false, &["c", "d"]),
+            )],
+        )
+        .unwrap();
+        let now: Vec<String> = names(&s, 1).into_iter().map(|(n, _)| n).collect();
+        assert_eq!(now, ["a", "b", "e", "f"]);
+        assert_eq!(s.lookup(1, b"a").unwrap().unwrap().id, a.id, "ids are kept");
+        assert_eq!(s.get(1).unwrap().listed_at_ns, 9);
+        assert_eq!(s.inode_count().unwrap(), 5);
     }
 
     #[test]

@@ -206,6 +206,7 @@ fn to_command(store: &NamespaceStore, model: &Model, op: &Op) -> Command {
                     })
                     .collect(),
                 listed_at_ns: 1,
+                ..Default::default()
             })),
         },
         Op::Create { dir, name, is_dir } => Command {
