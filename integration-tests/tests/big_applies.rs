@@ -71,7 +71,10 @@ fn renaming_a_100k_entry_tree_causes_no_election() {
     );
 
     let m = c.mount("mnt", "keep_cache = false").unwrap();
-    assert_eq!(std::fs::read_dir(m.path.join("flat")).unwrap().count(), FLAT);
+    assert_eq!(
+        std::fs::read_dir(m.path.join("flat")).unwrap().count(),
+        FLAT
+    );
     std::fs::remove_file(flat.join("f00007")).unwrap();
     std::fs::File::create(flat.join("added")).unwrap();
     c.on_leader(Duration::from_secs(60), |mut client| async move {

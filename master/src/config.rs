@@ -43,6 +43,9 @@ pub struct MasterConfig {
     pub snapshot_threshold: u64,
     /// Where the namespace store lives.
     pub data_dir: PathBuf,
+    /// Memory for the namespace store's page cache; the rest of the namespace stays on
+    /// disk, so a master's memory does not grow with its inode count.
+    pub store_cache: ByteSize,
     /// Under-storage mounted at the namespace root: `file:///path` (or a plain absolute path).
     pub ufs: String,
     /// Block size for files loaded from now on.
@@ -76,6 +79,7 @@ impl Default for MasterConfig {
             heartbeat_ticks: 2,
             snapshot_threshold: 10_000,
             data_dir: PathBuf::from("/var/lib/granary/master"),
+            store_cache: ByteSize(crate::store::DEFAULT_CACHE_BYTES),
             ufs: String::new(),
             block_size: ByteSize(DEFAULT_BLOCK_SIZE),
             metrics_listen: None,

@@ -13,6 +13,7 @@ pub mod raft;
 mod routing;
 pub mod server;
 pub mod service;
+mod snapshots;
 mod state_machine;
 #[cfg(test)]
 mod state_machine_model;

@@ -128,9 +128,10 @@ pub async fn start(mut config: MasterConfig) -> Result<RunningMaster, MasterErro
         source,
     })?;
     let ufs = open_ufs(&config.ufs).map_err(MasterError::Ufs)?;
-    let store = Arc::new(NamespaceStore::open(
+    let store = Arc::new(NamespaceStore::open_with_cache(
         &config.data_dir.join("namespace.redb"),
         config.shard_id,
+        config.store_cache.0,
     )?);
     if let Some(m) = store.mount_table()?.mounts.iter().find(|m| m.path == b"/") {
         if m.ufs_uri != config.ufs {
@@ -166,8 +167,12 @@ pub async fn start(mut config: MasterConfig) -> Result<RunningMaster, MasterErro
         } else {
             &[]
         };
-    let log_store =
-        RaftLogStore::open(&config.data_dir.join("raft.redb"), store.clone(), bootstrap)?;
+    let log_store = RaftLogStore::open(
+        &config.data_dir.join("raft.redb"),
+        config.id,
+        store.clone(),
+        bootstrap,
+    )?;
     let (mailbox, inbox) = std::sync::mpsc::channel();
     let (applied_tx, applied_rx) = tokio::sync::watch::channel(store.applied()?.0);
     let status = Arc::new(RwLock::new(RaftStatus::default()));
@@ -288,6 +293,7 @@ pub async fn start(mut config: MasterConfig) -> Result<RunningMaster, MasterErro
     let raft_svc = RaftTransportServer::new(RaftService {
         id: config.id,
         mailbox: mailbox.clone(),
+        namespace: store.clone(),
     })
     .max_decoding_message_size(MAX_RAFT_MESSAGE)
     .max_encoding_message_size(MAX_RAFT_MESSAGE);

@@ -7,7 +7,6 @@ use std::path::Path;
 
 use granary_common::ids::{inode_id, root_inode, shard_of};
 use granary_common::{FsError, FsResult};
-use granary_protos::raft::{KeyValue, NamespaceSnapshot};
 use granary_protos::v1::{Inode, MasterSet, MountTable};
 use prost::Message;
 use redb::{Database, ReadableDatabase, ReadableTable, Table, TableDefinition};
@@ -40,12 +39,22 @@ pub enum StoreError {
     InUse(String),
 }
 
-/// Opens (or creates) a redb file, naming it when another process holds it.
-pub(crate) fn open_db(path: &Path) -> Result<Database, StoreError> {
-    Database::create(path).map_err(|e| match e {
-        redb::DatabaseError::DatabaseAlreadyOpen => StoreError::InUse(path.display().to_string()),
-        other => StoreError::Redb(other.into()),
-    })
+/// The page cache a store file gets unless configured: redb keeps what does not fit on
+/// disk, so memory does not grow with the namespace.
+pub const DEFAULT_CACHE_BYTES: u64 = 1 << 30;
+
+/// Opens (or creates) a redb file with a page cache of `cache_bytes`, naming the file when
+/// another process holds it.
+pub(crate) fn open_db(path: &Path, cache_bytes: u64) -> Result<Database, StoreError> {
+    redb::Builder::new()
+        .set_cache_size(cache_bytes as usize)
+        .create(path)
+        .map_err(|e| match e {
+            redb::DatabaseError::DatabaseAlreadyOpen => {
+                StoreError::InUse(path.display().to_string())
+            }
+            other => StoreError::Redb(other.into()),
+        })
 }
 
 impl From<StoreError> for FsError {
@@ -130,6 +139,8 @@ pub struct NamespaceStore {
     shard: u16,
     /// The applied routing table's version (0: none), for checks on every request.
     routing_version: std::sync::atomic::AtomicU64,
+    /// Views held for members pulling a snapshot.
+    held: crate::snapshots::HeldSnapshots,
 }
 
 impl std::fmt::Debug for NamespaceStore {
@@ -142,7 +153,12 @@ impl std::fmt::Debug for NamespaceStore {
 
 impl NamespaceStore {
     pub fn open(path: &Path, shard: u16) -> Result<Self, StoreError> {
-        let db = open_db(path)?;
+        Self::open_with_cache(path, shard, DEFAULT_CACHE_BYTES)
+    }
+
+    /// [`NamespaceStore::open`] with a page cache of `cache_bytes` (`store_cache`).
+    pub fn open_with_cache(path: &Path, shard: u16, cache_bytes: u64) -> Result<Self, StoreError> {
+        let db = open_db(path, cache_bytes)?;
         let txn = redb_err!(db.begin_write())?;
         {
             let mut meta = redb_err!(txn.open_table(META))?;
@@ -172,6 +188,7 @@ impl NamespaceStore {
             db,
             shard,
             routing_version: Default::default(),
+            held: Default::default(),
         };
         store.reload_routing_version()?;
         Ok(store)
@@ -193,6 +210,14 @@ impl NamespaceStore {
 
     pub fn shard(&self) -> u16 {
         self.shard
+    }
+
+    pub(crate) fn db(&self) -> &Database {
+        &self.db
+    }
+
+    pub(crate) fn held_snapshots(&self) -> &crate::snapshots::HeldSnapshots {
+        &self.held
     }
 
     pub fn root_id(&self) -> u64 {
@@ -264,69 +289,6 @@ impl NamespaceStore {
                 .map_err(|e| StoreError::Corrupt(format!("master set: {e}"))),
             None => Ok(MasterSet::default()),
         }
-    }
-
-    /// A full copy of the state machine (Raft snapshot data).
-    pub fn dump(&self) -> Result<NamespaceSnapshot, StoreError> {
-        let txn = redb_err!(self.db.begin_read())?;
-        let mut snap = NamespaceSnapshot::default();
-        for item in redb_err!(redb_err!(txn.open_table(INODES))?.iter())? {
-            let (k, v) = redb_err!(item)?;
-            snap.inodes.push(KeyValue {
-                key: k.value().to_be_bytes().to_vec(),
-                value: v.value().to_vec(),
-            });
-        }
-        for item in redb_err!(redb_err!(txn.open_table(CHILDREN))?.iter())? {
-            let (k, v) = redb_err!(item)?;
-            snap.children.push(KeyValue {
-                key: k.value().to_vec(),
-                value: v.value().to_be_bytes().to_vec(),
-            });
-        }
-        for item in redb_err!(redb_err!(txn.open_table(META))?.iter())? {
-            let (k, v) = redb_err!(item)?;
-            snap.meta.push(KeyValue {
-                key: k.value().as_bytes().to_vec(),
-                value: v.value().to_vec(),
-            });
-        }
-        Ok(snap)
-    }
-
-    /// Replaces the whole state machine with a snapshot, in one transaction.
-    pub fn restore(&self, snap: &NamespaceSnapshot) -> Result<(), StoreError> {
-        let bad = |what: &str| StoreError::Corrupt(format!("snapshot {what} record"));
-        let txn = redb_err!(self.db.begin_write())?;
-        redb_err!(txn.delete_table(INODES))?;
-        redb_err!(txn.delete_table(CHILDREN))?;
-        redb_err!(txn.delete_table(META))?;
-        {
-            let mut inodes = redb_err!(txn.open_table(INODES))?;
-            for kv in &snap.inodes {
-                let k = u64::from_be_bytes(kv.key.as_slice().try_into().map_err(|_| bad("inode"))?);
-                redb_err!(inodes.insert(k, kv.value.as_slice()))?;
-            }
-            let mut children = redb_err!(txn.open_table(CHILDREN))?;
-            for kv in &snap.children {
-                let v =
-                    u64::from_be_bytes(kv.value.as_slice().try_into().map_err(|_| bad("child"))?);
-                redb_err!(children.insert(kv.key.as_slice(), v))?;
-            }
-            let mut meta = redb_err!(txn.open_table(META))?;
-            for kv in &snap.meta {
-                let k = std::str::from_utf8(&kv.key).map_err(|_| bad("meta"))?;
-                redb_err!(meta.insert(k, kv.value.as_slice()))?;
-            }
-            // The snapshot's shard must be ours.
-            let shard = redb_err!(meta.get(META_SHARD))?.map(|v| v.value().to_vec());
-            if shard.as_deref() != Some(&self.shard.to_be_bytes()[..]) {
-                return Err(StoreError::Corrupt("snapshot from another shard".into()));
-            }
-        }
-        redb_err!(txn.commit())?;
-        self.reload_routing_version()?;
-        Ok(())
     }
 
     pub fn inode_count(&self) -> Result<u64, StoreError> {

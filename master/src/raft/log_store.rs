@@ -5,7 +5,7 @@
 
 use std::sync::{Arc, RwLock};
 
-use granary_protos::raft::NamespaceSnapshot;
+use granary_protos::raft::{NamespaceSnapshot, SnapshotRef};
 use prost::Message as _;
 use protobuf::Message as PbMessage;
 use raft::eraftpb::{ConfState, Entry, HardState, Snapshot};
@@ -31,6 +31,8 @@ struct Bounds {
 }
 
 pub struct RaftLogStore {
+    /// This member's id: snapshots it holds name it.
+    member: u64,
     db: Database,
     namespace: Arc<NamespaceStore>,
     hard_state: RwLock<HardState>,
@@ -60,10 +62,12 @@ impl RaftLogStore {
     /// configuration, instead of replaying a log that never mentioned the first members.
     pub fn open(
         path: &std::path::Path,
+        member: u64,
         namespace: Arc<NamespaceStore>,
         bootstrap: &[(u64, String)],
     ) -> Result<Self, StoreError> {
-        let db = crate::store::open_db(path)?;
+        // The log is read near its end: a small cache does.
+        let db = crate::store::open_db(path, 64 << 20)?;
         let txn = redb_err!(db.begin_write())?;
         redb_err!(txn.open_table(ENTRIES))?;
         redb_err!(txn.open_table(STATE))?;
@@ -94,6 +98,7 @@ impl RaftLogStore {
             && namespace.conf_state()?.is_none();
         drop((entries, state, txn));
         let store = RaftLogStore {
+            member,
             db,
             namespace,
             hard_state: RwLock::new(hard_state),
@@ -244,13 +249,15 @@ impl RaftLogStore {
         hs.commit = hs.commit.max(commit);
     }
 
-    /// Installs a snapshot received from the leader: the state machine is replaced and the
-    /// log restarts after the snapshot's index.
-    pub fn apply_snapshot(&self, snap: &Snapshot) -> Result<(), StoreError> {
+    /// Installs a snapshot received from the leader, its records pulled from `chunks`: the
+    /// state machine is replaced and the log restarts after the snapshot's index.
+    pub fn apply_snapshot(
+        &self,
+        snap: &Snapshot,
+        chunks: &mut dyn FnMut() -> Result<Option<NamespaceSnapshot>, StoreError>,
+    ) -> Result<(), StoreError> {
         let meta = snap.get_metadata();
-        let data = NamespaceSnapshot::decode(snap.get_data())
-            .map_err(|e| StoreError::Corrupt(format!("snapshot data: {e}")))?;
-        self.namespace.restore(&data)?;
+        self.namespace.restore_from(chunks)?;
         self.set_truncated(meta.index, meta.term)
     }
 
@@ -370,50 +377,36 @@ impl Storage for RaftLogStore {
     }
 
     fn snapshot(&self, request_index: u64, _to: u64) -> raft::Result<Snapshot> {
-        // The dump and the applied index must come from one consistent view.
-        let (data, (index, term), cs) = (|| -> Result<_, StoreError> {
-            let data = self.namespace.dump()?;
-            let applied = snapshot_point(&data)?;
-            let cs = match data
-                .meta
-                .iter()
-                .find(|kv| kv.key == crate::store::META_CONF_STATE.as_bytes())
-            {
-                Some(kv) => ConfState::parse_from_bytes(&kv.value).map_err(pb_err)?,
-                None => self.conf_state()?,
-            };
-            Ok((data, applied, cs))
-        })()
-        .map_err(store_err)?;
-        if index < request_index {
+        // The records and the position they stand for come from one view, held for the
+        // member that needs it to pull.
+        let held = self.namespace.hold_snapshot().map_err(store_err)?;
+        if held.index < request_index {
             return Err(raft::Error::Store(
                 StorageError::SnapshotTemporarilyUnavailable,
             ));
         }
+        let cs = match &held.conf_state {
+            Some(b) => ConfState::parse_from_bytes(b)
+                .map_err(pb_err)
+                .map_err(store_err)?,
+            None => self.conf_state().map_err(store_err)?,
+        };
         let mut snap = Snapshot::default();
+        let data = SnapshotRef {
+            holder: self.member,
+            id: held.id,
+        };
         snap.set_data(data.encode_to_vec().into());
         let meta = snap.mut_metadata();
-        meta.index = index;
-        meta.term = term;
+        meta.index = held.index;
+        meta.term = held.term;
         meta.set_conf_state(cs);
         Ok(snap)
     }
 }
 
-/// The (applied index, applied term) recorded inside a namespace dump.
-fn snapshot_point(data: &NamespaceSnapshot) -> Result<(u64, u64), StoreError> {
-    let get = |key: &str| -> Result<u64, StoreError> {
-        match data.meta.iter().find(|kv| kv.key == key.as_bytes()) {
-            Some(kv) => {
-                Ok(u64::from_be_bytes(kv.value.as_slice().try_into().map_err(
-                    |_| StoreError::Corrupt(format!("snapshot {key}")),
-                )?))
-            }
-            None => Ok(0),
-        }
-    };
-    Ok((
-        get(crate::store::META_APPLIED_INDEX)?,
-        get(crate::store::META_APPLIED_TERM)?,
-    ))
+/// Where a snapshot's records are to be pulled from.
+pub fn snapshot_ref(snap: &Snapshot) -> Result<SnapshotRef, StoreError> {
+    SnapshotRef::decode(snap.get_data())
+        .map_err(|e| StoreError::Corrupt(format!("snapshot data: {e}")))
 }

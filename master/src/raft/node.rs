@@ -137,6 +137,9 @@ enum ReadWaiter {
     Remote { from: u64, ctx: bytes::Bytes },
 }
 
+/// How long a member tries to pull a snapshot before it stops.
+const SNAPSHOT_PULL_DEADLINE: Duration = Duration::from_secs(60);
+
 /// ReadIndex rounds one member keeps in flight.
 const MAX_READ_ROUNDS: usize = 4;
 
@@ -489,7 +492,7 @@ impl RaftNode {
             );
             // What was handed over before applies first; the snapshot replaces it.
             self.applier.drain()?;
-            self.raw.store().apply_snapshot(&snap)?;
+            self.install_snapshot(&snap)?;
             self.load_masters()?;
         }
         let snapshot_index = rd.snapshot().get_metadata().index;
@@ -514,6 +517,30 @@ impl RaftNode {
         self.hand_over(light.take_committed_entries());
         self.maybe_compact()?;
         Ok(())
+    }
+
+    /// Pulls the snapshot's records from the member holding them and installs them,
+    /// trying again for a while: raft-rs handed the snapshot over and cannot take it back,
+    /// so a member that cannot pull it stops (a restart asks its leader anew).
+    fn install_snapshot(&mut self, snap: &raft::eraftpb::Snapshot) -> Result<(), StoreError> {
+        let r = super::log_store::snapshot_ref(snap)?;
+        let mut wait = Duration::from_millis(200);
+        let started = Instant::now();
+        loop {
+            let pulled = self
+                .transport
+                .pull_snapshot(&r, &self.book)
+                .and_then(|mut chunks| self.raw.store().apply_snapshot(snap, &mut *chunks));
+            match pulled {
+                Ok(()) => return Ok(()),
+                Err(e) if started.elapsed() < SNAPSHOT_PULL_DEADLINE => {
+                    tracing::warn!(holder = r.holder, error = %e, "pulling the snapshot failed; trying again");
+                    std::thread::sleep(wait);
+                    wait = (wait * 2).min(Duration::from_secs(5));
+                }
+                Err(e) => return Err(e),
+            }
+        }
     }
 
     /// Asks again for rounds unanswered too long, under the same id (a late answer to the

@@ -11,10 +11,11 @@ use raft::eraftpb::Message;
 
 use super::log_store::RaftLogStore;
 use super::node::{NodeConfig, RaftNode};
-use super::transport::PeerNetwork;
+use super::transport::{PeerNetwork, SnapshotChunks};
 use super::{Mail, RaftLog, RaftStatus};
 use crate::command_log::CommandLog;
-use crate::store::NamespaceStore;
+use crate::store::{NamespaceStore, StoreError};
+use granary_protos::raft::SnapshotRef;
 
 #[derive(Default)]
 struct Network {
@@ -22,6 +23,8 @@ struct Network {
     isolated: Mutex<HashSet<u64>>,
     /// Percent of messages dropped, decided by a seeded xorshift.
     drop_percent: Mutex<(u64, u64)>,
+    /// Every member's store, where snapshots are pulled from.
+    stores: Mutex<HashMap<u64, Arc<NamespaceStore>>>,
 }
 
 impl Network {
@@ -57,6 +60,21 @@ impl PeerNetwork for MemTransport {
             self.net.deliver(self.from, m);
         }
     }
+
+    fn pull_snapshot<'a>(
+        &'a self,
+        r: &SnapshotRef,
+        _book: &HashMap<u64, String>,
+    ) -> Result<SnapshotChunks<'a>, StoreError> {
+        let holder = self.net.stores.lock().unwrap()[&r.holder].clone();
+        let mut chunks = Vec::new();
+        holder.stream_held(r.id, |c| {
+            chunks.push(c);
+            Ok(())
+        })?;
+        let mut chunks = chunks.into_iter();
+        Ok(Box::new(move || Ok(chunks.next())))
+    }
 }
 
 struct Member {
@@ -82,8 +100,10 @@ impl Group {
             let store = Arc::new(
                 NamespaceStore::open(&dir.path().join(format!("ns-{id}.redb")), 0).unwrap(),
             );
+            net.stores.lock().unwrap().insert(id, store.clone());
             let log_store = RaftLogStore::open(
                 &dir.path().join(format!("raft-{id}.redb")),
+                id,
                 store.clone(),
                 &boot,
             )

@@ -1,7 +1,8 @@
 //! Raft messages between masters: each peer gets a sender task that batches whatever is
 //! queued and writes the batches, in order, into one long-lived gRPC stream (waiting for
 //! an acknowledgement per batch made every hop of a ReadIndex round cost up to two round
-//! trips). Snapshots go as single calls, whose acknowledgement raft needs to hear of.
+//! trips). Snapshots go as single calls, whose acknowledgement raft needs to hear of; the
+//! records they stand for are pulled from the member holding them (`PullSnapshot`).
 //! Incoming batches are decoded and handed to the Ready loop. Failures are reported to
 //! raft (unreachable peer, failed snapshot) rather than retried here: raft resends what
 //! matters.
@@ -13,7 +14,7 @@ use std::time::Duration;
 
 use granary_protos::raft::raft_transport_client::RaftTransportClient;
 use granary_protos::raft::raft_transport_server::RaftTransport;
-use granary_protos::raft::{RaftAck, RaftBatch};
+use granary_protos::raft::{NamespaceSnapshot, RaftAck, RaftBatch, SnapshotRef};
 use protobuf::Message as PbMessage;
 use raft::eraftpb::{Message, MessageType};
 use tokio::sync::mpsc;
@@ -22,6 +23,7 @@ use tonic::transport::Channel;
 use tonic::{Request, Response, Status};
 
 use super::Mail;
+use crate::store::{NamespaceStore, StoreError};
 use granary_common::auth::AttachToken;
 
 /// Largest raft batch (snapshots included) accepted or sent.
@@ -38,11 +40,22 @@ struct Peer {
     tx: mpsc::UnboundedSender<Message>,
 }
 
+/// Chunks of a snapshot's records, as they are pulled; `None` after the last.
+pub type SnapshotChunks<'a> =
+    Box<dyn FnMut() -> Result<Option<NamespaceSnapshot>, StoreError> + 'a>;
+
 /// Carries raft messages to peers. The gRPC implementation is [`GrpcTransport`]; tests
 /// use an in-memory network that can drop messages and partition members.
 pub trait PeerNetwork: Send {
     /// Queues messages for their peers; `book` maps member ids to addresses.
     fn send(&self, msgs: Vec<Message>, book: &HashMap<u64, String>);
+
+    /// Starts pulling the records of snapshot `r` from the member holding it.
+    fn pull_snapshot<'a>(
+        &'a self,
+        r: &SnapshotRef,
+        book: &HashMap<u64, String>,
+    ) -> Result<SnapshotChunks<'a>, StoreError>;
 }
 
 pub struct GrpcTransport {
@@ -285,13 +298,51 @@ impl PeerNetwork for GrpcTransport {
             let _ = peers[&to].tx.send(m);
         }
     }
+
+    fn pull_snapshot<'a>(
+        &'a self,
+        r: &SnapshotRef,
+        book: &HashMap<u64, String>,
+    ) -> Result<SnapshotChunks<'a>, StoreError> {
+        let addr = book.get(&r.holder).ok_or_else(|| {
+            StoreError::Corrupt(format!("no address for snapshot holder {}", r.holder))
+        })?;
+        let gone = |e: String| StoreError::Corrupt(format!("pulling snapshot from {addr}: {e}"));
+        let channel = {
+            let _in_runtime = self.runtime.enter();
+            granary_common::net::lazy_channel(
+                addr,
+                Duration::from_secs(2),
+                Duration::from_secs(3600),
+            )
+            .map_err(|e| gone(e.to_string()))?
+        };
+        let mut client = RaftTransportClient::with_interceptor(channel, self.token.clone())
+            .max_decoding_message_size(MAX_RAFT_MESSAGE);
+        let mut stream = self
+            .runtime
+            .block_on(client.pull_snapshot(*r))
+            .map_err(|e| gone(e.message().to_string()))?
+            .into_inner();
+        let addr = addr.clone();
+        Ok(Box::new(move || {
+            self.runtime.block_on(stream.message()).map_err(|e| {
+                StoreError::Corrupt(format!("pulling snapshot from {addr}: {}", e.message()))
+            })
+        }))
+    }
 }
 
-/// The gRPC side: decodes batches into the Ready loop's mailbox.
+/// The gRPC side: decodes batches into the Ready loop's mailbox, and streams held
+/// snapshots.
 pub struct RaftService {
     pub id: u64,
     pub mailbox: Sender<Mail>,
+    pub namespace: std::sync::Arc<NamespaceStore>,
 }
+
+type SnapshotStream =
+    std::pin::Pin<Box<dyn tokio_stream::Stream<Item = Result<NamespaceSnapshot, Status>> + Send>>;
 
 impl RaftService {
     /// Decodes a batch addressed to this member and queues it for the raft loop.
@@ -330,5 +381,34 @@ impl RaftTransport for RaftService {
             self.deliver(batch)?;
         }
         Ok(Response::new(RaftAck {}))
+    }
+
+    type PullSnapshotStream = SnapshotStream;
+
+    async fn pull_snapshot(
+        &self,
+        req: Request<SnapshotRef>,
+    ) -> Result<Response<SnapshotStream>, Status> {
+        let r = req.into_inner();
+        if r.holder != self.id {
+            return Err(Status::not_found(format!(
+                "snapshot held by member {}, asked of member {}",
+                r.holder, self.id
+            )));
+        }
+        let namespace = self.namespace.clone();
+        let (tx, rx) = mpsc::channel(2);
+        tokio::task::spawn_blocking(move || {
+            let streamed = namespace.stream_held(r.id, |chunk| {
+                tx.blocking_send(Ok(chunk))
+                    .map_err(|_| StoreError::Corrupt("the puller went away".into()))
+            });
+            if let Err(e) = streamed {
+                let _ = tx.blocking_send(Err(Status::unavailable(e.to_string())));
+            }
+        });
+        Ok(Response::new(Box::pin(
+            tokio_stream::wrappers::ReceiverStream::new(rx),
+        )))
     }
 }
