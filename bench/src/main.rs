@@ -8,6 +8,7 @@ mod meta;
 mod passthrough;
 mod read;
 mod report;
+mod scale;
 mod shards;
 mod write;
 
@@ -112,6 +113,23 @@ enum BenchCommand {
         #[arg(long)]
         write_docs: Option<PathBuf>,
     },
+    /// How one shard grows: load rate, bytes per inode on disk, master memory, and the
+    /// shards 1 and 10 billion files need.
+    Scale {
+        /// Files in the generated UFS tree (1000 per directory).
+        #[arg(long, default_value_t = 1_000_000)]
+        inodes: u64,
+        /// Disk a master may give its namespace store, for the extrapolation.
+        #[arg(long, default_value = "1TiB")]
+        disk_per_master: ByteSize,
+        /// The master's page cache (`store_cache`): its memory stays near this however
+        /// many inodes it holds.
+        #[arg(long, default_value = "1GiB")]
+        store_cache: ByteSize,
+        /// Write the table into this markdown file (between bench-scale markers).
+        #[arg(long)]
+        write_docs: Option<PathBuf>,
+    },
     /// Leader kill -9 rounds under read and write load (3 masters as real processes).
     Failover {
         /// Leader kills.
@@ -194,6 +212,17 @@ fn main() -> anyhow::Result<()> {
             seconds: seconds.max(1),
             consistency: cli.read_consistency,
             cores_per_master,
+            write_docs,
+        }),
+        BenchCommand::Scale {
+            inodes,
+            disk_per_master,
+            store_cache,
+            write_docs,
+        } => scale::run(scale::ScaleBench {
+            inodes,
+            disk_per_master: disk_per_master.0,
+            store_cache: store_cache.0,
             write_docs,
         }),
         BenchCommand::Failover {

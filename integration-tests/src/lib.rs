@@ -261,6 +261,8 @@ pub struct MasterSpec {
     /// the routing table.
     pub shard_id: u16,
     pub routing: Vec<String>,
+    /// The masters' `store_cache` (their page cache).
+    pub store_cache: String,
     /// Start a worker with the group (a shard's group other than 0's needs none: workers
     /// follow the routing table to it).
     pub worker: bool,
@@ -279,6 +281,7 @@ impl Default for MasterSpec {
             master_cores: Vec::new(),
             shard_id: 0,
             routing: Vec::new(),
+            store_cache: "1GiB".into(),
             worker: true,
         }
     }
@@ -342,6 +345,7 @@ impl Cluster {
             peer_token: spec.peer_token.clone(),
             master_cores: spec.master_cores.clone(),
             routing: spec.routing.clone(),
+            store_cache: spec.store_cache.clone(),
             ..*spec
         };
         let dir = tempfile::tempdir()?;
@@ -443,7 +447,7 @@ impl Cluster {
         std::fs::write(
             &cfg,
             format!(
-                "id = {id}\nlisten = \"127.0.0.1:{port}\"\ndata_dir = \"{}\"\nufs = \"{}\"\nblock_size = \"{}\"\nmembers = [{}]\njoin = {join}\ncluster_token = \"{}\"\npeer_token = \"{}\"\nsnapshot_threshold = {}\nworker_heartbeat_ms = 200\nworker_timeout_ms = 3000\nmetadata_sync_interval = \"{}\"\nshard_id = {}\nrouting = [{}]\n",
+                "id = {id}\nlisten = \"127.0.0.1:{port}\"\ndata_dir = \"{}\"\nufs = \"{}\"\nblock_size = \"{}\"\nmembers = [{}]\njoin = {join}\ncluster_token = \"{}\"\npeer_token = \"{}\"\nsnapshot_threshold = {}\nworker_heartbeat_ms = 200\nworker_timeout_ms = 3000\nmetadata_sync_interval = \"{}\"\nshard_id = {}\nrouting = [{}]\nstore_cache = \"{}\"\n",
                 data.display(),
                 self.spec.ufs.display(),
                 self.spec.block_size,
@@ -454,6 +458,7 @@ impl Cluster {
                 self.spec.metadata_sync_interval,
                 self.spec.shard_id,
                 toml_list(&self.spec.routing),
+                self.spec.store_cache,
             ),
         )?;
         let cores = self.spec.master_cores.get(id as usize - 1).cloned();
