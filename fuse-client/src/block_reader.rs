@@ -11,6 +11,7 @@ use std::sync::mpsc::{sync_channel, SyncSender};
 use std::sync::{Arc, Mutex};
 
 use granary_common::blocks::{block_count, block_len, spans, BlockSpan};
+use granary_common::ids::shard_of;
 use granary_common::{FsError, FsResult};
 use granary_protos::data::ReadBlockRequest;
 use granary_protos::v1::{Inode, WorkerInfo};
@@ -142,7 +143,7 @@ impl BlockReader {
         index: u32,
         refresh: bool,
     ) -> FsResult<(WorkerInfo, bool)> {
-        let workers = self.workers.live(refresh)?;
+        let workers = self.workers.live(shard_of(file.id), refresh)?;
         if let Some(w) = self.workers.local(&workers) {
             return Ok((w, true));
         }
@@ -319,7 +320,7 @@ impl BlockRead for BlockReader {
         if !self.opts.short_circuit || file.size == 0 || file.size > file.block_size {
             return None;
         }
-        let workers = self.workers.live(false).ok()?;
+        let workers = self.workers.live(shard_of(file.id), false).ok()?;
         let worker = self.workers.local(&workers)?;
         let (resp, _) = self
             .request(&worker, request_for(file, 0, 0, 0, true))

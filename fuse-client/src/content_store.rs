@@ -8,6 +8,7 @@ use std::fs::File;
 use std::path::PathBuf;
 use std::sync::Arc;
 
+use granary_common::ids::shard_of;
 use granary_common::{FsError, FsResult};
 use granary_protos::data::WriteFileRequest;
 use granary_protos::v1::{Inode, UfsFingerprint};
@@ -119,7 +120,7 @@ impl WorkerContentStore {
         durable: bool,
     ) -> FsResult<UfsFingerprint> {
         let fingerprint = with_retries("upload", file.id, |refresh| {
-            let workers = self.workers.live(refresh)?;
+            let workers = self.workers.live(shard_of(file.id), refresh)?;
             // The co-located worker caches what it uploads for this node's next read.
             let worker = self
                 .workers
@@ -154,7 +155,7 @@ impl ContentStore for WorkerContentStore {
     /// the mount's buffer memory allows), else the temp file of a local upload, else an
     /// anonymous file here.
     fn backing(&self, file: &Inode, end: u64) -> FsResult<Backing> {
-        let socket = self.workers.local_upload_socket();
+        let socket = self.workers.local_upload_socket(shard_of(file.id));
         if let Some(socket) = socket.clone().filter(|_| end <= SMALL_FILE_MAX) {
             if let Some(memory) = self.memory.try_reserve(end) {
                 return Ok(Backing::Memory {

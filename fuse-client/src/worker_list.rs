@@ -1,8 +1,11 @@
-//! The live workers as the masters list them, shared by the read and write paths. A
-//! caller takes the last known list without waiting on the masters: a stale list is
-//! listed again by a background thread, and no lock is held across that call, so cached
-//! blocks stay readable at full speed while every master is unreachable.
+//! The live workers as each shard's masters list them, shared by the read and write
+//! paths: a file is read and written through the workers of its own shard (a shard may be
+//! a separate cluster with its own workers). A caller takes the last known list without
+//! waiting on the masters: a stale list is listed again by a background thread, and no
+//! lock is held across that call, so cached blocks stay readable at full speed while
+//! every master is unreachable.
 
+use std::collections::HashMap;
 use std::sync::mpsc::{sync_channel, Receiver, SyncSender};
 use std::sync::{Arc, Condvar, Mutex, Weak};
 use std::time::{Duration, Instant};
@@ -28,7 +31,8 @@ pub struct WorkerList {
 struct Shared {
     meta: Arc<dyn MetadataService>,
     ttl: Duration,
-    state: Mutex<Listing>,
+    /// By shard.
+    state: Mutex<HashMap<u16, Listing>>,
     listed: Condvar,
 }
 
@@ -43,10 +47,27 @@ struct Listing {
 }
 
 impl Shared {
-    /// Asks the masters once and records the answer; no lock is held across the call.
-    fn list(&self) {
-        let answer = self.meta.workers();
-        let mut st = self.state.lock().expect("worker list lock");
+    /// Asks every shard's masters once whose list is stale or wanted; no lock is held
+    /// across the calls.
+    fn list_all(&self) {
+        let due: Vec<u16> = self
+            .state
+            .lock()
+            .expect("worker list lock")
+            .iter()
+            .filter(|(_, l)| l.at.is_none_or(|t| t.elapsed() >= self.ttl) || l.error.is_some())
+            .map(|(&shard, _)| shard)
+            .collect();
+        for shard in due {
+            self.list(shard);
+        }
+    }
+
+    /// Asks shard `shard`'s masters once and records the answer.
+    fn list(&self, shard: u16) {
+        let answer = self.meta.workers_of(shard);
+        let mut all = self.state.lock().expect("worker list lock");
+        let st = all.entry(shard).or_default();
         match answer {
             // A master that just joined may not know the workers yet.
             Ok(list) if list.is_empty() && !st.workers.is_empty() => {
@@ -75,7 +96,7 @@ fn refresher(shared: Weak<Shared>, wake: Receiver<()>) {
         let Some(shared) = shared.upgrade() else {
             return;
         };
-        shared.list();
+        shared.list_all();
     }
 }
 
@@ -102,37 +123,43 @@ impl WorkerList {
         }
     }
 
-    /// The workers to choose from, failing (retryably) when none is known. A stale list
-    /// is served as it is while a new one is listed; `refresh` (a retry after a failure)
-    /// waits up to a second for the masters' answer first. Only a mount that knows no
-    /// worker yet waits for the masters in full.
-    pub fn live(&self, refresh: bool) -> FsResult<Arc<Vec<WorkerInfo>>> {
-        let mut st = self.shared.state.lock().expect("worker list lock");
+    /// The workers of shard `shard` to choose from, failing (retryably) when none is
+    /// known. A stale list is served as it is while a new one is listed; `refresh` (a
+    /// retry after a failure) waits up to a second for the masters' answer first. Only a
+    /// shard whose workers are not known yet waits for its masters in full.
+    pub fn live(&self, shard: u16, refresh: bool) -> FsResult<Arc<Vec<WorkerInfo>>> {
+        let mut all = self.shared.state.lock().expect("worker list lock");
+        let st = all.entry(shard).or_default();
         let stale = st.at.is_none_or(|t| t.elapsed() >= self.shared.ttl);
         if refresh || st.workers.is_empty() {
             let seen = st.attempts;
-            let _ = self.wake.try_send(());
             let wait = if st.workers.is_empty() {
                 Duration::MAX
             } else {
                 REFRESH_WAIT
             };
+            if refresh {
+                // Listed at once below, whatever its age.
+                st.at = None;
+            }
+            let _ = self.wake.try_send(());
             let started = Instant::now();
-            while st.attempts == seen {
+            while all.get(&shard).is_some_and(|l| l.attempts == seen) {
                 let left = wait.saturating_sub(started.elapsed());
                 if left.is_zero() {
                     break;
                 }
-                st = self
+                all = self
                     .shared
                     .listed
-                    .wait_timeout(st, left)
+                    .wait_timeout(all, left)
                     .expect("worker list lock")
                     .0;
             }
         } else if stale {
             let _ = self.wake.try_send(());
         }
+        let st = all.entry(shard).or_default();
         if st.workers.is_empty() {
             return Err(match &st.error {
                 Some(e) if !e.is_retryable() => e.clone(),
@@ -151,10 +178,10 @@ impl WorkerList {
             .cloned()
     }
 
-    /// The local worker's upload socket, which takes files written here; `None` without
-    /// such a worker.
-    pub fn local_upload_socket(&self) -> Option<String> {
-        let worker = self.local(&self.live(false).ok()?)?;
+    /// The upload socket of the worker on this machine that serves shard `shard`, which
+    /// takes files written here; `None` without such a worker.
+    pub fn local_upload_socket(&self, shard: u16) -> Option<String> {
+        let worker = self.local(&self.live(shard, false).ok()?)?;
         (!worker.upload_socket.is_empty()).then_some(worker.upload_socket)
     }
 }
@@ -247,7 +274,7 @@ mod tests {
             "here".into(),
             Duration::from_millis(1),
         ));
-        assert_eq!(list.live(false).unwrap().len(), 1);
+        assert_eq!(list.live(0, false).unwrap().len(), 1);
         std::thread::sleep(Duration::from_millis(5));
 
         // The list is stale and the masters hang: every use still gets the last list,
@@ -258,7 +285,7 @@ mod tests {
             std::thread::spawn(move || {
                 let mut served = 0;
                 for _ in 0..1000 {
-                    let workers = list.live(false).unwrap();
+                    let workers = list.live(0, false).unwrap();
                     served += usize::from(list.local(&workers).is_some());
                 }
                 done.send(served).unwrap();
@@ -276,7 +303,7 @@ mod tests {
             "one listing in the background, not one per use"
         );
         // A retry waits for the masters a bounded time, then goes on with what it has.
-        assert_eq!(list.live(true).unwrap().len(), 1);
+        assert_eq!(list.live(0, true).unwrap().len(), 1);
         drop(release);
     }
 
@@ -287,7 +314,7 @@ mod tests {
             release: Mutex::new(None),
         });
         let list = WorkerList::new(masters, "here".into(), Duration::from_secs(3));
-        let err = list.live(false).unwrap_err();
+        let err = list.live(0, false).unwrap_err();
         assert!(err.is_retryable(), "{err}");
         assert!(err.to_string().contains("no master answers"), "{err}");
     }

@@ -685,17 +685,21 @@ impl Cluster {
         Ok(())
     }
 
-    /// Starts another worker (its own cache, ports and log) following this group's table.
-    pub fn start_extra_worker(&self, name: &str) -> anyhow::Result<Proc> {
+    /// Starts another worker (its own cache, ports and log) following this group's table;
+    /// with `shards`, it serves only those (a separate cluster's worker).
+    pub fn start_extra_worker(&self, name: &str, shards: &[u16]) -> anyhow::Result<Proc> {
         let cfg = self.dir.path().join(format!("{name}.toml"));
+        let shards: Vec<String> = shards.iter().map(u16::to_string).collect();
         std::fs::write(
             &cfg,
             format!(
-                "masters = [{}]\ncluster_token = \"{}\"\ndata_listen = \"127.0.0.1:{}\"\ncache_dir = \"{}\"\ncapacity = \"1GiB\"\n",
+                "masters = [{}]\ncluster_token = \"{}\"\ndata_listen = \"127.0.0.1:{}\"\ncache_dir = \"{}\"\ncapacity = \"1GiB\"\nshards = [{}]\nmetrics_listen = \"127.0.0.1:{}\"\n",
                 toml_list(&self.master_addrs()),
                 self.spec.cluster_token,
                 free_port(),
                 self.dir.path().join(format!("{name}-cache")).display(),
+                shards.join(", "),
+                free_port(),
             ),
         )?;
         let worker = self.spawn("granary-worker", name, &cfg, None)?;

@@ -88,7 +88,7 @@ fn one_namespace_over_three_shards_routers_and_failures() {
         g.wait_for_table(version).unwrap();
     }
     let (router, router_addr) = s0.start_router("router").unwrap();
-    let _worker2 = s0.start_extra_worker("worker-2").unwrap();
+    let _worker2 = s0.start_extra_worker("worker-2", &[]).unwrap();
     for g in [&s0, &s1, &s2] {
         workers_registered(g, 2);
     }
@@ -279,4 +279,47 @@ fn one_namespace_over_three_shards_routers_and_failures() {
     );
     assert!(reads.load(Ordering::Relaxed) > 0);
     assert_eq!(read_all(&direct.path, &files), Vec::<String>::new());
+}
+
+/// A shard that is its own cluster: its masters mount another UFS and its workers serve
+/// only it. One mount spans both; each file is read and written through its own
+/// cluster's workers.
+#[test]
+fn a_shard_of_another_cluster_is_served_by_its_own_workers() {
+    let (ufs_a, ufs_b) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    std::fs::create_dir(ufs_a.path().join("local")).unwrap();
+    std::fs::write(ufs_a.path().join("local/y"), content("local/y")).unwrap();
+    std::fs::create_dir(ufs_b.path().join("remote")).unwrap();
+    std::fs::write(ufs_b.path().join("remote/x"), content("remote/x")).unwrap();
+    let s0 = Cluster::start(&MasterSpec {
+        ufs: ufs_a.path().to_path_buf(),
+        worker: false,
+        ..Default::default()
+    })
+    .unwrap();
+    let s1 = group(ufs_b.path(), 1, 1, &s0.master_addrs());
+    s0.add_shard(1, s1.master_addrs()).unwrap();
+    let version = s0.pin("/remote", 1).unwrap();
+    s1.wait_for_table(version).unwrap();
+    let _a = s0.start_extra_worker("worker-a", &[0]).unwrap();
+    let _b = s0.start_extra_worker("worker-b", &[1]).unwrap();
+    workers_registered(&s0, 1);
+    workers_registered(&s1, 1);
+    let m = s0.mount("mnt", "keep_cache = false").unwrap();
+    for f in ["local/y", "remote/x"] {
+        for _ in 0..3 {
+            assert_eq!(std::fs::read(m.path.join(f)).unwrap(), content(f), "{f}");
+        }
+    }
+    std::fs::write(m.path.join("remote/new"), b"to cluster b").unwrap();
+    assert_eq!(
+        std::fs::read(ufs_b.path().join("remote/new")).unwrap(),
+        b"to cluster b"
+    );
+    assert!(!ufs_a.path().join("remote").exists());
+    std::fs::write(m.path.join("local/new"), b"to cluster a").unwrap();
+    assert_eq!(
+        std::fs::read(ufs_a.path().join("local/new")).unwrap(),
+        b"to cluster a"
+    );
 }

@@ -19,6 +19,11 @@ pub trait MetadataService: Send + Sync {
     /// One page of a directory, after `start_after`; the flag says whether more remain.
     fn readdir(&self, id: u64, start_after: &[u8], limit: u32) -> FsResult<(Vec<Inode>, bool)>;
     fn workers(&self) -> FsResult<Vec<WorkerInfo>>;
+    /// The workers that serve shard `shard` (a separate cluster's may serve only some).
+    fn workers_of(&self, shard: u16) -> FsResult<Vec<WorkerInfo>> {
+        let _ = shard;
+        self.workers()
+    }
     fn block_locations(&self, file_id: u64) -> FsResult<BlockLocationsReply>;
     fn statfs(&self) -> FsResult<StatFsReply>;
 

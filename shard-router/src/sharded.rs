@@ -291,6 +291,10 @@ impl MetadataService for ShardedMetadata {
         Ok(all.into_values().collect())
     }
 
+    fn workers_of(&self, shard: u16) -> FsResult<Vec<WorkerInfo>> {
+        self.shard(shard)?.workers()
+    }
+
     fn block_locations(&self, file_id: u64) -> FsResult<BlockLocationsReply> {
         self.shard(shard_of(file_id))?.block_locations(file_id)
     }
