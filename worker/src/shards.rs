@@ -37,6 +37,8 @@ pub struct ShardRegistrations {
 struct Links {
     version: Option<u64>,
     by_shard: HashMap<u16, Arc<MasterLinks>>,
+    /// Shard 0's masters by the last table: asked when the sources (routers) are gone.
+    shard0: Vec<String>,
 }
 
 impl ShardRegistrations {
@@ -89,6 +91,9 @@ impl ShardRegistrations {
                 return;
             }
             links.version = Some(table.version);
+            if let Some(s0) = table.shards.iter().find(|s| s.id == 0) {
+                links.shard0 = s0.masters.clone();
+            }
             links.by_shard.retain(|id, l| {
                 let kept = table.shards.iter().any(|s| s.id == *id as u32);
                 if !kept {
@@ -124,8 +129,13 @@ async fn follow_table(me: std::sync::Weak<ShardRegistrations>, sources: Vec<Stri
     let mut next = 0usize;
     loop {
         let Some(owner) = me.upgrade() else { return };
-        let addr = &sources[next % sources.len()];
+        // The sources and shard 0's masters (which keep the table) are asked in turn, so
+        // the table keeps coming when the sources (routers) are gone.
+        let shard0 = owner.links.lock().expect("links lock").shard0.clone();
+        let candidates: Vec<&String> = sources.iter().chain(shard0.iter()).collect();
+        let addr = candidates[next % candidates.len()].clone();
         next += 1;
+        let addr = &addr;
         let fetched = async {
             let channel = granary_common::net::lazy_channel(
                 addr,
