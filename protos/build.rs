@@ -4,6 +4,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     tonic_prost_build::configure()
         .build_server(true)
         .build_client(true)
+        // Replicated state is encoded by every member: maps in a stable order.
+        .btree_map(".granary.v1.MountPoint")
         .compile_protos(
             &[
                 "proto/granary.proto",

@@ -1,7 +1,7 @@
 //! `granary local`: a master (or one per shard), a worker and a mount in one process over
 //! a local directory.
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
 use anyhow::{bail, Context};
 use granary_fuse_client::MountConfig;
@@ -9,7 +9,8 @@ use granary_master::MasterConfig;
 use granary_worker::WorkerConfig;
 
 pub struct LocalArgs {
-    pub ufs: PathBuf,
+    /// A local directory or a UFS URI (`s3://bucket/prefix`).
+    pub ufs: String,
     pub mountpoint: PathBuf,
     pub state_dir: PathBuf,
     pub cache_dir: PathBuf,
@@ -18,6 +19,8 @@ pub struct LocalArgs {
     pub metrics_listen: Option<std::net::SocketAddr>,
     /// Metadata shards, one master each (1: no sharding).
     pub shards: u16,
+    /// How to reach an `s3://` UFS (the AWS environment by default).
+    pub s3: granary_common::ufs::S3Options,
 }
 
 /// Everything `granary local` runs; dropping it unmounts and stops the servers.
@@ -30,31 +33,29 @@ pub struct LocalCluster {
     pub worker: granary_worker::RunningWorker,
 }
 
-/// Default state directory for a UFS: stable per UFS path, so a restart finds its warm
-/// cache and metadata again.
-pub fn default_state_dir(ufs: &Path) -> PathBuf {
-    let key = ufs
-        .to_string_lossy()
-        .bytes()
-        .fold(0xcbf29ce484222325u64, |h, b| {
-            (h ^ b as u64).wrapping_mul(0x100000001b3)
-        });
+/// Default state directory for a UFS: stable per UFS, so a restart finds its warm cache
+/// and metadata again.
+pub fn default_state_dir(ufs: &str) -> PathBuf {
+    let key = ufs.bytes().fold(0xcbf29ce484222325u64, |h, b| {
+        (h ^ b as u64).wrapping_mul(0x100000001b3)
+    });
     PathBuf::from("/var/tmp/granary").join(format!("{key:016x}"))
 }
 
 pub async fn start(a: &LocalArgs) -> anyhow::Result<LocalCluster> {
-    if !a.ufs.is_dir() {
-        bail!(
-            "UFS directory {} does not exist or is not a directory",
-            a.ufs.display()
-        );
-    }
+    let ufs = granary_common::ufs::ufs_uri(&a.ufs)
+        .with_context(|| format!("--ufs {}: not a directory or a UFS URI", a.ufs))?;
     granary_fuse_client::check_mountpoint(&a.mountpoint)?;
-    let ufs = granary_common::ufs::local_uri(&a.ufs)?;
+    // Reached once before anything starts: a wrong bucket, endpoint or key stops here.
+    let opened = granary_common::ufs::open_ufs(&ufs, &a.s3)?;
+    tokio::task::spawn_blocking(move || opened.check())
+        .await?
+        .with_context(|| format!("cannot reach the UFS {ufs}"))?;
     let master = granary_master::start(MasterConfig {
         listen: a.master_listen,
         data_dir: a.state_dir.join("master"),
         ufs: ufs.clone(),
+        s3: a.s3.clone(),
         ..Default::default()
     })
     .await
@@ -76,6 +77,7 @@ pub async fn start(a: &LocalArgs) -> anyhow::Result<LocalCluster> {
         data_listen: "127.0.0.1:0".parse()?,
         cache_dir: a.cache_dir.clone(),
         capacity: a.capacity,
+        s3: a.s3.clone(),
         ..Default::default()
     })
     .await
@@ -122,6 +124,7 @@ async fn start_shards(
             routing: vec![shard0.to_string()],
             data_dir: a.state_dir.join(format!("master-shard-{shard}")),
             ufs: ufs.to_string(),
+            s3: a.s3.clone(),
             ..Default::default()
         })
         .await

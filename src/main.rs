@@ -30,11 +30,14 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Run a master, a worker and a FUSE mount over a local directory, in this process.
+    /// Run a master, a worker and a FUSE mount over a local directory or an S3 bucket, in
+    /// this process.
     Local {
-        /// Directory holding the dataset (the under-storage).
+        /// The dataset (the under-storage): a directory, or s3://bucket/prefix (endpoint,
+        /// region and credentials from the AWS environment: AWS_ENDPOINT_URL, AWS_REGION,
+        /// AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, AWS_PROFILE).
         #[arg(long, required_unless_present = "demo")]
-        ufs: Option<PathBuf>,
+        ufs: Option<String>,
         /// Empty directory to mount on.
         #[arg(long = "mount", required_unless_present = "demo")]
         mountpoint: Option<PathBuf>,
@@ -193,12 +196,13 @@ fn main() -> anyhow::Result<()> {
             shards,
         } => {
             let demo_root = PathBuf::from("/tmp/granary-demo");
-            let ufs = ufs.unwrap_or_else(|| demo_root.join("ufs"));
+            let ufs = ufs.unwrap_or_else(|| demo_root.join("ufs").display().to_string());
             let mountpoint = mountpoint.unwrap_or_else(|| demo_root.join("mnt"));
             if demo {
-                if !ufs.join("README.txt").exists() {
-                    eprintln!("generating the demo dataset in {} ...", ufs.display());
-                    dataset::write_demo(&ufs).context("cannot write the demo dataset")?;
+                let dir = PathBuf::from(&ufs);
+                if !dir.join("README.txt").exists() {
+                    eprintln!("generating the demo dataset in {ufs} ...");
+                    dataset::write_demo(&dir).context("cannot write the demo dataset")?;
                 }
                 std::fs::create_dir_all(&mountpoint)?;
             }
@@ -212,6 +216,7 @@ fn main() -> anyhow::Result<()> {
                 capacity: cache_capacity,
                 metrics_listen,
                 shards,
+                s3: Default::default(),
             };
             runtime()?.block_on(async {
                 if let Some(addr) = args.metrics_listen {
@@ -220,7 +225,7 @@ fn main() -> anyhow::Result<()> {
                 let cluster = local::start(&args).await?;
                 eprintln!(
                     "Granary is serving {} at {} (master {}). Press Ctrl-C to unmount.",
-                    args.ufs.display(),
+                    args.ufs,
                     args.mountpoint.display(),
                     cluster.master.addr
                 );

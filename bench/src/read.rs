@@ -153,7 +153,7 @@ pub fn run(b: ReadBench) -> anyhow::Result<()> {
         .build()?;
     let capacity = (b.big_size + b.small_files * (b.small_size + 4096)) * 2;
     let cluster = rt.block_on(local::start(&LocalArgs {
-        ufs: ufs.clone(),
+        ufs: ufs.display().to_string(),
         mountpoint: mnt.clone(),
         state_dir: b.dir.join("state"),
         cache_dir: b.dir.join("state/cache"),
@@ -161,6 +161,7 @@ pub fn run(b: ReadBench) -> anyhow::Result<()> {
         capacity: ByteSize(capacity),
         metrics_listen: None,
         shards: 1,
+        s3: Default::default(),
     }))?;
     let result = measure(&b, &ufs, &mnt, &small);
     // Report before tearing down, so a slow teardown cannot lose the figures.

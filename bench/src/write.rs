@@ -156,7 +156,7 @@ pub fn run(b: WriteBench) -> anyhow::Result<()> {
         .enable_all()
         .build()?;
     let cluster = rt.block_on(local::start(&LocalArgs {
-        ufs: ufs.clone(),
+        ufs: ufs.display().to_string(),
         mountpoint: mnt.clone(),
         state_dir: state.clone(),
         cache_dir: state.join("cache"),
@@ -164,6 +164,7 @@ pub fn run(b: WriteBench) -> anyhow::Result<()> {
         capacity: ByteSize((b.big_size * 2).max(1 << 30)),
         metrics_listen: None,
         shards: 1,
+        s3: Default::default(),
     }))?;
     let reported = measure(&b, &targets).and_then(|(rows, cpu)| {
         let names: Vec<&str> = targets[1..targets.len() - 1]

@@ -4,10 +4,16 @@ use std::net::SocketAddr;
 
 /// Installs the global tracing subscriber; `RUST_LOG` overrides `default_filter`.
 pub fn init_logging(default_filter: &str) {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default_filter));
+    // raft-rs narrates every election and configuration step at INFO; our own lines say
+    // what matters (leader changes). `RUST_LOG=raft=info` brings them back.
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| {
+        tracing_subscriber::EnvFilter::new(format!("{default_filter},raft=warn"))
+    });
+    use std::io::IsTerminal;
     let _ = tracing_subscriber::fmt()
         .with_env_filter(filter)
+        // Colours for a person at a terminal, plain text for journald and log files.
+        .with_ansi(std::io::stderr().is_terminal())
         .with_writer(std::io::stderr)
         .try_init();
 }

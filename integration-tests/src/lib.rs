@@ -4,6 +4,7 @@
 //! drops, also when a test fails.
 
 pub mod posix;
+pub mod s3;
 
 use std::io::Read;
 use std::net::TcpStream;
@@ -129,10 +130,10 @@ impl Proc {
     pub fn spawn(name: &str, mut cmd: Command, log: PathBuf) -> anyhow::Result<Proc> {
         let f = std::fs::File::create(&log)?;
         cmd.stdout(Stdio::null()).stderr(f).stdin(Stdio::null());
-        cmd.env(
-            "RUST_LOG",
-            std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into()),
-        );
+        // The binaries' own default filter unless the test run sets one.
+        if let Ok(filter) = std::env::var("RUST_LOG") {
+            cmd.env("RUST_LOG", filter);
+        }
         let child = cmd.spawn().with_context(|| format!("spawning {name}"))?;
         Ok(Proc {
             name: name.to_string(),
@@ -244,6 +245,7 @@ pub fn scrape_counter(port: u16, name: &str) -> anyhow::Result<f64> {
 }
 
 pub struct MasterSpec {
+    /// A directory, or a UFS URI (`s3://bucket/prefix`).
     pub ufs: PathBuf,
     pub block_size: &'static str,
     /// Members of the Raft group (ids 1..=masters).
@@ -266,6 +268,8 @@ pub struct MasterSpec {
     /// Start a worker with the group (a shard's group other than 0's needs none: workers
     /// follow the routing table to it).
     pub worker: bool,
+    /// TOML tables appended to every master's and worker's config (`[s3]`).
+    pub tables: String,
 }
 
 impl Default for MasterSpec {
@@ -283,6 +287,7 @@ impl Default for MasterSpec {
             routing: Vec::new(),
             store_cache: "1GiB".into(),
             worker: true,
+            tables: String::new(),
         }
     }
 }
@@ -346,6 +351,7 @@ impl Cluster {
             master_cores: spec.master_cores.clone(),
             routing: spec.routing.clone(),
             store_cache: spec.store_cache.clone(),
+            tables: spec.tables.clone(),
             ..*spec
         };
         let dir = tempfile::tempdir()?;
@@ -447,7 +453,7 @@ impl Cluster {
         std::fs::write(
             &cfg,
             format!(
-                "id = {id}\nlisten = \"127.0.0.1:{port}\"\ndata_dir = \"{}\"\nufs = \"{}\"\nblock_size = \"{}\"\nmembers = [{}]\njoin = {join}\ncluster_token = \"{}\"\npeer_token = \"{}\"\nsnapshot_threshold = {}\nworker_heartbeat_ms = 200\nworker_timeout_ms = 3000\nmetadata_sync_interval = \"{}\"\nshard_id = {}\nrouting = [{}]\nstore_cache = \"{}\"\n",
+                "id = {id}\nlisten = \"127.0.0.1:{port}\"\ndata_dir = \"{}\"\nufs = \"{}\"\nblock_size = \"{}\"\nmembers = [{}]\njoin = {join}\ncluster_token = \"{}\"\npeer_token = \"{}\"\nsnapshot_threshold = {}\nworker_heartbeat_ms = 200\nworker_timeout_ms = 3000\nmetadata_sync_interval = \"{}\"\nshard_id = {}\nrouting = [{}]\nstore_cache = \"{}\"\n{}",
                 data.display(),
                 self.spec.ufs.display(),
                 self.spec.block_size,
@@ -459,6 +465,7 @@ impl Cluster {
                 self.spec.shard_id,
                 toml_list(&self.spec.routing),
                 self.spec.store_cache,
+                self.spec.tables,
             ),
         )?;
         let cores = self.spec.master_cores.get(id as usize - 1).cloned();
@@ -652,12 +659,13 @@ impl Cluster {
         std::fs::write(
             &cfg,
             format!(
-                "masters = [{}]\ncluster_token = \"{}\"\ndata_listen = \"127.0.0.1:{}\"\ncache_dir = \"{}\"\ncapacity = \"{capacity}\"\nmetrics_listen = \"127.0.0.1:{}\"\n",
+                "masters = [{}]\ncluster_token = \"{}\"\ndata_listen = \"127.0.0.1:{}\"\ncache_dir = \"{}\"\ncapacity = \"{capacity}\"\nmetrics_listen = \"127.0.0.1:{}\"\n{}",
                 toml_list(&self.master_addrs()),
                 self.spec.cluster_token,
                 self.worker_data_port,
                 self.dir.path().join("cache").display(),
-                self.worker_metrics_port
+                self.worker_metrics_port,
+                self.spec.tables,
             ),
         )?;
         let worker = self.spawn("granary-worker", "worker", &cfg, None)?;
@@ -693,13 +701,14 @@ impl Cluster {
         std::fs::write(
             &cfg,
             format!(
-                "masters = [{}]\ncluster_token = \"{}\"\ndata_listen = \"127.0.0.1:{}\"\ncache_dir = \"{}\"\ncapacity = \"1GiB\"\nshards = [{}]\nmetrics_listen = \"127.0.0.1:{}\"\n",
+                "masters = [{}]\ncluster_token = \"{}\"\ndata_listen = \"127.0.0.1:{}\"\ncache_dir = \"{}\"\ncapacity = \"1GiB\"\nshards = [{}]\nmetrics_listen = \"127.0.0.1:{}\"\n{}",
                 toml_list(&self.master_addrs()),
                 self.spec.cluster_token,
                 free_port(),
                 self.dir.path().join(format!("{name}-cache")).display(),
                 shards.join(", "),
                 free_port(),
+                self.spec.tables,
             ),
         )?;
         let worker = self.spawn("granary-worker", name, &cfg, None)?;

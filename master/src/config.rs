@@ -46,8 +46,12 @@ pub struct MasterConfig {
     /// Memory for the namespace store's page cache; the rest of the namespace stays on
     /// disk, so a master's memory does not grow with its inode count.
     pub store_cache: ByteSize,
-    /// Under-storage mounted at the namespace root: `file:///path` (or a plain absolute path).
+    /// Under-storage mounted at the namespace root: `file:///path` (or a plain absolute
+    /// path) or `s3://bucket/prefix`.
     pub ufs: String,
+    /// How to reach an `s3://` UFS (`[s3]`); unset keys come from the AWS environment.
+    /// Workers get the endpoint, region and addressing style with the mount.
+    pub s3: granary_common::ufs::S3Options,
     /// Block size for files loaded from now on.
     pub block_size: ByteSize,
     /// Prometheus `/metrics` listen address; unset disables it.
@@ -81,6 +85,7 @@ impl Default for MasterConfig {
             data_dir: PathBuf::from("/var/lib/granary/master"),
             store_cache: ByteSize(crate::store::DEFAULT_CACHE_BYTES),
             ufs: String::new(),
+            s3: Default::default(),
             block_size: ByteSize(DEFAULT_BLOCK_SIZE),
             metrics_listen: None,
             worker_heartbeat_ms: 1000,
@@ -125,7 +130,7 @@ impl MasterConfig {
         if self.ufs.is_empty() {
             return Err(ConfigError::invalid(
                 "ufs",
-                "required: the under-storage URI, e.g. file:///data/datasets",
+                "required: the under-storage URI, e.g. file:///data/datasets or s3://bucket/prefix",
             ));
         }
         if self.ufs.starts_with('/') {

@@ -127,7 +127,18 @@ pub async fn start(mut config: MasterConfig) -> Result<RunningMaster, MasterErro
         path: config.data_dir.display().to_string(),
         source,
     })?;
-    let ufs = open_ufs(&config.ufs).map_err(MasterError::Ufs)?;
+    let ufs = open_ufs(&config.ufs, &config.s3).map_err(MasterError::Ufs)?;
+    {
+        // Metadata already loaded stays served while the UFS is away: say so, go on.
+        let ufs = ufs.clone();
+        match tokio::task::spawn_blocking(move || ufs.check()).await {
+            Ok(Err(e)) => {
+                tracing::error!(ufs = %config.ufs, error = %e, "the UFS cannot be reached; serving what is loaded, loads fail until it is back")
+            }
+            Ok(Ok(())) => tracing::debug!(ufs = %config.ufs, "UFS reachable"),
+            Err(_) => {}
+        }
+    }
     let store = Arc::new(NamespaceStore::open_with_cache(
         &config.data_dir.join("namespace.redb"),
         config.shard_id,
@@ -344,14 +355,22 @@ async fn ensure_root_mount(
     block_size: u64,
 ) {
     let uri = ufs.uri().to_string();
+    let options = ufs.shared_options();
     loop {
-        match store.mount_table() {
-            Ok(t) if t.mounts.iter().any(|m| m.path == b"/") => {
-                if let Some(m) = t.mounts.iter().find(|m| m.path == b"/" && m.ufs_uri != uri) {
-                    tracing::error!(stored = %m.ufs_uri, configured = %uri, "the replicated namespace mounts a different UFS than this master's config");
-                }
+        let root_mount = store
+            .mount_table()
+            .map(|t| t.mounts.into_iter().find(|m| m.path == b"/"));
+        // Mounted with other options: this master rewrites them once it leads.
+        let pause = match &root_mount {
+            Ok(Some(_)) => Duration::from_secs(1),
+            _ => Duration::from_millis(50),
+        };
+        match root_mount {
+            Ok(Some(m)) if m.ufs_uri != uri => {
+                tracing::error!(stored = %m.ufs_uri, configured = %uri, "the replicated namespace mounts a different UFS than this master's config");
                 return;
             }
+            Ok(Some(m)) if m.ufs_options == options => return,
             Ok(_) if raft.status().is_leader => {
                 // Listed before proposing: apply does no I/O.
                 let root = {
@@ -368,6 +387,7 @@ async fn ensure_root_mount(
                             mount_id: ROOT_MOUNT_ID,
                             path: b"/".to_vec(),
                             ufs_uri: uri.clone(),
+                            ufs_options: options.clone(),
                         }),
                         block_size,
                         root_mtime_ns,
@@ -381,7 +401,7 @@ async fn ensure_root_mount(
             Ok(_) => {}
             Err(e) => tracing::error!(error = %e, "cannot read the mount table"),
         }
-        tokio::time::sleep(Duration::from_millis(50)).await;
+        tokio::time::sleep(pause).await;
     }
 }
 

@@ -217,6 +217,7 @@ mod tests {
                     mount_id: 1,
                     path: b"/".to_vec(),
                     ufs_uri: "file:///data".into(),
+                    ..Default::default()
                 }),
                 block_size: 1024,
                 ..Default::default()

@@ -268,7 +268,7 @@ proptest! {
         let store = NamespaceStore::open(&tmp.path().join("s.redb"), 0).unwrap();
         let mount = Command {
             op: Some(command::Op::SetMount(SetMount {
-                mount: Some(MountPoint { mount_id: 1, path: b"/".to_vec(), ufs_uri: "file:///x".into() }),
+                mount: Some(MountPoint { mount_id: 1, path: b"/".to_vec(), ufs_uri: "file:///x".into(), ..Default::default() }),
                 block_size: 1024,
             ..Default::default()
             })),

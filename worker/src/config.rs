@@ -34,6 +34,10 @@ pub struct WorkerConfig {
     pub low_watermark: f64,
     /// Prometheus `/metrics` listen address; unset disables it.
     pub metrics_listen: Option<SocketAddr>,
+    /// How this worker reaches an `s3://` UFS (`[s3]`): credentials, and overrides of
+    /// the endpoint, region and addressing style the masters' mount carries. Unset keys
+    /// come from the mount, then the AWS environment.
+    pub s3: granary_common::ufs::S3Options,
 }
 
 impl Default for WorkerConfig {
@@ -49,6 +53,7 @@ impl Default for WorkerConfig {
             high_watermark: 0.95,
             low_watermark: 0.85,
             metrics_listen: None,
+            s3: Default::default(),
         }
     }
 }

@@ -108,6 +108,18 @@ impl BlockFetcher {
         }
         .await;
         self.inflight.lock().expect("inflight lock").remove(&id);
+        match &result {
+            // A newer version the client reloads: routine.
+            Err(FsError::Stale(_)) | Ok(_) => {}
+            Err(e) => tracing::warn!(
+                shard = shard_of(id.0),
+                mount = src.mount_id,
+                path = %String::from_utf8_lossy(&src.ufs_path),
+                block = id.1,
+                error = %e,
+                "reading a block from the UFS failed"
+            ),
+        }
         result
     }
 }

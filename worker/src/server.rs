@@ -97,7 +97,7 @@ pub async fn start(config: WorkerConfig) -> Result<RunningWorker, WorkerError> {
         })?;
     let upload_socket = config.cache_dir.join("upload.sock");
     let upload_listener = local_upload::bind(&upload_socket).map_err(cache_err)?;
-    let mounts = Arc::new(MountRegistry::default());
+    let mounts = Arc::new(MountRegistry::new(config.s3.clone()));
     let hostname = crate::hostname();
     let info = WorkerInfo {
         worker_id: id.clone(),

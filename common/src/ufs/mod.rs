@@ -3,12 +3,15 @@
 //! no `..`, no absolute paths, and a local UFS never follows symlinks out of its root.
 
 mod local;
+mod s3;
 
+use std::collections::BTreeMap;
 use std::fmt::Debug;
 use std::io::Write;
 use std::sync::Arc;
 
 pub use local::LocalUfs;
+pub use s3::{S3Options, S3Ufs};
 
 use crate::error::{FsError, FsResult};
 
@@ -51,6 +54,16 @@ pub trait UfsUpload: Write + Send {
 pub trait Ufs: Send + Sync + Debug {
     /// The URI this UFS was opened from.
     fn uri(&self) -> &str;
+    /// Reaches the UFS once (lists its root): a missing bucket or directory, bad
+    /// credentials or an unreachable endpoint show now, named.
+    fn check(&self) -> FsResult<()> {
+        self.list(b"").map(|_| ())
+    }
+    /// Settings every process opening this URI should share (the S3 endpoint and
+    /// region; never credentials): the masters record them with the mount.
+    fn shared_options(&self) -> BTreeMap<String, String> {
+        BTreeMap::new()
+    }
     /// Lists a directory's entries (relative path, `""` is the root), sorted by name.
     fn list(&self, dir: &[u8]) -> FsResult<Vec<UfsObject>>;
     /// Describes one object.
@@ -92,14 +105,27 @@ fn read_only(uri: &str, path: &[u8]) -> FsError {
     ))
 }
 
-/// Opens a UFS from its URI. Supported now: `file:///absolute/path`.
-pub fn open_ufs(uri: &str) -> FsResult<Arc<dyn Ufs>> {
+/// Opens a UFS from its URI: `file:///absolute/path` or `s3://bucket[/prefix]` (with
+/// `s3` for how to reach it). Opening reaches nothing yet (see [`Ufs::check`]).
+pub fn open_ufs(uri: &str, s3: &S3Options) -> FsResult<Arc<dyn Ufs>> {
     if let Some(path) = uri.strip_prefix("file://") {
         return Ok(Arc::new(LocalUfs::open(uri, path)?));
     }
+    if uri.starts_with("s3://") {
+        return Ok(Arc::new(Arc::new(S3Ufs::open(uri, s3)?)));
+    }
     Err(FsError::Unsupported(format!(
-        "UFS URI `{uri}`: only file:///path is supported in this version"
+        "UFS URI `{uri}`: use file:///absolute/path or s3://bucket/prefix"
     )))
+}
+
+/// A UFS URI from what a user typed: an `s3://` or `file://` URI as is, anything else a
+/// local directory (made absolute and canonical).
+pub fn ufs_uri(given: &str) -> FsResult<String> {
+    if given.starts_with("s3://") || given.starts_with("file://") {
+        return Ok(given.to_string());
+    }
+    local_uri(std::path::Path::new(given))
 }
 
 /// Turns a plain directory path into a `file://` URI (absolute, canonical).

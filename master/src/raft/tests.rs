@@ -232,6 +232,7 @@ fn mount() -> Command {
                 mount_id: 1,
                 path: b"/".to_vec(),
                 ufs_uri: "file:///nowhere".into(),
+                ..Default::default()
             }),
             block_size: 1 << 20,
             ..Default::default()

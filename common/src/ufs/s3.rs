@@ -1,0 +1,780 @@
+//! An S3-compatible bucket as under-storage (`s3://bucket/prefix`), through `object_store`.
+//! Directories are key prefixes (`/` delimited); `mkdir` leaves a hidden marker object
+//! so an empty directory exists. A file's version is its size and its mtime, whose
+//! sub-second part carries a hash of the ETag (S3 keeps whole seconds): an object
+//! rewritten within a second still reads as changed. Files are written with multipart
+//! uploads, visible only once complete. Renames are a copy and a delete per object: not
+//! atomic, and a directory's take one round per object.
+
+use std::collections::BTreeMap;
+use std::io::Write;
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures::StreamExt;
+use object_store::aws::{AmazonS3, AmazonS3Builder, AmazonS3ConfigKey};
+use object_store::path::Path;
+use object_store::{GetOptions, GetRange, MultipartUpload, ObjectStore, PutPayload};
+use serde::Deserialize;
+use tokio::sync::Semaphore;
+
+use super::{ObjectKind, Ufs, UfsObject, UfsUpload, UPLOAD_PREFIX};
+use crate::bytesize::ByteSize;
+use crate::error::{FsError, FsResult};
+
+/// The object that keeps an empty directory in existence (never listed).
+pub const DIR_MARKER: &str = ".granary-dir";
+
+/// How to reach S3: each unset key falls back to the standard AWS environment
+/// (`AWS_ENDPOINT_URL`, `AWS_REGION`, `AWS_ACCESS_KEY_ID`, `AWS_SECRET_ACCESS_KEY`,
+/// `AWS_SESSION_TOKEN`, `AWS_PROFILE` with `~/.aws/credentials` and `~/.aws/config`).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct S3Options {
+    /// Endpoint of an S3-compatible service (`http://minio:9000`); default: AWS.
+    pub endpoint: Option<String>,
+    pub region: Option<String>,
+    pub access_key_id: Option<String>,
+    pub secret_access_key: Option<String>,
+    pub session_token: Option<String>,
+    /// Profile in `~/.aws/credentials` and `~/.aws/config`.
+    pub profile: Option<String>,
+    /// `https://bucket.endpoint/` addressing (AWS's) instead of `https://endpoint/bucket/`
+    /// (most S3-compatible services'); default: virtual-hosted on AWS, path style on a
+    /// custom endpoint.
+    pub virtual_hosted_style: Option<bool>,
+    /// Requests in flight at once from this process.
+    pub max_concurrent_requests: usize,
+    /// Part size of multipart uploads (at least 5 MiB).
+    pub part_size: ByteSize,
+    /// One request's timeout.
+    pub request_timeout_ms: u64,
+}
+
+impl Default for S3Options {
+    fn default() -> Self {
+        S3Options {
+            endpoint: None,
+            region: None,
+            access_key_id: None,
+            secret_access_key: None,
+            session_token: None,
+            profile: None,
+            virtual_hosted_style: None,
+            max_concurrent_requests: 32,
+            part_size: ByteSize(16 << 20),
+            request_timeout_ms: 60_000,
+        }
+    }
+}
+
+impl S3Options {
+    /// These options with the settings another process shared (see
+    /// [`super::Ufs::shared_options`]) where these leave them unset.
+    pub fn with_shared(&self, shared: &BTreeMap<String, String>) -> S3Options {
+        let mut out = self.clone();
+        let pick = |mine: &mut Option<String>, key: &str| {
+            if mine.is_none() {
+                *mine = shared.get(key).cloned();
+            }
+        };
+        pick(&mut out.endpoint, "endpoint");
+        pick(&mut out.region, "region");
+        if out.virtual_hosted_style.is_none() {
+            out.virtual_hosted_style = shared
+                .get("virtual_hosted_style")
+                .and_then(|v| v.parse().ok());
+        }
+        out
+    }
+}
+
+/// `key = value` pairs of section `[section]` of an INI file (the AWS profile files).
+fn ini_section(text: &str, section: &str) -> Vec<(String, String)> {
+    let mut inside = false;
+    let mut out = Vec::new();
+    for line in text.lines().map(str::trim) {
+        if line.starts_with('[') && line.ends_with(']') {
+            inside = line[1..line.len() - 1].trim() == section;
+        } else if inside {
+            if let Some((k, v)) = line.split_once('=') {
+                out.push((k.trim().to_string(), v.trim().to_string()));
+            }
+        }
+    }
+    out
+}
+
+/// A profile's settings from `~/.aws/credentials` and `~/.aws/config`.
+fn profile_settings(profile: &str) -> Vec<(String, String)> {
+    let Some(home) = std::env::var_os("HOME") else {
+        return Vec::new();
+    };
+    let home = std::path::PathBuf::from(home);
+    let read = |var: &str, default: &str| {
+        let path = std::env::var_os(var)
+            .map(std::path::PathBuf::from)
+            .unwrap_or_else(|| home.join(default));
+        std::fs::read_to_string(path).unwrap_or_default()
+    };
+    let mut settings = ini_section(
+        &read("AWS_SHARED_CREDENTIALS_FILE", ".aws/credentials"),
+        profile,
+    );
+    let config_section = match profile {
+        "default" => "default".to_string(),
+        p => format!("profile {p}"),
+    };
+    settings.extend(ini_section(
+        &read("AWS_CONFIG_FILE", ".aws/config"),
+        &config_section,
+    ));
+    settings
+}
+
+fn bad_uri(uri: &str, why: &str) -> FsError {
+    FsError::InvalidArgument(format!("UFS URI `{uri}`: {why}"))
+}
+
+pub struct S3Ufs {
+    uri: String,
+    bucket: String,
+    endpoint: String,
+    region: String,
+    virtual_hosted_style: bool,
+    /// Key prefix of the UFS root ("" or "a/b").
+    root: String,
+    store: Arc<AmazonS3>,
+    /// Runs the store's futures: callers are plain threads.
+    rt: Option<tokio::runtime::Runtime>,
+    requests: Arc<Semaphore>,
+    part_size: usize,
+    opened_ns: i64,
+}
+
+impl std::fmt::Debug for S3Ufs {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("S3Ufs").field("uri", &self.uri).finish()
+    }
+}
+
+impl Drop for S3Ufs {
+    /// Without waiting: the last reference may go inside another runtime, where a
+    /// blocking shutdown panics.
+    fn drop(&mut self) {
+        if let Some(rt) = self.rt.take() {
+            rt.shutdown_background();
+        }
+    }
+}
+
+impl S3Ufs {
+    /// Opens `s3://bucket[/prefix]`; reaches nothing yet (see [`Ufs::check`]).
+    pub fn open(uri: &str, opts: &S3Options) -> FsResult<Self> {
+        let rest = uri
+            .strip_prefix("s3://")
+            .ok_or_else(|| bad_uri(uri, "not s3://bucket/prefix"))?;
+        let (bucket, prefix) = rest.split_once('/').unwrap_or((rest, ""));
+        if bucket.is_empty() {
+            return Err(bad_uri(uri, "no bucket"));
+        }
+        let root = prefix.trim_matches('/').to_string();
+        if !root.is_empty() {
+            Path::parse(&root).map_err(|e| bad_uri(uri, &e.to_string()))?;
+        }
+        let mut b = AmazonS3Builder::from_env().with_bucket_name(bucket);
+        let profile = opts
+            .profile
+            .clone()
+            .or_else(|| std::env::var("AWS_PROFILE").ok());
+        if let Some(p) = &profile {
+            for (k, v) in profile_settings(p) {
+                let key = match k.as_str() {
+                    "aws_access_key_id" => AmazonS3ConfigKey::AccessKeyId,
+                    "aws_secret_access_key" => AmazonS3ConfigKey::SecretAccessKey,
+                    "aws_session_token" => AmazonS3ConfigKey::Token,
+                    "region" => AmazonS3ConfigKey::Region,
+                    "endpoint_url" => AmazonS3ConfigKey::Endpoint,
+                    _ => continue,
+                };
+                b = b.with_config(key, v);
+            }
+        }
+        let set = |b: AmazonS3Builder, key, v: &Option<String>| match v {
+            Some(v) => b.with_config(key, v),
+            None => b,
+        };
+        b = set(b, AmazonS3ConfigKey::Endpoint, &opts.endpoint);
+        b = set(b, AmazonS3ConfigKey::Region, &opts.region);
+        b = set(b, AmazonS3ConfigKey::AccessKeyId, &opts.access_key_id);
+        b = set(
+            b,
+            AmazonS3ConfigKey::SecretAccessKey,
+            &opts.secret_access_key,
+        );
+        b = set(b, AmazonS3ConfigKey::Token, &opts.session_token);
+        let endpoint = b
+            .get_config_value(&AmazonS3ConfigKey::Endpoint)
+            .unwrap_or_else(|| "AWS S3".into());
+        let custom = endpoint.contains("://");
+        let virtual_hosted_style = opts.virtual_hosted_style.unwrap_or(!custom);
+        b = b.with_virtual_hosted_style_request(virtual_hosted_style);
+        let region = b
+            .get_config_value(&AmazonS3ConfigKey::Region)
+            .unwrap_or_else(|| "us-east-1".into());
+        b = b.with_region(&region);
+        b = b.with_client_options(
+            object_store::ClientOptions::new()
+                .with_timeout(Duration::from_millis(opts.request_timeout_ms))
+                .with_connect_timeout(Duration::from_secs(5))
+                .with_allow_http(endpoint.starts_with("http://")),
+        );
+        b = b.with_retry(object_store::RetryConfig {
+            max_retries: 3,
+            retry_timeout: Duration::from_secs(30),
+            ..Default::default()
+        });
+        let store = b
+            .build()
+            .map_err(|e| bad_uri(uri, &format!("bucket {bucket} at {endpoint}: {e}")))?;
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .thread_name("granary-s3")
+            .enable_all()
+            .build()
+            .map_err(|e| FsError::Io(format!("S3 runtime: {e}")))?;
+        Ok(S3Ufs {
+            uri: uri.to_string(),
+            bucket: bucket.to_string(),
+            endpoint,
+            region,
+            virtual_hosted_style,
+            root,
+            store: Arc::new(store),
+            rt: Some(rt),
+            requests: Arc::new(Semaphore::new(opts.max_concurrent_requests.max(1))),
+            part_size: (opts.part_size.0 as usize).max(5 << 20),
+            opened_ns: std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_nanos() as i64),
+        })
+    }
+
+    /// Runs `f` on the store's runtime and waits for it, from any thread (a runtime's
+    /// own threads included: this one is separate).
+    fn run<T: Send + 'static>(
+        &self,
+        f: impl std::future::Future<Output = T> + Send + 'static,
+    ) -> FsResult<T> {
+        let (tx, rx) = std::sync::mpsc::channel();
+        let requests = self.requests.clone();
+        self.runtime().spawn(async move {
+            let _turn = requests.acquire_owned().await;
+            let _ = tx.send(f.await);
+        });
+        rx.recv()
+            .map_err(|_| FsError::Io("the S3 runtime stopped".into()))
+    }
+
+    fn runtime(&self) -> &tokio::runtime::Runtime {
+        self.rt
+            .as_ref()
+            .expect("the runtime lives as long as the UFS")
+    }
+
+    /// The object key of a UFS path.
+    fn key(&self, path: &[u8]) -> FsResult<Path> {
+        let rel = std::str::from_utf8(path).map_err(|_| {
+            FsError::InvalidArgument(format!(
+                "{}: S3 keys are UTF-8",
+                String::from_utf8_lossy(path)
+            ))
+        })?;
+        let full = match (self.root.is_empty(), rel.is_empty()) {
+            (true, _) => rel.to_string(),
+            (false, true) => self.root.clone(),
+            (false, false) => format!("{}/{rel}", self.root),
+        };
+        Path::parse(&full)
+            .map_err(|e| FsError::InvalidArgument(format!("{full}: not an S3 key here: {e}")))
+    }
+
+    fn child_key(&self, dir: &Path, name: &str) -> FsResult<Path> {
+        let full = match dir.as_ref() {
+            "" => name.to_string(),
+            d => format!("{d}/{name}"),
+        };
+        Path::parse(&full).map_err(|e| FsError::InvalidArgument(format!("{full}: {e}")))
+    }
+
+    /// What a store error means here, naming the bucket and endpoint.
+    fn error(&self, what: &str, e: object_store::Error) -> FsError {
+        let at = format!("s3://{} at {}", self.bucket, self.endpoint);
+        match e {
+            object_store::Error::NotFound { path, .. } => {
+                FsError::NotFound(format!("{path} in {at}"))
+            }
+            object_store::Error::AlreadyExists { path, .. } => {
+                FsError::Exists(format!("{path} in {at}"))
+            }
+            object_store::Error::PermissionDenied { path, source }
+            | object_store::Error::Unauthenticated { path, source } => FsError::PermissionDenied(
+                format!("{what} {path} in {at}: {source} (check the credentials)"),
+            ),
+            other => {
+                let text = other.to_string();
+                let refused = [
+                    "InvalidAccessKeyId",
+                    "SignatureDoesNotMatch",
+                    "AccessDenied",
+                    "403 Forbidden",
+                ];
+                if text.contains("NoSuchBucket") {
+                    FsError::Ufs(format!(
+                        "{what}: bucket {} does not exist at {}",
+                        self.bucket, self.endpoint
+                    ))
+                } else if refused.iter().any(|r| text.contains(r)) {
+                    FsError::PermissionDenied(format!(
+                        "{what} in {at}: refused (check the credentials): {}",
+                        s3_code(&text)
+                    ))
+                } else {
+                    FsError::Ufs(format!("{what} in {at}: {text}"))
+                }
+            }
+        }
+    }
+
+    fn file_object(name: Vec<u8>, meta: &object_store::ObjectMeta) -> UfsObject {
+        UfsObject {
+            name,
+            kind: ObjectKind::File,
+            size: meta.size,
+            mtime_ns: version_stamp(meta),
+            mode: 0o644,
+            symlink_target: Vec::new(),
+        }
+    }
+
+    /// S3 keeps no directory times: directories show when this process opened the UFS.
+    fn dir_object(&self, name: Vec<u8>) -> UfsObject {
+        UfsObject {
+            name,
+            kind: ObjectKind::Directory,
+            size: 0,
+            mtime_ns: self.opened_ns,
+            mode: 0o755,
+            symlink_target: Vec::new(),
+        }
+    }
+
+    /// Every key under `prefix` (recursively).
+    fn keys_under(&self, prefix: &Path) -> FsResult<Vec<Path>> {
+        let store = self.store.clone();
+        let prefix = prefix.clone();
+        self.run(async move {
+            let mut listed = store.list(Some(&prefix));
+            let mut keys = Vec::new();
+            while let Some(m) = listed.next().await {
+                keys.push(m?.location);
+            }
+            Ok(keys)
+        })?
+        .map_err(|e| self.error("listing", e))
+    }
+}
+
+/// The `<Code>` and `<Message>` of an S3 error body, else the whole text.
+fn s3_code(text: &str) -> String {
+    let tag = |name: &str| {
+        let open = format!("<{name}>");
+        let start = text.find(&open)? + open.len();
+        let len = text[start..].find(&format!("</{name}>"))?;
+        Some(text[start..start + len].to_string())
+    };
+    match (tag("Code"), tag("Message")) {
+        (Some(c), Some(m)) => format!("{c}: {m}"),
+        (Some(c), None) => c,
+        _ => text.to_string(),
+    }
+}
+
+/// Seconds of the last modification, with a hash of the ETag as the nanoseconds: a
+/// version stamp that changes with the content even within one second.
+fn version_stamp(meta: &object_store::ObjectMeta) -> i64 {
+    let secs = meta.last_modified.timestamp();
+    let etag_hash = meta.e_tag.as_deref().map_or(0, |t| {
+        t.bytes().fold(0xcbf29ce484222325u64, |h, b| {
+            (h ^ b as u64).wrapping_mul(0x100000001b3)
+        })
+    });
+    secs * 1_000_000_000 + (etag_hash % 1_000_000_000) as i64
+}
+
+/// A file being written: parts of `part_size` go out as they fill, the rest at
+/// `complete`. Dropped without completing, the upload is aborted.
+struct S3Upload {
+    ufs: Arc<S3Ufs>,
+    key: Path,
+    upload: Option<Box<dyn MultipartUpload>>,
+    buffer: Vec<u8>,
+}
+
+impl S3Upload {
+    fn send_part(&mut self) -> std::io::Result<()> {
+        let data = std::mem::take(&mut self.buffer);
+        let mut upload = self.upload.take().expect("an open upload");
+        let ufs = self.ufs.clone();
+        let key = self.key.clone();
+        let (r, upload) = self
+            .ufs
+            .run(async move {
+                let r = upload.put_part(PutPayload::from(data)).await;
+                (r, upload)
+            })
+            .map_err(std::io::Error::other)?;
+        self.upload = Some(upload);
+        r.map_err(|e| std::io::Error::other(ufs.error("uploading", e).to_string()))
+            .map_err(|e| std::io::Error::other(format!("{key}: {e}")))
+    }
+}
+
+impl Write for S3Upload {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.buffer.extend_from_slice(buf);
+        if self.buffer.len() >= self.ufs.part_size {
+            self.send_part()?;
+        }
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+impl UfsUpload for S3Upload {
+    fn complete(mut self: Box<Self>, _durable: bool) -> FsResult<UfsObject> {
+        // An acknowledged S3 write is durable: nothing more for `durable`.
+        if !self.buffer.is_empty() {
+            self.send_part()?;
+        }
+        let mut upload = self.upload.take().expect("an open upload");
+        let store = self.ufs.store.clone();
+        let key = self.key.clone();
+        let meta = self
+            .ufs
+            .run(async move {
+                upload.complete().await?;
+                store.head(&key).await
+            })?
+            .map_err(|e| self.ufs.error("completing the upload of", e))?;
+        let name = self.key.filename().unwrap_or_default().as_bytes().to_vec();
+        Ok(S3Ufs::file_object(name, &meta))
+    }
+}
+
+impl Drop for S3Upload {
+    fn drop(&mut self) {
+        if let Some(mut upload) = self.upload.take() {
+            let _ = self.ufs.run(async move { upload.abort().await });
+        }
+    }
+}
+
+impl Ufs for Arc<S3Ufs> {
+    fn uri(&self) -> &str {
+        &self.uri
+    }
+
+    fn shared_options(&self) -> BTreeMap<String, String> {
+        let mut out = BTreeMap::new();
+        if self.endpoint.contains("://") {
+            out.insert("endpoint".into(), self.endpoint.clone());
+        }
+        out.insert("region".into(), self.region.clone());
+        out.insert(
+            "virtual_hosted_style".into(),
+            self.virtual_hosted_style.to_string(),
+        );
+        out
+    }
+
+    fn list(&self, dir: &[u8]) -> FsResult<Vec<UfsObject>> {
+        let prefix = self.key(dir)?;
+        let store = self.store.clone();
+        let p = prefix.clone();
+        let listed = self
+            .run(async move { store.list_with_delimiter(Some(&p)).await })?
+            .map_err(|e| self.error("listing", e))?;
+        let mut out: std::collections::BTreeMap<Vec<u8>, UfsObject> = Default::default();
+        for d in &listed.common_prefixes {
+            if let Some(name) = d.filename() {
+                out.insert(
+                    name.as_bytes().to_vec(),
+                    self.dir_object(name.as_bytes().to_vec()),
+                );
+            }
+        }
+        for o in &listed.objects {
+            let Some(name) = o.location.filename() else {
+                continue;
+            };
+            // The directory's own marker or key, uploads in progress: not entries. An
+            // object named like a directory (a `dir/` key of another tool) is the directory.
+            if name == DIR_MARKER
+                || o.location == prefix
+                || name.as_bytes().starts_with(UPLOAD_PREFIX)
+                || out.contains_key(name.as_bytes())
+            {
+                continue;
+            }
+            out.insert(
+                name.as_bytes().to_vec(),
+                S3Ufs::file_object(name.as_bytes().to_vec(), o),
+            );
+        }
+        if out.is_empty() && !dir.is_empty() {
+            // An empty listing of a path that is neither a prefix nor a marker's: missing.
+            self.stat(dir)?;
+        }
+        Ok(out.into_values().collect())
+    }
+
+    fn stat(&self, path: &[u8]) -> FsResult<UfsObject> {
+        let name = path
+            .rsplit(|&b| b == b'/')
+            .next()
+            .unwrap_or_default()
+            .to_vec();
+        if path.is_empty() {
+            return Ok(self.dir_object(name));
+        }
+        let key = self.key(path)?;
+        let store = self.store.clone();
+        let k = key.clone();
+        let head = self.run(async move { store.head(&k).await })?;
+        match head {
+            Ok(meta) => return Ok(S3Ufs::file_object(name, &meta)),
+            Err(object_store::Error::NotFound { .. }) => {}
+            Err(e) => return Err(self.error("stat", e)),
+        }
+        // A directory is a prefix with something under it.
+        let store = self.store.clone();
+        let k = key.clone();
+        let any = self
+            .run(async move { store.list(Some(&k)).next().await })?
+            .transpose()
+            .map_err(|e| self.error("stat", e))?;
+        match any {
+            Some(_) => Ok(self.dir_object(name)),
+            None => Err(FsError::NotFound(format!(
+                "{key} in s3://{} at {}",
+                self.bucket, self.endpoint
+            ))),
+        }
+    }
+
+    fn read_range(
+        &self,
+        path: &[u8],
+        offset: u64,
+        len: u64,
+        sink: &mut dyn Write,
+    ) -> FsResult<u64> {
+        if len == 0 {
+            return Ok(0);
+        }
+        let key = self.key(path)?;
+        let store = self.store.clone();
+        let (tx, rx) = std::sync::mpsc::sync_channel::<Result<bytes::Bytes, String>>(4);
+        let requests = self.requests.clone();
+        let k = key.clone();
+        self.runtime().spawn(async move {
+            let _turn = requests.acquire_owned().await;
+            let opts = GetOptions {
+                range: Some(GetRange::Bounded(offset..offset + len)),
+                ..Default::default()
+            };
+            match store.get_opts(&k, opts).await {
+                Ok(r) => {
+                    let mut stream = r.into_stream();
+                    while let Some(chunk) = stream.next().await {
+                        let stop = chunk.is_err();
+                        if tx.send(chunk.map_err(|e| e.to_string())).is_err() || stop {
+                            return;
+                        }
+                    }
+                }
+                Err(e) => {
+                    let _ = tx.send(Err(e.to_string()));
+                }
+            }
+        });
+        let mut copied = 0u64;
+        for chunk in rx {
+            let chunk = chunk.map_err(|e| {
+                if e.contains("not found") || e.contains("NotFound") {
+                    FsError::NotFound(format!("{key} in s3://{}", self.bucket))
+                } else {
+                    FsError::Ufs(format!(
+                        "reading {key} from s3://{} at {}: {e}",
+                        self.bucket, self.endpoint
+                    ))
+                }
+            })?;
+            sink.write_all(&chunk)?;
+            copied += chunk.len() as u64;
+        }
+        Ok(copied)
+    }
+
+    fn create_upload(&self, path: &[u8]) -> FsResult<Box<dyn UfsUpload>> {
+        let key = self.key(path)?;
+        let store = self.store.clone();
+        let k = key.clone();
+        let upload = self
+            .run(async move { store.put_multipart(&k).await })?
+            .map_err(|e| self.error("starting an upload of", e))?;
+        Ok(Box::new(S3Upload {
+            ufs: self.clone(),
+            key,
+            upload: Some(upload),
+            buffer: Vec::new(),
+        }))
+    }
+
+    fn mkdir(&self, path: &[u8]) -> FsResult<UfsObject> {
+        if self.stat(path).is_ok() {
+            return Err(FsError::Exists(String::from_utf8_lossy(path).into_owned()));
+        }
+        let dir = self.key(path)?;
+        let marker = self.child_key(&dir, DIR_MARKER)?;
+        let store = self.store.clone();
+        self.run(async move { store.put(&marker, PutPayload::new()).await })?
+            .map_err(|e| self.error("mkdir", e))?;
+        self.stat(path)
+    }
+
+    fn symlink(&self, _target: &[u8], path: &[u8]) -> FsResult<UfsObject> {
+        Err(FsError::Unsupported(format!(
+            "{}: S3 has no symbolic links",
+            String::from_utf8_lossy(path)
+        )))
+    }
+
+    fn remove(&self, path: &[u8], directory: bool) -> FsResult<()> {
+        let key = self.key(path)?;
+        let found = self.stat(path)?;
+        match (directory, found.kind) {
+            (false, ObjectKind::Directory) => {
+                return Err(FsError::IsDir(String::from_utf8_lossy(path).into_owned()))
+            }
+            (true, ObjectKind::File) => {
+                return Err(FsError::NotDir(String::from_utf8_lossy(path).into_owned()))
+            }
+            _ => {}
+        }
+        let doomed = if directory {
+            let under = self.keys_under(&key)?;
+            let marker = self.child_key(&key, DIR_MARKER)?;
+            if under.iter().any(|k| *k != marker) {
+                return Err(FsError::NotEmpty(
+                    String::from_utf8_lossy(path).into_owned(),
+                ));
+            }
+            under
+        } else {
+            vec![key]
+        };
+        for k in doomed {
+            let store = self.store.clone();
+            self.run(async move { store.delete(&k).await })?
+                .map_err(|e| self.error("removing", e))?;
+        }
+        Ok(())
+    }
+
+    /// Copy then delete, object by object: not atomic (a crash midway leaves both names).
+    fn rename(&self, from: &[u8], to: &[u8]) -> FsResult<()> {
+        let (src, dst) = (self.key(from)?, self.key(to)?);
+        let found = self.stat(from)?;
+        let moves: Vec<(Path, Path)> = match found.kind {
+            ObjectKind::Directory => {
+                if let Ok(target) = self.stat(to) {
+                    if target.kind != ObjectKind::Directory {
+                        return Err(FsError::NotDir(String::from_utf8_lossy(to).into_owned()));
+                    }
+                    if !self.list(to)?.is_empty() {
+                        return Err(FsError::NotEmpty(String::from_utf8_lossy(to).into_owned()));
+                    }
+                }
+                let strip = src.as_ref().len();
+                self.keys_under(&src)?
+                    .into_iter()
+                    .map(|k| {
+                        let tail = k.as_ref()[strip..].trim_start_matches('/').to_string();
+                        let to = self.child_key(&dst, &tail)?;
+                        Ok((k, to))
+                    })
+                    .collect::<FsResult<_>>()?
+            }
+            _ => {
+                if let Ok(target) = self.stat(to) {
+                    if target.kind == ObjectKind::Directory {
+                        return Err(FsError::IsDir(String::from_utf8_lossy(to).into_owned()));
+                    }
+                }
+                vec![(src, dst)]
+            }
+        };
+        for (a, b) in moves {
+            let store = self.store.clone();
+            self.run(async move {
+                store.copy(&a, &b).await?;
+                store.delete(&a).await
+            })?
+            .map_err(|e| self.error("renaming", e))?;
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn profiles_come_from_the_aws_files() {
+        let text = "[default]\naws_access_key_id = A\n[other]\naws_access_key_id=B\nregion = eu\n";
+        assert_eq!(
+            ini_section(text, "default"),
+            vec![("aws_access_key_id".into(), "A".into())]
+        );
+        assert_eq!(ini_section(text, "other").len(), 2);
+        assert!(ini_section(text, "missing").is_empty());
+    }
+
+    #[test]
+    fn uris_name_a_bucket_and_a_prefix() {
+        let opts = S3Options {
+            endpoint: Some("http://127.0.0.1:9".into()),
+            access_key_id: Some("a".into()),
+            secret_access_key: Some("b".into()),
+            ..Default::default()
+        };
+        let u = S3Ufs::open("s3://data/sets/imagenet/", &opts).unwrap();
+        assert_eq!(
+            (u.bucket.as_str(), u.root.as_str()),
+            ("data", "sets/imagenet")
+        );
+        assert_eq!(
+            u.key(b"train/x.jpg").unwrap().as_ref(),
+            "sets/imagenet/train/x.jpg"
+        );
+        assert_eq!(u.key(b"").unwrap().as_ref(), "sets/imagenet");
+        assert!(S3Ufs::open("s3:///x", &opts).is_err());
+        assert!(S3Ufs::open("s3://b/a/../c", &opts).is_err());
+    }
+}
