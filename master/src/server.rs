@@ -210,7 +210,7 @@ pub async fn start(mut config: MasterConfig) -> Result<RunningMaster, MasterErro
         },
         store.clone(),
         log_store,
-        Box::new(transport),
+        Arc::new(transport),
         (mailbox.clone(), inbox),
         status.clone(),
         applied_tx,

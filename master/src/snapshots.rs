@@ -5,11 +5,14 @@
 //! namespace in memory, and no message grows with it.
 
 use std::collections::VecDeque;
+use std::io::{Read, Write};
+use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use granary_protos::raft::{KeyValue, NamespaceSnapshot};
+use prost::Message;
 use redb::{ReadTransaction, ReadableDatabase, ReadableTable};
 
 use crate::store::{
@@ -19,9 +22,9 @@ use crate::store::{
 
 /// Bytes of records per chunk.
 const CHUNK_BYTES: usize = 4 << 20;
-/// Views kept at once, and how long one is kept unused: a held view keeps redb from
-/// reusing the pages it sees.
-const MAX_HELD: usize = 2;
+/// Views kept at once (more only while each is being pulled), and how long one is kept
+/// unused: a held view keeps redb from reusing the pages it sees.
+const MAX_HELD: usize = 4;
 const HELD_FOR: Duration = Duration::from_secs(1800);
 
 struct Held {
@@ -31,10 +34,37 @@ struct Held {
 }
 
 /// The views a member holds for others to pull.
-#[derive(Default)]
 pub struct HeldSnapshots {
     held: Mutex<VecDeque<Held>>,
+    /// Starts from the clock, so a restarted holder never reuses an id a puller may
+    /// still ask for.
     next_id: AtomicU64,
+}
+
+impl Default for HeldSnapshots {
+    fn default() -> Self {
+        let base = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(1, |d| d.as_nanos() as u64);
+        HeldSnapshots {
+            held: Default::default(),
+            next_id: AtomicU64::new(base),
+        }
+    }
+}
+
+/// A snapshot pulled into a file beside the store and checked, ready to install.
+#[derive(Debug)]
+pub struct StagedSnapshot {
+    path: PathBuf,
+    pub index: u64,
+    pub term: u64,
+}
+
+impl Drop for StagedSnapshot {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.path);
+    }
 }
 
 /// A held view: its id and the Raft position and configuration it stands for.
@@ -62,8 +92,14 @@ impl NamespaceStore {
         let id = shelf.next_id.fetch_add(1, Ordering::Relaxed) + 1;
         let mut held = shelf.held.lock().expect("held snapshots lock");
         held.retain(|h| h.taken.elapsed() < HELD_FOR);
+        // The oldest view nobody is pulling makes room; one being pulled stays.
         while held.len() >= MAX_HELD {
-            held.pop_front();
+            match held.iter().position(|h| Arc::strong_count(&h.view) == 1) {
+                Some(i) => {
+                    held.remove(i);
+                }
+                None => break,
+            }
         }
         held.push_back(Held {
             id,
@@ -75,6 +111,73 @@ impl NamespaceStore {
             index,
             term,
             conf_state,
+        })
+    }
+
+    /// Lets a view go that will not be offered after all.
+    pub fn release_snapshot(&self, id: u64) {
+        self.held_snapshots()
+            .held
+            .lock()
+            .expect("held snapshots lock")
+            .retain(|h| h.id != id);
+    }
+
+    /// Pulls a snapshot's records into a file beside the store, checking that they stand
+    /// for Raft position (`index`, `term`). Runs beside the Raft thread: only a complete,
+    /// checked snapshot is handed to Raft, and installing it reads a local file.
+    pub fn stage_snapshot(
+        &self,
+        index: u64,
+        term: u64,
+        mut next: impl FnMut() -> Result<Option<NamespaceSnapshot>, StoreError>,
+    ) -> Result<StagedSnapshot, StoreError> {
+        let staged = StagedSnapshot {
+            path: self.staging_path(),
+            index,
+            term,
+        };
+        let io = |e: std::io::Error| StoreError::Corrupt(format!("staging a snapshot: {e}"));
+        let mut out = std::io::BufWriter::new(std::fs::File::create(&staged.path).map_err(io)?);
+        let (mut seen_index, mut seen_term) = (None, None);
+        while let Some(chunk) = next()? {
+            for kv in &chunk.meta {
+                let value = || kv.value.as_slice().try_into().ok().map(u64::from_be_bytes);
+                if kv.key == META_APPLIED_INDEX.as_bytes() {
+                    seen_index = value();
+                } else if kv.key == META_APPLIED_TERM.as_bytes() {
+                    seen_term = value();
+                }
+            }
+            let bytes = chunk.encode_to_vec();
+            out.write_all(&(bytes.len() as u32).to_le_bytes())
+                .and_then(|_| out.write_all(&bytes))
+                .map_err(io)?;
+        }
+        out.flush().map_err(io)?;
+        if (seen_index, seen_term) != (Some(index), Some(term)) {
+            return Err(StoreError::Corrupt(format!(
+                "the pulled snapshot stands for index {seen_index:?} term {seen_term:?}, not {index} {term}"
+            )));
+        }
+        Ok(staged)
+    }
+
+    /// Installs a staged snapshot (see [`NamespaceStore::restore_from`]).
+    pub fn install_staged(&self, staged: &StagedSnapshot) -> Result<(), StoreError> {
+        let io = |e: std::io::Error| StoreError::Corrupt(format!("reading a staged snapshot: {e}"));
+        let mut input = std::io::BufReader::new(std::fs::File::open(&staged.path).map_err(io)?);
+        self.restore_from(|| {
+            let mut len = [0u8; 4];
+            match input.read_exact(&mut len) {
+                Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => return Ok(None),
+                r => r.map_err(io)?,
+            }
+            let mut bytes = vec![0u8; u32::from_le_bytes(len) as usize];
+            input.read_exact(&mut bytes).map_err(io)?;
+            NamespaceSnapshot::decode(bytes.as_slice())
+                .map(Some)
+                .map_err(|e| StoreError::Corrupt(format!("staged snapshot chunk: {e}")))
         })
     }
 
@@ -262,8 +365,14 @@ mod tests {
             .unwrap();
         assert!(chunks.len() >= 2, "{} chunk(s)", chunks.len());
         let follower = NamespaceStore::open(&tmp.path().join("b.redb"), 0).unwrap();
+        // Records that stand for another position than the one offered are refused.
+        let mut again = chunks.clone().into_iter();
+        assert!(follower.stage_snapshot(3, 1, || Ok(again.next())).is_err());
         let mut chunks = chunks.into_iter();
-        follower.restore_from(|| Ok(chunks.next())).unwrap();
+        let staged = follower.stage_snapshot(2, 1, || Ok(chunks.next())).unwrap();
+        follower.install_staged(&staged).unwrap();
+        drop(staged);
+        assert!(!follower.staging_path().exists());
         assert_eq!(follower.applied().unwrap(), (2, 1));
         assert_eq!(follower.inode_count().unwrap(), 60_001);
         assert!(follower

@@ -136,6 +136,8 @@ pub(crate) enum Commit {
 
 pub struct NamespaceStore {
     db: Database,
+    /// The store's file: a snapshot being pulled is staged beside it.
+    path: std::path::PathBuf,
     shard: u16,
     /// The applied routing table's version (0: none), for checks on every request.
     routing_version: std::sync::atomic::AtomicU64,
@@ -186,12 +188,18 @@ impl NamespaceStore {
         redb_err!(txn.commit())?;
         let store = NamespaceStore {
             db,
+            path: path.to_path_buf(),
             shard,
             routing_version: Default::default(),
             held: Default::default(),
         };
         store.reload_routing_version()?;
         Ok(store)
+    }
+
+    /// Where a snapshot being pulled is written until it is installed.
+    pub(crate) fn staging_path(&self) -> std::path::PathBuf {
+        self.path.with_extension("snapshot-pull")
     }
 
     /// The version of the routing table this shard works by (0: none yet).

@@ -5,7 +5,7 @@
 
 use std::sync::{Arc, RwLock};
 
-use granary_protos::raft::{NamespaceSnapshot, SnapshotRef};
+use granary_protos::raft::SnapshotRef;
 use prost::Message as _;
 use protobuf::Message as PbMessage;
 use raft::eraftpb::{ConfState, Entry, HardState, Snapshot};
@@ -14,6 +14,7 @@ use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
 
 use granary_protos::v1::{MasterSet, Member};
 
+use crate::snapshots::StagedSnapshot;
 use crate::state_machine::{self, EntryOp, LogEntry};
 use crate::store::{redb_err, NamespaceStore, StoreError};
 
@@ -249,15 +250,21 @@ impl RaftLogStore {
         hs.commit = hs.commit.max(commit);
     }
 
-    /// Installs a snapshot received from the leader, its records pulled from `chunks`: the
-    /// state machine is replaced and the log restarts after the snapshot's index.
+    /// Installs a snapshot received from the leader, its records already pulled and
+    /// staged: the state machine is replaced and the log restarts after its index.
     pub fn apply_snapshot(
         &self,
         snap: &Snapshot,
-        chunks: &mut dyn FnMut() -> Result<Option<NamespaceSnapshot>, StoreError>,
+        staged: &StagedSnapshot,
     ) -> Result<(), StoreError> {
         let meta = snap.get_metadata();
-        self.namespace.restore_from(chunks)?;
+        if (staged.index, staged.term) != (meta.index, meta.term) {
+            return Err(StoreError::Corrupt(format!(
+                "staged snapshot {} {} is not the one raft installs ({} {})",
+                staged.index, staged.term, meta.index, meta.term
+            )));
+        }
+        self.namespace.install_staged(staged)?;
         self.set_truncated(meta.index, meta.term)
     }
 
@@ -381,6 +388,7 @@ impl Storage for RaftLogStore {
         // member that needs it to pull.
         let held = self.namespace.hold_snapshot().map_err(store_err)?;
         if held.index < request_index {
+            self.namespace.release_snapshot(held.id);
             return Err(raft::Error::Store(
                 StorageError::SnapshotTemporarilyUnavailable,
             ));

@@ -49,6 +49,12 @@ pub enum Mail {
     },
     /// The apply thread stopped on a storage failure; this member stops too.
     ApplyFailed(String),
+    /// A snapshot message whose records were pulled beside the Raft thread (or why they
+    /// could not be).
+    SnapshotPulled(
+        Box<raft::eraftpb::Message>,
+        Result<crate::snapshots::StagedSnapshot, String>,
+    ),
     /// Ends the Ready loop (the master is stopping).
     Shutdown,
 }

@@ -21,9 +21,10 @@ use raft::{RawNode, SnapshotStatus, StateRole, CAMPAIGN_TRANSFER};
 use tokio::sync::oneshot;
 
 use super::apply::{Applier, Committed, Waiter};
-use super::log_store::RaftLogStore;
+use super::log_store::{snapshot_ref, RaftLogStore};
 use super::transport::PeerNetwork;
 use super::{Mail, MemberChange, RaftStatus};
+use crate::snapshots::StagedSnapshot;
 use crate::state_machine::{EntryOp, LogEntry};
 use crate::store::{NamespaceStore, StoreError};
 
@@ -50,8 +51,11 @@ pub struct RaftNode {
     cfg: NodeConfig,
     raw: RawNode<RaftLogStore>,
     namespace: Arc<NamespaceStore>,
-    transport: Box<dyn PeerNetwork>,
+    transport: Arc<dyn PeerNetwork>,
     mailbox: Receiver<Mail>,
+    /// The mailbox's own sender, for work done beside the Raft thread to report back.
+    reports: Sender<Mail>,
+    snapshot_pull: SnapshotPull,
     status: Arc<RwLock<RaftStatus>>,
     /// Member addresses: config, then every applied membership change.
     book: HashMap<u64, String>,
@@ -82,6 +86,15 @@ pub struct RaftNode {
     applier: Applier,
     /// Applied and synced to disk: the log may be compacted up to here.
     synced: u64,
+}
+
+/// A snapshot the leader sent: pulled beside the Raft thread and stepped into raft only
+/// once it is complete and checked, so a holder that dies mid-pull costs a resend, never
+/// a stalled member.
+enum SnapshotPull {
+    Idle,
+    Pulling,
+    Staged(StagedSnapshot),
 }
 
 /// Batches ReadIndex requests: everyone waiting when a round starts shares its answer.
@@ -137,9 +150,6 @@ enum ReadWaiter {
     Remote { from: u64, ctx: bytes::Bytes },
 }
 
-/// How long a member tries to pull a snapshot before it stops.
-const SNAPSHOT_PULL_DEADLINE: Duration = Duration::from_secs(60);
-
 /// ReadIndex rounds one member keeps in flight.
 const MAX_READ_ROUNDS: usize = 4;
 
@@ -174,7 +184,7 @@ impl RaftNode {
         cfg: NodeConfig,
         namespace: Arc<NamespaceStore>,
         log_store: RaftLogStore,
-        transport: Box<dyn PeerNetwork>,
+        transport: Arc<dyn PeerNetwork>,
         (reports, mailbox): (Sender<Mail>, Receiver<Mail>),
         status: Arc<RwLock<RaftStatus>>,
         applied_tx: tokio::sync::watch::Sender<u64>,
@@ -194,7 +204,7 @@ impl RaftNode {
         };
         raft_cfg.validate().map_err(NodeError::Config)?;
         let raw = RawNode::new(&raft_cfg, log_store, &slog_logger()).map_err(NodeError::Raft)?;
-        let applier = Applier::start(namespace.clone(), applied_tx.clone(), reports)
+        let applier = Applier::start(namespace.clone(), applied_tx.clone(), reports.clone())
             .map_err(NodeError::ApplyThread)?;
         let mut node = RaftNode {
             book: cfg.initial_members.iter().cloned().collect(),
@@ -203,6 +213,8 @@ impl RaftNode {
             namespace,
             transport,
             mailbox,
+            reports,
+            snapshot_pull: SnapshotPull::Idle,
             status,
             conf_index: 0,
             pending: HashMap::new(),
@@ -363,11 +375,26 @@ impl RaftNode {
                         // before, and raft-rs's check-quorum lease died with the process.
                         continue;
                     }
+                    if m.get_msg_type() == MessageType::MsgSnapshot && !self.admit_snapshot(&m) {
+                        continue;
+                    }
                     if let Err(e) = self.raw.step(m) {
                         tracing::debug!(error = %e, "raft step");
                     }
                 }
             }
+            Mail::SnapshotPulled(m, pulled) => match pulled {
+                Ok(staged) => {
+                    tracing::info!(index = staged.index, term = staged.term, "snapshot pulled");
+                    self.snapshot_pull = SnapshotPull::Staged(staged);
+                    self.handle(Mail::Step(vec![*m]));
+                }
+                Err(why) => {
+                    // The leader sends it again (maybe a newer one) and the pull restarts.
+                    tracing::warn!(error = %why, "pulling a snapshot failed; waiting for the leader to send it again");
+                    self.snapshot_pull = SnapshotPull::Idle;
+                }
+            },
             Mail::Change(change, done) => {
                 let r = self.propose_change(change);
                 match r {
@@ -519,27 +546,54 @@ impl RaftNode {
         Ok(())
     }
 
-    /// Pulls the snapshot's records from the member holding them and installs them,
-    /// trying again for a while: raft-rs handed the snapshot over and cannot take it back,
-    /// so a member that cannot pull it stops (a restart asks its leader anew).
+    /// Whether a snapshot message may go to raft now: one raft would install must be
+    /// staged first. Otherwise its pull starts (one at a time) and the message waits in
+    /// the pull; the leader resends meanwhile, which is dropped.
+    fn admit_snapshot(&mut self, m: &raft::eraftpb::Message) -> bool {
+        let meta = m.get_snapshot().get_metadata();
+        let (index, term) = (meta.index, meta.term);
+        if index <= self.raw.raft.raft_log.committed {
+            // Raft ignores one it has passed.
+            return true;
+        }
+        match &self.snapshot_pull {
+            SnapshotPull::Staged(s) if (s.index, s.term) == (index, term) => return true,
+            SnapshotPull::Pulling => return false,
+            _ => {}
+        }
+        self.snapshot_pull = SnapshotPull::Pulling;
+        let transport = self.transport.clone();
+        let book = self.book.clone();
+        let namespace = self.namespace.clone();
+        let reports = self.reports.clone();
+        let m = m.clone();
+        let spawned = std::thread::Builder::new()
+            .name("granary-snapshot-pull".into())
+            .spawn(move || {
+                let staged = snapshot_ref(m.get_snapshot()).and_then(|r| {
+                    tracing::info!(holder = r.holder, index, term, "pulling a snapshot");
+                    let chunks = transport.pull_snapshot(&r, &book)?;
+                    namespace.stage_snapshot(index, term, chunks)
+                });
+                let _ = reports.send(Mail::SnapshotPulled(
+                    Box::new(m),
+                    staged.map_err(|e| e.to_string()),
+                ));
+            });
+        if let Err(e) = spawned {
+            tracing::warn!(error = %e, "no thread to pull a snapshot");
+            self.snapshot_pull = SnapshotPull::Idle;
+        }
+        false
+    }
+
+    /// Installs the snapshot raft accepted from the staged copy (a local read).
     fn install_snapshot(&mut self, snap: &raft::eraftpb::Snapshot) -> Result<(), StoreError> {
-        let r = super::log_store::snapshot_ref(snap)?;
-        let mut wait = Duration::from_millis(200);
-        let started = Instant::now();
-        loop {
-            let pulled = self
-                .transport
-                .pull_snapshot(&r, &self.book)
-                .and_then(|mut chunks| self.raw.store().apply_snapshot(snap, &mut *chunks));
-            match pulled {
-                Ok(()) => return Ok(()),
-                Err(e) if started.elapsed() < SNAPSHOT_PULL_DEADLINE => {
-                    tracing::warn!(holder = r.holder, error = %e, "pulling the snapshot failed; trying again");
-                    std::thread::sleep(wait);
-                    wait = (wait * 2).min(Duration::from_secs(5));
-                }
-                Err(e) => return Err(e),
-            }
+        match std::mem::replace(&mut self.snapshot_pull, SnapshotPull::Idle) {
+            SnapshotPull::Staged(staged) => self.raw.store().apply_snapshot(snap, &staged),
+            _ => Err(StoreError::Corrupt(
+                "raft accepted a snapshot that was not pulled".into(),
+            )),
         }
     }
 

@@ -25,6 +25,8 @@ struct Network {
     drop_percent: Mutex<(u64, u64)>,
     /// Every member's store, where snapshots are pulled from.
     stores: Mutex<HashMap<u64, Arc<NamespaceStore>>>,
+    /// This many snapshot pulls to come break off midway (a holder that dies).
+    broken_pulls: std::sync::atomic::AtomicU32,
 }
 
 impl Network {
@@ -57,7 +59,15 @@ struct MemTransport {
 impl PeerNetwork for MemTransport {
     fn send(&self, msgs: Vec<Message>, _book: &HashMap<u64, String>) {
         for m in msgs {
+            let snapshot_to =
+                (m.get_msg_type() == raft::eraftpb::MessageType::MsgSnapshot).then_some(m.to);
             self.net.deliver(self.from, m);
+            // As the gRPC transport does: handed over counts as sent.
+            if let Some(to) = snapshot_to {
+                if let Some(mb) = self.net.mailboxes.lock().unwrap().get(&self.from) {
+                    let _ = mb.send(Mail::SnapshotSent(to, true));
+                }
+            }
         }
     }
 
@@ -72,8 +82,24 @@ impl PeerNetwork for MemTransport {
             chunks.push(c);
             Ok(())
         })?;
+        let broken = self
+            .net
+            .broken_pulls
+            .fetch_update(
+                std::sync::atomic::Ordering::SeqCst,
+                std::sync::atomic::Ordering::SeqCst,
+                |n| n.checked_sub(1),
+            )
+            .is_ok();
         let mut chunks = chunks.into_iter();
-        Ok(Box::new(move || Ok(chunks.next())))
+        let mut given = 0;
+        Ok(Box::new(move || {
+            given += 1;
+            if broken && given > 1 {
+                return Err(StoreError::Corrupt("the holder went away".into()));
+            }
+            Ok(chunks.next())
+        }))
     }
 }
 
@@ -124,7 +150,7 @@ impl Group {
                 },
                 store.clone(),
                 log_store,
-                Box::new(MemTransport {
+                Arc::new(MemTransport {
                     from: id,
                     net: net.clone(),
                 }),
@@ -311,6 +337,39 @@ fn a_member_behind_a_compacted_log_catches_up_by_snapshot() {
     assert!(g.members[&lagging]
         .store
         .lookup(1, b"f199")
+        .unwrap()
+        .is_some());
+}
+
+#[test]
+fn a_snapshot_pull_that_breaks_off_is_retried_and_the_member_keeps_running() {
+    let rt = rt();
+    let g = Group::new(&[1, 2, 3], 16, 0);
+    g.propose(&rt, mount());
+    g.converge(&[1, 2, 3]);
+    let leader = g.leader(Duration::from_secs(10));
+    let lagging = [1, 2, 3].into_iter().find(|&i| i != leader).unwrap();
+    g.net.isolated.lock().unwrap().insert(lagging);
+    for i in 0..200 {
+        g.propose(&rt, create(&format!("f{i:03}")));
+    }
+    g.net
+        .broken_pulls
+        .store(2, std::sync::atomic::Ordering::SeqCst);
+    g.net.isolated.lock().unwrap().clear();
+    g.converge(&[1, 2, 3]);
+    assert_eq!(
+        g.net.broken_pulls.load(std::sync::atomic::Ordering::SeqCst),
+        0
+    );
+    assert_eq!(g.members[&lagging].store.inode_count().unwrap(), 201);
+    assert!(!g.members[&lagging].thread.as_ref().unwrap().is_finished());
+    // It still votes and follows: a write after the failed pulls reaches it.
+    g.propose(&rt, create("after"));
+    g.converge(&[1, 2, 3]);
+    assert!(g.members[&lagging]
+        .store
+        .lookup(1, b"after")
         .unwrap()
         .is_some());
 }

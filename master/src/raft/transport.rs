@@ -46,7 +46,7 @@ pub type SnapshotChunks<'a> =
 
 /// Carries raft messages to peers. The gRPC implementation is [`GrpcTransport`]; tests
 /// use an in-memory network that can drop messages and partition members.
-pub trait PeerNetwork: Send {
+pub trait PeerNetwork: Send + Sync {
     /// Queues messages for their peers; `book` maps member ids to addresses.
     fn send(&self, msgs: Vec<Message>, book: &HashMap<u64, String>);
 
