@@ -31,6 +31,17 @@ pub enum RoutingError {
     DuplicatePin(String),
     #[error("inode {0:#x} belongs to shard {1}, which the table does not list")]
     UnknownInodeShard(u64, u16),
+    #[error(
+        "prefix {inner} (shard {shard}) lies under prefix {outer}, pinned to another shard, \
+         whose parent directory shard {shard} owns: shard {shard} would have to keep {outer} \
+         both as a referral and as its own directory. Pin {outer}'s parent instead, or pin \
+         {inner} to another shard"
+    )]
+    NestedPin {
+        outer: String,
+        inner: String,
+        shard: u16,
+    },
 }
 
 /// A validated routing table.
@@ -128,7 +139,38 @@ impl RoutingTable {
                 return Err(RoutingError::DuplicatePin(shown(&pin.prefix)));
             }
         }
-        Ok(RoutingTable { proto, ids })
+        let table = RoutingTable { proto, ids };
+        table.check_nesting()?;
+        Ok(table)
+    }
+
+    /// A shard that owns a pinned prefix's parent keeps a referral at the prefix; if a
+    /// prefix pinned to that same shard lies below, it would also need the prefix as a
+    /// directory of its own (to reach its pin from its root). One entry cannot be both.
+    fn check_nesting(&self) -> Result<(), RoutingError> {
+        for outer in &self.proto.pins {
+            let parent = match outer.prefix.iter().rposition(|&b| b == b'/') {
+                Some(0) | None => continue,
+                Some(i) => &outer.prefix[..i],
+            };
+            let shard = self.owner(parent);
+            if shard as u32 == outer.shard {
+                continue;
+            }
+            let inner = self.proto.pins.iter().find(|p| {
+                p.shard == shard as u32
+                    && p.prefix != outer.prefix
+                    && is_at_or_under(&p.prefix, &outer.prefix)
+            });
+            if let Some(inner) = inner {
+                return Err(RoutingError::NestedPin {
+                    outer: shown(&outer.prefix),
+                    inner: shown(&inner.prefix),
+                    shard,
+                });
+            }
+        }
+        Ok(())
     }
 
     /// The table before any change (version 0): shard 0, on `masters`, owns everything.
@@ -379,6 +421,24 @@ mod tests {
         assert_eq!(t.load_targets(b"/").len(), 4);
         assert!(!t.is_above_a_pin(b"/datasets/imagenet"));
         assert!(!t.is_above_a_pin(b"/data"));
+    }
+
+    #[test]
+    fn a_pin_below_a_referral_its_parent_owner_would_keep_is_refused() {
+        let t = table(4, &[]);
+        let a = t.owner(b"/a");
+        let other = (a + 1) % 4;
+        let t = t.with_pin(b"/a/b", other).unwrap();
+        // Shard `a` keeps a referral at /a/b; it cannot also keep /a/b to reach /a/b/c/d.
+        assert!(matches!(
+            t.with_pin(b"/a/b/c/d", a),
+            Err(RoutingError::NestedPin { shard, .. }) if shard == a
+        ));
+        // Another shard below is fine, and so is a pin whose parent is the root.
+        assert!(t.with_pin(b"/a/b/c/d", (a + 2) % 4).is_ok());
+        let top = table(4, &[("/x", 1)]);
+        assert!(top.with_pin(b"/x/y", 2).is_ok());
+        assert!(top.with_pin(b"/x/y", 0).is_ok());
     }
 
     #[test]
