@@ -149,19 +149,13 @@ impl<L: CommandLog> MetadataLoader<L> {
                 true => Some(self.mutations.lock().await),
                 false => None,
             };
-            let ufs = self.ufs(current.mount_id)?;
-            let path = current.ufs_path.clone();
-            let listed = tokio::task::spawn_blocking(move || ufs.list(&path))
-                .await
-                .map_err(|e| FsError::Io(format!("UFS listing task: {e}")))??;
-            metrics::counter!("granary_master_ufs_listings_total").increment(1);
-            let entries = self.placed(&current, listed)?;
-            for part in self.parts(&current, entries)? {
-                self.log
-                    .propose(Command {
-                        op: Some(command::Op::LoadDirectory(part)),
-                    })
-                    .await?;
+            let mut attempts = 0;
+            loop {
+                match self.list_and_record(&current).await {
+                    // The routing table changed while listing: place the entries again.
+                    Err(FsError::StaleRouting(_)) if attempts < 3 => attempts += 1,
+                    r => break r?,
+                }
             }
             self.store.get(dir.id)
         }
@@ -170,15 +164,41 @@ impl<L: CommandLog> MetadataLoader<L> {
         result
     }
 
+    /// Lists `dir` in the UFS and records the entries this shard keeps, placed by the
+    /// routing table it has now.
+    async fn list_and_record(&self, dir: &Inode) -> FsResult<()> {
+        let ufs = self.ufs(dir.mount_id)?;
+        let path = dir.ufs_path.clone();
+        let listed = tokio::task::spawn_blocking(move || ufs.list(&path))
+            .await
+            .map_err(|e| FsError::Io(format!("UFS listing task: {e}")))??;
+        metrics::counter!("granary_master_ufs_listings_total").increment(1);
+        let (entries, routing_version) = self.placed(dir, listed)?;
+        for part in self.parts(dir, entries, routing_version)? {
+            self.log
+                .propose(Command {
+                    op: Some(command::Op::LoadDirectory(part)),
+                })
+                .await?;
+        }
+        Ok(())
+    }
+
     /// The commands that record a listing of `dir`: one, or for a big directory parts of
     /// `ENTRIES_PER_COMMAND` entries, the last naming what the UFS no longer lists.
-    fn parts(&self, dir: &Inode, entries: Vec<UfsEntry>) -> FsResult<Vec<LoadDirectory>> {
+    fn parts(
+        &self,
+        dir: &Inode,
+        entries: Vec<UfsEntry>,
+        routing_version: u64,
+    ) -> FsResult<Vec<LoadDirectory>> {
         let listed_at_ns = now_ns();
         if entries.len() <= ENTRIES_PER_COMMAND {
             return Ok(vec![LoadDirectory {
                 dir_id: dir.id,
                 entries,
                 listed_at_ns,
+                routing_version,
                 ..Default::default()
             }]);
         }
@@ -219,19 +239,21 @@ impl<L: CommandLog> MetadataLoader<L> {
                 } else {
                     Vec::new()
                 },
+                routing_version,
             })
             .collect())
     }
 
     /// The listed entries this shard keeps, by its routing table: its own, and referrals
     /// for prefixes pinned to other shards.
-    fn placed(&self, dir: &Inode, listed: Vec<UfsObject>) -> FsResult<Vec<UfsEntry>> {
+    /// Returns them with the version of the table that placed them.
+    fn placed(&self, dir: &Inode, listed: Vec<UfsObject>) -> FsResult<(Vec<UfsEntry>, u64)> {
         let Some(table) = self.store.routing_table()? else {
-            return Ok(listed.into_iter().map(entry_of).collect());
+            return Ok((listed.into_iter().map(entry_of).collect(), 0));
         };
         let path = self.store.path_of(dir.id)?;
         let shard = self.store.shard();
-        Ok(listed
+        let entries = listed
             .into_iter()
             .filter_map(|o| {
                 let child = child_path(&path, &o.name);
@@ -246,7 +268,8 @@ impl<L: CommandLog> MetadataLoader<L> {
                 }
                 Some(e)
             })
-            .collect())
+            .collect();
+        Ok((entries, table.version()))
     }
 
     /// Loads the whole tree under `root`, reporting progress after every directory.

@@ -270,6 +270,7 @@ mod tests {
                     dir_id: root,
                     entries: vec![dir("data", None)],
                     listed_at_ns: 1,
+                    routing_version: 3,
                     ..Default::default()
                 })),
             ),
@@ -287,6 +288,7 @@ mod tests {
                 dir_id: data.id,
                 entries: vec![dir("pinned", Some(referral)), dir("own", None)],
                 listed_at_ns: 1,
+                routing_version: 3,
                 ..Default::default()
             })),
         )];
@@ -374,20 +376,24 @@ mod tests {
         assert_eq!(s.routing_version(), 4);
         assert!(!s.get(s.root_id()).unwrap().children_loaded);
         assert!(!s.get(data.id).unwrap().children_loaded);
-        apply_batch(
-            &s,
-            &[LogEntry::command(
-                7,
+        // A listing placed by the old table (it raced the change) is refused, and the
+        // directory stays to be listed again.
+        let relisted = |index, version| {
+            LogEntry::command(
+                index,
                 1,
                 cmd(command::Op::LoadDirectory(LoadDirectory {
                     dir_id: data.id,
                     entries: vec![dir("pinned", None)],
                     listed_at_ns: 2,
+                    routing_version: version,
                     ..Default::default()
                 })),
-            )],
-        )
-        .unwrap();
+            )
+        };
+        apply_batch(&s, &[relisted(7, 3)]).unwrap();
+        assert!(!s.get(data.id).unwrap().children_loaded);
+        apply_batch(&s, &[relisted(8, 4)]).unwrap();
         let now = s.lookup(data.id, b"pinned").unwrap().unwrap();
         assert!(now.referral.is_none() && !now.children_loaded);
         assert!(

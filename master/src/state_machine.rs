@@ -217,6 +217,10 @@ fn load_directory(t: &mut Tables<'_>, l: &LoadDirectory) -> Result<FsResult<()>,
     if dir.kind != FileKind::Directory as i32 {
         return Ok(Err(FsError::NotDir(format!("inode {:#x}", l.dir_id))));
     }
+    let version = t.routing_table()?.map_or(0, |r| r.version());
+    if l.routing_version != version {
+        return Ok(Err(FsError::StaleRouting(version)));
+    }
     let block_size = meta_u64(&t.meta, META_BLOCK_SIZE)?;
     // A listing in one command removes what it does not list; a part of a bigger one
     // touches only its own entries (and the last part names the removals).
@@ -778,6 +782,7 @@ mod tests {
                 partial,
                 explicit_removals: !partial,
                 removed: removed.iter().map(|n| n.as_bytes().to_vec()).collect(),
+                routing_version: 0,
             })),
         };
         apply_batch(
