@@ -145,11 +145,14 @@ pub(crate) fn set_routing_table(
         Err(e) => return Ok(Err(FsError::InvalidArgument(e.to_string()))),
     };
     let previous = t.routing_table()?;
-    if previous
-        .as_ref()
-        .is_some_and(|p| p.version() >= next.version())
-    {
-        return Ok(Ok(()));
+    if let Some(p) = &previous {
+        if p.version() == next.version() && p.proto() != next.proto() {
+            // Built on an older table than the applied one: its change would be lost.
+            return Ok(Err(FsError::StaleRouting(p.version())));
+        }
+        if p.version() >= next.version() {
+            return Ok(Ok(()));
+        }
     }
     let relist = match &previous {
         Some(p) => p.relisted_by(&next),
@@ -371,8 +374,11 @@ mod tests {
         apply_batch(&s, &[LogEntry::command(5, 1, table(2, &[]))]).unwrap();
         assert_eq!(s.routing_version(), 3);
         assert!(s.get(data.id).unwrap().children_loaded);
+        // The same version with other contents (built on an older table) is refused.
+        apply_batch(&s, &[LogEntry::command(6, 1, table(3, &[]))]).unwrap();
+        assert_eq!(s.routing_table().unwrap().unwrap().pins().len(), 1);
         // The pin goes away: its parent is listed again (then without a referral).
-        apply_batch(&s, &[LogEntry::command(6, 1, table(4, &[]))]).unwrap();
+        apply_batch(&s, &[LogEntry::command(7, 1, table(4, &[]))]).unwrap();
         assert_eq!(s.routing_version(), 4);
         assert!(!s.get(s.root_id()).unwrap().children_loaded);
         assert!(!s.get(data.id).unwrap().children_loaded);
@@ -391,9 +397,9 @@ mod tests {
                 })),
             )
         };
-        apply_batch(&s, &[relisted(7, 3)]).unwrap();
+        apply_batch(&s, &[relisted(8, 3)]).unwrap();
         assert!(!s.get(data.id).unwrap().children_loaded);
-        apply_batch(&s, &[relisted(8, 4)]).unwrap();
+        apply_batch(&s, &[relisted(9, 4)]).unwrap();
         let now = s.lookup(data.id, b"pinned").unwrap().unwrap();
         assert!(now.referral.is_none() && !now.children_loaded);
         assert!(

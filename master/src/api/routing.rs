@@ -1,6 +1,8 @@
 //! The `Routing` service: shard 0's group keeps the routing table and changes it; every
 //! master serves the version its shard works by.
 
+use std::time::Duration;
+
 use granary_protos::v1::routing_server::Routing;
 use granary_protos::v1::*;
 use granary_shard_router::RoutingTable;
@@ -55,17 +57,32 @@ impl MasterService {
             ));
         }
         self.leader_only()?;
+        // A new leader reads the table only once it has applied everything committed
+        // before it led: else it could build on an older version and lose a change.
+        self.wait_status("the leader to catch up", Duration::from_secs(10), |s| {
+            s.leader_caught_up
+        })
+        .await?;
         let _one_at_a_time = self.routing_changes.lock().await;
         let next =
             change(&self.current_table()?).map_err(|e| Status::invalid_argument(e.to_string()))?;
         let proto = next.proto().clone();
-        self.raft
+        let recorded = self
+            .raft
             .propose(Command {
                 op: Some(command::Op::SetRoutingTable(SetRoutingTable {
                     table: Some(proto.clone()),
                 })),
             })
-            .await?;
+            .await;
+        match recorded {
+            Err(granary_common::FsError::StaleRouting(now)) => {
+                return Err(Status::aborted(format!(
+                    "the routing table changed meanwhile (now version {now}); nothing was changed: run the command again"
+                )))
+            }
+            r => r?,
+        }
         tracing::info!(
             version = proto.version,
             shards = proto.shards.len(),
