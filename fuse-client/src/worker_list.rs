@@ -21,6 +21,11 @@ const RETRY_ATTEMPTS: u32 = 6;
 /// How long a retry waits for the masters to list the workers again before it goes on
 /// with the list it has.
 const REFRESH_WAIT: Duration = Duration::from_secs(1);
+/// How long a caller that knows no worker of a shard waits for its masters (their
+/// calls give up sooner, after the retry deadline).
+const FIRST_LIST_WAIT: Duration = Duration::from_secs(60);
+/// A shard whose masters just said it has no workers is not asked again sooner.
+const EMPTY_ANSWER_FRESH: Duration = Duration::from_secs(1);
 
 pub struct WorkerList {
     shared: Arc<Shared>,
@@ -47,7 +52,8 @@ struct Listing {
 }
 
 impl Shared {
-    /// Asks every shard's masters once whose list is stale or wanted; no lock is held
+    /// Asks every shard's masters once whose list is stale or wanted, all shards at once
+    /// (one whose masters are unreachable holds up only its own callers); no lock is held
     /// across the calls.
     fn list_all(&self) {
         let due: Vec<u16> = self
@@ -58,8 +64,14 @@ impl Shared {
             .filter(|(_, l)| l.at.is_none_or(|t| t.elapsed() >= self.ttl) || l.error.is_some())
             .map(|(&shard, _)| shard)
             .collect();
-        for shard in due {
-            self.list(shard);
+        match due.as_slice() {
+            [] => {}
+            [shard] => self.list(*shard),
+            _ => std::thread::scope(|s| {
+                for shard in due {
+                    s.spawn(move || self.list(shard));
+                }
+            }),
         }
     }
 
@@ -126,22 +138,24 @@ impl WorkerList {
     /// The workers of shard `shard` to choose from, failing (retryably) when none is
     /// known. A stale list is served as it is while a new one is listed; `refresh` (a
     /// retry after a failure) waits up to a second for the masters' answer first. Only a
-    /// shard whose workers are not known yet waits for its masters in full.
+    /// shard whose workers are not known yet waits for its masters in full (bounded).
     pub fn live(&self, shard: u16, refresh: bool) -> FsResult<Arc<Vec<WorkerInfo>>> {
         let mut all = self.shared.state.lock().expect("worker list lock");
         let st = all.entry(shard).or_default();
         let stale = st.at.is_none_or(|t| t.elapsed() >= self.shared.ttl);
-        if refresh || st.workers.is_empty() {
+        // The masters just said there is none: answer that, without asking again.
+        let just_empty = st.workers.is_empty()
+            && st.error.is_none()
+            && st.at.is_some_and(|t| t.elapsed() < EMPTY_ANSWER_FRESH);
+        if (refresh || st.workers.is_empty()) && !just_empty {
             let seen = st.attempts;
             let wait = if st.workers.is_empty() {
-                Duration::MAX
+                FIRST_LIST_WAIT
             } else {
                 REFRESH_WAIT
             };
-            if refresh {
-                // Listed at once below, whatever its age.
-                st.at = None;
-            }
+            // Listed at once below, whatever its age.
+            st.at = None;
             let _ = self.wake.try_send(());
             let started = Instant::now();
             while all.get(&shard).is_some_and(|l| l.attempts == seen) {
@@ -305,6 +319,55 @@ mod tests {
         // A retry waits for the masters a bounded time, then goes on with what it has.
         assert_eq!(list.live(0, true).unwrap().len(), 1);
         drop(release);
+    }
+
+    /// Masters that answer, every time, that no worker is registered.
+    struct Empty(AtomicU64);
+
+    impl MetadataService for Empty {
+        fn lookup(&self, _: u64, _: &[u8]) -> FsResult<Inode> {
+            unreachable!()
+        }
+        fn getattr(&self, _: u64) -> FsResult<Inode> {
+            unreachable!()
+        }
+        fn readdir(&self, _: u64, _: &[u8], _: u32) -> FsResult<(Vec<Inode>, bool)> {
+            unreachable!()
+        }
+        fn workers(&self) -> FsResult<Vec<WorkerInfo>> {
+            self.0.fetch_add(1, Ordering::SeqCst);
+            Ok(Vec::new())
+        }
+        fn block_locations(&self, _: u64) -> FsResult<BlockLocationsReply> {
+            unreachable!()
+        }
+        fn statfs(&self) -> FsResult<StatFsReply> {
+            unreachable!()
+        }
+    }
+
+    #[test]
+    fn a_shard_without_workers_is_told_at_once_and_asked_again_later() {
+        let masters = Arc::new(Empty(AtomicU64::new(0)));
+        // A long ttl: the empty answer must not be kept for all of it, nor waited on.
+        let list = WorkerList::new(masters.clone(), "here".into(), Duration::from_secs(300));
+        for _ in 0..3 {
+            let started = Instant::now();
+            assert!(list.live(0, false).unwrap_err().is_retryable());
+            assert!(list.local_upload_socket(0).is_none());
+            assert!(
+                started.elapsed() < Duration::from_secs(5),
+                "waited on the masters"
+            );
+        }
+        assert_eq!(
+            masters.0.load(Ordering::SeqCst),
+            1,
+            "asked once for a fresh answer"
+        );
+        std::thread::sleep(EMPTY_ANSWER_FRESH);
+        assert!(list.live(0, false).is_err());
+        assert_eq!(masters.0.load(Ordering::SeqCst), 2);
     }
 
     #[test]
