@@ -30,7 +30,7 @@ const TABLE_REFRESH: Duration = Duration::from_secs(3);
 /// Referrals followed for one entry (a pin below a pin).
 const MAX_REFERRALS: usize = 8;
 /// Times a call is routed again after a master said the table changed.
-const REROUTES: usize = 3;
+const REROUTES: usize = 6;
 
 struct Routes {
     table: RoutingTable,
@@ -55,12 +55,19 @@ impl Drop for ShardedMetadata {
 
 /// Fetches the table from the first of `sources` that answers.
 pub fn fetch_table(sources: &[String], token: &str) -> FsResult<RoutingTable> {
+    fetch_table_at_least(sources, token, 0)
+}
+
+/// Fetches the table from the first of `sources` that has version `min` or newer, else
+/// the newest any of them has.
+fn fetch_table_at_least(sources: &[String], token: &str, min: u64) -> FsResult<RoutingTable> {
     let token = AttachToken::new(token).map_err(FsError::InvalidArgument)?;
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
         .map_err(|e| FsError::Io(format!("routing runtime: {e}")))?;
     let mut last = FsError::Unavailable("no routing table source configured".into());
+    let mut newest: Option<RoutingTable> = None;
     for addr in sources {
         let fetched: FsResult<TableProto> = rt.block_on(async {
             let channel = granary_common::net::lazy_channel(
@@ -77,14 +84,19 @@ pub fn fetch_table(sources: &[String], token: &str) -> FsResult<RoutingTable> {
         match fetched.and_then(|p| {
             RoutingTable::new(p).map_err(|e| FsError::Io(format!("routing table from {addr}: {e}")))
         }) {
-            Ok(t) => return Ok(t),
+            Ok(t) if t.version() >= min => return Ok(t),
+            Ok(t) => {
+                if newest.as_ref().is_none_or(|n| n.version() < t.version()) {
+                    newest = Some(t);
+                }
+            }
             Err(e) => {
                 tracing::debug!(source = %addr, error = %e, "cannot fetch the routing table");
                 last = e;
             }
         }
     }
-    Err(last)
+    newest.ok_or(last)
 }
 
 impl ShardedMetadata {
@@ -143,11 +155,23 @@ impl ShardedMetadata {
     /// Fetches the table now and adopts it if newer. When the configured sources (routers)
     /// do not answer, shard 0's masters, which keep the table, are asked.
     pub fn refresh_table(&self) -> FsResult<()> {
-        let table = match fetch_table(&self.sources, &self.opts.cluster_token) {
-            Ok(t) => t,
-            Err(e) => {
+        self.refresh_table_to(0)
+    }
+
+    /// [`Self::refresh_table`], wanting version `min` at least: routers that have not
+    /// caught up yet (they refresh every few seconds) are passed over for shard 0's
+    /// masters, which keep the table.
+    fn refresh_table_to(&self, min: u64) -> FsResult<()> {
+        let token = &self.opts.cluster_token;
+        let table = match fetch_table_at_least(&self.sources, token, min) {
+            Ok(t) if t.version() >= min => t,
+            routers => {
                 let shard0 = self.table().masters(0).unwrap_or_default().to_vec();
-                fetch_table(&shard0, &self.opts.cluster_token).map_err(|_| e)?
+                match (fetch_table_at_least(&shard0, token, min), routers) {
+                    (Ok(a), Ok(b)) => std::cmp::max_by_key(a, b, |t| t.version()),
+                    (Ok(t), Err(_)) | (Err(_), Ok(t)) => t,
+                    (Err(_), Err(e)) => return Err(e),
+                }
             }
         };
         self.install(table)
@@ -192,15 +216,27 @@ impl ShardedMetadata {
     }
 
     /// Runs `op`, routing it again (with a fresh table) when a master says it was routed
-    /// by an older one.
+    /// by an older one, or when the table changed while it ran: a call routed by the old
+    /// table but sent with the new version passes the master's check and can fail as if
+    /// the path were wrong.
     fn routed<T>(&self, mut op: impl FnMut() -> FsResult<T>) -> FsResult<T> {
         let mut tries = 0;
         loop {
+            let routed_by = self.version.load(Ordering::Relaxed);
             match op() {
-                Err(FsError::StaleRouting(version)) if tries < REROUTES => {
+                Err(FsError::NotFound(_) | FsError::CrossDevice(_) | FsError::Busy(_))
+                    if tries < REROUTES && self.version.load(Ordering::Relaxed) != routed_by =>
+                {
                     tries += 1;
+                }
+                Err(FsError::StaleRouting(version)) if tries < REROUTES => {
                     tracing::info!(version, "routing table changed; fetching it");
-                    self.refresh_table()?;
+                    if tries > 0 {
+                        // Nobody asked had it yet (a member applying it late).
+                        std::thread::sleep(Duration::from_millis(50 << tries));
+                    }
+                    tries += 1;
+                    self.refresh_table_to(version)?;
                 }
                 other => return other,
             }
@@ -215,7 +251,13 @@ impl ShardedMetadata {
             };
             let shard = u16::try_from(r.shard)
                 .map_err(|_| FsError::Io(format!("referral to shard {}", r.shard)))?;
-            inode = self.shard(shard)?.resolve_path(&r.path)?;
+            let target = self.shard(shard)?;
+            inode = match target.resolve_path(&r.path) {
+                // The pinned shard listed the prefix's parent before the prefix appeared
+                // in the UFS: it lists it again.
+                Err(FsError::NotFound(_)) => relisted(&target, &r.path)?,
+                found => found?,
+            };
         }
         Err(FsError::Io(format!(
             "{}: more than {MAX_REFERRALS} referrals",
@@ -227,22 +269,77 @@ impl ShardedMetadata {
     /// it (a shard also keeps the directories above prefixes pinned to it).
     fn root_page(&self, start_after: &[u8], limit: u32) -> FsResult<(Vec<Inode>, bool)> {
         let table = self.table();
-        let mut merged = BTreeMap::new();
-        let mut more = false;
-        for &shard in table.shard_ids() {
-            let (page, has_more) =
-                self.shard(shard)?
-                    .readdir(root_inode(shard), start_after, limit)?;
-            more |= has_more;
-            for e in page {
-                if table.owner(&child_path(b"/", &e.name)) == shard {
-                    merged.insert(e.name.clone(), e);
+        let mut after = start_after.to_vec();
+        loop {
+            let mut pages = Vec::new();
+            for &shard in table.shard_ids() {
+                let (page, more) = self
+                    .shard(shard)?
+                    .readdir(root_inode(shard), &after, limit)?;
+                pages.push((shard, page, more));
+            }
+            match merge_root_pages(&table, pages, limit) {
+                RootPage::Page(page, more) => return Ok((page, more)),
+                RootPage::From(name) => after = name,
+            }
+        }
+    }
+}
+
+/// One merged page of the root listing, or where to go on listing from when the shards'
+/// pages held nothing the page may show.
+#[derive(Debug, PartialEq)]
+enum RootPage {
+    Page(Vec<Inode>, bool),
+    From(Vec<u8>),
+}
+
+/// Merges the shards' pages of their roots (each from the same name on): each entry from
+/// the shard that owns it. A shard that has more may hold names below another shard's
+/// last, so the page ends at the lowest name such a shard reached and the next page
+/// misses nothing.
+fn merge_root_pages(
+    table: &RoutingTable,
+    pages: Vec<(u16, Vec<Inode>, bool)>,
+    limit: u32,
+) -> RootPage {
+    let mut merged = BTreeMap::new();
+    let mut more = false;
+    let mut reached: Option<Vec<u8>> = None;
+    for (shard, page, has_more) in pages {
+        if has_more {
+            more = true;
+            if let Some(last) = page.last() {
+                if reached.as_ref().is_none_or(|r| last.name < *r) {
+                    reached = Some(last.name.clone());
                 }
             }
         }
-        more |= merged.len() > limit as usize;
-        Ok((merged.into_values().take(limit as usize).collect(), more))
+        for e in page {
+            if table.owner(&child_path(b"/", &e.name)) == shard {
+                merged.insert(e.name.clone(), e);
+            }
+        }
     }
+    if let Some(r) = reached {
+        merged.retain(|name, _| *name <= r);
+        if merged.is_empty() {
+            return RootPage::From(r);
+        }
+    }
+    more |= merged.len() > limit as usize;
+    RootPage::Page(merged.into_values().take(limit as usize).collect(), more)
+}
+
+/// `path` on `shard`'s masters after they list its parent directory again.
+fn relisted(shard: &GrpcMetadataClient, path: &[u8]) -> FsResult<Inode> {
+    let parent = match path.iter().rposition(|&b| b == b'/') {
+        Some(0) | None => b"/".as_slice(),
+        Some(i) => &path[..i],
+    };
+    let dir = shard.resolve_path(parent)?;
+    shard.refresh(dir.id)?;
+    shard.resolve_path(path)
 }
 
 impl MetadataService for ShardedMetadata {
@@ -273,11 +370,18 @@ impl MetadataService for ShardedMetadata {
                 return self.root_page(start_after, limit);
             }
             let (page, more) = self.shard(shard_of(id))?.readdir(id, start_after, limit)?;
-            let page = page
-                .into_iter()
-                .map(|e| self.followed(e))
-                .collect::<FsResult<Vec<_>>>()?;
-            Ok((page, more))
+            let mut followed = Vec::with_capacity(page.len());
+            for e in page {
+                match self.followed(e.clone()) {
+                    Ok(i) => followed.push(i),
+                    // A referral its shard cannot resolve hides that entry, not the rest.
+                    Err(err @ FsError::NotFound(_)) => {
+                        tracing::warn!(name = %String::from_utf8_lossy(&e.name), referral = ?e.referral, error = %err, "a pinned prefix is missing on its shard; not listed");
+                    }
+                    Err(err) => return Err(err),
+                }
+            }
+            Ok((followed, more))
         })
     }
 
@@ -360,5 +464,82 @@ impl MetadataService for ShardedMetadata {
 
     fn commit(&self, content: CommitContent) -> FsResult<Inode> {
         self.shard(shard_of(content.id))?.commit(content)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use granary_protos::v1::{RoutingTable as TableProto, ShardInfo};
+
+    fn entry(name: &str) -> Inode {
+        Inode {
+            name: name.as_bytes().to_vec(),
+            ..Default::default()
+        }
+    }
+
+    fn names(page: &[Inode]) -> Vec<String> {
+        page.iter()
+            .map(|i| String::from_utf8_lossy(&i.name).into_owned())
+            .collect()
+    }
+
+    #[test]
+    fn the_root_page_ends_where_a_truncated_shard_did() {
+        let table = RoutingTable::new(TableProto {
+            version: 1,
+            shards: (0..2)
+                .map(|id| ShardInfo {
+                    id,
+                    masters: vec![format!("m{id}:1")],
+                })
+                .collect(),
+            pins: Vec::new(),
+        })
+        .unwrap();
+        let owned_by = |shard: u16, n: usize| -> Vec<Inode> {
+            (0..1000)
+                .map(|i| format!("n{i:04}"))
+                .filter(|name| table.owner(format!("/{name}").as_bytes()) == shard)
+                .take(n)
+                .map(|name| entry(&name))
+                .collect()
+        };
+        // Shard 0 stopped early (it has more); shard 1 gave all it has.
+        let zero = owned_by(0, 3);
+        let one = owned_by(1, 50);
+        let reached = zero.last().unwrap().name.clone();
+        let RootPage::Page(page, more) = merge_root_pages(
+            &table,
+            vec![(0, zero.clone(), true), (1, one.clone(), false)],
+            100,
+        ) else {
+            panic!("a page was expected");
+        };
+        assert!(more);
+        assert!(page.iter().all(|e| e.name <= reached), "{:?}", names(&page));
+        let want: Vec<_> = zero
+            .iter()
+            .chain(one.iter().filter(|e| e.name <= reached))
+            .map(|e| e.name.clone())
+            .collect::<std::collections::BTreeSet<_>>()
+            .into_iter()
+            .collect();
+        assert_eq!(
+            page.iter().map(|e| e.name.clone()).collect::<Vec<_>>(),
+            want
+        );
+
+        // A truncated page of names that all belong elsewhere: list on from its last.
+        let foreign = owned_by(1, 2);
+        assert_eq!(
+            merge_root_pages(
+                &table,
+                vec![(0, foreign.clone(), true), (1, Vec::new(), false)],
+                100
+            ),
+            RootPage::From(foreign.last().unwrap().name.clone())
+        );
     }
 }
