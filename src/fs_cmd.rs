@@ -113,10 +113,22 @@ pub fn stat(t: &ClusterArgs, path: &str) -> anyhow::Result<()> {
         println!("block size:  {} ({blocks} blocks)", i.block_size);
         let locs = c.meta.block_locations(i.id)?;
         let cached = locs.blocks.len();
-        println!("cached:      {cached} of {blocks} blocks");
+        let bytes: u64 = locs
+            .blocks
+            .iter()
+            .map(|b| granary_common::blocks::block_len(i.size, i.block_size, b.index as u64))
+            .sum();
+        println!(
+            "cached:      {cached} of {blocks} blocks, {}",
+            fraction(bytes, i.size)
+        );
         for b in locs.blocks {
             println!("  block {:>5}: {}", b.index, b.worker_ids.join(", "));
         }
+    }
+    if i.kind == FileKind::Directory as i32 {
+        let (cached, total) = crate::warmup_cmd::cached(t, path)?;
+        println!("cached:      {} (whole tree)", fraction(cached, total));
     }
     if i.kind == FileKind::Symlink as i32 {
         println!(
@@ -125,6 +137,19 @@ pub fn stat(t: &ClusterArgs, path: &str) -> anyhow::Result<()> {
         );
     }
     Ok(())
+}
+
+/// `cached` of `total` bytes, with the percentage.
+fn fraction(cached: u64, total: u64) -> String {
+    let pct = match total {
+        0 => 100.0,
+        t => cached as f64 * 100.0 / t as f64,
+    };
+    format!(
+        "{} of {} ({pct:.1}%)",
+        indicatif::HumanBytes(cached),
+        indicatif::HumanBytes(total)
+    )
 }
 
 pub fn cat(t: &ClusterArgs, path: &str) -> anyhow::Result<()> {

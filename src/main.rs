@@ -5,6 +5,7 @@ mod admin;
 mod bench;
 mod fs_cmd;
 mod shards_cmd;
+mod warmup_cmd;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -107,8 +108,34 @@ enum Command {
 enum FsCommand {
     /// List a directory.
     Ls { path: String },
-    /// Show an inode, its UFS fingerprint and where its blocks are cached.
+    /// Show an inode, its UFS fingerprint, where its blocks are cached and what
+    /// fraction of it (of a directory: of its whole tree) is cached.
     Stat { path: String },
+    /// Load a file's or a tree's blocks into the worker caches (a dataset warm-up):
+    /// spread over the workers as reads spread, many blocks at once, skipping what is
+    /// cached already (run it again to resume; Ctrl-C stops cleanly).
+    Load {
+        path: String,
+        /// The whole tree under a directory, not only the files directly in it.
+        #[arg(short, long)]
+        recursive: bool,
+        /// Blocks fetched at once.
+        #[arg(long, default_value_t = 16, value_parser = clap::value_parser!(u32).range(1..=1024))]
+        parallel: u32,
+        /// A line every few seconds instead of a progress bar.
+        #[arg(short, long)]
+        quiet: bool,
+    },
+    /// Drop a file's or a tree's blocks from the worker caches.
+    Free {
+        path: String,
+        /// The whole tree under a directory, not only the files directly in it.
+        #[arg(short, long)]
+        recursive: bool,
+        /// A line every few seconds instead of a progress bar.
+        #[arg(short, long)]
+        quiet: bool,
+    },
     /// Print a file's bytes to stdout.
     Cat { path: String },
     /// Load metadata from the UFS (recursively by default).
@@ -257,6 +284,31 @@ fn main() -> anyhow::Result<()> {
                 FsCommand::Ls { path } => fs_cmd::ls(target, &path),
                 FsCommand::Stat { path } => fs_cmd::stat(target, &path),
                 FsCommand::Cat { path } => fs_cmd::cat(target, &path),
+                FsCommand::Load {
+                    path,
+                    recursive,
+                    parallel,
+                    quiet,
+                } => {
+                    let o = warmup_cmd::Options {
+                        recursive,
+                        parallel: parallel as usize,
+                        quiet,
+                    };
+                    warmup_cmd::load(target, &path, &o)
+                }
+                FsCommand::Free {
+                    path,
+                    recursive,
+                    quiet,
+                } => {
+                    let o = warmup_cmd::Options {
+                        recursive,
+                        parallel: 1,
+                        quiet,
+                    };
+                    warmup_cmd::free(target, &path, &o)
+                }
                 FsCommand::LoadMetadata {
                     path,
                     no_recursive,

@@ -76,7 +76,7 @@ pub struct BlockReader {
     warm_tx: SyncSender<(String, ReadBlockRequest)>,
 }
 
-fn request_for(
+pub(crate) fn request_for(
     file: &Inode,
     index: u32,
     offset: u64,

@@ -10,8 +10,8 @@ use std::time::Duration;
 
 use granary_common::{FsError, FsResult};
 use granary_protos::data::{
-    data_request, DataRequest, Hello, HelloReply, ReadBlockRequest, ReadBlockResponse, Status,
-    WriteFileRequest, WriteFileResponse,
+    data_request, DataRequest, EvictBlocksRequest, EvictBlocksResponse, Hello, HelloReply,
+    ReadBlockRequest, ReadBlockResponse, Status, WriteFileRequest, WriteFileResponse,
 };
 use granary_protos::frame::{encode_header, read_header};
 use granary_protos::DATA_PROTOCOL_VERSION;
@@ -152,6 +152,35 @@ impl DataClient {
         })?;
         status_error(addr, resp.status, &resp.error)?;
         Ok(resp)
+    }
+
+    /// Has the worker at `addr` drop its cached blocks `indexes` of `file_id`; returns
+    /// the blocks and bytes it dropped.
+    pub fn evict(&self, addr: &str, file_id: u64, indexes: Vec<u32>) -> FsResult<(u64, u64)> {
+        let req = EvictBlocksRequest {
+            request_id: self.next_request.fetch_add(1, Ordering::Relaxed),
+            file_id,
+            indexes,
+        };
+        let resp = self.on_connection(addr, |conn| {
+            let gone = |e: std::io::Error| FsError::Unavailable(format!("worker {addr}: {e}"));
+            let header = DataRequest {
+                op: Some(data_request::Op::Evict(req.clone())),
+            };
+            conn.writer
+                .write_all(&encode_header(&header))
+                .map_err(gone)?;
+            let resp: EvictBlocksResponse =
+                read_header(&mut conn.reader).map_err(|e| frame_err(addr, e))?;
+            if resp.request_id != req.request_id {
+                return Err(FsError::Unavailable(format!(
+                    "worker {addr}: response out of order"
+                )));
+            }
+            Ok(resp)
+        })?;
+        status_error(addr, resp.status, &resp.error)?;
+        Ok((resp.blocks, resp.bytes))
     }
 
     /// Forgets every pooled connection to `addr` (after the worker went away).

@@ -12,6 +12,7 @@ pub mod local_upload;
 pub mod memory;
 pub mod mount;
 pub mod staging;
+pub mod warmup;
 pub mod worker_list;
 
 pub use config::MountConfig;

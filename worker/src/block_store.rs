@@ -355,6 +355,25 @@ impl BlockStore {
         Ok(CachedBlock { path, len })
     }
 
+    /// Drops the given blocks (those cached); returns how many and their bytes.
+    pub fn evict(&self, ids: &[BlockId]) -> (u64, u64) {
+        let mut doomed = Vec::new();
+        let mut bytes = 0;
+        {
+            let mut idx = self.index.lock().expect("index lock");
+            for &id in ids {
+                if let Some(e) = idx.remove(id) {
+                    bytes += e.len;
+                    doomed.push((id, self.block_path(id, &e)));
+                }
+            }
+        }
+        let blocks = doomed.len() as u64;
+        self.delete_files(doomed);
+        metrics::gauge!("granary_worker_cache_used_bytes").set(self.used() as f64);
+        (blocks, bytes)
+    }
+
     /// Drops least recently used blocks until usage is at the low watermark, if it is
     /// above the high one. Returns the files to delete.
     fn evict_locked(&self, idx: &mut Index, keep: Option<BlockId>) -> Vec<(BlockId, PathBuf)> {

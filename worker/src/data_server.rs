@@ -9,8 +9,8 @@ use granary_common::ids::shard_of;
 use granary_common::ufs::UfsObject;
 use granary_common::FsError;
 use granary_protos::data::{
-    data_request, DataRequest, Hello, HelloReply, ReadBlockRequest, ReadBlockResponse, Status,
-    WriteFileRequest, WriteFileResponse,
+    data_request, DataRequest, EvictBlocksResponse, Hello, HelloReply, ReadBlockRequest,
+    ReadBlockResponse, Status, WriteFileRequest, WriteFileResponse,
 };
 use granary_protos::frame::{encode_header, read_header_async};
 use granary_protos::DATA_PROTOCOL_VERSION;
@@ -126,6 +126,26 @@ impl DataServer {
                     wr.write_all(&encode_header(&resp)).await?;
                     continue;
                 }
+                Some(data_request::Op::Evict(e)) => {
+                    let store = self.fetcher.store().clone();
+                    let ids: Vec<_> = e.indexes.iter().map(|&i| (e.file_id, i)).collect();
+                    let resp = match tokio::task::spawn_blocking(move || store.evict(&ids)).await {
+                        Ok((blocks, bytes)) => EvictBlocksResponse {
+                            request_id: e.request_id,
+                            blocks,
+                            bytes,
+                            ..Default::default()
+                        },
+                        Err(err) => EvictBlocksResponse {
+                            request_id: e.request_id,
+                            status: Status::IoError as i32,
+                            error: format!("evicting: {err}"),
+                            ..Default::default()
+                        },
+                    };
+                    wr.write_all(&encode_header(&resp)).await?;
+                    continue;
+                }
                 None => ReadBlockRequest::default(),
             };
             let (resp, payload) = match self.read(&req).await {
@@ -220,6 +240,7 @@ impl DataServer {
         // An eviction can race between lookup and open (a small cache under many
         // readers); each retry refetches.
         for _ in 0..VANISHED_RETRIES {
+            let was_cached = self.fetcher.store().cached(id, src.fingerprint).is_some();
             let block = self.fetcher.get(id, &src).await?;
             if req.local_path_only {
                 return Ok((
@@ -227,6 +248,7 @@ impl DataServer {
                         request_id: req.request_id,
                         length: block.len,
                         local_path: block.path.to_string_lossy().into_owned(),
+                        was_cached,
                         ..Default::default()
                     },
                     Vec::new(),
