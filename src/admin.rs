@@ -4,11 +4,10 @@ use std::time::Duration;
 
 use anyhow::{bail, Context};
 use granary_common::auth::AttachToken;
-use granary_common::bytesize::ByteSize;
 use granary_protos::v1::admin_client::AdminClient;
 use granary_protos::v1::{
     AddMemberRequest, QuorumChangeReply, QuorumInfoReply, QuorumInfoRequest, RemoveMemberRequest,
-    ReportRequest, TransferLeaderRequest,
+    TransferLeaderRequest,
 };
 use granary_protos::LEADER_METADATA_KEY;
 use tonic::service::interceptor::InterceptedService;
@@ -29,75 +28,6 @@ pub fn channel(master: &str, token: &str) -> anyhow::Result<Authenticated> {
 /// A client of the master's `Admin` service.
 pub fn client(master: &str, token: &str) -> anyhow::Result<AdminClient<Authenticated>> {
     Ok(AdminClient::new(channel(master, token)?).max_decoding_message_size(64 << 20))
-}
-
-/// Every shard the routing table lists: its leader's view, mounts and workers.
-pub async fn report(master: &str, token: &str) -> anyhow::Result<()> {
-    let table = crate::shards_cmd::table(master, token).await?;
-    println!(
-        "routing table version {}: {} shard(s), {} pinned prefix(es)",
-        table.version,
-        table.shards.len(),
-        table.pins.len()
-    );
-    for shard in &table.shards {
-        println!();
-        let mut answered = false;
-        for addr in &shard.masters {
-            match shard_report(addr, token).await {
-                Ok(()) => {
-                    answered = true;
-                    break;
-                }
-                Err(e) => eprintln!("shard {}: master {addr}: {e:#}", shard.id),
-            }
-        }
-        if !answered {
-            println!(
-                "shard {}: no master answered ({})",
-                shard.id,
-                shard.masters.join(", ")
-            );
-        }
-    }
-    Ok(())
-}
-
-async fn shard_report(master: &str, token: &str) -> anyhow::Result<()> {
-    let mut client = client(master, token)?;
-    let r = client
-        .report(ReportRequest {})
-        .await
-        .with_context(|| format!("master {master}"))?
-        .into_inner();
-    println!(
-        "shard {}  master {}  leader {}  term {}  applied index {}  inodes {}  cached blocks {}",
-        r.shard_id, r.master_id, r.leader_id, r.term, r.applied_index, r.inodes, r.cached_blocks
-    );
-    for m in r.mounts.map(|m| m.mounts).unwrap_or_default() {
-        println!(
-            "mount {} {} -> {}",
-            m.mount_id,
-            String::from_utf8_lossy(&m.path),
-            m.ufs_uri
-        );
-    }
-    println!(
-        "{:<38} {:<24} {:>10} {:>10} {:>8} {:>8}",
-        "WORKER", "ADDRESS", "CAPACITY", "USED", "BLOCKS", "LAST HB"
-    );
-    for w in r.workers {
-        println!(
-            "{:<38} {:<24} {:>10} {:>10} {:>8} {:>6}ms",
-            w.worker_id,
-            format!("{}:{}", w.host, w.data_port),
-            ByteSize(w.capacity_bytes).to_string(),
-            ByteSize(w.used_bytes).to_string(),
-            w.blocks,
-            w.last_heartbeat_ms_ago
-        );
-    }
-    Ok(())
 }
 
 fn print_quorum(q: &QuorumInfoReply) {

@@ -4,6 +4,7 @@
 mod admin;
 mod bench;
 mod fs_cmd;
+mod report;
 mod shards_cmd;
 mod warmup_cmd;
 
@@ -153,8 +154,13 @@ enum FsCommand {
 
 #[derive(Subcommand)]
 enum AdminCommand {
-    /// Every shard's state, mounts and workers.
-    Report,
+    /// Every shard's members (role, commit, applied, lag), leader and term, mounts,
+    /// workers and cache hit ratio.
+    Report {
+        /// As one JSON document (for scripts and monitoring).
+        #[arg(long)]
+        json: bool,
+    },
     /// The routing table: which shard owns which paths.
     Shards {
         #[command(subcommand)]
@@ -319,7 +325,15 @@ fn main() -> anyhow::Result<()> {
         Command::Admin { cmd } => {
             let (m, t) = (cli.cluster.master(), cli.cluster.token());
             match cmd {
-                AdminCommand::Report => runtime()?.block_on(admin::report(m, t)),
+                AdminCommand::Report { json } => {
+                    let r = runtime()?.block_on(report::collect(m, t))?;
+                    if json {
+                        println!("{}", serde_json::to_string_pretty(&r)?);
+                    } else {
+                        report::print(&r);
+                    }
+                    Ok(())
+                }
                 AdminCommand::Shards { cmd } => runtime()?.block_on(async {
                     match cmd {
                         ShardsCommand::List => shards_cmd::list(m, t).await,

@@ -99,6 +99,35 @@ fn a_tree_is_loaded_across_the_workers_resumed_and_freed() {
     assert_eq!(code, 0, "{out}");
     assert!(out.contains(&format!("in {} blocks", FILES / 4)), "{out}");
 
+    // The report counts every block lookup the workers answered (heartbeats bring them).
+    let report = || -> serde_json::Value {
+        let mut cmd = Command::new(bin("granary"));
+        cmd.arg("--master")
+            .arg(c.master_addr())
+            .args(["admin", "report", "--json"]);
+        let out = cmd.output().unwrap();
+        assert!(out.status.success(), "{out:?}");
+        serde_json::from_slice(&out.stdout).unwrap()
+    };
+    // The first load (three-blocks), two full ones and the reload of /part-1.
+    let lookups = 3 + blocks * 2 + FILES / 4;
+    wait_until(
+        "the workers' counters in the report",
+        Duration::from_secs(10),
+        || {
+            let r = report();
+            r["cache"]["hits"].as_u64().unwrap() + r["cache"]["misses"].as_u64().unwrap()
+                >= lookups as u64
+        },
+    )
+    .unwrap();
+    let r = report();
+    let shard = &r["shards"][0];
+    assert_eq!(shard["members"][0]["role"], "leader", "{r}");
+    assert_eq!(shard["members"][0]["apply_lag"], 0, "{r}");
+    assert_eq!(shard["workers"].as_array().unwrap().len(), 2, "{r}");
+    assert!(r["cache"]["hit_ratio"].as_f64().unwrap() > 0.0, "{r}");
+
     let (code, out) = granary(&c, &["fs", "load", "/no-such-dir", "-r", "-q"]);
     assert_ne!(code, 0);
     assert!(out.contains("no-such-dir"), "{out}");

@@ -5,7 +5,7 @@ use std::collections::HashMap;
 use std::sync::RwLock;
 use std::time::{Duration, Instant};
 
-use granary_protos::v1::WorkerInfo;
+use granary_protos::v1::{WorkerHeartbeatRequest, WorkerInfo};
 
 #[derive(Debug, Default)]
 pub struct WorkerRegistry {
@@ -21,12 +21,14 @@ impl WorkerRegistry {
     }
 
     /// Records a heartbeat; false if the worker is unknown (it must re-register).
-    pub fn heartbeat(&self, worker_id: &str, capacity: u64, used: u64, blocks_delta: i64) -> bool {
+    pub fn heartbeat(&self, hb: &WorkerHeartbeatRequest, blocks_delta: i64) -> bool {
         let mut workers = self.workers.write().expect("workers lock");
-        match workers.get_mut(worker_id) {
+        match workers.get_mut(&hb.worker_id) {
             Some((info, seen)) => {
-                info.capacity_bytes = capacity;
-                info.used_bytes = used;
+                info.capacity_bytes = hb.capacity_bytes;
+                info.used_bytes = hb.used_bytes;
+                info.cache_hits = hb.cache_hits;
+                info.cache_misses = hb.cache_misses;
                 info.blocks = (info.blocks as i64 + blocks_delta).max(0) as u64;
                 *seen = Instant::now();
                 true

@@ -89,6 +89,10 @@ pub struct BlockStore {
     high: u64,
     low: u64,
     index: Mutex<Index>,
+    /// Lookups answered from the cache and those that went to the UFS, since start (the
+    /// masters show the hit ratio from these).
+    hits: std::sync::atomic::AtomicU64,
+    misses: std::sync::atomic::AtomicU64,
 }
 
 /// Shard directories under `blocks/`: bounded, created once, so caching a block never
@@ -160,6 +164,8 @@ impl BlockStore {
             high: (capacity as f64 * high_watermark) as u64,
             low: (capacity as f64 * low_watermark) as u64,
             index: Mutex::new(Index::default()),
+            hits: Default::default(),
+            misses: Default::default(),
         };
         let report = store.scan()?;
         let doomed = {
@@ -422,6 +428,24 @@ impl BlockStore {
     pub fn snapshot(&self) -> Vec<BlockId> {
         let idx = self.index.lock().expect("index lock");
         idx.entries.keys().copied().collect()
+    }
+
+    /// A lookup answered from the cache (`hit`) or sent to the UFS.
+    pub fn count_lookup(&self, hit: bool) {
+        use std::sync::atomic::Ordering::Relaxed;
+        if hit {
+            self.hits.fetch_add(1, Relaxed);
+            metrics::counter!("granary_worker_cache_hits_total").increment(1);
+        } else {
+            self.misses.fetch_add(1, Relaxed);
+            metrics::counter!("granary_worker_cache_misses_total").increment(1);
+        }
+    }
+
+    /// (hits, misses) since start.
+    pub fn lookups(&self) -> (u64, u64) {
+        use std::sync::atomic::Ordering::Relaxed;
+        (self.hits.load(Relaxed), self.misses.load(Relaxed))
     }
 
     pub fn used(&self) -> u64 {

@@ -75,7 +75,7 @@ impl BlockFetcher {
     /// the blocking pool.
     pub async fn get(&self, id: BlockId, src: &BlockSource) -> FsResult<CachedBlock> {
         if let Some(b) = self.store.cached(id, src.fingerprint) {
-            metrics::counter!("granary_worker_cache_hits_total").increment(1);
+            self.store.count_lookup(true);
             return Ok(b);
         }
         let gate = self
@@ -92,10 +92,10 @@ impl BlockFetcher {
             let src = src.clone();
             tokio::task::spawn_blocking(move || {
                 if let Some(b) = store.lookup(id, src.fingerprint) {
-                    metrics::counter!("granary_worker_cache_hits_total").increment(1);
+                    store.count_lookup(true);
                     return Ok(b);
                 }
-                metrics::counter!("granary_worker_cache_misses_total").increment(1);
+                store.count_lookup(false);
                 fetch(
                     &store,
                     &*mounts.get(shard_of(id.0), src.mount_id)?,

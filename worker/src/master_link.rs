@@ -227,12 +227,15 @@ impl Link {
                 let mut p = self.pending.lock().expect("pending lock");
                 (std::mem::take(&mut p.added), std::mem::take(&mut p.removed))
             };
+            let (cache_hits, cache_misses) = owner.store.lookups();
             let req = WorkerHeartbeatRequest {
                 worker_id: owner.info.worker_id.clone(),
                 capacity_bytes: owner.store.capacity(),
                 used_bytes: owner.store.used(),
                 added: keys(&added),
                 removed: keys(&removed),
+                cache_hits,
+                cache_misses,
             };
             match self.client.worker_heartbeat(req).await {
                 Ok(r) => {
@@ -270,6 +273,7 @@ impl Link {
         let mut info = owner.info.clone();
         info.capacity_bytes = owner.store.capacity();
         info.used_bytes = owner.store.used();
+        (info.cache_hits, info.cache_misses) = owner.store.lookups();
         let reply = self
             .client
             .register_worker(RegisterWorkerRequest {

@@ -40,10 +40,7 @@ impl Workers for MasterService {
         count("worker_heartbeat");
         let r = req.into_inner();
         let delta = r.added.len() as i64 - r.removed.len() as i64;
-        if !self
-            .workers
-            .heartbeat(&r.worker_id, r.capacity_bytes, r.used_bytes, delta)
-        {
+        if !self.workers.heartbeat(&r, delta) {
             return Ok(Response::new(WorkerHeartbeatReply {
                 reregister: true,
                 mounts: None,
