@@ -8,6 +8,7 @@ mod meta;
 mod passthrough;
 mod read;
 mod report;
+mod s3read;
 mod scale;
 mod shards;
 mod write;
@@ -58,6 +59,11 @@ enum BenchCommand {
         /// Write the table into this markdown file (between bench-read markers).
         #[arg(long)]
         write_docs: Option<PathBuf>,
+        /// The under-storage: `local` (a directory, against raw reads of it) or `s3` (an
+        /// S3 server started here, against a plain S3 client; needs moto and boto3:
+        /// pip install 'moto[server]').
+        #[arg(long, default_value = "local", value_parser = ["local", "s3"])]
+        ufs: String,
     },
     /// Checkpoint-style big-file writes and small-file creates: raw directory, a plain
     /// passthrough FUSE and the mount side by side (JuiceFS too, with --juicefs).
@@ -156,15 +162,22 @@ fn main() -> anyhow::Result<()> {
             small_threads,
             runs,
             write_docs,
-        } => read::run(read::ReadBench {
-            dir,
-            big_size: big_size.0,
-            small_files,
-            small_size: small_size.0,
-            small_threads,
-            runs: runs.max(1),
-            write_docs,
-        }),
+            ufs,
+        } => {
+            let b = read::ReadBench {
+                dir,
+                big_size: big_size.0,
+                small_files,
+                small_size: small_size.0,
+                small_threads,
+                runs: runs.max(1),
+                write_docs,
+            };
+            match ufs.as_str() {
+                "s3" => s3read::run(b),
+                _ => read::run(b),
+            }
+        }
         BenchCommand::Write {
             dir,
             big_size,

@@ -26,7 +26,7 @@ pub struct ReadBench {
     pub write_docs: Option<PathBuf>,
 }
 
-const BIG: &str = "big.bin";
+pub(crate) const BIG: &str = "big.bin";
 
 fn prepare_dataset(b: &ReadBench, ufs: &Path) -> anyhow::Result<()> {
     let params = format!(
@@ -46,7 +46,7 @@ fn prepare_dataset(b: &ReadBench, ufs: &Path) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn drop_page_cache() -> std::io::Result<()> {
+pub(crate) fn drop_page_cache() -> std::io::Result<()> {
     // SAFETY: sync() has no preconditions.
     unsafe { libc::sync() };
     std::fs::write("/proc/sys/vm/drop_caches", "3")
@@ -65,7 +65,7 @@ fn read_whole(path: &Path, buf: &mut [u8]) -> std::io::Result<u64> {
 }
 
 /// MB/s of `readers` threads each reading `path` whole in 1 MiB reads.
-fn sequential(path: &Path, readers: usize) -> anyhow::Result<f64> {
+pub(crate) fn sequential(path: &Path, readers: usize) -> anyhow::Result<f64> {
     let start = Instant::now();
     let total: u64 = std::thread::scope(|s| {
         let handles: Vec<_> = (0..readers)
@@ -86,7 +86,11 @@ fn sequential(path: &Path, readers: usize) -> anyhow::Result<f64> {
 }
 
 /// (files/s, MB/s) of `threads` threads reading `files` whole, in the given order.
-fn small_files(root: &Path, files: &[PathBuf], threads: usize) -> anyhow::Result<(f64, f64)> {
+pub(crate) fn small_files(
+    root: &Path,
+    files: &[PathBuf],
+    threads: usize,
+) -> anyhow::Result<(f64, f64)> {
     let next = AtomicUsize::new(0);
     let start = Instant::now();
     let total: u64 = std::thread::scope(|s| {
@@ -115,7 +119,7 @@ fn small_files(root: &Path, files: &[PathBuf], threads: usize) -> anyhow::Result
     Ok((files.len() as f64 / secs, total as f64 / 1e6 / secs))
 }
 
-fn list_files(root: &Path, dir: &Path, out: &mut Vec<PathBuf>) -> std::io::Result<()> {
+pub(crate) fn list_files(root: &Path, dir: &Path, out: &mut Vec<PathBuf>) -> std::io::Result<()> {
     for e in std::fs::read_dir(dir)? {
         let e = e?;
         if e.file_type()?.is_dir() {

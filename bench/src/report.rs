@@ -48,11 +48,16 @@ pub fn median(mut v: Vec<f64>) -> f64 {
 
 /// The table; `others` names the columns between raw and granary.
 pub fn render(rows: &[Row], others: &[&str]) -> String {
-    let mut s = String::from("| case | unit | raw |");
+    render_against(rows, "raw", others)
+}
+
+/// [`render`] with the baseline column named `baseline`.
+pub fn render_against(rows: &[Row], baseline: &str, others: &[&str]) -> String {
+    let mut s = format!("| case | unit | {baseline} |");
     for name in others {
         s.push_str(&format!(" {name} |"));
     }
-    s.push_str(" granary | granary/raw |\n|---|---|---:|");
+    s.push_str(&format!(" granary | granary/{baseline} |\n|---|---|---:|"));
     s.push_str(&"---:|".repeat(others.len()));
     s.push_str("---:|---:|\n");
     for r in rows {
