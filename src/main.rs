@@ -285,6 +285,7 @@ fn main() -> anyhow::Result<()> {
         }
         Command::Fs { cmd } => {
             let target = &cli.cluster;
+            target.install_tls()?;
             let (m, t) = (target.master(), target.token());
             match cmd {
                 FsCommand::Ls { path } => fs_cmd::ls(target, &path),
@@ -323,6 +324,7 @@ fn main() -> anyhow::Result<()> {
             }
         }
         Command::Admin { cmd } => {
+            cli.cluster.install_tls()?;
             let (m, t) = (cli.cluster.master(), cli.cluster.token());
             match cmd {
                 AdminCommand::Report { json } => {

@@ -12,16 +12,30 @@ pub async fn bind(addr: SocketAddr) -> std::io::Result<(TcpListener, SocketAddr)
     Ok((listener, local))
 }
 
-/// A gRPC endpoint at `host:port` with TCP_NODELAY and the given connect timeout.
+/// A gRPC endpoint at `host:port` with TCP_NODELAY and the given connect timeout; over
+/// TLS when this process installed TLS client settings (see [`crate::tls`]).
 pub fn endpoint(
     addr: &str,
     connect_timeout: std::time::Duration,
 ) -> Result<tonic::transport::Endpoint, tonic::transport::Error> {
-    Ok(
-        tonic::transport::Endpoint::from_shared(format!("http://{addr}"))?
-            .connect_timeout(connect_timeout)
-            .tcp_nodelay(true),
-    )
+    let host = host_of(addr);
+    let (scheme, tls) = match crate::tls::grpc_client(host) {
+        Some(tls) => ("https", Some(tls)),
+        None => ("http", None),
+    };
+    let mut e = tonic::transport::Endpoint::from_shared(format!("{scheme}://{addr}"))?
+        .connect_timeout(connect_timeout)
+        .tcp_nodelay(true);
+    if let Some(tls) = tls {
+        e = e.tls_config(tls)?;
+    }
+    Ok(e)
+}
+
+/// The host part of `host:port` (`[v6]:port` too).
+pub fn host_of(addr: &str) -> &str {
+    let host = addr.rsplit_once(':').map_or(addr, |(h, _)| h);
+    host.trim_start_matches('[').trim_end_matches(']')
 }
 
 /// A lazily connecting gRPC channel to `host:port` with the given timeouts.

@@ -33,6 +33,14 @@ pub struct ClusterArgs {
     /// [default: linearizable, or the mount config's].
     #[arg(long, global = true)]
     pub read_consistency: Option<ReadConsistency>,
+    /// The CA certificate (PEM) of a cluster that serves TLS: every connection is TLS,
+    /// checked against it.
+    #[arg(long, env = "GRANARY_TLS_CA", global = true)]
+    pub tls_ca: Option<PathBuf>,
+    /// The name the servers' certificates carry, when it is not the host in the
+    /// addresses.
+    #[arg(long, env = "GRANARY_TLS_SERVER_NAME", global = true)]
+    pub tls_server_name: Option<String>,
 }
 
 /// Where a command goes when no master is named.
@@ -63,6 +71,21 @@ impl ClusterArgs {
         if let Some(consistency) = self.read_consistency {
             cfg.read_consistency = consistency;
         }
+        if let Some(ca) = &self.tls_ca {
+            cfg.tls.ca = Some(ca.clone());
+        }
+        if let Some(name) = &self.tls_server_name {
+            cfg.tls.server_name = Some(name.clone());
+        }
+    }
+
+    /// Makes this process's connections TLS when `--tls-ca` is given.
+    pub fn install_tls(&self) -> Result<(), granary_common::tls::TlsError> {
+        granary_common::tls::install_client(&granary_common::tls::TlsOptions {
+            ca: self.tls_ca.clone(),
+            server_name: self.tls_server_name.clone(),
+            ..Default::default()
+        })
     }
 }
 

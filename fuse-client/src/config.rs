@@ -60,6 +60,9 @@ pub struct MountConfig {
     /// Owner shown for every file; default: the owner recorded in metadata.
     pub uid: Option<u32>,
     pub gid: Option<u32>,
+    /// TLS (`[tls]`): with `ca` set, every connection to masters, routers and workers is
+    /// TLS, their certificates checked against it (and `server_name`).
+    pub tls: granary_common::tls::TlsOptions,
 }
 
 impl Default for MountConfig {
@@ -87,6 +90,7 @@ impl Default for MountConfig {
             staging_dir: std::env::temp_dir().join("granary-staging"),
             uid: None,
             gid: None,
+            tls: Default::default(),
         }
     }
 }

@@ -19,9 +19,60 @@ use granary_protos::DATA_PROTOCOL_VERSION;
 /// Idle connections kept per worker.
 const MAX_IDLE_PER_WORKER: usize = 32;
 
+/// A connection's bytes: plain TCP, or TLS over it when this process has TLS settings.
+enum Stream {
+    Plain(TcpStream),
+    Tls(Box<rustls::StreamOwned<rustls::ClientConnection, TcpStream>>),
+}
+
+impl Stream {
+    fn tcp(&self) -> &TcpStream {
+        match self {
+            Stream::Plain(s) => s,
+            Stream::Tls(t) => &t.sock,
+        }
+    }
+}
+
+impl Read for Stream {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        match self {
+            Stream::Plain(s) => s.read(buf),
+            Stream::Tls(t) => t.read(buf),
+        }
+    }
+}
+
+impl Write for Stream {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        match self {
+            Stream::Plain(s) => s.write(buf),
+            Stream::Tls(t) => t.write(buf),
+        }
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        match self {
+            Stream::Plain(s) => s.flush(),
+            Stream::Tls(t) => t.flush(),
+        }
+    }
+}
+
+/// One request at a time: a write goes out only when the previous answer was read
+/// whole, so writing under the read buffer is safe.
 struct Conn {
-    reader: BufReader<TcpStream>,
-    writer: TcpStream,
+    reader: BufReader<Stream>,
+}
+
+impl Conn {
+    fn writer(&mut self) -> &mut Stream {
+        self.reader.get_mut()
+    }
+
+    fn set_read_timeout(&self, t: Duration) -> std::io::Result<()> {
+        self.reader.get_ref().tcp().set_read_timeout(Some(t))
+    }
 }
 
 pub struct DataClient {
@@ -59,11 +110,21 @@ impl DataClient {
         s.set_nodelay(true)?;
         s.set_read_timeout(Some(self.io_timeout))?;
         s.set_write_timeout(Some(self.io_timeout))?;
-        let mut conn = Conn {
-            reader: BufReader::with_capacity(64 << 10, s.try_clone()?),
-            writer: s,
+        let stream = match granary_common::tls::data_client() {
+            Some((config, opts)) => {
+                let name = opts
+                    .name_for(granary_common::net::host_of(addr))
+                    .map_err(|e| FsError::InvalidArgument(e.to_string()))?;
+                let tls = rustls::ClientConnection::new(config, name)
+                    .map_err(|e| FsError::Unavailable(format!("worker {addr}: TLS: {e}")))?;
+                Stream::Tls(Box::new(rustls::StreamOwned::new(tls, s)))
+            }
+            None => Stream::Plain(s),
         };
-        conn.writer
+        let mut conn = Conn {
+            reader: BufReader::with_capacity(64 << 10, stream),
+        };
+        conn.writer()
             .write_all(&encode_header(&Hello {
                 version: DATA_PROTOCOL_VERSION,
                 cluster_token: self.token.clone(),
@@ -167,7 +228,7 @@ impl DataClient {
             let header = DataRequest {
                 op: Some(data_request::Op::Evict(req.clone())),
             };
-            conn.writer
+            conn.writer()
                 .write_all(&encode_header(&header))
                 .map_err(gone)?;
             let resp: EvictBlocksResponse =
@@ -205,7 +266,7 @@ fn send_file(
     let header = DataRequest {
         op: Some(data_request::Op::Write(req.clone())),
     };
-    conn.writer
+    conn.writer()
         .write_all(&encode_header(&header))
         .map_err(gone)?;
     let mut buf = vec![0u8; 1 << 20];
@@ -213,16 +274,13 @@ fn send_file(
     while offset < req.size {
         let want = (req.size - offset).min(buf.len() as u64) as usize;
         source.read_exact_at(&mut buf[..want], offset)?;
-        conn.writer.write_all(&buf[..want]).map_err(gone)?;
+        conn.writer().write_all(&buf[..want]).map_err(gone)?;
         offset += want as u64;
     }
-    conn.writer
-        .set_read_timeout(Some(UPLOAD_ANSWER_TIMEOUT))
-        .map_err(gone)?;
+    conn.writer().flush().map_err(gone)?;
+    conn.set_read_timeout(UPLOAD_ANSWER_TIMEOUT).map_err(gone)?;
     let resp: Result<WriteFileResponse, _> = read_header(&mut conn.reader);
-    conn.writer
-        .set_read_timeout(Some(io_timeout))
-        .map_err(gone)?;
+    conn.set_read_timeout(io_timeout).map_err(gone)?;
     let resp = resp.map_err(|e| frame_err(addr, e))?;
     if resp.request_id != req.request_id {
         return Err(FsError::Unavailable(format!(
@@ -240,7 +298,7 @@ fn exchange(
     let wrapped = DataRequest {
         op: Some(data_request::Op::Read(req.clone())),
     };
-    conn.writer
+    conn.writer()
         .write_all(&encode_header(&wrapped))
         .map_err(|e| FsError::Unavailable(format!("worker {addr}: {e}")))?;
     let resp: ReadBlockResponse = read_header(&mut conn.reader).map_err(|e| frame_err(addr, e))?;

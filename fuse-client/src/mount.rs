@@ -123,6 +123,8 @@ impl Drop for MountHandle {
 /// to the routers in `masters` instead, which route it.
 pub fn connect_metadata(cfg: &MountConfig) -> Result<Arc<dyn MetadataService>, MountError> {
     cfg.validate()?;
+    granary_common::tls::install_client(&cfg.tls)
+        .map_err(|e| ConfigError::invalid("tls", e.to_string()))?;
     let masters_err = |error| MountError::Masters {
         masters: cfg.masters.clone(),
         error,

@@ -545,8 +545,8 @@ impl Cluster {
         timeout: Duration,
     ) -> anyhow::Result<Authenticated> {
         let _g = rt.enter();
-        let ch = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))?
-            .connect_timeout(Duration::from_millis(500))
+        // TLS when the test installed client settings (granary_common::tls).
+        let ch = granary_common::net::endpoint(addr, Duration::from_millis(500))?
             .timeout(timeout)
             .connect_lazy();
         Ok(Authenticated::new(
@@ -892,8 +892,7 @@ impl Writer {
         loop {
             for addr in &self.addrs {
                 let _g = self.rt.enter();
-                let ch = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))?
-                    .connect_timeout(Duration::from_millis(300))
+                let ch = granary_common::net::endpoint(addr, Duration::from_millis(300))?
                     .timeout(Duration::from_secs(3))
                     .connect_lazy();
                 let mut c = Client::new(Authenticated::new(ch, TokenHeader(self.token.clone())));

@@ -52,6 +52,9 @@ pub struct MasterConfig {
     /// How to reach an `s3://` UFS (`[s3]`); unset keys come from the AWS environment.
     /// Workers get the endpoint, region and addressing style with the mount.
     pub s3: granary_common::ufs::S3Options,
+    /// TLS (`[tls]`): `cert`/`key` serve gRPC over TLS, `ca` makes this master's calls
+    /// (to its peers, shard 0, routers) TLS. Every member of a cluster does the same.
+    pub tls: granary_common::tls::TlsOptions,
     /// Block size for files loaded from now on.
     pub block_size: ByteSize,
     /// Prometheus `/metrics` listen address; unset disables it.
@@ -86,6 +89,7 @@ impl Default for MasterConfig {
             store_cache: ByteSize(crate::store::DEFAULT_CACHE_BYTES),
             ufs: String::new(),
             s3: Default::default(),
+            tls: Default::default(),
             block_size: ByteSize(DEFAULT_BLOCK_SIZE),
             metrics_listen: None,
             worker_heartbeat_ms: 1000,

@@ -62,6 +62,10 @@ pub enum MasterError {
     },
     #[error("master server stopped: {0}")]
     Stopped(String),
+    #[error(transparent)]
+    Tls(#[from] granary_common::tls::TlsError),
+    #[error("[tls]: {0}")]
+    TlsServer(String),
     #[error(
         "data_dir holds the namespace of {stored}, but config `ufs` is {configured}; \
          use a fresh data_dir to serve a different UFS"
@@ -123,6 +127,13 @@ const ROOT_MOUNT_ID: u32 = 1;
 
 pub async fn start(mut config: MasterConfig) -> Result<RunningMaster, MasterError> {
     config.validate()?;
+    granary_common::tls::install_client(&config.tls)?;
+    let mut server = tonic::transport::Server::builder();
+    if let Some(tls) = config.tls.grpc_server()? {
+        server = server
+            .tls_config(tls)
+            .map_err(|e| MasterError::TlsServer(e.to_string()))?;
+    }
     std::fs::create_dir_all(&config.data_dir).map_err(|source| MasterError::DataDir {
         path: config.data_dir.display().to_string(),
         source,
@@ -309,7 +320,7 @@ pub async fn start(mut config: MasterConfig) -> Result<RunningMaster, MasterErro
     .max_decoding_message_size(MAX_RAFT_MESSAGE)
     .max_encoding_message_size(MAX_RAFT_MESSAGE);
     let task = tokio::spawn(
-        tonic::transport::Server::builder()
+        server
             .add_service(InterceptedService::new(namespace_svc, check.clone()))
             .add_service(InterceptedService::new(workers_svc, check.clone()))
             .add_service(InterceptedService::new(admin_svc, check.clone()))

@@ -152,7 +152,7 @@ impl GrpcMetadataClient {
     }
 
     fn member(&self, addr: &str) -> FsResult<Member> {
-        tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
+        granary_common::net::endpoint(addr, Duration::from_secs(1))
             .map_err(|e| FsError::InvalidArgument(format!("master address `{addr}`: {e}")))?;
         Ok(Member {
             addr: addr.to_string(),

@@ -38,6 +38,9 @@ pub struct WorkerConfig {
     /// the endpoint, region and addressing style the masters' mount carries. Unset keys
     /// come from the mount, then the AWS environment.
     pub s3: granary_common::ufs::S3Options,
+    /// TLS (`[tls]`): `cert`/`key` serve the data port over TLS, `ca` makes the calls to
+    /// masters and routers TLS.
+    pub tls: granary_common::tls::TlsOptions,
 }
 
 impl Default for WorkerConfig {
@@ -54,6 +57,7 @@ impl Default for WorkerConfig {
             low_watermark: 0.85,
             metrics_listen: None,
             s3: Default::default(),
+            tls: Default::default(),
         }
     }
 }

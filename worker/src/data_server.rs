@@ -15,7 +15,7 @@ use granary_protos::data::{
 use granary_protos::frame::{encode_header, read_header_async};
 use granary_protos::DATA_PROTOCOL_VERSION;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt, BufReader};
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::TcpListener;
 
 use crate::block_store::Fingerprint;
 use crate::fetcher::{BlockFetcher, BlockSource};
@@ -32,7 +32,12 @@ pub struct DataServer {
     pub worker_id: String,
     pub hostname: String,
     pub token: CheckToken,
+    /// Set: every connection is TLS.
+    pub tls: Option<tokio_rustls::TlsAcceptor>,
 }
+
+/// How long a client may take to finish its TLS handshake.
+const HANDSHAKE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
 
 /// The answer to an upload of `ufs_path` (over the data port or a local one).
 pub(crate) fn upload_response(
@@ -84,7 +89,23 @@ impl DataServer {
             let _ = sock.set_nodelay(true);
             let me = self.clone();
             tokio::spawn(async move {
-                if let Err(e) = me.connection(sock).await {
+                let served = match &me.tls {
+                    Some(tls) => {
+                        match tokio::time::timeout(HANDSHAKE_TIMEOUT, tls.accept(sock)).await {
+                            Ok(Ok(stream)) => me.connection(stream).await,
+                            Ok(Err(e)) => {
+                                tracing::debug!(%peer, error = %e, "TLS handshake failed");
+                                return;
+                            }
+                            Err(_) => {
+                                tracing::debug!(%peer, "TLS handshake timed out");
+                                return;
+                            }
+                        }
+                    }
+                    None => me.connection(sock).await,
+                };
+                if let Err(e) = served {
                     if !e.is_eof() {
                         tracing::debug!(%peer, error = %e, "data connection closed");
                     }
@@ -93,8 +114,11 @@ impl DataServer {
         }
     }
 
-    async fn connection(&self, sock: TcpStream) -> Result<(), granary_protos::frame::FrameError> {
-        let (rd, mut wr) = sock.into_split();
+    async fn connection<S>(&self, sock: S) -> Result<(), granary_protos::frame::FrameError>
+    where
+        S: AsyncRead + tokio::io::AsyncWrite + Unpin + Send,
+    {
+        let (rd, mut wr) = tokio::io::split(sock);
         let mut rd = BufReader::new(rd);
         let hello: Hello = read_header_async(&mut rd).await?;
         let refusal = if hello.version != DATA_PROTOCOL_VERSION {
@@ -353,6 +377,7 @@ mod tests {
             worker_id: "w".into(),
             hostname: "h".into(),
             token: CheckToken::new(""),
+            tls: None,
         });
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();

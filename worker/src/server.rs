@@ -34,6 +34,8 @@ pub enum WorkerError {
     },
     #[error("metrics endpoint: {0}")]
     Metrics(String),
+    #[error(transparent)]
+    Tls(#[from] granary_common::tls::TlsError),
 }
 
 pub struct RunningWorker {
@@ -70,6 +72,8 @@ fn worker_id(cache_dir: &Path) -> std::io::Result<String> {
 
 pub async fn start(config: WorkerConfig) -> Result<RunningWorker, WorkerError> {
     config.validate()?;
+    // The worker's calls to masters and routers.
+    granary_common::tls::install_client(&config.tls)?;
     let cache_err = |source| WorkerError::CacheDir {
         path: config.cache_dir.display().to_string(),
         source,
@@ -126,6 +130,10 @@ pub async fn start(config: WorkerConfig) -> Result<RunningWorker, WorkerError> {
         worker_id: id.clone(),
         hostname,
         token: CheckToken::new(&config.cluster_token),
+        tls: config
+            .tls
+            .rustls_server()?
+            .map(tokio_rustls::TlsAcceptor::from),
     });
     let mut tasks = vec![tokio::spawn(server.serve(listener))];
     if let Some(listener) = upload_listener {

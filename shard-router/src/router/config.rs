@@ -26,6 +26,8 @@ pub struct RouterConfig {
     pub retry_deadline_ms: u64,
     /// Prometheus `/metrics` listen address; unset disables it.
     pub metrics_listen: Option<SocketAddr>,
+    /// TLS (`[tls]`): `cert`/`key` serve over TLS, `ca` makes the calls to masters TLS.
+    pub tls: granary_common::tls::TlsOptions,
 }
 
 impl Default for RouterConfig {
@@ -39,6 +41,7 @@ impl Default for RouterConfig {
             read_consistency: ReadConsistency::Linearizable,
             rpc_timeout_ms: 5_000,
             retry_deadline_ms: 20_000,
+            tls: Default::default(),
             metrics_listen: None,
         }
     }

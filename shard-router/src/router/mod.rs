@@ -42,6 +42,8 @@ pub enum RouterError {
     Metrics(String),
     #[error("router server stopped: {0}")]
     Stopped(String),
+    #[error(transparent)]
+    Tls(#[from] granary_common::tls::TlsError),
 }
 
 /// A router serving in the background.
@@ -63,6 +65,13 @@ impl RunningRouter {
 
 pub async fn start(config: RouterConfig) -> Result<RunningRouter, RouterError> {
     config.validate()?;
+    granary_common::tls::install_client(&config.tls)?;
+    let mut server = tonic::transport::Server::builder();
+    if let Some(tls) = config.tls.grpc_server()? {
+        server = server
+            .tls_config(tls)
+            .map_err(|e| RouterError::Stopped(format!("[tls]: {e}")))?;
+    }
     let opts = ClientOptions {
         cluster_token: config.cluster_token.clone(),
         read_consistency: config.read_consistency,
@@ -109,7 +118,7 @@ pub async fn start(config: RouterConfig) -> Result<RunningRouter, RouterError> {
     });
     let (tx, rx) = oneshot::channel::<()>();
     let task = tokio::spawn(
-        tonic::transport::Server::builder()
+        server
             .add_service(routing)
             .add_optional_service(namespace)
             .serve_with_incoming_shutdown(
