@@ -34,9 +34,11 @@ fn plain_client(s3: &S3Server, prefix: &str, threads: usize) -> anyhow::Result<(
 pub fn run(b: ReadBench) -> anyhow::Result<()> {
     // Beside the local bench's dataset, which stays.
     let dir = b.dir.join("s3");
+    // A previous run killed midway may have left its mount behind.
     let _ = std::process::Command::new("umount")
         .arg("-l")
         .arg(dir.join("mnt"))
+        .stderr(std::process::Stdio::null())
         .status();
     let _ = std::fs::remove_dir_all(&dir);
     let src = dir.join("dataset");
