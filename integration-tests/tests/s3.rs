@@ -360,3 +360,50 @@ fn an_unknown_s3_config_key_is_named() {
     assert_ne!(code, 0);
     assert!(err.contains("no_such_key"), "{err}");
 }
+
+#[test]
+fn a_warm_up_stopped_by_ctrl_c_resumes_where_it_stopped() {
+    let s3 = S3Server::start().unwrap();
+    s3.make_bucket("data").unwrap();
+    let src = tempfile::tempdir().unwrap();
+    for i in 0..1500 {
+        let dir = src.path().join(format!("d{}", i % 10));
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::write(dir.join(format!("f{i:05}")), vec![(i % 251) as u8; 2000]).unwrap();
+    }
+    s3.put_tree(src.path(), "data", "ds").unwrap();
+    let c = s3_cluster(&s3, "s3://data/ds");
+    let load = || {
+        let mut cmd = Command::new(bin("granary"));
+        cmd.args(["fs", "load", "/", "-r", "-q", "--parallel", "1", "--master"])
+            .arg(c.master_addr());
+        cmd
+    };
+
+    // One block at a time from S3: seconds of work, stopped a moment in.
+    let dir = tempfile::tempdir().unwrap();
+    let mut first = Proc::spawn("fs load", load(), dir.path().join("load.log")).unwrap();
+    wait_until(
+        "the load to start fetching",
+        Duration::from_secs(30),
+        || c.worker_ufs_fetches().unwrap_or(0.0) >= 20.0,
+    )
+    .unwrap();
+    first.signal(libc::SIGINT);
+    let status = first.wait_exit(Duration::from_secs(30)).expect("it stops");
+    let log = first.log_text();
+    assert!(!status.success(), "{log}");
+    assert!(log.contains("interrupted"), "{log}");
+    let fetched = c.worker_ufs_fetches().unwrap();
+    assert!(
+        fetched < 1500.0,
+        "it went on after Ctrl-C: {fetched} blocks\n{log}"
+    );
+
+    // Again: what was cached is not fetched twice, and the rest is.
+    let (code, out) = run_to_exit(load(), Duration::from_secs(120)).unwrap();
+    assert_eq!(code, 0, "{out}");
+    assert!(out.contains("1500/1500 files cached"), "{out}");
+    assert!(!out.contains(", 0 B already cached"), "{out}");
+    assert_eq!(c.worker_ufs_fetches().unwrap(), 1500.0);
+}
