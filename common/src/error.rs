@@ -1,9 +1,64 @@
 //! The filesystem error type every library returns. Each variant maps to one errno at the
 //! FUSE boundary, and survives a trip through gRPC (the errno rides in status metadata).
 
+use std::sync::Arc;
+
 use tonic::{Code, Status};
 
 pub type FsResult<T> = Result<T, FsError>;
+
+/// What went wrong, as text, and the error it came from when that happened in this
+/// process: callers can walk `source()` down to an `io::Error`, a store or S3 error.
+/// Across a process boundary (gRPC) only the text travels.
+#[derive(Debug, Clone)]
+pub struct Cause {
+    text: String,
+    source: Option<Arc<dyn std::error::Error + Send + Sync>>,
+}
+
+impl Cause {
+    pub fn new(text: impl Into<String>) -> Self {
+        Cause {
+            text: text.into(),
+            source: None,
+        }
+    }
+
+    /// `text` (which should say what was being done, and may repeat the source's own
+    /// message for readers of the text alone) caused by `source`.
+    pub fn from_source(
+        text: impl Into<String>,
+        source: impl std::error::Error + Send + Sync + 'static,
+    ) -> Self {
+        Cause {
+            text: text.into(),
+            source: Some(Arc::new(source)),
+        }
+    }
+}
+
+impl std::fmt::Display for Cause {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.text)
+    }
+}
+
+impl std::error::Error for Cause {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        self.source
+            .as_deref()
+            .map(|e| e as &(dyn std::error::Error + 'static))
+    }
+}
+
+/// Equal when they say the same: a cause is compared by its text.
+impl PartialEq for Cause {
+    fn eq(&self, other: &Self) -> bool {
+        self.text == other.text
+    }
+}
+
+impl Eq for Cause {}
 
 const ERRNO_METADATA_KEY: &str = "x-granary-errno";
 /// On a refusal for routing by an older table: the version the server has.
@@ -51,14 +106,65 @@ pub enum FsError {
     #[error("timed out: {0}")]
     TimedOut(String),
     #[error("under-storage error: {0}")]
-    Ufs(String),
+    Ufs(#[source] Cause),
     #[error("stale: {0}")]
     Stale(String),
     #[error("i/o error: {0}")]
-    Io(String),
+    Io(#[source] Cause),
 }
 
 impl FsError {
+    /// An I/O failure described by `text`.
+    pub fn io(text: impl Into<String>) -> Self {
+        FsError::Io(Cause::new(text))
+    }
+
+    /// An I/O failure described by `text`, caused by `source`.
+    pub fn io_from(
+        text: impl Into<String>,
+        source: impl std::error::Error + Send + Sync + 'static,
+    ) -> Self {
+        FsError::Io(Cause::from_source(text, source))
+    }
+
+    /// An under-storage failure described by `text`.
+    pub fn ufs(text: impl Into<String>) -> Self {
+        FsError::Ufs(Cause::new(text))
+    }
+
+    /// An under-storage failure described by `text`, caused by `source`.
+    pub fn ufs_from(
+        text: impl Into<String>,
+        source: impl std::error::Error + Send + Sync + 'static,
+    ) -> Self {
+        FsError::Ufs(Cause::from_source(text, source))
+    }
+
+    /// The message without the kind's prefix: what travels in a gRPC status, whose code
+    /// and errno carry the kind (so the other side shows it once, not twice).
+    fn detail(&self) -> String {
+        match self {
+            FsError::NotFound(m)
+            | FsError::Exists(m)
+            | FsError::NotDir(m)
+            | FsError::IsDir(m)
+            | FsError::InvalidArgument(m)
+            | FsError::BadHandle(m)
+            | FsError::PermissionDenied(m)
+            | FsError::NotPermitted(m)
+            | FsError::NotEmpty(m)
+            | FsError::CrossDevice(m)
+            | FsError::Busy(m)
+            | FsError::ReadOnly(m)
+            | FsError::Unsupported(m)
+            | FsError::Unavailable(m)
+            | FsError::TimedOut(m)
+            | FsError::Stale(m) => m.clone(),
+            FsError::Ufs(c) | FsError::Io(c) => c.to_string(),
+            FsError::NameTooLong(_) | FsError::StaleRouting(_) => self.to_string(),
+        }
+    }
+
     pub fn errno(&self) -> i32 {
         match self {
             FsError::NotFound(_) => libc::ENOENT,
@@ -105,20 +211,24 @@ impl FsError {
             libc::EROFS => FsError::ReadOnly(msg),
             libc::ENOTSUP => FsError::Unsupported(msg),
             libc::ESTALE => FsError::Stale(msg),
-            _ => FsError::Io(msg),
+            _ => FsError::io(msg),
         }
     }
 }
 
 impl From<std::io::Error> for FsError {
     fn from(e: std::io::Error) -> Self {
-        match e.raw_os_error() {
-            Some(errno) => FsError::from_errno(errno, e.to_string()),
-            None => match e.kind() {
-                std::io::ErrorKind::NotFound => FsError::NotFound(e.to_string()),
-                std::io::ErrorKind::TimedOut => FsError::TimedOut(e.to_string()),
-                _ => FsError::Io(e.to_string()),
-            },
+        match (e.raw_os_error(), e.kind()) {
+            // An errno of its own is what the caller needs; EIO and the like keep the error.
+            (Some(errno), _)
+                if errno != libc::EIO
+                    && FsError::from_errno(errno, String::new()).errno() == errno =>
+            {
+                FsError::from_errno(errno, e.to_string())
+            }
+            (None, std::io::ErrorKind::NotFound) => FsError::NotFound(e.to_string()),
+            (None, std::io::ErrorKind::TimedOut) => FsError::TimedOut(e.to_string()),
+            _ => FsError::io_from(e.to_string(), e),
         }
     }
 }
@@ -145,7 +255,7 @@ impl From<FsError> for Status {
             FsError::Stale(_) => Code::FailedPrecondition,
             FsError::Ufs(_) | FsError::Io(_) => Code::Internal,
         };
-        let mut status = Status::new(code, e.to_string());
+        let mut status = Status::new(code, e.detail());
         status.metadata_mut().insert(
             ERRNO_METADATA_KEY,
             e.errno().to_string().parse().expect("ascii digits"),
@@ -193,7 +303,7 @@ impl From<Status> for FsError {
             | Code::ResourceExhausted => FsError::Unavailable(msg),
             Code::DeadlineExceeded => FsError::TimedOut(msg),
             Code::Unimplemented => FsError::Unsupported(msg),
-            _ => FsError::Io(msg),
+            _ => FsError::io(msg),
         }
     }
 }
@@ -220,5 +330,26 @@ mod tests {
             }
         }
         assert!(FsError::from(Status::unavailable("down")).is_retryable());
+    }
+
+    #[test]
+    fn an_io_failure_keeps_its_cause_and_a_precise_errno_stays_precise() {
+        use std::error::Error;
+        let e = FsError::from(std::io::Error::other("disk on fire"));
+        assert_eq!(e.errno(), libc::EIO);
+        let io = e
+            .source()
+            .and_then(Error::source)
+            .and_then(|s| s.downcast_ref::<std::io::Error>())
+            .expect("the io::Error is kept");
+        assert_eq!(io.kind(), std::io::ErrorKind::Other);
+        let eio = FsError::from(std::io::Error::from_raw_os_error(libc::EIO));
+        assert!(eio.source().and_then(Error::source).is_some(), "{eio:?}");
+        let nospace = FsError::from(std::io::Error::from_raw_os_error(libc::EACCES));
+        assert_eq!(nospace.errno(), libc::EACCES);
+        // Across gRPC only the text travels, and the same text compares equal.
+        let back = FsError::from(Status::from(e.clone()));
+        assert_eq!(back.to_string(), e.to_string());
+        assert_eq!(FsError::io("x"), FsError::io("x"));
     }
 }

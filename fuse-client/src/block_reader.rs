@@ -221,7 +221,10 @@ impl BlockReader {
                         continue;
                     }
                     Err(e) => {
-                        return Err(FsError::Io(format!("cache file {}: {e}", resp.local_path)))
+                        return Err(FsError::io_from(
+                            format!("cache file {}: {e}", resp.local_path),
+                            e,
+                        ))
                     }
                 }
             }
@@ -338,7 +341,7 @@ impl BlockRead for BlockReader {
         len: u32,
     ) -> FsResult<Vec<u8>> {
         if file.block_size == 0 {
-            return Err(FsError::Io("file has no block size".into()));
+            return Err(FsError::io("file has no block size"));
         }
         let sequential = offset == state.last_end;
         let parts = spans(file.size, file.block_size, offset, len as u64);

@@ -69,7 +69,10 @@ impl WorkerContentStore {
         memory: Arc<MemoryLimiter>,
     ) -> FsResult<Self> {
         std::fs::create_dir_all(&staging_dir).map_err(|e| {
-            FsError::Io(format!("staging directory {}: {e}", staging_dir.display()))
+            FsError::io_from(
+                format!("staging directory {}: {e}", staging_dir.display()),
+                e,
+            )
         })?;
         Ok(WorkerContentStore {
             workers,
@@ -84,10 +87,10 @@ impl WorkerContentStore {
     /// An anonymous file in the staging directory.
     fn own_file(&self) -> FsResult<File> {
         tempfile::tempfile_in(&self.staging_dir).map_err(|e| {
-            FsError::Io(format!(
-                "staging file in {}: {e}",
-                self.staging_dir.display()
-            ))
+            FsError::io_from(
+                format!("staging file in {}: {e}", self.staging_dir.display()),
+                e,
+            )
         })
     }
 

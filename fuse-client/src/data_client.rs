@@ -132,7 +132,7 @@ impl DataClient {
             .map_err(|e| FsError::Unavailable(format!("worker {addr}: {e}")))?;
         let hello: HelloReply = read_header(&mut conn.reader).map_err(|e| frame_err(addr, e))?;
         if !hello.ok {
-            return Err(FsError::Io(format!(
+            return Err(FsError::io(format!(
                 "worker {addr} refused the connection: {}",
                 hello.error
             )));
@@ -331,7 +331,7 @@ pub(crate) fn status_error(addr: &str, status: i32, error: &str) -> FsResult<()>
         Status::Stale => Err(FsError::Stale(error)),
         Status::Unavailable => Err(FsError::Unavailable(format!("worker {addr}: {error}"))),
         Status::BadRequest => Err(FsError::InvalidArgument(error)),
-        _ => Err(FsError::Io(format!("worker {addr}: {error}"))),
+        _ => Err(FsError::io(format!("worker {addr}: {error}"))),
     }
 }
 

@@ -603,11 +603,12 @@ impl Cluster {
             ) {
                 Ok(id) => match self.rt.block_on(call(self.client(&self.addr_of(id))?)) {
                     Ok(r) => return Ok(r.into_inner()),
+                    // An answer, not a failure to reach the leader: the caller reads its code.
                     Err(s)
                         if s.code() == tonic::Code::AlreadyExists
                             || s.code() == tonic::Code::NotFound =>
                     {
-                        bail!("{}", s.message())
+                        return Err(s.into());
                     }
                     Err(s) => s.message().to_string(),
                 },
@@ -646,7 +647,12 @@ impl Cluster {
             async move { c.lookup(req).await }
         }) {
             Ok(_) => Ok(true),
-            Err(e) if e.to_string().contains("no such file") => Ok(false),
+            Err(e)
+                if e.downcast_ref::<tonic::Status>()
+                    .is_some_and(|s| s.code() == tonic::Code::NotFound) =>
+            {
+                Ok(false)
+            }
             Err(e) => Err(e),
         }
     }

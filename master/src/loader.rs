@@ -114,7 +114,7 @@ impl<L: CommandLog> MetadataLoader<L> {
         self.ufs
             .get(&mount_id)
             .cloned()
-            .ok_or_else(|| FsError::Io(format!("no UFS for mount {mount_id}")))
+            .ok_or_else(|| FsError::io(format!("no UFS for mount {mount_id}")))
     }
 
     /// Makes sure `dir`'s children are in the namespace; returns the directory as stored.
@@ -171,7 +171,7 @@ impl<L: CommandLog> MetadataLoader<L> {
         let path = dir.ufs_path.clone();
         let listed = tokio::task::spawn_blocking(move || ufs.list(&path))
             .await
-            .map_err(|e| FsError::Io(format!("UFS listing task: {e}")))??;
+            .map_err(|e| FsError::io_from(format!("UFS listing task: {e}"), e))??;
         metrics::counter!("granary_master_ufs_listings_total").increment(1);
         let (entries, routing_version) = self.placed(dir, listed)?;
         for part in self.parts(dir, entries, routing_version)? {
@@ -310,7 +310,7 @@ impl<L: CommandLog> MetadataLoader<L> {
             let Some(done) = running.join_next().await else {
                 break;
             };
-            let children = done.map_err(|e| FsError::Io(format!("load task: {e}")))??;
+            let children = done.map_err(|e| FsError::io_from(format!("load task: {e}"), e))??;
             totals.directories += 1;
             for c in children {
                 if c.kind == FileKind::Directory as i32 {

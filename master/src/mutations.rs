@@ -41,7 +41,7 @@ async fn ufs_call<T: Send + 'static>(
 ) -> FsResult<T> {
     tokio::task::spawn_blocking(move || f(ufs.as_ref()))
         .await
-        .map_err(|e| FsError::Io(format!("UFS task: {e}")))?
+        .map_err(|e| FsError::io_from(format!("UFS task: {e}"), e))?
 }
 
 impl MasterService {
@@ -62,7 +62,7 @@ impl MasterService {
         let store = self.store.clone();
         tokio::task::spawn_blocking(move || crate::state_machine::dry_run(&store, &cmd))
             .await
-            .map_err(|e| FsError::Io(format!("dry run task: {e}")))??
+            .map_err(|e| FsError::io_from(format!("dry run task: {e}"), e))??
     }
 
     async fn commit(&self, op: command::Op) -> FsResult<()> {
@@ -128,7 +128,7 @@ impl MasterService {
         self.commit(command::Op::CreateInode(create)).await?;
         self.store
             .lookup(r.parent, &r.name)?
-            .ok_or_else(|| FsError::Io("created entry vanished".into()))
+            .ok_or_else(|| FsError::io("created entry vanished"))
     }
 
     pub(crate) async fn remove_entry(&self, r: RemoveRequest) -> FsResult<()> {

@@ -59,7 +59,7 @@ pub(crate) fn open_db(path: &Path, cache_bytes: u64) -> Result<Database, StoreEr
 
 impl From<StoreError> for FsError {
     fn from(e: StoreError) -> Self {
-        FsError::Io(e.to_string())
+        FsError::io_from(e.to_string(), e)
     }
 }
 

@@ -402,7 +402,7 @@ impl GrpcMetadataClient {
                     self.shard,
                     start.elapsed()
                 );
-                return Err(FsError::Io(format!(
+                return Err(FsError::io(format!(
                     "shard {} unavailable: {err}",
                     self.shard
                 )));
@@ -421,7 +421,7 @@ impl GrpcMetadataClient {
 
 fn inode(r: InodeReply) -> FsResult<Inode> {
     r.inode
-        .ok_or_else(|| FsError::Io("master answered without an inode".into()))
+        .ok_or_else(|| FsError::io("master answered without an inode"))
 }
 
 impl MetadataService for GrpcMetadataClient {

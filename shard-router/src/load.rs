@@ -97,7 +97,7 @@ async fn load_part(
             "shard {shard} ended the load of {shown} before it finished"
         )));
     }
-    Err(FsError::Io(format!(
+    Err(FsError::io(format!(
         "shard {shard}: loading {shown}: {last}"
     )))
 }

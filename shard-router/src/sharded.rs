@@ -65,7 +65,7 @@ fn fetch_table_at_least(sources: &[String], token: &str, min: u64) -> FsResult<R
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
-        .map_err(|e| FsError::Io(format!("routing runtime: {e}")))?;
+        .map_err(|e| FsError::io(format!("routing runtime: {e}")))?;
     let mut last = FsError::Unavailable("no routing table source configured".into());
     let mut newest: Option<RoutingTable> = None;
     for addr in sources {
@@ -82,7 +82,7 @@ fn fetch_table_at_least(sources: &[String], token: &str, min: u64) -> FsResult<R
                 .into_inner())
         });
         match fetched.and_then(|p| {
-            RoutingTable::new(p).map_err(|e| FsError::Io(format!("routing table from {addr}: {e}")))
+            RoutingTable::new(p).map_err(|e| FsError::io(format!("routing table from {addr}: {e}")))
         }) {
             Ok(t) if t.version() >= min => return Ok(t),
             Ok(t) => {
@@ -250,7 +250,7 @@ impl ShardedMetadata {
                 return Ok(inode);
             };
             let shard = u16::try_from(r.shard)
-                .map_err(|_| FsError::Io(format!("referral to shard {}", r.shard)))?;
+                .map_err(|_| FsError::io(format!("referral to shard {}", r.shard)))?;
             let target = self.shard(shard)?;
             inode = match target.resolve_path(&r.path) {
                 // The pinned shard listed the prefix's parent before the prefix appeared
@@ -259,7 +259,7 @@ impl ShardedMetadata {
                 found => found?,
             };
         }
-        Err(FsError::Io(format!(
+        Err(FsError::io(format!(
             "{}: more than {MAX_REFERRALS} referrals",
             String::from_utf8_lossy(&inode.name)
         )))

@@ -229,7 +229,7 @@ impl DataServer {
         drop(sink);
         let outcome = task
             .await
-            .map_err(|e| FsError::Io(format!("upload task: {e}")))
+            .map_err(|e| FsError::io_from(format!("upload task: {e}"), e))
             .and_then(|r| r);
         Ok(upload_response(req.request_id, &req.ufs_path, outcome))
     }
@@ -287,7 +287,7 @@ impl DataServer {
                 Ok(buf)
             })
             .await
-            .map_err(|e| FsError::Io(e.to_string()))?;
+            .map_err(|e| FsError::io(e.to_string()))?;
             match data {
                 Ok(buf) => {
                     metrics::counter!("granary_worker_served_bytes_total")

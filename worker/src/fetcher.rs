@@ -104,7 +104,7 @@ impl BlockFetcher {
                 )
             })
             .await
-            .map_err(|e| FsError::Io(format!("fetch task: {e}")))?
+            .map_err(|e| FsError::io_from(format!("fetch task: {e}"), e))?
         }
         .await;
         self.inflight.lock().expect("inflight lock").remove(&id);

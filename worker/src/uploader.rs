@@ -238,7 +238,7 @@ fn publish(
         Ok(s) if s.size == target.size => s,
         Ok(s) => {
             fill.discard();
-            return Err(FsError::Ufs(format!(
+            return Err(FsError::ufs(format!(
                 "{} holds {} bytes after an upload of {}",
                 String::from_utf8_lossy(&target.ufs_path),
                 s.size,
@@ -300,7 +300,7 @@ pub fn upload(
             fill.push(&chunk)?;
         }
         if fill.received != target.size {
-            return Err(FsError::Io(format!(
+            return Err(FsError::io(format!(
                 "upload of {} cut off after {} of {} bytes",
                 String::from_utf8_lossy(&target.ufs_path),
                 fill.received,

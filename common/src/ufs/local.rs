@@ -75,7 +75,7 @@ impl LocalUfs {
                 Some(libc::ENOENT) => FsError::NotFound(msg),
                 Some(libc::ENOTDIR) => FsError::NotDir(msg),
                 Some(libc::EACCES) | Some(libc::EPERM) => FsError::PermissionDenied(msg),
-                _ => FsError::Ufs(msg),
+                _ => FsError::ufs_from(msg, err),
             });
         }
         // SAFETY: the syscall returned a fresh descriptor that we now own.
@@ -130,7 +130,7 @@ impl UfsUpload for LocalUpload {
         }
         self.tmp = CString::default();
         object_from(self.name.as_bytes().to_vec(), &md, Vec::new())
-            .ok_or_else(|| FsError::Ufs("uploaded object is not a file".into()))
+            .ok_or_else(|| FsError::ufs("uploaded object is not a file"))
     }
 }
 
@@ -146,9 +146,9 @@ impl Drop for LocalUpload {
 fn last_os_error(what: &str, path: &[u8]) -> FsError {
     let e = std::io::Error::last_os_error();
     let msg = format!("{what} {}: {e}", String::from_utf8_lossy(path));
-    match FsError::from(e) {
-        FsError::Io(_) => FsError::Ufs(msg),
-        other => other,
+    match FsError::from(std::io::Error::from(e.kind())) {
+        FsError::Io(_) => FsError::ufs_from(msg, e),
+        _ => FsError::from(e),
     }
 }
 

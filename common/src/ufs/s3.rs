@@ -242,7 +242,7 @@ impl S3Ufs {
             .thread_name("granary-s3")
             .enable_all()
             .build()
-            .map_err(|e| FsError::Io(format!("S3 runtime: {e}")))?;
+            .map_err(|e| FsError::io(format!("S3 runtime: {e}")))?;
         Ok(S3Ufs {
             uri: uri.to_string(),
             bucket: bucket.to_string(),
@@ -272,8 +272,7 @@ impl S3Ufs {
             let _turn = requests.acquire_owned().await;
             let _ = tx.send(f.await);
         });
-        rx.recv()
-            .map_err(|_| FsError::Io("the S3 runtime stopped".into()))
+        rx.recv().map_err(|_| FsError::io("the S3 runtime stopped"))
     }
 
     fn runtime(&self) -> &tokio::runtime::Runtime {
@@ -330,17 +329,20 @@ impl S3Ufs {
                     "403 Forbidden",
                 ];
                 if text.contains("NoSuchBucket") {
-                    FsError::Ufs(format!(
-                        "{what}: bucket {} does not exist at {}",
-                        self.bucket, self.endpoint
-                    ))
+                    FsError::ufs_from(
+                        format!(
+                            "{what}: bucket {} does not exist at {}",
+                            self.bucket, self.endpoint
+                        ),
+                        other,
+                    )
                 } else if refused.iter().any(|r| text.contains(r)) {
                     FsError::PermissionDenied(format!(
                         "{what} in {at}: refused (check the credentials): {}",
                         s3_code(&text)
                     ))
                 } else {
-                    FsError::Ufs(format!("{what} in {at}: {text}"))
+                    FsError::ufs_from(format!("{what} in {at}: {text}"), other)
                 }
             }
         }
@@ -588,7 +590,8 @@ impl Ufs for Arc<S3Ufs> {
         }
         let key = self.key(path)?;
         let store = self.store.clone();
-        let (tx, rx) = std::sync::mpsc::sync_channel::<Result<bytes::Bytes, String>>(4);
+        let (tx, rx) =
+            std::sync::mpsc::sync_channel::<Result<bytes::Bytes, object_store::Error>>(4);
         let requests = self.requests.clone();
         let k = key.clone();
         self.runtime().spawn(async move {
@@ -602,28 +605,19 @@ impl Ufs for Arc<S3Ufs> {
                     let mut stream = r.into_stream();
                     while let Some(chunk) = stream.next().await {
                         let stop = chunk.is_err();
-                        if tx.send(chunk.map_err(|e| e.to_string())).is_err() || stop {
+                        if tx.send(chunk).is_err() || stop {
                             return;
                         }
                     }
                 }
                 Err(e) => {
-                    let _ = tx.send(Err(e.to_string()));
+                    let _ = tx.send(Err(e));
                 }
             }
         });
         let mut copied = 0u64;
         for chunk in rx {
-            let chunk = chunk.map_err(|e| {
-                if e.contains("not found") || e.contains("NotFound") {
-                    FsError::NotFound(format!("{key} in s3://{}", self.bucket))
-                } else {
-                    FsError::Ufs(format!(
-                        "reading {key} from s3://{} at {}: {e}",
-                        self.bucket, self.endpoint
-                    ))
-                }
-            })?;
+            let chunk = chunk.map_err(|e| self.error(&format!("reading {key}"), e))?;
             sink.write_all(&chunk)?;
             copied += chunk.len() as u64;
         }

@@ -82,7 +82,7 @@ impl GranaryFs {
             let want = (inode.size - offset).min(FILL_CHUNK as u64) as u32;
             let data = self.reader.read(&inode, &mut state, offset, want)?;
             if data.is_empty() {
-                return Err(FsError::Io(format!(
+                return Err(FsError::io(format!(
                     "{}: content ended at {offset} of {} bytes",
                     shown(&inode.name),
                     inode.size

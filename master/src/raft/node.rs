@@ -771,7 +771,7 @@ impl RaftNode {
             ));
         }
         let cc = ConfChangeV2::parse_from_bytes(e.get_data())
-            .map_err(|err| FsError::Io(err.to_string()))?;
+            .map_err(|err| FsError::io(err.to_string()))?;
         let cs = self.raw.apply_conf_change(&cc).map_err(|err| {
             FsError::InvalidArgument(format!("membership change rejected: {err}"))
         })?;
@@ -789,7 +789,7 @@ impl RaftNode {
         Ok(EntryOp::ConfChange {
             conf_state: cs
                 .write_to_bytes()
-                .map_err(|err| FsError::Io(err.to_string()))?,
+                .map_err(|err| FsError::io(err.to_string()))?,
             masters: self.master_set(&cs),
         })
     }
