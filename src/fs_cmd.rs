@@ -48,6 +48,10 @@ fn kind_char(i: &Inode) -> char {
     match FileKind::try_from(i.kind) {
         Ok(FileKind::Directory) => 'd',
         Ok(FileKind::Symlink) => 'l',
+        Ok(FileKind::Fifo) => 'p',
+        Ok(FileKind::Socket) => 's',
+        Ok(FileKind::CharDevice) => 'c',
+        Ok(FileKind::BlockDevice) => 'b',
         _ => '-',
     }
 }
@@ -101,6 +105,21 @@ pub fn stat(t: &ClusterArgs, path: &str) -> anyhow::Result<()> {
     println!("type:        {}", kind_char(&i));
     println!("size:        {}", i.size);
     println!("mode:        {:o}", i.mode & 0o7777);
+    let links = match i.kind == FileKind::Directory as i32 {
+        true => 2 + i.subdirs,
+        false => 1 + i.links.len() as u64,
+    };
+    println!("links:       {links}");
+    if matches!(
+        FileKind::try_from(i.kind),
+        Ok(FileKind::CharDevice | FileKind::BlockDevice)
+    ) {
+        println!(
+            "device:      {}:{}",
+            libc::major(i.rdev as libc::dev_t),
+            libc::minor(i.rdev as libc::dev_t)
+        );
+    }
     println!("mtime_ns:    {}", i.mtime_ns);
     println!(
         "ufs path:    mount {} / {}",

@@ -90,6 +90,8 @@ pub enum FsError {
     NotEmpty(String),
     #[error("cross-device link: {0}")]
     CrossDevice(String),
+    #[error("too many links: {0}")]
+    TooManyLinks(String),
     /// In use by the system, as a mount point is (a prefix pinned to another shard).
     #[error("busy: {0}")]
     Busy(String),
@@ -154,6 +156,7 @@ impl FsError {
             | FsError::NotPermitted(m)
             | FsError::NotEmpty(m)
             | FsError::CrossDevice(m)
+            | FsError::TooManyLinks(m)
             | FsError::Busy(m)
             | FsError::ReadOnly(m)
             | FsError::Unsupported(m)
@@ -178,6 +181,7 @@ impl FsError {
             FsError::NotPermitted(_) => libc::EPERM,
             FsError::NotEmpty(_) => libc::ENOTEMPTY,
             FsError::CrossDevice(_) => libc::EXDEV,
+            FsError::TooManyLinks(_) => libc::EMLINK,
             FsError::Busy(_) => libc::EBUSY,
             FsError::StaleRouting(_) => libc::EIO,
             FsError::ReadOnly(_) => libc::EROFS,
@@ -207,6 +211,7 @@ impl FsError {
             libc::EPERM => FsError::NotPermitted(msg),
             libc::ENOTEMPTY => FsError::NotEmpty(msg),
             libc::EXDEV => FsError::CrossDevice(msg),
+            libc::EMLINK => FsError::TooManyLinks(msg),
             libc::EBUSY => FsError::Busy(msg),
             libc::EROFS => FsError::ReadOnly(msg),
             libc::ENOTSUP => FsError::Unsupported(msg),
@@ -244,9 +249,10 @@ impl From<FsError> for Status {
             | FsError::InvalidArgument(_)
             | FsError::BadHandle(_) => Code::InvalidArgument,
             FsError::PermissionDenied(_) | FsError::NotPermitted(_) => Code::PermissionDenied,
-            FsError::NotEmpty(_) | FsError::CrossDevice(_) | FsError::Busy(_) => {
-                Code::FailedPrecondition
-            }
+            FsError::NotEmpty(_)
+            | FsError::CrossDevice(_)
+            | FsError::TooManyLinks(_)
+            | FsError::Busy(_) => Code::FailedPrecondition,
             FsError::StaleRouting(_) => Code::FailedPrecondition,
             FsError::ReadOnly(_) => Code::FailedPrecondition,
             FsError::Unsupported(_) => Code::Unimplemented,

@@ -106,7 +106,7 @@ impl FuseAdapter {
             nlink: a.nlink,
             uid: a.uid,
             gid: a.gid,
-            rdev: 0,
+            rdev: a.rdev,
             blksize: BLOCK_SIZE_HINT,
             flags: 0,
         }
@@ -117,7 +117,11 @@ fn file_type(kind: FileKind) -> FileType {
     match kind {
         FileKind::Directory => FileType::Directory,
         FileKind::Symlink => FileType::Symlink,
-        _ => FileType::RegularFile,
+        FileKind::Fifo => FileType::NamedPipe,
+        FileKind::Socket => FileType::Socket,
+        FileKind::CharDevice => FileType::CharDevice,
+        FileKind::BlockDevice => FileType::BlockDevice,
+        FileKind::File | FileKind::Unspecified => FileType::RegularFile,
     }
 }
 
@@ -401,14 +405,40 @@ impl Filesystem for FuseAdapter {
     fn link(
         &self,
         _req: &Request,
-        _ino: INodeNo,
-        _newparent: INodeNo,
-        _newname: &OsStr,
+        ino: INodeNo,
+        newparent: INodeNo,
+        newname: &OsStr,
         reply: ReplyEntry,
     ) {
-        // Hard links cannot be kept in an object-store UFS; EPERM is what link(2) answers
-        // on a filesystem that does not support them.
-        reply.error(Errno::EPERM);
+        self.reply_entry(
+            "link",
+            self.fs.link(ino.0, newparent.0, newname.as_bytes()),
+            reply,
+        )
+    }
+
+    fn mknod(
+        &self,
+        req: &Request,
+        parent: INodeNo,
+        name: &OsStr,
+        mode: u32,
+        _umask: u32,
+        rdev: u32,
+        reply: ReplyEntry,
+    ) {
+        self.reply_entry(
+            "mknod",
+            self.fs.mknod(
+                parent.0,
+                name.as_bytes(),
+                mode,
+                rdev as u64,
+                req.uid(),
+                req.gid(),
+            ),
+            reply,
+        )
     }
 
     fn setattr(

@@ -17,6 +17,8 @@ pub struct Attributes {
     pub blocks: u64,
     pub perm: u16,
     pub nlink: u32,
+    /// Device number of a character or block device.
+    pub rdev: u32,
     pub uid: u32,
     pub gid: u32,
     pub atime: SystemTime,
@@ -37,9 +39,8 @@ pub const BLOCK_SIZE_HINT: u32 = 1 << 17;
 impl Attributes {
     pub fn of(i: &Inode, owner: OwnerOverride) -> Self {
         let kind = match FileKind::try_from(i.kind) {
-            Ok(FileKind::Directory) => FileKind::Directory,
-            Ok(FileKind::Symlink) => FileKind::Symlink,
-            _ => FileKind::File,
+            Ok(FileKind::Unspecified) | Err(_) => FileKind::File,
+            Ok(k) => k,
         };
         let dir = kind == FileKind::Directory;
         // A symlink's size is its target's length, as lstat(2) reports it.
@@ -64,7 +65,13 @@ impl Attributes {
             size,
             blocks: size.div_ceil(512),
             perm: perm as u16,
-            nlink: if dir { 2 } else { 1 },
+            // A directory: `.`, its entry, and each subdirectory's `..`.
+            nlink: if dir {
+                2 + i.subdirs.min(u32::MAX as u64 - 2) as u32
+            } else {
+                1 + i.links.len() as u32
+            },
+            rdev: i.rdev as u32,
             uid: owner.uid.unwrap_or(i.uid),
             gid: owner.gid.unwrap_or(i.gid),
             atime: or_mtime(i.atime_ns),
@@ -138,6 +145,16 @@ mod tests {
 
         let dir = Attributes::of(&inode(FileKind::Directory), OwnerOverride::default());
         assert_eq!((dir.perm, dir.nlink), (0o755, 2));
+        let mut parent = inode(FileKind::Directory);
+        parent.subdirs = 3;
+        assert_eq!(Attributes::of(&parent, OwnerOverride::default()).nlink, 5);
+        let mut linked = inode(FileKind::File);
+        linked.links = vec![Default::default(); 2];
+        assert_eq!(Attributes::of(&linked, OwnerOverride::default()).nlink, 3);
+        let mut dev = inode(FileKind::BlockDevice);
+        dev.rdev = 0x0801;
+        let dev = Attributes::of(&dev, OwnerOverride::default());
+        assert_eq!((dev.kind, dev.rdev), (FileKind::BlockDevice, 0x0801));
 
         let mut link = inode(FileKind::Symlink);
         link.symlink_target = b"../target".to_vec();

@@ -7,6 +7,7 @@ pub mod command_log;
 pub mod config;
 mod leader_clients;
 mod lease_reads;
+mod links;
 pub mod loader;
 mod mutations;
 pub mod raft;

@@ -13,12 +13,15 @@ use granary_common::path::{join, validate_name};
 use granary_common::ufs::{Ufs, UfsObject};
 use granary_common::{FsError, FsResult};
 use granary_protos::v1::{
-    command, Command, CommitContent, CreateInode, CreateRequest, FileKind, Inode, RemoveEntry,
-    RemoveRequest, RenameEntry, RenameRequest, SetAttributes, UfsFingerprint,
+    command, Command, CommitContent, CreateInode, CreateRequest, FileKind, Inode, LinkEntry,
+    LinkRequest, RemoveEntry, RemoveRequest, RenameEntry, RenameRequest, SetAttributes,
+    UfsFingerprint,
 };
 
 use crate::command_log::CommandLog;
+use crate::links::is_primary;
 use crate::service::MasterService;
+use crate::state_machine::is_special;
 
 fn now_ns() -> i64 {
     SystemTime::now()
@@ -42,6 +45,24 @@ async fn ufs_call<T: Send + 'static>(
     tokio::task::spawn_blocking(move || f(ufs.as_ref()))
         .await
         .map_err(|e| FsError::io_from(format!("UFS task: {e}"), e))?
+}
+
+/// What happens to an inode's UFS object when one of its names goes.
+enum Object {
+    /// Nothing: a special file, a hard link, or a directory entry of another name.
+    None,
+    /// Its last name goes: the object goes too.
+    Goes(Vec<u8>),
+    /// Its primary name goes and others remain: the object moves under the next one.
+    Moves { from: Vec<u8>, to: Vec<u8> },
+}
+
+/// A UFS change on an object never uploaded (or already gone) has nothing to do.
+fn never_uploaded(e: FsError) -> FsResult<()> {
+    match e {
+        FsError::NotFound(_) => Ok(()),
+        e => Err(e),
+    }
 }
 
 impl MasterService {
@@ -95,13 +116,19 @@ impl MasterService {
                 Vec::new()
             },
             fingerprint: None,
+            rdev: r.rdev,
         };
-        // A file reaches the UFS with its first upload: creating it touches only the
-        // namespace, whose state machine has the last word (no lock, no dry run), so
-        // concurrent creates share Raft rounds. Directories and links exist in the UFS
-        // at once: checked first, then made there, then proposed, between mutations.
+        // A file reaches the UFS with its first upload, and a special file never does:
+        // creating either touches only the namespace, whose state machine has the last
+        // word (no lock, no dry run), so concurrent creates share Raft rounds.
+        // Directories and symlinks exist in the UFS at once: checked first, then made
+        // there, then proposed, between mutations.
         let _turn = match kind {
-            FileKind::File => None,
+            FileKind::File
+            | FileKind::Fifo
+            | FileKind::Socket
+            | FileKind::CharDevice
+            | FileKind::BlockDevice => None,
             _ => {
                 let turn = self.loader.mutations.lock().await;
                 self.check(Command {
@@ -145,19 +172,48 @@ impl MasterService {
             op: Some(command::Op::RemoveEntry(op.clone())),
         })
         .await?;
-        let victim = self
-            .store
-            .lookup(dir.id, &r.name)?
-            .ok_or_else(|| FsError::NotFound(String::from_utf8_lossy(&r.name).into_owned()))?;
+        let victim = self.named(dir.id, &r.name)?;
         let ufs = self.loader.ufs(dir.mount_id)?;
-        let path = victim.ufs_path.clone();
-        let directory = r.directory;
-        match ufs_call(ufs, move |u| u.remove(&path, directory)).await {
-            // Created here and never uploaded: only the namespace holds it.
-            Ok(()) | Err(FsError::NotFound(_)) => {}
-            Err(e) => return Err(e),
+        match self.object_under(&victim, dir.id, &r.name)? {
+            Object::None => {}
+            // Other names remain: the object moves under the next one.
+            Object::Moves { from, to } => ufs_call(ufs, move |u| u.rename(&from, &to))
+                .await
+                .or_else(never_uploaded)?,
+            Object::Goes(path) => {
+                let directory = r.directory;
+                ufs_call(ufs, move |u| u.remove(&path, directory))
+                    .await
+                    .or_else(never_uploaded)?
+            }
         }
         self.commit(command::Op::RemoveEntry(op)).await
+    }
+
+    /// The stored inode behind entry (`parent`, `name`).
+    fn named(&self, parent: u64, name: &[u8]) -> FsResult<Inode> {
+        let entry = self
+            .store
+            .lookup(parent, name)?
+            .ok_or_else(|| FsError::NotFound(String::from_utf8_lossy(name).into_owned()))?;
+        self.store.get(entry.id)
+    }
+
+    /// What becomes of `inode`'s UFS object when its entry (`parent`, `name`) goes.
+    fn object_under(&self, inode: &Inode, parent: u64, name: &[u8]) -> FsResult<Object> {
+        if is_special(inode.kind) || !is_primary(inode, parent, name) {
+            return Ok(Object::None);
+        }
+        match inode.links.first() {
+            None => Ok(Object::Goes(inode.ufs_path.clone())),
+            Some(next) => {
+                let dir = self.store.get(next.parent)?;
+                Ok(Object::Moves {
+                    from: inode.ufs_path.clone(),
+                    to: join(&dir.ufs_path, &next.name),
+                })
+            }
+        }
     }
 
     pub(crate) async fn rename_entry(&self, r: RenameRequest) -> FsResult<Inode> {
@@ -181,35 +237,74 @@ impl MasterService {
             op: Some(command::Op::RenameEntry(op.clone())),
         })
         .await?;
-        let moving = self
-            .store
-            .lookup(from_dir.id, &r.name)?
-            .ok_or_else(|| FsError::NotFound(String::from_utf8_lossy(&r.name).into_owned()))?;
-        let replaced = self.store.lookup(to_dir.id, &r.new_name)?;
-        if replaced.as_ref().is_none_or(|t| t.id != moving.id) {
-            let ufs = self.loader.ufs(from_dir.mount_id)?;
-            let from = moving.ufs_path.clone();
-            let to = join(&to_dir.ufs_path, &r.new_name);
-            let replaced_dir = replaced
-                .as_ref()
-                .map(|t| t.kind == FileKind::Directory as i32);
-            ufs_call(ufs, move |u| match u.rename(&from, &to) {
+        let moving = self.named(from_dir.id, &r.name)?;
+        let replaced = match self.store.lookup(to_dir.id, &r.new_name)? {
+            // Two names of one file: rename(2) does nothing.
+            Some(t) if t.id == moving.id => return Ok(t),
+            Some(t) => Some(self.store.get(t.id)?),
+            None => None,
+        };
+        let ufs = self.loader.ufs(from_dir.mount_id)?;
+        let to = join(&to_dir.ufs_path, &r.new_name);
+        // First the replaced entry's object: it moves under its next name if it has one,
+        // else it is overwritten below (or removed when nothing takes its place).
+        let mut stale_at_to = None;
+        if let Some(target) = &replaced {
+            match self.object_under(target, to_dir.id, &r.new_name)? {
+                Object::None => {}
+                Object::Moves { from, to } => ufs_call(ufs.clone(), move |u| u.rename(&from, &to))
+                    .await
+                    .or_else(never_uploaded)?,
+                Object::Goes(_) => stale_at_to = Some(target.kind == FileKind::Directory as i32),
+            }
+        }
+        let moves_object = !is_special(moving.kind) && is_primary(&moving, from_dir.id, &r.name);
+        let from = moving.ufs_path.clone();
+        ufs_call(ufs, move |u| {
+            let moved = match moves_object {
+                true => u.rename(&from, &to),
+                // A hard link or a special file: no object of its own moves.
+                false => Err(FsError::NotFound(String::new())),
+            };
+            match moved {
                 Ok(()) => Ok(()),
-                // Never uploaded: nothing moves in the UFS, but what it replaces must go,
-                // or a later listing would bring the old object back under this name.
-                Err(FsError::NotFound(_)) => match replaced_dir {
-                    Some(dir) => match u.remove(&to, dir) {
-                        Ok(()) | Err(FsError::NotFound(_)) => Ok(()),
-                        Err(e) => Err(e),
-                    },
+                // Nothing moved in the UFS (never uploaded, or no object of its own), but
+                // what it replaces must go, or a later listing would bring the old object
+                // back under this name.
+                Err(FsError::NotFound(_)) => match stale_at_to {
+                    Some(dir) => u.remove(&to, dir).or_else(never_uploaded),
                     None => Ok(()),
                 },
                 Err(e) => Err(e),
-            })
-            .await?;
-        }
+            }
+        })
+        .await?;
         self.commit(command::Op::RenameEntry(op)).await?;
-        self.store.get(moving.id)
+        self.store
+            .lookup(to_dir.id, &r.new_name)?
+            .ok_or_else(|| FsError::io("renamed entry vanished"))
+    }
+
+    /// link(2): a new name for a file; the UFS is not touched (its object stays under
+    /// the file's first name).
+    pub(crate) async fn link_entry(&self, r: LinkRequest) -> FsResult<Inode> {
+        validate_name(&r.new_name)?;
+        self.loaded_dir(r.new_parent).await?;
+        let _turn = self.loader.mutations.lock().await;
+        let op = LinkEntry {
+            id: r.id,
+            new_parent: r.new_parent,
+            new_name: r.new_name.clone(),
+            now_ns: now_ns(),
+        };
+        self.check(Command {
+            op: Some(command::Op::LinkEntry(op.clone())),
+        })
+        .await?;
+        self.commit(command::Op::LinkEntry(op)).await?;
+        self.store
+            .lookup(r.new_parent, &r.new_name)?
+            .ok_or_else(|| FsError::io("linked entry vanished"))
     }
 
     pub(crate) async fn set_attributes(&self, mut a: SetAttributes) -> FsResult<Inode> {

@@ -206,8 +206,8 @@ mod tests {
     use crate::state_machine::{apply_batch, LogEntry};
     use crate::store::NamespaceStore;
     use granary_protos::v1::{
-        command, Command, CreateInode, LoadDirectory, MountPoint, PrefixPin, RemoveEntry,
-        RenameEntry, SetMount, ShardInfo, UfsEntry,
+        command, Command, CreateInode, LoadDirectory, PrefixPin, RemoveEntry, RenameEntry,
+        ShardInfo, UfsEntry,
     };
 
     fn cmd(op: command::Op) -> Command {
@@ -251,20 +251,7 @@ mod tests {
         let s = NamespaceStore::open(&tmp.path().join("s.redb"), 1).unwrap();
         let root = s.root_id();
         let mut log = vec![
-            LogEntry::command(
-                1,
-                1,
-                cmd(command::Op::SetMount(SetMount {
-                    mount: Some(MountPoint {
-                        mount_id: 1,
-                        path: b"/".to_vec(),
-                        ufs_uri: "file:///data".into(),
-                        ..Default::default()
-                    }),
-                    block_size: 1024,
-                    ..Default::default()
-                })),
-            ),
+            LogEntry::command(1, 1, crate::state_machine::tests::mount()),
             LogEntry::command(2, 1, table(3, &[("/data/pinned", 0)])),
             LogEntry::command(
                 3,

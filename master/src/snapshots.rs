@@ -306,26 +306,13 @@ impl Chunk {
 mod tests {
     use super::*;
     use crate::state_machine::{apply_batch, LogEntry};
-    use granary_protos::v1::{
-        command, Command, FileKind, LoadDirectory, MountPoint, SetMount, UfsEntry,
-    };
+    use granary_protos::v1::{command, Command, FileKind, LoadDirectory, UfsEntry};
 
     #[test]
     fn a_held_view_streams_in_chunks_and_restores_whole_and_unchanged_by_later_writes() {
         let tmp = tempfile::tempdir().unwrap();
         let leader = NamespaceStore::open(&tmp.path().join("a.redb"), 0).unwrap();
-        let mount = Command {
-            op: Some(command::Op::SetMount(SetMount {
-                mount: Some(MountPoint {
-                    mount_id: 1,
-                    path: b"/".to_vec(),
-                    ufs_uri: "file:///data".into(),
-                    ..Default::default()
-                }),
-                block_size: 1024,
-                ..Default::default()
-            })),
-        };
+        let mount = crate::state_machine::tests::mount();
         let load = |entries: Vec<UfsEntry>| Command {
             op: Some(command::Op::LoadDirectory(LoadDirectory {
                 dir_id: 1,

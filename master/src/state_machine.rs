@@ -23,7 +23,7 @@ use crate::store::{
 const META_BLOCK_SIZE: &str = "block_size";
 
 impl Tables<'_> {
-    fn add_count(&mut self, delta: i64) -> Result<(), StoreError> {
+    pub(crate) fn add_count(&mut self, delta: i64) -> Result<(), StoreError> {
         let n = meta_u64(&self.meta, META_INODE_COUNT)? as i64 + delta;
         self.set_u64(META_INODE_COUNT, n.max(0) as u64)
     }
@@ -46,19 +46,27 @@ impl Tables<'_> {
         Ok(out)
     }
 
+    /// Drops the entry (`parent`, `name`) of inode `id` and, when it was the inode's
+    /// primary name, everything below it: the UFS no longer has that object (or this
+    /// shard no longer keeps it). A hard link among the dropped entries leaves its file
+    /// alone; a file whose object went drops all its names.
     fn remove_subtree(&mut self, parent: u64, name: &[u8], id: u64) -> Result<(), StoreError> {
-        redb_err!(self.children.remove(child_key(parent, name).as_slice()))?;
-        let mut stack = vec![id];
-        let mut removed = 0i64;
-        while let Some(id) = stack.pop() {
-            for (name, child) in self.children_of(id)? {
-                redb_err!(self.children.remove(child_key(id, &name).as_slice()))?;
-                stack.push(child);
+        let mut stack = vec![(parent, name.to_vec(), id)];
+        while let Some((parent, name, id)) = stack.pop() {
+            let Some(inode) = self.get(id)? else {
+                redb_err!(self.children.remove(child_key(parent, &name).as_slice()))?;
+                continue;
+            };
+            if !crate::links::is_primary(&inode, parent, &name) {
+                self.unlink_name(parent, &name, &inode, inode.ctime_ns)?;
+                continue;
             }
-            redb_err!(self.inodes.remove(id))?;
-            removed += 1;
+            for (child_name, child) in self.children_of(id)? {
+                stack.push((id, child_name, child));
+            }
+            self.forget_inode(&inode)?;
         }
-        self.add_count(-removed)
+        Ok(())
     }
 }
 
@@ -168,6 +176,7 @@ pub(crate) fn apply(t: &mut Tables<'_>, cmd: &Command) -> Result<FsResult<()>, S
         Some(command::Op::SetAttributes(a)) => set_attributes(t, a),
         Some(command::Op::CommitContent(c)) => commit_content(t, c),
         Some(command::Op::SetRoutingTable(s)) => crate::routing::set_routing_table(t, s),
+        Some(command::Op::LinkEntry(l)) => crate::links::link_entry(t, l),
         None => Ok(Err(FsError::InvalidArgument("empty command".into()))),
     }
 }
@@ -246,9 +255,14 @@ fn load_directory(t: &mut Tables<'_>, l: &LoadDirectory) -> Result<FsResult<()>,
         };
         let previous = match previous_id {
             Some(id) => match t.get(id)? {
+                // A hard link made here: the UFS object under this name is not its file's.
+                Some(old) if !crate::links::is_primary(&old, dir.id, &e.name) => continue,
                 // A directory that became a referral (or stopped being one) is replaced.
                 Some(old) if old.kind == e.kind && old.referral == e.referral => Some(old),
-                Some(_) => {
+                Some(old) => {
+                    if old.kind == FileKind::Directory as i32 {
+                        t.adjust_subdirs(dir.id, -1)?;
+                    }
                     t.remove_subtree(dir.id, &e.name, id)?;
                     None
                 }
@@ -273,6 +287,9 @@ fn load_directory(t: &mut Tables<'_>, l: &LoadDirectory) -> Result<FsResult<()>,
                 let id = t.allocate_id()?;
                 redb_err!(t.children.insert(child_key(dir.id, &e.name).as_slice(), id))?;
                 added += 1;
+                if e.kind == FileKind::Directory as i32 {
+                    t.adjust_subdirs(dir.id, 1)?;
+                }
                 Inode {
                     id,
                     parent: dir.id,
@@ -315,8 +332,15 @@ fn load_directory(t: &mut Tables<'_>, l: &LoadDirectory) -> Result<FsResult<()>,
         }
     };
     for (name, id) in vanished {
-        let created_here = t.get(id)?.is_some_and(|i| i.fingerprint.is_none());
-        if !created_here {
+        let Some(gone) = t.get(id)? else { continue };
+        // Hard links and special files live only in the namespace.
+        let namespace_only = gone.fingerprint.is_none()
+            || !crate::links::is_primary(&gone, dir.id, &name)
+            || is_special(gone.kind);
+        if !namespace_only {
+            if gone.kind == FileKind::Directory as i32 {
+                t.adjust_subdirs(dir.id, -1)?;
+            }
             t.remove_subtree(dir.id, &name, id)?;
         }
     }
@@ -338,22 +362,16 @@ fn create_inode(t: &mut Tables<'_>, c: &CreateInode) -> Result<FsResult<()>, Sto
     let Some(dir) = t.get(c.parent)? else {
         return Ok(Err(FsError::NotFound(format!("directory {:#x}", c.parent))));
     };
-    if dir.kind != FileKind::Directory as i32 {
-        return Ok(Err(FsError::NotDir(
-            String::from_utf8_lossy(&dir.name).into_owned(),
-        )));
-    }
-    let key = child_key(dir.id, &c.name);
-    if redb_err!(t.children.get(key.as_slice()))?.is_some() {
-        return Ok(Err(FsError::Exists(
-            String::from_utf8_lossy(&c.name).into_owned(),
-        )));
-    }
-    if let Err(e) = t.check_owned(&dir, &c.name)? {
+    if let Err(e) = check_new_entry(t, &dir, &c.name)? {
         return Ok(Err(e));
     }
+    if is_special(c.kind) && c.fingerprint.is_some() {
+        return Ok(Err(FsError::InvalidArgument(
+            "special files have no UFS object".into(),
+        )));
+    }
     let id = t.allocate_id()?;
-    redb_err!(t.children.insert(key.as_slice(), id))?;
+    redb_err!(t.children.insert(child_key(dir.id, &c.name).as_slice(), id))?;
     let block_size = meta_u64(&t.meta, META_BLOCK_SIZE)?;
     t.put(&Inode {
         id,
@@ -375,9 +393,15 @@ fn create_inode(t: &mut Tables<'_>, c: &CreateInode) -> Result<FsResult<()>, Sto
         ufs_path: join(&dir.ufs_path, &c.name),
         listed_at_ns: c.mtime_ns,
         referral: None,
+        links: Vec::new(),
+        rdev: c.rdev,
+        subdirs: 0,
     })?;
     t.add_count(1)?;
-    touch_dir(t, dir, c.mtime_ns)?;
+    if c.kind == FileKind::Directory as i32 {
+        t.adjust_subdirs(dir.id, 1)?;
+    }
+    touch_dir(t, dir.id, c.mtime_ns)?;
     Ok(Ok(()))
 }
 
@@ -385,11 +409,37 @@ fn shown(name: &[u8]) -> String {
     String::from_utf8_lossy(name).into_owned()
 }
 
+/// Whether `name` may be added to `dir`: a directory of this shard without that name.
+pub(crate) fn check_new_entry(
+    t: &Tables<'_>,
+    dir: &Inode,
+    name: &[u8],
+) -> Result<FsResult<()>, StoreError> {
+    if dir.kind != FileKind::Directory as i32 {
+        return Ok(Err(FsError::NotDir(shown(&dir.name))));
+    }
+    if redb_err!(t.children.get(child_key(dir.id, name).as_slice()))?.is_some() {
+        return Ok(Err(FsError::Exists(shown(name))));
+    }
+    t.check_owned(dir, name)
+}
+
 /// A directory's entries changed: its mtime and ctime move.
-fn touch_dir(t: &mut Tables<'_>, mut dir: Inode, now_ns: i64) -> Result<(), StoreError> {
-    dir.mtime_ns = now_ns;
-    dir.ctime_ns = now_ns;
-    t.put(&dir)
+fn touch_dir(t: &mut Tables<'_>, dir: u64, now_ns: i64) -> Result<(), StoreError> {
+    if let Some(mut d) = t.get(dir)? {
+        d.mtime_ns = now_ns;
+        d.ctime_ns = now_ns;
+        t.put(&d)?;
+    }
+    Ok(())
+}
+
+/// A fifo, socket or device: only the namespace holds it.
+pub(crate) fn is_special(kind: i32) -> bool {
+    matches!(
+        FileKind::try_from(kind),
+        Ok(FileKind::Fifo | FileKind::Socket | FileKind::CharDevice | FileKind::BlockDevice)
+    )
 }
 
 /// The directory `id`, or the error a path through it gives.
@@ -416,15 +466,6 @@ fn has_children(t: &Tables<'_>, dir: u64) -> Result<bool, StoreError> {
         .is_some())
 }
 
-/// Unlinks `victim` from `parent` (it must be a file, a symlink or an empty directory).
-fn unlink(t: &mut Tables<'_>, parent: u64, victim: &Inode) -> Result<(), StoreError> {
-    redb_err!(t
-        .children
-        .remove(child_key(parent, &victim.name).as_slice()))?;
-    redb_err!(t.inodes.remove(victim.id))?;
-    t.add_count(-1)
-}
-
 fn remove_entry(t: &mut Tables<'_>, r: &RemoveEntry) -> Result<FsResult<()>, StoreError> {
     let dir = match directory(t, r.parent)? {
         Ok(d) => d,
@@ -446,8 +487,8 @@ fn remove_entry(t: &mut Tables<'_>, r: &RemoveEntry) -> Result<FsResult<()>, Sto
     if is_dir && has_children(t, victim.id)? {
         return Ok(Err(FsError::NotEmpty(shown(&r.name))));
     }
-    unlink(t, dir.id, &victim)?;
-    touch_dir(t, dir, r.now_ns)?;
+    t.unlink_name(dir.id, &r.name, &victim, r.now_ns)?;
+    touch_dir(t, dir.id, r.now_ns)?;
     Ok(Ok(()))
 }
 
@@ -459,6 +500,10 @@ fn move_subtree_paths(t: &mut Tables<'_>, dir: &Inode) -> Result<(), StoreError>
             let Some(mut c) = t.get(child_id)? else {
                 continue;
             };
+            // A hard link here names a file whose object is under another name.
+            if !crate::links::is_primary(&c, id, &name) {
+                continue;
+            }
             c.ufs_path = join(&path, &name);
             if c.kind == FileKind::Directory as i32 {
                 stack.push((c.id, c.ufs_path.clone()));
@@ -508,11 +553,11 @@ fn rename_entry(t: &mut Tables<'_>, r: &RenameEntry) -> Result<FsResult<()>, Sto
         }
     }
     if let Some(target) = child(t, to_dir.id, &r.new_name)? {
-        if target.id == moving.id {
-            return Ok(Ok(()));
-        }
         if r.no_replace {
             return Ok(Err(FsError::Exists(shown(&r.new_name))));
+        }
+        if target.id == moving.id {
+            return Ok(Ok(()));
         }
         if let Err(e) = t.check_movable(&target)? {
             return Ok(Err(e));
@@ -526,7 +571,7 @@ fn rename_entry(t: &mut Tables<'_>, r: &RenameEntry) -> Result<FsResult<()>, Sto
             }
             _ => {}
         }
-        unlink(t, to_dir.id, &target)?;
+        t.unlink_name(to_dir.id, &r.new_name, &target, r.now_ns)?;
     }
     redb_err!(t
         .children
@@ -534,22 +579,30 @@ fn rename_entry(t: &mut Tables<'_>, r: &RenameEntry) -> Result<FsResult<()>, Sto
     redb_err!(t
         .children
         .insert(child_key(to_dir.id, &r.new_name).as_slice(), moving.id))?;
-    moving.parent = to_dir.id;
-    moving.name = r.new_name.clone();
-    moving.ufs_path = join(&to_dir.ufs_path, &r.new_name);
+    if crate::links::is_primary(&moving, from_dir.id, &r.name) {
+        moving.parent = to_dir.id;
+        moving.name = r.new_name.clone();
+        moving.ufs_path = join(&to_dir.ufs_path, &r.new_name);
+    } else {
+        // A hard link moves; the UFS object stays under the primary name.
+        for l in &mut moving.links {
+            if l.parent == from_dir.id && l.name == r.name {
+                l.parent = to_dir.id;
+                l.name = r.new_name.clone();
+            }
+        }
+    }
     moving.ctime_ns = r.now_ns;
     t.put(&moving)?;
     if moving_dir && !t.dry_run {
         move_subtree_paths(t, &moving)?;
     }
-    let same_dir = from_dir.id == to_dir.id;
-    touch_dir(t, from_dir, r.now_ns)?;
-    if !same_dir {
-        // Re-read: the source directory's update may be this one's ancestor chain only.
-        if let Some(d) = t.get(to_dir.id)? {
-            touch_dir(t, d, r.now_ns)?;
-        }
+    if moving_dir && from_dir.id != to_dir.id {
+        t.adjust_subdirs(from_dir.id, -1)?;
+        t.adjust_subdirs(to_dir.id, 1)?;
     }
+    touch_dir(t, from_dir.id, r.now_ns)?;
+    touch_dir(t, to_dir.id, r.now_ns)?;
     Ok(Ok(()))
 }
 
@@ -593,12 +646,13 @@ fn commit_content(t: &mut Tables<'_>, c: &CommitContent) -> Result<FsResult<()>,
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use crate::store::StoreError;
     use granary_protos::v1::{command, FileKind, LoadDirectory, MountPoint, SetMount, UfsEntry};
 
-    fn mount() -> Command {
+    /// Mounts `file:///data` at the root, with 1 KiB blocks.
+    pub(crate) fn mount() -> Command {
         Command {
             op: Some(command::Op::SetMount(SetMount {
                 mount: Some(MountPoint {

@@ -70,6 +70,16 @@ macro_rules! redb_err {
 }
 pub(crate) use redb_err;
 
+/// `inode` as the entry (`parent`, `name`) shows it: a hard link answers with its own
+/// name (the stored record carries the primary one).
+fn as_named(mut inode: Inode, parent: u64, name: &[u8]) -> Inode {
+    if inode.parent != parent || inode.name != name {
+        inode.parent = parent;
+        inode.name = name.to_vec();
+    }
+    inode
+}
+
 pub(crate) fn child_key(parent: u64, name: &[u8]) -> Vec<u8> {
     let mut k = Vec::with_capacity(8 + name.len());
     k.extend_from_slice(&parent.to_be_bytes());
@@ -339,7 +349,7 @@ impl NamespaceStore {
         let inodes = redb_err!(txn.open_table(INODES))?;
         let found = redb_err!(inodes.get(child))?;
         match found {
-            Some(v) => Ok(Some(decode_inode(v.value())?)),
+            Some(v) => Ok(Some(as_named(decode_inode(v.value())?, parent, name))),
             None => Err(StoreError::Corrupt(format!("dangling entry to {child:#x}")).into()),
         }
     }
@@ -362,7 +372,7 @@ impl NamespaceStore {
         let upper = (parent + 1).to_be_bytes();
         let mut out = Vec::new();
         for item in redb_err!(children.range(lower.as_slice()..&upper[..]))? {
-            let (_, id) = redb_err!(item)?;
+            let (key, id) = redb_err!(item)?;
             if out.len() == limit {
                 return Ok((out, true));
             }
@@ -370,7 +380,8 @@ impl NamespaceStore {
             let v = found.ok_or_else(|| {
                 StoreError::Corrupt(format!("dangling entry to {:#x}", id.value()))
             })?;
-            out.push(decode_inode(v.value())?);
+            let name = &key.value()[8..];
+            out.push(as_named(decode_inode(v.value())?, parent, name));
         }
         Ok((out, false))
     }

@@ -5,8 +5,8 @@ mod shard_client;
 
 use granary_common::{FsError, FsResult};
 use granary_protos::v1::{
-    BlockLocationsReply, CommitContent, CreateRequest, Inode, RenameRequest, SetAttributes,
-    StatFsReply, WorkerInfo,
+    BlockLocationsReply, CommitContent, CreateRequest, Inode, LinkRequest, RenameRequest,
+    SetAttributes, StatFsReply, WorkerInfo,
 };
 
 pub use shard_client::{ClientOptions, GrpcMetadataClient};
@@ -37,6 +37,10 @@ pub trait MetadataService: Send + Sync {
     }
     fn rename(&self, req: RenameRequest) -> FsResult<Inode> {
         Err(read_only(&req.name))
+    }
+    /// A new name for file `req.id` (link(2)); answers the inode under that name.
+    fn link(&self, req: LinkRequest) -> FsResult<Inode> {
+        Err(read_only(&req.new_name))
     }
     fn set_attr(&self, attrs: SetAttributes) -> FsResult<Inode> {
         let _ = attrs;

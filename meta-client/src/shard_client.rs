@@ -521,6 +521,26 @@ impl MetadataService for GrpcMetadataClient {
         }
     }
 
+    fn link(&self, req: LinkRequest) -> FsResult<Inode> {
+        let (r, retried) = self.mutate("link", |mut c| {
+            let req = req.clone();
+            async move { c.link(req).await }
+        });
+        match r {
+            // A retry of a link that went through: the name is there.
+            Err(FsError::Exists(_)) if retried => {
+                let found = self.lookup(req.new_parent, &req.new_name)?;
+                match found.id == req.id {
+                    true => Ok(found),
+                    false => Err(FsError::Exists(
+                        String::from_utf8_lossy(&req.new_name).into_owned(),
+                    )),
+                }
+            }
+            r => inode(r?),
+        }
+    }
+
     fn set_attr(&self, attrs: SetAttributes) -> FsResult<Inode> {
         inode(
             self.mutate("set_attr", |mut c| {

@@ -17,7 +17,7 @@ use granary_common::{FsError, FsResult};
 use granary_meta_client::{ClientOptions, GrpcMetadataClient, MetadataService};
 use granary_protos::v1::routing_client::RoutingClient;
 use granary_protos::v1::{
-    BlockLocationsReply, CommitContent, CreateRequest, GetRoutingTableRequest, Inode,
+    BlockLocationsReply, CommitContent, CreateRequest, GetRoutingTableRequest, Inode, LinkRequest,
     RenameRequest, RoutingTable as TableProto, SetAttributes, StatFsReply, WorkerInfo,
 };
 
@@ -448,6 +448,23 @@ impl MetadataService for ShardedMetadata {
             }
             self.shard(from)?.rename(RenameRequest {
                 parent,
+                new_parent,
+                ..req.clone()
+            })
+        })
+    }
+
+    fn link(&self, req: LinkRequest) -> FsResult<Inode> {
+        self.routed(|| {
+            let (to, new_parent) = self.place(req.new_parent, &req.new_name);
+            let from = shard_of(req.id);
+            if from != to {
+                return Err(FsError::CrossDevice(format!(
+                    "{} is on shard {from}, the new name on shard {to}",
+                    String::from_utf8_lossy(&req.new_name)
+                )));
+            }
+            self.shard(to)?.link(LinkRequest {
                 new_parent,
                 ..req.clone()
             })

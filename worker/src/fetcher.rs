@@ -137,7 +137,15 @@ fn fetch(
             id.1
         )));
     }
-    let now = ufs.stat(&src.ufs_path)?;
+    let now = ufs.stat(&src.ufs_path).map_err(|e| match e {
+        // Moved (a rename, or a hard link's first name unlinked) or deleted since the
+        // client read its metadata: the client reloads it and asks again.
+        FsError::NotFound(_) => FsError::Stale(format!(
+            "{} is no longer in the UFS; reload its metadata",
+            String::from_utf8_lossy(&src.ufs_path)
+        )),
+        e => e,
+    })?;
     if now.size != src.fingerprint.size || now.mtime_ns != src.fingerprint.mtime_ns {
         return Err(FsError::Stale(format!(
             "{} changed in the UFS (size {} -> {}); reload its metadata",

@@ -166,6 +166,7 @@ impl MetadataService for MemNamespace {
             uid: req.uid,
             gid: req.gid,
             symlink_target: req.symlink_target,
+            rdev: req.rdev,
             block_size: 1 << 20,
             ..Default::default()
         };

@@ -177,6 +177,15 @@ impl GranaryFs {
         }
     }
 
+    /// Directory `dir` gained (`delta` > 0) or lost subdirectories here: its cached link
+    /// count follows, as the master's did.
+    fn subdirs_changed(&self, dir: u64, delta: i64) {
+        if let Some(mut d) = self.attrs.get(&dir) {
+            d.subdirs = d.subdirs.saturating_add_signed(delta);
+            self.attrs.insert(dir, d);
+        }
+    }
+
     fn forget_entry(&self, parent: u64, name: &[u8]) {
         self.dir_changed(parent);
         if let Some(id) = self.entries.get(&(parent, name.to_vec())) {

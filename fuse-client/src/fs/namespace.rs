@@ -2,7 +2,9 @@
 
 use granary_common::path::validate_name;
 use granary_common::{FsError, FsResult};
-use granary_protos::v1::{CreateRequest, FileKind, Inode, RenameRequest, SetAttributes};
+use granary_protos::v1::{
+    CreateRequest, FileKind, Inode, LinkRequest, RenameRequest, SetAttributes,
+};
 
 use super::{is_dir, DirEntry, DirStream, GranaryFs, SetAttr};
 use std::sync::{Arc, Mutex};
@@ -66,6 +68,9 @@ impl GranaryFs {
         let inode = self.meta.create(req)?;
         self.remember(&inode);
         self.dir_changed(inode.parent);
+        if is_dir(&inode) {
+            self.subdirs_changed(inode.parent, 1);
+        }
         Ok(inode)
     }
 
@@ -85,6 +90,7 @@ impl GranaryFs {
             uid,
             gid,
             symlink_target: Vec::new(),
+            rdev: 0,
         })
     }
 
@@ -104,7 +110,66 @@ impl GranaryFs {
             uid,
             gid,
             symlink_target: target.to_vec(),
+            rdev: 0,
         })
+    }
+
+    /// mknod(2) of a fifo, socket or device (kept in the namespace only); a regular file
+    /// is created empty and closed.
+    #[allow(clippy::too_many_arguments)]
+    pub fn mknod(
+        &self,
+        parent: u64,
+        name: &[u8],
+        mode: u32,
+        rdev: u64,
+        uid: u32,
+        gid: u32,
+    ) -> FsResult<Inode> {
+        let kind = match mode & libc::S_IFMT {
+            libc::S_IFIFO => FileKind::Fifo,
+            libc::S_IFSOCK => FileKind::Socket,
+            libc::S_IFCHR => FileKind::CharDevice,
+            libc::S_IFBLK => FileKind::BlockDevice,
+            0 | libc::S_IFREG => {
+                let (inode, fh) =
+                    self.create(parent, name, mode & 0o7777, libc::O_EXCL, uid, gid)?;
+                self.release(fh);
+                return Ok(inode);
+            }
+            other => {
+                return Err(FsError::InvalidArgument(format!(
+                    "mknod of file type {other:o}"
+                )))
+            }
+        };
+        self.make(CreateRequest {
+            parent,
+            name: name.to_vec(),
+            kind: kind as i32,
+            mode: mode & 0o7777,
+            uid,
+            gid,
+            symlink_target: Vec::new(),
+            rdev: match kind {
+                FileKind::CharDevice | FileKind::BlockDevice => rdev,
+                _ => 0,
+            },
+        })
+    }
+
+    /// link(2): `new_name` in `new_parent` names file `ino` too.
+    pub fn link(&self, ino: u64, new_parent: u64, new_name: &[u8]) -> FsResult<Inode> {
+        self.writable()?;
+        validate_name(new_name)?;
+        let inode = self.meta.link(LinkRequest {
+            id: ino,
+            new_parent,
+            new_name: new_name.to_vec(),
+        })?;
+        self.remember(&inode);
+        self.dir_changed(new_parent);
+        Ok(self.overlay(inode))
     }
 
     /// unlink(2) (`directory` false) or rmdir(2).
@@ -112,12 +177,33 @@ impl GranaryFs {
         self.writable()?;
         validate_name(name)?;
         let victim = self.entries.get(&(parent, name.to_vec()));
+        let single = victim.is_some_and(|id| self.has_one_name(id));
         self.meta.remove(parent, name, directory)?;
         self.forget_entry(parent, name);
+        if directory {
+            self.subdirs_changed(parent, -1);
+        }
         if let Some(id) = victim {
-            self.unlinked(id);
+            self.lost_a_name(id, single);
         }
         Ok(())
+    }
+
+    /// Whether file `ino` is known to have no name besides the one about to go.
+    fn has_one_name(&self, ino: u64) -> bool {
+        self.attrs.get(&ino).is_some_and(|i| i.links.is_empty())
+    }
+
+    /// File `ino` lost a name: with none left it is gone; otherwise (or when unknown)
+    /// the masters say whether it lives on, with its new link count.
+    fn lost_a_name(&self, ino: u64, single: bool) {
+        if !single {
+            if let Ok(now) = self.meta.getattr(ino) {
+                self.attrs.insert(ino, now);
+                return;
+            }
+        }
+        self.unlinked(ino);
     }
 
     /// A file open for writing here lost its name: its last close must not bring it back
@@ -141,6 +227,12 @@ impl GranaryFs {
         validate_name(name)?;
         validate_name(new_name)?;
         let replaced = self.entries.get(&(new_parent, new_name.to_vec()));
+        let single = replaced.is_some_and(|id| self.has_one_name(id));
+        // Whether the replaced entry is a directory (None: not known here).
+        let replaced_dir = match replaced {
+            Some(id) => self.attrs.get(&id).map(|i| is_dir(&i)),
+            None => Some(false),
+        };
         let moved = self.meta.rename(RenameRequest {
             parent,
             name: name.to_vec(),
@@ -151,7 +243,16 @@ impl GranaryFs {
         self.forget_entry(parent, name);
         self.forget_entry(new_parent, new_name);
         if let Some(id) = replaced.filter(|&id| id != moved.id) {
-            self.unlinked(id);
+            self.lost_a_name(id, single);
+            match replaced_dir {
+                Some(true) => self.subdirs_changed(new_parent, -1),
+                Some(false) => {}
+                None => self.attrs.invalidate(&new_parent),
+            }
+        }
+        if is_dir(&moved) && parent != new_parent {
+            self.subdirs_changed(parent, -1);
+            self.subdirs_changed(new_parent, 1);
         }
         self.remember(&moved);
         Ok(())

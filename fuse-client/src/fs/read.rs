@@ -71,7 +71,12 @@ impl GranaryFs {
                 tracing::info!(ino = file.ino, %why, "file changed in the UFS; refreshing its metadata");
                 self.meta.refresh(inode.parent)?;
                 self.attrs.invalidate(&file.ino);
-                *inode = self.committed(file.ino)?;
+                *inode = self.committed(file.ino).map_err(|e| match e {
+                    // Its last name went (here or elsewhere) and its object with it: a
+                    // data error for read(2), as a local filesystem's lost block would be.
+                    FsError::NotFound(_) => FsError::io(format!("{why}; the file is deleted")),
+                    e => e,
+                })?;
                 *state = ReadState::default();
                 if offset >= inode.size {
                     return Ok(Vec::new());

@@ -37,6 +37,7 @@ impl GranaryFs {
             uid,
             gid,
             symlink_target: Vec::new(),
+            rdev: 0,
         });
         let inode = match created {
             // Made elsewhere since the kernel looked the name up: open it, as open(2)

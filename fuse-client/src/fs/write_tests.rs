@@ -257,3 +257,54 @@ fn an_fsync_after_a_close_stores_the_content_again_durably_and_only_once() {
     assert_eq!(store.files.lock().unwrap()[&inode.id], b"abc");
     fs.release(fh);
 }
+
+#[test]
+fn mknod_makes_special_files_in_the_namespace_and_regular_files_empty() {
+    let (fs, ns, store) = fs();
+    let dev = fs
+        .mknod(1, b"tty", libc::S_IFCHR | 0o620, 0x0403, 5, 6)
+        .unwrap();
+    assert_eq!(
+        (dev.kind, dev.mode, dev.rdev, dev.uid, dev.gid),
+        (FileKind::CharDevice as i32, 0o620, 0x0403, 5, 6)
+    );
+    let fifo = fs
+        .mknod(1, b"pipe", libc::S_IFIFO | 0o600, 77, 0, 0)
+        .unwrap();
+    assert_eq!(
+        (fifo.kind, fifo.rdev),
+        (FileKind::Fifo as i32, 0),
+        "rdev only for devices"
+    );
+    let sock = fs
+        .mknod(1, b"sock", libc::S_IFSOCK | 0o755, 0, 0, 0)
+        .unwrap();
+    assert_eq!(fs.lookup(1, b"sock").unwrap().kind, FileKind::Socket as i32);
+    assert_eq!(ns.getattr(sock.id).unwrap().kind, FileKind::Socket as i32);
+    assert_eq!(
+        store.uploads.load(Ordering::Relaxed),
+        0,
+        "no special file reaches the UFS"
+    );
+    let plain = fs
+        .mknod(1, b"plain", libc::S_IFREG | 0o640, 0, 0, 0)
+        .unwrap();
+    assert_eq!((plain.kind, plain.size), (FileKind::File as i32, 0));
+    assert_eq!(
+        fs.mknod(1, b"plain", libc::S_IFREG | 0o640, 0, 0, 0)
+            .unwrap_err()
+            .errno(),
+        libc::EEXIST
+    );
+    assert_eq!(
+        fs.mknod(1, b"dir", libc::S_IFDIR | 0o755, 0, 0, 0)
+            .unwrap_err()
+            .errno(),
+        libc::EINVAL
+    );
+    assert_eq!(
+        store.uploads.load(Ordering::Relaxed),
+        1,
+        "the regular file does"
+    );
+}

@@ -2,7 +2,7 @@
 //! Each case runs in a fresh directory, first its setup as root, then its body as root or
 //! as an unprivileged user; every syscall's outcome (success or errno) and every stat is
 //! recorded as a line. The same case run on a Granary mount and on a plain directory
-//! must record the same lines (documented exceptions aside: see `EXCEPTIONS`).
+//! must record the same lines.
 //!
 //! Cases run in the `posix-probe` binary, so the unprivileged ones can run under another
 //! uid without forking the multi-threaded test process.
@@ -12,6 +12,7 @@ mod chown;
 mod data;
 mod link;
 mod mkdir;
+mod mknod;
 mod names;
 mod open;
 mod perms;
@@ -24,6 +25,7 @@ mod utimensat;
 
 use std::ffi::CString;
 use std::os::unix::ffi::OsStrExt;
+use std::os::unix::fs::FileTypeExt;
 use std::path::{Path, PathBuf};
 
 /// The unprivileged user cases run as (nobody).
@@ -45,12 +47,6 @@ pub struct Case {
     pub body: fn(&mut Probe),
 }
 
-/// Cases whose outcome differs on Granary by design, with the reason (README lists them).
-pub const EXCEPTIONS: &[(&str, &str)] = &[(
-    "link/hard_link",
-    "hard links are refused with EPERM: an object-store UFS cannot hold two names for one object",
-)];
-
 pub fn cases() -> Vec<Case> {
     let mut all = Vec::new();
     for family in [
@@ -65,6 +61,7 @@ pub fn cases() -> Vec<Case> {
         utimensat::cases(),
         symlink::cases(),
         link::cases(),
+        mknod::cases(),
         names::cases(),
         perms::cases(),
         data::cases(),
@@ -114,6 +111,20 @@ fn errno_name(e: i32) -> String {
         .find(|(n, _)| *n == e)
         .map(|(_, s)| s.to_string())
         .unwrap_or_else(|| format!("errno {e}"))
+}
+
+/// The file type in a stat's mode, as `ls` would name it.
+fn kind_name(mode: u32) -> &'static str {
+    match mode & libc::S_IFMT {
+        libc::S_IFDIR => "dir",
+        libc::S_IFREG => "file",
+        libc::S_IFLNK => "symlink",
+        libc::S_IFIFO => "fifo",
+        libc::S_IFSOCK => "socket",
+        libc::S_IFCHR => "chr",
+        libc::S_IFBLK => "blk",
+        _ => "other",
+    }
 }
 
 fn last_errno() -> i32 {
@@ -230,26 +241,26 @@ impl Probe {
         };
         let what = if follow { "stat" } else { "lstat" };
         self.rec(&format!("{what} {rel}"), rc as i64)?;
-        let kind = match st.st_mode & libc::S_IFMT {
-            libc::S_IFDIR => "dir",
-            libc::S_IFREG => "file",
-            libc::S_IFLNK => "symlink",
-            _ => "other",
-        };
-        // Directory sizes and link counts are filesystem-specific; they are not compared.
+        let kind = kind_name(st.st_mode);
+        // Directory sizes are filesystem-specific; they are not compared.
         let size = if kind == "dir" {
             String::new()
         } else {
             format!(" size={}", st.st_size)
         };
-        let nlink = if kind == "file" {
-            format!(" nlink={}", st.st_nlink)
+        let rdev = if matches!(kind, "chr" | "blk") {
+            format!(
+                " rdev={}:{}",
+                libc::major(st.st_rdev),
+                libc::minor(st.st_rdev)
+            )
         } else {
             String::new()
         };
         self.note(format!(
-            "  {kind} perm={:o}{size}{nlink} uid={} gid={}",
+            "  {kind} perm={:o}{size}{rdev} nlink={} uid={} gid={}",
             st.st_mode & 0o7777,
+            st.st_nlink,
             st.st_uid,
             st.st_gid
         ));
@@ -331,6 +342,84 @@ impl Probe {
         self.rec(&format!("link {from} {to}"), rc as i64);
     }
 
+    /// mknod(2) with a file type in `mode` and a device number (major, minor).
+    pub fn mknod(&mut self, rel: &str, mode: u32, dev: (u32, u32)) {
+        let p = self.path(rel);
+        // SAFETY: a NUL-terminated path.
+        let rc = unsafe { libc::mknod(p.as_ptr(), mode, libc::makedev(dev.0, dev.1)) };
+        self.rec(
+            &format!(
+                "mknod {rel} {} {mode:o} {}:{}",
+                kind_name(mode),
+                dev.0,
+                dev.1
+            ),
+            rc as i64,
+        );
+    }
+
+    pub fn mkfifo(&mut self, rel: &str, mode: u32) {
+        let p = self.path(rel);
+        // SAFETY: a NUL-terminated path.
+        let rc = unsafe { libc::mkfifo(p.as_ptr(), mode) };
+        self.rec(&format!("mkfifo {rel} {mode:o}"), rc as i64);
+    }
+
+    /// Opens fifo `rel` for reading and writing without blocking, and passes bytes
+    /// through it (the kernel's pipe, behind an inode of this filesystem).
+    pub fn fifo_roundtrip(&mut self, rel: &str, data: &[u8]) {
+        let Some(fd) = self.open(rel, libc::O_RDWR | libc::O_NONBLOCK, 0) else {
+            return;
+        };
+        self.write(fd, data);
+        let mut buf = vec![0u8; data.len() + 16];
+        // SAFETY: the buffer outlives the call.
+        let n = unsafe { libc::read(fd, buf.as_mut_ptr().cast(), buf.len()) };
+        if let Some(n) = self.rec("read fifo", n as i64) {
+            buf.truncate(n as usize);
+            self.note(format!("  got {n} bytes {}", digest(&buf)));
+        }
+        self.close(fd);
+    }
+
+    /// Binds a Unix socket at `rel`, connects to it by that path and passes bytes from
+    /// the client to the accepted connection.
+    pub fn socket_roundtrip(&mut self, rel: &str, data: &[u8]) {
+        use std::io::{Read, Write};
+        use std::os::unix::net::{UnixListener, UnixStream};
+        let path = self.dir.join(rel);
+        let listener = match UnixListener::bind(&path) {
+            Ok(l) => {
+                self.note(format!("bind {rel}: ok"));
+                l
+            }
+            Err(e) => {
+                let e = errno_name(e.raw_os_error().unwrap_or(0));
+                return self.note(format!("bind {rel}: {e}"));
+            }
+        };
+        let mut client = match UnixStream::connect(&path) {
+            Ok(c) => {
+                self.note(format!("connect {rel}: ok"));
+                c
+            }
+            Err(e) => {
+                let e = errno_name(e.raw_os_error().unwrap_or(0));
+                return self.note(format!("connect {rel}: {e}"));
+            }
+        };
+        let (mut server, _) = listener.accept().expect("accept a connected client");
+        client.write_all(data).expect("write to a connected socket");
+        drop(client);
+        let mut got = Vec::new();
+        server.read_to_end(&mut got).expect("read from a socket");
+        self.note(format!(
+            "  socket passed {} bytes {}",
+            got.len(),
+            digest(&got)
+        ));
+    }
+
     pub fn chmod(&mut self, rel: &str, mode: u32) {
         let p = self.path(rel);
         // SAFETY: a NUL-terminated path.
@@ -401,9 +490,21 @@ impl Probe {
     pub fn list(&mut self, rel: &str) {
         match std::fs::read_dir(self.dir.join(rel)) {
             Ok(rd) => {
+                // Each name with the type readdir gives it (d_type).
                 let mut names: Vec<String> = rd
                     .filter_map(|e| e.ok())
-                    .map(|e| e.file_name().to_string_lossy().into_owned())
+                    .map(|e| {
+                        let kind = match e.file_type() {
+                            Ok(t) if t.is_dir() => "/",
+                            Ok(t) if t.is_symlink() => "@",
+                            Ok(t) if t.is_fifo() => "|",
+                            Ok(t) if t.is_socket() => "=",
+                            Ok(t) if t.is_char_device() => "%c",
+                            Ok(t) if t.is_block_device() => "%b",
+                            _ => "",
+                        };
+                        format!("{}{kind}", e.file_name().to_string_lossy())
+                    })
                     .collect();
                 names.sort();
                 self.note(format!("list {rel}: {names:?}"));

@@ -55,6 +55,14 @@ impl Namespace for MasterService {
         Ok(Response::new(InodeReply { inode: Some(inode) }))
     }
 
+    async fn link(&self, req: Request<LinkRequest>) -> Result<Response<InodeReply>, Status> {
+        count("link");
+        self.check_routing(&req)?;
+        self.leader_only()?;
+        let inode = self.link_entry(req.into_inner()).await?;
+        Ok(Response::new(InodeReply { inode: Some(inode) }))
+    }
+
     async fn set_attr(&self, req: Request<SetAttrRequest>) -> Result<Response<InodeReply>, Status> {
         count("set_attr");
         self.leader_only()?;

@@ -168,6 +168,12 @@ impl Namespace for RouterService {
         blocking(move || inode(meta.rename(r))).await
     }
 
+    async fn link(&self, req: Request<LinkRequest>) -> Result<Response<InodeReply>, Status> {
+        count("link");
+        let (meta, r) = (self.meta.clone(), req.into_inner());
+        blocking(move || inode(meta.link(r))).await
+    }
+
     async fn set_attr(&self, req: Request<SetAttrRequest>) -> Result<Response<InodeReply>, Status> {
         count("set_attr");
         let (meta, r) = (self.meta.clone(), req.into_inner());
