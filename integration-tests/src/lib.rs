@@ -817,6 +817,10 @@ impl Cluster {
         scrape_counter(self.worker_metrics_port, "granary_worker_ufs_fetches_total")
     }
 
+    pub fn worker_cache_used_bytes(&self) -> anyhow::Result<f64> {
+        scrape_counter(self.worker_metrics_port, "granary_worker_cache_used_bytes")
+    }
+
     /// Mounts with extra TOML lines appended to the mount config.
     pub fn mount(&self, name: &str, extra_config: &str) -> anyhow::Result<Mount> {
         self.mount_on(name, &self.master_addrs(), extra_config)

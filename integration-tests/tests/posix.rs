@@ -10,7 +10,7 @@ use std::process::Command;
 use std::time::Duration;
 
 use granary_integration_tests::posix::{cases, pattern, As, USER_GID, USER_UID};
-use granary_integration_tests::{bin, run_to_exit, Cluster, MasterSpec};
+use granary_integration_tests::{bin, run_to_exit, wait_until, Cluster, MasterSpec};
 
 fn probe(phase: &str, case: &str, dir: &Path, user: bool) -> String {
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_posix-probe"));
@@ -135,11 +135,18 @@ fn hard_links_share_one_ufs_object_that_follows_the_remaining_names() {
     assert_eq!(std::fs::read(a.path.join("h")).unwrap(), newer);
     std::fs::remove_file(a.path.join("top")).unwrap();
     assert_eq!(std::fs::read(ufs.path().join("h")).unwrap(), newer);
+    assert!(cluster.worker_cache_used_bytes().unwrap() > 0.0);
     std::fs::remove_file(b.path.join("h")).unwrap();
     assert!(
         !ufs.path().join("h").exists(),
         "the object goes with the last name"
     );
+    wait_until(
+        "the worker dropping the deleted file's blocks",
+        Duration::from_secs(20),
+        || cluster.worker_cache_used_bytes().is_ok_and(|b| b == 0.0),
+    )
+    .unwrap_or_else(|e| panic!("{e}: {}", cluster.worker.as_ref().unwrap().log_text()));
     assert!(b.path.join("h").symlink_metadata().is_err());
 
     // Special files live in the namespace only, and survive a relisting of their

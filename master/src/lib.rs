@@ -5,6 +5,7 @@ mod api;
 pub mod block_locations;
 pub mod command_log;
 pub mod config;
+mod deleted_files;
 mod leader_clients;
 mod lease_reads;
 mod links;

@@ -9,6 +9,7 @@
 use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
 
+use granary_common::blocks::block_count;
 use granary_common::path::{join, validate_name};
 use granary_common::ufs::{Ufs, UfsObject};
 use granary_common::{FsError, FsResult};
@@ -187,7 +188,18 @@ impl MasterService {
                     .or_else(never_uploaded)?
             }
         }
-        self.commit(command::Op::RemoveEntry(op)).await
+        self.commit(command::Op::RemoveEntry(op)).await?;
+        self.drop_cache_if_deleted(&victim);
+        Ok(())
+    }
+
+    /// `inode` lost a name: if that was its last, the workers drop its cached blocks.
+    fn drop_cache_if_deleted(&self, inode: &Inode) {
+        if inode.kind != FileKind::File as i32 || self.store.get(inode.id).is_ok() {
+            return;
+        }
+        let blocks = block_count(inode.size, inode.block_size.max(1));
+        self.deleted.record(inode.id, blocks as u32);
     }
 
     /// The stored inode behind entry (`parent`, `name`).
@@ -280,6 +292,9 @@ impl MasterService {
         })
         .await?;
         self.commit(command::Op::RenameEntry(op)).await?;
+        if let Some(target) = &replaced {
+            self.drop_cache_if_deleted(target);
+        }
         self.store
             .lookup(to_dir.id, &r.new_name)?
             .ok_or_else(|| FsError::io("renamed entry vanished"))

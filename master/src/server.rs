@@ -25,6 +25,7 @@ use granary_protos::raft::raft_transport_server::RaftTransportServer;
 use crate::block_locations::BlockLocations;
 use crate::command_log::CommandLog;
 use crate::config::MasterConfig;
+use crate::deleted_files::DeletedFiles;
 use crate::leader_clients::LeaderClients;
 use crate::lease_reads::LeaseIndex;
 use crate::loader::MetadataLoader;
@@ -250,6 +251,7 @@ pub async fn start(mut config: MasterConfig) -> Result<RunningMaster, MasterErro
     ufs_by_mount.insert(ROOT_MOUNT_ID, ufs.clone());
     let workers = Arc::new(WorkerRegistry::default());
     let locations = Arc::new(BlockLocations::default());
+    let deleted = Arc::new(DeletedFiles::default());
     let leader_clients = Arc::new(LeaderClients::new(attach_peer));
     let service = MasterService {
         store: store.clone(),
@@ -262,6 +264,7 @@ pub async fn start(mut config: MasterConfig) -> Result<RunningMaster, MasterErro
         )),
         workers: workers.clone(),
         locations: locations.clone(),
+        deleted: deleted.clone(),
         heartbeat_interval_ms: config.worker_heartbeat_ms,
         initialised: std::sync::atomic::AtomicBool::new(false),
         lease_index: LeaseIndex::start(raft.clone(), leader_clients.clone()),
@@ -287,6 +290,7 @@ pub async fn start(mut config: MasterConfig) -> Result<RunningMaster, MasterErro
             for id in workers.expire(timeout) {
                 tracing::warn!(worker = %id, "worker lost: no heartbeat within {timeout:?}");
                 locations.drop_worker(&id);
+                deleted.forget(&id);
             }
         }
     });

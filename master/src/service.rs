@@ -14,6 +14,7 @@ use granary_protos::LEADER_METADATA_KEY;
 use tonic::{Request, Status};
 
 use crate::block_locations::BlockLocations;
+use crate::deleted_files::DeletedFiles;
 use crate::leader_clients::{LeaderClients, PeerClient};
 use crate::lease_reads::LeaseIndex;
 use crate::loader::MetadataLoader;
@@ -27,6 +28,8 @@ pub struct MasterService {
     pub(crate) loader: Arc<MetadataLoader<RaftLog>>,
     pub(crate) workers: Arc<WorkerRegistry>,
     pub(crate) locations: Arc<BlockLocations>,
+    /// Files deleted here (as leader), for the workers to drop from their caches.
+    pub(crate) deleted: Arc<DeletedFiles>,
     pub(crate) heartbeat_interval_ms: u64,
     /// Clients to the leader, for followers serving reads (read index, loads).
     pub(crate) leader_clients: Arc<LeaderClients>,

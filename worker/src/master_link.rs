@@ -249,6 +249,19 @@ impl Link {
                     } else if let Some(m) = r.mounts {
                         owner.mounts.update(owner.shard, &m);
                     }
+                    if !r.deleted.is_empty() {
+                        let ids: Vec<BlockId> = r
+                            .deleted
+                            .iter()
+                            .flat_map(|f| (0..f.blocks).map(move |i| (f.file_id, i)))
+                            .collect();
+                        let store = owner.store.clone();
+                        let (blocks, bytes) =
+                            tokio::task::spawn_blocking(move || store.evict(&ids))
+                                .await
+                                .unwrap_or_default();
+                        tracing::debug!(blocks, bytes, "dropped the blocks of deleted files");
+                    }
                 }
                 Err(e) => {
                     // The deltas are lost with the call; a full registration resends all.

@@ -25,6 +25,7 @@ impl Workers for MasterService {
         info.blocks = r.blocks.len() as u64;
         tracing::info!(worker = %info.worker_id, host = %info.host, port = info.data_port, blocks = r.blocks.len(), "worker registered");
         self.locations.reset_worker(&info.worker_id, &r.blocks);
+        self.deleted.start(&info.worker_id);
         self.workers.register(info);
         Ok(Response::new(RegisterWorkerReply {
             mounts: Some(self.mounts()?),
@@ -45,6 +46,7 @@ impl Workers for MasterService {
                 reregister: true,
                 mounts: None,
                 masters: Some(self.masters()),
+                deleted: Vec::new(),
             }));
         }
         self.locations
@@ -53,6 +55,7 @@ impl Workers for MasterService {
             reregister: false,
             mounts: Some(self.mounts()?),
             masters: Some(self.masters()),
+            deleted: self.deleted.take(&r.worker_id),
         }))
     }
 }
