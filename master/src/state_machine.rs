@@ -9,7 +9,7 @@ use granary_common::path::{join, validate_name};
 use granary_common::{FsError, FsResult};
 use granary_protos::v1::{
     command, Command, CommitContent, CreateInode, FileKind, Inode, LoadDirectory, MasterSet,
-    MountTable, RemoveEntry, RenameEntry, SetAttributes, SetMount, UfsFingerprint,
+    MountTable, RemoveEntry, RenameEntry, SetAttributes, SetMount, UfsEntry, UfsFingerprint,
 };
 use prost::Message;
 use redb::ReadableTable;
@@ -237,40 +237,84 @@ fn load_directory(t: &mut Tables<'_>, l: &LoadDirectory) -> Result<FsResult<()>,
         true => None,
         false => Some(t.children_of(dir.id)?),
     };
-    let mut added = 0i64;
-    for e in &l.entries {
-        // A UFS name we cannot represent is skipped on every replica alike.
-        if validate_name(&e.name).is_err() {
-            continue;
-        }
-        let fingerprint = UfsFingerprint {
-            size: e.size,
-            mtime_ns: e.mtime_ns,
-        };
-        let previous_id = match &mut existing {
+    // A UFS name we cannot represent is skipped on every replica alike.
+    let listed: Vec<&UfsEntry> = l
+        .entries
+        .iter()
+        .filter(|e| validate_name(&e.name).is_ok())
+        .collect();
+    // First what goes: objects the UFS no longer has, or has as another kind, so that
+    // the names they take along (hard links of a file whose object went) are seen
+    // afresh below if the UFS lists objects under them.
+    let mut previous = Vec::with_capacity(listed.len());
+    let mut doomed: Vec<(Vec<u8>, u64)> = Vec::new();
+    for e in &listed {
+        let id = match &mut existing {
             Some(map) => map.remove(&e.name),
             None => {
                 redb_err!(t.children.get(child_key(dir.id, &e.name).as_slice()))?.map(|v| v.value())
             }
         };
-        let previous = match previous_id {
-            Some(id) => match t.get(id)? {
-                // A hard link made here: the UFS object under this name is not its file's.
-                Some(old) if !crate::links::is_primary(&old, dir.id, &e.name) => continue,
-                // A directory that became a referral (or stopped being one) is replaced.
-                Some(old) if old.kind == e.kind && old.referral == e.referral => Some(old),
-                Some(old) => {
-                    if old.kind == FileKind::Directory as i32 {
-                        t.adjust_subdirs(dir.id, -1)?;
-                    }
-                    t.remove_subtree(dir.id, &e.name, id)?;
-                    None
-                }
-                None => None,
-            },
+        let old = match id {
+            Some(id) => t.get(id)?,
             None => None,
         };
-        let inode = match previous {
+        if let Some(old) = &old {
+            // A directory that became a referral (or stopped being one) is replaced.
+            let same = old.kind == e.kind && old.referral == e.referral;
+            if !same && crate::links::is_primary(old, dir.id, &e.name) {
+                doomed.push((e.name.clone(), old.id));
+            }
+        }
+        previous.push(old);
+    }
+    let vanished: Vec<(Vec<u8>, u64)> = match existing {
+        Some(map) => map.into_iter().collect(),
+        None => {
+            let mut named = Vec::new();
+            for name in &l.removed {
+                let id = redb_err!(t.children.get(child_key(dir.id, name).as_slice()))?;
+                if let Some(id) = id {
+                    named.push((name.clone(), id.value()));
+                }
+            }
+            named
+        }
+    };
+    for (name, id) in vanished {
+        let Some(gone) = t.get(id)? else { continue };
+        // Entries created through Granary that have not reached the UFS yet (no
+        // fingerprint), hard links and special files live only in the namespace.
+        let namespace_only = gone.fingerprint.is_none()
+            || !crate::links::is_primary(&gone, dir.id, &name)
+            || is_special(gone.kind);
+        if !namespace_only {
+            doomed.push((name, id));
+        }
+    }
+    let removed_any = !doomed.is_empty();
+    for (name, id) in doomed {
+        // Gone already with a file removed before (one of its other names).
+        let Some(gone) = t.get(id)? else { continue };
+        if gone.kind == FileKind::Directory as i32 {
+            t.adjust_subdirs(dir.id, -1)?;
+        }
+        t.remove_subtree(dir.id, &name, id)?;
+    }
+    let mut added = 0i64;
+    for (e, old) in listed.into_iter().zip(previous) {
+        let fingerprint = UfsFingerprint {
+            size: e.size,
+            mtime_ns: e.mtime_ns,
+        };
+        // Re-read after removals: a file removed above took all its names.
+        let old = match (old, removed_any) {
+            (Some(old), true) => t.get(old.id)?,
+            (old, _) => old,
+        };
+        let inode = match old {
+            // A hard link made here: the UFS object under this name is not its file's.
+            Some(old) if !crate::links::is_primary(&old, dir.id, &e.name) => continue,
             Some(mut old) => {
                 old.size = if e.kind == FileKind::Directory as i32 {
                     0
@@ -315,34 +359,6 @@ fn load_directory(t: &mut Tables<'_>, l: &LoadDirectory) -> Result<FsResult<()>,
             }
         };
         t.put(&inode)?;
-    }
-    // Whatever the UFS no longer lists is gone, except entries created through Granary
-    // that have not reached the UFS yet (no fingerprint).
-    let vanished: Vec<(Vec<u8>, u64)> = match existing {
-        Some(map) => map.into_iter().collect(),
-        None => {
-            let mut named = Vec::new();
-            for name in &l.removed {
-                let id = redb_err!(t.children.get(child_key(dir.id, name).as_slice()))?;
-                if let Some(id) = id {
-                    named.push((name.clone(), id.value()));
-                }
-            }
-            named
-        }
-    };
-    for (name, id) in vanished {
-        let Some(gone) = t.get(id)? else { continue };
-        // Hard links and special files live only in the namespace.
-        let namespace_only = gone.fingerprint.is_none()
-            || !crate::links::is_primary(&gone, dir.id, &name)
-            || is_special(gone.kind);
-        if !namespace_only {
-            if gone.kind == FileKind::Directory as i32 {
-                t.adjust_subdirs(dir.id, -1)?;
-            }
-            t.remove_subtree(dir.id, &name, id)?;
-        }
     }
     t.add_count(added)?;
     if !l.partial {
@@ -398,10 +414,13 @@ fn create_inode(t: &mut Tables<'_>, c: &CreateInode) -> Result<FsResult<()>, Sto
         subdirs: 0,
     })?;
     t.add_count(1)?;
+    let mut dir = dir;
     if c.kind == FileKind::Directory as i32 {
-        t.adjust_subdirs(dir.id, 1)?;
+        dir.subdirs += 1;
     }
-    touch_dir(t, dir.id, c.mtime_ns)?;
+    dir.mtime_ns = c.mtime_ns;
+    dir.ctime_ns = c.mtime_ns;
+    t.put(&dir)?;
     Ok(Ok(()))
 }
 
