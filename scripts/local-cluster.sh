@@ -5,7 +5,8 @@
 # through. Ctrl-C stops everything and unmounts.
 #   scripts/local-cluster.sh UFS_DIR MOUNTPOINT [STATE_DIR]
 # Env: MASTERS (per shard, default 3), SHARDS (default 1), TOKEN (cluster token, default:
-# a random one).
+# a random one), MOUNT_EXTRA (TOML lines added to the mount's config, e.g.
+# "allow_other = true").
 set -euo pipefail
 usage="usage: $0 UFS_DIR MOUNTPOINT [STATE_DIR]"
 ufs=$(realpath "${1:?$usage}")
@@ -63,6 +64,7 @@ TOML
 cat > "$state/mount.toml" <<TOML
 masters = $entry
 cluster_token = "$token"
+${MOUNT_EXTRA:-}
 TOML
 
 pids=()

@@ -14,6 +14,7 @@ pub mod interval;
 pub mod net;
 pub mod path;
 pub mod telemetry;
+pub mod time;
 pub mod tls;
 pub mod ufs;
 

@@ -207,6 +207,15 @@ impl Filesystem for FuseAdapter {
     fn getattr(&self, _req: &Request, ino: INodeNo, _fh: Option<FileHandle>, reply: ReplyAttr) {
         match self.fs.getattr(ino.0) {
             Ok(i) => reply.attr(&self.opts.attr_ttl, &self.attr(&i)),
+            Err(FsError::NotFound(why)) => match self.fs.open_unlinked(ino.0) {
+                // Unlinked while open: its descriptors still work (fstat says nlink 0).
+                Some(i) => {
+                    let mut attr = self.attr(&i);
+                    attr.nlink = 0;
+                    reply.attr(&Duration::ZERO, &attr)
+                }
+                None => reply.error(errno("getattr", &FsError::NotFound(why))),
+            },
             Err(e) => reply.error(errno("getattr", &e)),
         }
     }

@@ -151,6 +151,10 @@ pub struct Staged {
     pub content: Content,
     /// Removed from the namespace while open: nothing is stored at close.
     pub unlinked: bool,
+    /// When the content last changed here (a write, a truncate), since it was last
+    /// committed: the file's mtime and ctime until then, and the mtime its commit
+    /// records. `None` keeps the times it has (a new file, or times set explicitly).
+    pub modified_ns: Option<i64>,
 }
 
 impl Staged {
@@ -162,6 +166,22 @@ impl Staged {
         self.size = 0;
         self.content = Content::Dirty;
         Ok(())
+    }
+
+    /// The content changed now.
+    pub fn touch(&mut self) {
+        self.modified_ns = Some(granary_common::time::now_ns());
+    }
+
+    /// `inode` as this mount sees it while its content is staged here.
+    pub fn show(&self, inode: &mut granary_protos::v1::Inode) {
+        if self.content.is_staged() {
+            inode.size = self.size;
+            if let Some(t) = self.modified_ns {
+                inode.mtime_ns = t;
+                inode.ctime_ns = inode.ctime_ns.max(t);
+            }
+        }
     }
 }
 
@@ -189,6 +209,7 @@ impl StagingArea {
             size: 0,
             content: Content::Committed { synced: true },
             unlinked: false,
+            modified_ns: None,
         }));
         files.insert(ino, (s.clone(), 1));
         self.active.store(files.len(), Ordering::Release);

@@ -4,8 +4,9 @@
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
+use granary_common::time::now_ns;
 use granary_common::ufs::{ObjectKind, Ufs, UfsObject};
 use granary_common::{FsError, FsResult};
 use granary_protos::v1::{command, Command, FileKind, Inode, LoadDirectory, UfsEntry};
@@ -33,13 +34,6 @@ pub struct MetadataLoader<L> {
     /// Serializes namespace mutations and re-listings on the leader, so that a listing
     /// never falls between a mutation's UFS change and its proposal.
     pub(crate) mutations: tokio::sync::Mutex<()>,
-}
-
-fn now_ns() -> i64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_nanos() as i64)
-        .unwrap_or(0)
 }
 
 /// Counts reported while a tree loads.

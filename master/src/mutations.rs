@@ -7,10 +7,10 @@
 //! proposal see one state.
 
 use std::sync::Arc;
-use std::time::{SystemTime, UNIX_EPOCH};
 
 use granary_common::blocks::block_count;
 use granary_common::path::{join, validate_name};
+use granary_common::time::now_ns;
 use granary_common::ufs::{Ufs, UfsObject};
 use granary_common::{FsError, FsResult};
 use granary_protos::v1::{
@@ -23,13 +23,6 @@ use crate::command_log::CommandLog;
 use crate::links::is_primary;
 use crate::service::MasterService;
 use crate::state_machine::is_special;
-
-fn now_ns() -> i64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_nanos() as i64)
-        .unwrap_or(0)
-}
 
 fn fingerprint(o: &UfsObject) -> UfsFingerprint {
     UfsFingerprint {
@@ -329,8 +322,7 @@ impl MasterService {
         self.store.get(id)
     }
 
-    pub(crate) async fn commit_content(&self, mut c: CommitContent) -> FsResult<Inode> {
-        c.mtime_ns = now_ns();
+    pub(crate) async fn commit_content(&self, c: CommitContent) -> FsResult<Inode> {
         let id = c.id;
         self.commit(command::Op::CommitContent(c)).await?;
         self.store.get(id)

@@ -658,8 +658,10 @@ fn commit_content(t: &mut Tables<'_>, c: &CommitContent) -> Result<FsResult<()>,
     }
     inode.size = c.size;
     inode.fingerprint = c.fingerprint;
-    inode.mtime_ns = c.mtime_ns;
-    inode.ctime_ns = c.mtime_ns;
+    if c.mtime_ns != 0 {
+        inode.mtime_ns = c.mtime_ns;
+        inode.ctime_ns = c.mtime_ns;
+    }
     t.put(&inode)?;
     Ok(Ok(()))
 }

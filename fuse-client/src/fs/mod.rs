@@ -131,10 +131,7 @@ impl GranaryFs {
     /// The inode as this mount sees it: a file being written here has its staged size.
     fn overlay(&self, mut inode: Inode) -> Inode {
         if let Some(st) = self.staging.get(inode.id) {
-            let st = st.lock().expect("staged lock");
-            if st.content.is_staged() {
-                inode.size = st.size;
-            }
+            st.lock().expect("staged lock").show(&mut inode);
         }
         inode
     }
@@ -149,9 +146,7 @@ impl GranaryFs {
         };
         let st = st.lock().expect("staged lock");
         let mut inode = self.committed(ino)?;
-        if st.content.is_staged() {
-            inode.size = st.size;
-        }
+        st.show(&mut inode);
         Ok(inode)
     }
 
@@ -167,10 +162,7 @@ impl GranaryFs {
     /// re-reads a changed directory's attributes after every create or remove.
     fn dir_changed(&self, dir: u64) {
         if let Some(mut d) = self.attrs.get(&dir) {
-            let now = std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .map(|d| d.as_nanos() as i64)
-                .unwrap_or(0);
+            let now = granary_common::time::now_ns();
             d.mtime_ns = now;
             d.ctime_ns = now;
             self.attrs.insert(dir, d);
@@ -236,6 +228,26 @@ impl GranaryFs {
             .get(&fh)
             .cloned()
             .ok_or_else(|| FsError::BadHandle(format!("unknown file handle {fh}")))
+    }
+
+    /// A file open here whose last name is gone (the namespace no longer has it): how
+    /// its descriptors see it, for fstat(2). Its link count is 0.
+    pub fn open_unlinked(&self, ino: u64) -> Option<Inode> {
+        Some(self.overlay(self.opened_inode(ino)?))
+    }
+
+    /// The inode as a descriptor open here knows it. Takes no staged file's lock, so a
+    /// writer holding one may ask.
+    fn opened_inode(&self, ino: u64) -> Option<Inode> {
+        let file = self
+            .files
+            .read()
+            .expect("files lock")
+            .values()
+            .find(|f| f.ino == ino)
+            .cloned()?;
+        let inode = file.read.lock().expect("read state lock").0.clone();
+        Some(inode)
     }
 
     pub fn statfs(&self) -> FsResult<StatFsReply> {

@@ -58,6 +58,13 @@ impl GranaryFs {
                 now_ns: 0,
             })?;
             self.remember(&inode);
+            // Times set explicitly (utimensat, `tar`, `cp -p` on an open file) stay:
+            // the commit at close keeps them.
+            if a.mtime_ns.is_some() {
+                if let Some(st) = self.staging.get(ino) {
+                    st.lock().expect("staged lock").modified_ns = None;
+                }
+            }
         }
         self.getattr(ino)
     }

@@ -32,7 +32,9 @@ impl GranaryFs {
         let staged = if write {
             let st = self.staging.attach(ino)?;
             if flags & libc::O_TRUNC != 0 {
-                st.lock().expect("staged lock").empty()?;
+                let mut st = st.lock().expect("staged lock");
+                st.empty()?;
+                st.touch();
             }
             Some(st)
         } else {

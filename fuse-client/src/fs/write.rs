@@ -114,6 +114,7 @@ impl GranaryFs {
         backing.written(at, end);
         st.size = st.size.max(end);
         st.content = Content::Dirty;
+        st.touch();
         Ok(data.len() as u32)
     }
 
@@ -151,7 +152,7 @@ impl GranaryFs {
         // written next starts from the committed content.
         let published = stored.kept.is_none();
         st.backing = stored.kept;
-        let committed = self.commit_version(ino, st.size, stored.fingerprint);
+        let committed = self.commit_version(ino, st, stored.fingerprint);
         st.content = match (&committed, published) {
             (Ok(()), true) => Content::Committed { synced: durable },
             (Ok(()), false) => Content::Clean { synced: durable },
@@ -172,21 +173,27 @@ impl GranaryFs {
             synced,
         } = st.content
         {
-            self.commit_version(ino, st.size, fingerprint)?;
+            self.commit_version(ino, st, fingerprint)?;
             st.content = Content::Committed { synced };
         }
         Ok(())
     }
 
-    /// Records the stored `fingerprint` (and `size`) as the file's content through the
-    /// leader.
-    fn commit_version(&self, ino: u64, size: u64, fingerprint: UfsFingerprint) -> FsResult<()> {
+    /// Records the stored `fingerprint` (and the staged size and modification time) as
+    /// the file's content through the leader.
+    fn commit_version(
+        &self,
+        ino: u64,
+        st: &mut Staged,
+        fingerprint: UfsFingerprint,
+    ) -> FsResult<()> {
         let committed = self.meta.commit(CommitContent {
             id: ino,
-            size,
+            size: st.size,
             fingerprint: Some(fingerprint),
-            mtime_ns: 0,
+            mtime_ns: st.modified_ns.unwrap_or(0),
         })?;
+        st.modified_ns = None;
         self.remember(&committed);
         self.commits.fetch_add(1, Ordering::AcqRel);
         self.opened_versions.insert(ino, fingerprint);
@@ -199,7 +206,13 @@ impl GranaryFs {
     fn backing_for<'a>(&self, ino: u64, st: &'a mut Staged, end: u64) -> FsResult<&'a mut Backing> {
         let outgrown = st.backing.as_mut().is_some_and(|b| !b.fits(end));
         if st.backing.is_none() || outgrown {
-            let inode = self.committed(ino)?;
+            let inode = match self.committed(ino) {
+                // Written after its last name went: its descriptors still know it.
+                Err(FsError::NotFound(_)) if st.unlinked => self
+                    .opened_inode(ino)
+                    .ok_or_else(|| FsError::NotFound(format!("inode {ino:#x}")))?,
+                other => other?,
+            };
             let fresh = self.store.backing(&inode, end)?;
             if let Some(Backing::Memory { data, .. }) = st.backing.replace(fresh) {
                 st.backing
@@ -260,6 +273,7 @@ impl GranaryFs {
             self.backing_for(ino, &mut s, size)?.set_len(size)?;
             s.size = size;
             s.content = Content::Dirty;
+            s.touch();
             // Nobody else writes it here: commit now, as truncate(2) is one call.
             if self.staging.users(ino) == 1 {
                 self.commit_staged(ino, &mut s, false)?;

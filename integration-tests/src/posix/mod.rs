@@ -19,6 +19,7 @@ mod perms;
 mod rename;
 mod rmdir;
 mod symlink;
+mod times;
 mod truncate;
 mod unlink;
 mod utimensat;
@@ -60,6 +61,7 @@ pub fn cases() -> Vec<Case> {
         chown::cases(),
         utimensat::cases(),
         symlink::cases(),
+        times::cases(),
         link::cases(),
         mknod::cases(),
         names::cases(),
@@ -452,6 +454,33 @@ impl Probe {
         // SAFETY: a descriptor this probe opened.
         let rc = unsafe { libc::ftruncate(fd, len) };
         self.rec(&format!("ftruncate {len}"), rc as i64);
+    }
+
+    /// fstat(2) of a descriptor: what any stat records, for a file that may have no
+    /// name any more.
+    pub fn fstat(&mut self, fd: i32) {
+        // SAFETY: stat is plain data filled by the kernel.
+        let mut st: libc::stat = unsafe { std::mem::zeroed() };
+        let rc = unsafe { libc::fstat(fd, &mut st) };
+        if self.rec("fstat", rc as i64).is_some() {
+            self.note(format!(
+                "  {} perm={:o} size={} nlink={}",
+                kind_name(st.st_mode),
+                st.st_mode & 0o7777,
+                st.st_size,
+                st.st_nlink
+            ));
+        }
+    }
+
+    /// stat(2) of `rel` with its exact atime and mtime (for times set explicitly).
+    pub fn times(&mut self, rel: &str) {
+        if let Some(st) = self.stat(rel) {
+            self.note(format!(
+                "  atime={}.{:09} mtime={}.{:09}",
+                st.st_atime, st.st_atime_nsec, st.st_mtime, st.st_mtime_nsec
+            ));
+        }
     }
 
     pub fn fsync(&mut self, fd: i32) {

@@ -1,27 +1,48 @@
 //! unlink(2): files, directories, symlinks, missing names, open files.
 
-use super::{As, Case};
+use super::{no_setup, As, Case};
 
 pub fn cases() -> Vec<Case> {
-    vec![Case {
-        name: "unlink/basics",
-        body_as: As::Root,
-        setup: |p| {
-            p.make_file("f", b"data");
-            p.make_file("target", b"target");
-            p.symlink("target", "link");
-            p.mkdir("d", 0o755);
+    vec![
+        Case {
+            name: "unlink/open_file",
+            body_as: As::Root,
+            setup: no_setup,
+            body: |p| {
+                // A file unlinked while open lives on for its descriptors.
+                let Some(fd) = p.open("f", libc::O_CREAT | libc::O_RDWR, 0o644) else {
+                    return;
+                };
+                p.unlink("f");
+                p.fstat(fd);
+                p.write(fd, b"written after unlink");
+                p.pread(fd, 100, 0);
+                p.fstat(fd);
+                p.close(fd);
+                p.stat("f");
+                p.list("");
+            },
         },
-        body: |p| {
-            p.unlink("f");
-            p.stat("f");
-            p.unlink("f");
-            p.unlink("d");
-            p.unlink("link");
-            p.lstat("link");
-            p.content("target");
-            p.unlink("d/missing");
-            p.list("");
+        Case {
+            name: "unlink/basics",
+            body_as: As::Root,
+            setup: |p| {
+                p.make_file("f", b"data");
+                p.make_file("target", b"target");
+                p.symlink("target", "link");
+                p.mkdir("d", 0o755);
+            },
+            body: |p| {
+                p.unlink("f");
+                p.stat("f");
+                p.unlink("f");
+                p.unlink("d");
+                p.unlink("link");
+                p.lstat("link");
+                p.content("target");
+                p.unlink("d/missing");
+                p.list("");
+            },
         },
-    }]
+    ]
 }

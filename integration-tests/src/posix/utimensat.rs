@@ -2,15 +2,6 @@
 
 use super::{As, Case};
 
-fn times(p: &mut super::Probe, rel: &str) {
-    if let Some(st) = p.stat(rel) {
-        p.note(format!(
-            "  atime={}.{:09} mtime={}.{:09}",
-            st.st_atime, st.st_atime_nsec, st.st_mtime, st.st_mtime_nsec
-        ));
-    }
-}
-
 pub fn cases() -> Vec<Case> {
     vec![
         Case {
@@ -22,11 +13,11 @@ pub fn cases() -> Vec<Case> {
             },
             body: |p| {
                 p.utimens("f", (1_000_000_000, 5), (1_500_000_000, 123_456_789));
-                times(p, "f");
+                p.times("f");
                 p.utimens("f", (0, libc::UTIME_OMIT), (1_600_000_000, 0));
-                times(p, "f");
+                p.times("f");
                 p.utimens("d", (1_234_567_890, 0), (1_234_567_890, 0));
-                times(p, "d");
+                p.times("d");
                 p.utimens("missing", (0, 0), (0, 0));
             },
         },
