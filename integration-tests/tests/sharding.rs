@@ -195,6 +195,26 @@ fn one_namespace_over_three_shards_routers_and_failures() {
         direct.path.join(a).join("f0"),
     )
     .unwrap();
+    // So is a hard link; within a shard, through the router too, it is one file.
+    let err = std::fs::hard_link(
+        direct.path.join(a).join("f0"),
+        direct.path.join(b).join("l"),
+    )
+    .unwrap_err();
+    assert_eq!(err.raw_os_error(), Some(libc::EXDEV), "{a} -> {b}");
+    std::fs::hard_link(
+        proxied.path.join(a).join("f0"),
+        proxied.path.join(a).join("l"),
+    )
+    .unwrap();
+    let (f, l) = (
+        std::fs::metadata(proxied.path.join(a).join("f0")).unwrap(),
+        std::fs::metadata(direct.path.join(a).join("l")).unwrap(),
+    );
+    assert_eq!((f.ino(), f.nlink()), (l.ino(), l.nlink()));
+    assert_eq!(l.nlink(), 2);
+    std::fs::remove_file(proxied.path.join(a).join("l")).unwrap();
+    assert!(!ufs.path().join(a).join("l").exists());
 
     // A shard added, and a prefix pinned to it, while the mounts run.
     let s3 = group(ufs.path(), 3, 1, &shard0);
