@@ -216,13 +216,6 @@ fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
 fn main() -> anyhow::Result<()> {
     granary_common::telemetry::init_logging("info");
     let cli = Cli::parse();
-    if !matches!(cli.command, Command::Local { .. }) {
-        // A command whose output is cut short (`granary fs ls / | head`) ends quietly, as
-        // other Unix tools do, instead of panicking on the closed pipe. (Sockets are
-        // written with MSG_NOSIGNAL; `local` serves a mount and keeps the default.)
-        // SAFETY: restores the default disposition before any thread starts.
-        unsafe { libc::signal(libc::SIGPIPE, libc::SIG_DFL) };
-    }
     match cli.command {
         Command::Local {
             ufs,
