@@ -92,6 +92,12 @@ pub enum FsError {
     CrossDevice(String),
     #[error("too many links: {0}")]
     TooManyLinks(String),
+    /// Past the largest file the staging or UFS filesystem holds (EFBIG).
+    #[error("file too large: {0}")]
+    FileTooBig(String),
+    /// The staging or UFS filesystem is full (ENOSPC).
+    #[error("no space left: {0}")]
+    NoSpace(String),
     /// In use by the system, as a mount point is (a prefix pinned to another shard).
     #[error("busy: {0}")]
     Busy(String),
@@ -157,6 +163,8 @@ impl FsError {
             | FsError::NotEmpty(m)
             | FsError::CrossDevice(m)
             | FsError::TooManyLinks(m)
+            | FsError::FileTooBig(m)
+            | FsError::NoSpace(m)
             | FsError::Busy(m)
             | FsError::ReadOnly(m)
             | FsError::Unsupported(m)
@@ -182,6 +190,8 @@ impl FsError {
             FsError::NotEmpty(_) => libc::ENOTEMPTY,
             FsError::CrossDevice(_) => libc::EXDEV,
             FsError::TooManyLinks(_) => libc::EMLINK,
+            FsError::FileTooBig(_) => libc::EFBIG,
+            FsError::NoSpace(_) => libc::ENOSPC,
             FsError::Busy(_) => libc::EBUSY,
             FsError::StaleRouting(_) => libc::EIO,
             FsError::ReadOnly(_) => libc::EROFS,
@@ -212,6 +222,8 @@ impl FsError {
             libc::ENOTEMPTY => FsError::NotEmpty(msg),
             libc::EXDEV => FsError::CrossDevice(msg),
             libc::EMLINK => FsError::TooManyLinks(msg),
+            libc::EFBIG => FsError::FileTooBig(msg),
+            libc::ENOSPC => FsError::NoSpace(msg),
             libc::EBUSY => FsError::Busy(msg),
             libc::EROFS => FsError::ReadOnly(msg),
             libc::ENOTSUP => FsError::Unsupported(msg),
@@ -256,6 +268,8 @@ impl From<FsError> for Status {
             FsError::StaleRouting(_) => Code::FailedPrecondition,
             FsError::ReadOnly(_) => Code::FailedPrecondition,
             FsError::Unsupported(_) => Code::Unimplemented,
+            FsError::FileTooBig(_) => Code::OutOfRange,
+            FsError::NoSpace(_) => Code::ResourceExhausted,
             FsError::Unavailable(_) => Code::Unavailable,
             FsError::TimedOut(_) => Code::DeadlineExceeded,
             FsError::Stale(_) => Code::FailedPrecondition,
@@ -327,6 +341,8 @@ mod tests {
             FsError::Exists("e".into()),
             FsError::Unavailable("u".into()),
             FsError::Busy("b".into()),
+            FsError::FileTooBig("f".into()),
+            FsError::NoSpace("n".into()),
             FsError::StaleRouting(7),
         ] {
             let back = FsError::from(Status::from(e.clone()));

@@ -98,6 +98,7 @@ fn errno_name(e: i32) -> String {
         (libc::EISDIR, "EISDIR"),
         (libc::EINVAL, "EINVAL"),
         (libc::ENOSPC, "ENOSPC"),
+        (libc::EFBIG, "EFBIG"),
         (libc::EROFS, "EROFS"),
         (libc::EMLINK, "EMLINK"),
         (libc::ENAMETOOLONG, "ENAMETOOLONG"),
