@@ -185,7 +185,11 @@ impl GranaryFs {
         validate_name(name)?;
         let victim = self.entries.get(&(parent, name.to_vec()));
         let single = victim.is_some_and(|id| self.has_one_name(id));
-        self.meta.remove(parent, name, directory)?;
+        let kept = victim.filter(|&id| self.keep_for_descriptors(id, single));
+        if let Err(e) = self.meta.remove(parent, name, directory) {
+            kept.into_iter().for_each(|id| self.let_go(id));
+            return Err(e);
+        }
         self.forget_entry(parent, name);
         if directory {
             self.subdirs_changed(parent, -1);
@@ -194,6 +198,49 @@ impl GranaryFs {
             self.lost_a_name(id, single);
         }
         Ok(())
+    }
+
+    /// File `ino`, open here, is about to lose its last name (`single`: known to have
+    /// no other) and its UFS object with it: its content is copied into a staged file its
+    /// descriptors read from until the last closes (as a local filesystem keeps an
+    /// unlinked open file). False when it is not open here or keeps other names (or
+    /// cannot be copied: then reads of what no cache holds fail with EIO).
+    fn keep_for_descriptors(&self, ino: u64, single: bool) -> bool {
+        if self
+            .opened_inode(ino)
+            .is_none_or(|i| i.kind != FileKind::File as i32)
+        {
+            return false;
+        }
+        if !single && self.meta.getattr(ino).is_ok_and(|i| !i.links.is_empty()) {
+            return false;
+        }
+        let Ok(st) = self.staging.attach(ino) else {
+            return false;
+        };
+        let filled = self.fill(ino, &mut st.lock().expect("staged lock"));
+        if let Err(e) = filled {
+            tracing::warn!(ino, error = %e, "cannot keep the content of an open file losing its last name");
+            self.staging.detach(ino);
+            return false;
+        }
+        self.kept_for_descriptors
+            .lock()
+            .expect("kept lock")
+            .insert(ino);
+        true
+    }
+
+    /// Drops what [`Self::keep_for_descriptors`] held for `ino`.
+    pub(super) fn let_go(&self, ino: u64) {
+        if self
+            .kept_for_descriptors
+            .lock()
+            .expect("kept lock")
+            .remove(&ino)
+        {
+            self.staging.detach(ino);
+        }
     }
 
     /// Whether file `ino` is known to have no name besides the one about to go.
@@ -235,18 +282,29 @@ impl GranaryFs {
         validate_name(new_name)?;
         let replaced = self.entries.get(&(new_parent, new_name.to_vec()));
         let single = replaced.is_some_and(|id| self.has_one_name(id));
+        let kept = replaced.filter(|&id| self.keep_for_descriptors(id, single));
         // Whether the replaced entry is a directory (None: not known here).
         let replaced_dir = match replaced {
             Some(id) => self.attrs.get(&id).map(|i| is_dir(&i)),
             None => Some(false),
         };
-        let moved = self.meta.rename(RenameRequest {
+        let moved = match self.meta.rename(RenameRequest {
             parent,
             name: name.to_vec(),
             new_parent,
             new_name: new_name.to_vec(),
             no_replace,
-        })?;
+        }) {
+            Ok(moved) => moved,
+            Err(e) => {
+                kept.into_iter().for_each(|id| self.let_go(id));
+                return Err(e);
+            }
+        };
+        // Renamed over another name of itself: nothing was lost.
+        if let Some(id) = kept.filter(|&id| id == moved.id) {
+            self.let_go(id);
+        }
         self.forget_entry(parent, name);
         self.forget_entry(new_parent, new_name);
         if let Some(id) = replaced.filter(|&id| id != moved.id) {

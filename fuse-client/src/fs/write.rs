@@ -64,7 +64,7 @@ impl GranaryFs {
     }
 
     /// Brings the committed content into a staging file that has not got it yet.
-    fn fill(&self, ino: u64, st: &mut Staged) -> FsResult<()> {
+    pub(super) fn fill(&self, ino: u64, st: &mut Staged) -> FsResult<()> {
         let synced = match st.content {
             Content::Clean { .. } | Content::Dirty => return Ok(()),
             Content::Committed { synced } => synced,
@@ -253,6 +253,21 @@ impl GranaryFs {
                 tracing::error!(ino = file.ino, error = %e, "committing a file at its last close failed; its changes are lost");
             }
             self.staging.detach(file.ino);
+        }
+        let kept = self
+            .kept_for_descriptors
+            .lock()
+            .expect("kept lock")
+            .contains(&file.ino);
+        let open = || {
+            self.files
+                .read()
+                .expect("files lock")
+                .values()
+                .any(|f| f.ino == file.ino)
+        };
+        if kept && !open() {
+            self.let_go(file.ino);
         }
     }
 

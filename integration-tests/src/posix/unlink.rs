@@ -1,9 +1,25 @@
 //! unlink(2): files, directories, symlinks, missing names, open files.
 
-use super::{no_setup, As, Case};
+use super::{no_setup, pattern, As, Case};
 
 pub fn cases() -> Vec<Case> {
     vec![
+        Case {
+            name: "unlink/open_read_only",
+            body_as: As::Root,
+            setup: |p| p.make_file("f", &pattern(3, 300_000)),
+            body: |p| {
+                let Some(fd) = p.open("f", libc::O_RDONLY, 0) else {
+                    return;
+                };
+                p.unlink("f");
+                // Long enough for caches of a deleted file to be dropped.
+                std::thread::sleep(std::time::Duration::from_secs(1));
+                p.fstat(fd);
+                p.pread(fd, 300_000, 0);
+                p.close(fd);
+            },
+        },
         Case {
             name: "unlink/open_file",
             body_as: As::Root,
