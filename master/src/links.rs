@@ -354,6 +354,36 @@ mod tests {
     }
 
     #[test]
+    fn a_store_made_before_link_counts_counts_its_subdirectories_at_open() {
+        use crate::store::{INODES, META};
+        use prost::Message;
+        let mut ns = Ns::new();
+        let root = ns.store.root_id();
+        let a = ns.make(root, "a", FileKind::Directory);
+        ns.make(root, "b", FileKind::Directory);
+        ns.make(a, "c", FileKind::Directory);
+        // As an older version left it: no counts, no mark.
+        let txn = ns.store.db().begin_write().unwrap();
+        {
+            let mut meta = txn.open_table(META).unwrap();
+            meta.remove("subdirs_counted").unwrap();
+            let mut inodes = txn.open_table(INODES).unwrap();
+            for id in [root, a] {
+                let mut i = ns.store.get(id).unwrap();
+                i.subdirs = 0;
+                inodes.insert(id, i.encode_to_vec().as_slice()).unwrap();
+            }
+        }
+        txn.commit().unwrap();
+        let path = ns._dir.path().join("ns.redb");
+        let Ns { store, _dir, .. } = ns;
+        drop(store);
+        let store = NamespaceStore::open(&path, 0).unwrap();
+        assert_eq!(store.get(root).unwrap().subdirs, 2);
+        assert_eq!(store.get(a).unwrap().subdirs, 1);
+    }
+
+    #[test]
     fn special_files_and_links_live_only_in_the_namespace() {
         let mut ns = Ns::new();
         let root = ns.store.root_id();

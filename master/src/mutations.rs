@@ -48,7 +48,33 @@ enum Object {
     /// Its last name goes: the object goes too.
     Goes(Vec<u8>),
     /// Its primary name goes and others remain: the object moves under the next one.
-    Moves { from: Vec<u8>, to: Vec<u8> },
+    Moves {
+        from: Vec<u8>,
+        to: Vec<u8>,
+        /// The object's version, as the namespace has it.
+        version: Option<UfsFingerprint>,
+    },
+}
+
+/// Moves a file's object from `from` to `to` if the object there is still its own
+/// (`version`): after a commit whose outcome was unknown, a retry finds it moved already,
+/// and whatever took its place stays. Returns whether it moved.
+async fn move_object(
+    ufs: Arc<dyn Ufs>,
+    from: Vec<u8>,
+    to: Vec<u8>,
+    version: Option<UfsFingerprint>,
+) -> FsResult<bool> {
+    ufs_call(ufs, move |u| {
+        match u.stat(&from) {
+            Ok(o) if Some(fingerprint(&o)) == version => {}
+            // Never uploaded, moved already, or another object now.
+            Ok(_) | Err(FsError::NotFound(_)) => return Ok(false),
+            Err(e) => return Err(e),
+        }
+        u.rename(&from, &to).map(|()| true)
+    })
+    .await
 }
 
 /// A UFS change on an object never uploaded (or already gone) has nothing to do.
@@ -171,9 +197,9 @@ impl MasterService {
         match self.object_under(&victim, dir.id, &r.name)? {
             Object::None => {}
             // Other names remain: the object moves under the next one.
-            Object::Moves { from, to } => ufs_call(ufs, move |u| u.rename(&from, &to))
-                .await
-                .or_else(never_uploaded)?,
+            Object::Moves { from, to, version } => {
+                move_object(ufs, from, to, version).await?;
+            }
             Object::Goes(path) => {
                 let directory = r.directory;
                 ufs_call(ufs, move |u| u.remove(&path, directory))
@@ -216,6 +242,7 @@ impl MasterService {
                 Ok(Object::Moves {
                     from: inode.ufs_path.clone(),
                     to: join(&dir.ufs_path, &next.name),
+                    version: inode.fingerprint,
                 })
             }
         }
@@ -254,18 +281,21 @@ impl MasterService {
         // First the replaced entry's object: it moves under its next name if it has one,
         // else it is overwritten below (or removed when nothing takes its place).
         let mut stale_at_to = None;
+        let mut moved_aside = None;
         if let Some(target) = &replaced {
             match self.object_under(target, to_dir.id, &r.new_name)? {
                 Object::None => {}
-                Object::Moves { from, to } => ufs_call(ufs.clone(), move |u| u.rename(&from, &to))
-                    .await
-                    .or_else(never_uploaded)?,
+                Object::Moves { from, to, version } => {
+                    if move_object(ufs.clone(), from.clone(), to.clone(), version).await? {
+                        moved_aside = Some((to, from));
+                    }
+                }
                 Object::Goes(_) => stale_at_to = Some(target.kind == FileKind::Directory as i32),
             }
         }
         let moves_object = !is_special(moving.kind) && is_primary(&moving, from_dir.id, &r.name);
         let from = moving.ufs_path.clone();
-        ufs_call(ufs, move |u| {
+        let placed = ufs_call(ufs.clone(), move |u| {
             let moved = match moves_object {
                 true => u.rename(&from, &to),
                 // A hard link or a special file: no object of its own moves.
@@ -283,7 +313,17 @@ impl MasterService {
                 Err(e) => Err(e),
             }
         })
-        .await?;
+        .await;
+        if let Err(e) = placed {
+            // Nothing is committed: the replaced file's object goes back where it was.
+            if let Some((at, back)) = moved_aside {
+                let undone = ufs_call(ufs, move |u| u.rename(&at, &back)).await;
+                if let Err(undo) = undone {
+                    tracing::error!(error = %undo, "cannot move an object back after a failed rename; relist its directory");
+                }
+            }
+            return Err(e);
+        }
         self.commit(command::Op::RenameEntry(op)).await?;
         if let Some(target) = &replaced {
             self.drop_cache_if_deleted(target);
@@ -326,5 +366,32 @@ impl MasterService {
         let id = c.id;
         self.commit(command::Op::CommitContent(c)).await?;
         self.store.get(id)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use granary_common::ufs::LocalUfs;
+
+    #[tokio::test]
+    async fn an_object_moves_only_while_it_is_the_files_own() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("first"), b"the file").unwrap();
+        let ufs: Arc<dyn Ufs> =
+            Arc::new(LocalUfs::open("file:///x", dir.path().to_str().unwrap()).unwrap());
+        let version = Some(fingerprint(&ufs.stat(b"first").unwrap()));
+        let other = Some(UfsFingerprint {
+            size: 1,
+            mtime_ns: 1,
+        });
+        let moved = |from: &str, to: &str, v| move_object(ufs.clone(), from.into(), to.into(), v);
+        // Another object under the name (a retry after the move, then a new write there).
+        assert!(!moved("first", "next", other).await.unwrap());
+        assert!(moved("first", "next", version).await.unwrap());
+        assert_eq!(std::fs::read(dir.path().join("next")).unwrap(), b"the file");
+        // Moved already, or never uploaded: nothing to do.
+        assert!(!moved("first", "next", version).await.unwrap());
+        assert!(!moved("first", "next", None).await.unwrap());
     }
 }

@@ -270,6 +270,7 @@ impl NamespaceStore {
             if shard.as_deref() != Some(&self.shard().to_be_bytes()[..]) {
                 return Err(StoreError::Corrupt("snapshot from another shard".into()));
             }
+            crate::store::count_subdirs_once(&mut inodes, &children, &mut meta)?;
         }
         redb_err!(txn.commit())?;
         self.reload_routing_version()?;

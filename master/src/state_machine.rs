@@ -321,7 +321,11 @@ fn load_directory(t: &mut Tables<'_>, l: &LoadDirectory) -> Result<FsResult<()>,
                 } else {
                     e.size
                 };
-                old.mtime_ns = e.mtime_ns;
+                // Times set through Granary (utimensat, a writer's) stay while the object
+                // is the one it knows.
+                if old.fingerprint != Some(fingerprint) {
+                    old.mtime_ns = e.mtime_ns;
+                }
                 // The mode stays: Granary's namespace owns permissions once it knows them.
                 old.symlink_target = e.symlink_target.clone();
                 old.fingerprint = Some(fingerprint);

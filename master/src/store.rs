@@ -26,6 +26,9 @@ pub(crate) const META_APPLIED_TERM: &str = "applied_term";
 pub(crate) const META_CONF_STATE: &str = "conf_state";
 /// The master set (ids and addresses) as of the applied index.
 pub(crate) const META_MASTERS: &str = "masters";
+/// Set once directories' subdirectory counts are kept (stores made before hard links
+/// and link counts have none: they are counted once, at open or at a snapshot's install).
+const META_SUBDIRS_COUNTED: &str = "subdirs_counted";
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -174,8 +177,9 @@ impl NamespaceStore {
         let txn = redb_err!(db.begin_write())?;
         {
             let mut meta = redb_err!(txn.open_table(META))?;
-            redb_err!(txn.open_table(INODES))?;
-            redb_err!(txn.open_table(CHILDREN))?;
+            let mut inodes = redb_err!(txn.open_table(INODES))?;
+            let children = redb_err!(txn.open_table(CHILDREN))?;
+            count_subdirs_once(&mut inodes, &children, &mut meta)?;
             let existing = redb_err!(meta.get(META_SHARD))?.map(|v| v.value().to_vec());
             match existing {
                 Some(v) => {
@@ -394,6 +398,40 @@ impl NamespaceStore {
             meta_u64(&redb_err!(txn.open_table(META))?, META_NEXT_LOCAL_ID)?,
         ))
     }
+}
+
+/// Counts every directory's subdirectories, once per store (see `META_SUBDIRS_COUNTED`).
+/// The count is a function of the tree, so replicas that count at different points agree
+/// from then on.
+pub(crate) fn count_subdirs_once(
+    inodes: &mut Table<'_, u64, &'static [u8]>,
+    children: &Table<'_, &'static [u8], u64>,
+    meta: &mut Table<'_, &'static str, &'static [u8]>,
+) -> Result<(), StoreError> {
+    if redb_err!(meta.get(META_SUBDIRS_COUNTED))?.is_some() {
+        return Ok(());
+    }
+    let mut counts: std::collections::BTreeMap<u64, u64> = Default::default();
+    for item in redb_err!(children.iter())? {
+        let (key, id) = redb_err!(item)?;
+        let Some(child) = redb_err!(inodes.get(id.value()))? else {
+            continue;
+        };
+        if decode_inode(child.value())?.kind == granary_protos::v1::FileKind::Directory as i32 {
+            let parent = u64::from_be_bytes(key.value()[..8].try_into().expect("8-byte prefix"));
+            *counts.entry(parent).or_default() += 1;
+        }
+    }
+    for (dir, n) in counts {
+        let Some(record) = redb_err!(inodes.get(dir))?.map(|v| v.value().to_vec()) else {
+            continue;
+        };
+        let mut d = decode_inode(&record)?;
+        d.subdirs = n;
+        redb_err!(inodes.insert(dir, d.encode_to_vec().as_slice()))?;
+    }
+    redb_err!(meta.insert(META_SUBDIRS_COUNTED, &[1u8][..]))?;
+    Ok(())
 }
 
 pub(crate) fn decode_inode(bytes: &[u8]) -> Result<Inode, StoreError> {

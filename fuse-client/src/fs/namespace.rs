@@ -248,16 +248,23 @@ impl GranaryFs {
         self.attrs.get(&ino).is_some_and(|i| i.links.is_empty())
     }
 
-    /// File `ino` lost a name: with none left it is gone; otherwise (or when unknown)
-    /// the masters say whether it lives on, with its new link count.
+    /// File `ino` lost a name. Known to have had no other and not open for writing
+    /// here: nothing to do. Otherwise the masters say whether it lives on (its new link
+    /// count), since a writer here must not drop its changes for a file that still has a
+    /// name (another mount may have linked it since this one cached it).
     fn lost_a_name(&self, ino: u64, single: bool) {
-        if !single {
-            if let Ok(now) = self.meta.getattr(ino) {
-                self.attrs.insert(ino, now);
-                return;
+        if single && self.staging.get(ino).is_none() {
+            return;
+        }
+        match self.meta.getattr(ino) {
+            Ok(now) => self.attrs.insert(ino, now),
+            Err(FsError::NotFound(_)) => self.unlinked(ino),
+            // Not known: its writes are still committed at close (a commit to a file
+            // that is gone fails and says so).
+            Err(e) => {
+                tracing::warn!(ino, error = %e, "cannot tell whether a file open here lost its last name")
             }
         }
-        self.unlinked(ino);
     }
 
     /// A file open for writing here lost its name: its last close must not bring it back

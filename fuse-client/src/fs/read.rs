@@ -71,7 +71,13 @@ impl GranaryFs {
                 // Changed in the UFS behind Granary's back: list its directory again and
                 // read the new version (never the cached blocks of the old one).
                 tracing::info!(ino = file.ino, %why, "file changed in the UFS; refreshing its metadata");
-                self.meta.refresh(inode.parent)?;
+                // The directory its object is in: its first name's (the name it was
+                // opened by may be a hard link elsewhere).
+                let parent = self
+                    .meta
+                    .getattr(file.ino)
+                    .map_or(inode.parent, |i| i.parent);
+                self.meta.refresh(parent)?;
                 self.attrs.invalidate(&file.ino);
                 *inode = self.committed(file.ino).map_err(|e| match e {
                     // Its last name went (here or elsewhere) and its object with it: a
