@@ -354,6 +354,48 @@ mod tests {
     }
 
     #[test]
+    fn a_listing_in_parts_removes_first_so_an_object_under_a_links_name_is_added() {
+        let mut ns = Ns::new();
+        let root = ns.store.root_id();
+        let object = |name: &str, size| UfsEntry {
+            name: name.into(),
+            kind: FileKind::File as i32,
+            size,
+            mtime_ns: 7,
+            ..Default::default()
+        };
+        let whole = |entries| LoadDirectory {
+            dir_id: root,
+            entries,
+            listed_at_ns: 1,
+            ..Default::default()
+        };
+        ns.run(command::Op::LoadDirectory(whole(vec![object("p", 3)])))
+            .unwrap();
+        let file = ns.id(root, "p");
+        ns.link(file, root, "l").unwrap();
+        // The UFS now has an object under the link's name, and none under the file's.
+        ns.run(command::Op::LoadDirectory(LoadDirectory {
+            partial: true,
+            explicit_removals: true,
+            removed: vec![b"p".to_vec()],
+            ..whole(vec![])
+        }))
+        .unwrap();
+        ns.run(command::Op::LoadDirectory(LoadDirectory {
+            explicit_removals: true,
+            listed_at_ns: 2,
+            ..whole(vec![object("l", 5)])
+        }))
+        .unwrap();
+        assert!(ns.store.get(file).is_err());
+        let l = ns.store.lookup(root, b"l").unwrap().unwrap();
+        assert_ne!(l.id, file);
+        assert_eq!((l.size, l.links.len()), (5, 0));
+        assert_eq!(ns.store.get(root).unwrap().listed_at_ns, 2);
+    }
+
+    #[test]
     fn a_store_made_before_link_counts_counts_its_subdirectories_at_open() {
         use crate::store::{INODES, META};
         use prost::Message;

@@ -179,7 +179,10 @@ impl<L: CommandLog> MetadataLoader<L> {
     }
 
     /// The commands that record a listing of `dir`: one, or for a big directory parts of
-    /// `ENTRIES_PER_COMMAND` entries, the last naming what the UFS no longer lists.
+    /// `ENTRIES_PER_COMMAND` entries, the first naming what the UFS no longer lists (so
+    /// that, as within one command, what goes is gone before what is listed is added: a
+    /// vanished file takes its hard links along, and an object under one of their names
+    /// is then added as a file of its own), the last marking the directory listed.
     fn parts(
         &self,
         dir: &Inode,
@@ -227,11 +230,10 @@ impl<L: CommandLog> MetadataLoader<L> {
                 entries,
                 listed_at_ns,
                 partial: i < last,
-                explicit_removals: i == last,
-                removed: if i == last {
-                    std::mem::take(&mut removed)
-                } else {
-                    Vec::new()
+                explicit_removals: true,
+                removed: match i {
+                    0 => std::mem::take(&mut removed),
+                    _ => Vec::new(),
                 },
                 routing_version,
             })
