@@ -213,7 +213,27 @@ fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
         .build()?)
 }
 
+/// A command whose output is cut short (`granary fs ls / | head`) ends quietly, as other
+/// Unix tools do. (SIGPIPE keeps Rust's "ignore": tokio writes sockets with write(2), and
+/// a client must report a server that hung up, not die of it.)
+fn quiet_on_closed_stdout() {
+    let default = std::panic::take_hook();
+    std::panic::set_hook(Box::new(move |info| {
+        let text = info
+            .payload()
+            .downcast_ref::<String>()
+            .map(String::as_str)
+            .or_else(|| info.payload().downcast_ref::<&str>().copied())
+            .unwrap_or("");
+        if text.starts_with("failed printing to stdout") && text.contains("Broken pipe") {
+            std::process::exit(141);
+        }
+        default(info)
+    }));
+}
+
 fn main() -> anyhow::Result<()> {
+    quiet_on_closed_stdout();
     granary_common::telemetry::init_logging("info");
     let cli = Cli::parse();
     match cli.command {
