@@ -155,6 +155,9 @@ pub struct Staged {
     /// committed: the file's mtime and ctime until then, and the mtime its commit
     /// records. `None` keeps the times it has (a new file, or times set explicitly).
     pub modified_ns: Option<i64>,
+    /// Copied here before the file's last name went, for descriptors still open: this
+    /// holds one use of the staged file until the last of them closes.
+    pub kept: bool,
 }
 
 impl Staged {
@@ -210,6 +213,7 @@ impl StagingArea {
             content: Content::Committed { synced: true },
             unlinked: false,
             modified_ns: None,
+            kept: false,
         }));
         files.insert(ino, (s.clone(), 1));
         self.active.store(files.len(), Ordering::Release);

@@ -11,7 +11,7 @@ mod namespace;
 mod read;
 mod write;
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
@@ -87,9 +87,6 @@ pub struct GranaryFs {
     /// Content commits made through this mount; an open handle looks for a newer version
     /// of its file only when this moved.
     commits: AtomicU64,
-    /// Files open here whose content was copied into a staged file before their last
-    /// name went (their UFS object goes with it): held until their last descriptor closes.
-    kept_for_descriptors: Mutex<HashSet<u64>>,
 }
 
 fn is_dir(i: &Inode) -> bool {
@@ -128,7 +125,6 @@ impl GranaryFs {
                 .max_capacity(opts.meta_cache_entries)
                 .build(),
             commits: AtomicU64::new(0),
-            kept_for_descriptors: Mutex::new(HashSet::new()),
         }
     }
 

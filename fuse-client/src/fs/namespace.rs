@@ -218,27 +218,28 @@ impl GranaryFs {
         let Ok(st) = self.staging.attach(ino) else {
             return false;
         };
-        let filled = self.fill(ino, &mut st.lock().expect("staged lock"));
-        if let Err(e) = filled {
+        let mut s = st.lock().expect("staged lock");
+        let filled = self.fill(ino, &mut s);
+        if let Err(e) = &filled {
             tracing::warn!(ino, error = %e, "cannot keep the content of an open file losing its last name");
-            self.staging.detach(ino);
-            return false;
         }
-        self.kept_for_descriptors
-            .lock()
-            .expect("kept lock")
-            .insert(ino);
-        true
+        // Held once: a use taken by an earlier keep stays the only one.
+        let hold = filled.is_ok() && !s.kept;
+        s.kept |= hold;
+        drop(s);
+        if !hold {
+            self.staging.detach(ino);
+        }
+        filled.is_ok()
     }
 
     /// Drops what [`Self::keep_for_descriptors`] held for `ino`.
     pub(super) fn let_go(&self, ino: u64) {
-        if self
-            .kept_for_descriptors
-            .lock()
-            .expect("kept lock")
-            .remove(&ino)
-        {
+        let Some(st) = self.staging.get(ino) else {
+            return;
+        };
+        let was = std::mem::take(&mut st.lock().expect("staged lock").kept);
+        if was {
             self.staging.detach(ino);
         }
     }

@@ -254,11 +254,11 @@ impl GranaryFs {
             }
             self.staging.detach(file.ino);
         }
+        // Nothing staged (a reader's close, the common case) answers without a lock.
         let kept = self
-            .kept_for_descriptors
-            .lock()
-            .expect("kept lock")
-            .contains(&file.ino);
+            .staging
+            .get(file.ino)
+            .is_some_and(|st| st.lock().expect("staged lock").kept);
         let open = || {
             self.files
                 .read()
