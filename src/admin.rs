@@ -104,18 +104,24 @@ pub async fn quorum_change(master: &str, token: &str, change: QuorumChange) -> a
                 }
                 return Ok(());
             }
-            Err(status) => match status
-                .metadata()
-                .get(LEADER_METADATA_KEY)
-                .and_then(|v| v.to_str().ok())
-            {
-                Some(leader) => {
-                    eprintln!("{target} is not the leader; retrying on {leader}");
-                    target = leader.to_string();
-                }
-                None => bail!("{target}: {}", status.message()),
-            },
+            Err(status) => target = leader_hint(&target, &status, "the leader")?,
         }
     }
     bail!("no leader found after following 5 hints")
+}
+
+/// After a call to `target` failed with `status`: the leader it names (`target` is not
+/// `who`), to try next; else the failure.
+pub fn leader_hint(target: &str, status: &tonic::Status, who: &str) -> anyhow::Result<String> {
+    match status
+        .metadata()
+        .get(LEADER_METADATA_KEY)
+        .and_then(|v| v.to_str().ok())
+    {
+        Some(leader) => {
+            eprintln!("{target} is not {who}; retrying on {leader}");
+            Ok(leader.to_string())
+        }
+        None => bail!("{target}: {}", status.message()),
+    }
 }

@@ -6,7 +6,6 @@ use granary_protos::v1::routing_client::RoutingClient;
 use granary_protos::v1::{
     AddShardRequest, GetRoutingTableRequest, PinPrefixRequest, RoutingTable, ShardInfo,
 };
-use granary_protos::LEADER_METADATA_KEY;
 
 use crate::admin::{channel, Authenticated};
 
@@ -77,17 +76,9 @@ pub async fn change(master: &str, token: &str, change: TableChange) -> anyhow::R
                 print_table(&t.into_inner());
                 return Ok(());
             }
-            Err(status) => match status
-                .metadata()
-                .get(LEADER_METADATA_KEY)
-                .and_then(|v| v.to_str().ok())
-            {
-                Some(leader) => {
-                    eprintln!("{target} is not shard 0's leader; retrying on {leader}");
-                    target = leader.to_string();
-                }
-                None => bail!("{target}: {}", status.message()),
-            },
+            Err(status) => {
+                target = crate::admin::leader_hint(&target, &status, "shard 0's leader")?
+            }
         }
     }
     bail!("no leader found after following 5 hints")
