@@ -32,6 +32,18 @@ pub fn endpoint(
     Ok(e)
 }
 
+/// The address a server gives out as its own: `advertise` if set, else `listen` (with
+/// this host's name in place of an unspecified IP).
+pub fn advertised(advertise: Option<&String>, listen: SocketAddr) -> String {
+    match advertise {
+        Some(a) => a.clone(),
+        None if listen.ip().is_unspecified() => {
+            format!("{}:{}", crate::hostname(), listen.port())
+        }
+        None => listen.to_string(),
+    }
+}
+
 /// The host part of `host:port` (`[v6]:port` too).
 pub fn host_of(addr: &str) -> &str {
     let host = addr.rsplit_once(':').map_or(addr, |(h, _)| h);

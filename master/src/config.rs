@@ -102,13 +102,7 @@ impl Default for MasterConfig {
 impl MasterConfig {
     /// The address other parts use to reach this master.
     pub fn advertised(&self) -> String {
-        match &self.advertise {
-            Some(a) => a.clone(),
-            None if self.listen.ip().is_unspecified() => {
-                format!("{}:{}", granary_common::hostname(), self.listen.port())
-            }
-            None => self.listen.to_string(),
-        }
+        granary_common::net::advertised(self.advertise.as_ref(), self.listen)
     }
 
     /// `members` parsed to (id, address); this master alone when empty.

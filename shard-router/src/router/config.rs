@@ -72,12 +72,6 @@ impl RouterConfig {
 
     /// The address this router gives out as its own.
     pub fn advertised(&self) -> String {
-        match &self.advertise {
-            Some(a) => a.clone(),
-            None if self.listen.ip().is_unspecified() => {
-                format!("{}:{}", granary_common::hostname(), self.listen.port())
-            }
-            None => self.listen.to_string(),
-        }
+        granary_common::net::advertised(self.advertise.as_ref(), self.listen)
     }
 }
