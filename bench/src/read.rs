@@ -166,6 +166,7 @@ pub fn run(b: ReadBench) -> anyhow::Result<()> {
         metrics_listen: None,
         shards: 1,
         s3: Default::default(),
+        mount: Default::default(),
     }))?;
     let result = measure(&b, &ufs, &mnt, &small);
     // Report before tearing down, so a slow teardown cannot lose the figures.

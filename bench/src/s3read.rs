@@ -76,6 +76,7 @@ pub fn run(b: ReadBench) -> anyhow::Result<()> {
             secret_access_key: Some(SECRET_KEY.into()),
             ..Default::default()
         },
+        mount: Default::default(),
     };
     let cluster = rt.block_on(local::start(&args))?;
     let result = measure(&b, &s3, &mnt, &small);

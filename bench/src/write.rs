@@ -12,13 +12,10 @@ use std::time::Instant;
 
 use anyhow::Context;
 use granary_common::bytesize::ByteSize;
-use granary_fuse_client::config::MountConfig;
-use granary_integration_tests::{close, force_unmount};
+use granary_integration_tests::close;
 
-use super::juicefs::JuiceFs;
-use super::passthrough;
 use super::report::{machine, machine_busy_seconds, median, render, write_section, Row};
-use granary::local::{self, LocalArgs};
+use super::targets::{Options, Target, Targets};
 
 pub struct WriteBench {
     pub dir: PathBuf,
@@ -99,90 +96,21 @@ struct SmallFiles {
     cpu_per_file: Option<f64>,
 }
 
-/// Where a run writes: raw first, Granary last, the others between (the table's order).
-struct Target {
-    name: &'static str,
-    dir: PathBuf,
-}
-
 pub fn run(b: WriteBench) -> anyhow::Result<()> {
-    let ufs = b.dir.join("write-ufs");
-    let raw = b.dir.join("write-raw");
-    let fuse_backing = b.dir.join("write-fuse-backing");
-    let fuse_mnt = b.dir.join("write-fuse-mnt");
-    let jfs_work = b.dir.join("write-juicefs");
-    let jfs_mnt = b.dir.join("write-juicefs-mnt");
-    let mnt = b.dir.join("write-mnt");
-    let state = b.dir.join("write-state");
-    for m in [&mnt, &fuse_mnt] {
-        force_unmount(m);
-    }
-    for d in [&ufs, &raw, &fuse_backing, &state] {
-        let _ = std::fs::remove_dir_all(d);
-        std::fs::create_dir_all(d)?;
-    }
-    std::fs::create_dir_all(&mnt)?;
-    std::fs::create_dir_all(&fuse_mnt)?;
-    let fuse = passthrough::mount(
-        &fuse_backing,
-        &fuse_mnt,
-        MountConfig::default().fuse_threads,
-    )?;
-    let mut targets = vec![
-        Target {
-            name: "raw",
-            dir: raw.clone(),
+    Targets::start(
+        &b.dir,
+        &Options {
+            prefix: "write",
+            juicefs: b.juicefs,
+            kernel_ttl: None,
+            capacity: ByteSize((b.big_size * 2).max(1 << 30)),
         },
-        Target {
-            name: "plain FUSE",
-            dir: fuse_mnt.clone(),
-        },
-    ];
-    let juicefs = b
-        .juicefs
-        .then(|| JuiceFs::mount(&jfs_work, &jfs_mnt))
-        .transpose()?;
-    if juicefs.is_some() {
-        targets.push(Target {
-            name: "JuiceFS",
-            dir: jfs_mnt.clone(),
-        });
-    }
-    targets.push(Target {
-        name: "Granary",
-        dir: mnt.clone(),
-    });
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()?;
-    let cluster = rt.block_on(local::start(&LocalArgs {
-        ufs: ufs.display().to_string(),
-        mountpoint: mnt.clone(),
-        state_dir: state.clone(),
-        cache_dir: state.join("cache"),
-        master_listen: "127.0.0.1:0".parse()?,
-        capacity: ByteSize((b.big_size * 2).max(1 << 30)),
-        metrics_listen: None,
-        shards: 1,
-        s3: Default::default(),
-    }))?;
-    let reported = measure(&b, &targets).and_then(|(rows, cpu)| {
-        let names: Vec<&str> = targets[1..targets.len() - 1]
-            .iter()
-            .map(|t| t.name)
-            .collect();
-        report(&b, &rows, &names, &cpu)
-    });
-    rt.block_on(cluster.stop())?;
-    drop(juicefs);
-    drop(fuse);
-    // Everything goes now, not at the next run's start: on ext4 without a journal an
-    // inode freed in the last minutes is skipped by every create in its block group,
-    // one lookup each, so mass deletes right before measuring slow the creates measured.
-    for d in [&raw, &fuse_backing, &jfs_work, &ufs, &state] {
-        let _ = std::fs::remove_dir_all(d);
-    }
-    reported
+        |_| Ok(()),
+    )?
+    .run(|list, others| {
+        let (rows, cpu) = measure(&b, list)?;
+        report(&b, &rows, others, &cpu)
+    })
 }
 
 /// The table's rows, and a line with the CPU time per small file on each target.
