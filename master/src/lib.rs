@@ -10,6 +10,7 @@ mod leader_clients;
 mod lease_reads;
 mod links;
 pub mod loader;
+mod mutation_locks;
 mod mutations;
 pub mod raft;
 mod routing;

@@ -16,6 +16,7 @@ use tokio::task::JoinSet;
 use granary_shard_router::{child_path, Placement};
 
 use crate::command_log::CommandLog;
+use crate::mutation_locks::MutationLocks;
 use crate::store::NamespaceStore;
 
 /// Directories listed at once by a recursive load.
@@ -31,9 +32,8 @@ pub struct MetadataLoader<L> {
     inflight: Mutex<HashMap<u64, Arc<tokio::sync::Mutex<()>>>>,
     /// Re-list a loaded directory once its listing is older than this.
     sync_interval: Option<Duration>,
-    /// Serializes namespace mutations and re-listings on the leader, so that a listing
-    /// never falls between a mutation's UFS change and its proposal.
-    pub(crate) mutations: tokio::sync::Mutex<()>,
+    /// Orders namespace mutations and re-listings on the leader.
+    pub(crate) mutations: MutationLocks,
 }
 
 /// Counts reported while a tree loads.
@@ -76,7 +76,7 @@ impl<L: CommandLog> MetadataLoader<L> {
             ufs,
             inflight: Mutex::new(HashMap::new()),
             sync_interval,
-            mutations: tokio::sync::Mutex::new(()),
+            mutations: MutationLocks::default(),
         }
     }
 
@@ -140,7 +140,7 @@ impl<L: CommandLog> MetadataLoader<L> {
             }
             // Entries of a loaded directory may be changing: list between mutations.
             let _turn = match current.children_loaded {
-                true => Some(self.mutations.lock().await),
+                true => Some(self.mutations.alone().await),
                 false => None,
             };
             let mut attempts = 0;

@@ -78,6 +78,12 @@ async fn move_object(
 }
 
 /// A UFS change on an object never uploaded (or already gone) has nothing to do.
+/// A hard-linked file: changing one of its names may move its UFS object under another,
+/// in another directory.
+fn spans_directories(inode: &Inode) -> bool {
+    !inode.links.is_empty()
+}
+
 fn never_uploaded(e: FsError) -> FsResult<()> {
     match e {
         FsError::NotFound(_) => Ok(()),
@@ -140,22 +146,23 @@ impl MasterService {
         };
         // A file reaches the UFS with its first upload, and a special file never does:
         // creating either touches only the namespace, whose state machine has the last
-        // word (no lock, no dry run), so concurrent creates share Raft rounds.
+        // word (no turn, no dry run), so concurrent creates share Raft rounds.
         // Directories and symlinks exist in the UFS at once: checked first, then made
-        // there, then proposed, between mutations.
-        let _turn = match kind {
+        // there, then proposed, in their directory's turn.
+        let (_turn, dir) = match kind {
             FileKind::File
             | FileKind::Fifo
             | FileKind::Socket
             | FileKind::CharDevice
-            | FileKind::BlockDevice => None,
+            | FileKind::BlockDevice => (None, dir),
             _ => {
-                let turn = self.loader.mutations.lock().await;
+                let turn = self.loader.mutations.dirs(&[r.parent]).await;
                 self.check(Command {
                     op: Some(command::Op::CreateInode(create.clone())),
                 })
                 .await?;
-                Some(turn)
+                // Its UFS path as of now: a rename may have moved it before the turn.
+                (Some(turn), self.store.get(r.parent)?)
             }
         };
         let path = join(&dir.ufs_path, &r.name);
@@ -181,18 +188,35 @@ impl MasterService {
     pub(crate) async fn remove_entry(&self, r: RemoveRequest) -> FsResult<()> {
         validate_name(&r.name)?;
         let dir = self.loaded_dir(r.parent).await?;
-        let _turn = self.loader.mutations.lock().await;
         let op = RemoveEntry {
             parent: r.parent,
             name: r.name.clone(),
             directory: r.directory,
             now_ns: now_ns(),
         };
-        self.check(Command {
-            op: Some(command::Op::RemoveEntry(op.clone())),
-        })
-        .await?;
-        let victim = self.named(dir.id, &r.name)?;
+        let mut alone = false;
+        let (_turn, victim) = loop {
+            let guess = self.named(dir.id, &r.name)?;
+            // A directory's own entries must stay as checked (empty) too.
+            let mut dirs = vec![dir.id];
+            if guess.kind == FileKind::Directory as i32 {
+                dirs.push(guess.id);
+            }
+            let turn = match alone || spans_directories(&guess) {
+                true => self.loader.mutations.alone().await,
+                false => self.loader.mutations.dirs(&dirs).await,
+            };
+            self.check(Command {
+                op: Some(command::Op::RemoveEntry(op.clone())),
+            })
+            .await?;
+            let victim = self.named(dir.id, &r.name)?;
+            if turn.alone() || (victim.id == guess.id && !spans_directories(&victim)) {
+                break (turn, victim);
+            }
+            // Changed before the turn began: take everyone's.
+            alone = true;
+        };
         let ufs = self.loader.ufs(dir.mount_id)?;
         match self.object_under(&victim, dir.id, &r.name)? {
             Object::None => {}
@@ -256,7 +280,6 @@ impl MasterService {
         if from_dir.mount_id != to_dir.mount_id {
             return Err(FsError::CrossDevice("rename across mounts".into()));
         }
-        let _turn = self.loader.mutations.lock().await;
         let op = RenameEntry {
             parent: r.parent,
             name: r.name.clone(),
@@ -265,17 +288,38 @@ impl MasterService {
             no_replace: r.no_replace,
             now_ns: now_ns(),
         };
-        self.check(Command {
-            op: Some(command::Op::RenameEntry(op.clone())),
-        })
-        .await?;
-        let moving = self.named(from_dir.id, &r.name)?;
-        let replaced = match self.store.lookup(to_dir.id, &r.new_name)? {
-            // Two names of one file: rename(2) does nothing.
-            Some(t) if t.id == moving.id => return Ok(t),
-            Some(t) => Some(self.store.get(t.id)?),
-            None => None,
+        // A directory moves its subtree's UFS paths: no other mutation meanwhile.
+        let alone_for = |moving: &Inode, replaced: Option<&Inode>| {
+            moving.kind == FileKind::Directory as i32
+                || spans_directories(moving)
+                || replaced.is_some_and(spans_directories)
         };
+        let mut alone = false;
+        let (_turn, moving, replaced) = loop {
+            let moving = self.named(from_dir.id, &r.name)?;
+            let replaced = self.store.lookup(to_dir.id, &r.new_name)?;
+            let turn = match alone || alone_for(&moving, replaced.as_ref()) {
+                true => self.loader.mutations.alone().await,
+                false => self.loader.mutations.dirs(&[from_dir.id, to_dir.id]).await,
+            };
+            self.check(Command {
+                op: Some(command::Op::RenameEntry(op.clone())),
+            })
+            .await?;
+            let moving = self.named(from_dir.id, &r.name)?;
+            let replaced = match self.store.lookup(to_dir.id, &r.new_name)? {
+                // Two names of one file: rename(2) does nothing.
+                Some(t) if t.id == moving.id => return Ok(t),
+                Some(t) => Some(self.store.get(t.id)?),
+                None => None,
+            };
+            if turn.alone() || !alone_for(&moving, replaced.as_ref()) {
+                break (turn, moving, replaced);
+            }
+            alone = true;
+        };
+        // Its UFS path as of now: a rename may have moved it before the turn.
+        let to_dir = self.store.get(to_dir.id)?;
         let ufs = self.loader.ufs(from_dir.mount_id)?;
         let to = join(&to_dir.ufs_path, &r.new_name);
         // First the replaced entry's object: it moves under its next name if it has one,
@@ -338,7 +382,8 @@ impl MasterService {
     pub(crate) async fn link_entry(&self, r: LinkRequest) -> FsResult<Inode> {
         validate_name(&r.new_name)?;
         self.loaded_dir(r.new_parent).await?;
-        let _turn = self.loader.mutations.lock().await;
+        // The file's other names are in other directories.
+        let _turn = self.loader.mutations.alone().await;
         let op = LinkEntry {
             id: r.id,
             new_parent: r.new_parent,
