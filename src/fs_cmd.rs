@@ -78,7 +78,7 @@ pub fn ls(t: &ClusterArgs, path: &str) -> anyhow::Result<()> {
         println!("{}", line(&node));
         return Ok(());
     }
-    let fh = c.fs.opendir(node.id)?;
+    let (fh, _) = c.fs.opendir(node.id)?;
     let mut offset = 2;
     loop {
         let page = c.fs.readdir(fh, offset, 4096)?;

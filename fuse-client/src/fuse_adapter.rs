@@ -509,7 +509,15 @@ impl Filesystem for FuseAdapter {
 
     fn opendir(&self, _req: &Request, ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
         match self.fs.opendir(ino.0) {
-            Ok(fh) => reply.opened(FileHandle(fh), FopenFlags::empty()),
+            // The kernel keeps the listing in its page cache (dropping it on its own when
+            // this mount changes the directory), across opens while the record is as it was.
+            Ok((fh, unchanged)) => {
+                let mut flags = FopenFlags::FOPEN_CACHE_DIR;
+                if self.opts.keep_cache && unchanged {
+                    flags |= FopenFlags::FOPEN_KEEP_CACHE;
+                }
+                reply.opened(FileHandle(fh), flags)
+            }
             Err(e) => reply.error(errno("opendir", &e)),
         }
     }

@@ -84,6 +84,9 @@ pub struct GranaryFs {
     /// The content version of each inode when it was last opened here: the kernel may
     /// keep its page cache across opens only while that has not changed.
     opened_versions: Cache<u64, UfsFingerprint>,
+    /// Each directory's times, listing time and subdirectory count when it was last
+    /// opened here: the kernel may keep its cached listing only while they have not moved.
+    listed_versions: Cache<u64, (i64, i64, i64, u64)>,
     /// Content commits made through this mount; an open handle looks for a newer version
     /// of its file only when this moved.
     commits: AtomicU64,
@@ -122,6 +125,9 @@ impl GranaryFs {
             staging: StagingArea::default(),
             read_only: opts.read_only,
             opened_versions: Cache::builder()
+                .max_capacity(opts.meta_cache_entries)
+                .build(),
+            listed_versions: Cache::builder()
                 .max_capacity(opts.meta_cache_entries)
                 .build(),
             commits: AtomicU64::new(0),

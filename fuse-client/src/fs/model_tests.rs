@@ -415,7 +415,7 @@ fn run(local_worker: bool, ops: &[Op]) -> Result<(), TestCaseError> {
                         .collect()),
                 };
                 let got = real.fs.lookup(ROOT, DIR.as_bytes()).and_then(|d| {
-                    let fh = real.fs.opendir(d.id)?;
+                    let (fh, _) = real.fs.opendir(d.id)?;
                     let entries = real.fs.readdir(fh, 2, 100);
                     real.fs.releasedir(fh);
                     Ok(entries?

@@ -331,12 +331,20 @@ impl GranaryFs {
         Ok(())
     }
 
-    pub fn opendir(&self, ino: u64) -> FsResult<u64> {
+    /// A handle for listing `ino`, and whether the directory's record is as it was at
+    /// its last opendir here (the kernel may then keep its cached listing).
+    pub fn opendir(&self, ino: u64) -> FsResult<(u64, bool)> {
         let dir = self.getattr(ino)?;
         if !is_dir(&dir) {
             return Err(FsError::NotDir(
                 String::from_utf8_lossy(&dir.name).into_owned(),
             ));
+        }
+        // Entries added or removed move the times; a re-listing moves listed_at.
+        let version = (dir.mtime_ns, dir.ctime_ns, dir.listed_at_ns, dir.subdirs);
+        let unchanged = self.listed_versions.get(&ino) == Some(version);
+        if !unchanged {
+            self.listed_versions.insert(ino, version);
         }
         let fh = self.handle();
         let stream = DirStream {
@@ -348,7 +356,7 @@ impl GranaryFs {
             .write()
             .expect("dirs lock")
             .insert(fh, Arc::new(Mutex::new(stream)));
-        Ok(fh)
+        Ok((fh, unchanged))
     }
 
     /// Entries from position `offset` on (0 is `.`, 1 is `..`), at most `max`.

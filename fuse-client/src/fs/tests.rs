@@ -77,7 +77,7 @@ fn lookups_are_cached_and_errors_are_precise() {
 #[test]
 fn readdir_pages_through_large_directories_and_fills_the_cache() {
     let (fs, ns, _) = fs();
-    let fh = fs.opendir(2).unwrap();
+    let (fh, _) = fs.opendir(2).unwrap();
     let mut names = Vec::new();
     let mut offset = 0;
     loop {

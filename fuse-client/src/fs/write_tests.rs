@@ -308,3 +308,18 @@ fn mknod_makes_special_files_in_the_namespace_and_regular_files_empty() {
         "the regular file does"
     );
 }
+
+#[test]
+fn a_directory_listing_is_kept_across_opens_only_while_the_directory_is_unchanged() {
+    let (fs, _, _) = fs();
+    let unchanged = |fs: &GranaryFs| {
+        let (fh, unchanged) = fs.opendir(1).unwrap();
+        fs.releasedir(fh);
+        unchanged
+    };
+    assert!(!unchanged(&fs), "first listing");
+    assert!(unchanged(&fs));
+    fs.mkdir(1, b"d", 0o755, 0, 0).unwrap();
+    assert!(!unchanged(&fs), "an entry was added");
+    assert!(unchanged(&fs));
+}
