@@ -1,24 +1,23 @@
 //! The `fuser::Filesystem` adapter: translates kernel requests into [`GranaryFs`] calls
 //! and results into replies. No filesystem logic lives here.
 
-use std::collections::HashMap;
 use std::ffi::OsStr;
 use std::os::unix::ffi::OsStrExt;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::{Duration, UNIX_EPOCH};
 
 use fuser::{
-    BackingId, BsdFileFlags, Errno, FileAttr, FileHandle, FileType, Filesystem, FopenFlags,
-    Generation, INodeNo, InitFlags, IoctlFlags, KernelConfig, LockOwner, OpenFlags, RenameFlags,
-    ReplyAttr, ReplyCreate, ReplyData, ReplyDirectory, ReplyDirectoryPlus, ReplyEmpty, ReplyEntry,
-    ReplyIoctl, ReplyOpen, ReplyStatfs, ReplyWrite, ReplyXattr, Request, TimeOrNow, WriteFlags,
+    BsdFileFlags, Errno, FileAttr, FileHandle, FileType, Filesystem, FopenFlags, Generation,
+    INodeNo, InitFlags, IoctlFlags, KernelConfig, LockOwner, OpenFlags, RenameFlags, ReplyAttr,
+    ReplyCreate, ReplyData, ReplyDirectory, ReplyDirectoryPlus, ReplyEmpty, ReplyEntry, ReplyIoctl,
+    ReplyOpen, ReplyStatfs, ReplyWrite, ReplyXattr, Request, TimeOrNow, WriteFlags,
 };
 use granary_common::FsError;
 use granary_protos::v1::{FileKind, Inode};
 
 use crate::fs::{GranaryFs, SetAttr};
 use crate::kernel_view::{Attributes, OpenMode, OwnerOverride, BLOCK_SIZE_HINT};
+use crate::passthrough::{Claim, Passthrough};
 
 /// What the kernel is told about caching and ownership.
 #[derive(Debug, Clone)]
@@ -33,37 +32,6 @@ pub struct FuseAdapter {
     pub fs: Arc<GranaryFs>,
     pub opts: KernelOptions,
     pub passthrough: Passthrough,
-}
-
-/// FUSE passthrough state: one backing file per inode, shared by all its open handles
-/// (the kernel requires that), closed when the last one is released.
-#[derive(Default)]
-pub struct Passthrough {
-    enabled: AtomicBool,
-    by_inode: Mutex<HashMap<u64, (Arc<BackingId>, usize)>>,
-    by_handle: Mutex<HashMap<u64, u64>>,
-}
-
-impl Passthrough {
-    pub fn new(wanted: bool) -> Self {
-        Passthrough {
-            enabled: AtomicBool::new(wanted),
-            ..Default::default()
-        }
-    }
-
-    fn release(&self, fh: u64) {
-        let Some(ino) = self.by_handle.lock().expect("passthrough lock").remove(&fh) else {
-            return;
-        };
-        let mut by_inode = self.by_inode.lock().expect("passthrough lock");
-        if let Some((_, users)) = by_inode.get_mut(&ino) {
-            *users -= 1;
-            if *users == 0 {
-                by_inode.remove(&ino);
-            }
-        }
-    }
 }
 
 fn errno(op: &str, e: &FsError) -> Errno {
@@ -140,37 +108,38 @@ fn fopen(mode: OpenMode) -> FopenFlags {
 }
 
 impl FuseAdapter {
-    /// The inode's backing file for passthrough, registering it on first use.
-    fn backing_for(&self, ino: u64, fh: u64, reply: &ReplyOpen) -> Option<Arc<BackingId>> {
-        let pt = &self.passthrough;
-        let mut by_inode = pt.by_inode.lock().expect("passthrough lock");
-        let backing = match by_inode.get_mut(&ino) {
-            Some((id, users)) => {
-                *users += 1;
-                id.clone()
-            }
-            None => {
-                let file = self.fs.whole_file(fh)?;
+    /// Opens `fh` (read-only) with the kernel reading from the inode's backing file where
+    /// passthrough allows.
+    fn open_read_only(&self, ino: u64, fh: u64, mode: OpenMode, reply: ReplyOpen) {
+        // The kernel refuses KEEP_CACHE with passthrough (the page cache is the backing
+        // file's own, so it is kept anyway).
+        let claim = match self.fs.open_version(fh) {
+            Some(version) => self.passthrough.claim(ino, fh, version),
+            None => Claim::No,
+        };
+        let id = match claim {
+            Claim::No => return reply.opened(FileHandle(fh), fopen(mode)),
+            Claim::Backing(id) => id,
+            Claim::Register => {
+                let Some(file) = self.fs.whole_file(fh) else {
+                    self.passthrough.failed(ino);
+                    return reply.opened(FileHandle(fh), fopen(mode));
+                };
                 match reply.open_backing(&file) {
                     Ok(id) => {
-                        let id = Arc::new(id);
-                        by_inode.insert(ino, (id.clone(), 1));
-                        id
+                        let bytes = file.metadata().map(|m| m.len()).unwrap_or(0);
+                        self.passthrough.registered(ino, id, bytes)
                     }
                     Err(e) => {
                         tracing::warn!(error = %e, "FUSE passthrough unavailable; serving reads in userspace");
-                        pt.enabled.store(false, Ordering::Relaxed);
-                        return None;
+                        self.passthrough.disable();
+                        self.passthrough.failed(ino);
+                        return reply.opened(FileHandle(fh), fopen(mode));
                     }
                 }
             }
         };
-        pt.by_handle
-            .lock()
-            .expect("passthrough lock")
-            .insert(fh, ino);
-        metrics::counter!("granary_client_passthrough_opens_total").increment(1);
-        Some(backing)
+        reply.opened_passthrough(FileHandle(fh), FopenFlags::FOPEN_NOFLUSH, &id)
     }
 }
 
@@ -187,12 +156,12 @@ impl Filesystem for FuseAdapter {
                 tracing::debug!(?flag, "kernel lacks FUSE capability");
             }
         }
-        if self.passthrough.enabled.load(Ordering::Relaxed) {
+        if self.passthrough.enabled() {
             let ok = config.add_capabilities(InitFlags::FUSE_PASSTHROUGH).is_ok()
                 && config.set_max_stack_depth(1).is_ok();
             if !ok {
                 tracing::info!("kernel lacks FUSE passthrough; serving reads in userspace");
-                self.passthrough.enabled.store(false, Ordering::Relaxed);
+                self.passthrough.disable();
             }
         }
         let _ = config.set_max_readahead(1 << 20);
@@ -233,17 +202,8 @@ impl Filesystem for FuseAdapter {
             Err(e) => return reply.error(errno("open", &e)),
         };
         let mode = OpenMode::for_open(flags.0, self.opts.keep_cache, unchanged);
-        let read_only = flags.0 & libc::O_ACCMODE == libc::O_RDONLY;
-        if read_only && self.passthrough.enabled.load(Ordering::Relaxed) {
-            if let Some(backing) = self.backing_for(ino.0, fh, &reply) {
-                // The kernel refuses KEEP_CACHE with passthrough (the page cache is the
-                // backing file's own, so it is kept anyway).
-                return reply.opened_passthrough(
-                    FileHandle(fh),
-                    FopenFlags::FOPEN_NOFLUSH,
-                    &backing,
-                );
-            }
+        if flags.0 & libc::O_ACCMODE == libc::O_RDONLY {
+            return self.open_read_only(ino.0, fh, mode, reply);
         }
         reply.opened(FileHandle(fh), fopen(mode))
     }

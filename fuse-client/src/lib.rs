@@ -11,6 +11,7 @@ pub mod kernel_view;
 pub mod local_upload;
 pub mod memory;
 pub mod mount;
+pub mod passthrough;
 pub mod staging;
 pub mod warmup;
 pub mod worker_list;

@@ -14,9 +14,10 @@ use crate::config::MountConfig;
 use crate::content_store::WorkerContentStore;
 use crate::data_client::DataClient;
 use crate::fs::{FsOptions, GranaryFs};
-use crate::fuse_adapter::{FuseAdapter, KernelOptions, Passthrough};
+use crate::fuse_adapter::{FuseAdapter, KernelOptions};
 use crate::kernel_view::OwnerOverride;
 use crate::memory::MemoryLimiter;
+use crate::passthrough::Passthrough;
 use crate::worker_list::WorkerList;
 use granary_meta_client::{ClientOptions, GrpcMetadataClient, MetadataService};
 use granary_shard_router::ShardedMetadata;
@@ -216,7 +217,10 @@ pub fn mount(cfg: &MountConfig, mountpoint: &Path) -> Result<MountHandle, MountE
                 gid: cfg.gid,
             },
         },
-        passthrough: Passthrough::new(cfg.passthrough && cfg.short_circuit),
+        // Registering a backing file takes CAP_SYS_ADMIN.
+        passthrough: Passthrough::new(
+            cfg.passthrough && cfg.short_circuit && unsafe { libc::geteuid() } == 0,
+        ),
     };
     let mut options = vec![
         MountOption::FSName("granary".into()),

@@ -140,6 +140,21 @@ fn dataset_reads_match_across_worker_restart_and_eviction() {
         .unwrap();
     let bad = read_all(&pt.path, &expected, 7);
     assert!(bad.is_empty(), "passthrough mount: {bad:?}");
+    // Again from several threads in different orders: one inode's opens meet while its
+    // backing file registers and while it is kept idle (the kernel fails an open that
+    // mixes passthrough with other I/O modes on one inode).
+    std::thread::scope(|s| {
+        let readers: Vec<_> = (0..4u64)
+            .map(|t| {
+                let (path, expected) = (&pt.path, &expected);
+                s.spawn(move || read_all(path, expected, 70 + t))
+            })
+            .collect();
+        for r in readers {
+            let bad = r.join().unwrap();
+            assert!(bad.is_empty(), "passthrough mount, concurrent: {bad:?}");
+        }
+    });
     drop(pt);
 
     // The TCP data path with readahead, no kernel page cache between opens.

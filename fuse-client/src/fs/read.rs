@@ -97,6 +97,14 @@ impl GranaryFs {
 
     /// For an open handle, a local file with the same bytes that the kernel may read
     /// directly (see [`DataPath::whole_file`]); never for a file being written.
+    /// The content version (UFS fingerprint: size, mtime) handle `fh` reads.
+    pub fn open_version(&self, fh: u64) -> Option<(u64, i64)> {
+        let file = self.files.read().expect("files lock").get(&fh).cloned()?;
+        let guard = file.read.lock().expect("read state lock");
+        let f = guard.0.fingerprint.unwrap_or_default();
+        Some((f.size, f.mtime_ns))
+    }
+
     pub fn whole_file(&self, fh: u64) -> Option<std::fs::File> {
         let file = self.files.read().expect("files lock").get(&fh).cloned()?;
         if self.staging.get(file.ino).is_some() {

@@ -1,0 +1,274 @@
+//! FUSE passthrough bookkeeping: which backing file (a co-located worker's cache file)
+//! the kernel reads each inode from. The kernel wants one backing file per inode for all
+//! its open handles. A backing file stays registered for a while after its last handle
+//! closes, so re-opening a warm file costs no worker round trip and no registration.
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Condvar, Mutex};
+
+use fuser::BackingId;
+
+/// Idle backing files kept registered, at most this many (an epoch over a dataset of
+/// small files re-opens each; a miss costs a worker round trip)...
+const IDLE_FILES: usize = 1 << 16;
+/// ... and this many bytes (a worker may have evicted them: the kernel's reference keeps
+/// their disk space until they go).
+const IDLE_BYTES: u64 = 4 << 30;
+
+/// `Id`: the kernel's handle on a registered backing file (a stand-in in tests).
+pub struct Passthrough<Id = BackingId> {
+    enabled: AtomicBool,
+    table: Mutex<Table<Id>>,
+    /// Signalled when a registration ends.
+    registered: Condvar,
+}
+
+struct Table<Id> {
+    by_inode: HashMap<u64, Backing<Id>>,
+    by_handle: HashMap<u64, u64>,
+    /// Inodes whose last handle closed, oldest first (an inode re-opened since may be
+    /// listed; it is skipped while in use).
+    idle: VecDeque<u64>,
+    idle_bytes: u64,
+}
+
+/// A file's content version: its UFS fingerprint (size, mtime).
+pub type Version = (u64, i64);
+
+struct Backing<Id> {
+    mode: Mode<Id>,
+    version: Version,
+    /// Open handles in that mode.
+    users: usize,
+    bytes: u64,
+}
+
+enum Mode<Id> {
+    /// Being registered by its first opener.
+    Registering,
+    Passthrough(Arc<Id>),
+    /// Handles open with the kernel's page cache (no backing file for this file).
+    Cached,
+}
+
+/// What an open does about passthrough.
+pub enum Claim<Id = BackingId> {
+    /// Read through this registered backing file (the kernel's rule: while one handle of
+    /// an inode is in passthrough, all are, so a new version of a file open here is read
+    /// once its descriptors here have closed).
+    Backing(Arc<Id>),
+    /// Register the file's backing file, then call [`Passthrough::registered`] (or
+    /// [`Passthrough::failed`]).
+    Register,
+    /// Userspace reads through the page cache, as usual.
+    No,
+}
+
+impl<Id> Passthrough<Id> {
+    pub fn new(wanted: bool) -> Self {
+        Passthrough {
+            enabled: AtomicBool::new(wanted),
+            table: Mutex::new(Table {
+                by_inode: HashMap::new(),
+                by_handle: HashMap::new(),
+                idle: VecDeque::new(),
+                idle_bytes: 0,
+            }),
+            registered: Condvar::new(),
+        }
+    }
+
+    pub fn enabled(&self) -> bool {
+        self.enabled.load(Ordering::Relaxed)
+    }
+
+    pub fn disable(&self) {
+        self.enabled.store(false, Ordering::Relaxed);
+    }
+
+    /// A read-only open of `ino`, at `version`, as handle `fh`.
+    pub fn claim(&self, ino: u64, fh: u64, version: Version) -> Claim<Id> {
+        if !self.enabled() {
+            return Claim::No;
+        }
+        let mut t = self.table.lock().expect("passthrough table");
+        // Another open registers this inode's backing file: its outcome decides this one.
+        while t
+            .by_inode
+            .get(&ino)
+            .is_some_and(|b| matches!(b.mode, Mode::Registering))
+        {
+            t = self.registered.wait(t).expect("passthrough table");
+        }
+        let claim = match t.by_inode.get(&ino) {
+            None => None,
+            // An idle backing file of an older version: replaced.
+            Some(b) if b.users == 0 && b.version != version => {
+                let bytes = b.bytes;
+                t.idle_bytes -= bytes;
+                t.by_inode.remove(&ino);
+                None
+            }
+            Some(b) => Some(match &b.mode {
+                Mode::Passthrough(id) => Claim::Backing(id.clone()),
+                _ => Claim::No,
+            }),
+        };
+        let Some(claim) = claim else {
+            t.by_inode.insert(
+                ino,
+                Backing {
+                    mode: Mode::Registering,
+                    version,
+                    users: 1,
+                    bytes: 0,
+                },
+            );
+            t.by_handle.insert(fh, ino);
+            return Claim::Register;
+        };
+        let b = t.by_inode.get_mut(&ino).expect("matched above");
+        b.users += 1;
+        let bytes = if b.users == 1 { b.bytes } else { 0 };
+        t.idle_bytes -= bytes;
+        t.by_handle.insert(fh, ino);
+        if matches!(claim, Claim::Backing(_)) {
+            metrics::counter!("granary_client_passthrough_opens_total").increment(1);
+        }
+        claim
+    }
+
+    pub fn registered(&self, ino: u64, id: Id, bytes: u64) -> Arc<Id> {
+        let id = Arc::new(id);
+        let mut t = self.table.lock().expect("passthrough table");
+        if let Some(b) = t.by_inode.get_mut(&ino) {
+            b.mode = Mode::Passthrough(id.clone());
+            b.bytes = bytes;
+        }
+        self.registered.notify_all();
+        metrics::counter!("granary_client_passthrough_opens_total").increment(1);
+        id
+    }
+
+    /// No backing file for this open: it reads through the page cache, and so do the
+    /// inode's next opens while it is open.
+    pub fn failed(&self, ino: u64) {
+        let mut t = self.table.lock().expect("passthrough table");
+        if let Some(b) = t.by_inode.get_mut(&ino) {
+            b.mode = Mode::Cached;
+        }
+        self.registered.notify_all();
+    }
+
+    pub fn release(&self, fh: u64) {
+        let mut t = self.table.lock().expect("passthrough table");
+        let Some(ino) = t.by_handle.remove(&fh) else {
+            return;
+        };
+        let Some(b) = t.by_inode.get_mut(&ino) else {
+            return;
+        };
+        b.users -= 1;
+        if b.users > 0 {
+            return;
+        }
+        if !matches!(b.mode, Mode::Passthrough(_)) {
+            t.by_inode.remove(&ino);
+            return;
+        }
+        let bytes = b.bytes;
+        t.idle_bytes += bytes;
+        t.idle.push_back(ino);
+        while t.idle.len() > IDLE_FILES || t.idle_bytes > IDLE_BYTES {
+            let Some(oldest) = t.idle.pop_front() else {
+                break;
+            };
+            if t.by_inode.get(&oldest).is_some_and(|b| b.users == 0) {
+                let gone = t.by_inode.remove(&oldest).expect("checked");
+                t.idle_bytes -= gone.bytes;
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const V1: Version = (100, 1);
+    const V2: Version = (100, 2);
+
+    fn backing(c: Claim<u32>) -> Option<u32> {
+        match c {
+            Claim::Backing(id) => Some(*id),
+            _ => None,
+        }
+    }
+
+    #[test]
+    fn a_backing_file_outlives_its_last_close_until_the_version_changes() {
+        let pt = Passthrough::<u32>::new(true);
+        assert!(matches!(pt.claim(1, 10, V1), Claim::Register));
+        std::thread::scope(|s| {
+            // Another open while the first registers waits for its backing file.
+            let second = s.spawn(|| backing(pt.claim(1, 11, V1)));
+            std::thread::sleep(std::time::Duration::from_millis(50));
+            pt.registered(1, 7, 100);
+            assert_eq!(second.join().unwrap(), Some(7));
+        });
+        assert_eq!(backing(pt.claim(1, 12, V1)), Some(7));
+        for fh in [10, 11, 12] {
+            pt.release(fh);
+        }
+        assert_eq!(backing(pt.claim(1, 13, V1)), Some(7), "kept while idle");
+        // A new version while the old one is open: the old backing file; once idle: replaced.
+        assert_eq!(backing(pt.claim(1, 14, V2)), Some(7));
+        pt.release(13);
+        pt.release(14);
+        assert!(
+            matches!(pt.claim(1, 15, V2), Claim::Register),
+            "the new version's backing file, once the old one's descriptors closed"
+        );
+    }
+
+    #[test]
+    fn a_file_open_through_the_page_cache_is_never_passed_through_meanwhile() {
+        let pt = Passthrough::<u32>::new(true);
+        assert!(matches!(pt.claim(2, 20, V1), Claim::Register));
+        pt.failed(2);
+        assert!(matches!(pt.claim(2, 21, V1), Claim::No));
+        pt.release(20);
+        assert!(matches!(pt.claim(2, 22, V1), Claim::No));
+        pt.release(21);
+        pt.release(22);
+        assert!(
+            matches!(pt.claim(2, 23, V1), Claim::Register),
+            "tried again once closed"
+        );
+        let off = Passthrough::<u32>::new(false);
+        assert!(matches!(off.claim(2, 1, V1), Claim::No));
+    }
+
+    #[test]
+    fn idle_backing_files_are_bounded() {
+        let pt = Passthrough::<u32>::new(true);
+        for ino in 0..=IDLE_FILES as u64 {
+            assert!(matches!(pt.claim(ino, ino, V1), Claim::Register));
+            pt.registered(ino, ino as u32, 1);
+            pt.release(ino);
+        }
+        let t = pt.table.lock().unwrap();
+        assert_eq!(t.by_inode.len(), IDLE_FILES);
+        assert!(!t.by_inode.contains_key(&0), "the oldest went");
+        drop(t);
+        let pt = Passthrough::<u32>::new(true);
+        pt.claim(1, 1, V1);
+        pt.registered(1, 1, IDLE_BYTES + 1);
+        pt.release(1);
+        assert!(
+            pt.table.lock().unwrap().by_inode.is_empty(),
+            "too big to keep"
+        );
+    }
+}
