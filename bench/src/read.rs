@@ -1,6 +1,8 @@
 //! `granary bench read`: (a) one big file read sequentially in 1 MiB reads by 1 and 4
 //! readers, page cache dropped and warm; (b) many small files read whole by several
-//! threads in random order, warm. Raw directory and Granary mount alternate run by run.
+//! threads in random order, page cache dropped and warm. The raw directory, a Granary
+//! mount with FUSE passthrough the other way from the default, and a default mount take
+//! turns run by run.
 
 use std::io::Read;
 use std::path::{Path, PathBuf};
@@ -15,6 +17,8 @@ use rand::SeedableRng;
 use super::report::{machine, median, render, write_section, Row};
 use granary::dataset;
 use granary::local::{self, LocalArgs};
+use granary_fuse_client::config::MountConfig;
+use granary_integration_tests::force_unmount;
 
 pub struct ReadBench {
     pub dir: PathBuf,
@@ -140,13 +144,12 @@ pub fn run(b: ReadBench) -> anyhow::Result<()> {
     let ufs = b.dir.join("ufs");
     let mnt = b.dir.join("mnt");
     prepare_dataset(&b, &ufs)?;
-    // A previous run killed mid-way may have left its mount behind.
-    let _ = std::process::Command::new("umount")
-        .arg("-l")
-        .arg(&mnt)
-        .stderr(std::process::Stdio::null())
-        .status();
-    std::fs::create_dir_all(&mnt)?;
+    let alt_mnt = b.dir.join("mnt-alt");
+    for m in [&mnt, &alt_mnt] {
+        // A previous run killed mid-way may have left its mount behind.
+        force_unmount(m);
+        std::fs::create_dir_all(m)?;
+    }
 
     let mut small: Vec<PathBuf> = Vec::new();
     list_files(&ufs, &ufs.join("small"), &mut small)?;
@@ -156,11 +159,12 @@ pub fn run(b: ReadBench) -> anyhow::Result<()> {
         .enable_all()
         .build()?;
     let capacity = (b.big_size + b.small_files * (b.small_size + 4096)) * 2;
+    let state = b.dir.join("state");
     let cluster = rt.block_on(local::start(&LocalArgs {
         ufs: ufs.display().to_string(),
         mountpoint: mnt.clone(),
-        state_dir: b.dir.join("state"),
-        cache_dir: b.dir.join("state/cache"),
+        state_dir: state.clone(),
+        cache_dir: state.join("cache"),
         master_listen: "127.0.0.1:0".parse()?,
         capacity: ByteSize(capacity),
         metrics_listen: None,
@@ -168,15 +172,33 @@ pub fn run(b: ReadBench) -> anyhow::Result<()> {
         s3: Default::default(),
         mount: Default::default(),
     }))?;
-    let result = measure(&b, &ufs, &mnt, &small);
+    // A second mount of the same cluster with FUSE passthrough the other way round, so
+    // both settings are measured in one run.
+    let defaults = MountConfig::default();
+    let alt = granary_fuse_client::mount(
+        &MountConfig {
+            masters: vec![cluster.master.addr.to_string()],
+            staging_dir: state.join("staging-alt"),
+            passthrough: !defaults.passthrough,
+            ..defaults.clone()
+        },
+        &alt_mnt,
+    )?;
+    let alt_name = if defaults.passthrough {
+        "granary, passthrough off"
+    } else {
+        "granary, passthrough on"
+    };
+    let result = measure(&b, &[&ufs, &alt_mnt, &mnt], &small);
     // Report before tearing down, so a slow teardown cannot lose the figures.
-    let reported = result.and_then(|rows| report(&b, &rows));
+    let reported = result.and_then(|rows| report(&b, &rows, alt_name));
+    drop(alt);
     rt.block_on(cluster.stop())?;
     reported
 }
 
-fn report(b: &ReadBench, rows: &[Row]) -> anyhow::Result<()> {
-    let table = render(rows, &[]);
+fn report(b: &ReadBench, rows: &[Row], alt: &str) -> anyhow::Result<()> {
+    let table = render(rows, &[alt]);
     println!("\n{table}");
     if let Some(path) = &b.write_docs {
         let body = format!(
@@ -197,13 +219,29 @@ fn report(b: &ReadBench, rows: &[Row]) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn measure(b: &ReadBench, ufs: &Path, mnt: &Path, small: &[PathBuf]) -> anyhow::Result<Vec<Row>> {
-    let is_root = unsafe { libc::geteuid() } == 0;
-    // First pass through the mount fills the worker cache (and loads metadata).
-    eprintln!("warming the worker cache ...");
-    sequential(&mnt.join(BIG), 1)?;
-    small_files(mnt, small, b.small_threads)?;
+/// One row from each target's runs (raw first, Granary's default mount last).
+fn row(case: String, unit: &'static str, runs: Vec<Vec<f64>>) -> Row {
+    let mut v: Vec<f64> = runs.into_iter().map(median).collect();
+    let granary = v.pop().expect("targets");
+    Row {
+        case,
+        unit,
+        raw: v[0],
+        others: v[1..].to_vec(),
+        granary,
+    }
+}
 
+/// Rows over `targets`: the raw directory, then mounts of it, run by run in turn.
+fn measure(b: &ReadBench, targets: &[&Path], small: &[PathBuf]) -> anyhow::Result<Vec<Row>> {
+    let is_root = unsafe { libc::geteuid() } == 0;
+    // First pass through each mount fills the worker cache (and loads metadata).
+    eprintln!("warming the worker cache ...");
+    for t in &targets[1..] {
+        sequential(&t.join(BIG), 1)?;
+        small_files(t, small, b.small_threads)?;
+    }
+    let runs = || vec![Vec::new(); targets.len()];
     let mut rows = Vec::new();
     for readers in [1usize, 4] {
         let label = if readers == 1 {
@@ -212,63 +250,69 @@ fn measure(b: &ReadBench, ufs: &Path, mnt: &Path, small: &[PathBuf]) -> anyhow::
             format!("{readers} readers")
         };
         if is_root {
-            let (mut raw, mut gr) = (Vec::new(), Vec::new());
+            let mut got = runs();
             for _ in 0..b.runs {
-                drop_page_cache()?;
-                raw.push(sequential(&ufs.join(BIG), readers)?);
-                drop_page_cache()?;
-                gr.push(sequential(&mnt.join(BIG), readers)?);
+                for (i, t) in targets.iter().enumerate() {
+                    drop_page_cache()?;
+                    got[i].push(sequential(&t.join(BIG), readers)?);
+                }
             }
-            rows.push(Row {
-                case: format!("big file, {label}, page cache dropped (worker cache warm)"),
-                unit: "MB/s",
-                raw: median(raw),
-                others: Vec::new(),
-                granary: median(gr),
-            });
+            rows.push(row(
+                format!("big file, {label}, page cache dropped (worker cache warm)"),
+                "MB/s",
+                got,
+            ));
         } else {
             eprintln!("not root: skipping the page-cache-dropped cases");
         }
-        sequential(&ufs.join(BIG), 1)?;
-        sequential(&mnt.join(BIG), 1)?;
-        let (mut raw, mut gr) = (Vec::new(), Vec::new());
-        for _ in 0..b.runs {
-            raw.push(sequential(&ufs.join(BIG), readers)?);
-            gr.push(sequential(&mnt.join(BIG), readers)?);
+        let mut got = runs();
+        for t in targets {
+            sequential(&t.join(BIG), 1)?;
         }
-        rows.push(Row {
-            case: format!("big file, {label}, page cache warm"),
-            unit: "MB/s",
-            raw: median(raw),
-            others: Vec::new(),
-            granary: median(gr),
-        });
+        for _ in 0..b.runs {
+            for (i, t) in targets.iter().enumerate() {
+                got[i].push(sequential(&t.join(BIG), readers)?);
+            }
+        }
+        rows.push(row(
+            format!("big file, {label}, page cache warm"),
+            "MB/s",
+            got,
+        ));
     }
-    small_files(ufs, small, b.small_threads)?;
-    small_files(mnt, small, b.small_threads)?;
-    let (mut raw, mut gr) = (Vec::new(), Vec::new());
+    let small_case = |state: &str| {
+        format!(
+            "{} small files, {} threads, random order, {state}",
+            small.len(),
+            b.small_threads
+        )
+    };
+    if is_root {
+        let mut got = runs();
+        for _ in 0..b.runs {
+            for (i, t) in targets.iter().enumerate() {
+                drop_page_cache()?;
+                got[i].push(small_files(t, small, b.small_threads)?.0);
+            }
+        }
+        rows.push(row(
+            small_case("page cache dropped (worker cache warm)"),
+            "files/s",
+            got,
+        ));
+    }
+    for t in targets {
+        small_files(t, small, b.small_threads)?;
+    }
+    let (mut files, mut mb) = (runs(), runs());
     for _ in 0..b.runs {
-        raw.push(small_files(ufs, small, b.small_threads)?);
-        gr.push(small_files(mnt, small, b.small_threads)?);
+        for (i, t) in targets.iter().enumerate() {
+            let (f, m) = small_files(t, small, b.small_threads)?;
+            files[i].push(f);
+            mb[i].push(m);
+        }
     }
-    let case = format!(
-        "{} small files, {} threads, random order, page cache warm",
-        small.len(),
-        b.small_threads
-    );
-    rows.push(Row {
-        case: case.clone(),
-        unit: "files/s",
-        raw: median(raw.iter().map(|r| r.0).collect()),
-        others: Vec::new(),
-        granary: median(gr.iter().map(|r| r.0).collect()),
-    });
-    rows.push(Row {
-        case,
-        unit: "MB/s",
-        raw: median(raw.iter().map(|r| r.1).collect()),
-        others: Vec::new(),
-        granary: median(gr.iter().map(|r| r.1).collect()),
-    });
+    rows.push(row(small_case("page cache warm"), "files/s", files));
+    rows.push(row(small_case("page cache warm"), "MB/s", mb));
     Ok(rows)
 }
