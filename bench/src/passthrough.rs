@@ -85,32 +85,35 @@ impl Passthrough {
         }
     }
 
-    /// Forgets `path`'s number (and its descendants'): the name no longer leads there.
+    /// Forgets `path`'s number: the name no longer leads there (what went was a file or
+    /// an empty directory).
     fn forget_path(&self, path: &Path) {
         let mut inodes = self.inodes.write().expect("inodes lock");
-        let gone: Vec<PathBuf> = inodes
-            .numbers
-            .keys()
-            .filter(|p| p.starts_with(path))
-            .cloned()
-            .collect();
-        for p in gone {
-            if let Some(ino) = inodes.numbers.remove(&p) {
-                inodes.paths.remove(&ino);
-            }
+        if let Some(ino) = inodes.numbers.remove(path) {
+            inodes.paths.remove(&ino);
         }
     }
 
-    /// Moves the numbers under `from` to `to`, so open inodes keep working after a rename.
+    /// Moves the numbers of `from` (and, for a directory, everything under it) to `to`,
+    /// so open inodes keep working after a rename.
     fn move_path(&self, from: &Path, to: &Path) {
         self.forget_path(to);
+        // Only a directory has numbers under it; a file's rename stays O(1).
+        let dir = to.is_dir();
         let mut inodes = self.inodes.write().expect("inodes lock");
-        let moved: Vec<(PathBuf, u64)> = inodes
-            .numbers
-            .iter()
-            .filter(|(p, _)| p.starts_with(from))
-            .map(|(p, &ino)| (p.clone(), ino))
-            .collect();
+        let moved: Vec<(PathBuf, u64)> = match dir {
+            true => inodes
+                .numbers
+                .iter()
+                .filter(|(p, _)| p.starts_with(from))
+                .map(|(p, &ino)| (p.clone(), ino))
+                .collect(),
+            false => inodes
+                .numbers
+                .get(from)
+                .map(|&ino| vec![(from.to_path_buf(), ino)])
+                .unwrap_or_default(),
+        };
         for (p, ino) in moved {
             inodes.numbers.remove(&p);
             let rest = p.strip_prefix(from).expect("under from");

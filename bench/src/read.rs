@@ -160,6 +160,10 @@ pub fn run(b: ReadBench) -> anyhow::Result<()> {
         .build()?;
     let capacity = (b.big_size + b.small_files * (b.small_size + 4096)) * 2;
     let state = b.dir.join("state");
+    // A fresh namespace and cache every run (the first pass below fills the cache): a
+    // kept one may describe an older dataset, and a restarted local master does not list
+    // its UFS again.
+    let _ = std::fs::remove_dir_all(&state);
     let cluster = rt.block_on(local::start(&LocalArgs {
         ufs: ufs.display().to_string(),
         mountpoint: mnt.clone(),
