@@ -21,6 +21,7 @@ use granary_protos::v1::{
 
 use crate::command_log::CommandLog;
 use crate::links::is_primary;
+use crate::mutation_locks::Turn;
 use crate::service::MasterService;
 use crate::state_machine::is_special;
 
@@ -77,13 +78,20 @@ async fn move_object(
     .await
 }
 
-/// A UFS change on an object never uploaded (or already gone) has nothing to do.
 /// A hard-linked file: changing one of its names may move its UFS object under another,
 /// in another directory.
 fn spans_directories(inode: &Inode) -> bool {
     !inode.links.is_empty()
 }
 
+/// What a mutation's turn holds, judged from the entries it changes.
+#[derive(PartialEq)]
+enum Scope {
+    Dirs(Vec<u64>),
+    Alone,
+}
+
+/// A UFS change on an object never uploaded (or already gone) has nothing to do.
 fn never_uploaded(e: FsError) -> FsResult<()> {
     match e {
         FsError::NotFound(_) => Ok(()),
@@ -110,6 +118,31 @@ impl MasterService {
         tokio::task::spawn_blocking(move || crate::state_machine::dry_run(&store, &cmd))
             .await
             .map_err(|e| FsError::io_from(format!("dry run task: {e}"), e))??
+    }
+
+    /// Takes the turn for `cmd` and dry-runs it. `look` reads the entries `cmd` changes
+    /// and says what their change must hold: it looks before the turn to choose one and
+    /// again within it; when the two differ, those entries changed meanwhile and the
+    /// turn is taken again, alone.
+    async fn turn_for<T>(
+        &self,
+        cmd: Command,
+        look: impl Fn() -> FsResult<(T, Scope)>,
+    ) -> FsResult<(Turn<'_>, T)> {
+        let mut alone = false;
+        loop {
+            let (_, scope) = look()?;
+            let turn = match (alone, &scope) {
+                (false, Scope::Dirs(ids)) => self.loader.mutations.dirs(ids).await,
+                _ => self.loader.mutations.alone().await,
+            };
+            self.check(cmd.clone()).await?;
+            let (seen, now) = look()?;
+            if turn.alone() || now == scope {
+                return Ok((turn, seen));
+            }
+            alone = true;
+        }
     }
 
     async fn commit(&self, op: command::Op) -> FsResult<()> {
@@ -194,29 +227,23 @@ impl MasterService {
             directory: r.directory,
             now_ns: now_ns(),
         };
-        let mut alone = false;
-        let (_turn, victim) = loop {
-            let guess = self.named(dir.id, &r.name)?;
-            // A directory's own entries must stay as checked (empty) too.
-            let mut dirs = vec![dir.id];
-            if guess.kind == FileKind::Directory as i32 {
-                dirs.push(guess.id);
-            }
-            let turn = match alone || spans_directories(&guess) {
-                true => self.loader.mutations.alone().await,
-                false => self.loader.mutations.dirs(&dirs).await,
-            };
-            self.check(Command {
-                op: Some(command::Op::RemoveEntry(op.clone())),
+        let cmd = Command {
+            op: Some(command::Op::RemoveEntry(op.clone())),
+        };
+        let (_turn, victim) = self
+            .turn_for(cmd, || {
+                let victim = self.named(dir.id, &r.name)?;
+                let scope = match (spans_directories(&victim), victim.kind) {
+                    (true, _) => Scope::Alone,
+                    // A directory's own entries must stay as checked (none) too.
+                    (false, k) if k == FileKind::Directory as i32 => {
+                        Scope::Dirs(vec![dir.id, victim.id])
+                    }
+                    (false, _) => Scope::Dirs(vec![dir.id]),
+                };
+                Ok((victim, scope))
             })
             .await?;
-            let victim = self.named(dir.id, &r.name)?;
-            if turn.alone() || (victim.id == guess.id && !spans_directories(&victim)) {
-                break (turn, victim);
-            }
-            // Changed before the turn began: take everyone's.
-            alone = true;
-        };
         let ufs = self.loader.ufs(dir.mount_id)?;
         match self.object_under(&victim, dir.id, &r.name)? {
             Object::None => {}
@@ -288,35 +315,29 @@ impl MasterService {
             no_replace: r.no_replace,
             now_ns: now_ns(),
         };
-        // A directory moves its subtree's UFS paths: no other mutation meanwhile.
-        let alone_for = |moving: &Inode, replaced: Option<&Inode>| {
-            moving.kind == FileKind::Directory as i32
-                || spans_directories(moving)
-                || replaced.is_some_and(spans_directories)
+        let cmd = Command {
+            op: Some(command::Op::RenameEntry(op.clone())),
         };
-        let mut alone = false;
-        let (_turn, moving, replaced) = loop {
-            let moving = self.named(from_dir.id, &r.name)?;
-            let replaced = self.store.lookup(to_dir.id, &r.new_name)?;
-            let turn = match alone || alone_for(&moving, replaced.as_ref()) {
-                true => self.loader.mutations.alone().await,
-                false => self.loader.mutations.dirs(&[from_dir.id, to_dir.id]).await,
-            };
-            self.check(Command {
-                op: Some(command::Op::RenameEntry(op.clone())),
+        let (_turn, (moving, replaced)) = self
+            .turn_for(cmd, || {
+                let moving = self.named(from_dir.id, &r.name)?;
+                let replaced = self.store.lookup(to_dir.id, &r.new_name)?;
+                // A directory moves its subtree's UFS paths: no other mutation meanwhile.
+                let alone = moving.kind == FileKind::Directory as i32
+                    || spans_directories(&moving)
+                    || replaced.as_ref().is_some_and(spans_directories);
+                let scope = match alone {
+                    true => Scope::Alone,
+                    false => Scope::Dirs(vec![from_dir.id, to_dir.id]),
+                };
+                Ok(((moving, replaced), scope))
             })
             .await?;
-            let moving = self.named(from_dir.id, &r.name)?;
-            let replaced = match self.store.lookup(to_dir.id, &r.new_name)? {
-                // Two names of one file: rename(2) does nothing.
-                Some(t) if t.id == moving.id => return Ok(t),
-                Some(t) => Some(self.store.get(t.id)?),
-                None => None,
-            };
-            if turn.alone() || !alone_for(&moving, replaced.as_ref()) {
-                break (turn, moving, replaced);
-            }
-            alone = true;
+        let replaced = match replaced {
+            // Two names of one file: rename(2) does nothing.
+            Some(t) if t.id == moving.id => return Ok(t),
+            Some(t) => Some(self.store.get(t.id)?),
+            None => None,
         };
         // Its UFS path as of now: a rename may have moved it before the turn.
         let to_dir = self.store.get(to_dir.id)?;
