@@ -113,6 +113,9 @@ impl FuseAdapter {
     fn open_read_only(&self, ino: u64, fh: u64, mode: OpenMode, reply: ReplyOpen) {
         // The kernel refuses KEEP_CACHE with passthrough (the page cache is the backing
         // file's own, so it is kept anyway).
+        if !self.passthrough.enabled() {
+            return reply.opened(FileHandle(fh), fopen(mode));
+        }
         let claim = match self.fs.open_version(fh) {
             Some(version) => self.passthrough.claim(ino, fh, version),
             None => Claim::No,
