@@ -88,6 +88,10 @@ pub async fn start(a: &LocalArgs) -> anyhow::Result<LocalCluster> {
     for m in &shard_masters {
         wait_for_worker(&m.addr.to_string(), &worker.worker_id).await?;
     }
+    // The mount reaches these masters by direct calls, not over loopback TCP.
+    for m in std::iter::once(&master).chain(&shard_masters) {
+        granary_common::in_process::register(&m.addr.to_string(), m.in_process.clone());
+    }
     let mount_cfg = MountConfig {
         masters: vec![master.addr.to_string()],
         staging_dir: a.state_dir.join("staging"),
@@ -188,6 +192,9 @@ impl LocalCluster {
                 .status();
         }
         worker.stop();
+        for m in std::iter::once(&master).chain(&shard_masters) {
+            granary_common::in_process::withdraw(&m.addr.to_string());
+        }
         for m in shard_masters {
             m.stop().await;
         }

@@ -10,6 +10,7 @@ pub mod consistency;
 pub mod error;
 pub mod fd_passing;
 pub mod ids;
+pub mod in_process;
 pub mod interval;
 pub mod net;
 pub mod path;

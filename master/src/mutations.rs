@@ -32,14 +32,26 @@ fn fingerprint(o: &UfsObject) -> UfsFingerprint {
     }
 }
 
+/// Runs blocking work off the async runtime, or right here for a caller in this process
+/// whose thread may block (see [`granary_common::in_process::may_block`]).
+async fn blocking<T: Send + 'static>(
+    what: &str,
+    f: impl FnOnce() -> FsResult<T> + Send + 'static,
+) -> FsResult<T> {
+    if granary_common::in_process::may_block() {
+        return f();
+    }
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(|e| FsError::io_from(format!("{what} task: {e}"), e))?
+}
+
 /// Runs blocking UFS work off the async runtime.
 async fn ufs_call<T: Send + 'static>(
     ufs: Arc<dyn Ufs>,
     f: impl FnOnce(&dyn Ufs) -> FsResult<T> + Send + 'static,
 ) -> FsResult<T> {
-    tokio::task::spawn_blocking(move || f(ufs.as_ref()))
-        .await
-        .map_err(|e| FsError::io_from(format!("UFS task: {e}"), e))?
+    blocking("UFS", move || f(ufs.as_ref())).await
 }
 
 /// What happens to an inode's UFS object when one of its names goes.
@@ -115,9 +127,10 @@ impl MasterService {
     /// threads: a write transaction waits for the one applying the log.
     async fn check(&self, cmd: Command) -> FsResult<()> {
         let store = self.store.clone();
-        tokio::task::spawn_blocking(move || crate::state_machine::dry_run(&store, &cmd))
-            .await
-            .map_err(|e| FsError::io_from(format!("dry run task: {e}"), e))??
+        blocking("dry run", move || {
+            Ok(crate::state_machine::dry_run(&store, &cmd)?)
+        })
+        .await?
     }
 
     /// Takes the turn for `cmd` and dry-runs it. `look` reads the entries `cmd` changes

@@ -80,6 +80,9 @@ const STOP_GRACE: std::time::Duration = std::time::Duration::from_secs(1);
 /// A master serving in the background.
 pub struct RunningMaster {
     pub addr: SocketAddr,
+    /// The namespace service for callers in this process (see
+    /// [`granary_common::in_process`]).
+    pub in_process: granary_common::in_process::LocalService,
     shutdown: Option<oneshot::Sender<()>>,
     task: JoinHandle<Result<(), tonic::transport::Error>>,
     background: Vec<JoinHandle<()>>,
@@ -323,9 +326,14 @@ pub async fn start(mut config: MasterConfig) -> Result<RunningMaster, MasterErro
     })
     .max_decoding_message_size(MAX_RAFT_MESSAGE)
     .max_encoding_message_size(MAX_RAFT_MESSAGE);
+    let namespace_svc = InterceptedService::new(namespace_svc, check.clone());
+    let in_process = granary_common::in_process::local_service(
+        namespace_svc.clone(),
+        tokio::runtime::Handle::current(),
+    );
     let task = tokio::spawn(
         server
-            .add_service(InterceptedService::new(namespace_svc, check.clone()))
+            .add_service(namespace_svc)
             .add_service(InterceptedService::new(workers_svc, check.clone()))
             .add_service(InterceptedService::new(admin_svc, check.clone()))
             .add_service(InterceptedService::new(routing_svc, check))
@@ -352,6 +360,7 @@ pub async fn start(mut config: MasterConfig) -> Result<RunningMaster, MasterErro
     tracing::info!(%addr, id = config.id, shard = config.shard_id, ufs = %config.ufs, "master serving");
     Ok(RunningMaster {
         addr,
+        in_process,
         shutdown: Some(tx),
         task,
         background: vec![expiry, mount_setup],

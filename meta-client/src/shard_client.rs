@@ -12,16 +12,16 @@ use std::time::{Duration, Instant};
 
 use granary_common::auth::AttachToken;
 use granary_common::consistency::ReadConsistency;
+use granary_common::in_process::GrpcChannel;
 use granary_common::{FsError, FsResult};
 use granary_protos::v1::namespace_client::NamespaceClient;
 use granary_protos::v1::*;
 use granary_protos::LEADER_METADATA_KEY;
 use tonic::service::interceptor::InterceptedService;
-use tonic::transport::Channel;
 
 use crate::MetadataService;
 
-pub type Client = NamespaceClient<InterceptedService<Channel, AttachToken>>;
+pub type Client = NamespaceClient<InterceptedService<GrpcChannel, AttachToken>>;
 
 #[derive(Clone)]
 struct Member {
@@ -162,9 +162,9 @@ impl GrpcMetadataClient {
     }
 
     /// A client of the master at `addr`, its connection driven by the runtime this is
-    /// called in.
+    /// called in (or a direct one, for a master in this process).
     fn client(&self, addr: &str) -> FsResult<Client> {
-        let channel = granary_common::net::lazy_channel(
+        let channel = granary_common::in_process::channel(
             addr,
             self.rpc_timeout.min(Duration::from_secs(2)),
             self.rpc_timeout,
