@@ -41,6 +41,10 @@ pub struct MountConfig {
     pub passthrough: bool,
     /// Largest adaptive readahead window for reads over TCP.
     pub readahead_max: ByteSize,
+    /// The kernel's readahead window for the mount (its bdi `read_ahead_kb`; root only).
+    /// FUSE's own default, 128 KiB, has a sequential reader of uncached pages wait on one
+    /// 128 KiB request after another.
+    pub kernel_readahead: ByteSize,
     /// Memory readahead buffers and small files being written may use together; past it,
     /// reads fetch only what they are asked for and writes stage in files.
     #[serde(alias = "readahead_memory")]
@@ -86,6 +90,7 @@ impl Default for MountConfig {
             short_circuit: true,
             passthrough: false,
             readahead_max: ByteSize(16 << 20),
+            kernel_readahead: ByteSize(8 << 20),
             buffer_memory: ByteSize(1 << 30),
             fuse_threads: default_fuse_threads(),
             rpc_timeout_ms: 5_000,
@@ -123,6 +128,12 @@ impl MountConfig {
             return Err(ConfigError::invalid(
                 "rpc_timeout_ms",
                 "must be greater than zero",
+            ));
+        }
+        if self.kernel_readahead.0 < (128 << 10) || self.kernel_readahead.0 > (256 << 20) {
+            return Err(ConfigError::invalid(
+                "kernel_readahead",
+                "must be between 128KiB and 256MiB",
             ));
         }
         if self.readahead_max.0 < (128 << 10) || self.readahead_max.0 > (16 << 20) {

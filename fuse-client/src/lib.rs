@@ -7,6 +7,7 @@ pub mod content_store;
 pub mod data_client;
 pub mod fs;
 pub mod fuse_adapter;
+mod kernel_readahead;
 pub mod kernel_view;
 pub mod local_upload;
 pub mod memory;

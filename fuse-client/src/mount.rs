@@ -243,12 +243,20 @@ pub fn mount(cfg: &MountConfig, mountpoint: &Path) -> Result<MountHandle, MountE
     };
     config.n_threads = Some(cfg.fuse_threads);
     config.clone_fd = true;
+    let underlying_dev = std::fs::metadata(mountpoint)
+        .map(|m| std::os::unix::fs::MetadataExt::dev(&m))
+        .unwrap_or(0);
     let session =
         fuser::spawn_mount(adapter, mountpoint, &config).map_err(|source| MountError::Fuse {
             path: mountpoint.to_path_buf(),
             source,
         })?;
     tracing::info!(mountpoint = %mountpoint.display(), masters = ?cfg.masters, "mounted");
+    crate::kernel_readahead::raise_in_background(
+        mountpoint,
+        underlying_dev,
+        cfg.kernel_readahead.0,
+    );
     Ok(MountHandle {
         session: Some(session),
         mountpoint: mountpoint.to_path_buf(),
