@@ -3,7 +3,9 @@
 # plain directory and on a Granary mount with allow_other (scripts/local-cluster.sh),
 # and prints both summaries. Fails if the mount fails a case the plain directory passes.
 #   sudo scripts/pjdfstest.sh [TEST_PATTERNS...]
-# Env: MASTERS (default 1), SHARDS (default 1), as local-cluster.sh takes them.
+# Env: MASTERS (default 1), SHARDS (default 1), as local-cluster.sh takes them; LOCAL=1
+# mounts `granary local --config` instead (one process: the mount calls its master
+# in-process).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 [ "$(id -u)" -eq 0 ] || { echo "pjdfstest needs root (it switches users)" >&2; exit 1; }
@@ -41,8 +43,15 @@ cleanup() {
   if grep -qs " $work/mnt " /proc/mounts; then fusermount3 -u "$work/mnt" 2>/dev/null || umount -l "$work/mnt"; fi
 }
 trap cleanup EXIT INT TERM
-MOUNT_EXTRA="allow_other = true" MASTERS=${MASTERS:-1} \
-  scripts/local-cluster.sh "$work/ufs" "$work/mnt" "$work/state" >"$work/cluster.log" 2>&1 &
+if [ "${LOCAL:-0}" = 1 ]; then
+  echo "allow_other = true" > "$work/mount.toml"
+  [ -x target/release/granary ] || cargo build --release --workspace --bins
+  target/release/granary local --ufs "$work/ufs" --mount "$work/mnt" --state-dir "$work/state" \
+    --master-listen 127.0.0.1:0 --config "$work/mount.toml" >"$work/cluster.log" 2>&1 &
+else
+  MOUNT_EXTRA="allow_other = true" MASTERS=${MASTERS:-1} \
+    scripts/local-cluster.sh "$work/ufs" "$work/mnt" "$work/state" >"$work/cluster.log" 2>&1 &
+fi
 cluster=$!
 for _ in $(seq 60); do grep -qs " $work/mnt " /proc/mounts && break; sleep 1; done
 grep -qs " $work/mnt " /proc/mounts || { cat "$work/cluster.log" >&2; exit 1; }

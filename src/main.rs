@@ -65,6 +65,10 @@ enum Command {
         /// component; `granary admin shards list` shows the table).
         #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u16).range(1..=64))]
         shards: u16,
+        /// TOML mount config (the keys of `granary mount --config`, e.g. `allow_other`,
+        /// `passthrough`); its masters and staging directory are this process's own.
+        #[arg(long)]
+        config: Option<PathBuf>,
     },
     /// Run a metadata master.
     Master {
@@ -247,6 +251,7 @@ fn main() -> anyhow::Result<()> {
             master_listen,
             metrics_listen,
             shards,
+            config,
         } => {
             let demo_root = PathBuf::from("/tmp/granary-demo");
             let ufs = ufs.unwrap_or_else(|| demo_root.join("ufs").display().to_string());
@@ -270,7 +275,10 @@ fn main() -> anyhow::Result<()> {
                 metrics_listen,
                 shards,
                 s3: Default::default(),
-                mount: Default::default(),
+                mount: match &config {
+                    Some(p) => granary_common::config::load_toml(p)?,
+                    None => Default::default(),
+                },
             };
             runtime()?.block_on(async {
                 if let Some(addr) = args.metrics_listen {
