@@ -3,8 +3,8 @@
 //! state (a dry run of the state machine, so the rules live in one place), makes the UFS
 //! change, then proposes the command: apply stays free of I/O, and a crash between the two
 //! leaves the UFS ahead of the namespace, which the next listing of that directory
-//! reconciles. Mutations are serialized on the leader so that check, UFS change and
-//! proposal see one state.
+//! reconciles. Mutations of the same directories take turns on the leader
+//! ([`crate::mutation_locks`]) so that check, UFS change and proposal see one state.
 
 use std::sync::Arc;
 
