@@ -201,6 +201,16 @@ pub fn run_to_exit(mut cmd: Command, timeout: Duration) -> anyhow::Result<(i32, 
     Ok((st.code().unwrap_or(-1), p.log_text()))
 }
 
+/// The names in `dir`, sorted.
+pub fn listing(dir: &Path) -> Vec<String> {
+    let mut v: Vec<String> = std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    v.sort();
+    v
+}
+
 pub fn is_mounted(path: &Path) -> bool {
     let path = std::fs::canonicalize(path).unwrap_or_else(|_| path.to_path_buf());
     std::fs::read_to_string("/proc/mounts")

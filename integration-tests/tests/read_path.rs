@@ -5,7 +5,7 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicUsize, Ordering};
 
-use granary_integration_tests::{Cluster, MasterSpec};
+use granary_integration_tests::{listing, Cluster, MasterSpec};
 use rand::seq::SliceRandom;
 use rand::{Rng, SeedableRng};
 use sha2::{Digest, Sha256};
@@ -91,15 +91,6 @@ fn read_all(mnt: &Path, expected: &BTreeMap<PathBuf, String>, seed: u64) -> Vec<
         }
     });
     bad.into_inner().unwrap()
-}
-
-fn listing(dir: &Path) -> Vec<String> {
-    let mut v: Vec<String> = std::fs::read_dir(dir)
-        .unwrap()
-        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
-        .collect();
-    v.sort();
-    v
 }
 
 #[test]
