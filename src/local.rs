@@ -144,6 +144,19 @@ async fn start_shards(
         .get_routing_table(granary_protos::v1::GetRoutingTableRequest {})
         .await?
         .into_inner();
+    // The table keeps the address shard 0 was first served at, and the worker registers
+    // there: a restart on another port would wait for a master that is not there.
+    if let Some(recorded) = table.shards.iter().find(|s| s.id == 0) {
+        if let Some(first) = recorded.masters.first() {
+            if !recorded.masters.iter().any(|m| m == shard0) {
+                bail!(
+                    "{} was served with its master at {first}: pass --master-listen {first}, \
+                     or use a fresh --state-dir",
+                    a.state_dir.display()
+                );
+            }
+        }
+    }
     for (i, m) in masters.iter().enumerate() {
         let id = i as u32 + 1;
         let addr = m.addr.to_string();

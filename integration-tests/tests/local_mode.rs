@@ -138,6 +138,22 @@ fn changes_through_granary_local_reach_the_directory_and_outlive_a_restart() {
 }
 
 #[test]
+fn a_restart_on_another_master_port_names_the_one_to_use() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::create_dir(dir.path().join("ufs")).unwrap();
+    let port = free_port();
+    drop(Local::start(dir.path(), port, ""));
+    let cmd = command(dir.path(), free_port(), "");
+    let (code, err) = run_to_exit(cmd, Duration::from_secs(30)).unwrap();
+    assert_ne!(code, 0);
+    assert!(
+        err.contains(&format!("--master-listen 127.0.0.1:{port}")),
+        "{err}"
+    );
+    assert!(!is_mounted(&dir.path().join("mnt")));
+}
+
+#[test]
 fn an_unknown_key_in_the_local_mount_config_is_named() {
     let dir = tempfile::tempdir().unwrap();
     std::fs::create_dir(dir.path().join("ufs")).unwrap();
