@@ -28,8 +28,8 @@ const MAX_REQUEST: u64 = 16 << 20;
 const LOCAL_OPEN_TRIES: u32 = 3;
 
 /// How far ahead of a sequential short-circuit reader the cache file is asked into the
-/// page cache: the kernel's readahead for the mount stops at 1 MiB and the cache file's
-/// own is the disk's, so without it each READ waits for the disk.
+/// page cache: each READ the kernel sends is at most 1 MiB and the cache file's own
+/// readahead is the disk's, so without it each READ waits for the disk.
 const LOCAL_AHEAD: u64 = 8 << 20;
 
 /// Reads file bytes for the filesystem.

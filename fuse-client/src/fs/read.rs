@@ -95,8 +95,6 @@ impl GranaryFs {
         }
     }
 
-    /// For an open handle, a local file with the same bytes that the kernel may read
-    /// directly (see [`DataPath::whole_file`]); never for a file being written.
     /// The content version (UFS fingerprint: size, mtime) handle `fh` reads.
     pub fn open_version(&self, fh: u64) -> Option<(u64, i64)> {
         let file = self.files.read().expect("files lock").get(&fh).cloned()?;
@@ -105,6 +103,8 @@ impl GranaryFs {
         Some((f.size, f.mtime_ns))
     }
 
+    /// For an open handle, a local file with the same bytes that the kernel may read
+    /// directly (see [`DataPath::whole_file`]); never for a file being written.
     pub fn whole_file(&self, fh: u64) -> Option<std::fs::File> {
         let file = self.files.read().expect("files lock").get(&fh).cloned()?;
         if self.staging.get(file.ino).is_some() {
