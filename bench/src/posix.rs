@@ -182,18 +182,11 @@ fn measure(b: &PosixBench, targets: &[Target]) -> anyhow::Result<(Vec<Row>, Stri
             }
         }
     }
-    let row = |case: String, unit: &'static str, v: Vec<f64>| Row {
-        case,
-        unit,
-        raw: v[0],
-        others: v[1..v.len() - 1].to_vec(),
-        granary: v[v.len() - 1],
-    };
     let mut rows: Vec<Row> = PHASES
         .iter()
         .enumerate()
         .map(|(p, (name, _))| {
-            row(
+            Row::new(
                 format!("{name}, {} threads", b.threads),
                 "ops/s",
                 rates.iter().map(|t| median(t[p].clone())).collect(),
@@ -219,7 +212,7 @@ fn measure(b: &PosixBench, targets: &[Target]) -> anyhow::Result<(Vec<Row>, Stri
             listed[i].push(ls_l(&t.dir.join(LIST), b.list_entries)?);
         }
     }
-    rows.push(row(
+    rows.push(Row::new(
         format!("ls -l of {} entries, again", b.list_entries),
         "entries/s",
         listed.into_iter().map(median).collect(),

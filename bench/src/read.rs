@@ -225,15 +225,7 @@ fn report(b: &ReadBench, rows: &[Row], alt: &str) -> anyhow::Result<()> {
 
 /// One row from each target's runs (raw first, Granary's default mount last).
 fn row(case: String, unit: &'static str, runs: Vec<Vec<f64>>) -> Row {
-    let mut v: Vec<f64> = runs.into_iter().map(median).collect();
-    let granary = v.pop().expect("targets");
-    Row {
-        case,
-        unit,
-        raw: v[0],
-        others: v[1..].to_vec(),
-        granary,
-    }
+    Row::new(case, unit, runs.into_iter().map(median).collect())
 }
 
 /// Rows over `targets`: the raw directory, then mounts of it, run by run in turn.

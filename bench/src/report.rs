@@ -13,6 +13,21 @@ pub struct Row {
     pub granary: f64,
 }
 
+impl Row {
+    /// A row from one value per target: raw first, Granary last, the others between.
+    pub fn new(case: String, unit: &'static str, values: Vec<f64>) -> Row {
+        let (raw, rest) = values.split_first().expect("a raw value");
+        let (granary, others) = rest.split_last().expect("a Granary value");
+        Row {
+            case,
+            unit,
+            raw: *raw,
+            others: others.to_vec(),
+            granary: *granary,
+        }
+    }
+}
+
 /// Seconds of CPU time in `ticks` of the kernel's clock (as /proc reports CPU time).
 pub fn ticks_to_seconds(ticks: u64) -> f64 {
     // SAFETY: sysconf reads a constant.

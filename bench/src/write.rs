@@ -149,15 +149,8 @@ fn measure(b: &WriteBench, targets: &[Target]) -> anyhow::Result<(Vec<Row>, Stri
         ),
         None => "CPU time per small file: unavailable (/proc/stat unreadable).".to_string(),
     };
-    let row = |case: String, unit: &'static str, v: Vec<f64>| Row {
-        case,
-        unit,
-        raw: v[0],
-        others: v[1..v.len() - 1].to_vec(),
-        granary: v[v.len() - 1],
-    };
     let rows = vec![
-        row(
+        Row::new(
             format!(
                 "checkpoint: one {} file, 1 MiB writes + fsync + close",
                 ByteSize(b.big_size)
@@ -165,7 +158,7 @@ fn measure(b: &WriteBench, targets: &[Target]) -> anyhow::Result<(Vec<Row>, Stri
             "MB/s",
             ckpt.into_iter().map(median).collect(),
         ),
-        row(
+        Row::new(
             format!(
                 "{} small files of {}, {} threads (create, write, close)",
                 b.small_files,
