@@ -1,12 +1,12 @@
 //! The write path end to end: a seeded fsx-style random test against a local file,
-//! close-to-open visibility in the UFS and on a second mount, and many threads writing
-//! small files at once.
+//! close-to-open visibility in the UFS and on a second mount, new files in the UFS from
+//! their creation, and many threads writing small files at once.
 
 use std::fs::{File, OpenOptions};
 use std::os::unix::fs::FileExt;
 use std::path::Path;
 
-use granary_integration_tests::{Cluster, MasterSpec};
+use granary_integration_tests::{listing, Cluster, MasterSpec};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
@@ -233,6 +233,56 @@ fn closed_files_are_in_the_ufs_and_visible_to_another_mount() {
         std::fs::read(again.path.join("ckpt/final/model.bin")).unwrap(),
         shard
     );
+}
+
+#[test]
+fn a_new_file_is_in_the_ufs_from_its_creation_and_its_bytes_from_its_close() {
+    use std::io::Write;
+    let ufs = tempfile::tempdir().unwrap();
+    std::fs::create_dir(ufs.path().join("out")).unwrap();
+    let c = cluster(ufs.path());
+    let m = c.mount("writer", "").unwrap();
+    assert_eq!(listing(&m.path.join("out")), Vec::<String>::new());
+
+    let mut f = OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .open(m.path.join("out/a"))
+        .unwrap();
+    assert_eq!(
+        std::fs::read(ufs.path().join("out/a")).unwrap(),
+        b"",
+        "there, empty, at once"
+    );
+    f.write_all(b"written").unwrap();
+    assert_eq!(
+        std::fs::read(ufs.path().join("out/a")).unwrap(),
+        b"",
+        "not before the close"
+    );
+    drop(f);
+    assert_eq!(std::fs::read(ufs.path().join("out/a")).unwrap(), b"written");
+
+    // Created and closed unwritten: the empty file stays, nothing else appears.
+    File::create(m.path.join("out/empty")).unwrap();
+    assert_eq!(std::fs::read(ufs.path().join("out/empty")).unwrap(), b"");
+
+    // An object put there behind Granary's back (the directory was listed before): a
+    // creation of its name is never refused for it, and its first close replaces it.
+    std::fs::write(ufs.path().join("out/outside"), b"made outside").unwrap();
+    let mut f = OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .open(m.path.join("out/outside"))
+        .unwrap();
+    f.write_all(b"ours").unwrap();
+    drop(f);
+    assert_eq!(
+        std::fs::read(ufs.path().join("out/outside")).unwrap(),
+        b"ours"
+    );
+    assert_eq!(std::fs::read(m.path.join("out/outside")).unwrap(), b"ours");
+    assert_eq!(listing(&ufs.path().join("out")), ["a", "empty", "outside"]);
 }
 
 #[test]

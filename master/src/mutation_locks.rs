@@ -3,25 +3,35 @@
 //! meanwhile and no listing falls between its UFS change and its proposal. Mutations in
 //! different directories run side by side (and share Raft rounds); those whose UFS paths
 //! span more than their directories (directory renames move a subtree, hard-linked
-//! files have names elsewhere) and re-listings of loaded directories run alone.
+//! files have names elsewhere) and re-listings of loaded directories run alone. File
+//! creations share their directory with each other (the state machine settles two of one
+//! name), not with the other mutations there.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
-use tokio::sync::{OwnedMutexGuard, RwLock, RwLockReadGuard, RwLockWriteGuard};
+use tokio::sync::{
+    OwnedRwLockReadGuard, OwnedRwLockWriteGuard, RwLock, RwLockReadGuard, RwLockWriteGuard,
+};
 
 #[derive(Default)]
 pub struct MutationLocks {
     /// Shared by mutations that name their directories, exclusive for the others.
     tree: RwLock<()>,
     /// A lock per directory while someone holds or waits for it.
-    dirs: Mutex<HashMap<u64, Arc<tokio::sync::Mutex<()>>>>,
+    dirs: Mutex<HashMap<u64, Arc<RwLock<()>>>>,
+}
+
+/// A directory held by a turn: alone, or shared with file creations.
+enum DirGuard {
+    Shared { _held: OwnedRwLockReadGuard<()> },
+    Exclusive { _held: OwnedRwLockWriteGuard<()> },
 }
 
 /// A mutation's turn; it ends when dropped.
 pub struct Turn<'a> {
     locks: &'a MutationLocks,
-    dirs: Vec<(u64, OwnedMutexGuard<()>)>,
+    dirs: Vec<(u64, DirGuard)>,
     _shared: Option<RwLockReadGuard<'a, ()>>,
     alone: Option<RwLockWriteGuard<'a, ()>>,
 }
@@ -53,14 +63,12 @@ impl MutationLocks {
         ids.dedup();
         let mut dirs = Vec::with_capacity(ids.len());
         for id in ids {
-            let lock = self
-                .dirs
-                .lock()
-                .expect("directory locks")
-                .entry(id)
-                .or_default()
-                .clone();
-            dirs.push((id, lock.lock_owned().await));
+            dirs.push((
+                id,
+                DirGuard::Exclusive {
+                    _held: self.dir(id).write_owned().await,
+                },
+            ));
         }
         Turn {
             locks: self,
@@ -68,6 +76,30 @@ impl MutationLocks {
             _shared: Some(shared),
             alone: None,
         }
+    }
+
+    /// A turn to create a file in directory `id`: other file creations there run
+    /// meanwhile, nothing else does.
+    pub async fn creation_in(&self, id: u64) -> Turn<'_> {
+        let shared = self.tree.read().await;
+        let guard = DirGuard::Shared {
+            _held: self.dir(id).read_owned().await,
+        };
+        Turn {
+            locks: self,
+            dirs: vec![(id, guard)],
+            _shared: Some(shared),
+            alone: None,
+        }
+    }
+
+    fn dir(&self, id: u64) -> Arc<RwLock<()>> {
+        self.dirs
+            .lock()
+            .expect("directory locks")
+            .entry(id)
+            .or_default()
+            .clone()
     }
 }
 
@@ -107,6 +139,14 @@ mod tests {
         drop(a);
         let c = locks.dirs(&[4, 2]).await;
         drop((b, c));
+        let created = locks.creation_in(5).await;
+        let beside = locks.creation_in(5).await;
+        assert!(waits(locks.dirs(&[5])).await);
+        locks.creation_in(6).await;
+        drop((created, beside));
+        let exclusive = locks.dirs(&[5]).await;
+        assert!(waits(locks.creation_in(5)).await);
+        drop(exclusive);
         let alone = locks.alone().await;
         assert!(alone.alone());
         assert!(waits(locks.dirs(&[9])).await);

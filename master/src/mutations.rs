@@ -190,23 +190,30 @@ impl MasterService {
             fingerprint: None,
             rdev: r.rdev,
         };
-        // A file reaches the UFS with its first upload, and a special file never does:
-        // creating either touches only the namespace, whose state machine has the last
-        // word (no turn, no dry run), so concurrent creates share Raft rounds.
-        // Directories and symlinks exist in the UFS at once: checked first, then made
-        // there, then proposed, in their directory's turn.
+        let cmd = Command {
+            op: Some(command::Op::CreateInode(create.clone())),
+        };
+        // A special file never reaches the UFS: creating one touches only the namespace,
+        // whose state machine has the last word (no turn, no dry run). Everything else
+        // exists in the UFS at once: checked first, then made there, then proposed, in a
+        // turn of its directory (shared by file creations, so concurrent ones share Raft
+        // rounds).
         let (_turn, dir) = match kind {
-            FileKind::File
-            | FileKind::Fifo
-            | FileKind::Socket
-            | FileKind::CharDevice
-            | FileKind::BlockDevice => (None, dir),
+            FileKind::Fifo | FileKind::Socket | FileKind::CharDevice | FileKind::BlockDevice => {
+                (None, dir)
+            }
             _ => {
-                let turn = self.loader.mutations.dirs(&[r.parent]).await;
-                self.check(Command {
-                    op: Some(command::Op::CreateInode(create.clone())),
-                })
-                .await?;
+                // A file name already taken answers without a turn.
+                if kind == FileKind::File && self.store.lookup(r.parent, &r.name)?.is_some() {
+                    return Err(FsError::Exists(
+                        String::from_utf8_lossy(&r.name).into_owned(),
+                    ));
+                }
+                let turn = match kind {
+                    FileKind::File => self.loader.mutations.creation_in(r.parent).await,
+                    _ => self.loader.mutations.dirs(&[r.parent]).await,
+                };
+                self.check(cmd).await?;
                 // Its UFS path as of now: a rename may have moved it before the turn.
                 (Some(turn), self.store.get(r.parent)?)
             }
@@ -214,6 +221,16 @@ impl MasterService {
         let path = join(&dir.ufs_path, &r.name);
         let ufs = self.loader.ufs(dir.mount_id)?;
         create.fingerprint = match kind {
+            // An object already there (made outside Granary, or by a creation of the same
+            // name racing this one, which the state machine settles) is left for the
+            // first upload to replace, as is a new file on a UFS that cannot make one
+            // without replacing. An empty file closed unwritten then costs no upload and
+            // no second Raft round.
+            FileKind::File => match ufs_call(ufs, move |u| u.create_empty(&path)).await {
+                Ok(made) => made.as_ref().map(fingerprint),
+                Err(FsError::Exists(_)) => None,
+                Err(e) => return Err(e),
+            },
             FileKind::Directory => {
                 Some(fingerprint(&ufs_call(ufs, move |u| u.mkdir(&path)).await?))
             }

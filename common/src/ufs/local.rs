@@ -144,12 +144,33 @@ impl Drop for LocalUpload {
 }
 
 fn last_os_error(what: &str, path: &[u8]) -> FsError {
-    let e = std::io::Error::last_os_error();
+    os_error(what, path, std::io::Error::last_os_error())
+}
+
+fn os_error(what: &str, path: &[u8], e: std::io::Error) -> FsError {
     let msg = format!("{what} {}: {e}", String::from_utf8_lossy(path));
     match FsError::from(std::io::Error::from(e.kind())) {
         FsError::Io(_) => FsError::ufs_from(msg, e),
         _ => FsError::from(e),
     }
+}
+
+/// A new file `name` in `dir` (nothing may be there, not even a link), read-write.
+fn create_new_at(dir: &File, name: &CString) -> std::io::Result<File> {
+    // SAFETY: a NUL-terminated name relative to the held directory fd.
+    let fd = unsafe {
+        libc::openat(
+            dir.as_raw_fd(),
+            name.as_ptr(),
+            libc::O_RDWR | libc::O_CREAT | libc::O_EXCL | libc::O_CLOEXEC | libc::O_NOFOLLOW,
+            0o644,
+        )
+    };
+    if fd < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: a fresh descriptor we now own.
+    Ok(File::from(unsafe { OwnedFd::from_raw_fd(fd) }))
 }
 
 fn cstring(name: &[u8]) -> FsResult<CString> {
@@ -310,26 +331,23 @@ impl Ufs for LocalUfs {
             .unwrap_or(0);
         tmp_name.extend_from_slice(format!("{:x}.{nonce:x}", std::process::id()).as_bytes());
         let tmp = cstring(&tmp_name)?;
-        // SAFETY: a NUL-terminated name relative to the held directory fd.
-        let fd = unsafe {
-            libc::openat(
-                dir.as_raw_fd(),
-                tmp.as_ptr(),
-                libc::O_RDWR | libc::O_CREAT | libc::O_EXCL | libc::O_CLOEXEC | libc::O_NOFOLLOW,
-                0o644,
-            )
-        };
-        if fd < 0 {
-            return Err(last_os_error("create", path));
-        }
-        // SAFETY: a fresh descriptor we now own.
-        let file = File::from(unsafe { OwnedFd::from_raw_fd(fd) });
+        let file = create_new_at(&dir, &tmp).map_err(|e| os_error("create", path, e))?;
         Ok(Box::new(LocalUpload {
             dir,
             tmp,
             name,
             file: Some(file),
         }))
+    }
+
+    fn create_empty(&self, path: &[u8]) -> FsResult<Option<UfsObject>> {
+        let (dir, name) = self.parent_of(path)?;
+        let file = create_new_at(&dir, &name).map_err(|e| match e.raw_os_error() {
+            Some(libc::EEXIST) => FsError::Exists(String::from_utf8_lossy(path).into_owned()),
+            _ => os_error("create", path, e),
+        })?;
+        let md = file.metadata()?;
+        Ok(object_from(name.as_bytes().to_vec(), &md, Vec::new()))
     }
 
     fn mkdir(&self, path: &[u8]) -> FsResult<UfsObject> {
@@ -480,5 +498,27 @@ mod tests {
         let names: Vec<_> = ufs.list(b"").unwrap().into_iter().map(|o| o.name).collect();
         assert_eq!(names, vec![b"f".to_vec()]);
         assert!(!stale.exists());
+    }
+
+    #[test]
+    fn an_empty_file_is_made_only_where_nothing_is() {
+        let tmp = tempfile::tempdir().unwrap();
+        let uri = super::super::local_uri(tmp.path()).unwrap();
+        let ufs = LocalUfs::open(&uri, tmp.path().to_str().unwrap()).unwrap();
+        let made = ufs.create_empty(b"new").unwrap().unwrap();
+        assert_eq!((made.kind, made.size), (ObjectKind::File, 0));
+        assert_eq!(std::fs::read(tmp.path().join("new")).unwrap(), b"");
+
+        std::fs::write(tmp.path().join("full"), b"kept").unwrap();
+        std::os::unix::fs::symlink("nowhere", tmp.path().join("dangling")).unwrap();
+        for taken in [&b"new"[..], b"full", b"dangling"] {
+            assert!(matches!(ufs.create_empty(taken), Err(FsError::Exists(_))));
+        }
+        assert_eq!(std::fs::read(tmp.path().join("full")).unwrap(), b"kept");
+        assert!(!tmp.path().join("nowhere").exists(), "never follows a link");
+        assert!(matches!(
+            ufs.create_empty(b"missing/dir/f"),
+            Err(FsError::NotFound(_))
+        ));
     }
 }

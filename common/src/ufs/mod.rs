@@ -77,6 +77,13 @@ pub trait Ufs: Send + Sync + Debug {
     fn create_upload(&self, path: &[u8]) -> FsResult<Box<dyn UfsUpload>> {
         Err(read_only(self.uri(), path))
     }
+    /// Creates an empty file at `path` unless something is there (EEXIST then), without
+    /// replacing anything at any moment. `None`: this UFS cannot promise that, so new
+    /// files reach it with their first upload instead.
+    fn create_empty(&self, path: &[u8]) -> FsResult<Option<UfsObject>> {
+        let _ = path;
+        Ok(None)
+    }
     /// Creates a directory (EEXIST if something is there).
     fn mkdir(&self, path: &[u8]) -> FsResult<UfsObject> {
         Err(read_only(self.uri(), path))

@@ -4,7 +4,7 @@
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::os::unix::fs::FileExt;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -45,6 +45,9 @@ pub struct MemNamespace {
     pub commits_started: AtomicU64,
     pub commit_delay: Mutex<Duration>,
     pub faults: Faults,
+    /// Creates a new file's empty object in the UFS, as a master over a local directory
+    /// does (its fingerprint comes with the inode); off: the first close uploads it.
+    pub empty_objects: AtomicBool,
 }
 
 impl Default for MemNamespace {
@@ -62,6 +65,7 @@ impl Default for MemNamespace {
             refreshes: AtomicU64::new(0),
             commits_started: AtomicU64::new(0),
             commit_delay: Mutex::new(Duration::ZERO),
+            empty_objects: AtomicBool::new(false),
             faults: Faults::default(),
         }
     }
@@ -168,6 +172,9 @@ impl MetadataService for MemNamespace {
             symlink_target: req.symlink_target,
             rdev: req.rdev,
             block_size: 1 << 20,
+            fingerprint: (req.kind == FileKind::File as i32
+                && self.empty_objects.load(Ordering::SeqCst))
+            .then(UfsFingerprint::default),
             ..Default::default()
         };
         inodes.insert(inode.id, inode.clone());

@@ -54,8 +54,13 @@ impl GranaryFs {
         self.dir_changed(parent);
         let st = self.staging.attach(inode.id)?;
         {
-            // Empty and new: the first close puts an empty object in the UFS.
-            st.lock().expect("staged lock").empty()?;
+            let mut st = st.lock().expect("staged lock");
+            st.empty()?;
+            // The master made the empty object already: a close with nothing written
+            // stores nothing. Otherwise the first close puts one in the UFS.
+            if inode.fingerprint.is_some() {
+                st.content = Content::Clean { synced: false };
+            }
         }
         self.opened_versions
             .insert(inode.id, inode.fingerprint.unwrap_or_default());

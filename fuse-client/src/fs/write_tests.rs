@@ -259,6 +259,42 @@ fn an_fsync_after_a_close_stores_the_content_again_durably_and_only_once() {
 }
 
 #[test]
+fn a_new_file_the_master_made_empty_is_stored_at_close_only_if_written() {
+    let (fs, ns, store) = fs();
+    ns.empty_objects.store(true, Ordering::SeqCst);
+    let (empty, fh) = fs.create(1, b"empty", 0o644, libc::O_WRONLY, 0, 0).unwrap();
+    fs.flush(fh).unwrap();
+    fs.release(fh);
+    assert_eq!(
+        (
+            store.uploads.load(Ordering::Relaxed),
+            ns.commits_started.load(Ordering::SeqCst)
+        ),
+        (0, 0),
+        "closed unwritten: nothing to store or commit"
+    );
+    assert_eq!(fs.getattr(empty.id).unwrap().size, 0);
+
+    let (written, fh) = fs
+        .create(1, b"written", 0o644, libc::O_WRONLY, 0, 0)
+        .unwrap();
+    fs.write(fh, 0, b"abc").unwrap();
+    fs.flush(fh).unwrap();
+    fs.release(fh);
+    assert_eq!(store.files.lock().unwrap()[&written.id], b"abc");
+    assert_eq!(ns.getattr(written.id).unwrap().size, 3);
+
+    // fsync(2) of a new file still makes its (empty) content durable.
+    let (synced, fh) = fs
+        .create(1, b"synced", 0o644, libc::O_WRONLY, 0, 0)
+        .unwrap();
+    fs.fsync(fh).unwrap();
+    fs.release(fh);
+    assert_eq!(store.files.lock().unwrap()[&synced.id], b"");
+    assert_eq!(store.uploads.load(Ordering::Relaxed), 2);
+}
+
+#[test]
 fn mknod_makes_special_files_in_the_namespace_and_regular_files_empty() {
     let (fs, ns, store) = fs();
     let dev = fs
