@@ -286,12 +286,12 @@ fn main() -> anyhow::Result<()> {
                 }
                 let cluster = local::start(&args).await?;
                 eprintln!(
-                    "Granary is serving {} at {} (master {}). Press Ctrl-C to unmount.",
+                    "Granary is serving {} at {} (master {}). Press Ctrl-C (or unmount it) to stop.",
                     args.ufs,
                     args.mountpoint.display(),
                     cluster.master.addr
                 );
-                granary_common::telemetry::shutdown_signal().await;
+                cluster.mount.until_stopped().await;
                 eprintln!("unmounting {} ...", args.mountpoint.display());
                 cluster.stop().await
             })

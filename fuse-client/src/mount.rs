@@ -101,6 +101,18 @@ impl MountHandle {
         self.session.as_ref().is_none_or(|s| s.guard.is_finished())
     }
 
+    /// Returns at SIGINT or SIGTERM, or once the mount is gone (unmounted from outside).
+    pub async fn until_stopped(&self) {
+        tokio::select! {
+            _ = granary_common::telemetry::shutdown_signal() => {}
+            _ = async {
+                while !self.is_finished() {
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                }
+            } => {}
+        }
+    }
+
     pub fn unmount(mut self) -> std::io::Result<()> {
         match self.session.take() {
             Some(s) => s.umount_and_join(),
@@ -274,16 +286,7 @@ pub fn run_mount(cfg: &MountConfig, mountpoint: &Path) -> Result<(), MountError>
         .enable_all()
         .build()
         .map_err(fuse_err)?;
-    rt.block_on(async {
-        tokio::select! {
-            _ = granary_common::telemetry::shutdown_signal() => {}
-            _ = async {
-                while !handle.is_finished() {
-                    tokio::time::sleep(Duration::from_millis(200)).await;
-                }
-            } => {}
-        }
-    });
+    rt.block_on(handle.until_stopped());
     tracing::info!(mountpoint = %mountpoint.display(), "unmounting");
     handle.unmount().map_err(fuse_err)
 }

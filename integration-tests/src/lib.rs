@@ -161,12 +161,14 @@ impl Proc {
     /// Waits for exit up to `timeout`; returns the exit status if it exited.
     pub fn wait_exit(&mut self, timeout: Duration) -> Option<std::process::ExitStatus> {
         let start = Instant::now();
-        while start.elapsed() < timeout {
-            if let Some(c) = self.child.as_mut() {
-                if let Ok(Some(st)) = c.try_wait() {
-                    self.child = None;
-                    return Some(st);
-                }
+        // Reaped already (or never started): nothing to wait for.
+        while let Some(c) = self.child.as_mut() {
+            if let Ok(Some(st)) = c.try_wait() {
+                self.child = None;
+                return Some(st);
+            }
+            if start.elapsed() >= timeout {
+                break;
             }
             std::thread::sleep(Duration::from_millis(20));
         }

@@ -1,6 +1,6 @@
 //! `granary local`: one process whose mount calls its master in-process (no TCP between
-//! them). Changes made through it reach the directory and outlive a restart, and its
-//! `--config` applies to the mount.
+//! them). Changes made through it reach the directory and outlive a restart, its
+//! `--config` applies to the mount, and unmounting it from outside stops it.
 
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
@@ -162,4 +162,23 @@ fn an_unknown_key_in_the_local_mount_config_is_named() {
     assert_ne!(code, 0);
     assert!(err.contains("no_such_key"), "{err}");
     assert!(!is_mounted(&dir.path().join("mnt")));
+}
+
+#[test]
+fn unmounting_granary_local_from_outside_stops_it() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::create_dir(dir.path().join("ufs")).unwrap();
+    let mut local = Local::start(dir.path(), free_port(), "");
+    std::fs::write(local.path("kept"), b"written before").unwrap();
+    force_unmount(&local.mnt);
+    let exit = local.proc.wait_exit(Duration::from_secs(20));
+    assert!(
+        exit.is_some_and(|st| st.success()),
+        "{exit:?}: {}",
+        local.proc.log_text()
+    );
+    assert_eq!(
+        std::fs::read(dir.path().join("ufs/kept")).unwrap(),
+        b"written before"
+    );
 }
