@@ -19,7 +19,7 @@ use crate::state_machine::{self, LogEntry};
 use crate::store::{NamespaceStore, StoreError};
 
 /// Longest time applied state stays unsynced on disk.
-const SYNC_INTERVAL: Duration = Duration::from_secs(1);
+pub(super) const SYNC_INTERVAL: Duration = Duration::from_secs(1);
 /// A batch that takes longer than this to apply is logged.
 const SLOW_APPLY: Duration = Duration::from_secs(1);
 

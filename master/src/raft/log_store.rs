@@ -207,9 +207,20 @@ impl RaftLogStore {
     }
 
     /// Persists new entries (replacing any conflicting suffix) and the HardState in one
-    /// transaction: one fsync before the messages that depend on them are sent.
+    /// transaction: one fsync before the messages that depend on them are sent. A
+    /// HardState whose term and vote are unchanged is only kept in memory: the commit
+    /// index is volatile in Raft (a restart starts from the applied index and learns the
+    /// rest again), and writing it cost a table's pages in every round and a
+    /// transaction of its own (an fsync) in rounds without new entries.
     pub fn append(&self, entries: &[Entry], hs: Option<&HardState>) -> Result<(), StoreError> {
-        if entries.is_empty() && hs.is_none() {
+        let vote = hs.filter(|hs| {
+            let known = self.hard_state.read().expect("hard state lock");
+            (hs.term, hs.vote) != (known.term, known.vote)
+        });
+        if entries.is_empty() && vote.is_none() {
+            if let Some(hs) = hs {
+                self.set_commit(hs.commit);
+            }
             return Ok(());
         }
         let mut bounds = self.bounds.write().expect("bounds lock");
@@ -226,7 +237,7 @@ impl RaftLogStore {
                     )?;
                 }
             }
-            if let Some(hs) = hs {
+            if let Some(hs) = vote {
                 let mut state = redb_err!(txn.open_table(STATE))?;
                 redb_err!(
                     state.insert(HARD_STATE, hs.write_to_bytes().map_err(pb_err)?.as_slice())
@@ -417,4 +428,42 @@ impl Storage for RaftLogStore {
 pub fn snapshot_ref(snap: &Snapshot) -> Result<SnapshotRef, StoreError> {
     SnapshotRef::decode(snap.get_data())
         .map_err(|e| StoreError::Corrupt(format!("snapshot data: {e}")))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn term_vote_and_entries_survive_a_restart_whatever_the_commit_index_did() {
+        let dir = tempfile::tempdir().unwrap();
+        let ns = Arc::new(NamespaceStore::open(&dir.path().join("ns.redb"), 0).unwrap());
+        let path = dir.path().join("raft.redb");
+        let boot = [(1, "mem-1".to_string())];
+        let hs = |term, vote, commit| HardState {
+            term,
+            vote,
+            commit,
+            ..Default::default()
+        };
+        let entry = |index| Entry {
+            index,
+            term: 3,
+            ..Default::default()
+        };
+        {
+            let log = RaftLogStore::open(&path, 1, ns.clone(), &boot).unwrap();
+            log.append(&[entry(2), entry(3)], Some(&hs(3, 1, 1)))
+                .unwrap();
+            // Only the commit index moved: nothing to write, and no error.
+            log.append(&[], Some(&hs(3, 1, 3))).unwrap();
+            assert_eq!(log.initial_state().unwrap().hard_state.commit, 3);
+        }
+        let log = RaftLogStore::open(&path, 1, ns, &boot).unwrap();
+        let state = log.initial_state().unwrap().hard_state;
+        assert_eq!((state.term, state.vote), (3, 1));
+        assert!(state.commit >= 1, "never below what was written");
+        assert_eq!(log.last_index().unwrap(), 3);
+        assert_eq!(log.term(3).unwrap(), 3);
+    }
 }

@@ -176,6 +176,12 @@ impl Group {
         }
     }
 
+    /// Long enough for the members' applied entries to be synced and their logs
+    /// compacted up to them (heartbeats keep the Raft threads going meanwhile).
+    fn until_compacted(&self) {
+        std::thread::sleep(2 * super::apply::SYNC_INTERVAL + Duration::from_millis(500));
+    }
+
     fn leader(&self, timeout: Duration) -> u64 {
         let start = Instant::now();
         while start.elapsed() < timeout {
@@ -331,6 +337,7 @@ fn a_member_behind_a_compacted_log_catches_up_by_snapshot() {
     for i in 0..200 {
         g.propose(&rt, create(&format!("f{i:03}")));
     }
+    g.until_compacted();
     g.net.isolated.lock().unwrap().clear();
     g.converge(&[1, 2, 3]);
     assert_eq!(g.members[&lagging].store.inode_count().unwrap(), 201);
@@ -353,6 +360,7 @@ fn a_snapshot_pull_that_breaks_off_is_retried_and_the_member_keeps_running() {
     for i in 0..200 {
         g.propose(&rt, create(&format!("f{i:03}")));
     }
+    g.until_compacted();
     g.net
         .broken_pulls
         .store(2, std::sync::atomic::Ordering::SeqCst);
