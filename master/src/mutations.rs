@@ -190,9 +190,6 @@ impl MasterService {
             fingerprint: None,
             rdev: r.rdev,
         };
-        let cmd = Command {
-            op: Some(command::Op::CreateInode(create.clone())),
-        };
         // A special file never reaches the UFS: creating one touches only the namespace,
         // whose state machine has the last word (no turn, no dry run). Everything else
         // exists in the UFS at once: checked first, then made there, then proposed, in a
@@ -203,17 +200,14 @@ impl MasterService {
                 (None, dir)
             }
             _ => {
-                // A file name already taken answers without a turn.
-                if kind == FileKind::File && self.store.lookup(r.parent, &r.name)?.is_some() {
-                    return Err(FsError::Exists(
-                        String::from_utf8_lossy(&r.name).into_owned(),
-                    ));
-                }
                 let turn = match kind {
                     FileKind::File => self.loader.mutations.creation_in(r.parent).await,
                     _ => self.loader.mutations.dirs(&[r.parent]).await,
                 };
-                self.check(cmd).await?;
+                self.check(Command {
+                    op: Some(command::Op::CreateInode(create.clone())),
+                })
+                .await?;
                 // Its UFS path as of now: a rename may have moved it before the turn.
                 (Some(turn), self.store.get(r.parent)?)
             }
