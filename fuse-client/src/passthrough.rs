@@ -27,10 +27,15 @@ pub struct Passthrough<Id = BackingId> {
 struct Table<Id> {
     by_inode: HashMap<u64, Backing<Id>>,
     by_handle: HashMap<u64, u64>,
-    /// Inodes whose last handle closed, oldest first (an inode re-opened since may be
-    /// listed; it is skipped while in use).
-    idle: VecDeque<u64>,
+    /// (inode, its `idle_since`) at each close of an inode's last handle, oldest first;
+    /// an entry is stale once the inode was opened again (an epoch re-opens every file,
+    /// so stale entries are dropped as they reach the front and compacted beyond that).
+    idle: VecDeque<(u64, u64)>,
+    /// Registered backing files with no handle open, and their bytes.
+    idle_files: usize,
     idle_bytes: u64,
+    /// Counts closes of last handles: an idle entry's identity.
+    closes: u64,
 }
 
 /// A file's content version: its UFS fingerprint (size, mtime).
@@ -42,6 +47,8 @@ struct Backing<Id> {
     /// Open handles in that mode.
     users: usize,
     bytes: u64,
+    /// When its last handle closed (a `Table::closes` count), while idle.
+    idle_since: u64,
 }
 
 enum Mode<Id> {
@@ -73,7 +80,9 @@ impl<Id> Passthrough<Id> {
                 by_inode: HashMap::new(),
                 by_handle: HashMap::new(),
                 idle: VecDeque::new(),
+                idle_files: 0,
                 idle_bytes: 0,
+                closes: 0,
             }),
             registered: Condvar::new(),
         }
@@ -105,9 +114,7 @@ impl<Id> Passthrough<Id> {
             None => None,
             // An idle backing file of an older version: replaced.
             Some(b) if b.users == 0 && b.version != version => {
-                let bytes = b.bytes;
-                t.idle_bytes -= bytes;
-                t.by_inode.remove(&ino);
+                t.forget_idle(ino);
                 None
             }
             Some(b) => Some(match &b.mode {
@@ -123,6 +130,7 @@ impl<Id> Passthrough<Id> {
                     version,
                     users: 1,
                     bytes: 0,
+                    idle_since: 0,
                 },
             );
             t.by_handle.insert(fh, ino);
@@ -130,8 +138,12 @@ impl<Id> Passthrough<Id> {
         };
         let b = t.by_inode.get_mut(&ino).expect("matched above");
         b.users += 1;
-        let bytes = if b.users == 1 { b.bytes } else { 0 };
-        t.idle_bytes -= bytes;
+        if b.users == 1 {
+            // Only registered backing files are ever idle.
+            let bytes = b.bytes;
+            t.idle_files -= 1;
+            t.idle_bytes -= bytes;
+        }
         t.by_handle.insert(fh, ino);
         if matches!(claim, Claim::Backing(_)) {
             metrics::counter!("granary_client_passthrough_opens_total").increment(1);
@@ -162,7 +174,8 @@ impl<Id> Passthrough<Id> {
     }
 
     pub fn release(&self, fh: u64) {
-        let mut t = self.table.lock().expect("passthrough table");
+        let mut guard = self.table.lock().expect("passthrough table");
+        let t = &mut *guard;
         let Some(ino) = t.by_handle.remove(&fh) else {
             return;
         };
@@ -177,19 +190,54 @@ impl<Id> Passthrough<Id> {
             t.by_inode.remove(&ino);
             return;
         }
-        let bytes = b.bytes;
+        t.closes += 1;
+        let (bytes, closes) = (b.bytes, t.closes);
+        b.idle_since = closes;
+        t.idle_files += 1;
         t.idle_bytes += bytes;
-        t.idle.push_back(ino);
-        while t.idle.len() > IDLE_FILES || t.idle_bytes > IDLE_BYTES {
-            let Some(oldest) = t.idle.pop_front() else {
+        t.idle.push_back((ino, closes));
+        while t.idle_files > IDLE_FILES || t.idle_bytes > IDLE_BYTES {
+            let Some((oldest, since)) = t.idle.pop_front() else {
                 break;
             };
-            if t.by_inode.get(&oldest).is_some_and(|b| b.users == 0) {
-                let gone = t.by_inode.remove(&oldest).expect("checked");
-                t.idle_bytes -= gone.bytes;
+            if t.is_idle_since(oldest, since) {
+                t.forget_idle(oldest);
             }
         }
+        while t
+            .idle
+            .front()
+            .is_some_and(|&(ino, since)| !t.is_idle_since(ino, since))
+        {
+            t.idle.pop_front();
+        }
+        if t.idle.len() > 2 * t.idle_files + 64 {
+            let by_inode = &t.by_inode;
+            t.idle
+                .retain(|&(ino, since)| is_idle_since(by_inode, ino, since));
+        }
     }
+}
+
+impl<Id> Table<Id> {
+    fn is_idle_since(&self, ino: u64, since: u64) -> bool {
+        is_idle_since(&self.by_inode, ino, since)
+    }
+
+    /// Drops an idle backing file's registration.
+    fn forget_idle(&mut self, ino: u64) {
+        if let Some(gone) = self.by_inode.remove(&ino) {
+            self.idle_files -= 1;
+            self.idle_bytes -= gone.bytes;
+        }
+    }
+}
+
+/// Whether an idle-list entry is current: the inode is still idle since that close.
+fn is_idle_since<Id>(by_inode: &HashMap<u64, Backing<Id>>, ino: u64, since: u64) -> bool {
+    by_inode
+        .get(&ino)
+        .is_some_and(|b| b.users == 0 && b.idle_since == since)
 }
 
 #[cfg(test)]
@@ -248,6 +296,49 @@ mod tests {
         );
         let off = Passthrough::<u32>::new(false);
         assert!(matches!(off.claim(2, 1, V1), Claim::No));
+    }
+
+    #[test]
+    fn epochs_over_a_dataset_keep_every_file_registered() {
+        // More files than half the bound, re-opened epoch after epoch: each close of a
+        // file re-opened since its last close must not count against the bound again.
+        let pt = Passthrough::<u32>::new(true);
+        let files = IDLE_FILES as u64 / 2 + 1;
+        let mut fh = 0;
+        for epoch in 0..4 {
+            for ino in 0..files {
+                fh += 1;
+                match pt.claim(ino, fh, V1) {
+                    Claim::Register if epoch == 0 => {
+                        pt.registered(ino, ino as u32, 1);
+                    }
+                    Claim::Backing(_) if epoch > 0 => {}
+                    _ => panic!("epoch {epoch}: file {ino} was not kept registered"),
+                }
+                pt.release(fh);
+            }
+        }
+        let t = pt.table.lock().unwrap();
+        assert_eq!(t.idle_files, files as usize);
+        assert!(t.idle.len() <= 2 * t.idle_files + 64, "stale entries go");
+    }
+
+    #[test]
+    fn a_file_opened_over_and_over_leaves_no_trail() {
+        let pt = Passthrough::<u32>::new(true);
+        assert!(matches!(pt.claim(1, 1, V1), Claim::Register));
+        pt.registered(1, 1, 1);
+        pt.release(1);
+        assert!(matches!(pt.claim(2, 2, V1), Claim::Register));
+        pt.registered(2, 2, 1);
+        pt.release(2);
+        for fh in 3..10_000 {
+            assert!(matches!(pt.claim(2, fh, V1), Claim::Backing(_)));
+            pt.release(fh);
+        }
+        let t = pt.table.lock().unwrap();
+        assert!(t.idle.len() <= 2 * t.idle_files + 64, "{} entries", t.idle.len());
+        assert_eq!((t.idle_files, t.idle_bytes), (2, 2));
     }
 
     #[test]
