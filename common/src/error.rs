@@ -101,6 +101,9 @@ pub enum FsError {
     /// In use by the system, as a mount point is (a prefix pinned to another shard).
     #[error("busy: {0}")]
     Busy(String),
+    /// Open in a way that forbids writing it now (ETXTBSY, as for a running executable).
+    #[error("text file busy: {0}")]
+    TextBusy(String),
     /// The caller routed by an older routing table than this server's (version given):
     /// it fetches the new one and routes again.
     #[error("the routing table changed (now version {0}); routing again")]
@@ -166,6 +169,7 @@ impl FsError {
             | FsError::FileTooBig(m)
             | FsError::NoSpace(m)
             | FsError::Busy(m)
+            | FsError::TextBusy(m)
             | FsError::ReadOnly(m)
             | FsError::Unsupported(m)
             | FsError::Unavailable(m)
@@ -193,6 +197,7 @@ impl FsError {
             FsError::FileTooBig(_) => libc::EFBIG,
             FsError::NoSpace(_) => libc::ENOSPC,
             FsError::Busy(_) => libc::EBUSY,
+            FsError::TextBusy(_) => libc::ETXTBSY,
             FsError::StaleRouting(_) => libc::EIO,
             FsError::ReadOnly(_) => libc::EROFS,
             FsError::Unsupported(_) => libc::ENOTSUP,
@@ -225,6 +230,7 @@ impl FsError {
             libc::EFBIG => FsError::FileTooBig(msg),
             libc::ENOSPC => FsError::NoSpace(msg),
             libc::EBUSY => FsError::Busy(msg),
+            libc::ETXTBSY => FsError::TextBusy(msg),
             libc::EROFS => FsError::ReadOnly(msg),
             libc::ENOTSUP => FsError::Unsupported(msg),
             libc::ESTALE => FsError::Stale(msg),
@@ -264,7 +270,8 @@ impl From<FsError> for Status {
             FsError::NotEmpty(_)
             | FsError::CrossDevice(_)
             | FsError::TooManyLinks(_)
-            | FsError::Busy(_) => Code::FailedPrecondition,
+            | FsError::Busy(_)
+            | FsError::TextBusy(_) => Code::FailedPrecondition,
             FsError::StaleRouting(_) => Code::FailedPrecondition,
             FsError::ReadOnly(_) => Code::FailedPrecondition,
             FsError::Unsupported(_) => Code::Unimplemented,
@@ -341,6 +348,7 @@ mod tests {
             FsError::Exists("e".into()),
             FsError::Unavailable("u".into()),
             FsError::Busy("b".into()),
+            FsError::TextBusy("t".into()),
             FsError::FileTooBig("f".into()),
             FsError::NoSpace("n".into()),
             FsError::StaleRouting(7),

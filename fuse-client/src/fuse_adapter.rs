@@ -200,6 +200,15 @@ impl Filesystem for FuseAdapter {
     }
 
     fn open(&self, _req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
+        let writes = flags.0 & libc::O_ACCMODE != libc::O_RDONLY || flags.0 & libc::O_TRUNC != 0;
+        if writes && !self.passthrough.writable(ino.0) {
+            tracing::warn!(
+                ino = ino.0,
+                "a file open for reading through FUSE passthrough cannot be opened for writing until those readers close (mount option passthrough = false allows it)"
+            );
+            let e = FsError::TextBusy(format!("inode {} is read through passthrough", ino.0));
+            return reply.error(errno("open", &e));
+        }
         let (fh, unchanged) = match self.fs.open(ino.0, flags.0) {
             Ok(x) => x,
             Err(e) => return reply.error(errno("open", &e)),

@@ -17,7 +17,7 @@ use crate::fs::{FsOptions, GranaryFs};
 use crate::fuse_adapter::{FuseAdapter, KernelOptions};
 use crate::kernel_view::OwnerOverride;
 use crate::memory::MemoryLimiter;
-use crate::passthrough::Passthrough;
+use crate::passthrough::{self, Passthrough};
 use crate::worker_list::WorkerList;
 use granary_meta_client::{ClientOptions, GrpcMetadataClient, MetadataService};
 use granary_shard_router::ShardedMetadata;
@@ -232,6 +232,11 @@ pub fn mount(cfg: &MountConfig, mountpoint: &Path) -> Result<MountHandle, MountE
         // Registering a backing file takes CAP_SYS_ADMIN.
         passthrough: Passthrough::new(
             cfg.passthrough && cfg.short_circuit && unsafe { libc::geteuid() } == 0,
+            if cfg.fuse_threads > 1 {
+                passthrough::WRITER_WAIT
+            } else {
+                Duration::ZERO
+            },
         ),
     };
     let mut options = vec![

@@ -6,8 +6,13 @@
 use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
+use std::time::Duration;
 
 use fuser::BackingId;
+
+/// How long an open for writing waits for the RELEASE of its file's last passthrough
+/// reader, which the kernel sends after the reader's close returned.
+pub const WRITER_WAIT: Duration = Duration::from_millis(500);
 
 /// Idle backing files kept registered, at most this many (an epoch over a dataset of
 /// small files re-opens each; a miss costs a worker round trip)...
@@ -20,8 +25,11 @@ const IDLE_BYTES: u64 = 4 << 30;
 pub struct Passthrough<Id = BackingId> {
     enabled: AtomicBool,
     table: Mutex<Table<Id>>,
-    /// Signalled when a registration ends.
+    /// Signalled when a registration ends, and when an inode's last handle closes while
+    /// a writer waits for it.
     registered: Condvar,
+    /// How long an open for writing waits for its file's passthrough readers to close.
+    writer_wait: Duration,
 }
 
 struct Table<Id> {
@@ -36,6 +44,8 @@ struct Table<Id> {
     idle_bytes: u64,
     /// Counts closes of last handles: an idle entry's identity.
     closes: u64,
+    /// Opens for writing waiting in [`Passthrough::writable`].
+    writers_waiting: usize,
 }
 
 /// A file's content version: its UFS fingerprint (size, mtime).
@@ -73,8 +83,11 @@ pub enum Claim<Id = BackingId> {
 }
 
 impl<Id> Passthrough<Id> {
-    pub fn new(wanted: bool) -> Self {
+    /// `writer_wait`: see [`Passthrough::writable`]; zero where a waiting open would hold
+    /// the only thread that could take the RELEASE it waits for.
+    pub fn new(wanted: bool, writer_wait: Duration) -> Self {
         Passthrough {
+            writer_wait,
             enabled: AtomicBool::new(wanted),
             table: Mutex::new(Table {
                 by_inode: HashMap::new(),
@@ -83,6 +96,7 @@ impl<Id> Passthrough<Id> {
                 idle_files: 0,
                 idle_bytes: 0,
                 closes: 0,
+                writers_waiting: 0,
             }),
             registered: Condvar::new(),
         }
@@ -173,6 +187,33 @@ impl<Id> Passthrough<Id> {
         self.registered.notify_all();
     }
 
+    /// Whether `ino` may be opened for writing. The kernel refuses (EIO) any open but a
+    /// passthrough one while a passthrough handle of the inode is open, and a writer
+    /// cannot read through a worker's cache file. The kernel lets go of a handle at close
+    /// and sends its RELEASE after, so a file read and then written (`cat f; echo >> f`)
+    /// is waited for a moment; a reader still open after that keeps the file busy.
+    pub fn writable(&self, ino: u64) -> bool {
+        if !self.enabled() {
+            return true;
+        }
+        let passed = |t: &mut Table<Id>| {
+            t.by_inode.get(&ino).is_some_and(|b| {
+                b.users > 0 && matches!(b.mode, Mode::Passthrough(_) | Mode::Registering)
+            })
+        };
+        let mut t = self.table.lock().expect("passthrough table");
+        if !passed(&mut t) {
+            return true;
+        }
+        t.writers_waiting += 1;
+        let (mut t, _) = self
+            .registered
+            .wait_timeout_while(t, self.writer_wait, passed)
+            .expect("passthrough table");
+        t.writers_waiting -= 1;
+        !passed(&mut t)
+    }
+
     pub fn release(&self, fh: u64) {
         let mut guard = self.table.lock().expect("passthrough table");
         let t = &mut *guard;
@@ -185,6 +226,9 @@ impl<Id> Passthrough<Id> {
         b.users -= 1;
         if b.users > 0 {
             return;
+        }
+        if t.writers_waiting > 0 {
+            self.registered.notify_all();
         }
         if !matches!(b.mode, Mode::Passthrough(_)) {
             t.by_inode.remove(&ino);
@@ -256,7 +300,7 @@ mod tests {
 
     #[test]
     fn a_backing_file_outlives_its_last_close_until_the_version_changes() {
-        let pt = Passthrough::<u32>::new(true);
+        let pt = Passthrough::<u32>::new(true, Duration::ZERO);
         assert!(matches!(pt.claim(1, 10, V1), Claim::Register));
         std::thread::scope(|s| {
             // Another open while the first registers waits for its backing file.
@@ -282,7 +326,7 @@ mod tests {
 
     #[test]
     fn a_file_open_through_the_page_cache_is_never_passed_through_meanwhile() {
-        let pt = Passthrough::<u32>::new(true);
+        let pt = Passthrough::<u32>::new(true, Duration::ZERO);
         assert!(matches!(pt.claim(2, 20, V1), Claim::Register));
         pt.failed(2);
         assert!(matches!(pt.claim(2, 21, V1), Claim::No));
@@ -294,7 +338,7 @@ mod tests {
             matches!(pt.claim(2, 23, V1), Claim::Register),
             "tried again once closed"
         );
-        let off = Passthrough::<u32>::new(false);
+        let off = Passthrough::<u32>::new(false, Duration::ZERO);
         assert!(matches!(off.claim(2, 1, V1), Claim::No));
     }
 
@@ -302,7 +346,7 @@ mod tests {
     fn epochs_over_a_dataset_keep_every_file_registered() {
         // More files than half the bound, re-opened epoch after epoch: each close of a
         // file re-opened since its last close must not count against the bound again.
-        let pt = Passthrough::<u32>::new(true);
+        let pt = Passthrough::<u32>::new(true, Duration::ZERO);
         let files = IDLE_FILES as u64 / 2 + 1;
         let mut fh = 0;
         for epoch in 0..4 {
@@ -325,7 +369,7 @@ mod tests {
 
     #[test]
     fn a_file_opened_over_and_over_leaves_no_trail() {
-        let pt = Passthrough::<u32>::new(true);
+        let pt = Passthrough::<u32>::new(true, Duration::ZERO);
         assert!(matches!(pt.claim(1, 1, V1), Claim::Register));
         pt.registered(1, 1, 1);
         pt.release(1);
@@ -337,13 +381,46 @@ mod tests {
             pt.release(fh);
         }
         let t = pt.table.lock().unwrap();
-        assert!(t.idle.len() <= 2 * t.idle_files + 64, "{} entries", t.idle.len());
+        assert!(
+            t.idle.len() <= 2 * t.idle_files + 64,
+            "{} entries",
+            t.idle.len()
+        );
         assert_eq!((t.idle_files, t.idle_bytes), (2, 2));
     }
 
     #[test]
+    fn a_writer_waits_for_the_release_of_passthrough_readers_only() {
+        let pt = Passthrough::<u32>::new(true, Duration::from_secs(5));
+        assert!(pt.writable(1), "never opened");
+        assert!(matches!(pt.claim(1, 10, V1), Claim::Register));
+        pt.registered(1, 7, 100);
+        std::thread::scope(|s| {
+            let writer = s.spawn(|| pt.writable(1));
+            std::thread::sleep(Duration::from_millis(50));
+            pt.release(10);
+            assert!(writer.join().unwrap(), "the reader's RELEASE came");
+        });
+        assert!(
+            pt.writable(1),
+            "idle: the kernel holds no passthrough handle"
+        );
+        assert!(matches!(pt.claim(2, 20, V1), Claim::Register));
+        pt.failed(2);
+        assert!(pt.writable(2), "read through the page cache");
+
+        let impatient = Passthrough::<u32>::new(true, Duration::ZERO);
+        assert!(matches!(impatient.claim(1, 10, V1), Claim::Register));
+        assert!(!impatient.writable(1), "registering");
+        impatient.registered(1, 7, 100);
+        assert!(!impatient.writable(1), "a reader open");
+        let off = Passthrough::<u32>::new(false, Duration::ZERO);
+        assert!(off.writable(1));
+    }
+
+    #[test]
     fn idle_backing_files_are_bounded() {
-        let pt = Passthrough::<u32>::new(true);
+        let pt = Passthrough::<u32>::new(true, Duration::ZERO);
         for ino in 0..=IDLE_FILES as u64 {
             assert!(matches!(pt.claim(ino, ino, V1), Claim::Register));
             pt.registered(ino, ino as u32, 1);
@@ -353,7 +430,7 @@ mod tests {
         assert_eq!(t.by_inode.len(), IDLE_FILES);
         assert!(!t.by_inode.contains_key(&0), "the oldest went");
         drop(t);
-        let pt = Passthrough::<u32>::new(true);
+        let pt = Passthrough::<u32>::new(true, Duration::ZERO);
         pt.claim(1, 1, V1);
         pt.registered(1, 1, IDLE_BYTES + 1);
         pt.release(1);
