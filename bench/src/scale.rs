@@ -97,7 +97,7 @@ pub fn run(b: ScaleBench) -> anyhow::Result<()> {
         size = now;
         settled
     })?;
-    let log = file_size(&c.dir.path().join("master-1/raft.redb"));
+    let log = file_size(&c.dir.path().join("master-1/raft.log"));
     let (rss, peak) = memory(pid);
     let per_inode = size as f64 / inodes.max(1) as f64;
     let per_shard = (b.disk_per_master as f64 / per_inode) as u64;

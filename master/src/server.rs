@@ -194,7 +194,7 @@ pub async fn start(mut config: MasterConfig) -> Result<RunningMaster, MasterErro
             &[]
         };
     let log_store = RaftLogStore::open(
-        &config.data_dir.join("raft.redb"),
+        &config.data_dir.join("raft.log"),
         config.id,
         store.clone(),
         bootstrap,

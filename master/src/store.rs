@@ -40,6 +40,8 @@ pub enum StoreError {
     Corrupt(String),
     #[error("{0} is in use by another running master (one data_dir per master process)")]
     InUse(String),
+    #[error("{0}: {1}")]
+    Io(String, #[source] std::io::Error),
 }
 
 /// The page cache a store file gets unless configured: redb keeps what does not fit on

@@ -1,51 +1,32 @@
-//! The Raft log on disk (redb, its own file): entries keyed by index, the HardState and
-//! the last compaction point. Implements raft-rs `Storage`. The configuration and the
-//! snapshot data come from the namespace store, which keeps them as of its applied index,
-//! so the log never disagrees with the state machine it feeds.
+//! The Raft log on disk (its own append-only file, see `log_file`): entries, the
+//! HardState's term and vote, and the last compaction point. Implements raft-rs
+//! `Storage`. The configuration and the snapshot data come from the namespace store,
+//! which keeps them as of its applied index, so the log never disagrees with the state
+//! machine it feeds.
 
-use std::sync::{Arc, RwLock};
+use std::path::Path;
+use std::sync::{Arc, Mutex, RwLock};
 
 use granary_protos::raft::SnapshotRef;
 use prost::Message as _;
 use protobuf::Message as PbMessage;
 use raft::eraftpb::{ConfState, Entry, HardState, Snapshot};
 use raft::{GetEntriesContext, RaftState, Storage, StorageError};
-use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
+use redb::{ReadableDatabase, TableDefinition};
 
 use granary_protos::v1::{MasterSet, Member};
 
+use super::log_file::LogFile;
 use crate::snapshots::StagedSnapshot;
 use crate::state_machine::{self, EntryOp, LogEntry};
 use crate::store::{redb_err, NamespaceStore, StoreError};
 
-const ENTRIES: TableDefinition<u64, &[u8]> = TableDefinition::new("entries");
-const STATE: TableDefinition<&str, &[u8]> = TableDefinition::new("state");
-const HARD_STATE: &str = "hard_state";
-/// Index and term of the last entry removed by compaction or replaced by a snapshot.
-const TRUNCATED: &str = "truncated";
-
-#[derive(Debug, Clone, Copy, Default)]
-struct Bounds {
-    truncated_index: u64,
-    truncated_term: u64,
-    last: u64,
-}
-
 pub struct RaftLogStore {
     /// This member's id: snapshots it holds name it.
     member: u64,
-    db: Database,
+    file: Mutex<LogFile>,
     namespace: Arc<NamespaceStore>,
     hard_state: RwLock<HardState>,
-    bounds: RwLock<Bounds>,
-}
-
-/// The truncation point as stored: index then term, big-endian.
-fn truncated_record(index: u64, term: u64) -> [u8; 16] {
-    let mut t = [0u8; 16];
-    t[..8].copy_from_slice(&index.to_be_bytes());
-    t[8..].copy_from_slice(&term.to_be_bytes());
-    t
 }
 
 fn store_err(e: StoreError) -> raft::Error {
@@ -57,53 +38,43 @@ fn pb_err(e: protobuf::ProtobufError) -> StoreError {
 }
 
 impl RaftLogStore {
-    /// Opens the log. On the very first start of an initial member, `bootstrap` (the
-    /// initial members) becomes a snapshot at index 1: every initial member writes the same
-    /// one, and a member added later (empty log) is sent a snapshot that carries the
-    /// configuration, instead of replaying a log that never mentioned the first members.
+    /// Opens the log at `path` (moving a log kept by an older version in `raft.redb`
+    /// beside it over first). On the very first start of an initial member, `bootstrap`
+    /// (the initial members) becomes a snapshot at index 1: every initial member writes
+    /// the same one, and a member added later (empty log) is sent a snapshot that carries
+    /// the configuration, instead of replaying a log that never mentioned the first
+    /// members.
     pub fn open(
-        path: &std::path::Path,
+        path: &Path,
         member: u64,
         namespace: Arc<NamespaceStore>,
         bootstrap: &[(u64, String)],
     ) -> Result<Self, StoreError> {
-        // The log is read near its end: a small cache does.
-        let db = crate::store::open_db(path, 64 << 20)?;
-        let txn = redb_err!(db.begin_write())?;
-        redb_err!(txn.open_table(ENTRIES))?;
-        redb_err!(txn.open_table(STATE))?;
-        redb_err!(txn.commit())?;
-
-        let txn = redb_err!(db.begin_read())?;
-        let state = redb_err!(txn.open_table(STATE))?;
-        let hard_state = match redb_err!(state.get(HARD_STATE))? {
-            Some(v) => HardState::parse_from_bytes(v.value()).map_err(pb_err)?,
-            None => HardState::default(),
-        };
-        let mut bounds = Bounds::default();
-        if let Some(v) = redb_err!(state.get(TRUNCATED))? {
-            let b = v.value();
-            if b.len() != 16 {
-                return Err(StoreError::Corrupt("raft truncation record".into()));
+        let legacy = path.with_file_name("raft.redb");
+        if legacy.exists() {
+            if path.exists() {
+                // Moved, then stopped before removing it.
+                std::fs::remove_file(&legacy)
+                    .map_err(|e| StoreError::Io(format!("removing {}", legacy.display()), e))?;
+            } else {
+                move_legacy(&legacy, path)?;
             }
-            bounds.truncated_index = u64::from_be_bytes(b[..8].try_into().expect("8 bytes"));
-            bounds.truncated_term = u64::from_be_bytes(b[8..].try_into().expect("8 bytes"));
         }
-        let entries = redb_err!(txn.open_table(ENTRIES))?;
-        bounds.last = match redb_err!(entries.last())? {
-            Some((k, _)) => k.value(),
-            None => bounds.truncated_index,
+        let file = LogFile::open(path)?;
+        let (term, vote) = file.vote();
+        let hard_state = HardState {
+            term,
+            vote,
+            ..Default::default()
         };
-        let fresh = bounds.last == 0
+        let fresh = file.last() == 0
             && hard_state == HardState::default()
             && namespace.conf_state()?.is_none();
-        drop((entries, state, txn));
         let store = RaftLogStore {
             member,
-            db,
+            file: Mutex::new(file),
             namespace,
             hard_state: RwLock::new(hard_state),
-            bounds: RwLock::new(bounds),
         };
         let (applied, applied_term) = store.namespace.applied()?;
         if fresh && !bootstrap.is_empty() {
@@ -118,7 +89,7 @@ impl RaftLogStore {
         }
         // The state machine is ahead of the log (the log file was lost): the applied state
         // is the snapshot the log continues from.
-        if applied > store.bounds.read().expect("bounds lock").last {
+        if applied > store.log().last() {
             tracing::warn!(
                 applied,
                 "raft log is behind the namespace; continuing from the applied state"
@@ -133,28 +104,18 @@ impl RaftLogStore {
         Ok(store)
     }
 
+    fn log(&self) -> std::sync::MutexGuard<'_, LogFile> {
+        self.file.lock().expect("raft log lock")
+    }
+
     /// Drops every entry and records (index, term) as the log's starting point; the
     /// HardState's term is raised to match.
     fn set_truncated(&self, index: u64, term: u64) -> Result<(), StoreError> {
-        let mut bounds = self.bounds.write().expect("bounds lock");
+        let mut log = self.log();
         let mut hs = self.hard_state.write().expect("hard state lock");
         hs.term = hs.term.max(term);
         hs.commit = hs.commit.max(index);
-        let txn = redb_err!(self.db.begin_write())?;
-        {
-            let mut table = redb_err!(txn.open_table(ENTRIES))?;
-            redb_err!(table.retain(|_, _| false))?;
-            let mut state = redb_err!(txn.open_table(STATE))?;
-            redb_err!(state.insert(TRUNCATED, &truncated_record(index, term)[..]))?;
-            redb_err!(state.insert(HARD_STATE, hs.write_to_bytes().map_err(pb_err)?.as_slice()))?;
-        }
-        redb_err!(txn.commit())?;
-        *bounds = Bounds {
-            truncated_index: index,
-            truncated_term: term,
-            last: index,
-        };
-        Ok(())
+        log.reset(index, term, (hs.term, hs.vote))
     }
 
     fn bootstrap(&self, members: &[(u64, String)]) -> Result<(), StoreError> {
@@ -223,31 +184,8 @@ impl RaftLogStore {
             }
             return Ok(());
         }
-        let mut bounds = self.bounds.write().expect("bounds lock");
-        let txn = redb_err!(self.db.begin_write())?;
-        {
-            let mut table = redb_err!(txn.open_table(ENTRIES))?;
-            if let Some(first) = entries.first() {
-                if first.index <= bounds.last {
-                    redb_err!(table.retain_in(first.index.., |_, _| false))?;
-                }
-                for e in entries {
-                    redb_err!(
-                        table.insert(e.index, e.write_to_bytes().map_err(pb_err)?.as_slice())
-                    )?;
-                }
-            }
-            if let Some(hs) = vote {
-                let mut state = redb_err!(txn.open_table(STATE))?;
-                redb_err!(
-                    state.insert(HARD_STATE, hs.write_to_bytes().map_err(pb_err)?.as_slice())
-                )?;
-            }
-        }
-        redb_err!(txn.commit())?;
-        if let Some(last) = entries.last() {
-            bounds.last = last.index;
-        }
+        self.log()
+            .append(entries, vote.map(|hs| (hs.term, hs.vote)))?;
         if let Some(hs) = hs {
             *self.hard_state.write().expect("hard state lock") = hs.clone();
         }
@@ -281,28 +219,15 @@ impl RaftLogStore {
 
     /// Drops entries up to and including `upto` (which must be applied).
     pub fn compact(&self, upto: u64) -> Result<(), StoreError> {
-        let term = self
-            .term(upto)
-            .map_err(|e| StoreError::Corrupt(format!("compact to {upto}: {e}")))?;
-        let mut bounds = self.bounds.write().expect("bounds lock");
-        if upto <= bounds.truncated_index || upto > bounds.last {
+        let mut log = self.log();
+        if upto <= log.start().0 || upto > log.last() {
             return Ok(());
         }
-        let txn = redb_err!(self.db.begin_write())?;
-        {
-            let mut table = redb_err!(txn.open_table(ENTRIES))?;
-            redb_err!(table.retain_in(..=upto, |_, _| false))?;
-            let mut state = redb_err!(txn.open_table(STATE))?;
-            redb_err!(state.insert(TRUNCATED, &truncated_record(upto, term)[..]))?;
-        }
-        redb_err!(txn.commit())?;
-        bounds.truncated_index = upto;
-        bounds.truncated_term = term;
-        Ok(())
+        log.compact(upto)
     }
 
     pub fn first_index_now(&self) -> u64 {
-        self.bounds.read().expect("bounds lock").truncated_index + 1
+        self.log().start().0 + 1
     }
 }
 
@@ -322,68 +247,24 @@ impl Storage for RaftLogStore {
         max_size: impl Into<Option<u64>>,
         _ctx: GetEntriesContext,
     ) -> raft::Result<Vec<Entry>> {
-        let bounds = *self.bounds.read().expect("bounds lock");
-        if low <= bounds.truncated_index {
+        let log = self.log();
+        if low <= log.start().0 {
             return Err(raft::Error::Store(StorageError::Compacted));
         }
-        if high > bounds.last + 1 {
+        if high > log.last() + 1 {
             return Err(raft::Error::Store(StorageError::Unavailable));
         }
-        let max = max_size.into().unwrap_or(u64::MAX);
-        let txn = self
-            .db
-            .begin_read()
-            .map_err(|e| store_err(StoreError::Redb(e.into())))?;
-        let table = txn
-            .open_table(ENTRIES)
-            .map_err(|e| store_err(StoreError::Redb(e.into())))?;
-        let mut out = Vec::new();
-        let mut size = 0u64;
-        for item in table
-            .range(low..high)
-            .map_err(|e| store_err(StoreError::Redb(e.into())))?
-        {
-            let (_, v) = item.map_err(|e| store_err(StoreError::Redb(e.into())))?;
-            let bytes = v.value();
-            size += bytes.len() as u64;
-            if !out.is_empty() && size > max {
-                break;
-            }
-            out.push(Entry::parse_from_bytes(bytes).map_err(|e| store_err(pb_err(e)))?);
-        }
-        if out.len() as u64 != high - low && size <= max {
-            return Err(raft::Error::Store(StorageError::Unavailable));
-        }
-        Ok(out)
+        log.read(low, high, max_size.into().unwrap_or(u64::MAX))
+            .map_err(store_err)
     }
 
     fn term(&self, idx: u64) -> raft::Result<u64> {
-        let bounds = *self.bounds.read().expect("bounds lock");
-        if idx == bounds.truncated_index {
-            return Ok(bounds.truncated_term);
-        }
-        if idx < bounds.truncated_index {
+        let log = self.log();
+        if idx < log.start().0 {
             return Err(raft::Error::Store(StorageError::Compacted));
         }
-        if idx > bounds.last {
-            return Err(raft::Error::Store(StorageError::Unavailable));
-        }
-        let txn = self
-            .db
-            .begin_read()
-            .map_err(|e| store_err(StoreError::Redb(e.into())))?;
-        let table = txn
-            .open_table(ENTRIES)
-            .map_err(|e| store_err(StoreError::Redb(e.into())))?;
-        let found = table
-            .get(idx)
-            .map_err(|e| store_err(StoreError::Redb(e.into())))?;
-        match found {
-            Some(v) => Ok(Entry::parse_from_bytes(v.value())
-                .map_err(|e| store_err(pb_err(e)))?
-                .term),
-            None => Err(raft::Error::Store(StorageError::Unavailable)),
-        }
+        log.term(idx)
+            .ok_or(raft::Error::Store(StorageError::Unavailable))
     }
 
     fn first_index(&self) -> raft::Result<u64> {
@@ -391,7 +272,7 @@ impl Storage for RaftLogStore {
     }
 
     fn last_index(&self) -> raft::Result<u64> {
-        Ok(self.bounds.read().expect("bounds lock").last)
+        Ok(self.log().last())
     }
 
     fn snapshot(&self, request_index: u64, _to: u64) -> raft::Result<Snapshot> {
@@ -424,6 +305,44 @@ impl Storage for RaftLogStore {
     }
 }
 
+/// Moves the log an older version kept in redb (`raft.redb`: entries by index, the
+/// HardState, the truncation point) into a log file at `to`, then removes it.
+fn move_legacy(from: &Path, to: &Path) -> Result<(), StoreError> {
+    const ENTRIES: TableDefinition<u64, &[u8]> = TableDefinition::new("entries");
+    const STATE: TableDefinition<&str, &[u8]> = TableDefinition::new("state");
+    let db = crate::store::open_db(from, 64 << 20)?;
+    let txn = redb_err!(db.begin_read())?;
+    let state = redb_err!(txn.open_table(STATE))?;
+    let hs = match redb_err!(state.get("hard_state"))? {
+        Some(v) => HardState::parse_from_bytes(v.value()).map_err(pb_err)?,
+        None => HardState::default(),
+    };
+    let start = match redb_err!(state.get("truncated"))? {
+        Some(v) => {
+            let b = v.value();
+            let word = |r: std::ops::Range<usize>| {
+                b.get(r)
+                    .and_then(|w| w.try_into().ok())
+                    .map(u64::from_be_bytes)
+                    .ok_or_else(|| StoreError::Corrupt("raft truncation record".into()))
+            };
+            (word(0..8)?, word(8..16)?)
+        }
+        None => (0, 0),
+    };
+    let mut entries = Vec::new();
+    for item in redb_err!(redb_err!(txn.open_table(ENTRIES))?.range(start.0 + 1..))? {
+        let (_, v) = redb_err!(item)?;
+        entries.push(Entry::parse_from_bytes(v.value()).map_err(pb_err)?);
+    }
+    drop((state, txn, db));
+    LogFile::create(to, start, (hs.term, hs.vote), &entries)?;
+    std::fs::remove_file(from)
+        .map_err(|e| StoreError::Io(format!("removing {}", from.display()), e))?;
+    tracing::info!(from = %from.display(), to = %to.display(), entries = entries.len(), "moved the raft log to its own file");
+    Ok(())
+}
+
 /// Where a snapshot's records are to be pulled from.
 pub fn snapshot_ref(snap: &Snapshot) -> Result<SnapshotRef, StoreError> {
     SnapshotRef::decode(snap.get_data())
@@ -438,7 +357,7 @@ mod tests {
     fn term_vote_and_entries_survive_a_restart_whatever_the_commit_index_did() {
         let dir = tempfile::tempdir().unwrap();
         let ns = Arc::new(NamespaceStore::open(&dir.path().join("ns.redb"), 0).unwrap());
-        let path = dir.path().join("raft.redb");
+        let path = dir.path().join("raft.log");
         let boot = [(1, "mem-1".to_string())];
         let hs = |term, vote, commit| HardState {
             term,
@@ -465,5 +384,61 @@ mod tests {
         assert!(state.commit >= 1, "never below what was written");
         assert_eq!(log.last_index().unwrap(), 3);
         assert_eq!(log.term(3).unwrap(), 3);
+    }
+
+    #[test]
+    fn a_log_kept_in_redb_by_an_older_version_is_moved_into_the_log_file() {
+        use redb::ReadableTableMetadata;
+        const ENTRIES: TableDefinition<u64, &[u8]> = TableDefinition::new("entries");
+        const STATE: TableDefinition<&str, &[u8]> = TableDefinition::new("state");
+        let dir = tempfile::tempdir().unwrap();
+        let ns = Arc::new(NamespaceStore::open(&dir.path().join("ns.redb"), 0).unwrap());
+        let legacy = dir.path().join("raft.redb");
+        {
+            let db = crate::store::open_db(&legacy, 1 << 20).unwrap();
+            let txn = db.begin_write().unwrap();
+            {
+                let mut entries = txn.open_table(ENTRIES).unwrap();
+                for index in 5..=8 {
+                    let e = Entry {
+                        index,
+                        term: 2,
+                        ..Default::default()
+                    };
+                    entries
+                        .insert(index, e.write_to_bytes().unwrap().as_slice())
+                        .unwrap();
+                }
+                assert_eq!(entries.len().unwrap(), 4);
+                let mut state = txn.open_table(STATE).unwrap();
+                let hs = HardState {
+                    term: 2,
+                    vote: 3,
+                    commit: 6,
+                    ..Default::default()
+                };
+                state
+                    .insert("hard_state", hs.write_to_bytes().unwrap().as_slice())
+                    .unwrap();
+                let mut t = [0u8; 16];
+                t[..8].copy_from_slice(&5u64.to_be_bytes());
+                t[8..].copy_from_slice(&1u64.to_be_bytes());
+                state.insert("truncated", &t[..]).unwrap();
+            }
+            txn.commit().unwrap();
+        }
+        let log = RaftLogStore::open(&dir.path().join("raft.log"), 1, ns, &[]).unwrap();
+        assert!(!legacy.exists());
+        let hs = log.initial_state().unwrap().hard_state;
+        assert_eq!((hs.term, hs.vote), (2, 3));
+        assert_eq!(
+            (log.first_index().unwrap(), log.last_index().unwrap()),
+            (6, 8)
+        );
+        assert_eq!((log.term(5).unwrap(), log.term(8).unwrap()), (1, 2));
+        let got = log
+            .entries(6, 9, None, GetEntriesContext::empty(false))
+            .unwrap();
+        assert_eq!(got.iter().map(|e| e.index).collect::<Vec<_>>(), [6, 7, 8]);
     }
 }

@@ -3,6 +3,7 @@
 //! ([`transport`]). [`RaftLog`] is the `CommandLog` the rest of the master proposes to.
 
 mod apply;
+mod log_file;
 pub mod log_store;
 pub mod node;
 pub mod transport;

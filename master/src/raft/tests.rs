@@ -128,7 +128,7 @@ impl Group {
             );
             net.stores.lock().unwrap().insert(id, store.clone());
             let log_store = RaftLogStore::open(
-                &dir.path().join(format!("raft-{id}.redb")),
+                &dir.path().join(format!("raft-{id}.log")),
                 id,
                 store.clone(),
                 &boot,
