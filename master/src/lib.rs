@@ -22,6 +22,7 @@ mod state_machine;
 mod state_machine_model;
 pub mod store;
 mod table_follower;
+mod tables;
 pub mod workers;
 
 pub use config::MasterConfig;

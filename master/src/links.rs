@@ -10,7 +10,7 @@ use granary_common::{FsError, FsResult};
 use granary_protos::v1::{FileKind, Inode, Link, LinkEntry};
 
 use crate::state_machine::check_new_entry;
-use crate::store::{child_key, redb_err, StoreError, Tables};
+use crate::store::{child_key, StoreError, Tables};
 
 /// Most names one file may have (link(2) answers EMLINK beyond).
 pub const MAX_LINKS: usize = 65_000;
@@ -54,12 +54,12 @@ impl Tables<'_> {
         victim: &Inode,
         now_ns: i64,
     ) -> Result<(), StoreError> {
-        redb_err!(self.children.remove(child_key(parent, name).as_slice()))?;
+        self.children.remove(&child_key(parent, name))?;
         if victim.kind == FileKind::Directory as i32 {
             self.adjust_subdirs(parent, -1)?;
         }
         if victim.links.is_empty() {
-            redb_err!(self.inodes.remove(victim.id))?;
+            self.inodes.remove(victim.id)?;
             return self.add_count(-1);
         }
         let mut kept = victim.clone();
@@ -80,12 +80,11 @@ impl Tables<'_> {
     /// Drops `inode` and every name it has (its UFS object is gone).
     pub(crate) fn forget_inode(&mut self, inode: &Inode) -> Result<(), StoreError> {
         for (parent, name) in other_names(inode) {
-            redb_err!(self.children.remove(child_key(parent, name).as_slice()))?;
+            self.children.remove(&child_key(parent, name))?;
         }
-        redb_err!(self
-            .children
-            .remove(child_key(inode.parent, &inode.name).as_slice()))?;
-        redb_err!(self.inodes.remove(inode.id))?;
+        self.children
+            .remove(&child_key(inode.parent, &inode.name))?;
+        self.inodes.remove(inode.id)?;
         self.add_count(-1)
     }
 }
@@ -120,9 +119,8 @@ pub fn link_entry(t: &mut Tables<'_>, l: &LinkEntry) -> Result<FsResult<()>, Sto
             String::from_utf8_lossy(&inode.name).into_owned(),
         )));
     }
-    redb_err!(t
-        .children
-        .insert(child_key(dir.id, &l.new_name).as_slice(), inode.id))?;
+    t.children
+        .insert(&child_key(dir.id, &l.new_name), inode.id)?;
     inode.links.push(Link {
         parent: dir.id,
         name: l.new_name.clone(),

@@ -124,7 +124,7 @@ impl MasterService {
     }
 
     /// The state machine's answer to `cmd` now, without applying it. Off the async
-    /// threads: a write transaction waits for the one applying the log.
+    /// threads: it reads the store.
     async fn check(&self, cmd: Command) -> FsResult<()> {
         let store = self.store.clone();
         blocking("dry run", move || {

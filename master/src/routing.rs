@@ -9,9 +9,8 @@ use granary_common::{FsError, FsResult};
 use granary_protos::v1::{FileKind, Inode, Referral, RoutingTable as TableProto, SetRoutingTable};
 use granary_shard_router::{child_path, Placement, RoutingTable};
 use prost::Message;
-use redb::ReadableTable;
 
-use crate::store::{child_key, redb_err, StoreError, Tables};
+use crate::store::{child_key, StoreError, Tables};
 
 pub(crate) const META_ROUTING: &str = "routing_table";
 
@@ -25,8 +24,8 @@ impl Tables<'_> {
     /// The table this shard works by; `None` until one is adopted (a lone shard owns
     /// everything).
     pub(crate) fn routing_table(&self) -> Result<Option<RoutingTable>, StoreError> {
-        match redb_err!(self.meta.get(META_ROUTING))? {
-            Some(v) => decode_table(v.value()).map(Some),
+        match self.meta.get(META_ROUTING)? {
+            Some(v) => decode_table(&v).map(Some),
             None => Ok(None),
         }
     }
@@ -167,9 +166,7 @@ pub(crate) fn set_routing_table(
             }
         }
     }
-    redb_err!(t
-        .meta
-        .insert(META_ROUTING, proto.encode_to_vec().as_slice()))?;
+    t.meta.insert(META_ROUTING, &proto.encode_to_vec())?;
     Ok(Ok(()))
 }
 
@@ -177,8 +174,8 @@ pub(crate) fn set_routing_table(
 fn resolve(t: &Tables<'_>, path: &[u8]) -> Result<Option<Inode>, StoreError> {
     let mut at = root_inode(t.shard);
     for name in path.split(|&b| b == b'/').filter(|c| !c.is_empty()) {
-        match redb_err!(t.children.get(child_key(at, name).as_slice()))? {
-            Some(id) => at = id.value(),
+        match t.children.get(&child_key(at, name))? {
+            Some(id) => at = id,
             None => return Ok(None),
         }
     }

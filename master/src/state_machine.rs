@@ -12,25 +12,23 @@ use granary_protos::v1::{
     MountTable, RemoveEntry, RenameEntry, SetAttributes, SetMount, UfsEntry, UfsFingerprint,
 };
 use prost::Message;
-use redb::ReadableTable;
 
 use crate::store::{
-    child_key, meta_u64, redb_err, Commit, NamespaceStore, StoreError, Tables, META_APPLIED_INDEX,
-    META_APPLIED_TERM, META_CONF_STATE, META_INODE_COUNT, META_MASTERS, META_MOUNTS,
-    META_NEXT_LOCAL_ID,
+    child_key, NamespaceStore, StoreError, Tables, META_APPLIED_INDEX, META_APPLIED_TERM,
+    META_CONF_STATE, META_INODE_COUNT, META_MASTERS, META_MOUNTS, META_NEXT_LOCAL_ID,
 };
 
 const META_BLOCK_SIZE: &str = "block_size";
 
 impl Tables<'_> {
     pub(crate) fn add_count(&mut self, delta: i64) -> Result<(), StoreError> {
-        let n = meta_u64(&self.meta, META_INODE_COUNT)? as i64 + delta;
+        let n = self.meta.u64(META_INODE_COUNT)? as i64 + delta;
         self.set_u64(META_INODE_COUNT, n.max(0) as u64)
     }
 
     fn allocate_id(&mut self) -> Result<u64, StoreError> {
         // Local ids start after the root's.
-        let next = meta_u64(&self.meta, META_NEXT_LOCAL_ID)?.max(2);
+        let next = self.meta.u64(META_NEXT_LOCAL_ID)?.max(2);
         self.set_u64(META_NEXT_LOCAL_ID, next + 1)?;
         Ok(inode_id(self.shard, next))
     }
@@ -38,12 +36,12 @@ impl Tables<'_> {
     fn children_of(&self, parent: u64) -> Result<BTreeMap<Vec<u8>, u64>, StoreError> {
         let lower = child_key(parent, b"");
         let upper = (parent + 1).to_be_bytes();
-        let mut out = BTreeMap::new();
-        for item in redb_err!(self.children.range(lower.as_slice()..&upper[..]))? {
-            let (k, v) = redb_err!(item)?;
-            out.insert(k.value()[8..].to_vec(), v.value());
-        }
-        Ok(out)
+        Ok(self
+            .children
+            .range(&lower, &upper, usize::MAX)?
+            .into_iter()
+            .map(|(k, v)| (k[8..].to_vec(), v))
+            .collect())
     }
 
     /// Drops the entry (`parent`, `name`) of inode `id` and, when it was the inode's
@@ -54,7 +52,7 @@ impl Tables<'_> {
         let mut stack = vec![(parent, name.to_vec(), id)];
         while let Some((parent, name, id)) = stack.pop() {
             let Some(inode) = self.get(id)? else {
-                redb_err!(self.children.remove(child_key(parent, &name).as_slice()))?;
+                self.children.remove(&child_key(parent, &name))?;
                 continue;
             };
             if !crate::links::is_primary(&inode, parent, &name) {
@@ -121,10 +119,10 @@ pub fn apply_batch(
             })
         )
     });
-    let results = store.write(Commit::Unsynced, |tables| {
+    let results = store.write(|tables| {
         let mut results = Vec::with_capacity(entries.len());
-        let mut applied = meta_u64(&tables.meta, META_APPLIED_INDEX)?;
-        let mut applied_term = meta_u64(&tables.meta, META_APPLIED_TERM)?;
+        let mut applied = tables.meta.u64(META_APPLIED_INDEX)?;
+        let mut applied_term = tables.meta.u64(META_APPLIED_TERM)?;
         for e in entries {
             if e.index <= applied {
                 results.push(Ok(()));
@@ -137,10 +135,8 @@ pub fn apply_batch(
                     conf_state,
                     masters,
                 } => {
-                    redb_err!(tables.meta.insert(META_CONF_STATE, conf_state.as_slice()))?;
-                    redb_err!(tables
-                        .meta
-                        .insert(META_MASTERS, masters.encode_to_vec().as_slice()))?;
+                    tables.meta.insert(META_CONF_STATE, conf_state)?;
+                    tables.meta.insert(META_MASTERS, &masters.encode_to_vec())?;
                     Ok(())
                 }
             });
@@ -157,11 +153,11 @@ pub fn apply_batch(
     Ok(results)
 }
 
-/// What applying `cmd` now would answer, without changing anything: the transaction is
-/// dropped. The leader checks a mutation this way before touching the UFS, so the rules
+/// What applying `cmd` now would answer, without changing anything: its changes are
+/// kept in memory over a read transaction and dropped. The leader checks a mutation this way before touching the UFS, so the rules
 /// live only in the state machine.
 pub fn dry_run(store: &NamespaceStore, cmd: &Command) -> Result<FsResult<()>, StoreError> {
-    store.write(Commit::Never, |tables| apply(tables, cmd))
+    store.dry_run(|tables| apply(tables, cmd))
 }
 
 /// Applies one command. The outer error is a storage failure (the batch aborts); the inner
@@ -192,15 +188,17 @@ fn set_mount(t: &mut Tables<'_>, m: &SetMount) -> Result<FsResult<()>, StoreErro
             "only the namespace root can be mounted".into(),
         )));
     }
-    let mut table = match redb_err!(t.meta.get(META_MOUNTS))? {
-        Some(v) => MountTable::decode(v.value()).map_err(|e| StoreError::Corrupt(e.to_string()))?,
+    let mut table = match t.meta.get(META_MOUNTS)? {
+        Some(v) => {
+            MountTable::decode(v.as_slice()).map_err(|e| StoreError::Corrupt(e.to_string()))?
+        }
         None => MountTable::default(),
     };
     table
         .mounts
         .retain(|x| x.mount_id != mount.mount_id && x.path != mount.path);
     table.mounts.push(mount.clone());
-    redb_err!(t.meta.insert(META_MOUNTS, table.encode_to_vec().as_slice()))?;
+    t.meta.insert(META_MOUNTS, &table.encode_to_vec())?;
     t.set_u64(META_BLOCK_SIZE, m.block_size)?;
 
     let root = root_inode(t.shard);
@@ -230,7 +228,7 @@ fn load_directory(t: &mut Tables<'_>, l: &LoadDirectory) -> Result<FsResult<()>,
     if l.routing_version != version {
         return Ok(Err(FsError::StaleRouting(version)));
     }
-    let block_size = meta_u64(&t.meta, META_BLOCK_SIZE)?;
+    let block_size = t.meta.u64(META_BLOCK_SIZE)?;
     // A listing in one command removes what it does not list; a part of a bigger one
     // touches only its own entries (and the last part names the removals).
     let mut existing = match l.partial || l.explicit_removals {
@@ -251,9 +249,7 @@ fn load_directory(t: &mut Tables<'_>, l: &LoadDirectory) -> Result<FsResult<()>,
     for e in &listed {
         let id = match &mut existing {
             Some(map) => map.remove(&e.name),
-            None => {
-                redb_err!(t.children.get(child_key(dir.id, &e.name).as_slice()))?.map(|v| v.value())
-            }
+            None => t.children.get(&child_key(dir.id, &e.name))?,
         };
         let old = match id {
             Some(id) => t.get(id)?,
@@ -273,9 +269,8 @@ fn load_directory(t: &mut Tables<'_>, l: &LoadDirectory) -> Result<FsResult<()>,
         None => {
             let mut named = Vec::new();
             for name in &l.removed {
-                let id = redb_err!(t.children.get(child_key(dir.id, name).as_slice()))?;
-                if let Some(id) = id {
-                    named.push((name.clone(), id.value()));
+                if let Some(id) = t.children.get(&child_key(dir.id, name))? {
+                    named.push((name.clone(), id));
                 }
             }
             named
@@ -333,7 +328,7 @@ fn load_directory(t: &mut Tables<'_>, l: &LoadDirectory) -> Result<FsResult<()>,
             }
             None => {
                 let id = t.allocate_id()?;
-                redb_err!(t.children.insert(child_key(dir.id, &e.name).as_slice(), id))?;
+                t.children.insert(&child_key(dir.id, &e.name), id)?;
                 added += 1;
                 if e.kind == FileKind::Directory as i32 {
                     t.adjust_subdirs(dir.id, 1)?;
@@ -391,8 +386,8 @@ fn create_inode(t: &mut Tables<'_>, c: &CreateInode) -> Result<FsResult<()>, Sto
         )));
     }
     let id = t.allocate_id()?;
-    redb_err!(t.children.insert(child_key(dir.id, &c.name).as_slice(), id))?;
-    let block_size = meta_u64(&t.meta, META_BLOCK_SIZE)?;
+    t.children.insert(&child_key(dir.id, &c.name), id)?;
+    let block_size = t.meta.u64(META_BLOCK_SIZE)?;
     t.put(&Inode {
         id,
         parent: dir.id,
@@ -441,7 +436,7 @@ pub(crate) fn check_new_entry(
     if dir.kind != FileKind::Directory as i32 {
         return Ok(Err(FsError::NotDir(shown(&dir.name))));
     }
-    if redb_err!(t.children.get(child_key(dir.id, name).as_slice()))?.is_some() {
+    if t.children.get(&child_key(dir.id, name))?.is_some() {
         return Ok(Err(FsError::Exists(shown(name))));
     }
     t.check_owned(dir, name)
@@ -475,8 +470,8 @@ fn directory(t: &Tables<'_>, id: u64) -> Result<FsResult<Inode>, StoreError> {
 }
 
 fn child(t: &Tables<'_>, parent: u64, name: &[u8]) -> Result<Option<Inode>, StoreError> {
-    match redb_err!(t.children.get(child_key(parent, name).as_slice()))? {
-        Some(id) => t.get(id.value()),
+    match t.children.get(&child_key(parent, name))? {
+        Some(id) => t.get(id),
         None => Ok(None),
     }
 }
@@ -484,9 +479,7 @@ fn child(t: &Tables<'_>, parent: u64, name: &[u8]) -> Result<Option<Inode>, Stor
 fn has_children(t: &Tables<'_>, dir: u64) -> Result<bool, StoreError> {
     let lower = child_key(dir, b"");
     let upper = (dir + 1).to_be_bytes();
-    Ok(redb_err!(t.children.range(lower.as_slice()..&upper[..]))?
-        .next()
-        .is_some())
+    Ok(!t.children.range(&lower, &upper, 1)?.is_empty())
 }
 
 fn remove_entry(t: &mut Tables<'_>, r: &RemoveEntry) -> Result<FsResult<()>, StoreError> {
@@ -596,12 +589,9 @@ fn rename_entry(t: &mut Tables<'_>, r: &RenameEntry) -> Result<FsResult<()>, Sto
         }
         t.unlink_name(to_dir.id, &r.new_name, &target, r.now_ns)?;
     }
-    redb_err!(t
-        .children
-        .remove(child_key(from_dir.id, &r.name).as_slice()))?;
-    redb_err!(t
-        .children
-        .insert(child_key(to_dir.id, &r.new_name).as_slice(), moving.id))?;
+    t.children.remove(&child_key(from_dir.id, &r.name))?;
+    t.children
+        .insert(&child_key(to_dir.id, &r.new_name), moving.id)?;
     if crate::links::is_primary(&moving, from_dir.id, &r.name) {
         moving.parent = to_dir.id;
         moving.name = r.new_name.clone();

@@ -12,7 +12,7 @@ use granary_protos::v1::{
 };
 use proptest::prelude::*;
 
-use crate::state_machine::{apply_batch, LogEntry};
+use crate::state_machine::{apply_batch, dry_run, LogEntry};
 use crate::store::NamespaceStore;
 
 type Path = Vec<String>;
@@ -487,7 +487,12 @@ proptest! {
         for op in &ops {
             if let Some(cmd) = to_command(&store, &model, op) {
                 index += 1;
-                apply_batch(&store, &[LogEntry::command(index, 1, cmd)]).unwrap();
+                // The leader's dry run answers what applying will, and changes nothing.
+                let before = store_view(&store);
+                let predicted = dry_run(&store, &cmd).unwrap().map_err(|e| e.errno());
+                prop_assert_eq!(&store_view(&store), &before);
+                let got = apply_batch(&store, &[LogEntry::command(index, 1, cmd)]).unwrap();
+                prop_assert_eq!(predicted, got[0].clone().map_err(|e| e.errno()), "dry run of {:?}", op);
             }
             model.apply(op);
             prop_assert_eq!(store_view(&store), model_view(&model), "after {:?}", op);

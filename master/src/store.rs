@@ -11,6 +11,8 @@ use granary_protos::v1::{Inode, MasterSet, MountTable};
 use prost::Message;
 use redb::{Database, ReadableDatabase, ReadableTable, Table, TableDefinition};
 
+use crate::tables::{ChildView, InodeView, MetaView, View};
+
 pub(crate) const INODES: TableDefinition<u64, &[u8]> = TableDefinition::new("inodes");
 /// Key: parent id (big-endian) followed by the child's name; value: child id.
 pub(crate) const CHILDREN: TableDefinition<&[u8], u64> = TableDefinition::new("children");
@@ -108,45 +110,30 @@ pub(crate) fn meta_u64(
     }
 }
 
-/// The tables as one write transaction sees them: what the state machine changes.
+/// The tables as one state-machine pass sees them (see [`crate::tables`]): what the
+/// state machine changes.
 pub(crate) struct Tables<'t> {
-    pub inodes: Table<'t, u64, &'static [u8]>,
-    pub children: Table<'t, &'static [u8], u64>,
-    pub meta: Table<'t, &'static str, &'static [u8]>,
+    pub inodes: InodeView<'t>,
+    pub children: ChildView<'t>,
+    pub meta: MetaView<'t>,
     pub shard: u16,
-    /// The transaction will be dropped: work that cannot change the answer (rewriting
+    /// The changes will be dropped: work that cannot change the answer (rewriting
     /// descendants' paths) may be skipped.
     pub dry_run: bool,
 }
 
 impl Tables<'_> {
     pub(crate) fn get(&self, id: u64) -> Result<Option<Inode>, StoreError> {
-        match redb_err!(self.inodes.get(id))? {
-            Some(v) => Ok(Some(decode_inode(v.value())?)),
-            None => Ok(None),
-        }
+        self.inodes.get(id)
     }
 
     pub(crate) fn put(&mut self, inode: &Inode) -> Result<(), StoreError> {
-        redb_err!(self
-            .inodes
-            .insert(inode.id, inode.encode_to_vec().as_slice()))?;
-        Ok(())
+        self.inodes.insert(inode.id, &inode.encode_to_vec())
     }
 
     pub(crate) fn set_u64(&mut self, key: &str, v: u64) -> Result<(), StoreError> {
-        redb_err!(self.meta.insert(key, &v.to_be_bytes()[..]))?;
-        Ok(())
+        self.meta.insert(key, &v.to_be_bytes())
     }
-}
-
-/// What happens to a write transaction once its work is done.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) enum Commit {
-    /// Committed without an fsync: the Raft log is durable and replays it.
-    Unsynced,
-    /// Dropped: a dry run.
-    Never,
 }
 
 pub struct NamespaceStore {
@@ -258,30 +245,42 @@ impl NamespaceStore {
     /// Runs `f` over the tables in one write transaction. `Commit::Unsynced` commits it
     /// without an fsync (see [`NamespaceStore::sync`]); `Commit::Never` drops it, so `f`
     /// only answers what it would do.
+    /// Runs `f` in a write transaction committed without an fsync (the Raft log is
+    /// durable and replays it).
     pub(crate) fn write<R>(
         &self,
-        commit: Commit,
         f: impl FnOnce(&mut Tables<'_>) -> Result<R, StoreError>,
     ) -> Result<R, StoreError> {
         let mut txn = redb_err!(self.db.begin_write())?;
-        if commit == Commit::Unsynced {
-            redb_err!(txn.set_durability(redb::Durability::None))?;
-        }
+        redb_err!(txn.set_durability(redb::Durability::None))?;
         let out = {
             let mut tables = Tables {
-                inodes: redb_err!(txn.open_table(INODES))?,
-                children: redb_err!(txn.open_table(CHILDREN))?,
-                meta: redb_err!(txn.open_table(META))?,
+                inodes: View::Write(redb_err!(txn.open_table(INODES))?),
+                children: View::Write(redb_err!(txn.open_table(CHILDREN))?),
+                meta: View::Write(redb_err!(txn.open_table(META))?),
                 shard: self.shard,
-                dry_run: commit == Commit::Never,
+                dry_run: false,
             };
             f(&mut tables)?
         };
-        match commit {
-            Commit::Unsynced => redb_err!(txn.commit())?,
-            Commit::Never => redb_err!(txn.abort())?,
-        }
+        redb_err!(txn.commit())?;
         Ok(out)
+    }
+
+    /// Runs `f` over the committed state, its changes kept in memory and dropped.
+    pub(crate) fn dry_run<R>(
+        &self,
+        f: impl FnOnce(&mut Tables<'_>) -> Result<R, StoreError>,
+    ) -> Result<R, StoreError> {
+        let txn = redb_err!(self.db.begin_read())?;
+        let mut tables = Tables {
+            inodes: View::Dry(redb_err!(txn.open_table(INODES))?, Default::default()),
+            children: View::Dry(redb_err!(txn.open_table(CHILDREN))?, Default::default()),
+            meta: View::Dry(redb_err!(txn.open_table(META))?, Default::default()),
+            shard: self.shard,
+            dry_run: true,
+        };
+        f(&mut tables)
     }
 
     /// (index, term) of the last applied entry.
