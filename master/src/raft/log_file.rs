@@ -96,7 +96,10 @@ fn entry_record(out: &mut Vec<u8>, e: &Entry) -> Result<(), StoreError> {
 }
 
 fn sync_dir(path: &Path) -> Result<(), StoreError> {
-    let dir = path.parent().unwrap_or(Path::new("."));
+    let dir = match path.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p,
+        _ => Path::new("."),
+    };
     File::open(dir)
         .and_then(|d| d.sync_all())
         .map_err(|e| io_err(path, "syncing its directory", e))
