@@ -154,8 +154,8 @@ pub fn apply_batch(
 }
 
 /// What applying `cmd` now would answer, without changing anything: its changes are
-/// kept in memory over a read transaction and dropped. The leader checks a mutation this way before touching the UFS, so the rules
-/// live only in the state machine.
+/// kept in memory over a read transaction and dropped. The leader checks a mutation this
+/// way before touching the UFS, so the rules live only in the state machine.
 pub fn dry_run(store: &NamespaceStore, cmd: &Command) -> Result<FsResult<()>, StoreError> {
     store.dry_run(|tables| apply(tables, cmd))
 }

@@ -99,15 +99,17 @@ pub(crate) fn meta_u64(
     key: &str,
 ) -> Result<u64, StoreError> {
     match redb_err!(table.get(key))? {
-        Some(v) => {
-            let b: [u8; 8] = v
-                .value()
-                .try_into()
-                .map_err(|_| StoreError::Corrupt(format!("meta key {key}")))?;
-            Ok(u64::from_be_bytes(b))
-        }
+        Some(v) => decode_u64(key, v.value()),
         None => Ok(0),
     }
+}
+
+/// A counter's stored bytes.
+pub(crate) fn decode_u64(key: &str, bytes: &[u8]) -> Result<u64, StoreError> {
+    bytes
+        .try_into()
+        .map(u64::from_be_bytes)
+        .map_err(|_| StoreError::Corrupt(format!("meta key {key}")))
 }
 
 /// The tables as one state-machine pass sees them (see [`crate::tables`]): what the

@@ -8,7 +8,7 @@ use std::collections::BTreeMap;
 use granary_protos::v1::Inode;
 use redb::{ReadOnlyTable, ReadableTable, Table};
 
-use crate::store::{decode_inode, meta_u64, redb_err, StoreError};
+use crate::store::{decode_inode, decode_u64, meta_u64, redb_err, StoreError};
 
 /// One table: `T` in a write transaction, `R` in a dry run with its changes (`None`: a
 /// removal) by key.
@@ -27,6 +27,27 @@ pub(crate) type MetaView<'t> = View<
     String,
     Vec<u8>,
 >;
+
+impl<T, R, K: Ord, V> View<T, R, K, V> {
+    /// Writes through `write` in a transaction; in a dry run records the change `dry`
+    /// makes (built only there: the apply thread copies nothing).
+    fn change(
+        &mut self,
+        dry: impl FnOnce() -> (K, Option<V>),
+        write: impl FnOnce(&mut T) -> Result<(), redb::StorageError>,
+    ) -> Result<(), StoreError> {
+        match self {
+            View::Write(t) => {
+                redb_err!(write(t))?;
+            }
+            View::Dry(_, over) => {
+                let (k, v) = dry();
+                over.insert(k, v);
+            }
+        }
+        Ok(())
+    }
+}
 
 fn read_inode(
     t: &impl ReadableTable<u64, &'static [u8]>,
@@ -51,27 +72,11 @@ impl InodeView<'_> {
     }
 
     pub(crate) fn insert(&mut self, id: u64, v: &[u8]) -> Result<(), StoreError> {
-        match self {
-            View::Write(t) => {
-                redb_err!(t.insert(id, v))?;
-            }
-            View::Dry(_, over) => {
-                over.insert(id, Some(v.to_vec()));
-            }
-        }
-        Ok(())
+        self.change(|| (id, Some(v.to_vec())), |t| t.insert(id, v).map(drop))
     }
 
     pub(crate) fn remove(&mut self, id: u64) -> Result<(), StoreError> {
-        match self {
-            View::Write(t) => {
-                redb_err!(t.remove(id))?;
-            }
-            View::Dry(_, over) => {
-                over.insert(id, None);
-            }
-        }
-        Ok(())
+        self.change(|| (id, None), |t| t.remove(id).map(drop))
     }
 }
 
@@ -104,27 +109,11 @@ impl ChildView<'_> {
     }
 
     pub(crate) fn insert(&mut self, key: &[u8], id: u64) -> Result<(), StoreError> {
-        match self {
-            View::Write(t) => {
-                redb_err!(t.insert(key, id))?;
-            }
-            View::Dry(_, over) => {
-                over.insert(key.to_vec(), Some(id));
-            }
-        }
-        Ok(())
+        self.change(|| (key.to_vec(), Some(id)), |t| t.insert(key, id).map(drop))
     }
 
     pub(crate) fn remove(&mut self, key: &[u8]) -> Result<(), StoreError> {
-        match self {
-            View::Write(t) => {
-                redb_err!(t.remove(key))?;
-            }
-            View::Dry(_, over) => {
-                over.insert(key.to_vec(), None);
-            }
-        }
-        Ok(())
+        self.change(|| (key.to_vec(), None), |t| t.remove(key).map(drop))
     }
 
     /// The entries with keys in `lower..upper`, the first `limit` of them.
@@ -173,11 +162,7 @@ impl MetaView<'_> {
         match self {
             View::Write(t) => meta_u64(t, key),
             View::Dry(r, over) => match over.get(key) {
-                Some(Some(v)) => v
-                    .as_slice()
-                    .try_into()
-                    .map(u64::from_be_bytes)
-                    .map_err(|_| StoreError::Corrupt(format!("meta key {key}"))),
+                Some(Some(v)) => decode_u64(key, v),
                 Some(None) => Ok(0),
                 None => meta_u64(r, key),
             },
@@ -185,15 +170,10 @@ impl MetaView<'_> {
     }
 
     pub(crate) fn insert(&mut self, key: &str, v: &[u8]) -> Result<(), StoreError> {
-        match self {
-            View::Write(t) => {
-                redb_err!(t.insert(key, v))?;
-            }
-            View::Dry(_, over) => {
-                over.insert(key.to_string(), Some(v.to_vec()));
-            }
-        }
-        Ok(())
+        self.change(
+            || (key.to_string(), Some(v.to_vec())),
+            |t| t.insert(key, v).map(drop),
+        )
     }
 }
 
