@@ -313,6 +313,7 @@ impl LogFile {
     /// durably: one write, one `fdatasync`.
     pub fn append(&mut self, entries: &[Entry], vote: Option<Vote>) -> Result<(), StoreError> {
         let mut buf = Vec::new();
+        let mut offsets = Vec::with_capacity(entries.len());
         let mut vote = vote;
         if let Some(first) = entries.first() {
             if first.index <= self.start.0 || first.index > self.last() + 1 {
@@ -335,10 +336,10 @@ impl LogFile {
                 vote.get_or_insert(self.vote);
             }
             for e in entries {
+                offsets.push((self.end + buf.len() as u64, e.term));
                 entry_record(&mut buf, e)?;
             }
         }
-        let entries_len = buf.len();
         if let Some(v) = vote {
             record(&mut buf, VOTE, &[&pair(v.0, v.1)]);
         }
@@ -349,14 +350,7 @@ impl LogFile {
             .write_all_at(&buf, self.end)
             .and_then(|_| self.file.sync_data())
             .map_err(|e| io_err(&self.path, "appending", e))?;
-        let mut at = self.end;
-        for e in entries {
-            self.entries.push((at, e.term));
-            let len =
-                u32::from_le_bytes(buf[(at - self.end) as usize..][..4].try_into().expect("4"));
-            at += FRAME as u64 + len as u64;
-        }
-        debug_assert!(at - self.end == entries_len as u64);
+        self.entries.extend(offsets);
         self.end += buf.len() as u64;
         if let Some(v) = vote {
             self.vote = v;

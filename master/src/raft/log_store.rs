@@ -305,14 +305,16 @@ impl Storage for RaftLogStore {
     }
 }
 
+/// The tables of the log an older version kept in redb.
+const LEGACY_ENTRIES: TableDefinition<u64, &[u8]> = TableDefinition::new("entries");
+const LEGACY_STATE: TableDefinition<&str, &[u8]> = TableDefinition::new("state");
+
 /// Moves the log an older version kept in redb (`raft.redb`: entries by index, the
 /// HardState, the truncation point) into a log file at `to`, then removes it.
 fn move_legacy(from: &Path, to: &Path) -> Result<(), StoreError> {
-    const ENTRIES: TableDefinition<u64, &[u8]> = TableDefinition::new("entries");
-    const STATE: TableDefinition<&str, &[u8]> = TableDefinition::new("state");
     let db = crate::store::open_db(from, 64 << 20)?;
     let txn = redb_err!(db.begin_read())?;
-    let state = redb_err!(txn.open_table(STATE))?;
+    let state = redb_err!(txn.open_table(LEGACY_STATE))?;
     let hs = match redb_err!(state.get("hard_state"))? {
         Some(v) => HardState::parse_from_bytes(v.value()).map_err(pb_err)?,
         None => HardState::default(),
@@ -331,7 +333,7 @@ fn move_legacy(from: &Path, to: &Path) -> Result<(), StoreError> {
         None => (0, 0),
     };
     let mut entries = Vec::new();
-    for item in redb_err!(redb_err!(txn.open_table(ENTRIES))?.range(start.0 + 1..))? {
+    for item in redb_err!(redb_err!(txn.open_table(LEGACY_ENTRIES))?.range(start.0 + 1..))? {
         let (_, v) = redb_err!(item)?;
         entries.push(Entry::parse_from_bytes(v.value()).map_err(pb_err)?);
     }
@@ -389,8 +391,6 @@ mod tests {
     #[test]
     fn a_log_kept_in_redb_by_an_older_version_is_moved_into_the_log_file() {
         use redb::ReadableTableMetadata;
-        const ENTRIES: TableDefinition<u64, &[u8]> = TableDefinition::new("entries");
-        const STATE: TableDefinition<&str, &[u8]> = TableDefinition::new("state");
         let dir = tempfile::tempdir().unwrap();
         let ns = Arc::new(NamespaceStore::open(&dir.path().join("ns.redb"), 0).unwrap());
         let legacy = dir.path().join("raft.redb");
@@ -398,7 +398,7 @@ mod tests {
             let db = crate::store::open_db(&legacy, 1 << 20).unwrap();
             let txn = db.begin_write().unwrap();
             {
-                let mut entries = txn.open_table(ENTRIES).unwrap();
+                let mut entries = txn.open_table(LEGACY_ENTRIES).unwrap();
                 for index in 5..=8 {
                     let e = Entry {
                         index,
@@ -410,7 +410,7 @@ mod tests {
                         .unwrap();
                 }
                 assert_eq!(entries.len().unwrap(), 4);
-                let mut state = txn.open_table(STATE).unwrap();
+                let mut state = txn.open_table(LEGACY_STATE).unwrap();
                 let hs = HardState {
                     term: 2,
                     vote: 3,
