@@ -36,8 +36,8 @@ struct Table<Id> {
     by_inode: HashMap<u64, Backing<Id>>,
     by_handle: HashMap<u64, u64>,
     /// (inode, its `idle_since`) at each close of an inode's last handle, oldest first;
-    /// an entry is stale once the inode was opened again (an epoch re-opens every file,
-    /// so stale entries are dropped as they reach the front and compacted beyond that).
+    /// an entry is stale once the inode was opened again (stale entries are skipped and,
+    /// once they outnumber the current ones, compacted away).
     idle: VecDeque<(u64, u64)>,
     /// Registered backing files with no handle open, and their bytes.
     idle_files: usize,
@@ -244,17 +244,11 @@ impl<Id> Passthrough<Id> {
             let Some((oldest, since)) = t.idle.pop_front() else {
                 break;
             };
-            if t.is_idle_since(oldest, since) {
+            if is_idle_since(&t.by_inode, oldest, since) {
                 t.forget_idle(oldest);
             }
         }
-        while t
-            .idle
-            .front()
-            .is_some_and(|&(ino, since)| !t.is_idle_since(ino, since))
-        {
-            t.idle.pop_front();
-        }
+        // Entries of files re-opened since are dropped once they outnumber current ones.
         if t.idle.len() > 2 * t.idle_files + 64 {
             let by_inode = &t.by_inode;
             t.idle
@@ -264,10 +258,6 @@ impl<Id> Passthrough<Id> {
 }
 
 impl<Id> Table<Id> {
-    fn is_idle_since(&self, ino: u64, since: u64) -> bool {
-        is_idle_since(&self.by_inode, ino, since)
-    }
-
     /// Drops an idle backing file's registration.
     fn forget_idle(&mut self, ino: u64) {
         if let Some(gone) = self.by_inode.remove(&ino) {
