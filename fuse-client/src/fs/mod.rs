@@ -7,6 +7,7 @@
 //! `namespace` holds the operations on names and attributes, `read` opening and reading,
 //! `write` creating, writing and committing; this file the state they share.
 
+mod meta_cache;
 mod namespace;
 mod read;
 mod write;
@@ -18,12 +19,12 @@ use std::time::Duration;
 
 use granary_common::{FsError, FsResult};
 use granary_protos::v1::{FileKind, Inode, StatFsReply, UfsFingerprint};
-use moka::sync::Cache;
 
 use crate::block_reader::{BlockRead, ReadState};
 use crate::content_store::ContentStore;
 use crate::staging::{SharedStaged, StagingArea};
 use granary_meta_client::MetadataService;
+use meta_cache::MetaCache;
 
 #[derive(Debug, Clone)]
 pub struct FsOptions {
@@ -74,8 +75,8 @@ pub struct GranaryFs {
     meta: Arc<dyn MetadataService>,
     reader: Arc<dyn BlockRead>,
     store: Arc<dyn ContentStore>,
-    attrs: Cache<u64, Inode>,
-    entries: Cache<(u64, Vec<u8>), u64>,
+    attrs: MetaCache<u64, Inode>,
+    entries: MetaCache<(u64, Vec<u8>), u64>,
     files: RwLock<HashMap<u64, Arc<OpenFile>>>,
     dirs: RwLock<HashMap<u64, Arc<Mutex<DirStream>>>>,
     next_handle: AtomicU64,
@@ -83,10 +84,10 @@ pub struct GranaryFs {
     read_only: bool,
     /// The content version of each inode when it was last opened here: the kernel may
     /// keep its page cache across opens only while that has not changed.
-    opened_versions: Cache<u64, UfsFingerprint>,
+    opened_versions: MetaCache<u64, UfsFingerprint>,
     /// Each directory's times, listing time and subdirectory count when it was last
     /// opened here: the kernel may keep its cached listing only while they have not moved.
-    listed_versions: Cache<u64, (i64, i64, i64, u64)>,
+    listed_versions: MetaCache<u64, (i64, i64, i64, u64)>,
     /// Content commits made through this mount; an open handle looks for a newer version
     /// of its file only when this moved.
     commits: AtomicU64,
@@ -111,25 +112,15 @@ impl GranaryFs {
             meta,
             reader,
             store,
-            attrs: Cache::builder()
-                .max_capacity(opts.meta_cache_entries)
-                .time_to_live(opts.meta_cache_ttl)
-                .build(),
-            entries: Cache::builder()
-                .max_capacity(opts.meta_cache_entries)
-                .time_to_live(opts.meta_cache_ttl)
-                .build(),
+            attrs: MetaCache::new(opts.meta_cache_entries, Some(opts.meta_cache_ttl)),
+            entries: MetaCache::new(opts.meta_cache_entries, Some(opts.meta_cache_ttl)),
             files: RwLock::new(HashMap::new()),
             dirs: RwLock::new(HashMap::new()),
             next_handle: AtomicU64::new(1),
             staging: StagingArea::default(),
             read_only: opts.read_only,
-            opened_versions: Cache::builder()
-                .max_capacity(opts.meta_cache_entries)
-                .build(),
-            listed_versions: Cache::builder()
-                .max_capacity(opts.meta_cache_entries)
-                .build(),
+            opened_versions: MetaCache::new(opts.meta_cache_entries, None),
+            listed_versions: MetaCache::new(opts.meta_cache_entries, None),
             commits: AtomicU64::new(0),
         }
     }
