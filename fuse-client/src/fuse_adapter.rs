@@ -1,5 +1,7 @@
 //! The `fuser::Filesystem` adapter: translates kernel requests into [`GranaryFs`] calls
-//! and results into replies. No filesystem logic lives here.
+//! and results into replies. No filesystem logic lives here. A request the mount's caches
+//! answer is answered on the thread that read it; one that may wait (on a master, a
+//! worker, a disk or a file's commit) goes to the [`Offload`] threads.
 
 use std::ffi::OsStr;
 use std::os::unix::ffi::OsStrExt;
@@ -17,6 +19,7 @@ use granary_protos::v1::{FileKind, Inode};
 
 use crate::fs::{GranaryFs, SetAttr};
 use crate::kernel_view::{Attributes, OpenMode, OwnerOverride, BLOCK_SIZE_HINT};
+use crate::offload::Offload;
 use crate::passthrough::{Claim, Passthrough};
 
 /// What the kernel is told about caching and ownership.
@@ -28,10 +31,32 @@ pub struct KernelOptions {
     pub owner: OwnerOverride,
 }
 
-pub struct FuseAdapter {
+/// What request handlers share, on the FUSE threads and the offload threads alike.
+pub struct Handlers {
     pub fs: Arc<GranaryFs>,
     pub opts: KernelOptions,
     pub passthrough: Passthrough,
+}
+
+pub struct FuseAdapter {
+    handlers: Arc<Handlers>,
+    offload: Offload,
+}
+
+impl FuseAdapter {
+    /// `offload_threads`: how many requests may wait at once.
+    pub fn new(handlers: Handlers, offload_threads: usize) -> std::io::Result<Self> {
+        Ok(FuseAdapter {
+            handlers: Arc::new(handlers),
+            offload: Offload::new(offload_threads)?,
+        })
+    }
+
+    /// Answers on an offload thread.
+    fn offload(&self, job: impl FnOnce(&Handlers) + Send + 'static) {
+        let h = self.handlers.clone();
+        self.offload.run(move || job(&h));
+    }
 }
 
 fn errno(op: &str, e: &FsError) -> Errno {
@@ -51,7 +76,7 @@ fn reply_empty(op: &str, r: granary_common::FsResult<()>, reply: ReplyEmpty) {
     }
 }
 
-impl FuseAdapter {
+impl Handlers {
     fn reply_entry(&self, op: &str, r: granary_common::FsResult<Inode>, reply: ReplyEntry) {
         match r {
             Ok(i) => reply.entry(&self.opts.entry_ttl, &self.attr(&i), Generation(0)),
@@ -107,7 +132,7 @@ fn fopen(mode: OpenMode) -> FopenFlags {
     flags
 }
 
-impl FuseAdapter {
+impl Handlers {
     /// Opens `fh` (read-only) with the kernel reading from the inode's backing file where
     /// passthrough allows.
     fn open_read_only(&self, ino: u64, fh: u64, mode: OpenMode, reply: ReplyOpen) {
@@ -146,6 +171,159 @@ impl FuseAdapter {
     }
 }
 
+fn to_ns(t: TimeOrNow) -> i64 {
+    let t = match t {
+        TimeOrNow::SpecificTime(t) => t,
+        TimeOrNow::Now => std::time::SystemTime::now(),
+    };
+    match t.duration_since(UNIX_EPOCH) {
+        Ok(d) => d.as_nanos() as i64,
+        Err(e) => -(e.duration().as_nanos() as i64),
+    }
+}
+
+/// Whether an open (or a release, given the open's flags) may change the file.
+fn writes(flags: i32) -> bool {
+    flags & libc::O_ACCMODE != libc::O_RDONLY || flags & libc::O_TRUNC != 0
+}
+
+impl Handlers {
+    fn reply_attr(&self, ino: u64, r: granary_common::FsResult<Inode>, reply: ReplyAttr) {
+        match r {
+            Ok(i) => reply.attr(&self.opts.attr_ttl, &self.attr(&i)),
+            Err(FsError::NotFound(why)) => match self.fs.open_unlinked(ino) {
+                // Unlinked while open: its descriptors still work (fstat says nlink 0).
+                Some(i) => {
+                    let mut attr = self.attr(&i);
+                    attr.nlink = 0;
+                    reply.attr(&Duration::ZERO, &attr)
+                }
+                None => reply.error(errno("getattr", &FsError::NotFound(why))),
+            },
+            Err(e) => reply.error(errno("getattr", &e)),
+        }
+    }
+
+    fn reply_readlink(&self, r: granary_common::FsResult<Vec<u8>>, reply: ReplyData) {
+        match r {
+            Ok(target) => reply.data(&target),
+            Err(e) => reply.error(errno("readlink", &e)),
+        }
+    }
+
+    fn reply_open(
+        &self,
+        ino: u64,
+        flags: i32,
+        r: granary_common::FsResult<(u64, bool)>,
+        reply: ReplyOpen,
+    ) {
+        let (fh, unchanged) = match r {
+            Ok(x) => x,
+            Err(e) => return reply.error(errno("open", &e)),
+        };
+        let mode = OpenMode::for_open(flags, self.opts.keep_cache, unchanged);
+        if flags & libc::O_ACCMODE == libc::O_RDONLY {
+            return self.open_read_only(ino, fh, mode, reply);
+        }
+        reply.opened(FileHandle(fh), fopen(mode))
+    }
+
+    fn open(&self, ino: u64, flags: i32, reply: ReplyOpen) {
+        if writes(flags) && !self.passthrough.writable(ino) {
+            tracing::warn!(
+                ino,
+                "a file open for reading through FUSE passthrough cannot be opened for writing until those readers close (mount option passthrough = false allows it)"
+            );
+            let e = FsError::TextBusy(format!("inode {ino} is read through passthrough"));
+            return reply.error(errno("open", &e));
+        }
+        self.reply_open(ino, flags, self.fs.open(ino, flags), reply)
+    }
+
+    fn reply_opendir(&self, r: granary_common::FsResult<(u64, bool)>, reply: ReplyOpen) {
+        match r {
+            // The kernel keeps the listing in its page cache (dropping it on its own when
+            // this mount changes the directory), across opens while the record is as it was.
+            Ok((fh, unchanged)) => {
+                let mut flags = FopenFlags::FOPEN_CACHE_DIR;
+                if self.opts.keep_cache && unchanged {
+                    flags |= FopenFlags::FOPEN_KEEP_CACHE;
+                }
+                reply.opened(FileHandle(fh), flags)
+            }
+            Err(e) => reply.error(errno("opendir", &e)),
+        }
+    }
+
+    fn release(&self, fh: u64) {
+        self.passthrough.release(fh);
+        self.fs.release(fh);
+    }
+
+    fn readdir(&self, fh: u64, offset: u64, mut reply: ReplyDirectory) {
+        let entries = match self.fs.readdir(fh, offset, 1024) {
+            Ok(e) => e,
+            Err(e) => return reply.error(errno("readdir", &e)),
+        };
+        for e in entries {
+            let kind = self.attr(&e.inode).kind;
+            if reply.add(
+                INodeNo(e.inode.id),
+                e.offset,
+                kind,
+                OsStr::from_bytes(&e.name),
+            ) {
+                break;
+            }
+        }
+        reply.ok();
+    }
+
+    fn readdirplus(&self, fh: u64, offset: u64, mut reply: ReplyDirectoryPlus) {
+        let entries = match self.fs.readdir(fh, offset, 1024) {
+            Ok(e) => e,
+            Err(e) => return reply.error(errno("readdirplus", &e)),
+        };
+        for e in entries {
+            let attr = self.attr(&e.inode);
+            if reply.add(
+                INodeNo(e.inode.id),
+                e.offset,
+                OsStr::from_bytes(&e.name),
+                &self.opts.entry_ttl,
+                &attr,
+                Generation(0),
+            ) {
+                break;
+            }
+        }
+        reply.ok();
+    }
+
+    fn statfs(&self, reply: ReplyStatfs) {
+        match self.fs.statfs() {
+            Ok(s) => {
+                const BSIZE: u64 = 4096;
+                let free = s.capacity_bytes.saturating_sub(s.used_bytes) / BSIZE;
+                // Inodes are not a limited resource; report plenty free so `df -i` adds up.
+                const FREE_INODES: u64 = 1 << 32;
+                reply.statfs(
+                    s.capacity_bytes / BSIZE,
+                    free,
+                    free,
+                    s.inodes + FREE_INODES,
+                    FREE_INODES,
+                    BSIZE as u32,
+                    255,
+                    BSIZE as u32,
+                )
+            }
+            Err(e) => reply.error(errno("statfs", &e)),
+        }
+    }
+}
+
 impl Filesystem for FuseAdapter {
     fn init(&mut self, _req: &Request, config: &mut KernelConfig) -> std::io::Result<()> {
         for flag in [
@@ -159,12 +337,13 @@ impl Filesystem for FuseAdapter {
                 tracing::debug!(?flag, "kernel lacks FUSE capability");
             }
         }
-        if self.passthrough.enabled() {
+        let passthrough = &self.handlers.passthrough;
+        if passthrough.enabled() {
             let ok = config.add_capabilities(InitFlags::FUSE_PASSTHROUGH).is_ok()
                 && config.set_max_stack_depth(1).is_ok();
             if !ok {
                 tracing::info!("kernel lacks FUSE passthrough; serving reads in userspace");
-                self.passthrough.disable();
+                passthrough.disable();
             }
         }
         let _ = config.set_max_readahead(1 << 20);
@@ -173,51 +352,41 @@ impl Filesystem for FuseAdapter {
     }
 
     fn lookup(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
-        self.reply_entry("lookup", self.fs.lookup(parent.0, name.as_bytes()), reply)
+        let h = &self.handlers;
+        if let Some(i) = h.fs.lookup_cached(parent.0, name.as_bytes()) {
+            return h.reply_entry("lookup", Ok(i), reply);
+        }
+        let name = name.to_owned();
+        self.offload(move |h| {
+            h.reply_entry("lookup", h.fs.lookup(parent.0, name.as_bytes()), reply)
+        });
     }
 
     fn getattr(&self, _req: &Request, ino: INodeNo, _fh: Option<FileHandle>, reply: ReplyAttr) {
-        match self.fs.getattr(ino.0) {
-            Ok(i) => reply.attr(&self.opts.attr_ttl, &self.attr(&i)),
-            Err(FsError::NotFound(why)) => match self.fs.open_unlinked(ino.0) {
-                // Unlinked while open: its descriptors still work (fstat says nlink 0).
-                Some(i) => {
-                    let mut attr = self.attr(&i);
-                    attr.nlink = 0;
-                    reply.attr(&Duration::ZERO, &attr)
-                }
-                None => reply.error(errno("getattr", &FsError::NotFound(why))),
-            },
-            Err(e) => reply.error(errno("getattr", &e)),
+        let h = &self.handlers;
+        if let Some(i) = h.fs.getattr_cached(ino.0) {
+            return h.reply_attr(ino.0, Ok(i), reply);
         }
+        self.offload(move |h| h.reply_attr(ino.0, h.fs.getattr(ino.0), reply));
     }
 
     fn readlink(&self, _req: &Request, ino: INodeNo, reply: ReplyData) {
-        match self.fs.readlink(ino.0) {
-            Ok(t) => reply.data(&t),
-            Err(e) => reply.error(errno("readlink", &e)),
+        let h = &self.handlers;
+        if let Some(r) = h.fs.readlink_cached(ino.0) {
+            return h.reply_readlink(r, reply);
         }
+        self.offload(move |h| h.reply_readlink(h.fs.readlink(ino.0), reply));
     }
 
     fn open(&self, _req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
-        let writes = flags.0 & libc::O_ACCMODE != libc::O_RDONLY || flags.0 & libc::O_TRUNC != 0;
-        if writes && !self.passthrough.writable(ino.0) {
-            tracing::warn!(
-                ino = ino.0,
-                "a file open for reading through FUSE passthrough cannot be opened for writing until those readers close (mount option passthrough = false allows it)"
-            );
-            let e = FsError::TextBusy(format!("inode {} is read through passthrough", ino.0));
-            return reply.error(errno("open", &e));
+        let h = &self.handlers;
+        // A passthrough open that registers a backing file asks the worker for it.
+        if h.passthrough.settled(ino.0) {
+            if let Some(r) = h.fs.open_cached(ino.0, flags.0) {
+                return h.reply_open(ino.0, flags.0, r, reply);
+            }
         }
-        let (fh, unchanged) = match self.fs.open(ino.0, flags.0) {
-            Ok(x) => x,
-            Err(e) => return reply.error(errno("open", &e)),
-        };
-        let mode = OpenMode::for_open(flags.0, self.opts.keep_cache, unchanged);
-        if flags.0 & libc::O_ACCMODE == libc::O_RDONLY {
-            return self.open_read_only(ino.0, fh, mode, reply);
-        }
-        reply.opened(FileHandle(fh), fopen(mode))
+        self.offload(move |h| h.open(ino.0, flags.0, reply));
     }
 
     fn read(
@@ -231,10 +400,10 @@ impl Filesystem for FuseAdapter {
         _lock_owner: Option<LockOwner>,
         reply: ReplyData,
     ) {
-        match self.fs.read(fh.0, offset, size) {
+        self.offload(move |h| match h.fs.read(fh.0, offset, size) {
             Ok(data) => reply.data(&data),
             Err(e) => reply.error(errno("read", &e)),
-        }
+        });
     }
 
     fn flush(
@@ -245,7 +414,7 @@ impl Filesystem for FuseAdapter {
         _lock_owner: LockOwner,
         reply: ReplyEmpty,
     ) {
-        reply_empty("flush", self.fs.flush(fh.0), reply)
+        self.offload(move |h| reply_empty("flush", h.fs.flush(fh.0), reply));
     }
 
     fn fsync(
@@ -256,7 +425,7 @@ impl Filesystem for FuseAdapter {
         _datasync: bool,
         reply: ReplyEmpty,
     ) {
-        reply_empty("fsync", self.fs.fsync(fh.0), reply)
+        self.offload(move |h| reply_empty("fsync", h.fs.fsync(fh.0), reply));
     }
 
     fn write(
@@ -271,10 +440,11 @@ impl Filesystem for FuseAdapter {
         _lock_owner: Option<LockOwner>,
         reply: ReplyWrite,
     ) {
-        match self.fs.write(fh.0, offset, data) {
+        let data = data.to_vec();
+        self.offload(move |h| match h.fs.write(fh.0, offset, &data) {
             Ok(n) => reply.written(n),
             Err(e) => reply.error(errno("write", &e)),
-        }
+        });
     }
 
     fn create(
@@ -287,19 +457,22 @@ impl Filesystem for FuseAdapter {
         flags: i32,
         reply: ReplyCreate,
     ) {
-        match self
-            .fs
-            .create(parent.0, name.as_bytes(), mode, flags, req.uid(), req.gid())
-        {
-            Ok((inode, fh)) => reply.created(
-                &self.opts.entry_ttl,
-                &self.attr(&inode),
-                Generation(0),
-                FileHandle(fh),
-                fopen(OpenMode::writer()),
-            ),
-            Err(e) => reply.error(errno("create", &e)),
-        }
+        let (name, uid, gid) = (name.to_owned(), req.uid(), req.gid());
+        self.offload(move |h| {
+            match h
+                .fs
+                .create(parent.0, name.as_bytes(), mode, flags, uid, gid)
+            {
+                Ok((inode, fh)) => reply.created(
+                    &h.opts.entry_ttl,
+                    &h.attr(&inode),
+                    Generation(0),
+                    FileHandle(fh),
+                    fopen(OpenMode::writer()),
+                ),
+                Err(e) => reply.error(errno("create", &e)),
+            }
+        });
     }
 
     fn mkdir(
@@ -311,12 +484,11 @@ impl Filesystem for FuseAdapter {
         _umask: u32,
         reply: ReplyEntry,
     ) {
-        self.reply_entry(
-            "mkdir",
-            self.fs
-                .mkdir(parent.0, name.as_bytes(), mode, req.uid(), req.gid()),
-            reply,
-        )
+        let (name, uid, gid) = (name.to_owned(), req.uid(), req.gid());
+        self.offload(move |h| {
+            let r = h.fs.mkdir(parent.0, name.as_bytes(), mode, uid, gid);
+            h.reply_entry("mkdir", r, reply)
+        });
     }
 
     fn symlink(
@@ -327,33 +499,31 @@ impl Filesystem for FuseAdapter {
         target: &std::path::Path,
         reply: ReplyEntry,
     ) {
-        self.reply_entry(
-            "symlink",
-            self.fs.symlink(
-                parent.0,
-                link_name.as_bytes(),
-                target.as_os_str().as_bytes(),
-                req.uid(),
-                req.gid(),
-            ),
-            reply,
-        )
+        let (name, target) = (link_name.to_owned(), target.as_os_str().to_owned());
+        let (uid, gid) = (req.uid(), req.gid());
+        self.offload(move |h| {
+            let r =
+                h.fs.symlink(parent.0, name.as_bytes(), target.as_bytes(), uid, gid);
+            h.reply_entry("symlink", r, reply)
+        });
     }
 
     fn unlink(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
-        reply_empty(
-            "unlink",
-            self.fs.remove(parent.0, name.as_bytes(), false),
-            reply,
-        )
+        let name = name.to_owned();
+        self.offload(move |h| {
+            reply_empty(
+                "unlink",
+                h.fs.remove(parent.0, name.as_bytes(), false),
+                reply,
+            )
+        });
     }
 
     fn rmdir(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
-        reply_empty(
-            "rmdir",
-            self.fs.remove(parent.0, name.as_bytes(), true),
-            reply,
-        )
+        let name = name.to_owned();
+        self.offload(move |h| {
+            reply_empty("rmdir", h.fs.remove(parent.0, name.as_bytes(), true), reply)
+        });
     }
 
     fn rename(
@@ -370,17 +540,18 @@ impl Filesystem for FuseAdapter {
         if flags.contains(RenameFlags::RENAME_EXCHANGE) {
             return reply.error(Errno::EINVAL);
         }
-        reply_empty(
-            "rename",
-            self.fs.rename(
+        let (name, newname) = (name.to_owned(), newname.to_owned());
+        let no_replace = flags.contains(RenameFlags::RENAME_NOREPLACE);
+        self.offload(move |h| {
+            let r = h.fs.rename(
                 parent.0,
                 name.as_bytes(),
                 newparent.0,
                 newname.as_bytes(),
-                flags.contains(RenameFlags::RENAME_NOREPLACE),
-            ),
-            reply,
-        )
+                no_replace,
+            );
+            reply_empty("rename", r, reply)
+        });
     }
 
     fn link(
@@ -391,11 +562,11 @@ impl Filesystem for FuseAdapter {
         newname: &OsStr,
         reply: ReplyEntry,
     ) {
-        self.reply_entry(
-            "link",
-            self.fs.link(ino.0, newparent.0, newname.as_bytes()),
-            reply,
-        )
+        let newname = newname.to_owned();
+        self.offload(move |h| {
+            let r = h.fs.link(ino.0, newparent.0, newname.as_bytes());
+            h.reply_entry("link", r, reply)
+        });
     }
 
     fn mknod(
@@ -408,18 +579,12 @@ impl Filesystem for FuseAdapter {
         rdev: u32,
         reply: ReplyEntry,
     ) {
-        self.reply_entry(
-            "mknod",
-            self.fs.mknod(
-                parent.0,
-                name.as_bytes(),
-                mode,
-                rdev as u64,
-                req.uid(),
-                req.gid(),
-            ),
-            reply,
-        )
+        let (name, uid, gid) = (name.to_owned(), req.uid(), req.gid());
+        self.offload(move |h| {
+            let r =
+                h.fs.mknod(parent.0, name.as_bytes(), mode, rdev as u64, uid, gid);
+            h.reply_entry("mknod", r, reply)
+        });
     }
 
     fn setattr(
@@ -440,58 +605,48 @@ impl Filesystem for FuseAdapter {
         _flags: Option<BsdFileFlags>,
         reply: ReplyAttr,
     ) {
-        let ns = |t: TimeOrNow| {
-            let t = match t {
-                TimeOrNow::SpecificTime(t) => t,
-                TimeOrNow::Now => std::time::SystemTime::now(),
-            };
-            match t.duration_since(UNIX_EPOCH) {
-                Ok(d) => d.as_nanos() as i64,
-                Err(e) => -(e.duration().as_nanos() as i64),
-            }
-        };
         let change = SetAttr {
             size,
             mode,
             uid,
             gid,
-            atime_ns: atime.map(ns),
-            mtime_ns: mtime.map(ns),
+            atime_ns: atime.map(to_ns),
+            mtime_ns: mtime.map(to_ns),
         };
-        match self.fs.setattr(ino.0, &change) {
-            Ok(i) => reply.attr(&self.opts.attr_ttl, &self.attr(&i)),
+        self.offload(move |h| match h.fs.setattr(ino.0, &change) {
+            Ok(i) => reply.attr(&h.opts.attr_ttl, &h.attr(&i)),
             Err(e) => reply.error(errno("setattr", &e)),
-        }
+        });
     }
 
     fn release(
         &self,
         _req: &Request,
-        _ino: INodeNo,
+        ino: INodeNo,
         fh: FileHandle,
-        _flags: OpenFlags,
+        flags: OpenFlags,
         _lock_owner: Option<LockOwner>,
         _flush: bool,
         reply: ReplyEmpty,
     ) {
-        self.passthrough.release(fh.0);
-        self.fs.release(fh.0);
-        reply.ok();
+        let h = &self.handlers;
+        // A reader's close, unless a writer's commit may hold the file.
+        if !writes(flags.0) && !h.fs.is_staged(ino.0) {
+            h.release(fh.0);
+            return reply.ok();
+        }
+        self.offload(move |h| {
+            h.release(fh.0);
+            reply.ok()
+        });
     }
 
     fn opendir(&self, _req: &Request, ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
-        match self.fs.opendir(ino.0) {
-            // The kernel keeps the listing in its page cache (dropping it on its own when
-            // this mount changes the directory), across opens while the record is as it was.
-            Ok((fh, unchanged)) => {
-                let mut flags = FopenFlags::FOPEN_CACHE_DIR;
-                if self.opts.keep_cache && unchanged {
-                    flags |= FopenFlags::FOPEN_KEEP_CACHE;
-                }
-                reply.opened(FileHandle(fh), flags)
-            }
-            Err(e) => reply.error(errno("opendir", &e)),
+        let h = &self.handlers;
+        if let Some(r) = h.fs.opendir_cached(ino.0) {
+            return h.reply_opendir(r, reply);
         }
+        self.offload(move |h| h.reply_opendir(h.fs.opendir(ino.0), reply));
     }
 
     fn readdir(
@@ -500,24 +655,9 @@ impl Filesystem for FuseAdapter {
         _ino: INodeNo,
         fh: FileHandle,
         offset: u64,
-        mut reply: ReplyDirectory,
+        reply: ReplyDirectory,
     ) {
-        let entries = match self.fs.readdir(fh.0, offset, 1024) {
-            Ok(e) => e,
-            Err(e) => return reply.error(errno("readdir", &e)),
-        };
-        for e in entries {
-            let kind = self.attr(&e.inode).kind;
-            if reply.add(
-                INodeNo(e.inode.id),
-                e.offset,
-                kind,
-                OsStr::from_bytes(&e.name),
-            ) {
-                break;
-            }
-        }
-        reply.ok();
+        self.offload(move |h| h.readdir(fh.0, offset, reply));
     }
 
     fn readdirplus(
@@ -526,26 +666,9 @@ impl Filesystem for FuseAdapter {
         _ino: INodeNo,
         fh: FileHandle,
         offset: u64,
-        mut reply: ReplyDirectoryPlus,
+        reply: ReplyDirectoryPlus,
     ) {
-        let entries = match self.fs.readdir(fh.0, offset, 1024) {
-            Ok(e) => e,
-            Err(e) => return reply.error(errno("readdirplus", &e)),
-        };
-        for e in entries {
-            let attr = self.attr(&e.inode);
-            if reply.add(
-                INodeNo(e.inode.id),
-                e.offset,
-                OsStr::from_bytes(&e.name),
-                &self.opts.entry_ttl,
-                &attr,
-                Generation(0),
-            ) {
-                break;
-            }
-        }
-        reply.ok();
+        self.offload(move |h| h.readdirplus(fh.0, offset, reply));
     }
 
     fn releasedir(
@@ -556,7 +679,7 @@ impl Filesystem for FuseAdapter {
         _flags: OpenFlags,
         reply: ReplyEmpty,
     ) {
-        self.fs.releasedir(fh.0);
+        self.handlers.fs.releasedir(fh.0);
         reply.ok();
     }
 
@@ -613,24 +736,6 @@ impl Filesystem for FuseAdapter {
     }
 
     fn statfs(&self, _req: &Request, _ino: INodeNo, reply: ReplyStatfs) {
-        match self.fs.statfs() {
-            Ok(s) => {
-                const BSIZE: u64 = 4096;
-                let free = s.capacity_bytes.saturating_sub(s.used_bytes) / BSIZE;
-                // Inodes are not a limited resource; report plenty free so `df -i` adds up.
-                const FREE_INODES: u64 = 1 << 32;
-                reply.statfs(
-                    s.capacity_bytes / BSIZE,
-                    free,
-                    free,
-                    s.inodes + FREE_INODES,
-                    FREE_INODES,
-                    BSIZE as u32,
-                    255,
-                    BSIZE as u32,
-                )
-            }
-            Err(e) => reply.error(errno("statfs", &e)),
-        }
+        self.offload(move |h| h.statfs(reply));
     }
 }

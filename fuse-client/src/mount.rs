@@ -14,7 +14,7 @@ use crate::config::MountConfig;
 use crate::content_store::WorkerContentStore;
 use crate::data_client::DataClient;
 use crate::fs::{FsOptions, GranaryFs};
-use crate::fuse_adapter::{FuseAdapter, KernelOptions};
+use crate::fuse_adapter::{FuseAdapter, Handlers, KernelOptions};
 use crate::kernel_view::OwnerOverride;
 use crate::memory::MemoryLimiter;
 use crate::passthrough::{self, Passthrough};
@@ -218,7 +218,7 @@ pub fn build_fs_over(
 pub fn mount(cfg: &MountConfig, mountpoint: &Path) -> Result<MountHandle, MountError> {
     check_mountpoint(mountpoint)?;
     let fs = Arc::new(build_fs(cfg)?);
-    let adapter = FuseAdapter {
+    let handlers = Handlers {
         fs,
         opts: KernelOptions {
             entry_ttl: Duration::from_millis(cfg.entry_ttl_ms),
@@ -232,13 +232,14 @@ pub fn mount(cfg: &MountConfig, mountpoint: &Path) -> Result<MountHandle, MountE
         // Registering a backing file takes CAP_SYS_ADMIN.
         passthrough: Passthrough::new(
             cfg.passthrough && cfg.short_circuit && unsafe { libc::geteuid() } == 0,
-            if cfg.fuse_threads > 1 {
-                passthrough::WRITER_WAIT
-            } else {
-                Duration::ZERO
-            },
+            passthrough::WRITER_WAIT,
         ),
     };
+    let adapter =
+        FuseAdapter::new(handlers, cfg.fuse_threads).map_err(|source| MountError::Fuse {
+            path: mountpoint.to_path_buf(),
+            source,
+        })?;
     let mut options = vec![
         MountOption::FSName("granary".into()),
         MountOption::Subtype("granary".into()),
@@ -258,7 +259,7 @@ pub fn mount(cfg: &MountConfig, mountpoint: &Path) -> Result<MountHandle, MountE
     } else {
         SessionACL::Owner
     };
-    config.n_threads = Some(cfg.fuse_threads);
+    config.n_threads = Some(cfg.fuse_readers);
     config.clone_fd = true;
     let underlying_dev = std::fs::metadata(mountpoint)
         .map(|m| std::os::unix::fs::MetadataExt::dev(&m))

@@ -83,8 +83,8 @@ pub enum Claim<Id = BackingId> {
 }
 
 impl<Id> Passthrough<Id> {
-    /// `writer_wait`: see [`Passthrough::writable`]; zero where a waiting open would hold
-    /// the only thread that could take the RELEASE it waits for.
+    /// `writer_wait`: see [`Passthrough::writable`] (the waiting open is on an offload
+    /// thread; the RELEASE it waits for is answered on a FUSE thread).
     pub fn new(wanted: bool, writer_wait: Duration) -> Self {
         Passthrough {
             writer_wait,
@@ -108,6 +108,19 @@ impl<Id> Passthrough<Id> {
 
     pub fn disable(&self) {
         self.enabled.store(false, Ordering::Relaxed);
+    }
+
+    /// Whether a read-only open of `ino` is decided without registering a backing file
+    /// (which asks a worker for it) or waiting for another open that registers one.
+    pub fn settled(&self, ino: u64) -> bool {
+        !self.enabled()
+            || self
+                .table
+                .lock()
+                .expect("passthrough table")
+                .by_inode
+                .get(&ino)
+                .is_some_and(|b| !matches!(b.mode, Mode::Registering))
     }
 
     /// A read-only open of `ino`, at `version`, as handle `fh`.

@@ -147,6 +147,26 @@ impl GranaryFs {
         Ok(inode)
     }
 
+    /// [`Self::current`] when the cache holds the inode and no commit holds its staged
+    /// file: what a FUSE reader thread may answer without waiting.
+    fn cached(&self, ino: u64) -> Option<Inode> {
+        let st = self.staging.get(ino);
+        let st = match &st {
+            Some(st) => Some(st.try_lock().ok()?),
+            None => None,
+        };
+        let mut inode = self.attrs.get(&ino)?;
+        if let Some(st) = st {
+            st.show(&mut inode);
+        }
+        Some(inode)
+    }
+
+    /// Whether a file is being written through this mount.
+    pub fn is_staged(&self, ino: u64) -> bool {
+        self.staging.get(ino).is_some()
+    }
+
     fn writable(&self) -> FsResult<()> {
         if self.read_only {
             return Err(FsError::ReadOnly("this Granary mount is read-only".into()));

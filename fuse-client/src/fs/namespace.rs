@@ -12,6 +12,13 @@ use std::sync::{Arc, Mutex};
 /// Directory entries fetched per metadata call.
 const READDIR_PAGE: u32 = 1024;
 
+fn symlink_target(i: Inode) -> FsResult<Vec<u8>> {
+    if i.kind != FileKind::Symlink as i32 {
+        return Err(FsError::InvalidArgument("not a symbolic link".into()));
+    }
+    Ok(i.symlink_target)
+}
+
 impl GranaryFs {
     pub fn lookup(&self, parent: u64, name: &[u8]) -> FsResult<Inode> {
         validate_name(name)?;
@@ -25,16 +32,27 @@ impl GranaryFs {
         Ok(self.overlay(inode))
     }
 
+    /// [`Self::lookup`] if the mount's caches answer it without waiting.
+    pub fn lookup_cached(&self, parent: u64, name: &[u8]) -> Option<Inode> {
+        self.cached(self.entries.get(&(parent, name.to_vec()))?)
+    }
+
     pub fn getattr(&self, ino: u64) -> FsResult<Inode> {
         self.current(ino)
     }
 
+    /// [`Self::getattr`] if the mount's caches answer it without waiting.
+    pub fn getattr_cached(&self, ino: u64) -> Option<Inode> {
+        self.cached(ino)
+    }
+
     pub fn readlink(&self, ino: u64) -> FsResult<Vec<u8>> {
-        let i = self.getattr(ino)?;
-        if i.kind != FileKind::Symlink as i32 {
-            return Err(FsError::InvalidArgument("not a symbolic link".into()));
-        }
-        Ok(i.symlink_target)
+        symlink_target(self.getattr(ino)?)
+    }
+
+    /// [`Self::readlink`] if the mount's caches answer it without waiting.
+    pub fn readlink_cached(&self, ino: u64) -> Option<FsResult<Vec<u8>>> {
+        Some(symlink_target(self.cached(ino)?))
     }
 
     pub fn setattr(&self, ino: u64, a: &SetAttr) -> FsResult<Inode> {
@@ -335,6 +353,15 @@ impl GranaryFs {
     /// its last opendir here (the kernel may then keep its cached listing).
     pub fn opendir(&self, ino: u64) -> FsResult<(u64, bool)> {
         let dir = self.getattr(ino)?;
+        self.open_dir(ino, dir)
+    }
+
+    /// [`Self::opendir`] if the mount's caches answer it without waiting.
+    pub fn opendir_cached(&self, ino: u64) -> Option<FsResult<(u64, bool)>> {
+        Some(self.open_dir(ino, self.cached(ino)?))
+    }
+
+    fn open_dir(&self, ino: u64, dir: Inode) -> FsResult<(u64, bool)> {
         if !is_dir(&dir) {
             return Err(FsError::NotDir(
                 String::from_utf8_lossy(&dir.name).into_owned(),

@@ -4,7 +4,7 @@
 use std::sync::atomic::Ordering;
 
 use granary_common::{FsError, FsResult};
-use granary_protos::v1::FileKind;
+use granary_protos::v1::{FileKind, Inode};
 
 use super::{shown, GranaryFs};
 use crate::block_reader::ReadState;
@@ -19,6 +19,19 @@ impl GranaryFs {
             self.writable()?;
         }
         let inode = self.committed(ino)?;
+        self.open_inode(ino, inode, flags)
+    }
+
+    /// [`Self::open`] for reading if the mount's caches answer it without waiting.
+    pub fn open_cached(&self, ino: u64, flags: i32) -> Option<FsResult<(u64, bool)>> {
+        if flags & libc::O_ACCMODE != libc::O_RDONLY || flags & libc::O_TRUNC != 0 {
+            return None;
+        }
+        Some(self.open_inode(ino, self.attrs.get(&ino)?, flags))
+    }
+
+    fn open_inode(&self, ino: u64, inode: Inode, flags: i32) -> FsResult<(u64, bool)> {
+        let write = flags & libc::O_ACCMODE != libc::O_RDONLY;
         match FileKind::try_from(inode.kind) {
             Ok(FileKind::File) => {}
             Ok(FileKind::Directory) => return Err(FsError::IsDir(shown(&inode.name))),

@@ -128,3 +128,40 @@ fn a_file_changed_in_the_ufs_is_listed_again_and_read_at_its_new_version() {
     assert_eq!(ns.refreshes.load(Ordering::SeqCst), 1);
     fs.release(fh);
 }
+
+#[test]
+fn cached_answers_come_only_from_the_caches() {
+    let (fs, ns, _) = fs();
+    assert!(fs.lookup_cached(1, b"dir").is_none());
+    assert!(fs.getattr_cached(2).is_none());
+    assert!(fs.opendir_cached(2).is_none());
+    assert!(fs.readlink_cached(3).is_none());
+    assert!(fs.open_cached(100, libc::O_RDONLY).is_none());
+    assert_eq!(ns.lookups.load(Ordering::Relaxed), 0, "no call went out");
+
+    fs.lookup(1, b"dir").unwrap();
+    fs.lookup(1, b"link").unwrap();
+    fs.lookup(2, b"f00000").unwrap();
+    let calls = ns.lookups.load(Ordering::Relaxed);
+    assert_eq!(fs.lookup_cached(1, b"dir").unwrap().id, 2);
+    assert_eq!(fs.getattr_cached(2).unwrap().id, 2);
+    let (dir, _) = fs.opendir_cached(2).unwrap().unwrap();
+    assert_eq!(fs.readdir(dir, 0, 2).unwrap().len(), 2);
+    assert_eq!(fs.readlink_cached(3).unwrap().unwrap(), b"dir/f00001");
+    assert_eq!(
+        fs.readlink_cached(2).unwrap().unwrap_err().errno(),
+        libc::EINVAL
+    );
+    let (fh, _) = fs.open_cached(100, libc::O_RDONLY).unwrap().unwrap();
+    assert_eq!(fs.read(fh, 0, 10).unwrap(), content(100, 0));
+    assert_eq!(
+        fs.opendir_cached(100).unwrap().unwrap_err().errno(),
+        libc::ENOTDIR
+    );
+    // Opens that may change the file always go the full way.
+    assert!(fs.open_cached(100, libc::O_WRONLY).is_none());
+    assert!(fs
+        .open_cached(100, libc::O_RDONLY | libc::O_TRUNC)
+        .is_none());
+    assert_eq!(ns.lookups.load(Ordering::Relaxed), calls);
+}

@@ -359,3 +359,20 @@ fn a_directory_listing_is_kept_across_opens_only_while_the_directory_is_unchange
     assert!(!unchanged(&fs), "an entry was added");
     assert!(unchanged(&fs));
 }
+
+#[test]
+fn a_file_whose_commit_holds_it_is_not_answered_from_the_caches() {
+    let (fs, _, _) = fs();
+    let (inode, fh) = fs.create(1, b"ckpt", 0o644, libc::O_WRONLY, 0, 0).unwrap();
+    fs.write(fh, 0, b"hello").unwrap();
+    assert!(fs.is_staged(inode.id));
+    assert_eq!(fs.getattr_cached(inode.id).unwrap().size, 5, "staged size");
+    let st = fs.staging.get(inode.id).unwrap();
+    let held = st.lock().unwrap();
+    assert!(fs.getattr_cached(inode.id).is_none());
+    assert!(fs.lookup_cached(1, b"ckpt").is_none());
+    drop(held);
+    assert_eq!(fs.lookup_cached(1, b"ckpt").unwrap().size, 5);
+    fs.release(fh);
+    assert!(!fs.is_staged(inode.id));
+}
