@@ -132,6 +132,29 @@ fn fopen(mode: OpenMode) -> FopenFlags {
     flags
 }
 
+fn reply_readlink(r: granary_common::FsResult<Vec<u8>>, reply: ReplyData) {
+    match r {
+        Ok(target) => reply.data(&target),
+        Err(e) => reply.error(errno("readlink", &e)),
+    }
+}
+
+fn to_ns(t: TimeOrNow) -> i64 {
+    let t = match t {
+        TimeOrNow::SpecificTime(t) => t,
+        TimeOrNow::Now => std::time::SystemTime::now(),
+    };
+    match t.duration_since(UNIX_EPOCH) {
+        Ok(d) => d.as_nanos() as i64,
+        Err(e) => -(e.duration().as_nanos() as i64),
+    }
+}
+
+/// Whether an open (or a release, given the open's flags) may change the file.
+fn writes(flags: i32) -> bool {
+    flags & libc::O_ACCMODE != libc::O_RDONLY || flags & libc::O_TRUNC != 0
+}
+
 impl Handlers {
     /// Opens `fh` (read-only) with the kernel reading from the inode's backing file where
     /// passthrough allows.
@@ -169,25 +192,7 @@ impl Handlers {
         };
         reply.opened_passthrough(FileHandle(fh), FopenFlags::FOPEN_NOFLUSH, &id)
     }
-}
 
-fn to_ns(t: TimeOrNow) -> i64 {
-    let t = match t {
-        TimeOrNow::SpecificTime(t) => t,
-        TimeOrNow::Now => std::time::SystemTime::now(),
-    };
-    match t.duration_since(UNIX_EPOCH) {
-        Ok(d) => d.as_nanos() as i64,
-        Err(e) => -(e.duration().as_nanos() as i64),
-    }
-}
-
-/// Whether an open (or a release, given the open's flags) may change the file.
-fn writes(flags: i32) -> bool {
-    flags & libc::O_ACCMODE != libc::O_RDONLY || flags & libc::O_TRUNC != 0
-}
-
-impl Handlers {
     fn reply_attr(&self, ino: u64, r: granary_common::FsResult<Inode>, reply: ReplyAttr) {
         match r {
             Ok(i) => reply.attr(&self.opts.attr_ttl, &self.attr(&i)),
@@ -201,13 +206,6 @@ impl Handlers {
                 None => reply.error(errno("getattr", &FsError::NotFound(why))),
             },
             Err(e) => reply.error(errno("getattr", &e)),
-        }
-    }
-
-    fn reply_readlink(&self, r: granary_common::FsResult<Vec<u8>>, reply: ReplyData) {
-        match r {
-            Ok(target) => reply.data(&target),
-            Err(e) => reply.error(errno("readlink", &e)),
         }
     }
 
@@ -373,9 +371,9 @@ impl Filesystem for FuseAdapter {
     fn readlink(&self, _req: &Request, ino: INodeNo, reply: ReplyData) {
         let h = &self.handlers;
         if let Some(r) = h.fs.readlink_cached(ino.0) {
-            return h.reply_readlink(r, reply);
+            return reply_readlink(r, reply);
         }
-        self.offload(move |h| h.reply_readlink(h.fs.readlink(ino.0), reply));
+        self.offload(move |h| reply_readlink(h.fs.readlink(ino.0), reply));
     }
 
     fn open(&self, _req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
