@@ -187,13 +187,12 @@ impl LogFile {
         let mut at = HEADER;
         let mut started = false;
         let mut body = Vec::new();
+        // Why the bytes from `at` on are an interrupted append, if they are.
+        let mut torn = None;
         while at < size {
-            let torn = |why: &str| {
-                tracing::warn!(path = %path.display(), at, why, "dropping an interrupted append at the end of the raft log");
-            };
             if size - at < FRAME as u64 {
                 if !self.zeros_from(at, size)? {
-                    torn("a partial frame");
+                    torn = Some("a partial frame");
                 }
                 break;
             }
@@ -209,7 +208,7 @@ impl LogFile {
                     break;
                 }
                 if len != 0 && len <= MAX_RECORD {
-                    torn("a record cut short");
+                    torn = Some("a record cut short");
                     break;
                 }
                 return Err(corrupt(&path, at, &format!("a record of {len} bytes")));
@@ -219,7 +218,7 @@ impl LogFile {
                 .map_err(|e| io_err(&path, "reading", e))?;
             if crc32c::crc32c(&body) != crc {
                 if self.zeros_from(next, size)? {
-                    torn("a checksum mismatch in the last record");
+                    torn = Some("a checksum mismatch in the last record");
                     break;
                 }
                 return Err(corrupt(&path, at, "checksum mismatch"));
@@ -248,7 +247,8 @@ impl LogFile {
         drop(r);
         self.end = at;
         self.size = size;
-        if !self.zeros_from(at, size)? {
+        if let Some(why) = torn {
+            tracing::warn!(path = %path.display(), at, why, "dropping an interrupted append at the end of the raft log");
             self.file
                 .set_len(at)
                 .and_then(|_| self.file.sync_all())
