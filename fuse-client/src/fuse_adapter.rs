@@ -17,7 +17,7 @@ use fuser::{
 use granary_common::FsError;
 use granary_protos::v1::{FileKind, Inode};
 
-use crate::fs::{GranaryFs, SetAttr};
+use crate::fs::{changes_file, GranaryFs, SetAttr};
 use crate::kernel_view::{Attributes, OpenMode, OwnerOverride, BLOCK_SIZE_HINT};
 use crate::offload::Offload;
 use crate::passthrough::{Claim, Passthrough};
@@ -150,11 +150,6 @@ fn to_ns(t: TimeOrNow) -> i64 {
     }
 }
 
-/// Whether an open (or a release, given the open's flags) may change the file.
-fn writes(flags: i32) -> bool {
-    flags & libc::O_ACCMODE != libc::O_RDONLY || flags & libc::O_TRUNC != 0
-}
-
 impl Handlers {
     /// Opens `fh` (read-only) with the kernel reading from the inode's backing file where
     /// passthrough allows.
@@ -228,7 +223,7 @@ impl Handlers {
     }
 
     fn open(&self, ino: u64, flags: i32, reply: ReplyOpen) {
-        if writes(flags) && !self.passthrough.writable(ino) {
+        if changes_file(flags) && !self.passthrough.writable(ino) {
             tracing::warn!(
                 ino,
                 "a file open for reading through FUSE passthrough cannot be opened for writing until those readers close (mount option passthrough = false allows it)"
@@ -629,7 +624,7 @@ impl Filesystem for FuseAdapter {
     ) {
         let h = &self.handlers;
         // A reader's close, unless a writer's commit may hold the file.
-        if !writes(flags.0) && !h.fs.is_staged(ino.0) {
+        if !changes_file(flags.0) && !h.fs.is_staged(ino.0) {
             h.release(fh.0);
             return reply.ok();
         }

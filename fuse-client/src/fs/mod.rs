@@ -10,6 +10,7 @@
 mod meta_cache;
 mod namespace;
 mod read;
+pub use read::changes_file;
 mod write;
 
 use std::collections::HashMap;

@@ -10,12 +10,17 @@ use super::{shown, GranaryFs};
 use crate::block_reader::ReadState;
 use crate::staging::Staged;
 
+/// Whether an open with these flags (or a release, given its open's flags) may change the
+/// file.
+pub fn changes_file(flags: i32) -> bool {
+    flags & libc::O_ACCMODE != libc::O_RDONLY || flags & libc::O_TRUNC != 0
+}
+
 impl GranaryFs {
     /// Opens a file; returns the handle and whether the kernel may keep the page cache it
     /// holds for this file (the content has not changed since it was last opened here).
     pub fn open(&self, ino: u64, flags: i32) -> FsResult<(u64, bool)> {
-        let write = flags & libc::O_ACCMODE != libc::O_RDONLY;
-        if write || flags & libc::O_TRUNC != 0 {
+        if changes_file(flags) {
             self.writable()?;
         }
         let inode = self.committed(ino)?;
@@ -24,7 +29,7 @@ impl GranaryFs {
 
     /// [`Self::open`] for reading if the mount's caches answer it without waiting.
     pub fn open_cached(&self, ino: u64, flags: i32) -> Option<FsResult<(u64, bool)>> {
-        if flags & libc::O_ACCMODE != libc::O_RDONLY || flags & libc::O_TRUNC != 0 {
+        if changes_file(flags) {
             return None;
         }
         Some(self.open_inode(ino, self.attrs.get(&ino)?, flags))
