@@ -311,6 +311,11 @@ mod tests {
                 .expect("uses of the list waited for the masters");
             assert_eq!(served, 1000);
         }
+        // The background listing may start only after the uses are done.
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while masters.calls.load(Ordering::SeqCst) < 2 && std::time::Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(1));
+        }
         assert_eq!(
             masters.calls.load(Ordering::SeqCst),
             2,
