@@ -407,6 +407,10 @@ impl Filesystem for FuseAdapter {
         _lock_owner: LockOwner,
         reply: ReplyEmpty,
     ) {
+        let h = &self.handlers;
+        if h.fs.closes_without_waiting(fh.0) {
+            return reply_empty("flush", h.fs.flush(fh.0), reply);
+        }
         self.offload(move |h| reply_empty("flush", h.fs.flush(fh.0), reply));
     }
 
@@ -615,16 +619,15 @@ impl Filesystem for FuseAdapter {
     fn release(
         &self,
         _req: &Request,
-        ino: INodeNo,
+        _ino: INodeNo,
         fh: FileHandle,
-        flags: OpenFlags,
+        _flags: OpenFlags,
         _lock_owner: Option<LockOwner>,
         _flush: bool,
         reply: ReplyEmpty,
     ) {
         let h = &self.handlers;
-        // A reader's close, unless a writer's commit may hold the file.
-        if !changes_file(flags.0) && !h.fs.is_staged(ino.0) {
+        if h.fs.closes_without_waiting(fh.0) {
             h.release(fh.0);
             return reply.ok();
         }

@@ -171,6 +171,17 @@ impl Staged {
         Ok(())
     }
 
+    /// A close would neither store nor commit anything, nor free a file's blocks: it
+    /// can be answered without waiting.
+    pub fn closes_without_waiting(&self) -> bool {
+        let nothing_to_commit = self.unlinked
+            || matches!(
+                self.content,
+                Content::Committed { .. } | Content::Clean { .. }
+            );
+        nothing_to_commit && matches!(self.backing, None | Some(Backing::Memory { .. }))
+    }
+
     /// The content changed now.
     pub fn touch(&mut self) {
         self.modified_ns = Some(granary_common::time::now_ns());

@@ -163,11 +163,6 @@ impl GranaryFs {
         Some(inode)
     }
 
-    /// Whether a file is being written through this mount.
-    pub fn is_staged(&self, ino: u64) -> bool {
-        self.staging.get(ino).is_some()
-    }
-
     fn writable(&self) -> FsResult<()> {
         if self.read_only {
             return Err(FsError::ReadOnly("this Granary mount is read-only".into()));

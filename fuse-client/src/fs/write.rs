@@ -247,6 +247,24 @@ impl GranaryFs {
         }
     }
 
+    /// Whether flushing or releasing `fh` is answered without waiting (the common cases:
+    /// a reader, or a new file closed with nothing written). Never waits itself: a staged
+    /// file another call holds counts as not.
+    pub fn closes_without_waiting(&self, fh: u64) -> bool {
+        let Ok(file) = self.open_file(fh) else {
+            return true;
+        };
+        match &file.staged {
+            // A writer's close commits what is staged.
+            Some(st) => st.try_lock().is_ok_and(|st| st.closes_without_waiting()),
+            // A reader's looks at the file's staged state only to see whether it is kept.
+            None => self
+                .staging
+                .get(file.ino)
+                .is_none_or(|st| st.try_lock().is_ok()),
+        }
+    }
+
     pub fn release(&self, fh: u64) {
         let Some(file) = self.files.write().expect("files lock").remove(&fh) else {
             return;

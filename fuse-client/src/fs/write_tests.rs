@@ -263,6 +263,7 @@ fn a_new_file_the_master_made_empty_is_stored_at_close_only_if_written() {
     let (fs, ns, store) = fs();
     ns.empty_objects.store(true, Ordering::SeqCst);
     let (empty, fh) = fs.create(1, b"empty", 0o644, libc::O_WRONLY, 0, 0).unwrap();
+    assert!(fs.closes_without_waiting(fh), "nothing to store");
     fs.flush(fh).unwrap();
     fs.release(fh);
     assert_eq!(
@@ -279,6 +280,10 @@ fn a_new_file_the_master_made_empty_is_stored_at_close_only_if_written() {
         .create(1, b"written", 0o644, libc::O_WRONLY, 0, 0)
         .unwrap();
     fs.write(fh, 0, b"abc").unwrap();
+    assert!(
+        !fs.closes_without_waiting(fh),
+        "written: its close stores it"
+    );
     fs.flush(fh).unwrap();
     fs.release(fh);
     assert_eq!(store.files.lock().unwrap()[&written.id], b"abc");
@@ -288,10 +293,20 @@ fn a_new_file_the_master_made_empty_is_stored_at_close_only_if_written() {
     let (synced, fh) = fs
         .create(1, b"synced", 0o644, libc::O_WRONLY, 0, 0)
         .unwrap();
+    ns.empty_objects.store(false, Ordering::SeqCst);
+    let (unstored, unstored_fh) = fs
+        .create(1, b"unstored", 0o644, libc::O_WRONLY, 0, 0)
+        .unwrap();
+    assert!(
+        !fs.closes_without_waiting(unstored_fh),
+        "no empty object made: its close stores one"
+    );
+    fs.release(unstored_fh);
+    assert_eq!(store.files.lock().unwrap()[&unstored.id], b"");
     fs.fsync(fh).unwrap();
     fs.release(fh);
     assert_eq!(store.files.lock().unwrap()[&synced.id], b"");
-    assert_eq!(store.uploads.load(Ordering::Relaxed), 2);
+    assert_eq!(store.uploads.load(Ordering::Relaxed), 3);
 }
 
 #[test]
@@ -361,18 +376,26 @@ fn a_directory_listing_is_kept_across_opens_only_while_the_directory_is_unchange
 }
 
 #[test]
-fn a_file_whose_commit_holds_it_is_not_answered_from_the_caches() {
+fn a_file_whose_commit_holds_it_is_answered_and_closed_only_by_waiting() {
     let (fs, _, _) = fs();
     let (inode, fh) = fs.create(1, b"ckpt", 0o644, libc::O_WRONLY, 0, 0).unwrap();
     fs.write(fh, 0, b"hello").unwrap();
-    assert!(fs.is_staged(inode.id));
+    fs.flush(fh).unwrap();
+    let (reader, _) = fs.open(inode.id, libc::O_RDONLY).unwrap();
     assert_eq!(fs.getattr_cached(inode.id).unwrap().size, 5, "staged size");
+    assert!(fs.closes_without_waiting(reader));
     let st = fs.staging.get(inode.id).unwrap();
     let held = st.lock().unwrap();
     assert!(fs.getattr_cached(inode.id).is_none());
     assert!(fs.lookup_cached(1, b"ckpt").is_none());
+    assert!(!fs.closes_without_waiting(fh));
+    assert!(
+        !fs.closes_without_waiting(reader),
+        "a reader's close looks at the staged file too"
+    );
     drop(held);
     assert_eq!(fs.lookup_cached(1, b"ckpt").unwrap().size, 5);
     fs.release(fh);
-    assert!(!fs.is_staged(inode.id));
+    fs.release(reader);
+    assert!(fs.staging.get(inode.id).is_none());
 }
