@@ -183,12 +183,12 @@ pub fn run(b: ReadBench) -> anyhow::Result<()> {
         &MountConfig {
             masters: vec![cluster.master.addr.to_string()],
             staging_dir: state.join("staging-alt"),
-            passthrough: !defaults.passthrough,
+            passthrough: Some(!defaults.passthrough()),
             ..defaults.clone()
         },
         &alt_mnt,
     )?;
-    let alt_name = if defaults.passthrough {
+    let alt_name = if defaults.passthrough() {
         "granary, passthrough off"
     } else {
         "granary, passthrough on"

@@ -218,6 +218,9 @@ pub fn build_fs_over(
 pub fn mount(cfg: &MountConfig, mountpoint: &Path) -> Result<MountHandle, MountError> {
     check_mountpoint(mountpoint)?;
     let fs = Arc::new(build_fs(cfg)?);
+    // Registering a backing file takes CAP_SYS_ADMIN (the kernel may still lack
+    // passthrough: its INIT reply says, and the mount logs it).
+    let passthrough = cfg.passthrough() && cfg.short_circuit && unsafe { libc::geteuid() } == 0;
     let handlers = Handlers {
         fs,
         opts: KernelOptions {
@@ -229,11 +232,7 @@ pub fn mount(cfg: &MountConfig, mountpoint: &Path) -> Result<MountHandle, MountE
                 gid: cfg.gid,
             },
         },
-        // Registering a backing file takes CAP_SYS_ADMIN.
-        passthrough: Passthrough::new(
-            cfg.passthrough && cfg.short_circuit && unsafe { libc::geteuid() } == 0,
-            passthrough::WRITER_WAIT,
-        ),
+        passthrough: Passthrough::new(passthrough, passthrough::WRITER_WAIT),
     };
     let adapter =
         FuseAdapter::new(handlers, cfg.fuse_threads).map_err(|source| MountError::Fuse {
@@ -269,7 +268,13 @@ pub fn mount(cfg: &MountConfig, mountpoint: &Path) -> Result<MountHandle, MountE
             path: mountpoint.to_path_buf(),
             source,
         })?;
-    tracing::info!(mountpoint = %mountpoint.display(), masters = ?cfg.masters, "mounted");
+    tracing::info!(
+        mountpoint = %mountpoint.display(),
+        masters = ?cfg.masters,
+        read_only = cfg.read_only,
+        passthrough,
+        "mounted"
+    );
     crate::kernel_readahead::raise_in_background(
         mountpoint,
         underlying_dev,

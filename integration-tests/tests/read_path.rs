@@ -189,6 +189,14 @@ fn dataset_reads_match_across_worker_restart_and_eviction() {
     writes_meet_passthrough_readers(&pt.path, &pt.proc.log_text());
     drop(pt);
 
+    // Unset, passthrough follows read_only: a read-only mount reads the same way.
+    let ro = cluster.mount("mnt-read-only", "read_only = true").unwrap();
+    let bad = read_all(&ro.path, &expected, 9);
+    assert!(bad.is_empty(), "read-only mount: {bad:?}");
+    let log = ro.proc.log_text();
+    assert!(log.contains("passthrough=true"), "read-only mount: {log}");
+    drop(ro);
+
     // The TCP data path with readahead, no kernel page cache between opens.
     let tcp = cluster
         .mount("mnt-tcp", "short_circuit = false\nkeep_cache = false")
