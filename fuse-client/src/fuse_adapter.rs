@@ -407,9 +407,8 @@ impl Filesystem for FuseAdapter {
         _lock_owner: LockOwner,
         reply: ReplyEmpty,
     ) {
-        let h = &self.handlers;
-        if h.fs.closes_without_waiting(fh.0) {
-            return reply_empty("flush", h.fs.flush(fh.0), reply);
+        if let Some(r) = self.handlers.fs.flush_cached(fh.0) {
+            return reply_empty("flush", r, reply);
         }
         self.offload(move |h| reply_empty("flush", h.fs.flush(fh.0), reply));
     }

@@ -247,9 +247,25 @@ impl GranaryFs {
         }
     }
 
-    /// Whether flushing or releasing `fh` is answered without waiting (the common cases:
-    /// a reader, or a new file closed with nothing written). Never waits itself: a staged
-    /// file another call holds counts as not.
+    /// [`Self::flush`] if it has nothing to commit (a reader, or a new file left empty);
+    /// never waits: a staged file another call holds counts as having something.
+    pub fn flush_cached(&self, fh: u64) -> Option<FsResult<()>> {
+        let file = match self.open_file(fh) {
+            Ok(file) => file,
+            Err(e) => return Some(Err(e)),
+        };
+        match &file.staged {
+            Some(st) => st
+                .try_lock()
+                .is_ok_and(|st| st.closes_without_waiting())
+                .then_some(Ok(())),
+            None => Some(Ok(())),
+        }
+    }
+
+    /// Whether releasing `fh` is answered without waiting (the common cases: a reader, or
+    /// a new file closed with nothing written). Never waits itself: a staged file another
+    /// call holds counts as not.
     pub fn closes_without_waiting(&self, fh: u64) -> bool {
         let Ok(file) = self.open_file(fh) else {
             return true;

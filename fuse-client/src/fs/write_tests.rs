@@ -264,7 +264,7 @@ fn a_new_file_the_master_made_empty_is_stored_at_close_only_if_written() {
     ns.empty_objects.store(true, Ordering::SeqCst);
     let (empty, fh) = fs.create(1, b"empty", 0o644, libc::O_WRONLY, 0, 0).unwrap();
     assert!(fs.closes_without_waiting(fh), "nothing to store");
-    fs.flush(fh).unwrap();
+    assert!(fs.flush_cached(fh).unwrap().is_ok());
     fs.release(fh);
     assert_eq!(
         (
@@ -284,6 +284,7 @@ fn a_new_file_the_master_made_empty_is_stored_at_close_only_if_written() {
         !fs.closes_without_waiting(fh),
         "written: its close stores it"
     );
+    assert!(fs.flush_cached(fh).is_none());
     fs.flush(fh).unwrap();
     fs.release(fh);
     assert_eq!(store.files.lock().unwrap()[&written.id], b"abc");
@@ -389,6 +390,11 @@ fn a_file_whose_commit_holds_it_is_answered_and_closed_only_by_waiting() {
     assert!(fs.getattr_cached(inode.id).is_none());
     assert!(fs.lookup_cached(1, b"ckpt").is_none());
     assert!(!fs.closes_without_waiting(fh));
+    assert!(fs.flush_cached(fh).is_none());
+    assert!(
+        fs.flush_cached(reader).is_some(),
+        "a reader's flush commits nothing"
+    );
     assert!(
         !fs.closes_without_waiting(reader),
         "a reader's close looks at the staged file too"
