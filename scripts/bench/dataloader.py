@@ -2,10 +2,11 @@
 """A real PyTorch DataLoader over Granary vs the raw directory, side by side.
 
 Generates an image dataset (JPEG files in class folders, ImageNet-like sizes), then per
-run: the raw directory and a fresh `granary local` mount over it (empty worker cache,
-metadata not yet loaded) each read two epochs with DataLoader(num_workers=N); every
-sample is read whole and decoded with PIL. Runs alternate raw / Granary; the table has
-medians. As root the page cache is dropped before each first epoch, so that epoch reads
+run: the raw directory and fresh `granary local` mounts over it (empty worker cache,
+metadata not yet loaded), one writable (the default) and one read-only (as a dataset is
+mounted; FUSE passthrough is on there by default), each read two epochs with
+DataLoader(num_workers=N); every sample is read whole and decoded with PIL. Runs alternate
+raw / Granary / Granary read-only; the table has medians. As root the page cache is dropped before each first epoch, so that epoch reads
 the disk (raw) or the UFS through the worker (Granary); second epochs are warm.
 
     pip install torch pillow numpy       # PyPI; CPU is enough
@@ -134,16 +135,19 @@ def granary_binary() -> str:
 class GranaryLocal:
     """`granary local` over `ufs`, with a fresh state directory (cold caches)."""
 
-    def __init__(self, ufs: Path, work: Path):
+    def __init__(self, ufs: Path, work: Path, read_only: bool):
         self.mnt = work / "mnt"
         self.state = work / "state"
+        config = work / "mount.toml"
+        config.write_text(f"read_only = {'true' if read_only else 'false'}\n")
         subprocess.run(["umount", "-l", str(self.mnt)], stderr=subprocess.DEVNULL)
         shutil.rmtree(self.state, ignore_errors=True)
         self.mnt.mkdir(parents=True, exist_ok=True)
         self.log = open(work / "granary-local.log", "w")
         self.proc = subprocess.Popen(
             [granary_binary(), "local", "--ufs", str(ufs), "--mount", str(self.mnt),
-             "--state-dir", str(self.state), "--master-listen", "127.0.0.1:0"],
+             "--state-dir", str(self.state), "--master-listen", "127.0.0.1:0",
+             "--config", str(config)],
             stdout=self.log, stderr=subprocess.STDOUT)
         deadline = time.time() + 60
         while not os.path.ismount(self.mnt):
@@ -174,10 +178,11 @@ def table(results, a) -> str:
         ("epoch 1, samples/s", "first"),
         ("epoch 2, samples/s", "second"),
     ]
-    out = ["| case | raw | granary | granary/raw |", "|---|---:|---:|---:|"]
+    out = ["| case | raw | granary | granary/raw | granary, read-only | read-only/raw |",
+           "|---|---:|---:|---:|---:|---:|"]
     for label, key in rows:
-        raw, gr = med("raw", key), med("granary", key)
-        out.append(f"| {label} | {raw:.0f} | {gr:.0f} | {gr / raw:.2f}x |")
+        raw, gr, ro = med("raw", key), med("granary", key), med("granary, read-only", key)
+        out.append(f"| {label} | {raw:.0f} | {gr:.0f} | {gr / raw:.2f}x | {ro:.0f} | {ro / raw:.2f}x |")
     return "\n".join(out)
 
 
@@ -223,17 +228,19 @@ def main():
     data = a.dir / "ufs"
     generate(data, a.files, a.classes, a.image_side)
     size = sum(e.stat().st_size for d in os.scandir(data) if d.is_dir() for e in os.scandir(d))
-    results = {"raw": [], "granary": []}
+    mounts = {"granary": False, "granary, read-only": True}
+    results = {"raw": [], **{name: [] for name in mounts}}
     for run in range(a.runs):
         print(f"run {run + 1} of {a.runs}: raw ...", file=sys.stderr)
         results["raw"].append(two_epochs(data, a))
-        print(f"run {run + 1} of {a.runs}: granary ...", file=sys.stderr)
-        g = GranaryLocal(data, a.dir)
-        try:
-            results["granary"].append(two_epochs(g.mnt, a))
-        finally:
-            g.stop()
-        for target in ("raw", "granary"):
+        for name, read_only in mounts.items():
+            print(f"run {run + 1} of {a.runs}: {name} ...", file=sys.stderr)
+            g = GranaryLocal(data, a.dir, read_only)
+            try:
+                results[name].append(two_epochs(g.mnt, a))
+            finally:
+                g.stop()
+        for target in results:
             r = results[target][-1]
             print(f"  {target}: listing {r['listing']:.0f}/s, epoch 1 {r['first']:.0f}/s, "
                   f"epoch 2 {r['second']:.0f}/s", file=sys.stderr)
@@ -249,7 +256,8 @@ def main():
             f"Each sample is read whole and decoded with PIL, resized to {a.decode_side}x{a.decode_side}; "
             f"DataLoader(batch_size={a.batch}, shuffle=True, num_workers={a.workers}); torch {torch.__version__}. "
             f"Granary: a fresh `granary local` per run over the dataset's directory (empty worker "
-            f"cache, metadata loaded by the first listing); {cache}. Listing: building the "
+            f"cache, metadata loaded by the first listing), writable (the default) and read-only "
+            f"(`read_only = true`, where FUSE passthrough is on by default); {cache}. Listing: building the "
             f"sample list (scandir of every folder).\n\n"
             f"Command: `python3 scripts/bench/dataloader.py --files {a.files} --workers {a.workers} "
             f"--runs {a.runs}` (median of {a.runs} alternating runs)\n\n{t}\n"
