@@ -71,7 +71,10 @@ pub async fn start(a: &LocalArgs) -> anyhow::Result<LocalCluster> {
                 a.master_listen
             ))
         }
-        _ => anyhow::Error::new(e).context("master failed to start"),
+        _ => anyhow::Error::new(e).context(format!(
+            "master failed to start (its data_dir is {}, under --state-dir; its ufs is --ufs)",
+            a.state_dir.join("master").display()
+        )),
     })?;
     let shard_masters = start_shards(a, &master.addr.to_string(), &ufs).await?;
     let worker = granary_worker::start(WorkerConfig {

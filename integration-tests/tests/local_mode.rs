@@ -20,13 +20,18 @@ struct Local {
 /// The master's port: a restart over the same state directory takes the same one (its
 /// routing table recorded it).
 fn command(dir: &Path, port: u16, config: &str) -> Command {
+    command_over(&dir.join("ufs"), dir, port, config)
+}
+
+/// [`command`] with the dataset at `ufs`.
+fn command_over(ufs: &Path, dir: &Path, port: u16, config: &str) -> Command {
     let cfg = dir.join("mount.toml");
     std::fs::write(&cfg, config).unwrap();
     let mnt = dir.join("mnt");
     std::fs::create_dir_all(&mnt).unwrap();
     let mut cmd = Command::new(bin("granary"));
     cmd.args(["local", "--ufs"])
-        .arg(dir.join("ufs"))
+        .arg(ufs)
         .arg("--mount")
         .arg(&mnt)
         .arg("--state-dir")
@@ -181,4 +186,22 @@ fn unmounting_granary_local_from_outside_stops_it() {
         std::fs::read(dir.path().join("ufs/kept")).unwrap(),
         b"written before"
     );
+}
+
+#[test]
+fn a_state_dir_kept_for_another_ufs_is_refused_naming_the_flags() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::create_dir(dir.path().join("ufs")).unwrap();
+    drop(Local::start(dir.path(), free_port(), ""));
+    let other = dir.path().join("other-ufs");
+    std::fs::create_dir(&other).unwrap();
+    // The same state directory, another dataset.
+    let cmd = command_over(&other, dir.path(), free_port(), "");
+    let (code, err) = run_to_exit(cmd, Duration::from_secs(20)).unwrap();
+    assert_ne!(code, 0);
+    assert!(
+        err.contains("--state-dir") && err.contains("--ufs") && err.contains("other-ufs"),
+        "{err}"
+    );
+    assert!(!is_mounted(&dir.path().join("mnt")));
 }
