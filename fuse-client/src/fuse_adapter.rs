@@ -618,15 +618,15 @@ impl Filesystem for FuseAdapter {
     fn release(
         &self,
         _req: &Request,
-        _ino: INodeNo,
+        ino: INodeNo,
         fh: FileHandle,
-        _flags: OpenFlags,
+        flags: OpenFlags,
         _lock_owner: Option<LockOwner>,
         _flush: bool,
         reply: ReplyEmpty,
     ) {
         let h = &self.handlers;
-        if h.fs.closes_without_waiting(fh.0) {
+        if h.fs.closes_without_waiting(ino.0, flags.0) {
             h.release(fh.0);
             return reply.ok();
         }

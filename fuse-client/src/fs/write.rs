@@ -8,7 +8,7 @@ use granary_common::path::validate_name;
 use granary_common::{FsError, FsResult};
 use granary_protos::v1::{CommitContent, CreateRequest, FileKind, Inode, UfsFingerprint};
 
-use super::{shown, GranaryFs};
+use super::{changes_file, shown, GranaryFs};
 use crate::block_reader::ReadState;
 use crate::content_store::NotStored;
 use crate::staging::{Backing, Content, Staged};
@@ -263,22 +263,18 @@ impl GranaryFs {
         }
     }
 
-    /// Whether releasing `fh` is answered without waiting (the common cases: a reader, or
-    /// a new file closed with nothing written). Never waits itself: a staged file another
-    /// call holds counts as not.
-    pub fn closes_without_waiting(&self, fh: u64) -> bool {
-        let Ok(file) = self.open_file(fh) else {
+    /// Whether releasing a handle of `ino` opened with `flags` is answered without
+    /// waiting (the common cases: a reader, or a new file closed with nothing written).
+    /// Asks only the staging area, which is empty on a mount that writes nothing. Never
+    /// waits itself: a staged file another call holds counts as not.
+    pub fn closes_without_waiting(&self, ino: u64, flags: i32) -> bool {
+        let Some(st) = self.staging.get(ino) else {
             return true;
         };
-        match &file.staged {
-            // A writer's close commits what is staged.
-            Some(st) => st.try_lock().is_ok_and(|st| st.closes_without_waiting()),
-            // A reader's looks at the file's staged state only to see whether it is kept.
-            None => self
-                .staging
-                .get(file.ino)
-                .is_none_or(|st| st.try_lock().is_ok()),
-        }
+        // A writer's close commits what is staged; a reader's looks at it only to see
+        // whether it is kept.
+        st.try_lock()
+            .is_ok_and(|st| !changes_file(flags) || st.closes_without_waiting())
     }
 
     pub fn release(&self, fh: u64) {

@@ -263,7 +263,10 @@ fn a_new_file_the_master_made_empty_is_stored_at_close_only_if_written() {
     let (fs, ns, store) = fs();
     ns.empty_objects.store(true, Ordering::SeqCst);
     let (empty, fh) = fs.create(1, b"empty", 0o644, libc::O_WRONLY, 0, 0).unwrap();
-    assert!(fs.closes_without_waiting(fh), "nothing to store");
+    assert!(
+        fs.closes_without_waiting(empty.id, libc::O_WRONLY),
+        "nothing to store"
+    );
     assert!(fs.flush_cached(fh).unwrap().is_ok());
     fs.release(fh);
     assert_eq!(
@@ -281,7 +284,7 @@ fn a_new_file_the_master_made_empty_is_stored_at_close_only_if_written() {
         .unwrap();
     fs.write(fh, 0, b"abc").unwrap();
     assert!(
-        !fs.closes_without_waiting(fh),
+        !fs.closes_without_waiting(written.id, libc::O_WRONLY),
         "written: its close stores it"
     );
     assert!(fs.flush_cached(fh).is_none());
@@ -299,7 +302,7 @@ fn a_new_file_the_master_made_empty_is_stored_at_close_only_if_written() {
         .create(1, b"unstored", 0o644, libc::O_WRONLY, 0, 0)
         .unwrap();
     assert!(
-        !fs.closes_without_waiting(unstored_fh),
+        !fs.closes_without_waiting(unstored.id, libc::O_WRONLY),
         "no empty object made: its close stores one"
     );
     fs.release(unstored_fh);
@@ -384,19 +387,19 @@ fn a_file_whose_commit_holds_it_is_answered_and_closed_only_by_waiting() {
     fs.flush(fh).unwrap();
     let (reader, _) = fs.open(inode.id, libc::O_RDONLY).unwrap();
     assert_eq!(fs.getattr_cached(inode.id).unwrap().size, 5, "staged size");
-    assert!(fs.closes_without_waiting(reader));
+    assert!(fs.closes_without_waiting(inode.id, libc::O_RDONLY));
     let st = fs.staging.get(inode.id).unwrap();
     let held = st.lock().unwrap();
     assert!(fs.getattr_cached(inode.id).is_none());
     assert!(fs.lookup_cached(1, b"ckpt").is_none());
-    assert!(!fs.closes_without_waiting(fh));
+    assert!(!fs.closes_without_waiting(inode.id, libc::O_WRONLY));
     assert!(fs.flush_cached(fh).is_none());
     assert!(
         fs.flush_cached(reader).is_some(),
         "a reader's flush commits nothing"
     );
     assert!(
-        !fs.closes_without_waiting(reader),
+        !fs.closes_without_waiting(inode.id, libc::O_RDONLY),
         "a reader's close looks at the staged file too"
     );
     drop(held);
