@@ -281,7 +281,7 @@ fn main() -> anyhow::Result<()> {
                 },
             };
             runtime()?.block_on(async {
-                if let Some(addr) = args.metrics_listen {
+                if let Some(addr) = args.metrics_listen.or(args.mount.metrics_listen) {
                     granary_common::telemetry::serve_metrics(addr).map_err(anyhow::Error::msg)?;
                 }
                 let cluster = local::start(&args).await?;

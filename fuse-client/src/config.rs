@@ -78,6 +78,8 @@ pub struct MountConfig {
     /// TLS (`[tls]`): with `ca` set, every connection to masters, routers and workers is
     /// TLS, their certificates checked against it (and `server_name`).
     pub tls: granary_common::tls::TlsOptions,
+    /// Serve the mount's Prometheus metrics (`granary_client_*`) at `/metrics` here.
+    pub metrics_listen: Option<std::net::SocketAddr>,
 }
 
 impl Default for MountConfig {
@@ -108,6 +110,7 @@ impl Default for MountConfig {
             uid: None,
             gid: None,
             tls: Default::default(),
+            metrics_listen: None,
         }
     }
 }

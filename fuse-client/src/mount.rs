@@ -49,6 +49,8 @@ pub enum MountError {
     },
     #[error("staging_dir {path}: {error}")]
     Staging { path: PathBuf, error: FsError },
+    #[error("metrics_listen: {0}")]
+    Metrics(String),
     #[error("FUSE mount at {path} failed: {source}")]
     Fuse {
         path: PathBuf,
@@ -288,7 +290,6 @@ pub fn mount(cfg: &MountConfig, mountpoint: &Path) -> Result<MountHandle, MountE
 
 /// Mounts and serves in the foreground until SIGINT/SIGTERM or an outside unmount.
 pub fn run_mount(cfg: &MountConfig, mountpoint: &Path) -> Result<(), MountError> {
-    let handle = mount(cfg, mountpoint)?;
     let fuse_err = |source| MountError::Fuse {
         path: mountpoint.to_path_buf(),
         source,
@@ -297,6 +298,12 @@ pub fn run_mount(cfg: &MountConfig, mountpoint: &Path) -> Result<(), MountError>
         .enable_all()
         .build()
         .map_err(fuse_err)?;
+    if let Some(addr) = cfg.metrics_listen {
+        // Its listener runs on `rt`, driven below for as long as the mount lives.
+        rt.block_on(async { granary_common::telemetry::serve_metrics(addr) })
+            .map_err(MountError::Metrics)?;
+    }
+    let handle = mount(cfg, mountpoint)?;
     rt.block_on(handle.until_stopped());
     tracing::info!(mountpoint = %mountpoint.display(), "unmounting");
     handle.unmount().map_err(fuse_err)
