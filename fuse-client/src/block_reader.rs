@@ -48,8 +48,9 @@ pub trait BlockRead: Send + Sync {
 /// Per-open-handle read state.
 #[derive(Default)]
 pub struct ReadState {
-    /// Open cache files of a co-located worker, by block index.
-    local_files: HashMap<u32, File>,
+    /// Open cache files of a co-located worker and where each block starts in its file,
+    /// by block index.
+    local_files: HashMap<u32, (File, u64)>,
     buffer: Option<Buffered>,
     window: u64,
     last_end: u64,
@@ -103,6 +104,7 @@ pub(crate) fn request_for(
         offset,
         length,
         local_path_only,
+        cached_only: false,
     }
 }
 
@@ -215,7 +217,7 @@ impl BlockReader {
                 let (resp, _) = self.request(worker, request_for(file, index, 0, 0, true))?;
                 match File::open(&resp.local_path) {
                     Ok(f) => {
-                        slot.insert(f);
+                        slot.insert((f, resp.local_offset));
                     }
                     // Evicted between the answer and the open: ask again, and in a cache
                     // churning that fast, let the worker send the bytes (it holds the
@@ -235,16 +237,17 @@ impl BlockReader {
                     }
                 }
             }
-            let f = &state.local_files[&index];
+            let (f, base) = &state.local_files[&index];
             let at = span.index * file.block_size + span.offset;
             if at == state.last_end && at > 0 {
-                state.advised = advise_ahead(f, index, span.offset + span.len, state.advised);
+                let end = base + span.offset + span.len;
+                state.advised = advise_ahead(f, index, end, state.advised);
             }
             let start = out.len();
             out.resize(start + span.len as usize, 0);
             let mut done = 0usize;
             while done < span.len as usize {
-                let n = f.read_at(&mut out[start + done..], span.offset + done as u64)?;
+                let n = f.read_at(&mut out[start + done..], base + span.offset + done as u64)?;
                 if n == 0 {
                     out.truncate(start);
                     return Err(FsError::Stale(format!(
@@ -357,15 +360,27 @@ fn advise_ahead(file: &File, index: u32, end: u64, advised: (u32, u64)) -> (u32,
 
 impl BlockRead for BlockReader {
     fn whole_file(&self, file: &Inode) -> Option<File> {
-        if !self.opts.short_circuit || file.size == 0 || file.size > file.block_size {
+        if !self.opts.short_circuit || file.size == 0 || file.block_size == 0 {
             return None;
         }
         let workers = self.workers.live(shard_of(file.id), false).ok()?;
         let worker = self.workers.local(&workers)?;
-        let (resp, _) = self
-            .request(&worker, request_for(file, 0, 0, 0, true))
-            .ok()?;
-        let f = File::open(&resp.local_path).ok()?;
+        let count = block_count(file.size, file.block_size);
+        let mut path = None;
+        for index in 0..count as u32 {
+            // A single-block file is cached now if need be; a bigger one only qualifies
+            // once all its blocks are cached in one data file (reads through the mount
+            // cache it, so a later open gets it).
+            let mut req = request_for(file, index, 0, 0, true);
+            req.cached_only = count > 1;
+            let (resp, _) = self.request(&worker, req).ok()?;
+            let in_place = resp.local_offset == index as u64 * file.block_size;
+            if !in_place || *path.get_or_insert_with(|| resp.local_path.clone()) != resp.local_path
+            {
+                return None;
+            }
+        }
+        let f = File::open(path?).ok()?;
         // Only a complete copy may stand in for the file.
         (f.metadata().ok()?.len() == file.size).then_some(f)
     }

@@ -32,14 +32,15 @@ pub struct MountConfig {
     pub meta_cache_entries: u64,
     /// Read a co-located worker's cache files directly instead of over TCP.
     pub short_circuit: bool,
-    /// Let the kernel read single-block files straight from the co-located worker's cache
-    /// file (FUSE passthrough, Linux ≥ 6.9, root): no READ request reaches userspace. A
-    /// file's backing file stays registered after its last close, so a re-open costs no
-    /// worker round trip (`granary bench read`: small files with the page cache dropped
-    /// 1.6–2.3× faster, warm ones about 15% slower). Unset: on for read-only mounts, off
-    /// for the others, where an open for writing of a file this mount has open for reading
-    /// in passthrough fails with ETXTBSY (the kernel allows no other mode for its inode
-    /// meanwhile).
+    /// Let the kernel read a file straight from the co-located worker's cache file when
+    /// that one file holds all of it — a single-block file, or a bigger one whose blocks
+    /// are all cached in its shared data file (FUSE passthrough, Linux ≥ 6.9, root): no
+    /// READ request reaches userspace. A file's backing file stays registered after its
+    /// last close, so a re-open costs no worker round trip (`granary bench read`: small
+    /// files with the page cache dropped 1.6–2.3× faster, warm ones about 15% slower).
+    /// Unset: on for read-only mounts, off for the others, where an open for writing of a
+    /// file this mount has open for reading in passthrough fails with ETXTBSY (the kernel
+    /// allows no other mode for its inode meanwhile).
     pub passthrough: Option<bool>,
     /// Largest adaptive readahead window for reads over TCP.
     pub readahead_max: ByteSize,

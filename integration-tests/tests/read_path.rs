@@ -189,12 +189,31 @@ fn dataset_reads_match_across_worker_restart_and_eviction() {
     writes_meet_passthrough_readers(&pt.path, &pt.proc.log_text());
     drop(pt);
 
-    // Unset, passthrough follows read_only: a read-only mount reads the same way.
-    let ro = cluster.mount("mnt-read-only", "read_only = true").unwrap();
+    // Unset, passthrough follows read_only: a read-only mount reads the same way. Every
+    // file is cached by now, each in one local file (a multi-block file in its shared
+    // data file), so the kernel reads all of them without a READ reaching the mount.
+    let port = granary_integration_tests::free_port();
+    let ro = cluster
+        .mount(
+            "mnt-read-only",
+            &format!("read_only = true\nmetrics_listen = \"127.0.0.1:{port}\""),
+        )
+        .unwrap();
     let bad = read_all(&ro.path, &expected, 9);
     assert!(bad.is_empty(), "read-only mount: {bad:?}");
     let log = ro.proc.log_text();
     assert!(log.contains("passthrough=true"), "read-only mount: {log}");
+    if !log.contains("lacks FUSE passthrough") {
+        let counter = |name| granary_integration_tests::scrape_counter(port, name).unwrap();
+        let opens = counter("granary_client_passthrough_opens_total");
+        assert!(opens >= 2000.0, "{opens} passthrough opens");
+        for name in [
+            "granary_client_short_circuit_bytes_total",
+            "granary_client_remote_bytes_total",
+        ] {
+            assert_eq!(counter(name), 0.0, "{name}: read in userspace");
+        }
+    }
     drop(ro);
 
     // The TCP data path with readahead, no kernel page cache between opens.
@@ -225,8 +244,9 @@ fn dataset_reads_match_across_worker_restart_and_eviction() {
         "the restarted worker must not read the UFS again"
     );
 
-    // Shrink the cache far below the dataset: eviction, refetch, still the right bytes.
-    cluster.start_worker("512KiB").unwrap();
+    // Shrink the cache far below the dataset: eviction (of block files, and of the shared
+    // data files of files up to 256 KiB), refetch, still the right bytes.
+    cluster.start_worker("2MiB").unwrap();
     let bad = read_all(&tcp.path, &expected, 5);
     assert!(bad.is_empty(), "with a tiny cache (TCP): {bad:?}");
     let bad = read_all(&sc.path, &expected, 6);
@@ -237,5 +257,5 @@ fn dataset_reads_match_across_worker_restart_and_eviction() {
         "granary_worker_evictions_total",
     )
     .unwrap();
-    assert!(evictions > 0.0, "a 512KiB cache must have evicted");
+    assert!(evictions > 0.0, "a 2MiB cache must have evicted");
 }

@@ -264,21 +264,32 @@ impl DataServer {
         // An eviction can race between lookup and open (a small cache under many
         // readers); each retry refetches.
         for _ in 0..VANISHED_RETRIES {
-            let was_cached = self.fetcher.store().cached(id, src.fingerprint).is_some();
-            let block = self.fetcher.get(id, &src).await?;
+            let cached = self.fetcher.store().cached(id, src.fingerprint);
+            let was_cached = cached.is_some();
+            let block = match cached {
+                Some(block) if req.cached_only => block,
+                None if req.cached_only => {
+                    return Err(FsError::NotFound(format!(
+                        "block {} is not cached",
+                        req.index
+                    )))
+                }
+                _ => self.fetcher.get(id, &src).await?,
+            };
             if req.local_path_only {
                 return Ok((
                     ReadBlockResponse {
                         request_id: req.request_id,
                         length: block.len,
                         local_path: block.path.to_string_lossy().into_owned(),
+                        local_offset: block.offset,
                         was_cached,
                         ..Default::default()
                     },
                     Vec::new(),
                 ));
             }
-            let (offset, length) = (req.offset, req.length as usize);
+            let (offset, length) = (block.offset + req.offset, req.length as usize);
             let path = block.path.clone();
             let data = tokio::task::spawn_blocking(move || -> std::io::Result<Vec<u8>> {
                 let f = std::fs::File::open(path)?;
@@ -415,6 +426,7 @@ mod tests {
             offset,
             length,
             local_path_only: false,
+            cached_only: false,
         }
     }
 

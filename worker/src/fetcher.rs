@@ -34,13 +34,13 @@ pub struct BlockFetcher {
     inflight: Mutex<HashMap<BlockId, Arc<tokio::sync::Mutex<()>>>>,
 }
 
-struct CrcWriter {
-    file: File,
+struct CrcWriter<'a> {
+    file: &'a mut File,
     crc: u32,
     len: u64,
 }
 
-impl Write for CrcWriter {
+impl Write for CrcWriter<'_> {
     fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
         let n = self.file.write(buf)?;
         self.crc = crc32c::crc32c_append(self.crc, &buf[..n]);
@@ -154,10 +154,9 @@ fn fetch(
             now.size
         )));
     }
-    let tmp = store.temp_path();
-    let result = (|| {
+    let copy = |file: &mut File| -> FsResult<(u64, u32)> {
         let mut w = CrcWriter {
-            file: File::create(&tmp)?,
+            file,
             crc: 0,
             len: 0,
         };
@@ -170,7 +169,17 @@ fn fetch(
         }
         metrics::counter!("granary_worker_ufs_fetches_total").increment(1);
         metrics::counter!("granary_worker_ufs_bytes_total").increment(copied);
-        Ok(store.commit(id, src.fingerprint, &tmp, w.len, w.crc)?)
+        Ok((w.len, w.crc))
+    };
+    // Straight into the file's shared data file, when its blocks share one.
+    if let Some(mut fill) = store.begin_shared(id, src.fingerprint, src.block_size)? {
+        let (len, crc) = copy(&mut fill.file)?;
+        return Ok(fill.commit(len, crc)?);
+    }
+    let tmp = store.temp_path();
+    let result = (|| {
+        let (len, crc) = copy(&mut File::create(&tmp)?)?;
+        Ok(store.commit(id, src.fingerprint, &tmp, len, crc)?)
     })();
     if result.is_err() {
         let _ = std::fs::remove_file(&tmp);
