@@ -27,11 +27,6 @@ const MAX_REQUEST: u64 = 16 << 20;
 /// could be opened, before it has the worker send the bytes instead.
 const LOCAL_OPEN_TRIES: u32 = 3;
 
-/// How far ahead of a sequential short-circuit reader the cache file is asked into the
-/// page cache: each READ the kernel sends is at most 1 MiB and the cache file's own
-/// readahead is the disk's, so without it each READ waits for the disk.
-const LOCAL_AHEAD: u64 = 8 << 20;
-
 /// Reads file bytes for the filesystem.
 pub trait BlockRead: Send + Sync {
     fn read(&self, file: &Inode, state: &mut ReadState, offset: u64, len: u32)
@@ -56,8 +51,6 @@ pub struct ReadState {
     last_end: u64,
     warmed: HashSet<u32>,
     locations: Option<HashMap<u32, Vec<String>>>,
-    /// (block, offset in it) up to which a cache file was asked into the page cache.
-    advised: (u32, u64),
 }
 
 /// Readahead bytes held for one handle, with the memory they hold.
@@ -238,11 +231,6 @@ impl BlockReader {
                 }
             }
             let (f, base) = &state.local_files[&index];
-            let at = span.index * file.block_size + span.offset;
-            if at == state.last_end && at > 0 {
-                let end = base + span.offset + span.len;
-                state.advised = advise_ahead(f, index, end, state.advised);
-            }
             let start = out.len();
             out.resize(start + span.len as usize, 0);
             let mut done = 0usize;
@@ -330,32 +318,6 @@ impl BlockReader {
             let _ = self.warm_tx.try_send((data_addr(&worker), req));
         }
     }
-}
-
-/// Asks the kernel to read `file` (block `index`'s cache file) into the page cache up to
-/// `LOCAL_AHEAD` past `end`, once the part already asked for runs short; returns what is
-/// asked for now.
-fn advise_ahead(file: &File, index: u32, end: u64, advised: (u32, u64)) -> (u32, u64) {
-    use std::os::fd::AsRawFd;
-    let from = if advised.0 == index {
-        advised.1.max(end)
-    } else {
-        end
-    };
-    if from >= end + LOCAL_AHEAD / 2 {
-        return (index, from);
-    }
-    let until = end + LOCAL_AHEAD;
-    // SAFETY: an open descriptor and a range; the call only starts reads.
-    unsafe {
-        libc::posix_fadvise(
-            file.as_raw_fd(),
-            from as libc::off_t,
-            (until - from) as libc::off_t,
-            libc::POSIX_FADV_WILLNEED,
-        );
-    }
-    (index, until)
 }
 
 impl BlockRead for BlockReader {
