@@ -42,6 +42,13 @@ pub struct MountConfig {
     /// file this mount has open for reading in passthrough fails with ETXTBSY (the kernel
     /// allows no other mode for its inode meanwhile).
     pub passthrough: Option<bool>,
+    /// Read-only mounts: the kernel opens and closes files by itself, with no request to
+    /// the mount (FUSE zero-message opens), keeping each file's page cache across opens
+    /// (dropped when its attributes show a new version). A re-read of a file in the page
+    /// cache never leaves the kernel; the reads that do reach the mount each look their
+    /// file up. Excludes `passthrough`, whose backing file is handed over in an open's
+    /// reply.
+    pub open_in_kernel: bool,
     /// Largest adaptive readahead window for reads over TCP.
     pub readahead_max: ByteSize,
     /// The kernel's readahead window for the mount (its bdi `read_ahead_kb`; root only).
@@ -98,6 +105,7 @@ impl Default for MountConfig {
             meta_cache_entries: 1_000_000,
             short_circuit: true,
             passthrough: None,
+            open_in_kernel: false,
             readahead_max: ByteSize(16 << 20),
             kernel_readahead: ByteSize(8 << 20),
             buffer_memory: ByteSize(1 << 30),
@@ -131,10 +139,23 @@ fn default_fuse_readers() -> usize {
 impl MountConfig {
     /// Whether reads go through FUSE passthrough (see [`MountConfig::passthrough`]).
     pub fn passthrough(&self) -> bool {
-        self.passthrough.unwrap_or(self.read_only)
+        self.passthrough
+            .unwrap_or(self.read_only && !self.open_in_kernel)
     }
 
     pub fn validate(&self) -> Result<(), ConfigError> {
+        if self.open_in_kernel && !self.read_only {
+            return Err(ConfigError::invalid(
+                "open_in_kernel",
+                "needs read_only = true (a file opened for writing needs the mount's open)",
+            ));
+        }
+        if self.open_in_kernel && self.passthrough == Some(true) {
+            return Err(ConfigError::invalid(
+                "passthrough",
+                "cannot be true with open_in_kernel = true (passthrough is set up by the mount's open)",
+            ));
+        }
         if self.masters.is_empty() {
             return Err(ConfigError::invalid(
                 "masters",
@@ -199,5 +220,21 @@ mod tests {
         assert!(on("read_only = true"));
         assert!(!on("read_only = true\npassthrough = false"));
         assert!(on("passthrough = true"));
+        assert!(!on("read_only = true\nopen_in_kernel = true"));
+    }
+
+    #[test]
+    fn open_in_kernel_needs_a_read_only_mount_without_passthrough() {
+        let check = |toml: &str| {
+            parse_toml::<MountConfig>(toml, "test")
+                .unwrap()
+                .validate()
+                .map_err(|e| e.to_string())
+        };
+        assert!(check("read_only = true\nopen_in_kernel = true").is_ok());
+        let e = check("open_in_kernel = true").unwrap_err();
+        assert!(e.contains("open_in_kernel"), "{e}");
+        let e = check("read_only = true\nopen_in_kernel = true\npassthrough = true").unwrap_err();
+        assert!(e.contains("passthrough"), "{e}");
     }
 }

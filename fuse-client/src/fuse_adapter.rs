@@ -29,6 +29,8 @@ pub struct KernelOptions {
     pub attr_ttl: Duration,
     pub keep_cache: bool,
     pub owner: OwnerOverride,
+    /// Files are opened by the kernel alone (zero-message opens; read-only mounts).
+    pub open_in_kernel: bool,
 }
 
 /// What request handlers share, on the FUSE threads and the offload threads alike.
@@ -215,6 +217,7 @@ impl Handlers {
             Ok(x) => x,
             Err(e) => return reply.error(errno("open", &e)),
         };
+        metrics::counter!("granary_client_opens_total").increment(1);
         let mode = OpenMode::for_open(flags, self.opts.keep_cache, unchanged);
         if flags & libc::O_ACCMODE == libc::O_RDONLY {
             return self.open_read_only(ino, fh, mode, reply);
@@ -339,6 +342,11 @@ impl Filesystem for FuseAdapter {
                 passthrough.disable();
             }
         }
+        if self.handlers.opts.open_in_kernel {
+            // With no opens to drop it, a file's page cache goes when its attributes (from
+            // a lookup or getattr) show a new version.
+            let _ = config.add_capabilities(InitFlags::FUSE_AUTO_INVAL_DATA);
+        }
         let _ = config.set_max_readahead(1 << 20);
         let _ = config.set_max_background(64);
         Ok(())
@@ -373,6 +381,11 @@ impl Filesystem for FuseAdapter {
 
     fn open(&self, _req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
         let h = &self.handlers;
+        if h.opts.open_in_kernel {
+            // The kernel takes ENOSYS as "opens need no request": this open and every later
+            // one succeed without one, with the page cache kept (FOPEN_KEEP_CACHE).
+            return reply.error(Errno::from_i32(libc::ENOSYS));
+        }
         // A passthrough open that registers a backing file asks the worker for it.
         if h.passthrough.settled(ino.0) {
             if let Some(r) = h.fs.open_cached(ino.0, flags.0) {
@@ -385,7 +398,7 @@ impl Filesystem for FuseAdapter {
     fn read(
         &self,
         _req: &Request,
-        _ino: INodeNo,
+        ino: INodeNo,
         fh: FileHandle,
         offset: u64,
         size: u32,
@@ -393,6 +406,13 @@ impl Filesystem for FuseAdapter {
         _lock_owner: Option<LockOwner>,
         reply: ReplyData,
     ) {
+        if self.handlers.opts.open_in_kernel {
+            // A file the kernel opened by itself: no handle.
+            return self.offload(move |h| match h.fs.read_unopened(ino.0, offset, size) {
+                Ok(data) => reply.data(&data),
+                Err(e) => reply.error(errno("read", &e)),
+            });
+        }
         self.offload(move |h| match h.fs.read(fh.0, offset, size) {
             Ok(data) => reply.data(&data),
             Err(e) => reply.error(errno("read", &e)),
@@ -407,6 +427,10 @@ impl Filesystem for FuseAdapter {
         _lock_owner: LockOwner,
         reply: ReplyEmpty,
     ) {
+        if self.handlers.opts.open_in_kernel {
+            // Nothing to commit on a read-only mount; ENOSYS stops flushes altogether.
+            return reply.error(Errno::from_i32(libc::ENOSYS));
+        }
         if let Some(r) = self.handlers.fs.flush_cached(fh.0) {
             return reply_empty("flush", r, reply);
         }
@@ -421,6 +445,11 @@ impl Filesystem for FuseAdapter {
         _datasync: bool,
         reply: ReplyEmpty,
     ) {
+        if self.handlers.opts.open_in_kernel {
+            // Nothing to make durable on a read-only mount; ENOSYS makes fsync succeed in
+            // the kernel from now on.
+            return reply.error(Errno::from_i32(libc::ENOSYS));
+        }
         self.offload(move |h| reply_empty("fsync", h.fs.fsync(fh.0), reply));
     }
 

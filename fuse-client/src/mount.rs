@@ -233,6 +233,7 @@ pub fn mount(cfg: &MountConfig, mountpoint: &Path) -> Result<MountHandle, MountE
                 uid: cfg.uid,
                 gid: cfg.gid,
             },
+            open_in_kernel: cfg.open_in_kernel,
         },
         passthrough: Passthrough::new(passthrough, passthrough::WRITER_WAIT),
     };
@@ -275,6 +276,7 @@ pub fn mount(cfg: &MountConfig, mountpoint: &Path) -> Result<MountHandle, MountE
         masters = ?cfg.masters,
         read_only = cfg.read_only,
         passthrough,
+        open_in_kernel = cfg.open_in_kernel,
         "mounted"
     );
     crate::kernel_readahead::raise_in_background(

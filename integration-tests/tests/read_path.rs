@@ -216,6 +216,40 @@ fn dataset_reads_match_across_worker_restart_and_eviction() {
     }
     drop(ro);
 
+    // Zero-message opens: the kernel opens files by itself; READs arrive with no handle
+    // and the page cache is kept across opens, so a second pass reads nothing here.
+    let port = granary_integration_tests::free_port();
+    let zm = cluster
+        .mount(
+            "mnt-open-in-kernel",
+            &format!(
+                "read_only = true\nopen_in_kernel = true\nmetrics_listen = \"127.0.0.1:{port}\""
+            ),
+        )
+        .unwrap();
+    assert!(zm.proc.log_text().contains("open_in_kernel=true"));
+    let bad = read_all(&zm.path, &expected, 10);
+    assert!(bad.is_empty(), "open_in_kernel mount: {bad:?}");
+    let served = || {
+        granary_integration_tests::scrape_counter(port, "granary_client_short_circuit_bytes_total")
+            .unwrap()
+    };
+    let first = served();
+    assert!(first > 0.0, "the first pass reads through the mount");
+    let bad = read_all(&zm.path, &expected, 11);
+    assert!(bad.is_empty(), "open_in_kernel mount, again: {bad:?}");
+    assert_eq!(served(), first, "the second pass comes from the page cache");
+    let opens = granary_integration_tests::scrape_counter(port, "granary_client_opens_total");
+    assert_eq!(opens.unwrap(), 0.0, "files were opened by the mount");
+    let f = std::fs::File::open(zm.path.join("big.bin")).unwrap();
+    f.sync_all().unwrap();
+    let e = std::fs::OpenOptions::new()
+        .append(true)
+        .open(zm.path.join("one.bin"))
+        .unwrap_err();
+    assert_eq!(e.raw_os_error(), Some(libc::EROFS));
+    drop(zm);
+
     // The TCP data path with readahead, no kernel page cache between opens.
     let tcp = cluster
         .mount("mnt-tcp", "short_circuit = false\nkeep_cache = false")

@@ -10,6 +10,7 @@
 mod meta_cache;
 mod namespace;
 mod read;
+mod unopened;
 pub use read::changes_file;
 mod write;
 
@@ -92,6 +93,7 @@ pub struct GranaryFs {
     /// Content commits made through this mount; an open handle looks for a newer version
     /// of its file only when this moved.
     commits: AtomicU64,
+    unopened: unopened::UnopenedReads,
 }
 
 fn is_dir(i: &Inode) -> bool {
@@ -123,6 +125,7 @@ impl GranaryFs {
             opened_versions: MetaCache::new(opts.meta_cache_entries, None),
             listed_versions: MetaCache::new(opts.meta_cache_entries, None),
             commits: AtomicU64::new(0),
+            unopened: Default::default(),
         }
     }
 

@@ -81,6 +81,30 @@ impl GranaryFs {
                 }
             }
         }
+        self.read_with(file.ino, inode, state, offset, size)
+    }
+
+    /// A read of a file the kernel opened by itself, with no handle (zero-message opens
+    /// on a read-only mount).
+    pub fn read_unopened(&self, ino: u64, offset: u64, size: u32) -> FsResult<Vec<u8>> {
+        let mut inode = self.committed(ino)?;
+        let version = inode.fingerprint.unwrap_or_default();
+        let mut state = self.unopened.take(ino, version);
+        let read = self.read_with(ino, &mut inode, &mut state, offset, size);
+        self.unopened
+            .put(ino, inode.fingerprint.unwrap_or_default(), state);
+        read
+    }
+
+    /// Reads `inode` (replaced, with `state`, when it changed in the UFS meanwhile).
+    fn read_with(
+        &self,
+        ino: u64,
+        inode: &mut Inode,
+        state: &mut ReadState,
+        offset: u64,
+        size: u32,
+    ) -> FsResult<Vec<u8>> {
         if offset >= inode.size || size == 0 {
             return Ok(Vec::new());
         }
@@ -88,16 +112,13 @@ impl GranaryFs {
             Err(FsError::Stale(why)) => {
                 // Changed in the UFS behind Granary's back: list its directory again and
                 // read the new version (never the cached blocks of the old one).
-                tracing::info!(ino = file.ino, %why, "file changed in the UFS; refreshing its metadata");
+                tracing::info!(ino, %why, "file changed in the UFS; refreshing its metadata");
                 // The directory its object is in: its first name's (the name it was
                 // opened by may be a hard link elsewhere).
-                let parent = self
-                    .meta
-                    .getattr(file.ino)
-                    .map_or(inode.parent, |i| i.parent);
+                let parent = self.meta.getattr(ino).map_or(inode.parent, |i| i.parent);
                 self.meta.refresh(parent)?;
-                self.attrs.invalidate(&file.ino);
-                *inode = self.committed(file.ino).map_err(|e| match e {
+                self.attrs.invalidate(&ino);
+                *inode = self.committed(ino).map_err(|e| match e {
                     // Its last name went (here or elsewhere) and its object with it: a
                     // data error for read(2), as a local filesystem's lost block would be.
                     FsError::NotFound(_) => FsError::io(format!("{why}; the file is deleted")),
