@@ -145,7 +145,8 @@ pub fn run(b: ReadBench) -> anyhow::Result<()> {
     let mnt = b.dir.join("mnt");
     prepare_dataset(&b, &ufs)?;
     let alt_mnt = b.dir.join("mnt-alt");
-    for m in [&mnt, &alt_mnt] {
+    let zm_mnt = b.dir.join("mnt-open-in-kernel");
+    for m in [&mnt, &alt_mnt, &zm_mnt] {
         // A previous run killed mid-way may have left its mount behind.
         force_unmount(m);
         std::fs::create_dir_all(m)?;
@@ -179,33 +180,37 @@ pub fn run(b: ReadBench) -> anyhow::Result<()> {
         s3: Default::default(),
         mount: Default::default(),
     }))?;
-    // A second, read-only mount of the same cluster: FUSE passthrough is on by default
-    // there and off on a writable one, so both ways are measured in one run.
-    let defaults = MountConfig::default();
-    let alt = granary_fuse_client::mount(
-        &MountConfig {
-            masters: vec![cluster.master.addr.to_string()],
-            staging_dir: state.join("staging-alt"),
-            read_only: true,
-            ..defaults.clone()
-        },
-        &alt_mnt,
-    )?;
-    let alt_name = "granary, read-only (passthrough)";
-    let result = measure(&b, &[&ufs, &alt_mnt, &mnt], &small);
+    // Two read-only mounts of the same cluster: one with its defaults (FUSE passthrough,
+    // off on a writable mount), one with zero-message opens, so each way is measured in
+    // one run.
+    let read_only = |staging: &str, open_in_kernel: bool| MountConfig {
+        masters: vec![cluster.master.addr.to_string()],
+        staging_dir: state.join(staging),
+        read_only: true,
+        open_in_kernel,
+        ..MountConfig::default()
+    };
+    let alt = granary_fuse_client::mount(&read_only("staging-alt", false), &alt_mnt)?;
+    let zm = granary_fuse_client::mount(&read_only("staging-zm", true), &zm_mnt)?;
+    let alts = [
+        "granary, read-only (passthrough)",
+        "granary, read-only, open_in_kernel",
+    ];
+    let result = measure(&b, &[&ufs, &alt_mnt, &zm_mnt, &mnt], &small);
     // Report before tearing down, so a slow teardown cannot lose the figures.
-    let reported = result.and_then(|rows| report(&b, &rows, alt_name));
+    let reported = result.and_then(|rows| report(&b, &rows, &alts));
+    drop(zm);
     drop(alt);
     rt.block_on(cluster.stop())?;
     reported
 }
 
-fn report(b: &ReadBench, rows: &[Row], alt: &str) -> anyhow::Result<()> {
-    let table = render(rows, &[alt]);
+fn report(b: &ReadBench, rows: &[Row], alts: &[&str]) -> anyhow::Result<()> {
+    let table = render(rows, alts);
     println!("\n{table}");
     if let Some(path) = &b.write_docs {
         let body = format!(
-            "Machine: {}. Dataset: one {} file; {} files of {}. Granary: a default (writable) mount; read-only: a second mount of the same cluster with `read_only = true`, where FUSE passthrough is on by default.\n\nCommand: `granary bench read --big-size {} --small-files {} --small-size {} --small-threads {} --runs {}` (median of {} interleaved runs)\n\n{table}",
+            "Machine: {}. Dataset: one {} file; {} files of {}. Granary: a default (writable) mount; read-only: a second mount of the same cluster with `read_only = true`, where FUSE passthrough is on by default; open_in_kernel: a third with `read_only = true` and `open_in_kernel = true` (zero-message opens, no passthrough).\n\nCommand: `granary bench read --big-size {} --small-files {} --small-size {} --small-threads {} --runs {}` (median of {} interleaved runs)\n\n{table}",
             machine(),
             ByteSize(b.big_size),
             b.small_files,
