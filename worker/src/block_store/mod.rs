@@ -8,15 +8,18 @@
 //! before it is first served.
 
 mod names;
+mod shared;
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeMap, HashMap};
 use std::fs::{self, File};
-use std::io::{self, Seek, SeekFrom};
+use std::io;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 
-use names::{FilesName, SHARDS};
+use names::SHARDS;
+pub use shared::SharedFill;
+use shared::{SharedAt, SharedFile};
 
 pub type BlockId = (u64, u32);
 
@@ -29,10 +32,6 @@ pub struct Fingerprint {
 
 /// One version of a file whose blocks share a data file.
 type FileKey = (u64, Fingerprint);
-
-/// Files larger than `capacity / SHARED_FILE_MAX_PART` keep a file per block: a shared
-/// data file is evicted whole, and one that large would empty too much of the cache.
-const SHARED_FILE_MAX_PART: u64 = 8;
 
 /// Where a cached block's bytes are.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -54,34 +53,9 @@ struct Entry {
     shared: Option<SharedAt>,
 }
 
-#[derive(Debug, Clone, Copy)]
-struct SharedAt {
-    incarnation: u64,
-    offset: u64,
-}
-
 impl Entry {
     fn shared_key(&self, id: BlockId) -> Option<FileKey> {
         self.shared.map(|_| (id.0, self.fingerprint))
-    }
-}
-
-#[derive(Debug)]
-struct SharedFile {
-    /// Names this data file apart from earlier and later ones of the same file version.
-    incarnation: u64,
-    blocks: BTreeSet<u32>,
-    /// Fills writing into the data file now: it is neither evicted nor deleted meanwhile.
-    filling: u32,
-}
-
-impl SharedFile {
-    fn new(incarnation: u64) -> Self {
-        SharedFile {
-            incarnation,
-            blocks: BTreeSet::new(),
-            filling: 0,
-        }
     }
 }
 
@@ -176,37 +150,6 @@ pub struct BlockStore {
     /// masters show the hit ratio from these).
     hits: std::sync::atomic::AtomicU64,
     misses: std::sync::atomic::AtomicU64,
-}
-
-/// A block being written into its file's shared data file ([`BlockStore::begin_shared`]);
-/// dropped without [`SharedFill::commit`], it leaves nothing in the index.
-#[derive(Debug)]
-pub struct SharedFill<'a> {
-    store: &'a BlockStore,
-    id: BlockId,
-    fingerprint: Fingerprint,
-    at: SharedAt,
-    /// The data file, positioned at the block's offset.
-    pub file: File,
-    done: bool,
-}
-
-impl SharedFill<'_> {
-    /// Enters the block, whose `len` bytes with checksum `crc` were written to `file`.
-    pub fn commit(mut self, len: u64, crc: u32) -> io::Result<CachedBlock> {
-        self.done = true;
-        self.store
-            .commit_shared(self.id, self.fingerprint, self.at, len, crc)
-    }
-}
-
-impl Drop for SharedFill<'_> {
-    fn drop(&mut self) {
-        if !self.done {
-            self.store
-                .end_fill((self.id.0, self.fingerprint), self.at.incarnation);
-        }
-    }
 }
 
 /// A block the scan at open kept, with its file's modification time.
@@ -350,90 +293,6 @@ impl BlockStore {
         Ok(report)
     }
 
-    /// The valid markers under `files/`. Markers whose data file is missing (or too short
-    /// for them) and data files without markers are deleted; of two incarnations of one
-    /// file version (a crash while one replaced the other) the one with more blocks stays.
-    fn scan_shared(&self, report: &mut ScanReport) -> io::Result<Vec<Found>> {
-        type Incarnation = (FileKey, u64);
-        let mut found = Vec::new();
-        for dir in Self::shard_dirs(&self.files_dir)? {
-            let mut data_len: HashMap<Incarnation, u64> = HashMap::new();
-            let mut markers = Vec::new();
-            for f in fs::read_dir(dir)? {
-                let f = f?;
-                match f.file_name().to_str().and_then(names::parse_files_name) {
-                    Some(FilesName::Data(file_id, fp, incarnation)) => {
-                        data_len.insert(((file_id, fp), incarnation), f.metadata()?.len());
-                    }
-                    Some(FilesName::Marker {
-                        id,
-                        fp,
-                        incarnation,
-                        offset,
-                        len,
-                        crc,
-                    }) => {
-                        let entry = Entry {
-                            len,
-                            fingerprint: fp,
-                            crc,
-                            verified: false,
-                            tick: 0,
-                            shared: Some(SharedAt {
-                                incarnation,
-                                offset,
-                            }),
-                        };
-                        markers.push((f, id, entry, incarnation, offset));
-                    }
-                    None => {
-                        let _ = fs::remove_file(f.path());
-                    }
-                }
-            }
-            let mut by_file: HashMap<Incarnation, Vec<Found>> = HashMap::new();
-            for (f, id, entry, incarnation, offset) in markers {
-                let file = ((id.0, entry.fingerprint), incarnation);
-                let fits = data_len
-                    .get(&file)
-                    .is_some_and(|&l| l >= offset.saturating_add(entry.len));
-                match f.metadata() {
-                    Ok(md) if fits && self.entry_path(id, &entry) == f.path() => by_file
-                        .entry(file)
-                        .or_default()
-                        .push((modified(&md), id, entry)),
-                    _ => {
-                        report.discarded += 1;
-                        let _ = fs::remove_file(f.path());
-                    }
-                }
-            }
-            let mut kept: HashMap<FileKey, (u64, usize)> = HashMap::new();
-            for ((key, incarnation), blocks) in &by_file {
-                let best = kept.entry(*key).or_insert((*incarnation, blocks.len()));
-                if blocks.len() > best.1 {
-                    *best = (*incarnation, blocks.len());
-                }
-            }
-            for ((key, incarnation), blocks) in by_file {
-                if kept[&key].0 == incarnation {
-                    found.extend(blocks);
-                    continue;
-                }
-                for (_, id, entry) in blocks {
-                    report.discarded += 1;
-                    let _ = fs::remove_file(self.entry_path(id, &entry));
-                }
-            }
-            for (key, incarnation) in data_len.into_keys() {
-                if kept.get(&key).map(|k| k.0) != Some(incarnation) {
-                    let _ = fs::remove_file(self.data_path(key, incarnation));
-                }
-            }
-        }
-        Ok(found)
-    }
-
     fn shard_dir(dir: &Path, file_id: u64) -> PathBuf {
         dir.join(names::shard_name(file_id))
     }
@@ -553,136 +412,6 @@ impl BlockStore {
     /// A fresh temp file path for a fetch in progress.
     pub fn temp_path(&self) -> PathBuf {
         self.tmp_dir.join(uuid::Uuid::new_v4().to_string())
-    }
-
-    /// Whether the blocks of a `file_size`-byte file share a data file.
-    pub fn shares_data_file(&self, file_size: u64, block_size: u64) -> bool {
-        block_size > 0
-            && file_size > block_size
-            && file_size <= self.capacity / SHARED_FILE_MAX_PART
-    }
-
-    /// Where to write block `id` of file version `fingerprint` if that file's blocks
-    /// share a data file; `None` if it is cached as a file of its own ([`Self::commit`]).
-    pub fn begin_shared(
-        &self,
-        id: BlockId,
-        fingerprint: Fingerprint,
-        block_size: u64,
-    ) -> io::Result<Option<SharedFill<'_>>> {
-        if !self.shares_data_file(fingerprint.size, block_size) {
-            return Ok(None);
-        }
-        let key = (id.0, fingerprint);
-        // Registered before the file is opened: the incarnation is then neither evicted
-        // nor deleted until the fill is over.
-        let incarnation = {
-            let mut idx = self.index.lock().expect("index lock");
-            let file = idx
-                .shared
-                .entry(key)
-                .or_insert_with(|| SharedFile::new(uuid::Uuid::new_v4().as_u64_pair().0));
-            file.filling += 1;
-            file.incarnation
-        };
-        let at = SharedAt {
-            incarnation,
-            offset: id.1 as u64 * block_size,
-        };
-        let path = self.data_path(key, incarnation);
-        let opened = (|| {
-            // Kept as it is: the file's other blocks are in it.
-            let open = || {
-                File::options()
-                    .write(true)
-                    .create(true)
-                    .truncate(false)
-                    .open(&path)
-            };
-            let mut file = match open() {
-                // A shard directory removed behind our back.
-                Err(e) if e.kind() == io::ErrorKind::NotFound => {
-                    fs::create_dir_all(Self::shard_dir(&self.files_dir, id.0))?;
-                    open()?
-                }
-                r => r?,
-            };
-            file.seek(SeekFrom::Start(at.offset))?;
-            Ok(file)
-        })();
-        match opened {
-            Ok(file) => Ok(Some(SharedFill {
-                store: self,
-                id,
-                fingerprint,
-                at,
-                file,
-                done: false,
-            })),
-            Err(e) => {
-                self.end_fill(key, incarnation);
-                Err(e)
-            }
-        }
-    }
-
-    /// A fill that enters nothing is over.
-    fn end_fill(&self, key: FileKey, incarnation: u64) {
-        let doomed = {
-            let mut idx = self.index.lock().expect("index lock");
-            idx.shared
-                .get_mut(&key)
-                .expect("a fill keeps its file")
-                .filling -= 1;
-            idx.release_shared(key, None);
-            if idx.holds(key, incarnation) {
-                Vec::new()
-            } else {
-                vec![Doomed::Data(key, incarnation)]
-            }
-        };
-        self.delete_files(doomed);
-    }
-
-    fn commit_shared(
-        &self,
-        id: BlockId,
-        fingerprint: Fingerprint,
-        at: SharedAt,
-        len: u64,
-        crc: u32,
-    ) -> io::Result<CachedBlock> {
-        let key = (id.0, fingerprint);
-        let entry = Entry {
-            len,
-            fingerprint,
-            crc,
-            verified: true,
-            tick: 0,
-            shared: Some(at),
-        };
-        let marker = self.entry_path(id, &entry);
-        let block = self.served(id, &entry);
-        let mut doomed = Vec::new();
-        {
-            let mut idx = self.index.lock().expect("index lock");
-            // The marker commits the block (made under the lock, as a block file's rename).
-            if let Err(e) = File::create(&marker) {
-                drop(idx);
-                self.end_fill(key, at.incarnation);
-                return Err(e);
-            }
-            if let Some(old) = idx.take(id) {
-                doomed.extend(self.doom(&idx, id, &old));
-            }
-            // The fill still counts, so the file is in the index with this incarnation.
-            let file = idx.shared.get_mut(&key).expect("a fill keeps its file");
-            file.blocks.insert(id.1);
-            file.filling -= 1;
-            self.enter(&mut idx, id, entry, &mut doomed);
-        }
-        self.delete_files(doomed);
-        Ok(block)
     }
 
     /// Adds a committed entry and evicts what that makes too much.
@@ -866,251 +595,4 @@ impl BlockStore {
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    const FP: Fingerprint = Fingerprint {
-        size: 100,
-        mtime_ns: 1,
-    };
-
-    fn put(store: &BlockStore, id: BlockId, data: &[u8]) -> CachedBlock {
-        let tmp = store.temp_path();
-        fs::write(&tmp, data).unwrap();
-        store
-            .commit(id, FP, &tmp, data.len() as u64, crc32c::crc32c(data))
-            .unwrap()
-    }
-
-    /// Caches block `index` of a file of `size` bytes in 100-byte blocks through its
-    /// shared data file.
-    fn put_shared(store: &BlockStore, id: BlockId, fp: Fingerprint, data: &[u8]) -> CachedBlock {
-        use std::io::Write;
-        let mut fill = store.begin_shared(id, fp, 100).unwrap().expect("shared");
-        fill.file.write_all(data).unwrap();
-        fill.commit(data.len() as u64, crc32c::crc32c(data))
-            .unwrap()
-    }
-
-    const SHARED_FP: Fingerprint = Fingerprint {
-        size: 250,
-        mtime_ns: 5,
-    };
-
-    #[test]
-    fn blocks_of_a_file_share_one_data_file_that_survives_a_restart() {
-        let dir = tempfile::tempdir().unwrap();
-        let data: Vec<u8> = (0..250u32).map(|i| i as u8).collect();
-        let path = {
-            let (s, _) = BlockStore::open(dir.path(), 1 << 20, 0.9, 0.8).unwrap();
-            assert!(
-                !s.shares_data_file(100, 100),
-                "one block: a file of its own"
-            );
-            assert!(
-                !s.shares_data_file((1 << 20) / 8 + 1, 100),
-                "too big to evict whole"
-            );
-            let blocks: Vec<CachedBlock> = [2u32, 0, 1]
-                .iter()
-                .map(|&i| {
-                    let start = i as usize * 100;
-                    put_shared(&s, (3, i), SHARED_FP, &data[start..(start + 100).min(250)])
-                })
-                .collect();
-            assert!(blocks.iter().all(|b| b.path == blocks[0].path));
-            assert_eq!(
-                blocks.iter().map(|b| (b.offset, b.len)).collect::<Vec<_>>(),
-                [(200, 50), (0, 100), (100, 100)]
-            );
-            assert_eq!(fs::read(&blocks[0].path).unwrap(), data, "the file, whole");
-            blocks[0].path.clone()
-        };
-        let (s, report) = BlockStore::open(dir.path(), 1 << 20, 0.9, 0.8).unwrap();
-        assert_eq!((report.blocks, report.bytes), (3, 250));
-        // Bytes changed behind the cache's back fail only their own block's checksum.
-        let f = File::options().write(true).open(&path).unwrap();
-        f.write_all_at(b"XX", 120).unwrap();
-        let first = s.lookup((3, 0), SHARED_FP).unwrap();
-        assert_eq!(
-            (first.path, first.offset, first.len),
-            (path.clone(), 0, 100)
-        );
-        assert!(s.lookup((3, 1), SHARED_FP).is_none());
-        assert!(s.lookup((3, 2), SHARED_FP).is_some());
-        assert!(path.exists(), "the file's other blocks are still cached");
-    }
-
-    #[test]
-    fn a_shared_file_is_evicted_whole_and_open_readers_keep_their_bytes() {
-        let dir = tempfile::tempdir().unwrap();
-        let (s, _) = BlockStore::open(dir.path(), 2000, 0.9, 0.5).unwrap();
-        put_shared(&s, (3, 0), SHARED_FP, &[1; 100]);
-        let last = put_shared(&s, (3, 2), SHARED_FP, &[3; 50]);
-        put_shared(&s, (3, 1), SHARED_FP, &[2; 100]);
-        let reader = File::open(&last.path).unwrap();
-        for i in 0..7 {
-            put(&s, (10, i), &[0; 200]);
-        }
-        // 250 + 1400 = 1650 <= 1800; one more block goes over and evicts from the
-        // least recently used, the shared file, all of whose blocks go together.
-        put(&s, (10, 7), &[0; 200]);
-        for i in 0..3 {
-            assert!(s.lookup((3, i), SHARED_FP).is_none());
-        }
-        assert!(!last.path.exists());
-        assert_eq!(
-            fs::read_dir(last.path.parent().unwrap()).unwrap().count(),
-            0
-        );
-        let mut buf = [0u8; 250];
-        reader.read_exact_at(&mut buf, 0).unwrap();
-        assert_eq!(buf[..100], [1; 100]);
-        assert_eq!(buf[200..], [3; 50]);
-        let (_, removed) = s.take_deltas();
-        assert!(removed.contains(&(3, 1)));
-        // Cached again, the file gets a data file of another name: a reader told the old
-        // name before the eviction finds nothing there rather than a file with holes.
-        let again = put_shared(&s, (3, 1), SHARED_FP, &[2; 100]);
-        assert_ne!(again.path, last.path);
-        assert!(!last.path.exists());
-    }
-
-    #[test]
-    fn of_two_incarnations_of_a_file_the_restart_keeps_the_fuller() {
-        let dir = tempfile::tempdir().unwrap();
-        let (kept, stray) = {
-            let (s, _) = BlockStore::open(dir.path(), 1 << 20, 0.9, 0.8).unwrap();
-            put_shared(&s, (3, 0), SHARED_FP, &[1; 100]);
-            let kept = put_shared(&s, (3, 1), SHARED_FP, &[2; 100]);
-            // Left by a crash: an older data file of the same version, with one block.
-            let stray = s.data_path((3, SHARED_FP), 7);
-            fs::write(&stray, [1; 100]).unwrap();
-            let entry = Entry {
-                len: 100,
-                fingerprint: SHARED_FP,
-                crc: crc32c::crc32c(&[1; 100]),
-                verified: false,
-                tick: 0,
-                shared: Some(SharedAt {
-                    incarnation: 7,
-                    offset: 0,
-                }),
-            };
-            File::create(s.entry_path((3, 0), &entry)).unwrap();
-            (kept, stray)
-        };
-        let (s, report) = BlockStore::open(dir.path(), 1 << 20, 0.9, 0.8).unwrap();
-        assert_eq!((report.blocks, report.discarded), (2, 1));
-        assert!(!stray.exists());
-        assert_eq!(s.lookup((3, 0), SHARED_FP).unwrap().path, kept.path);
-        assert_eq!(fs::read_dir(stray.parent().unwrap()).unwrap().count(), 3);
-    }
-
-    #[test]
-    fn a_fill_that_is_not_committed_leaves_nothing() {
-        use std::io::Write;
-        let dir = tempfile::tempdir().unwrap();
-        let (s, _) = BlockStore::open(dir.path(), 1 << 20, 0.9, 0.8).unwrap();
-        let path = {
-            let mut fill = s.begin_shared((4, 1), SHARED_FP, 100).unwrap().unwrap();
-            fill.file.write_all(b"half").unwrap();
-            s.data_path((4, SHARED_FP), fill.at.incarnation)
-        };
-        assert!(!path.exists());
-        assert!(s.is_empty());
-        let block = put_shared(&s, (4, 0), SHARED_FP, &[9; 100]);
-        assert_eq!(fs::metadata(&block.path).unwrap().len(), 100);
-    }
-
-    #[test]
-    fn lru_eviction_between_watermarks() {
-        let dir = tempfile::tempdir().unwrap();
-        let (s, _) = BlockStore::open(dir.path(), 1000, 0.9, 0.5).unwrap();
-        let blocks: Vec<CachedBlock> = (0..4).map(|i| put(&s, (1, i), &[i as u8; 200])).collect();
-        assert_eq!(s.used(), 800);
-        assert!(s.lookup((1, 0), FP).is_some()); // block 0 is now the most recent
-        put(&s, (1, 4), &[4; 200]); // 1000 > 900: evict down to <= 500
-        assert!(s.used() <= 500, "used {}", s.used());
-        assert!(s.lookup((1, 0), FP).is_some());
-        assert!(s.lookup((1, 4), FP).is_some());
-        assert!(s.lookup((1, 1), FP).is_none());
-        assert!(!blocks[1].path.exists());
-        let (added, removed) = s.take_deltas();
-        assert_eq!(added.len(), 5);
-        assert_eq!(removed.len(), 3);
-    }
-
-    #[test]
-    fn restart_keeps_valid_blocks_and_drops_corrupt_or_partial_ones() {
-        let dir = tempfile::tempdir().unwrap();
-        let (truncated, old_version, old_layout) = {
-            let (s, _) = BlockStore::open(dir.path(), 1 << 20, 0.9, 0.8).unwrap();
-            put(&s, (7, 0), b"good block");
-            let corrupt = put(&s, (7, 1), b"will be corrupted");
-            let truncated = put(&s, (8, 0), b"cut short by a crash");
-            let old_version = put(&s, (9, 0), b"old version");
-            fs::write(&corrupt.path, b"WILL BE CORRUPTED").unwrap();
-            fs::write(&truncated.path, b"cut").unwrap();
-            fs::write(s.temp_path(), b"partial fetch").unwrap();
-            // A crash between caching a new version and deleting the old one.
-            let kept = old_version.path.with_file_name("kept");
-            fs::copy(&old_version.path, &kept).unwrap();
-            let new_version = put(&s, (9, 0), b"new version!");
-            let an_hour_ago = std::time::SystemTime::now() - std::time::Duration::from_secs(3600);
-            File::options()
-                .write(true)
-                .open(&kept)
-                .unwrap()
-                .set_modified(an_hour_ago)
-                .unwrap();
-            assert!(new_version.path.exists());
-            fs::rename(&kept, &old_version.path).unwrap();
-            let old_layout = dir.path().join("blocks/0000000000000007");
-            fs::create_dir_all(&old_layout).unwrap();
-            fs::write(old_layout.join("0"), b"older layout").unwrap();
-            (truncated, old_version, old_layout)
-        };
-        let (s, report) = BlockStore::open(dir.path(), 1 << 20, 0.9, 0.8).unwrap();
-        assert_eq!(report.blocks, 3);
-        assert_eq!(s.lookup((7, 0), FP).unwrap().len, 10);
-        assert!(
-            s.lookup((7, 1), FP).is_none(),
-            "checksum mismatch must not be served"
-        );
-        assert!(s.lookup((8, 0), FP).is_none());
-        assert!(!truncated.path.exists());
-        let newest = s.lookup((9, 0), FP).unwrap();
-        assert_eq!(fs::read(newest.path).unwrap(), b"new version!");
-        assert!(!old_version.path.exists());
-        assert!(!old_layout.exists());
-        assert_eq!(fs::read_dir(dir.path().join("tmp")).unwrap().count(), 0);
-    }
-
-    #[test]
-    fn a_new_ufs_version_invalidates_the_block() {
-        let dir = tempfile::tempdir().unwrap();
-        let (s, _) = BlockStore::open(dir.path(), 1 << 20, 0.9, 0.8).unwrap();
-        let v1 = put(&s, (1, 0), b"v1");
-        let newer = Fingerprint {
-            size: 100,
-            mtime_ns: 2,
-        };
-        assert!(s.lookup((1, 0), newer).is_none());
-        assert!(s.lookup((1, 0), FP).is_none(), "the stale block is gone");
-        assert!(!v1.path.exists());
-    }
-
-    #[test]
-    fn shrinking_capacity_evicts_on_open() {
-        let dir = tempfile::tempdir().unwrap();
-        {
-            let (s, _) = BlockStore::open(dir.path(), 1 << 20, 0.9, 0.8).unwrap();
-            for i in 0..10 {
-                put(&s, (2, i), &[0; 100]);
-            }
-        }
-        let (s, _) = BlockStore::open(dir.path(), 500, 0.9, 0.6).unwrap();
-        assert!(s.used() <= 300, "used {}", s.used());
-    }
-}
+mod tests;

@@ -1,0 +1,248 @@
+//! The block store against a real directory: layouts, eviction, restarts.
+
+use super::*;
+
+const FP: Fingerprint = Fingerprint {
+    size: 100,
+    mtime_ns: 1,
+};
+
+fn put(store: &BlockStore, id: BlockId, data: &[u8]) -> CachedBlock {
+    let tmp = store.temp_path();
+    fs::write(&tmp, data).unwrap();
+    store
+        .commit(id, FP, &tmp, data.len() as u64, crc32c::crc32c(data))
+        .unwrap()
+}
+
+/// Caches block `index` of a file of `size` bytes in 100-byte blocks through its
+/// shared data file.
+fn put_shared(store: &BlockStore, id: BlockId, fp: Fingerprint, data: &[u8]) -> CachedBlock {
+    use std::io::Write;
+    let mut fill = store.begin_shared(id, fp, 100).unwrap().expect("shared");
+    fill.file.write_all(data).unwrap();
+    fill.commit(data.len() as u64, crc32c::crc32c(data))
+        .unwrap()
+}
+
+const SHARED_FP: Fingerprint = Fingerprint {
+    size: 250,
+    mtime_ns: 5,
+};
+
+#[test]
+fn blocks_of_a_file_share_one_data_file_that_survives_a_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    let data: Vec<u8> = (0..250u32).map(|i| i as u8).collect();
+    let path = {
+        let (s, _) = BlockStore::open(dir.path(), 1 << 20, 0.9, 0.8).unwrap();
+        assert!(
+            !s.shares_data_file(100, 100),
+            "one block: a file of its own"
+        );
+        assert!(
+            !s.shares_data_file((1 << 20) / 8 + 1, 100),
+            "too big to evict whole"
+        );
+        let blocks: Vec<CachedBlock> = [2u32, 0, 1]
+            .iter()
+            .map(|&i| {
+                let start = i as usize * 100;
+                put_shared(&s, (3, i), SHARED_FP, &data[start..(start + 100).min(250)])
+            })
+            .collect();
+        assert!(blocks.iter().all(|b| b.path == blocks[0].path));
+        assert_eq!(
+            blocks.iter().map(|b| (b.offset, b.len)).collect::<Vec<_>>(),
+            [(200, 50), (0, 100), (100, 100)]
+        );
+        assert_eq!(fs::read(&blocks[0].path).unwrap(), data, "the file, whole");
+        blocks[0].path.clone()
+    };
+    let (s, report) = BlockStore::open(dir.path(), 1 << 20, 0.9, 0.8).unwrap();
+    assert_eq!((report.blocks, report.bytes), (3, 250));
+    // Bytes changed behind the cache's back fail only their own block's checksum.
+    let f = File::options().write(true).open(&path).unwrap();
+    f.write_all_at(b"XX", 120).unwrap();
+    let first = s.lookup((3, 0), SHARED_FP).unwrap();
+    assert_eq!(
+        (first.path, first.offset, first.len),
+        (path.clone(), 0, 100)
+    );
+    assert!(s.lookup((3, 1), SHARED_FP).is_none());
+    assert!(s.lookup((3, 2), SHARED_FP).is_some());
+    assert!(path.exists(), "the file's other blocks are still cached");
+}
+
+#[test]
+fn a_shared_file_is_evicted_whole_and_open_readers_keep_their_bytes() {
+    let dir = tempfile::tempdir().unwrap();
+    let (s, _) = BlockStore::open(dir.path(), 2000, 0.9, 0.5).unwrap();
+    put_shared(&s, (3, 0), SHARED_FP, &[1; 100]);
+    let last = put_shared(&s, (3, 2), SHARED_FP, &[3; 50]);
+    put_shared(&s, (3, 1), SHARED_FP, &[2; 100]);
+    let reader = File::open(&last.path).unwrap();
+    for i in 0..7 {
+        put(&s, (10, i), &[0; 200]);
+    }
+    // 250 + 1400 = 1650 <= 1800; one more block goes over and evicts from the
+    // least recently used, the shared file, all of whose blocks go together.
+    put(&s, (10, 7), &[0; 200]);
+    for i in 0..3 {
+        assert!(s.lookup((3, i), SHARED_FP).is_none());
+    }
+    assert!(!last.path.exists());
+    assert_eq!(
+        fs::read_dir(last.path.parent().unwrap()).unwrap().count(),
+        0
+    );
+    let mut buf = [0u8; 250];
+    reader.read_exact_at(&mut buf, 0).unwrap();
+    assert_eq!(buf[..100], [1; 100]);
+    assert_eq!(buf[200..], [3; 50]);
+    let (_, removed) = s.take_deltas();
+    assert!(removed.contains(&(3, 1)));
+    // Cached again, the file gets a data file of another name: a reader told the old
+    // name before the eviction finds nothing there rather than a file with holes.
+    let again = put_shared(&s, (3, 1), SHARED_FP, &[2; 100]);
+    assert_ne!(again.path, last.path);
+    assert!(!last.path.exists());
+}
+
+#[test]
+fn of_two_incarnations_of_a_file_the_restart_keeps_the_fuller() {
+    let dir = tempfile::tempdir().unwrap();
+    let (kept, stray) = {
+        let (s, _) = BlockStore::open(dir.path(), 1 << 20, 0.9, 0.8).unwrap();
+        put_shared(&s, (3, 0), SHARED_FP, &[1; 100]);
+        let kept = put_shared(&s, (3, 1), SHARED_FP, &[2; 100]);
+        // Left by a crash: an older data file of the same version, with one block.
+        let stray = s.data_path((3, SHARED_FP), 7);
+        fs::write(&stray, [1; 100]).unwrap();
+        let entry = Entry {
+            len: 100,
+            fingerprint: SHARED_FP,
+            crc: crc32c::crc32c(&[1; 100]),
+            verified: false,
+            tick: 0,
+            shared: Some(SharedAt {
+                incarnation: 7,
+                offset: 0,
+            }),
+        };
+        File::create(s.entry_path((3, 0), &entry)).unwrap();
+        (kept, stray)
+    };
+    let (s, report) = BlockStore::open(dir.path(), 1 << 20, 0.9, 0.8).unwrap();
+    assert_eq!((report.blocks, report.discarded), (2, 1));
+    assert!(!stray.exists());
+    assert_eq!(s.lookup((3, 0), SHARED_FP).unwrap().path, kept.path);
+    assert_eq!(fs::read_dir(stray.parent().unwrap()).unwrap().count(), 3);
+}
+
+#[test]
+fn a_fill_that_is_not_committed_leaves_nothing() {
+    use std::io::Write;
+    let dir = tempfile::tempdir().unwrap();
+    let (s, _) = BlockStore::open(dir.path(), 1 << 20, 0.9, 0.8).unwrap();
+    let path = {
+        let mut fill = s.begin_shared((4, 1), SHARED_FP, 100).unwrap().unwrap();
+        fill.file.write_all(b"half").unwrap();
+        s.data_path((4, SHARED_FP), fill.at.incarnation)
+    };
+    assert!(!path.exists());
+    assert!(s.is_empty());
+    let block = put_shared(&s, (4, 0), SHARED_FP, &[9; 100]);
+    assert_eq!(fs::metadata(&block.path).unwrap().len(), 100);
+}
+
+#[test]
+fn lru_eviction_between_watermarks() {
+    let dir = tempfile::tempdir().unwrap();
+    let (s, _) = BlockStore::open(dir.path(), 1000, 0.9, 0.5).unwrap();
+    let blocks: Vec<CachedBlock> = (0..4).map(|i| put(&s, (1, i), &[i as u8; 200])).collect();
+    assert_eq!(s.used(), 800);
+    assert!(s.lookup((1, 0), FP).is_some()); // block 0 is now the most recent
+    put(&s, (1, 4), &[4; 200]); // 1000 > 900: evict down to <= 500
+    assert!(s.used() <= 500, "used {}", s.used());
+    assert!(s.lookup((1, 0), FP).is_some());
+    assert!(s.lookup((1, 4), FP).is_some());
+    assert!(s.lookup((1, 1), FP).is_none());
+    assert!(!blocks[1].path.exists());
+    let (added, removed) = s.take_deltas();
+    assert_eq!(added.len(), 5);
+    assert_eq!(removed.len(), 3);
+}
+
+#[test]
+fn restart_keeps_valid_blocks_and_drops_corrupt_or_partial_ones() {
+    let dir = tempfile::tempdir().unwrap();
+    let (truncated, old_version, old_layout) = {
+        let (s, _) = BlockStore::open(dir.path(), 1 << 20, 0.9, 0.8).unwrap();
+        put(&s, (7, 0), b"good block");
+        let corrupt = put(&s, (7, 1), b"will be corrupted");
+        let truncated = put(&s, (8, 0), b"cut short by a crash");
+        let old_version = put(&s, (9, 0), b"old version");
+        fs::write(&corrupt.path, b"WILL BE CORRUPTED").unwrap();
+        fs::write(&truncated.path, b"cut").unwrap();
+        fs::write(s.temp_path(), b"partial fetch").unwrap();
+        // A crash between caching a new version and deleting the old one.
+        let kept = old_version.path.with_file_name("kept");
+        fs::copy(&old_version.path, &kept).unwrap();
+        let new_version = put(&s, (9, 0), b"new version!");
+        let an_hour_ago = std::time::SystemTime::now() - std::time::Duration::from_secs(3600);
+        File::options()
+            .write(true)
+            .open(&kept)
+            .unwrap()
+            .set_modified(an_hour_ago)
+            .unwrap();
+        assert!(new_version.path.exists());
+        fs::rename(&kept, &old_version.path).unwrap();
+        let old_layout = dir.path().join("blocks/0000000000000007");
+        fs::create_dir_all(&old_layout).unwrap();
+        fs::write(old_layout.join("0"), b"older layout").unwrap();
+        (truncated, old_version, old_layout)
+    };
+    let (s, report) = BlockStore::open(dir.path(), 1 << 20, 0.9, 0.8).unwrap();
+    assert_eq!(report.blocks, 3);
+    assert_eq!(s.lookup((7, 0), FP).unwrap().len, 10);
+    assert!(
+        s.lookup((7, 1), FP).is_none(),
+        "checksum mismatch must not be served"
+    );
+    assert!(s.lookup((8, 0), FP).is_none());
+    assert!(!truncated.path.exists());
+    let newest = s.lookup((9, 0), FP).unwrap();
+    assert_eq!(fs::read(newest.path).unwrap(), b"new version!");
+    assert!(!old_version.path.exists());
+    assert!(!old_layout.exists());
+    assert_eq!(fs::read_dir(dir.path().join("tmp")).unwrap().count(), 0);
+}
+
+#[test]
+fn a_new_ufs_version_invalidates_the_block() {
+    let dir = tempfile::tempdir().unwrap();
+    let (s, _) = BlockStore::open(dir.path(), 1 << 20, 0.9, 0.8).unwrap();
+    let v1 = put(&s, (1, 0), b"v1");
+    let newer = Fingerprint {
+        size: 100,
+        mtime_ns: 2,
+    };
+    assert!(s.lookup((1, 0), newer).is_none());
+    assert!(s.lookup((1, 0), FP).is_none(), "the stale block is gone");
+    assert!(!v1.path.exists());
+}
+
+#[test]
+fn shrinking_capacity_evicts_on_open() {
+    let dir = tempfile::tempdir().unwrap();
+    {
+        let (s, _) = BlockStore::open(dir.path(), 1 << 20, 0.9, 0.8).unwrap();
+        for i in 0..10 {
+            put(&s, (2, i), &[0; 100]);
+        }
+    }
+    let (s, _) = BlockStore::open(dir.path(), 500, 0.9, 0.6).unwrap();
+    assert!(s.used() <= 300, "used {}", s.used());
+}
