@@ -21,5 +21,7 @@ pub mod raft {
 /// Status metadata a non-leader master adds to name the leader's address.
 pub const LEADER_METADATA_KEY: &str = "x-granary-leader";
 
-/// Version spoken on the data port; bumped on incompatible header changes.
-pub const DATA_PROTOCOL_VERSION: u32 = 2;
+/// Version spoken on the data port; bumped on incompatible header changes. 3: a
+/// short-circuit answer's `local_path` may be a shared data file holding the block at
+/// `local_offset` (a client of 2 would read it at offset 0).
+pub const DATA_PROTOCOL_VERSION: u32 = 3;
