@@ -324,10 +324,12 @@ impl Ufs for LocalUfs {
         let mut copied = 0;
         while copied < len {
             let want = (len - copied).min(buf.len() as u64) as usize;
-            let n = f.read_at(&mut buf[..want], offset + copied)?;
-            if n == 0 {
-                break;
-            }
+            let n = match f.read_at(&mut buf[..want], offset + copied) {
+                Ok(0) => break,
+                Ok(n) => n,
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+                Err(e) => return Err(e.into()),
+            };
             sink.write_all(&buf[..n])?;
             copied += n as u64;
         }
