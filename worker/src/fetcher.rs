@@ -38,10 +38,16 @@ struct CrcWriter<'a> {
     file: &'a mut File,
     crc: u32,
     len: u64,
+    /// The block's length: a UFS sending more must not write into the next block (a
+    /// shared data file holds it right after).
+    limit: u64,
 }
 
 impl Write for CrcWriter<'_> {
     fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        if self.len + buf.len() as u64 > self.limit {
+            return Err(io::Error::other("the UFS sent more than the block's bytes"));
+        }
         let n = self.file.write(buf)?;
         self.crc = crc32c::crc32c_append(self.crc, &buf[..n]);
         self.len += n as u64;
@@ -159,6 +165,7 @@ fn fetch(
             file,
             crc: 0,
             len: 0,
+            limit: len,
         };
         let copied = ufs.read_range(&src.ufs_path, id.1 as u64 * src.block_size, len, &mut w)?;
         if copied != len {
