@@ -370,8 +370,8 @@ impl BlockStore {
             let mut idx = self.index.lock().expect("index lock");
             let entry = idx.entries.get(&id)?;
             if entry.fingerprint != fingerprint {
-                let stale = idx.remove(id).expect("present");
-                let doomed = self.doom(&idx, id, &stale);
+                let mut doomed = Vec::new();
+                self.remove_with_file(&mut idx, id, &mut doomed);
                 drop(idx);
                 self.delete_files(doomed);
                 return None;
@@ -402,8 +402,8 @@ impl BlockStore {
             "cached block failed its checksum; dropping it"
         );
         metrics::counter!("granary_worker_checksum_failures_total").increment(1);
-        let bad = idx.remove(id).expect("present");
-        let doomed = self.doom(&idx, id, &bad);
+        let mut doomed = Vec::new();
+        self.remove_with_file(&mut idx, id, &mut doomed);
         drop(idx);
         self.delete_files(doomed);
         None
@@ -464,22 +464,46 @@ impl BlockStore {
         Ok(block)
     }
 
-    /// Drops the given blocks (those cached); returns how many and their bytes.
+    /// Drops the given blocks (those cached, and the other blocks of their shared data
+    /// files); returns how many and their bytes.
     pub fn evict(&self, ids: &[BlockId]) -> (u64, u64) {
         let mut doomed = Vec::new();
         let (mut blocks, mut bytes) = (0, 0);
         {
             let mut idx = self.index.lock().expect("index lock");
             for &id in ids {
-                if let Some(e) = idx.remove(id) {
-                    blocks += 1;
-                    bytes += e.len;
-                    doomed.extend(self.doom(&idx, id, &e));
-                }
+                let (b, n) = self.remove_with_file(&mut idx, id, &mut doomed);
+                blocks += b;
+                bytes += n;
             }
             metrics::gauge!("granary_worker_cache_used_bytes").set(idx.used as f64);
         }
         self.delete_files(doomed);
+        (blocks, bytes)
+    }
+
+    /// Drops `id`, reported as removed, and with a block of a shared data file every
+    /// block of that file: the file keeps all their bytes until its last block goes, so a
+    /// block alone would leave its bytes on disk, uncounted. Returns the blocks and bytes
+    /// dropped; adds the files to delete to `doomed`.
+    fn remove_with_file(
+        &self,
+        idx: &mut Index,
+        id: BlockId,
+        doomed: &mut Vec<Doomed>,
+    ) -> (u64, u64) {
+        let ids: Vec<BlockId> = match idx.entries.get(&id).and_then(|e| e.shared_key(id)) {
+            Some(key) => idx.shared[&key].blocks.iter().map(|&i| (id.0, i)).collect(),
+            None => vec![id],
+        };
+        let (mut blocks, mut bytes) = (0, 0);
+        for v in ids {
+            if let Some(e) = idx.remove(v) {
+                blocks += 1;
+                bytes += e.len;
+                doomed.extend(self.doom(idx, v, &e));
+            }
+        }
         (blocks, bytes)
     }
 
@@ -501,23 +525,12 @@ impl BlockStore {
             let Some(e) = idx.entries.get(&id) else {
                 continue; // gone with a shared file
             };
-            let victims: Vec<BlockId> = match e.shared_key(id) {
-                _ if Some(id) == keep => continue,
-                None => vec![id],
-                Some(key) => {
-                    let file = &idx.shared[&key];
-                    if Some(key) == keep_key || file.filling > 0 {
-                        continue;
-                    }
-                    file.blocks.iter().map(|&i| (id.0, i)).collect()
-                }
-            };
-            for v in victims {
-                if let Some(e) = idx.remove(v) {
-                    evicted += 1;
-                    doomed.extend(self.doom(idx, v, &e));
-                }
+            let busy = |key| Some(key) == keep_key || idx.shared[&key].filling > 0;
+            if Some(id) == keep || e.shared_key(id).is_some_and(busy) {
+                continue;
             }
+            let (blocks, _) = self.remove_with_file(idx, id, &mut doomed);
+            evicted += blocks;
         }
         metrics::counter!("granary_worker_evictions_total").increment(evicted);
         doomed

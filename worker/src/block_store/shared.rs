@@ -62,9 +62,35 @@ impl SharedFill<'_> {
     }
 }
 
+/// Frees `len` bytes of `file` from `offset` (they read as zeros after), best effort.
+fn punch_hole(file: &File, offset: u64, len: u64) {
+    use std::os::fd::AsRawFd;
+    if len == 0 {
+        return;
+    }
+    // SAFETY: an open descriptor and a range; the call only deallocates that range.
+    unsafe {
+        libc::fallocate(
+            file.as_raw_fd(),
+            libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
+            offset as libc::off_t,
+            len as libc::off_t,
+        );
+    }
+}
+
 impl Drop for SharedFill<'_> {
     fn drop(&mut self) {
         if !self.done {
+            // What this fill wrote is no block's (no reader was told of it): give the
+            // space back, or it would sit in the data file, uncounted, until the file goes.
+            if let Ok(end) = self.file.stream_position() {
+                punch_hole(
+                    &self.file,
+                    self.at.offset,
+                    end.saturating_sub(self.at.offset),
+                );
+            }
             self.store
                 .end_fill((self.id.0, self.fingerprint), self.at.incarnation);
         }

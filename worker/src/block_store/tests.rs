@@ -61,7 +61,8 @@ fn blocks_of_a_file_share_one_data_file_that_survives_a_restart() {
     };
     let (s, report) = BlockStore::open(dir.path(), 1 << 20, 0.9, 0.8).unwrap();
     assert_eq!((report.blocks, report.bytes), (3, 250));
-    // Bytes changed behind the cache's back fail only their own block's checksum.
+    // Bytes changed behind the cache's back fail their own block's checksum only, and
+    // that block takes its file's other blocks with it (they share its bytes on disk).
     let f = File::options().write(true).open(&path).unwrap();
     f.write_all_at(b"XX", 120).unwrap();
     let first = s.lookup((3, 0), SHARED_FP).unwrap();
@@ -70,8 +71,9 @@ fn blocks_of_a_file_share_one_data_file_that_survives_a_restart() {
         (path.clone(), 0, 100)
     );
     assert!(s.lookup((3, 1), SHARED_FP).is_none());
-    assert!(s.lookup((3, 2), SHARED_FP).is_some());
-    assert!(path.exists(), "the file's other blocks are still cached");
+    assert!(s.lookup((3, 2), SHARED_FP).is_none());
+    assert!(s.is_empty());
+    assert!(!path.exists());
 }
 
 #[test]
@@ -152,8 +154,18 @@ fn a_fill_that_is_not_committed_leaves_nothing() {
     };
     assert!(!path.exists());
     assert!(s.is_empty());
+    // A fill that fails next to a committed block gives its bytes back.
     let block = put_shared(&s, (4, 0), SHARED_FP, &[9; 100]);
-    assert_eq!(fs::metadata(&block.path).unwrap().len(), 100);
+    {
+        let mut fill = s.begin_shared((4, 1), SHARED_FP, 100).unwrap().unwrap();
+        fill.file.write_all(&[7; 100]).unwrap();
+    }
+    let mut tail = [1u8; 100];
+    File::open(&block.path)
+        .unwrap()
+        .read_exact_at(&mut tail, 100)
+        .unwrap();
+    assert_eq!(tail, [0; 100], "the failed fill's bytes are a hole");
 }
 
 #[test]
@@ -245,4 +257,28 @@ fn shrinking_capacity_evicts_on_open() {
     }
     let (s, _) = BlockStore::open(dir.path(), 500, 0.9, 0.6).unwrap();
     assert!(s.used() <= 300, "used {}", s.used());
+}
+
+#[test]
+fn dropping_one_block_of_a_shared_file_drops_the_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let (s, _) = BlockStore::open(dir.path(), 1 << 20, 0.9, 0.8).unwrap();
+    put_shared(&s, (3, 0), SHARED_FP, &[1; 100]);
+    let b = put_shared(&s, (3, 1), SHARED_FP, &[2; 100]);
+    put(&s, (9, 0), b"a block file");
+    s.take_deltas();
+    assert_eq!(s.evict(&[(3, 1)]), (2, 200));
+    assert_eq!(s.used(), 12);
+    assert!(!b.path.exists());
+    let (_, removed) = s.take_deltas();
+    assert_eq!(removed.len(), 2);
+    // A new version of the file drops the old one whole too.
+    put_shared(&s, (3, 0), SHARED_FP, &[1; 100]);
+    put_shared(&s, (3, 1), SHARED_FP, &[2; 100]);
+    let newer = Fingerprint {
+        size: 250,
+        mtime_ns: 6,
+    };
+    assert!(s.lookup((3, 0), newer).is_none());
+    assert_eq!(s.len(), 1, "only the block file is left");
 }
