@@ -51,6 +51,17 @@ pub struct ReadState {
     last_end: u64,
     warmed: HashSet<u32>,
     locations: Option<HashMap<u32, Vec<String>>>,
+    /// The block the last short-circuit read was in.
+    last_local: Option<u32>,
+}
+
+impl ReadState {
+    /// Lets go of the cache files but the last block's: what a state kept between reads
+    /// holds open (each keeps its file's disk space if the worker evicts it meanwhile).
+    pub fn trim(&mut self) {
+        let last = self.last_local;
+        self.local_files.retain(|&index, _| Some(index) == last);
+    }
 }
 
 /// Readahead bytes held for one handle, with the memory they hold.
@@ -230,6 +241,7 @@ impl BlockReader {
                     }
                 }
             }
+            state.last_local = Some(index);
             let (f, base) = &state.local_files[&index];
             let start = out.len();
             out.resize(start + span.len as usize, 0);

@@ -1,59 +1,129 @@
 //! Read states for files the kernel opened by itself (zero-message opens): their READs
 //! carry no handle, so each inode keeps a few states between reads, one per concurrent
-//! reader, and a sequential reader keeps its readahead window and open cache files.
+//! reader, and a sequential reader keeps its readahead window and open cache file. A
+//! state unused for a second is dropped (by a sweeper thread), so an idle mount holds no
+//! cache file open (which would keep an evicted one's disk space) and no buffer memory.
 
-use std::sync::{Arc, Mutex};
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, Once, Weak};
+use std::time::{Duration, Instant};
 
 use granary_protos::v1::UfsFingerprint;
-use quick_cache::sync::Cache;
 
 use crate::block_reader::ReadState;
 
-/// Inodes whose states are kept (each state may hold open cache files).
-const INODES: usize = 1024;
-/// States kept per inode: as many as readers of one file at once, within reason.
-const PER_INODE: usize = 16;
-
-type States = Arc<Mutex<Vec<(UfsFingerprint, ReadState)>>>;
+/// How long an unused state is kept.
+const IDLE: Duration = Duration::from_secs(1);
+/// States kept in all, and per inode (as many as readers of one file at once).
+const MAX_STATES: usize = 256;
+const PER_INODE: usize = 8;
 
 pub struct UnopenedReads {
-    by_inode: Cache<u64, States>,
+    pool: Arc<Mutex<Pool>>,
+    sweeper: Once,
 }
 
 impl Default for UnopenedReads {
     fn default() -> Self {
         UnopenedReads {
-            by_inode: Cache::new(INODES),
+            pool: Default::default(),
+            sweeper: Once::new(),
         }
+    }
+}
+
+#[derive(Default)]
+struct Pool {
+    by_inode: HashMap<u64, Vec<Kept>>,
+    states: usize,
+}
+
+struct Kept {
+    version: UfsFingerprint,
+    state: ReadState,
+    since: Instant,
+}
+
+impl Pool {
+    /// Removes the states unused for `IDLE`; returns them, to be dropped unlocked.
+    fn expire(&mut self, now: Instant) -> Vec<Kept> {
+        let mut expired = Vec::new();
+        self.by_inode.retain(|_, kept| {
+            let (old, fresh): (Vec<Kept>, Vec<Kept>) =
+                kept.drain(..).partition(|k| now - k.since >= IDLE);
+            expired.extend(old);
+            *kept = fresh;
+            !kept.is_empty()
+        });
+        self.states -= expired.len();
+        expired
     }
 }
 
 impl UnopenedReads {
     /// A state for reading `version` of `ino`: one a reader put back, or a fresh one.
     pub fn take(&self, ino: u64, version: UfsFingerprint) -> ReadState {
-        let Some(states) = self.by_inode.get(&ino) else {
-            return ReadState::default();
+        let mut stale = Vec::new();
+        let found = {
+            let mut pool = self.pool.lock().expect("read states lock");
+            let mut found = None;
+            if let Some(kept) = pool.by_inode.get_mut(&ino) {
+                while let Some(k) = kept.pop() {
+                    if k.version == version {
+                        found = Some(k.state);
+                        break;
+                    }
+                    stale.push(k);
+                }
+                if kept.is_empty() {
+                    pool.by_inode.remove(&ino);
+                }
+            }
+            pool.states -= stale.len() + usize::from(found.is_some());
+            found
         };
-        let mut states = states.lock().expect("read states lock");
-        // States of another version are of no use any more.
-        states.retain(|(v, _)| *v == version);
-        states.pop().map(|(_, s)| s).unwrap_or_default()
+        drop(stale);
+        found.unwrap_or_default()
     }
 
-    /// Keeps `state` for the next read of `ino`.
-    pub fn put(&self, ino: u64, version: UfsFingerprint, state: ReadState) {
-        let states = match self.by_inode.get(&ino) {
-            Some(s) => s,
-            None => {
-                let fresh = States::default();
-                self.by_inode.insert(ino, fresh.clone());
-                fresh
-            }
-        };
-        let mut states = states.lock().expect("read states lock");
-        if states.len() < PER_INODE {
-            states.push((version, state));
+    /// Keeps `state` for the next read of `ino`, trimmed to what a next read can use.
+    pub fn put(&self, ino: u64, version: UfsFingerprint, mut state: ReadState) {
+        self.sweeper
+            .call_once(|| spawn_sweeper(Arc::downgrade(&self.pool)));
+        state.trim();
+        let mut pool = self.pool.lock().expect("read states lock");
+        if pool.states >= MAX_STATES {
+            return;
         }
+        let kept = pool.by_inode.entry(ino).or_default();
+        if kept.len() < PER_INODE {
+            kept.push(Kept {
+                version,
+                state,
+                since: Instant::now(),
+            });
+            pool.states += 1;
+        }
+    }
+}
+
+fn spawn_sweeper(pool: Weak<Mutex<Pool>>) {
+    let sweep = move || loop {
+        std::thread::sleep(IDLE);
+        let Some(pool) = pool.upgrade() else {
+            return;
+        };
+        let expired = pool
+            .lock()
+            .expect("read states lock")
+            .expire(Instant::now());
+        drop(expired);
+    };
+    if let Err(e) = std::thread::Builder::new()
+        .name("granary-read-states".into())
+        .spawn(sweep)
+    {
+        tracing::warn!(error = %e, "cannot start the read-state sweeper; idle states stay until reused");
     }
 }
 
@@ -66,33 +136,36 @@ mod tests {
         mtime_ns: 1,
     };
 
-    fn kept(pool: &UnopenedReads, ino: u64) -> usize {
-        pool.by_inode
-            .get(&ino)
-            .map_or(0, |s| s.lock().unwrap().len())
+    fn kept(pool: &UnopenedReads) -> usize {
+        pool.pool.lock().unwrap().states
     }
 
     #[test]
-    fn states_come_back_per_inode_and_version_and_stay_bounded() {
+    fn states_come_back_per_inode_and_version_bounded_and_expire() {
         let pool = UnopenedReads::default();
         pool.put(1, V1, ReadState::default());
         pool.put(1, V1, ReadState::default());
-        assert_eq!(kept(&pool, 1), 2);
+        assert_eq!(kept(&pool), 2);
         pool.take(1, V1);
-        assert_eq!(kept(&pool, 1), 1);
+        assert_eq!(kept(&pool), 1);
         let newer = UfsFingerprint {
             size: 10,
             mtime_ns: 2,
         };
         pool.take(1, newer);
-        assert_eq!(kept(&pool, 1), 0, "a state of another version is dropped");
+        assert_eq!(kept(&pool), 0, "a state of another version is dropped");
         for _ in 0..2 * PER_INODE {
             pool.put(2, V1, ReadState::default());
         }
-        assert_eq!(kept(&pool, 2), PER_INODE);
-        for ino in 0..4 * INODES as u64 {
+        assert_eq!(kept(&pool), PER_INODE);
+        for ino in 0..2 * MAX_STATES as u64 {
             pool.put(100 + ino, V1, ReadState::default());
         }
-        assert!(pool.by_inode.len() <= INODES);
+        assert_eq!(kept(&pool), MAX_STATES);
+        let later = Instant::now() + IDLE;
+        let expired = pool.pool.lock().unwrap().expire(later);
+        assert_eq!(expired.len(), MAX_STATES);
+        assert_eq!(kept(&pool), 0);
+        assert!(pool.pool.lock().unwrap().by_inode.is_empty());
     }
 }
