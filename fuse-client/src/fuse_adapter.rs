@@ -29,8 +29,6 @@ pub struct KernelOptions {
     pub attr_ttl: Duration,
     pub keep_cache: bool,
     pub owner: OwnerOverride,
-    /// Files are opened by the kernel alone (zero-message opens; read-only mounts).
-    pub open_in_kernel: bool,
 }
 
 /// What request handlers share, on the FUSE threads and the offload threads alike.
@@ -38,6 +36,16 @@ pub struct Handlers {
     pub fs: Arc<GranaryFs>,
     pub opts: KernelOptions,
     pub passthrough: Passthrough,
+    /// Files are opened by the kernel alone (zero-message opens; read-only mounts); off
+    /// if the kernel cannot.
+    pub open_in_kernel: std::sync::atomic::AtomicBool,
+}
+
+impl Handlers {
+    fn opens_in_kernel(&self) -> bool {
+        self.open_in_kernel
+            .load(std::sync::atomic::Ordering::Relaxed)
+    }
 }
 
 pub struct FuseAdapter {
@@ -342,7 +350,16 @@ impl Filesystem for FuseAdapter {
                 passthrough.disable();
             }
         }
-        if self.handlers.opts.open_in_kernel {
+        if self.handlers.opens_in_kernel() {
+            if config
+                .add_capabilities(InitFlags::FUSE_NO_OPEN_SUPPORT)
+                .is_err()
+            {
+                tracing::warn!("kernel cannot open files without the mount (zero-message opens); open_in_kernel is off");
+                self.handlers
+                    .open_in_kernel
+                    .store(false, std::sync::atomic::Ordering::Relaxed);
+            }
             // With no opens to drop it, a file's page cache goes when its attributes (from
             // a lookup or getattr) show a new version.
             let _ = config.add_capabilities(InitFlags::FUSE_AUTO_INVAL_DATA);
@@ -381,7 +398,7 @@ impl Filesystem for FuseAdapter {
 
     fn open(&self, _req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
         let h = &self.handlers;
-        if h.opts.open_in_kernel {
+        if h.opens_in_kernel() {
             // The kernel takes ENOSYS as "opens need no request": this open and every later
             // one succeed without one, with the page cache kept (FOPEN_KEEP_CACHE).
             return reply.error(Errno::from_i32(libc::ENOSYS));
@@ -406,7 +423,7 @@ impl Filesystem for FuseAdapter {
         _lock_owner: Option<LockOwner>,
         reply: ReplyData,
     ) {
-        if self.handlers.opts.open_in_kernel {
+        if self.handlers.opens_in_kernel() {
             // A file the kernel opened by itself: no handle.
             return self.offload(move |h| match h.fs.read_unopened(ino.0, offset, size) {
                 Ok(data) => reply.data(&data),
@@ -427,7 +444,7 @@ impl Filesystem for FuseAdapter {
         _lock_owner: LockOwner,
         reply: ReplyEmpty,
     ) {
-        if self.handlers.opts.open_in_kernel {
+        if self.handlers.opens_in_kernel() {
             // Nothing to commit on a read-only mount; ENOSYS stops flushes altogether.
             return reply.error(Errno::from_i32(libc::ENOSYS));
         }
@@ -445,7 +462,7 @@ impl Filesystem for FuseAdapter {
         _datasync: bool,
         reply: ReplyEmpty,
     ) {
-        if self.handlers.opts.open_in_kernel {
+        if self.handlers.opens_in_kernel() {
             // Nothing to make durable on a read-only mount; ENOSYS makes fsync succeed in
             // the kernel from now on.
             return reply.error(Errno::from_i32(libc::ENOSYS));

@@ -233,9 +233,9 @@ pub fn mount(cfg: &MountConfig, mountpoint: &Path) -> Result<MountHandle, MountE
                 uid: cfg.uid,
                 gid: cfg.gid,
             },
-            open_in_kernel: cfg.open_in_kernel,
         },
         passthrough: Passthrough::new(passthrough, passthrough::WRITER_WAIT),
+        open_in_kernel: cfg.open_in_kernel.into(),
     };
     let adapter =
         FuseAdapter::new(handlers, cfg.fuse_threads).map_err(|source| MountError::Fuse {
