@@ -312,7 +312,12 @@ impl DataServer {
                         buf,
                     ));
                 }
-                Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
+                // Evicted meanwhile, or deleted behind the cache's back (then it is
+                // forgotten, and the next turn fetches it again).
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                    self.fetcher.store().forget_missing(id, &block);
+                    continue;
+                }
                 Err(e) => return Err(e.into()),
             }
         }
@@ -472,6 +477,33 @@ mod tests {
             1,
             "one UFS read for 16 concurrent misses"
         );
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_cache_file_deleted_behind_the_worker_is_fetched_again() {
+        let s = Arc::new(setup().await);
+        let cache = s._dirs.1.path().to_path_buf();
+        let s2 = s.clone();
+        tokio::task::spawn_blocking(move || {
+            let (mut sock, hello) = connect(s2.addr, DATA_PROTOCOL_VERSION);
+            assert!(hello.ok);
+            let (resp, bytes) = exchange(&mut sock, &request(&s2, 1, 0, 1000));
+            assert_eq!(resp.status, 0, "{}", resp.error);
+            assert_eq!(bytes, s2.data[128 * 1024..128 * 1024 + 1000]);
+            for layout in ["files", "blocks"] {
+                for shard in std::fs::read_dir(cache.join(layout)).unwrap() {
+                    for f in std::fs::read_dir(shard.unwrap().path()).unwrap() {
+                        std::fs::remove_file(f.unwrap().path()).unwrap();
+                    }
+                }
+            }
+            let (resp, bytes) = exchange(&mut sock, &request(&s2, 1, 10, 1000));
+            assert_eq!(resp.status, 0, "{}", resp.error);
+            assert_eq!(bytes, s2.data[128 * 1024 + 10..128 * 1024 + 1010]);
+        })
+        .await
+        .unwrap();
+        assert_eq!(s.ufs.1.load(Ordering::SeqCst), 2, "fetched again once");
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -409,6 +409,21 @@ impl BlockStore {
         None
     }
 
+    /// Drops `id` if the index still has its bytes at `block`, which a reader found
+    /// missing (deleted behind the store's back), so that the next lookup fetches it again.
+    pub fn forget_missing(&self, id: BlockId, block: &CachedBlock) {
+        let mut doomed = Vec::new();
+        {
+            let mut idx = self.index.lock().expect("index lock");
+            let listed = idx.entries.get(&id).map(|e| self.served(id, e));
+            if listed.as_ref() == Some(block) {
+                tracing::warn!(file_id = id.0, index = id.1, path = %block.path.display(), "cached block's file is gone; fetching it again");
+                self.remove_with_file(&mut idx, id, &mut doomed);
+            }
+        }
+        self.delete_files(doomed);
+    }
+
     /// A fresh temp file path for a fetch in progress.
     pub fn temp_path(&self) -> PathBuf {
         self.tmp_dir.join(uuid::Uuid::new_v4().to_string())
