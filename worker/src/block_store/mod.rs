@@ -54,6 +54,25 @@ struct Entry {
 }
 
 impl Entry {
+    /// An entry for a block just written (`verified`) or found on disk at startup (its
+    /// checksum checked on first use).
+    fn new(
+        len: u64,
+        fingerprint: Fingerprint,
+        crc: u32,
+        shared: Option<SharedAt>,
+        verified: bool,
+    ) -> Self {
+        Entry {
+            len,
+            fingerprint,
+            crc,
+            verified,
+            tick: 0,
+            shared,
+        }
+    }
+
     fn shared_key(&self, id: BlockId) -> Option<FileKey> {
         self.shared.map(|_| (id.0, self.fingerprint))
     }
@@ -238,14 +257,7 @@ impl BlockStore {
                 let parsed = f.file_name().to_str().and_then(names::parse_block_name);
                 let valid = parsed.and_then(|(id, fingerprint, len, crc)| {
                     let md = f.metadata().ok()?;
-                    let entry = Entry {
-                        len,
-                        fingerprint,
-                        crc,
-                        verified: false,
-                        tick: 0,
-                        shared: None,
-                    };
+                    let entry = Entry::new(len, fingerprint, crc, None, false);
                     (md.len() == len && self.entry_path(id, &entry) == f.path()).then_some((
                         modified(&md),
                         id,
@@ -448,14 +460,7 @@ impl BlockStore {
         len: u64,
         crc: u32,
     ) -> io::Result<CachedBlock> {
-        let entry = Entry {
-            len,
-            fingerprint,
-            crc,
-            verified: true,
-            tick: 0,
-            shared: None,
-        };
+        let entry = Entry::new(len, fingerprint, crc, None, true);
         let block = self.served(id, &entry);
         let mut doomed = Vec::new();
         {

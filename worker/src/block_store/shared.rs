@@ -121,17 +121,11 @@ impl BlockStore {
                         len,
                         crc,
                     }) => {
-                        let entry = Entry {
-                            len,
-                            fingerprint: fp,
-                            crc,
-                            verified: false,
-                            tick: 0,
-                            shared: Some(SharedAt {
-                                incarnation,
-                                offset,
-                            }),
+                        let at = SharedAt {
+                            incarnation,
+                            offset,
                         };
+                        let entry = Entry::new(len, fp, crc, Some(at), false);
                         markers.push((f, id, entry, incarnation, offset));
                     }
                     None => {
@@ -280,14 +274,7 @@ impl BlockStore {
         crc: u32,
     ) -> io::Result<CachedBlock> {
         let key = (id.0, fingerprint);
-        let entry = Entry {
-            len,
-            fingerprint,
-            crc,
-            verified: true,
-            tick: 0,
-            shared: Some(at),
-        };
+        let entry = Entry::new(len, fingerprint, crc, Some(at), true);
         let marker = self.entry_path(id, &entry);
         let block = self.served(id, &entry);
         let mut doomed = Vec::new();

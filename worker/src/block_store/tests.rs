@@ -121,17 +121,11 @@ fn of_two_incarnations_of_a_file_the_restart_keeps_the_fuller() {
         // Left by a crash: an older data file of the same version, with one block.
         let stray = s.data_path((3, SHARED_FP), 7);
         fs::write(&stray, [1; 100]).unwrap();
-        let entry = Entry {
-            len: 100,
-            fingerprint: SHARED_FP,
-            crc: crc32c::crc32c(&[1; 100]),
-            verified: false,
-            tick: 0,
-            shared: Some(SharedAt {
-                incarnation: 7,
-                offset: 0,
-            }),
+        let at = SharedAt {
+            incarnation: 7,
+            offset: 0,
         };
+        let entry = Entry::new(100, SHARED_FP, crc32c::crc32c(&[1; 100]), Some(at), false);
         File::create(s.entry_path((3, 0), &entry)).unwrap();
         (kept, stray)
     };
