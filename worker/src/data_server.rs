@@ -266,15 +266,20 @@ impl DataServer {
         for _ in 0..VANISHED_RETRIES {
             let cached = self.fetcher.store().cached(id, src.fingerprint);
             let was_cached = cached.is_some();
+            // A hit is answered here: `get` would look the index up again.
             let block = match cached {
                 Some(block) if req.cached_only => block,
+                Some(block) => {
+                    self.fetcher.store().count_lookup(true);
+                    block
+                }
                 None if req.cached_only => {
                     return Err(FsError::NotFound(format!(
                         "block {} is not cached",
                         req.index
                     )))
                 }
-                _ => self.fetcher.get(id, &src).await?,
+                None => self.fetcher.get(id, &src).await?,
             };
             if req.local_path_only {
                 return Ok((
