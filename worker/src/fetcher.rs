@@ -28,6 +28,10 @@ impl BlockSource {
     }
 }
 
+/// Fills of a block into shared data files evicted under them before it is cached in
+/// a file of its own.
+const SHARED_FILL_TRIES: usize = 3;
+
 pub struct BlockFetcher {
     store: Arc<BlockStore>,
     mounts: Arc<MountRegistry>,
@@ -113,7 +117,15 @@ impl BlockFetcher {
             .map_err(|e| FsError::io_from(format!("fetch task: {e}"), e))?
         }
         .await;
-        self.inflight.lock().expect("inflight lock").remove(&id);
+        {
+            // The last request of this block out removes its gate: one removed while
+            // others still wait on it would let a newcomer fetch alongside them.
+            let mut inflight = self.inflight.lock().expect("inflight lock");
+            drop(gate);
+            if inflight.get(&id).is_some_and(|g| Arc::strong_count(g) == 1) {
+                inflight.remove(&id);
+            }
+        }
         match &result {
             // A newer version the client reloads: routine.
             Err(FsError::Stale(_)) | Ok(_) => {}
@@ -178,10 +190,17 @@ fn fetch(
         metrics::counter!("granary_worker_ufs_bytes_total").increment(copied);
         Ok((w.len, w.crc))
     };
-    // Straight into the file's shared data file, when its blocks share one.
-    if let Some(mut fill) = store.begin_shared(id, src.fingerprint, src.block_size)? {
+    // Straight into the file's shared data file, when its blocks share one. One evicted
+    // (or deleted) while this block was written is not entered: fill it again, in the
+    // next data file, or (evicted over and over) as a file of its own.
+    for _ in 0..SHARED_FILL_TRIES {
+        let Some(mut fill) = store.begin_shared(id, src.fingerprint, src.block_size)? else {
+            break;
+        };
         let (len, crc) = copy(&mut fill.file)?;
-        return Ok(fill.commit(len, crc)?);
+        if let Some(block) = fill.commit(len, crc)? {
+            return Ok(block);
+        }
     }
     let tmp = store.temp_path();
     let result = (|| {

@@ -10,7 +10,7 @@
 mod names;
 mod shared;
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::fs::{self, File};
 use std::io;
 use std::os::unix::fs::FileExt;
@@ -83,6 +83,8 @@ struct Index {
     entries: HashMap<BlockId, Entry>,
     lru: BTreeMap<u64, BlockId>,
     shared: HashMap<FileKey, SharedFile>,
+    /// Shared files with fills under way.
+    busy: HashSet<FileKey>,
     next_tick: u64,
     used: u64,
     added: Vec<BlockId>,
@@ -113,7 +115,15 @@ impl Index {
         self.lru.remove(&e.tick);
         self.used -= e.len;
         if let Some(key) = e.shared_key(id) {
-            self.release_shared(key, Some(id.1));
+            if let Some(f) = self.shared.get_mut(&key) {
+                f.blocks.remove(&id.1);
+                f.bytes = f.bytes.saturating_sub(e.len);
+                // Its last block gone, the data file goes too, and fills still writing
+                // into it are not entered.
+                if f.blocks.is_empty() {
+                    self.forget_shared(key);
+                }
+            }
         }
         Some(e)
     }
@@ -125,17 +135,29 @@ impl Index {
             .is_some_and(|f| f.incarnation == incarnation)
     }
 
-    /// Drops block `index` from a shared file; forgets the file once it holds no block
-    /// and no fill.
-    fn release_shared(&mut self, key: FileKey, index: Option<u32>) {
+    fn forget_shared(&mut self, key: FileKey) {
+        self.shared.remove(&key);
+        self.busy.remove(&key);
+    }
+
+    /// Block `index` of the shared file is being filled.
+    fn fill(&mut self, key: FileKey, index: u32) {
         if let Some(f) = self.shared.get_mut(&key) {
-            if let Some(index) = index {
-                f.blocks.remove(&index);
-            }
-            if f.blocks.is_empty() && f.filling == 0 {
-                self.shared.remove(&key);
-            }
+            f.filling.insert(index);
+            self.busy.insert(key);
         }
+    }
+
+    /// Its fill is over; whether the shared file now holds neither blocks nor fills.
+    fn unfill(&mut self, key: FileKey, index: u32) -> bool {
+        let Some(f) = self.shared.get_mut(&key) else {
+            return false;
+        };
+        f.filling.remove(&index);
+        if f.filling.is_empty() {
+            self.busy.remove(&key);
+        }
+        f.blocks.is_empty() && f.filling.is_empty()
     }
 }
 
@@ -291,11 +313,12 @@ impl BlockStore {
             report.bytes += entry.len;
             idx.used += entry.len;
             if let (Some(key), Some(at)) = (entry.shared_key(id), entry.shared) {
-                idx.shared
+                let file = idx
+                    .shared
                     .entry(key)
-                    .or_insert_with(|| SharedFile::new(at.incarnation))
-                    .blocks
-                    .insert(id.1);
+                    .or_insert_with(|| SharedFile::new(at.incarnation));
+                file.blocks.insert(id.1);
+                file.bytes += entry.len;
             }
             idx.entries.insert(id, entry);
             idx.touch(id);
@@ -374,18 +397,15 @@ impl BlockStore {
         Some(block)
     }
 
-    /// The cached block if present and read from the same UFS version; a block cached
-    /// from another version is dropped. Verifies the checksum on first use after a scan.
-    /// Blocking: it may read the whole block or delete files.
+    /// The cached block if present and read from the same UFS version. Verifies the
+    /// checksum on first use after a scan. A block of another version stays until this
+    /// one is cached (the UFS decides which is current, not a client whose metadata may
+    /// lag). Blocking: it may read the whole block or delete files.
     pub fn lookup(&self, id: BlockId, fingerprint: Fingerprint) -> Option<CachedBlock> {
         let (block, path, expected_crc) = {
             let mut idx = self.index.lock().expect("index lock");
             let entry = idx.entries.get(&id)?;
             if entry.fingerprint != fingerprint {
-                let mut doomed = Vec::new();
-                self.remove_with_file(&mut idx, id, &mut doomed);
-                drop(idx);
-                self.delete_files(doomed);
                 return None;
             }
             let block = self.served(id, entry);
@@ -475,13 +495,26 @@ impl BlockStore {
                 fs::create_dir_all(Self::shard_dir(&self.blocks_dir, id.0))?;
                 fs::rename(tmp, &block.path)?;
             }
-            if let Some(old) = idx.take(id) {
-                doomed.extend(self.doom(&idx, id, &old));
-            }
+            self.drop_replaced(&mut idx, id, &mut doomed);
             self.enter(&mut idx, id, entry, &mut doomed);
         }
         self.delete_files(doomed);
         Ok(block)
+    }
+
+    /// Drops the entry a block being committed replaces; one in a shared data file takes
+    /// that file whole, which would otherwise keep its bytes, uncounted.
+    fn drop_replaced(&self, idx: &mut Index, id: BlockId, doomed: &mut Vec<Doomed>) {
+        match idx.entries.get(&id).and_then(|e| e.shared_key(id)) {
+            Some(key) => {
+                self.retire(idx, key, doomed);
+            }
+            None => {
+                if let Some(old) = idx.take(id) {
+                    doomed.extend(self.doom(idx, id, &old));
+                }
+            }
+        }
     }
 
     /// Drops the given blocks (those cached, and the other blocks of their shared data
@@ -512,40 +545,43 @@ impl BlockStore {
         id: BlockId,
         doomed: &mut Vec<Doomed>,
     ) -> (u64, u64) {
-        let ids: Vec<BlockId> = match idx.entries.get(&id).and_then(|e| e.shared_key(id)) {
-            Some(key) => idx.shared[&key].blocks.iter().map(|&i| (id.0, i)).collect(),
-            None => vec![id],
-        };
-        let (mut blocks, mut bytes) = (0, 0);
-        for v in ids {
-            if let Some(e) = idx.remove(v) {
-                blocks += 1;
-                bytes += e.len;
-                doomed.extend(self.doom(idx, v, &e));
-            }
+        if let Some(key) = idx.entries.get(&id).and_then(|e| e.shared_key(id)) {
+            return self.retire(idx, key, doomed);
         }
-        (blocks, bytes)
+        match idx.remove(id) {
+            Some(e) => {
+                doomed.extend(self.doom(idx, id, &e));
+                (1, e.len)
+            }
+            None => (0, 0),
+        }
     }
 
     /// Drops least recently used blocks until usage is at the low watermark, if it is
-    /// above the high one; a block of a shared data file takes the file's other blocks
-    /// with it. Returns the files to delete.
+    /// above the high one. Returns the files to delete.
     fn evict_locked(&self, idx: &mut Index, keep: Option<BlockId>) -> Vec<Doomed> {
-        let mut doomed = Vec::new();
         if idx.used <= self.high {
-            return doomed;
+            return Vec::new();
         }
+        self.evict_to(idx, self.low, keep)
+    }
+
+    /// Drops least recently used blocks until usage is at most `target`; a block of a
+    /// shared data file takes the file's other blocks with it, and files being filled
+    /// stay. Returns the files to delete.
+    fn evict_to(&self, idx: &mut Index, target: u64, keep: Option<BlockId>) -> Vec<Doomed> {
+        let mut doomed = Vec::new();
         let keep_key = keep.and_then(|id| idx.entries.get(&id)?.shared_key(id));
         let mut evicted = 0u64;
         let candidates: Vec<BlockId> = idx.lru.values().copied().collect();
         for id in candidates {
-            if idx.used <= self.low {
+            if idx.used <= target {
                 break;
             }
             let Some(e) = idx.entries.get(&id) else {
                 continue; // gone with a shared file
             };
-            let busy = |key| Some(key) == keep_key || idx.shared[&key].filling > 0;
+            let busy = |key| Some(key) == keep_key || idx.busy.contains(&key);
             if Some(id) == keep || e.shared_key(id).is_some_and(busy) {
                 continue;
             }

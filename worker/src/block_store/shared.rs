@@ -7,7 +7,7 @@ use std::io::{self, Seek, SeekFrom};
 
 use super::names::{self, FilesName};
 use super::{
-    modified, BlockId, BlockStore, CachedBlock, Doomed, Entry, FileKey, Fingerprint, Found,
+    modified, BlockId, BlockStore, CachedBlock, Doomed, Entry, FileKey, Fingerprint, Found, Index,
     ScanReport,
 };
 
@@ -26,8 +26,11 @@ pub(super) struct SharedFile {
     /// Names this data file apart from earlier and later ones of the same file version.
     pub(super) incarnation: u64,
     pub(super) blocks: BTreeSet<u32>,
-    /// Fills writing into the data file now: it is neither evicted nor deleted meanwhile.
-    pub(super) filling: u32,
+    /// Their bytes.
+    pub(super) bytes: u64,
+    /// Blocks being written into the data file now: it is not evicted meanwhile, and no
+    /// second fill writes the same block (a failed one punches out its range).
+    pub(super) filling: BTreeSet<u32>,
 }
 
 impl SharedFile {
@@ -35,7 +38,8 @@ impl SharedFile {
         SharedFile {
             incarnation,
             blocks: BTreeSet::new(),
-            filling: 0,
+            bytes: 0,
+            filling: BTreeSet::new(),
         }
     }
 }
@@ -55,10 +59,15 @@ pub struct SharedFill<'a> {
 
 impl SharedFill<'_> {
     /// Enters the block, whose `len` bytes with checksum `crc` were written to `file`.
-    pub fn commit(mut self, len: u64, crc: u32) -> io::Result<CachedBlock> {
-        self.done = true;
-        self.store
-            .commit_shared(self.id, self.fingerprint, self.at, len, crc)
+    /// `None`: its data file was dropped while it was written (evicted, or deleted behind
+    /// the store's back), so the block is not cached; fill it again.
+    pub fn commit(mut self, len: u64, crc: u32) -> io::Result<Option<CachedBlock>> {
+        let block = self
+            .store
+            .commit_shared(self.id, self.fingerprint, self.at, len, crc)?;
+        // Not committed, the drop gives the range back and ends the fill.
+        self.done = block.is_some();
+        Ok(block)
     }
 }
 
@@ -92,7 +101,7 @@ impl Drop for SharedFill<'_> {
                 );
             }
             self.store
-                .end_fill((self.id.0, self.fingerprint), self.at.incarnation);
+                .end_fill(self.id, self.fingerprint, self.at.incarnation);
         }
     }
 }
@@ -105,13 +114,16 @@ impl BlockStore {
         type Incarnation = (FileKey, u64);
         let mut found = Vec::new();
         for dir in Self::shard_dirs(&self.files_dir)? {
-            let mut data_len: HashMap<Incarnation, u64> = HashMap::new();
+            let mut data_files: HashMap<Incarnation, (u64, std::path::PathBuf)> = HashMap::new();
             let mut markers = Vec::new();
             for f in fs::read_dir(dir)? {
                 let f = f?;
                 match f.file_name().to_str().and_then(names::parse_files_name) {
                     Some(FilesName::Data(file_id, fp, incarnation)) => {
-                        data_len.insert(((file_id, fp), incarnation), f.metadata()?.len());
+                        data_files.insert(
+                            ((file_id, fp), incarnation),
+                            (f.metadata()?.len(), f.path()),
+                        );
                     }
                     Some(FilesName::Marker {
                         id,
@@ -136,9 +148,9 @@ impl BlockStore {
             let mut by_file: HashMap<Incarnation, Vec<Found>> = HashMap::new();
             for (f, id, entry, incarnation, offset) in markers {
                 let file = ((id.0, entry.fingerprint), incarnation);
-                let fits = data_len
+                let fits = data_files
                     .get(&file)
-                    .is_some_and(|&l| l >= offset.saturating_add(entry.len));
+                    .is_some_and(|(l, _)| *l >= offset.saturating_add(entry.len));
                 match f.metadata() {
                     Ok(md) if fits && self.entry_path(id, &entry) == f.path() => by_file
                         .entry(file)
@@ -167,9 +179,13 @@ impl BlockStore {
                     let _ = fs::remove_file(self.entry_path(id, &entry));
                 }
             }
-            for (key, incarnation) in data_len.into_keys() {
-                if kept.get(&key).map(|k| k.0) != Some(incarnation) {
-                    let _ = fs::remove_file(self.data_path(key, incarnation));
+            for ((key, incarnation), (_, path)) in data_files {
+                // The path found, not the one it should have: a data file in another
+                // shard's directory must not take the right one with it.
+                if kept.get(&key).map(|k| k.0) != Some(incarnation)
+                    || path != self.data_path(key, incarnation)
+                {
+                    let _ = fs::remove_file(path);
                 }
             }
         }
@@ -184,7 +200,9 @@ impl BlockStore {
     }
 
     /// Where to write block `id` of file version `fingerprint` if that file's blocks
-    /// share a data file; `None` if it is cached as a file of its own ([`Self::commit`]).
+    /// share a data file; `None` if it is cached as a file of its own ([`Self::commit`]):
+    /// a file that does not share one, a new data file that would not fit in the cache
+    /// with the fills under way, or a block being filled already.
     pub fn begin_shared(
         &self,
         id: BlockId,
@@ -195,76 +213,146 @@ impl BlockStore {
             return Ok(None);
         }
         let key = (id.0, fingerprint);
-        // Registered before the file is opened: the incarnation is then neither evicted
-        // nor deleted until the fill is over.
-        let incarnation = {
+        let mut doomed = Vec::new();
+        // Opened (or made) under the lock: a data file is deleted under it too, so one
+        // found missing here was deleted behind the store's back, not being made.
+        let opened = {
             let mut idx = self.index.lock().expect("index lock");
-            let file = idx
-                .shared
-                .entry(key)
-                .or_insert_with(|| SharedFile::new(uuid::Uuid::new_v4().as_u64_pair().0));
-            file.filling += 1;
-            file.incarnation
+            self.open_shared(&mut idx, id, key, &mut doomed)
+        };
+        self.delete_files(doomed);
+        let Some((incarnation, file)) = opened? else {
+            return Ok(None);
         };
         let at = SharedAt {
             incarnation,
             offset: id.1 as u64 * block_size,
         };
-        let path = self.data_path(key, incarnation);
-        let opened = (|| {
-            // Kept as it is: the file's other blocks are in it.
-            let open = || {
-                File::options()
-                    .write(true)
-                    .create(true)
-                    .truncate(false)
-                    .open(&path)
-            };
-            let mut file = match open() {
-                // A shard directory removed behind our back.
-                Err(e) if e.kind() == io::ErrorKind::NotFound => {
-                    fs::create_dir_all(Self::shard_dir(&self.files_dir, id.0))?;
-                    open()?
+        // Registered already: dropped on an error, the fill ends.
+        let mut fill = SharedFill {
+            store: self,
+            id,
+            fingerprint,
+            at,
+            file,
+            done: false,
+        };
+        fill.file.seek(SeekFrom::Start(at.offset))?;
+        Ok(Some(fill))
+    }
+
+    /// The incarnation and an open data file to write block `id` into, registered as
+    /// being filled.
+    fn open_shared(
+        &self,
+        idx: &mut Index,
+        id: BlockId,
+        key: FileKey,
+        doomed: &mut Vec<Doomed>,
+    ) -> io::Result<Option<(u64, File)>> {
+        if let Some(f) = idx.shared.get(&key) {
+            if f.filling.contains(&id.1) || f.blocks.contains(&id.1) {
+                return Ok(None);
+            }
+            let incarnation = f.incarnation;
+            match File::options()
+                .write(true)
+                .open(self.data_path(key, incarnation))
+            {
+                Ok(file) => {
+                    idx.fill(key, id.1);
+                    return Ok(Some((incarnation, file)));
                 }
-                r => r?,
-            };
-            file.seek(SeekFrom::Start(at.offset))?;
-            Ok(file)
-        })();
-        match opened {
-            Ok(file) => Ok(Some(SharedFill {
-                store: self,
-                id,
-                fingerprint,
-                at,
-                file,
-                done: false,
-            })),
-            Err(e) => {
-                self.end_fill(key, incarnation);
-                Err(e)
+                // Deleted behind our back: made anew, it would read as zeros where its
+                // blocks were. Those are dropped; a new incarnation starts.
+                Err(e) if e.kind() == io::ErrorKind::NotFound => {
+                    tracing::warn!(
+                        file_id = id.0,
+                        "a cached data file is gone; caching the file anew"
+                    );
+                    self.retire(idx, key, doomed);
+                }
+                Err(e) => return Err(e),
             }
         }
+        if !self.admit(idx, key.1.size, doomed) {
+            return Ok(None);
+        }
+        let incarnation = uuid::Uuid::new_v4().as_u64_pair().0;
+        let path = self.data_path(key, incarnation);
+        let create = || File::options().write(true).create_new(true).open(&path);
+        let file = match create() {
+            // A shard directory removed behind our back.
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {
+                fs::create_dir_all(Self::shard_dir(&self.files_dir, id.0))?;
+                create()?
+            }
+            r => r?,
+        };
+        idx.shared.insert(key, SharedFile::new(incarnation));
+        idx.fill(key, id.1);
+        Ok(Some((incarnation, file)))
+    }
+
+    /// Whether a new data file of `size` bytes fits, with what the fills under way still
+    /// add to theirs, once idle blocks are evicted: busy data files are never evicted,
+    /// so without this check readers filling many files at once would overrun the disk.
+    fn admit(&self, idx: &mut Index, size: u64, doomed: &mut Vec<Doomed>) -> bool {
+        let growing: u64 = idx
+            .busy
+            .iter()
+            .map(|k| k.1.size.saturating_sub(idx.shared[k].bytes))
+            .sum();
+        let need = size.saturating_add(growing);
+        if idx.used.saturating_add(need) > self.high {
+            let target = self.high.saturating_sub(need).min(self.low);
+            doomed.extend(self.evict_to(idx, target, None));
+        }
+        idx.used.saturating_add(need) <= self.high
+    }
+
+    /// Drops every block of the shared file and the file itself. Fills still writing
+    /// into it are not entered ([`Self::commit_shared`]); the next ones start a new
+    /// incarnation. Returns the blocks and bytes dropped.
+    pub(super) fn retire(
+        &self,
+        idx: &mut Index,
+        key: FileKey,
+        doomed: &mut Vec<Doomed>,
+    ) -> (u64, u64) {
+        let Some(f) = idx.shared.get(&key) else {
+            return (0, 0);
+        };
+        let incarnation = f.incarnation;
+        let ids: Vec<BlockId> = f.blocks.iter().map(|&i| (key.0, i)).collect();
+        let (mut blocks, mut bytes) = (0, 0);
+        for id in ids {
+            if let Some(e) = idx.remove(id) {
+                blocks += 1;
+                bytes += e.len;
+                doomed.push(Doomed::Block(id, self.entry_path(id, &e)));
+            }
+        }
+        idx.forget_shared(key);
+        doomed.push(Doomed::Data(key, incarnation));
+        (blocks, bytes)
     }
 
     /// A fill that enters nothing is over.
-    pub(super) fn end_fill(&self, key: FileKey, incarnation: u64) {
-        let doomed = {
+    pub(super) fn end_fill(&self, id: BlockId, fingerprint: Fingerprint, incarnation: u64) {
+        let key = (id.0, fingerprint);
+        let mut doomed = Vec::new();
+        {
             let mut idx = self.index.lock().expect("index lock");
-            idx.shared
-                .get_mut(&key)
-                .expect("a fill keeps its file")
-                .filling -= 1;
-            idx.release_shared(key, None);
-            if idx.holds(key, incarnation) {
-                Vec::new()
-            } else {
-                vec![Doomed::Data(key, incarnation)]
+            if idx.holds(key, incarnation) && idx.unfill(key, id.1) {
+                idx.forget_shared(key);
+                doomed.push(Doomed::Data(key, incarnation));
             }
-        };
+        }
         self.delete_files(doomed);
     }
 
+    /// `None`: the data file was retired while the block was written.
     pub(super) fn commit_shared(
         &self,
         id: BlockId,
@@ -272,7 +360,7 @@ impl BlockStore {
         at: SharedAt,
         len: u64,
         crc: u32,
-    ) -> io::Result<CachedBlock> {
+    ) -> io::Result<Option<CachedBlock>> {
         let key = (id.0, fingerprint);
         let entry = Entry::new(len, fingerprint, crc, Some(at), true);
         let marker = self.entry_path(id, &entry);
@@ -280,22 +368,20 @@ impl BlockStore {
         let mut doomed = Vec::new();
         {
             let mut idx = self.index.lock().expect("index lock");
+            if !idx.holds(key, at.incarnation) {
+                return Ok(None);
+            }
             // The marker commits the block (made under the lock, as a block file's rename).
-            if let Err(e) = File::create(&marker) {
-                drop(idx);
-                self.end_fill(key, at.incarnation);
-                return Err(e);
-            }
-            if let Some(old) = idx.take(id) {
-                doomed.extend(self.doom(&idx, id, &old));
-            }
+            File::create(&marker)?;
+            self.drop_replaced(&mut idx, id, &mut doomed);
             // The fill still counts, so the file is in the index with this incarnation.
             let file = idx.shared.get_mut(&key).expect("a fill keeps its file");
             file.blocks.insert(id.1);
-            file.filling -= 1;
+            file.bytes += len;
+            idx.unfill(key, id.1);
             self.enter(&mut idx, id, entry, &mut doomed);
         }
         self.delete_files(doomed);
-        Ok(block)
+        Ok(Some(block))
     }
 }

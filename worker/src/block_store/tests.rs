@@ -8,10 +8,14 @@ const FP: Fingerprint = Fingerprint {
 };
 
 fn put(store: &BlockStore, id: BlockId, data: &[u8]) -> CachedBlock {
+    put_version(store, id, FP, data)
+}
+
+fn put_version(store: &BlockStore, id: BlockId, fp: Fingerprint, data: &[u8]) -> CachedBlock {
     let tmp = store.temp_path();
     fs::write(&tmp, data).unwrap();
     store
-        .commit(id, FP, &tmp, data.len() as u64, crc32c::crc32c(data))
+        .commit(id, fp, &tmp, data.len() as u64, crc32c::crc32c(data))
         .unwrap()
 }
 
@@ -23,6 +27,7 @@ fn put_shared(store: &BlockStore, id: BlockId, fp: Fingerprint, data: &[u8]) -> 
     fill.file.write_all(data).unwrap();
     fill.commit(data.len() as u64, crc32c::crc32c(data))
         .unwrap()
+        .expect("entered")
 }
 
 const SHARED_FP: Fingerprint = Fingerprint {
@@ -236,7 +241,12 @@ fn a_new_ufs_version_invalidates_the_block() {
         mtime_ns: 2,
     };
     assert!(s.lookup((1, 0), newer).is_none());
+    // A client asking for another version does not drop this one: the UFS decides which
+    // is current, when the block is fetched.
+    assert_eq!(s.lookup((1, 0), FP), Some(v1.clone()));
+    let v2 = put_version(&s, (1, 0), newer, b"v2");
     assert!(s.lookup((1, 0), FP).is_none(), "the stale block is gone");
+    assert_eq!(s.lookup((1, 0), newer), Some(v2));
     assert!(!v1.path.exists());
 }
 
@@ -266,13 +276,112 @@ fn dropping_one_block_of_a_shared_file_drops_the_file() {
     assert!(!b.path.exists());
     let (_, removed) = s.take_deltas();
     assert_eq!(removed.len(), 2);
-    // A new version of the file drops the old one whole too.
+    // A new version of the file, cached, drops the old one whole too.
     put_shared(&s, (3, 0), SHARED_FP, &[1; 100]);
-    put_shared(&s, (3, 1), SHARED_FP, &[2; 100]);
+    let old = put_shared(&s, (3, 1), SHARED_FP, &[2; 100]);
     let newer = Fingerprint {
         size: 250,
         mtime_ns: 6,
     };
     assert!(s.lookup((3, 0), newer).is_none());
-    assert_eq!(s.len(), 1, "only the block file is left");
+    assert_eq!(s.len(), 3, "asked for, another version stays");
+    put_shared(&s, (3, 0), newer, &[4; 100]);
+    assert_eq!(s.len(), 2, "the block file and the new version's block");
+    assert_eq!(s.used(), 112);
+    assert!(!old.path.exists());
+}
+
+#[test]
+fn a_data_file_deleted_behind_the_store_is_not_made_again_with_holes() {
+    let dir = tempfile::tempdir().unwrap();
+    let (s, _) = BlockStore::open(dir.path(), 1 << 20, 0.9, 0.8).unwrap();
+    put_shared(&s, (3, 0), SHARED_FP, &[1; 100]);
+    let gone = put_shared(&s, (3, 1), SHARED_FP, &[2; 100]);
+    s.take_deltas();
+    fs::remove_file(&gone.path).unwrap();
+    let fresh = put_shared(&s, (3, 2), SHARED_FP, &[3; 50]);
+    assert_ne!(fresh.path, gone.path, "a new incarnation");
+    assert!(!gone.path.exists());
+    assert!(
+        s.lookup((3, 0), SHARED_FP).is_none(),
+        "its blocks are dropped"
+    );
+    assert!(s.lookup((3, 1), SHARED_FP).is_none());
+    assert_eq!((s.len(), s.used()), (1, 50));
+    let (_, removed) = s.take_deltas();
+    assert!(removed.contains(&(3, 0)) && removed.contains(&(3, 1)));
+}
+
+#[test]
+fn a_block_is_filled_by_one_fill_at_a_time() {
+    use std::io::Write;
+    let dir = tempfile::tempdir().unwrap();
+    let (s, _) = BlockStore::open(dir.path(), 1 << 20, 0.9, 0.8).unwrap();
+    let mut first = s.begin_shared((3, 1), SHARED_FP, 100).unwrap().unwrap();
+    assert!(
+        s.begin_shared((3, 1), SHARED_FP, 100).unwrap().is_none(),
+        "no second fill of a block being filled"
+    );
+    first.file.write_all(&[2; 100]).unwrap();
+    let block = first
+        .commit(100, crc32c::crc32c(&[2; 100]))
+        .unwrap()
+        .unwrap();
+    assert!(
+        s.begin_shared((3, 1), SHARED_FP, 100).unwrap().is_none(),
+        "nor of one cached"
+    );
+    // A failed fill of another block leaves this one's bytes alone.
+    drop(s.begin_shared((3, 0), SHARED_FP, 100).unwrap().unwrap());
+    let mut buf = [0u8; 100];
+    File::open(&block.path)
+        .unwrap()
+        .read_exact_at(&mut buf, 100)
+        .unwrap();
+    assert_eq!(buf, [2; 100]);
+}
+
+#[test]
+fn a_file_dropped_while_a_block_is_filled_is_not_filled_in_place() {
+    use std::io::Write;
+    let dir = tempfile::tempdir().unwrap();
+    let (s, _) = BlockStore::open(dir.path(), 1 << 20, 0.9, 0.8).unwrap();
+    let first = put_shared(&s, (3, 0), SHARED_FP, &[1; 100]);
+    let reader = File::open(&first.path).unwrap();
+    let mut fill = s.begin_shared((3, 1), SHARED_FP, 100).unwrap().unwrap();
+    assert_eq!(s.evict(&[(3, 0)]), (1, 100));
+    assert_eq!(s.used(), 0, "nothing left on disk uncounted");
+    assert!(!first.path.exists());
+    fill.file.write_all(&[2; 100]).unwrap();
+    assert!(
+        fill.commit(100, crc32c::crc32c(&[2; 100]))
+            .unwrap()
+            .is_none(),
+        "not entered into a dropped file"
+    );
+    assert!(s.is_empty());
+    let mut buf = [0u8; 100];
+    reader.read_exact_at(&mut buf, 0).unwrap();
+    assert_eq!(buf, [1; 100], "an open reader keeps its bytes");
+    let again = put_shared(&s, (3, 1), SHARED_FP, &[2; 100]);
+    assert_ne!(again.path, first.path);
+}
+
+#[test]
+fn fills_of_many_files_at_once_stay_within_the_capacity() {
+    let dir = tempfile::tempdir().unwrap();
+    // High watermark 1800 bytes: 250-byte files, 7 fit.
+    let (s, _) = BlockStore::open(dir.path(), 2000, 0.9, 0.5).unwrap();
+    let fills: Vec<SharedFill> = (0..20)
+        .filter_map(|f| s.begin_shared((f, 0), SHARED_FP, 100).unwrap())
+        .collect();
+    assert_eq!(fills.len(), 7);
+    drop(fills);
+    // Idle files are evicted to make room for a new one.
+    for f in 0..7 {
+        put_shared(&s, (f, 0), SHARED_FP, &[1; 100]);
+        put_shared(&s, (f, 1), SHARED_FP, &[1; 100]);
+    }
+    assert!(s.used() <= 1800, "used {}", s.used());
+    assert!(s.begin_shared((50, 0), SHARED_FP, 100).unwrap().is_some());
 }
