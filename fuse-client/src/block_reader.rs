@@ -62,6 +62,19 @@ impl ReadState {
         let last = self.last_local;
         self.local_files.retain(|&index, _| Some(index) == last);
     }
+
+    /// Whether a read at `offset` continues this state's last read (or it is fresh).
+    pub fn continues_at(&self, offset: u64) -> bool {
+        self.last_end == offset
+    }
+
+    #[cfg(test)]
+    pub fn ended_at(offset: u64) -> Self {
+        ReadState {
+            last_end: offset,
+            ..Default::default()
+        }
+    }
 }
 
 /// Readahead bytes held for one handle, with the memory they hold.

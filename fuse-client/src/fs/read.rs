@@ -87,9 +87,14 @@ impl GranaryFs {
     /// A read of a file the kernel opened by itself, with no handle (zero-message opens
     /// on a read-only mount).
     pub fn read_unopened(&self, ino: u64, offset: u64, size: u32) -> FsResult<Vec<u8>> {
-        let mut inode = self.committed(ino)?;
+        let mut inode = self.committed(ino).map_err(|e| match e {
+            // Deleted behind the kernel's back while it has the file open: a data error
+            // for read(2), as on the handle path.
+            FsError::NotFound(why) => FsError::io(format!("{why}; the file is deleted")),
+            e => e,
+        })?;
         let version = inode.fingerprint.unwrap_or_default();
-        let mut state = self.unopened.take(ino, version);
+        let mut state = self.unopened.take(ino, version, offset);
         let read = self.read_with(ino, &mut inode, &mut state, offset, size);
         self.unopened
             .put(ino, inode.fingerprint.unwrap_or_default(), state);

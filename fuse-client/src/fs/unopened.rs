@@ -61,20 +61,24 @@ impl Pool {
 }
 
 impl UnopenedReads {
-    /// A state for reading `version` of `ino`: one a reader put back, or a fresh one.
-    pub fn take(&self, ino: u64, version: UfsFingerprint) -> ReadState {
+    /// A state for reading `version` of `ino` at `offset`: the one whose last read
+    /// ended there (a sequential reader's, with its readahead), else the one put back
+    /// last, else a fresh one. States of other versions are dropped.
+    pub fn take(&self, ino: u64, version: UfsFingerprint, offset: u64) -> ReadState {
         let mut stale = Vec::new();
         let found = {
             let mut pool = self.pool.lock().expect("read states lock");
             let mut found = None;
             if let Some(kept) = pool.by_inode.get_mut(&ino) {
-                while let Some(k) = kept.pop() {
-                    if k.version == version {
-                        found = Some(k.state);
-                        break;
-                    }
-                    stale.push(k);
-                }
+                let (same, other): (Vec<Kept>, Vec<Kept>) =
+                    kept.drain(..).partition(|k| k.version == version);
+                *kept = same;
+                stale = other;
+                let pick = kept
+                    .iter()
+                    .rposition(|k| k.state.continues_at(offset))
+                    .or(kept.len().checked_sub(1));
+                found = pick.map(|i| kept.remove(i).state);
                 if kept.is_empty() {
                     pool.by_inode.remove(&ino);
                 }
@@ -86,24 +90,33 @@ impl UnopenedReads {
         found.unwrap_or_default()
     }
 
-    /// Keeps `state` for the next read of `ino`, trimmed to what a next read can use.
+    /// Keeps `state` for the next read of `ino`, trimmed to what a next read can use; an
+    /// inode's oldest state makes room for it.
     pub fn put(&self, ino: u64, version: UfsFingerprint, mut state: ReadState) {
         self.sweeper
             .call_once(|| spawn_sweeper(Arc::downgrade(&self.pool)));
         state.trim();
         let mut pool = self.pool.lock().expect("read states lock");
-        if pool.states >= MAX_STATES {
+        let evicted = {
+            let kept = pool.by_inode.entry(ino).or_default();
+            (kept.len() >= PER_INODE).then(|| kept.remove(0))
+        };
+        if evicted.is_none() && pool.states >= MAX_STATES {
+            if pool.by_inode.get(&ino).is_some_and(Vec::is_empty) {
+                pool.by_inode.remove(&ino);
+            }
             return;
         }
-        let kept = pool.by_inode.entry(ino).or_default();
-        if kept.len() < PER_INODE {
-            kept.push(Kept {
-                version,
-                state,
-                since: Instant::now(),
-            });
+        pool.by_inode.entry(ino).or_default().push(Kept {
+            version,
+            state,
+            since: Instant::now(),
+        });
+        if evicted.is_none() {
             pool.states += 1;
         }
+        drop(pool);
+        drop(evicted);
     }
 }
 
@@ -146,13 +159,13 @@ mod tests {
         pool.put(1, V1, ReadState::default());
         pool.put(1, V1, ReadState::default());
         assert_eq!(kept(&pool), 2);
-        pool.take(1, V1);
+        pool.take(1, V1, 0);
         assert_eq!(kept(&pool), 1);
         let newer = UfsFingerprint {
             size: 10,
             mtime_ns: 2,
         };
-        pool.take(1, newer);
+        pool.take(1, newer, 0);
         assert_eq!(kept(&pool), 0, "a state of another version is dropped");
         for _ in 0..2 * PER_INODE {
             pool.put(2, V1, ReadState::default());
@@ -167,5 +180,26 @@ mod tests {
         assert_eq!(expired.len(), MAX_STATES);
         assert_eq!(kept(&pool), 0);
         assert!(pool.pool.lock().unwrap().by_inode.is_empty());
+    }
+
+    #[test]
+    fn a_sequential_reader_gets_its_own_state_back() {
+        let pool = UnopenedReads::default();
+        pool.put(1, V1, ReadState::ended_at(100));
+        pool.put(1, V1, ReadState::ended_at(500));
+        assert!(pool.take(1, V1, 100).continues_at(100));
+        assert!(
+            pool.take(1, V1, 100).continues_at(500),
+            "else the last one put back"
+        );
+        assert_eq!(kept(&pool), 0);
+        for end in 0..=PER_INODE as u64 {
+            pool.put(1, V1, ReadState::ended_at(end));
+        }
+        assert_eq!(kept(&pool), PER_INODE);
+        assert!(
+            !pool.take(1, V1, 0).continues_at(0),
+            "the oldest made room for the newest"
+        );
     }
 }
