@@ -36,9 +36,19 @@ pub struct LocalCluster {
 }
 
 /// Default state directory for a UFS: stable per UFS, so a restart finds its warm cache
-/// and metadata again.
+/// and metadata again, and one UFS however spelled (`/data/x/`, `file:///data/x`, a
+/// symlink to it) gets one, so a second `granary local` over it finds the first's in use.
 pub fn default_state_dir(ufs: &str) -> PathBuf {
-    let key = ufs.bytes().fold(0xcbf29ce484222325u64, |h, b| {
+    let local = match ufs.strip_prefix("file://") {
+        Some(path) => Some(path),
+        None if !ufs.contains("://") => Some(ufs),
+        None => None,
+    };
+    let canonical = match local.map(std::fs::canonicalize) {
+        Some(Ok(path)) => path.display().to_string(),
+        _ => ufs.trim_end_matches('/').to_string(),
+    };
+    let key = canonical.bytes().fold(0xcbf29ce484222325u64, |h, b| {
         (h ^ b as u64).wrapping_mul(0x100000001b3)
     });
     PathBuf::from("/var/tmp/granary").join(format!("{key:016x}"))
@@ -236,4 +246,31 @@ pub async fn wait_for_worker(master: &str, worker_id: &str) -> anyhow::Result<()
         tokio::time::sleep(std::time::Duration::from_millis(50)).await;
     }
     bail!("worker {worker_id} did not register with master {master} within 10s")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::default_state_dir;
+
+    #[test]
+    fn one_ufs_however_spelled_has_one_default_state_dir() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().canonicalize().unwrap();
+        let link = dir.path().join("link");
+        std::os::unix::fs::symlink(&path, &link).unwrap();
+        let plain = default_state_dir(&path.display().to_string());
+        for spelled in [
+            format!("{}/", path.display()),
+            format!("file://{}", path.display()),
+            format!("{}/./", path.display()),
+            link.display().to_string(),
+        ] {
+            assert_eq!(default_state_dir(&spelled), plain, "{spelled}");
+        }
+        assert_eq!(
+            default_state_dir("s3://bucket/data/"),
+            default_state_dir("s3://bucket/data")
+        );
+        assert_ne!(default_state_dir("s3://bucket/data"), plain);
+    }
 }
