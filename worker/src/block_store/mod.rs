@@ -87,8 +87,9 @@ struct Index {
     busy: HashSet<FileKey>,
     next_tick: u64,
     used: u64,
-    added: Vec<BlockId>,
-    removed: Vec<BlockId>,
+    /// Blocks cached (`true`) or dropped since the last heartbeat: only the last change
+    /// of each counts (one cached and dropped within a heartbeat is reported dropped).
+    changed: HashMap<BlockId, bool>,
 }
 
 impl Index {
@@ -105,7 +106,7 @@ impl Index {
     /// Drops the entry, reported to the masters as removed.
     fn remove(&mut self, id: BlockId) -> Option<Entry> {
         let e = self.take(id)?;
-        self.removed.push(id);
+        self.changed.insert(id, false);
         Some(e)
     }
 
@@ -245,8 +246,7 @@ impl BlockStore {
         let report = store.scan()?;
         let doomed = {
             let mut idx = store.index.lock().expect("index lock");
-            idx.added.clear();
-            idx.removed.clear();
+            idx.changed.clear();
             store.evict_locked(&mut idx, None)
         };
         store.delete_files(doomed);
@@ -466,7 +466,7 @@ impl BlockStore {
         idx.used += entry.len;
         idx.entries.insert(id, entry);
         idx.touch(id);
-        idx.added.push(id);
+        idx.changed.insert(id, true);
         doomed.extend(self.evict_locked(idx, Some(id)));
         metrics::gauge!("granary_worker_cache_used_bytes").set(idx.used as f64);
     }
@@ -612,13 +612,17 @@ impl BlockStore {
         }
     }
 
-    /// Blocks added and removed since the last call (for heartbeats).
+    /// Blocks added and removed since the last call (for heartbeats); none is in both.
     pub fn take_deltas(&self) -> (Vec<BlockId>, Vec<BlockId>) {
-        let mut idx = self.index.lock().expect("index lock");
-        (
-            std::mem::take(&mut idx.added),
-            std::mem::take(&mut idx.removed),
-        )
+        let changed = std::mem::take(&mut self.index.lock().expect("index lock").changed);
+        let (mut added, mut removed) = (Vec::new(), Vec::new());
+        for (id, cached) in changed {
+            match cached {
+                true => added.push(id),
+                false => removed.push(id),
+            }
+        }
+        (added, removed)
     }
 
     /// Every cached block (for a full registration). Pending deltas stay: replaying them

@@ -180,9 +180,11 @@ fn lru_eviction_between_watermarks() {
     assert!(s.lookup((1, 4), FP).is_some());
     assert!(s.lookup((1, 1), FP).is_none());
     assert!(!blocks[1].path.exists());
-    let (added, removed) = s.take_deltas();
-    assert_eq!(added.len(), 5);
-    assert_eq!(removed.len(), 3);
+    let (mut added, mut removed) = s.take_deltas();
+    added.sort();
+    removed.sort();
+    assert_eq!(added, [(1, 0), (1, 4)], "the blocks still cached");
+    assert_eq!(removed, [(1, 1), (1, 2), (1, 3)]);
 }
 
 #[test]
@@ -384,4 +386,18 @@ fn fills_of_many_files_at_once_stay_within_the_capacity() {
     }
     assert!(s.used() <= 1800, "used {}", s.used());
     assert!(s.begin_shared((50, 0), SHARED_FP, 100).unwrap().is_some());
+}
+
+#[test]
+fn a_block_cached_and_dropped_between_heartbeats_is_reported_dropped() {
+    let dir = tempfile::tempdir().unwrap();
+    let (s, _) = BlockStore::open(dir.path(), 1 << 20, 0.9, 0.8).unwrap();
+    put(&s, (1, 0), b"a");
+    put(&s, (2, 0), b"b");
+    s.evict(&[(1, 0)]);
+    assert_eq!(s.take_deltas(), (vec![(2, 0)], vec![(1, 0)]));
+    s.evict(&[(2, 0)]);
+    put(&s, (2, 0), b"b");
+    assert_eq!(s.take_deltas(), (vec![(2, 0)], vec![]));
+    assert_eq!(s.take_deltas(), (vec![], vec![]));
 }
