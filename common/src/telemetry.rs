@@ -5,9 +5,11 @@ use std::net::SocketAddr;
 /// Installs the global tracing subscriber; `RUST_LOG` overrides `default_filter`.
 pub fn init_logging(default_filter: &str) {
     // raft-rs narrates every election and configuration step at INFO; our own lines say
-    // what matters (leader changes). `RUST_LOG=raft=info` brings them back.
+    // what matters (leader changes). `RUST_LOG=raft=info` brings them back. fuser warns
+    // "Unmount failed" when a mount unmounted from outside (`umount`) is let go, which is
+    // a clean stop; a failed unmount of ours is logged by us.
     let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| {
-        tracing_subscriber::EnvFilter::new(format!("{default_filter},raft=warn"))
+        tracing_subscriber::EnvFilter::new(format!("{default_filter},raft=warn,fuser::mnt=error"))
     });
     use std::io::IsTerminal;
     let _ = tracing_subscriber::fmt()

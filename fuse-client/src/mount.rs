@@ -117,16 +117,25 @@ impl MountHandle {
 
     pub fn unmount(mut self) -> std::io::Result<()> {
         match self.session.take() {
-            Some(s) => s.umount_and_join(),
+            Some(s) => end_session(s),
             None => Ok(()),
         }
     }
 }
 
+/// Unmounts and joins the session's thread; a session ended by an outside unmount
+/// (`umount`, `fusermount3 -u`) is only joined: unmounting again fails with EINVAL.
+fn end_session(s: BackgroundSession) -> std::io::Result<()> {
+    if s.guard.is_finished() {
+        return s.join();
+    }
+    s.umount_and_join()
+}
+
 impl Drop for MountHandle {
     fn drop(&mut self) {
         if let Some(s) = self.session.take() {
-            if let Err(e) = s.umount_and_join() {
+            if let Err(e) = end_session(s) {
                 tracing::warn!(mountpoint = %self.mountpoint.display(), error = %e, "unmount failed");
             }
         }

@@ -186,6 +186,11 @@ fn unmounting_granary_local_from_outside_stops_it() {
         std::fs::read(dir.path().join("ufs/kept")).unwrap(),
         b"written before"
     );
+    let log = local.proc.log_text();
+    assert!(
+        !log.contains("failed"),
+        "an outside unmount is a clean stop: {log}"
+    );
 }
 
 #[test]
