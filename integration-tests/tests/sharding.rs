@@ -229,6 +229,35 @@ fn one_namespace_over_three_shards_routers_and_failures() {
     assert_eq!(read_all(&direct.path, &files), Vec::<String>::new());
     assert_eq!(shard_of(&direct.path.join("t05/f1")), 3);
 
+    // A pinned prefix is like a mount point: neither renamed nor removed, whether it is
+    // at the top, below a directory of another shard, or below one of its own shard.
+    let (t, st) = tops.iter().find(|(n, _)| n != "t05").unwrap().clone();
+    std::fs::create_dir(direct.path.join(&t).join("inner")).unwrap();
+    let inner = format!("/{t}/inner");
+    let version = s0.pin(&inner, st as u32).unwrap();
+    for g in [&s0, &s1, &s2, &s3] {
+        g.wait_for_table(version).unwrap();
+    }
+    for mnt in [&direct.path, &proxied.path] {
+        for (pinned, elsewhere) in [
+            ("t05", "t05-moved".to_string()),
+            ("datasets/imagenet", "datasets/moved".to_string()),
+            (&inner[1..], format!("{t}/moved")),
+        ] {
+            let err = std::fs::rename(mnt.join(pinned), mnt.join(&elsewhere)).unwrap_err();
+            assert_eq!(err.raw_os_error(), Some(libc::EBUSY), "rename {pinned}");
+            let err = std::fs::remove_dir(mnt.join(pinned)).unwrap_err();
+            assert_eq!(err.raw_os_error(), Some(libc::EBUSY), "rmdir {pinned}");
+        }
+        let err = std::fs::rename(mnt.join(&t).join("f0"), mnt.join("t05")).unwrap_err();
+        assert!(
+            [libc::EBUSY, libc::EXDEV, libc::EISDIR].contains(&err.raw_os_error().unwrap()),
+            "a file over a pinned prefix: {err}"
+        );
+    }
+    assert!(ufs.path().join(&t).join("inner").is_dir());
+    assert!(ufs.path().join("t05/f1").is_file());
+
     // Without the router, the routing mount goes on from its cached table.
     drop(router);
     assert_eq!(read_all(&direct.path, &files), Vec::<String>::new());

@@ -85,7 +85,15 @@ impl Tables<'_> {
         }
         if entry.kind == FileKind::Directory as i32 {
             if let Some(table) = self.routing_table()? {
-                if table.is_above_a_pin(&self.path_of(entry.id)?) {
+                let path = self.path_of(entry.id)?;
+                // Pinned to this very shard, it is no referral here.
+                if table.is_pinned(&path) {
+                    return Ok(Err(FsError::Busy(format!(
+                        "{} is a pinned prefix",
+                        String::from_utf8_lossy(&path)
+                    ))));
+                }
+                if table.is_above_a_pin(&path) {
                     return Ok(Err(FsError::CrossDevice(format!(
                         "{} holds a prefix pinned to a shard",
                         String::from_utf8_lossy(&entry.name)

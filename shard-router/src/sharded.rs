@@ -206,6 +206,20 @@ impl ShardedMetadata {
 
     /// The shard and its own id for directory `parent`: the root's entries belong to
     /// the shard their path routes to, found there under that shard's root.
+    /// Refuses a rename or removal of a top-level pinned prefix before it is routed
+    /// (its shard would move it, or the rename would go across shards: `EXDEV`, and `mv`
+    /// would copy it away); a deeper one is refused by its shard, which knows its path.
+    fn check_not_pinned(&self, parent: u64, name: &[u8]) -> FsResult<()> {
+        let path = child_path(b"/", name);
+        if parent == ROOT && self.table().is_pinned(&path) {
+            return Err(FsError::Busy(format!(
+                "{} is a pinned prefix",
+                String::from_utf8_lossy(&path)
+            )));
+        }
+        Ok(())
+    }
+
     fn place(&self, parent: u64, name: &[u8]) -> (u16, u64) {
         if parent == ROOT {
             let shard = self.table().owner(&child_path(b"/", name));
@@ -430,6 +444,7 @@ impl MetadataService for ShardedMetadata {
 
     fn remove(&self, parent: u64, name: &[u8], directory: bool) -> FsResult<()> {
         self.routed(|| {
+            self.check_not_pinned(parent, name)?;
             let (shard, parent) = self.place(parent, name);
             self.shard(shard)?.remove(parent, name, directory)
         })
@@ -437,6 +452,8 @@ impl MetadataService for ShardedMetadata {
 
     fn rename(&self, req: RenameRequest) -> FsResult<Inode> {
         self.routed(|| {
+            self.check_not_pinned(req.parent, &req.name)?;
+            self.check_not_pinned(req.new_parent, &req.new_name)?;
             let (from, parent) = self.place(req.parent, &req.name);
             let (to, new_parent) = self.place(req.new_parent, &req.new_name);
             if from != to {

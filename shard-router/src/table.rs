@@ -251,6 +251,12 @@ impl RoutingTable {
             .any(|p| p.shard == shard as u32 && p.prefix != path && is_at_or_under(&p.prefix, path))
     }
 
+    /// Whether `path` is a pinned prefix: like a mount point, it is neither renamed nor
+    /// removed.
+    pub fn is_pinned(&self, path: &[u8]) -> bool {
+        self.proto.pins.iter().any(|p| p.prefix == path)
+    }
+
     /// Whether `path` lies strictly above some pinned prefix: renaming or removing it
     /// would cut the pinned subtree off its shard.
     pub fn is_above_a_pin(&self, path: &[u8]) -> bool {
