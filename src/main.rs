@@ -12,7 +12,7 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 
 use anyhow::Context;
-use clap::{Parser, Subcommand};
+use clap::{CommandFactory, FromArgMatches, Parser, Subcommand};
 use granary::{dataset, local};
 use granary_common::bytesize::ByteSize;
 use granary_fuse_client::cli::{ClusterArgs, MountArgs};
@@ -211,6 +211,42 @@ enum QuorumCommand {
     TransferLeader { id: u64 },
 }
 
+/// `local`, `master`, `worker` and `router` run servers whose settings come from their own
+/// flags or `--config`: the flags that point commands at a running cluster would be
+/// silently ignored there.
+fn refuse_cluster_flags(matches: &clap::ArgMatches) -> anyhow::Result<()> {
+    let (name, why) = match matches.subcommand() {
+        Some(("local", m)) => (
+            ("local", m),
+            "it runs its own master (on --master-listen) and mount",
+        ),
+        Some((name @ ("master" | "worker" | "router"), m)) => {
+            ((name, m), "its settings come from --config")
+        }
+        _ => return Ok(()),
+    };
+    let (name, sub) = name;
+    let given: Vec<&str> = [
+        ("masters", "--master"),
+        ("cluster_token", "--cluster-token"),
+        ("read_consistency", "--read-consistency"),
+        ("tls_ca", "--tls-ca"),
+        ("tls_server_name", "--tls-server-name"),
+    ]
+    .into_iter()
+    .filter(|(id, _)| sub.value_source(id) == Some(clap::parser::ValueSource::CommandLine))
+    .map(|(_, flag)| flag)
+    .collect();
+    if given.is_empty() {
+        return Ok(());
+    }
+    anyhow::bail!(
+        "granary {name} takes no {}: {why}; those flags point `granary fs`, `admin` and \
+         `mount` at a running cluster",
+        given.join(", ")
+    )
+}
+
 fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
     Ok(tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -239,7 +275,9 @@ fn quiet_on_closed_stdout() {
 fn main() -> anyhow::Result<()> {
     quiet_on_closed_stdout();
     granary_common::telemetry::init_logging("info");
-    let cli = Cli::parse();
+    let matches = Cli::command().get_matches();
+    let cli = Cli::from_arg_matches(&matches).unwrap_or_else(|e| e.exit());
+    refuse_cluster_flags(&matches)?;
     match cli.command {
         Command::Local {
             ufs,

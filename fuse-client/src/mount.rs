@@ -42,7 +42,7 @@ pub enum MountError {
         path: PathBuf,
         source: std::io::Error,
     },
-    #[error("the metadata masters {masters:?} did not accept the mount: {error}")]
+    #[error("connecting to the metadata masters {masters:?}: {error}")]
     Masters {
         masters: Vec<String>,
         error: FsError,

@@ -36,6 +36,22 @@ fn missing_ufs_directory_is_named() {
 }
 
 #[test]
+fn granary_local_names_the_cluster_flags_it_does_not_take() {
+    let dir = tempfile::tempdir().unwrap();
+    let mnt = dir.path().join("mnt");
+    std::fs::create_dir(&mnt).unwrap();
+    let mut cmd = Command::new(bin("granary"));
+    cmd.args(["local", "--cluster-token", "s3cret", "--ufs"])
+        .arg(dir.path())
+        .arg("--mount")
+        .arg(&mnt);
+    let (code, err) = run_to_exit(cmd, Duration::from_secs(20)).unwrap();
+    assert_ne!(code, 0);
+    assert!(err.contains("--cluster-token"), "{err}");
+    assert!(!granary_integration_tests::is_mounted(&mnt));
+}
+
+#[test]
 fn a_taken_master_port_names_the_flag_that_moves_it() {
     let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let addr = taken.local_addr().unwrap().to_string();
