@@ -274,9 +274,14 @@ fn quiet_on_closed_stdout() {
 
 fn main() -> anyhow::Result<()> {
     quiet_on_closed_stdout();
-    granary_common::telemetry::init_logging("info");
     let matches = Cli::command().get_matches();
     let cli = Cli::from_arg_matches(&matches).unwrap_or_else(|e| e.exit());
+    // A one-shot command prints its answer; its clients' routine narration (a routing
+    // table fetched, a leader followed) would only clutter it.
+    granary_common::telemetry::init_logging(match cli.command {
+        Command::Fs { .. } | Command::Admin { .. } => "warn",
+        _ => "info",
+    });
     refuse_cluster_flags(&matches)?;
     match cli.command {
         Command::Local {
