@@ -48,22 +48,28 @@ fn renaming_a_100k_entry_tree_causes_no_election() {
     })
     .unwrap();
     let loaded = Instant::now();
-    c.on_leader(Duration::from_secs(600), |mut client| async move {
-        let mut progress = client
-            .load_metadata(LoadMetadataRequest {
-                path: b"/tree".to_vec(),
-                recursive: true,
-                force: false,
-            })
-            .await?
-            .into_inner();
-        let mut last = None;
-        while let Some(p) = progress.message().await? {
-            last = Some(p);
-        }
-        Ok(tonic::Response::new(last.unwrap_or_default()))
-    })
-    .unwrap();
+    let counted = c
+        .on_leader(Duration::from_secs(600), |mut client| async move {
+            let mut progress = client
+                .load_metadata(LoadMetadataRequest {
+                    path: b"/tree".to_vec(),
+                    recursive: true,
+                    force: false,
+                })
+                .await?
+                .into_inner();
+            let mut last = None;
+            while let Some(p) = progress.message().await? {
+                last = Some(p);
+            }
+            Ok(tonic::Response::new(last.unwrap_or_default()))
+        })
+        .unwrap();
+    assert!(counted.done);
+    assert_eq!(
+        (counted.directories, counted.files),
+        (DIRS as u64 + 1, (DIRS * FILES_PER_DIR) as u64)
+    );
     eprintln!(
         "loaded {} entries in {:?}",
         DIRS * FILES_PER_DIR,
@@ -77,19 +83,28 @@ fn renaming_a_100k_entry_tree_causes_no_election() {
     );
     std::fs::remove_file(flat.join("f00007")).unwrap();
     std::fs::File::create(flat.join("added")).unwrap();
-    c.on_leader(Duration::from_secs(60), |mut client| async move {
-        let mut progress = client
-            .load_metadata(LoadMetadataRequest {
-                path: b"/flat".to_vec(),
-                recursive: false,
-                force: true,
-            })
-            .await?
-            .into_inner();
-        while progress.message().await?.is_some() {}
-        Ok(tonic::Response::new(()))
-    })
-    .unwrap();
+    let counted = c
+        .on_leader(Duration::from_secs(60), |mut client| async move {
+            let mut progress = client
+                .load_metadata(LoadMetadataRequest {
+                    path: b"/flat".to_vec(),
+                    recursive: false,
+                    force: true,
+                })
+                .await?
+                .into_inner();
+            let mut last = None;
+            while let Some(p) = progress.message().await? {
+                last = Some(p);
+            }
+            Ok(tonic::Response::new(last.unwrap_or_default()))
+        })
+        .unwrap();
+    assert_eq!(
+        (counted.directories, counted.files),
+        (1, FLAT as u64),
+        "one directory listed, its files counted"
+    );
     let names: std::collections::BTreeSet<String> = std::fs::read_dir(m.path.join("flat"))
         .unwrap()
         .map(|e| e.unwrap().file_name().into_string().unwrap())

@@ -151,6 +151,27 @@ fn one_namespace_over_three_shards_routers_and_failures() {
         BTreeSet::from(["imagenet".to_string(), "other".to_string()])
     );
 
+    // Loading the whole tree counts each directory and file once, whichever shards keep
+    // it (every shard has a root; the pin's parent is a referral on one shard and a way
+    // to the pin on another).
+    let mut load = std::process::Command::new(granary_integration_tests::bin("granary"));
+    load.args(["fs", "load-metadata", "/", "--master", &router_addr]);
+    let done = load.output().unwrap();
+    let out = String::from_utf8_lossy(&done.stdout);
+    assert!(
+        done.status.success(),
+        "{}",
+        String::from_utf8_lossy(&done.stderr)
+    );
+    let dirs = 1 + TOP + 4; // the root, /tNN, datasets, imagenet, train, other
+    assert!(
+        out.contains(&format!(
+            "loaded /: {dirs} directories, {} files",
+            files.len()
+        )),
+        "{out}"
+    );
+
     // Writable through both, seen by the other and in the UFS.
     std::fs::write(direct.path.join("t03/new.txt"), b"written directly").unwrap();
     assert_eq!(

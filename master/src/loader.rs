@@ -269,6 +269,9 @@ impl<L: CommandLog> MetadataLoader<L> {
     }
 
     /// Loads the whole tree under `root`, reporting progress after every directory.
+    /// Counts what this shard keeps: not the referrals to other shards' pinned prefixes
+    /// (their shards load and count them), nor a directory it keeps only as the way to a
+    /// prefix pinned to it, nor the root unless this is shard 0 (every shard has one).
     pub async fn load_tree(
         self: &Arc<Self>,
         root: Inode,
@@ -280,37 +283,32 @@ impl<L: CommandLog> MetadataLoader<L> {
             totals.files = 1;
             return Ok(totals);
         }
-        let mut pending = vec![root];
-        let mut running: JoinSet<FsResult<Vec<Inode>>> = JoinSet::new();
+        let counted = self.counted()?;
+        let mut pending = vec![(self.store.path_of(root.id)?, root)];
+        let mut running: JoinSet<FsResult<(Vec<u8>, Vec<Inode>)>> = JoinSet::new();
         loop {
             while running.len() < LOAD_CONCURRENCY {
-                let Some(dir) = pending.pop() else { break };
+                let Some((path, dir)) = pending.pop() else {
+                    break;
+                };
                 let me = self.clone();
                 running.spawn(async move {
                     let dir = me.load(&dir, force).await?;
-                    let mut children = Vec::new();
-                    let mut after = Vec::new();
-                    loop {
-                        let (page, more) = me.store.list(dir.id, &after, 4096)?;
-                        if let Some(last) = page.last() {
-                            after = last.name.clone();
-                        }
-                        children.extend(page);
-                        if !more {
-                            break;
-                        }
-                    }
-                    Ok(children)
+                    Ok((path, me.children(dir.id)?))
                 });
             }
             let Some(done) = running.join_next().await else {
                 break;
             };
-            let children = done.map_err(|e| FsError::io_from(format!("load task: {e}"), e))??;
-            totals.directories += 1;
+            let (path, children) =
+                done.map_err(|e| FsError::io_from(format!("load task: {e}"), e))??;
+            totals.directories += u64::from(counted(&path));
             for c in children {
+                if c.referral.is_some() {
+                    continue;
+                }
                 if c.kind == FileKind::Directory as i32 {
-                    pending.push(c);
+                    pending.push((child_path(&path, &c.name), c));
                 } else {
                     totals.files += 1;
                 }
@@ -318,5 +316,54 @@ impl<L: CommandLog> MetadataLoader<L> {
             let _ = progress.try_send(totals);
         }
         Ok(totals)
+    }
+
+    /// Whether a load counts the directory at a path: this shard keeps it, and the root,
+    /// which every shard has, is counted by shard 0 alone.
+    fn counted(&self) -> FsResult<impl Fn(&[u8]) -> bool> {
+        let table = self.store.routing_table()?;
+        let shard = self.store.shard();
+        Ok(move |path: &[u8]| match &table {
+            None => true,
+            Some(_) if path == b"/" => shard == 0,
+            Some(t) => t.owner(path) == shard,
+        })
+    }
+
+    /// Every entry of a loaded directory.
+    fn children(&self, dir: u64) -> FsResult<Vec<Inode>> {
+        let mut children = Vec::new();
+        let mut after = Vec::new();
+        loop {
+            let (page, more) = self.store.list(dir, &after, 4096)?;
+            if let Some(last) = page.last() {
+                after = last.name.clone();
+            }
+            children.extend(page);
+            if !more {
+                return Ok(children);
+            }
+        }
+    }
+
+    /// What loading the one directory `dir` (not its subdirectories) loaded: it, and the
+    /// files in it.
+    pub fn count_listed(&self, dir: &Inode) -> FsResult<LoadProgress> {
+        if dir.kind != FileKind::Directory as i32 {
+            return Ok(LoadProgress {
+                directories: 0,
+                files: 1,
+            });
+        }
+        let files = self
+            .children(dir.id)?
+            .iter()
+            .filter(|c| c.kind != FileKind::Directory as i32)
+            .count() as u64;
+        let counted = self.counted()?;
+        Ok(LoadProgress {
+            directories: u64::from(counted(&self.store.path_of(dir.id)?)),
+            files,
+        })
     }
 }

@@ -150,10 +150,7 @@ impl Namespace for MasterService {
                         loader.ensure_loaded(&root).await?
                     };
                     drop(ptx);
-                    Ok(LoadProgress {
-                        directories: u64::from(dir.kind == FileKind::Directory as i32),
-                        files: u64::from(dir.kind != FileKind::Directory as i32),
-                    })
+                    loader.count_listed(&dir)
                 }
             };
             let forward = {
