@@ -272,8 +272,12 @@ fn quiet_on_closed_stdout() {
     }));
 }
 
-fn main() -> anyhow::Result<()> {
+fn main() -> std::process::ExitCode {
     quiet_on_closed_stdout();
+    granary_common::exit::exit_code(run())
+}
+
+fn run() -> anyhow::Result<()> {
     let matches = Cli::command().get_matches();
     let cli = Cli::from_arg_matches(&matches).unwrap_or_else(|e| e.exit());
     // A one-shot command prints its answer; its clients' routine narration (a routing

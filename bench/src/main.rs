@@ -189,7 +189,11 @@ enum KernelCache {
     Off,
 }
 
-fn main() -> anyhow::Result<()> {
+fn main() -> std::process::ExitCode {
+    granary_common::exit::exit_code(run())
+}
+
+fn run() -> anyhow::Result<()> {
     granary_common::telemetry::init_logging("info");
     let cli = Cli::parse();
     match cli.command {

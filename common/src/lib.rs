@@ -8,6 +8,7 @@ pub mod bytesize;
 pub mod config;
 pub mod consistency;
 pub mod error;
+pub mod exit;
 pub mod fd_passing;
 pub mod ids;
 pub mod in_process;

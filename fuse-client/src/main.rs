@@ -17,7 +17,11 @@ struct Args {
     mount: MountArgs,
 }
 
-fn main() -> anyhow::Result<()> {
+fn main() -> std::process::ExitCode {
+    granary_common::exit::exit_code(run())
+}
+
+fn run() -> anyhow::Result<()> {
     granary_common::telemetry::init_logging("info");
     let args = Args::parse();
     let cfg = args.mount.config(&args.cluster)?;

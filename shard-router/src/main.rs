@@ -18,7 +18,11 @@ struct Args {
 }
 
 #[tokio::main]
-async fn main() -> anyhow::Result<()> {
+async fn main() -> std::process::ExitCode {
+    granary_common::exit::exit_code(run().await)
+}
+
+async fn run() -> anyhow::Result<()> {
     granary_common::telemetry::init_logging("info");
     let args = Args::parse();
     let config = granary_common::config::load_toml(&args.config)?;
