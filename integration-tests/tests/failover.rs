@@ -381,6 +381,16 @@ fn master_migration_under_load_needs_no_restart() {
     );
     let ids = c.worker_ids_on_leader().unwrap();
     assert_eq!(ids.len(), 1, "the worker registered with the new leader");
+    // Nobody dials the removed masters once they are gone.
+    for id in [3u64, 4, 5] {
+        let log = c.masters[&id].proc.as_ref().unwrap().log_text();
+        for gone in [1, 2] {
+            assert!(
+                !log.contains(&format!("raft peer unreachable peer={gone}")),
+                "master {id} still dials removed master {gone}:\n{log}"
+            );
+        }
+    }
 }
 
 #[test]

@@ -58,17 +58,41 @@ impl Admin for MasterService {
             })
             .await?;
         let target = self.raft.status().info.commit;
-        self.wait_status(
-            "the new member to catch up",
-            Duration::from_secs(60),
-            |st| {
-                st.info
-                    .peers
-                    .iter()
-                    .any(|p| p.id == r.id && p.progress_known && p.matched >= target)
-            },
-        )
-        .await?;
+        let caught_up = self
+            .wait_status(
+                "the new member to catch up",
+                Duration::from_secs(60),
+                |st| {
+                    st.info
+                        .peers
+                        .iter()
+                        .any(|p| p.id == r.id && p.progress_known && p.matched >= target)
+                },
+            )
+            .await;
+        if let Err(e) = caught_up {
+            // A learner that never answers would stay listed (and be retried) for good.
+            let undone = self
+                .raft
+                .change_members(MemberChange::Remove { id: r.id })
+                .await;
+            return Err(Status::new(
+                e.code(),
+                format!(
+                    "{}: master {} at {} is not running with join = true, or this master cannot reach it; {}",
+                    e.message(),
+                    r.id,
+                    r.addr,
+                    match undone {
+                        Ok(_) => "it was removed from the group again".to_string(),
+                        Err(u) => format!(
+                            "removing it again failed ({u}): run `granary admin quorum remove {}`",
+                            r.id
+                        ),
+                    }
+                ),
+            ));
+        }
         self.raft
             .change_members(MemberChange::Promote { id: r.id })
             .await?;

@@ -784,6 +784,20 @@ impl RaftNode {
                 _ => {}
             }
         }
+        // A removed member's address goes, and with it the transport's link to it.
+        let me = self.cfg.id;
+        self.book.retain(|id, _| {
+            *id == me
+                || [
+                    cs.get_voters(),
+                    cs.get_learners(),
+                    cs.get_voters_outgoing(),
+                    cs.get_learners_next(),
+                ]
+                .iter()
+                .any(|set| set.contains(id))
+        });
+        self.transport.members_changed(&self.book);
         self.conf_index = e.index;
         tracing::info!(index = e.index, voters = ?cs.voters, learners = ?cs.learners, outgoing = ?cs.voters_outgoing, "membership changed");
         Ok(EntryOp::ConfChange {

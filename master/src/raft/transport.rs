@@ -50,6 +50,9 @@ pub trait PeerNetwork: Send + Sync {
     /// Queues messages for their peers; `book` maps member ids to addresses.
     fn send(&self, msgs: Vec<Message>, book: &HashMap<u64, String>);
 
+    /// The group is now the members in `book`: links to any other member go.
+    fn members_changed(&self, _book: &HashMap<u64, String>) {}
+
     /// Starts pulling the records of snapshot `r` from the member holding it.
     fn pull_snapshot<'a>(
         &'a self,
@@ -286,6 +289,15 @@ fn stream_ended(ended: Result<Response<RaftAck>, Status>) -> StreamEnd {
 }
 
 impl PeerNetwork for GrpcTransport {
+    fn members_changed(&self, book: &HashMap<u64, String>) {
+        // Dropping a removed member's queue stops its sender, which would otherwise
+        // dial it (and warn) until this process stops.
+        self.peers
+            .lock()
+            .expect("peers lock")
+            .retain(|id, _| book.contains_key(id));
+    }
+
     fn send(&self, msgs: Vec<Message>, book: &HashMap<u64, String>) {
         let mut peers = self.peers.lock().expect("peers lock");
         for m in msgs {
