@@ -39,12 +39,32 @@ pub struct Handlers {
     /// Files are opened by the kernel alone (zero-message opens; read-only mounts); off
     /// if the kernel cannot.
     pub open_in_kernel: std::sync::atomic::AtomicBool,
+    /// Tells the kernel to drop what it caches; set once the session runs.
+    pub notifier: Arc<std::sync::OnceLock<fuser::Notifier>>,
 }
 
 impl Handlers {
     fn opens_in_kernel(&self) -> bool {
         self.open_in_kernel
             .load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// Replies to a read, then has the kernel drop its attributes of files that read
+    /// found changed in the UFS: its cached size bounds what it reads, so a grown file
+    /// would read cut at its old size until the attributes expired.
+    fn reply_read(&self, r: granary_common::FsResult<Vec<u8>>, reply: ReplyData) {
+        match r {
+            Ok(data) => reply.data(&data),
+            Err(e) => reply.error(errno("read", &e)),
+        }
+        for ino in self.fs.take_changed() {
+            if let Some(n) = self.notifier.get() {
+                // Attributes only (offset -1): the new size drops the stale pages.
+                if let Err(e) = n.inval_inode(INodeNo(ino), -1, 0) {
+                    tracing::debug!(ino, error = %e, "cannot drop the kernel's attributes");
+                }
+            }
+        }
     }
 }
 
@@ -425,15 +445,10 @@ impl Filesystem for FuseAdapter {
     ) {
         if self.handlers.opens_in_kernel() {
             // A file the kernel opened by itself: no handle.
-            return self.offload(move |h| match h.fs.read_unopened(ino.0, offset, size) {
-                Ok(data) => reply.data(&data),
-                Err(e) => reply.error(errno("read", &e)),
-            });
+            return self
+                .offload(move |h| h.reply_read(h.fs.read_unopened(ino.0, offset, size), reply));
         }
-        self.offload(move |h| match h.fs.read(fh.0, offset, size) {
-            Ok(data) => reply.data(&data),
-            Err(e) => reply.error(errno("read", &e)),
-        });
+        self.offload(move |h| h.reply_read(h.fs.read(fh.0, offset, size), reply));
     }
 
     fn flush(

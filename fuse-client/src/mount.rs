@@ -232,6 +232,7 @@ pub fn mount(cfg: &MountConfig, mountpoint: &Path) -> Result<MountHandle, MountE
     // Registering a backing file takes CAP_SYS_ADMIN (the kernel may still lack
     // passthrough: its INIT reply says, and the mount logs it).
     let passthrough = cfg.passthrough() && cfg.short_circuit && unsafe { libc::geteuid() } == 0;
+    let notifier = Arc::new(std::sync::OnceLock::new());
     let handlers = Handlers {
         fs,
         opts: KernelOptions {
@@ -245,6 +246,7 @@ pub fn mount(cfg: &MountConfig, mountpoint: &Path) -> Result<MountHandle, MountE
         },
         passthrough: Passthrough::new(passthrough, passthrough::WRITER_WAIT),
         open_in_kernel: cfg.open_in_kernel.into(),
+        notifier: notifier.clone(),
     };
     let adapter =
         FuseAdapter::new(handlers, cfg.fuse_threads).map_err(|source| MountError::Fuse {
@@ -280,6 +282,7 @@ pub fn mount(cfg: &MountConfig, mountpoint: &Path) -> Result<MountHandle, MountE
             path: mountpoint.to_path_buf(),
             source,
         })?;
+    let _ = notifier.set(session.notifier());
     tracing::info!(
         mountpoint = %mountpoint.display(),
         masters = ?cfg.masters,

@@ -16,12 +16,26 @@ fn load_metadata_force_and_stale_versions_show_the_new_content() {
     let ufs = tempfile::tempdir().unwrap();
     std::fs::write(ufs.path().join("cached"), b"version one").unwrap();
     std::fs::write(ufs.path().join("uncached"), b"first").unwrap();
+    std::fs::write(ufs.path().join("grows"), b"AAAA\n").unwrap();
     let c = Cluster::start(&MasterSpec {
         ufs: ufs.path().to_path_buf(),
         ..Default::default()
     })
     .unwrap();
     let m = c.mount("mnt", SHORT_CACHES).unwrap();
+    // With the kernel's caches on (their defaults), its cached size bounds a read: the
+    // read that finds the file grown has the kernel drop it, so the same read(2) loop
+    // goes on to the new end.
+    let cached = c.mount("cached-attrs", "").unwrap();
+    assert_eq!(
+        std::fs::metadata(cached.path.join("grows")).unwrap().len(),
+        5
+    );
+    std::fs::write(ufs.path().join("grows"), b"BBBBBBBBBBBB\n").unwrap();
+    assert_eq!(
+        std::fs::read_to_string(cached.path.join("grows")).unwrap(),
+        "BBBBBBBBBBBB\n"
+    );
     assert_eq!(
         std::fs::read(m.path.join("cached")).unwrap(),
         b"version one"

@@ -94,6 +94,15 @@ pub struct GranaryFs {
     /// of its file only when this moved.
     commits: AtomicU64,
     unopened: unopened::UnopenedReads,
+    changed: ChangedInodes,
+}
+
+/// Inodes a read found changed in the UFS: the kernel still has their old size, which
+/// bounds what it reads, until it drops its cached attributes of them.
+#[derive(Default)]
+struct ChangedInodes {
+    any: std::sync::atomic::AtomicBool,
+    inodes: Mutex<Vec<u64>>,
 }
 
 fn is_dir(i: &Inode) -> bool {
@@ -126,7 +135,22 @@ impl GranaryFs {
             listed_versions: MetaCache::new(opts.meta_cache_entries, None),
             commits: AtomicU64::new(0),
             unopened: Default::default(),
+            changed: Default::default(),
         }
+    }
+
+    /// The inodes found changed in the UFS since the last call, whose attributes the
+    /// kernel must drop (one atomic load when there are none).
+    pub fn take_changed(&self) -> Vec<u64> {
+        if !self.changed.any.swap(false, Ordering::AcqRel) {
+            return Vec::new();
+        }
+        std::mem::take(&mut *self.changed.inodes.lock().expect("changed lock"))
+    }
+
+    fn mark_changed(&self, ino: u64) {
+        self.changed.inodes.lock().expect("changed lock").push(ino);
+        self.changed.any.store(true, Ordering::Release);
     }
 
     /// The inode as this mount sees it: a file being written here has its staged size.

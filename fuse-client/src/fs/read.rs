@@ -130,6 +130,7 @@ impl GranaryFs {
                     e => e,
                 })?;
                 *state = ReadState::default();
+                self.mark_changed(ino);
                 if offset >= inode.size {
                     return Ok(Vec::new());
                 }
