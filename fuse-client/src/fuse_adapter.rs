@@ -49,21 +49,23 @@ impl Handlers {
             .load(std::sync::atomic::Ordering::Relaxed)
     }
 
-    /// Replies to a read, then has the kernel drop its attributes of files that read
-    /// found changed in the UFS: its cached size bounds what it reads, so a grown file
-    /// would read cut at its old size until the attributes expired.
+    /// Has the kernel drop its attributes of files a read found changed in the UFS,
+    /// then replies to the read. The kernel's cached size bounds what it reads, so a
+    /// grown file would read cut at its old size until the attributes expired; dropped
+    /// before the reply, they are gone when the reader asks past the old end.
     fn reply_read(&self, r: granary_common::FsResult<Vec<u8>>, reply: ReplyData) {
-        match r {
-            Ok(data) => reply.data(&data),
-            Err(e) => reply.error(errno("read", &e)),
-        }
         for ino in self.fs.take_changed() {
             if let Some(n) = self.notifier.get() {
-                // Attributes only (offset -1): the new size drops the stale pages.
+                // Attributes only (offset -1): the new size drops the stale pages, and
+                // no page lock an in-flight read holds is waited for.
                 if let Err(e) = n.inval_inode(INodeNo(ino), -1, 0) {
                     tracing::debug!(ino, error = %e, "cannot drop the kernel's attributes");
                 }
             }
+        }
+        match r {
+            Ok(data) => reply.data(&data),
+            Err(e) => reply.error(errno("read", &e)),
         }
     }
 }
