@@ -19,15 +19,22 @@ use tokio::task::JoinHandle;
 use tonic::service::interceptor::InterceptedService;
 use tonic::transport::Channel;
 
-use crate::block_store::{BlockId, BlockStore};
+use crate::block_store::{split_changes, BlockId, BlockStore};
 use crate::mounts::MountRegistry;
 
 type Client = WorkersClient<InterceptedService<Channel, AttachToken>>;
 
+/// Block changes for a master's next heartbeat: each block's last change only, since
+/// the master applies a heartbeat's removals before its additions.
 #[derive(Default)]
 struct Pending {
-    added: Vec<BlockId>,
-    removed: Vec<BlockId>,
+    cached: HashMap<BlockId, bool>,
+}
+
+impl Pending {
+    fn take(&mut self) -> (Vec<BlockId>, Vec<BlockId>) {
+        split_changes(self.cached.drain())
+    }
 }
 
 fn keys(ids: &[BlockId]) -> Vec<BlockKey> {
@@ -88,8 +95,8 @@ impl MasterLinks {
     pub fn queue(&self, added: &[BlockId], removed: &[BlockId]) {
         for link in self.links.lock().expect("links lock").by_addr.values() {
             let mut q = link.pending.lock().expect("pending lock");
-            q.added.extend_from_slice(added);
-            q.removed.extend_from_slice(removed);
+            q.cached.extend(removed.iter().map(|&id| (id, false)));
+            q.cached.extend(added.iter().map(|&id| (id, true)));
         }
     }
 
@@ -223,10 +230,7 @@ impl Link {
             let Some(owner) = self.owner.upgrade() else {
                 return;
             };
-            let (added, removed) = {
-                let mut p = self.pending.lock().expect("pending lock");
-                (std::mem::take(&mut p.added), std::mem::take(&mut p.removed))
-            };
+            let (added, removed) = self.pending.lock().expect("pending lock").take();
             let (cache_hits, cache_misses) = owner.store.lookups();
             let req = WorkerHeartbeatRequest {
                 worker_id: owner.info.worker_id.clone(),
@@ -303,5 +307,22 @@ impl Link {
         }
         tracing::info!(shard, master = %self.addr, blocks = mine.len(), "registered with master");
         Ok(Duration::from_millis(reply.heartbeat_interval_ms.max(100)))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Pending;
+
+    #[test]
+    fn a_heartbeat_names_each_block_once_by_its_last_change() {
+        let mut p = Pending::default();
+        // Queued by two fan-out ticks within one heartbeat: cached, then dropped.
+        p.cached.extend([((1, 0), true), ((2, 0), true)]);
+        p.cached.extend([((1, 0), false)]);
+        let (mut added, removed) = p.take();
+        added.sort();
+        assert_eq!((added, removed), (vec![(2, 0)], vec![(1, 0)]));
+        assert_eq!(p.take(), (vec![], vec![]));
     }
 }

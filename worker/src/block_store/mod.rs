@@ -171,6 +171,20 @@ enum Doomed {
     Data(FileKey, u64),
 }
 
+/// Blocks by their last change (`true`: cached), as (added, removed).
+pub fn split_changes(
+    changes: impl IntoIterator<Item = (BlockId, bool)>,
+) -> (Vec<BlockId>, Vec<BlockId>) {
+    let (mut added, mut removed) = (Vec::new(), Vec::new());
+    for (id, cached) in changes {
+        match cached {
+            true => added.push(id),
+            false => removed.push(id),
+        }
+    }
+    (added, removed)
+}
+
 /// What the scan at open found.
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
 pub struct ScanReport {
@@ -614,15 +628,9 @@ impl BlockStore {
 
     /// Blocks added and removed since the last call (for heartbeats); none is in both.
     pub fn take_deltas(&self) -> (Vec<BlockId>, Vec<BlockId>) {
-        let changed = std::mem::take(&mut self.index.lock().expect("index lock").changed);
-        let (mut added, mut removed) = (Vec::new(), Vec::new());
-        for (id, cached) in changed {
-            match cached {
-                true => added.push(id),
-                false => removed.push(id),
-            }
-        }
-        (added, removed)
+        split_changes(std::mem::take(
+            &mut self.index.lock().expect("index lock").changed,
+        ))
     }
 
     /// Every cached block (for a full registration). Pending deltas stay: replaying them
