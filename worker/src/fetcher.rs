@@ -81,8 +81,7 @@ impl BlockFetcher {
 
     /// The cached block, fetching it from the UFS first if needed. Only a hit on a
     /// verified block is answered on the async thread; checking a block cached before a
-    /// restart (which reads it whole), deleting a stale version and fetching all run on
-    /// the blocking pool.
+    /// restart (which reads it whole) and fetching run on the blocking pool.
     pub async fn get(&self, id: BlockId, src: &BlockSource) -> FsResult<CachedBlock> {
         if let Some(b) = self.store.cached(id, src.fingerprint) {
             self.store.count_lookup(true);
@@ -195,6 +194,11 @@ fn fetch(
     // next data file, or (evicted over and over) as a file of its own.
     for _ in 0..SHARED_FILL_TRIES {
         let Some(mut fill) = store.begin_shared(id, src.fingerprint, src.block_size)? else {
+            // Cached meanwhile (another fetch's): that copy, not a second one whose
+            // commit would drop the whole data file it replaced.
+            if let Some(b) = store.lookup(id, src.fingerprint) {
+                return Ok(b);
+            }
             break;
         };
         let (len, crc) = copy(&mut fill.file)?;

@@ -577,13 +577,25 @@ impl BlockStore {
         if idx.used <= self.high {
             return Vec::new();
         }
-        self.evict_to(idx, self.low, keep)
+        let mut doomed = self.evict_to(idx, self.low, keep, false);
+        // Files being filled were left; past the capacity (many read at once) they go
+        // too, retired: fills under way are not entered and fill again.
+        if idx.used > self.capacity {
+            doomed.extend(self.evict_to(idx, self.high, keep, true));
+        }
+        doomed
     }
 
     /// Drops least recently used blocks until usage is at most `target`; a block of a
-    /// shared data file takes the file's other blocks with it, and files being filled
-    /// stay. Returns the files to delete.
-    fn evict_to(&self, idx: &mut Index, target: u64, keep: Option<BlockId>) -> Vec<Doomed> {
+    /// shared data file takes the file's other blocks with it. Files being filled stay
+    /// unless `busy_too`; the file of `keep` stays. Returns the files to delete.
+    fn evict_to(
+        &self,
+        idx: &mut Index,
+        target: u64,
+        keep: Option<BlockId>,
+        busy_too: bool,
+    ) -> Vec<Doomed> {
         let mut doomed = Vec::new();
         let keep_key = keep.and_then(|id| idx.entries.get(&id)?.shared_key(id));
         let mut evicted = 0u64;
@@ -595,7 +607,7 @@ impl BlockStore {
             let Some(e) = idx.entries.get(&id) else {
                 continue; // gone with a shared file
             };
-            let busy = |key| Some(key) == keep_key || idx.busy.contains(&key);
+            let busy = |key| Some(key) == keep_key || (!busy_too && idx.busy.contains(&key));
             if Some(id) == keep || e.shared_key(id).is_some_and(busy) {
                 continue;
             }

@@ -201,8 +201,8 @@ impl BlockStore {
 
     /// Where to write block `id` of file version `fingerprint` if that file's blocks
     /// share a data file; `None` if it is cached as a file of its own ([`Self::commit`]):
-    /// a file that does not share one, a new data file that would not fit in the cache
-    /// with the fills under way, or a block being filled already.
+    /// a file that does not share one, a new data file that does not fit in the cache
+    /// even after idle blocks are evicted, or a block being filled or cached already.
     pub fn begin_shared(
         &self,
         id: BlockId,
@@ -294,21 +294,17 @@ impl BlockStore {
         Ok(Some((incarnation, file)))
     }
 
-    /// Whether a new data file of `size` bytes fits, with what the fills under way still
-    /// add to theirs, once idle blocks are evicted: busy data files are never evicted,
-    /// so without this check readers filling many files at once would overrun the disk.
+    /// Whether a new data file of `size` bytes fits once idle blocks are evicted to make
+    /// room for it (else its blocks are cached as files of their own).
     fn admit(&self, idx: &mut Index, size: u64, doomed: &mut Vec<Doomed>) -> bool {
-        let growing: u64 = idx
-            .busy
-            .iter()
-            .map(|k| k.1.size.saturating_sub(idx.shared[k].bytes))
-            .sum();
-        let need = size.saturating_add(growing);
-        if idx.used.saturating_add(need) > self.high {
-            let target = self.high.saturating_sub(need).min(self.low);
-            doomed.extend(self.evict_to(idx, target, None));
+        if size > self.high {
+            return false;
         }
-        idx.used.saturating_add(need) <= self.high
+        if idx.used + size > self.high {
+            doomed.extend(self.evict_to(idx, (self.high - size).min(self.low), None, false));
+            metrics::gauge!("granary_worker_cache_used_bytes").set(idx.used as f64);
+        }
+        idx.used + size <= self.high
     }
 
     /// Drops every block of the shared file and the file itself. Fills still writing

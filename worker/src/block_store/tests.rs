@@ -333,8 +333,10 @@ fn a_block_is_filled_by_one_fill_at_a_time() {
         s.begin_shared((3, 1), SHARED_FP, 100).unwrap().is_none(),
         "nor of one cached"
     );
-    // A failed fill of another block leaves this one's bytes alone.
-    drop(s.begin_shared((3, 0), SHARED_FP, 100).unwrap().unwrap());
+    // A failed fill of another block punches out its own range only.
+    let mut failed = s.begin_shared((3, 0), SHARED_FP, 100).unwrap().unwrap();
+    failed.file.write_all(&[1; 100]).unwrap();
+    drop(failed);
     let mut buf = [0u8; 100];
     File::open(&block.path)
         .unwrap()
@@ -371,21 +373,51 @@ fn a_file_dropped_while_a_block_is_filled_is_not_filled_in_place() {
 
 #[test]
 fn fills_of_many_files_at_once_stay_within_the_capacity() {
+    use std::io::Write;
     let dir = tempfile::tempdir().unwrap();
-    // High watermark 1800 bytes: 250-byte files, 7 fit.
+    // High watermark 1800 bytes, low 1000: 25 files read at once, each with two blocks
+    // being filled, would take 5000.
     let (s, _) = BlockStore::open(dir.path(), 2000, 0.9, 0.5).unwrap();
-    let fills: Vec<SharedFill> = (0..20)
-        .filter_map(|f| s.begin_shared((f, 0), SHARED_FP, 100).unwrap())
-        .collect();
-    assert_eq!(fills.len(), 7);
-    drop(fills);
-    // Idle files are evicted to make room for a new one.
-    for f in 0..7 {
-        put_shared(&s, (f, 0), SHARED_FP, &[1; 100]);
-        put_shared(&s, (f, 1), SHARED_FP, &[1; 100]);
+    let mut first = Vec::new();
+    let mut second = Vec::new();
+    for f in 0..25 {
+        first.push(s.begin_shared((f, 0), SHARED_FP, 100).unwrap().unwrap());
+        second.push(s.begin_shared((f, 1), SHARED_FP, 100).unwrap().unwrap());
     }
-    assert!(s.used() <= 1800, "used {}", s.used());
-    assert!(s.begin_shared((50, 0), SHARED_FP, 100).unwrap().is_some());
+    for (f, mut fill) in first.into_iter().enumerate() {
+        fill.file.write_all(&[f as u8; 100]).unwrap();
+        assert!(fill
+            .commit(100, crc32c::crc32c(&[f as u8; 100]))
+            .unwrap()
+            .is_some());
+        assert!(s.used() <= 2000, "used {} after file {f}", s.used());
+    }
+    let mut refused = 0;
+    for (f, mut fill) in second.into_iter().enumerate() {
+        fill.file.write_all(&[f as u8; 100]).unwrap();
+        if fill
+            .commit(100, crc32c::crc32c(&[f as u8; 100]))
+            .unwrap()
+            .is_none()
+        {
+            refused += 1;
+        }
+        assert!(s.used() <= 2000, "used {}", s.used());
+    }
+    assert!(refused > 0, "busy files past the capacity were retired");
+    // What is cached reads back right.
+    for f in 0..25u64 {
+        for i in 0..2 {
+            if let Some(b) = s.lookup((f, i), SHARED_FP) {
+                let mut buf = vec![0u8; b.len as usize];
+                File::open(&b.path)
+                    .unwrap()
+                    .read_exact_at(&mut buf, b.offset)
+                    .unwrap();
+                assert_eq!(buf, vec![f as u8; 100]);
+            }
+        }
+    }
 }
 
 #[test]
