@@ -53,14 +53,12 @@ impl Handlers {
     /// then replies to the read. The kernel's cached size bounds what it reads, so a
     /// grown file would read cut at its old size until the attributes expired; dropped
     /// before the reply, they are gone when the reader asks past the old end.
-    fn reply_read(&self, r: granary_common::FsResult<Vec<u8>>, reply: ReplyData) {
-        for ino in self.fs.take_changed() {
-            if let Some(n) = self.notifier.get() {
-                // Attributes only (offset -1): the new size drops the stale pages, and
-                // no page lock an in-flight read holds is waited for.
-                if let Err(e) = n.inval_inode(INodeNo(ino), -1, 0) {
-                    tracing::debug!(ino, error = %e, "cannot drop the kernel's attributes");
-                }
+    fn reply_read(&self, ino: u64, r: granary_common::FsResult<Vec<u8>>, reply: ReplyData) {
+        if let Some(n) = self.notifier.get().filter(|_| self.fs.take_changed(ino)) {
+            // Attributes only (offset -1): the new size drops the stale pages, and no
+            // page lock an in-flight read holds is waited for.
+            if let Err(e) = n.inval_inode(INodeNo(ino), -1, 0) {
+                tracing::debug!(ino, error = %e, "cannot drop the kernel's attributes");
             }
         }
         match r {
@@ -447,10 +445,11 @@ impl Filesystem for FuseAdapter {
     ) {
         if self.handlers.opens_in_kernel() {
             // A file the kernel opened by itself: no handle.
-            return self
-                .offload(move |h| h.reply_read(h.fs.read_unopened(ino.0, offset, size), reply));
+            return self.offload(move |h| {
+                h.reply_read(ino.0, h.fs.read_unopened(ino.0, offset, size), reply)
+            });
         }
-        self.offload(move |h| h.reply_read(h.fs.read(fh.0, offset, size), reply));
+        self.offload(move |h| h.reply_read(ino.0, h.fs.read(fh.0, offset, size), reply));
     }
 
     fn flush(

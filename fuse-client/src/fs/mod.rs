@@ -97,8 +97,9 @@ pub struct GranaryFs {
     changed: ChangedInodes,
 }
 
-/// Inodes a read found changed in the UFS: the kernel still has their old size, which
-/// bounds what it reads, until it drops its cached attributes of them.
+/// Inodes a read found changed in the UFS, until that read's thread tells the kernel:
+/// the kernel still has their old size, which bounds what it reads, until it drops its
+/// cached attributes of them.
 #[derive(Default)]
 struct ChangedInodes {
     any: std::sync::atomic::AtomicBool,
@@ -139,17 +140,27 @@ impl GranaryFs {
         }
     }
 
-    /// The inodes found changed in the UFS since the last call, whose attributes the
-    /// kernel must drop (one atomic load when there are none).
-    pub fn take_changed(&self) -> Vec<u64> {
-        if !self.changed.any.swap(false, Ordering::AcqRel) {
-            return Vec::new();
+    /// Whether a read of `ino` found it changed in the UFS since the last call: the
+    /// kernel must drop its attributes of it (one atomic load when nothing changed).
+    pub fn take_changed(&self, ino: u64) -> bool {
+        if !self.changed.any.load(Ordering::Acquire) {
+            return false;
         }
-        std::mem::take(&mut *self.changed.inodes.lock().expect("changed lock"))
+        let mut inodes = self.changed.inodes.lock().expect("changed lock");
+        let found = inodes.iter().position(|&i| i == ino);
+        if let Some(at) = found {
+            inodes.swap_remove(at);
+        }
+        self.changed
+            .any
+            .store(!inodes.is_empty(), Ordering::Release);
+        found.is_some()
     }
 
     fn mark_changed(&self, ino: u64) {
-        self.changed.inodes.lock().expect("changed lock").push(ino);
+        let mut inodes = self.changed.inodes.lock().expect("changed lock");
+        inodes.push(ino);
+        // Under the lock, as `take_changed` clears it.
         self.changed.any.store(true, Ordering::Release);
     }
 

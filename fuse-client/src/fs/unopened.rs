@@ -62,8 +62,8 @@ impl Pool {
 
 impl UnopenedReads {
     /// A state for reading `version` of `ino` at `offset`: the one whose last read
-    /// ended there (a sequential reader's, with its readahead), else the one put back
-    /// last, else a fresh one. States of other versions are dropped.
+    /// ended there (a sequential reader's, with its readahead), else a fresh one (taking
+    /// another would spoil that reader's readahead). States of other versions are dropped.
     pub fn take(&self, ino: u64, version: UfsFingerprint, offset: u64) -> ReadState {
         let mut stale = Vec::new();
         let found = {
@@ -74,10 +74,7 @@ impl UnopenedReads {
                     kept.drain(..).partition(|k| k.version == version);
                 *kept = same;
                 stale = other;
-                let pick = kept
-                    .iter()
-                    .rposition(|k| k.state.continues_at(offset))
-                    .or(kept.len().checked_sub(1));
+                let pick = kept.iter().rposition(|k| k.state.continues_at(offset));
                 found = pick.map(|i| kept.remove(i).state);
                 if kept.is_empty() {
                     pool.by_inode.remove(&ino);
@@ -188,18 +185,19 @@ mod tests {
         pool.put(1, V1, ReadState::ended_at(100));
         pool.put(1, V1, ReadState::ended_at(500));
         assert!(pool.take(1, V1, 100).continues_at(100));
-        assert!(
-            pool.take(1, V1, 100).continues_at(500),
-            "else the last one put back"
-        );
-        assert_eq!(kept(&pool), 0);
-        for end in 0..=PER_INODE as u64 {
+        assert!(pool.take(1, V1, 100).continues_at(0), "else a fresh one");
+        assert_eq!(kept(&pool), 1, "the other reader's stays");
+        assert!(pool.take(1, V1, 500).continues_at(500));
+        for end in 1..=PER_INODE as u64 + 1 {
             pool.put(1, V1, ReadState::ended_at(end));
         }
         assert_eq!(kept(&pool), PER_INODE);
         assert!(
-            !pool.take(1, V1, 0).continues_at(0),
+            !pool.take(1, V1, 1).continues_at(1),
             "the oldest made room for the newest"
         );
+        assert!(pool
+            .take(1, V1, PER_INODE as u64 + 1)
+            .continues_at(PER_INODE as u64 + 1));
     }
 }
