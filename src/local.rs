@@ -38,17 +38,20 @@ pub struct LocalCluster {
 /// Default state directory for a UFS: stable per UFS, so a restart finds its warm cache
 /// and metadata again, and one UFS however spelled (`/data/x/`, `file:///data/x`, a
 /// symlink to it) gets one, so a second `granary local` over it finds the first's in use.
+/// One made by an older version for the literal spelling is still used.
 pub fn default_state_dir(ufs: &str) -> PathBuf {
-    let local = match ufs.strip_prefix("file://") {
-        Some(path) => Some(path),
-        None if !ufs.contains("://") => Some(ufs),
-        None => None,
-    };
-    let canonical = match local.map(std::fs::canonicalize) {
-        Some(Ok(path)) => path.display().to_string(),
-        _ => ufs.trim_end_matches('/').to_string(),
-    };
-    let key = canonical.bytes().fold(0xcbf29ce484222325u64, |h, b| {
+    let normalized = granary_common::ufs::normalized_uri(ufs);
+    // A plain path hashes as it did before `file://` URIs were normalized too.
+    let dir = state_dir_for(normalized.strip_prefix("file://").unwrap_or(&normalized));
+    let literal = state_dir_for(ufs);
+    match !dir.exists() && literal.exists() {
+        true => literal,
+        false => dir,
+    }
+}
+
+fn state_dir_for(key: &str) -> PathBuf {
+    let key = key.bytes().fold(0xcbf29ce484222325u64, |h, b| {
         (h ^ b as u64).wrapping_mul(0x100000001b3)
     });
     PathBuf::from("/var/tmp/granary").join(format!("{key:016x}"))

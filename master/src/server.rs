@@ -160,7 +160,8 @@ pub async fn start(mut config: MasterConfig) -> Result<RunningMaster, MasterErro
         config.store_cache.0,
     )?);
     if let Some(m) = store.mount_table()?.mounts.iter().find(|m| m.path == b"/") {
-        if m.ufs_uri != config.ufs {
+        let ufs = granary_common::ufs::normalized_uri;
+        if ufs(&m.ufs_uri) != ufs(&config.ufs) {
             return Err(MasterError::UfsChanged {
                 stored: m.ufs_uri.clone(),
                 configured: config.ufs.clone(),

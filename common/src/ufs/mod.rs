@@ -135,6 +135,24 @@ pub fn ufs_uri(given: &str) -> FsResult<String> {
     local_uri(std::path::Path::new(given))
 }
 
+/// One spelling per UFS: a local directory (a path or `file://` URI) as the `file://` URI
+/// of its canonical path (if it exists), any URI without a trailing `/`. Two UFS are the
+/// same when these are equal.
+pub fn normalized_uri(given: &str) -> String {
+    let local = match given.strip_prefix("file://") {
+        Some(path) => Some(path),
+        None if !given.contains("://") => Some(given),
+        None => None,
+    };
+    if let Some(Ok(path)) = local.map(std::fs::canonicalize) {
+        return format!("file://{}", path.display());
+    }
+    match given.trim_end_matches('/') {
+        "" => given.to_string(),
+        trimmed => trimmed.to_string(),
+    }
+}
+
 /// Turns a plain directory path into a `file://` URI (absolute, canonical).
 pub fn local_uri(path: &std::path::Path) -> FsResult<String> {
     let abs = std::fs::canonicalize(path)
@@ -146,4 +164,25 @@ pub fn local_uri(path: &std::path::Path) -> FsResult<String> {
         )));
     }
     Ok(format!("file://{}", abs.display()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::normalized_uri;
+
+    #[test]
+    fn one_ufs_has_one_normalized_uri() {
+        let dir = tempfile::tempdir().unwrap();
+        let canonical = format!("file://{}", dir.path().canonicalize().unwrap().display());
+        for spelled in [
+            format!("{}", dir.path().display()),
+            format!("{}/", dir.path().display()),
+            format!("file://{}/", dir.path().display()),
+            format!("file://{}/.", dir.path().display()),
+        ] {
+            assert_eq!(normalized_uri(&spelled), canonical, "{spelled}");
+        }
+        assert_eq!(normalized_uri("s3://b/p/"), "s3://b/p");
+        assert_eq!(normalized_uri("s3://b/p"), "s3://b/p");
+    }
 }
