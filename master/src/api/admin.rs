@@ -50,13 +50,23 @@ impl Admin for MasterService {
                 "add needs a non-zero id and a host:port address",
             ));
         }
-        // Join as a learner first, catch up, then become a voter through joint consensus.
-        self.raft
-            .change_members(MemberChange::AddLearner {
-                id: r.id,
-                addr: r.addr.clone(),
-            })
-            .await?;
+        // Join as a learner first, catch up, then become a voter through joint consensus
+        // (a learner left by an add that timed out while it caught up goes on from there).
+        let learner = self
+            .raft
+            .status()
+            .info
+            .peers
+            .iter()
+            .any(|p| p.id == r.id && p.learner);
+        if !learner {
+            self.raft
+                .change_members(MemberChange::AddLearner {
+                    id: r.id,
+                    addr: r.addr.clone(),
+                })
+                .await?;
+        }
         let target = self.raft.status().info.commit;
         let caught_up = self
             .wait_status(
@@ -71,7 +81,29 @@ impl Admin for MasterService {
             )
             .await;
         if let Err(e) = caught_up {
-            // A learner that never answers would stay listed (and be retried) for good.
+            let st = self.raft.status();
+            let matched = st
+                .info
+                .peers
+                .iter()
+                .find(|p| p.id == r.id && p.progress_known)
+                .map(|p| p.matched)
+                .filter(|&m| m > 0);
+            if let Some(matched) = matched.filter(|_| st.is_leader) {
+                // Answering but slow (a big snapshot to install): it stays a learner.
+                return Err(Status::new(
+                    e.code(),
+                    format!(
+                        "{}: master {} is still catching up as a learner (at index {matched} of {target}); \
+                         run the same `quorum add` again to make it a voter once `quorum info` shows it caught up, \
+                         or `quorum remove {}`",
+                        e.message(),
+                        r.id,
+                        r.id
+                    ),
+                ));
+            }
+            // A learner that never answered would stay listed (and be dialled) for good.
             let undone = self
                 .raft
                 .change_members(MemberChange::Remove { id: r.id })
