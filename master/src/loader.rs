@@ -355,11 +355,18 @@ impl<L: CommandLog> MetadataLoader<L> {
                 files: 1,
             });
         }
-        let files = self
-            .children(dir.id)?
-            .iter()
-            .filter(|c| c.kind != FileKind::Directory as i32)
-            .count() as u64;
+        let (mut files, mut after) = (0, Vec::new());
+        loop {
+            let (page, more) = self.store.list(dir.id, &after, 4096)?;
+            files += page
+                .iter()
+                .filter(|c| c.kind != FileKind::Directory as i32)
+                .count() as u64;
+            match page.last() {
+                Some(last) if more => after = last.name.clone(),
+                _ => break,
+            }
+        }
         let counted = self.counted()?;
         Ok(LoadProgress {
             directories: u64::from(counted(&self.store.path_of(dir.id)?)),

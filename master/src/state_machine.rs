@@ -119,8 +119,9 @@ pub fn apply_batch(
             })
         )
     });
-    let results = store.write(|tables| {
+    let (results, commands) = store.write(|tables| {
         let mut results = Vec::with_capacity(entries.len());
+        let mut commands = 0u64;
         let mut applied = tables.meta.u64(META_APPLIED_INDEX)?;
         let mut applied_term = tables.meta.u64(META_APPLIED_TERM)?;
         for e in entries {
@@ -129,7 +130,10 @@ pub fn apply_batch(
                 continue;
             }
             results.push(match &e.op {
-                EntryOp::Command(cmd) => apply(tables, cmd)?,
+                EntryOp::Command(cmd) => {
+                    commands += 1;
+                    apply(tables, cmd)?
+                }
                 EntryOp::Noop => Ok(()),
                 EntryOp::ConfChange {
                     conf_state,
@@ -145,8 +149,9 @@ pub fn apply_batch(
         }
         tables.set_u64(META_APPLIED_INDEX, applied)?;
         tables.set_u64(META_APPLIED_TERM, applied_term)?;
-        Ok(results)
+        Ok((results, commands))
     })?;
+    metrics::counter!("granary_master_applied_commands_total").increment(commands);
     if routing_changed {
         store.reload_routing_version()?;
     }

@@ -204,8 +204,6 @@ impl ShardedMetadata {
             .ok_or_else(|| FsError::Unavailable(format!("shard {id} is not in the routing table")))
     }
 
-    /// The shard and its own id for directory `parent`: the root's entries belong to
-    /// the shard their path routes to, found there under that shard's root.
     /// Refuses a rename or removal of a top-level pinned prefix before it is routed
     /// (its shard would move it, or the rename would go across shards: `EXDEV`, and `mv`
     /// would copy it away); a deeper one is refused by its shard, which knows its path.
@@ -220,6 +218,8 @@ impl ShardedMetadata {
         Ok(())
     }
 
+    /// The shard and its own id for directory `parent`: the root's entries belong to
+    /// the shard their path routes to, found there under that shard's root.
     fn place(&self, parent: u64, name: &[u8]) -> (u16, u64) {
         if parent == ROOT {
             let shard = self.table().owner(&child_path(b"/", name));

@@ -165,7 +165,6 @@ fn apply(
         tracing::warn!(entries = entries.len(), last, took = ?took, "slow apply");
     }
     metrics::histogram!("granary_master_apply_seconds").record(took.as_secs_f64());
-    metrics::counter!("granary_master_applied_commands_total").increment(entries.len() as u64);
     // Published before any proposer hears back, so a read index taken after an
     // acknowledged write always covers it.
     applied_tx.send_if_modified(|v| {
