@@ -117,7 +117,7 @@ impl MountHandle {
 
     pub fn unmount(mut self) -> std::io::Result<()> {
         match self.session.take() {
-            Some(s) => end_session(s),
+            Some(s) => end_session(s, &self.mountpoint),
             None => Ok(()),
         }
     }
@@ -125,17 +125,39 @@ impl MountHandle {
 
 /// Unmounts and joins the session's thread; a session ended by an outside unmount
 /// (`umount`, `fusermount3 -u`) is only joined: unmounting again fails with EINVAL.
-fn end_session(s: BackgroundSession) -> std::io::Result<()> {
-    if s.guard.is_finished() {
-        return s.join();
+fn end_session(s: BackgroundSession, mountpoint: &Path) -> std::io::Result<()> {
+    if !s.guard.is_finished() {
+        return s.umount_and_join();
     }
-    s.umount_and_join()
+    s.join()?;
+    // Ended on an error while mounted, the session unmounted it on its way out; had
+    // that failed, only this says so (fuser's own warning is off, see telemetry).
+    if is_mount_point(mountpoint) {
+        return Err(std::io::Error::other(format!(
+            "the FUSE session ended but {} is still mounted",
+            mountpoint.display()
+        )));
+    }
+    Ok(())
+}
+
+/// Whether `/proc/self/mountinfo` lists `path` as a mount point.
+fn is_mount_point(path: &Path) -> bool {
+    // Not canonicalize: a mount whose FUSE session is gone fails every stat.
+    let Ok(path) = std::path::absolute(path) else {
+        return false;
+    };
+    let want = path.to_string_lossy().replace(' ', "\\040");
+    std::fs::read_to_string("/proc/self/mountinfo").is_ok_and(|t| {
+        t.lines()
+            .any(|l| l.split(' ').nth(4) == Some(want.as_str()))
+    })
 }
 
 impl Drop for MountHandle {
     fn drop(&mut self) {
         if let Some(s) = self.session.take() {
-            if let Err(e) = end_session(s) {
+            if let Err(e) = end_session(s, &self.mountpoint) {
                 tracing::warn!(mountpoint = %self.mountpoint.display(), error = %e, "unmount failed");
             }
         }
