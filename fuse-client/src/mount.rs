@@ -251,6 +251,7 @@ pub fn build_fs_over(
 pub fn mount(cfg: &MountConfig, mountpoint: &Path) -> Result<MountHandle, MountError> {
     check_mountpoint(mountpoint)?;
     let fs = Arc::new(build_fs(cfg)?);
+    let pinned = Arc::downgrade(&fs);
     // Registering a backing file takes CAP_SYS_ADMIN (the kernel may still lack
     // passthrough: its INIT reply says, and the mount logs it).
     let passthrough = cfg.passthrough() && cfg.short_circuit && unsafe { libc::geteuid() } == 0;
@@ -305,6 +306,7 @@ pub fn mount(cfg: &MountConfig, mountpoint: &Path) -> Result<MountHandle, MountE
             source,
         })?;
     let _ = notifier.set(session.notifier());
+    follow_pins(pinned, session.notifier());
     tracing::info!(
         mountpoint = %mountpoint.display(),
         masters = ?cfg.masters,
@@ -322,6 +324,31 @@ pub fn mount(cfg: &MountConfig, mountpoint: &Path) -> Result<MountHandle, MountE
         session: Some(session),
         mountpoint: mountpoint.to_path_buf(),
     })
+}
+
+/// How often a mount looks for prefixes pinned to another shard.
+const PIN_CHECK: Duration = Duration::from_secs(1);
+
+/// Drops the kernel's entries of prefixes that moved to another shard, while the mount
+/// lives: a directory the kernel knows by its old shard's inode would show that shard's
+/// (emptied) copy until `entry_ttl_ms` expired.
+fn follow_pins(fs: std::sync::Weak<GranaryFs>, notifier: fuser::Notifier) {
+    let follow = move || loop {
+        std::thread::sleep(PIN_CHECK);
+        let Some(fs) = fs.upgrade() else { return };
+        for (parent, name) in fs.moved_prefixes() {
+            let name = <std::ffi::OsStr as std::os::unix::ffi::OsStrExt>::from_bytes(&name);
+            if let Err(e) = notifier.inval_entry(fuser::INodeNo(parent), name) {
+                tracing::debug!(parent, ?name, error = %e, "cannot drop a moved prefix's entry");
+            }
+        }
+    };
+    if let Err(e) = std::thread::Builder::new()
+        .name("granary-pins".into())
+        .spawn(follow)
+    {
+        tracing::warn!(error = %e, "cannot follow pinned prefixes; a moved one shows once entry_ttl_ms expires");
+    }
 }
 
 /// Mounts and serves in the foreground until SIGINT/SIGTERM or an outside unmount.

@@ -11,6 +11,9 @@ use granary_protos::v1::{
 
 pub use shard_client::{ClientOptions, GrpcMetadataClient};
 
+/// A routing table's version and its pinned prefixes with the shard of each.
+pub type Pins = (u64, Vec<(Vec<u8>, u16)>);
+
 /// Metadata operations the filesystem needs. The mutations have read-only defaults so a
 /// read-only service (a test double) need not spell them out.
 pub trait MetadataService: Send + Sync {
@@ -59,6 +62,12 @@ pub trait MetadataService: Send + Sync {
         Err(FsError::Unsupported(format!(
             "directory {dir:#x}: this metadata service cannot refresh"
         )))
+    }
+
+    /// The routing table's version and its pinned prefixes with their shards (none for
+    /// an unsharded service): a mount drops what it caches of a prefix that moves.
+    fn pins(&self) -> Pins {
+        (0, Vec::new())
     }
 
     /// Records that a file's content reached the UFS.

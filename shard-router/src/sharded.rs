@@ -357,6 +357,16 @@ fn relisted(shard: &GrpcMetadataClient, path: &[u8]) -> FsResult<Inode> {
 }
 
 impl MetadataService for ShardedMetadata {
+    fn pins(&self) -> granary_meta_client::Pins {
+        let table = self.table();
+        let pins = table
+            .pins()
+            .iter()
+            .map(|p| (p.prefix.clone(), p.shard as u16))
+            .collect();
+        (table.version(), pins)
+    }
+
     fn lookup(&self, parent: u64, name: &[u8]) -> FsResult<Inode> {
         self.routed(|| {
             let (shard, parent) = self.place(parent, name);

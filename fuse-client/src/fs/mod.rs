@@ -95,6 +95,8 @@ pub struct GranaryFs {
     commits: AtomicU64,
     unopened: unopened::UnopenedReads,
     changed: ChangedInodes,
+    /// The routing table version and pins last seen ([`Self::moved_prefixes`]).
+    pins: Mutex<granary_meta_client::Pins>,
 }
 
 /// Inodes a read found changed in the UFS, until that read's thread tells the kernel:
@@ -137,7 +139,54 @@ impl GranaryFs {
             commits: AtomicU64::new(0),
             unopened: Default::default(),
             changed: Default::default(),
+            pins: Mutex::new((0, Vec::new())),
         }
+    }
+
+    /// The entries (parent inode, name) of prefixes pinned to another shard (or
+    /// unpinned) since the last call, dropped from this mount's caches: the kernel must
+    /// drop them too, or it would go on showing the old shard's directory (emptied by
+    /// the move) until its entry cache expired.
+    pub fn moved_prefixes(&self) -> Vec<(u64, Vec<u8>)> {
+        let (version, pins) = self.meta.pins();
+        let moved: Vec<Vec<u8>> = {
+            let mut seen = self.pins.lock().expect("pins lock");
+            if version == seen.0 {
+                return Vec::new();
+            }
+            let first = seen.0 == 0;
+            let moved = pins
+                .iter()
+                .filter(|p| !seen.1.contains(p))
+                .chain(seen.1.iter().filter(|p| !pins.iter().any(|n| n.0 == p.0)))
+                .map(|(prefix, _)| prefix.clone())
+                .collect();
+            *seen = (version, pins);
+            // The table this mount started with moved nothing it had cached.
+            if first {
+                return Vec::new();
+            }
+            moved
+        };
+        moved
+            .into_iter()
+            .filter_map(|prefix| {
+                let cut = prefix.iter().rposition(|&b| b == b'/')?;
+                let name = prefix[cut + 1..].to_vec();
+                let parent = self.resolve(&prefix[..cut]).ok()?;
+                self.forget_entry(parent, &name);
+                Some((parent, name))
+            })
+            .collect()
+    }
+
+    /// The inode of a namespace path, looked up from the root component by component.
+    fn resolve(&self, path: &[u8]) -> FsResult<u64> {
+        let mut at = granary_common::ids::root_inode(0);
+        for part in path.split(|&b| b == b'/').filter(|p| !p.is_empty()) {
+            at = self.lookup(at, part)?.id;
+        }
+        Ok(at)
     }
 
     /// Whether a read of `ino` found it changed in the UFS since the last call: the
