@@ -238,7 +238,13 @@ fn dataset_reads_match_across_worker_restart_and_eviction() {
     assert!(first > 0.0, "the first pass reads through the mount");
     let bad = read_all(&zm.path, &expected, 11);
     assert!(bad.is_empty(), "open_in_kernel mount, again: {bad:?}");
-    assert_eq!(served(), first, "the second pass comes from the page cache");
+    // All of it but what the kernel reclaimed meanwhile (this VM reclaims cold pages on
+    // its own, and tests run side by side).
+    let again = served() - first;
+    assert!(
+        again <= first / 20.0,
+        "the second pass comes from the page cache: {again} of {first} bytes read again"
+    );
     let opens = granary_integration_tests::scrape_counter(port, "granary_client_opens_total");
     assert_eq!(opens.unwrap(), 0.0, "files were opened by the mount");
     let f = std::fs::File::open(zm.path.join("big.bin")).unwrap();
