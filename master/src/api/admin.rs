@@ -57,9 +57,15 @@ impl Admin for MasterService {
             .status()
             .info
             .peers
-            .iter()
-            .any(|p| p.id == r.id && p.learner);
-        if !learner {
+            .into_iter()
+            .find(|p| p.id == r.id && p.learner);
+        if let Some(l) = learner.as_ref().filter(|l| l.addr != r.addr) {
+            return Err(Status::already_exists(format!(
+                "master {} is already a learner at {}: `quorum remove {}` first to use {}",
+                r.id, l.addr, r.id, r.addr
+            )));
+        }
+        if learner.is_none() {
             self.raft
                 .change_members(MemberChange::AddLearner {
                     id: r.id,
@@ -82,14 +88,21 @@ impl Admin for MasterService {
             .await;
         if let Err(e) = caught_up {
             let st = self.raft.status();
-            let matched = st
+            if !st.is_leader {
+                return Err(Status::unavailable(format!(
+                    "{}: this master stopped leading meanwhile; master {} stays a learner: \
+                     see `quorum info`, then run the same add against the new leader",
+                    e.message(),
+                    r.id
+                )));
+            }
+            let answered = st
                 .info
                 .peers
                 .iter()
-                .find(|p| p.id == r.id && p.progress_known)
-                .map(|p| p.matched)
-                .filter(|&m| m > 0);
-            if let Some(matched) = matched.filter(|_| st.is_leader) {
+                .find(|p| p.id == r.id && p.answered)
+                .map(|p| p.matched);
+            if let Some(matched) = answered {
                 // Answering but slow (a big snapshot to install): it stays a learner.
                 return Err(Status::new(
                     e.code(),

@@ -859,17 +859,16 @@ impl RaftNode {
             .members
             .iter()
             .map(|m| {
-                let matched = if leader {
-                    raft.prs().get(m.id).map(|p| p.matched)
-                } else {
-                    None
-                };
+                let progress = raft.prs().get(m.id).filter(|_| leader);
                 PeerProgress {
                     id: m.id,
                     addr: m.addr.clone(),
                     learner: m.learner,
-                    matched: matched.unwrap_or(0),
-                    progress_known: matched.is_some(),
+                    matched: progress.map_or(0, |p| p.matched),
+                    progress_known: progress.is_some(),
+                    answered: progress.is_some_and(|p| {
+                        p.matched > 0 || p.recent_active || p.state == raft::ProgressState::Snapshot
+                    }),
                 }
             })
             .collect();
