@@ -38,13 +38,15 @@ pub struct LocalCluster {
 /// Default state directory for a UFS: stable per UFS, so a restart finds its warm cache
 /// and metadata again, and one UFS however spelled (`/data/x/`, `file:///data/x`, a
 /// symlink to it) gets one, so a second `granary local` over it finds the first's in use.
-/// One made by an older version for the literal spelling is still used.
+/// One made by an older version for the literal spelling of an absolute path or URI is
+/// still used (a relative spelling named different directories from different places).
 pub fn default_state_dir(ufs: &str) -> PathBuf {
     let normalized = granary_common::ufs::normalized_uri(ufs);
     // A plain path hashes as it did before `file://` URIs were normalized too.
     let dir = state_dir_for(normalized.strip_prefix("file://").unwrap_or(&normalized));
     let literal = state_dir_for(ufs);
-    match !dir.exists() && literal.exists() {
+    let absolute = ufs.starts_with('/') || ufs.contains("://");
+    match absolute && !dir.exists() && literal.exists() {
         true => literal,
         false => dir,
     }

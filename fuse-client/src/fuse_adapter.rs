@@ -49,12 +49,14 @@ impl Handlers {
             .load(std::sync::atomic::Ordering::Relaxed)
     }
 
-    /// Has the kernel drop its attributes of files a read found changed in the UFS,
-    /// then replies to the read. The kernel's cached size bounds what it reads, so a
-    /// grown file would read cut at its old size until the attributes expired; dropped
-    /// before the reply, they are gone when the reader asks past the old end.
+    /// Has the kernel drop its attributes of `ino` if this thread's read found it changed
+    /// in the UFS, then replies to the read. The kernel's cached size bounds what it
+    /// reads, so a grown file would read cut at its old size until the attributes
+    /// expired; dropped before the reply, they are gone when the reader asks past the
+    /// old end.
     fn reply_read(&self, ino: u64, r: granary_common::FsResult<Vec<u8>>, reply: ReplyData) {
-        if let Some(n) = self.notifier.get().filter(|_| self.fs.take_changed(ino)) {
+        let changed = GranaryFs::take_changed();
+        if let Some(n) = self.notifier.get().filter(|_| changed) {
             // Attributes only (offset -1): the new size drops the stale pages, and no
             // page lock an in-flight read holds is waited for.
             if let Err(e) = n.inval_inode(INodeNo(ino), -1, 0) {

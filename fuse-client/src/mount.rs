@@ -141,17 +141,45 @@ fn end_session(s: BackgroundSession, mountpoint: &Path) -> std::io::Result<()> {
     Ok(())
 }
 
-/// Whether `/proc/self/mountinfo` lists `path` as a mount point.
+/// Whether `path` is still a mount point: a dead FUSE mount fails every access with
+/// ENOTCONN, and `/proc/self/mountinfo` lists any other.
 fn is_mount_point(path: &Path) -> bool {
-    // Not canonicalize: a mount whose FUSE session is gone fails every stat.
-    let Ok(path) = std::path::absolute(path) else {
+    if std::fs::metadata(path).is_err_and(|e| e.raw_os_error() == Some(libc::ENOTCONN)) {
+        return true;
+    }
+    let Ok(path) = path.canonicalize() else {
         return false;
     };
-    let want = path.to_string_lossy().replace(' ', "\\040");
     std::fs::read_to_string("/proc/self/mountinfo").is_ok_and(|t| {
         t.lines()
-            .any(|l| l.split(' ').nth(4) == Some(want.as_str()))
+            .filter_map(|l| l.split(' ').nth(4))
+            .any(|m| Path::new(&unescape_mountinfo(m)) == path)
     })
+}
+
+/// A mountinfo field with its octal escapes (`\040` for a space, …) undone.
+fn unescape_mountinfo(field: &str) -> String {
+    let b = field.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        let octal = b
+            .get(i + 1..i + 4)
+            .filter(|d| d.iter().all(|c| (b'0'..=b'7').contains(c)))
+            .map(|d| d.iter().fold(0u16, |v, c| v * 8 + u16::from(c - b'0')))
+            .and_then(|v| u8::try_from(v).ok());
+        match (b[i], octal) {
+            (b'\\', Some(byte)) => {
+                out.push(byte);
+                i += 4;
+            }
+            (c, _) => {
+                out.push(c);
+                i += 1;
+            }
+        }
+    }
+    String::from_utf8_lossy(&out).into_owned()
 }
 
 impl Drop for MountHandle {
@@ -370,4 +398,15 @@ pub fn run_mount(cfg: &MountConfig, mountpoint: &Path) -> Result<(), MountError>
     rt.block_on(handle.until_stopped());
     tracing::info!(mountpoint = %mountpoint.display(), "unmounting");
     handle.unmount().map_err(fuse_err)
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn mountinfo_escapes_are_undone() {
+        assert_eq!(
+            super::unescape_mountinfo("/mnt/a\\040b\\011c\\134d\\x"),
+            "/mnt/a b\tc\\d\\x"
+        );
+    }
 }

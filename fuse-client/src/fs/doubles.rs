@@ -48,6 +48,8 @@ pub struct MemNamespace {
     /// Creates a new file's empty object in the UFS, as a master over a local directory
     /// does (its fingerprint comes with the inode); off: the first close uploads it.
     pub empty_objects: AtomicBool,
+    /// What `pins` answers, as a sharded service's routing table would.
+    pub pins: Mutex<granary_meta_client::Pins>,
 }
 
 impl Default for MemNamespace {
@@ -66,6 +68,7 @@ impl Default for MemNamespace {
             commits_started: AtomicU64::new(0),
             commit_delay: Mutex::new(Duration::ZERO),
             empty_objects: AtomicBool::new(false),
+            pins: Mutex::new((0, Vec::new())),
             faults: Faults::default(),
         }
     }
@@ -115,6 +118,10 @@ impl MemNamespace {
 }
 
 impl MetadataService for MemNamespace {
+    fn pins(&self) -> granary_meta_client::Pins {
+        self.pins.lock().unwrap().clone()
+    }
+
     fn lookup(&self, parent: u64, name: &[u8]) -> FsResult<Inode> {
         self.lookups.fetch_add(1, Ordering::Relaxed);
         let inodes = self.inodes.lock().unwrap();

@@ -94,18 +94,15 @@ pub struct GranaryFs {
     /// of its file only when this moved.
     commits: AtomicU64,
     unopened: unopened::UnopenedReads,
-    changed: ChangedInodes,
-    /// The routing table version and pins last seen ([`Self::moved_prefixes`]).
-    pins: Mutex<granary_meta_client::Pins>,
+    /// The pins last seen, and moved prefixes whose entries are still to drop
+    /// ([`Self::moved_prefixes`]).
+    pins: Mutex<(granary_meta_client::Pins, Vec<Vec<u8>>)>,
 }
 
-/// Inodes a read found changed in the UFS, until that read's thread tells the kernel:
-/// the kernel still has their old size, which bounds what it reads, until it drops its
-/// cached attributes of them.
-#[derive(Default)]
-struct ChangedInodes {
-    any: std::sync::atomic::AtomicBool,
-    inodes: Mutex<Vec<u64>>,
+thread_local! {
+    /// Set by a read that found its file changed in the UFS, for the thread that replies
+    /// to that read ([`GranaryFs::take_changed`]).
+    static FOUND_CHANGED: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
 }
 
 fn is_dir(i: &Inode) -> bool {
@@ -123,6 +120,7 @@ impl GranaryFs {
         store: Arc<dyn ContentStore>,
         opts: FsOptions,
     ) -> Self {
+        let pins = meta.pins();
         GranaryFs {
             meta,
             reader,
@@ -138,46 +136,51 @@ impl GranaryFs {
             listed_versions: MetaCache::new(opts.meta_cache_entries, None),
             commits: AtomicU64::new(0),
             unopened: Default::default(),
-            changed: Default::default(),
-            pins: Mutex::new((0, Vec::new())),
+            pins: Mutex::new((pins, Vec::new())),
         }
     }
 
     /// The entries (parent inode, name) of prefixes pinned to another shard (or
-    /// unpinned) since the last call, dropped from this mount's caches: the kernel must
-    /// drop them too, or it would go on showing the old shard's directory (emptied by
-    /// the move) until its entry cache expired.
+    /// unpinned) since the mount started, dropped from this mount's caches: the kernel
+    /// must drop them too, or it would go on showing the old shard's directory (emptied
+    /// by the move) until its entry cache expired. A prefix whose parent cannot be looked
+    /// up now is tried again at the next call.
     pub fn moved_prefixes(&self) -> Vec<(u64, Vec<u8>)> {
-        let (version, pins) = self.meta.pins();
-        let moved: Vec<Vec<u8>> = {
-            let mut seen = self.pins.lock().expect("pins lock");
-            if version == seen.0 {
-                return Vec::new();
+        let now = self.meta.pins();
+        let todo = {
+            let mut guard = self.pins.lock().expect("pins lock");
+            let (seen, pending) = &mut *guard;
+            if now.0 != seen.0 {
+                let (old, new) = (&seen.1, &now.1);
+                pending.extend(
+                    new.iter()
+                        .filter(|p| !old.contains(p))
+                        .chain(old.iter().filter(|p| !new.iter().any(|n| n.0 == p.0)))
+                        .map(|(prefix, _)| prefix.clone()),
+                );
+                *seen = now;
             }
-            let first = seen.0 == 0;
-            let moved = pins
-                .iter()
-                .filter(|p| !seen.1.contains(p))
-                .chain(seen.1.iter().filter(|p| !pins.iter().any(|n| n.0 == p.0)))
-                .map(|(prefix, _)| prefix.clone())
-                .collect();
-            *seen = (version, pins);
-            // The table this mount started with moved nothing it had cached.
-            if first {
-                return Vec::new();
-            }
-            moved
+            std::mem::take(pending)
         };
+        let mut moved = Vec::new();
+        let mut retry = Vec::new();
+        for prefix in todo {
+            let Some(cut) = prefix.iter().rposition(|&b| b == b'/') else {
+                continue;
+            };
+            let name = prefix[cut + 1..].to_vec();
+            match self.resolve(&prefix[..cut]) {
+                Ok(parent) => {
+                    self.forget_entry(parent, &name);
+                    moved.push((parent, name));
+                }
+                // Its parent is gone: nothing of it is cached.
+                Err(FsError::NotFound(_)) => {}
+                Err(_) => retry.push(prefix),
+            }
+        }
+        self.pins.lock().expect("pins lock").1.extend(retry);
         moved
-            .into_iter()
-            .filter_map(|prefix| {
-                let cut = prefix.iter().rposition(|&b| b == b'/')?;
-                let name = prefix[cut + 1..].to_vec();
-                let parent = self.resolve(&prefix[..cut]).ok()?;
-                self.forget_entry(parent, &name);
-                Some((parent, name))
-            })
-            .collect()
     }
 
     /// The inode of a namespace path, looked up from the root component by component.
@@ -189,28 +192,14 @@ impl GranaryFs {
         Ok(at)
     }
 
-    /// Whether a read of `ino` found it changed in the UFS since the last call: the
-    /// kernel must drop its attributes of it (one atomic load when nothing changed).
-    pub fn take_changed(&self, ino: u64) -> bool {
-        if !self.changed.any.load(Ordering::Acquire) {
-            return false;
-        }
-        let mut inodes = self.changed.inodes.lock().expect("changed lock");
-        let found = inodes.iter().position(|&i| i == ino);
-        if let Some(at) = found {
-            inodes.swap_remove(at);
-        }
-        self.changed
-            .any
-            .store(!inodes.is_empty(), Ordering::Release);
-        found.is_some()
+    /// Whether the last read on this thread found its file changed in the UFS (and
+    /// forgets it): the kernel must drop its attributes of that file.
+    pub fn take_changed() -> bool {
+        FOUND_CHANGED.with(|c| c.replace(false))
     }
 
-    fn mark_changed(&self, ino: u64) {
-        let mut inodes = self.changed.inodes.lock().expect("changed lock");
-        inodes.push(ino);
-        // Under the lock, as `take_changed` clears it.
-        self.changed.any.store(true, Ordering::Release);
+    fn mark_changed() {
+        FOUND_CHANGED.with(|c| c.set(true));
     }
 
     /// The inode as this mount sees it: a file being written here has its staged size.

@@ -130,7 +130,7 @@ impl GranaryFs {
                     e => e,
                 })?;
                 *state = ReadState::default();
-                self.mark_changed(ino);
+                Self::mark_changed();
                 if offset >= inode.size {
                     return Ok(Vec::new());
                 }

@@ -165,3 +165,35 @@ fn cached_answers_come_only_from_the_caches() {
         .is_none());
     assert_eq!(ns.lookups.load(Ordering::Relaxed), calls);
 }
+
+#[test]
+fn a_prefix_pinned_elsewhere_is_dropped_from_the_caches_once() {
+    let (fs, ns, _) = fs();
+    assert!(
+        fs.moved_prefixes().is_empty(),
+        "the table the mount started with"
+    );
+    fs.lookup(ROOT, b"dir").unwrap();
+    fs.lookup(2, b"f00001").unwrap();
+    assert!(fs.lookup_cached(ROOT, b"dir").is_some());
+    *ns.pins.lock().unwrap() = (1, vec![(b"/dir".to_vec(), 1)]);
+    assert_eq!(fs.moved_prefixes(), vec![(ROOT, b"dir".to_vec())]);
+    assert!(
+        fs.lookup_cached(ROOT, b"dir").is_none(),
+        "its entry is dropped"
+    );
+    assert!(fs.moved_prefixes().is_empty(), "once");
+    // Nested, moved again, and unpinned.
+    *ns.pins.lock().unwrap() = (2, vec![(b"/dir".to_vec(), 2), (b"/dir/f00001".to_vec(), 1)]);
+    let mut moved = fs.moved_prefixes();
+    moved.sort();
+    assert_eq!(
+        moved,
+        vec![(ROOT, b"dir".to_vec()), (2, b"f00001".to_vec())]
+    );
+    *ns.pins.lock().unwrap() = (3, vec![(b"/dir".to_vec(), 2)]);
+    assert_eq!(fs.moved_prefixes(), vec![(2, b"f00001".to_vec())]);
+    // A prefix whose parent is gone has nothing cached.
+    *ns.pins.lock().unwrap() = (4, vec![(b"/dir".to_vec(), 2), (b"/gone/x".to_vec(), 1)]);
+    assert!(fs.moved_prefixes().is_empty());
+}
