@@ -599,13 +599,16 @@ impl BlockStore {
         let mut doomed = Vec::new();
         let keep_key = keep.and_then(|id| idx.entries.get(&id)?.shared_key(id));
         let mut evicted = 0u64;
-        let candidates: Vec<BlockId> = idx.lru.values().copied().collect();
-        for id in candidates {
-            if idx.used <= target {
+        // Walked from the oldest tick by a cursor, not a copy of the whole LRU: this runs
+        // under the index lock, and past the watermark on every commit.
+        let mut next_tick = 0;
+        while idx.used > target {
+            let Some((&tick, &id)) = idx.lru.range(next_tick..).next() else {
                 break;
-            }
+            };
+            next_tick = tick + 1;
             let Some(e) = idx.entries.get(&id) else {
-                continue; // gone with a shared file
+                continue;
             };
             let busy = |key| Some(key) == keep_key || (!busy_too && idx.busy.contains(&key));
             if Some(id) == keep || e.shared_key(id).is_some_and(busy) {
