@@ -73,14 +73,21 @@ impl Handlers {
 pub struct FuseAdapter {
     handlers: Arc<Handlers>,
     offload: Offload,
+    /// Told once the kernel's INIT is answered (the readahead setter waits for it).
+    initialized: Option<std::sync::mpsc::Sender<()>>,
 }
 
 impl FuseAdapter {
     /// `offload_threads`: how many requests may wait at once.
-    pub fn new(handlers: Handlers, offload_threads: usize) -> std::io::Result<Self> {
+    pub fn new(
+        handlers: Handlers,
+        offload_threads: usize,
+        initialized: std::sync::mpsc::Sender<()>,
+    ) -> std::io::Result<Self> {
         Ok(FuseAdapter {
             handlers: Arc::new(handlers),
             offload: Offload::new(offload_threads)?,
+            initialized: Some(initialized),
         })
     }
 
@@ -388,6 +395,9 @@ impl Filesystem for FuseAdapter {
         }
         let _ = config.set_max_readahead(1 << 20);
         let _ = config.set_max_background(64);
+        if let Some(tx) = self.initialized.take() {
+            let _ = tx.send(());
+        }
         Ok(())
     }
 

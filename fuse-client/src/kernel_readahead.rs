@@ -4,18 +4,37 @@
 //! worker's cache reads ahead megabytes. The window is the mount's bdi setting, which
 //! root can raise once the kernel has taken the INIT reply.
 
-use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
+use std::sync::mpsc::Receiver;
+use std::time::Duration;
+
+/// How long the setter waits for the kernel's INIT, and then for the kernel to apply the
+/// INIT reply (written right after the mount's init callback signals).
+const INIT_WAIT: Duration = Duration::from_secs(10);
+const INIT_APPLIED: Duration = Duration::from_millis(100);
 
 /// Raises the readahead window of the FUSE mount at `mountpoint` to `bytes`, in the
-/// background: the first stat of the mount waits for INIT. `underlying_dev` is the
-/// device of the directory before the mount, so a mount that failed or went away is
-/// never mistaken for it.
-pub fn raise_in_background(mountpoint: &Path, underlying_dev: u64, bytes: u64) {
+/// background, once `initialized` says the mount took the kernel's INIT. The mount's
+/// device comes from mountinfo, not from a stat of the mount: this process asking its
+/// own mount could wait forever if it exits meanwhile. `underlying_dev` is the device
+/// of the directory before the mount, so it is never mistaken for the mount.
+pub fn raise_in_background(
+    mountpoint: &Path,
+    underlying_dev: u64,
+    bytes: u64,
+    initialized: Receiver<()>,
+) {
     let mountpoint = mountpoint.to_path_buf();
+    let set = move || {
+        initialized
+            .recv_timeout(INIT_WAIT)
+            .map_err(|_| std::io::Error::other("the kernel sent no INIT"))?;
+        std::thread::sleep(INIT_APPLIED);
+        raise(&mountpoint, underlying_dev, bytes)
+    };
     let spawned = std::thread::Builder::new()
         .name("granary-readahead".into())
-        .spawn(move || match raise(&mountpoint, underlying_dev, bytes) {
+        .spawn(move || match set() {
             Ok(()) => tracing::debug!(kib = bytes >> 10, "kernel readahead window set"),
             Err(e) => tracing::info!(
                 error = %e,
@@ -28,11 +47,9 @@ pub fn raise_in_background(mountpoint: &Path, underlying_dev: u64, bytes: u64) {
 }
 
 fn raise(mountpoint: &Path, underlying_dev: u64, bytes: u64) -> std::io::Result<()> {
-    let dev = std::fs::metadata(mountpoint)?.dev();
-    // FUSE mounts get an anonymous device (major 0).
-    if dev == underlying_dev || libc::major(dev) != 0 {
-        return Err(std::io::Error::other("the mount is not there"));
-    }
+    let dev = crate::mountinfo::fuse_device(mountpoint)
+        .filter(|&dev| dev != underlying_dev)
+        .ok_or_else(|| std::io::Error::other("the mount is not there"))?;
     std::fs::write(bdi_setting(dev), format!("{}", bytes >> 10))
 }
 
@@ -58,6 +75,7 @@ mod tests {
 
     #[test]
     fn a_directory_that_is_no_mount_is_left_alone() {
+        use std::os::unix::fs::MetadataExt;
         let dir = tempfile::tempdir().unwrap();
         let dev = std::fs::metadata(dir.path()).unwrap().dev();
         assert!(raise(dir.path(), dev, 8 << 20).is_err());

@@ -12,6 +12,7 @@ pub mod kernel_view;
 pub mod local_upload;
 pub mod memory;
 pub mod mount;
+mod mountinfo;
 mod offload;
 pub mod passthrough;
 pub mod staging;

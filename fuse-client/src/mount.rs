@@ -132,54 +132,13 @@ fn end_session(s: BackgroundSession, mountpoint: &Path) -> std::io::Result<()> {
     s.join()?;
     // Ended on an error while mounted, the session unmounted it on its way out; had
     // that failed, only this says so (fuser's own warning is off, see telemetry).
-    if is_mount_point(mountpoint) {
+    if crate::mountinfo::is_mount_point(mountpoint) {
         return Err(std::io::Error::other(format!(
             "the FUSE session ended but {} is still mounted",
             mountpoint.display()
         )));
     }
     Ok(())
-}
-
-/// Whether `path` is still a mount point: a dead FUSE mount fails every access with
-/// ENOTCONN, and `/proc/self/mountinfo` lists any other.
-fn is_mount_point(path: &Path) -> bool {
-    if std::fs::metadata(path).is_err_and(|e| e.raw_os_error() == Some(libc::ENOTCONN)) {
-        return true;
-    }
-    let Ok(path) = path.canonicalize() else {
-        return false;
-    };
-    std::fs::read_to_string("/proc/self/mountinfo").is_ok_and(|t| {
-        t.lines()
-            .filter_map(|l| l.split(' ').nth(4))
-            .any(|m| Path::new(&unescape_mountinfo(m)) == path)
-    })
-}
-
-/// A mountinfo field with its octal escapes (`\040` for a space, …) undone.
-fn unescape_mountinfo(field: &str) -> String {
-    let b = field.as_bytes();
-    let mut out = Vec::with_capacity(b.len());
-    let mut i = 0;
-    while i < b.len() {
-        let octal = b
-            .get(i + 1..i + 4)
-            .filter(|d| d.iter().all(|c| (b'0'..=b'7').contains(c)))
-            .map(|d| d.iter().fold(0u16, |v, c| v * 8 + u16::from(c - b'0')))
-            .and_then(|v| u8::try_from(v).ok());
-        match (b[i], octal) {
-            (b'\\', Some(byte)) => {
-                out.push(byte);
-                i += 4;
-            }
-            (c, _) => {
-                out.push(c);
-                i += 1;
-            }
-        }
-    }
-    String::from_utf8_lossy(&out).into_owned()
 }
 
 impl Drop for MountHandle {
@@ -299,11 +258,13 @@ pub fn mount(cfg: &MountConfig, mountpoint: &Path) -> Result<MountHandle, MountE
         open_in_kernel: cfg.open_in_kernel.into(),
         notifier: notifier.clone(),
     };
-    let adapter =
-        FuseAdapter::new(handlers, cfg.fuse_threads).map_err(|source| MountError::Fuse {
+    let (initialized, on_init) = std::sync::mpsc::channel();
+    let adapter = FuseAdapter::new(handlers, cfg.fuse_threads, initialized).map_err(|source| {
+        MountError::Fuse {
             path: mountpoint.to_path_buf(),
             source,
-        })?;
+        }
+    })?;
     let mut options = vec![
         MountOption::FSName("granary".into()),
         MountOption::Subtype("granary".into()),
@@ -334,7 +295,7 @@ pub fn mount(cfg: &MountConfig, mountpoint: &Path) -> Result<MountHandle, MountE
             source,
         })?;
     let _ = notifier.set(session.notifier());
-    follow_pins(pinned, session.notifier());
+    follow_pins(pinned, Arc::downgrade(&notifier));
     tracing::info!(
         mountpoint = %mountpoint.display(),
         masters = ?cfg.masters,
@@ -347,6 +308,7 @@ pub fn mount(cfg: &MountConfig, mountpoint: &Path) -> Result<MountHandle, MountE
         mountpoint,
         underlying_dev,
         cfg.kernel_readahead.0,
+        on_init,
     );
     Ok(MountHandle {
         session: Some(session),
@@ -359,14 +321,29 @@ const PIN_CHECK: Duration = Duration::from_secs(1);
 
 /// Drops the kernel's entries of prefixes that moved to another shard, while the mount
 /// lives: a directory the kernel knows by its old shard's inode would show that shard's
-/// (emptied) copy until `entry_ttl_ms` expired.
-fn follow_pins(fs: std::sync::Weak<GranaryFs>, notifier: fuser::Notifier) {
+/// (emptied) copy until `entry_ttl_ms` expired. The thread holds the filesystem and the
+/// notifier (a descriptor of `/dev/fuse`) only while it uses them: a descriptor left open
+/// when the process exits keeps the FUSE connection, and any request of this process to
+/// its own mount, waiting forever.
+fn follow_pins(
+    fs: std::sync::Weak<GranaryFs>,
+    notifier: std::sync::Weak<std::sync::OnceLock<fuser::Notifier>>,
+) {
     let follow = move || loop {
         std::thread::sleep(PIN_CHECK);
-        let Some(fs) = fs.upgrade() else { return };
-        for (parent, name) in fs.moved_prefixes() {
+        let Some(moved) = fs.upgrade().map(|fs| fs.moved_prefixes()) else {
+            return;
+        };
+        if moved.is_empty() {
+            continue;
+        }
+        let Some(notifier) = notifier.upgrade() else {
+            return;
+        };
+        let Some(n) = notifier.get() else { continue };
+        for (parent, name) in moved {
             let name = <std::ffi::OsStr as std::os::unix::ffi::OsStrExt>::from_bytes(&name);
-            if let Err(e) = notifier.inval_entry(fuser::INodeNo(parent), name) {
+            if let Err(e) = n.inval_entry(fuser::INodeNo(parent), name) {
                 tracing::debug!(parent, ?name, error = %e, "cannot drop a moved prefix's entry");
             }
         }
@@ -398,15 +375,4 @@ pub fn run_mount(cfg: &MountConfig, mountpoint: &Path) -> Result<(), MountError>
     rt.block_on(handle.until_stopped());
     tracing::info!(mountpoint = %mountpoint.display(), "unmounting");
     handle.unmount().map_err(fuse_err)
-}
-
-#[cfg(test)]
-mod tests {
-    #[test]
-    fn mountinfo_escapes_are_undone() {
-        assert_eq!(
-            super::unescape_mountinfo("/mnt/a\\040b\\011c\\134d\\x"),
-            "/mnt/a b\tc\\d\\x"
-        );
-    }
 }
