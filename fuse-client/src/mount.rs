@@ -95,6 +95,16 @@ pub fn check_mountpoint(path: &Path) -> Result<(), MountError> {
 pub struct MountHandle {
     session: Option<BackgroundSession>,
     pub mountpoint: PathBuf,
+    /// The FUSE mount's device (from mountinfo), to tell it from anything else mounted
+    /// on the same path.
+    device: Option<u64>,
+    pins: Option<PinFollower>,
+}
+
+/// The thread that drops moved prefixes' entries ([`follow_pins`]).
+struct PinFollower {
+    stop: Arc<std::sync::atomic::AtomicBool>,
+    thread: std::thread::JoinHandle<()>,
 }
 
 impl MountHandle {
@@ -116,8 +126,18 @@ impl MountHandle {
     }
 
     pub fn unmount(mut self) -> std::io::Result<()> {
+        self.end()
+    }
+
+    fn end(&mut self) -> std::io::Result<()> {
+        // Stopped while the session still serves: a kernel notification it is sending
+        // may wait on a request in flight to this very mount.
+        if let Some(p) = self.pins.take() {
+            p.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+            let _ = p.thread.join();
+        }
         match self.session.take() {
-            Some(s) => end_session(s, &self.mountpoint),
+            Some(s) => end_session(s, &self.mountpoint, self.device),
             None => Ok(()),
         }
     }
@@ -125,14 +145,19 @@ impl MountHandle {
 
 /// Unmounts and joins the session's thread; a session ended by an outside unmount
 /// (`umount`, `fusermount3 -u`) is only joined: unmounting again fails with EINVAL.
-fn end_session(s: BackgroundSession, mountpoint: &Path) -> std::io::Result<()> {
+fn end_session(
+    s: BackgroundSession,
+    mountpoint: &Path,
+    device: Option<u64>,
+) -> std::io::Result<()> {
     if !s.guard.is_finished() {
         return s.umount_and_join();
     }
     s.join()?;
     // Ended on an error while mounted, the session unmounted it on its way out; had
-    // that failed, only this says so (fuser's own warning is off, see telemetry).
-    if crate::mountinfo::is_mount_point(mountpoint) {
+    // that failed, only this says so (fuser's own warning is off, see telemetry). Only
+    // this FUSE mount counts, not another one (a bind mount) on the same path.
+    if device.is_some() && crate::mountinfo::fuse_device(mountpoint) == device {
         return Err(std::io::Error::other(format!(
             "the FUSE session ended but {} is still mounted",
             mountpoint.display()
@@ -143,8 +168,8 @@ fn end_session(s: BackgroundSession, mountpoint: &Path) -> std::io::Result<()> {
 
 impl Drop for MountHandle {
     fn drop(&mut self) {
-        if let Some(s) = self.session.take() {
-            if let Err(e) = end_session(s, &self.mountpoint) {
+        if self.session.is_some() {
+            if let Err(e) = self.end() {
                 tracing::warn!(mountpoint = %self.mountpoint.display(), error = %e, "unmount failed");
             }
         }
@@ -237,6 +262,11 @@ pub fn build_fs_over(
 
 pub fn mount(cfg: &MountConfig, mountpoint: &Path) -> Result<MountHandle, MountError> {
     check_mountpoint(mountpoint)?;
+    // As mountinfo will spell it, found while a stat of it cannot reach this mount.
+    let real = mountpoint
+        .canonicalize()
+        .unwrap_or_else(|_| mountpoint.to_path_buf());
+    let mountpoint = real.as_path();
     let fs = Arc::new(build_fs(cfg)?);
     let pinned = Arc::downgrade(&fs);
     // Registering a backing file takes CAP_SYS_ADMIN (the kernel may still lack
@@ -295,7 +325,7 @@ pub fn mount(cfg: &MountConfig, mountpoint: &Path) -> Result<MountHandle, MountE
             source,
         })?;
     let _ = notifier.set(session.notifier());
-    follow_pins(pinned, Arc::downgrade(&notifier));
+    let pins = follow_pins(pinned, Arc::downgrade(&notifier));
     tracing::info!(
         mountpoint = %mountpoint.display(),
         masters = ?cfg.masters,
@@ -312,7 +342,9 @@ pub fn mount(cfg: &MountConfig, mountpoint: &Path) -> Result<MountHandle, MountE
     );
     Ok(MountHandle {
         session: Some(session),
+        device: crate::mountinfo::fuse_device(mountpoint),
         mountpoint: mountpoint.to_path_buf(),
+        pins,
     })
 }
 
@@ -328,9 +360,14 @@ const PIN_CHECK: Duration = Duration::from_secs(1);
 fn follow_pins(
     fs: std::sync::Weak<GranaryFs>,
     notifier: std::sync::Weak<std::sync::OnceLock<fuser::Notifier>>,
-) {
+) -> Option<PinFollower> {
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let stopped = stop.clone();
     let follow = move || loop {
         std::thread::sleep(PIN_CHECK);
+        if stopped.load(std::sync::atomic::Ordering::Relaxed) {
+            return;
+        }
         let Some(moved) = fs.upgrade().map(|fs| fs.moved_prefixes()) else {
             return;
         };
@@ -348,11 +385,15 @@ fn follow_pins(
             }
         }
     };
-    if let Err(e) = std::thread::Builder::new()
+    match std::thread::Builder::new()
         .name("granary-pins".into())
         .spawn(follow)
     {
-        tracing::warn!(error = %e, "cannot follow pinned prefixes; a moved one shows once entry_ttl_ms expires");
+        Ok(thread) => Some(PinFollower { stop, thread }),
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot follow pinned prefixes; a moved one shows once entry_ttl_ms expires");
+            None
+        }
     }
 }
 

@@ -174,9 +174,15 @@ impl GranaryFs {
                     self.forget_entry(parent, &name);
                     moved.push((parent, name));
                 }
-                // Its parent is gone: nothing of it is cached.
-                Err(FsError::NotFound(_)) => {}
-                Err(_) => retry.push(prefix),
+                // A master out of reach for now: tried again at the next call.
+                Err(
+                    FsError::Unavailable(_)
+                    | FsError::TimedOut(_)
+                    | FsError::Io(_)
+                    | FsError::StaleRouting(_),
+                ) => retry.push(prefix),
+                // Its parent is gone or is no directory: nothing of it is cached.
+                Err(_) => {}
             }
         }
         self.pins.lock().expect("pins lock").1.extend(retry);
