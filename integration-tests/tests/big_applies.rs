@@ -7,11 +7,27 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use granary_integration_tests::{Cluster, MasterSpec};
-use granary_protos::v1::LoadMetadataRequest;
+use granary_protos::v1::{LoadMetadataReply, LoadMetadataRequest};
 
 const DIRS: usize = 100;
 const FILES_PER_DIR: usize = 1000;
 const FLAT: usize = 20_000;
+
+/// Loads metadata through the leader; returns the last progress message (the totals).
+fn load_metadata(c: &Cluster, req: LoadMetadataRequest) -> LoadMetadataReply {
+    c.on_leader(Duration::from_secs(600), |mut client| {
+        let req = req.clone();
+        async move {
+            let mut progress = client.load_metadata(req).await?.into_inner();
+            let mut last = None;
+            while let Some(p) = progress.message().await? {
+                last = Some(p);
+            }
+            Ok(tonic::Response::new(last.unwrap_or_default()))
+        }
+    })
+    .unwrap()
+}
 
 #[test]
 fn renaming_a_100k_entry_tree_causes_no_election() {
@@ -48,23 +64,14 @@ fn renaming_a_100k_entry_tree_causes_no_election() {
     })
     .unwrap();
     let loaded = Instant::now();
-    let counted = c
-        .on_leader(Duration::from_secs(600), |mut client| async move {
-            let mut progress = client
-                .load_metadata(LoadMetadataRequest {
-                    path: b"/tree".to_vec(),
-                    recursive: true,
-                    force: false,
-                })
-                .await?
-                .into_inner();
-            let mut last = None;
-            while let Some(p) = progress.message().await? {
-                last = Some(p);
-            }
-            Ok(tonic::Response::new(last.unwrap_or_default()))
-        })
-        .unwrap();
+    let counted = load_metadata(
+        &c,
+        LoadMetadataRequest {
+            path: b"/tree".to_vec(),
+            recursive: true,
+            force: false,
+        },
+    );
     assert!(counted.done);
     assert_eq!(
         (counted.directories, counted.files),
@@ -83,23 +90,14 @@ fn renaming_a_100k_entry_tree_causes_no_election() {
     );
     std::fs::remove_file(flat.join("f00007")).unwrap();
     std::fs::File::create(flat.join("added")).unwrap();
-    let counted = c
-        .on_leader(Duration::from_secs(60), |mut client| async move {
-            let mut progress = client
-                .load_metadata(LoadMetadataRequest {
-                    path: b"/flat".to_vec(),
-                    recursive: false,
-                    force: true,
-                })
-                .await?
-                .into_inner();
-            let mut last = None;
-            while let Some(p) = progress.message().await? {
-                last = Some(p);
-            }
-            Ok(tonic::Response::new(last.unwrap_or_default()))
-        })
-        .unwrap();
+    let counted = load_metadata(
+        &c,
+        LoadMetadataRequest {
+            path: b"/flat".to_vec(),
+            recursive: false,
+            force: true,
+        },
+    );
     assert_eq!(
         (counted.directories, counted.files),
         (1, FLAT as u64),
