@@ -333,15 +333,21 @@ impl<L: CommandLog> MetadataLoader<L> {
     /// Every entry of a loaded directory.
     fn children(&self, dir: u64) -> FsResult<Vec<Inode>> {
         let mut children = Vec::new();
+        self.each_page(dir, |page| children.extend(page))?;
+        Ok(children)
+    }
+
+    /// Hands `f` the entries of a loaded directory, a page at a time.
+    fn each_page(&self, dir: u64, mut f: impl FnMut(Vec<Inode>)) -> FsResult<()> {
         let mut after = Vec::new();
         loop {
             let (page, more) = self.store.list(dir, &after, 4096)?;
             if let Some(last) = page.last() {
                 after = last.name.clone();
             }
-            children.extend(page);
+            f(page);
             if !more {
-                return Ok(children);
+                return Ok(());
             }
         }
     }
@@ -355,18 +361,13 @@ impl<L: CommandLog> MetadataLoader<L> {
                 files: 1,
             });
         }
-        let (mut files, mut after) = (0, Vec::new());
-        loop {
-            let (page, more) = self.store.list(dir.id, &after, 4096)?;
+        let mut files = 0;
+        self.each_page(dir.id, |page| {
             files += page
                 .iter()
                 .filter(|c| c.kind != FileKind::Directory as i32)
                 .count() as u64;
-            match page.last() {
-                Some(last) if more => after = last.name.clone(),
-                _ => break,
-            }
-        }
+        })?;
         let counted = self.counted()?;
         Ok(LoadProgress {
             directories: u64::from(counted(&self.store.path_of(dir.id)?)),
