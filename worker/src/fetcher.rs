@@ -192,7 +192,11 @@ fn fetch(
     // Straight into the file's shared data file, when its blocks share one. One evicted
     // (or deleted) while this block was written is not entered: fill it again, in the
     // next data file, or (evicted over and over) as a file of its own.
-    for _ in 0..SHARED_FILL_TRIES {
+    let shared_tries = match store.shares_data_file(src.fingerprint.size, src.block_size) {
+        true => SHARED_FILL_TRIES,
+        false => 0,
+    };
+    for _ in 0..shared_tries {
         let Some(mut fill) = store.begin_shared(id, src.fingerprint, src.block_size)? else {
             // Cached meanwhile (another fetch's): that copy, not a second one whose
             // commit would drop the whole data file it replaced.
