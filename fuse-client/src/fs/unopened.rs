@@ -70,10 +70,15 @@ impl UnopenedReads {
             let mut pool = self.pool.lock().expect("read states lock");
             let mut found = None;
             if let Some(kept) = pool.by_inode.get_mut(&ino) {
-                let (same, other): (Vec<Kept>, Vec<Kept>) =
-                    kept.drain(..).partition(|k| k.version == version);
-                *kept = same;
-                stale = other;
+                // In order (the oldest first, for `put`), without allocating on every
+                // read: states of another version are rare.
+                let mut i = 0;
+                while i < kept.len() {
+                    match kept[i].version == version {
+                        true => i += 1,
+                        false => stale.push(kept.remove(i)),
+                    }
+                }
                 let pick = kept.iter().rposition(|k| k.state.continues_at(offset));
                 found = pick.map(|i| kept.remove(i).state);
                 if kept.is_empty() {
