@@ -213,7 +213,8 @@ impl FsError {
         matches!(self, FsError::Unavailable(_) | FsError::TimedOut(_))
     }
 
-    fn from_errno(errno: i32, msg: String) -> FsError {
+    /// The error for `errno`, with `msg` (an I/O error for an errno of no kind of its own).
+    pub fn from_errno(errno: i32, msg: String) -> FsError {
         match errno {
             libc::ENOENT => FsError::NotFound(msg),
             libc::EEXIST => FsError::Exists(msg),

@@ -148,11 +148,17 @@ fn last_os_error(what: &str, path: &[u8]) -> FsError {
     os_error(what, path, std::io::Error::last_os_error())
 }
 
+/// The error of `what` on `path`: its own errno where it has one (`EEXIST`, `ENOTEMPTY`,
+/// ...), else a UFS I/O error keeping `e` as its cause.
 fn os_error(what: &str, path: &[u8], e: std::io::Error) -> FsError {
     let msg = format!("{what} {}: {e}", String::from_utf8_lossy(path));
-    match FsError::from(std::io::Error::from(e.kind())) {
+    let specific = match e.raw_os_error() {
+        Some(errno) => FsError::from(std::io::Error::from_raw_os_error(errno)),
+        None => FsError::from(std::io::Error::from(e.kind())),
+    };
+    match specific {
         FsError::Io(_) => FsError::ufs_from(msg, e),
-        _ => FsError::from(e),
+        specific => FsError::from_errno(specific.errno(), msg),
     }
 }
 
@@ -435,6 +441,20 @@ impl Ufs for LocalUfs {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn errors_keep_their_errno() {
+        let tmp = tempfile::tempdir().unwrap();
+        let ufs = LocalUfs::open("file:///x", tmp.path().to_str().unwrap()).unwrap();
+        ufs.mkdir(b"d").unwrap();
+        let e = ufs.mkdir(b"d").unwrap_err();
+        assert!(matches!(e, FsError::Exists(_)), "{e:?}");
+        assert!(e.to_string().contains("mkdir d"), "{e}");
+        std::fs::write(tmp.path().join("d/f"), b"x").unwrap();
+        let e = ufs.remove(b"d", true).unwrap_err();
+        assert!(matches!(e, FsError::NotEmpty(_)), "{e:?}");
+        assert!(matches!(ufs.stat(b"nothing"), Err(FsError::NotFound(_))));
+    }
 
     #[test]
     fn lists_reads_and_stays_beneath_root() {
