@@ -91,3 +91,31 @@ fn metadata_sync_interval_relists_old_directories() {
     )
     .unwrap();
 }
+
+#[test]
+fn a_name_made_in_the_ufs_behind_granary_exists_once_granary_tries_to_make_it() {
+    let ufs = tempfile::tempdir().unwrap();
+    let c = Cluster::start(&MasterSpec {
+        ufs: ufs.path().to_path_buf(),
+        ..Default::default()
+    })
+    .unwrap();
+    let m = c.mount("mnt", SHORT_CACHES).unwrap();
+    std::fs::create_dir(m.path.join("top")).unwrap();
+    assert_eq!(std::fs::read_dir(m.path.join("top")).unwrap().count(), 0);
+    // Made in the UFS only (by hand, or by a try whose Raft proposal failed over).
+    std::fs::create_dir(ufs.path().join("top/outside")).unwrap();
+    std::os::unix::fs::symlink("target", ufs.path().join("top/link")).unwrap();
+
+    let e = std::fs::create_dir(m.path.join("top/outside")).unwrap_err();
+    assert_eq!(e.kind(), std::io::ErrorKind::AlreadyExists, "{e}");
+    assert!(std::fs::metadata(m.path.join("top/outside"))
+        .unwrap()
+        .is_dir());
+    let e = std::os::unix::fs::symlink("other", m.path.join("top/link")).unwrap_err();
+    assert_eq!(e.kind(), std::io::ErrorKind::AlreadyExists);
+    assert_eq!(
+        std::fs::read_link(m.path.join("top/link")).unwrap(),
+        std::path::Path::new("target")
+    );
+}

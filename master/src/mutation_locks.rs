@@ -93,6 +93,18 @@ impl MutationLocks {
         }
     }
 
+    /// A turn for a change to one inode's content or attributes, which no other
+    /// mutation's check reads: it only waits for turns alone (a re-listing must not
+    /// record what it listed over such a change made meanwhile).
+    pub async fn inode_change(&self) -> Turn<'_> {
+        Turn {
+            locks: self,
+            dirs: Vec::new(),
+            _shared: Some(self.tree.read().await),
+            alone: None,
+        }
+    }
+
     fn dir(&self, id: u64) -> Arc<RwLock<()>> {
         self.dirs
             .lock()
@@ -156,5 +168,20 @@ mod tests {
             locks.dirs.lock().unwrap().is_empty(),
             "unused locks are dropped"
         );
+    }
+
+    #[tokio::test]
+    async fn inode_changes_wait_only_for_turns_alone() {
+        let locks = MutationLocks::default();
+        let dir = locks.dirs(&[1]).await;
+        let creation = locks.creation_in(2).await;
+        let change = locks.inode_change().await;
+        let other = locks.inode_change().await;
+        assert!(waits(locks.alone()).await, "a re-listing waits for them");
+        drop((dir, creation, change, other));
+        let listing = locks.alone().await;
+        assert!(waits(locks.inode_change()).await);
+        drop(listing);
+        locks.inode_change().await;
     }
 }

@@ -11,7 +11,7 @@ use std::sync::Arc;
 use granary_common::blocks::block_count;
 use granary_common::path::{join, validate_name};
 use granary_common::time::now_ns;
-use granary_common::ufs::{Ufs, UfsObject};
+use granary_common::ufs::{ObjectKind, Ufs, UfsObject};
 use granary_common::{FsError, FsResult};
 use granary_protos::v1::{
     command, Command, CommitContent, CreateInode, CreateRequest, FileKind, Inode, LinkEntry,
@@ -88,6 +88,59 @@ async fn move_object(
         u.rename(&from, &to).map(|()| true)
     })
     .await
+}
+
+/// Whether `o` is the object the namespace knows for `inode`.
+fn is_object_of(o: &UfsObject, inode: &Inode) -> bool {
+    match FileKind::try_from(inode.kind) {
+        Ok(FileKind::File) => {
+            o.kind == ObjectKind::File && inode.fingerprint == Some(fingerprint(o))
+        }
+        Ok(FileKind::Symlink) => {
+            o.kind == ObjectKind::Symlink && o.symlink_target == inode.symlink_target
+        }
+        Ok(FileKind::Directory) => o.kind == ObjectKind::Directory,
+        _ => false,
+    }
+}
+
+/// Moves a renamed entry's object from `from` to `to`; `moving` is `None` when it has no
+/// object of its own (a hard link's other name, a special file). `replaced`: the entry
+/// whose object is at `to` and goes, even if nothing takes its place, or a later listing
+/// would bring it back under this name.
+fn place(
+    u: &dyn Ufs,
+    moving: Option<&Inode>,
+    from: &[u8],
+    to: &[u8],
+    replaced: Option<&Inode>,
+) -> FsResult<()> {
+    let moved = match moving {
+        Some(_) => u.rename(from, to),
+        None => Err(FsError::NotFound(String::new())),
+    };
+    match moved {
+        Ok(()) => Ok(()),
+        Err(FsError::NotFound(_)) => {
+            let Some(replaced) = replaced else {
+                return Ok(());
+            };
+            let o = match u.stat(to) {
+                Ok(o) => o,
+                Err(FsError::NotFound(_)) => return Ok(()),
+                Err(e) => return Err(e),
+            };
+            // Only the replaced entry's own object goes: a retry of a rename whose first
+            // try moved the object but lost its answer (a failover) finds the moving
+            // entry's there.
+            if !is_object_of(&o, replaced) || moving.is_some_and(|m| is_object_of(&o, m)) {
+                return Ok(());
+            }
+            let dir = replaced.kind == FileKind::Directory as i32;
+            u.remove(to, dir).or_else(never_uploaded)
+        }
+        Err(e) => Err(e),
+    }
 }
 
 /// A hard-linked file: changing one of its names may move its UFS object under another,
@@ -195,7 +248,7 @@ impl MasterService {
         // exists in the UFS at once: checked first, then made there, then proposed, in a
         // turn of its directory (shared by file creations, so concurrent ones share Raft
         // rounds).
-        let (_turn, dir) = match kind {
+        let (turn, dir) = match kind {
             FileKind::Fifo | FileKind::Socket | FileKind::CharDevice | FileKind::BlockDevice => {
                 (None, dir)
             }
@@ -214,27 +267,41 @@ impl MasterService {
         };
         let path = join(&dir.ufs_path, &r.name);
         let ufs = self.loader.ufs(dir.mount_id)?;
-        create.fingerprint = match kind {
+        let made = match kind {
             // An object already there (made outside Granary, or by a creation of the same
             // name racing this one, which the state machine settles) is left for the
             // first upload to replace, as is a new file on a UFS that cannot make one
             // without replacing. An empty file closed unwritten then costs no upload and
             // no second Raft round.
             FileKind::File => match ufs_call(ufs, move |u| u.create_empty(&path)).await {
-                Ok(made) => made.as_ref().map(fingerprint),
-                Err(FsError::Exists(_)) => None,
-                Err(e) => return Err(e),
+                Ok(made) => Ok(made.as_ref().map(fingerprint)),
+                Err(FsError::Exists(_)) => Ok(None),
+                Err(e) => Err(e),
             },
-            FileKind::Directory => {
-                Some(fingerprint(&ufs_call(ufs, move |u| u.mkdir(&path)).await?))
-            }
+            FileKind::Directory => ufs_call(ufs, move |u| u.mkdir(&path))
+                .await
+                .map(|o| Some(fingerprint(&o))),
             FileKind::Symlink => {
                 let target = r.symlink_target.clone();
-                Some(fingerprint(
-                    &ufs_call(ufs, move |u| u.symlink(&target, &path)).await?,
-                ))
+                ufs_call(ufs, move |u| u.symlink(&target, &path))
+                    .await
+                    .map(|o| Some(fingerprint(&o)))
             }
-            _ => None,
+            _ => Ok(None),
+        };
+        create.fingerprint = match made {
+            Ok(f) => f,
+            // In the UFS but not in the namespace: made outside Granary, or by an earlier
+            // try of this call whose proposal failed (a failover). Listing the directory
+            // again brings it in, so the name answers as it exists (and a retrying client
+            // finds what it made) instead of failing every mkdir with EEXIST and every
+            // lookup with ENOENT.
+            Err(FsError::Exists(e)) => {
+                drop(turn);
+                self.loader.refresh(&dir).await?;
+                return Err(FsError::Exists(e));
+            }
+            Err(e) => return Err(e),
         };
         self.commit(command::Op::CreateInode(create)).await?;
         self.store
@@ -379,28 +446,14 @@ impl MasterService {
                         moved_aside = Some((to, from));
                     }
                 }
-                Object::Goes(_) => stale_at_to = Some(target.kind == FileKind::Directory as i32),
+                Object::Goes(_) => stale_at_to = Some(target.clone()),
             }
         }
         let moves_object = !is_special(moving.kind) && is_primary(&moving, from_dir.id, &r.name);
+        let moving_object = moves_object.then(|| moving.clone());
         let from = moving.ufs_path.clone();
         let placed = ufs_call(ufs.clone(), move |u| {
-            let moved = match moves_object {
-                true => u.rename(&from, &to),
-                // A hard link or a special file: no object of its own moves.
-                false => Err(FsError::NotFound(String::new())),
-            };
-            match moved {
-                Ok(()) => Ok(()),
-                // Nothing moved in the UFS (never uploaded, or no object of its own), but
-                // what it replaces must go, or a later listing would bring the old object
-                // back under this name.
-                Err(FsError::NotFound(_)) => match stale_at_to {
-                    Some(dir) => u.remove(&to, dir).or_else(never_uploaded),
-                    None => Ok(()),
-                },
-                Err(e) => Err(e),
-            }
+            place(u, moving_object.as_ref(), &from, &to, stale_at_to.as_ref())
         })
         .await;
         if let Err(e) = placed {
@@ -448,12 +501,14 @@ impl MasterService {
     pub(crate) async fn set_attributes(&self, mut a: SetAttributes) -> FsResult<Inode> {
         a.now_ns = now_ns();
         let id = a.id;
+        let _turn = self.loader.mutations.inode_change().await;
         self.commit(command::Op::SetAttributes(a)).await?;
         self.store.get(id)
     }
 
     pub(crate) async fn commit_content(&self, c: CommitContent) -> FsResult<Inode> {
         let id = c.id;
+        let _turn = self.loader.mutations.inode_change().await;
         self.commit(command::Op::CommitContent(c)).await?;
         self.store.get(id)
     }
@@ -483,5 +538,56 @@ mod tests {
         // Moved already, or never uploaded: nothing to do.
         assert!(!moved("first", "next", version).await.unwrap());
         assert!(!moved("first", "next", None).await.unwrap());
+    }
+
+    #[test]
+    fn a_retried_rename_keeps_what_its_first_try_moved() {
+        let dir = tempfile::tempdir().unwrap();
+        let ufs = LocalUfs::open("file:///x", dir.path().to_str().unwrap()).unwrap();
+        let file = |name: &str, bytes: &[u8]| std::fs::write(dir.path().join(name), bytes).unwrap();
+        let read = |name: &str| std::fs::read(dir.path().join(name)).ok();
+        let inode = |kind: FileKind, name: &[u8]| {
+            let o = ufs.stat(name).unwrap();
+            Inode {
+                kind: kind as i32,
+                fingerprint: (kind == FileKind::File).then(|| fingerprint(&o)),
+                ..Default::default()
+            }
+        };
+        file("ckpt", b"old");
+        file("ckpt.tmp", b"new checkpoint");
+        let (old, new) = (
+            inode(FileKind::File, b"ckpt"),
+            inode(FileKind::File, b"ckpt.tmp"),
+        );
+        place(&ufs, Some(&new), b"ckpt.tmp", b"ckpt", Some(&old)).unwrap();
+        assert_eq!(read("ckpt").as_deref(), Some(&b"new checkpoint"[..]));
+        // The same rename again (its answer was lost): the object is already in place.
+        place(&ufs, Some(&new), b"ckpt.tmp", b"ckpt", Some(&old)).unwrap();
+        assert_eq!(read("ckpt").as_deref(), Some(&b"new checkpoint"[..]));
+
+        // A file never uploaded replaces one that was: the old object goes.
+        let unsent = Inode {
+            kind: FileKind::File as i32,
+            ..Default::default()
+        };
+        place(&ufs, Some(&unsent), b"fresh", b"ckpt", Some(&new)).unwrap();
+        assert_eq!(read("ckpt"), None);
+        // A hard link's other name replacing a file: nothing of its own moves.
+        file("target", b"replaced");
+        let target = inode(FileKind::File, b"target");
+        place(&ufs, None, b"first", b"target", Some(&target)).unwrap();
+        assert_eq!(read("target"), None);
+
+        // A directory moved over an empty one, then the retry.
+        std::fs::create_dir_all(dir.path().join("run/sub")).unwrap();
+        std::fs::create_dir(dir.path().join("old")).unwrap();
+        let (run, empty) = (
+            inode(FileKind::Directory, b"run"),
+            inode(FileKind::Directory, b"old"),
+        );
+        place(&ufs, Some(&run), b"run", b"old", Some(&empty)).unwrap();
+        place(&ufs, Some(&run), b"run", b"old", Some(&empty)).unwrap();
+        assert!(dir.path().join("old/sub").is_dir());
     }
 }

@@ -94,6 +94,19 @@ impl MasterService {
         Err(status)
     }
 
+    /// Namespace changes: the leader, once it has applied everything committed before
+    /// its term. A new leader's dry runs and UFS changes would otherwise judge a state
+    /// that lacks its predecessor's last changes (a client's retry of one of them).
+    pub(crate) async fn leader_ready(&self) -> Result<(), Status> {
+        if self.raft.leader_caught_up() {
+            return Ok(());
+        }
+        self.leader_only()?;
+        let index = self.raft.read_index().await?;
+        self.raft.wait_applied(index).await?;
+        Ok(())
+    }
+
     pub(crate) fn masters(&self) -> MasterSet {
         self.raft.status().masters
     }

@@ -34,7 +34,7 @@ impl Namespace for MasterService {
     async fn create(&self, req: Request<CreateRequest>) -> Result<Response<InodeReply>, Status> {
         count("create");
         self.check_routing(&req)?;
-        self.leader_only()?;
+        self.leader_ready().await?;
         let inode = self.create_entry(req.into_inner()).await?;
         Ok(Response::new(InodeReply { inode: Some(inode) }))
     }
@@ -42,7 +42,7 @@ impl Namespace for MasterService {
     async fn remove(&self, req: Request<RemoveRequest>) -> Result<Response<RemoveReply>, Status> {
         count("remove");
         self.check_routing(&req)?;
-        self.leader_only()?;
+        self.leader_ready().await?;
         self.remove_entry(req.into_inner()).await?;
         Ok(Response::new(RemoveReply {}))
     }
@@ -50,7 +50,7 @@ impl Namespace for MasterService {
     async fn rename(&self, req: Request<RenameRequest>) -> Result<Response<InodeReply>, Status> {
         count("rename");
         self.check_routing(&req)?;
-        self.leader_only()?;
+        self.leader_ready().await?;
         let inode = self.rename_entry(req.into_inner()).await?;
         Ok(Response::new(InodeReply { inode: Some(inode) }))
     }
@@ -58,14 +58,14 @@ impl Namespace for MasterService {
     async fn link(&self, req: Request<LinkRequest>) -> Result<Response<InodeReply>, Status> {
         count("link");
         self.check_routing(&req)?;
-        self.leader_only()?;
+        self.leader_ready().await?;
         let inode = self.link_entry(req.into_inner()).await?;
         Ok(Response::new(InodeReply { inode: Some(inode) }))
     }
 
     async fn set_attr(&self, req: Request<SetAttrRequest>) -> Result<Response<InodeReply>, Status> {
         count("set_attr");
-        self.leader_only()?;
+        self.leader_ready().await?;
         let a = req
             .into_inner()
             .attributes
@@ -76,7 +76,7 @@ impl Namespace for MasterService {
 
     async fn commit(&self, req: Request<CommitRequest>) -> Result<Response<InodeReply>, Status> {
         count("commit");
-        self.leader_only()?;
+        self.leader_ready().await?;
         let c = req
             .into_inner()
             .content
@@ -128,7 +128,7 @@ impl Namespace for MasterService {
     ) -> Result<Response<LoadStream>, Status> {
         count("load_metadata");
         self.check_routing(&req)?;
-        self.leader_only()?;
+        self.leader_ready().await?;
         let r = req.into_inner();
         let root = self.resolve(&r.path).await?;
         let (tx, rx) = tokio::sync::mpsc::channel(16);
@@ -186,7 +186,7 @@ impl Namespace for MasterService {
         req: Request<RefreshDirectoryRequest>,
     ) -> Result<Response<RefreshDirectoryReply>, Status> {
         count("refresh_directory");
-        self.leader_only()?;
+        self.leader_ready().await?;
         let dir = self.store.get(req.into_inner().dir_id)?;
         self.loader.refresh(&dir).await?;
         Ok(Response::new(RefreshDirectoryReply {}))

@@ -31,7 +31,7 @@ impl Peer for MasterService {
         req: Request<EnsureLoadedRequest>,
     ) -> Result<Response<ReadIndexReply>, Status> {
         count("ensure_loaded");
-        self.leader_only()?;
+        self.leader_ready().await?;
         let dir = self.store.get(req.into_inner().dir_id)?;
         self.loader.ensure_loaded(&dir).await?;
         Ok(Response::new(ReadIndexReply {

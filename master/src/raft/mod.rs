@@ -159,6 +159,11 @@ impl RaftLog {
         self.status.read().expect("status lock").clone()
     }
 
+    /// See [`RaftStatus::leader_caught_up`] (without copying the whole status).
+    pub fn leader_caught_up(&self) -> bool {
+        self.status.read().expect("status lock").leader_caught_up
+    }
+
     /// See [`RaftStatus::sole_voter_leader`] (without copying the whole status).
     pub fn sole_voter_leader(&self) -> bool {
         self.status.read().expect("status lock").sole_voter_leader
