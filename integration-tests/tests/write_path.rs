@@ -337,3 +337,59 @@ fn many_threads_creating_small_files_each_get_their_own_bytes() {
         }
     }
 }
+
+#[test]
+fn a_file_open_across_a_rename_of_its_directory_is_stored_under_the_new_name() {
+    use std::io::Write;
+    let ufs = tempfile::tempdir().unwrap();
+    let c = cluster(ufs.path());
+    let writer = c.mount("writer", "").unwrap();
+    let other = c.mount("other", "").unwrap();
+    std::fs::create_dir(writer.path.join("run")).unwrap();
+    std::fs::write(writer.path.join("run/log"), b"step 1\n").unwrap();
+    std::fs::write(writer.path.join("run/metrics"), b"loss 9\n").unwrap();
+    // Both cached at the writer: the appends below start from its copies.
+    assert_eq!(
+        std::fs::read(writer.path.join("run/metrics")).unwrap(),
+        b"loss 9\n"
+    );
+    let mut log = OpenOptions::new()
+        .append(true)
+        .open(writer.path.join("run/log"))
+        .unwrap();
+    log.write_all(b"step 2\n").unwrap();
+
+    // Another node rotates the directory (the writer's caches still name `run`), and a
+    // new run starts under the old name.
+    std::fs::rename(other.path.join("run"), other.path.join("run.1")).unwrap();
+    std::fs::create_dir(other.path.join("run")).unwrap();
+    std::fs::write(other.path.join("run/log"), b"new run\n").unwrap();
+
+    log.write_all(b"step 3\n").unwrap();
+    drop(log);
+    assert_eq!(
+        std::fs::read(ufs.path().join("run.1/log")).unwrap(),
+        b"step 1\nstep 2\nstep 3\n"
+    );
+    assert_eq!(
+        std::fs::read(ufs.path().join("run/log")).unwrap(),
+        b"new run\n",
+        "the new run's file is not overwritten"
+    );
+
+    // A file first opened for writing after the rename, by its old cached name.
+    let mut metrics = OpenOptions::new()
+        .append(true)
+        .open(writer.path.join("run.1/metrics"))
+        .unwrap();
+    metrics.write_all(b"loss 3\n").unwrap();
+    drop(metrics);
+    assert_eq!(
+        std::fs::read(ufs.path().join("run.1/metrics")).unwrap(),
+        b"loss 9\nloss 3\n"
+    );
+    assert_eq!(
+        std::fs::read(writer.path.join("run.1/metrics")).unwrap(),
+        b"loss 9\nloss 3\n"
+    );
+}

@@ -115,20 +115,7 @@ impl GranaryFs {
         }
         match self.reader.read(inode, state, offset, size) {
             Err(FsError::Stale(why)) => {
-                // Changed in the UFS behind Granary's back: list its directory again and
-                // read the new version (never the cached blocks of the old one).
-                tracing::info!(ino, %why, "file changed in the UFS; refreshing its metadata");
-                // The directory its object is in: its first name's (the name it was
-                // opened by may be a hard link elsewhere).
-                let parent = self.meta.getattr(ino).map_or(inode.parent, |i| i.parent);
-                self.meta.refresh(parent)?;
-                self.attrs.invalidate(&ino);
-                *inode = self.committed(ino).map_err(|e| match e {
-                    // Its last name went (here or elsewhere) and its object with it: a
-                    // data error for read(2), as a local filesystem's lost block would be.
-                    FsError::NotFound(_) => FsError::io(format!("{why}; the file is deleted")),
-                    e => e,
-                })?;
+                *inode = self.after_stale(ino, inode, &why)?;
                 *state = ReadState::default();
                 Self::mark_changed();
                 if offset >= inode.size {
@@ -138,6 +125,33 @@ impl GranaryFs {
             }
             other => other,
         }
+    }
+
+    /// `inode` as it is now, after a read of it found its UFS object changed or gone:
+    /// the namespace's record if that names another object than this mount's copy (a
+    /// directory above it was renamed, a new version committed through another mount),
+    /// else what listing its directory again finds (changed in the UFS behind Granary's
+    /// back). Never the cached blocks of the old version.
+    pub(super) fn after_stale(&self, ino: u64, inode: &Inode, why: &str) -> FsResult<Inode> {
+        let current = self.meta.getattr(ino);
+        if let Ok(c) = &current {
+            if c.ufs_path != inode.ufs_path || c.fingerprint != inode.fingerprint {
+                self.attrs.insert(ino, c.clone());
+                return Ok(c.clone());
+            }
+        }
+        tracing::info!(ino, %why, "file changed in the UFS; refreshing its metadata");
+        // The directory its object is in: its first name's (the name it was opened by
+        // may be a hard link elsewhere).
+        let parent = current.map_or(inode.parent, |i| i.parent);
+        self.meta.refresh(parent)?;
+        self.attrs.invalidate(&ino);
+        self.committed(ino).map_err(|e| match e {
+            // Its last name went (here or elsewhere) and its object with it: a data error
+            // for read(2), as a local filesystem's lost block would be.
+            FsError::NotFound(_) => FsError::io(format!("{why}; the file is deleted")),
+            e => e,
+        })
     }
 
     /// The content version (UFS fingerprint: size, mtime) handle `fh` reads.

@@ -79,14 +79,27 @@ impl GranaryFs {
                 return self.fill(ino, st);
             }
         };
-        let inode = self.committed(ino)?;
+        let mut inode = self.committed(ino)?;
         // Sized for the whole content up front: a big file never starts in memory.
         self.backing_for(ino, st, inode.size)?;
         let mut state = ReadState::default();
         let mut offset = 0;
+        let mut refreshed = false;
         while offset < inode.size {
             let want = (inode.size - offset).min(FILL_CHUNK as u64) as u32;
-            let data = self.reader.read(&inode, &mut state, offset, want)?;
+            let data = match self.reader.read(&inode, &mut state, offset, want) {
+                // Changed or moved since this mount cached it: the writes go on the
+                // current content, from the start.
+                Err(FsError::Stale(why)) if !refreshed => {
+                    inode = self.after_stale(ino, &inode, &why)?;
+                    refreshed = true;
+                    state = ReadState::default();
+                    offset = 0;
+                    self.backing_for(ino, st, inode.size)?;
+                    continue;
+                }
+                other => other?,
+            };
             if data.is_empty() {
                 return Err(FsError::io(format!(
                     "{}: content ended at {offset} of {} bytes",
@@ -144,7 +157,19 @@ impl GranaryFs {
             Content::Published { .. } => unreachable!("committed above"),
         }
         self.backing_for(ino, st, st.size)?;
-        let inode = self.committed(ino)?;
+        // Its UFS path as the namespace has it now: a rename of a directory above it
+        // (through any mount) moved it, and this mount's cached copy names the old place.
+        let inode = match self.meta.getattr(ino) {
+            Ok(inode) => inode,
+            // Its last name went through another mount: as for a file unlinked here, what
+            // its descriptors write goes when they close.
+            Err(FsError::NotFound(_)) => {
+                st.unlinked = true;
+                return Ok(());
+            }
+            Err(e) => return Err(e),
+        };
+        self.attrs.insert(ino, inode.clone());
         let backing = st.backing.take().expect("made above");
         let stored = match self.store.store(&inode, backing, st.size, durable) {
             Ok(stored) => stored,
