@@ -331,6 +331,8 @@ pub(crate) fn status_error(addr: &str, status: i32, error: &str) -> FsResult<()>
         Status::Stale => Err(FsError::Stale(error)),
         Status::Unavailable => Err(FsError::Unavailable(format!("worker {addr}: {error}"))),
         Status::BadRequest => Err(FsError::InvalidArgument(error)),
+        Status::NoSpace => Err(FsError::NoSpace(format!("worker {addr}: {error}"))),
+        Status::FileTooBig => Err(FsError::FileTooBig(format!("worker {addr}: {error}"))),
         _ => Err(FsError::io(format!("worker {addr}: {error}"))),
     }
 }
@@ -504,6 +506,8 @@ mod tests {
             (Status::Unavailable, libc::EIO),
             (Status::BadRequest, libc::EINVAL),
             (Status::IoError, libc::EIO),
+            (Status::NoSpace, libc::ENOSPC),
+            (Status::FileTooBig, libc::EFBIG),
         ] {
             let w = Worker::start("t", vec![Answer::Status(status)]);
             let err = client("t").request(&w.addr, read(1)).unwrap_err();

@@ -71,6 +71,8 @@ pub(crate) fn status_of(e: &FsError) -> Status {
         FsError::Stale(_) => Status::Stale,
         FsError::Unavailable(_) | FsError::TimedOut(_) => Status::Unavailable,
         FsError::Ufs(_) | FsError::PermissionDenied(_) | FsError::NotDir(_) => Status::UfsError,
+        FsError::NoSpace(_) => Status::NoSpace,
+        FsError::FileTooBig(_) => Status::FileTooBig,
         _ => Status::IoError,
     }
 }
