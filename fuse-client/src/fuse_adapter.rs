@@ -740,6 +740,17 @@ impl Filesystem for FuseAdapter {
         self.offload(move |h| h.readdirplus(fh.0, offset, reply));
     }
 
+    fn fsyncdir(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        _fh: FileHandle,
+        _datasync: bool,
+        reply: ReplyEmpty,
+    ) {
+        self.offload(move |h| reply_empty("fsyncdir", h.fs.fsyncdir(ino.0), reply));
+    }
+
     fn releasedir(
         &self,
         _req: &Request,

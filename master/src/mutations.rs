@@ -506,6 +506,20 @@ impl MasterService {
         self.store.get(id)
     }
 
+    /// fsync(2) through a mount: the inode's UFS object as it is now becomes durable (its
+    /// namespace record is durable already: in the Raft log).
+    pub(crate) async fn sync_object(&self, id: u64) -> FsResult<()> {
+        let inode = self.store.get(id)?;
+        if is_special(inode.kind) {
+            return Ok(());
+        }
+        let ufs = self.loader.ufs(inode.mount_id)?;
+        ufs_call(ufs, move |u| {
+            u.sync(&inode.ufs_path).or_else(never_uploaded)
+        })
+        .await
+    }
+
     pub(crate) async fn commit_content(&self, c: CommitContent) -> FsResult<Inode> {
         let id = c.id;
         let _turn = self.loader.mutations.inode_change().await;

@@ -70,6 +70,13 @@ pub trait MetadataService: Send + Sync {
         (0, Vec::new())
     }
 
+    /// Makes inode `id`'s UFS object durable as it is now (fsync(2) of a file or a
+    /// directory); a read-only service has nothing to make durable.
+    fn sync(&self, id: u64) -> FsResult<()> {
+        let _ = id;
+        Ok(())
+    }
+
     /// Records that a file's content reached the UFS.
     fn commit(&self, content: CommitContent) -> FsResult<Inode> {
         let _ = content;

@@ -561,6 +561,13 @@ impl MetadataService for GrpcMetadataClient {
         .map(|_| ())
     }
 
+    fn sync(&self, id: u64) -> FsResult<()> {
+        self.call("sync", false, |mut c| async move {
+            c.sync(SyncRequest { id }).await
+        })
+        .map(|_| ())
+    }
+
     fn commit(&self, content: CommitContent) -> FsResult<Inode> {
         inode(
             self.mutate("commit", |mut c| {

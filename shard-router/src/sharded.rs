@@ -506,6 +506,10 @@ impl MetadataService for ShardedMetadata {
         self.shard(shard_of(dir))?.refresh(dir)
     }
 
+    fn sync(&self, id: u64) -> FsResult<()> {
+        self.shard(shard_of(id))?.sync(id)
+    }
+
     fn commit(&self, content: CommitContent) -> FsResult<Inode> {
         self.shard(shard_of(content.id))?.commit(content)
     }

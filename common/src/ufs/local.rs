@@ -391,6 +391,17 @@ impl Ufs for LocalUfs {
         Ok(obj)
     }
 
+    fn sync(&self, path: &[u8]) -> FsResult<()> {
+        let f = self.open_beneath(path, libc::O_RDONLY)?;
+        f.sync_all().map_err(|e| os_error("fsync", path, e))?;
+        if !f.metadata()?.is_dir() && !path.is_empty() {
+            // A file's name, which a rename or creation not yet synced may have changed.
+            let (dir, _) = self.parent_of(path)?;
+            dir.sync_all().map_err(|e| os_error("fsync", path, e))?;
+        }
+        Ok(())
+    }
+
     fn remove(&self, path: &[u8], directory: bool) -> FsResult<()> {
         let (dir, name) = self.parent_of(path)?;
         let flags = if directory { libc::AT_REMOVEDIR } else { 0 };
@@ -454,6 +465,10 @@ mod tests {
         let e = ufs.remove(b"d", true).unwrap_err();
         assert!(matches!(e, FsError::NotEmpty(_)), "{e:?}");
         assert!(matches!(ufs.stat(b"nothing"), Err(FsError::NotFound(_))));
+        for synced in [&b""[..], b"d", b"d/f"] {
+            ufs.sync(synced).unwrap();
+        }
+        assert!(matches!(ufs.sync(b"d/nothing"), Err(FsError::NotFound(_))));
     }
 
     #[test]

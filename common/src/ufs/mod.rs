@@ -103,6 +103,13 @@ pub trait Ufs: Send + Sync + Debug {
         let _ = to;
         Err(read_only(self.uri(), from))
     }
+    /// Makes the object at `path` durable as it is now (fsync(2)): a file's bytes and
+    /// its name, a directory's entries. Object stores have nothing to do: a change is
+    /// durable once made.
+    fn sync(&self, path: &[u8]) -> FsResult<()> {
+        let _ = path;
+        Ok(())
+    }
 }
 
 fn read_only(uri: &str, path: &[u8]) -> FsError {

@@ -41,6 +41,8 @@ pub struct MemNamespace {
     next: AtomicU64,
     pub lookups: AtomicU64,
     pub refreshes: AtomicU64,
+    /// UFS objects made durable as they are (fsync(2) of committed content).
+    pub syncs: AtomicU64,
     /// Commits that have started (each then takes `commit_delay`).
     pub commits_started: AtomicU64,
     pub commit_delay: Mutex<Duration>,
@@ -65,6 +67,7 @@ impl Default for MemNamespace {
             next: AtomicU64::new(100),
             lookups: AtomicU64::new(0),
             refreshes: AtomicU64::new(0),
+            syncs: AtomicU64::new(0),
             commits_started: AtomicU64::new(0),
             commit_delay: Mutex::new(Duration::ZERO),
             empty_objects: AtomicBool::new(false),
@@ -260,6 +263,12 @@ impl MetadataService for MemNamespace {
         Ok(())
     }
 
+    fn sync(&self, id: u64) -> FsResult<()> {
+        self.getattr(id)?;
+        self.syncs.fetch_add(1, Ordering::SeqCst);
+        Ok(())
+    }
+
     fn commit(&self, c: CommitContent) -> FsResult<Inode> {
         self.commits_started.fetch_add(1, Ordering::SeqCst);
         std::thread::sleep(*self.commit_delay.lock().unwrap());
@@ -282,6 +291,8 @@ impl MetadataService for MemNamespace {
 pub struct MemStore {
     pub files: Mutex<HashMap<u64, Vec<u8>>>,
     pub uploads: AtomicU64,
+    /// Uploads stored durably (fsync(2)).
+    pub durable: AtomicU64,
     pub whole: AtomicU64,
     pub local_worker: bool,
     pub memory: Arc<MemoryLimiter>,
@@ -294,6 +305,7 @@ impl MemStore {
         MemStore {
             files: Mutex::default(),
             uploads: AtomicU64::new(0),
+            durable: AtomicU64::new(0),
             whole: AtomicU64::new(0),
             local_worker,
             memory: MemoryLimiter::new(memory),
@@ -347,8 +359,10 @@ impl ContentStore for MemStore {
         file: &Inode,
         backing: Backing,
         size: u64,
-        _: bool,
+        durable: bool,
     ) -> Result<Stored, NotStored> {
+        self.durable
+            .fetch_add(u64::from(durable), Ordering::Relaxed);
         match backing {
             Backing::Memory { mut data, .. } => {
                 self.whole.fetch_add(1, Ordering::Relaxed);

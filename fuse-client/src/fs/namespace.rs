@@ -440,4 +440,13 @@ impl GranaryFs {
     pub fn releasedir(&self, fh: u64) {
         self.dirs.write().expect("dirs lock").remove(&fh);
     }
+
+    /// fsync(2) of a directory: its entries in the UFS (the names created, renamed and
+    /// removed in it) become durable; in the namespace they are already.
+    pub fn fsyncdir(&self, ino: u64) -> FsResult<()> {
+        match self.read_only {
+            true => Ok(()),
+            false => self.meta.sync(ino),
+        }
+    }
 }

@@ -151,9 +151,14 @@ impl GranaryFs {
             Content::Committed { synced } | Content::Clean { synced } if synced || !durable => {
                 return Ok(())
             }
-            // Committed by a close, now fsync'ed: stored again, durably, from what was
-            // committed.
-            Content::Committed { .. } | Content::Clean { .. } => self.fill(ino, st)?,
+            // Committed by a close, now fsync'ed: the UFS makes it durable where it is.
+            Content::Committed { .. } | Content::Clean { .. } => {
+                self.meta.sync(ino)?;
+                if let Content::Committed { synced } | Content::Clean { synced } = &mut st.content {
+                    *synced = true;
+                }
+                return Ok(());
+            }
             Content::Published { .. } => unreachable!("committed above"),
         }
         self.backing_for(ino, st, st.size)?;
@@ -259,9 +264,18 @@ impl GranaryFs {
         self.commit_handle(fh, false)
     }
 
-    /// fsync(2): what was written through the file becomes durable.
+    /// fsync(2), through any descriptor of the file: what was written to it becomes
+    /// durable, whether still staged here or already in the UFS.
     pub fn fsync(&self, fh: u64) -> FsResult<()> {
-        self.commit_handle(fh, true)
+        let file = self.open_file(fh)?;
+        if self.read_only {
+            return Ok(());
+        }
+        // A reader's descriptor: the file's writers here share their staged file.
+        match file.staged.clone().or_else(|| self.staging.get(file.ino)) {
+            Some(st) => self.commit_staged(file.ino, &mut st.lock().expect("staged lock"), true),
+            None => self.meta.sync(file.ino),
+        }
     }
 
     fn commit_handle(&self, fh: u64, durable: bool) -> FsResult<()> {

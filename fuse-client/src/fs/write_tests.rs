@@ -239,23 +239,47 @@ fn truncating_content_whose_commit_failed_truncates_what_was_stored() {
 }
 
 #[test]
-fn an_fsync_after_a_close_stores_the_content_again_durably_and_only_once() {
-    let (fs, _, store) = fs_with(false);
+fn an_fsync_after_a_close_makes_the_stored_content_durable_in_place_once() {
+    let (fs, ns, store) = fs_with(false);
     let (inode, fh) = fs.create(1, b"f", 0o644, libc::O_RDWR, 0, 0).unwrap();
     fs.write(fh, 0, b"abc").unwrap();
     fs.flush(fh).unwrap();
     assert_eq!(store.uploads.load(Ordering::Relaxed), 1);
     fs.fsync(fh).unwrap();
-    assert_eq!(store.uploads.load(Ordering::Relaxed), 2, "made durable");
+    assert_eq!(ns.syncs.load(Ordering::SeqCst), 1, "made durable");
     fs.fsync(fh).unwrap();
     fs.flush(fh).unwrap();
     assert_eq!(
-        store.uploads.load(Ordering::Relaxed),
-        2,
-        "nothing new to store"
+        (
+            store.uploads.load(Ordering::Relaxed),
+            ns.syncs.load(Ordering::SeqCst)
+        ),
+        (1, 1),
+        "nothing new to store or sync"
     );
     assert_eq!(store.files.lock().unwrap()[&inode.id], b"abc");
     fs.release(fh);
+}
+
+#[test]
+fn an_fsync_through_any_descriptor_makes_the_files_writes_durable() {
+    let (fs, ns, store) = fs_with(false);
+    let (inode, writer) = fs.create(1, b"f", 0o644, libc::O_WRONLY, 0, 0).unwrap();
+    fs.write(writer, 0, b"staged").unwrap();
+    // Another process's read-only descriptor: the writer's bytes are still staged.
+    let (reader, _) = fs.open(inode.id, libc::O_RDONLY).unwrap();
+    fs.fsync(reader).unwrap();
+    assert_eq!(store.files.lock().unwrap()[&inode.id], b"staged");
+    assert_eq!(store.durable.load(Ordering::Relaxed), 1, "stored durably");
+    fs.release(writer);
+    assert_eq!(store.uploads.load(Ordering::Relaxed), 1);
+
+    // Written and closed, then `sync FILE` (a read-only open and fsync): the stored
+    // object is made durable where it is.
+    fs.fsync(reader).unwrap();
+    assert_eq!(ns.syncs.load(Ordering::SeqCst), 1);
+    fs.release(reader);
+    assert_eq!(store.uploads.load(Ordering::Relaxed), 1);
 }
 
 #[test]
@@ -293,7 +317,7 @@ fn a_new_file_the_master_made_empty_is_stored_at_close_only_if_written() {
     assert_eq!(store.files.lock().unwrap()[&written.id], b"abc");
     assert_eq!(ns.getattr(written.id).unwrap().size, 3);
 
-    // fsync(2) of a new file still makes its (empty) content durable.
+    // fsync(2) of a new file still makes its (empty) object durable.
     let (synced, fh) = fs
         .create(1, b"synced", 0o644, libc::O_WRONLY, 0, 0)
         .unwrap();
@@ -309,8 +333,15 @@ fn a_new_file_the_master_made_empty_is_stored_at_close_only_if_written() {
     assert_eq!(store.files.lock().unwrap()[&unstored.id], b"");
     fs.fsync(fh).unwrap();
     fs.release(fh);
-    assert_eq!(store.files.lock().unwrap()[&synced.id], b"");
-    assert_eq!(store.uploads.load(Ordering::Relaxed), 3);
+    assert_eq!(
+        (
+            store.uploads.load(Ordering::Relaxed),
+            ns.syncs.load(Ordering::SeqCst)
+        ),
+        (2, 1),
+        "the master's empty object is made durable in place"
+    );
+    assert!(!store.files.lock().unwrap().contains_key(&synced.id));
 }
 
 #[test]

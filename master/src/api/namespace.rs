@@ -192,6 +192,13 @@ impl Namespace for MasterService {
         Ok(Response::new(RefreshDirectoryReply {}))
     }
 
+    async fn sync(&self, req: Request<SyncRequest>) -> Result<Response<SyncReply>, Status> {
+        count("sync");
+        self.leader_ready().await?;
+        self.sync_object(req.into_inner().id).await?;
+        Ok(Response::new(SyncReply {}))
+    }
+
     async fn get_block_locations(
         &self,
         req: Request<BlockLocationsRequest>,

@@ -253,6 +253,12 @@ impl Namespace for RouterService {
         blocking(move || meta.refresh(r.dir_id).map(|()| RefreshDirectoryReply {})).await
     }
 
+    async fn sync(&self, req: Request<SyncRequest>) -> Result<Response<SyncReply>, Status> {
+        count("sync");
+        let (meta, r) = (self.meta.clone(), req.into_inner());
+        blocking(move || meta.sync(r.id).map(|()| SyncReply {})).await
+    }
+
     async fn get_block_locations(
         &self,
         req: Request<BlockLocationsRequest>,
