@@ -683,10 +683,7 @@ impl Filesystem for FuseAdapter {
             atime_ns: atime.map(to_ns),
             mtime_ns: mtime.map(to_ns),
         };
-        self.offload(move |h| match h.fs.setattr(ino.0, &change) {
-            Ok(i) => reply.attr(&h.opts.attr_ttl, &h.attr(&i)),
-            Err(e) => reply.error(errno("setattr", &e)),
-        });
+        self.offload(move |h| h.reply_attr(ino.0, h.fs.setattr(ino.0, &change), reply));
     }
 
     fn release(

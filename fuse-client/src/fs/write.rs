@@ -347,7 +347,14 @@ impl GranaryFs {
 
     /// truncate(2) / ftruncate(2) to `size`.
     pub(super) fn truncate(&self, ino: u64, size: u64) -> FsResult<()> {
-        let inode = self.committed(ino)?;
+        let inode = match self.committed(ino) {
+            // Its last name went while a descriptor here has it open: ftruncate(2) on
+            // that descriptor still works.
+            Err(FsError::NotFound(_)) => self
+                .opened_inode(ino)
+                .ok_or_else(|| FsError::NotFound(format!("inode {ino:#x}")))?,
+            other => other?,
+        };
         if inode.kind == FileKind::Directory as i32 {
             return Err(FsError::IsDir(shown(&inode.name)));
         }

@@ -40,6 +40,23 @@ pub fn cases() -> Vec<Case> {
             },
         },
         Case {
+            name: "unlink/truncate_open_file",
+            body_as: As::Root,
+            setup: |p| p.make_file("f", &pattern(5, 1000)),
+            body: |p| {
+                let Some(fd) = p.open("f", libc::O_RDWR, 0) else {
+                    return;
+                };
+                p.unlink("f");
+                p.ftruncate(fd, 3);
+                p.pread(fd, 100, 0);
+                p.ftruncate(fd, 20);
+                p.fstat(fd);
+                p.pread(fd, 100, 0);
+                p.close(fd);
+            },
+        },
+        Case {
             name: "unlink/basics",
             body_as: As::Root,
             setup: |p| {
