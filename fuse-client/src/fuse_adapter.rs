@@ -506,12 +506,12 @@ impl Filesystem for FuseAdapter {
         offset: u64,
         data: &[u8],
         _write_flags: WriteFlags,
-        _flags: OpenFlags,
+        flags: OpenFlags,
         _lock_owner: Option<LockOwner>,
         reply: ReplyWrite,
     ) {
         let data = data.to_vec();
-        self.offload(move |h| match h.fs.write(fh.0, offset, &data) {
+        self.offload(move |h| match h.fs.write(fh.0, offset, &data, flags.0) {
             Ok(n) => reply.written(n),
             Err(e) => reply.error(errno("write", &e)),
         });

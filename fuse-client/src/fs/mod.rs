@@ -44,7 +44,6 @@ struct OpenFile {
     read: Mutex<(Inode, ReadState)>,
     /// Open for writing: the inode's shared staged file.
     staged: Option<SharedStaged>,
-    append: bool,
 }
 
 /// Attribute changes asked for by setattr; `None` leaves a field alone.
@@ -303,14 +302,13 @@ impl GranaryFs {
         self.next_handle.fetch_add(1, Ordering::Relaxed)
     }
 
-    fn add_handle(&self, ino: u64, inode: Inode, staged: Option<SharedStaged>, flags: i32) -> u64 {
+    fn add_handle(&self, ino: u64, inode: Inode, staged: Option<SharedStaged>) -> u64 {
         let fh = self.handle();
         let file = Arc::new(OpenFile {
             ino,
             seen_commits: AtomicU64::new(self.commits.load(Ordering::Acquire)),
             read: Mutex::new((inode, ReadState::default())),
             staged,
-            append: flags & libc::O_APPEND != 0,
         });
         self.files.write().expect("files lock").insert(fh, file);
         fh

@@ -268,7 +268,7 @@ fn run(local_worker: bool, ops: &[Op]) -> Result<(), TestCaseError> {
                 };
                 let data = vec![byte; len as usize];
                 prop_assert_eq!(
-                    real.fs.write(fh, offset as u64, &data).ok(),
+                    real.fs.write(fh, offset as u64, &data, 0).ok(),
                     Some(len),
                     "{}",
                     at

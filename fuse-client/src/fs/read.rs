@@ -58,7 +58,7 @@ impl GranaryFs {
         } else {
             None
         };
-        Ok((self.add_handle(ino, inode, staged, flags), keep_cache))
+        Ok((self.add_handle(ino, inode, staged), keep_cache))
     }
 
     pub fn read(&self, fh: u64, offset: u64, size: u32) -> FsResult<Vec<u8>> {

@@ -64,7 +64,7 @@ impl GranaryFs {
         }
         self.opened_versions
             .insert(inode.id, inode.fingerprint.unwrap_or_default());
-        let fh = self.add_handle(inode.id, inode.clone(), Some(st), flags);
+        let fh = self.add_handle(inode.id, inode.clone(), Some(st));
         Ok((inode, fh))
     }
 
@@ -118,14 +118,19 @@ impl GranaryFs {
         Ok(())
     }
 
-    pub fn write(&self, fh: u64, offset: u64, data: &[u8]) -> FsResult<u32> {
+    /// write(2) at `offset`, or at the end when the descriptor's `flags` (as they are
+    /// now: fcntl(2) may change `O_APPEND`) say append.
+    pub fn write(&self, fh: u64, offset: u64, data: &[u8], flags: i32) -> FsResult<u32> {
         let file = self.open_file(fh)?;
         let Some(st) = &file.staged else {
             return Err(FsError::BadHandle("handle not open for writing".into()));
         };
         let mut st = st.lock().expect("staged lock");
         self.fill(file.ino, &mut st)?;
-        let at = if file.append { st.size } else { offset };
+        let at = match flags & libc::O_APPEND {
+            0 => offset,
+            _ => st.size,
+        };
         let end = at + data.len() as u64;
         let backing = self.backing_for(file.ino, &mut st, end)?;
         backing.write_all_at(data, at)?;

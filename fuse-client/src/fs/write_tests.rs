@@ -24,8 +24,8 @@ fn writes_are_read_back_then_committed_at_close() {
 fn writes_are_read_back_then_committed_at_close_with(local_worker: bool) {
     let (fs, ns, store) = fs_with(local_worker);
     let (inode, fh) = fs.create(1, b"ckpt", 0o644, libc::O_WRONLY, 0, 0).unwrap();
-    fs.write(fh, 0, b"hello world").unwrap();
-    fs.write(fh, 20, b"!").unwrap();
+    fs.write(fh, 0, b"hello world", 0).unwrap();
+    fs.write(fh, 20, b"!", 0).unwrap();
     let (reader, _) = fs.open(inode.id, libc::O_RDONLY).unwrap();
     let mut expected = b"hello world".to_vec();
     expected.resize(20, 0);
@@ -65,16 +65,17 @@ fn overwrite_truncate_and_append_start_from_the_committed_content() {
 fn overwrite_truncate_and_append_with(local_worker: bool) {
     let (fs, _, store) = fs_with(local_worker);
     let (inode, fh) = fs.create(1, b"log", 0o644, libc::O_WRONLY, 0, 0).unwrap();
-    fs.write(fh, 0, b"0123456789").unwrap();
+    fs.write(fh, 0, b"0123456789", 0).unwrap();
     fs.release(fh);
 
     let (fh, _) = fs.open(inode.id, libc::O_WRONLY).unwrap();
-    fs.write(fh, 2, b"ab").unwrap();
+    fs.write(fh, 2, b"ab", 0).unwrap();
     fs.release(fh);
     assert_eq!(store.files.lock().unwrap()[&inode.id], b"01ab456789");
 
     let (fh, _) = fs.open(inode.id, libc::O_WRONLY | libc::O_APPEND).unwrap();
-    fs.write(fh, 0, b"+").unwrap();
+    fs.write(fh, 0, b"+", libc::O_WRONLY | libc::O_APPEND)
+        .unwrap();
     fs.release(fh);
     assert_eq!(store.files.lock().unwrap()[&inode.id], b"01ab456789+");
 
@@ -115,7 +116,7 @@ fn create_of_a_name_made_elsewhere_opens_it_unless_exclusive() {
         .unwrap_err();
     assert_eq!(err.errno(), libc::EEXIST);
     let (fh, _) = fs.open(elsewhere.id, libc::O_RDONLY).unwrap();
-    assert_eq!(fs.write(fh, 0, b"x").unwrap_err().errno(), libc::EBADF);
+    assert_eq!(fs.write(fh, 0, b"x", 0).unwrap_err().errno(), libc::EBADF);
 }
 
 #[test]
@@ -125,7 +126,7 @@ fn a_small_file_kept_in_memory_moves_to_a_file_when_it_grows() {
     let chunk = vec![7u8; 100 << 10];
     let mut expected = Vec::new();
     for i in 0..4u64 {
-        fs.write(fh, i * chunk.len() as u64, &chunk).unwrap();
+        fs.write(fh, i * chunk.len() as u64, &chunk, 0).unwrap();
         expected.extend_from_slice(&chunk);
         assert_eq!(fs.read(fh, 0, expected.len() as u32).unwrap(), expected);
     }
@@ -158,7 +159,7 @@ fn attributes_read_during_a_commit_show_the_new_size() {
         let (fs, ns, _) = fs_with(local_worker);
         let fs = Arc::new(fs);
         let (inode, fh) = fs.create(1, b"racy", 0o644, libc::O_WRONLY, 0, 0).unwrap();
-        fs.write(fh, 0, b"eleven byte").unwrap();
+        fs.write(fh, 0, b"eleven byte", 0).unwrap();
         *ns.commit_delay.lock().unwrap() = Duration::from_millis(300);
         let flusher = {
             let fs = fs.clone();
@@ -183,12 +184,12 @@ fn small_files_stage_in_files_once_the_buffer_memory_is_spent() {
     let chunk = vec![3u8; 100 << 10];
     let (a, fa) = fs.create(1, b"a", 0o644, libc::O_RDWR, 0, 0).unwrap();
     let (b, fb) = fs.create(1, b"b", 0o644, libc::O_RDWR, 0, 0).unwrap();
-    fs.write(fa, 0, &chunk).unwrap();
+    fs.write(fa, 0, &chunk, 0).unwrap();
     assert_eq!(memory.used(), 100 << 10, "a is held in memory");
-    fs.write(fb, 0, &chunk).unwrap();
+    fs.write(fb, 0, &chunk, 0).unwrap();
     assert_eq!(memory.used(), 100 << 10, "b did not fit: it went to a file");
     // a grows past what is left: it moves to a file too, and gives its memory back.
-    fs.write(fa, chunk.len() as u64, &chunk).unwrap();
+    fs.write(fa, chunk.len() as u64, &chunk, 0).unwrap();
     assert_eq!(memory.used(), 0);
     for fh in [fa, fb] {
         fs.flush(fh).unwrap();
@@ -208,7 +209,7 @@ fn small_files_stage_in_files_once_the_buffer_memory_is_spent() {
 fn content_stored_but_not_committed_is_committed_by_the_next_try_as_it_is() {
     let (fs, ns, store) = fs_with(true);
     let (inode, fh) = fs.create(1, b"ckpt", 0o644, libc::O_RDWR, 0, 0).unwrap();
-    fs.write(fh, 0, b"version one").unwrap();
+    fs.write(fh, 0, b"version one", 0).unwrap();
     ns.faults.commits.store(1, Ordering::SeqCst);
     assert!(fs.flush(fh).unwrap_err().is_retryable());
     assert_eq!(store.uploads.load(Ordering::Relaxed), 1, "stored once");
@@ -225,7 +226,7 @@ fn content_stored_but_not_committed_is_committed_by_the_next_try_as_it_is() {
 fn truncating_content_whose_commit_failed_truncates_what_was_stored() {
     let (fs, ns, store) = fs_with(true);
     let (inode, fh) = fs.create(1, b"log", 0o644, libc::O_RDWR, 0, 0).unwrap();
-    fs.write(fh, 0, b"0123456789").unwrap();
+    fs.write(fh, 0, b"0123456789", 0).unwrap();
     ns.faults.commits.store(1, Ordering::SeqCst);
     fs.flush(fh).unwrap_err();
     let attrs = SetAttr {
@@ -242,7 +243,7 @@ fn truncating_content_whose_commit_failed_truncates_what_was_stored() {
 fn an_fsync_after_a_close_makes_the_stored_content_durable_in_place_once() {
     let (fs, ns, store) = fs_with(false);
     let (inode, fh) = fs.create(1, b"f", 0o644, libc::O_RDWR, 0, 0).unwrap();
-    fs.write(fh, 0, b"abc").unwrap();
+    fs.write(fh, 0, b"abc", 0).unwrap();
     fs.flush(fh).unwrap();
     assert_eq!(store.uploads.load(Ordering::Relaxed), 1);
     fs.fsync(fh).unwrap();
@@ -265,7 +266,7 @@ fn an_fsync_after_a_close_makes_the_stored_content_durable_in_place_once() {
 fn an_fsync_through_any_descriptor_makes_the_files_writes_durable() {
     let (fs, ns, store) = fs_with(false);
     let (inode, writer) = fs.create(1, b"f", 0o644, libc::O_WRONLY, 0, 0).unwrap();
-    fs.write(writer, 0, b"staged").unwrap();
+    fs.write(writer, 0, b"staged", 0).unwrap();
     // Another process's read-only descriptor: the writer's bytes are still staged.
     let (reader, _) = fs.open(inode.id, libc::O_RDONLY).unwrap();
     fs.fsync(reader).unwrap();
@@ -306,7 +307,7 @@ fn a_new_file_the_master_made_empty_is_stored_at_close_only_if_written() {
     let (written, fh) = fs
         .create(1, b"written", 0o644, libc::O_WRONLY, 0, 0)
         .unwrap();
-    fs.write(fh, 0, b"abc").unwrap();
+    fs.write(fh, 0, b"abc", 0).unwrap();
     assert!(
         !fs.closes_without_waiting(written.id, libc::O_WRONLY),
         "written: its close stores it"
@@ -414,7 +415,7 @@ fn a_directory_listing_is_kept_across_opens_only_while_the_directory_is_unchange
 fn a_file_whose_commit_holds_it_is_answered_and_closed_only_by_waiting() {
     let (fs, _, _) = fs();
     let (inode, fh) = fs.create(1, b"ckpt", 0o644, libc::O_WRONLY, 0, 0).unwrap();
-    fs.write(fh, 0, b"hello").unwrap();
+    fs.write(fh, 0, b"hello", 0).unwrap();
     fs.flush(fh).unwrap();
     let (reader, _) = fs.open(inode.id, libc::O_RDONLY).unwrap();
     assert_eq!(fs.getattr_cached(inode.id).unwrap().size, 5, "staged size");

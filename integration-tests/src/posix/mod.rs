@@ -484,6 +484,13 @@ impl Probe {
         }
     }
 
+    /// fcntl(F_SETFL): a descriptor's status flags (`O_APPEND`, ...) from now on.
+    pub fn set_flags(&mut self, fd: i32, flags: i32) {
+        // SAFETY: a descriptor this probe opened.
+        let rc = unsafe { libc::fcntl(fd, libc::F_SETFL, flags) };
+        self.rec(&format!("fcntl F_SETFL {flags:#o}"), rc as i64);
+    }
+
     pub fn fsync(&mut self, fd: i32) {
         // SAFETY: a descriptor this probe opened.
         let rc = unsafe { libc::fsync(fd) };

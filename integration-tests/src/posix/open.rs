@@ -74,6 +74,33 @@ pub fn cases() -> Vec<Case> {
             },
         },
         Case {
+            name: "open/append_set_by_fcntl",
+            body_as: As::Root,
+            setup: |p| p.make_file("f", b"0123456789"),
+            body: |p| {
+                let Some(fd) = p.open("f", O_RDWR, 0) else {
+                    return;
+                };
+                p.pwrite(fd, b"ab", 2);
+                p.set_flags(fd, O_APPEND);
+                p.write(fd, b"END");
+                p.set_flags(fd, 0);
+                p.pwrite(fd, b"X", 0);
+                p.pread(fd, 100, 0);
+                p.close(fd);
+                p.content("f");
+                // Opened to append, then not.
+                let Some(fd) = p.open("f", O_RDWR | O_APPEND, 0) else {
+                    return;
+                };
+                p.write(fd, b"tail");
+                p.set_flags(fd, 0);
+                p.pwrite(fd, b"Y", 1);
+                p.close(fd);
+                p.content("f");
+            },
+        },
+        Case {
             name: "open/access_modes",
             body_as: As::Root,
             setup: |p| p.make_file("f", b"0123456789"),
