@@ -468,7 +468,12 @@ impl UfsUpload for S3Upload {
         let meta = self
             .ufs
             .run(async move {
-                upload.complete().await?;
+                if let Err(e) = upload.complete().await {
+                    // Its parts would otherwise stay in the bucket (billed, unseen) until
+                    // a lifecycle rule clears them.
+                    let _ = upload.abort().await;
+                    return Err(e);
+                }
                 store.head(&key).await
             })?
             .map_err(|e| self.ufs.error("completing the upload of", e))?;
