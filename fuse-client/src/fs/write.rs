@@ -326,11 +326,18 @@ impl GranaryFs {
             return;
         };
         if let Some(st) = &file.staged {
-            if let Err(e) =
-                self.commit_staged(file.ino, &mut st.lock().expect("staged lock"), false)
-            {
-                tracing::error!(ino = file.ino, error = %e, "committing a file at its last close failed; its changes are lost");
+            let mut st = st.lock().expect("staged lock");
+            if let Err(e) = self.commit_staged(file.ino, &mut st, false) {
+                match st.content {
+                    Content::Published { .. } => {
+                        tracing::error!(ino = file.ino, error = %e, "committing a file at its last close failed; its new content is in the UFS and reaches the namespace when another descriptor of it here closes or its directory is listed again (granary fs load-metadata --force)")
+                    }
+                    _ => {
+                        tracing::error!(ino = file.ino, error = %e, "committing a file at its last close failed; its changes are lost")
+                    }
+                }
             }
+            drop(st);
             self.staging.detach(file.ino);
         }
         // Nothing staged (a reader's close, the common case) answers without a lock.
