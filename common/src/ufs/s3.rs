@@ -216,7 +216,19 @@ impl S3Ufs {
         let endpoint = b
             .get_config_value(&AmazonS3ConfigKey::Endpoint)
             .unwrap_or_else(|| "AWS S3".into());
-        let custom = endpoint.contains("://");
+        let custom = endpoint != "AWS S3";
+        if custom && !(endpoint.starts_with("http://") || endpoint.starts_with("https://")) {
+            return Err(FsError::InvalidArgument(format!(
+                "[s3] endpoint `{endpoint}` (or AWS_ENDPOINT_URL, or the profile's endpoint_url): \
+                 needs its scheme, e.g. http://{endpoint}"
+            )));
+        }
+        if !(5 << 20..=5 << 30).contains(&opts.part_size.0) {
+            return Err(FsError::InvalidArgument(format!(
+                "[s3] part_size {}: S3 takes parts of 5MiB to 5GiB",
+                opts.part_size
+            )));
+        }
         let virtual_hosted_style = opts.virtual_hosted_style.unwrap_or(!custom);
         b = b.with_virtual_hosted_style_request(virtual_hosted_style);
         let region = b
@@ -253,7 +265,7 @@ impl S3Ufs {
             store: Arc::new(store),
             rt: Some(rt),
             requests: Arc::new(Semaphore::new(opts.max_concurrent_requests.max(1))),
-            part_size: (opts.part_size.0 as usize).max(5 << 20),
+            part_size: opts.part_size.0 as usize,
             opened_ns: std::time::SystemTime::now()
                 .duration_since(std::time::UNIX_EPOCH)
                 .map_or(0, |d| d.as_nanos() as i64),
@@ -374,6 +386,7 @@ impl S3Ufs {
     /// Every key under `prefix` (recursively).
     fn keys_under(&self, prefix: &Path) -> FsResult<Vec<Path>> {
         let store = self.store.clone();
+        let listing = format!("listing {prefix}");
         let prefix = prefix.clone();
         self.run(async move {
             let mut listed = store.list(Some(&prefix));
@@ -383,7 +396,7 @@ impl S3Ufs {
             }
             Ok(keys)
         })?
-        .map_err(|e| self.error("listing", e))
+        .map_err(|e| self.error(&listing, e))
     }
 }
 
@@ -428,7 +441,6 @@ impl S3Upload {
         let data = std::mem::take(&mut self.buffer);
         let mut upload = self.upload.take().expect("an open upload");
         let ufs = self.ufs.clone();
-        let key = self.key.clone();
         let (r, upload) = self
             .ufs
             .run(async move {
@@ -437,8 +449,10 @@ impl S3Upload {
             })
             .map_err(std::io::Error::other)?;
         self.upload = Some(upload);
-        r.map_err(|e| std::io::Error::other(ufs.error("uploading", e).to_string()))
-            .map_err(|e| std::io::Error::other(format!("{key}: {e}")))
+        r.map_err(|e| {
+            let e = ufs.error(&format!("uploading {}", self.key), e);
+            std::io::Error::other(e.to_string())
+        })
     }
 }
 
@@ -476,7 +490,10 @@ impl UfsUpload for S3Upload {
                 }
                 store.head(&key).await
             })?
-            .map_err(|e| self.ufs.error("completing the upload of", e))?;
+            .map_err(|e| {
+                self.ufs
+                    .error(&format!("completing the upload of {}", self.key), e)
+            })?;
         let name = self.key.filename().unwrap_or_default().as_bytes().to_vec();
         Ok(S3Ufs::file_object(name, &meta))
     }
@@ -514,7 +531,7 @@ impl Ufs for Arc<S3Ufs> {
         let p = prefix.clone();
         let listed = self
             .run(async move { store.list_with_delimiter(Some(&p)).await })?
-            .map_err(|e| self.error("listing", e))?;
+            .map_err(|e| self.error(&format!("listing {prefix}"), e))?;
         let mut out: std::collections::BTreeMap<Vec<u8>, UfsObject> = Default::default();
         for d in &listed.common_prefixes {
             if let Some(name) = d.filename() {
@@ -565,7 +582,7 @@ impl Ufs for Arc<S3Ufs> {
         match head {
             Ok(meta) => return Ok(S3Ufs::file_object(name, &meta)),
             Err(object_store::Error::NotFound { .. }) => {}
-            Err(e) => return Err(self.error("stat", e)),
+            Err(e) => return Err(self.error(&format!("stat {key}"), e)),
         }
         // A directory is a prefix with something under it.
         let store = self.store.clone();
@@ -573,7 +590,7 @@ impl Ufs for Arc<S3Ufs> {
         let any = self
             .run(async move { store.list(Some(&k)).next().await })?
             .transpose()
-            .map_err(|e| self.error("stat", e))?;
+            .map_err(|e| self.error(&format!("stat {key}"), e))?;
         match any {
             Some(_) => Ok(self.dir_object(name)),
             None => Err(FsError::NotFound(format!(
@@ -635,7 +652,7 @@ impl Ufs for Arc<S3Ufs> {
         let k = key.clone();
         let upload = self
             .run(async move { store.put_multipart(&k).await })?
-            .map_err(|e| self.error("starting an upload of", e))?;
+            .map_err(|e| self.error(&format!("starting an upload of {key}"), e))?;
         Ok(Box::new(S3Upload {
             ufs: self.clone(),
             key,
@@ -652,7 +669,7 @@ impl Ufs for Arc<S3Ufs> {
         let marker = self.child_key(&dir, DIR_MARKER)?;
         let store = self.store.clone();
         self.run(async move { store.put(&marker, PutPayload::new()).await })?
-            .map_err(|e| self.error("mkdir", e))?;
+            .map_err(|e| self.error(&format!("mkdir {dir}"), e))?;
         self.stat(path)
     }
 
@@ -689,8 +706,9 @@ impl Ufs for Arc<S3Ufs> {
         };
         for k in doomed {
             let store = self.store.clone();
+            let removing = format!("removing {k}");
             self.run(async move { store.delete(&k).await })?
-                .map_err(|e| self.error("removing", e))?;
+                .map_err(|e| self.error(&removing, e))?;
         }
         Ok(())
     }
@@ -730,11 +748,12 @@ impl Ufs for Arc<S3Ufs> {
         };
         for (a, b) in moves {
             let store = self.store.clone();
+            let renaming = format!("renaming {a} to {b}");
             self.run(async move {
                 store.copy(&a, &b).await?;
                 store.delete(&a).await
             })?
-            .map_err(|e| self.error("renaming", e))?;
+            .map_err(|e| self.error(&renaming, e))?;
         }
         Ok(())
     }
@@ -775,5 +794,25 @@ mod tests {
         assert_eq!(u.key(b"").unwrap().as_ref(), "sets/imagenet");
         assert!(S3Ufs::open("s3:///x", &opts).is_err());
         assert!(S3Ufs::open("s3://b/a/../c", &opts).is_err());
+    }
+
+    #[test]
+    fn bad_options_name_their_key() {
+        let opts = S3Options {
+            endpoint: Some("127.0.0.1:9".into()),
+            ..Default::default()
+        };
+        let e = S3Ufs::open("s3://data", &opts).err().unwrap().to_string();
+        assert!(
+            e.contains("endpoint") && e.contains("http://127.0.0.1:9"),
+            "{e}"
+        );
+        let opts = S3Options {
+            endpoint: Some("https://s3.example.com".into()),
+            part_size: ByteSize(1 << 20),
+            ..Default::default()
+        };
+        let e = S3Ufs::open("s3://data", &opts).err().unwrap().to_string();
+        assert!(e.contains("part_size 1.0MiB"), "{e}");
     }
 }
