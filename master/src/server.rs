@@ -200,6 +200,18 @@ pub async fn start(mut config: MasterConfig) -> Result<RunningMaster, MasterErro
         store.clone(),
         bootstrap,
     )?;
+    let cs = log_store.conf_state()?;
+    if bootstrap.is_empty() && cs.voters.is_empty() && cs.learners.is_empty() {
+        let ids: Vec<u64> = members.iter().map(|m| m.0).collect();
+        tracing::warn!(
+            id = config.id,
+            members = ?ids,
+            "this master is in no group yet: it waits for `granary admin quorum add {} {}` \
+             through the group's leader (if it should be one of `members`, fix `id` or `members`)",
+            config.id,
+            config.advertised()
+        );
+    }
     let (mailbox, inbox) = std::sync::mpsc::channel();
     let (applied_tx, applied_rx) = tokio::sync::watch::channel(store.applied()?.0);
     let status = Arc::new(RwLock::new(RaftStatus::default()));
