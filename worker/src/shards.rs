@@ -22,6 +22,8 @@ const TABLE_REFRESH: Duration = Duration::from_secs(3);
 const FIRST_TABLE_RETRY: Duration = Duration::from_millis(300);
 /// How often block deltas go out to the masters' queues.
 const DELTA_FANOUT: Duration = Duration::from_millis(200);
+/// How often a worker that has no routing table yet says so.
+const WARN_EVERY: Duration = Duration::from_secs(30);
 
 pub struct ShardRegistrations {
     info: WorkerInfo,
@@ -127,6 +129,7 @@ impl ShardRegistrations {
 
 async fn follow_table(me: std::sync::Weak<ShardRegistrations>, sources: Vec<String>) {
     let mut next = 0usize;
+    let mut warned: Option<std::time::Instant> = None;
     loop {
         let Some(owner) = me.upgrade() else { return };
         // The sources and shard 0's masters (which keep the table) are asked in turn, so
@@ -150,8 +153,15 @@ async fn follow_table(me: std::sync::Weak<ShardRegistrations>, sources: Vec<Stri
                 .map_err(|e| e.message().to_string())
         }
         .await;
+        let known = owner.links.lock().expect("links lock").version.is_some();
         match fetched {
             Ok(table) => owner.adopt(&table),
+            // Registration waits on a first table: without one this worker serves no
+            // shard, which its operator must hear about (a wrong token, no master up).
+            Err(e) if !known && warned.is_none_or(|t| t.elapsed() >= WARN_EVERY) => {
+                warned = Some(std::time::Instant::now());
+                tracing::warn!(source = %addr, error = %e, "cannot fetch the routing table, so this worker has registered with no master yet; retrying");
+            }
             Err(e) => tracing::debug!(source = %addr, error = %e, "cannot fetch the routing table"),
         }
         // Until a first table came, ask again soon: registration waits on it.
