@@ -81,6 +81,20 @@ impl S3Server {
         }
     }
 
+    /// Freezes the server (SIGSTOP): requests reach it and wait, unanswered, until
+    /// [`S3Server::thaw`] (an overloaded or stalled store).
+    pub fn freeze(&self) {
+        if let Some(p) = &self.proc {
+            p.signal(libc::SIGSTOP);
+        }
+    }
+
+    pub fn thaw(&self) {
+        if let Some(p) = &self.proc {
+            p.signal(libc::SIGCONT);
+        }
+    }
+
     /// The standard AWS environment pointing at this server.
     pub fn env(&self, cmd: &mut Command) {
         cmd.env("AWS_ENDPOINT_URL", &self.endpoint)

@@ -270,6 +270,67 @@ fn an_unreachable_bucket_is_eio_at_the_mount_and_caches_nothing_wrong() {
     assert!(std::fs::read(m.path.join("cold")).unwrap() == vec![3u8; 300_000]);
 }
 
+#[test]
+fn changes_the_bucket_carried_out_after_giving_up_on_them_show_once_it_answers() {
+    let s3 = S3Server::start().unwrap();
+    s3.make_bucket("data").unwrap();
+    let c = Cluster::start(&MasterSpec {
+        ufs: PathBuf::from("s3://data/ds"),
+        tables: format!("{}request_timeout_ms = 1500\n", s3.config()),
+        ..Default::default()
+    })
+    .unwrap();
+    let m = c
+        .mount("mnt", &format!("{SHORT_CACHES}\nretry_deadline_ms = 2000"))
+        .unwrap();
+    std::fs::create_dir(m.path.join("run")).unwrap();
+    std::fs::write(m.path.join("run/ckpt.tmp"), b"weights").unwrap();
+
+    // The store stalls: the calls are given up on (EIO), while their requests wait in
+    // the store, which carries them out once it answers again.
+    s3.freeze();
+    let renamed = std::fs::rename(m.path.join("run/ckpt.tmp"), m.path.join("run/ckpt"));
+    let made = std::fs::create_dir(m.path.join("run/logs"));
+    std::thread::sleep(Duration::from_secs(2));
+    s3.thaw();
+    assert!(renamed.is_err() && made.is_err(), "{renamed:?} {made:?}");
+
+    let names = || -> Vec<String> {
+        let mut n: Vec<String> = std::fs::read_dir(m.path.join("run"))
+            .map(|d| {
+                d.map(|e| e.unwrap().file_name().into_string().unwrap())
+                    .collect()
+            })
+            .unwrap_or_default();
+        n.sort();
+        n
+    };
+    // Whatever the store carried out of them, the mount ends up showing it.
+    let in_bucket = || -> Vec<String> {
+        let mut n: Vec<String> = s3
+            .keys("data", "ds/run/")
+            .unwrap()
+            .iter()
+            .filter_map(|k| k.strip_prefix("ds/run/")?.split('/').next())
+            .filter(|n| *n != ".granary-dir")
+            .map(str::to_string)
+            .collect();
+        n.dedup();
+        n
+    };
+    wait_until(
+        "the namespace to follow the bucket",
+        Duration::from_secs(40),
+        || names() == in_bucket(),
+    )
+    .unwrap_or_else(|e| panic!("{e}: {:?}, bucket {:?}", names(), in_bucket()));
+    let file = names().into_iter().find(|n| n.starts_with("ckpt")).unwrap();
+    assert_eq!(
+        std::fs::read(m.path.join("run").join(file)).unwrap(),
+        b"weights"
+    );
+}
+
 /// `granary local --ufs s3://…` with the endpoint and keys from the AWS environment.
 fn local_over(s3: &S3Server, dir: &Path, uri: &str, endpoint: Option<&str>) -> Command {
     let mnt = dir.join("mnt");

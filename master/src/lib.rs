@@ -23,6 +23,7 @@ mod state_machine_model;
 pub mod store;
 mod table_follower;
 mod tables;
+mod unsettled;
 pub mod workers;
 
 pub use config::MasterConfig;

@@ -18,6 +18,7 @@ use granary_shard_router::{child_path, Placement};
 use crate::command_log::CommandLog;
 use crate::mutation_locks::MutationLocks;
 use crate::store::NamespaceStore;
+use crate::unsettled::Unsettled;
 
 /// Directories listed at once by a recursive load.
 const LOAD_CONCURRENCY: usize = 8;
@@ -34,6 +35,9 @@ pub struct MetadataLoader<L> {
     sync_interval: Option<Duration>,
     /// Orders namespace mutations and re-listings on the leader.
     pub(crate) mutations: MutationLocks,
+    /// Directories to list again: a mutation there stopped between its UFS change and
+    /// its commit.
+    pub(crate) unsettled: Unsettled,
 }
 
 /// Counts reported while a tree loads.
@@ -77,6 +81,7 @@ impl<L: CommandLog> MetadataLoader<L> {
             inflight: Mutex::new(HashMap::new()),
             sync_interval,
             mutations: MutationLocks::default(),
+            unsettled: Unsettled::default(),
         }
     }
 

@@ -64,6 +64,8 @@ enum Object {
     Moves {
         from: Vec<u8>,
         to: Vec<u8>,
+        /// The directory `to` is in.
+        to_dir: u64,
         /// The object's version, as the namespace has it.
         version: Option<UfsFingerprint>,
     },
@@ -267,6 +269,7 @@ impl MasterService {
         };
         let path = join(&dir.ufs_path, &r.name);
         let ufs = self.loader.ufs(dir.mount_id)?;
+        let unsettling = self.loader.unsettled.watch(&[dir.id]);
         let made = match kind {
             // An object already there (made outside Granary, or by a creation of the same
             // name racing this one, which the state machine settles) is left for the
@@ -297,13 +300,19 @@ impl MasterService {
             // finds what it made) instead of failing every mkdir with EEXIST and every
             // lookup with ENOENT.
             Err(FsError::Exists(e)) => {
+                unsettling.settle();
                 drop(turn);
                 self.loader.refresh(&dir).await?;
                 return Err(FsError::Exists(e));
             }
-            Err(e) => return Err(e),
+            Err(e) => {
+                unsettling.failed(&e);
+                return Err(e);
+            }
         };
-        self.commit(command::Op::CreateInode(create)).await?;
+        let committed = self.commit(command::Op::CreateInode(create)).await;
+        unsettling.after(&committed);
+        committed?;
         self.store
             .lookup(r.parent, &r.name)?
             .ok_or_else(|| FsError::io("created entry vanished"))
@@ -336,20 +345,33 @@ impl MasterService {
             })
             .await?;
         let ufs = self.loader.ufs(dir.mount_id)?;
-        match self.object_under(&victim, dir.id, &r.name)? {
-            Object::None => {}
-            // Other names remain: the object moves under the next one.
-            Object::Moves { from, to, version } => {
-                move_object(ufs, from, to, version).await?;
+        let object = self.object_under(&victim, dir.id, &r.name)?;
+        let unsettling = match &object {
+            // The object moves into its next name's directory.
+            Object::Moves { to_dir, .. } => self.loader.unsettled.watch(&[dir.id, *to_dir]),
+            _ => self.loader.unsettled.watch(&[dir.id]),
+        };
+        let removed = async {
+            match object {
+                Object::None => {}
+                // Other names remain: the object moves under the next one.
+                Object::Moves {
+                    from, to, version, ..
+                } => {
+                    move_object(ufs, from, to, version).await?;
+                }
+                Object::Goes(path) => {
+                    let directory = r.directory;
+                    ufs_call(ufs, move |u| u.remove(&path, directory))
+                        .await
+                        .or_else(never_uploaded)?
+                }
             }
-            Object::Goes(path) => {
-                let directory = r.directory;
-                ufs_call(ufs, move |u| u.remove(&path, directory))
-                    .await
-                    .or_else(never_uploaded)?
-            }
+            self.commit(command::Op::RemoveEntry(op)).await
         }
-        self.commit(command::Op::RemoveEntry(op)).await?;
+        .await;
+        unsettling.after(&removed);
+        removed?;
         self.drop_cache_if_deleted(&victim);
         Ok(())
     }
@@ -384,6 +406,7 @@ impl MasterService {
                 Ok(Object::Moves {
                     from: inode.ufs_path.clone(),
                     to: join(&dir.ufs_path, &next.name),
+                    to_dir: dir.id,
                     version: inode.fingerprint,
                 })
             }
@@ -438,16 +461,28 @@ impl MasterService {
         // else it is overwritten below (or removed when nothing takes its place).
         let mut stale_at_to = None;
         let mut moved_aside = None;
-        if let Some(target) = &replaced {
-            match self.object_under(target, to_dir.id, &r.new_name)? {
-                Object::None => {}
-                Object::Moves { from, to, version } => {
-                    if move_object(ufs.clone(), from.clone(), to.clone(), version).await? {
-                        moved_aside = Some((to, from));
-                    }
+        let mut dirs = vec![from_dir.id, to_dir.id];
+        let aside = match &replaced {
+            Some(target) => self.object_under(target, to_dir.id, &r.new_name)?,
+            None => Object::None,
+        };
+        if let Object::Moves { to_dir, .. } = &aside {
+            dirs.push(*to_dir);
+        }
+        let unsettling = self.loader.unsettled.watch(&dirs);
+        match aside {
+            Object::None => {}
+            Object::Moves {
+                from, to, version, ..
+            } => match move_object(ufs.clone(), from.clone(), to.clone(), version).await {
+                Ok(true) => moved_aside = Some((to, from)),
+                Ok(false) => {}
+                Err(e) => {
+                    unsettling.failed(&e);
+                    return Err(e);
                 }
-                Object::Goes(_) => stale_at_to = Some(target.clone()),
-            }
+            },
+            Object::Goes(_) => stale_at_to = replaced.clone(),
         }
         let moves_object = !is_special(moving.kind) && is_primary(&moving, from_dir.id, &r.name);
         let moving_object = moves_object.then(|| moving.clone());
@@ -458,15 +493,22 @@ impl MasterService {
         .await;
         if let Err(e) = placed {
             // Nothing is committed: the replaced file's object goes back where it was.
+            let mut undone = Ok(());
             if let Some((at, back)) = moved_aside {
-                let undone = ufs_call(ufs, move |u| u.rename(&at, &back)).await;
-                if let Err(undo) = undone {
-                    tracing::error!(error = %undo, "cannot move an object back after a failed rename; relist its directory");
+                undone = ufs_call(ufs, move |u| u.rename(&at, &back)).await;
+                if let Err(undo) = &undone {
+                    tracing::error!(error = %undo, "cannot move an object back after a failed rename; its directory is listed again");
                 }
+            }
+            match undone {
+                Ok(()) => unsettling.failed(&e),
+                Err(_) => drop(unsettling),
             }
             return Err(e);
         }
-        self.commit(command::Op::RenameEntry(op)).await?;
+        let committed = self.commit(command::Op::RenameEntry(op)).await;
+        unsettling.after(&committed);
+        committed?;
         if let Some(target) = &replaced {
             self.drop_cache_if_deleted(target);
         }

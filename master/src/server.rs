@@ -269,15 +269,20 @@ pub async fn start(mut config: MasterConfig) -> Result<RunningMaster, MasterErro
     let locations = Arc::new(BlockLocations::default());
     let deleted = Arc::new(DeletedFiles::default());
     let leader_clients = Arc::new(LeaderClients::new(attach_peer));
+    let loader = Arc::new(MetadataLoader::new(
+        store.clone(),
+        Arc::new(raft.clone()),
+        ufs_by_mount,
+        config.metadata_sync_interval.0,
+    ));
+    let leads = raft.clone();
+    let settler = tokio::spawn(crate::unsettled::settle(loader.clone(), move || {
+        leads.leader_caught_up()
+    }));
     let service = MasterService {
         store: store.clone(),
         raft: raft.clone(),
-        loader: Arc::new(MetadataLoader::new(
-            store.clone(),
-            Arc::new(raft.clone()),
-            ufs_by_mount,
-            config.metadata_sync_interval.0,
-        )),
+        loader,
         workers: workers.clone(),
         locations: locations.clone(),
         deleted: deleted.clone(),
@@ -376,7 +381,7 @@ pub async fn start(mut config: MasterConfig) -> Result<RunningMaster, MasterErro
         in_process,
         shutdown: Some(tx),
         task,
-        background: vec![expiry, mount_setup],
+        background: vec![expiry, mount_setup, settler],
         mailbox,
         raft_thread: Some(raft_thread),
         raft_end,
