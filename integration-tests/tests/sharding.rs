@@ -238,10 +238,13 @@ fn one_namespace_over_three_shards_routers_and_failures() {
     assert!(!ufs.path().join(a).join("l").exists());
 
     // A shard added, and a prefix pinned to it, while the mounts run. A mount with the
-    // kernel's caches on (entries kept 300 s) drops a moved prefix's entry at once.
+    // kernel's caches on (entries kept 300 s) drops a moved prefix's entry at once, and
+    // the top-level names the new shard takes over by hash.
     let cached = s0
         .mount_on("cached", std::slice::from_ref(&router_addr), "")
         .unwrap();
+    assert_eq!(read_all(&cached.path, &files), Vec::<String>::new());
+    let top_names: Vec<String> = (0..TOP).map(|t| format!("t{t:02}")).collect();
     let before = shard_of(&cached.path.join("t05"));
     assert_ne!(before, 3);
     let s3 = group(ufs.path(), 3, 1, &shard0);
@@ -259,9 +262,34 @@ fn one_namespace_over_three_shards_routers_and_failures() {
         || std::fs::metadata(cached.path.join("t05")).is_ok_and(|m| m.ino() >> 48 == 3),
     )
     .unwrap();
+    let hashed_to_3: Vec<&String> = top_names
+        .iter()
+        .filter(|t| *t != "t05" && shard_of(&direct.path.join(t)) == 3)
+        .collect();
+    assert!(
+        !hashed_to_3.is_empty(),
+        "the new shard takes some names by hash"
+    );
+    wait_until(
+        "the caching mount to see the names shard 3 took over",
+        Duration::from_secs(10),
+        || {
+            hashed_to_3
+                .iter()
+                .all(|t| shard_of(&cached.path.join(t)) == 3)
+        },
+    )
+    .unwrap();
     assert_eq!(read_all(&cached.path, &files), Vec::<String>::new());
     assert_eq!(read_all(&direct.path, &files), Vec::<String>::new());
     assert_eq!(shard_of(&direct.path.join("t05/f1")), 3);
+    for t in &top_names {
+        std::fs::write(cached.path.join(t).join("new"), b"after the move").unwrap();
+        assert_eq!(
+            std::fs::read(direct.path.join(t).join("new")).unwrap(),
+            b"after the move"
+        );
+    }
 
     // A pinned prefix is like a mount point: neither renamed nor removed, whether it is
     // at the top, below a directory of another shard, or below one of its own shard.

@@ -70,6 +70,13 @@ pub trait MetadataService: Send + Sync {
         (0, Vec::new())
     }
 
+    /// The shard that owns namespace path `path` (absolute, not `/`) by the routing
+    /// table in use now; `None` for an unsharded service.
+    fn owner(&self, path: &[u8]) -> Option<u16> {
+        let _ = path;
+        None
+    }
+
     /// Makes inode `id`'s UFS object durable as it is now (fsync(2) of a file or a
     /// directory); a read-only service has nothing to make durable.
     fn sync(&self, id: u64) -> FsResult<()> {

@@ -367,6 +367,10 @@ impl MetadataService for ShardedMetadata {
         (table.version(), pins)
     }
 
+    fn owner(&self, path: &[u8]) -> Option<u16> {
+        Some(self.table().owner(path))
+    }
+
     fn lookup(&self, parent: u64, name: &[u8]) -> FsResult<Inode> {
         self.routed(|| {
             let (shard, parent) = self.place(parent, name);

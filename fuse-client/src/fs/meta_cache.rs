@@ -60,6 +60,15 @@ impl<K: Eq + Hash + Clone, V: Clone> MetaCache<K, V> {
         self.map.remove(key);
     }
 
+    /// The entries that still answer and match `keep`.
+    pub fn matching(&self, keep: impl Fn(&K, &V) -> bool) -> Vec<(K, V)> {
+        self.map
+            .iter()
+            .filter(|(k, (v, stored))| !self.expired(*stored) && keep(k, v))
+            .map(|(k, (v, _))| (k, v))
+            .collect()
+    }
+
     fn expired(&self, stored: Instant) -> bool {
         self.ttl.is_some_and(|ttl| stored.elapsed() >= ttl)
     }

@@ -63,6 +63,17 @@ struct DirStream {
     complete: bool,
 }
 
+/// The metadata cache's key of entry `name` in directory `parent`. Every shard has a
+/// root, and a top-level entry's inode names its own shard's as its parent; the kernel
+/// knows one root (shard 0's, the FUSE root).
+fn entry_key(parent: u64, name: &[u8]) -> (u64, Vec<u8>) {
+    let parent = match granary_common::ids::local_of(parent) {
+        granary_common::ids::ROOT_LOCAL_ID => granary_common::ids::root_inode(0),
+        _ => parent,
+    };
+    (parent, name.to_vec())
+}
+
 /// One entry of a directory stream. `offset` is what the kernel passes back to continue
 /// after this entry.
 #[derive(Debug, Clone)]
@@ -139,17 +150,20 @@ impl GranaryFs {
         }
     }
 
-    /// The entries (parent inode, name) of prefixes pinned to another shard (or
-    /// unpinned) since the mount started, dropped from this mount's caches: the kernel
-    /// must drop them too, or it would go on showing the old shard's directory (emptied
-    /// by the move) until its entry cache expired. A prefix whose parent cannot be looked
-    /// up now is tried again at the next call.
+    /// The entries (parent inode, name) of prefixes that moved to another shard since
+    /// the mount started (pinned or unpinned, or top-level names hashed elsewhere once a
+    /// shard was added), dropped from this mount's caches: the kernel must drop them too,
+    /// or it would go on showing the old shard's directory (emptied by the move) until its
+    /// entry cache expired. A prefix whose parent cannot be looked up now is tried again
+    /// at the next call.
     pub fn moved_prefixes(&self) -> Vec<(u64, Vec<u8>)> {
         let now = self.meta.pins();
+        let mut moved = Vec::new();
         let todo = {
             let mut guard = self.pins.lock().expect("pins lock");
             let (seen, pending) = &mut *guard;
             if now.0 != seen.0 {
+                moved = self.rehomed_top_level();
                 let (old, new) = (&seen.1, &now.1);
                 pending.extend(
                     new.iter()
@@ -161,7 +175,6 @@ impl GranaryFs {
             }
             std::mem::take(pending)
         };
-        let mut moved = Vec::new();
         let mut retry = Vec::new();
         for prefix in todo {
             let Some(cut) = prefix.iter().rposition(|&b| b == b'/') else {
@@ -186,6 +199,28 @@ impl GranaryFs {
         }
         self.pins.lock().expect("pins lock").1.extend(retry);
         moved
+    }
+
+    /// The top-level entries this mount caches whose inode is of a shard that no longer
+    /// owns the name, forgotten: a shard added (or one gone) places names anew.
+    fn rehomed_top_level(&self) -> Vec<(u64, Vec<u8>)> {
+        let root = granary_common::ids::root_inode(0);
+        let moved = self.entries.matching(|(parent, name), &id| {
+            let mut path = b"/".to_vec();
+            path.extend_from_slice(name);
+            *parent == root
+                && self
+                    .meta
+                    .owner(&path)
+                    .is_some_and(|owner| owner != granary_common::ids::shard_of(id))
+        });
+        moved
+            .into_iter()
+            .map(|((parent, name), _)| {
+                self.forget_entry(parent, &name);
+                (parent, name)
+            })
+            .collect()
     }
 
     /// The inode of a namespace path, looked up from the root component by component.
@@ -274,17 +309,17 @@ impl GranaryFs {
 
     fn forget_entry(&self, parent: u64, name: &[u8]) {
         self.dir_changed(parent);
-        if let Some(id) = self.entries.get(&(parent, name.to_vec())) {
+        if let Some(id) = self.entries.get(&entry_key(parent, name)) {
             self.attrs.invalidate(&id);
         }
-        self.entries.invalidate(&(parent, name.to_vec()));
+        self.entries.invalidate(&entry_key(parent, name));
     }
 
     fn remember(&self, inode: &Inode) {
         self.attrs.insert(inode.id, inode.clone());
         if inode.id != inode.parent {
             self.entries
-                .insert((inode.parent, inode.name.clone()), inode.id);
+                .insert(entry_key(inode.parent, &inode.name), inode.id);
         }
     }
 

@@ -6,7 +6,7 @@ use granary_protos::v1::{
     CreateRequest, FileKind, Inode, LinkRequest, RenameRequest, SetAttributes,
 };
 
-use super::{is_dir, DirEntry, DirStream, GranaryFs, SetAttr};
+use super::{entry_key, is_dir, DirEntry, DirStream, GranaryFs, SetAttr};
 use std::sync::{Arc, Mutex};
 
 /// Directory entries fetched per metadata call.
@@ -22,7 +22,7 @@ fn symlink_target(i: Inode) -> FsResult<Vec<u8>> {
 impl GranaryFs {
     pub fn lookup(&self, parent: u64, name: &[u8]) -> FsResult<Inode> {
         validate_name(name)?;
-        if let Some(id) = self.entries.get(&(parent, name.to_vec())) {
+        if let Some(id) = self.entries.get(&entry_key(parent, name)) {
             if self.attrs.contains_key(&id) {
                 return self.current(id);
             }
@@ -34,7 +34,7 @@ impl GranaryFs {
 
     /// [`Self::lookup`] if the mount's caches answer it without waiting.
     pub fn lookup_cached(&self, parent: u64, name: &[u8]) -> Option<Inode> {
-        self.cached(self.entries.get(&(parent, name.to_vec()))?)
+        self.cached(self.entries.get(&entry_key(parent, name))?)
     }
 
     pub fn getattr(&self, ino: u64) -> FsResult<Inode> {
@@ -201,7 +201,7 @@ impl GranaryFs {
     pub fn remove(&self, parent: u64, name: &[u8], directory: bool) -> FsResult<()> {
         self.writable()?;
         validate_name(name)?;
-        let victim = self.entries.get(&(parent, name.to_vec()));
+        let victim = self.entries.get(&entry_key(parent, name));
         let single = victim.is_some_and(|id| self.has_one_name(id));
         let kept = victim.filter(|&id| self.keep_for_descriptors(id, single));
         if let Err(e) = self.meta.remove(parent, name, directory) {
@@ -306,7 +306,7 @@ impl GranaryFs {
         self.writable()?;
         validate_name(name)?;
         validate_name(new_name)?;
-        let replaced = self.entries.get(&(new_parent, new_name.to_vec()));
+        let replaced = self.entries.get(&entry_key(new_parent, new_name));
         let single = replaced.is_some_and(|id| self.has_one_name(id));
         let kept = replaced.filter(|&id| self.keep_for_descriptors(id, single));
         // Whether the replaced entry is a directory (None: not known here).
