@@ -46,12 +46,35 @@ async fn blocking<T: Send + 'static>(
         .map_err(|e| FsError::io_from(format!("{what} task: {e}"), e))?
 }
 
-/// Runs blocking UFS work off the async runtime.
+/// How long a namespace change waits on the UFS before the master says so.
+const SLOW_UFS: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// Runs blocking UFS work off the async runtime. A slow or failing UFS is logged here:
+/// clients only see their call time out or fail.
 async fn ufs_call<T: Send + 'static>(
     ufs: Arc<dyn Ufs>,
     f: impl FnOnce(&dyn Ufs) -> FsResult<T> + Send + 'static,
 ) -> FsResult<T> {
-    blocking("UFS", move || f(ufs.as_ref())).await
+    let uri = ufs.uri().to_string();
+    let call = blocking("UFS", move || f(ufs.as_ref()));
+    tokio::pin!(call);
+    let slow = tokio::select! {
+        r = &mut call => Err(r),
+        _ = tokio::time::sleep(SLOW_UFS) => Ok(()),
+    };
+    let r = match slow {
+        Err(r) => r,
+        Ok(()) => {
+            tracing::warn!(ufs = %uri, "a namespace change has waited {SLOW_UFS:?} on the UFS (clients give up after their retry_deadline_ms)");
+            call.await
+        }
+    };
+    if let Err(e) = &r {
+        if crate::unsettled::uncertain(e) {
+            tracing::warn!(ufs = %uri, error = %e, "a namespace change failed in the UFS");
+        }
+    }
+    r
 }
 
 /// What happens to an inode's UFS object when one of its names goes.

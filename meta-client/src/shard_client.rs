@@ -393,12 +393,19 @@ impl GrpcMetadataClient {
             attempt += 1;
             if start.elapsed() >= self.deadline {
                 metrics::counter!("granary_client_metadata_failures_total").increment(1);
+                // A master that took the call and never answered it (a leader waiting on
+                // a stalled UFS) is not one out of reach.
+                let state = match &err {
+                    FsError::TimedOut(_) => "answered no call in time",
+                    e if e.to_string().contains("Timeout expired") => "answered no call in time",
+                    _ => "unreachable",
+                };
                 tracing::error!(
                     shard = self.shard,
                     masters = ?self.masters(),
                     op = what,
                     attempts = attempt,
-                    "shard {} unreachable for {:?}: {err}; failing with EIO",
+                    "shard {} {state} for {:?}: {err}; failing with EIO",
                     self.shard,
                     start.elapsed()
                 );
