@@ -31,10 +31,15 @@ struct Member {
     /// When a call to it last failed (ms since `EPOCH`; 0: never). A member that fails
     /// fast has no calls in flight and would otherwise be picked first every time.
     failed_at: Arc<AtomicU64>,
+    /// When its last failure was logged (as `failed_at`): a member down fails the first
+    /// try of every call, which would otherwise log once per call.
+    warned_at: Arc<AtomicU64>,
 }
 
 /// How long a member that failed is passed over while another one is there.
 const FAILED_PASS_OVER: Duration = Duration::from_secs(1);
+/// How often one member's failures are logged at most.
+const WARN_EVERY_MS: u64 = 30_000;
 
 static EPOCH: std::sync::LazyLock<Instant> = std::sync::LazyLock::new(Instant::now);
 
@@ -158,6 +163,7 @@ impl GrpcMetadataClient {
             addr: addr.to_string(),
             outstanding: Arc::new(AtomicUsize::new(0)),
             failed_at: Arc::new(AtomicU64::new(0)),
+            warned_at: Arc::new(AtomicU64::new(0)),
         })
     }
 
@@ -386,9 +392,17 @@ impl GrpcMetadataClient {
             if !err.is_retryable() {
                 return Err(err);
             }
+            let mut news = false;
             if hint.is_none() {
                 // Not a redirect to the leader: this member could not serve the call.
-                member.failed_at.store(now_ms(), Ordering::Relaxed);
+                let now = now_ms();
+                member.failed_at.store(now, Ordering::Relaxed);
+                let warned = member.warned_at.load(Ordering::Relaxed);
+                news = (warned == 0 || now - warned >= WARN_EVERY_MS)
+                    && member
+                        .warned_at
+                        .compare_exchange(warned, now, Ordering::Relaxed, Ordering::Relaxed)
+                        .is_ok();
             }
             attempt += 1;
             if start.elapsed() >= self.deadline {
@@ -414,7 +428,7 @@ impl GrpcMetadataClient {
                     self.shard
                 )));
             }
-            if attempt == 1 {
+            if news {
                 tracing::warn!(shard = self.shard, master = %member.addr, op = what, "metadata call failed, retrying: {err}");
             }
             // Every member tried once: back off before the next round.
