@@ -161,7 +161,13 @@ async fn shard(id: u32, masters: &[String], token: &str) -> ShardReport {
             None => m.role = "unknown".into(),
         }
         if let Some(l) = &leader_view {
-            if let Some(progress) = l.peers.iter().find(|q| q.id == p.id && q.progress_known) {
+            // A member that has not answered this leader yet (down, or it just took
+            // over) has no progress known to it: its lag is unknown, not the whole log.
+            if let Some(progress) = l
+                .peers
+                .iter()
+                .find(|q| q.id == p.id && q.progress_known && q.answered)
+            {
                 m.replication_lag = Some(l.commit.saturating_sub(progress.matched));
             }
         }
