@@ -54,9 +54,13 @@ impl Interceptor for AttachToken {
         if let Some(v) = &self.value {
             req.metadata_mut().insert(TOKEN_METADATA_KEY, v.clone());
         }
+        // A call may ask for its own (a read that must be linearizable whatever the
+        // client's default).
         if let Some(v) = &self.consistency {
-            req.metadata_mut()
-                .insert(CONSISTENCY_METADATA_KEY, v.clone());
+            if !req.metadata().contains_key(CONSISTENCY_METADATA_KEY) {
+                req.metadata_mut()
+                    .insert(CONSISTENCY_METADATA_KEY, v.clone());
+            }
         }
         if let Some(version) = &self.routing {
             let v = version.load(Ordering::Relaxed);

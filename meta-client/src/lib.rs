@@ -19,6 +19,11 @@ pub type Pins = (u64, Vec<(Vec<u8>, u16)>);
 pub trait MetadataService: Send + Sync {
     fn lookup(&self, parent: u64, name: &[u8]) -> FsResult<Inode>;
     fn getattr(&self, id: u64) -> FsResult<Inode>;
+    /// [`Self::getattr`] as of now, whatever reads the client is set up for (a writer's
+    /// commit must not store under a path a stale member still has).
+    fn getattr_latest(&self, id: u64) -> FsResult<Inode> {
+        self.getattr(id)
+    }
     /// One page of a directory, after `start_after`; the flag says whether more remain.
     fn readdir(&self, id: u64, start_after: &[u8], limit: u32) -> FsResult<(Vec<Inode>, bool)>;
     fn workers(&self) -> FsResult<Vec<WorkerInfo>>;

@@ -398,7 +398,7 @@ impl GrpcMetadataClient {
                 let now = now_ms();
                 member.failed_at.store(now, Ordering::Relaxed);
                 let warned = member.warned_at.load(Ordering::Relaxed);
-                news = (warned == 0 || now - warned >= WARN_EVERY_MS)
+                news = (warned == 0 || now.saturating_sub(warned) >= WARN_EVERY_MS)
                     && member
                         .warned_at
                         .compare_exchange(warned, now, Ordering::Relaxed, Ordering::Relaxed)
@@ -459,6 +459,20 @@ impl MetadataService for GrpcMetadataClient {
     fn getattr(&self, id: u64) -> FsResult<Inode> {
         inode(self.call("getattr", true, |mut c| async move {
             c.get_attr(GetAttrRequest { id }).await
+        })?)
+    }
+
+    fn getattr_latest(&self, id: u64) -> FsResult<Inode> {
+        inode(self.call("getattr", true, |mut c| async move {
+            let mut req = tonic::Request::new(GetAttrRequest { id });
+            req.metadata_mut().insert(
+                granary_common::auth::CONSISTENCY_METADATA_KEY,
+                ReadConsistency::Linearizable
+                    .to_string()
+                    .parse()
+                    .expect("an ASCII name"),
+            );
+            c.get_attr(req).await
         })?)
     }
 

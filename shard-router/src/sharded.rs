@@ -382,6 +382,10 @@ impl MetadataService for ShardedMetadata {
         self.shard(shard_of(id))?.getattr(id)
     }
 
+    fn getattr_latest(&self, id: u64) -> FsResult<Inode> {
+        self.shard(shard_of(id))?.getattr_latest(id)
+    }
+
     fn resolve_path(&self, path: &[u8]) -> FsResult<Inode> {
         self.routed(|| {
             let owner = match path {

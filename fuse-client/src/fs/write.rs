@@ -169,7 +169,7 @@ impl GranaryFs {
         self.backing_for(ino, st, st.size)?;
         // Its UFS path as the namespace has it now: a rename of a directory above it
         // (through any mount) moved it, and this mount's cached copy names the old place.
-        let inode = match self.meta.getattr(ino) {
+        let inode = match self.meta.getattr_latest(ino) {
             Ok(inode) => inode,
             // Its last name went through another mount: as for a file unlinked here, what
             // its descriptors write goes when they close.
