@@ -275,10 +275,11 @@ pub async fn start(mut config: MasterConfig) -> Result<RunningMaster, MasterErro
         ufs_by_mount,
         config.metadata_sync_interval.0,
     ));
-    let leads = raft.clone();
-    let settler = tokio::spawn(crate::unsettled::settle(loader.clone(), move || {
-        leads.leader_caught_up()
-    }));
+    let settler = tokio::spawn(crate::unsettled::settle(
+        loader.clone(),
+        raft.clone(),
+        leader_clients.clone(),
+    ));
     let service = MasterService {
         store: store.clone(),
         raft: raft.clone(),

@@ -195,7 +195,10 @@ impl MasterService {
         }
         let index = self
             .leader_client()?
-            .ensure_loaded(EnsureLoadedRequest { dir_id: dir.id })
+            .ensure_loaded(EnsureLoadedRequest {
+                dir_id: dir.id,
+                relist: false,
+            })
             .await?
             .into_inner()
             .index;

@@ -2,17 +2,21 @@
 //! the UFS, then commits; when it stops in between with an outcome the UFS may still
 //! carry out (a request that timed out reaches the store later, a commit lost with the
 //! leadership, a caller gone mid-way, which drops the call), its directories are listed
-//! again on the leader once the UFS answers, so the namespace follows what the UFS has
-//! instead of showing a name that no longer exists there.
+//! again by the leader once the UFS answers, so the namespace follows what the UFS has
+//! instead of showing a name that no longer exists there. The marks are this member's:
+//! one that stops leading has the new leader list them, one that crashes loses them
+//! (the client's retry, or the next listing, settles those).
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use granary_common::FsError;
+use granary_common::{FsError, FsResult};
+use granary_protos::v1::{EnsureLoadedRequest, Inode};
 
-use crate::command_log::CommandLog;
+use crate::leader_clients::LeaderClients;
 use crate::loader::MetadataLoader;
+use crate::raft::RaftLog;
 
 /// How long after a change of unknown outcome its directory is first listed again: a
 /// request the UFS was slow to answer may still be carried out meanwhile.
@@ -125,20 +129,24 @@ impl Drop for Unsettling<'_> {
     }
 }
 
-/// On the leader: lists each unsettled directory again when due.
-pub async fn settle<L: CommandLog>(
-    loader: Arc<MetadataLoader<L>>,
-    leads: impl Fn() -> bool + Send + 'static,
+/// Lists each unsettled directory again when due: on the leader itself, once the UFS
+/// answers (asked first without a turn, so a stalled UFS does not hold every mutation
+/// back); a member no longer leading asks the leader to.
+pub async fn settle(
+    loader: Arc<MetadataLoader<RaftLog>>,
+    raft: RaftLog,
+    leader: Arc<LeaderClients>,
 ) {
     let mut tick = tokio::time::interval(Duration::from_secs(1));
     loop {
         tick.tick().await;
-        if loader.unsettled.is_empty() || !leads() {
+        if loader.unsettled.is_empty() {
             continue;
         }
         for dir in loader.unsettled.due() {
             let listed = match loader.store().get(dir) {
-                Ok(inode) => loader.refresh(&inode).await.map(|_| ()),
+                Ok(inode) if raft.leader_caught_up() => relist_here(&loader, inode).await,
+                Ok(_) => relist_at_leader(&raft, &leader, dir).await,
                 // Gone from the namespace since: nothing to list.
                 Err(FsError::NotFound(_)) => Ok(()),
                 Err(e) => Err(e),
@@ -155,6 +163,32 @@ pub async fn settle<L: CommandLog>(
             loader.unsettled.listed(dir, listed.is_ok());
         }
     }
+}
+
+async fn relist_here(loader: &MetadataLoader<RaftLog>, dir: Inode) -> FsResult<()> {
+    let ufs = loader.ufs(dir.mount_id)?;
+    let path = dir.ufs_path.clone();
+    let answers = tokio::task::spawn_blocking(move || ufs.stat(&path))
+        .await
+        .map_err(|e| FsError::io_from(format!("UFS task: {e}"), e))?;
+    match answers {
+        Ok(_) => loader.refresh(&dir).await.map(|_| ()),
+        // Not in the UFS any more: its parent's next listing takes it away.
+        Err(FsError::NotFound(_)) => Ok(()),
+        Err(e) => Err(e),
+    }
+}
+
+async fn relist_at_leader(raft: &RaftLog, leader: &LeaderClients, dir: u64) -> FsResult<()> {
+    let mut client = leader.leader(raft).map_err(FsError::from)?;
+    client
+        .ensure_loaded(EnsureLoadedRequest {
+            dir_id: dir,
+            relist: true,
+        })
+        .await
+        .map(|_| ())
+        .map_err(FsError::from)
 }
 
 #[cfg(test)]

@@ -32,8 +32,12 @@ impl Peer for MasterService {
     ) -> Result<Response<ReadIndexReply>, Status> {
         count("ensure_loaded");
         self.leader_ready().await?;
-        let dir = self.store.get(req.into_inner().dir_id)?;
-        self.loader.ensure_loaded(&dir).await?;
+        let r = req.into_inner();
+        let dir = self.store.get(r.dir_id)?;
+        match r.relist {
+            true => self.loader.refresh(&dir).await?,
+            false => self.loader.ensure_loaded(&dir).await?,
+        };
         Ok(Response::new(ReadIndexReply {
             index: self.raft.applied_index(),
         }))
