@@ -155,10 +155,13 @@ fn place(
                 Err(FsError::NotFound(_)) => return Ok(()),
                 Err(e) => return Err(e),
             };
-            // Only the replaced entry's own object goes: a retry of a rename whose first
-            // try moved the object but lost its answer (a failover) finds the moving
-            // entry's there.
-            if !is_object_of(&o, replaced) || moving.is_some_and(|m| is_object_of(&o, m)) {
+            // An entry with an object of its own whose object is gone from `from`: a
+            // retry of a rename whose first try moved it here but lost its answer (a
+            // failover). What is at `to` is the moving entry's own (on S3 a copy, with a
+            // new mtime), never to be removed.
+            let moved_already =
+                moving.is_some_and(|m| m.fingerprint.is_some() || m.kind != FileKind::File as i32);
+            if moved_already || !is_object_of(&o, replaced) {
                 return Ok(());
             }
             let dir = replaced.kind == FileKind::Directory as i32;
@@ -574,7 +577,13 @@ impl MasterService {
     /// fsync(2) through a mount: the inode's UFS object as it is now becomes durable (its
     /// namespace record is durable already: in the Raft log).
     pub(crate) async fn sync_object(&self, id: u64) -> FsResult<()> {
-        let inode = self.store.get(id)?;
+        let inode = match self.store.get(id) {
+            Ok(inode) => inode,
+            // Removed meanwhile (through another mount): fsync(2) of a descriptor of an
+            // unlinked file has nothing to make durable.
+            Err(FsError::NotFound(_)) => return Ok(()),
+            Err(e) => return Err(e),
+        };
         if is_special(inode.kind) {
             return Ok(());
         }
@@ -641,8 +650,25 @@ mod tests {
         );
         place(&ufs, Some(&new), b"ckpt.tmp", b"ckpt", Some(&old)).unwrap();
         assert_eq!(read("ckpt").as_deref(), Some(&b"new checkpoint"[..]));
-        // The same rename again (its answer was lost): the object is already in place.
+        // The same rename again (its answer was lost): the object is already in place,
+        // even where the move changed its version (S3 copies).
         place(&ufs, Some(&new), b"ckpt.tmp", b"ckpt", Some(&old)).unwrap();
+        assert_eq!(read("ckpt").as_deref(), Some(&b"new checkpoint"[..]));
+        let copied = std::fs::File::options()
+            .write(true)
+            .open(dir.path().join("ckpt"))
+            .unwrap();
+        copied
+            .set_modified(std::time::SystemTime::now() + std::time::Duration::from_secs(5))
+            .unwrap();
+        let same_bytes = Inode {
+            fingerprint: new.fingerprint.map(|mut f| {
+                f.mtime_ns = 7;
+                f
+            }),
+            ..new.clone()
+        };
+        place(&ufs, Some(&new), b"ckpt.tmp", b"ckpt", Some(&same_bytes)).unwrap();
         assert_eq!(read("ckpt").as_deref(), Some(&b"new checkpoint"[..]));
 
         // A file never uploaded replaces one that was: the old object goes.
@@ -650,7 +676,8 @@ mod tests {
             kind: FileKind::File as i32,
             ..Default::default()
         };
-        place(&ufs, Some(&unsent), b"fresh", b"ckpt", Some(&new)).unwrap();
+        let stored = inode(FileKind::File, b"ckpt");
+        place(&ufs, Some(&unsent), b"fresh", b"ckpt", Some(&stored)).unwrap();
         assert_eq!(read("ckpt"), None);
         // A hard link's other name replacing a file: nothing of its own moves.
         file("target", b"replaced");
