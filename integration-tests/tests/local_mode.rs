@@ -8,7 +8,8 @@ use std::process::Command;
 use std::time::Duration;
 
 use granary_integration_tests::{
-    bin, force_unmount, free_port, is_mounted, listing, run_to_exit, wait_until, Proc,
+    bin, force_unmount, free_port, is_mounted, listing, run_to_exit, scrape_counter, wait_until,
+    Proc,
 };
 
 /// A running `granary local`, stopped (SIGTERM, then unmounted whatever happens) on drop.
@@ -45,12 +46,11 @@ fn command_over(ufs: &Path, dir: &Path, port: u16, config: &str) -> Command {
 
 impl Local {
     fn start(dir: &Path, port: u16, config: &str) -> Local {
-        let proc = Proc::spawn(
-            "granary local",
-            command(dir, port, config),
-            dir.join("local.log"),
-        )
-        .unwrap();
+        Self::start_with(dir, command(dir, port, config))
+    }
+
+    fn start_with(dir: &Path, cmd: Command) -> Local {
+        let proc = Proc::spawn("granary local", cmd, dir.join("local.log")).unwrap();
         let local = Local {
             proc,
             mnt: dir.join("mnt"),
@@ -219,4 +219,42 @@ fn a_state_dir_kept_for_another_ufs_is_refused_naming_the_flags() {
         "{err}"
     );
     assert!(!is_mounted(&dir.path().join("mnt")));
+}
+
+#[test]
+fn fsync_of_a_directory_or_of_a_descriptor_with_nothing_staged_reaches_the_ufs() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::create_dir(dir.path().join("ufs")).unwrap();
+    let metrics = free_port();
+    let mut cmd = command(dir.path(), free_port(), "");
+    cmd.arg("--metrics-listen")
+        .arg(format!("127.0.0.1:{metrics}"));
+    let local = Local::start_with(dir.path(), cmd);
+    let syncs = || scrape_counter(metrics, "granary_master_rpc_total{method=\"sync\"}").unwrap();
+    std::fs::create_dir(local.path("ckpt")).unwrap();
+    std::fs::write(local.path("ckpt/step.tmp"), b"weights").unwrap();
+    std::fs::rename(local.path("ckpt/step.tmp"), local.path("ckpt/step")).unwrap();
+    assert_eq!(syncs(), 0.0);
+
+    // The checkpoint pattern: the rename made durable by an fsync of its directory.
+    std::fs::File::open(local.path("ckpt"))
+        .unwrap()
+        .sync_all()
+        .unwrap();
+    assert_eq!(syncs(), 1.0);
+    // `sync FILE`: a read-only descriptor of a file written and closed.
+    std::fs::File::open(local.path("ckpt/step"))
+        .unwrap()
+        .sync_all()
+        .unwrap();
+    assert_eq!(syncs(), 2.0);
+    // A writer's own fsync stores its bytes durably: no second call.
+    let mut f = std::fs::File::create(local.path("ckpt/log")).unwrap();
+    std::io::Write::write_all(&mut f, b"step 1").unwrap();
+    f.sync_all().unwrap();
+    assert_eq!(syncs(), 2.0);
+    assert_eq!(
+        std::fs::read(dir.path().join("ufs/ckpt/log")).unwrap(),
+        b"step 1"
+    );
 }
