@@ -11,6 +11,7 @@ use granary_common::path::{components, validate_name};
 use granary_common::FsError;
 use granary_protos::v1::*;
 use granary_protos::LEADER_METADATA_KEY;
+use granary_shard_router::child_path;
 use tonic::{Request, Status};
 
 use crate::block_locations::BlockLocations;
@@ -213,9 +214,27 @@ impl MasterService {
             return Err(FsError::NotDir(String::from_utf8_lossy(&dir.name).into_owned()).into());
         }
         let dir = self.loaded(dir).await?;
-        self.store
-            .lookup(dir.id, name)?
-            .ok_or_else(|| FsError::NotFound(String::from_utf8_lossy(name).into_owned()).into())
+        match self.store.lookup(dir.id, name)? {
+            Some(found) => Ok(found),
+            None => Err(self.missing(&dir, name).into()),
+        }
+    }
+
+    /// The error for `name` missing from `dir`: ESTALE where the name belongs to another
+    /// shard by the routing table (a client walking a path through this shard's copy of
+    /// a directory that moved: the kernel walks the path again, from fresh lookups),
+    /// ENOENT otherwise.
+    fn missing(&self, dir: &Inode, name: &[u8]) -> FsError {
+        let shown = String::from_utf8_lossy(name).into_owned();
+        let moved = self.store.routing_table().ok().flatten().and_then(|table| {
+            let path = child_path(&self.store.path_of(dir.id).ok()?, name);
+            let owner = table.owner(&path);
+            (owner != self.store.shard()).then_some(owner)
+        });
+        match moved {
+            Some(owner) => FsError::Stale(format!("{shown} is served by shard {owner} now")),
+            None => FsError::NotFound(shown),
+        }
     }
 
     pub(crate) async fn resolve(&self, path: &[u8]) -> Result<Inode, Status> {
