@@ -53,6 +53,9 @@ pub struct ReadState {
     locations: Option<HashMap<u32, Vec<String>>>,
     /// The block the last short-circuit read was in.
     last_local: Option<u32>,
+    /// Why every read of this state fails: it served bytes of a version that changed
+    /// in the UFS meanwhile (see [`ReadState::served`]).
+    pub stale: Option<String>,
 }
 
 impl ReadState {
@@ -61,6 +64,12 @@ impl ReadState {
     pub fn trim(&mut self) {
         let last = self.last_local;
         self.local_files.retain(|&index, _| Some(index) == last);
+    }
+
+    /// Whether this state has returned any bytes: a reader of it has seen its version,
+    /// and must not be handed another's bytes after them.
+    pub fn served(&self) -> bool {
+        self.last_end > 0
     }
 
     /// Whether a read at `offset` continues this state's last read (or it is fresh).

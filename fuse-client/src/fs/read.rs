@@ -95,13 +95,21 @@ impl GranaryFs {
         })?;
         let version = inode.fingerprint.unwrap_or_default();
         let mut state = self.unopened.take(ino, version, offset);
+        // A state that failed its reader once goes: with no handle, a later read that
+        // continues where it ended is as likely another reader's.
+        let failed_before = state.stale.is_some();
         let read = self.read_with(ino, &mut inode, &mut state, offset, size);
-        self.unopened
-            .put(ino, inode.fingerprint.unwrap_or_default(), state);
+        if !failed_before {
+            self.unopened
+                .put(ino, inode.fingerprint.unwrap_or_default(), state);
+        }
         read
     }
 
-    /// Reads `inode` (replaced, with `state`, when it changed in the UFS meanwhile).
+    /// Reads `inode` (replaced, with `state`, when it changed in the UFS meanwhile). A
+    /// state that has served bytes of the old version fails with ESTALE instead: its
+    /// reader would get the new version's bytes after the old one's (blocks of the old
+    /// one still cached, the rest of the new). Read again, the file is the new version.
     fn read_with(
         &self,
         ino: u64,
@@ -110,14 +118,25 @@ impl GranaryFs {
         offset: u64,
         size: u32,
     ) -> FsResult<Vec<u8>> {
+        if let Some(why) = &state.stale {
+            return Err(FsError::Stale(why.clone()));
+        }
         if offset >= inode.size || size == 0 {
             return Ok(Vec::new());
         }
         match self.reader.read(inode, state, offset, size) {
             Err(FsError::Stale(why)) => {
+                let served = state.served();
                 *inode = self.after_stale(ino, inode, &why)?;
-                *state = ReadState::default();
                 Self::mark_changed();
+                if served {
+                    // Every later read too: the kernel retries a failed readahead as
+                    // a plain read, which must not get the new version's bytes either.
+                    let why = format!("{why}; it changed while being read: open it again");
+                    state.stale = Some(why.clone());
+                    return Err(FsError::Stale(why));
+                }
+                *state = ReadState::default();
                 if offset >= inode.size {
                     return Ok(Vec::new());
                 }
