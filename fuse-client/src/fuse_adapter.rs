@@ -70,6 +70,18 @@ impl Handlers {
     }
 }
 
+/// An inode the namespace no longer has, asked for by its number (OPEN, GETATTR): the
+/// kernel found it by a name that was renamed over or removed meanwhile (through any
+/// mount). ESTALE has it walk the path again from fresh lookups, which find what the
+/// name is now, as a local filesystem's open(2) of a name renamed over would; a name
+/// that is gone still ends in ENOENT.
+fn gone_is_stale(e: FsError) -> FsError {
+    match e {
+        FsError::NotFound(why) => FsError::Stale(why),
+        e => e,
+    }
+}
+
 pub struct FuseAdapter {
     handlers: Arc<Handlers>,
     offload: Offload,
@@ -237,7 +249,7 @@ impl Handlers {
                     attr.nlink = 0;
                     reply.attr(&Duration::ZERO, &attr)
                 }
-                None => reply.error(errno("getattr", &FsError::NotFound(why))),
+                None => reply.error(errno("getattr", &gone_is_stale(FsError::NotFound(why)))),
             },
             Err(e) => reply.error(errno("getattr", &e)),
         }
@@ -252,7 +264,7 @@ impl Handlers {
     ) {
         let (fh, unchanged) = match r {
             Ok(x) => x,
-            Err(e) => return reply.error(errno("open", &e)),
+            Err(e) => return reply.error(errno("open", &gone_is_stale(e))),
         };
         metrics::counter!("granary_client_opens_total").increment(1);
         let mode = OpenMode::for_open(flags, self.opts.keep_cache, unchanged);

@@ -393,3 +393,35 @@ fn a_file_open_across_a_rename_of_its_directory_is_stored_under_the_new_name() {
         b"loss 9\nloss 3\n"
     );
 }
+
+#[test]
+fn a_name_renamed_over_again_and_again_always_opens() {
+    let ufs = tempfile::tempdir().unwrap();
+    let c = cluster(ufs.path());
+    let m = c.mount("m", "").unwrap();
+    let (latest, tmp) = (m.path.join("latest"), m.path.join("latest.tmp"));
+    std::fs::write(&latest, b"v0").unwrap();
+    let done = std::sync::atomic::AtomicBool::new(false);
+    let failures = std::thread::scope(|s| {
+        s.spawn(|| {
+            for i in 1..=200 {
+                std::fs::write(&tmp, format!("v{i}")).unwrap();
+                std::fs::rename(&tmp, &latest).unwrap();
+            }
+            done.store(true, std::sync::atomic::Ordering::Relaxed);
+        });
+        let reader = s.spawn(|| {
+            let mut failures = Vec::new();
+            while !done.load(std::sync::atomic::Ordering::Relaxed) {
+                match std::fs::read(&latest) {
+                    Ok(v) if v.starts_with(b"v") => {}
+                    other => failures.push(format!("{other:?}")),
+                }
+            }
+            failures
+        });
+        reader.join().unwrap()
+    });
+    assert!(failures.is_empty(), "{} failed: {:?}", failures.len(), &failures[..1]);
+    assert_eq!(std::fs::read(&latest).unwrap(), b"v200");
+}
