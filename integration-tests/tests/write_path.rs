@@ -422,6 +422,11 @@ fn a_name_renamed_over_again_and_again_always_opens() {
         });
         reader.join().unwrap()
     });
-    assert!(failures.is_empty(), "{} failed: {:?}", failures.len(), &failures[..1]);
+    assert!(
+        failures.is_empty(),
+        "{} failed: {:?}",
+        failures.len(),
+        &failures[..1]
+    );
     assert_eq!(std::fs::read(&latest).unwrap(), b"v200");
 }

@@ -261,8 +261,12 @@ fn load_directory(t: &mut Tables<'_>, l: &LoadDirectory) -> Result<FsResult<()>,
             None => None,
         };
         if let Some(old) = &old {
-            // A directory that became a referral (or stopped being one) is replaced.
-            let same = old.kind == e.kind && old.referral == e.referral;
+            // A directory that became a referral (or stopped being one) is replaced, and
+            // so is a symlink pointing elsewhere: a new inode, since the kernel keeps a
+            // symlink's target for as long as it keeps its inode.
+            let same = old.kind == e.kind
+                && old.referral == e.referral
+                && (old.kind != FileKind::Symlink as i32 || old.symlink_target == e.symlink_target);
             if !same && crate::links::is_primary(old, dir.id, &e.name) {
                 doomed.push((e.name.clone(), old.id));
             }
@@ -827,6 +831,39 @@ pub(crate) mod tests {
         let r = apply_batch(&s, &[LogEntry::command(5, 1, load(12345, vec![]))]).unwrap();
         assert_eq!(r[0].as_ref().unwrap_err().errno(), libc::ENOENT);
         assert_eq!(s.applied().unwrap().0, 5);
+    }
+
+    #[test]
+    fn a_symlink_pointing_elsewhere_is_a_new_inode() {
+        let tmp = tempfile::tempdir().unwrap();
+        let s = NamespaceStore::open(&tmp.path().join("s.redb"), 0).unwrap();
+        let root = s.root_id();
+        let link = |target: &str| UfsEntry {
+            symlink_target: target.as_bytes().to_vec(),
+            ..entry("latest", FileKind::Symlink, target.len() as u64)
+        };
+        apply_batch(&s, &[LogEntry::command(1, 1, mount())]).unwrap();
+        apply_batch(
+            &s,
+            &[LogEntry::command(2, 1, load(root, vec![link("run-1")]))],
+        )
+        .unwrap();
+        let before = s.lookup(root, b"latest").unwrap().unwrap();
+        apply_batch(
+            &s,
+            &[LogEntry::command(3, 1, load(root, vec![link("run-1")]))],
+        )
+        .unwrap();
+        assert_eq!(s.lookup(root, b"latest").unwrap().unwrap().id, before.id);
+        apply_batch(
+            &s,
+            &[LogEntry::command(4, 1, load(root, vec![link("run-2")]))],
+        )
+        .unwrap();
+        let after = s.lookup(root, b"latest").unwrap().unwrap();
+        assert_ne!(after.id, before.id);
+        assert_eq!(after.symlink_target, b"run-2");
+        assert!(s.get(before.id).is_err());
     }
 
     #[test]
