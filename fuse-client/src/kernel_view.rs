@@ -5,6 +5,7 @@
 
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
+use granary_common::ufs::permissions;
 use granary_protos::v1::{FileKind, Inode};
 
 /// A file's attributes as the kernel shows them.
@@ -53,12 +54,8 @@ impl Attributes {
         let mtime = time(i.mtime_ns);
         // Loaded from a UFS that keeps no access or change time: they are the mtime.
         let or_mtime = |ns: i64| if ns == 0 { mtime } else { time(ns) };
-        // A UFS without modes (object stores) gives 0: the usual defaults.
-        let perm = match i.mode & 0o7777 {
-            0 if dir => 0o755,
-            0 => 0o644,
-            p => p,
-        };
+        // A UFS without modes (object stores): the usual defaults.
+        let perm = permissions(i.mode, if dir { 0o755 } else { 0o644 });
         Attributes {
             ino: i.id,
             kind,
@@ -145,6 +142,15 @@ mod tests {
 
         let dir = Attributes::of(&inode(FileKind::Directory), OwnerOverride::default());
         assert_eq!((dir.perm, dir.nlink), (0o755, 2));
+        // No permission bits at all, known as such (chmod 000), are not the defaults.
+        let mut closed = inode(FileKind::File);
+        closed.mode = granary_common::ufs::MODE_KNOWN;
+        assert_eq!(Attributes::of(&closed, OwnerOverride::default()).perm, 0);
+        closed.mode |= 0o640;
+        assert_eq!(
+            Attributes::of(&closed, OwnerOverride::default()).perm,
+            0o640
+        );
         let mut parent = inode(FileKind::Directory);
         parent.subdirs = 3;
         assert_eq!(Attributes::of(&parent, OwnerOverride::default()).nlink, 5);

@@ -177,3 +177,27 @@ fn drop_page_cache(path: &std::path::Path) {
     // SAFETY: an open descriptor; the call only drops clean cached pages.
     unsafe { libc::posix_fadvise(f.as_raw_fd(), 0, 0, libc::POSIX_FADV_DONTNEED) };
 }
+
+#[test]
+fn modes_listed_from_the_ufs_are_kept_even_when_none_is_set() {
+    use std::os::unix::fs::PermissionsExt;
+    let ufs = tempfile::tempdir().unwrap();
+    for (name, mode) in [("closed", 0), ("private", 0o600)] {
+        let p = ufs.path().join(name);
+        std::fs::write(&p, b"secret").unwrap();
+        std::fs::set_permissions(&p, std::fs::Permissions::from_mode(mode)).unwrap();
+    }
+    let c = Cluster::start(&MasterSpec {
+        ufs: ufs.path().to_path_buf(),
+        ..Default::default()
+    })
+    .unwrap();
+    let m = c.mount("mnt", "").unwrap();
+    for (name, mode) in [("closed", 0), ("private", 0o600)] {
+        let seen = std::fs::metadata(m.path.join(name))
+            .unwrap()
+            .permissions()
+            .mode();
+        assert_eq!(seen & 0o7777, mode, "{name}");
+    }
+}

@@ -6,6 +6,7 @@ use std::collections::BTreeMap;
 
 use granary_common::ids::{inode_id, root_inode};
 use granary_common::path::{join, validate_name};
+use granary_common::ufs::MODE_KNOWN;
 use granary_common::{FsError, FsResult};
 use granary_protos::v1::{
     command, Command, CommitContent, CreateInode, FileKind, Inode, LoadDirectory, MasterSet,
@@ -403,7 +404,7 @@ fn create_inode(t: &mut Tables<'_>, c: &CreateInode) -> Result<FsResult<()>, Sto
         name: c.name.clone(),
         kind: c.kind,
         size: c.symlink_target.len() as u64,
-        mode: c.mode & 0o7777,
+        mode: c.mode & 0o7777 | MODE_KNOWN,
         uid: c.uid,
         gid: c.gid,
         mtime_ns: c.mtime_ns,
@@ -633,7 +634,7 @@ fn set_attributes(t: &mut Tables<'_>, a: &SetAttributes) -> Result<FsResult<()>,
         return Ok(Err(FsError::NotFound(format!("inode {:#x}", a.id))));
     };
     if let Some(mode) = a.mode {
-        inode.mode = mode & 0o7777;
+        inode.mode = mode & 0o7777 | MODE_KNOWN;
     }
     if let Some(uid) = a.uid {
         inode.uid = uid;

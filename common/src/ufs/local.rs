@@ -11,7 +11,7 @@ use std::os::unix::fs::FileExt;
 use std::os::unix::fs::MetadataExt;
 use std::path::PathBuf;
 
-use super::{ObjectKind, Ufs, UfsObject, UfsUpload, UPLOAD_PREFIX};
+use super::{ObjectKind, Ufs, UfsObject, UfsUpload, MODE_KNOWN, UPLOAD_PREFIX};
 use crate::error::{FsError, FsResult};
 use crate::path::components;
 
@@ -204,7 +204,7 @@ fn object_from(name: Vec<u8>, md: &std::fs::Metadata, target: Vec<u8>) -> Option
             md.len()
         },
         mtime_ns: md.mtime() * 1_000_000_000 + md.mtime_nsec(),
-        mode: md.mode() & 0o7777,
+        mode: md.mode() & 0o7777 | MODE_KNOWN,
         symlink_target: target,
     })
 }
@@ -248,7 +248,7 @@ impl LocalUfs {
                 st.st_size as u64
             },
             mtime_ns: st.st_mtime * 1_000_000_000 + st.st_mtime_nsec,
-            mode: st.st_mode & 0o7777,
+            mode: st.st_mode & 0o7777 | MODE_KNOWN,
             symlink_target: Vec::new(),
         })
     }

@@ -22,6 +22,19 @@ pub enum ObjectKind {
     Symlink,
 }
 
+/// Set in an inode's `mode` when its permission bits are known (0 included: a file
+/// made `chmod 000`); an object store keeps no modes, and a mode without it reads as the
+/// usual defaults (0644, directories 0755) where its bits are 0.
+pub const MODE_KNOWN: u32 = 0o1000000;
+
+/// The permission bits of `mode`, or `default` where none are known.
+pub fn permissions(mode: u32, default: u32) -> u32 {
+    match (mode & MODE_KNOWN, mode & 0o7777) {
+        (0, 0) => default,
+        (_, bits) => bits,
+    }
+}
+
 /// One object as the UFS reports it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct UfsObject {

@@ -18,6 +18,10 @@ pub fn cases() -> Vec<Case> {
                 p.stat("f");
                 p.chmod("d", 0o700);
                 p.stat("d");
+                p.chmod("f", 0);
+                p.stat("f");
+                p.chmod("d", 0);
+                p.stat("d");
                 p.chmod("missing", 0o644);
             },
         },
