@@ -179,14 +179,15 @@ fn drop_page_cache(path: &std::path::Path) {
 }
 
 #[test]
-fn modes_listed_from_the_ufs_are_kept_even_when_none_is_set() {
-    use std::os::unix::fs::PermissionsExt;
+fn modes_and_owners_listed_from_the_ufs_are_kept() {
+    use std::os::unix::fs::{MetadataExt, PermissionsExt};
     let ufs = tempfile::tempdir().unwrap();
     for (name, mode) in [("closed", 0), ("private", 0o600)] {
         let p = ufs.path().join(name);
         std::fs::write(&p, b"secret").unwrap();
         std::fs::set_permissions(&p, std::fs::Permissions::from_mode(mode)).unwrap();
     }
+    std::os::unix::fs::chown(ufs.path().join("private"), Some(1234), Some(5678)).unwrap();
     let c = Cluster::start(&MasterSpec {
         ufs: ufs.path().to_path_buf(),
         ..Default::default()
@@ -200,4 +201,6 @@ fn modes_listed_from_the_ufs_are_kept_even_when_none_is_set() {
             .mode();
         assert_eq!(seen & 0o7777, mode, "{name}");
     }
+    let private = std::fs::metadata(m.path.join("private")).unwrap();
+    assert_eq!((private.uid(), private.gid()), (1234, 5678));
 }

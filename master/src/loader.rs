@@ -64,6 +64,8 @@ fn entry_of(o: UfsObject) -> UfsEntry {
         mode: o.mode,
         symlink_target: o.symlink_target,
         referral: None,
+        uid: o.owner.map(|o| o.0),
+        gid: o.owner.map(|o| o.1),
     }
 }
 

@@ -206,6 +206,7 @@ fn object_from(name: Vec<u8>, md: &std::fs::Metadata, target: Vec<u8>) -> Option
         mtime_ns: md.mtime() * 1_000_000_000 + md.mtime_nsec(),
         mode: md.mode() & 0o7777 | MODE_KNOWN,
         symlink_target: target,
+        owner: Some((md.uid(), md.gid())),
     })
 }
 
@@ -250,6 +251,7 @@ impl LocalUfs {
             mtime_ns: st.st_mtime * 1_000_000_000 + st.st_mtime_nsec,
             mode: st.st_mode & 0o7777 | MODE_KNOWN,
             symlink_target: Vec::new(),
+            owner: Some((st.st_uid, st.st_gid)),
         })
     }
 }

@@ -44,6 +44,8 @@ pub struct UfsObject {
     pub mtime_ns: i64,
     pub mode: u32,
     pub symlink_target: Vec<u8>,
+    /// Its owner and group, where the UFS keeps them.
+    pub owner: Option<(u32, u32)>,
 }
 
 /// Names a UFS never reports: uploads in progress (see [`Ufs::create_upload`]). A crash

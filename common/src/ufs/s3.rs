@@ -368,6 +368,7 @@ impl S3Ufs {
             mtime_ns: version_stamp(meta),
             mode: 0o644,
             symlink_target: Vec::new(),
+            owner: None,
         }
     }
 
@@ -380,6 +381,7 @@ impl S3Ufs {
             mtime_ns: self.opened_ns,
             mode: 0o755,
             symlink_target: Vec::new(),
+            owner: None,
         }
     }
 
