@@ -749,6 +749,25 @@ impl Filesystem for FuseAdapter {
         self.offload(move |h| h.readdirplus(fh.0, offset, reply));
     }
 
+    fn fallocate(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        _fh: FileHandle,
+        offset: u64,
+        length: u64,
+        mode: i32,
+        reply: ReplyEmpty,
+    ) {
+        self.offload(move |h| {
+            reply_empty(
+                "fallocate",
+                h.fs.fallocate(ino.0, offset, length, mode),
+                reply,
+            )
+        });
+    }
+
     fn fsyncdir(
         &self,
         _req: &Request,

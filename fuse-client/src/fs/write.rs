@@ -357,6 +357,31 @@ impl GranaryFs {
         }
     }
 
+    /// fallocate(2). The plain mode extends the file with zeros to `offset + len` (the
+    /// UFS has no space to reserve ahead); keeping the size, there is nothing to do.
+    /// Punching holes and the other modes: EOPNOTSUPP.
+    pub fn fallocate(&self, ino: u64, offset: u64, len: u64, mode: i32) -> FsResult<()> {
+        self.writable()?;
+        match mode {
+            0 => {
+                let end = offset
+                    .checked_add(len)
+                    .ok_or_else(|| FsError::FileTooBig(format!("{offset} + {len}")))?;
+                let size = match self.getattr(ino) {
+                    Err(FsError::NotFound(_)) => self.open_unlinked(ino).map(|i| i.size),
+                    other => Some(other?.size),
+                }
+                .ok_or_else(|| FsError::NotFound(format!("inode {ino:#x}")))?;
+                if end > size {
+                    self.truncate(ino, end)?;
+                }
+                Ok(())
+            }
+            libc::FALLOC_FL_KEEP_SIZE => Ok(()),
+            _ => Err(FsError::Unsupported(format!("fallocate mode {mode:#x}"))),
+        }
+    }
+
     /// truncate(2) / ftruncate(2) to `size`.
     pub(super) fn truncate(&self, ino: u64, size: u64) -> FsResult<()> {
         let inode = match self.committed(ino) {

@@ -440,3 +440,26 @@ fn a_file_whose_commit_holds_it_is_answered_and_closed_only_by_waiting() {
     fs.release(reader);
     assert!(fs.staging.get(inode.id).is_none());
 }
+
+#[test]
+fn fallocate_extends_with_zeros_and_refuses_holes() {
+    let (fs, _, store) = fs();
+    let (inode, fh) = fs.create(1, b"f", 0o644, libc::O_RDWR, 0, 0).unwrap();
+    fs.write(fh, 0, b"abc", 0).unwrap();
+    fs.fallocate(inode.id, 0, 8, 0).unwrap();
+    assert_eq!(fs.getattr(inode.id).unwrap().size, 8);
+    fs.fallocate(inode.id, 0, 2, 0).unwrap();
+    fs.fallocate(inode.id, 0, 100, libc::FALLOC_FL_KEEP_SIZE)
+        .unwrap();
+    assert_eq!(
+        fs.getattr(inode.id).unwrap().size,
+        8,
+        "never shrinks or grows"
+    );
+    let punch = libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE;
+    let e = fs.fallocate(inode.id, 0, 2, punch).unwrap_err();
+    assert_eq!(e.errno(), libc::ENOTSUP);
+    fs.flush(fh).unwrap();
+    fs.release(fh);
+    assert_eq!(store.files.lock().unwrap()[&inode.id], b"abc\0\0\0\0\0");
+}
