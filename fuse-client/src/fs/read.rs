@@ -152,7 +152,7 @@ impl GranaryFs {
     /// else what listing its directory again finds (changed in the UFS behind Granary's
     /// back). Never the cached blocks of the old version.
     pub(super) fn after_stale(&self, ino: u64, inode: &Inode, why: &str) -> FsResult<Inode> {
-        let current = self.meta.getattr(ino);
+        let current = self.meta.getattr_latest(ino);
         if let Ok(c) = &current {
             if c.ufs_path != inode.ufs_path || c.fingerprint != inode.fingerprint {
                 self.attrs.insert(ino, c.clone());
