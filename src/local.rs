@@ -103,6 +103,7 @@ pub async fn start(a: &LocalArgs) -> anyhow::Result<LocalCluster> {
     .await
     .context("worker failed to start")?;
     wait_for_worker(&master.addr.to_string(), &worker.worker_id).await?;
+    wait_for_root_mount(&master.addr.to_string()).await?;
     for m in &shard_masters {
         wait_for_worker(&m.addr.to_string(), &worker.worker_id).await?;
     }
@@ -232,6 +233,26 @@ impl LocalCluster {
         master.stop().await;
         Ok(())
     }
+}
+
+/// Waits until the namespace records the UFS it serves (a moment after its master
+/// leads): a process stopped before that left a state directory that another UFS could
+/// take over without a word.
+async fn wait_for_root_mount(master: &str) -> anyhow::Result<()> {
+    let mut client =
+        granary_protos::v1::admin_client::AdminClient::connect(format!("http://{master}")).await?;
+    for _ in 0..400 {
+        let report = client
+            .report(granary_protos::v1::ReportRequest {})
+            .await?
+            .into_inner();
+        let mounts = report.mounts.map(|t| t.mounts).unwrap_or_default();
+        if mounts.iter().any(|m| m.path == b"/") {
+            return Ok(());
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    bail!("master {master} did not record its UFS within 20s")
 }
 
 /// Waits until the master lists the worker, so the first read finds it.
