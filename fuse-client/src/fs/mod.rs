@@ -364,6 +364,16 @@ impl GranaryFs {
         Some(self.overlay(self.opened_inode(ino)?))
     }
 
+    /// [`Self::committed`], or, for a file whose last name went while a descriptor here
+    /// has it open, the inode as its descriptors know it (they still write, truncate and
+    /// read it).
+    fn committed_or_opened(&self, ino: u64) -> FsResult<Inode> {
+        match self.committed(ino) {
+            Err(FsError::NotFound(why)) => self.opened_inode(ino).ok_or(FsError::NotFound(why)),
+            other => other,
+        }
+    }
+
     /// The inode as a descriptor open here knows it. Takes no staged file's lock, so a
     /// writer holding one may ask.
     fn opened_inode(&self, ino: u64) -> Option<Inode> {

@@ -246,13 +246,7 @@ impl GranaryFs {
     fn backing_for<'a>(&self, ino: u64, st: &'a mut Staged, end: u64) -> FsResult<&'a mut Backing> {
         let outgrown = st.backing.as_mut().is_some_and(|b| !b.fits(end));
         if st.backing.is_none() || outgrown {
-            let inode = match self.committed(ino) {
-                // Written after its last name went: its descriptors still know it.
-                Err(FsError::NotFound(_)) if st.unlinked => self
-                    .opened_inode(ino)
-                    .ok_or_else(|| FsError::NotFound(format!("inode {ino:#x}")))?,
-                other => other?,
-            };
+            let inode = self.committed_or_opened(ino)?;
             let fresh = self.store.backing(&inode, end)?;
             if let Some(Backing::Memory { data, .. }) = st.backing.replace(fresh) {
                 st.backing
@@ -367,11 +361,8 @@ impl GranaryFs {
                 let end = offset
                     .checked_add(len)
                     .ok_or_else(|| FsError::FileTooBig(format!("{offset} + {len}")))?;
-                let size = match self.getattr(ino) {
-                    Err(FsError::NotFound(_)) => self.open_unlinked(ino).map(|i| i.size),
-                    other => Some(other?.size),
-                }
-                .ok_or_else(|| FsError::NotFound(format!("inode {ino:#x}")))?;
+                // As written here so far (staged), not only as committed.
+                let size = self.overlay(self.committed_or_opened(ino)?).size;
                 if end > size {
                     self.truncate(ino, end)?;
                 }
@@ -384,14 +375,7 @@ impl GranaryFs {
 
     /// truncate(2) / ftruncate(2) to `size`.
     pub(super) fn truncate(&self, ino: u64, size: u64) -> FsResult<()> {
-        let inode = match self.committed(ino) {
-            // Its last name went while a descriptor here has it open: ftruncate(2) on
-            // that descriptor still works.
-            Err(FsError::NotFound(_)) => self
-                .opened_inode(ino)
-                .ok_or_else(|| FsError::NotFound(format!("inode {ino:#x}")))?,
-            other => other?,
-        };
+        let inode = self.committed_or_opened(ino)?;
         if inode.kind == FileKind::Directory as i32 {
             return Err(FsError::IsDir(shown(&inode.name)));
         }
