@@ -58,7 +58,10 @@ async fn ufs_call<T: Send + 'static>(
     let uri = ufs.uri().to_string();
     let call = blocking("UFS", move || f(ufs.as_ref()));
     tokio::pin!(call);
+    // The call first: run inline for an in-process caller, it is done at once and no
+    // timer is set.
     let slow = tokio::select! {
+        biased;
         r = &mut call => Err(r),
         _ = tokio::time::sleep(SLOW_UFS) => Ok(()),
     };
@@ -239,6 +242,20 @@ impl MasterService {
         }
     }
 
+    /// Runs a mutation's UFS change and commit, `dirs` watched meanwhile: if it stops
+    /// short with an outcome the UFS may still carry out, or is dropped mid-way, they
+    /// are listed again (see [`crate::unsettled`]).
+    async fn watched<T>(
+        &self,
+        dirs: &[u64],
+        change: impl std::future::Future<Output = FsResult<T>>,
+    ) -> FsResult<T> {
+        let unsettling = self.loader.unsettled.watch(dirs);
+        let r = change.await;
+        unsettling.after(&r);
+        r
+    }
+
     async fn commit(&self, op: command::Op) -> FsResult<()> {
         self.raft.propose(Command { op: Some(op) }).await
     }
@@ -295,50 +312,46 @@ impl MasterService {
         };
         let path = join(&dir.ufs_path, &r.name);
         let ufs = self.loader.ufs(dir.mount_id)?;
-        let unsettling = self.loader.unsettled.watch(&[dir.id]);
-        let made = match kind {
-            // An object already there (made outside Granary, or by a creation of the same
-            // name racing this one, which the state machine settles) is left for the
-            // first upload to replace, as is a new file on a UFS that cannot make one
-            // without replacing. An empty file closed unwritten then costs no upload and
-            // no second Raft round.
-            FileKind::File => match ufs_call(ufs, move |u| u.create_empty(&path)).await {
-                Ok(made) => Ok(made.as_ref().map(fingerprint)),
-                Err(FsError::Exists(_)) => Ok(None),
-                Err(e) => Err(e),
-            },
-            FileKind::Directory => ufs_call(ufs, move |u| u.mkdir(&path))
-                .await
-                .map(|o| Some(fingerprint(&o))),
-            FileKind::Symlink => {
-                let target = r.symlink_target.clone();
-                ufs_call(ufs, move |u| u.symlink(&target, &path))
-                    .await
-                    .map(|o| Some(fingerprint(&o)))
-            }
-            _ => Ok(None),
-        };
-        create.fingerprint = match made {
-            Ok(f) => f,
-            // In the UFS but not in the namespace: made outside Granary, or by an earlier
-            // try of this call whose proposal failed (a failover). Listing the directory
-            // again brings it in, so the name answers as it exists (and a retrying client
-            // finds what it made) instead of failing every mkdir with EEXIST and every
-            // lookup with ENOENT.
-            Err(FsError::Exists(e)) => {
-                unsettling.settle();
+        let created = self
+            .watched(&[dir.id], async {
+                create.fingerprint = match kind {
+                    // An object already there (made outside Granary, or by a creation of the same
+                    // name racing this one, which the state machine settles) is left for the
+                    // first upload to replace, as is a new file on a UFS that cannot make one
+                    // without replacing. An empty file closed unwritten then costs no upload and
+                    // no second Raft round.
+                    FileKind::File => match ufs_call(ufs, move |u| u.create_empty(&path)).await {
+                        Ok(made) => made.as_ref().map(fingerprint),
+                        Err(FsError::Exists(_)) => None,
+                        Err(e) => return Err(e),
+                    },
+                    FileKind::Directory => {
+                        Some(fingerprint(&ufs_call(ufs, move |u| u.mkdir(&path)).await?))
+                    }
+                    FileKind::Symlink => {
+                        let target = r.symlink_target.clone();
+                        Some(fingerprint(
+                            &ufs_call(ufs, move |u| u.symlink(&target, &path)).await?,
+                        ))
+                    }
+                    _ => None,
+                };
+                self.commit(command::Op::CreateInode(create)).await
+            })
+            .await;
+        match created {
+            // A directory or symlink in the UFS but not in the namespace: made outside
+            // Granary, or by an earlier try of this call whose proposal failed (a
+            // failover). Listing the directory again brings it in, so the name answers as
+            // it exists (and a retrying client finds what it made) instead of failing
+            // every mkdir with EEXIST and every lookup with ENOENT.
+            Err(FsError::Exists(e)) if matches!(kind, FileKind::Directory | FileKind::Symlink) => {
                 drop(turn);
                 self.loader.refresh(&dir).await?;
                 return Err(FsError::Exists(e));
             }
-            Err(e) => {
-                unsettling.failed(&e);
-                return Err(e);
-            }
-        };
-        let committed = self.commit(command::Op::CreateInode(create)).await;
-        unsettling.after(&committed);
-        committed?;
+            r => r?,
+        }
         self.store
             .lookup(r.parent, &r.name)?
             .ok_or_else(|| FsError::io("created entry vanished"))
@@ -372,12 +385,12 @@ impl MasterService {
             .await?;
         let ufs = self.loader.ufs(dir.mount_id)?;
         let object = self.object_under(&victim, dir.id, &r.name)?;
-        let unsettling = match &object {
+        let dirs = match &object {
             // The object moves into its next name's directory.
-            Object::Moves { to_dir, .. } => self.loader.unsettled.watch(&[dir.id, *to_dir]),
-            _ => self.loader.unsettled.watch(&[dir.id]),
+            Object::Moves { to_dir, .. } => vec![dir.id, *to_dir],
+            _ => vec![dir.id],
         };
-        let removed = async {
+        self.watched(&dirs, async {
             match object {
                 Object::None => {}
                 // Other names remain: the object moves under the next one.
@@ -394,10 +407,8 @@ impl MasterService {
                 }
             }
             self.commit(command::Op::RemoveEntry(op)).await
-        }
-        .await;
-        unsettling.after(&removed);
-        removed?;
+        })
+        .await?;
         self.drop_cache_if_deleted(&victim);
         Ok(())
     }
@@ -495,46 +506,38 @@ impl MasterService {
         if let Object::Moves { to_dir, .. } = &aside {
             dirs.push(*to_dir);
         }
-        let unsettling = self.loader.unsettled.watch(&dirs);
-        match aside {
-            Object::None => {}
-            Object::Moves {
-                from, to, version, ..
-            } => match move_object(ufs.clone(), from.clone(), to.clone(), version).await {
-                Ok(true) => moved_aside = Some((to, from)),
-                Ok(false) => {}
-                Err(e) => {
-                    unsettling.failed(&e);
-                    return Err(e);
-                }
-            },
-            Object::Goes(_) => stale_at_to = replaced.clone(),
-        }
         let moves_object = !is_special(moving.kind) && is_primary(&moving, from_dir.id, &r.name);
         let moving_object = moves_object.then(|| moving.clone());
         let from = moving.ufs_path.clone();
-        let placed = ufs_call(ufs.clone(), move |u| {
-            place(u, moving_object.as_ref(), &from, &to, stale_at_to.as_ref())
-        })
-        .await;
-        if let Err(e) = placed {
-            // Nothing is committed: the replaced file's object goes back where it was.
-            let mut undone = Ok(());
-            if let Some((at, back)) = moved_aside {
-                undone = ufs_call(ufs, move |u| u.rename(&at, &back)).await;
-                if let Err(undo) = &undone {
-                    tracing::error!(error = %undo, "cannot move an object back after a failed rename; its directory is listed again");
+        self.watched(&dirs, async {
+            match aside {
+                Object::None => {}
+                Object::Moves {
+                    from, to, version, ..
+                } => {
+                    if move_object(ufs.clone(), from.clone(), to.clone(), version).await? {
+                        moved_aside = Some((to, from));
+                    }
                 }
+                Object::Goes(_) => stale_at_to = replaced.clone(),
             }
-            match undone {
-                Ok(()) => unsettling.failed(&e),
-                Err(_) => drop(unsettling),
+            let placed = ufs_call(ufs.clone(), move |u| {
+                place(u, moving_object.as_ref(), &from, &to, stale_at_to.as_ref())
+            })
+            .await;
+            if let Err(e) = placed {
+                // Nothing is committed: the replaced file's object goes back where it was.
+                if let Some((at, back)) = moved_aside {
+                    if let Err(undo) = ufs_call(ufs, move |u| u.rename(&at, &back)).await {
+                        tracing::error!(error = %undo, "cannot move an object back after a failed rename; its directory is listed again");
+                        self.loader.unsettled.mark(&dirs);
+                    }
+                }
+                return Err(e);
             }
-            return Err(e);
-        }
-        let committed = self.commit(command::Op::RenameEntry(op)).await;
-        unsettling.after(&committed);
-        committed?;
+            self.commit(command::Op::RenameEntry(op)).await
+        })
+        .await?;
         if let Some(target) = &replaced {
             self.drop_cache_if_deleted(target);
         }

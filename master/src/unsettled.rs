@@ -51,7 +51,9 @@ impl Unsettled {
         }
     }
 
-    fn mark(&self, dirs: &[u64]) {
+    /// Has `dirs` listed again (a change there left the UFS in a state the namespace
+    /// may not follow).
+    pub fn mark(&self, dirs: &[u64]) {
         let due = Instant::now() + FIRST_LISTING;
         let mut map = self.dirs.lock().expect("unsettled lock");
         for &d in dirs {
@@ -107,15 +109,7 @@ impl Unsettling<'_> {
 
     /// Settles unless `r` is an error of unknown outcome.
     pub fn after<T>(self, r: &Result<T, FsError>) {
-        match r {
-            Ok(_) => self.settle(),
-            Err(e) => self.failed(e),
-        }
-    }
-
-    /// The mutation failed with `e`: settled unless its outcome is unknown.
-    pub fn failed(self, e: &FsError) {
-        if !uncertain(e) {
+        if !matches!(r, Err(e) if uncertain(e)) {
             self.settle();
         }
     }
