@@ -8,6 +8,15 @@ use std::time::Duration;
 
 use granary_integration_tests::{bin, run_to_exit, wait_until, Cluster, MasterSpec};
 
+/// A cluster over the directory `ufs`, with the defaults.
+fn cluster(ufs: &std::path::Path) -> Cluster {
+    Cluster::start(&MasterSpec {
+        ufs: ufs.to_path_buf(),
+        ..Default::default()
+    })
+    .unwrap()
+}
+
 const SHORT_CACHES: &str =
     "entry_ttl_ms = 0\nattr_ttl_ms = 0\nmeta_cache_ttl_ms = 0\nkeep_cache = false";
 
@@ -17,11 +26,7 @@ fn load_metadata_force_and_stale_versions_show_the_new_content() {
     std::fs::write(ufs.path().join("cached"), b"version one").unwrap();
     std::fs::write(ufs.path().join("uncached"), b"first").unwrap();
     std::fs::write(ufs.path().join("grows"), b"AAAA\n").unwrap();
-    let c = Cluster::start(&MasterSpec {
-        ufs: ufs.path().to_path_buf(),
-        ..Default::default()
-    })
-    .unwrap();
+    let c = cluster(ufs.path());
     let m = c.mount("mnt", SHORT_CACHES).unwrap();
     // With the kernel's caches on (their defaults), its cached size bounds a read: the
     // read that finds the file grown has the kernel drop it, so the same read(2) loop
@@ -95,11 +100,7 @@ fn metadata_sync_interval_relists_old_directories() {
 #[test]
 fn a_name_made_in_the_ufs_behind_granary_exists_once_granary_tries_to_make_it() {
     let ufs = tempfile::tempdir().unwrap();
-    let c = Cluster::start(&MasterSpec {
-        ufs: ufs.path().to_path_buf(),
-        ..Default::default()
-    })
-    .unwrap();
+    let c = cluster(ufs.path());
     let m = c.mount("mnt", SHORT_CACHES).unwrap();
     std::fs::create_dir(m.path.join("top")).unwrap();
     assert_eq!(std::fs::read_dir(m.path.join("top")).unwrap().count(), 0);
@@ -188,11 +189,7 @@ fn modes_and_owners_listed_from_the_ufs_are_kept() {
         std::fs::set_permissions(&p, std::fs::Permissions::from_mode(mode)).unwrap();
     }
     std::os::unix::fs::chown(ufs.path().join("private"), Some(1234), Some(5678)).unwrap();
-    let c = Cluster::start(&MasterSpec {
-        ufs: ufs.path().to_path_buf(),
-        ..Default::default()
-    })
-    .unwrap();
+    let c = cluster(ufs.path());
     let m = c.mount("mnt", "").unwrap();
     for (name, mode) in [("closed", 0), ("private", 0o600)] {
         let seen = std::fs::metadata(m.path.join(name))
