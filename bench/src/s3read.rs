@@ -74,6 +74,10 @@ pub fn run(b: ReadBench) -> anyhow::Result<()> {
             endpoint: Some(s3.endpoint.clone()),
             access_key_id: Some(ACCESS_KEY.into()),
             secret_access_key: Some(SECRET_KEY.into()),
+            // moto copies the whole object for every ranged GET (41 ms for 1 MiB of a
+            // 64 MiB object, 327 ms of a 512 MiB one), so it serves a block fastest
+            // with one GET; a real store serves parallel parts faster than one stream.
+            read_part_size: ByteSize(64 << 20),
             ..Default::default()
         },
         mount: Default::default(),

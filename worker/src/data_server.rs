@@ -364,13 +364,14 @@ mod tests {
         fn read_range(
             &self,
             p: &[u8],
+            v: Fingerprint,
             o: u64,
             l: u64,
             s: &mut dyn std::io::Write,
         ) -> FsResult<u64> {
             self.1.fetch_add(1, Ordering::SeqCst);
             std::thread::sleep(std::time::Duration::from_millis(50));
-            self.0.read_range(p, o, l, s)
+            self.0.read_range(p, v, o, l, s)
         }
     }
 

@@ -154,23 +154,6 @@ fn fetch(
             id.1
         )));
     }
-    let now = ufs.stat(&src.ufs_path).map_err(|e| match e {
-        // Moved (a rename, or a hard link's first name unlinked) or deleted since the
-        // client read its metadata: the client reloads it and asks again.
-        FsError::NotFound(_) => FsError::Stale(format!(
-            "{} is no longer in the UFS; reload its metadata",
-            String::from_utf8_lossy(&src.ufs_path)
-        )),
-        e => e,
-    })?;
-    if now.size != src.fingerprint.size || now.mtime_ns != src.fingerprint.mtime_ns {
-        return Err(FsError::Stale(format!(
-            "{} changed in the UFS (size {} -> {}); reload its metadata",
-            String::from_utf8_lossy(&src.ufs_path),
-            src.fingerprint.size,
-            now.size
-        )));
-    }
     let copy = |file: &mut File| -> FsResult<(u64, u32)> {
         let mut w = CrcWriter {
             file,
@@ -178,7 +161,13 @@ fn fetch(
             len: 0,
             limit: len,
         };
-        let copied = ufs.read_range(&src.ufs_path, id.1 as u64 * src.block_size, len, &mut w)?;
+        let copied = ufs.read_range(
+            &src.ufs_path,
+            src.fingerprint,
+            id.1 as u64 * src.block_size,
+            len,
+            &mut w,
+        )?;
         if copied != len {
             return Err(FsError::Stale(format!(
                 "{}: UFS returned {copied} of {len} bytes",

@@ -11,7 +11,9 @@ use std::os::unix::fs::FileExt;
 use std::os::unix::fs::MetadataExt;
 use std::path::PathBuf;
 
-use super::{ObjectKind, Ufs, UfsObject, UfsUpload, MODE_KNOWN, UPLOAD_PREFIX};
+use super::{
+    moved_away, Fingerprint, ObjectKind, Ufs, UfsObject, UfsUpload, MODE_KNOWN, UPLOAD_PREFIX,
+};
 use crate::error::{FsError, FsResult};
 use crate::path::components;
 
@@ -184,6 +186,10 @@ fn cstring(name: &[u8]) -> FsResult<CString> {
     CString::new(name).map_err(|_| FsError::InvalidArgument("NUL in name".into()))
 }
 
+fn mtime_ns(md: &std::fs::Metadata) -> i64 {
+    md.mtime() * 1_000_000_000 + md.mtime_nsec()
+}
+
 fn object_from(name: Vec<u8>, md: &std::fs::Metadata, target: Vec<u8>) -> Option<UfsObject> {
     let ft = md.file_type();
     let kind = if ft.is_file() {
@@ -203,7 +209,7 @@ fn object_from(name: Vec<u8>, md: &std::fs::Metadata, target: Vec<u8>) -> Option
         } else {
             md.len()
         },
-        mtime_ns: md.mtime() * 1_000_000_000 + md.mtime_nsec(),
+        mtime_ns: mtime_ns(md),
         mode: md.mode() & 0o7777 | MODE_KNOWN,
         symlink_target: target,
         owner: Some((md.uid(), md.gid())),
@@ -321,11 +327,17 @@ impl Ufs for LocalUfs {
     fn read_range(
         &self,
         path: &[u8],
+        version: Fingerprint,
         offset: u64,
         len: u64,
         sink: &mut dyn Write,
     ) -> FsResult<u64> {
-        let f = self.open_beneath(path, libc::O_RDONLY)?;
+        let f = match self.open_beneath(path, libc::O_RDONLY) {
+            Err(FsError::NotFound(_)) => return Err(moved_away(path)),
+            f => f?,
+        };
+        let md = f.metadata()?;
+        version.check(path, md.size(), mtime_ns(&md))?;
         // Whole megabytes at a time: `io::copy` would hand the sink 8 KiB per call, and
         // a cache fill writes each call to disk.
         let mut buf = vec![0u8; len.min(1 << 20) as usize];
@@ -501,14 +513,41 @@ mod tests {
         let sub = ufs.list(b"sub").unwrap();
         assert_eq!(sub[0].symlink_target, b"/etc");
 
+        let f = ufs.stat(b"sub/f.bin").unwrap();
+        let version = Fingerprint {
+            size: f.size,
+            mtime_ns: f.mtime_ns,
+        };
         let mut out = Vec::new();
-        assert_eq!(ufs.read_range(b"sub/f.bin", 6, 100, &mut out).unwrap(), 5);
+        assert_eq!(
+            ufs.read_range(b"sub/f.bin", version, 6, 100, &mut out)
+                .unwrap(),
+            5
+        );
         assert_eq!(out, b"world");
-
+        let older = Fingerprint {
+            mtime_ns: f.mtime_ns - 1,
+            ..version
+        };
         let mut sink = Vec::new();
-        assert!(ufs.read_range(b"escape", 0, 10, &mut sink).is_err());
+        let stale = |r: FsResult<u64>| r.unwrap_err().errno() == libc::ESTALE;
+        assert!(stale(ufs.read_range(b"sub/f.bin", older, 0, 10, &mut sink)));
+        assert!(stale(ufs.read_range(
+            b"sub/gone",
+            version,
+            0,
+            10,
+            &mut sink
+        )));
+        assert!(sink.is_empty(), "no bytes of another version");
+
+        assert!(ufs
+            .read_range(b"escape", version, 0, 10, &mut sink)
+            .is_err());
         assert!(ufs.list(b"sub/etc").is_err());
-        assert!(ufs.read_range(b"../secret", 0, 10, &mut sink).is_err());
+        assert!(ufs
+            .read_range(b"../secret", version, 0, 10, &mut sink)
+            .is_err());
         assert_eq!(ufs.stat(b"missing").unwrap_err().errno(), libc::ENOENT);
     }
 

@@ -48,6 +48,38 @@ pub struct UfsObject {
     pub owner: Option<(u32, u32)>,
 }
 
+/// A file's version: its size and mtime as the UFS reported them when its metadata was
+/// read. A cache holds bytes of one version; a read of another is stale.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct Fingerprint {
+    pub size: u64,
+    pub mtime_ns: i64,
+}
+
+impl Fingerprint {
+    /// `Stale` unless the UFS now reports the file at `now` (size, mtime) as this version.
+    pub fn check(&self, path: &[u8], now_size: u64, now_mtime_ns: i64) -> FsResult<()> {
+        if now_size == self.size && now_mtime_ns == self.mtime_ns {
+            return Ok(());
+        }
+        Err(FsError::Stale(format!(
+            "{} changed in the UFS (size {} -> {now_size}); reload its metadata",
+            String::from_utf8_lossy(path),
+            self.size
+        )))
+    }
+}
+
+/// What a read of a file that is no longer at `path` tells the reader: moved (a rename,
+/// or a hard link's first name unlinked) or deleted since it read its metadata, so it
+/// reloads it and asks again.
+pub fn moved_away(path: &[u8]) -> FsError {
+    FsError::Stale(format!(
+        "{} is no longer in the UFS; reload its metadata",
+        String::from_utf8_lossy(path)
+    ))
+}
+
 /// Names a UFS never reports: uploads in progress (see [`Ufs::create_upload`]). A crash
 /// mid-upload leaves such a file behind, never a partial file under the final name.
 pub const UPLOAD_PREFIX: &[u8] = b".granary-upload.";
@@ -83,10 +115,19 @@ pub trait Ufs: Send + Sync + Debug {
     fn list(&self, dir: &[u8]) -> FsResult<Vec<UfsObject>>;
     /// Describes one object.
     fn stat(&self, path: &[u8]) -> FsResult<UfsObject>;
-    /// Copies `len` bytes starting at `offset` of a file into `sink`; returns bytes copied
-    /// (fewer only at end of file).
-    fn read_range(&self, path: &[u8], offset: u64, len: u64, sink: &mut dyn Write)
-        -> FsResult<u64>;
+    /// Copies `len` bytes starting at `offset` of the file at `path` into `sink`, as
+    /// long as the file is at `version`; returns bytes copied (fewer only at end of
+    /// file). A file gone or at another version fails with `Stale`, checked on what
+    /// the bytes are read from (the GET's own answer, the opened file), so a renamed or
+    /// replaced file never fills a cache under its old version, at no extra round trip.
+    fn read_range(
+        &self,
+        path: &[u8],
+        version: Fingerprint,
+        offset: u64,
+        len: u64,
+        sink: &mut dyn Write,
+    ) -> FsResult<u64>;
 
     /// Starts writing the file at `path` (its parent directory must exist).
     fn create_upload(&self, path: &[u8]) -> FsResult<Box<dyn UfsUpload>> {

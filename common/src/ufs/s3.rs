@@ -18,7 +18,7 @@ use object_store::{GetOptions, GetRange, MultipartUpload, ObjectStore, PutPayloa
 use serde::Deserialize;
 use tokio::sync::Semaphore;
 
-use super::{ObjectKind, Ufs, UfsObject, UfsUpload, UPLOAD_PREFIX};
+use super::{moved_away, Fingerprint, ObjectKind, Ufs, UfsObject, UfsUpload, UPLOAD_PREFIX};
 use crate::bytesize::ByteSize;
 use crate::error::{FsError, FsResult};
 
@@ -47,6 +47,10 @@ pub struct S3Options {
     pub max_concurrent_requests: usize,
     /// Part size of multipart uploads (at least 5 MiB).
     pub part_size: ByteSize,
+    /// A block missing from a worker's cache is read with ranged GETs of this size...
+    pub read_part_size: ByteSize,
+    /// ...this many at once (within `max_concurrent_requests`).
+    pub read_parts_in_flight: usize,
     /// One request's timeout.
     pub request_timeout_ms: u64,
 }
@@ -63,6 +67,8 @@ impl Default for S3Options {
             virtual_hosted_style: None,
             max_concurrent_requests: 32,
             part_size: ByteSize(16 << 20),
+            read_part_size: ByteSize(8 << 20),
+            read_parts_in_flight: 4,
             request_timeout_ms: 60_000,
         }
     }
@@ -149,6 +155,8 @@ pub struct S3Ufs {
     rt: Option<tokio::runtime::Runtime>,
     requests: Arc<Semaphore>,
     part_size: usize,
+    read_part_size: u64,
+    read_parts_in_flight: usize,
     opened_ns: i64,
 }
 
@@ -229,6 +237,17 @@ impl S3Ufs {
                 opts.part_size
             )));
         }
+        if opts.read_part_size.0 < 64 << 10 {
+            return Err(FsError::InvalidArgument(format!(
+                "[s3] read_part_size {}: at least 64KiB",
+                opts.read_part_size
+            )));
+        }
+        if opts.read_parts_in_flight == 0 {
+            return Err(FsError::InvalidArgument(
+                "[s3] read_parts_in_flight 0: at least 1".into(),
+            ));
+        }
         let virtual_hosted_style = opts.virtual_hosted_style.unwrap_or(!custom);
         b = b.with_virtual_hosted_style_request(virtual_hosted_style);
         let region = b
@@ -266,6 +285,8 @@ impl S3Ufs {
             rt: Some(rt),
             requests: Arc::new(Semaphore::new(opts.max_concurrent_requests.max(1))),
             part_size: opts.part_size.0 as usize,
+            read_part_size: opts.read_part_size.0,
+            read_parts_in_flight: opts.read_parts_in_flight,
             opened_ns: std::time::SystemTime::now()
                 .duration_since(std::time::UNIX_EPOCH)
                 .map_or(0, |d| d.as_nanos() as i64),
@@ -316,6 +337,56 @@ impl S3Ufs {
             d => format!("{d}/{name}"),
         };
         Path::parse(&full).map_err(|e| FsError::InvalidArgument(format!("{full}: {e}")))
+    }
+
+    /// Starts a ranged GET of `key`; its pieces arrive on the receiver. Dropping the
+    /// receiver cancels it.
+    fn spawn_part(
+        &self,
+        key: Path,
+        range: std::ops::Range<u64>,
+    ) -> tokio::sync::mpsc::UnboundedReceiver<Result<PartPiece, object_store::Error>> {
+        let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+        let (store, requests) = (self.store.clone(), self.requests.clone());
+        self.runtime().spawn(async move {
+            let _turn = requests.acquire_owned().await;
+            let opts = GetOptions {
+                range: Some(GetRange::Bounded(range)),
+                ..Default::default()
+            };
+            let got = match store.get_opts(&key, opts).await {
+                Ok(got) => got,
+                Err(e) => {
+                    let _ = tx.send(Err(e));
+                    return;
+                }
+            };
+            if tx.send(Ok(PartPiece::Version(got.meta.clone()))).is_err() {
+                return;
+            }
+            let mut stream = got.into_stream();
+            let mut gathered = bytes::BytesMut::new();
+            while let Some(chunk) = stream.next().await {
+                match chunk {
+                    Ok(chunk) => gathered.extend_from_slice(&chunk),
+                    Err(e) => {
+                        let _ = tx.send(Err(e));
+                        return;
+                    }
+                }
+                if gathered.len() >= PIECE
+                    && tx
+                        .send(Ok(PartPiece::Bytes(gathered.split().freeze())))
+                        .is_err()
+                {
+                    return;
+                }
+            }
+            if !gathered.is_empty() {
+                let _ = tx.send(Ok(PartPiece::Bytes(gathered.freeze())));
+            }
+        });
+        rx
     }
 
     /// What a store error means here, naming the bucket and endpoint.
@@ -427,6 +498,25 @@ fn version_stamp(meta: &object_store::ObjectMeta) -> i64 {
         })
     });
     secs * 1_000_000_000 + (etag_hash % 1_000_000_000) as i64
+}
+
+/// What a ranged GET hands the reader: the object's version as it was served, then its
+/// bytes.
+enum PartPiece {
+    Version(object_store::ObjectMeta),
+    Bytes(bytes::Bytes),
+}
+
+/// Bytes a part's stream gathers before handing them over.
+const PIECE: usize = 1 << 20;
+
+/// `len` bytes from `offset` in ranges of at most `part` bytes.
+fn part_ranges(offset: u64, len: u64, part: u64) -> Vec<std::ops::Range<u64>> {
+    let end = offset + len;
+    (offset..end)
+        .step_by(part.max(1) as usize)
+        .map(|start| start..(start + part).min(end))
+        .collect()
 }
 
 /// A file being written: parts of `part_size` go out as they fill, the rest at
@@ -605,6 +695,7 @@ impl Ufs for Arc<S3Ufs> {
     fn read_range(
         &self,
         path: &[u8],
+        version: Fingerprint,
         offset: u64,
         len: u64,
         sink: &mut dyn Write,
@@ -613,39 +704,41 @@ impl Ufs for Arc<S3Ufs> {
             return Ok(0);
         }
         let key = self.key(path)?;
-        let store = self.store.clone();
-        let (tx, rx) =
-            std::sync::mpsc::sync_channel::<Result<bytes::Bytes, object_store::Error>>(4);
-        let requests = self.requests.clone();
-        let k = key.clone();
-        self.runtime().spawn(async move {
-            let _turn = requests.acquire_owned().await;
-            let opts = GetOptions {
-                range: Some(GetRange::Bounded(offset..offset + len)),
-                ..Default::default()
+        // Parts are fetched `read_parts_in_flight` at a time (one S3 stream is far slower
+        // than the disk it fills) and copied out in order as they stream in, a MiB at a
+        // time (a hand-over per network chunk costs a thread wake-up per few KiB).
+        let mut ranges = part_ranges(offset, len, self.read_part_size).into_iter();
+        let mut running = std::collections::VecDeque::new();
+        let mut copied = 0u64;
+        loop {
+            while running.len() < self.read_parts_in_flight {
+                let Some(range) = ranges.next() else { break };
+                running.push_back(self.spawn_part(key.clone(), range));
+            }
+            let Some(mut part) = running.pop_front() else {
+                return Ok(copied);
             };
-            match store.get_opts(&k, opts).await {
-                Ok(r) => {
-                    let mut stream = r.into_stream();
-                    while let Some(chunk) = stream.next().await {
-                        let stop = chunk.is_err();
-                        if tx.send(chunk).is_err() || stop {
-                            return;
-                        }
+            while let Some(piece) = part.blocking_recv() {
+                match piece {
+                    Ok(PartPiece::Version(meta)) => {
+                        version.check(path, meta.size, version_stamp(&meta))?
+                    }
+                    Ok(PartPiece::Bytes(bytes)) => {
+                        sink.write_all(&bytes)?;
+                        copied += bytes.len() as u64;
+                    }
+                    Err(object_store::Error::NotFound { .. }) => return Err(moved_away(path)),
+                    // A range past the end of a file that shrank fails: say that.
+                    Err(e) => {
+                        let e = self.error(&format!("reading {key}"), e);
+                        return match self.stat(path) {
+                            Ok(now) => version.check(path, now.size, now.mtime_ns).and(Err(e)),
+                            Err(_) => Err(e),
+                        };
                     }
                 }
-                Err(e) => {
-                    let _ = tx.send(Err(e));
-                }
             }
-        });
-        let mut copied = 0u64;
-        for chunk in rx {
-            let chunk = chunk.map_err(|e| self.error(&format!("reading {key}"), e))?;
-            sink.write_all(&chunk)?;
-            copied += chunk.len() as u64;
         }
-        Ok(copied)
     }
 
     fn create_upload(&self, path: &[u8]) -> FsResult<Box<dyn UfsUpload>> {
@@ -816,5 +909,26 @@ mod tests {
         };
         let e = S3Ufs::open("s3://data", &opts).err().unwrap().to_string();
         assert!(e.contains("part_size 1.0MiB"), "{e}");
+        let opts = S3Options {
+            endpoint: Some("https://s3.example.com".into()),
+            read_part_size: ByteSize(4 << 10),
+            ..Default::default()
+        };
+        let e = S3Ufs::open("s3://data", &opts).err().unwrap().to_string();
+        assert!(e.contains("read_part_size 4.0KiB"), "{e}");
+        let opts = S3Options {
+            endpoint: Some("https://s3.example.com".into()),
+            read_parts_in_flight: 0,
+            ..Default::default()
+        };
+        let e = S3Ufs::open("s3://data", &opts).err().unwrap().to_string();
+        assert!(e.contains("read_parts_in_flight"), "{e}");
+    }
+
+    #[test]
+    fn a_range_splits_into_parts_that_cover_it_exactly() {
+        assert_eq!(part_ranges(10, 25, 10), vec![10..20, 20..30, 30..35]);
+        assert_eq!(part_ranges(0, 20, 10), vec![0..10, 10..20]);
+        assert_eq!(part_ranges(5, 3, 10), vec![5..8]);
     }
 }

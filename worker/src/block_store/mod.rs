@@ -24,11 +24,7 @@ use shared::{SharedAt, SharedFile};
 pub type BlockId = (u64, u32);
 
 /// The UFS object version a block was read from.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub struct Fingerprint {
-    pub size: u64,
-    pub mtime_ns: i64,
-}
+pub use granary_common::ufs::Fingerprint;
 
 /// One version of a file whose blocks share a data file.
 type FileKey = (u64, Fingerprint);
