@@ -1,9 +1,10 @@
 //! `granary local`: a master (or one per shard), a worker and a mount in one process over
 //! a local directory.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
-use anyhow::{bail, Context};
+use anyhow::{anyhow, bail, Context};
+use granary_common::ufs::S3Options;
 use granary_fuse_client::MountConfig;
 use granary_master::MasterConfig;
 use granary_worker::WorkerConfig;
@@ -20,9 +21,30 @@ pub struct LocalArgs {
     /// Metadata shards, one master each (1: no sharding).
     pub shards: u16,
     /// How to reach an `s3://` UFS (the AWS environment by default).
-    pub s3: granary_common::ufs::S3Options,
+    pub s3: S3Options,
     /// The mount's settings; its masters and staging directory are this cluster's.
     pub mount: MountConfig,
+}
+
+/// `granary local --config FILE`: the mount's keys, and an `[s3]` table (the keys of the
+/// masters' and workers' `[s3]`) for an `s3://` UFS.
+pub fn load_config(path: &Path) -> anyhow::Result<(MountConfig, S3Options)> {
+    let mut table: toml::Table = granary_common::config::load_toml(path)?;
+    let invalid = |what: &str, e: toml::de::Error| {
+        anyhow!(
+            "invalid config file {}: {what}: {}",
+            path.display(),
+            e.to_string().trim_end()
+        )
+    };
+    let s3 = match table.remove("s3") {
+        Some(t) => t.try_into().map_err(|e| invalid("[s3]", e))?,
+        None => S3Options::default(),
+    };
+    let mount = toml::Value::Table(table)
+        .try_into()
+        .map_err(|e| invalid("mount keys", e))?;
+    Ok((mount, s3))
 }
 
 /// Everything `granary local` runs; dropping it unmounts and stops the servers.
@@ -276,7 +298,31 @@ pub async fn wait_for_worker(master: &str, worker_id: &str) -> anyhow::Result<()
 
 #[cfg(test)]
 mod tests {
-    use super::default_state_dir;
+    use super::{default_state_dir, load_config};
+
+    #[test]
+    fn a_local_config_holds_mount_keys_and_an_s3_table_and_names_a_wrong_key() {
+        let dir = tempfile::tempdir().unwrap();
+        let cfg = dir.path().join("local.toml");
+        std::fs::write(
+            &cfg,
+            "allow_other = true\n[s3]\nendpoint = \"http://127.0.0.1:9000\"\nread_part_size = \"64MiB\"\n",
+        )
+        .unwrap();
+        let (mount, s3) = load_config(&cfg).unwrap();
+        assert!(mount.allow_other);
+        assert_eq!(s3.endpoint.as_deref(), Some("http://127.0.0.1:9000"));
+        assert_eq!(s3.read_part_size.0, 64 << 20);
+        for (text, key) in [
+            ("[s3]\nread_part_sise = 1\n", "read_part_sise"),
+            ("alow_other = true\n", "alow_other"),
+            ("[s3]\nread_part_size = \"lots\"\n", "[s3]"),
+        ] {
+            std::fs::write(&cfg, text).unwrap();
+            let e = load_config(&cfg).unwrap_err().to_string();
+            assert!(e.contains(key) && e.contains("local.toml"), "{text}: {e}");
+        }
+    }
 
     #[test]
     fn one_ufs_however_spelled_has_one_default_state_dir() {

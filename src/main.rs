@@ -66,7 +66,8 @@ enum Command {
         #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u16).range(1..=64))]
         shards: u16,
         /// TOML mount config (the keys of `granary mount --config`, e.g. `allow_other`,
-        /// `passthrough`); its masters and staging directory are this process's own.
+        /// `passthrough`; its masters and staging directory are this process's own), and
+        /// an `[s3]` table for an s3:// UFS.
         #[arg(long)]
         config: Option<PathBuf>,
     },
@@ -312,6 +313,10 @@ fn run() -> anyhow::Result<()> {
                 std::fs::create_dir_all(&mountpoint)?;
             }
             let state_dir = state_dir.unwrap_or_else(|| local::default_state_dir(&ufs));
+            let (mount, s3) = match &config {
+                Some(p) => local::load_config(p)?,
+                None => Default::default(),
+            };
             let args = local::LocalArgs {
                 cache_dir: cache.unwrap_or_else(|| state_dir.join("cache")),
                 state_dir,
@@ -321,11 +326,8 @@ fn run() -> anyhow::Result<()> {
                 capacity: cache_capacity,
                 metrics_listen,
                 shards,
-                s3: Default::default(),
-                mount: match &config {
-                    Some(p) => granary_common::config::load_toml(p)?,
-                    None => Default::default(),
-                },
+                s3,
+                mount,
             };
             runtime()?.block_on(async {
                 if let Some(addr) = args.metrics_listen.or(args.mount.metrics_listen) {
