@@ -174,11 +174,19 @@ fn writes_through_the_mount_become_objects() {
     let seed = tempfile::tempdir().unwrap();
     std::fs::write(seed.path().join("old.txt"), b"from the bucket").unwrap();
     s3.put_tree(seed.path(), "data", "ds").unwrap();
-    let c = s3_cluster(&s3, "s3://data/ds");
+    let c = Cluster::start(&MasterSpec {
+        ufs: PathBuf::from("s3://data/ds"),
+        tables: format!(
+            "{}part_size = \"5MiB\"\nupload_parts_in_flight = 2\n",
+            s3.config()
+        ),
+        ..Default::default()
+    })
+    .unwrap();
     let m = c.mount("mnt", "").unwrap();
     let p = |rel: &str| m.path.join(rel);
 
-    // Several parts: the upload is multipart (parts of at least 5 MiB).
+    // Three parts of a multipart upload (5 MiB, the least S3 takes), two at a time.
     let big: Vec<u8> = (0..(11 << 20)).map(|i| (i * 7 % 251) as u8).collect();
     let mut f = std::fs::File::create(p("big.bin")).unwrap();
     f.write_all(&big).unwrap();

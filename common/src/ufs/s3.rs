@@ -6,7 +6,7 @@
 //! uploads, visible only once complete. Renames are a copy and a delete per object: not
 //! atomic, and a directory's take one round per object.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, VecDeque};
 use std::io::Write;
 use std::sync::Arc;
 use std::time::Duration;
@@ -45,8 +45,10 @@ pub struct S3Options {
     pub virtual_hosted_style: Option<bool>,
     /// Requests in flight at once from this process.
     pub max_concurrent_requests: usize,
-    /// Part size of multipart uploads (at least 5 MiB).
+    /// Part size of multipart uploads (at least 5 MiB)...
     pub part_size: ByteSize,
+    /// ...this many sent at once by one upload.
+    pub upload_parts_in_flight: usize,
     /// A block missing from a worker's cache is read with ranged GETs of this size...
     pub read_part_size: ByteSize,
     /// ...this many at once (within `max_concurrent_requests`).
@@ -67,6 +69,7 @@ impl Default for S3Options {
             virtual_hosted_style: None,
             max_concurrent_requests: 32,
             part_size: ByteSize(16 << 20),
+            upload_parts_in_flight: 4,
             read_part_size: ByteSize(8 << 20),
             read_parts_in_flight: 4,
             request_timeout_ms: 60_000,
@@ -155,6 +158,7 @@ pub struct S3Ufs {
     rt: Option<tokio::runtime::Runtime>,
     requests: Arc<Semaphore>,
     part_size: usize,
+    upload_parts_in_flight: usize,
     read_part_size: u64,
     read_parts_in_flight: usize,
     opened_ns: i64,
@@ -243,10 +247,15 @@ impl S3Ufs {
                 opts.read_part_size
             )));
         }
-        if opts.read_parts_in_flight == 0 {
-            return Err(FsError::InvalidArgument(
-                "[s3] read_parts_in_flight 0: at least 1".into(),
-            ));
+        for (key, n) in [
+            ("read_parts_in_flight", opts.read_parts_in_flight),
+            ("upload_parts_in_flight", opts.upload_parts_in_flight),
+        ] {
+            if n == 0 {
+                return Err(FsError::InvalidArgument(format!(
+                    "[s3] {key} 0: at least 1"
+                )));
+            }
         }
         let virtual_hosted_style = opts.virtual_hosted_style.unwrap_or(!custom);
         b = b.with_virtual_hosted_style_request(virtual_hosted_style);
@@ -285,6 +294,7 @@ impl S3Ufs {
             rt: Some(rt),
             requests: Arc::new(Semaphore::new(opts.max_concurrent_requests.max(1))),
             part_size: opts.part_size.0 as usize,
+            upload_parts_in_flight: opts.upload_parts_in_flight,
             read_part_size: opts.read_part_size.0,
             read_parts_in_flight: opts.read_parts_in_flight,
             opened_ns: std::time::SystemTime::now()
@@ -519,30 +529,49 @@ fn part_ranges(offset: u64, len: u64, part: u64) -> Vec<std::ops::Range<u64>> {
         .collect()
 }
 
-/// A file being written: parts of `part_size` go out as they fill, the rest at
-/// `complete`. Dropped without completing, the upload is aborted.
+/// A file being written: parts of `part_size` go out as they fill, up to
+/// `upload_parts_in_flight` at once, the rest at `complete`. Dropped without completing,
+/// the upload is aborted.
 struct S3Upload {
     ufs: Arc<S3Ufs>,
     key: Path,
     upload: Option<Box<dyn MultipartUpload>>,
     buffer: Vec<u8>,
+    /// Parts on their way, oldest first: each answers once stored.
+    sending: VecDeque<std::sync::mpsc::Receiver<Result<(), object_store::Error>>>,
 }
 
 impl S3Upload {
     fn send_part(&mut self) -> std::io::Result<()> {
+        while self.sending.len() >= self.ufs.upload_parts_in_flight {
+            self.wait_oldest()?;
+        }
         let data = std::mem::take(&mut self.buffer);
-        let mut upload = self.upload.take().expect("an open upload");
-        let ufs = self.ufs.clone();
-        let (r, upload) = self
-            .ufs
-            .run(async move {
-                let r = upload.put_part(PutPayload::from(data)).await;
-                (r, upload)
-            })
-            .map_err(std::io::Error::other)?;
-        self.upload = Some(upload);
-        r.map_err(|e| {
-            let e = ufs.error(&format!("uploading {}", self.key), e);
+        let part = self
+            .upload
+            .as_mut()
+            .expect("an open upload")
+            .put_part(PutPayload::from(data));
+        let (tx, rx) = std::sync::mpsc::sync_channel(1);
+        let requests = self.ufs.requests.clone();
+        self.ufs.runtime().spawn(async move {
+            let _turn = requests.acquire_owned().await;
+            let _ = tx.send(part.await);
+        });
+        self.sending.push_back(rx);
+        Ok(())
+    }
+
+    /// Waits for the oldest part on its way; its error, if it failed.
+    fn wait_oldest(&mut self) -> std::io::Result<()> {
+        let Some(part) = self.sending.pop_front() else {
+            return Ok(());
+        };
+        let stored = part
+            .recv()
+            .map_err(|_| std::io::Error::other("the S3 runtime stopped"))?;
+        stored.map_err(|e| {
+            let e = self.ufs.error(&format!("uploading {}", self.key), e);
             std::io::Error::other(e.to_string())
         })
     }
@@ -567,6 +596,9 @@ impl UfsUpload for S3Upload {
         // An acknowledged S3 write is durable: nothing more for `durable`.
         if !self.buffer.is_empty() {
             self.send_part()?;
+        }
+        while !self.sending.is_empty() {
+            self.wait_oldest()?;
         }
         let mut upload = self.upload.take().expect("an open upload");
         let store = self.ufs.store.clone();
@@ -593,6 +625,11 @@ impl UfsUpload for S3Upload {
 
 impl Drop for S3Upload {
     fn drop(&mut self) {
+        // A part still being stored may outlive an abort sent before it ends, and stay
+        // in the bucket.
+        for part in self.sending.drain(..) {
+            let _ = part.recv();
+        }
         if let Some(mut upload) = self.upload.take() {
             let _ = self.ufs.run(async move { upload.abort().await });
         }
@@ -708,7 +745,7 @@ impl Ufs for Arc<S3Ufs> {
         // than the disk it fills) and copied out in order as they stream in, a MiB at a
         // time (a hand-over per network chunk costs a thread wake-up per few KiB).
         let mut ranges = part_ranges(offset, len, self.read_part_size).into_iter();
-        let mut running = std::collections::VecDeque::new();
+        let mut running = VecDeque::new();
         let mut copied = 0u64;
         loop {
             while running.len() < self.read_parts_in_flight {
@@ -753,6 +790,7 @@ impl Ufs for Arc<S3Ufs> {
             key,
             upload: Some(upload),
             buffer: Vec::new(),
+            sending: VecDeque::new(),
         }))
     }
 
@@ -923,6 +961,13 @@ mod tests {
         };
         let e = S3Ufs::open("s3://data", &opts).err().unwrap().to_string();
         assert!(e.contains("read_parts_in_flight"), "{e}");
+        let opts = S3Options {
+            endpoint: Some("https://s3.example.com".into()),
+            upload_parts_in_flight: 0,
+            ..Default::default()
+        };
+        let e = S3Ufs::open("s3://data", &opts).err().unwrap().to_string();
+        assert!(e.contains("upload_parts_in_flight"), "{e}");
     }
 
     #[test]
