@@ -332,12 +332,21 @@ impl Ufs for LocalUfs {
         len: u64,
         sink: &mut dyn Write,
     ) -> FsResult<u64> {
-        let f = match self.open_beneath(path, libc::O_RDONLY) {
+        // Never blocking in the open: a FIFO put in the file's place would hold this
+        // thread, and every reader of the block behind it, until a writer came.
+        let flags = libc::O_RDONLY | libc::O_NONBLOCK | libc::O_NOCTTY;
+        let f = match self.open_beneath(path, flags) {
             Err(FsError::NotFound(_)) => return Err(moved_away(path)),
             f => f?,
         };
-        let md = f.metadata()?;
-        version.check(path, md.size(), mtime_ns(&md))?;
+        let unchanged = |f: &File| -> FsResult<()> {
+            let md = f.metadata()?;
+            if !md.is_file() {
+                return Err(moved_away(path));
+            }
+            version.check(path, md.size(), mtime_ns(&md))
+        };
+        unchanged(&f)?;
         // Whole megabytes at a time: `io::copy` would hand the sink 8 KiB per call, and
         // a cache fill writes each call to disk.
         let mut buf = vec![0u8; len.min(1 << 20) as usize];
@@ -353,6 +362,8 @@ impl Ufs for LocalUfs {
             sink.write_all(&buf[..n])?;
             copied += n as u64;
         }
+        // Rewritten in place meanwhile: what was copied may mix two versions.
+        unchanged(&f)?;
         Ok(copied)
     }
 
@@ -534,6 +545,17 @@ mod tests {
         assert!(stale(ufs.read_range(b"sub/f.bin", older, 0, 10, &mut sink)));
         assert!(stale(ufs.read_range(
             b"sub/gone",
+            version,
+            0,
+            10,
+            &mut sink
+        )));
+        // A FIFO in the file's place answers at once, without a writer.
+        let fifo = CString::new(root.join("sub/fifo").as_os_str().as_bytes()).unwrap();
+        // SAFETY: a plain syscall on a valid C string.
+        assert_eq!(unsafe { libc::mkfifo(fifo.as_ptr(), 0o600) }, 0);
+        assert!(stale(ufs.read_range(
+            b"sub/fifo",
             version,
             0,
             10,

@@ -161,6 +161,8 @@ pub struct S3Ufs {
     upload_parts_in_flight: usize,
     read_part_size: u64,
     read_parts_in_flight: usize,
+    /// At most `max_concurrent_requests` parts' bytes held at once.
+    read_room: ReadRoom,
     opened_ns: i64,
 }
 
@@ -297,6 +299,9 @@ impl S3Ufs {
             upload_parts_in_flight: opts.upload_parts_in_flight,
             read_part_size: opts.read_part_size.0,
             read_parts_in_flight: opts.read_parts_in_flight,
+            read_room: ReadRoom::new(
+                opts.read_part_size.0 * opts.max_concurrent_requests.max(1) as u64,
+            ),
             opened_ns: std::time::SystemTime::now()
                 .duration_since(std::time::UNIX_EPOCH)
                 .map_or(0, |d| d.as_nanos() as i64),
@@ -359,41 +364,49 @@ impl S3Ufs {
         let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
         let (store, requests) = (self.store.clone(), self.requests.clone());
         self.runtime().spawn(async move {
-            let _turn = requests.acquire_owned().await;
-            let opts = GetOptions {
-                range: Some(GetRange::Bounded(range)),
-                ..Default::default()
-            };
-            let got = match store.get_opts(&key, opts).await {
-                Ok(got) => got,
-                Err(e) => {
-                    let _ = tx.send(Err(e));
-                    return;
-                }
-            };
-            if tx.send(Ok(PartPiece::Version(got.meta.clone()))).is_err() {
-                return;
-            }
-            let mut stream = got.into_stream();
-            let mut gathered = bytes::BytesMut::new();
-            while let Some(chunk) = stream.next().await {
-                match chunk {
-                    Ok(chunk) => gathered.extend_from_slice(&chunk),
+            let get = async {
+                let _turn = requests.acquire_owned().await;
+                let opts = GetOptions {
+                    range: Some(GetRange::Bounded(range)),
+                    ..Default::default()
+                };
+                let got = match store.get_opts(&key, opts).await {
+                    Ok(got) => got,
                     Err(e) => {
                         let _ = tx.send(Err(e));
                         return;
                     }
-                }
-                if gathered.len() >= PIECE
-                    && tx
-                        .send(Ok(PartPiece::Bytes(gathered.split().freeze())))
-                        .is_err()
-                {
+                };
+                if tx.send(Ok(PartPiece::Version(got.meta.clone()))).is_err() {
                     return;
                 }
-            }
-            if !gathered.is_empty() {
-                let _ = tx.send(Ok(PartPiece::Bytes(gathered.freeze())));
+                let mut stream = got.into_stream();
+                let mut gathered = bytes::BytesMut::new();
+                while let Some(chunk) = stream.next().await {
+                    match chunk {
+                        Ok(chunk) => gathered.extend_from_slice(&chunk),
+                        Err(e) => {
+                            let _ = tx.send(Err(e));
+                            return;
+                        }
+                    }
+                    if gathered.len() >= PIECE
+                        && tx
+                            .send(Ok(PartPiece::Bytes(gathered.split().freeze())))
+                            .is_err()
+                    {
+                        return;
+                    }
+                }
+                if !gathered.is_empty() {
+                    let _ = tx.send(Ok(PartPiece::Bytes(gathered.freeze())));
+                }
+            };
+            // A reader that stopped (an error, a stale version) cancels its parts
+            // wherever they are: waiting for a turn, for an answer, or streaming.
+            tokio::select! {
+                _ = tx.closed() => {}
+                _ = get => {}
             }
         });
         rx
@@ -508,6 +521,48 @@ fn version_stamp(meta: &object_store::ObjectMeta) -> i64 {
         })
     });
     secs * 1_000_000_000 + (etag_hash % 1_000_000_000) as i64
+}
+
+/// Room for the bytes of parts fetched ahead of their readers, process-wide: parts
+/// stream in faster than a slow cache disk takes them, and a stopped reader's are dropped.
+struct ReadRoom {
+    left: std::sync::Mutex<u64>,
+    freed: std::sync::Condvar,
+}
+
+/// Room taken for one part, given back when dropped.
+struct Room<'a> {
+    of: &'a ReadRoom,
+    bytes: u64,
+}
+
+impl ReadRoom {
+    fn new(bytes: u64) -> Self {
+        ReadRoom {
+            left: std::sync::Mutex::new(bytes),
+            freed: std::sync::Condvar::new(),
+        }
+    }
+
+    /// `bytes` of room, waiting for it if `wait`, else only if there is some now.
+    fn take(&self, bytes: u64, wait: bool) -> Option<Room<'_>> {
+        let mut left = self.left.lock().expect("read room lock");
+        while *left < bytes {
+            if !wait {
+                return None;
+            }
+            left = self.freed.wait(left).expect("read room lock");
+        }
+        *left -= bytes;
+        Some(Room { of: self, bytes })
+    }
+}
+
+impl Drop for Room<'_> {
+    fn drop(&mut self) {
+        *self.of.left.lock().expect("read room lock") += self.bytes;
+        self.of.freed.notify_all();
+    }
 }
 
 /// What a ranged GET hands the reader: the object's version as it was served, then its
@@ -737,24 +792,41 @@ impl Ufs for Arc<S3Ufs> {
         len: u64,
         sink: &mut dyn Write,
     ) -> FsResult<u64> {
+        let key = self.key(path)?;
+        // Past the end of this version there is nothing to ask for (a GET would fail).
+        let len = len.min(version.size.saturating_sub(offset));
         if len == 0 {
+            let now = self.stat(path).map_err(|e| match e {
+                FsError::NotFound(_) => moved_away(path),
+                e => e,
+            })?;
+            version.check(path, now.size, now.mtime_ns)?;
             return Ok(0);
         }
-        let key = self.key(path)?;
         // Parts are fetched `read_parts_in_flight` at a time (one S3 stream is far slower
         // than the disk it fills) and copied out in order as they stream in, a MiB at a
         // time (a hand-over per network chunk costs a thread wake-up per few KiB).
-        let mut ranges = part_ranges(offset, len, self.read_part_size).into_iter();
+        let mut ranges = part_ranges(offset, len, self.read_part_size)
+            .into_iter()
+            .peekable();
         let mut running = VecDeque::new();
         let mut copied = 0u64;
         loop {
             while running.len() < self.read_parts_in_flight {
-                let Some(range) = ranges.next() else { break };
-                running.push_back(self.spawn_part(key.clone(), range));
+                let Some(range) = ranges.peek() else { break };
+                // The first part waits for room; the others go only while there is some,
+                // so no reader waits holding room it cannot use yet.
+                let want = range.end - range.start;
+                let Some(room) = self.read_room.take(want, running.is_empty()) else {
+                    break;
+                };
+                let range = ranges.next().expect("peeked");
+                running.push_back((self.spawn_part(key.clone(), range), want, room));
             }
-            let Some(mut part) = running.pop_front() else {
+            let Some((mut part, want, _room)) = running.pop_front() else {
                 return Ok(copied);
             };
+            let mut got = 0u64;
             while let Some(piece) = part.blocking_recv() {
                 match piece {
                     Ok(PartPiece::Version(meta)) => {
@@ -762,19 +834,28 @@ impl Ufs for Arc<S3Ufs> {
                     }
                     Ok(PartPiece::Bytes(bytes)) => {
                         sink.write_all(&bytes)?;
-                        copied += bytes.len() as u64;
+                        got += bytes.len() as u64;
                     }
                     Err(object_store::Error::NotFound { .. }) => return Err(moved_away(path)),
                     // A range past the end of a file that shrank fails: say that.
                     Err(e) => {
+                        drop(running);
                         let e = self.error(&format!("reading {key}"), e);
                         return match self.stat(path) {
                             Ok(now) => version.check(path, now.size, now.mtime_ns).and(Err(e)),
+                            Err(FsError::NotFound(_)) => Err(moved_away(path)),
                             Err(_) => Err(e),
                         };
                     }
                 }
             }
+            if got != want {
+                return Err(FsError::ufs(format!(
+                    "reading {key}: {got} of a part's {want} bytes came in s3://{} at {}",
+                    self.bucket, self.endpoint
+                )));
+            }
+            copied += got;
         }
     }
 
@@ -968,6 +1049,18 @@ mod tests {
         };
         let e = S3Ufs::open("s3://data", &opts).err().unwrap().to_string();
         assert!(e.contains("upload_parts_in_flight"), "{e}");
+    }
+
+    #[test]
+    fn read_room_is_taken_whole_and_given_back() {
+        let room = ReadRoom::new(10);
+        let a = room.take(6, false).unwrap();
+        assert!(room.take(6, false).is_none(), "only 4 left");
+        let b = room.take(4, true).unwrap();
+        drop(a);
+        let c = room.take(6, false).unwrap();
+        drop((b, c));
+        assert_eq!(*room.left.lock().unwrap(), 10);
     }
 
     #[test]
