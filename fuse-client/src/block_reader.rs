@@ -1,7 +1,7 @@
 //! The data path of an open file: split a read into blocks, pick a worker per block, and
 //! read either straight from a co-located worker's cache file (short-circuit) or over the
-//! data port with an adaptive readahead buffer. Sequential readers also get the next block
-//! warmed in the worker cache ahead of time, so a cold UFS fetch overlaps with reading.
+//! data port with an adaptive readahead buffer. Sequential readers also get the next blocks
+//! warmed in the worker cache ahead of time, so cold UFS fetches overlap with reading.
 
 use std::collections::hash_map::Entry;
 use std::collections::{HashMap, HashSet};
@@ -23,6 +23,9 @@ use granary_meta_client::MetadataService;
 
 /// Largest range one data-port request asks for (the worker's limit).
 const MAX_REQUEST: u64 = 16 << 20;
+/// Blocks a sequential reader has cached ahead of the one it reads: fetches from the UFS
+/// overlap each other as well as the reading.
+const WARM_AHEAD: u32 = 2;
 /// Times a short-circuit read asks for a block's cache file that was evicted before it
 /// could be opened, before it has the worker send the bytes instead.
 const LOCAL_OPEN_TRIES: u32 = 3;
@@ -341,15 +344,20 @@ impl BlockReader {
         Ok(())
     }
 
-    /// Asks the worker that will serve the next block to cache it now.
-    fn warm_next(&self, file: &Inode, state: &mut ReadState, index: u32) {
-        let next = index + 1;
-        if next as u64 >= block_count(file.size, file.block_size) || !state.warmed.insert(next) {
-            return;
-        }
-        if let Ok((worker, _)) = self.pick(file, state, next, false) {
-            let req = request_for(file, next, 0, 0, true);
-            let _ = self.warm_tx.try_send((data_addr(&worker), req));
+    /// Asks the workers that will serve the next blocks to cache them now.
+    fn warm_ahead(&self, file: &Inode, state: &mut ReadState, index: u32) {
+        let count = block_count(file.size, file.block_size);
+        for next in index + 1..=index.saturating_add(WARM_AHEAD) {
+            if next as u64 >= count {
+                return;
+            }
+            if !state.warmed.insert(next) {
+                continue;
+            }
+            if let Ok((worker, _)) = self.pick(file, state, next, false) {
+                let req = request_for(file, next, 0, 0, true);
+                let _ = self.warm_tx.try_send((data_addr(&worker), req));
+            }
         }
     }
 }
@@ -397,7 +405,7 @@ impl BlockRead for BlockReader {
         for span in parts {
             self.read_span(file, state, span, &mut out)?;
             if sequential && span.offset + span.len > file.block_size / 2 {
-                self.warm_next(file, state, span.index as u32);
+                self.warm_ahead(file, state, span.index as u32);
             }
         }
         state.last_end = offset + out.len() as u64;
