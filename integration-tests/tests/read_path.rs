@@ -299,3 +299,35 @@ fn dataset_reads_match_across_worker_restart_and_eviction() {
     .unwrap();
     assert!(evictions > 0.0, "a 2MiB cache must have evicted");
 }
+
+/// A sequential reader past the middle of a block has the next two cached ahead of it,
+/// and no more: 4 MiB blocks, the first 2.5 MiB read (kernel readahead stays inside
+/// block 0), then blocks 1 and 2 are fetched from the UFS, block 3 is not.
+#[test]
+fn a_sequential_reader_has_the_next_two_blocks_cached_ahead() {
+    const BLOCK: usize = 4 << 20;
+    let ufs_dir = tempfile::tempdir().unwrap();
+    let mut rng = rand::rngs::StdRng::seed_from_u64(3);
+    write(ufs_dir.path(), "big.bin", 6 * BLOCK, &mut rng);
+    let cluster = Cluster::start(&MasterSpec {
+        ufs: ufs_dir.path().to_path_buf(),
+        block_size: "4MiB",
+        ..Default::default()
+    })
+    .unwrap();
+    let m = cluster.mount("mnt", "").unwrap();
+    let mut f = std::fs::File::open(m.path.join("big.bin")).unwrap();
+    let mut head = vec![0u8; BLOCK * 5 / 8];
+    std::io::Read::read_exact(&mut f, &mut head).unwrap();
+    let want = std::fs::read(ufs_dir.path().join("big.bin")).unwrap();
+    assert!(head == want[..head.len()]);
+    let fetched = || cluster.worker_ufs_fetches().unwrap() as u64;
+    granary_integration_tests::wait_until(
+        "blocks 1 and 2 cached ahead",
+        std::time::Duration::from_secs(20),
+        || fetched() == 3,
+    )
+    .unwrap();
+    std::thread::sleep(std::time::Duration::from_millis(500));
+    assert_eq!(fetched(), 3, "block 3 is not fetched yet");
+}
