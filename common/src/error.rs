@@ -242,6 +242,11 @@ impl FsError {
 
 impl From<std::io::Error> for FsError {
     fn from(e: std::io::Error) -> Self {
+        // An FsError carried through an `io::Write` (a UFS upload) comes out as itself.
+        let e = match e.downcast::<FsError>() {
+            Ok(inner) => return inner,
+            Err(e) => e,
+        };
         match (e.raw_os_error(), e.kind()) {
             // An errno of its own is what the caller needs; EIO and the like keep the error.
             (Some(errno), _)
@@ -339,6 +344,14 @@ impl From<Status> for FsError {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn an_fs_error_carried_in_an_io_error_comes_out_whole() {
+        let carried = std::io::Error::other(FsError::PermissionDenied("refused".into()));
+        assert_eq!(FsError::from(carried).errno(), libc::EACCES);
+        let plain = std::io::Error::other("something");
+        assert_eq!(FsError::from(plain).errno(), libc::EIO);
+    }
 
     #[test]
     fn errno_survives_grpc() {

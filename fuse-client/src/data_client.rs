@@ -333,6 +333,9 @@ pub(crate) fn status_error(addr: &str, status: i32, error: &str) -> FsResult<()>
         Status::BadRequest => Err(FsError::InvalidArgument(error)),
         Status::NoSpace => Err(FsError::NoSpace(format!("worker {addr}: {error}"))),
         Status::FileTooBig => Err(FsError::FileTooBig(format!("worker {addr}: {error}"))),
+        Status::PermissionDenied => {
+            Err(FsError::PermissionDenied(format!("worker {addr}: {error}")))
+        }
         _ => Err(FsError::io(format!("worker {addr}: {error}"))),
     }
 }
@@ -508,6 +511,7 @@ mod tests {
             (Status::IoError, libc::EIO),
             (Status::NoSpace, libc::ENOSPC),
             (Status::FileTooBig, libc::EFBIG),
+            (Status::PermissionDenied, libc::EACCES),
         ] {
             let w = Worker::start("t", vec![Answer::Status(status)]);
             let err = client("t").request(&w.addr, read(1)).unwrap_err();

@@ -626,8 +626,7 @@ impl S3Upload {
             .recv()
             .map_err(|_| std::io::Error::other("the S3 runtime stopped"))?;
         stored.map_err(|e| {
-            let e = self.ufs.error(&format!("uploading {}", self.key), e);
-            std::io::Error::other(e.to_string())
+            std::io::Error::other(self.ufs.error(&format!("uploading {}", self.key), e))
         })
     }
 }
