@@ -17,10 +17,11 @@ use fuser::{
 use granary_common::FsError;
 use granary_protos::v1::{FileKind, Inode};
 
-use crate::fs::{changes_file, GranaryFs, SetAttr};
+use crate::fs::{changes_file, FoundChanged, GranaryFs, SetAttr};
 use crate::kernel_view::{Attributes, OpenMode, OwnerOverride, BLOCK_SIZE_HINT};
 use crate::offload::Offload;
 use crate::passthrough::{Claim, Passthrough};
+use crate::read_order::{InFlight, InFlightReads};
 
 /// What the kernel is told about caching and ownership.
 #[derive(Debug, Clone)]
@@ -41,6 +42,7 @@ pub struct Handlers {
     pub open_in_kernel: std::sync::atomic::AtomicBool,
     /// Tells the kernel to drop what it caches; set once the session runs.
     pub notifier: Arc<std::sync::OnceLock<fuser::Notifier>>,
+    pub reads: Arc<InFlightReads>,
 }
 
 impl Handlers {
@@ -50,23 +52,47 @@ impl Handlers {
     }
 
     /// Has the kernel drop its attributes of `ino` if this thread's read found it changed
-    /// in the UFS, then replies to the read. The kernel's cached size bounds what it
+    /// in the UFS, and replies to the read. The kernel's cached size bounds what it
     /// reads, so a grown file would read cut at its old size until the attributes
-    /// expired; dropped before the reply, they are gone when the reader asks past the
-    /// old end.
-    fn reply_read(&self, ino: u64, r: granary_common::FsResult<Vec<u8>>, reply: ReplyData) {
+    /// expired: they are dropped before the reply, so they are gone when the reader asks
+    /// past the old end. A shrunk file is the other way round: the kernel takes the end
+    /// of a short answer as the file's new size only if its attributes did not change
+    /// since it asked, else it pads the pages it asked for with zeros up to the old size.
+    /// So they are dropped after the short answer that ends at the new end, and not at
+    /// all when that answer is still to come (a concurrent readahead's), whose own end
+    /// then sets the size; an empty answer waits for it (see [`crate::read_order`]).
+    fn reply_read(
+        &self,
+        read: InFlight,
+        ino: u64,
+        r: granary_common::FsResult<Vec<u8>>,
+        reply: ReplyData,
+    ) {
         let changed = GranaryFs::take_changed();
-        if let Some(n) = self.notifier.get().filter(|_| changed) {
+        if r.as_ref().is_ok_and(|data| data.is_empty()) {
+            read.wait_for_lower();
+        }
+        let drop_attributes = || {
             // Attributes only (offset -1): the new size drops the stale pages, and no
             // page lock an in-flight read holds is waited for.
-            if let Err(e) = n.inval_inode(INodeNo(ino), -1, 0) {
-                tracing::debug!(ino, error = %e, "cannot drop the kernel's attributes");
+            if let Some(n) = self.notifier.get() {
+                if let Err(e) = n.inval_inode(INodeNo(ino), -1, 0) {
+                    tracing::debug!(ino, error = %e, "cannot drop the kernel's attributes");
+                }
             }
+        };
+        if changed == FoundChanged::Changed {
+            drop_attributes();
         }
         match r {
             Ok(data) => reply.data(&data),
             Err(e) => reply.error(errno("read", &e)),
         }
+        if changed == FoundChanged::ShrunkToThisRead {
+            drop_attributes();
+        }
+        // Answered: a READ past the end waiting for this one may go.
+        drop(read);
     }
 }
 
@@ -467,13 +493,14 @@ impl Filesystem for FuseAdapter {
         _lock_owner: Option<LockOwner>,
         reply: ReplyData,
     ) {
+        let read = self.handlers.reads.begin(ino.0, offset);
         if self.handlers.opens_in_kernel() {
             // A file the kernel opened by itself: no handle.
             return self.offload(move |h| {
-                h.reply_read(ino.0, h.fs.read_unopened(ino.0, offset, size), reply)
+                h.reply_read(read, ino.0, h.fs.read_unopened(ino.0, offset, size), reply)
             });
         }
-        self.offload(move |h| h.reply_read(ino.0, h.fs.read(fh.0, offset, size), reply));
+        self.offload(move |h| h.reply_read(read, ino.0, h.fs.read(fh.0, offset, size), reply));
     }
 
     fn flush(

@@ -15,6 +15,7 @@ pub mod mount;
 mod mountinfo;
 mod offload;
 pub mod passthrough;
+mod read_order;
 pub mod staging;
 pub mod warmup;
 pub mod worker_list;

@@ -287,6 +287,7 @@ pub fn mount(cfg: &MountConfig, mountpoint: &Path) -> Result<MountHandle, MountE
         passthrough: Passthrough::new(passthrough, passthrough::WRITER_WAIT),
         open_in_kernel: cfg.open_in_kernel.into(),
         notifier: notifier.clone(),
+        reads: Default::default(),
     };
     let (initialized, on_init) = std::sync::mpsc::channel();
     let adapter = FuseAdapter::new(handlers, cfg.fuse_threads, initialized).map_err(|source| {

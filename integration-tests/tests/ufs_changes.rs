@@ -26,6 +26,10 @@ fn load_metadata_force_and_stale_versions_show_the_new_content() {
     std::fs::write(ufs.path().join("cached"), b"version one").unwrap();
     std::fs::write(ufs.path().join("uncached"), b"first").unwrap();
     std::fs::write(ufs.path().join("grows"), b"AAAA\n").unwrap();
+    let shrinks = [102_407, 700_001, (3 << 20) + 5];
+    for size in shrinks {
+        std::fs::write(ufs.path().join(format!("shrinks-{size}")), vec![b'A'; size]).unwrap();
+    }
     let c = cluster(ufs.path());
     let m = c.mount("mnt", SHORT_CACHES).unwrap();
     // With the kernel's caches on (their defaults), its cached size bounds a read: the
@@ -41,6 +45,23 @@ fn load_metadata_force_and_stale_versions_show_the_new_content() {
         std::fs::read_to_string(cached.path.join("grows")).unwrap(),
         "BBBBBBBBBBBB\n"
     );
+    // Shrunk: the read that finds it ends at the new end, as the kernel learns from its
+    // short answer, never padded with zeros to the old size.
+    for size in shrinks {
+        let name = format!("shrinks-{size}");
+        assert_eq!(
+            std::fs::metadata(cached.path.join(&name)).unwrap().len(),
+            size as u64
+        );
+        std::fs::write(ufs.path().join(&name), vec![b'B'; size - 1000]).unwrap();
+        let got = std::fs::read(cached.path.join(&name)).unwrap();
+        assert!(
+            got == vec![b'B'; size - 1000],
+            "{name}: {} bytes, {} of them zeros",
+            got.len(),
+            got.iter().filter(|&&b| b == 0).count()
+        );
+    }
     assert_eq!(
         std::fs::read(m.path.join("cached")).unwrap(),
         b"version one"

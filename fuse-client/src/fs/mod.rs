@@ -109,10 +109,23 @@ pub struct GranaryFs {
     pins: Mutex<(granary_meta_client::Pins, Vec<Vec<u8>>)>,
 }
 
+/// What a read found of its file's UFS version.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FoundChanged {
+    Unchanged,
+    /// Changed, and at least as long as before.
+    Changed,
+    /// Changed, shorter than before, and this read's answer ends at the new end.
+    ShrunkToThisRead,
+    /// Changed, shorter than before, and the new end is past this read's answer.
+    Shrunk,
+}
+
 thread_local! {
     /// Set by a read that found its file changed in the UFS, for the thread that replies
     /// to that read ([`GranaryFs::take_changed`]).
-    static FOUND_CHANGED: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+    static FOUND_CHANGED: std::cell::Cell<FoundChanged> =
+        const { std::cell::Cell::new(FoundChanged::Unchanged) };
 }
 
 fn is_dir(i: &Inode) -> bool {
@@ -234,12 +247,12 @@ impl GranaryFs {
 
     /// Whether the last read on this thread found its file changed in the UFS (and
     /// forgets it): the kernel must drop its attributes of that file.
-    pub fn take_changed() -> bool {
-        FOUND_CHANGED.with(|c| c.replace(false))
+    pub fn take_changed() -> FoundChanged {
+        FOUND_CHANGED.with(|c| c.replace(FoundChanged::Unchanged))
     }
 
-    fn mark_changed() {
-        FOUND_CHANGED.with(|c| c.set(true));
+    fn mark_changed(found: FoundChanged) {
+        FOUND_CHANGED.with(|c| c.set(found));
     }
 
     /// The inode as this mount sees it: a file being written here has its staged size.

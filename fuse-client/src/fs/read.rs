@@ -6,7 +6,7 @@ use std::sync::atomic::Ordering;
 use granary_common::{FsError, FsResult};
 use granary_protos::v1::{FileKind, Inode};
 
-use super::{shown, GranaryFs};
+use super::{shown, FoundChanged, GranaryFs};
 use crate::block_reader::ReadState;
 use crate::staging::Staged;
 
@@ -127,9 +127,10 @@ impl GranaryFs {
         match self.reader.read(inode, state, offset, size) {
             Err(FsError::Stale(why)) => {
                 let served = state.served();
+                let old_size = inode.size;
                 *inode = self.after_stale(ino, inode, &why)?;
-                Self::mark_changed();
                 if served {
+                    Self::mark_changed(FoundChanged::Changed);
                     // Every later read too: the kernel retries a failed readahead as
                     // a plain read, which must not get the new version's bytes either.
                     let why = format!("{why}; it changed while being read: open it again");
@@ -137,10 +138,20 @@ impl GranaryFs {
                     return Err(FsError::Stale(why));
                 }
                 *state = ReadState::default();
-                if offset >= inode.size {
-                    return Ok(Vec::new());
-                }
-                self.reader.read(inode, state, offset, size)
+                let read = match offset >= inode.size {
+                    true => Ok(Vec::new()),
+                    false => self.reader.read(inode, state, offset, size),
+                };
+                // An empty answer past the new end is no end the kernel can take: it
+                // takes the offset asked for.
+                let end = offset + read.as_ref().map_or(0, |b| b.len() as u64);
+                let at_end = offset < inode.size && end >= inode.size;
+                Self::mark_changed(match (inode.size < old_size, at_end) {
+                    (false, _) => FoundChanged::Changed,
+                    (true, true) => FoundChanged::ShrunkToThisRead,
+                    (true, false) => FoundChanged::Shrunk,
+                });
+                read
             }
             other => other,
         }
