@@ -43,7 +43,7 @@ pub fn load_config(path: &Path) -> anyhow::Result<(MountConfig, S3Options)> {
     };
     let mount = toml::Value::Table(table)
         .try_into()
-        .map_err(|e| invalid("mount keys", e))?;
+        .map_err(|e| invalid("mount keys (and an [s3] table)", e))?;
     Ok((mount, s3))
 }
 

@@ -123,6 +123,7 @@ fn blocks_read_in_parallel_parts_are_identical_and_every_part_checks_the_version
     put("one-part", 64 << 10);
     put("parts-and-a-bit", (5 << 16) + 3);
     put("blocks", (5 << 20) / 2 + 17);
+    put("shrinks", 3 << 20);
     s3.put_tree(src.path(), "data", "ds").unwrap();
     let c = Cluster::start(&MasterSpec {
         ufs: PathBuf::from("s3://data/ds"),
@@ -165,6 +166,17 @@ fn blocks_read_in_parallel_parts_are_identical_and_every_part_checks_the_version
     );
     let got = std::fs::read(m.path.join("blocks")).unwrap();
     assert!(got == want, "the new version, whole");
+
+    // Shrunk below the block asked for, which was never cached: S3 refuses the range
+    // (416), the read finds the new version, and past its end is the end of the file.
+    let mut f = std::fs::File::open(m.path.join("shrinks")).unwrap();
+    assert_eq!(f.metadata().unwrap().len(), 3 << 20);
+    put("shrinks", 100);
+    s3.put_tree(src.path(), "data", "ds").unwrap();
+    f.seek(std::io::SeekFrom::Start(2 << 20)).unwrap();
+    let mut tail = Vec::new();
+    f.read_to_end(&mut tail).unwrap();
+    assert!(tail.is_empty(), "{} bytes past the new end", tail.len());
 }
 
 #[test]

@@ -252,6 +252,8 @@ impl S3Ufs {
         for (key, n) in [
             ("read_parts_in_flight", opts.read_parts_in_flight),
             ("upload_parts_in_flight", opts.upload_parts_in_flight),
+            ("max_concurrent_requests", opts.max_concurrent_requests),
+            ("request_timeout_ms", opts.request_timeout_ms as usize),
         ] {
             if n == 0 {
                 return Err(FsError::InvalidArgument(format!(
@@ -294,14 +296,12 @@ impl S3Ufs {
             root,
             store: Arc::new(store),
             rt: Some(rt),
-            requests: Arc::new(Semaphore::new(opts.max_concurrent_requests.max(1))),
+            requests: Arc::new(Semaphore::new(opts.max_concurrent_requests)),
             part_size: opts.part_size.0 as usize,
             upload_parts_in_flight: opts.upload_parts_in_flight,
             read_part_size: opts.read_part_size.0,
             read_parts_in_flight: opts.read_parts_in_flight,
-            read_room: ReadRoom::new(
-                opts.read_part_size.0 * opts.max_concurrent_requests.max(1) as u64,
-            ),
+            read_room: ReadRoom::new(opts.read_part_size.0 * opts.max_concurrent_requests as u64),
             opened_ns: std::time::SystemTime::now()
                 .duration_since(std::time::UNIX_EPOCH)
                 .map_or(0, |d| d.as_nanos() as i64),
@@ -836,8 +836,10 @@ impl Ufs for Arc<S3Ufs> {
                         got += bytes.len() as u64;
                     }
                     Err(object_store::Error::NotFound { .. }) => return Err(moved_away(path)),
-                    // A range past the end of a file that shrank fails: say that.
-                    Err(e) => {
+                    // A range past the end of a file that shrank (416): say that. Any
+                    // other error as it is: a HEAD of a store that stopped answering
+                    // would only wait as long again.
+                    Err(e) if e.to_string().contains("416") => {
                         drop(running);
                         let e = self.error(&format!("reading {key}"), e);
                         return match self.stat(path) {
@@ -846,6 +848,7 @@ impl Ufs for Arc<S3Ufs> {
                             Err(_) => Err(e),
                         };
                     }
+                    Err(e) => return Err(self.error(&format!("reading {key}"), e)),
                 }
             }
             if got != want {
@@ -1048,6 +1051,13 @@ mod tests {
         };
         let e = S3Ufs::open("s3://data", &opts).err().unwrap().to_string();
         assert!(e.contains("upload_parts_in_flight"), "{e}");
+        let opts = S3Options {
+            endpoint: Some("https://s3.example.com".into()),
+            request_timeout_ms: 0,
+            ..Default::default()
+        };
+        let e = S3Ufs::open("s3://data", &opts).err().unwrap().to_string();
+        assert!(e.contains("request_timeout_ms 0"), "{e}");
     }
 
     #[test]
