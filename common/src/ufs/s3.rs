@@ -839,7 +839,7 @@ impl Ufs for Arc<S3Ufs> {
                     // A range past the end of a file that shrank (416): say that. Any
                     // other error as it is: a HEAD of a store that stopped answering
                     // would only wait as long again.
-                    Err(e) if e.to_string().contains("416") => {
+                    Err(e) if e.to_string().contains("416 Range Not Satisfiable") => {
                         drop(running);
                         let e = self.error(&format!("reading {key}"), e);
                         return match self.stat(path) {
