@@ -51,16 +51,17 @@ impl Handlers {
             .load(std::sync::atomic::Ordering::Relaxed)
     }
 
-    /// Has the kernel drop its attributes of `ino` if this thread's read found it changed
-    /// in the UFS, and replies to the read. The kernel's cached size bounds what it
-    /// reads, so a grown file would read cut at its old size until the attributes
-    /// expired: they are dropped before the reply, so they are gone when the reader asks
-    /// past the old end. A shrunk file is the other way round: the kernel takes the end
-    /// of a short answer as the file's new size only if its attributes did not change
-    /// since it asked, else it pads the pages it asked for with zeros up to the old size.
-    /// So they are dropped after the short answer that ends at the new end, and not at
-    /// all when that answer is still to come (a concurrent readahead's), whose own end
-    /// then sets the size; an empty answer waits for it (see [`crate::read_order`]).
+    /// Replies to a read, and has the kernel drop its attributes of `ino` if the read
+    /// found the file changed in the UFS. The kernel's cached size bounds what it reads,
+    /// so a grown file would read cut at its old size until the attributes expired: they
+    /// are dropped before the reply, so they are gone when the reader asks past the old
+    /// end. A shrunk file is the other way round: the kernel takes the end of a short
+    /// answer as the file's new size only if its attributes did not change since it
+    /// asked (else it pads the pages it asked for with zeros up to the old size), and it
+    /// may take it after this reply is written (a single-page read applies it in the
+    /// reader's task). So they are dropped once no READ of the file has been in flight
+    /// for a moment, and an empty answer goes after the READs below it, whose short
+    /// answer holds the new end (see [`crate::read_order`]).
     fn reply_read(
         &self,
         read: InFlight,
@@ -69,30 +70,50 @@ impl Handlers {
         reply: ReplyData,
     ) {
         let changed = GranaryFs::take_changed();
-        if r.as_ref().is_ok_and(|data| data.is_empty()) {
-            read.wait_for_lower();
-        }
-        let drop_attributes = || {
-            // Attributes only (offset -1): the new size drops the stale pages, and no
-            // page lock an in-flight read holds is waited for.
-            if let Some(n) = self.notifier.get() {
-                if let Err(e) = n.inval_inode(INodeNo(ino), -1, 0) {
-                    tracing::debug!(ino, error = %e, "cannot drop the kernel's attributes");
-                }
-            }
-        };
         if changed == FoundChanged::Changed {
-            drop_attributes();
+            drop_attributes(&self.notifier, ino);
         }
-        match r {
+        let empty = r.as_ref().is_ok_and(|data| data.is_empty());
+        let send = move || match r {
             Ok(data) => reply.data(&data),
             Err(e) => reply.error(errno("read", &e)),
+        };
+        match empty {
+            true => read.answer_after_lower(send),
+            false => {
+                send();
+                drop(read);
+            }
         }
-        if changed == FoundChanged::ShrunkToThisRead {
-            drop_attributes();
+        if changed == FoundChanged::Shrunk {
+            let (notifier, reads) = (self.notifier.clone(), self.reads.clone());
+            let _ = std::thread::Builder::new()
+                .name("granary-shrunk".into())
+                .spawn(move || {
+                    for _ in 0..SHRUNK_SETTLE_TRIES {
+                        std::thread::sleep(SHRUNK_SETTLE);
+                        if reads.idle(ino) {
+                            break;
+                        }
+                    }
+                    drop_attributes(&notifier, ino);
+                });
         }
-        // Answered: a READ past the end waiting for this one may go.
-        drop(read);
+    }
+}
+
+/// How long a shrunk file's READs must have been answered before the kernel is told to
+/// drop its attributes, checked this many times before it is told anyway.
+const SHRUNK_SETTLE: Duration = Duration::from_millis(100);
+const SHRUNK_SETTLE_TRIES: usize = 50;
+
+/// Has the kernel drop its attributes of `ino` (offset -1: attributes only, so no page
+/// lock an in-flight read holds is waited for; a new size drops the pages past it).
+fn drop_attributes(notifier: &std::sync::OnceLock<fuser::Notifier>, ino: u64) {
+    if let Some(n) = notifier.get() {
+        if let Err(e) = n.inval_inode(INodeNo(ino), -1, 0) {
+            tracing::debug!(ino, error = %e, "cannot drop the kernel's attributes");
+        }
     }
 }
 

@@ -26,7 +26,8 @@ fn load_metadata_force_and_stale_versions_show_the_new_content() {
     std::fs::write(ufs.path().join("cached"), b"version one").unwrap();
     std::fs::write(ufs.path().join("uncached"), b"first").unwrap();
     std::fs::write(ufs.path().join("grows"), b"AAAA\n").unwrap();
-    let shrinks = [102_407, 700_001, (3 << 20) + 5];
+    // The last one shrinks to a multiple of the kernel's READ size (a full answer ends there).
+    let shrinks = [102_407, 700_001, (3 << 20) + 5, (2 << 20) + 1000];
     for size in shrinks {
         std::fs::write(ufs.path().join(format!("shrinks-{size}")), vec![b'A'; size]).unwrap();
     }
@@ -60,6 +61,11 @@ fn load_metadata_force_and_stale_versions_show_the_new_content() {
             "{name}: {} bytes, {} of them zeros",
             got.len(),
             got.iter().filter(|&&b| b == 0).count()
+        );
+        assert_eq!(
+            std::fs::metadata(cached.path.join(&name)).unwrap().len(),
+            (size - 1000) as u64,
+            "{name}: its size as stat(2) shows it"
         );
     }
     assert_eq!(

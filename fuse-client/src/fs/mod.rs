@@ -115,9 +115,7 @@ pub enum FoundChanged {
     Unchanged,
     /// Changed, and at least as long as before.
     Changed,
-    /// Changed, shorter than before, and this read's answer ends at the new end.
-    ShrunkToThisRead,
-    /// Changed, shorter than before, and the new end is past this read's answer.
+    /// Changed, and shorter than before.
     Shrunk,
 }
 

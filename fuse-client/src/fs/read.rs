@@ -138,20 +138,14 @@ impl GranaryFs {
                     return Err(FsError::Stale(why));
                 }
                 *state = ReadState::default();
-                let read = match offset >= inode.size {
+                Self::mark_changed(match inode.size < old_size {
+                    true => FoundChanged::Shrunk,
+                    false => FoundChanged::Changed,
+                });
+                match offset >= inode.size {
                     true => Ok(Vec::new()),
                     false => self.reader.read(inode, state, offset, size),
-                };
-                // An empty answer past the new end is no end the kernel can take: it
-                // takes the offset asked for.
-                let end = offset + read.as_ref().map_or(0, |b| b.len() as u64);
-                let at_end = offset < inode.size && end >= inode.size;
-                Self::mark_changed(match (inode.size < old_size, at_end) {
-                    (false, _) => FoundChanged::Changed,
-                    (true, true) => FoundChanged::ShrunkToThisRead,
-                    (true, false) => FoundChanged::Shrunk,
-                });
-                read
+                }
             }
             other => other,
         }
