@@ -37,10 +37,13 @@ pub fn load_config(path: &Path) -> anyhow::Result<(MountConfig, S3Options)> {
             e.to_string().trim_end()
         )
     };
-    let s3 = match table.remove("s3") {
+    let s3: S3Options = match table.remove("s3") {
         Some(t) => t.try_into().map_err(|e| invalid("[s3]", e))?,
         None => S3Options::default(),
     };
+    // Checked whatever the UFS: a wrong value is wrong before it is used.
+    s3.check()
+        .map_err(|e| anyhow!("invalid config file {}: {e}", path.display()))?;
     let mount = toml::Value::Table(table)
         .try_into()
         .map_err(|e| invalid("mount keys (and an [s3] table)", e))?;
@@ -317,6 +320,7 @@ mod tests {
             ("[s3]\nread_part_sise = 1\n", "read_part_sise"),
             ("alow_other = true\n", "alow_other"),
             ("[s3]\nread_part_size = \"lots\"\n", "[s3]"),
+            ("[s3]\nread_parts_in_flight = 0\n", "read_parts_in_flight"),
         ] {
             std::fs::write(&cfg, text).unwrap();
             let e = load_config(&cfg).unwrap_err().to_string();

@@ -78,6 +78,35 @@ impl Default for S3Options {
 }
 
 impl S3Options {
+    /// Refuses sizes and counts S3 or this client cannot work with, naming the key.
+    pub fn check(&self) -> FsResult<()> {
+        if !(5 << 20..=5 << 30).contains(&self.part_size.0) {
+            return Err(FsError::InvalidArgument(format!(
+                "[s3] part_size {}: S3 takes parts of 5MiB to 5GiB",
+                self.part_size
+            )));
+        }
+        if self.read_part_size.0 < 64 << 10 {
+            return Err(FsError::InvalidArgument(format!(
+                "[s3] read_part_size {}: at least 64KiB",
+                self.read_part_size
+            )));
+        }
+        for (key, n) in [
+            ("read_parts_in_flight", self.read_parts_in_flight),
+            ("upload_parts_in_flight", self.upload_parts_in_flight),
+            ("max_concurrent_requests", self.max_concurrent_requests),
+            ("request_timeout_ms", self.request_timeout_ms as usize),
+        ] {
+            if n == 0 {
+                return Err(FsError::InvalidArgument(format!(
+                    "[s3] {key} 0: at least 1"
+                )));
+            }
+        }
+        Ok(())
+    }
+
     /// These options with the settings another process shared (see
     /// [`super::Ufs::shared_options`]) where these leave them unset.
     pub fn with_shared(&self, shared: &BTreeMap<String, String>) -> S3Options {
@@ -185,6 +214,7 @@ impl Drop for S3Ufs {
 impl S3Ufs {
     /// Opens `s3://bucket[/prefix]`; reaches nothing yet (see [`Ufs::check`]).
     pub fn open(uri: &str, opts: &S3Options) -> FsResult<Self> {
+        opts.check()?;
         let rest = uri
             .strip_prefix("s3://")
             .ok_or_else(|| bad_uri(uri, "not s3://bucket/prefix"))?;
@@ -236,30 +266,6 @@ impl S3Ufs {
                 "[s3] endpoint `{endpoint}` (or AWS_ENDPOINT_URL, or the profile's endpoint_url): \
                  needs its scheme, e.g. http://{endpoint}"
             )));
-        }
-        if !(5 << 20..=5 << 30).contains(&opts.part_size.0) {
-            return Err(FsError::InvalidArgument(format!(
-                "[s3] part_size {}: S3 takes parts of 5MiB to 5GiB",
-                opts.part_size
-            )));
-        }
-        if opts.read_part_size.0 < 64 << 10 {
-            return Err(FsError::InvalidArgument(format!(
-                "[s3] read_part_size {}: at least 64KiB",
-                opts.read_part_size
-            )));
-        }
-        for (key, n) in [
-            ("read_parts_in_flight", opts.read_parts_in_flight),
-            ("upload_parts_in_flight", opts.upload_parts_in_flight),
-            ("max_concurrent_requests", opts.max_concurrent_requests),
-            ("request_timeout_ms", opts.request_timeout_ms as usize),
-        ] {
-            if n == 0 {
-                return Err(FsError::InvalidArgument(format!(
-                    "[s3] {key} 0: at least 1"
-                )));
-            }
         }
         let virtual_hosted_style = opts.virtual_hosted_style.unwrap_or(!custom);
         b = b.with_virtual_hosted_style_request(virtual_hosted_style);
