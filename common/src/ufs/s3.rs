@@ -1029,41 +1029,51 @@ mod tests {
             e.contains("endpoint") && e.contains("http://127.0.0.1:9"),
             "{e}"
         );
-        let opts = S3Options {
-            endpoint: Some("https://s3.example.com".into()),
-            part_size: ByteSize(1 << 20),
-            ..Default::default()
-        };
-        let e = S3Ufs::open("s3://data", &opts).err().unwrap().to_string();
-        assert!(e.contains("part_size 1.0MiB"), "{e}");
-        let opts = S3Options {
-            endpoint: Some("https://s3.example.com".into()),
-            read_part_size: ByteSize(4 << 10),
-            ..Default::default()
-        };
-        let e = S3Ufs::open("s3://data", &opts).err().unwrap().to_string();
-        assert!(e.contains("read_part_size 4.0KiB"), "{e}");
-        let opts = S3Options {
-            endpoint: Some("https://s3.example.com".into()),
-            read_parts_in_flight: 0,
-            ..Default::default()
-        };
-        let e = S3Ufs::open("s3://data", &opts).err().unwrap().to_string();
-        assert!(e.contains("read_parts_in_flight"), "{e}");
-        let opts = S3Options {
-            endpoint: Some("https://s3.example.com".into()),
-            upload_parts_in_flight: 0,
-            ..Default::default()
-        };
-        let e = S3Ufs::open("s3://data", &opts).err().unwrap().to_string();
-        assert!(e.contains("upload_parts_in_flight"), "{e}");
-        let opts = S3Options {
-            endpoint: Some("https://s3.example.com".into()),
-            request_timeout_ms: 0,
-            ..Default::default()
-        };
-        let e = S3Ufs::open("s3://data", &opts).err().unwrap().to_string();
-        assert!(e.contains("request_timeout_ms 0"), "{e}");
+        let wrong = [
+            (
+                S3Options {
+                    part_size: ByteSize(1 << 20),
+                    ..Default::default()
+                },
+                "part_size 1.0MiB",
+            ),
+            (
+                S3Options {
+                    read_part_size: ByteSize(4 << 10),
+                    ..Default::default()
+                },
+                "read_part_size 4.0KiB",
+            ),
+            (
+                S3Options {
+                    read_parts_in_flight: 0,
+                    ..Default::default()
+                },
+                "read_parts_in_flight",
+            ),
+            (
+                S3Options {
+                    upload_parts_in_flight: 0,
+                    ..Default::default()
+                },
+                "upload_parts_in_flight",
+            ),
+            (
+                S3Options {
+                    request_timeout_ms: 0,
+                    ..Default::default()
+                },
+                "request_timeout_ms 0",
+            ),
+        ];
+        for (opts, key) in wrong {
+            let opts = S3Options {
+                endpoint: Some("https://s3.example.com".into()),
+                ..opts
+            };
+            let e = S3Ufs::open("s3://data", &opts).err().unwrap().to_string();
+            assert!(e.contains(key), "{e}");
+        }
     }
 
     #[test]
