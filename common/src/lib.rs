@@ -13,6 +13,7 @@ pub mod fd_passing;
 pub mod ids;
 pub mod in_process;
 pub mod interval;
+pub mod memory;
 pub mod net;
 pub mod path;
 pub mod telemetry;

@@ -17,8 +17,8 @@ use granary_protos::data::ReadBlockRequest;
 use granary_protos::v1::{Inode, WorkerInfo};
 
 use crate::data_client::DataClient;
-use crate::memory::{MemoryLimiter, Reservation};
 use crate::worker_list::{data_addr, hashed, with_retries, WorkerList};
+use granary_common::memory::{MemoryLimiter, Reservation};
 use granary_meta_client::MetadataService;
 
 /// Largest range one data-port request asks for (the worker's limit).

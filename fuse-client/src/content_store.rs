@@ -15,9 +15,9 @@ use granary_protos::v1::{Inode, UfsFingerprint};
 
 use crate::data_client::DataClient;
 use crate::local_upload::{LocalUpload, UploadConnections};
-use crate::memory::MemoryLimiter;
 use crate::staging::{Backing, SMALL_FILE_MAX};
 use crate::worker_list::{data_addr, hashed, with_retries, WorkerList};
+use granary_common::memory::MemoryLimiter;
 
 /// A staged file's content, stored in the UFS.
 pub struct Stored {

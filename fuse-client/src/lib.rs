@@ -10,7 +10,6 @@ pub mod fuse_adapter;
 mod kernel_readahead;
 pub mod kernel_view;
 pub mod local_upload;
-pub mod memory;
 pub mod mount;
 mod mountinfo;
 mod offload;

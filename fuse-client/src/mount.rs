@@ -16,9 +16,9 @@ use crate::data_client::DataClient;
 use crate::fs::{FsOptions, GranaryFs};
 use crate::fuse_adapter::{FuseAdapter, Handlers, KernelOptions};
 use crate::kernel_view::OwnerOverride;
-use crate::memory::MemoryLimiter;
 use crate::passthrough::{self, Passthrough};
 use crate::worker_list::WorkerList;
+use granary_common::memory::MemoryLimiter;
 use granary_meta_client::{ClientOptions, GrpcMetadataClient, MetadataService};
 use granary_shard_router::ShardedMetadata;
 
@@ -226,7 +226,7 @@ pub fn build_fs_over(
         Duration::from_secs(120),
         &cfg.cluster_token,
     ));
-    let memory = MemoryLimiter::new(cfg.buffer_memory.0);
+    let memory = MemoryLimiter::new(cfg.buffer_memory.0, "granary_client_buffer_bytes");
     let reader = BlockReader::new(
         meta.clone(),
         workers.clone(),

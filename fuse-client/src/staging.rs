@@ -16,7 +16,7 @@ use granary_common::FsResult;
 use granary_protos::v1::UfsFingerprint;
 
 use crate::local_upload::LocalUpload;
-use crate::memory::Reservation;
+use granary_common::memory::Reservation;
 
 /// Written ranges of a local upload handed to the disk early, as a file grows past each
 /// multiple of this.

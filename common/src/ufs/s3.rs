@@ -21,6 +21,7 @@ use tokio::sync::Semaphore;
 use super::{moved_away, Fingerprint, ObjectKind, Ufs, UfsObject, UfsUpload, UPLOAD_PREFIX};
 use crate::bytesize::ByteSize;
 use crate::error::{FsError, FsResult};
+use crate::memory::MemoryLimiter;
 
 /// The object that keeps an empty directory in existence (never listed).
 pub const DIR_MARKER: &str = ".granary-dir";
@@ -190,8 +191,10 @@ pub struct S3Ufs {
     upload_parts_in_flight: usize,
     read_part_size: u64,
     read_parts_in_flight: usize,
-    /// At most `max_concurrent_requests` parts' bytes held at once.
-    read_room: ReadRoom,
+    /// Bytes of parts fetched ahead of their readers, process-wide: parts stream in
+    /// faster than a slow cache disk takes them. Up to `max_concurrent_requests` parts,
+    /// beyond that only each reader's next one.
+    read_memory: Arc<MemoryLimiter>,
     opened_ns: i64,
 }
 
@@ -307,7 +310,10 @@ impl S3Ufs {
             upload_parts_in_flight: opts.upload_parts_in_flight,
             read_part_size: opts.read_part_size.0,
             read_parts_in_flight: opts.read_parts_in_flight,
-            read_room: ReadRoom::new(opts.read_part_size.0 * opts.max_concurrent_requests as u64),
+            read_memory: MemoryLimiter::new(
+                opts.read_part_size.0 * opts.max_concurrent_requests as u64,
+                "granary_s3_read_buffer_bytes",
+            ),
             opened_ns: std::time::SystemTime::now()
                 .duration_since(std::time::UNIX_EPOCH)
                 .map_or(0, |d| d.as_nanos() as i64),
@@ -527,48 +533,6 @@ fn version_stamp(meta: &object_store::ObjectMeta) -> i64 {
         })
     });
     secs * 1_000_000_000 + (etag_hash % 1_000_000_000) as i64
-}
-
-/// Room for the bytes of parts fetched ahead of their readers, process-wide: parts
-/// stream in faster than a slow cache disk takes them, and a stopped reader's are dropped.
-struct ReadRoom {
-    left: std::sync::Mutex<u64>,
-    freed: std::sync::Condvar,
-}
-
-/// Room taken for one part, given back when dropped.
-struct Room<'a> {
-    of: &'a ReadRoom,
-    bytes: u64,
-}
-
-impl ReadRoom {
-    fn new(bytes: u64) -> Self {
-        ReadRoom {
-            left: std::sync::Mutex::new(bytes),
-            freed: std::sync::Condvar::new(),
-        }
-    }
-
-    /// `bytes` of room, waiting for it if `wait`, else only if there is some now.
-    fn take(&self, bytes: u64, wait: bool) -> Option<Room<'_>> {
-        let mut left = self.left.lock().expect("read room lock");
-        while *left < bytes {
-            if !wait {
-                return None;
-            }
-            left = self.freed.wait(left).expect("read room lock");
-        }
-        *left -= bytes;
-        Some(Room { of: self, bytes })
-    }
-}
-
-impl Drop for Room<'_> {
-    fn drop(&mut self) {
-        *self.of.left.lock().expect("read room lock") += self.bytes;
-        self.of.freed.notify_all();
-    }
 }
 
 /// What a ranged GET hands the reader: the object's version as it was served, then its
@@ -819,11 +783,15 @@ impl Ufs for Arc<S3Ufs> {
         loop {
             while running.len() < self.read_parts_in_flight {
                 let Some(range) = ranges.peek() else { break };
-                // The first part waits for room; the others go only while there is some,
-                // so no reader waits holding room it cannot use yet.
+                // The next part to copy always goes (a read must go on); the others
+                // only while they fit.
                 let want = range.end - range.start;
-                let Some(room) = self.read_room.take(want, running.is_empty()) else {
-                    break;
+                let room = match running.is_empty() {
+                    true => self.read_memory.reserve(want, want),
+                    false => match self.read_memory.try_reserve(want) {
+                        Some(room) => room,
+                        None => break,
+                    },
                 };
                 let range = ranges.next().expect("peeked");
                 running.push_back((self.spawn_part(key.clone(), range), want, room));
@@ -1074,18 +1042,6 @@ mod tests {
             let e = S3Ufs::open("s3://data", &opts).err().unwrap().to_string();
             assert!(e.contains(key), "{e}");
         }
-    }
-
-    #[test]
-    fn read_room_is_taken_whole_and_given_back() {
-        let room = ReadRoom::new(10);
-        let a = room.take(6, false).unwrap();
-        assert!(room.take(6, false).is_none(), "only 4 left");
-        let b = room.take(4, true).unwrap();
-        drop(a);
-        let c = room.take(6, false).unwrap();
-        drop((b, c));
-        assert_eq!(*room.left.lock().unwrap(), 10);
     }
 
     #[test]

@@ -17,8 +17,8 @@ use granary_protos::v1::{
 use super::{shown, FsOptions, GranaryFs};
 use crate::block_reader::{BlockRead, ReadState};
 use crate::content_store::{ContentStore, NotStored, Stored};
-use crate::memory::MemoryLimiter;
 use crate::staging::{Backing, SMALL_FILE_MAX};
+use granary_common::memory::MemoryLimiter;
 use granary_meta_client::MetadataService;
 
 pub const ROOT: u64 = 1;
@@ -308,7 +308,7 @@ impl MemStore {
             durable: AtomicU64::new(0),
             whole: AtomicU64::new(0),
             local_worker,
-            memory: MemoryLimiter::new(memory),
+            memory: MemoryLimiter::new(memory, "granary_client_buffer_bytes"),
             stale_once: Mutex::default(),
         }
     }

@@ -1,7 +1,7 @@
-//! One memory budget for the mount's transient buffers: readahead data held for open
-//! handles and small files staged in memory until their close (`buffer_memory`). Past
-//! it, a read fetches only what it was asked for and a written file is staged in a file
-//! instead; `granary_client_buffer_bytes` shows what is held.
+//! One memory budget for transient buffers, shown by a gauge: a mount's readahead data
+//! and small files staged until their close (`buffer_memory`; past it, a read fetches
+//! only what it was asked for and a written file is staged in a file instead), and an S3
+//! UFS's parts fetched ahead of their reader.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -9,13 +9,16 @@ use std::sync::Arc;
 pub struct MemoryLimiter {
     limit: u64,
     used: AtomicU64,
+    /// The gauge that shows `used`.
+    gauge: &'static str,
 }
 
 impl MemoryLimiter {
-    pub fn new(limit: u64) -> Arc<Self> {
+    pub fn new(limit: u64, gauge: &'static str) -> Arc<Self> {
         Arc::new(MemoryLimiter {
             limit,
             used: AtomicU64::new(0),
+            gauge,
         })
     }
 
@@ -49,12 +52,12 @@ impl MemoryLimiter {
 
     fn add(&self, bytes: u64) {
         let now = self.used.fetch_add(bytes, Ordering::Relaxed) + bytes;
-        metrics::gauge!("granary_client_buffer_bytes").set(now as f64);
+        metrics::gauge!(self.gauge).set(now as f64);
     }
 
     fn sub(&self, bytes: u64) {
         let now = self.used.fetch_sub(bytes, Ordering::Relaxed) - bytes;
-        metrics::gauge!("granary_client_buffer_bytes").set(now as f64);
+        metrics::gauge!(self.gauge).set(now as f64);
     }
 }
 
@@ -84,7 +87,7 @@ impl Reservation {
             .is_ok();
         if fits {
             self.bytes = bytes;
-            metrics::gauge!("granary_client_buffer_bytes").set(self.limiter.used() as f64);
+            metrics::gauge!(self.limiter.gauge).set(self.limiter.used() as f64);
         }
         fits
     }
@@ -110,7 +113,7 @@ mod tests {
 
     #[test]
     fn reservations_share_one_limit_and_give_it_back() {
-        let m = MemoryLimiter::new(100);
+        let m = MemoryLimiter::new(100, "test_bytes");
         let mut a = m.try_reserve(60).unwrap();
         assert!(m.try_reserve(50).is_none());
         assert!(!a.grow_to(101));
