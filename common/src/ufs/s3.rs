@@ -535,6 +535,15 @@ fn version_stamp(meta: &object_store::ObjectMeta) -> i64 {
     secs * 1_000_000_000 + (etag_hash % 1_000_000_000) as i64
 }
 
+/// `Stale` unless the object at `path` is now at `version` (a HEAD).
+fn check_version(ufs: &Arc<S3Ufs>, path: &[u8], version: Fingerprint) -> FsResult<()> {
+    match ufs.stat(path) {
+        Ok(now) => version.check(path, now.size, now.mtime_ns),
+        Err(FsError::NotFound(_)) => Err(moved_away(path)),
+        Err(e) => Err(e),
+    }
+}
+
 /// What a ranged GET hands the reader: the object's version as it was served, then its
 /// bytes.
 enum PartPiece {
@@ -765,12 +774,7 @@ impl Ufs for Arc<S3Ufs> {
         // Past the end of this version there is nothing to ask for (a GET would fail).
         let len = len.min(version.size.saturating_sub(offset));
         if len == 0 {
-            let now = self.stat(path).map_err(|e| match e {
-                FsError::NotFound(_) => moved_away(path),
-                e => e,
-            })?;
-            version.check(path, now.size, now.mtime_ns)?;
-            return Ok(0);
+            return check_version(self, path, version).map(|()| 0);
         }
         // Parts are fetched `read_parts_in_flight` at a time (one S3 stream is far slower
         // than the disk it fills) and copied out in order as they stream in, a MiB at a
@@ -816,11 +820,10 @@ impl Ufs for Arc<S3Ufs> {
                     Err(e) if e.to_string().contains("416 Range Not Satisfiable") => {
                         drop(running);
                         let e = self.error(&format!("reading {key}"), e);
-                        return match self.stat(path) {
-                            Ok(now) => version.check(path, now.size, now.mtime_ns).and(Err(e)),
-                            Err(FsError::NotFound(_)) => Err(moved_away(path)),
-                            Err(_) => Err(e),
-                        };
+                        return Err(match check_version(self, path, version) {
+                            Err(stale @ FsError::Stale(_)) => stale,
+                            _ => e,
+                        });
                     }
                     Err(e) => return Err(self.error(&format!("reading {key}"), e)),
                 }
