@@ -129,6 +129,7 @@ pub async fn start(a: &LocalArgs) -> anyhow::Result<LocalCluster> {
     .context("worker failed to start")?;
     wait_for_worker(&master.addr.to_string(), &worker.worker_id).await?;
     wait_for_root_mount(&master.addr.to_string()).await?;
+    wait_for_worker_mount(&worker).await?;
     for m in &shard_masters {
         wait_for_worker(&m.addr.to_string(), &worker.worker_id).await?;
     }
@@ -278,6 +279,18 @@ async fn wait_for_root_mount(master: &str) -> anyhow::Result<()> {
         tokio::time::sleep(std::time::Duration::from_millis(50)).await;
     }
     bail!("master {master} did not record its UFS within 20s")
+}
+
+/// Waits until the worker has learned the UFS from its master (with a heartbeat's answer),
+/// so the first write or read through the mount finds it there.
+async fn wait_for_worker_mount(worker: &granary_worker::RunningWorker) -> anyhow::Result<()> {
+    for _ in 0..400 {
+        if worker.mounts.knows_shard(0) {
+            return Ok(());
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    bail!("the worker did not learn the UFS from its master within 20s")
 }
 
 /// Waits until the master lists the worker, so the first read finds it.

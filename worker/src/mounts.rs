@@ -68,6 +68,15 @@ impl MountRegistry {
             .insert((shard, mount_id), (ufs, mount));
     }
 
+    /// Whether shard `shard` has a mount here.
+    pub fn knows_shard(&self, shard: u16) -> bool {
+        self.mounts
+            .read()
+            .expect("mounts lock")
+            .keys()
+            .any(|&(s, _)| s == shard)
+    }
+
     pub fn get(&self, shard: u16, mount_id: u32) -> FsResult<Arc<dyn Ufs>> {
         self.mounts
             .read()

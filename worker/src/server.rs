@@ -43,6 +43,8 @@ pub struct RunningWorker {
     pub data_addr: SocketAddr,
     pub store: Arc<BlockStore>,
     pub links: Arc<ShardRegistrations>,
+    /// The UFS mounts it has learned from its masters.
+    pub mounts: Arc<MountRegistry>,
     tasks: Vec<JoinHandle<()>>,
 }
 
@@ -124,7 +126,7 @@ pub async fn start(config: WorkerConfig) -> Result<RunningWorker, WorkerError> {
         mounts.clone(),
         token,
     );
-    let fetcher = Arc::new(BlockFetcher::new(store.clone(), mounts));
+    let fetcher = Arc::new(BlockFetcher::new(store.clone(), mounts.clone()));
     let server = Arc::new(DataServer {
         fetcher: fetcher.clone(),
         worker_id: id.clone(),
@@ -150,6 +152,7 @@ pub async fn start(config: WorkerConfig) -> Result<RunningWorker, WorkerError> {
         data_addr,
         store,
         links,
+        mounts,
         tasks,
     })
 }
