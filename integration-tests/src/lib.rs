@@ -282,6 +282,8 @@ pub struct MasterSpec {
     pub worker: bool,
     /// TOML tables appended to every master's and worker's config (`[s3]`).
     pub tables: String,
+    /// Masters serve Prometheus metrics (see [`Cluster::master_counter`]).
+    pub master_metrics: bool,
 }
 
 impl Default for MasterSpec {
@@ -298,6 +300,7 @@ impl Default for MasterSpec {
             shard_id: 0,
             routing: Vec::new(),
             store_cache: "1GiB".into(),
+            master_metrics: false,
             worker: true,
             tables: String::new(),
         }
@@ -308,6 +311,8 @@ impl Default for MasterSpec {
 pub struct MasterProc {
     pub proc: Option<Proc>,
     pub port: u16,
+    /// Its Prometheus port, with `MasterSpec::master_metrics`.
+    pub metrics_port: Option<u16>,
 }
 
 /// A master group, a worker and their directories.
@@ -376,6 +381,7 @@ impl Cluster {
                     MasterProc {
                         proc: None,
                         port: free_port(),
+                        metrics_port: spec.master_metrics.then(free_port),
                     },
                 )
             })
@@ -451,8 +457,13 @@ impl Cluster {
             .or_insert(MasterProc {
                 proc: None,
                 port: free_port(),
+                metrics_port: self.spec.master_metrics.then(free_port),
             })
             .port;
+        let metrics = match self.masters[&id].metrics_port {
+            Some(p) => format!("metrics_listen = \"127.0.0.1:{p}\"\n"),
+            None => String::new(),
+        };
         let data = self.dir.path().join(format!("master-{id}"));
         let join = !self.initial.contains(&id)
             || self.dir.path().join(format!("master-{id}.wiped")).exists();
@@ -465,7 +476,7 @@ impl Cluster {
         std::fs::write(
             &cfg,
             format!(
-                "id = {id}\nlisten = \"127.0.0.1:{port}\"\ndata_dir = \"{}\"\nufs = \"{}\"\nblock_size = \"{}\"\nmembers = [{}]\njoin = {join}\ncluster_token = \"{}\"\npeer_token = \"{}\"\nsnapshot_threshold = {}\nworker_heartbeat_ms = 200\nworker_timeout_ms = 3000\nmetadata_sync_interval = \"{}\"\nshard_id = {}\nrouting = [{}]\nstore_cache = \"{}\"\n{}",
+                "id = {id}\nlisten = \"127.0.0.1:{port}\"\ndata_dir = \"{}\"\nufs = \"{}\"\nblock_size = \"{}\"\nmembers = [{}]\njoin = {join}\ncluster_token = \"{}\"\npeer_token = \"{}\"\nsnapshot_threshold = {}\nworker_heartbeat_ms = 200\nworker_timeout_ms = 3000\nmetadata_sync_interval = \"{}\"\nshard_id = {}\nrouting = [{}]\nstore_cache = \"{}\"\n{metrics}{}",
                 data.display(),
                 self.spec.ufs.display(),
                 self.spec.block_size,
@@ -823,6 +834,16 @@ impl Cluster {
                 .await
         })?;
         Ok(r.workers.into_iter().map(|w| w.worker_id).collect())
+    }
+
+    /// A counter of master `id` (started with `MasterSpec::master_metrics`).
+    pub fn master_counter(&self, id: u64, name: &str) -> anyhow::Result<f64> {
+        let port = self
+            .masters
+            .get(&id)
+            .and_then(|m| m.metrics_port)
+            .context("the master serves no metrics (MasterSpec::master_metrics)")?;
+        scrape_counter(port, name)
     }
 
     pub fn worker_ufs_fetches(&self) -> anyhow::Result<f64> {

@@ -331,3 +331,62 @@ fn a_sequential_reader_has_the_next_two_blocks_cached_ahead() {
     std::thread::sleep(std::time::Duration::from_millis(500));
     assert_eq!(fetched(), 3, "block 3 is not fetched yet");
 }
+
+/// A scan of a dataset's folders in name order (ImageFolder, `os.walk`) finds the next
+/// folders listed ahead of it: after two folders listed on demand, the next eight are
+/// listed from the UFS in the background, and no more until the scan reaches one of
+/// those not listed yet.
+#[test]
+fn a_scan_of_sibling_directories_has_the_next_ones_listed_ahead() {
+    let ufs_dir = tempfile::tempdir().unwrap();
+    for d in 0..20 {
+        for f in 0..3 {
+            let dir = ufs_dir.path().join(format!("c{d:02}"));
+            std::fs::create_dir_all(&dir).unwrap();
+            std::fs::write(dir.join(format!("img{f}.jpg")), format!("{d}/{f}")).unwrap();
+        }
+    }
+    let cluster = Cluster::start(&MasterSpec {
+        ufs: ufs_dir.path().to_path_buf(),
+        master_metrics: true,
+        ..Default::default()
+    })
+    .unwrap();
+    let m = cluster.mount("mnt", "").unwrap();
+    let listings = || {
+        cluster
+            .master_counter(1, "granary_master_ufs_listings_total")
+            .unwrap() as u64
+    };
+    let list = |d: usize| {
+        let mut names: Vec<String> = std::fs::read_dir(m.path.join(format!("c{d:02}")))
+            .unwrap()
+            .map(|e| e.unwrap().file_name().into_string().unwrap())
+            .collect();
+        names.sort();
+        assert_eq!(names, ["img0.jpg", "img1.jpg", "img2.jpg"], "c{d:02}");
+    };
+    let settled = |want: u64, what: &str| {
+        granary_integration_tests::wait_until(what, std::time::Duration::from_secs(20), || {
+            listings() >= want
+        })
+        .unwrap();
+        std::thread::sleep(std::time::Duration::from_millis(500));
+        assert_eq!(listings(), want, "{what}, and no more");
+    };
+    assert_eq!(std::fs::read_dir(&m.path).unwrap().count(), 20);
+    list(0);
+    settled(2, "the root and c00 listed");
+    list(1);
+    settled(11, "c01 on demand, c02..=c09 ahead");
+    for d in 2..10 {
+        list(d);
+    }
+    assert_eq!(listings(), 11, "c02..=c09 were listed already");
+    list(10);
+    settled(20, "c10 on demand, c11..=c18 ahead");
+    for d in 11..20 {
+        list(d);
+    }
+    assert_eq!(listings(), 21, "c19 on demand");
+}

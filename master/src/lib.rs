@@ -9,6 +9,7 @@ mod deleted_files;
 mod leader_clients;
 mod lease_reads;
 mod links;
+mod list_ahead;
 pub mod loader;
 mod mutation_locks;
 mod mutations;

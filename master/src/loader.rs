@@ -16,6 +16,7 @@ use tokio::task::JoinSet;
 use granary_shard_router::{child_path, Placement};
 
 use crate::command_log::CommandLog;
+use crate::list_ahead::{Scans, AHEAD, LOOK_THROUGH};
 use crate::mutation_locks::MutationLocks;
 use crate::store::NamespaceStore;
 use crate::unsettled::Unsettled;
@@ -38,6 +39,7 @@ pub struct MetadataLoader<L> {
     /// Directories to list again: a mutation there stopped between its UFS change and
     /// its commit.
     pub(crate) unsettled: Unsettled,
+    scans: Scans,
 }
 
 /// Counts reported while a tree loads.
@@ -84,6 +86,7 @@ impl<L: CommandLog> MetadataLoader<L> {
             sync_interval,
             mutations: MutationLocks::default(),
             unsettled: Unsettled::default(),
+            scans: Scans::default(),
         }
     }
 
@@ -119,8 +122,41 @@ impl<L: CommandLog> MetadataLoader<L> {
     }
 
     /// Makes sure `dir`'s children are in the namespace; returns the directory as stored.
-    pub async fn ensure_loaded(&self, dir: &Inode) -> FsResult<Inode> {
+    /// A listing that continues a scan of its parent's subdirectories lists the next ones
+    /// in the background (see [`crate::list_ahead`]).
+    pub async fn ensure_loaded(self: &Arc<Self>, dir: &Inode) -> FsResult<Inode> {
+        if self.needs_listing(dir)
+            && dir.id != self.store.root_id()
+            && self.scans.continues(dir.parent, &dir.name)
+        {
+            self.list_ahead(dir);
+        }
         self.load(dir, false).await
+    }
+
+    /// Lists in the background the next subdirectories of `dir`'s parent after it, in
+    /// name order, that need listing.
+    fn list_ahead(self: &Arc<Self>, dir: &Inode) {
+        let next: Vec<Inode> = match self.store.list(dir.parent, &dir.name, LOOK_THROUGH) {
+            Ok((page, _)) => page
+                .into_iter()
+                .filter(|c| c.kind == FileKind::Directory as i32 && self.needs_listing(c))
+                .take(AHEAD)
+                .collect(),
+            Err(e) => {
+                tracing::debug!(parent = dir.parent, error = %e, "no listing ahead of a scan");
+                return;
+            }
+        };
+        metrics::counter!("granary_master_listings_ahead_total").increment(next.len() as u64);
+        for d in next {
+            let me = self.clone();
+            tokio::spawn(async move {
+                if let Err(e) = me.load(&d, false).await {
+                    tracing::debug!(dir = d.id, error = %e, "listing ahead of a scan failed");
+                }
+            });
+        }
     }
 
     async fn load(&self, dir: &Inode, force: bool) -> FsResult<Inode> {
