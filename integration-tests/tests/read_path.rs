@@ -333,16 +333,16 @@ fn a_sequential_reader_has_the_next_two_blocks_cached_ahead() {
 }
 
 /// A scan of a dataset's folders in name order (ImageFolder, `os.walk`) finds the next
-/// folders listed ahead of it: after two folders listed on demand, the next eight are
+/// folders listed ahead of it: after two folders listed for readers, the next eight are
 /// listed from the UFS in the background, and no more until the scan reaches one of
 /// those not listed yet.
 #[test]
 fn a_scan_of_sibling_directories_has_the_next_ones_listed_ahead() {
     let ufs_dir = tempfile::tempdir().unwrap();
     for d in 0..20 {
+        let dir = ufs_dir.path().join(format!("c{d:02}"));
+        std::fs::create_dir_all(&dir).unwrap();
         for f in 0..3 {
-            let dir = ufs_dir.path().join(format!("c{d:02}"));
-            std::fs::create_dir_all(&dir).unwrap();
             std::fs::write(dir.join(format!("img{f}.jpg")), format!("{d}/{f}")).unwrap();
         }
     }
@@ -358,6 +358,21 @@ fn a_scan_of_sibling_directories_has_the_next_ones_listed_ahead() {
             .master_counter(1, "granary_master_ufs_listings_total")
             .unwrap() as u64
     };
+    let listed = |d: usize| {
+        let path = format!("/c{d:02}").into_bytes();
+        cluster
+            .on_leader(std::time::Duration::from_secs(5), |mut c| {
+                let path = path.clone();
+                async move {
+                    c.resolve_path(granary_protos::v1::ResolvePathRequest { path })
+                        .await
+                }
+            })
+            .unwrap()
+            .inode
+            .unwrap()
+            .children_loaded
+    };
     let list = |d: usize| {
         let mut names: Vec<String> = std::fs::read_dir(m.path.join(format!("c{d:02}")))
             .unwrap()
@@ -366,25 +381,29 @@ fn a_scan_of_sibling_directories_has_the_next_ones_listed_ahead() {
         names.sort();
         assert_eq!(names, ["img0.jpg", "img1.jpg", "img2.jpg"], "c{d:02}");
     };
-    let settled = |want: u64, what: &str| {
-        granary_integration_tests::wait_until(what, std::time::Duration::from_secs(20), || {
-            listings() >= want
-        })
+    // Waits until `ahead` are listed, then checks that nothing else was.
+    let settled = |ahead: std::ops::Range<usize>, want: u64| {
+        granary_integration_tests::wait_until(
+            "the folders listed ahead",
+            std::time::Duration::from_secs(20),
+            || ahead.clone().all(listed),
+        )
         .unwrap();
-        std::thread::sleep(std::time::Duration::from_millis(500));
-        assert_eq!(listings(), want, "{what}, and no more");
+        std::thread::sleep(std::time::Duration::from_millis(300));
+        assert_eq!(listings(), want, "{ahead:?} listed ahead, and no more");
     };
     assert_eq!(std::fs::read_dir(&m.path).unwrap().count(), 20);
     list(0);
-    settled(2, "the root and c00 listed");
+    settled(0..0, 2);
+    assert!(!listed(1));
     list(1);
-    settled(11, "c01 on demand, c02..=c09 ahead");
+    settled(2..10, 11);
     for d in 2..10 {
         list(d);
     }
     assert_eq!(listings(), 11, "c02..=c09 were listed already");
     list(10);
-    settled(20, "c10 on demand, c11..=c18 ahead");
+    settled(11..19, 20);
     for d in 11..20 {
         list(d);
     }

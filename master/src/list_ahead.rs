@@ -1,20 +1,21 @@
 //! Listing ahead of a directory scan. A dataset reader (ImageFolder, `os.walk`, `find`)
 //! lists a parent's subdirectories one after another in name order, and each one's first
-//! listing costs a UFS listing and a Raft round while the reader waits (on 2 cores about
-//! 2.4 ms for a directory of 200 files, the cores half idle). Once two subdirectories of
-//! one parent are listed on demand in name order, the next few unlisted ones are listed
-//! in the background, so the reader finds them loaded.
+//! listing costs a UFS listing and a Raft round while the reader waits, the cores partly
+//! idle. Once two never-listed subdirectories of one parent are listed for readers in name
+//! order, the next never-listed ones are listed in the background, `AHEAD` at a time over
+//! all parents, so the reader finds them loaded.
 
 use std::collections::HashMap;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-/// Subdirectories listed ahead at each on-demand listing that continues a scan.
+/// Listings ahead of scans in flight at once (and entries read per page looking for them).
 pub(crate) const AHEAD: usize = 8;
-/// Entries of the parent looked through for them.
+/// Entries of the parent looked through for them at each listing that continues a scan.
 pub(crate) const LOOK_THROUGH: usize = 1024;
-/// On-demand listings further apart than this make no scan.
-const SCAN_GAP: Duration = Duration::from_secs(10);
+/// On-demand listings further apart than this make no scan (a reader slow through the
+/// directories listed ahead of it keeps its scan).
+const SCAN_GAP: Duration = Duration::from_secs(60);
 /// Parents followed at once (stale ones make room).
 const MAX_SCANS: usize = 256;
 

@@ -40,6 +40,8 @@ pub struct MetadataLoader<L> {
     /// its commit.
     pub(crate) unsettled: Unsettled,
     scans: Scans,
+    /// Listings ahead of scans in flight, all parents together.
+    ahead: Arc<tokio::sync::Semaphore>,
 }
 
 /// Counts reported while a tree loads.
@@ -87,6 +89,7 @@ impl<L: CommandLog> MetadataLoader<L> {
             mutations: MutationLocks::default(),
             unsettled: Unsettled::default(),
             scans: Scans::default(),
+            ahead: Arc::new(tokio::sync::Semaphore::new(AHEAD)),
         }
     }
 
@@ -122,41 +125,71 @@ impl<L: CommandLog> MetadataLoader<L> {
     }
 
     /// Makes sure `dir`'s children are in the namespace; returns the directory as stored.
-    /// A listing that continues a scan of its parent's subdirectories lists the next ones
-    /// in the background (see [`crate::list_ahead`]).
-    pub async fn ensure_loaded(self: &Arc<Self>, dir: &Inode) -> FsResult<Inode> {
-        if self.needs_listing(dir)
+    pub async fn ensure_loaded(&self, dir: &Inode) -> FsResult<Inode> {
+        self.load(dir, false).await
+    }
+
+    /// [`Self::ensure_loaded`] for a reader: a first listing that continues a scan of its
+    /// parent's subdirectories starts listing the next ones in the background (see
+    /// [`crate::list_ahead`]).
+    pub async fn ensure_loaded_for_read(self: &Arc<Self>, dir: &Inode) -> FsResult<Inode> {
+        if !dir.children_loaded
+            && dir.referral.is_none()
             && dir.id != self.store.root_id()
             && self.scans.continues(dir.parent, &dir.name)
         {
-            self.list_ahead(dir);
+            let (me, parent, name) = (self.clone(), dir.parent, dir.name.clone());
+            tokio::spawn(async move { me.list_ahead(parent, name) });
         }
         self.load(dir, false).await
     }
 
-    /// Lists in the background the next subdirectories of `dir`'s parent after it, in
-    /// name order, that need listing.
-    fn list_ahead(self: &Arc<Self>, dir: &Inode) {
-        let next: Vec<Inode> = match self.store.list(dir.parent, &dir.name, LOOK_THROUGH) {
-            Ok((page, _)) => page
-                .into_iter()
-                .filter(|c| c.kind == FileKind::Directory as i32 && self.needs_listing(c))
-                .take(AHEAD)
-                .collect(),
-            Err(e) => {
-                tracing::debug!(parent = dir.parent, error = %e, "no listing ahead of a scan");
-                return;
-            }
-        };
-        metrics::counter!("granary_master_listings_ahead_total").increment(next.len() as u64);
-        for d in next {
-            let me = self.clone();
-            tokio::spawn(async move {
-                if let Err(e) = me.load(&d, false).await {
-                    tracing::debug!(dir = d.id, error = %e, "listing ahead of a scan failed");
+    /// Starts listing the never-listed subdirectories of `parent` after `after`, in name
+    /// order, while background permits last.
+    fn list_ahead(self: &Arc<Self>, parent: u64, mut after: Vec<u8>) {
+        let mut looked = 0;
+        let mut started = 0;
+        'pages: while looked < LOOK_THROUGH {
+            let (page, more) = match self.store.list(parent, &after, AHEAD) {
+                Ok(p) => p,
+                Err(e) => {
+                    tracing::debug!(parent, error = %e, "no listing ahead of a scan");
+                    break;
                 }
-            });
+            };
+            looked += page.len();
+            if let Some(last) = page.last() {
+                after = last.name.clone();
+            }
+            for d in page {
+                if d.kind != FileKind::Directory as i32
+                    || d.children_loaded
+                    || d.referral.is_some()
+                    || self
+                        .inflight
+                        .lock()
+                        .expect("inflight lock")
+                        .contains_key(&d.id)
+                {
+                    continue;
+                }
+                let Ok(permit) = self.ahead.clone().try_acquire_owned() else {
+                    break 'pages;
+                };
+                started += 1;
+                let me = self.clone();
+                tokio::spawn(async move {
+                    if let Err(e) = me.load(&d, false).await {
+                        tracing::debug!(dir = d.id, error = %e, "listing ahead of a scan failed");
+                    }
+                    drop(permit);
+                });
+            }
+            if !more {
+                break;
+            }
         }
+        metrics::counter!("granary_master_listings_ahead_total").increment(started);
     }
 
     async fn load(&self, dir: &Inode, force: bool) -> FsResult<Inode> {

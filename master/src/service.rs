@@ -192,7 +192,7 @@ impl MasterService {
             return Err(FsError::NotDir(String::from_utf8_lossy(&dir.name).into_owned()).into());
         }
         if self.raft.status().is_leader {
-            return Ok(self.loader.ensure_loaded(&dir).await?);
+            return Ok(self.loader.ensure_loaded_for_read(&dir).await?);
         }
         let index = self
             .leader_client()?

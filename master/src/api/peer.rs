@@ -36,7 +36,8 @@ impl Peer for MasterService {
         let dir = self.store.get(r.dir_id)?;
         match r.relist {
             true => self.loader.refresh(&dir).await?,
-            false => self.loader.ensure_loaded(&dir).await?,
+            // A follower's reader.
+            false => self.loader.ensure_loaded_for_read(&dir).await?,
         };
         Ok(Response::new(ReadIndexReply {
             index: self.raft.applied_index(),
