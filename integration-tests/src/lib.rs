@@ -35,16 +35,43 @@ pub fn bin(name: &str) -> PathBuf {
 /// A port for a process to listen on. Drawn below the kernel's ephemeral range: a port
 /// from that range can be taken by any outgoing connection (another test's gRPC client)
 /// between this call and the process binding it, and the process we wait for would then
-/// be someone else.
+/// be someone else. Reserved for the rest of this process: tests run as processes of
+/// their own, and two drawing the same free port before either bound it made one fail
+/// with "Address already in use".
 pub fn free_port() -> u16 {
     use rand::Rng;
     let mut rng = rand::rng();
     loop {
         let port = rng.random_range(20_000..32_000);
-        if std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
+        if reserve_port(port) && std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
             return port;
         }
     }
+}
+
+/// Takes `port`'s lock file under the temp directory, held until this process exits
+/// (the kernel drops the lock then, however it ends). False if another process holds it.
+fn reserve_port(port: u16) -> bool {
+    use std::os::fd::AsRawFd;
+    static HELD: std::sync::Mutex<Vec<std::fs::File>> = std::sync::Mutex::new(Vec::new());
+    let dir = std::env::temp_dir().join("granary-test-ports");
+    let file = std::fs::create_dir_all(&dir).and_then(|_| {
+        std::fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(dir.join(port.to_string()))
+    });
+    let Ok(file) = file else {
+        // No place for locks: the bind check alone.
+        return true;
+    };
+    // SAFETY: flock on a descriptor this function owns.
+    if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
+        return false;
+    }
+    HELD.lock().expect("held ports").push(file);
+    true
 }
 
 /// close(2) with its result: dropping a `File` ignores it, and on Granary the close is
@@ -950,5 +977,14 @@ impl Writer {
             }
             std::thread::sleep(Duration::from_millis(20));
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn a_free_port_is_handed_out_once() {
+        let port = super::free_port();
+        assert!(!super::reserve_port(port), "port {port} reserved twice");
     }
 }
