@@ -43,6 +43,8 @@ const FRAME: usize = 8;
 const MAX_RECORD: u32 = 1 << 30;
 /// The file grows by zero-filled steps of this many bytes (rounded up to whole steps).
 const GROWTH: u64 = 4 << 20;
+/// Zeros are written a page at a time (see [`LogFile::zero_fill`]).
+const PAGE: usize = 4096;
 
 /// Term and vote, as last written.
 pub type Vote = (u64, u64);
@@ -146,7 +148,38 @@ impl LogFile {
             vote: (0, 0),
         };
         log.recover()?;
+        log.recache_zeros()?;
         Ok(log)
+    }
+
+    /// Drops the file's cached pages (all clean now; the scan read them in large folios)
+    /// and writes the zeros past the last record again, so they are cached as single pages
+    /// (see [`Self::zero_fill`]).
+    fn recache_zeros(&mut self) -> Result<(), StoreError> {
+        // SAFETY: fadvise on an open descriptor; it only drops clean cached pages.
+        unsafe { libc::posix_fadvise(self.file.as_raw_fd(), 0, 0, libc::POSIX_FADV_DONTNEED) };
+        if self.end == self.size {
+            return Ok(());
+        }
+        self.zero_fill(self.end, self.size)
+            .and_then(|_| self.file.sync_data())
+            .map_err(|e| io_err(&self.path, "writing its zeroed space", e))
+    }
+
+    /// Writes zeros over `from..to` a page at a time, so the page cache holds them as
+    /// single pages and an append dirties only the pages it writes. A large write makes
+    /// large folios (ext4 since Linux 6.16): an append into one dirtied all of it, each
+    /// `fdatasync` took ~9% longer (93 → 85 µs here), and /proc/<pid>/io counted up to
+    /// 2 MiB written per append.
+    fn zero_fill(&self, from: u64, to: u64) -> std::io::Result<()> {
+        let zeros = [0u8; PAGE];
+        let mut at = from;
+        while at < to {
+            let n = (at + 1).next_multiple_of(PAGE as u64).min(to) - at;
+            self.file.write_all_at(&zeros[..n as usize], at)?;
+            at += n;
+        }
+        Ok(())
     }
 
     /// Writes a complete log file (start, vote, then `records`, already framed) next to
@@ -380,7 +413,7 @@ impl LogFile {
             .write_all_at(&buf, self.end)
             .and_then(|_| match size > self.size {
                 // Synced with the records: later rounds only overwrite zeros.
-                true => self.file.write_all_at(&vec![0; (size - end) as usize], end),
+                true => self.zero_fill(end, size),
                 false => Ok(()),
             })
             .and_then(|_| self.file.sync_data())
