@@ -244,11 +244,8 @@ impl NamespaceStore {
         Ok(())
     }
 
-    /// Runs `f` over the tables in one write transaction. `Commit::Unsynced` commits it
-    /// without an fsync (see [`NamespaceStore::sync`]); `Commit::Never` drops it, so `f`
-    /// only answers what it would do.
     /// Runs `f` in a write transaction committed without an fsync (the Raft log is
-    /// durable and replays it).
+    /// durable and replays it; see [`NamespaceStore::sync`]).
     pub(crate) fn write<R>(
         &self,
         f: impl FnOnce(&mut Tables<'_>) -> Result<R, StoreError>,
