@@ -214,11 +214,19 @@ impl<L: CommandLog> MetadataLoader<L> {
             if !force && !self.needs_listing(&current) {
                 return Ok(current);
             }
-            // Entries of a loaded directory may be changing: list between mutations.
+            // Entries of a loaded directory may be changing: list between mutations. A
+            // first listing only waits for those alone: a directory rename between its
+            // UFS change and its commit (on S3 a copy and delete per object) would have
+            // it list the old path halfway moved, or gone, and record that for good.
             let _turn = match current.children_loaded {
-                true => Some(self.mutations.alone().await),
-                false => None,
+                true => self.mutations.alone().await,
+                false => self.mutations.shared().await,
             };
+            // Moved, or listed, while waiting.
+            let current = self.store.get(dir.id)?;
+            if !force && !self.needs_listing(&current) {
+                return Ok(current);
+            }
             let mut attempts = 0;
             loop {
                 match self.list_and_record(&current).await {
@@ -449,5 +457,90 @@ impl<L: CommandLog> MetadataLoader<L> {
             directories: u64::from(counted(&self.store.path_of(dir.id)?)),
             files,
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::{AtomicU64, Ordering};
+
+    use granary_common::ufs::LocalUfs;
+    use granary_protos::v1::RenameEntry;
+
+    use super::*;
+    use crate::state_machine::{apply_batch, tests::mount, LogEntry};
+
+    /// Applies each command as it is proposed, as a one-member group does.
+    struct Applied {
+        store: Arc<NamespaceStore>,
+        next: AtomicU64,
+    }
+
+    impl CommandLog for Applied {
+        fn propose(&self, cmd: Command) -> impl std::future::Future<Output = FsResult<()>> + Send {
+            let index = self.next.fetch_add(1, Ordering::SeqCst);
+            let applied = apply_batch(&self.store, &[LogEntry::command(index, 1, cmd)]);
+            async move { applied?.remove(0) }
+        }
+    }
+
+    #[tokio::test]
+    async fn a_first_listing_waits_for_a_directory_rename_between_its_ufs_change_and_commit() {
+        let tmp = tempfile::tempdir().unwrap();
+        let data = tmp.path().join("data");
+        std::fs::create_dir_all(data.join("d")).unwrap();
+        for f in ["f1", "f2"] {
+            std::fs::write(data.join("d").join(f), b"x").unwrap();
+        }
+        let store = Arc::new(NamespaceStore::open(&tmp.path().join("ns.redb"), 0).unwrap());
+        let log = Arc::new(Applied {
+            store: store.clone(),
+            next: AtomicU64::new(1),
+        });
+        log.propose(mount()).await.unwrap();
+        let ufs: Arc<dyn Ufs> =
+            Arc::new(LocalUfs::open("file:///data", data.to_str().unwrap()).unwrap());
+        let loader = Arc::new(MetadataLoader::new(
+            store.clone(),
+            log.clone(),
+            HashMap::from([(1, ufs)]),
+            None,
+        ));
+        let root = loader
+            .ensure_loaded(&store.get(store.root_id()).unwrap())
+            .await
+            .unwrap();
+        let d = store.lookup(root.id, b"d").unwrap().unwrap();
+        assert!(!d.children_loaded);
+
+        // A rename of `d` to `e` that made its UFS change and has not committed yet.
+        let rename = loader.mutations.alone().await;
+        std::fs::rename(data.join("d"), data.join("e")).unwrap();
+        let listing = tokio::spawn({
+            let loader = loader.clone();
+            async move { loader.ensure_loaded(&d).await }
+        });
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        assert!(!listing.is_finished(), "listed in the middle of the rename");
+        log.propose(Command {
+            op: Some(command::Op::RenameEntry(RenameEntry {
+                parent: root.id,
+                name: b"d".to_vec(),
+                new_parent: root.id,
+                new_name: b"e".to_vec(),
+                ..Default::default()
+            })),
+        })
+        .await
+        .unwrap();
+        drop(rename);
+        let e = listing.await.unwrap().unwrap();
+        let names: Vec<Vec<u8>> = loader
+            .children(e.id)
+            .unwrap()
+            .into_iter()
+            .map(|i| i.name)
+            .collect();
+        assert_eq!(names, [b"f1".to_vec(), b"f2".to_vec()]);
     }
 }

@@ -93,10 +93,11 @@ impl MutationLocks {
         }
     }
 
-    /// A turn for a change to one inode's content or attributes, which no other
-    /// mutation's check reads: it only waits for turns alone (a re-listing must not
-    /// record what it listed over such a change made meanwhile).
-    pub async fn inode_change(&self) -> Turn<'_> {
+    /// A turn that only waits for turns alone. For a change to one inode's content or
+    /// attributes, which no other mutation's check reads (a re-listing must not record
+    /// what it listed over such a change made meanwhile), and for a directory's first
+    /// listing (no directory rename may move its UFS path while it is listed).
+    pub async fn shared(&self) -> Turn<'_> {
         Turn {
             locks: self,
             dirs: Vec::new(),
@@ -171,17 +172,17 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn inode_changes_wait_only_for_turns_alone() {
+    async fn shared_turns_wait_only_for_turns_alone() {
         let locks = MutationLocks::default();
         let dir = locks.dirs(&[1]).await;
         let creation = locks.creation_in(2).await;
-        let change = locks.inode_change().await;
-        let other = locks.inode_change().await;
+        let change = locks.shared().await;
+        let other = locks.shared().await;
         assert!(waits(locks.alone()).await, "a re-listing waits for them");
         drop((dir, creation, change, other));
         let listing = locks.alone().await;
-        assert!(waits(locks.inode_change()).await);
+        assert!(waits(locks.shared()).await);
         drop(listing);
-        locks.inode_change().await;
+        locks.shared().await;
     }
 }

@@ -572,7 +572,7 @@ impl MasterService {
     pub(crate) async fn set_attributes(&self, mut a: SetAttributes) -> FsResult<Inode> {
         a.now_ns = now_ns();
         let id = a.id;
-        let _turn = self.loader.mutations.inode_change().await;
+        let _turn = self.loader.mutations.shared().await;
         self.commit(command::Op::SetAttributes(a)).await?;
         self.store.get(id)
     }
@@ -599,7 +599,7 @@ impl MasterService {
 
     pub(crate) async fn commit_content(&self, c: CommitContent) -> FsResult<Inode> {
         let id = c.id;
-        let _turn = self.loader.mutations.inode_change().await;
+        let _turn = self.loader.mutations.shared().await;
         self.commit(command::Op::CommitContent(c)).await?;
         self.store.get(id)
     }
