@@ -16,7 +16,7 @@ pub(crate) const LOOK_THROUGH: usize = 1024;
 /// On-demand listings further apart than this make no scan (a reader slow through the
 /// directories listed ahead of it keeps its scan).
 const SCAN_GAP: Duration = Duration::from_secs(60);
-/// Parents followed at once (stale ones make room).
+/// Parents followed at once (stale ones make room, else the one followed longest ago).
 const MAX_SCANS: usize = 256;
 
 /// The last subdirectory listed on demand in each parent, and when.
@@ -40,8 +40,13 @@ impl Scans {
             .is_some_and(|(before, at)| before.as_slice() < name && recent(at));
         if !last.contains_key(&parent) && last.len() >= MAX_SCANS {
             last.retain(|_, (_, at)| recent(at));
+            // A walk over many parents leaves each recent when it moves on: the one
+            // followed longest ago makes room.
             if last.len() >= MAX_SCANS {
-                return false;
+                let oldest = last.iter().min_by_key(|(_, (_, at))| *at).map(|(p, _)| *p);
+                if let Some(p) = oldest {
+                    last.remove(&p);
+                }
             }
         }
         last.insert(parent, (name.to_vec(), now));
@@ -71,23 +76,22 @@ mod tests {
     }
 
     #[test]
-    fn stale_parents_make_room_and_fresh_ones_are_kept() {
+    fn a_walk_over_more_parents_than_followed_keeps_its_scans() {
         let scans = Scans::default();
         let t0 = Instant::now();
-        for p in 0..MAX_SCANS as u64 {
-            scans.continues_at(p, b"a", t0);
+        let at = |i: u64| t0 + Duration::from_millis(i);
+        for p in 0..2 * MAX_SCANS as u64 {
+            assert!(!scans.continues_at(p, b"a", at(p)));
+            assert!(scans.continues_at(p, b"b", at(p)), "parent {p}");
         }
-        assert!(!scans.continues_at(1000, b"a", t0));
+        assert_eq!(scans.last.lock().unwrap().len(), MAX_SCANS);
+        let now = at(2 * MAX_SCANS as u64);
         assert!(
-            !scans.continues_at(1000, b"b", t0),
-            "no room while all are fresh"
+            !scans.continues_at(0, b"c", now),
+            "the first parent made room"
         );
-        assert!(scans.continues_at(0, b"b", t0), "the followed ones go on");
-        let later = t0 + SCAN_GAP + Duration::from_secs(1);
-        assert!(!scans.continues_at(1000, b"a", later));
-        assert!(
-            scans.continues_at(1000, b"b", later),
-            "followed once room was made"
-        );
+        let later = now + SCAN_GAP + Duration::from_secs(1);
+        assert!(!scans.continues_at(5000, b"a", later));
+        assert_eq!(scans.last.lock().unwrap().len(), 1, "stale ones go first");
     }
 }
