@@ -133,20 +133,21 @@ impl<L: CommandLog> MetadataLoader<L> {
     /// parent's subdirectories starts listing the next ones in the background (see
     /// [`crate::list_ahead`]).
     pub async fn ensure_loaded_for_read(self: &Arc<Self>, dir: &Inode) -> FsResult<Inode> {
-        if !dir.children_loaded
-            && dir.referral.is_none()
-            && dir.id != self.store.root_id()
-            && self.scans.continues(dir.parent, &dir.name)
-        {
-            let (me, parent, name) = (self.clone(), dir.parent, dir.name.clone());
-            tokio::spawn(async move { me.list_ahead(parent, name) });
+        if !dir.children_loaded && dir.referral.is_none() && dir.id != self.store.root_id() {
+            if let Some(before) = self.scans.continues(dir.parent, &dir.name) {
+                let (me, parent, name) = (self.clone(), dir.parent, dir.name.clone());
+                tokio::spawn(async move { me.list_ahead(parent, before, name) });
+            }
         }
         self.load(dir, false).await
     }
 
-    /// Starts listing the never-listed subdirectories of `parent` after `after`, in name
-    /// order, while background permits last.
-    fn list_ahead(self: &Arc<Self>, parent: u64, mut after: Vec<u8>) {
+    /// Starts listing the never-listed subdirectories of `parent` after `name`, in name
+    /// order, while background permits last. Unless the reader passed over one since
+    /// `before` (its listing there before `name`): a reader sampling some folders would
+    /// have every listing ahead wasted.
+    fn list_ahead(self: &Arc<Self>, parent: u64, before: Vec<u8>, name: Vec<u8>) {
+        let mut after = before;
         let mut looked = 0;
         let mut started = 0;
         'pages: while looked < LOOK_THROUGH {
@@ -165,6 +166,7 @@ impl<L: CommandLog> MetadataLoader<L> {
                 if d.kind != FileKind::Directory as i32
                     || d.children_loaded
                     || d.referral.is_some()
+                    || d.name == name
                     || self
                         .inflight
                         .lock()
@@ -172,6 +174,9 @@ impl<L: CommandLog> MetadataLoader<L> {
                         .contains_key(&d.id)
                 {
                     continue;
+                }
+                if d.name < name {
+                    break 'pages;
                 }
                 let Ok(permit) = self.ahead.clone().try_acquire_owned() else {
                     break 'pages;
@@ -484,15 +489,11 @@ mod tests {
         }
     }
 
-    #[tokio::test]
-    async fn a_first_listing_waits_for_a_directory_rename_between_its_ufs_change_and_commit() {
-        let tmp = tempfile::tempdir().unwrap();
-        let data = tmp.path().join("data");
-        std::fs::create_dir_all(data.join("d")).unwrap();
-        for f in ["f1", "f2"] {
-            std::fs::write(data.join("d").join(f), b"x").unwrap();
-        }
-        let store = Arc::new(NamespaceStore::open(&tmp.path().join("ns.redb"), 0).unwrap());
+    type Loader = Arc<MetadataLoader<Applied>>;
+
+    /// A loader over the local directory `data`, its root listed; the log applies at once.
+    async fn loader_over(data: &std::path::Path) -> (Loader, Arc<Applied>, Inode) {
+        let store = Arc::new(NamespaceStore::open(&data.with_extension("redb"), 0).unwrap());
         let log = Arc::new(Applied {
             store: store.clone(),
             next: AtomicU64::new(1),
@@ -510,7 +511,19 @@ mod tests {
             .ensure_loaded(&store.get(store.root_id()).unwrap())
             .await
             .unwrap();
-        let d = store.lookup(root.id, b"d").unwrap().unwrap();
+        (loader, log, root)
+    }
+
+    #[tokio::test]
+    async fn a_first_listing_waits_for_a_directory_rename_between_its_ufs_change_and_commit() {
+        let tmp = tempfile::tempdir().unwrap();
+        let data = tmp.path().join("data");
+        std::fs::create_dir_all(data.join("d")).unwrap();
+        for f in ["f1", "f2"] {
+            std::fs::write(data.join("d").join(f), b"x").unwrap();
+        }
+        let (loader, log, root) = loader_over(&data).await;
+        let d = loader.store.lookup(root.id, b"d").unwrap().unwrap();
         assert!(!d.children_loaded);
 
         // A rename of `d` to `e` that made its UFS change and has not committed yet.
@@ -542,5 +555,41 @@ mod tests {
             .map(|i| i.name)
             .collect();
         assert_eq!(names, [b"f1".to_vec(), b"f2".to_vec()]);
+    }
+
+    #[tokio::test]
+    async fn a_reader_listing_folders_in_order_has_the_next_listed_ahead_and_one_sampling_them_not()
+    {
+        let tmp = tempfile::tempdir().unwrap();
+        let data = tmp.path().join("data");
+        for d in 0..20 {
+            std::fs::create_dir_all(data.join(format!("c{d:02}"))).unwrap();
+        }
+        let (loader, _log, root) = loader_over(&data).await;
+        let folder = |d: usize| {
+            let name = format!("c{d:02}");
+            loader
+                .store
+                .lookup(root.id, name.as_bytes())
+                .unwrap()
+                .unwrap()
+        };
+        let listed = |range: std::ops::Range<usize>| range.map(|d| folder(d).children_loaded);
+        for d in [0, 5] {
+            loader.ensure_loaded_for_read(&folder(d)).await.unwrap();
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        assert!(listed(6..20).all(|l| !l), "c01..=c04 were passed over");
+        loader.ensure_loaded_for_read(&folder(6)).await.unwrap();
+        let ahead = async {
+            while !listed(7..15).all(|l| l) {
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        };
+        tokio::time::timeout(Duration::from_secs(10), ahead)
+            .await
+            .expect("c07..=c14 listed ahead of c06");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        assert!(listed(15..20).all(|l| !l), "{AHEAD} ahead at most");
     }
 }
