@@ -24,11 +24,31 @@ pub struct LocalArgs {
     pub s3: S3Options,
     /// The mount's settings; its masters and staging directory are this cluster's.
     pub mount: MountConfig,
+    /// The masters' settings a local cluster takes.
+    pub master: LocalMasterKeys,
 }
 
-/// `granary local --config FILE`: the mount's keys, and an `[s3]` table (the keys of the
-/// masters' and workers' `[s3]`) for an `s3://` UFS.
-pub fn load_config(path: &Path) -> anyhow::Result<(MountConfig, S3Options)> {
+/// `[master]` of `granary local --config`: the master keys that make sense for a cluster
+/// in one process (its addresses, directories and UFS come from the flags).
+#[derive(Debug, Clone, Default, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LocalMasterKeys {
+    /// See the master's `metadata_sync_interval`.
+    #[serde(default)]
+    pub metadata_sync_interval: granary_common::interval::Interval,
+}
+
+/// What `granary local --config FILE` holds.
+#[derive(Debug, Default)]
+pub struct LocalConfig {
+    pub mount: MountConfig,
+    pub s3: S3Options,
+    pub master: LocalMasterKeys,
+}
+
+/// `granary local --config FILE`: the mount's keys, an `[s3]` table (the keys of the
+/// masters' and workers' `[s3]`) for an `s3://` UFS, and a `[master]` table.
+pub fn load_config(path: &Path) -> anyhow::Result<LocalConfig> {
     let mut table: toml::Table = granary_common::config::load_toml(path)?;
     let invalid = |what: &str, e: toml::de::Error| {
         anyhow!(
@@ -44,10 +64,14 @@ pub fn load_config(path: &Path) -> anyhow::Result<(MountConfig, S3Options)> {
     // Checked whatever the UFS: a wrong value is wrong before it is used.
     s3.check()
         .map_err(|e| anyhow!("invalid config file {}: {e}", path.display()))?;
+    let master = match table.remove("master") {
+        Some(t) => t.try_into().map_err(|e| invalid("[master]", e))?,
+        None => LocalMasterKeys::default(),
+    };
     let mount = toml::Value::Table(table)
         .try_into()
-        .map_err(|e| invalid("mount keys (and an [s3] table)", e))?;
-    Ok((mount, s3))
+        .map_err(|e| invalid("mount keys (and [s3], [master] tables)", e))?;
+    Ok(LocalConfig { mount, s3, master })
 }
 
 /// Everything `granary local` runs; dropping it unmounts and stops the servers.
@@ -98,6 +122,7 @@ pub async fn start(a: &LocalArgs) -> anyhow::Result<LocalCluster> {
         data_dir: a.state_dir.join("master"),
         ufs: ufs.clone(),
         s3: a.s3.clone(),
+        metadata_sync_interval: a.master.metadata_sync_interval,
         ..Default::default()
     })
     .await
@@ -176,6 +201,7 @@ async fn start_shards(
             data_dir: a.state_dir.join(format!("master-shard-{shard}")),
             ufs: ufs.to_string(),
             s3: a.s3.clone(),
+            metadata_sync_interval: a.master.metadata_sync_interval,
             ..Default::default()
         })
         .await
@@ -317,7 +343,7 @@ mod tests {
     use super::{default_state_dir, load_config};
 
     #[test]
-    fn a_local_config_holds_mount_keys_and_an_s3_table_and_names_a_wrong_key() {
+    fn a_local_config_holds_mount_keys_s3_and_master_tables_and_names_a_wrong_key() {
         let dir = tempfile::tempdir().unwrap();
         let cfg = dir.path().join("local.toml");
         std::fs::write(
@@ -325,15 +351,23 @@ mod tests {
             "allow_other = true\n[s3]\nendpoint = \"http://127.0.0.1:9000\"\nread_part_size = \"64MiB\"\n",
         )
         .unwrap();
-        let (mount, s3) = load_config(&cfg).unwrap();
-        assert!(mount.allow_other);
-        assert_eq!(s3.endpoint.as_deref(), Some("http://127.0.0.1:9000"));
-        assert_eq!(s3.read_part_size.0, 64 << 20);
+        let c = load_config(&cfg).unwrap();
+        assert!(c.mount.allow_other);
+        assert_eq!(c.s3.endpoint.as_deref(), Some("http://127.0.0.1:9000"));
+        assert_eq!(c.s3.read_part_size.0, 64 << 20);
+        assert_eq!(c.master.metadata_sync_interval, Default::default());
+        std::fs::write(&cfg, "[master]\nmetadata_sync_interval = \"30s\"\n").unwrap();
+        assert_eq!(
+            load_config(&cfg).unwrap().master.metadata_sync_interval,
+            granary_common::interval::Interval::parse("30s").unwrap()
+        );
         for (text, key) in [
             ("[s3]\nread_part_sise = 1\n", "read_part_sise"),
             ("alow_other = true\n", "alow_other"),
             ("[s3]\nread_part_size = \"lots\"\n", "[s3]"),
             ("[s3]\nread_parts_in_flight = 0\n", "read_parts_in_flight"),
+            ("[master]\nblock_size = \"1MiB\"\n", "block_size"),
+            ("[master]\nmetadata_sync_interval = \"soon\"\n", "[master]"),
         ] {
             std::fs::write(&cfg, text).unwrap();
             let e = load_config(&cfg).unwrap_err().to_string();

@@ -66,8 +66,8 @@ enum Command {
         #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u16).range(1..=64))]
         shards: u16,
         /// TOML mount config (the keys of `granary mount --config`, e.g. `allow_other`,
-        /// `passthrough`; its masters and staging directory are this process's own), and
-        /// an `[s3]` table for an s3:// UFS.
+        /// `passthrough`; its masters and staging directory are this process's own), an
+        /// `[s3]` table for an s3:// UFS, and a `[master]` table (`metadata_sync_interval`).
         #[arg(long)]
         config: Option<PathBuf>,
     },
@@ -313,7 +313,7 @@ fn run() -> anyhow::Result<()> {
                 std::fs::create_dir_all(&mountpoint)?;
             }
             let state_dir = state_dir.unwrap_or_else(|| local::default_state_dir(&ufs));
-            let (mount, s3) = match &config {
+            let local::LocalConfig { mount, s3, master } = match &config {
                 Some(p) => local::load_config(p)?,
                 None => Default::default(),
             };
@@ -328,6 +328,7 @@ fn run() -> anyhow::Result<()> {
                 shards,
                 s3,
                 mount,
+                master,
             };
             runtime()?.block_on(async {
                 if let Some(addr) = args.metrics_listen.or(args.mount.metrics_listen) {

@@ -179,6 +179,7 @@ pub fn run(b: ReadBench) -> anyhow::Result<()> {
         shards: 1,
         s3: Default::default(),
         mount: Default::default(),
+        master: Default::default(),
     }))?;
     // Two read-only mounts of the same cluster: one with its defaults (FUSE passthrough,
     // off on a writable mount), one with zero-message opens, so each way is measured in

@@ -81,6 +81,7 @@ pub fn run(b: ReadBench) -> anyhow::Result<()> {
             ..Default::default()
         },
         mount: Default::default(),
+        master: Default::default(),
     };
     let cluster = rt.block_on(local::start(&args))?;
     let result = measure(&b, &s3, &mnt, &small);

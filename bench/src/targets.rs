@@ -132,6 +132,7 @@ impl Targets {
             shards: 1,
             s3: Default::default(),
             mount,
+            master: Default::default(),
         }))?;
         Ok(Targets {
             list,
