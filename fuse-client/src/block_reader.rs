@@ -243,7 +243,21 @@ impl BlockReader {
         let mut evicted = 0;
         loop {
             if let Entry::Vacant(slot) = state.local_files.entry(index) {
-                let (resp, _) = self.request(worker, request_for(file, index, 0, 0, true))?;
+                let req = request_for(file, index, span.offset, span.len, true);
+                let (resp, bytes) = self.request(worker, req)?;
+                if resp.local_path.is_empty() {
+                    // Not cached yet: the worker sent the span's bytes as they came in.
+                    if (bytes.len() as u64) < span.len {
+                        return Err(FsError::Stale(format!(
+                            "worker returned {} of {} bytes",
+                            bytes.len(),
+                            span.len
+                        )));
+                    }
+                    out.extend_from_slice(&bytes);
+                    metrics::counter!("granary_client_remote_bytes_total").increment(span.len);
+                    return Ok(());
+                }
                 match File::open(&resp.local_path) {
                     Ok(f) => {
                         slot.insert((f, resp.local_offset));

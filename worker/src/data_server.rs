@@ -64,6 +64,17 @@ pub(crate) fn upload_response(
     }
 }
 
+/// The answer carrying `buf`.
+fn served(request_id: u64, buf: Vec<u8>) -> (ReadBlockResponse, Vec<u8>) {
+    metrics::counter!("granary_worker_served_bytes_total").increment(buf.len() as u64);
+    let resp = ReadBlockResponse {
+        request_id,
+        length: buf.len() as u64,
+        ..Default::default()
+    };
+    (resp, buf)
+}
+
 pub(crate) fn status_of(e: &FsError) -> Status {
     match e {
         FsError::InvalidArgument(_) | FsError::NameTooLong(_) => Status::BadRequest,
@@ -251,7 +262,10 @@ impl DataServer {
             return Err(FsError::InvalidArgument("block_size is zero".into()));
         }
         let block_len = src.block_len(req.index);
-        if !req.local_path_only
+        // A short-circuit request names the range it reads now: a block not cached yet
+        // is then answered with those bytes as soon as they are fetched.
+        let whole_block = req.local_path_only && req.length == 0;
+        if !whole_block
             && (req.length > MAX_READ_LEN
                 || req
                     .offset
@@ -282,7 +296,17 @@ impl DataServer {
                         req.index
                     )))
                 }
-                None => self.fetcher.get(id, &src).await?,
+                None if whole_block => self.fetcher.get(id, &src).await?,
+                None => {
+                    match self
+                        .fetcher
+                        .read_early(id, &src, req.offset, req.length)
+                        .await?
+                    {
+                        Some(buf) => return Ok(served(req.request_id, buf)),
+                        None => continue,
+                    }
+                }
             };
             if req.local_path_only {
                 return Ok((
@@ -308,18 +332,7 @@ impl DataServer {
             .await
             .map_err(|e| FsError::io(e.to_string()))?;
             match data {
-                Ok(buf) => {
-                    metrics::counter!("granary_worker_served_bytes_total")
-                        .increment(buf.len() as u64);
-                    return Ok((
-                        ReadBlockResponse {
-                            request_id: req.request_id,
-                            length: buf.len() as u64,
-                            ..Default::default()
-                        },
-                        buf,
-                    ));
-                }
+                Ok(buf) => return Ok(served(req.request_id, buf)),
                 // Evicted meanwhile, or deleted behind the cache's back (then it is
                 // forgotten, and the next turn fetches it again).
                 Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
@@ -376,22 +389,100 @@ mod tests {
         }
     }
 
-    struct Setup {
-        _dirs: (tempfile::TempDir, tempfile::TempDir),
-        addr: std::net::SocketAddr,
-        ufs: Arc<Counting>,
-        data: Vec<u8>,
-        mtime_ns: i64,
+    /// A local UFS whose block fills (reads of more than `held_after` bytes) stop after
+    /// their first `held_after` bytes until the gate opens, and fail there once if
+    /// `fail_once`; shorter reads (direct ones) pass.
+    #[derive(Debug)]
+    struct Gated {
+        local: LocalUfs,
+        held_after: u64,
+        gate: (std::sync::Mutex<bool>, std::sync::Condvar),
+        fail_once: std::sync::atomic::AtomicBool,
+        reads: std::sync::Mutex<Vec<(u64, u64)>>,
+    }
+    impl Gated {
+        fn new(local: LocalUfs, held_after: u64, open: bool, fail_once: bool) -> Self {
+            Gated {
+                local,
+                held_after,
+                gate: (std::sync::Mutex::new(open), std::sync::Condvar::new()),
+                fail_once: fail_once.into(),
+                reads: Default::default(),
+            }
+        }
+        fn open(&self) {
+            *self.gate.0.lock().unwrap() = true;
+            self.gate.1.notify_all();
+        }
+        fn fills(&self) -> usize {
+            let reads = self.reads.lock().unwrap();
+            reads.iter().filter(|r| r.1 > self.held_after).count()
+        }
+    }
+    impl Ufs for Gated {
+        fn uri(&self) -> &str {
+            self.local.uri()
+        }
+        fn list(&self, d: &[u8]) -> FsResult<Vec<UfsObject>> {
+            self.local.list(d)
+        }
+        fn stat(&self, p: &[u8]) -> FsResult<UfsObject> {
+            self.local.stat(p)
+        }
+        fn read_range(
+            &self,
+            p: &[u8],
+            v: Fingerprint,
+            o: u64,
+            l: u64,
+            s: &mut dyn std::io::Write,
+        ) -> FsResult<u64> {
+            self.reads.lock().unwrap().push((o, l));
+            if l <= self.held_after {
+                return self.local.read_range(p, v, o, l, s);
+            }
+            let first = self.local.read_range(p, v, o, self.held_after, s)?;
+            let mut open = self.gate.0.lock().unwrap();
+            while !*open {
+                open = self.gate.1.wait(open).unwrap();
+            }
+            drop(open);
+            if self.fail_once.swap(false, Ordering::SeqCst) {
+                return Err(FsError::ufs("connection reset"));
+            }
+            Ok(first + self.local.read_range(p, v, o + first, l - first, s)?)
+        }
     }
 
-    async fn setup() -> Setup {
+    struct Setup<U> {
+        _dirs: (tempfile::TempDir, tempfile::TempDir),
+        addr: std::net::SocketAddr,
+        ufs: Arc<U>,
+        data: Vec<u8>,
+        mtime_ns: i64,
+        block_size: u64,
+    }
+
+    async fn setup() -> Setup<Counting> {
+        setup_with(300_000, 128 * 1024, |local| {
+            Counting(local, AtomicUsize::new(0))
+        })
+        .await
+    }
+
+    /// A worker serving a file `f.bin` of `len` bytes in blocks of `block_size`, from a
+    /// local UFS wrapped by `wrap`.
+    async fn setup_with<U: Ufs + 'static>(
+        len: u32,
+        block_size: u64,
+        wrap: impl FnOnce(LocalUfs) -> U,
+    ) -> Setup<U> {
         let ufs_dir = tempfile::tempdir().unwrap();
-        let data: Vec<u8> = (0..300_000u32).map(|i| (i * 7) as u8).collect();
+        let data: Vec<u8> = (0..len).map(|i| (i * 7 + i / 4099) as u8).collect();
         std::fs::write(ufs_dir.path().join("f.bin"), &data).unwrap();
         let md = std::fs::metadata(ufs_dir.path().join("f.bin")).unwrap();
-        let ufs = Arc::new(Counting(
+        let ufs = Arc::new(wrap(
             LocalUfs::open("file://test", ufs_dir.path().to_str().unwrap()).unwrap(),
-            AtomicUsize::new(0),
         ));
         let mounts = Arc::new(MountRegistry::default());
         mounts.insert(0, 1, ufs.clone());
@@ -413,6 +504,7 @@ mod tests {
             ufs,
             data,
             mtime_ns: md.mtime() * 1_000_000_000 + md.mtime_nsec(),
+            block_size,
         }
     }
 
@@ -427,7 +519,7 @@ mod tests {
         (s, reply)
     }
 
-    fn request(s: &Setup, index: u32, offset: u64, length: u64) -> ReadBlockRequest {
+    fn request<U>(s: &Setup<U>, index: u32, offset: u64, length: u64) -> ReadBlockRequest {
         ReadBlockRequest {
             request_id: 9,
             file_id: 5,
@@ -436,7 +528,7 @@ mod tests {
             ufs_path: b"f.bin".to_vec(),
             file_size: s.data.len() as u64,
             file_mtime_ns: s.mtime_ns,
-            block_size: 128 * 1024,
+            block_size: s.block_size,
             offset,
             length,
             local_path_only: false,
@@ -452,7 +544,7 @@ mod tests {
         let resp: ReadBlockResponse = read_header(sock).unwrap();
         let mut payload = vec![
             0u8;
-            if resp.status == 0 {
+            if resp.status == 0 && resp.local_path.is_empty() {
                 resp.length as usize
             } else {
                 0
@@ -555,5 +647,146 @@ mod tests {
         })
         .await
         .unwrap();
+    }
+
+    const MIB: u64 = 1 << 20;
+
+    /// An accepted connection whose reads give up after 20 s (a build that waits for
+    /// what a test holds back fails instead of hanging).
+    fn session(addr: std::net::SocketAddr) -> TcpStream {
+        let (sock, hello) = connect(addr, DATA_PROTOCOL_VERSION);
+        assert!(hello.ok, "{}", hello.error);
+        sock.set_read_timeout(Some(std::time::Duration::from_secs(20)))
+            .unwrap();
+        sock
+    }
+
+    fn short_circuit<U>(s: &Setup<U>, offset: u64, length: u64) -> ReadBlockRequest {
+        ReadBlockRequest {
+            local_path_only: true,
+            ..request(s, 0, offset, length)
+        }
+    }
+
+    /// A fill held after its first MiB: ranges within it are answered (over the data port
+    /// and to a short-circuit client alike), a range far past it is read from the UFS, and
+    /// the block is cached whole once the fill goes on.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_cold_range_is_served_before_its_block_is_cached() {
+        let s = Arc::new(
+            setup_with(6 * MIB as u32, 8 * MIB, |local| {
+                Gated::new(local, MIB, false, false)
+            })
+            .await,
+        );
+        let s2 = s.clone();
+        tokio::task::spawn_blocking(move || {
+            let mut sock = session(s2.addr);
+            let (resp, bytes) = exchange(&mut sock, &request(&s2, 0, 4096, 65536));
+            assert_eq!(resp.status, 0, "{}", resp.error);
+            assert_eq!(bytes, s2.data[4096..4096 + 65536]);
+
+            let (resp, bytes) = exchange(&mut sock, &short_circuit(&s2, 100, 1000));
+            assert_eq!((resp.status, resp.local_path.as_str()), (0, ""));
+            assert_eq!(bytes, s2.data[100..1100]);
+
+            let far = 5 * MIB + 512 * 1024;
+            let (resp, bytes) = exchange(&mut sock, &request(&s2, 0, far, 4096));
+            assert_eq!(resp.status, 0, "{}", resp.error);
+            assert_eq!(bytes, s2.data[far as usize..far as usize + 4096]);
+            assert!(s2.ufs.reads.lock().unwrap().contains(&(far, 4096)));
+
+            s2.ufs.open();
+            let (resp, _) = exchange(&mut sock, &short_circuit(&s2, 0, 0));
+            assert_eq!(resp.status, 0, "{}", resp.error);
+            let cached = std::fs::read(&resp.local_path).unwrap();
+            let at = resp.local_offset as usize;
+            assert_eq!(cached[at..at + 6 * MIB as usize], s2.data[..]);
+            // Cached now: a short-circuit read of a range gets the cache file.
+            let (resp, _) = exchange(&mut sock, &short_circuit(&s2, 100, 1000));
+            assert!(!resp.local_path.is_empty());
+        })
+        .await
+        .unwrap();
+        assert_eq!(s.ufs.fills(), 1, "one fill for all readers of the block");
+    }
+
+    /// A fill of a shared data file failing after its first MiB: a reader waiting for a
+    /// range past it gets the error, the bytes written are no block's, and the next read
+    /// fetches the block again.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_failed_fill_fails_its_readers_and_the_next_read_fetches_again() {
+        let s = Arc::new(
+            setup_with(10 * MIB as u32, 8 * MIB, |local| {
+                Gated::new(local, MIB, true, true)
+            })
+            .await,
+        );
+        let s2 = s.clone();
+        tokio::task::spawn_blocking(move || {
+            let mut sock = session(s2.addr);
+            let at = 2 * MIB as usize;
+            let (resp, _) = exchange(&mut sock, &request(&s2, 0, at as u64, 4096));
+            assert_eq!(resp.status, Status::UfsError as i32, "{}", resp.error);
+            let (resp, bytes) = exchange(&mut sock, &request(&s2, 0, at as u64, 4096));
+            assert_eq!(resp.status, 0, "{}", resp.error);
+            assert_eq!(bytes, s2.data[at..at + 4096]);
+            let (resp, _) = exchange(&mut sock, &short_circuit(&s2, 0, 0));
+            let cached = std::fs::read(&resp.local_path).unwrap();
+            let from = resp.local_offset as usize;
+            assert_eq!(
+                cached[from..from + 8 * MIB as usize],
+                s2.data[..8 * MIB as usize]
+            );
+        })
+        .await
+        .unwrap();
+        assert_eq!(s.ufs.fills(), 2);
+    }
+
+    /// With every fill's turn taken by fills held by the UFS, a read of another cold
+    /// block is read from the UFS directly instead of waiting behind them.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_read_whose_fill_waits_for_its_turn_is_read_from_the_ufs() {
+        use crate::fetcher::MAX_RUNNING_FILLS;
+        let block = 128 * 1024;
+        let blocks = MAX_RUNNING_FILLS as u64 + 1;
+        let s = Arc::new(
+            setup_with((blocks * block) as u32, block, |local| {
+                Gated::new(local, block / 2, false, false)
+            })
+            .await,
+        );
+        let held: Vec<_> = (0..MAX_RUNNING_FILLS as u32)
+            .map(|i| {
+                let s = s.clone();
+                std::thread::spawn(move || {
+                    let mut sock = session(s.addr);
+                    let (resp, bytes) = exchange(&mut sock, &request(&s, i, block - 1000, 1000));
+                    assert_eq!(resp.status, 0, "{}", resp.error);
+                    let at = (i as u64 * block + block - 1000) as usize;
+                    assert_eq!(bytes, s.data[at..at + 1000]);
+                })
+            })
+            .collect();
+        while s.ufs.fills() < MAX_RUNNING_FILLS {
+            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+        }
+        let s2 = s.clone();
+        tokio::task::spawn_blocking(move || {
+            let mut sock = session(s2.addr);
+            let last = MAX_RUNNING_FILLS as u32;
+            let (resp, bytes) = exchange(&mut sock, &request(&s2, last, 0, 1000));
+            assert_eq!(resp.status, 0, "{}", resp.error);
+            let at = (last as u64 * block) as usize;
+            assert_eq!(bytes, s2.data[at..at + 1000]);
+            assert!(s2.ufs.reads.lock().unwrap().contains(&(at as u64, 1000)));
+            s2.ufs.open();
+        })
+        .await
+        .unwrap();
+        for h in held {
+            h.join().unwrap();
+        }
     }
 }

@@ -1,14 +1,19 @@
 //! Cache misses: read a block from the UFS into the cache. Concurrent misses on one block
-//! share a single UFS read.
+//! share a single UFS read, run by a task of its own. Readers of a range need not wait for
+//! the whole block: they take their bytes from the fill as soon as it has written them,
+//! and a range far ahead of the fill is read from the UFS directly.
 
 use std::collections::HashMap;
 use std::fs::File;
 use std::io::{self, Write};
-use std::sync::{Arc, Mutex};
+use std::os::unix::fs::FileExt;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex, RwLock};
 
 use granary_common::blocks::block_len;
 use granary_common::ids::shard_of;
 use granary_common::{FsError, FsResult};
+use tokio::sync::watch;
 
 use crate::block_store::{BlockId, BlockStore, CachedBlock, Fingerprint};
 use crate::mounts::MountRegistry;
@@ -32,10 +37,74 @@ impl BlockSource {
 /// a file of its own.
 const SHARED_FILL_TRIES: usize = 3;
 
+/// A range starting this far past what the fill has written is read from the UFS
+/// directly: a random reader would otherwise wait for most of a block it does not read.
+pub const DIRECT_READ_AHEAD: u64 = 4 << 20;
+
+/// Fills running at once. Readers of ranges do not wait for whole blocks, so a random
+/// reader would otherwise start a fill per block it touches, all at once; reads of a
+/// block whose fill waits for its turn are read from the UFS directly.
+pub const MAX_RUNNING_FILLS: usize = 32;
+
 pub struct BlockFetcher {
     store: Arc<BlockStore>,
     mounts: Arc<MountRegistry>,
-    inflight: Mutex<HashMap<BlockId, Arc<tokio::sync::Mutex<()>>>>,
+    /// Blocks (of one version) being fetched, each by one task.
+    inflight: Mutex<HashMap<(BlockId, Fingerprint), Arc<Fill>>>,
+    running: Arc<tokio::sync::Semaphore>,
+}
+
+/// One fetch of a block, and how far it has got.
+struct Fill {
+    progress: watch::Sender<Progress>,
+    /// Held shared while a reader reads the fill's bytes; a fill giving its bytes up takes
+    /// it exclusively to withdraw them first (a shared data file then punches them out).
+    reading: RwLock<()>,
+}
+
+#[derive(Default)]
+struct Progress {
+    /// Whether the fill has its turn ([`MAX_RUNNING_FILLS`]).
+    running: bool,
+    /// The file being written, and where the block starts in it.
+    at: Option<(PathBuf, u64)>,
+    /// The block's bytes written there so far.
+    filled: u64,
+    /// How the fetch ended.
+    outcome: Option<FsResult<CachedBlock>>,
+}
+
+impl Fill {
+    fn publish(&self, at: (PathBuf, u64)) {
+        self.progress.send_modify(|p| {
+            p.at = Some(at);
+            p.filled = 0;
+        });
+    }
+
+    fn withdraw(&self) {
+        let _no_readers = self.reading.write().expect("fill readers lock");
+        self.progress.send_modify(|p| p.at = None);
+    }
+
+    /// `len` bytes from `offset` of the block if the fill at `at` has them (`None`: it
+    /// moved, or its file was renamed into the cache).
+    fn read(&self, at: &(PathBuf, u64), offset: u64, len: u64) -> io::Result<Option<Vec<u8>>> {
+        let _reading = self.reading.read().expect("fill readers lock");
+        {
+            let p = self.progress.borrow();
+            if p.at.as_ref() != Some(at) || p.filled < offset + len {
+                return Ok(None);
+            }
+        }
+        let file = match File::open(&at.0) {
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
+            f => f?,
+        };
+        let mut buf = vec![0u8; len as usize];
+        file.read_exact_at(&mut buf, at.1 + offset)?;
+        Ok(Some(buf))
+    }
 }
 
 struct CrcWriter<'a> {
@@ -45,6 +114,7 @@ struct CrcWriter<'a> {
     /// The block's length: a UFS sending more must not write into the next block (a
     /// shared data file holds it right after).
     limit: u64,
+    fill: &'a Fill,
 }
 
 impl Write for CrcWriter<'_> {
@@ -55,6 +125,8 @@ impl Write for CrcWriter<'_> {
         let n = self.file.write(buf)?;
         self.crc = crc32c::crc32c_append(self.crc, &buf[..n]);
         self.len += n as u64;
+        let filled = self.len;
+        self.fill.progress.send_modify(|p| p.filled = filled);
         Ok(n)
     }
     fn flush(&mut self) -> io::Result<()> {
@@ -68,6 +140,7 @@ impl BlockFetcher {
             store,
             mounts,
             inflight: Mutex::new(HashMap::new()),
+            running: Arc::new(tokio::sync::Semaphore::new(MAX_RUNNING_FILLS)),
         }
     }
 
@@ -82,62 +155,174 @@ impl BlockFetcher {
     /// The cached block, fetching it from the UFS first if needed. Only a hit on a
     /// verified block is answered on the async thread; checking a block cached before a
     /// restart (which reads it whole) and fetching run on the blocking pool.
-    pub async fn get(&self, id: BlockId, src: &BlockSource) -> FsResult<CachedBlock> {
+    pub async fn get(self: &Arc<Self>, id: BlockId, src: &BlockSource) -> FsResult<CachedBlock> {
         if let Some(b) = self.store.cached(id, src.fingerprint) {
             self.store.count_lookup(true);
             return Ok(b);
         }
-        let gate = self
-            .inflight
-            .lock()
-            .expect("inflight lock")
-            .entry(id)
-            .or_default()
-            .clone();
-        let result = async {
-            let _turn = gate.lock().await;
-            let store = self.store.clone();
-            let mounts = self.mounts.clone();
-            let src = src.clone();
-            tokio::task::spawn_blocking(move || {
-                if let Some(b) = store.lookup(id, src.fingerprint) {
-                    store.count_lookup(true);
-                    return Ok(b);
-                }
-                store.count_lookup(false);
-                fetch(
-                    &store,
-                    &*mounts.get(shard_of(id.0), src.mount_id)?,
-                    id,
-                    &src,
-                )
-            })
+        let fill = self.fill(id, src);
+        let mut progress = fill.progress.subscribe();
+        let ended = progress
+            .wait_for(|p| p.outcome.is_some())
             .await
-            .map_err(|e| FsError::io_from(format!("fetch task: {e}"), e))?
-        }
-        .await;
-        {
-            // The last request of this block out removes its gate: one removed while
-            // others still wait on it would let a newcomer fetch alongside them.
-            let mut inflight = self.inflight.lock().expect("inflight lock");
-            drop(gate);
-            if inflight.get(&id).is_some_and(|g| Arc::strong_count(g) == 1) {
-                inflight.remove(&id);
+            .expect("the fill outlives its subscribers");
+        ended.outcome.clone().expect("waited for")
+    }
+
+    /// `len` bytes from `offset` of block `id` before the block is cached: from its fill
+    /// once written there, or from the UFS when they lie more than [`DIRECT_READ_AHEAD`]
+    /// past it or the fill waits for its turn. `None`: the block is cached (read it there).
+    pub async fn read_early(
+        self: &Arc<Self>,
+        id: BlockId,
+        src: &BlockSource,
+        offset: u64,
+        len: u64,
+    ) -> FsResult<Option<Vec<u8>>> {
+        let fill = self.fill(id, src);
+        let mut progress = fill.progress.subscribe();
+        let end = offset + len;
+        loop {
+            let at = {
+                let p = progress
+                    .wait_for(|p| {
+                        p.outcome.is_some()
+                            || !p.running
+                            || p.at.is_some()
+                                && (p.filled >= end || offset > p.filled + DIRECT_READ_AHEAD)
+                    })
+                    .await
+                    .expect("the fill outlives its subscribers");
+                match (&p.outcome, &p.at) {
+                    (Some(Ok(_)), _) => return Ok(None),
+                    (Some(Err(e)), _) => return Err(e.clone()),
+                    (None, Some(at)) if p.filled >= end => Some(at.clone()),
+                    (None, _) => None,
+                }
+            };
+            let Some(at) = at else {
+                return self.read_direct(id, src, offset, len).await.map(Some);
+            };
+            let reader = fill.clone();
+            let read_at = at.clone();
+            let bytes = tokio::task::spawn_blocking(move || reader.read(&read_at, offset, len))
+                .await
+                .map_err(|e| FsError::io(format!("fill read task: {e}")))??;
+            if let Some(bytes) = bytes {
+                metrics::counter!("granary_worker_early_reads_total").increment(1);
+                return Ok(Some(bytes));
             }
+            // Moved to another data file, or renamed into the cache as it ended.
+            progress
+                .wait_for(|p| p.outcome.is_some() || p.at.as_ref() != Some(&at))
+                .await
+                .expect("the fill outlives its subscribers");
         }
-        match &result {
-            // A newer version the client reloads: routine.
-            Err(FsError::Stale(_)) | Ok(_) => {}
-            Err(e) => tracing::warn!(
-                shard = shard_of(id.0),
-                mount = src.mount_id,
-                path = %String::from_utf8_lossy(&src.ufs_path),
-                block = id.1,
-                error = %e,
-                "reading a block from the UFS failed"
-            ),
+    }
+
+    /// `len` bytes from `offset` of block `id`, read from the UFS and not cached.
+    async fn read_direct(
+        &self,
+        id: BlockId,
+        src: &BlockSource,
+        offset: u64,
+        len: u64,
+    ) -> FsResult<Vec<u8>> {
+        let ufs = self.mounts.get(shard_of(id.0), src.mount_id)?;
+        let src = src.clone();
+        let bytes = tokio::task::spawn_blocking(move || -> FsResult<Vec<u8>> {
+            let mut buf = Vec::with_capacity(len as usize);
+            let from = id.1 as u64 * src.block_size + offset;
+            let copied = ufs.read_range(&src.ufs_path, src.fingerprint, from, len, &mut buf)?;
+            if copied != len {
+                return Err(FsError::Stale(format!(
+                    "{}: UFS returned {copied} of {len} bytes",
+                    String::from_utf8_lossy(&src.ufs_path)
+                )));
+            }
+            Ok(buf)
+        })
+        .await
+        .map_err(|e| FsError::io(format!("direct read task: {e}")))??;
+        metrics::counter!("granary_worker_ufs_direct_reads_total").increment(1);
+        metrics::counter!("granary_worker_ufs_direct_bytes_total").increment(len);
+        Ok(bytes)
+    }
+
+    /// The fill of block `id` in progress, or a new one, fetching on the blocking pool:
+    /// it carries on if its readers go away.
+    fn fill(self: &Arc<Self>, id: BlockId, src: &BlockSource) -> Arc<Fill> {
+        let key = (id, src.fingerprint);
+        let (fill, turn) = {
+            let mut inflight = self.inflight.lock().expect("inflight lock");
+            if let Some(fill) = inflight.get(&key) {
+                return fill.clone();
+            }
+            // Taken here when free, so that only a fill that has to wait counts as waiting.
+            let turn = self.running.clone().try_acquire_owned().ok();
+            let fill = Arc::new(Fill {
+                progress: watch::Sender::new(Progress {
+                    running: turn.is_some(),
+                    ..Default::default()
+                }),
+                reading: RwLock::new(()),
+            });
+            inflight.insert(key, fill.clone());
+            (fill, turn)
+        };
+        let (me, src, task_fill) = (self.clone(), src.clone(), fill.clone());
+        tokio::spawn(async move {
+            let turn = match turn {
+                Some(turn) => turn,
+                None => {
+                    let turn = me.running.clone().acquire_owned().await;
+                    task_fill.progress.send_modify(|p| p.running = true);
+                    turn.expect("the semaphore is never closed")
+                }
+            };
+            let (fetcher, fetching, source) = (me.clone(), task_fill.clone(), src.clone());
+            let fetched = tokio::task::spawn_blocking(move || {
+                let _turn = turn;
+                fetcher.lookup_or_fetch(id, &source, &fetching)
+            })
+            .await;
+            let outcome = fetched.unwrap_or_else(|e| Err(FsError::io(format!("fill task: {e}"))));
+            if let Err(e) = &outcome {
+                // A newer version the client reloads is routine.
+                if !matches!(e, FsError::Stale(_)) {
+                    tracing::warn!(
+                        shard = shard_of(id.0),
+                        mount = src.mount_id,
+                        path = %String::from_utf8_lossy(&src.ufs_path),
+                        block = id.1,
+                        error = %e,
+                        "reading a block from the UFS failed"
+                    );
+                }
+            }
+            // Out of the map first: a reader coming after this fill failed starts another.
+            me.inflight.lock().expect("inflight lock").remove(&key);
+            task_fill.progress.send_modify(|p| {
+                p.at = None;
+                p.outcome = Some(outcome);
+            });
+        });
+        fill
+    }
+
+    fn lookup_or_fetch(
+        &self,
+        id: BlockId,
+        src: &BlockSource,
+        fill: &Fill,
+    ) -> FsResult<CachedBlock> {
+        if let Some(b) = self.store.lookup(id, src.fingerprint) {
+            self.store.count_lookup(true);
+            return Ok(b);
         }
-        result
+        self.store.count_lookup(false);
+        let ufs = self.mounts.get(shard_of(id.0), src.mount_id)?;
+        fetch(&self.store, &*ufs, id, src, fill)
     }
 }
 
@@ -146,6 +331,7 @@ fn fetch(
     ufs: &dyn granary_common::ufs::Ufs,
     id: BlockId,
     src: &BlockSource,
+    fill: &Fill,
 ) -> FsResult<CachedBlock> {
     let len = src.block_len(id.1);
     if len == 0 {
@@ -160,6 +346,7 @@ fn fetch(
             crc: 0,
             len: 0,
             limit: len,
+            fill,
         };
         let copied = ufs.read_range(
             &src.ufs_path,
@@ -186,7 +373,7 @@ fn fetch(
         false => 0,
     };
     for _ in 0..shared_tries {
-        let Some(mut fill) = store.begin_shared(id, src.fingerprint, src.block_size)? else {
+        let Some(mut shared) = store.begin_shared(id, src.fingerprint, src.block_size)? else {
             // Cached meanwhile (another fetch's): that copy, not a second one whose
             // commit would drop the whole data file it replaced.
             if let Some(b) = store.lookup(id, src.fingerprint) {
@@ -194,17 +381,24 @@ fn fetch(
             }
             break;
         };
-        let (len, crc) = copy(&mut fill.file)?;
-        if let Some(block) = fill.commit(len, crc)? {
+        fill.publish(shared.location());
+        let committed = copy(&mut shared.file).and_then(|(len, crc)| Ok(shared.commit(len, crc)?));
+        if let Ok(Some(block)) = committed {
             return Ok(block);
         }
+        // Its bytes are given back when `shared` drops: no reader may be reading them.
+        fill.withdraw();
+        committed?;
     }
     let tmp = store.temp_path();
     let result = (|| {
-        let (len, crc) = copy(&mut File::create(&tmp)?)?;
+        let mut file = File::create(&tmp)?;
+        fill.publish((tmp.clone(), 0));
+        let (len, crc) = copy(&mut file)?;
         Ok(store.commit(id, src.fingerprint, &tmp, len, crc)?)
     })();
     if result.is_err() {
+        fill.withdraw();
         let _ = std::fs::remove_file(&tmp);
     }
     result

@@ -4,6 +4,7 @@
 use std::collections::{BTreeSet, HashMap};
 use std::fs::{self, File};
 use std::io::{self, Seek, SeekFrom};
+use std::path::PathBuf;
 
 use super::names::{self, FilesName};
 use super::{
@@ -60,14 +61,23 @@ pub struct SharedFill<'a> {
 impl SharedFill<'_> {
     /// Enters the block, whose `len` bytes with checksum `crc` were written to `file`.
     /// `None`: its data file was dropped while it was written (evicted, or deleted behind
-    /// the store's back), so the block is not cached; fill it again.
-    pub fn commit(mut self, len: u64, crc: u32) -> io::Result<Option<CachedBlock>> {
+    /// the store's back), so the block is not cached; fill it again. Not committed, the
+    /// fill's drop gives its range back (readers of its bytes must be done by then).
+    pub fn commit(&mut self, len: u64, crc: u32) -> io::Result<Option<CachedBlock>> {
         let block = self
             .store
             .commit_shared(self.id, self.fingerprint, self.at, len, crc)?;
-        // Not committed, the drop gives the range back and ends the fill.
         self.done = block.is_some();
         Ok(block)
+    }
+
+    /// The data file being written, and where the block starts in it.
+    pub fn location(&self) -> (PathBuf, u64) {
+        let key = (self.id.0, self.fingerprint);
+        (
+            self.store.data_path(key, self.at.incarnation),
+            self.at.offset,
+        )
     }
 }
 
