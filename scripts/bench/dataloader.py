@@ -15,11 +15,8 @@ the disk (raw) or the UFS through the worker (Granary); second epochs are warm.
 
 import argparse
 import os
-import random
 import shutil
-import signal
 import statistics
-import subprocess
 import sys
 import time
 import warnings
@@ -31,7 +28,7 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
-ROOT = Path(__file__).resolve().parents[2]
+from benchlib import GranaryLocal, drop_page_cache, machine, write_docs
 
 
 def make_image(args):
@@ -88,14 +85,6 @@ class ImageFiles(Dataset):
         return torch.from_numpy(np.asarray(img).copy()).permute(2, 0, 1), label
 
 
-def drop_page_cache():
-    if os.geteuid() != 0:
-        return False
-    os.sync()
-    Path("/proc/sys/vm/drop_caches").write_text("3")
-    return True
-
-
 def epoch(dataset, workers: int, batch: int, seed: int) -> float:
     g = torch.Generator()
     g.manual_seed(seed)
@@ -122,53 +111,6 @@ def two_epochs(root: Path, a) -> dict:
     return {"listing": listing, "first": first, "second": second, "dropped": dropped}
 
 
-def granary_binary() -> str:
-    built = ROOT / "target/release/granary"
-    if built.exists():
-        return str(built)
-    found = shutil.which("granary")
-    if not found:
-        sys.exit("no granary binary: cargo build --release, or put granary on PATH")
-    return found
-
-
-class GranaryLocal:
-    """`granary local` over `ufs`, with a fresh state directory (cold caches)."""
-
-    def __init__(self, ufs: Path, work: Path, mount_config: str):
-        self.mnt = work / "mnt"
-        self.state = work / "state"
-        config = work / "mount.toml"
-        config.write_text(mount_config)
-        subprocess.run(["umount", "-l", str(self.mnt)], stderr=subprocess.DEVNULL)
-        shutil.rmtree(self.state, ignore_errors=True)
-        self.mnt.mkdir(parents=True, exist_ok=True)
-        self.log = open(work / "granary-local.log", "w")
-        self.proc = subprocess.Popen(
-            [granary_binary(), "local", "--ufs", str(ufs), "--mount", str(self.mnt),
-             "--state-dir", str(self.state), "--master-listen", "127.0.0.1:0",
-             "--config", str(config)],
-            stdout=self.log, stderr=subprocess.STDOUT)
-        deadline = time.time() + 60
-        while not os.path.ismount(self.mnt):
-            if self.proc.poll() is not None or time.time() > deadline:
-                self.stop()
-                sys.exit(f"granary local did not mount; see {self.log.name}")
-            time.sleep(0.2)
-
-    def stop(self):
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGINT)
-            try:
-                self.proc.wait(timeout=60)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        if os.path.ismount(self.mnt):
-            subprocess.run(["umount", "-l", str(self.mnt)], stderr=subprocess.DEVNULL)
-        self.log.close()
-
-
 def table(results, a) -> str:
     def med(target, key):
         return statistics.median(r[key] for r in results[target])
@@ -188,26 +130,9 @@ def table(results, a) -> str:
     return "\n".join(out)
 
 
-def write_docs(path: Path, body: str):
-    begin, end = "<!-- bench-dataloader:begin -->", "<!-- bench-dataloader:end -->"
-    old = path.read_text() if path.exists() else "# Benchmarks\n"
-    block = f"{begin}\n{body}{end}"
-    if begin in old and end in old:
-        new = old[: old.index(begin)] + block + old[old.index(end) + len(end):]
-    else:
-        new = old.rstrip() + "\n\n" + block + "\n"
-    path.write_text(new)
-    print(f"wrote {path}", file=sys.stderr)
-
-
-def machine() -> str:
-    cpu = "unknown CPU"
-    for line in Path("/proc/cpuinfo").read_text().splitlines():
-        if line.startswith("model name"):
-            cpu = line.split(":", 1)[1].strip()
-            break
+def machine_with_gpu() -> str:
     gpu = f", GPU {torch.cuda.get_device_name(0)}" if torch.cuda.is_available() else ""
-    return f"{os.cpu_count()} cores ({cpu}){gpu}, Linux {os.uname().release}"
+    return machine(gpu)
 
 
 def main():
@@ -241,7 +166,7 @@ def main():
         results["raw"].append(two_epochs(data, a))
         for name, mount_config in mounts.items():
             print(f"run {run + 1} of {a.runs}: {name} ...", file=sys.stderr)
-            g = GranaryLocal(data, a.dir, mount_config)
+            g = GranaryLocal(str(data), a.dir, mount_config)
             try:
                 results[name].append(two_epochs(g.mnt, a))
             finally:
@@ -257,7 +182,7 @@ def main():
         cache = ("page cache dropped before each first epoch" if dropped
                  else "page cache not dropped (not root)")
         body = (
-            f"Machine: {machine()}. Dataset: {a.files} JPEG files in {a.classes} folders, "
+            f"Machine: {machine_with_gpu()}. Dataset: {a.files} JPEG files in {a.classes} folders, "
             f"{size / a.files / 1024:.0f} KiB each on average ({size / 2**30:.2f} GiB). "
             f"Each sample is read whole and decoded with PIL, resized to {a.decode_side}x{a.decode_side}; "
             f"DataLoader(batch_size={a.batch}, shuffle=True, num_workers={a.workers}); torch {torch.__version__}. "
@@ -269,7 +194,7 @@ def main():
             f"Command: `python3 scripts/bench/dataloader.py --files {a.files} --workers {a.workers} "
             f"--runs {a.runs}` (median of {a.runs} alternating runs)\n\n{t}\n"
         )
-        write_docs(a.write_docs, body)
+        write_docs(a.write_docs, "dataloader", body)
 
 
 if __name__ == "__main__":
