@@ -442,11 +442,11 @@ mod tests {
                 return self.local.read_range(p, v, o, l, s);
             }
             let first = self.local.read_range(p, v, o, self.held_after, s)?;
-            let mut open = self.gate.0.lock().unwrap();
-            while !*open {
-                open = self.gate.1.wait(open).unwrap();
-            }
-            drop(open);
+            // Bounded: a test failing before it opens the gate must not hang in the
+            // runtime's drop, which waits for this blocking thread.
+            let open = self.gate.0.lock().unwrap();
+            let limit = std::time::Duration::from_secs(30);
+            drop(self.gate.1.wait_timeout_while(open, limit, |open| !*open));
             if self.fail_once.swap(false, Ordering::SeqCst) {
                 return Err(FsError::ufs("connection reset"));
             }
@@ -711,26 +711,48 @@ mod tests {
         assert_eq!(s.ufs.fills(), 1, "one fill for all readers of the block");
     }
 
-    /// A fill of a shared data file failing after its first MiB: a reader waiting for a
-    /// range past it gets the error, the bytes written are no block's, and the next read
-    /// fetches the block again.
+    /// A fill of a shared data file failing after its first MiB: a range it had written
+    /// was served before, a reader waiting for a range past it gets the error, and the
+    /// next read fetches the block again (never the withdrawn bytes).
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_failed_fill_fails_its_readers_and_the_next_read_fetches_again() {
         let s = Arc::new(
             setup_with(10 * MIB as u32, 8 * MIB, |local| {
-                Gated::new(local, MIB, true, true)
+                Gated::new(local, MIB, false, true)
             })
             .await,
         );
+        let at = 2 * MIB as usize;
+        // This reader's request makes the fill, so it waits on that fill whatever the
+        // timing.
+        let waiting = {
+            let s = s.clone();
+            std::thread::spawn(move || {
+                exchange(&mut session(s.addr), &request(&s, 0, at as u64, 4096)).0
+            })
+        };
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+        while s.ufs.fills() == 0 {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the fill never started"
+            );
+            tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+        }
         let s2 = s.clone();
         tokio::task::spawn_blocking(move || {
             let mut sock = session(s2.addr);
-            let at = 2 * MIB as usize;
-            let (resp, _) = exchange(&mut sock, &request(&s2, 0, at as u64, 4096));
-            assert_eq!(resp.status, Status::UfsError as i32, "{}", resp.error);
-            let (resp, bytes) = exchange(&mut sock, &request(&s2, 0, at as u64, 4096));
+            let (resp, bytes) = exchange(&mut sock, &request(&s2, 0, 0, 4096));
             assert_eq!(resp.status, 0, "{}", resp.error);
-            assert_eq!(bytes, s2.data[at..at + 4096]);
+            assert_eq!(bytes, s2.data[..4096]);
+            s2.ufs.open();
+            let resp = waiting.join().unwrap();
+            assert_eq!(resp.status, Status::UfsError as i32, "{}", resp.error);
+            for offset in [0, at] {
+                let (resp, bytes) = exchange(&mut sock, &request(&s2, 0, offset as u64, 4096));
+                assert_eq!(resp.status, 0, "{}", resp.error);
+                assert_eq!(bytes, s2.data[offset..offset + 4096]);
+            }
             let (resp, _) = exchange(&mut sock, &short_circuit(&s2, 0, 0));
             let cached = std::fs::read(&resp.local_path).unwrap();
             let from = resp.local_offset as usize;
@@ -745,7 +767,7 @@ mod tests {
     }
 
     /// With every fill's turn taken by fills held by the UFS, a read of another cold
-    /// block is read from the UFS directly instead of waiting behind them.
+    /// block is read from the UFS directly, and starts no fill of its own.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_read_whose_fill_waits_for_its_turn_is_read_from_the_ufs() {
         use crate::fetcher::MAX_RUNNING_FILLS;
@@ -769,7 +791,12 @@ mod tests {
                 })
             })
             .collect();
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
         while s.ufs.fills() < MAX_RUNNING_FILLS {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the fills never started"
+            );
             tokio::time::sleep(std::time::Duration::from_millis(10)).await;
         }
         let s2 = s.clone();
@@ -788,5 +815,10 @@ mod tests {
         for h in held {
             h.join().unwrap();
         }
+        assert_eq!(
+            s.ufs.fills(),
+            MAX_RUNNING_FILLS,
+            "no fill for the block read directly"
+        );
     }
 }

@@ -41,9 +41,9 @@ const SHARED_FILL_TRIES: usize = 3;
 /// directly: a random reader would otherwise wait for most of a block it does not read.
 pub const DIRECT_READ_AHEAD: u64 = 4 << 20;
 
-/// Fills running at once. Readers of ranges do not wait for whole blocks, so a random
-/// reader would otherwise start a fill per block it touches, all at once; reads of a
-/// block whose fill waits for its turn are read from the UFS directly.
+/// Fills fetching at once. Readers of ranges do not wait for whole blocks, so a random
+/// reader would otherwise start a fill per block it touches, all at once: a reader that
+/// finds every turn taken reads its range from the UFS directly and starts no fill.
 pub const MAX_RUNNING_FILLS: usize = 32;
 
 pub struct BlockFetcher {
@@ -51,7 +51,7 @@ pub struct BlockFetcher {
     mounts: Arc<MountRegistry>,
     /// Blocks (of one version) being fetched, each by one task.
     inflight: Mutex<HashMap<(BlockId, Fingerprint), Arc<Fill>>>,
-    running: Arc<tokio::sync::Semaphore>,
+    turns: Arc<tokio::sync::Semaphore>,
 }
 
 /// One fetch of a block, and how far it has got.
@@ -64,8 +64,8 @@ struct Fill {
 
 #[derive(Default)]
 struct Progress {
-    /// Whether the fill has its turn ([`MAX_RUNNING_FILLS`]).
-    running: bool,
+    /// Waiting for a turn ([`MAX_RUNNING_FILLS`]) to fetch: its readers read directly.
+    queued: bool,
     /// The file being written, and where the block starts in it.
     at: Option<(PathBuf, u64)>,
     /// The block's bytes written there so far.
@@ -75,22 +75,20 @@ struct Progress {
 }
 
 impl Fill {
-    fn publish(&self, at: (PathBuf, u64)) {
+    /// Lets readers at the bytes written to `at` until the returned guard drops (unless
+    /// it is [`Published::keep`]t, once they are the cached block's).
+    fn publish(&self, at: (PathBuf, u64)) -> Published<'_> {
         self.progress.send_modify(|p| {
             p.at = Some(at);
             p.filled = 0;
         });
-    }
-
-    fn withdraw(&self) {
-        let _no_readers = self.reading.write().expect("fill readers lock");
-        self.progress.send_modify(|p| p.at = None);
+        Published(Some(self))
     }
 
     /// `len` bytes from `offset` of the block if the fill at `at` has them (`None`: it
     /// moved, or its file was renamed into the cache).
     fn read(&self, at: &(PathBuf, u64), offset: u64, len: u64) -> io::Result<Option<Vec<u8>>> {
-        let _reading = self.reading.read().expect("fill readers lock");
+        let _reading = self.reading.read().unwrap_or_else(|e| e.into_inner());
         {
             let p = self.progress.borrow();
             if p.at.as_ref() != Some(at) || p.filled < offset + len {
@@ -104,6 +102,61 @@ impl Fill {
         let mut buf = vec![0u8; len as usize];
         file.read_exact_at(&mut buf, at.1 + offset)?;
         Ok(Some(buf))
+    }
+}
+
+/// Bytes of a fill open to readers; dropped (on an error or a panic alike), it withdraws
+/// them, waiting for readers in the middle of a read. Made after the shared data file's
+/// fill, it drops before that fill punches the bytes out.
+struct Published<'a>(Option<&'a Fill>);
+
+impl Published<'_> {
+    /// The bytes are the cached block's now: readers may go on reading them.
+    fn keep(mut self) {
+        self.0 = None;
+    }
+}
+
+impl Drop for Published<'_> {
+    fn drop(&mut self) {
+        if let Some(fill) = self.0 {
+            let _no_readers = fill.reading.write().unwrap_or_else(|e| e.into_inner());
+            fill.progress.send_modify(|p| p.at = None);
+        }
+    }
+}
+
+/// The end of a fill task: whatever ends it (a panic included), the block leaves the
+/// in-flight map and its readers get an outcome.
+struct Ending {
+    fetcher: Arc<BlockFetcher>,
+    key: (BlockId, Fingerprint),
+    fill: Arc<Fill>,
+    outcome: Option<FsResult<CachedBlock>>,
+}
+
+impl Ending {
+    fn end(mut self, outcome: FsResult<CachedBlock>) {
+        self.outcome = Some(outcome);
+    }
+}
+
+impl Drop for Ending {
+    fn drop(&mut self) {
+        let outcome = self
+            .outcome
+            .take()
+            .unwrap_or_else(|| Err(FsError::io("the block's fill task ended early")));
+        // Out of the map first: a reader coming after this fill failed starts another.
+        self.fetcher
+            .inflight
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(&self.key);
+        self.fill.progress.send_modify(|p| {
+            p.at = None;
+            p.outcome = Some(outcome);
+        });
     }
 }
 
@@ -140,7 +193,7 @@ impl BlockFetcher {
             store,
             mounts,
             inflight: Mutex::new(HashMap::new()),
-            running: Arc::new(tokio::sync::Semaphore::new(MAX_RUNNING_FILLS)),
+            turns: Arc::new(tokio::sync::Semaphore::new(MAX_RUNNING_FILLS)),
         }
     }
 
@@ -160,7 +213,9 @@ impl BlockFetcher {
             self.store.count_lookup(true);
             return Ok(b);
         }
-        let fill = self.fill(id, src);
+        let fill = self
+            .fill(id, src, true)
+            .expect("a queued fill is always made");
         let mut progress = fill.progress.subscribe();
         let ended = progress
             .wait_for(|p| p.outcome.is_some())
@@ -171,7 +226,11 @@ impl BlockFetcher {
 
     /// `len` bytes from `offset` of block `id` before the block is cached: from its fill
     /// once written there, or from the UFS when they lie more than [`DIRECT_READ_AHEAD`]
-    /// past it or the fill waits for its turn. `None`: the block is cached (read it there).
+    /// past it, or no fill has a turn. `None`: the block is cached (read it there).
+    ///
+    /// Bytes served from a fill are those the UFS sent: a local file rewritten in place
+    /// meanwhile ends the fill `Stale`, but what was read before is not taken back (as
+    /// with a reader of that file on its own disk).
     pub async fn read_early(
         self: &Arc<Self>,
         id: BlockId,
@@ -179,7 +238,13 @@ impl BlockFetcher {
         offset: u64,
         len: u64,
     ) -> FsResult<Option<Vec<u8>>> {
-        let fill = self.fill(id, src);
+        let Some(fill) = self.fill(id, src, false) else {
+            // No turn free: a block cached before a restart is still checked and served.
+            return match self.lookup(id, src.fingerprint).await? {
+                Some(_) => Ok(None),
+                None => self.read_direct(id, src, offset, len).await.map(Some),
+            };
+        };
         let mut progress = fill.progress.subscribe();
         let end = offset + len;
         loop {
@@ -187,7 +252,7 @@ impl BlockFetcher {
                 let p = progress
                     .wait_for(|p| {
                         p.outcome.is_some()
-                            || !p.running
+                            || p.queued
                             || p.at.is_some()
                                 && (p.filled >= end || offset > p.filled + DIRECT_READ_AHEAD)
                     })
@@ -220,6 +285,17 @@ impl BlockFetcher {
         }
     }
 
+    /// The cached block, verified first if it was cached before a restart (which reads
+    /// it whole, on the blocking pool).
+    async fn lookup(&self, id: BlockId, fp: Fingerprint) -> FsResult<Option<CachedBlock>> {
+        let store = self.store.clone();
+        let cached = tokio::task::spawn_blocking(move || store.lookup(id, fp))
+            .await
+            .map_err(|e| FsError::io(format!("cache lookup task: {e}")))?;
+        self.store.count_lookup(cached.is_some());
+        Ok(cached)
+    }
+
     /// `len` bytes from `offset` of block `id`, read from the UFS and not cached.
     async fn read_direct(
         &self,
@@ -249,80 +325,88 @@ impl BlockFetcher {
         Ok(bytes)
     }
 
-    /// The fill of block `id` in progress, or a new one, fetching on the blocking pool:
-    /// it carries on if its readers go away.
-    fn fill(self: &Arc<Self>, id: BlockId, src: &BlockSource) -> Arc<Fill> {
+    /// The fill of block `id` in progress, or a new one (`None`: every turn is taken and
+    /// the caller does not `queue`). Its task first checks the cache (a block cached
+    /// before a restart is verified without a turn), then fetches on the blocking pool,
+    /// and carries on if its readers go away.
+    fn fill(self: &Arc<Self>, id: BlockId, src: &BlockSource, queue: bool) -> Option<Arc<Fill>> {
         let key = (id, src.fingerprint);
         let (fill, turn) = {
             let mut inflight = self.inflight.lock().expect("inflight lock");
             if let Some(fill) = inflight.get(&key) {
-                return fill.clone();
+                self.store.count_lookup(false);
+                return Some(fill.clone());
             }
-            // Taken here when free, so that only a fill that has to wait counts as waiting.
-            let turn = self.running.clone().try_acquire_owned().ok();
+            let turn = self.turns.clone().try_acquire_owned().ok();
+            if turn.is_none() && !queue {
+                return None;
+            }
             let fill = Arc::new(Fill {
-                progress: watch::Sender::new(Progress {
-                    running: turn.is_some(),
-                    ..Default::default()
-                }),
+                progress: watch::Sender::new(Progress::default()),
                 reading: RwLock::new(()),
             });
             inflight.insert(key, fill.clone());
             (fill, turn)
         };
-        let (me, src, task_fill) = (self.clone(), src.clone(), fill.clone());
+        let ending = Ending {
+            fetcher: self.clone(),
+            key,
+            fill: fill.clone(),
+            outcome: None,
+        };
+        let src = src.clone();
         tokio::spawn(async move {
-            let turn = match turn {
-                Some(turn) => turn,
-                None => {
-                    let turn = me.running.clone().acquire_owned().await;
-                    task_fill.progress.send_modify(|p| p.running = true);
-                    turn.expect("the semaphore is never closed")
-                }
-            };
-            let (fetcher, fetching, source) = (me.clone(), task_fill.clone(), src.clone());
-            let fetched = tokio::task::spawn_blocking(move || {
-                let _turn = turn;
-                fetcher.lookup_or_fetch(id, &source, &fetching)
-            })
-            .await;
-            let outcome = fetched.unwrap_or_else(|e| Err(FsError::io(format!("fill task: {e}"))));
-            if let Err(e) = &outcome {
-                // A newer version the client reloads is routine.
-                if !matches!(e, FsError::Stale(_)) {
-                    tracing::warn!(
-                        shard = shard_of(id.0),
-                        mount = src.mount_id,
-                        path = %String::from_utf8_lossy(&src.ufs_path),
-                        block = id.1,
-                        error = %e,
-                        "reading a block from the UFS failed"
-                    );
-                }
-            }
-            // Out of the map first: a reader coming after this fill failed starts another.
-            me.inflight.lock().expect("inflight lock").remove(&key);
-            task_fill.progress.send_modify(|p| {
-                p.at = None;
-                p.outcome = Some(outcome);
-            });
+            let fetched = ending
+                .fetcher
+                .clone()
+                .lookup_or_fetch(id, src, ending.fill.clone(), turn)
+                .await;
+            ending.end(fetched);
         });
-        fill
+        Some(fill)
     }
 
-    fn lookup_or_fetch(
-        &self,
+    async fn lookup_or_fetch(
+        self: Arc<Self>,
         id: BlockId,
-        src: &BlockSource,
-        fill: &Fill,
+        src: BlockSource,
+        fill: Arc<Fill>,
+        turn: Option<tokio::sync::OwnedSemaphorePermit>,
     ) -> FsResult<CachedBlock> {
-        if let Some(b) = self.store.lookup(id, src.fingerprint) {
-            self.store.count_lookup(true);
-            return Ok(b);
+        if let Some(block) = self.lookup(id, src.fingerprint).await? {
+            return Ok(block);
         }
-        self.store.count_lookup(false);
-        let ufs = self.mounts.get(shard_of(id.0), src.mount_id)?;
-        fetch(&self.store, &*ufs, id, src, fill)
+        let turn = match turn {
+            Some(turn) => turn,
+            None => {
+                fill.progress.send_modify(|p| p.queued = true);
+                let turn = self.turns.clone().acquire_owned().await;
+                fill.progress.send_modify(|p| p.queued = false);
+                turn.expect("the semaphore is never closed")
+            }
+        };
+        let (me, source) = (self.clone(), src.clone());
+        let outcome = tokio::task::spawn_blocking(move || {
+            let _turn = turn;
+            let ufs = me.mounts.get(shard_of(id.0), source.mount_id)?;
+            fetch(&me.store, &*ufs, id, &source, &fill)
+        })
+        .await
+        .unwrap_or_else(|e| Err(FsError::io(format!("fill task: {e}"))));
+        if let Err(e) = &outcome {
+            // A newer version the client reloads is routine.
+            if !matches!(e, FsError::Stale(_)) {
+                tracing::warn!(
+                    shard = shard_of(id.0),
+                    mount = src.mount_id,
+                    path = %String::from_utf8_lossy(&src.ufs_path),
+                    block = id.1,
+                    error = %e,
+                    "reading a block from the UFS failed"
+                );
+            }
+        }
+        outcome
     }
 }
 
@@ -381,24 +465,26 @@ fn fetch(
             }
             break;
         };
-        fill.publish(shared.location());
+        let published = fill.publish(shared.location());
         let committed = copy(&mut shared.file).and_then(|(len, crc)| Ok(shared.commit(len, crc)?));
         if let Ok(Some(block)) = committed {
+            published.keep();
             return Ok(block);
         }
-        // Its bytes are given back when `shared` drops: no reader may be reading them.
-        fill.withdraw();
+        // Withdrawn before `shared` gives the bytes back.
+        drop(published);
         committed?;
     }
     let tmp = store.temp_path();
     let result = (|| {
         let mut file = File::create(&tmp)?;
-        fill.publish((tmp.clone(), 0));
+        let published = fill.publish((tmp.clone(), 0));
         let (len, crc) = copy(&mut file)?;
-        Ok(store.commit(id, src.fingerprint, &tmp, len, crc)?)
+        let block = store.commit(id, src.fingerprint, &tmp, len, crc)?;
+        published.keep();
+        Ok(block)
     })();
     if result.is_err() {
-        fill.withdraw();
         let _ = std::fs::remove_file(&tmp);
     }
     result
