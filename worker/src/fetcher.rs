@@ -37,10 +37,6 @@ impl BlockSource {
 /// a file of its own.
 const SHARED_FILL_TRIES: usize = 3;
 
-/// A range starting this far past what the fill has written is read from the UFS
-/// directly: a random reader would otherwise wait for most of a block it does not read.
-pub const DIRECT_READ_AHEAD: u64 = 4 << 20;
-
 /// Fills fetching at once. Readers of ranges do not wait for whole blocks, so a random
 /// reader would otherwise start a fill per block it touches, all at once: a reader that
 /// finds every turn taken reads its range from the UFS directly and starts no fill.
@@ -225,8 +221,10 @@ impl BlockFetcher {
     }
 
     /// `len` bytes from `offset` of block `id` before the block is cached: from its fill
-    /// once written there, or from the UFS when they lie more than [`DIRECT_READ_AHEAD`]
-    /// past it, or no fill has a turn. `None`: the block is cached (read it there).
+    /// once written there, or from the UFS when they lie past what the fill is reading
+    /// already (a random reader would otherwise wait for most of a block it does not
+    /// read; see `Ufs::read_ahead`), or no fill has a turn. `None`: the block is cached
+    /// (read it there).
     ///
     /// Bytes served from a fill are those the UFS sent: a local file rewritten in place
     /// meanwhile ends the fill `Stale`, but what was read before is not taken back (as
@@ -245,6 +243,7 @@ impl BlockFetcher {
                 None => self.read_direct(id, src, offset, len).await.map(Some),
             };
         };
+        let ahead = self.mounts.get(shard_of(id.0), src.mount_id)?.read_ahead();
         let mut progress = fill.progress.subscribe();
         let end = offset + len;
         loop {
@@ -253,8 +252,7 @@ impl BlockFetcher {
                     .wait_for(|p| {
                         p.outcome.is_some()
                             || p.queued
-                            || p.at.is_some()
-                                && (p.filled >= end || offset > p.filled + DIRECT_READ_AHEAD)
+                            || p.at.is_some() && (p.filled >= end || offset > p.filled + ahead)
                     })
                     .await
                     .expect("the fill outlives its subscribers");

@@ -128,6 +128,11 @@ pub trait Ufs: Send + Sync + Debug {
         len: u64,
         sink: &mut dyn Write,
     ) -> FsResult<u64>;
+    /// How far ahead of what a `read_range` has handed its sink it is already reading:
+    /// a range within it is better waited for than asked for again.
+    fn read_ahead(&self) -> u64 {
+        4 << 20
+    }
 
     /// Starts writing the file at `path` (its parent directory must exist).
     fn create_upload(&self, path: &[u8]) -> FsResult<Box<dyn UfsUpload>> {
