@@ -332,7 +332,10 @@ fn run() -> anyhow::Result<()> {
             };
             runtime()?.block_on(async {
                 if let Some(addr) = args.metrics_listen.or(args.mount.metrics_listen) {
-                    granary_common::telemetry::serve_metrics(addr).map_err(anyhow::Error::msg)?;
+                    use granary_common::telemetry::{CLIENT_COUNTERS, MASTER_COUNTERS, WORKER_COUNTERS};
+                    let counters = [MASTER_COUNTERS, WORKER_COUNTERS, CLIENT_COUNTERS];
+                    granary_common::telemetry::serve_metrics(addr, &counters)
+                        .map_err(anyhow::Error::msg)?;
                 }
                 let cluster = local::start(&args).await?;
                 eprintln!(

@@ -20,12 +20,52 @@ pub fn init_logging(default_filter: &str) {
         .try_init();
 }
 
-/// Serves `/metrics` in Prometheus text format on `addr`. Must run inside a Tokio runtime.
-pub fn serve_metrics(addr: SocketAddr) -> Result<(), String> {
+/// The master's counters without labels (see [`serve_metrics`]).
+pub const MASTER_COUNTERS: &[&str] = &[
+    "granary_master_applied_commands_total",
+    "granary_master_listings_ahead_total",
+    "granary_master_read_index_rounds_total",
+    "granary_master_stale_reads_total",
+    "granary_master_ufs_listings_total",
+];
+
+/// The worker's counters without labels.
+pub const WORKER_COUNTERS: &[&str] = &[
+    "granary_worker_cache_hits_total",
+    "granary_worker_cache_misses_total",
+    "granary_worker_checksum_failures_total",
+    "granary_worker_early_reads_total",
+    "granary_worker_evictions_total",
+    "granary_worker_served_bytes_total",
+    "granary_worker_ufs_bytes_total",
+    "granary_worker_ufs_direct_bytes_total",
+    "granary_worker_ufs_direct_reads_total",
+    "granary_worker_ufs_fetches_total",
+    "granary_worker_uploaded_bytes_total",
+];
+
+/// The mount's counters without labels.
+pub const CLIENT_COUNTERS: &[&str] = &[
+    "granary_client_metadata_failures_total",
+    "granary_client_opens_total",
+    "granary_client_passthrough_opens_total",
+    "granary_client_remote_bytes_total",
+    "granary_client_short_circuit_bytes_total",
+    "granary_client_uploaded_bytes_total",
+];
+
+/// Serves `/metrics` in Prometheus text format on `addr`, with `counters` shown at 0
+/// until they count something: a series that appears only at its first event leaves
+/// `rate()` and alerts on it blind until then. Must run inside a Tokio runtime.
+pub fn serve_metrics(addr: SocketAddr, counters: &[&[&'static str]]) -> Result<(), String> {
     metrics_exporter_prometheus::PrometheusBuilder::new()
         .with_http_listener(addr)
         .install()
-        .map_err(|e| format!("cannot serve metrics on {addr}: {e}"))
+        .map_err(|e| format!("cannot serve metrics on {addr}: {e}"))?;
+    for &name in counters.iter().copied().flatten() {
+        metrics::counter!(name).increment(0);
+    }
+    Ok(())
 }
 
 /// Resolves on SIGINT or SIGTERM (systemd stops services with SIGTERM).

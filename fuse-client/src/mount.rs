@@ -410,8 +410,13 @@ pub fn run_mount(cfg: &MountConfig, mountpoint: &Path) -> Result<(), MountError>
         .map_err(fuse_err)?;
     if let Some(addr) = cfg.metrics_listen {
         // Its listener runs on `rt`, driven below for as long as the mount lives.
-        rt.block_on(async { granary_common::telemetry::serve_metrics(addr) })
-            .map_err(MountError::Metrics)?;
+        rt.block_on(async {
+            granary_common::telemetry::serve_metrics(
+                addr,
+                &[granary_common::telemetry::CLIENT_COUNTERS],
+            )
+        })
+        .map_err(MountError::Metrics)?;
     }
     let handle = mount(cfg, mountpoint)?;
     rt.block_on(handle.until_stopped());

@@ -451,7 +451,11 @@ async fn ensure_root_mount(
 /// Serves until SIGINT/SIGTERM (the `granary-master` / `granary master` entry point).
 pub async fn run(config: MasterConfig) -> Result<(), MasterError> {
     if let Some(addr) = config.metrics_listen {
-        granary_common::telemetry::serve_metrics(addr).map_err(MasterError::Stopped)?;
+        granary_common::telemetry::serve_metrics(
+            addr,
+            &[granary_common::telemetry::MASTER_COUNTERS],
+        )
+        .map_err(MasterError::Stopped)?;
     }
     let mut master = start(config).await?;
     tokio::select! {

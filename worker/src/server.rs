@@ -160,7 +160,11 @@ pub async fn start(config: WorkerConfig) -> Result<RunningWorker, WorkerError> {
 /// Serves until SIGINT/SIGTERM (the `granary-worker` / `granary worker` entry point).
 pub async fn run(config: WorkerConfig) -> Result<(), WorkerError> {
     if let Some(addr) = config.metrics_listen {
-        granary_common::telemetry::serve_metrics(addr).map_err(WorkerError::Metrics)?;
+        granary_common::telemetry::serve_metrics(
+            addr,
+            &[granary_common::telemetry::WORKER_COUNTERS],
+        )
+        .map_err(WorkerError::Metrics)?;
     }
     let worker = start(config).await?;
     granary_common::telemetry::shutdown_signal().await;

@@ -139,7 +139,7 @@ pub async fn start(config: RouterConfig) -> Result<RunningRouter, RouterError> {
 /// Serves until SIGINT/SIGTERM (the `granary-router` / `granary router` entry point).
 pub async fn run(config: RouterConfig) -> Result<(), RouterError> {
     if let Some(addr) = config.metrics_listen {
-        granary_common::telemetry::serve_metrics(addr).map_err(RouterError::Metrics)?;
+        granary_common::telemetry::serve_metrics(addr, &[]).map_err(RouterError::Metrics)?;
     }
     let router = start(config).await?;
     granary_common::telemetry::shutdown_signal().await;
