@@ -141,7 +141,7 @@ def table(results: dict, baseline: str, count: int) -> str:
            "|---|---:|" + "---:|---:|" * len(targets)]
     for label, key in rows:
         base = med(baseline, key)
-        cells = " | ".join(f"{med(t, key):.1f} | {med(t, key) / base:.2f}x" for t in targets)
+        cells = " | ".join(f"{med(t, key):.1f} | {med(t, key) / base:.3g}x" for t in targets)
         out.append(f"| {label} | {base:.1f} | {cells} |")
     return "\n".join(out)
 
