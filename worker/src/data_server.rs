@@ -263,9 +263,13 @@ impl DataServer {
         }
         let block_len = src.block_len(req.index);
         // A short-circuit request names the range it reads now: a block not cached yet
-        // is then answered with those bytes as soon as they are fetched.
-        let whole_block = req.local_path_only && req.length == 0;
-        if !whole_block
+        // is then answered with those bytes as soon as they are fetched, unless the range
+        // runs to the block's end (a small file read whole): the fill ends with it anyway,
+        // and the client reads the cache file itself.
+        let ranged = !req.local_path_only || req.length > 0;
+        let whole_block =
+            req.local_path_only && (req.length == 0 || req.offset + req.length == block_len);
+        if ranged
             && (req.length > MAX_READ_LEN
                 || req
                     .offset
@@ -820,5 +824,30 @@ mod tests {
             MAX_RUNNING_FILLS,
             "no fill for the block read directly"
         );
+    }
+
+    /// A short-circuit read running to the end of a cold block (a small file read whole)
+    /// waits for the block and gets its cache file, not the bytes over the socket.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_short_circuit_read_to_a_cold_blocks_end_gets_the_cache_file() {
+        let s = Arc::new(setup().await);
+        let s2 = s.clone();
+        tokio::task::spawn_blocking(move || {
+            let mut sock = session(s2.addr);
+            let block_len = s2.data.len() as u64 - 2 * s2.block_size;
+            let req = ReadBlockRequest {
+                local_path_only: true,
+                ..request(&s2, 2, 100, block_len - 100)
+            };
+            let (resp, bytes) = exchange(&mut sock, &req);
+            assert_eq!(resp.status, 0, "{}", resp.error);
+            assert!(bytes.is_empty() && !resp.local_path.is_empty());
+            let cached = std::fs::read(&resp.local_path).unwrap();
+            let at = resp.local_offset as usize;
+            let from = 2 * s2.block_size as usize;
+            assert_eq!(cached[at..at + block_len as usize], s2.data[from..]);
+        })
+        .await
+        .unwrap();
     }
 }

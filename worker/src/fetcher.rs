@@ -371,12 +371,14 @@ impl BlockFetcher {
         fill: Arc<Fill>,
         turn: Option<tokio::sync::OwnedSemaphorePermit>,
     ) -> FsResult<CachedBlock> {
-        if let Some(block) = self.lookup(id, src.fingerprint).await? {
-            return Ok(block);
-        }
+        let looked_up = turn.is_none();
         let turn = match turn {
             Some(turn) => turn,
             None => {
+                // Checked before the wait: a block cached before a restart needs no turn.
+                if let Some(block) = self.lookup(id, src.fingerprint).await? {
+                    return Ok(block);
+                }
                 fill.progress.send_modify(|p| p.queued = true);
                 let turn = self.turns.clone().acquire_owned().await;
                 fill.progress.send_modify(|p| p.queued = false);
@@ -386,6 +388,13 @@ impl BlockFetcher {
         let (me, source) = (self.clone(), src.clone());
         let outcome = tokio::task::spawn_blocking(move || {
             let _turn = turn;
+            let cached = me.store.lookup(id, source.fingerprint);
+            if !looked_up {
+                me.store.count_lookup(cached.is_some());
+            }
+            if let Some(block) = cached {
+                return Ok(block);
+            }
             let ufs = me.mounts.get(shard_of(id.0), source.mount_id)?;
             fetch(&me.store, &*ufs, id, &source, &fill)
         })
