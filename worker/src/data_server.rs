@@ -18,7 +18,7 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::TcpListener;
 
 use crate::block_store::Fingerprint;
-use crate::fetcher::{BlockFetcher, BlockSource};
+use crate::fetcher::{BlockFetcher, BlockSource, EarlyRead};
 use crate::uploader::{upload, UploadTarget};
 use granary_common::auth::CheckToken;
 
@@ -264,11 +264,10 @@ impl DataServer {
         let block_len = src.block_len(req.index);
         // A short-circuit request names the range it reads now: a block not cached yet
         // is then answered with those bytes as soon as they are fetched, unless the range
-        // runs to the block's end (a small file read whole): the fill ends with it anyway,
-        // and the client reads the cache file itself.
+        // is the whole block (a small file read at once): the client reads the cache file.
         let ranged = !req.local_path_only || req.length > 0;
         let whole_block =
-            req.local_path_only && (req.length == 0 || req.offset + req.length == block_len);
+            req.local_path_only && (req.length == 0 || req.offset == 0 && req.length == block_len);
         if ranged
             && (req.length > MAX_READ_LEN
                 || req
@@ -307,8 +306,8 @@ impl DataServer {
                         .read_early(id, &src, req.offset, req.length)
                         .await?
                     {
-                        Some(buf) => return Ok(served(req.request_id, buf)),
-                        None => continue,
+                        EarlyRead::Bytes(buf) => return Ok(served(req.request_id, buf)),
+                        EarlyRead::Cached(block) => block,
                     }
                 }
             };
@@ -826,26 +825,31 @@ mod tests {
         );
     }
 
-    /// A short-circuit read running to the end of a cold block (a small file read whole)
-    /// waits for the block and gets its cache file, not the bytes over the socket.
+    /// A short-circuit read of a whole cold block (a small file read at once) waits for
+    /// the block and gets its cache file, not the bytes over the socket; a read of its
+    /// tail alone gets the bytes (here read directly: the fill is held far before it).
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn a_short_circuit_read_to_a_cold_blocks_end_gets_the_cache_file() {
-        let s = Arc::new(setup().await);
+    async fn a_short_circuit_read_of_a_whole_cold_block_gets_the_cache_file() {
+        let len = 6 * MIB;
+        let s = Arc::new(
+            setup_with(len as u32, 8 * MIB, |local| {
+                Gated::new(local, MIB, false, false)
+            })
+            .await,
+        );
         let s2 = s.clone();
         tokio::task::spawn_blocking(move || {
             let mut sock = session(s2.addr);
-            let block_len = s2.data.len() as u64 - 2 * s2.block_size;
-            let req = ReadBlockRequest {
-                local_path_only: true,
-                ..request(&s2, 2, 100, block_len - 100)
-            };
-            let (resp, bytes) = exchange(&mut sock, &req);
+            let (resp, bytes) = exchange(&mut sock, &short_circuit(&s2, len - 8, 8));
+            assert_eq!((resp.status, resp.local_path.as_str()), (0, ""));
+            assert_eq!(bytes, s2.data[len as usize - 8..]);
+            s2.ufs.open();
+            let (resp, bytes) = exchange(&mut sock, &short_circuit(&s2, 0, len));
             assert_eq!(resp.status, 0, "{}", resp.error);
             assert!(bytes.is_empty() && !resp.local_path.is_empty());
             let cached = std::fs::read(&resp.local_path).unwrap();
             let at = resp.local_offset as usize;
-            let from = 2 * s2.block_size as usize;
-            assert_eq!(cached[at..at + block_len as usize], s2.data[from..]);
+            assert_eq!(cached[at..at + len as usize], s2.data[..]);
         })
         .await
         .unwrap();

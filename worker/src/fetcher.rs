@@ -42,6 +42,14 @@ const SHARED_FILL_TRIES: usize = 3;
 /// finds every turn taken reads its range from the UFS directly and starts no fill.
 pub const MAX_RUNNING_FILLS: usize = 32;
 
+/// What [`BlockFetcher::read_early`] found.
+pub enum EarlyRead {
+    /// The range, read before the block was cached.
+    Bytes(Vec<u8>),
+    /// The block, cached meanwhile (or before).
+    Cached(CachedBlock),
+}
+
 pub struct BlockFetcher {
     store: Arc<BlockStore>,
     mounts: Arc<MountRegistry>,
@@ -144,11 +152,18 @@ impl Drop for Ending {
             .take()
             .unwrap_or_else(|| Err(FsError::io("the block's fill task ended early")));
         // Out of the map first: a reader coming after this fill failed starts another.
-        self.fetcher
+        let mut inflight = self
+            .fetcher
             .inflight
             .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .remove(&self.key);
+            .unwrap_or_else(|e| e.into_inner());
+        if inflight
+            .get(&self.key)
+            .is_some_and(|f| Arc::ptr_eq(f, &self.fill))
+        {
+            inflight.remove(&self.key);
+        }
+        drop(inflight);
         self.fill.progress.send_modify(|p| {
             p.at = None;
             p.outcome = Some(outcome);
@@ -223,8 +238,7 @@ impl BlockFetcher {
     /// `len` bytes from `offset` of block `id` before the block is cached: from its fill
     /// once written there, or from the UFS when they lie past what the fill is reading
     /// already (a random reader would otherwise wait for most of a block it does not
-    /// read; see `Ufs::read_ahead`), or no fill has a turn. `None`: the block is cached
-    /// (read it there).
+    /// read; see `Ufs::read_ahead`), or no fill has a turn; or the block, once cached.
     ///
     /// Bytes served from a fill are those the UFS sent: a local file rewritten in place
     /// meanwhile ends the fill `Stale`, but what was read before is not taken back (as
@@ -235,15 +249,23 @@ impl BlockFetcher {
         src: &BlockSource,
         offset: u64,
         len: u64,
-    ) -> FsResult<Option<Vec<u8>>> {
+    ) -> FsResult<EarlyRead> {
         let Some(fill) = self.fill(id, src, false) else {
             // No turn free: a block cached before a restart is still checked and served.
             return match self.lookup(id, src.fingerprint).await? {
-                Some(_) => Ok(None),
-                None => self.read_direct(id, src, offset, len).await.map(Some),
+                Some(block) => Ok(EarlyRead::Cached(block)),
+                None => self
+                    .read_direct(id, src, offset, len)
+                    .await
+                    .map(EarlyRead::Bytes),
             };
         };
-        let ahead = self.mounts.get(shard_of(id.0), src.mount_id)?.read_ahead();
+        // A mount not registered yet reads nothing directly: its fill fails alike, or
+        // finds the block cached before a restart.
+        let ahead = self
+            .mounts
+            .get(shard_of(id.0), src.mount_id)
+            .map_or(u64::MAX, |ufs| ufs.read_ahead());
         let mut progress = fill.progress.subscribe();
         let end = offset + len;
         loop {
@@ -252,19 +274,23 @@ impl BlockFetcher {
                     .wait_for(|p| {
                         p.outcome.is_some()
                             || p.queued
-                            || p.at.is_some() && (p.filled >= end || offset > p.filled + ahead)
+                            || p.at.is_some()
+                                && (p.filled >= end || offset > p.filled.saturating_add(ahead))
                     })
                     .await
                     .expect("the fill outlives its subscribers");
                 match (&p.outcome, &p.at) {
-                    (Some(Ok(_)), _) => return Ok(None),
+                    (Some(Ok(block)), _) => return Ok(EarlyRead::Cached(block.clone())),
                     (Some(Err(e)), _) => return Err(e.clone()),
                     (None, Some(at)) if p.filled >= end => Some(at.clone()),
                     (None, _) => None,
                 }
             };
             let Some(at) = at else {
-                return self.read_direct(id, src, offset, len).await.map(Some);
+                return self
+                    .read_direct(id, src, offset, len)
+                    .await
+                    .map(EarlyRead::Bytes);
             };
             let reader = fill.clone();
             let read_at = at.clone();
@@ -273,7 +299,7 @@ impl BlockFetcher {
                 .map_err(|e| FsError::io(format!("fill read task: {e}")))??;
             if let Some(bytes) = bytes {
                 metrics::counter!("granary_worker_early_reads_total").increment(1);
-                return Ok(Some(bytes));
+                return Ok(EarlyRead::Bytes(bytes));
             }
             // Moved to another data file, or renamed into the cache as it ended.
             progress

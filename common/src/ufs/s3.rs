@@ -763,7 +763,8 @@ impl Ufs for Arc<S3Ufs> {
     }
 
     fn read_ahead(&self) -> u64 {
-        self.read_part_size * self.read_parts_in_flight as u64
+        self.read_part_size
+            .saturating_mul(self.read_parts_in_flight as u64)
     }
 
     fn read_range(
