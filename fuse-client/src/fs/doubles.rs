@@ -326,7 +326,13 @@ impl MemStore {
 }
 
 impl BlockRead for MemStore {
-    fn read(&self, file: &Inode, _: &mut ReadState, offset: u64, len: u32) -> FsResult<Vec<u8>> {
+    fn read(
+        &self,
+        file: &Inode,
+        state: &mut ReadState,
+        offset: u64,
+        len: u32,
+    ) -> FsResult<Vec<u8>> {
         if self.stale_once.lock().unwrap().remove(&file.id) {
             return Err(FsError::Stale(format!("{} changed", shown(&file.name))));
         }
@@ -336,6 +342,10 @@ impl BlockRead for MemStore {
         let data = &data[..data.len().min(file.size as usize)];
         let start = (offset as usize).min(data.len());
         let end = (start + len as usize).min(data.len());
+        if end > start {
+            // As the block reader does: the state has served bytes of this version.
+            *state = ReadState::ended_at(end as u64);
+        }
         Ok(data[start..end].to_vec())
     }
 }

@@ -71,11 +71,22 @@ impl GranaryFs {
         }
         let mut guard = file.read.lock().expect("read state lock");
         let (inode, state) = &mut *guard;
-        // Content committed on this mount since the handle opened replaces what it reads.
         let commits = self.commits.load(Ordering::Acquire);
-        if file.seen_commits.swap(commits, Ordering::AcqRel) != commits {
-            if let Some(now) = self.attrs.get(&file.ino) {
-                if now.fingerprint != inode.fingerprint || now.size != inode.size {
+        let committed_here = file.seen_commits.swap(commits, Ordering::AcqRel) != commits;
+        if let Some(now) = self.attrs.get(&file.ino) {
+            if now.fingerprint != inode.fingerprint || now.size != inode.size {
+                // Content committed on this mount since the handle opened replaces what
+                // it reads. A version found in the UFS (by any reader here) does too,
+                // unless the handle has served bytes of the old one: then it fails, and
+                // serves no more of the old version into the page cache a new open of
+                // the file shares.
+                if !committed_here && state.served() {
+                    let why = format!(
+                        "{} changed in the UFS while being read: open it again",
+                        String::from_utf8_lossy(&inode.ufs_path)
+                    );
+                    state.stale = Some(why);
+                } else {
                     *inode = now;
                     *state = ReadState::default();
                 }

@@ -114,8 +114,9 @@ fn reads_clip_at_end_of_file() {
 #[test]
 fn a_file_changed_in_the_ufs_is_listed_again_and_read_at_its_new_version() {
     let (fs, ns, store) = fs();
-    let (fh, _) = fs.open(110, libc::O_RDONLY).unwrap();
-    assert_eq!(fs.read(fh, 0, 100).unwrap(), content(110, 10));
+    let (served, _) = fs.open(110, libc::O_RDONLY).unwrap();
+    let (unread, _) = fs.open(110, libc::O_RDONLY).unwrap();
+    assert_eq!(fs.read(served, 0, 100).unwrap(), content(110, 10));
     // The worker finds the UFS object changed; listing the directory again shows it.
     store.stale_once.lock().unwrap().insert(110);
     store
@@ -124,9 +125,18 @@ fn a_file_changed_in_the_ufs_is_listed_again_and_read_at_its_new_version() {
         .unwrap()
         .insert(110, b"new and longer".to_vec());
     ns.update(110, |i| i.size = 14);
-    assert_eq!(fs.read(fh, 0, 100).unwrap(), b"new and longer");
+    assert_eq!(fs.read(unread, 0, 100).unwrap(), b"new and longer");
     assert_eq!(ns.refreshes.load(Ordering::SeqCst), 1);
-    fs.release(fh);
+    // A handle that served the old version fails from then on, though nothing it reads
+    // is found changed itself: its next bytes would be the new version's (and would go
+    // into the page cache a new open shares).
+    assert_eq!(fs.read(served, 10, 100).unwrap_err().errno(), libc::ESTALE);
+    assert_eq!(fs.read(served, 0, 100).unwrap_err().errno(), libc::ESTALE);
+    let (again, _) = fs.open(110, libc::O_RDONLY).unwrap();
+    assert_eq!(fs.read(again, 0, 100).unwrap(), b"new and longer");
+    for fh in [served, unread, again] {
+        fs.release(fh);
+    }
 }
 
 #[test]
