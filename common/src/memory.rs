@@ -15,6 +15,8 @@ pub struct MemoryLimiter {
 
 impl MemoryLimiter {
     pub fn new(limit: u64, gauge: &'static str) -> Arc<Self> {
+        // Shown from the start, not from the first reservation.
+        metrics::gauge!(gauge).set(0.0);
         Arc::new(MemoryLimiter {
             limit,
             used: AtomicU64::new(0),

@@ -260,6 +260,7 @@ impl BlockStore {
             store.evict_locked(&mut idx, None)
         };
         store.delete_files(doomed);
+        metrics::gauge!("granary_worker_cache_used_bytes").set(store.used() as f64);
         Ok((store, report))
     }
 
