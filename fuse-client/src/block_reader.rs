@@ -247,16 +247,7 @@ impl BlockReader {
                 let (resp, bytes) = self.request(worker, req)?;
                 if resp.local_path.is_empty() {
                     // Not cached yet: the worker sent the span's bytes as they came in.
-                    if (bytes.len() as u64) < span.len {
-                        return Err(FsError::Stale(format!(
-                            "worker returned {} of {} bytes",
-                            bytes.len(),
-                            span.len
-                        )));
-                    }
-                    out.extend_from_slice(&bytes);
-                    metrics::counter!("granary_client_remote_bytes_total").increment(span.len);
-                    return Ok(());
+                    return take_span(&bytes, span, out);
                 }
                 match File::open(&resp.local_path) {
                     Ok(f) => {
@@ -345,15 +336,7 @@ impl BlockReader {
             data,
             _memory: memory,
         };
-        if (buffered.data.len() as u64) < span.len {
-            return Err(FsError::Stale(format!(
-                "worker returned {} of {} bytes",
-                buffered.data.len(),
-                span.len
-            )));
-        }
-        out.extend_from_slice(&buffered.data[..span.len as usize]);
-        metrics::counter!("granary_client_remote_bytes_total").increment(span.len);
+        take_span(&buffered.data, span, out)?;
         state.buffer = Some(buffered);
         Ok(())
     }
@@ -374,6 +357,20 @@ impl BlockReader {
             }
         }
     }
+}
+
+/// The span's bytes, from the start of what a worker sent for it.
+fn take_span(sent: &[u8], span: BlockSpan, out: &mut Vec<u8>) -> FsResult<()> {
+    if (sent.len() as u64) < span.len {
+        return Err(FsError::Stale(format!(
+            "worker returned {} of {} bytes",
+            sent.len(),
+            span.len
+        )));
+    }
+    out.extend_from_slice(&sent[..span.len as usize]);
+    metrics::counter!("granary_client_remote_bytes_total").increment(span.len);
+    Ok(())
 }
 
 impl BlockRead for BlockReader {

@@ -64,6 +64,17 @@ impl Gated {
         *self.gate.0.lock().unwrap() = true;
         self.gate.1.notify_all();
     }
+    /// Waits (at most 20 s) until `n` fills have started reading.
+    async fn wait_for_fills(&self, n: usize) {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+        while self.fills() < n {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the fills never started"
+            );
+            tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+        }
+    }
     fn fills(&self) -> usize {
         let reads = self.reads.lock().unwrap();
         reads.iter().filter(|r| r.1 > self.held_after).count()
@@ -381,14 +392,7 @@ async fn a_failed_fill_fails_its_readers_and_the_next_read_fetches_again() {
             exchange(&mut session(s.addr), &request(&s, 0, at as u64, 4096)).0
         })
     };
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
-    while s.ufs.fills() == 0 {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "the fill never started"
-        );
-        tokio::time::sleep(std::time::Duration::from_millis(5)).await;
-    }
+    s.ufs.wait_for_fills(1).await;
     let s2 = s.clone();
     tokio::task::spawn_blocking(move || {
         let mut sock = session(s2.addr);
@@ -441,14 +445,7 @@ async fn a_read_whose_fill_waits_for_its_turn_is_read_from_the_ufs() {
             })
         })
         .collect();
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
-    while s.ufs.fills() < MAX_RUNNING_FILLS {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "the fills never started"
-        );
-        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
-    }
+    s.ufs.wait_for_fills(MAX_RUNNING_FILLS).await;
     let s2 = s.clone();
     tokio::task::spawn_blocking(move || {
         let mut sock = session(s2.addr);

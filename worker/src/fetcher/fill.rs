@@ -143,21 +143,9 @@ pub(super) fn fetch(
             limit: len,
             fill,
         };
-        let copied = ufs.read_range(
-            &src.ufs_path,
-            src.fingerprint,
-            id.1 as u64 * src.block_size,
-            len,
-            &mut w,
-        )?;
-        if copied != len {
-            return Err(FsError::Stale(format!(
-                "{}: UFS returned {copied} of {len} bytes",
-                String::from_utf8_lossy(&src.ufs_path)
-            )));
-        }
+        src.read_from(ufs, id.1, 0, len, &mut w)?;
         metrics::counter!("granary_worker_ufs_fetches_total").increment(1);
-        metrics::counter!("granary_worker_ufs_bytes_total").increment(copied);
+        metrics::counter!("granary_worker_ufs_bytes_total").increment(len);
         Ok((w.len, w.crc))
     };
     // Straight into the file's shared data file, when its blocks share one. One evicted

@@ -10,6 +10,7 @@ use std::sync::{Arc, Mutex, RwLock};
 
 use granary_common::blocks::block_len;
 use granary_common::ids::shard_of;
+use granary_common::ufs::Ufs;
 use granary_common::{FsError, FsResult};
 use tokio::sync::watch;
 
@@ -29,6 +30,27 @@ pub struct BlockSource {
 impl BlockSource {
     pub fn block_len(&self, index: u32) -> u64 {
         block_len(self.fingerprint.size, self.block_size, index as u64)
+    }
+
+    /// Copies `len` bytes from `offset` of block `index` from `ufs` into `sink`, all of
+    /// them or `Stale` (the object is shorter than its version said).
+    fn read_from(
+        &self,
+        ufs: &dyn Ufs,
+        index: u32,
+        offset: u64,
+        len: u64,
+        sink: &mut dyn std::io::Write,
+    ) -> FsResult<()> {
+        let from = index as u64 * self.block_size + offset;
+        let copied = ufs.read_range(&self.ufs_path, self.fingerprint, from, len, sink)?;
+        if copied != len {
+            return Err(FsError::Stale(format!(
+                "{}: UFS returned {copied} of {len} bytes",
+                String::from_utf8_lossy(&self.ufs_path)
+            )));
+        }
+        Ok(())
     }
 }
 
@@ -228,14 +250,7 @@ impl BlockFetcher {
         let src = src.clone();
         let bytes = tokio::task::spawn_blocking(move || -> FsResult<Vec<u8>> {
             let mut buf = Vec::with_capacity(len as usize);
-            let from = id.1 as u64 * src.block_size + offset;
-            let copied = ufs.read_range(&src.ufs_path, src.fingerprint, from, len, &mut buf)?;
-            if copied != len {
-                return Err(FsError::Stale(format!(
-                    "{}: UFS returned {copied} of {len} bytes",
-                    String::from_utf8_lossy(&src.ufs_path)
-                )));
-            }
+            src.read_from(&*ufs, id.1, offset, len, &mut buf)?;
             Ok(buf)
         })
         .await
