@@ -61,6 +61,8 @@ impl PartialEq for Cause {
 impl Eq for Cause {}
 
 const ERRNO_METADATA_KEY: &str = "x-granary-errno";
+/// On [`FsError::Loading`]: the master is still listing what the call needs.
+const LOADING_METADATA_KEY: &str = "x-granary-loading";
 /// On a refusal for routing by an older table: the version the server has.
 pub const ROUTING_VERSION_METADATA_KEY: &str = "x-granary-routing-version";
 
@@ -116,6 +118,11 @@ pub enum FsError {
     Unavailable(String),
     #[error("timed out: {0}")]
     TimedOut(String),
+    /// The master is listing a directory in the UFS for this call, which takes longer
+    /// than one call may (a directory of millions of files): the listing goes on, and
+    /// asking again later finds it done.
+    #[error("still loading: {0}")]
+    Loading(String),
     #[error("under-storage error: {0}")]
     Ufs(#[source] Cause),
     #[error("stale: {0}")]
@@ -174,6 +181,7 @@ impl FsError {
             | FsError::Unsupported(m)
             | FsError::Unavailable(m)
             | FsError::TimedOut(m)
+            | FsError::Loading(m)
             | FsError::Stale(m) => m.clone(),
             FsError::Ufs(c) | FsError::Io(c) => c.to_string(),
             FsError::NameTooLong(_) | FsError::StaleRouting(_) => self.to_string(),
@@ -202,15 +210,20 @@ impl FsError {
             FsError::ReadOnly(_) => libc::EROFS,
             FsError::Unsupported(_) => libc::ENOTSUP,
             FsError::Stale(_) => libc::ESTALE,
-            FsError::Unavailable(_) | FsError::TimedOut(_) | FsError::Ufs(_) | FsError::Io(_) => {
-                libc::EIO
-            }
+            FsError::Unavailable(_)
+            | FsError::TimedOut(_)
+            | FsError::Loading(_)
+            | FsError::Ufs(_)
+            | FsError::Io(_) => libc::EIO,
         }
     }
 
     /// Whether retrying elsewhere or later may succeed.
     pub fn is_retryable(&self) -> bool {
-        matches!(self, FsError::Unavailable(_) | FsError::TimedOut(_))
+        matches!(
+            self,
+            FsError::Unavailable(_) | FsError::TimedOut(_) | FsError::Loading(_)
+        )
     }
 
     /// The error for `errno`, with `msg` (an I/O error for an errno of no kind of its own).
@@ -283,7 +296,7 @@ impl From<FsError> for Status {
             FsError::Unsupported(_) => Code::Unimplemented,
             FsError::FileTooBig(_) => Code::OutOfRange,
             FsError::NoSpace(_) => Code::ResourceExhausted,
-            FsError::Unavailable(_) => Code::Unavailable,
+            FsError::Unavailable(_) | FsError::Loading(_) => Code::Unavailable,
             FsError::TimedOut(_) => Code::DeadlineExceeded,
             FsError::Stale(_) => Code::FailedPrecondition,
             FsError::Ufs(_) | FsError::Io(_) => Code::Internal,
@@ -293,11 +306,19 @@ impl From<FsError> for Status {
             ERRNO_METADATA_KEY,
             e.errno().to_string().parse().expect("ascii digits"),
         );
-        if let FsError::StaleRouting(version) = e {
-            status.metadata_mut().insert(
-                ROUTING_VERSION_METADATA_KEY,
-                version.to_string().parse().expect("ascii digits"),
-            );
+        match e {
+            FsError::StaleRouting(version) => {
+                status.metadata_mut().insert(
+                    ROUTING_VERSION_METADATA_KEY,
+                    version.to_string().parse().expect("ascii digits"),
+                );
+            }
+            FsError::Loading(_) => {
+                status
+                    .metadata_mut()
+                    .insert(LOADING_METADATA_KEY, "1".parse().expect("ascii"));
+            }
+            _ => {}
         }
         status
     }
@@ -313,6 +334,9 @@ impl From<Status> for FsError {
             .and_then(|v| v.parse::<u64>().ok())
         {
             return FsError::StaleRouting(version);
+        }
+        if s.metadata().contains_key(LOADING_METADATA_KEY) {
+            return FsError::Loading(msg);
         }
         if let Some(errno) = s
             .metadata()
@@ -366,11 +390,12 @@ mod tests {
             FsError::FileTooBig("f".into()),
             FsError::NoSpace("n".into()),
             FsError::StaleRouting(7),
+            FsError::Loading("l".into()),
         ] {
             let back = FsError::from(Status::from(e.clone()));
             assert_eq!(back.errno(), e.errno(), "{e:?} -> {back:?}");
-            if let FsError::StaleRouting(v) = e {
-                assert_eq!(back, FsError::StaleRouting(v));
+            if matches!(e, FsError::StaleRouting(_) | FsError::Loading(_)) {
+                assert_eq!(back, e);
             }
         }
         assert!(FsError::from(Status::unavailable("down")).is_retryable());

@@ -26,6 +26,10 @@ const LOAD_CONCURRENCY: usize = 8;
 /// Entries per `LoadDirectory` command: a bigger listing is proposed in parts, so no
 /// command (and no Raft message, no apply) grows with the directory.
 const ENTRIES_PER_COMMAND: usize = 8192;
+/// How long a call waits for a directory's listing before it answers that the listing is
+/// still running: a directory of millions of entries takes longer to list than a client
+/// waits for one call, so the client is told to ask again instead of timing out.
+pub(crate) const LOADING_REPORT_AFTER: Duration = Duration::from_secs(1);
 
 pub struct MetadataLoader<L> {
     store: Arc<NamespaceStore>,
@@ -108,7 +112,7 @@ impl<L: CommandLog> MetadataLoader<L> {
     }
 
     /// Lists `dir` again even if loaded, picking up changes made in the UFS.
-    pub async fn refresh(&self, dir: &Inode) -> FsResult<Inode> {
+    pub async fn refresh(self: &Arc<Self>, dir: &Inode) -> FsResult<Inode> {
         self.load(dir, true).await
     }
 
@@ -125,21 +129,38 @@ impl<L: CommandLog> MetadataLoader<L> {
     }
 
     /// Makes sure `dir`'s children are in the namespace; returns the directory as stored.
-    pub async fn ensure_loaded(&self, dir: &Inode) -> FsResult<Inode> {
+    pub async fn ensure_loaded(self: &Arc<Self>, dir: &Inode) -> FsResult<Inode> {
         self.load(dir, false).await
     }
 
-    /// [`Self::ensure_loaded`] for a reader: a first listing that continues a scan of its
-    /// parent's subdirectories starts listing the next ones in the background (see
+    /// [`Self::ensure_loaded`] for a call a client waits on, which waits for a listing
+    /// [`LOADING_REPORT_AFTER`] at most: then a directory listed before is answered as it
+    /// was listed, and one never listed with [`FsError::Loading`]. The listing goes on
+    /// either way. A `reader`'s first listing that continues a scan of its parent's
+    /// subdirectories starts listing the next ones in the background (see
     /// [`crate::list_ahead`]).
-    pub async fn ensure_loaded_for_read(self: &Arc<Self>, dir: &Inode) -> FsResult<Inode> {
-        if !dir.children_loaded && dir.referral.is_none() && dir.id != self.store.root_id() {
+    pub async fn loaded_for_call(self: &Arc<Self>, dir: &Inode, reader: bool) -> FsResult<Inode> {
+        if !self.needs_listing(dir) {
+            return Ok(dir.clone());
+        }
+        if reader
+            && !dir.children_loaded
+            && dir.referral.is_none()
+            && dir.id != self.store.root_id()
+        {
             if let Some(before) = self.scans.continues(dir.parent, &dir.name) {
                 let (me, parent, name) = (self.clone(), dir.parent, dir.name.clone());
                 tokio::spawn(async move { me.list_ahead(parent, before, name) });
             }
         }
-        self.load(dir, false).await
+        match tokio::time::timeout(LOADING_REPORT_AFTER, self.load(dir, false)).await {
+            Ok(loaded) => loaded,
+            Err(_) if dir.children_loaded => self.store.get(dir.id),
+            Err(_) => Err(FsError::Loading(format!(
+                "listing {} in the under-storage",
+                String::from_utf8_lossy(&self.store.path_of(dir.id)?)
+            ))),
+        }
     }
 
     /// Starts listing the never-listed subdirectories of `parent` after `name`, in name
@@ -184,7 +205,7 @@ impl<L: CommandLog> MetadataLoader<L> {
                 started += 1;
                 let me = self.clone();
                 tokio::spawn(async move {
-                    if let Err(e) = me.load(&d, false).await {
+                    if let Err(e) = me.load_here(&d, false).await {
                         tracing::debug!(dir = d.id, error = %e, "listing ahead of a scan failed");
                     }
                     drop(permit);
@@ -197,7 +218,19 @@ impl<L: CommandLog> MetadataLoader<L> {
         metrics::counter!("granary_master_listings_ahead_total").increment(started);
     }
 
-    async fn load(&self, dir: &Inode, force: bool) -> FsResult<Inode> {
+    /// Lists `dir` on a task of its own, so that a caller that goes away (a client that
+    /// stopped waiting) leaves the listing to finish for the next one.
+    async fn load(self: &Arc<Self>, dir: &Inode, force: bool) -> FsResult<Inode> {
+        if !force && !self.needs_listing(dir) {
+            return Ok(dir.clone());
+        }
+        let (me, dir) = (self.clone(), dir.clone());
+        tokio::spawn(async move { me.load_here(&dir, force).await })
+            .await
+            .map_err(|e| FsError::io_from(format!("listing task: {e}"), e))?
+    }
+
+    async fn load_here(&self, dir: &Inode, force: bool) -> FsResult<Inode> {
         if !force && !self.needs_listing(dir) {
             return Ok(dir.clone());
         }
@@ -493,6 +526,14 @@ mod tests {
 
     /// A loader over the local directory `data`, its root listed; the log applies at once.
     async fn loader_over(data: &std::path::Path) -> (Loader, Arc<Applied>, Inode) {
+        loader_syncing(data, None).await
+    }
+
+    /// [`loader_over`] with loaded directories listed again after `sync_interval`.
+    async fn loader_syncing(
+        data: &std::path::Path,
+        sync_interval: Option<Duration>,
+    ) -> (Loader, Arc<Applied>, Inode) {
         let store = Arc::new(NamespaceStore::open(&data.with_extension("redb"), 0).unwrap());
         let log = Arc::new(Applied {
             store: store.clone(),
@@ -505,7 +546,7 @@ mod tests {
             store.clone(),
             log.clone(),
             HashMap::from([(1, ufs)]),
-            None,
+            sync_interval,
         ));
         let root = loader
             .ensure_loaded(&store.get(store.root_id()).unwrap())
@@ -557,6 +598,72 @@ mod tests {
         assert_eq!(names, [b"f1".to_vec(), b"f2".to_vec()]);
     }
 
+    /// Waits (10 s at most) until `dir` was listed at or after `since_ns`.
+    async fn listed_since(loader: &Loader, dir: u64, since_ns: i64) {
+        let listed = async {
+            loop {
+                let d = loader.store.get(dir).unwrap();
+                if d.children_loaded && d.listed_at_ns >= since_ns {
+                    return;
+                }
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        };
+        tokio::time::timeout(Duration::from_secs(10), listed)
+            .await
+            .expect("the listing went on after its caller had its answer");
+    }
+
+    #[tokio::test]
+    async fn a_listing_longer_than_a_call_is_reported_as_loading_and_goes_on_without_its_caller() {
+        let tmp = tempfile::tempdir().unwrap();
+        let data = tmp.path().join("data");
+        std::fs::create_dir_all(data.join("big")).unwrap();
+        std::fs::write(data.join("big/f1"), b"x").unwrap();
+        let (loader, _log, root) = loader_over(&data).await;
+        let big = loader.store.lookup(root.id, b"big").unwrap().unwrap();
+
+        // A first listing waits for a directory rename between its UFS change and its
+        // commit: this one holds the listing up for longer than a call waits.
+        let rename = loader.mutations.alone().await;
+        let since = now_ns();
+        let answer = loader.loaded_for_call(&big, true).await;
+        assert!(
+            matches!(&answer, Err(FsError::Loading(m)) if m.contains("/big")),
+            "{answer:?}"
+        );
+        drop(rename);
+        listed_since(&loader, big.id, since).await;
+        let big = loader.loaded_for_call(&big, true).await.unwrap();
+        assert_eq!(loader.children(big.id).unwrap().len(), 1);
+    }
+
+    #[tokio::test]
+    async fn a_directory_listed_before_is_answered_as_listed_while_a_long_new_listing_runs() {
+        let tmp = tempfile::tempdir().unwrap();
+        let data = tmp.path().join("data");
+        std::fs::create_dir_all(data.join("d")).unwrap();
+        std::fs::write(data.join("d/f1"), b"x").unwrap();
+        let (loader, _log, root) = loader_syncing(&data, Some(Duration::from_millis(1))).await;
+        let d = loader.store.lookup(root.id, b"d").unwrap().unwrap();
+        let d = loader.loaded_for_call(&d, false).await.unwrap();
+        std::fs::write(data.join("d/f2"), b"x").unwrap();
+        tokio::time::sleep(Duration::from_millis(5)).await;
+
+        // Listing a loaded directory again waits for mutations in flight.
+        let mutation = loader.mutations.shared().await;
+        let since = now_ns();
+        let answer = loader.loaded_for_call(&d, false).await.unwrap();
+        assert_eq!(
+            loader.children(answer.id).unwrap().len(),
+            1,
+            "as listed before"
+        );
+        drop(mutation);
+        listed_since(&loader, d.id, since).await;
+        assert_eq!(loader.children(d.id).unwrap().len(), 2);
+    }
+
     #[tokio::test]
     async fn a_reader_listing_folders_in_order_has_the_next_listed_ahead_and_one_sampling_them_not()
     {
@@ -576,11 +683,11 @@ mod tests {
         };
         let listed = |range: std::ops::Range<usize>| range.map(|d| folder(d).children_loaded);
         for d in [0, 5] {
-            loader.ensure_loaded_for_read(&folder(d)).await.unwrap();
+            loader.loaded_for_call(&folder(d), true).await.unwrap();
         }
         tokio::time::sleep(Duration::from_millis(200)).await;
         assert!(listed(6..20).all(|l| !l), "c01..=c04 were passed over");
-        loader.ensure_loaded_for_read(&folder(6)).await.unwrap();
+        loader.loaded_for_call(&folder(6), true).await.unwrap();
         let ahead = async {
             while !listed(7..15).all(|l| l) {
                 tokio::time::sleep(Duration::from_millis(10)).await;

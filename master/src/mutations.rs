@@ -204,7 +204,7 @@ impl MasterService {
                 String::from_utf8_lossy(&dir.name).into_owned(),
             ));
         }
-        self.loader.ensure_loaded(&dir).await
+        self.loader.loaded_for_call(&dir, false).await
     }
 
     /// The state machine's answer to `cmd` now, without applying it. Off the async

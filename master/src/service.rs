@@ -192,15 +192,18 @@ impl MasterService {
             return Err(FsError::NotDir(String::from_utf8_lossy(&dir.name).into_owned()).into());
         }
         if self.raft.status().is_leader {
-            return Ok(self.loader.ensure_loaded_for_read(&dir).await?);
+            return Ok(self.loader.loaded_for_call(&dir, true).await?);
         }
+        // The leader's answer goes on to the client as an error of this member's own (a
+        // listing still running, say), not with the leader's response headers.
         let index = self
             .leader_client()?
             .ensure_loaded(EnsureLoadedRequest {
                 dir_id: dir.id,
                 relist: false,
             })
-            .await?
+            .await
+            .map_err(|s| Status::from(FsError::from(s)))?
             .into_inner()
             .index;
         self.raft.wait_applied(index).await?;

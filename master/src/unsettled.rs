@@ -159,7 +159,7 @@ pub async fn settle(
     }
 }
 
-async fn relist_here(loader: &MetadataLoader<RaftLog>, dir: Inode) -> FsResult<()> {
+async fn relist_here(loader: &Arc<MetadataLoader<RaftLog>>, dir: Inode) -> FsResult<()> {
     let ufs = loader.ufs(dir.mount_id)?;
     let path = dir.ufs_path.clone();
     let answers = tokio::task::spawn_blocking(move || ufs.stat(&path))

@@ -40,6 +40,8 @@ struct Member {
 const FAILED_PASS_OVER: Duration = Duration::from_secs(1);
 /// How often one member's failures are logged at most.
 const WARN_EVERY_MS: u64 = 30_000;
+/// How often a call waiting for a master's listing says so.
+const LOADING_TELL_EVERY: Duration = Duration::from_secs(10);
 
 static EPOCH: std::sync::LazyLock<Instant> = std::sync::LazyLock::new(Instant::now);
 
@@ -342,9 +344,11 @@ impl GrpcMetadataClient {
         F: Fn(Client) -> Fut,
         Fut: Future<Output = Result<tonic::Response<T>, tonic::Status>>,
     {
-        let start = Instant::now();
+        let mut start = Instant::now();
         let mut backoff = Duration::from_millis(20);
         let mut attempt = 0usize;
+        let mut loading_since: Option<Instant> = None;
+        let mut tell_after = LOADING_TELL_EVERY;
         let mut cursor = if read && self.follower_reads {
             Some(self.least_outstanding())
         } else {
@@ -366,6 +370,19 @@ impl GrpcMetadataClient {
                 Err(status) => status,
             };
             let hint = Self::leader_hint(&status);
+            let err = FsError::from(status);
+            if let FsError::Loading(listing) = &err {
+                // The master answers so every second while it lists a big directory for
+                // the call: wait as long as the listing takes, the deadline counting from
+                // its last answer.
+                let since = *loading_since.get_or_insert_with(Instant::now);
+                if since.elapsed() >= tell_after {
+                    tell_after += LOADING_TELL_EVERY;
+                    tracing::info!(shard = self.shard, master = %member.addr, op = what, waited = ?since.elapsed(), "waiting for the master: {listing}");
+                }
+                start = Instant::now();
+                continue;
+            }
             if let Some(leader) = hint.clone() {
                 // A follower named the leader: go there at once.
                 let members = self.members.read().expect("members lock");
@@ -388,7 +405,6 @@ impl GrpcMetadataClient {
             } else {
                 self.preferred.store((idx + 1) % count, Ordering::Relaxed);
             }
-            let err = FsError::from(status);
             if !err.is_retryable() {
                 return Err(err);
             }
@@ -667,5 +683,40 @@ mod tests {
             .failed_at
             .store(now_ms(), Ordering::Relaxed);
         assert!((0..6).all(|_| client.least_outstanding() == 2));
+    }
+
+    #[test]
+    fn a_call_waits_past_its_deadline_while_the_master_says_it_is_still_listing() {
+        let opts = ClientOptions {
+            cluster_token: String::new(),
+            read_consistency: ReadConsistency::Linearizable,
+            follower_reads: false,
+            rpc_timeout: Duration::from_millis(100),
+            retry_deadline: Duration::from_millis(100),
+            routing_version: None,
+        };
+        let client = GrpcMetadataClient::connect(0, &["127.0.0.1:1".to_string()], &opts).unwrap();
+        let answers = AtomicUsize::new(0);
+        let started = Instant::now();
+        let r = client.call("readdir", true, |_| {
+            let n = answers.fetch_add(1, Ordering::Relaxed);
+            async move {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                match n {
+                    0..6 => {
+                        Err(FsError::Loading("listing /big in the under-storage".into()).into())
+                    }
+                    _ => Ok(tonic::Response::new(7u32)),
+                }
+            }
+        });
+        assert_eq!(r.unwrap(), 7);
+        assert!(started.elapsed() > opts.retry_deadline * 2);
+        // A master that is down for as long fails the call at the deadline.
+        let r = client.call("readdir", true, |_| async {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            Err::<tonic::Response<u32>, _>(tonic::Status::unavailable("down"))
+        });
+        assert!(matches!(r, Err(FsError::Io(_))), "{r:?}");
     }
 }

@@ -37,7 +37,7 @@ impl Peer for MasterService {
         match r.relist {
             true => self.loader.refresh(&dir).await?,
             // A follower's reader.
-            false => self.loader.ensure_loaded_for_read(&dir).await?,
+            false => self.loader.loaded_for_call(&dir, true).await?,
         };
         Ok(Response::new(ReadIndexReply {
             index: self.raft.applied_index(),
