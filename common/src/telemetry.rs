@@ -47,6 +47,7 @@ pub const WORKER_COUNTERS: &[&str] = &[
 /// The mount's counters without labels.
 pub const CLIENT_COUNTERS: &[&str] = &[
     "granary_client_metadata_failures_total",
+    "granary_client_lookups_total",
     "granary_client_opens_total",
     "granary_client_passthrough_opens_total",
     "granary_client_remote_bytes_total",

@@ -49,6 +49,13 @@ pub struct MountConfig {
     /// file up. Excludes `passthrough`, whose backing file is handed over in an open's
     /// reply.
     pub open_in_kernel: bool,
+    /// List directories with READDIRPLUS only where the kernel guesses it pays (FUSE's
+    /// auto mode: a directory's first batch, and batches after lookups in it) instead of
+    /// always. A plain listing of a huge directory then makes no kernel inode per entry
+    /// (~1 KiB of reclaimable kernel memory each), but `ls -l`, `du` or a scan that
+    /// stats what it listed sends a lookup per entry past the first batch (1,000,000
+    /// entries, `ls -l` after `ls`: 33 s instead of 3.4 s on 2 cores).
+    pub readdirplus_auto: bool,
     /// Largest adaptive readahead window for reads over TCP.
     pub readahead_max: ByteSize,
     /// The kernel's readahead window for the mount (its bdi `read_ahead_kb`; root only).
@@ -106,6 +113,7 @@ impl Default for MountConfig {
             short_circuit: true,
             passthrough: None,
             open_in_kernel: false,
+            readdirplus_auto: false,
             readahead_max: ByteSize(16 << 20),
             kernel_readahead: ByteSize(8 << 20),
             buffer_memory: ByteSize(1 << 30),

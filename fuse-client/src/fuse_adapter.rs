@@ -30,6 +30,8 @@ pub struct KernelOptions {
     pub attr_ttl: Duration,
     pub keep_cache: bool,
     pub owner: OwnerOverride,
+    /// READDIRPLUS only where the kernel guesses it pays (see `MountConfig`).
+    pub readdirplus_auto: bool,
 }
 
 /// What request handlers share, on the FUSE threads and the offload threads alike.
@@ -418,13 +420,20 @@ impl Handlers {
 
 impl Filesystem for FuseAdapter {
     fn init(&mut self, _req: &Request, config: &mut KernelConfig) -> std::io::Result<()> {
+        let readdirplus_auto = self
+            .handlers
+            .opts
+            .readdirplus_auto
+            .then_some(InitFlags::FUSE_READDIRPLUS_AUTO);
         for flag in [
             InitFlags::FUSE_DO_READDIRPLUS,
-            InitFlags::FUSE_READDIRPLUS_AUTO,
             InitFlags::FUSE_PARALLEL_DIROPS,
             InitFlags::FUSE_CACHE_SYMLINKS,
             InitFlags::FUSE_DIRECT_IO_ALLOW_MMAP,
-        ] {
+        ]
+        .into_iter()
+        .chain(readdirplus_auto)
+        {
             if config.add_capabilities(flag).is_err() {
                 tracing::debug!(?flag, "kernel lacks FUSE capability");
             }
@@ -461,6 +470,7 @@ impl Filesystem for FuseAdapter {
     }
 
     fn lookup(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
+        metrics::counter!("granary_client_lookups_total").increment(1);
         let h = &self.handlers;
         if let Some(i) = h.fs.lookup_cached(parent.0, name.as_bytes()) {
             return h.reply_entry("lookup", Ok(i), reply);

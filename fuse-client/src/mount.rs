@@ -283,6 +283,7 @@ pub fn mount(cfg: &MountConfig, mountpoint: &Path) -> Result<MountHandle, MountE
                 uid: cfg.uid,
                 gid: cfg.gid,
             },
+            readdirplus_auto: cfg.readdirplus_auto,
         },
         passthrough: Passthrough::new(passthrough, passthrough::WRITER_WAIT),
         open_in_kernel: cfg.open_in_kernel.into(),

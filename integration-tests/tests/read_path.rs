@@ -410,6 +410,51 @@ fn a_scan_of_sibling_directories_has_the_next_ones_listed_ahead() {
     assert_eq!(listings(), 21, "c19 on demand");
 }
 
+/// A directory bigger than the kernel's first READDIRPLUS batch (a few hundred entries),
+/// listed and then every entry stated, as `ls -l`, `du` or a dataset index does: every
+/// batch carries the entries' attributes, so the stats ask the mount nothing. In FUSE's
+/// auto mode (`readdirplus_auto`, the default before) each entry past the first batch was
+/// a lookup round trip: `ls -l` of a million entries took 33 s instead of 3.4 s.
+#[test]
+fn stating_every_entry_of_a_big_listed_directory_looks_nothing_up() {
+    let ufs_dir = tempfile::tempdir().unwrap();
+    let big = ufs_dir.path().join("big");
+    std::fs::create_dir_all(&big).unwrap();
+    for i in 0..3000 {
+        std::fs::write(big.join(format!("f-{i:05}")), b"").unwrap();
+    }
+    let cluster = Cluster::start(&MasterSpec {
+        ufs: ufs_dir.path().to_path_buf(),
+        ..Default::default()
+    })
+    .unwrap();
+    let lookups_in_a_scan = |config: &str| {
+        let port = granary_integration_tests::free_port();
+        let name = format!("mnt-{port}");
+        let m = cluster
+            .mount(
+                &name,
+                &format!("{config}\nmetrics_listen = \"127.0.0.1:{port}\""),
+            )
+            .unwrap();
+        let listed: Vec<PathBuf> = std::fs::read_dir(m.path.join("big"))
+            .unwrap()
+            .map(|e| e.unwrap().path())
+            .collect();
+        assert_eq!(listed.len(), 3000);
+        let lookups =
+            || granary_integration_tests::scrape_counter(port, "granary_client_lookups_total");
+        let before = lookups().unwrap();
+        for path in &listed {
+            assert!(std::fs::symlink_metadata(path).unwrap().is_file());
+        }
+        lookups().unwrap() - before
+    };
+    assert_eq!(lookups_in_a_scan(""), 0.0);
+    let auto = lookups_in_a_scan("readdirplus_auto = true");
+    assert!(auto >= 2000.0, "{auto} lookups in FUSE's auto mode");
+}
+
 /// A scan through folders renamed around it, through the mount, as they are first
 /// listed (on demand, or ahead of the scan): each is listed whole under either name. A
 /// listing used to read the UFS between a rename's UFS change and its commit and fail
