@@ -173,7 +173,8 @@ impl BlockReader {
     }
 
     /// The worker to read block `index` from: a co-located one (which caches what it
-    /// fetches for this node), else one already caching it, else a stable hash choice.
+    /// fetches for this node), else one already caching it, else a stable hash choice;
+    /// passing over workers that could not be reached lately while others are there.
     fn pick(
         &self,
         file: &Inode,
@@ -181,7 +182,9 @@ impl BlockReader {
         index: u32,
         refresh: bool,
     ) -> FsResult<(WorkerInfo, bool)> {
-        let workers = self.workers.live(shard_of(file.id), refresh)?;
+        let workers = self
+            .data
+            .usable(&self.workers.live(shard_of(file.id), refresh)?);
         if let Some(w) = self.workers.local(&workers) {
             return Ok((w, true));
         }
@@ -378,7 +381,9 @@ impl BlockRead for BlockReader {
         if !self.opts.short_circuit || file.size == 0 || file.block_size == 0 {
             return None;
         }
-        let workers = self.workers.live(shard_of(file.id), false).ok()?;
+        let workers = self
+            .data
+            .usable(&self.workers.live(shard_of(file.id), false).ok()?);
         let worker = self.workers.local(&workers)?;
         let count = block_count(file.size, file.block_size);
         let mut path = None;

@@ -123,7 +123,9 @@ impl WorkerContentStore {
         durable: bool,
     ) -> FsResult<UfsFingerprint> {
         let fingerprint = with_retries("upload", file.id, |refresh| {
-            let workers = self.workers.live(shard_of(file.id), refresh)?;
+            let workers = self
+                .data
+                .usable(&self.workers.live(shard_of(file.id), refresh)?);
             // The co-located worker caches what it uploads for this node's next read.
             let worker = self
                 .workers

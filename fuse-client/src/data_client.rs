@@ -4,9 +4,10 @@
 use std::collections::HashMap;
 use std::io::{BufReader, Read, Write};
 use std::net::{TcpStream, ToSocketAddrs};
+use std::os::fd::AsRawFd;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Mutex;
-use std::time::Duration;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use granary_common::{FsError, FsResult};
 use granary_protos::data::{
@@ -14,10 +15,22 @@ use granary_protos::data::{
     ReadBlockRequest, ReadBlockResponse, Status, WriteFileRequest, WriteFileResponse,
 };
 use granary_protos::frame::{encode_header, read_header};
+use granary_protos::v1::WorkerInfo;
+
+use crate::worker_list::data_addr;
 use granary_protos::DATA_PROTOCOL_VERSION;
 
 /// Idle connections kept per worker.
 const MAX_IDLE_PER_WORKER: usize = 32;
+/// How long an answer is awaited before the worker is checked on, and between checks.
+const CHECK_EVERY: Duration = Duration::from_secs(5);
+/// Checks in a row a worker fails (a new connection's handshake unanswered) before a
+/// request waiting on it is given up.
+const FAILED_CHECKS: u32 = 2;
+/// How long a worker that could not be reached, or stopped answering, is passed over
+/// while another one is there: past the masters' dropping of a silent worker (10 s by
+/// default) and their next listing.
+const PASS_OVER: Duration = Duration::from_secs(15);
 
 /// A connection's bytes: plain TCP, or TLS over it when this process has TLS settings.
 enum Stream {
@@ -79,6 +92,10 @@ pub struct DataClient {
     idle: Mutex<HashMap<String, Vec<Conn>>>,
     connect_timeout: Duration,
     io_timeout: Duration,
+    check_every: Duration,
+    /// Workers (data addresses) the last exchange with failed below their answers: no
+    /// connection, or none that answered; when.
+    failed: Mutex<HashMap<String, Instant>>,
     token: String,
     /// Numbers requests, so an answer is matched to the request it belongs to.
     next_request: AtomicU64,
@@ -94,6 +111,8 @@ impl DataClient {
             idle: Mutex::new(HashMap::new()),
             connect_timeout,
             io_timeout,
+            check_every: CHECK_EVERY,
+            failed: Mutex::new(HashMap::new()),
             token: token.to_string(),
             next_request: AtomicU64::new(1),
         }
@@ -108,7 +127,9 @@ impl DataClient {
         let s = TcpStream::connect_timeout(&sockaddr, self.connect_timeout)
             .map_err(|e| FsError::Unavailable(format!("worker {addr}: {e}")))?;
         s.set_nodelay(true)?;
-        s.set_read_timeout(Some(self.io_timeout))?;
+        // A worker that is stopped still completes connections (the kernel does), so its
+        // handshake is given no longer than a connection.
+        s.set_read_timeout(Some(self.connect_timeout))?;
         s.set_write_timeout(Some(self.io_timeout))?;
         let stream = match granary_common::tls::data_client() {
             Some((config, opts)) => {
@@ -130,13 +151,28 @@ impl DataClient {
                 cluster_token: self.token.clone(),
             }))
             .map_err(|e| FsError::Unavailable(format!("worker {addr}: {e}")))?;
-        let hello: HelloReply = read_header(&mut conn.reader).map_err(|e| frame_err(addr, e))?;
+        let hello: HelloReply = read_header(&mut conn.reader).map_err(|e| match e {
+            granary_protos::frame::FrameError::Io(io)
+                if matches!(
+                    io.kind(),
+                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                ) =>
+            {
+                FsError::Unavailable(format!(
+                    "worker {addr}: no answer to a new connection within {:?}",
+                    self.connect_timeout
+                ))
+            }
+            e => frame_err(addr, e),
+        })?;
         if !hello.ok {
             return Err(FsError::io(format!(
                 "worker {addr} refused the connection: {}",
                 hello.error
             )));
         }
+        conn.set_read_timeout(self.io_timeout)
+            .map_err(|e| FsError::Unavailable(format!("worker {addr}: {e}")))?;
         Ok(conn)
     }
 
@@ -163,28 +199,102 @@ impl DataClient {
 
     /// Runs one exchange on a connection to `addr`. A pooled connection may have died
     /// with a worker restart: the exchange is retried once on a new one (reads and whole
-    /// uploads are idempotent).
+    /// uploads are idempotent). A worker no exchange reached is passed over for a while
+    /// (see [`Self::usable`]).
     fn on_connection<T>(
         &self,
         addr: &str,
         mut exchange: impl FnMut(&mut Conn) -> FsResult<T>,
     ) -> FsResult<T> {
-        for _ in 0..2 {
-            let (mut conn, pooled) = self.checkout(addr)?;
-            match exchange(&mut conn) {
-                Ok(out) => {
-                    self.checkin(addr, conn);
-                    return Ok(out);
+        let result = (|| {
+            for _ in 0..2 {
+                let (mut conn, pooled) = self.checkout(addr)?;
+                match exchange(&mut conn) {
+                    Ok(out) => {
+                        self.checkin(addr, conn);
+                        return Ok(out);
+                    }
+                    Err(e) if pooled => {
+                        tracing::debug!(worker = addr, error = %e, "pooled data connection failed; reconnecting");
+                    }
+                    Err(e) => return Err(e),
                 }
-                Err(e) if pooled => {
-                    tracing::debug!(worker = addr, error = %e, "pooled data connection failed; reconnecting");
-                }
-                Err(e) => return Err(e),
+            }
+            Err(FsError::Unavailable(format!(
+                "worker {addr}: connection keeps failing"
+            )))
+        })();
+        let mut failed = self.failed.lock().expect("failed workers lock");
+        match &result {
+            Err(e) if e.is_retryable() => {
+                failed.insert(addr.to_string(), Instant::now());
+            }
+            _ => {
+                failed.remove(addr);
             }
         }
-        Err(FsError::Unavailable(format!(
-            "worker {addr}: connection keeps failing"
-        )))
+        result
+    }
+
+    /// `workers` less those whose data port failed lately (no connection, or no answer),
+    /// unless that leaves none.
+    pub fn usable(&self, workers: &Arc<Vec<WorkerInfo>>) -> Arc<Vec<WorkerInfo>> {
+        let mut failed = self.failed.lock().expect("failed workers lock");
+        if failed.is_empty() {
+            return workers.clone();
+        }
+        failed.retain(|_, at| at.elapsed() < PASS_OVER);
+        let usable: Vec<WorkerInfo> = workers
+            .iter()
+            .filter(|w| !failed.contains_key(&data_addr(w)))
+            .cloned()
+            .collect();
+        match usable.len() {
+            0 => workers.clone(),
+            n if n == workers.len() => workers.clone(),
+            _ => Arc::new(usable),
+        }
+    }
+
+    /// Waits until `conn` has an answer to read, `bound` at most. Every `check_every`
+    /// meanwhile the worker is checked on with a new connection, whose handshake a busy
+    /// worker (one waiting on the UFS for this answer) still answers at once: a stopped
+    /// or wedged one that fails [`FAILED_CHECKS`] checks in a row is given up on.
+    fn await_answer(&self, conn: &Conn, addr: &str, bound: Duration) -> FsResult<()> {
+        let started = Instant::now();
+        let mut failed_checks = 0;
+        loop {
+            if !conn.reader.buffer().is_empty() {
+                return Ok(());
+            }
+            let left = bound.saturating_sub(started.elapsed());
+            if left.is_zero() {
+                return Err(FsError::TimedOut(format!(
+                    "worker {addr}: no answer within {bound:?}"
+                )));
+            }
+            if readable(conn.reader.get_ref().tcp(), left.min(self.check_every))
+                .map_err(|e| FsError::Unavailable(format!("worker {addr}: {e}")))?
+            {
+                return Ok(());
+            }
+            match self.connect(addr) {
+                Ok(check) => {
+                    failed_checks = 0;
+                    self.checkin(addr, check);
+                }
+                Err(e) => {
+                    failed_checks += 1;
+                    if failed_checks == FAILED_CHECKS {
+                        return Err(FsError::Unavailable(format!(
+                            "worker {addr} stopped answering: no answer for {:?}, and a new \
+                             connection to it got none either ({e})",
+                            started.elapsed()
+                        )));
+                    }
+                }
+            }
+        }
     }
 
     /// Sends `req` to the worker at `addr`; returns its response header and payload.
@@ -194,7 +304,11 @@ impl DataClient {
         mut req: ReadBlockRequest,
     ) -> FsResult<(ReadBlockResponse, Vec<u8>)> {
         req.request_id = self.next_request.fetch_add(1, Ordering::Relaxed);
-        let (resp, payload) = self.on_connection(addr, |conn| exchange(conn, addr, &req))?;
+        let (resp, payload) = self.on_connection(addr, |conn| {
+            send_read(conn, addr, &req)?;
+            self.await_answer(conn, addr, self.io_timeout)?;
+            read_answer(conn, addr, &req)
+        })?;
         status_error(addr, resp.status, &resp.error)?;
         Ok((resp, payload))
     }
@@ -209,7 +323,16 @@ impl DataClient {
     ) -> FsResult<WriteFileResponse> {
         req.request_id = self.next_request.fetch_add(1, Ordering::Relaxed);
         let resp = self.on_connection(addr, |conn| {
-            send_file(conn, addr, &req, source, self.io_timeout)
+            send_file(conn, addr, &req, source)?;
+            self.await_answer(conn, addr, UPLOAD_ANSWER_TIMEOUT)?;
+            let resp: WriteFileResponse =
+                read_header(&mut conn.reader).map_err(|e| frame_err(addr, e))?;
+            if resp.request_id != req.request_id {
+                return Err(FsError::Unavailable(format!(
+                    "worker {addr}: response out of order"
+                )));
+            }
+            Ok(resp)
         })?;
         status_error(addr, resp.status, &resp.error)?;
         Ok(resp)
@@ -259,8 +382,7 @@ fn send_file(
     addr: &str,
     req: &WriteFileRequest,
     source: &std::fs::File,
-    io_timeout: Duration,
-) -> FsResult<WriteFileResponse> {
+) -> FsResult<()> {
     use std::os::unix::fs::FileExt;
     let gone = |e: std::io::Error| FsError::Unavailable(format!("worker {addr}: {e}"));
     let header = DataRequest {
@@ -277,30 +399,44 @@ fn send_file(
         conn.writer().write_all(&buf[..want]).map_err(gone)?;
         offset += want as u64;
     }
-    conn.writer().flush().map_err(gone)?;
-    conn.set_read_timeout(UPLOAD_ANSWER_TIMEOUT).map_err(gone)?;
-    let resp: Result<WriteFileResponse, _> = read_header(&mut conn.reader);
-    conn.set_read_timeout(io_timeout).map_err(gone)?;
-    let resp = resp.map_err(|e| frame_err(addr, e))?;
-    if resp.request_id != req.request_id {
-        return Err(FsError::Unavailable(format!(
-            "worker {addr}: response out of order"
-        )));
-    }
-    Ok(resp)
+    conn.writer().flush().map_err(gone)
 }
 
-fn exchange(
-    conn: &mut Conn,
-    addr: &str,
-    req: &ReadBlockRequest,
-) -> FsResult<(ReadBlockResponse, Vec<u8>)> {
+fn send_read(conn: &mut Conn, addr: &str, req: &ReadBlockRequest) -> FsResult<()> {
     let wrapped = DataRequest {
         op: Some(data_request::Op::Read(req.clone())),
     };
     conn.writer()
         .write_all(&encode_header(&wrapped))
-        .map_err(|e| FsError::Unavailable(format!("worker {addr}: {e}")))?;
+        .map_err(|e| FsError::Unavailable(format!("worker {addr}: {e}")))
+}
+
+/// Whether `s` has bytes to read (or a hangup to report) within `wait`.
+fn readable(s: &TcpStream, wait: Duration) -> std::io::Result<bool> {
+    let mut fd = libc::pollfd {
+        fd: s.as_raw_fd(),
+        events: libc::POLLIN,
+        revents: 0,
+    };
+    let ms = wait.as_millis().min(i32::MAX as u128) as i32;
+    // SAFETY: one pollfd that outlives the call.
+    match unsafe { libc::poll(&mut fd, 1, ms) } {
+        -1 => {
+            let e = std::io::Error::last_os_error();
+            match e.kind() {
+                std::io::ErrorKind::Interrupted => Ok(false),
+                _ => Err(e),
+            }
+        }
+        n => Ok(n > 0),
+    }
+}
+
+fn read_answer(
+    conn: &mut Conn,
+    addr: &str,
+    req: &ReadBlockRequest,
+) -> FsResult<(ReadBlockResponse, Vec<u8>)> {
     let resp: ReadBlockResponse = read_header(&mut conn.reader).map_err(|e| frame_err(addr, e))?;
     if resp.request_id != req.request_id {
         return Err(FsError::Unavailable(format!(
@@ -360,6 +496,8 @@ mod tests {
         TooMuch,
         /// The connection closes without an answer (a worker that restarted).
         Hangup,
+        /// One byte after this many milliseconds (a worker waiting on the UFS).
+        Late(u64),
         Status(Status),
     }
 
@@ -368,6 +506,9 @@ mod tests {
     struct Worker {
         addr: String,
         connections: Arc<AtomicUsize>,
+        /// Set: answers nothing more, as a stopped process (the kernel still completes
+        /// connections).
+        stopped: Arc<std::sync::atomic::AtomicBool>,
     }
 
     impl Worker {
@@ -375,25 +516,41 @@ mod tests {
             let listener = TcpListener::bind("127.0.0.1:0").unwrap();
             let addr = listener.local_addr().unwrap().to_string();
             let connections = Arc::new(AtomicUsize::new(0));
+            let stopped = Arc::new(std::sync::atomic::AtomicBool::new(false));
             let script = Arc::new(Mutex::new(script));
-            let conns = connections.clone();
+            let (conns, stop) = (connections.clone(), stopped.clone());
             std::thread::spawn(move || {
                 for stream in listener.incoming() {
                     let Ok(stream) = stream else { return };
                     conns.fetch_add(1, Ordering::SeqCst);
-                    let script = script.clone();
-                    std::thread::spawn(move || serve(stream, token, &script));
+                    let (script, stop) = (script.clone(), stop.clone());
+                    std::thread::spawn(move || serve(stream, token, &script, &stop));
                 }
             });
-            Worker { addr, connections }
+            Worker {
+                addr,
+                connections,
+                stopped,
+            }
         }
     }
 
-    fn serve(mut s: TcpStream, token: &str, script: &Mutex<Vec<Answer>>) {
+    fn serve(
+        mut s: TcpStream,
+        token: &str,
+        script: &Mutex<Vec<Answer>>,
+        stopped: &std::sync::atomic::AtomicBool,
+    ) {
+        let hang_if_stopped = || {
+            while stopped.load(Ordering::SeqCst) {
+                std::thread::sleep(Duration::from_millis(50));
+            }
+        };
         let hello: Hello = match read_header(&mut s) {
             Ok(h) => h,
             Err(_) => return,
         };
+        hang_if_stopped();
         let ok = hello.cluster_token == token;
         let reply = HelloReply {
             ok,
@@ -411,6 +568,7 @@ mod tests {
             let Some(data_request::Op::Read(r)) = req.op else {
                 return;
             };
+            hang_if_stopped();
             let answer = {
                 let mut script = script.lock().unwrap();
                 if script.len() > 1 {
@@ -427,6 +585,10 @@ mod tests {
                     vec![b'x'; r.length as usize + 1],
                 ),
                 Answer::Hangup => return,
+                Answer::Late(ms) => {
+                    std::thread::sleep(Duration::from_millis(ms));
+                    (ok_header(r.request_id, 1), vec![b'x'])
+                }
                 Answer::Status(status) => (
                     ReadBlockResponse {
                         request_id: r.request_id,
@@ -522,5 +684,55 @@ mod tests {
         assert!(err.to_string().contains("refused the connection"), "{err}");
         let err = client("t").request("127.0.0.1:1", read(1)).unwrap_err();
         assert!(err.is_retryable(), "nobody listening: {err}");
+    }
+
+    fn worker_at(addr: &str) -> WorkerInfo {
+        let (host, port) = addr.rsplit_once(':').unwrap();
+        WorkerInfo {
+            worker_id: addr.into(),
+            host: host.into(),
+            data_port: port.parse().unwrap(),
+            ..Default::default()
+        }
+    }
+
+    /// A client that checks on a worker every 100 ms, and waits a minute for answers.
+    fn checking_client() -> DataClient {
+        let mut c = DataClient::new(Duration::from_millis(500), Duration::from_secs(60), "t");
+        c.check_every = Duration::from_millis(100);
+        c
+    }
+
+    #[test]
+    fn a_stopped_worker_is_given_up_on_and_passed_over_while_another_is_there() {
+        let w = Worker::start("t", vec![Answer::Bytes(1)]);
+        let c = checking_client();
+        assert_eq!(c.request(&w.addr, read(1)).unwrap().1, b"x");
+        w.stopped.store(true, Ordering::SeqCst);
+        let asked = Instant::now();
+        let err = c.request(&w.addr, read(1)).unwrap_err();
+        // Given up on long before the minute an answer may take.
+        assert!(asked.elapsed() < Duration::from_secs(30), "{err}");
+        assert!(
+            err.is_retryable() && err.to_string().contains("no answer to a new connection"),
+            "{err}"
+        );
+        let other = Worker::start("t", vec![Answer::Bytes(1)]);
+        let both = Arc::new(vec![worker_at(&w.addr), worker_at(&other.addr)]);
+        let usable: Vec<String> = c.usable(&both).iter().map(data_addr).collect();
+        assert_eq!(usable, [other.addr.as_str()]);
+        let alone = Arc::new(vec![worker_at(&w.addr)]);
+        assert_eq!(c.usable(&alone).len(), 1, "the only worker is still tried");
+        // Back, it answers and is used again.
+        w.stopped.store(false, Ordering::SeqCst);
+        assert_eq!(c.request(&w.addr, read(1)).unwrap().1, b"x");
+        assert_eq!(c.usable(&both).len(), 2);
+    }
+
+    #[test]
+    fn a_worker_slow_to_answer_but_answering_checks_is_waited_for() {
+        let w = Worker::start("t", vec![Answer::Late(1000)]);
+        let (_, data) = checking_client().request(&w.addr, read(1)).unwrap();
+        assert_eq!(data, b"x");
     }
 }

@@ -186,7 +186,9 @@ impl Warmup {
     /// whether it had the block already.
     fn fetch(&self, file: &Inode, index: u32) -> FsResult<bool> {
         with_retries("block warm-up", file.id, |refresh| {
-            let workers = self.workers.live(shard_of(file.id), refresh)?;
+            let workers = self
+                .data
+                .usable(&self.workers.live(shard_of(file.id), refresh)?);
             let worker = hashed(&workers, file.id, index);
             let addr = data_addr(&worker);
             let r = self
