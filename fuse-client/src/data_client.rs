@@ -23,7 +23,7 @@ use granary_protos::DATA_PROTOCOL_VERSION;
 /// Idle connections kept per worker.
 const MAX_IDLE_PER_WORKER: usize = 32;
 /// How long an answer is awaited before the worker is checked on, and between checks.
-const CHECK_EVERY: Duration = Duration::from_secs(5);
+const CHECK_EVERY: Duration = Duration::from_secs(2);
 /// Checks in a row a worker fails (a new connection's handshake unanswered) before a
 /// request waiting on it is given up.
 const FAILED_CHECKS: u32 = 2;
@@ -214,7 +214,8 @@ impl DataClient {
                         self.checkin(addr, conn);
                         return Ok(out);
                     }
-                    Err(e) if pooled => {
+                    // A worker that stopped answering would not answer a new one.
+                    Err(e) if pooled && !matches!(e, FsError::TimedOut(_)) => {
                         tracing::debug!(worker = addr, error = %e, "pooled data connection failed; reconnecting");
                     }
                     Err(e) => return Err(e),
@@ -286,7 +287,7 @@ impl DataClient {
                 Err(e) => {
                     failed_checks += 1;
                     if failed_checks == FAILED_CHECKS {
-                        return Err(FsError::Unavailable(format!(
+                        return Err(FsError::TimedOut(format!(
                             "worker {addr} stopped answering: no answer for {:?}, and a new \
                              connection to it got none either ({e})",
                             started.elapsed()
@@ -714,7 +715,7 @@ mod tests {
         // Given up on long before the minute an answer may take.
         assert!(asked.elapsed() < Duration::from_secs(30), "{err}");
         assert!(
-            err.is_retryable() && err.to_string().contains("no answer to a new connection"),
+            err.is_retryable() && err.to_string().contains("stopped answering"),
             "{err}"
         );
         let other = Worker::start("t", vec![Answer::Bytes(1)]);
