@@ -350,9 +350,22 @@ impl Handlers {
         }
     }
 
-    fn release(&self, fh: u64) {
+    /// Closes `fh` of `ino`. A commit that failed leaves the kernel caching the writes
+    /// as the file's pages: they are dropped (and its attributes), so that readers here
+    /// read what the file holds, not a mix of the lost writes and the old content.
+    fn release(&self, ino: u64, fh: u64) -> impl FnOnce() {
         self.passthrough.release(fh);
-        self.fs.release(fh);
+        let failed = self.fs.release(fh);
+        let notifier = self.notifier.clone();
+        move || {
+            if failed {
+                if let Some(n) = notifier.get() {
+                    if let Err(e) = n.inval_inode(INodeNo(ino), 0, 0) {
+                        tracing::debug!(ino, error = %e, "cannot drop the kernel's pages");
+                    }
+                }
+            }
+        }
     }
 
     fn readdir(&self, fh: u64, offset: u64, mut reply: ReplyDirectory) {
@@ -768,12 +781,15 @@ impl Filesystem for FuseAdapter {
     ) {
         let h = &self.handlers;
         if h.fs.closes_without_waiting(ino.0, flags.0) {
-            h.release(fh.0);
-            return reply.ok();
+            let after_reply = h.release(ino.0, fh.0);
+            reply.ok();
+            return after_reply();
         }
         self.offload(move |h| {
-            h.release(fh.0);
-            reply.ok()
+            let after_reply = h.release(ino.0, fh.0);
+            // Told after the reply: the kernel may hold the inode's pages until it has it.
+            reply.ok();
+            after_reply()
         });
     }
 

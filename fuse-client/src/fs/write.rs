@@ -132,8 +132,20 @@ impl GranaryFs {
             _ => st.size,
         };
         let end = at + data.len() as u64;
+        let size = st.size;
         let backing = self.backing_for(file.ino, &mut st, end)?;
-        backing.write_all_at(data, at)?;
+        if let Err(e) = backing.write_all_at(data, at) {
+            // A full disk took part of the write. What it put past the end is not the
+            // file's (the size stays what the writes that succeeded made it, as the
+            // commit checks); what it changed before the end is, as on a local disk.
+            if end > size {
+                let _ = backing.set_len(size);
+            }
+            if at < size {
+                st.content = Content::Dirty;
+            }
+            return Err(e.into());
+        }
         backing.written(at, end);
         st.size = st.size.max(end);
         st.content = Content::Dirty;
@@ -315,13 +327,17 @@ impl GranaryFs {
             .is_ok_and(|st| !changes_file(flags) || st.closes_without_waiting())
     }
 
-    pub fn release(&self, fh: u64) {
+    /// Closes handle `fh`, committing what it wrote; whether that commit failed, so the
+    /// file's pages the kernel caches (which hold the writes) are not its content.
+    pub fn release(&self, fh: u64) -> bool {
         let Some(file) = self.files.write().expect("files lock").remove(&fh) else {
-            return;
+            return false;
         };
+        let mut failed = false;
         if let Some(st) = &file.staged {
             let mut st = st.lock().expect("staged lock");
             if let Err(e) = self.commit_staged(file.ino, &mut st, false) {
+                failed = true;
                 match st.content {
                     Content::Published { .. } => {
                         tracing::error!(ino = file.ino, error = %e, "committing a file at its last close failed; its new content is in the UFS and reaches the namespace when another descriptor of it here closes or its directory is listed again (granary fs load-metadata --force)")
@@ -349,6 +365,7 @@ impl GranaryFs {
         if kept && !open() {
             self.let_go(file.ino);
         }
+        failed
     }
 
     /// fallocate(2). The plain mode extends the file with zeros to `offset + len` (the

@@ -223,6 +223,20 @@ fn content_stored_but_not_committed_is_committed_by_the_next_try_as_it_is() {
 }
 
 #[test]
+fn a_close_whose_commit_fails_says_so_and_one_that_commits_does_not() {
+    let (fs, ns, _store) = fs_with(true);
+    let (inode, fh) = fs.create(1, b"ckpt", 0o644, libc::O_RDWR, 0, 0).unwrap();
+    fs.write(fh, 0, b"version one", 0).unwrap();
+    assert!(!fs.release(fh), "committed");
+    let (fh, _) = fs.open(inode.id, libc::O_RDWR | libc::O_TRUNC).unwrap();
+    fs.write(fh, 0, b"version two, longer", 0).unwrap();
+    ns.faults.commits.store(2, Ordering::SeqCst);
+    fs.flush(fh).unwrap_err();
+    assert!(fs.release(fh), "its writes are lost");
+    assert_eq!(ns.getattr(inode.id).unwrap().size, 11);
+}
+
+#[test]
 fn truncating_content_whose_commit_failed_truncates_what_was_stored() {
     let (fs, ns, store) = fs_with(true);
     let (inode, fh) = fs.create(1, b"log", 0o644, libc::O_RDWR, 0, 0).unwrap();
