@@ -28,16 +28,20 @@ struct Member {
     addr: String,
     /// Calls to this member in flight from this client.
     outstanding: Arc<AtomicUsize>,
-    /// When a call to it last failed (ms since `EPOCH`; 0: never). A member that fails
-    /// fast has no calls in flight and would otherwise be picked first every time.
-    failed_at: Arc<AtomicU64>,
-    /// When its last failure was logged (as `failed_at`): a member down fails the first
-    /// try of every call, which would otherwise log once per call.
+    /// Until when it is passed over while another member is there (ms since `EPOCH`),
+    /// after a call to it failed. A member that fails fast has no calls in flight and
+    /// would otherwise be picked first every time.
+    passed_over_until: Arc<AtomicU64>,
+    /// When its last failure was logged (ms since `EPOCH`; 0: never): a member down
+    /// fails the first try of every call, which would otherwise log once per call.
     warned_at: Arc<AtomicU64>,
 }
 
 /// How long a member that failed is passed over while another one is there.
 const FAILED_PASS_OVER: Duration = Duration::from_secs(1);
+/// The same after it took a call and answered nothing in time (a stopped or wedged
+/// process): each such try costs the caller `rpc_timeout`.
+const SILENT_PASS_OVER: Duration = Duration::from_secs(30);
 /// How often one member's failures are logged at most.
 const WARN_EVERY_MS: u64 = 30_000;
 /// How often a call waiting for a master's listing says so.
@@ -51,8 +55,7 @@ fn now_ms() -> u64 {
 
 impl Member {
     fn failed_recently(&self) -> bool {
-        let at = self.failed_at.load(Ordering::Relaxed);
-        at != 0 && now_ms().saturating_sub(at) < FAILED_PASS_OVER.as_millis() as u64
+        now_ms() < self.passed_over_until.load(Ordering::Relaxed)
     }
 }
 
@@ -164,7 +167,7 @@ impl GrpcMetadataClient {
         Ok(Member {
             addr: addr.to_string(),
             outstanding: Arc::new(AtomicUsize::new(0)),
-            failed_at: Arc::new(AtomicU64::new(0)),
+            passed_over_until: Arc::new(AtomicU64::new(0)),
             warned_at: Arc::new(AtomicU64::new(0)),
         })
     }
@@ -412,7 +415,13 @@ impl GrpcMetadataClient {
             if hint.is_none() {
                 // Not a redirect to the leader: this member could not serve the call.
                 let now = now_ms();
-                member.failed_at.store(now, Ordering::Relaxed);
+                let pass_over = match answered_nothing_in_time(&err) {
+                    true => SILENT_PASS_OVER,
+                    false => FAILED_PASS_OVER,
+                };
+                member
+                    .passed_over_until
+                    .store(now + pass_over.as_millis() as u64, Ordering::Relaxed);
                 let warned = member.warned_at.load(Ordering::Relaxed);
                 news = (warned == 0 || now.saturating_sub(warned) >= WARN_EVERY_MS)
                     && member
@@ -425,10 +434,9 @@ impl GrpcMetadataClient {
                 metrics::counter!("granary_client_metadata_failures_total").increment(1);
                 // A master that took the call and never answered it (a leader waiting on
                 // a stalled UFS) is not one out of reach.
-                let state = match &err {
-                    FsError::TimedOut(_) => "answered no call in time",
-                    e if e.to_string().contains("Timeout expired") => "answered no call in time",
-                    _ => "unreachable",
+                let state = match answered_nothing_in_time(&err) {
+                    true => "answered no call in time",
+                    false => "unreachable",
                 };
                 tracing::error!(
                     shard = self.shard,
@@ -454,6 +462,12 @@ impl GrpcMetadataClient {
             }
         }
     }
+}
+
+/// Whether a master took the call and did not answer it in time (tonic's own timeout
+/// says "Timeout expired").
+fn answered_nothing_in_time(err: &FsError) -> bool {
+    matches!(err, FsError::TimedOut(_)) || err.to_string().contains("Timeout expired")
 }
 
 fn inode(r: InodeReply) -> FsResult<Inode> {
@@ -680,9 +694,58 @@ mod tests {
         // A member that just failed is passed over, however idle it looks.
         busy([5, 0, 3]);
         client.members.read().unwrap().list[1]
-            .failed_at
-            .store(now_ms(), Ordering::Relaxed);
+            .passed_over_until
+            .store(now_ms() + 1000, Ordering::Relaxed);
         assert!((0..6).all(|_| client.least_outstanding() == 2));
+    }
+
+    #[test]
+    fn a_member_that_answered_nothing_in_time_is_passed_over_for_longer_than_one_refusing() {
+        let opts = ClientOptions {
+            cluster_token: String::new(),
+            read_consistency: ReadConsistency::Linearizable,
+            follower_reads: true,
+            rpc_timeout: Duration::from_millis(100),
+            retry_deadline: Duration::from_secs(5),
+            routing_version: None,
+        };
+        let addrs: Vec<String> = (1..=2).map(|p| format!("127.0.0.1:{p}")).collect();
+        let client = GrpcMetadataClient::connect(0, &addrs, &opts).unwrap();
+        let passed_over = || -> Vec<u64> {
+            let now = now_ms();
+            let members = client.members.read().unwrap();
+            let until = |m: &Member| m.passed_over_until.load(Ordering::Relaxed);
+            members
+                .list
+                .iter()
+                .map(|m| until(m).saturating_sub(now))
+                .collect()
+        };
+        let failing_once = |status: fn() -> tonic::Status| {
+            let tries = AtomicUsize::new(0);
+            client
+                .call("lookup", true, |_| {
+                    let first = tries.fetch_add(1, Ordering::Relaxed) == 0;
+                    async move {
+                        match first {
+                            true => Err(status()),
+                            false => Ok(tonic::Response::new(())),
+                        }
+                    }
+                })
+                .unwrap();
+        };
+        failing_once(|| tonic::Status::unavailable("connection refused"));
+        let refused = passed_over();
+        assert!(refused.iter().all(|&ms| ms <= 1000), "{refused:?}");
+        assert!(refused.iter().any(|&ms| ms > 0), "{refused:?}");
+        failing_once(|| tonic::Status::deadline_exceeded("Timeout expired"));
+        let silent = passed_over();
+        assert!(silent.iter().any(|&ms| ms > 20_000), "{silent:?}");
+        let quiet = silent.iter().position(|&ms| ms > 20_000).unwrap();
+        // Once the other's refusal is a second old, only the silent one is passed over.
+        std::thread::sleep(FAILED_PASS_OVER);
+        assert!((0..6).all(|_| client.least_outstanding() != quiet));
     }
 
     #[test]
