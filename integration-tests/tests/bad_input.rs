@@ -98,6 +98,42 @@ fn config_errors_name_the_key() {
 }
 
 #[test]
+fn a_second_worker_on_a_cache_dir_in_use_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let cache = dir.path().join("cache");
+    let config = |port: u16| {
+        let cfg = dir.path().join(format!("w{port}.toml"));
+        let text = format!(
+            "masters = [\"127.0.0.1:{}\"]\ndata_listen = \"127.0.0.1:{port}\"\ncache_dir = \"{}\"\n",
+            granary_integration_tests::free_port(),
+            cache.display()
+        );
+        std::fs::write(&cfg, text).unwrap();
+        let mut cmd = Command::new(bin("granary-worker"));
+        cmd.arg("--config").arg(&cfg);
+        cmd
+    };
+    let first = granary_integration_tests::Proc::spawn(
+        "worker",
+        config(granary_integration_tests::free_port()),
+        dir.path().join("first.log"),
+    )
+    .unwrap();
+    granary_integration_tests::wait_until("the first worker's id", Duration::from_secs(20), || {
+        cache.join("worker_id").exists()
+    })
+    .unwrap();
+    let (code, err) = run_to_exit(
+        config(granary_integration_tests::free_port()),
+        Duration::from_secs(20),
+    )
+    .unwrap();
+    assert_ne!(code, 0);
+    assert!(err.contains("in use by another running worker"), "{err}");
+    drop(first);
+}
+
+#[test]
 fn bad_mount_points_are_refused() {
     let ufs = tempfile::tempdir().unwrap();
     std::fs::write(ufs.path().join("f"), b"x").unwrap();

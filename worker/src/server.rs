@@ -32,6 +32,8 @@ pub enum WorkerError {
         addr: SocketAddr,
         source: std::io::Error,
     },
+    #[error("cache_dir {0} is in use by another running worker (one cache_dir per worker: it holds the worker's id and blocks)")]
+    CacheDirInUse(String),
     #[error("metrics endpoint: {0}")]
     Metrics(String),
     #[error(transparent)]
@@ -46,6 +48,8 @@ pub struct RunningWorker {
     /// The UFS mounts it has learned from its masters.
     pub mounts: Arc<MountRegistry>,
     tasks: Vec<JoinHandle<()>>,
+    /// Holds the cache directory's lock while the worker runs.
+    _lock: std::fs::File,
 }
 
 impl RunningWorker {
@@ -54,6 +58,22 @@ impl RunningWorker {
             t.abort();
         }
     }
+}
+
+/// Locks `cache_dir` for this process: a second worker on it would register under the
+/// same id, and the masters would keep whichever address registered last.
+fn lock_cache_dir(cache_dir: &Path) -> Result<std::fs::File, WorkerError> {
+    use std::os::fd::AsRawFd;
+    let path = cache_dir.join("lock");
+    let file = std::fs::File::create(&path).map_err(|source| WorkerError::CacheDir {
+        path: path.display().to_string(),
+        source,
+    })?;
+    // SAFETY: an open descriptor; flock only changes its lock.
+    if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
+        return Err(WorkerError::CacheDirInUse(cache_dir.display().to_string()));
+    }
+    Ok(file)
 }
 
 /// The worker's stable id, created on first start and kept in the cache directory so a
@@ -81,6 +101,7 @@ pub async fn start(config: WorkerConfig) -> Result<RunningWorker, WorkerError> {
         source,
     };
     std::fs::create_dir_all(&config.cache_dir).map_err(cache_err)?;
+    let lock = lock_cache_dir(&config.cache_dir)?;
     let id = worker_id(&config.cache_dir).map_err(cache_err)?;
     let (dir, cap, hi, lo) = (
         config.cache_dir.clone(),
@@ -154,6 +175,7 @@ pub async fn start(config: WorkerConfig) -> Result<RunningWorker, WorkerError> {
         links,
         mounts,
         tasks,
+        _lock: lock,
     })
 }
 
