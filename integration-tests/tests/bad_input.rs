@@ -98,6 +98,46 @@ fn config_errors_name_the_key() {
 }
 
 #[test]
+fn a_master_started_on_another_members_data_dir_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let ufs = dir.path().join("ufs");
+    std::fs::create_dir_all(&ufs).unwrap();
+    let data = dir.path().join("data");
+    let (one, two) = (
+        granary_integration_tests::free_port(),
+        granary_integration_tests::free_port(),
+    );
+    let config = |id: u64| {
+        let cfg = dir.path().join(format!("m{id}.toml"));
+        let port = if id == 1 { one } else { two };
+        let text = format!(
+            "id = {id}\nlisten = \"127.0.0.1:{port}\"\n\
+             members = [\"1@127.0.0.1:{one}\", \"2@127.0.0.1:{two}\"]\n\
+             data_dir = \"{}\"\nufs = \"{}\"\n",
+            data.display(),
+            ufs.display()
+        );
+        std::fs::write(&cfg, text).unwrap();
+        let mut cmd = Command::new(bin("granary-master"));
+        cmd.arg("--config").arg(&cfg);
+        cmd
+    };
+    let mut first =
+        granary_integration_tests::Proc::spawn("master-1", config(1), dir.path().join("1.log"))
+            .unwrap();
+    granary_integration_tests::wait_until(
+        "master 1's id recorded",
+        Duration::from_secs(20),
+        || data.join("member_id").exists(),
+    )
+    .unwrap();
+    first.kill();
+    let (code, err) = run_to_exit(config(2), Duration::from_secs(20)).unwrap();
+    assert_ne!(code, 0);
+    assert!(err.contains("is master 1's, but config `id` is 2"), "{err}");
+}
+
+#[test]
 fn a_second_worker_on_a_cache_dir_in_use_is_refused() {
     let dir = tempfile::tempdir().unwrap();
     let cache = dir.path().join("cache");

@@ -72,6 +72,51 @@ pub enum MasterError {
          use a fresh data_dir to serve a different UFS"
     )]
     UfsChanged { stored: String, configured: String },
+    #[error(
+        "data_dir {path} is master {stored}'s, but config `id` is {configured}: a member \
+         started on another's data_dir would take part in the group with that member's \
+         votes and log. Fix `id`, or give this member a fresh data_dir (and add it with \
+         `granary admin quorum add`)"
+    )]
+    MemberChanged {
+        path: String,
+        stored: u64,
+        configured: u64,
+    },
+}
+
+/// Checks that `data_dir` was first served by member `id`, recording it on a first start.
+/// Kept beside the stores, not in them: an installed snapshot replaces the namespace
+/// store with the leader's.
+fn check_member_id(data_dir: &std::path::Path, id: u64) -> Result<(), MasterError> {
+    let path = data_dir.join("member_id");
+    let dir_err = |source| MasterError::DataDir {
+        path: path.display().to_string(),
+        source,
+    };
+    match std::fs::read_to_string(&path) {
+        Ok(text) => match text.trim().parse::<u64>() {
+            Ok(stored) if stored == id => Ok(()),
+            Ok(stored) => Err(MasterError::MemberChanged {
+                path: data_dir.display().to_string(),
+                stored,
+                configured: id,
+            }),
+            Err(_) => Err(dir_err(std::io::Error::new(
+                std::io::ErrorKind::InvalidData,
+                format!("not a member id: {text:?}"),
+            ))),
+        },
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            let tmp = data_dir.join("member_id.tmp");
+            std::fs::write(&tmp, format!("{id}\n"))
+                .and_then(|()| std::fs::File::open(&tmp)?.sync_all())
+                .and_then(|()| std::fs::rename(&tmp, &path))
+                .and_then(|()| std::fs::File::open(data_dir)?.sync_all())
+                .map_err(dir_err)
+        }
+        Err(e) => Err(dir_err(e)),
+    }
 }
 
 /// How long a stopping master lets calls in flight finish.
@@ -159,6 +204,7 @@ pub async fn start(mut config: MasterConfig) -> Result<RunningMaster, MasterErro
         config.shard_id,
         config.store_cache.0,
     )?);
+    check_member_id(&config.data_dir, config.id)?;
     if let Some(m) = store.mount_table()?.mounts.iter().find(|m| m.path == b"/") {
         let ufs = granary_common::ufs::normalized_uri;
         if ufs(&m.ufs_uri) != ufs(&config.ufs) {
