@@ -4,13 +4,15 @@ use std::net::SocketAddr;
 
 /// Installs the global tracing subscriber; `RUST_LOG` overrides `default_filter`.
 pub fn init_logging(default_filter: &str) {
-    // raft-rs narrates every election and configuration step at INFO; our own lines say
-    // what matters (leader changes). `RUST_LOG=raft=info` brings them back. fuser warns
-    // "Unmount failed" when a mount unmounted from outside (`umount`) is let go, which is
-    // a clean stop; a failed unmount of ours is logged by us.
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| {
-        tracing_subscriber::EnvFilter::new(format!("{default_filter},raft=warn,fuser::mnt=error"))
-    });
+    let asked = std::env::var("RUST_LOG")
+        .ok()
+        .filter(|f| !f.trim().is_empty());
+    let filter = asked
+        .as_deref()
+        .and_then(|f| tracing_subscriber::EnvFilter::try_new(with_quiet_libraries(f)).ok())
+        .unwrap_or_else(|| {
+            tracing_subscriber::EnvFilter::new(with_quiet_libraries(default_filter))
+        });
     use std::io::IsTerminal;
     let _ = tracing_subscriber::fmt()
         .with_env_filter(filter)
@@ -55,6 +57,22 @@ pub const CLIENT_COUNTERS: &[&str] = &[
     "granary_client_uploaded_bytes_total",
 ];
 
+/// `filter` with libraries' noise turned down unless it names them itself: raft-rs
+/// narrates every election and configuration step at INFO, where our own lines say what
+/// matters (leader changes; `raft=info` brings them back); fuser warns "Unmount failed"
+/// when a mount unmounted from outside (`umount`) is let go, which is a clean stop (a
+/// failed unmount of ours is logged by us).
+fn with_quiet_libraries(filter: &str) -> String {
+    let mut out = filter.to_string();
+    for (library, quiet) in [("raft", "raft=warn"), ("fuser", "fuser::mnt=error")] {
+        if !filter.contains(library) {
+            out.push(',');
+            out.push_str(quiet);
+        }
+    }
+    out
+}
+
 /// Serves `/metrics` in Prometheus text format on `addr`, with `counters` shown at 0
 /// until they count something: a series that appears only at its first event leaves
 /// `rate()` and alerts on it blind until then. Must run inside a Tokio runtime.
@@ -76,5 +94,16 @@ pub async fn shutdown_signal() {
     tokio::select! {
         _ = tokio::signal::ctrl_c() => {}
         _ = term.recv() => {}
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn libraries_stay_quiet_unless_the_filter_names_them() {
+        use super::with_quiet_libraries as quiet;
+        assert_eq!(quiet("info"), "info,raft=warn,fuser::mnt=error");
+        assert_eq!(quiet("info,raft=info"), "info,raft=info,fuser::mnt=error");
+        assert_eq!(quiet("debug,fuser=debug"), "debug,fuser=debug,raft=warn");
     }
 }
