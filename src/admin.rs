@@ -25,6 +25,41 @@ pub fn channel(master: &str, token: &str) -> anyhow::Result<Authenticated> {
     ))
 }
 
+/// How long a master (or router) named on the command line gets to answer before the
+/// next one is asked.
+const ANSWER_WAIT: Duration = Duration::from_secs(3);
+
+/// The first of `masters` that answers a call (any answer, a refusal included: it is up),
+/// so that an admin command neither fails nor hangs on a member that is down, or stopped,
+/// while others serve; the first named when none does (the command then reports why).
+pub async fn answering<'a>(masters: &'a [String], token: &str) -> &'a str {
+    let first = masters
+        .first()
+        .map_or(granary_fuse_client::cli::DEFAULT_MASTER, String::as_str);
+    if masters.len() < 2 {
+        return first;
+    }
+    for m in masters {
+        let Ok(mut c) = client(m, token) else {
+            continue;
+        };
+        let answer = tokio::time::timeout(ANSWER_WAIT, c.quorum_info(QuorumInfoRequest {})).await;
+        match answer {
+            Ok(Ok(_)) => return m,
+            Ok(Err(s))
+                if !matches!(
+                    s.code(),
+                    tonic::Code::Unavailable | tonic::Code::Unknown | tonic::Code::Cancelled
+                ) =>
+            {
+                return m
+            }
+            _ => eprintln!("{m} does not answer; asking the next one"),
+        }
+    }
+    first
+}
+
 /// A client of the master's `Admin` service.
 pub fn client(master: &str, token: &str) -> anyhow::Result<AdminClient<Authenticated>> {
     Ok(AdminClient::new(channel(master, token)?).max_decoding_message_size(64 << 20))

@@ -368,7 +368,7 @@ fn run() -> anyhow::Result<()> {
         Command::Fs { cmd } => {
             let target = &cli.cluster;
             target.install_tls()?;
-            let (m, t) = (target.master(), target.token());
+            let t = target.token();
             match cmd {
                 FsCommand::Ls { path } => fs_cmd::ls(target, &path),
                 FsCommand::Stat { path } => fs_cmd::stat(target, &path),
@@ -402,12 +402,16 @@ fn run() -> anyhow::Result<()> {
                     path,
                     no_recursive,
                     force,
-                } => runtime()?.block_on(fs_cmd::load_metadata(m, t, &path, !no_recursive, force)),
+                } => runtime()?.block_on(async {
+                    let m = admin::answering(&target.masters, t).await;
+                    fs_cmd::load_metadata(m, t, &path, !no_recursive, force).await
+                }),
             }
         }
         Command::Admin { cmd } => {
             cli.cluster.install_tls()?;
-            let (m, t) = (cli.cluster.master(), cli.cluster.token());
+            let t = cli.cluster.token();
+            let m = runtime()?.block_on(admin::answering(&cli.cluster.masters, t));
             match cmd {
                 AdminCommand::Report { json } => {
                     let r = runtime()?.block_on(report::collect(m, t))?;
