@@ -847,6 +847,13 @@ impl Cluster {
         })
     }
 
+    /// Sends `sig` to the worker.
+    pub fn signal_worker(&self, sig: i32) {
+        if let Some(w) = &self.worker {
+            w.signal(sig);
+        }
+    }
+
     /// Kills the worker (SIGKILL).
     pub fn kill_worker(&mut self) {
         if let Some(mut w) = self.worker.take() {

@@ -410,6 +410,51 @@ fn a_scan_of_sibling_directories_has_the_next_ones_listed_ahead() {
     assert_eq!(listings(), 21, "c19 on demand");
 }
 
+/// The worker a mount reads through stops (SIGSTOP: it takes connections and answers
+/// nothing) while another runs: reads go on through the other one. They used to wait
+/// for it until it ran again, or for the data port's 2-minute timeout.
+#[test]
+fn reads_go_on_through_another_worker_when_the_co_located_one_stops() {
+    let ufs_dir = tempfile::tempdir().unwrap();
+    let mut rng = rand::rngs::StdRng::seed_from_u64(11);
+    for i in 0..40 {
+        write(ufs_dir.path(), &format!("f{i:02}.bin"), 100 << 10, &mut rng);
+    }
+    let mut expected = BTreeMap::new();
+    collect(ufs_dir.path(), ufs_dir.path(), &mut expected);
+    let cluster = Cluster::start(&MasterSpec {
+        ufs: ufs_dir.path().to_path_buf(),
+        ..Default::default()
+    })
+    .unwrap();
+    let first = cluster.worker_ids_on_leader().unwrap();
+    let second = cluster.start_extra_worker("second", &[]).unwrap();
+    granary_integration_tests::wait_until(
+        "both workers listed",
+        std::time::Duration::from_secs(20),
+        || cluster.worker_ids_on_leader().is_ok_and(|w| w.len() == 2),
+    )
+    .unwrap();
+    // Every page read again goes to the mount.
+    let m = cluster.mount("mnt", "keep_cache = false").unwrap();
+    assert!(read_all(&m.path, &expected, 1).is_empty());
+    // Both workers are on this host: the mount reads through the one listed first.
+    let mut ids = cluster.worker_ids_on_leader().unwrap();
+    ids.sort();
+    let stop = |sig| match ids[0] == first[0] {
+        true => cluster.signal_worker(sig),
+        false => second.signal(sig),
+    };
+    stop(libc::SIGSTOP);
+    let started = std::time::Instant::now();
+    let bad = read_all(&m.path, &expected, 2);
+    let took = started.elapsed();
+    stop(libc::SIGCONT);
+    assert!(bad.is_empty(), "with the worker stopped: {bad:?}");
+    // Far less than the 2 minutes a request may wait for an answer.
+    assert!(took < std::time::Duration::from_secs(60), "{took:?}");
+}
+
 /// A directory bigger than the kernel's first READDIRPLUS batch (a few hundred entries),
 /// listed and then every entry stated, as `ls -l`, `du` or a dataset index does: every
 /// batch carries the entries' attributes, so the stats ask the mount nothing. In FUSE's
