@@ -97,11 +97,11 @@ fn run(t: &ClusterArgs, path: &str, o: &Options, work: Work) -> anyhow::Result<(
         display.finish(&progress, started);
     });
     let done = |a: &std::sync::atomic::AtomicU64| a.load(Ordering::Relaxed);
-    let failed = done(&progress.blocks_failed);
+    let failed = done(&progress.failed);
     let took = started.elapsed();
     match work {
         Work::Load => eprintln!(
-            "{path}: {}/{files} files cached; {} fetched in {} blocks, {} already cached, {} failed, in {}",
+            "{path}: {}/{files} files cached; {} fetched in {} blocks, {} already cached, {} blocks failed, in {}",
             done(&progress.files),
             HumanBytes(done(&progress.bytes_done)),
             done(&progress.blocks_done),
@@ -110,7 +110,7 @@ fn run(t: &ClusterArgs, path: &str, o: &Options, work: Work) -> anyhow::Result<(
             seconds(took)
         ),
         Work::Free => eprintln!(
-            "{path}: {} dropped from the caches ({} blocks of {}/{files} files), {failed} failed, in {}",
+            "{path}: {} dropped from the caches ({} blocks), {}/{files} files from every worker, {failed} not, in {}",
             HumanBytes(done(&progress.bytes_done)),
             done(&progress.blocks_done),
             done(&progress.files),
@@ -122,8 +122,12 @@ fn run(t: &ClusterArgs, path: &str, o: &Options, work: Work) -> anyhow::Result<(
     }
     if failed > 0 {
         let why = progress.first_error.lock().expect("progress lock").clone();
+        let what = match work {
+            Work::Load => "blocks could not be cached",
+            Work::Free => "files could not be dropped from every worker",
+        };
         bail!(
-            "{failed} blocks failed (first: {}); run the command again to retry them",
+            "{failed} {what} (first: {}); run the command again to retry them",
             why.unwrap_or_default()
         );
     }

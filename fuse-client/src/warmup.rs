@@ -34,14 +34,15 @@ pub struct Progress {
     /// Blocks found cached already (nothing read from the UFS), and their bytes.
     pub blocks_skipped: AtomicU64,
     pub bytes_skipped: AtomicU64,
-    /// Blocks that could not be fetched (or dropped), and the first reason.
-    pub blocks_failed: AtomicU64,
+    /// Blocks that could not be fetched (a load), or files not dropped from every
+    /// worker (a free), and the first reason.
+    pub failed: AtomicU64,
     pub first_error: Mutex<Option<String>>,
 }
 
 impl Progress {
     fn failed(&self, e: &FsError) {
-        self.blocks_failed.fetch_add(1, Ordering::Relaxed);
+        self.failed.fetch_add(1, Ordering::Relaxed);
         let mut first = self.first_error.lock().expect("progress lock");
         if first.is_none() {
             *first = Some(e.to_string());
@@ -60,6 +61,8 @@ pub struct Tree {
 struct FileJob {
     file: Inode,
     left: AtomicU64,
+    /// A block of it could not be cached: the file does not count as cached.
+    failed: AtomicBool,
 }
 
 pub struct Warmup {
@@ -148,10 +151,13 @@ impl Warmup {
                         }
                         Err(e) => {
                             tracing::debug!(file = job.file.id, index, error = %e, "warm-up of a block failed");
+                            job.failed.store(true, Ordering::Relaxed);
                             p.failed(&e);
                         }
                     }
-                    if job.left.fetch_sub(1, Ordering::AcqRel) == 1 {
+                    if job.left.fetch_sub(1, Ordering::AcqRel) == 1
+                        && !job.failed.load(Ordering::Relaxed)
+                    {
                         p.files.fetch_add(1, Ordering::Relaxed);
                         p.bytes.fetch_add(job.file.size, Ordering::Relaxed);
                     }
@@ -171,6 +177,7 @@ impl Warmup {
                 let job = Arc::new(FileJob {
                     left: AtomicU64::new(blocks as u64),
                     file,
+                    failed: AtomicBool::new(false),
                 });
                 for index in 0..blocks {
                     if tx.send((job.clone(), index)).is_err() {
@@ -217,20 +224,29 @@ impl Warmup {
     }
 
     /// Asks every live worker of the file's shard: the masters hear of newly cached
-    /// blocks only with the next heartbeat, so their locations may miss some.
+    /// blocks only with the next heartbeat, so their locations may miss some. One that
+    /// does not answer fails the file, after the others were asked.
     fn free_file(&self, file: &Inode, p: &Progress) -> FsResult<()> {
         let blocks = block_count(file.size, file.block_size.max(1)) as u32;
         if blocks == 0 {
             return Ok(());
         }
+        let mut first_error = None;
         for w in self.workers.live(shard_of(file.id), false)?.iter() {
-            let (blocks, bytes) = self
+            match self
                 .data
-                .evict(&data_addr(w), file.id, (0..blocks).collect())?;
-            p.blocks_done.fetch_add(blocks, Ordering::Relaxed);
-            p.bytes_done.fetch_add(bytes, Ordering::Relaxed);
+                .evict(&data_addr(w), file.id, (0..blocks).collect())
+            {
+                Ok((blocks, bytes)) => {
+                    p.blocks_done.fetch_add(blocks, Ordering::Relaxed);
+                    p.bytes_done.fetch_add(bytes, Ordering::Relaxed);
+                }
+                Err(e) => {
+                    first_error.get_or_insert(e);
+                }
+            }
         }
-        Ok(())
+        first_error.map_or(Ok(()), Err)
     }
 
     /// Bytes of `files` cached on some worker, as the masters know it (a heartbeat
