@@ -98,6 +98,43 @@ fn config_errors_name_the_key() {
 }
 
 #[test]
+fn a_shard_whose_masters_do_not_serve_it_is_not_added() {
+    let ufs = tempfile::tempdir().unwrap();
+    let c = Cluster::start(&MasterSpec {
+        ufs: ufs.path().to_path_buf(),
+        worker: false,
+        ..Default::default()
+    })
+    .unwrap();
+    let add = |masters: &str| {
+        let mut cmd = Command::new(bin("granary"));
+        cmd.arg("--master")
+            .arg(c.master_addr())
+            .args(["admin", "shards", "add", "2", masters]);
+        run_to_exit(cmd, Duration::from_secs(30)).unwrap()
+    };
+    let nobody = format!("127.0.0.1:{}", granary_integration_tests::free_port());
+    let (code, err) = add(&nobody);
+    assert_ne!(code, 0);
+    assert!(err.contains("none of shard 2's masters answers"), "{err}");
+    let (code, err) = add(&c.master_addr());
+    assert_ne!(code, 0);
+    assert!(
+        err.contains("is a master of shard 0, not of shard 2"),
+        "{err}"
+    );
+    let mut cmd = Command::new(bin("granary"));
+    cmd.arg("--master")
+        .arg(c.master_addr())
+        .args(["admin", "shards", "list"]);
+    let out = cmd.output().unwrap();
+    let table = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{out:?}");
+    assert!(table.contains("routing table version"), "{table}");
+    assert!(!table.contains(&nobody), "{table}");
+}
+
+#[test]
 fn a_master_started_on_another_members_data_dir_is_refused() {
     let dir = tempfile::tempdir().unwrap();
     let ufs = dir.path().join("ufs");
