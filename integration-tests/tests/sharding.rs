@@ -434,3 +434,66 @@ fn a_shard_of_another_cluster_is_served_by_its_own_workers() {
         b"to cluster a"
     );
 }
+
+/// All of one shard's masters down: the root still lists every top-level name (the down
+/// shard's as this mount last listed them), the other shard's files read and its
+/// directories are made; only the down shard's paths fail. `ls /` used to fail with EIO.
+#[test]
+fn a_shard_down_leaves_the_root_listed_and_the_other_shard_served() {
+    let ufs = tempfile::tempdir().unwrap();
+    let files = files();
+    for f in &files {
+        let p = ufs.path().join(f);
+        std::fs::create_dir_all(p.parent().unwrap()).unwrap();
+        std::fs::write(p, content(f)).unwrap();
+    }
+    let s0 = Cluster::start(&MasterSpec {
+        ufs: ufs.path().to_path_buf(),
+        ..Default::default()
+    })
+    .unwrap();
+    let mut s1 = group(ufs.path(), 1, 1, &s0.master_addrs());
+    let version = s0.add_shard(1, s1.master_addrs()).unwrap();
+    for g in [&s0, &s1] {
+        g.wait_for_table(version).unwrap();
+    }
+    workers_registered(&s1, 1);
+    let m = s0
+        .mount(
+            "mnt",
+            "entry_ttl_ms = 0\nattr_ttl_ms = 0\nmeta_cache_ttl_ms = 0\n\
+             rpc_timeout_ms = 1500\nretry_deadline_ms = 2000",
+        )
+        .unwrap();
+    let listed = || -> std::io::Result<BTreeSet<String>> {
+        std::fs::read_dir(&m.path)?
+            .map(|e| e.map(|e| e.file_name().into_string().unwrap()))
+            .collect()
+    };
+    let before = listed().unwrap();
+    let on = |shard: u64| -> Vec<&String> {
+        files
+            .iter()
+            .filter(|f| shard_of(&m.path.join(f)) == shard)
+            .collect()
+    };
+    let (on_zero, on_one) = (on(0), on(1));
+    assert!(!on_zero.is_empty() && !on_one.is_empty());
+
+    s1.kill_master(1);
+    // A directory made on shard 0 changes the root, so the next listing asks the shards.
+    let made = (0..20)
+        .map(|k| format!("new-{k}"))
+        .find(|name| std::fs::create_dir(m.path.join(name)).is_ok())
+        .expect("a name of shard 0");
+    let after = listed().unwrap();
+    let mut want = before.clone();
+    want.insert(made);
+    assert_eq!(after, want);
+    for f in on_zero {
+        assert_eq!(std::fs::read(m.path.join(f)).unwrap(), content(f), "{f}");
+    }
+    let err = std::fs::read(m.path.join(on_one[0])).unwrap_err();
+    assert_eq!(err.raw_os_error(), Some(libc::EIO), "{err}");
+    assert!(m.proc.log_text().contains("listed as last seen"));
+}

@@ -8,8 +8,8 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, RwLock};
-use std::time::Duration;
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::{Duration, Instant};
 
 use granary_common::auth::AttachToken;
 use granary_common::ids::{root_inode, shard_of};
@@ -45,6 +45,65 @@ pub struct ShardedMetadata {
     /// The version calls are routed by; every shard client sends it along.
     version: Arc<AtomicU64>,
     stop: Arc<AtomicBool>,
+    root_pages: RootPages,
+}
+
+/// A page of a shard's root: by shard, the name it starts after and its size.
+type PageKey = (u16, Vec<u8>, u32);
+/// A page's entries, and whether the root has more.
+type Page = (Vec<Inode>, bool);
+
+/// Pages of shards' roots as they were last listed, so that a shard that is down leaves
+/// its top-level entries in the root listing (calls under them fail, not `ls /`).
+#[derive(Default)]
+struct RootPages {
+    pages: Mutex<HashMap<PageKey, Page>>,
+    /// When each shard last failed a root listing: for a while after, its remembered
+    /// pages are used without asking it (each try waits out the retry deadline).
+    failed: Mutex<HashMap<u16, Instant>>,
+}
+
+/// Remembered root pages at most (a listing of a root of a few million names).
+const ROOT_PAGES_KEPT: usize = 4096;
+/// How long a shard that failed a root listing is not asked for one again.
+const ROOT_FAILURE_REMEMBERED: Duration = Duration::from_secs(30);
+
+impl RootPages {
+    fn remember(&self, key: PageKey, page: &Page) {
+        self.failed
+            .lock()
+            .expect("root failures lock")
+            .remove(&key.0);
+        let mut pages = self.pages.lock().expect("root pages lock");
+        if pages.len() >= ROOT_PAGES_KEPT && !pages.contains_key(&key) {
+            pages.clear();
+        }
+        pages.insert(key, page.clone());
+    }
+
+    fn remembered(&self, key: &PageKey) -> Option<Page> {
+        self.pages
+            .lock()
+            .expect("root pages lock")
+            .get(key)
+            .cloned()
+    }
+
+    /// Whether `shard` failed a root listing lately.
+    fn down(&self, shard: u16) -> bool {
+        self.failed
+            .lock()
+            .expect("root failures lock")
+            .get(&shard)
+            .is_some_and(|at| at.elapsed() < ROOT_FAILURE_REMEMBERED)
+    }
+
+    fn failed(&self, shard: u16) {
+        self.failed
+            .lock()
+            .expect("root failures lock")
+            .insert(shard, Instant::now());
+    }
 }
 
 impl Drop for ShardedMetadata {
@@ -117,6 +176,7 @@ impl ShardedMetadata {
             }),
             version,
             stop: Arc::new(AtomicBool::new(false)),
+            root_pages: RootPages::default(),
         });
         me.install(table)?;
         me.start_refresher();
@@ -287,15 +347,48 @@ impl ShardedMetadata {
         loop {
             let mut pages = Vec::new();
             for &shard in table.shard_ids() {
-                let (page, more) = self
-                    .shard(shard)?
-                    .readdir(root_inode(shard), &after, limit)?;
+                let (page, more) = self.shard_root_page(shard, &after, limit)?;
                 pages.push((shard, page, more));
             }
             match merge_root_pages(&table, pages, limit) {
                 RootPage::Page(page, more) => return Ok((page, more)),
                 RootPage::From(name) => after = name,
             }
+        }
+    }
+}
+
+impl ShardedMetadata {
+    /// A page of `shard`'s root; as last listed if the shard cannot answer now.
+    fn shard_root_page(
+        &self,
+        shard: u16,
+        after: &[u8],
+        limit: u32,
+    ) -> FsResult<(Vec<Inode>, bool)> {
+        let key = (shard, after.to_vec(), limit);
+        let remembered = self.root_pages.remembered(&key);
+        if self.root_pages.down(shard) {
+            if let Some(page) = remembered {
+                return Ok(page);
+            }
+        }
+        match self.shard(shard)?.readdir(root_inode(shard), after, limit) {
+            Ok(page) => {
+                self.root_pages.remember(key, &page);
+                Ok(page)
+            }
+            Err(e @ (FsError::Io(_) | FsError::Unavailable(_) | FsError::TimedOut(_))) => {
+                self.root_pages.failed(shard);
+                match remembered {
+                    Some(page) => {
+                        tracing::warn!(shard, error = %e, "shard {shard} is unavailable: its top-level entries are listed as last seen");
+                        Ok(page)
+                    }
+                    None => Err(e),
+                }
+            }
+            Err(e) => Err(e),
         }
     }
 }
