@@ -394,11 +394,15 @@ impl Handlers {
         };
         for e in entries {
             let attr = self.attr(&e.inode);
+            let ttl = match e.attrs_current {
+                true => self.opts.entry_ttl,
+                false => Duration::ZERO,
+            };
             if reply.add(
                 INodeNo(e.inode.id),
                 e.offset,
                 OsStr::from_bytes(&e.name),
-                &self.opts.entry_ttl,
+                &ttl,
                 &attr,
                 Generation(0),
             ) {

@@ -59,7 +59,9 @@ pub struct SetAttr {
 
 struct DirStream {
     dir: Inode,
-    entries: Vec<Inode>,
+    /// Entries listed so far, and whether their attributes were known (see
+    /// [`DirEntry::attrs_current`]).
+    entries: Vec<(Inode, bool)>,
     complete: bool,
 }
 
@@ -81,6 +83,10 @@ pub struct DirEntry {
     pub inode: Inode,
     pub name: Vec<u8>,
     pub offset: u64,
+    /// False for a file whose commit was in progress when it was listed: its attributes
+    /// are as committed before, and the kernel must not keep them (the listing does not
+    /// wait for a commit, which waits on the UFS).
+    pub attrs_current: bool,
 }
 
 pub struct GranaryFs {
@@ -259,6 +265,18 @@ impl GranaryFs {
             st.lock().expect("staged lock").show(&mut inode);
         }
         inode
+    }
+
+    /// [`Self::overlay`] without waiting: the inode as committed, and false, while a
+    /// commit holds the file's staged state.
+    fn overlay_now(&self, mut inode: Inode) -> (Inode, bool) {
+        if let Some(st) = self.staging.get(inode.id) {
+            match st.try_lock() {
+                Ok(st) => st.show(&mut inode),
+                Err(_) => return (inode, false),
+            }
+        }
+        (inode, true)
     }
 
     /// [`Self::overlay`] of the committed inode, read under the staged file's lock: a

@@ -404,6 +404,7 @@ impl GranaryFs {
                     inode: s.dir.clone(),
                     name: b".".to_vec(),
                     offset: 1,
+                    attrs_current: true,
                 }),
                 1 => {
                     let parent = self.getattr(s.dir.parent).unwrap_or_else(|_| s.dir.clone());
@@ -411,24 +412,33 @@ impl GranaryFs {
                         inode: parent,
                         name: b"..".to_vec(),
                         offset: 2,
+                        attrs_current: true,
                     });
                 }
                 _ => {
                     let i = (pos - 2) as usize;
                     while i >= s.entries.len() && !s.complete {
-                        let after = s.entries.last().map(|e| e.name.clone()).unwrap_or_default();
+                        let after = s
+                            .entries
+                            .last()
+                            .map(|e| e.0.name.clone())
+                            .unwrap_or_default();
                         let (page, more) = self.meta.readdir(s.dir.id, &after, READDIR_PAGE)?;
                         for e in &page {
                             self.remember(e);
                         }
                         s.complete = !more || page.is_empty();
-                        s.entries.extend(page.into_iter().map(|e| self.overlay(e)));
+                        s.entries
+                            .extend(page.into_iter().map(|e| self.overlay_now(e)));
                     }
-                    let Some(e) = s.entries.get(i) else { break };
+                    let Some((e, current)) = s.entries.get(i) else {
+                        break;
+                    };
                     out.push(DirEntry {
                         inode: e.clone(),
                         name: e.name.clone(),
                         offset: pos + 1,
+                        attrs_current: *current,
                     });
                 }
             }

@@ -456,6 +456,34 @@ fn a_file_whose_commit_holds_it_is_answered_and_closed_only_by_waiting() {
 }
 
 #[test]
+fn a_listing_does_not_wait_for_a_commit_and_says_which_attributes_it_does_not_know() {
+    let (fs, _, _) = fs();
+    let (inode, fh) = fs.create(1, b"ckpt", 0o644, libc::O_WRONLY, 0, 0).unwrap();
+    fs.write(fh, 0, b"hello", 0).unwrap();
+    let (_, log) = fs.create(1, b"log", 0o644, libc::O_WRONLY, 0, 0).unwrap();
+    // A commit (waiting on the UFS) holds the file's staged state.
+    let st = fs.staging.get(inode.id).unwrap();
+    let held = st.lock().unwrap();
+    let (dir, _) = fs.opendir(1).unwrap();
+    let entries = fs.readdir(dir, 0, 100).unwrap();
+    let current = |name: &[u8]| {
+        let e = entries.iter().find(|e| e.name == name).unwrap();
+        (e.attrs_current, e.inode.size)
+    };
+    assert_eq!(current(b"ckpt"), (false, 0), "as committed, not to be kept");
+    assert!(current(b"log").0);
+    drop(held);
+    fs.releasedir(dir);
+    let (dir, _) = fs.opendir(1).unwrap();
+    let entries = fs.readdir(dir, 0, 100).unwrap();
+    let e = entries.iter().find(|e| e.name == b"ckpt").unwrap();
+    assert_eq!((e.attrs_current, e.inode.size), (true, 5));
+    fs.releasedir(dir);
+    fs.release(fh);
+    fs.release(log);
+}
+
+#[test]
 fn fallocate_extends_with_zeros_and_refuses_holes() {
     let (fs, _, store) = fs();
     let (inode, fh) = fs.create(1, b"f", 0o644, libc::O_RDWR, 0, 0).unwrap();
