@@ -44,6 +44,9 @@ const FAILED_PASS_OVER: Duration = Duration::from_secs(1);
 const SILENT_PASS_OVER: Duration = Duration::from_secs(30);
 /// How often one member's failures are logged at most.
 const WARN_EVERY_MS: u64 = 30_000;
+/// How long after a call found no master answering the next calls try each member once
+/// instead of retrying for the whole deadline.
+const DOWN_REMEMBERED: Duration = Duration::from_secs(10);
 /// How often a call waiting for a master's listing says so.
 const LOADING_TELL_EVERY: Duration = Duration::from_secs(10);
 
@@ -105,6 +108,11 @@ pub struct GrpcMetadataClient {
     follower_reads: bool,
     rpc_timeout: Duration,
     deadline: Duration,
+    /// When a call last failed for want of any master (ms since `EPOCH`; 0: not since
+    /// one answered): calls made soon after get one round over the members, not the
+    /// whole deadline, so a shard that is down fails each call at once instead of
+    /// stalling every one for `retry_deadline_ms`.
+    down_at: AtomicU64,
     token: AttachToken,
     stop: Arc<AtomicBool>,
     /// Tells this client's connections apart in [`THREAD_CLIENTS`].
@@ -148,6 +156,7 @@ impl GrpcMetadataClient {
             follower_reads: opts.follower_reads,
             rpc_timeout: opts.rpc_timeout,
             deadline: opts.retry_deadline,
+            down_at: AtomicU64::new(0),
             token,
             stop: Arc::new(AtomicBool::new(false)),
             id: NEXT_CLIENT_ID.fetch_add(1, Ordering::Relaxed),
@@ -348,6 +357,13 @@ impl GrpcMetadataClient {
         Fut: Future<Output = Result<tonic::Response<T>, tonic::Status>>,
     {
         let mut start = Instant::now();
+        let down_at = self.down_at.load(Ordering::Relaxed);
+        let known_down =
+            down_at != 0 && now_ms().saturating_sub(down_at) < DOWN_REMEMBERED.as_millis() as u64;
+        let deadline = match known_down {
+            true => Duration::ZERO,
+            false => self.deadline,
+        };
         let mut backoff = Duration::from_millis(20);
         let mut attempt = 0usize;
         let mut loading_since: Option<Instant> = None;
@@ -369,7 +385,10 @@ impl GrpcMetadataClient {
                 self.on_this_thread(&member.addr, &call)
             };
             let status = match answer {
-                Ok(r) => return Ok(r.into_inner()),
+                Ok(r) => {
+                    self.down_at.store(0, Ordering::Relaxed);
+                    return Ok(r.into_inner());
+                }
                 Err(status) => status,
             };
             let hint = Self::leader_hint(&status);
@@ -430,8 +449,21 @@ impl GrpcMetadataClient {
                         .is_ok();
             }
             attempt += 1;
-            if start.elapsed() >= self.deadline {
+            if start.elapsed() >= deadline && (!known_down || attempt >= count) {
                 metrics::counter!("granary_client_metadata_failures_total").increment(1);
+                self.down_at.store(now_ms(), Ordering::Relaxed);
+                if known_down {
+                    tracing::debug!(
+                        shard = self.shard,
+                        op = what,
+                        "shard {} still unavailable: {err}; failing with EIO",
+                        self.shard
+                    );
+                    return Err(FsError::io(format!(
+                        "shard {} unavailable: {err}",
+                        self.shard
+                    )));
+                }
                 // A master that took the call and never answered it (a leader waiting on
                 // a stalled UFS) is not one out of reach.
                 let state = match answered_nothing_in_time(&err) {
@@ -457,7 +489,7 @@ impl GrpcMetadataClient {
             }
             // Every member tried once: back off before the next round.
             if attempt.is_multiple_of(count) {
-                std::thread::sleep(backoff.min(self.deadline.saturating_sub(start.elapsed())));
+                std::thread::sleep(backoff.min(deadline.saturating_sub(start.elapsed())));
                 backoff = (backoff * 2).min(Duration::from_millis(500));
             }
         }
@@ -746,6 +778,40 @@ mod tests {
         // Once the other's refusal is a second old, only the silent one is passed over.
         std::thread::sleep(FAILED_PASS_OVER);
         assert!((0..6).all(|_| client.least_outstanding() != quiet));
+    }
+
+    #[test]
+    fn after_a_call_found_the_shard_down_the_next_ones_try_once_until_a_master_answers() {
+        let opts = ClientOptions {
+            cluster_token: String::new(),
+            read_consistency: ReadConsistency::Linearizable,
+            follower_reads: false,
+            rpc_timeout: Duration::from_millis(100),
+            retry_deadline: Duration::from_millis(300),
+            routing_version: None,
+        };
+        let client = GrpcMetadataClient::connect(0, &["127.0.0.1:1".to_string()], &opts).unwrap();
+        let tries_of = |up: bool| {
+            let tries = AtomicUsize::new(0);
+            let r = client.call("getattr", true, |_| {
+                tries.fetch_add(1, Ordering::Relaxed);
+                async move {
+                    match up {
+                        true => Ok(tonic::Response::new(())),
+                        false => Err(tonic::Status::unavailable("connection refused")),
+                    }
+                }
+            });
+            assert_eq!(r.is_ok(), up);
+            tries.into_inner()
+        };
+        assert!(tries_of(false) > 1, "retried until the deadline");
+        assert_eq!(tries_of(false), 1, "the shard is known down: one try");
+        assert_eq!(tries_of(true), 1);
+        assert!(
+            tries_of(false) > 1,
+            "back up, then down again: retried again"
+        );
     }
 
     #[test]
