@@ -131,6 +131,11 @@ enum FsCommand {
         /// A line every few seconds instead of a progress bar.
         #[arg(short, long)]
         quiet: bool,
+        /// Into the worker on this machine, which this machine's mounts read through,
+        /// instead of spread over every worker by hash (as mounts without a worker of
+        /// their own read). Run it on each training node.
+        #[arg(long)]
+        local: bool,
     },
     /// Drop a file's or a tree's blocks from the worker caches.
     Free {
@@ -378,11 +383,13 @@ fn run() -> anyhow::Result<()> {
                     recursive,
                     parallel,
                     quiet,
+                    local,
                 } => {
                     let o = warmup_cmd::Options {
                         recursive,
                         parallel: parallel as usize,
                         quiet,
+                        local,
                     };
                     warmup_cmd::load(target, &path, &o)
                 }
@@ -395,6 +402,7 @@ fn run() -> anyhow::Result<()> {
                         recursive,
                         parallel: 1,
                         quiet,
+                        local: false,
                     };
                     warmup_cmd::free(target, &path, &o)
                 }

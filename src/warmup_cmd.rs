@@ -37,6 +37,8 @@ pub struct Options {
     pub recursive: bool,
     pub parallel: usize,
     pub quiet: bool,
+    /// Into the worker on this machine (a load).
+    pub local: bool,
 }
 
 enum Work {
@@ -53,10 +55,14 @@ pub fn free(t: &ClusterArgs, path: &str, o: &Options) -> anyhow::Result<()> {
 }
 
 /// The files under `path` and the tool that works on them.
-fn plan(t: &ClusterArgs, path: &str, recursive: bool) -> anyhow::Result<(Warmup, Tree)> {
+fn plan(t: &ClusterArgs, path: &str, o: &Options) -> anyhow::Result<(Warmup, Tree)> {
+    let recursive = o.recursive;
     let c = fs_cmd::connect(t)?;
     let root = c.resolve(path)?;
-    let warmup = Warmup::new(c.meta.clone(), t.token());
+    let warmup = match o.local {
+        true => Warmup::new(c.meta.clone(), t.token()).local(),
+        false => Warmup::new(c.meta.clone(), t.token()),
+    };
     let tree = warmup.tree(&root, recursive)?;
     if !recursive && root.kind == FileKind::Directory as i32 {
         let (page, _) = c.meta.readdir(root.id, b"", 4096)?;
@@ -74,7 +80,7 @@ fn plan(t: &ClusterArgs, path: &str, recursive: bool) -> anyhow::Result<(Warmup,
 }
 
 fn run(t: &ClusterArgs, path: &str, o: &Options, work: Work) -> anyhow::Result<()> {
-    let (warmup, tree) = plan(t, path, o.recursive)?;
+    let (warmup, tree) = plan(t, path, o)?;
     let (files, bytes) = (tree.files.len() as u64, tree.bytes);
     let verb = match work {
         Work::Load => "loading",
@@ -212,6 +218,12 @@ impl Display {
 
 /// Bytes of the tree at `path` cached on some worker.
 pub fn cached(t: &ClusterArgs, path: &str) -> anyhow::Result<(u64, u64)> {
-    let (warmup, tree) = plan(t, path, true)?;
+    let whole = Options {
+        recursive: true,
+        parallel: 1,
+        quiet: true,
+        local: false,
+    };
+    let (warmup, tree) = plan(t, path, &whole)?;
     Ok((warmup.cached_bytes(&tree.files)?, tree.bytes))
 }

@@ -69,6 +69,9 @@ pub struct Warmup {
     meta: Arc<dyn MetadataService>,
     workers: WorkerList,
     data: DataClient,
+    /// Every block to the worker on this machine, as a mount here reads them, instead
+    /// of spread over the workers by hash, as a mount without a worker reads them.
+    local: bool,
 }
 
 impl Warmup {
@@ -85,7 +88,14 @@ impl Warmup {
                 cluster_token,
             ),
             meta,
+            local: false,
         }
+    }
+
+    /// Warms the worker on this machine alone (see [`Warmup`]).
+    pub fn local(mut self) -> Self {
+        self.local = true;
+        self
     }
 
     /// The files at `root`: itself if it is a file, else those in it (in its whole
@@ -196,7 +206,16 @@ impl Warmup {
             let workers = self
                 .data
                 .usable(&self.workers.live(shard_of(file.id), refresh)?);
-            let worker = hashed(&workers, file.id, index);
+            let worker = match self.local {
+                true => self.workers.local(&workers).ok_or_else(|| {
+                    FsError::InvalidArgument(format!(
+                        "--local: no worker of shard {} runs on this machine ({})",
+                        shard_of(file.id),
+                        granary_common::hostname()
+                    ))
+                })?,
+                false => hashed(&workers, file.id, index),
+            };
             let addr = data_addr(&worker);
             let r = self
                 .data

@@ -132,3 +132,56 @@ fn a_tree_is_loaded_across_the_workers_resumed_and_freed() {
     assert_ne!(code, 0);
     assert!(out.contains("no-such-dir"), "{out}");
 }
+
+/// `fs load --local` fills the worker on this machine, the one a mount here reads
+/// through (of two here, the first by id), not a share of every worker.
+#[test]
+fn a_local_load_fills_the_worker_this_machines_mounts_read_through() {
+    let ufs = tempfile::tempdir().unwrap();
+    for i in 0..12 {
+        std::fs::write(ufs.path().join(format!("f{i:02}")), vec![i as u8; 5000]).unwrap();
+    }
+    let c = Cluster::start(&MasterSpec {
+        ufs: ufs.path().to_path_buf(),
+        ..Default::default()
+    })
+    .unwrap();
+    let _second = c.start_extra_worker("second", &[]).unwrap();
+    wait_until("both workers listed", Duration::from_secs(20), || {
+        c.worker_ids_on_leader().is_ok_and(|w| w.len() == 2)
+    })
+    .unwrap();
+    let (code, out) = granary(&c, &["fs", "load", "/", "--local", "-q"]);
+    assert_eq!(code, 0, "{out}");
+    assert!(out.contains("12/12 files cached"), "{out}");
+    let blocks_by_worker = || -> Vec<(String, u64)> {
+        let mut cmd = Command::new(bin("granary"));
+        cmd.arg("--master")
+            .arg(c.master_addr())
+            .args(["admin", "report", "--json"]);
+        let out = cmd.output().unwrap();
+        assert!(out.status.success(), "{out:?}");
+        let r: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        let mut w: Vec<(String, u64)> = r["shards"][0]["workers"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|w| {
+                (
+                    w["id"].as_str().unwrap().to_string(),
+                    w["blocks"].as_u64().unwrap(),
+                )
+            })
+            .collect();
+        w.sort();
+        w
+    };
+    wait_until(
+        "the masters to know every block",
+        Duration::from_secs(10),
+        || blocks_by_worker().iter().map(|w| w.1).sum::<u64>() == 12,
+    )
+    .unwrap();
+    let w = blocks_by_worker();
+    assert_eq!((w[0].1, w[1].1), (12, 0), "{w:?}");
+}
