@@ -254,14 +254,11 @@ impl Link {
                         owner.mounts.update(owner.shard, &m);
                     }
                     if !r.deleted.is_empty() {
-                        let ids: Vec<BlockId> = r
-                            .deleted
-                            .iter()
-                            .flat_map(|f| (0..f.blocks).map(move |i| (f.file_id, i)))
-                            .collect();
+                        let files: std::collections::HashSet<u64> =
+                            r.deleted.iter().map(|f| f.file_id).collect();
                         let store = owner.store.clone();
                         let (blocks, bytes) =
-                            tokio::task::spawn_blocking(move || store.evict(&ids))
+                            tokio::task::spawn_blocking(move || store.evict_files(&files))
                                 .await
                                 .unwrap_or_default();
                         tracing::debug!(blocks, bytes, "dropped the blocks of deleted files");

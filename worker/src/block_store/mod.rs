@@ -546,6 +546,21 @@ impl BlockStore {
         (blocks, bytes)
     }
 
+    /// Drops every cached block of the files `file_ids`, whatever version they were of:
+    /// a file that was longer before (overwritten, truncated) has blocks past its last
+    /// size's. Returns the blocks and bytes dropped.
+    pub fn evict_files(&self, file_ids: &HashSet<u64>) -> (u64, u64) {
+        let ids: Vec<BlockId> = {
+            let idx = self.index.lock().expect("index lock");
+            idx.entries
+                .keys()
+                .filter(|id| file_ids.contains(&id.0))
+                .copied()
+                .collect()
+        };
+        self.evict(&ids)
+    }
+
     /// Drops `id`, reported as removed, and with a block of a shared data file every
     /// block of that file: the file keeps all their bytes until its last block goes, so a
     /// block alone would leave its bytes on disk, uncounted. Returns the blocks and bytes

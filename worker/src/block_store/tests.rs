@@ -253,6 +253,26 @@ fn a_new_ufs_version_invalidates_the_block() {
 }
 
 #[test]
+fn a_deleted_file_loses_the_blocks_of_every_version_it_had() {
+    let dir = tempfile::tempdir().unwrap();
+    let (s, _) = BlockStore::open(dir.path(), 1 << 20, 0.9, 0.8).unwrap();
+    let longer = Fingerprint {
+        size: 500,
+        mtime_ns: 1,
+    };
+    for i in 0..5 {
+        put_version(&s, (7, i), longer, &[i as u8; 100]);
+    }
+    // Overwritten with one block, which replaces block 0 only.
+    put_version(&s, (7, 0), FP, &[9; 100]);
+    put(&s, (8, 0), &[8; 100]);
+    let (blocks, bytes) = s.evict_files(&HashSet::from([7]));
+    assert_eq!((blocks, bytes), (5, 500));
+    assert!((0..5).all(|i| s.cached((7, i), FP).is_none() && s.cached((7, i), longer).is_none()));
+    assert!(s.cached((8, 0), FP).is_some(), "another file's block stays");
+}
+
+#[test]
 fn shrinking_capacity_evicts_on_open() {
     let dir = tempfile::tempdir().unwrap();
     {
