@@ -62,6 +62,10 @@ pub enum MountError {
 pub fn check_mountpoint(path: &Path) -> Result<(), MountError> {
     let md = std::fs::metadata(path).map_err(|e| match e.kind() {
         std::io::ErrorKind::NotFound => MountError::Missing(path.to_path_buf()),
+        // The FUSE mount of a process that died is still there.
+        _ if e.raw_os_error() == Some(libc::ENOTCONN) => {
+            MountError::AlreadyMounted(path.to_path_buf())
+        }
         _ => MountError::Inaccessible {
             path: path.to_path_buf(),
             source: e,

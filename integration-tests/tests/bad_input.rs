@@ -236,6 +236,16 @@ fn bad_mount_points_are_refused() {
     let (code, err) = try_mount(&dir.path().join("missing"));
     assert_ne!(code, 0);
     assert!(err.contains("does not exist"), "{err}");
+    // The mount of a process that died ("Transport endpoint is not connected").
+    let dead = cluster.mount("dead", "").unwrap();
+    dead.proc.signal(libc::SIGKILL);
+    granary_integration_tests::wait_until("the mount to be dead", Duration::from_secs(10), || {
+        std::fs::metadata(&dead.path).is_err()
+    })
+    .unwrap();
+    let (code, err) = try_mount(&dead.path);
+    assert_ne!(code, 0);
+    assert!(err.contains("umount -l"), "{err}");
 }
 
 #[test]
