@@ -203,11 +203,11 @@ impl Warmup {
     /// whether it had the block already.
     fn fetch(&self, file: &Inode, index: u32) -> FsResult<bool> {
         with_retries("block warm-up", file.id, |refresh| {
-            let workers = self
-                .data
-                .usable(&self.workers.live(shard_of(file.id), refresh)?);
+            let listed = self.workers.live(shard_of(file.id), refresh)?;
+            let workers = self.data.usable(&listed);
             let worker = match self.local {
-                true => self.workers.local(&workers).ok_or_else(|| {
+                // This machine's worker even while passed over: there is no other.
+                true => self.workers.local(&listed).ok_or_else(|| {
                     FsError::InvalidArgument(format!(
                         "--local: no worker of shard {} runs on this machine ({})",
                         shard_of(file.id),

@@ -47,6 +47,9 @@ const WARN_EVERY_MS: u64 = 30_000;
 /// How long after a call found no master answering the next calls try each member once
 /// instead of retrying for the whole deadline.
 const DOWN_REMEMBERED: Duration = Duration::from_secs(10);
+/// Longest a call waits for a master's listing: a listing that keeps failing on the
+/// master is started again at each ask, and would otherwise be waited for forever.
+const LOADING_WAIT_MAX: Duration = Duration::from_secs(600);
 /// How often a call waiting for a master's listing says so.
 const LOADING_TELL_EVERY: Duration = Duration::from_secs(10);
 
@@ -398,6 +401,19 @@ impl GrpcMetadataClient {
                 // the call: wait as long as the listing takes, the deadline counting from
                 // its last answer.
                 let since = *loading_since.get_or_insert_with(Instant::now);
+                if since.elapsed() >= LOADING_WAIT_MAX {
+                    tracing::error!(
+                        shard = self.shard,
+                        op = what,
+                        "shard {} still listing after {:?}: {listing}; failing with EIO",
+                        self.shard,
+                        since.elapsed()
+                    );
+                    return Err(FsError::io(format!(
+                        "shard {} still listing: {listing}",
+                        self.shard
+                    )));
+                }
                 if since.elapsed() >= tell_after {
                     tell_after += LOADING_TELL_EVERY;
                     tracing::info!(shard = self.shard, master = %member.addr, op = what, waited = ?since.elapsed(), "waiting for the master: {listing}");
