@@ -105,6 +105,16 @@ fn frame_err(addr: &str, e: granary_protos::frame::FrameError) -> FsError {
     FsError::Unavailable(format!("worker {addr}: {e}"))
 }
 
+/// Refuses an answer to another request than the one sent on the connection.
+fn in_order(addr: &str, answered: u64, sent: u64) -> FsResult<()> {
+    match answered == sent {
+        true => Ok(()),
+        false => Err(FsError::Unavailable(format!(
+            "worker {addr}: response out of order"
+        ))),
+    }
+}
+
 impl DataClient {
     pub fn new(connect_timeout: Duration, io_timeout: Duration, token: &str) -> Self {
         DataClient {
@@ -328,11 +338,7 @@ impl DataClient {
             self.await_answer(conn, addr, UPLOAD_ANSWER_TIMEOUT)?;
             let resp: WriteFileResponse =
                 read_header(&mut conn.reader).map_err(|e| frame_err(addr, e))?;
-            if resp.request_id != req.request_id {
-                return Err(FsError::Unavailable(format!(
-                    "worker {addr}: response out of order"
-                )));
-            }
+            in_order(addr, resp.request_id, req.request_id)?;
             Ok(resp)
         })?;
         status_error(addr, resp.status, &resp.error)?;
@@ -357,11 +363,7 @@ impl DataClient {
                 .map_err(gone)?;
             let resp: EvictBlocksResponse =
                 read_header(&mut conn.reader).map_err(|e| frame_err(addr, e))?;
-            if resp.request_id != req.request_id {
-                return Err(FsError::Unavailable(format!(
-                    "worker {addr}: response out of order"
-                )));
-            }
+            in_order(addr, resp.request_id, req.request_id)?;
             Ok(resp)
         })?;
         status_error(addr, resp.status, &resp.error)?;
@@ -439,11 +441,7 @@ fn read_answer(
     req: &ReadBlockRequest,
 ) -> FsResult<(ReadBlockResponse, Vec<u8>)> {
     let resp: ReadBlockResponse = read_header(&mut conn.reader).map_err(|e| frame_err(addr, e))?;
-    if resp.request_id != req.request_id {
-        return Err(FsError::Unavailable(format!(
-            "worker {addr}: response out of order"
-        )));
-    }
+    in_order(addr, resp.request_id, req.request_id)?;
     let mut payload = Vec::new();
     if resp.status == Status::Ok as i32 && resp.local_path.is_empty() {
         if resp.length > req.length {

@@ -29,6 +29,18 @@ fn files() -> Vec<String> {
     v
 }
 
+/// A UFS directory holding [`files`], and their paths.
+fn dataset() -> (tempfile::TempDir, Vec<String>) {
+    let ufs = tempfile::tempdir().unwrap();
+    let files = files();
+    for f in &files {
+        let p = ufs.path().join(f);
+        std::fs::create_dir_all(p.parent().unwrap()).unwrap();
+        std::fs::write(p, content(f)).unwrap();
+    }
+    (ufs, files)
+}
+
 fn shard_of(path: &Path) -> u64 {
     std::fs::metadata(path).unwrap().ino() >> 48
 }
@@ -65,13 +77,7 @@ fn read_all(mnt: &Path, files: &[String]) -> Vec<String> {
 
 #[test]
 fn one_namespace_over_three_shards_routers_and_failures() {
-    let ufs = tempfile::tempdir().unwrap();
-    let files = files();
-    for f in &files {
-        let p = ufs.path().join(f);
-        std::fs::create_dir_all(p.parent().unwrap()).unwrap();
-        std::fs::write(p, content(f)).unwrap();
-    }
+    let (ufs, files) = dataset();
     let s0 = Cluster::start(&MasterSpec {
         ufs: ufs.path().to_path_buf(),
         masters: 3,
@@ -440,13 +446,7 @@ fn a_shard_of_another_cluster_is_served_by_its_own_workers() {
 /// directories are made; only the down shard's paths fail. `ls /` used to fail with EIO.
 #[test]
 fn a_shard_down_leaves_the_root_listed_and_the_other_shard_served() {
-    let ufs = tempfile::tempdir().unwrap();
-    let files = files();
-    for f in &files {
-        let p = ufs.path().join(f);
-        std::fs::create_dir_all(p.parent().unwrap()).unwrap();
-        std::fs::write(p, content(f)).unwrap();
-    }
+    let (ufs, files) = dataset();
     let s0 = Cluster::start(&MasterSpec {
         ufs: ufs.path().to_path_buf(),
         ..Default::default()

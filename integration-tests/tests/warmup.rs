@@ -16,6 +16,21 @@ fn granary(c: &Cluster, args: &[&str]) -> (i32, String) {
     run_to_exit(cmd, Duration::from_secs(60)).unwrap()
 }
 
+/// A group over `ufs` with its worker and a second one, both listed by the leader.
+fn two_workers(ufs: &std::path::Path) -> (Cluster, granary_integration_tests::Proc) {
+    let c = Cluster::start(&MasterSpec {
+        ufs: ufs.to_path_buf(),
+        ..Default::default()
+    })
+    .unwrap();
+    let second = c.start_extra_worker("second", &[]).unwrap();
+    wait_until("both workers listed", Duration::from_secs(20), || {
+        c.worker_ids_on_leader().is_ok_and(|w| w.len() == 2)
+    })
+    .unwrap();
+    (c, second)
+}
+
 fn stat_line(c: &Cluster, path: &str) -> String {
     let mut cmd = Command::new(bin("granary"));
     cmd.arg("--master")
@@ -40,18 +55,7 @@ fn a_tree_is_loaded_across_the_workers_resumed_and_freed() {
     }
     std::fs::write(ufs.path().join("three-blocks"), vec![9u8; 3 * BLOCK]).unwrap();
     let blocks = FILES + 3;
-    let c = Cluster::start(&MasterSpec {
-        ufs: ufs.path().to_path_buf(),
-        ..Default::default()
-    })
-    .unwrap();
-    let _second = c.start_extra_worker("second", &[]).unwrap();
-    wait_until("both workers listed", Duration::from_secs(20), || {
-        c.worker_ids_on_leader()
-            .map(|w| w.len() == 2)
-            .unwrap_or(false)
-    })
-    .unwrap();
+    let (c, _second) = two_workers(ufs.path());
 
     // Without --recursive only the files directly in the directory, and it says so.
     let (code, out) = granary(&c, &["fs", "load", "/", "--quiet"]);
@@ -141,16 +145,7 @@ fn a_local_load_fills_the_worker_this_machines_mounts_read_through() {
     for i in 0..12 {
         std::fs::write(ufs.path().join(format!("f{i:02}")), vec![i as u8; 5000]).unwrap();
     }
-    let c = Cluster::start(&MasterSpec {
-        ufs: ufs.path().to_path_buf(),
-        ..Default::default()
-    })
-    .unwrap();
-    let _second = c.start_extra_worker("second", &[]).unwrap();
-    wait_until("both workers listed", Duration::from_secs(20), || {
-        c.worker_ids_on_leader().is_ok_and(|w| w.len() == 2)
-    })
-    .unwrap();
+    let (c, _second) = two_workers(ufs.path());
     let (code, out) = granary(&c, &["fs", "load", "/", "--local", "-q"]);
     assert_eq!(code, 0, "{out}");
     assert!(out.contains("12/12 files cached"), "{out}");
