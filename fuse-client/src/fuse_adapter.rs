@@ -34,6 +34,14 @@ pub struct KernelOptions {
     pub readdirplus_auto: bool,
 }
 
+impl KernelOptions {
+    /// For replies that carry one TTL for both the name and the attributes (CREATE,
+    /// READDIRPLUS entries): the shorter, so attributes are never kept past `attr_ttl`.
+    fn entry_and_attr_ttl(&self) -> Duration {
+        self.entry_ttl.min(self.attr_ttl)
+    }
+}
+
 /// What request handlers share, on the FUSE threads and the offload threads alike.
 pub struct Handlers {
     pub fs: Arc<GranaryFs>,
@@ -179,7 +187,12 @@ fn reply_empty(op: &str, r: granary_common::FsResult<()>, reply: ReplyEmpty) {
 impl Handlers {
     fn reply_entry(&self, op: &str, r: granary_common::FsResult<Inode>, reply: ReplyEntry) {
         match r {
-            Ok(i) => reply.entry(&self.opts.entry_ttl, &self.attr(&i), Generation(0)),
+            Ok(i) => reply.entry_with_ttls(
+                &self.opts.attr_ttl,
+                &self.opts.entry_ttl,
+                &self.attr(&i),
+                Generation(0),
+            ),
             Err(e) => reply.error(errno(op, &e)),
         }
     }
@@ -395,7 +408,7 @@ impl Handlers {
         for e in entries {
             let attr = self.attr(&e.inode);
             let ttl = match e.attrs_current {
-                true => self.opts.entry_ttl,
+                true => self.opts.entry_and_attr_ttl(),
                 false => Duration::ZERO,
             };
             if reply.add(
@@ -621,7 +634,7 @@ impl Filesystem for FuseAdapter {
                 .create(parent.0, name.as_bytes(), mode, flags, uid, gid)
             {
                 Ok((inode, fh)) => reply.created(
-                    &h.opts.entry_ttl,
+                    &h.opts.entry_and_attr_ttl(),
                     &h.attr(&inode),
                     Generation(0),
                     FileHandle(fh),
