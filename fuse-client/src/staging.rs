@@ -189,7 +189,37 @@ impl Staged {
 
     /// `inode` as this mount sees it while its content is staged here.
     pub fn show(&self, inode: &mut granary_protos::v1::Inode) {
-        if self.content.is_staged() {
+        self.shown().apply(inode);
+    }
+
+    fn shown(&self) -> Shown {
+        Shown {
+            staged: self.content.is_staged(),
+            size: self.size,
+            modified_ns: self.modified_ns,
+        }
+    }
+}
+
+/// A staged file and a copy of what [`Staged::show`] shows, taken each time its lock is
+/// let go: a commit holds the lock for as long as its upload takes, and a listing that
+/// must not wait for it still needs the size this mount shows, not the committed one
+/// (the kernel applies a listed size to its inode and cuts its page cache to it).
+pub struct StagedFile {
+    state: Mutex<Staged>,
+    shown: Mutex<Shown>,
+}
+
+#[derive(Clone, Copy, Default)]
+struct Shown {
+    staged: bool,
+    size: u64,
+    modified_ns: Option<i64>,
+}
+
+impl Shown {
+    fn apply(&self, inode: &mut granary_protos::v1::Inode) {
+        if self.staged {
             inode.size = self.size;
             if let Some(t) = self.modified_ns {
                 inode.mtime_ns = t;
@@ -199,7 +229,61 @@ impl Staged {
     }
 }
 
-pub type SharedStaged = Arc<Mutex<Staged>>;
+/// The held lock of a [`StagedFile`]; its drop copies what the file shows now.
+pub struct StagedGuard<'a> {
+    state: std::sync::MutexGuard<'a, Staged>,
+    shown: &'a Mutex<Shown>,
+}
+
+impl std::ops::Deref for StagedGuard<'_> {
+    type Target = Staged;
+    fn deref(&self) -> &Staged {
+        &self.state
+    }
+}
+
+impl std::ops::DerefMut for StagedGuard<'_> {
+    fn deref_mut(&mut self) -> &mut Staged {
+        &mut self.state
+    }
+}
+
+impl Drop for StagedGuard<'_> {
+    fn drop(&mut self) {
+        *self.shown.lock().expect("shown lock") = self.state.shown();
+    }
+}
+
+impl StagedFile {
+    fn new(staged: Staged) -> Self {
+        Self {
+            state: Mutex::new(staged),
+            shown: Mutex::default(),
+        }
+    }
+
+    pub fn lock(&self) -> StagedGuard<'_> {
+        StagedGuard {
+            state: self.state.lock().expect("staged lock"),
+            shown: &self.shown,
+        }
+    }
+
+    /// The lock if no one holds it.
+    pub fn try_lock(&self) -> Option<StagedGuard<'_>> {
+        Some(StagedGuard {
+            state: self.state.try_lock().ok()?,
+            shown: &self.shown,
+        })
+    }
+
+    /// [`Staged::show`] as of the last time the lock was let go, without waiting for it.
+    pub fn show_last(&self, inode: &mut granary_protos::v1::Inode) {
+        self.shown.lock().expect("shown lock").apply(inode);
+    }
+}
+
+pub type SharedStaged = Arc<StagedFile>;
 
 #[derive(Default)]
 pub struct StagingArea {
@@ -218,7 +302,7 @@ impl StagingArea {
             *users += 1;
             return Ok(s.clone());
         }
-        let s = Arc::new(Mutex::new(Staged {
+        let s = Arc::new(StagedFile::new(Staged {
             backing: None,
             size: 0,
             content: Content::Committed { synced: true },

@@ -262,18 +262,23 @@ impl GranaryFs {
     /// The inode as this mount sees it: a file being written here has its staged size.
     fn overlay(&self, mut inode: Inode) -> Inode {
         if let Some(st) = self.staging.get(inode.id) {
-            st.lock().expect("staged lock").show(&mut inode);
+            st.lock().show(&mut inode);
         }
         inode
     }
 
-    /// [`Self::overlay`] without waiting: the inode as committed, and false, while a
-    /// commit holds the file's staged state.
+    /// [`Self::overlay`] without waiting, and whether it is current: while a commit
+    /// holds the file's staged state, the inode as this mount showed it before that
+    /// commit began (its size is the one being committed, but its other attributes
+    /// change when the commit lands).
     fn overlay_now(&self, mut inode: Inode) -> (Inode, bool) {
         if let Some(st) = self.staging.get(inode.id) {
             match st.try_lock() {
-                Ok(st) => st.show(&mut inode),
-                Err(_) => return (inode, false),
+                Some(st) => st.show(&mut inode),
+                None => {
+                    st.show_last(&mut inode);
+                    return (inode, false);
+                }
             }
         }
         (inode, true)
@@ -287,7 +292,7 @@ impl GranaryFs {
         let Some(st) = self.staging.get(ino) else {
             return self.committed(ino);
         };
-        let st = st.lock().expect("staged lock");
+        let st = st.lock();
         let mut inode = self.committed(ino)?;
         st.show(&mut inode);
         Ok(inode)
@@ -298,7 +303,7 @@ impl GranaryFs {
     fn cached(&self, ino: u64) -> Option<Inode> {
         let st = self.staging.get(ino);
         let st = match &st {
-            Some(st) => Some(st.try_lock().ok()?),
+            Some(st) => Some(st.try_lock()?),
             None => None,
         };
         let mut inode = self.attrs.get(&ino)?;

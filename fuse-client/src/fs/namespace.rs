@@ -80,7 +80,7 @@ impl GranaryFs {
             // the commit at close keeps them.
             if a.mtime_ns.is_some() {
                 if let Some(st) = self.staging.get(ino) {
-                    st.lock().expect("staged lock").modified_ns = None;
+                    st.lock().modified_ns = None;
                 }
             }
         }
@@ -236,7 +236,7 @@ impl GranaryFs {
         let Ok(st) = self.staging.attach(ino) else {
             return false;
         };
-        let mut s = st.lock().expect("staged lock");
+        let mut s = st.lock();
         let filled = self.fill(ino, &mut s);
         if let Err(e) = &filled {
             tracing::warn!(ino, error = %e, "cannot keep the content of an open file losing its last name");
@@ -256,7 +256,7 @@ impl GranaryFs {
         let Some(st) = self.staging.get(ino) else {
             return;
         };
-        let was = std::mem::take(&mut st.lock().expect("staged lock").kept);
+        let was = std::mem::take(&mut st.lock().kept);
         if was {
             self.staging.detach(ino);
         }
@@ -291,7 +291,7 @@ impl GranaryFs {
     /// open file's entry is in the cache; no metadata call is needed.)
     fn unlinked(&self, ino: u64) {
         if let Some(st) = self.staging.get(ino) {
-            st.lock().expect("staged lock").unlinked = true;
+            st.lock().unlinked = true;
         }
     }
 

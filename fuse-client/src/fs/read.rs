@@ -50,7 +50,7 @@ impl GranaryFs {
         let staged = if write {
             let st = self.staging.attach(ino)?;
             if flags & libc::O_TRUNC != 0 {
-                let mut st = st.lock().expect("staged lock");
+                let mut st = st.lock();
                 st.empty()?;
                 st.touch();
             }
@@ -64,7 +64,7 @@ impl GranaryFs {
     pub fn read(&self, fh: u64, offset: u64, size: u32) -> FsResult<Vec<u8>> {
         let file = self.open_file(fh)?;
         if let Some(st) = self.staging.get(file.ino) {
-            let st = st.lock().expect("staged lock");
+            let st = st.lock();
             if st.content.is_staged() {
                 return read_staged(&st, offset, size);
             }

@@ -54,7 +54,7 @@ impl GranaryFs {
         self.dir_changed(parent);
         let st = self.staging.attach(inode.id)?;
         {
-            let mut st = st.lock().expect("staged lock");
+            let mut st = st.lock();
             st.empty()?;
             // The master made the empty object already: a close with nothing written
             // stores nothing. Otherwise the first close puts one in the UFS.
@@ -125,7 +125,7 @@ impl GranaryFs {
         let Some(st) = &file.staged else {
             return Err(FsError::BadHandle("handle not open for writing".into()));
         };
-        let mut st = st.lock().expect("staged lock");
+        let mut st = st.lock();
         self.fill(file.ino, &mut st)?;
         let at = match flags & libc::O_APPEND {
             0 => offset,
@@ -284,7 +284,7 @@ impl GranaryFs {
         }
         // A reader's descriptor: the file's writers here share their staged file.
         match file.staged.clone().or_else(|| self.staging.get(file.ino)) {
-            Some(st) => self.commit_staged(file.ino, &mut st.lock().expect("staged lock"), true),
+            Some(st) => self.commit_staged(file.ino, &mut st.lock(), true),
             None => self.meta.sync(file.ino),
         }
     }
@@ -292,7 +292,7 @@ impl GranaryFs {
     fn commit_handle(&self, fh: u64, durable: bool) -> FsResult<()> {
         let file = self.open_file(fh)?;
         match &file.staged {
-            Some(st) => self.commit_staged(file.ino, &mut st.lock().expect("staged lock"), durable),
+            Some(st) => self.commit_staged(file.ino, &mut st.lock(), durable),
             None => Ok(()),
         }
     }
@@ -307,7 +307,7 @@ impl GranaryFs {
         match &file.staged {
             Some(st) => st
                 .try_lock()
-                .is_ok_and(|st| st.closes_without_waiting())
+                .is_some_and(|st| st.closes_without_waiting())
                 .then_some(Ok(())),
             None => Some(Ok(())),
         }
@@ -324,7 +324,7 @@ impl GranaryFs {
         // A writer's close commits what is staged; a reader's looks at it only to see
         // whether it is kept.
         st.try_lock()
-            .is_ok_and(|st| !changes_file(flags) || st.closes_without_waiting())
+            .is_some_and(|st| !changes_file(flags) || st.closes_without_waiting())
     }
 
     /// Closes handle `fh`, committing what it wrote; whether that commit failed, so the
@@ -335,7 +335,7 @@ impl GranaryFs {
         };
         let mut failed = false;
         if let Some(st) = &file.staged {
-            let mut st = st.lock().expect("staged lock");
+            let mut st = st.lock();
             if let Err(e) = self.commit_staged(file.ino, &mut st, false) {
                 failed = true;
                 match st.content {
@@ -351,10 +351,7 @@ impl GranaryFs {
             self.staging.detach(file.ino);
         }
         // Nothing staged (a reader's close, the common case) answers without a lock.
-        let kept = self
-            .staging
-            .get(file.ino)
-            .is_some_and(|st| st.lock().expect("staged lock").kept);
+        let kept = self.staging.get(file.ino).is_some_and(|st| st.lock().kept);
         let open = || {
             self.files
                 .read()
@@ -398,7 +395,7 @@ impl GranaryFs {
         }
         let st = self.staging.attach(ino)?;
         let result = (|| -> FsResult<()> {
-            let mut s = st.lock().expect("staged lock");
+            let mut s = st.lock();
             // Truncated to nothing: what was committed need not be read first.
             if size == 0 && matches!(s.content, Content::Committed { .. }) {
                 s.content = Content::Dirty;
