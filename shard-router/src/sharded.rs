@@ -7,6 +7,7 @@
 //! was routed by an older version.
 
 use std::collections::{BTreeMap, HashMap};
+use std::ops::Bound;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
@@ -48,45 +49,66 @@ pub struct ShardedMetadata {
     root_pages: RootPages,
 }
 
-/// A page of a shard's root: by shard, the name it starts after and its size.
-type PageKey = (u16, Vec<u8>, u32);
 /// A page's entries, and whether the root has more.
 type Page = (Vec<Inode>, bool);
 
-/// Pages of shards' roots as they were last listed, so that a shard that is down leaves
-/// its top-level entries in the root listing (calls under them fail, not `ls /`).
+/// Shards' roots as they were last listed, so that a shard that is down leaves its
+/// top-level entries in the root listing (calls under them fail, not `ls /`). Kept by
+/// name, not by page: the merged listing asks each shard from wherever the other shards'
+/// names took it, which moves whenever the root changes.
 #[derive(Default)]
 struct RootPages {
-    pages: Mutex<HashMap<PageKey, Page>>,
+    names: Mutex<HashMap<u16, BTreeMap<Vec<u8>, Inode>>>,
     /// When each shard last failed a root listing: for a while after, its remembered
-    /// pages are used without asking it (each try waits out the retry deadline).
+    /// names are used without asking it (each try waits out the retry deadline).
     failed: Mutex<HashMap<u16, Instant>>,
 }
 
-/// Remembered root pages at most (a listing of a root of a few million names).
-const ROOT_PAGES_KEPT: usize = 4096;
+/// Remembered top-level names of one shard at most.
+const ROOT_NAMES_KEPT: usize = 200_000;
 /// How long a shard that failed a root listing is not asked for one again.
 const ROOT_FAILURE_REMEMBERED: Duration = Duration::from_secs(30);
 
 impl RootPages {
-    fn remember(&self, key: PageKey, page: &Page) {
+    /// `page` of `shard`'s root, listed from after `after`: the names it covers are
+    /// those from `after` to its last (to the end, if the root has no more).
+    fn remember(&self, shard: u16, after: &[u8], page: &Page) {
         self.failed
             .lock()
             .expect("root failures lock")
-            .remove(&key.0);
-        let mut pages = self.pages.lock().expect("root pages lock");
-        if pages.len() >= ROOT_PAGES_KEPT && !pages.contains_key(&key) {
-            pages.clear();
+            .remove(&shard);
+        let mut names = self.names.lock().expect("root pages lock");
+        let known = names.entry(shard).or_default();
+        let covered_to = match page {
+            (entries, true) => match entries.last() {
+                Some(last) => Bound::Included(last.name.as_slice()),
+                None => return,
+            },
+            (_, false) => Bound::Unbounded,
+        };
+        let gone: Vec<Vec<u8>> = known
+            .range::<[u8], _>((Bound::Excluded(after), covered_to))
+            .map(|(name, _)| name.clone())
+            .collect();
+        for name in gone {
+            known.remove(&name);
         }
-        pages.insert(key, page.clone());
+        if known.len() + page.0.len() > ROOT_NAMES_KEPT {
+            known.clear();
+        }
+        known.extend(page.0.iter().map(|e| (e.name.clone(), e.clone())));
     }
 
-    fn remembered(&self, key: &PageKey) -> Option<Page> {
-        self.pages
-            .lock()
-            .expect("root pages lock")
-            .get(key)
-            .cloned()
+    /// Up to `limit` names of `shard`'s root after `after` as last listed; `None` if it
+    /// was never listed.
+    fn remembered(&self, shard: u16, after: &[u8], limit: u32) -> Option<Page> {
+        let names = self.names.lock().expect("root pages lock");
+        let mut from = names
+            .get(&shard)?
+            .range::<[u8], _>((Bound::Excluded(after), Bound::Unbounded))
+            .map(|(_, e)| e.clone());
+        let page: Vec<Inode> = from.by_ref().take(limit as usize).collect();
+        Some((page, from.next().is_some()))
     }
 
     /// Whether `shard` failed a root listing lately.
@@ -366,8 +388,7 @@ impl ShardedMetadata {
         after: &[u8],
         limit: u32,
     ) -> FsResult<(Vec<Inode>, bool)> {
-        let key = (shard, after.to_vec(), limit);
-        let remembered = self.root_pages.remembered(&key);
+        let remembered = self.root_pages.remembered(shard, after, limit);
         if self.root_pages.down(shard) {
             if let Some(page) = remembered {
                 return Ok(page);
@@ -375,7 +396,7 @@ impl ShardedMetadata {
         }
         match self.shard(shard)?.readdir(root_inode(shard), after, limit) {
             Ok(page) => {
-                self.root_pages.remember(key, &page);
+                self.root_pages.remember(shard, after, &page);
                 Ok(page)
             }
             Err(e @ (FsError::Io(_) | FsError::Unavailable(_) | FsError::TimedOut(_))) => {
@@ -690,5 +711,27 @@ mod tests {
             ),
             RootPage::From(foreign.last().unwrap().name.clone())
         );
+    }
+
+    #[test]
+    fn a_down_shards_root_is_listed_as_last_seen_from_any_name() {
+        let pages = RootPages::default();
+        let list = |names: &[&str]| names.iter().map(|n| entry(n)).collect::<Vec<_>>();
+        assert!(pages.remembered(1, b"", 10).is_none(), "never listed");
+        // Listed in two pages, from names the other shards' entries made the cursor.
+        pages.remember(1, b"", &(list(&["a", "c", "e"]), true));
+        pages.remember(1, b"e", &(list(&["g", "i"]), false));
+        // Asked from a cursor no listing used (the root changed since).
+        let (page, more) = pages.remembered(1, b"d", 2).unwrap();
+        assert_eq!((names(&page), more), (vec!["e".into(), "g".into()], true));
+        let (page, more) = pages.remembered(1, b"f", 10).unwrap();
+        assert_eq!((names(&page), more), (vec!["g".into(), "i".into()], false));
+        // Listed again: a name gone from the range a page covers is forgotten.
+        pages.remember(1, b"b", &(list(&["c", "d"]), true));
+        pages.remember(1, b"d", &(list(&["i"]), false));
+        let (page, more) = pages.remembered(1, b"", 10).unwrap();
+        assert_eq!(names(&page), ["a", "c", "d", "i"]);
+        assert!(!more);
+        assert!(pages.remembered(0, b"", 10).is_none(), "kept by shard");
     }
 }
