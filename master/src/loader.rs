@@ -1,16 +1,16 @@
 //! Lazy metadata loading: the first lookup or readdir of a directory lists it in the UFS
 //! and proposes the listing as a `LoadDirectory` command. Concurrent requests for the same
-//! directory share one listing.
+//! directory share one listing, and those that come soon after it failed share its error.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use granary_common::time::now_ns;
 use granary_common::ufs::{ObjectKind, Ufs, UfsObject};
 use granary_common::{FsError, FsResult};
 use granary_protos::v1::{command, Command, FileKind, Inode, LoadDirectory, UfsEntry};
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, watch};
 use tokio::task::JoinSet;
 
 use granary_shard_router::{child_path, Placement};
@@ -30,12 +30,24 @@ const ENTRIES_PER_COMMAND: usize = 8192;
 /// still running: a directory of millions of entries takes longer to list than a client
 /// waits for one call, so the client is told to ask again instead of timing out.
 pub(crate) const LOADING_REPORT_AFTER: Duration = Duration::from_secs(1);
+/// How long a failed listing's error answers the calls for its directory: a client told
+/// that a listing was still running asks again, and gets the error instead of a new
+/// listing that may fail the same way as long.
+const FAILURE_REPORTED_FOR: Duration = Duration::from_secs(5);
+
+/// A listing in flight: when it started, and its outcome once it ends.
+struct Listing {
+    started: Instant,
+    outcome: watch::Receiver<Option<FsResult<Inode>>>,
+}
 
 pub struct MetadataLoader<L> {
     store: Arc<NamespaceStore>,
     log: Arc<L>,
     ufs: HashMap<u32, Arc<dyn Ufs>>,
-    inflight: Mutex<HashMap<u64, Arc<tokio::sync::Mutex<()>>>>,
+    inflight: Mutex<HashMap<u64, Listing>>,
+    /// By directory: when its last listing failed, and how.
+    failed: Mutex<HashMap<u64, (Instant, FsError)>>,
     /// Re-list a loaded directory once its listing is older than this.
     sync_interval: Option<Duration>,
     /// Orders namespace mutations and re-listings on the leader.
@@ -89,6 +101,7 @@ impl<L: CommandLog> MetadataLoader<L> {
             log,
             ufs,
             inflight: Mutex::new(HashMap::new()),
+            failed: Mutex::new(HashMap::new()),
             sync_interval,
             mutations: MutationLocks::default(),
             unsettled: Unsettled::default(),
@@ -205,7 +218,7 @@ impl<L: CommandLog> MetadataLoader<L> {
                 started += 1;
                 let me = self.clone();
                 tokio::spawn(async move {
-                    if let Err(e) = me.load_here(&d, false).await {
+                    if let Err(e) = me.load(&d, false).await {
                         tracing::debug!(dir = d.id, error = %e, "listing ahead of a scan failed");
                     }
                     drop(permit);
@@ -219,18 +232,11 @@ impl<L: CommandLog> MetadataLoader<L> {
     }
 
     /// Lists `dir` on a task of its own, so that a caller that goes away (a client that
-    /// stopped waiting) leaves the listing to finish for the next one.
+    /// stopped waiting) leaves the listing to finish for the next one. A call joins the
+    /// listing in flight; a forced one only if that began after it came, else it waits
+    /// for that one to end and lists again. Within [`FAILURE_REPORTED_FOR`] of a failed
+    /// listing an unforced call gets its error.
     async fn load(self: &Arc<Self>, dir: &Inode, force: bool) -> FsResult<Inode> {
-        if !force && !self.needs_listing(dir) {
-            return Ok(dir.clone());
-        }
-        let (me, dir) = (self.clone(), dir.clone());
-        tokio::spawn(async move { me.load_here(&dir, force).await })
-            .await
-            .map_err(|e| FsError::io_from(format!("listing task: {e}"), e))?
-    }
-
-    async fn load_here(&self, dir: &Inode, force: bool) -> FsResult<Inode> {
         if !force && !self.needs_listing(dir) {
             return Ok(dir.clone());
         }
@@ -239,45 +245,104 @@ impl<L: CommandLog> MetadataLoader<L> {
                 String::from_utf8_lossy(&dir.name).into_owned(),
             ));
         }
-        let gate = self
-            .inflight
-            .lock()
-            .expect("inflight lock")
-            .entry(dir.id)
-            .or_default()
-            .clone();
-        let result = async {
-            let _turn = gate.lock().await;
-            let current = self.store.get(dir.id)?;
-            if !force && !self.needs_listing(&current) {
-                return Ok(current);
-            }
-            // Entries of a loaded directory may be changing: list between mutations. A
-            // first listing only waits for those alone: a directory rename between its
-            // UFS change and its commit (on S3 a copy and delete per object) would have
-            // it list the old path halfway moved, or gone, and record that for good.
-            let _turn = match current.children_loaded {
-                true => self.mutations.alone().await,
-                false => self.mutations.shared().await,
-            };
-            // Moved, or listed, while waiting.
-            let current = self.store.get(dir.id)?;
-            if !force && !self.needs_listing(&current) {
-                return Ok(current);
-            }
-            let mut attempts = 0;
-            loop {
-                match self.list_and_record(&current).await {
-                    // The routing table changed while listing: place the entries again.
-                    Err(FsError::StaleRouting(_)) if attempts < 3 => attempts += 1,
-                    r => break r?,
+        let came = Instant::now();
+        loop {
+            if !force {
+                if let Some(e) = self.failed_lately(dir.id) {
+                    return Err(e);
                 }
             }
-            self.store.get(dir.id)
+            let (mut outcome, joined) = {
+                let mut inflight = self.inflight.lock().expect("inflight lock");
+                match inflight.get(&dir.id) {
+                    Some(l) => (l.outcome.clone(), !force || l.started >= came),
+                    None => (self.start_listing(&mut inflight, dir, force), true),
+                }
+            };
+            let ended = outcome
+                .wait_for(Option::is_some)
+                .await
+                .map_err(|_| FsError::io("the listing task ended without an outcome"))?
+                .clone()
+                .expect("waited for");
+            if joined {
+                return ended;
+            }
         }
-        .await;
-        self.inflight.lock().expect("inflight lock").remove(&dir.id);
-        result
+    }
+
+    /// Starts listing `dir` (none is in flight: `inflight` says so, and is held).
+    fn start_listing(
+        self: &Arc<Self>,
+        inflight: &mut HashMap<u64, Listing>,
+        dir: &Inode,
+        force: bool,
+    ) -> watch::Receiver<Option<FsResult<Inode>>> {
+        let (tell, outcome) = watch::channel(None);
+        inflight.insert(
+            dir.id,
+            Listing {
+                started: Instant::now(),
+                outcome: outcome.clone(),
+            },
+        );
+        let (me, dir) = (self.clone(), dir.clone());
+        tokio::spawn(async move {
+            let result = me.list_now(&dir, force).await;
+            {
+                let mut failed = me.failed.lock().expect("failed listings lock");
+                match &result {
+                    Ok(_) => {
+                        failed.remove(&dir.id);
+                    }
+                    Err(e) => {
+                        failed.retain(|_, (at, _)| at.elapsed() < FAILURE_REPORTED_FOR);
+                        failed.insert(dir.id, (Instant::now(), e.clone()));
+                    }
+                }
+            }
+            // Gone before its outcome is told: a call woken by it that lists again finds
+            // none in flight.
+            me.inflight.lock().expect("inflight lock").remove(&dir.id);
+            let _ = tell.send(Some(result));
+        });
+        outcome
+    }
+
+    /// The error of `dir`'s last listing, if it failed within [`FAILURE_REPORTED_FOR`].
+    fn failed_lately(&self, dir: u64) -> Option<FsError> {
+        let failed = self.failed.lock().expect("failed listings lock");
+        let (at, e) = failed.get(&dir)?;
+        (at.elapsed() < FAILURE_REPORTED_FOR).then(|| e.clone())
+    }
+
+    async fn list_now(&self, dir: &Inode, force: bool) -> FsResult<Inode> {
+        let current = self.store.get(dir.id)?;
+        if !force && !self.needs_listing(&current) {
+            return Ok(current);
+        }
+        // Entries of a loaded directory may be changing: list between mutations. A first
+        // listing only waits for those alone: a directory rename between its UFS change
+        // and its commit (on S3 a copy and delete per object) would have it list the old
+        // path halfway moved, or gone, and record that for good.
+        let _turn = match current.children_loaded {
+            true => self.mutations.alone().await,
+            false => self.mutations.shared().await,
+        };
+        // Moved, or listed, while waiting.
+        let current = self.store.get(dir.id)?;
+        if !force && !self.needs_listing(&current) {
+            return Ok(current);
+        }
+        let mut attempts = 0;
+        loop {
+            match self.list_and_record(&current).await {
+                // The routing table changed while listing: place the entries again.
+                Err(FsError::StaleRouting(_)) if attempts < 3 => attempts += 1,
+                r => break r?,
+            }
+        }
+        self.store.get(dir.id)
     }
 
     /// Lists `dir` in the UFS and records the entries this shard keeps, placed by the
@@ -636,6 +701,63 @@ mod tests {
         listed_since(&loader, big.id, since).await;
         let big = loader.loaded_for_call(&big, true).await.unwrap();
         assert_eq!(loader.children(big.id).unwrap().len(), 1);
+    }
+
+    #[tokio::test]
+    async fn calls_for_a_held_listing_share_it_and_leave_no_task_behind_them() {
+        let tmp = tempfile::tempdir().unwrap();
+        let data = tmp.path().join("data");
+        std::fs::create_dir_all(data.join("big")).unwrap();
+        let (loader, _log, root) = loader_over(&data).await;
+        let big = loader.store.lookup(root.id, b"big").unwrap().unwrap();
+        // A listing held up (as by a stalled UFS) and clients that stop waiting for it.
+        let rename = loader.mutations.alone().await;
+        let tasks = tokio::runtime::Handle::current().metrics();
+        let before = tasks.num_alive_tasks();
+        for _ in 0..50 {
+            let call = loader.ensure_loaded(&big);
+            assert!(tokio::time::timeout(Duration::from_millis(5), call)
+                .await
+                .is_err());
+        }
+        assert_eq!(tasks.num_alive_tasks(), before + 1, "the one listing");
+        let since = now_ns();
+        drop(rename);
+        listed_since(&loader, big.id, since).await;
+    }
+
+    #[tokio::test]
+    async fn a_listing_that_failed_without_its_caller_answers_the_next_calls_with_its_error() {
+        let tmp = tempfile::tempdir().unwrap();
+        let data = tmp.path().join("data");
+        std::fs::create_dir_all(data.join("big")).unwrap();
+        let (loader, _log, root) = loader_over(&data).await;
+        let big = loader.store.lookup(root.id, b"big").unwrap().unwrap();
+        let rename = loader.mutations.alone().await;
+        let answer = loader.loaded_for_call(&big, true).await;
+        assert!(matches!(answer, Err(FsError::Loading(_))), "{answer:?}");
+        // The UFS fails the listing once it runs.
+        std::fs::remove_dir(data.join("big")).unwrap();
+        drop(rename);
+        let failed = async {
+            while loader.failed_lately(big.id).is_none() {
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        };
+        tokio::time::timeout(Duration::from_secs(10), failed)
+            .await
+            .expect("the listing failed");
+        // Back in the UFS: a new listing would succeed, but the next call is told why the
+        // last one failed.
+        std::fs::create_dir_all(data.join("big")).unwrap();
+        let answer = loader.loaded_for_call(&big, true).await;
+        assert!(
+            matches!(&answer, Err(e) if !matches!(e, FsError::Loading(_))),
+            "{answer:?}"
+        );
+        // An explicit refresh lists again, and clears the failure.
+        loader.refresh(&big).await.unwrap();
+        assert!(loader.loaded_for_call(&big, true).await.is_ok());
     }
 
     #[tokio::test]
