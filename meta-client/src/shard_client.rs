@@ -512,10 +512,11 @@ impl GrpcMetadataClient {
     }
 }
 
-/// Whether a master took the call and did not answer it in time (tonic's own timeout
-/// says "Timeout expired").
+/// Whether a master took the call and did not answer it in time: tonic's own timeout,
+/// which says "Timeout expired". Not a master's answer that something timed out there
+/// (`DeadlineExceeded`: a proposal not applied in time, a UFS call): that master answers.
 fn answered_nothing_in_time(err: &FsError) -> bool {
-    matches!(err, FsError::TimedOut(_)) || err.to_string().contains("Timeout expired")
+    !matches!(err, FsError::TimedOut(_)) && err.to_string().contains("Timeout expired")
 }
 
 fn inode(r: InodeReply) -> FsResult<Inode> {
@@ -787,7 +788,12 @@ mod tests {
         let refused = passed_over();
         assert!(refused.iter().all(|&ms| ms <= 1000), "{refused:?}");
         assert!(refused.iter().any(|&ms| ms > 0), "{refused:?}");
-        failing_once(|| tonic::Status::deadline_exceeded("Timeout expired"));
+        // The master's own answer that a proposal timed out there is an answer.
+        failing_once(|| tonic::Status::deadline_exceeded("not applied in time"));
+        let answered = passed_over();
+        assert!(answered.iter().all(|&ms| ms <= 1000), "{answered:?}");
+        // What tonic reports when its call timed out.
+        failing_once(|| tonic::Status::cancelled("Timeout expired"));
         let silent = passed_over();
         assert!(silent.iter().any(|&ms| ms > 20_000), "{silent:?}");
         let quiet = silent.iter().position(|&ms| ms > 20_000).unwrap();
