@@ -70,10 +70,18 @@ fn lock_cache_dir(cache_dir: &Path) -> Result<std::fs::File, WorkerError> {
         source,
     })?;
     // SAFETY: an open descriptor; flock only changes its lock.
-    if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
-        return Err(WorkerError::CacheDirInUse(cache_dir.display().to_string()));
+    if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } == 0 {
+        return Ok(file);
     }
-    Ok(file)
+    let source = std::io::Error::last_os_error();
+    match source.raw_os_error() {
+        Some(libc::EWOULDBLOCK) => Err(WorkerError::CacheDirInUse(cache_dir.display().to_string())),
+        // ENOLCK on a filesystem without locks (some NFS set-ups), for one.
+        _ => Err(WorkerError::CacheDir {
+            path: format!("{} (locking it)", path.display()),
+            source,
+        }),
+    }
 }
 
 /// The worker's stable id, created on first start and kept in the cache directory so a
