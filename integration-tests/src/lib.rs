@@ -578,6 +578,28 @@ impl Cluster {
         )?))
     }
 
+    /// Runs an admin `call` (a membership change) on the leader, trying again (as the
+    /// leader changes) until it succeeds, 50 times at most.
+    pub fn admin_on_leader<T, F, Fut>(&self, call: F) -> anyhow::Result<T>
+    where
+        F: Fn(AdminClient) -> Fut,
+        Fut: std::future::Future<Output = Result<tonic::Response<T>, tonic::Status>>,
+    {
+        let mut last = String::new();
+        for _ in 0..50 {
+            let leader = self.leader(Duration::from_secs(10))?;
+            match self
+                .rt
+                .block_on(call(self.admin_client(&self.addr_of(leader))?))
+            {
+                Ok(r) => return Ok(r.into_inner()),
+                Err(s) => last = s.message().to_string(),
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        bail!("the admin call kept failing: {last}")
+    }
+
     /// A client whose connection is driven by `rt` (the harness's own runtime has one
     /// thread, too few for a load generator).
     pub fn client_on(&self, addr: &str, rt: &tokio::runtime::Runtime) -> anyhow::Result<Client> {

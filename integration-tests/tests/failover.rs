@@ -319,37 +319,25 @@ fn master_migration_under_load_needs_no_restart() {
     );
     std::thread::scope(|s| {
         readers(s, &m.path, 20, &stop, &reads, &errors);
-        let admin_to_leader = |c: &Cluster,
-                               req: &dyn Fn(
-            &mut granary_integration_tests::AdminClient,
-        ) -> Result<(), tonic::Status>| {
-            for _ in 0..50 {
-                let leader = c.leader(Duration::from_secs(10)).unwrap();
-                let mut cl = c.admin_client(&c.addr_of(leader)).unwrap();
-                if req(&mut cl).is_ok() {
-                    return;
-                }
-                std::thread::sleep(Duration::from_millis(100));
-            }
-            panic!("membership change kept failing");
-        };
         for id in [4u64, 5] {
             c.start_master(id).unwrap();
             let addr = c.addr_of(id);
-            admin_to_leader(&c, &|cl| {
-                c.block_on(cl.add_member(granary_protos::v1::AddMemberRequest {
-                    id,
-                    addr: addr.clone(),
-                }))
-                .map(|_| ())
-            });
+            c.admin_on_leader(|mut cl| {
+                let addr = addr.clone();
+                async move {
+                    cl.add_member(granary_protos::v1::AddMemberRequest { id, addr })
+                        .await
+                }
+            })
+            .unwrap();
             c.create(&format!("after-add-{id}")).unwrap();
         }
         for id in [1u64, 2] {
-            admin_to_leader(&c, &|cl| {
-                c.block_on(cl.remove_member(granary_protos::v1::RemoveMemberRequest { id }))
-                    .map(|_| ())
-            });
+            c.admin_on_leader(|mut cl| async move {
+                cl.remove_member(granary_protos::v1::RemoveMemberRequest { id })
+                    .await
+            })
+            .unwrap();
             c.create(&format!("after-remove-{id}")).unwrap();
         }
         // The removed masters are gone for good; mount and worker must have moved on.
