@@ -497,3 +497,78 @@ fn a_shard_down_leaves_the_root_listed_and_the_other_shard_served() {
     assert_eq!(err.raw_os_error(), Some(libc::EIO), "{err}");
     assert!(m.proc.log_text().contains("listed as last seen"));
 }
+
+/// The masters the routing table kept by `s0` names for `shard`, sorted.
+fn listed(s0: &Cluster, shard: u32) -> Vec<String> {
+    let mut c = s0.routing_client(&s0.master_addr()).unwrap();
+    let t = s0
+        .block_on(c.get_routing_table(granary_protos::v1::GetRoutingTableRequest {}))
+        .unwrap()
+        .into_inner();
+    let mut m = t
+        .shards
+        .into_iter()
+        .find(|s| s.id == shard)
+        .unwrap()
+        .masters;
+    m.sort();
+    m
+}
+
+/// The routing table names each shard's masters as its group has them: members added to
+/// shard 0's and shard 1's groups and one removed from shard 1's appear in the table
+/// without anyone editing it, and a router finds shard 1 through the new member alone.
+#[test]
+fn the_routing_table_follows_each_shards_master_group() {
+    let (ufs, files) = dataset();
+    let mut s0 = Cluster::start(&MasterSpec {
+        ufs: ufs.path().to_path_buf(),
+        ..Default::default()
+    })
+    .unwrap();
+    let mut s1 = group(ufs.path(), 1, 1, &s0.master_addrs());
+    let version = s0.add_shard(1, s1.master_addrs()).unwrap();
+    s1.wait_for_table(version).unwrap();
+    let names = |c: &Cluster, ids: &[u64]| -> Vec<String> {
+        let mut m: Vec<String> = ids.iter().map(|&id| c.addr_of(id)).collect();
+        m.sort();
+        m
+    };
+    let add = |c: &mut Cluster, id: u64| {
+        c.start_master(id).unwrap();
+        let addr = c.addr_of(id);
+        c.admin_on_leader(|mut cl| {
+            let addr = addr.clone();
+            async move {
+                cl.add_member(granary_protos::v1::AddMemberRequest { id, addr })
+                    .await
+            }
+        })
+        .unwrap();
+    };
+    add(&mut s0, 2);
+    add(&mut s1, 2);
+    let both = (names(&s0, &[1, 2]), names(&s1, &[1, 2]));
+    wait_until(
+        "the table names the new members",
+        Duration::from_secs(30),
+        || (listed(&s0, 0), listed(&s0, 1)) == both,
+    )
+    .unwrap();
+    s1.admin_on_leader(|mut cl| async move {
+        cl.remove_member(granary_protos::v1::RemoveMemberRequest { id: 1 })
+            .await
+    })
+    .unwrap();
+    wait_until(
+        "the table drops the removed member",
+        Duration::from_secs(30),
+        || listed(&s0, 1) == names(&s1, &[2]),
+    )
+    .unwrap();
+    s1.kill_master(1);
+    // A router started now knows shard 1 only from the table.
+    let (_router, addr) = s0.start_router("router").unwrap();
+    let m = s0.mount_on("mnt", &[addr], "").unwrap();
+    assert_eq!(read_all(&m.path, &files), Vec::<String>::new());
+}

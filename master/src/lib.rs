@@ -23,6 +23,7 @@ mod state_machine;
 mod state_machine_model;
 pub mod store;
 mod table_follower;
+mod table_masters;
 mod tables;
 mod unsettled;
 pub mod workers;

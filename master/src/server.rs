@@ -326,6 +326,8 @@ pub async fn start(mut config: MasterConfig) -> Result<RunningMaster, MasterErro
         raft.clone(),
         leader_clients.clone(),
     ));
+    let cluster_token = AttachToken::new(&config.cluster_token)
+        .map_err(|e| ConfigError::invalid("cluster_token", e))?;
     let service = MasterService {
         store: store.clone(),
         raft: raft.clone(),
@@ -341,8 +343,7 @@ pub async fn start(mut config: MasterConfig) -> Result<RunningMaster, MasterErro
             0 => TableFollower::none(),
             _ => TableFollower::start(
                 config.routing.clone(),
-                AttachToken::new(&config.cluster_token)
-                    .map_err(|e| ConfigError::invalid("cluster_token", e))?,
+                cluster_token.clone(),
                 store.clone(),
                 raft.clone(),
             ),
@@ -362,6 +363,12 @@ pub async fn start(mut config: MasterConfig) -> Result<RunningMaster, MasterErro
             }
         }
     });
+    let table_masters = crate::table_masters::start(
+        raft.clone(),
+        store.clone(),
+        cluster_token,
+        config.routing.clone(),
+    );
     let mount_setup = tokio::spawn(ensure_root_mount(
         store.clone(),
         raft.clone(),
@@ -428,7 +435,7 @@ pub async fn start(mut config: MasterConfig) -> Result<RunningMaster, MasterErro
         in_process,
         shutdown: Some(tx),
         task,
-        background: vec![expiry, mount_setup, settler],
+        background: vec![expiry, mount_setup, settler, table_masters],
         mailbox,
         raft_thread: Some(raft_thread),
         raft_end,

@@ -5,6 +5,7 @@ mod load;
 pub mod router;
 mod sharded;
 mod table;
+pub mod table_keeper;
 
 pub use load::load_tree;
 pub use sharded::{fetch_table, ShardedMetadata, ROOT};

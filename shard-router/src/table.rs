@@ -23,6 +23,8 @@ pub enum RoutingError {
     BadShardId(u32),
     #[error("prefix {prefix} names shard {shard}, which the table does not list")]
     UnknownShard { prefix: String, shard: u32 },
+    #[error("the table lists no shard {0}")]
+    NoSuchShard(u32),
     #[error(
         "prefix `{0}` is not an absolute path below / (no `.`, `..`, empty or trailing components)"
     )]
@@ -308,6 +310,17 @@ impl RoutingTable {
         RoutingTable::new(next)
     }
 
+    /// A new version naming `shard.masters` as the masters of shard `shard.id`.
+    pub fn with_masters(&self, shard: ShardInfo) -> Result<Self, RoutingError> {
+        let mut next = self.proto.clone();
+        next.version += 1;
+        let Some(known) = next.shards.iter_mut().find(|s| s.id == shard.id) else {
+            return Err(RoutingError::NoSuchShard(shard.id));
+        };
+        known.masters = shard.masters;
+        RoutingTable::new(next)
+    }
+
     /// A new version with `prefix` pinned to `shard` (replacing a pin of that prefix).
     pub fn with_pin(&self, prefix: &[u8], shard: u16) -> Result<Self, RoutingError> {
         let mut next = self.proto.clone();
@@ -474,6 +487,32 @@ mod tests {
             t2.with_pin(b"/a", 9),
             Err(RoutingError::UnknownShard { shard: 9, .. })
         ));
+        let moved = t2
+            .with_masters(ShardInfo {
+                id: 1,
+                masters: vec!["new:1".into(), "new:2".into()],
+            })
+            .unwrap();
+        assert_eq!(moved.version(), 3);
+        assert_eq!(
+            moved.masters(1),
+            Some(&["new:1".into(), "new:2".into()][..])
+        );
+        assert_eq!(moved.masters(7), t2.masters(7));
+        assert_eq!(
+            t2.with_masters(ShardInfo {
+                id: 9,
+                masters: vec!["x:1".into()]
+            }),
+            Err(RoutingError::NoSuchShard(9))
+        );
+        assert_eq!(
+            t2.with_masters(ShardInfo {
+                id: 1,
+                masters: Vec::new()
+            }),
+            Err(RoutingError::NoMasters(1))
+        );
         for bad in ["/", "a/b", "/a//b", "/a/../b", "/a/"] {
             assert_eq!(
                 t2.with_pin(bad.as_bytes(), 0),

@@ -129,4 +129,21 @@ impl Routing for MasterService {
         })?;
         self.change_table(|t| t.with_pin(&r.prefix, shard)).await
     }
+
+    async fn set_shard_masters(
+        &self,
+        req: Request<SetShardMastersRequest>,
+    ) -> Result<Response<RoutingTable_>, Status> {
+        count("set_shard_masters");
+        let shard = req
+            .into_inner()
+            .shard
+            .ok_or_else(|| Status::invalid_argument("set_shard_masters without a shard"))?;
+        // Asked again by a leader that has not seen the last change yet: no new version.
+        let table = self.current_table()?;
+        if table.shards().contains(&shard) {
+            return Ok(Response::new(table.proto().clone()));
+        }
+        self.change_table(|t| t.with_masters(shard)).await
+    }
 }

@@ -6,19 +6,17 @@
 
 use std::pin::Pin;
 use std::sync::Arc;
-use std::time::Duration;
 
 use granary_common::auth::AttachToken;
 use granary_common::FsResult;
 use granary_meta_client::MetadataService;
 use granary_protos::v1::namespace_server::Namespace;
-use granary_protos::v1::routing_client::RoutingClient;
 use granary_protos::v1::routing_server::Routing;
 use granary_protos::v1::*;
-use granary_protos::LEADER_METADATA_KEY;
 use tokio_stream::Stream;
 use tonic::{Request, Response, Status};
 
+use crate::table_keeper::{change_on_keeper, TableAnswer, TableClient};
 use crate::ShardedMetadata;
 
 pub struct RouterService {
@@ -51,51 +49,13 @@ impl RouterService {
     /// the new table at once.
     async fn change_table(
         &self,
-        call: impl Fn(
-            RoutingClient<
-                tonic::service::interceptor::InterceptedService<
-                    tonic::transport::Channel,
-                    AttachToken,
-                >,
-            >,
-        ) -> Pin<
-            Box<dyn std::future::Future<Output = Result<Response<RoutingTable>, Status>> + Send>,
-        >,
+        call: impl Fn(TableClient) -> TableAnswer,
     ) -> Result<Response<RoutingTable>, Status> {
-        let mut targets = self.meta.table().masters(0).unwrap_or_default().to_vec();
-        let mut last = Status::unavailable("shard 0 lists no masters");
-        let mut hints = 0;
-        while let Some(addr) = targets.first().cloned() {
-            targets.remove(0);
-            let channel = granary_common::net::lazy_channel(
-                &addr,
-                Duration::from_secs(2),
-                Duration::from_secs(30),
-            )
-            .map_err(|e| Status::internal(format!("master `{addr}`: {e}")))?;
-            match call(RoutingClient::with_interceptor(channel, self.token.clone())).await {
-                Ok(table) => {
-                    let meta = self.meta.clone();
-                    let _ = tokio::task::spawn_blocking(move || meta.refresh_table()).await;
-                    return Ok(table);
-                }
-                Err(status) => {
-                    let hint = status
-                        .metadata()
-                        .get(LEADER_METADATA_KEY)
-                        .and_then(|v| v.to_str().ok())
-                        .map(str::to_string);
-                    if let Some(leader) = hint.filter(|_| hints < 5) {
-                        hints += 1;
-                        targets.insert(0, leader);
-                    } else if status.code() != tonic::Code::Unavailable {
-                        return Err(status);
-                    }
-                    last = status;
-                }
-            }
-        }
-        Err(last)
+        let targets = self.meta.table().masters(0).unwrap_or_default().to_vec();
+        let table = change_on_keeper(targets, &self.token, call).await?;
+        let meta = self.meta.clone();
+        let _ = tokio::task::spawn_blocking(move || meta.refresh_table()).await;
+        Ok(table)
     }
 }
 
@@ -131,6 +91,19 @@ impl Routing for RouterService {
         self.change_table(move |mut c| {
             let r = r.clone();
             Box::pin(async move { c.pin_prefix(r).await })
+        })
+        .await
+    }
+
+    async fn set_shard_masters(
+        &self,
+        req: Request<SetShardMastersRequest>,
+    ) -> Result<Response<RoutingTable>, Status> {
+        count("set_shard_masters");
+        let r = req.into_inner();
+        self.change_table(move |mut c| {
+            let r = r.clone();
+            Box::pin(async move { c.set_shard_masters(r).await })
         })
         .await
     }
