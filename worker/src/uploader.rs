@@ -278,12 +278,17 @@ pub fn upload_bytes(
 }
 
 /// Writes the chunks arriving on `chunks` (exactly `target.size` bytes; the channel closing
-/// early aborts) to the UFS and the cache. Returns the UFS object as now stored.
+/// early aborts) to the UFS and the cache. Returns the UFS object as now stored. Once
+/// every byte is in the UFS (an S3 upload's last parts take a while after the last
+/// chunk), an upload whose client has gone meanwhile (`abandoned`: killed while waiting
+/// for the answer, so it will commit nothing) is aborted rather than published: the UFS
+/// would hold content its namespace never names.
 pub fn upload(
     store: &BlockStore,
     ufs: &dyn Ufs,
     target: &UploadTarget,
     mut chunks: tokio::sync::mpsc::Receiver<Vec<u8>>,
+    abandoned: &std::sync::atomic::AtomicBool,
 ) -> FsResult<UfsObject> {
     let mut fill = CacheFill::new(store, target.block_size)?;
     let received = (|| {
@@ -305,6 +310,13 @@ pub fn upload(
                 String::from_utf8_lossy(&target.ufs_path),
                 fill.received,
                 target.size
+            )));
+        }
+        ufs_file.flush()?;
+        if abandoned.load(std::sync::atomic::Ordering::Acquire) {
+            return Err(FsError::Unavailable(format!(
+                "upload of {}: the client went away before it was complete; not published",
+                String::from_utf8_lossy(&target.ufs_path)
             )));
         }
         Ok(ufs_file)

@@ -619,7 +619,14 @@ impl Write for S3Upload {
         Ok(buf.len())
     }
 
+    /// Stores every byte written as parts (nothing is visible before `complete`).
     fn flush(&mut self) -> std::io::Result<()> {
+        if !self.buffer.is_empty() {
+            self.send_part()?;
+        }
+        while !self.sending.is_empty() {
+            self.wait_oldest()?;
+        }
         Ok(())
     }
 }
@@ -627,12 +634,7 @@ impl Write for S3Upload {
 impl UfsUpload for S3Upload {
     fn complete(mut self: Box<Self>, _durable: bool) -> FsResult<UfsObject> {
         // An acknowledged S3 write is durable: nothing more for `durable`.
-        if !self.buffer.is_empty() {
-            self.send_part()?;
-        }
-        while !self.sending.is_empty() {
-            self.wait_oldest()?;
-        }
+        self.flush()?;
         let mut upload = self.upload.take().expect("an open upload");
         let store = self.ufs.store.clone();
         let key = self.key.clone();

@@ -226,7 +226,10 @@ impl DataServer {
             block_size: req.block_size,
             durable: req.durable,
         };
-        let task = tokio::task::spawn_blocking(move || upload(&store, &*ufs?, &target, rx));
+        let abandoned = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let gone = abandoned.clone();
+        let mut task =
+            tokio::task::spawn_blocking(move || upload(&store, &*ufs?, &target, rx, &gone));
         let mut left = req.size;
         let mut sink = Some(tx);
         while left > 0 {
@@ -241,10 +244,27 @@ impl DataServer {
             }
         }
         drop(sink);
-        let outcome = task
-            .await
+        // The client sends nothing more until it has the answer: a read that ends is the
+        // client gone (killed), and one that returns bytes is a client out of step.
+        let mut out_of_step = false;
+        let joined = loop {
+            let mut byte = [0u8; 1];
+            tokio::select! {
+                joined = &mut task => break joined,
+                read = rd.read(&mut byte), if !abandoned.load(std::sync::atomic::Ordering::Acquire) => {
+                    out_of_step = matches!(read, Ok(n) if n > 0);
+                    abandoned.store(true, std::sync::atomic::Ordering::Release);
+                }
+            }
+        };
+        let outcome = joined
             .map_err(|e| FsError::io_from(format!("upload task: {e}"), e))
             .and_then(|r| r);
+        if out_of_step {
+            return Err(granary_protos::frame::FrameError::Io(
+                std::io::Error::other("the client sent more than its upload before the answer"),
+            ));
+        }
         Ok(upload_response(req.request_id, &req.ufs_path, outcome))
     }
 

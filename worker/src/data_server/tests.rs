@@ -498,3 +498,138 @@ async fn a_short_circuit_read_of_a_whole_cold_block_gets_the_cache_file() {
     .await
     .unwrap();
 }
+
+/// A local UFS whose uploads hold their last bytes (the flush) until the gate opens, as
+/// an S3 upload's last parts take a while after the last chunk arrived; counts uploads
+/// that reached the flush and uploads that ended (completed or dropped).
+#[derive(Debug)]
+struct HeldUploads {
+    local: LocalUfs,
+    gate: Arc<(std::sync::Mutex<bool>, std::sync::Condvar)>,
+    flushing: Arc<AtomicUsize>,
+    ended: Arc<AtomicUsize>,
+}
+impl Ufs for HeldUploads {
+    fn uri(&self) -> &str {
+        self.local.uri()
+    }
+    fn list(&self, d: &[u8]) -> FsResult<Vec<UfsObject>> {
+        self.local.list(d)
+    }
+    fn stat(&self, p: &[u8]) -> FsResult<UfsObject> {
+        self.local.stat(p)
+    }
+    fn read_range(
+        &self,
+        p: &[u8],
+        v: Fingerprint,
+        o: u64,
+        l: u64,
+        s: &mut dyn std::io::Write,
+    ) -> FsResult<u64> {
+        self.local.read_range(p, v, o, l, s)
+    }
+    fn create_upload(&self, p: &[u8]) -> FsResult<Box<dyn granary_common::ufs::UfsUpload>> {
+        Ok(Box::new(HeldUpload {
+            inner: Some(self.local.create_upload(p)?),
+            gate: self.gate.clone(),
+            flushing: self.flushing.clone(),
+            ended: self.ended.clone(),
+        }))
+    }
+}
+struct HeldUpload {
+    inner: Option<Box<dyn granary_common::ufs::UfsUpload>>,
+    gate: Arc<(std::sync::Mutex<bool>, std::sync::Condvar)>,
+    flushing: Arc<AtomicUsize>,
+    ended: Arc<AtomicUsize>,
+}
+impl Write for HeldUpload {
+    fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+        self.inner.as_mut().unwrap().write(b)
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.flushing.fetch_add(1, Ordering::SeqCst);
+        let open = self.gate.0.lock().unwrap();
+        let limit = std::time::Duration::from_secs(30);
+        drop(self.gate.1.wait_timeout_while(open, limit, |open| !*open));
+        self.inner.as_mut().unwrap().flush()
+    }
+}
+impl granary_common::ufs::UfsUpload for HeldUpload {
+    fn complete(mut self: Box<Self>, durable: bool) -> FsResult<UfsObject> {
+        self.inner.take().unwrap().complete(durable)
+    }
+}
+impl Drop for HeldUpload {
+    fn drop(&mut self) {
+        drop(self.inner.take());
+        self.ended.fetch_add(1, Ordering::SeqCst);
+    }
+}
+
+/// Sends an upload of `payload` to `name` and returns the connection, answer unread.
+fn send_upload(addr: std::net::SocketAddr, name: &str, payload: &[u8]) -> TcpStream {
+    let (mut sock, hello) = connect(addr, DATA_PROTOCOL_VERSION);
+    assert!(hello.ok);
+    let req = WriteFileRequest {
+        request_id: 1,
+        file_id: 6,
+        mount_id: 1,
+        ufs_path: name.as_bytes().to_vec(),
+        size: payload.len() as u64,
+        block_size: 4096,
+        durable: false,
+    };
+    let wrapped = DataRequest {
+        op: Some(data_request::Op::Write(req)),
+    };
+    sock.write_all(&encode_header(&wrapped)).unwrap();
+    sock.write_all(payload).unwrap();
+    sock
+}
+
+async fn until(what: &str, cond: impl Fn() -> bool) {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    while !cond() {
+        assert!(std::time::Instant::now() < deadline, "{what}");
+        tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn an_upload_whose_client_went_away_before_it_completed_is_not_published() {
+    let gate = Arc::new((std::sync::Mutex::new(false), std::sync::Condvar::new()));
+    let (flushing, ended) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
+    let s = setup_with(1000, 4096, |local| HeldUploads {
+        local,
+        gate: gate.clone(),
+        flushing: flushing.clone(),
+        ended: ended.clone(),
+    })
+    .await;
+    let payload = vec![7u8; 10_000];
+    // Every byte sent, then killed while the worker stores the last of them.
+    let gone = send_upload(s.addr, "gone.bin", &payload);
+    let waiting = send_upload(s.addr, "kept.bin", &payload);
+    until("both uploads reach their last bytes", || {
+        flushing.load(Ordering::SeqCst) == 2
+    })
+    .await;
+    drop(gone);
+    tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    *gate.0.lock().unwrap() = true;
+    gate.1.notify_all();
+    let mut waiting = waiting;
+    let answer: WriteFileResponse =
+        tokio::task::spawn_blocking(move || read_header(&mut waiting).unwrap())
+            .await
+            .unwrap();
+    assert_eq!(answer.status, 0, "{}", answer.error);
+    until("both uploads end", || ended.load(Ordering::SeqCst) == 2).await;
+    assert_eq!(s.ufs.local.stat(b"kept.bin").unwrap().size, 10_000);
+    assert!(
+        s.ufs.local.stat(b"gone.bin").is_err(),
+        "published without its client"
+    );
+}
