@@ -65,7 +65,13 @@ pub const CLIENT_COUNTERS: &[&str] = &[
 fn with_quiet_libraries(filter: &str) -> String {
     let mut out = filter.to_string();
     for (library, quiet) in [("raft", "raft=warn"), ("fuser", "fuser::mnt=error")] {
-        if !filter.contains(library) {
+        // A directive's target is a module path: `raft` or `raft::…`, not
+        // `granary_master::raft`.
+        let names = |directive: &str| {
+            let target = directive.split(['=', '[']).next().unwrap_or_default();
+            target == library || target.starts_with(&format!("{library}::"))
+        };
+        if !filter.split(',').any(|d| names(d.trim())) {
             out.push(',');
             out.push_str(quiet);
         }
@@ -105,5 +111,13 @@ mod tests {
         assert_eq!(quiet("info"), "info,raft=warn,fuser::mnt=error");
         assert_eq!(quiet("info,raft=info"), "info,raft=info,fuser::mnt=error");
         assert_eq!(quiet("debug,fuser=debug"), "debug,fuser=debug,raft=warn");
+        assert_eq!(
+            quiet("info,granary_master::raft=debug"),
+            "info,granary_master::raft=debug,raft=warn,fuser::mnt=error"
+        );
+        assert_eq!(
+            quiet("raft::raw_node=debug"),
+            "raft::raw_node=debug,fuser::mnt=error"
+        );
     }
 }
