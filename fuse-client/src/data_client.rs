@@ -247,6 +247,16 @@ impl DataClient {
         result
     }
 
+    /// Whether the data port of the worker at `addr` failed lately (no connection, or
+    /// no answer).
+    pub fn failed_lately(&self, addr: &str) -> bool {
+        self.failed
+            .lock()
+            .expect("failed workers lock")
+            .get(addr)
+            .is_some_and(|at| at.elapsed() < PASS_OVER)
+    }
+
     /// `workers` less those whose data port failed lately (no connection, or no answer),
     /// unless that leaves none.
     pub fn usable(&self, workers: &Arc<Vec<WorkerInfo>>) -> Arc<Vec<WorkerInfo>> {
@@ -717,6 +727,7 @@ mod tests {
             "{err}"
         );
         let other = Worker::start("t", vec![Answer::Bytes(1)]);
+        assert!(c.failed_lately(&w.addr) && !c.failed_lately(&other.addr));
         let both = Arc::new(vec![worker_at(&w.addr), worker_at(&other.addr)]);
         let usable: Vec<String> = c.usable(&both).iter().map(data_addr).collect();
         assert_eq!(usable, [other.addr.as_str()]);
@@ -726,6 +737,7 @@ mod tests {
         w.stopped.store(false, Ordering::SeqCst);
         assert_eq!(c.request(&w.addr, read(1)).unwrap().1, b"x");
         assert_eq!(c.usable(&both).len(), 2);
+        assert!(!c.failed_lately(&w.addr));
     }
 
     #[test]

@@ -244,7 +244,9 @@ impl Warmup {
 
     /// Asks every live worker of the file's shard: the masters hear of newly cached
     /// blocks only with the next heartbeat, so their locations may miss some. One that
-    /// does not answer fails the file, after the others were asked.
+    /// does not answer fails the file, after the others were asked; one that did not
+    /// answer lately fails it without being asked (a stopped worker would hold up each
+    /// file for the whole wait).
     fn free_file(&self, file: &Inode, p: &Progress) -> FsResult<()> {
         let blocks = block_count(file.size, file.block_size.max(1)) as u32;
         if blocks == 0 {
@@ -252,10 +254,14 @@ impl Warmup {
         }
         let mut first_error = None;
         for w in self.workers.live(shard_of(file.id), false)?.iter() {
-            match self
-                .data
-                .evict(&data_addr(w), file.id, (0..blocks).collect())
-            {
+            let addr = data_addr(w);
+            if self.data.failed_lately(&addr) {
+                first_error.get_or_insert(FsError::Unavailable(format!(
+                    "worker {addr} did not answer lately; its blocks of this file stay cached"
+                )));
+                continue;
+            }
+            match self.data.evict(&addr, file.id, (0..blocks).collect()) {
                 Ok((blocks, bytes)) => {
                     p.blocks_done.fetch_add(blocks, Ordering::Relaxed);
                     p.bytes_done.fetch_add(bytes, Ordering::Relaxed);
