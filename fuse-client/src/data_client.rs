@@ -277,18 +277,15 @@ impl DataClient {
         }
     }
 
-    /// Waits until `conn` has an answer to read, `bound` at most. Every `check_every`
-    /// meanwhile the worker is checked on with a new connection, whose handshake a busy
-    /// worker (one waiting on the UFS for this answer) still answers at once: a stopped
-    /// or wedged one that fails [`FAILED_CHECKS`] checks in a row is given up on.
+    /// Waits until `conn` has an answer to read, `bound` at most, checking on the
+    /// worker meanwhile (see [`Watch`]).
     fn await_answer(&self, conn: &Conn, addr: &str, bound: Duration) -> FsResult<()> {
-        let started = Instant::now();
-        let mut failed_checks = 0;
+        let mut watch = Watch::new(self, addr);
         loop {
             if !conn.reader.buffer().is_empty() {
                 return Ok(());
             }
-            let left = bound.saturating_sub(started.elapsed());
+            let left = bound.saturating_sub(watch.started.elapsed());
             if left.is_zero() {
                 return Err(FsError::TimedOut(format!(
                     "worker {addr}: no answer within {bound:?}"
@@ -299,23 +296,49 @@ impl DataClient {
             {
                 return Ok(());
             }
-            match self.connect(addr) {
-                Ok(check) => {
-                    failed_checks = 0;
-                    self.checkin(addr, check);
-                }
-                Err(e) => {
-                    failed_checks += 1;
-                    if failed_checks == FAILED_CHECKS {
-                        return Err(FsError::TimedOut(format!(
-                            "worker {addr} stopped answering: no answer for {:?}, and a new \
-                             connection to it got none either ({e})",
-                            started.elapsed()
-                        )));
-                    }
+            watch.check("answer")?;
+        }
+    }
+
+    /// Sends an upload: its header, then `req.size` bytes of `source` (from offset 0).
+    /// A worker that stops taking them is checked on (see [`Watch`]) rather than waited
+    /// for until the write timeout.
+    fn send_file(
+        &self,
+        conn: &mut Conn,
+        addr: &str,
+        req: &WriteFileRequest,
+        source: &std::fs::File,
+    ) -> FsResult<()> {
+        use std::os::unix::fs::FileExt;
+        let gone = |e: std::io::Error| FsError::Unavailable(format!("worker {addr}: {e}"));
+        let write_timeout =
+            |c: &Conn, t: Duration| c.reader.get_ref().tcp().set_write_timeout(Some(t));
+        write_timeout(conn, self.check_every).map_err(gone)?;
+        let mut watch = Watch::new(self, addr);
+        let sent = (|| {
+            let header = DataRequest {
+                op: Some(data_request::Op::Write(req.clone())),
+            };
+            write_watched(conn, &mut watch, &encode_header(&header))?;
+            let mut buf = vec![0u8; 1 << 20];
+            let mut offset = 0u64;
+            while offset < req.size {
+                let want = (req.size - offset).min(buf.len() as u64) as usize;
+                source.read_exact_at(&mut buf[..want], offset)?;
+                write_watched(conn, &mut watch, &buf[..want])?;
+                offset += want as u64;
+            }
+            loop {
+                match conn.writer().flush() {
+                    Ok(()) => return Ok(()),
+                    Err(e) if timed_out(&e) => watch.check("progress taking the upload")?,
+                    Err(e) => return Err(gone(e)),
                 }
             }
-        }
+        })();
+        write_timeout(conn, self.io_timeout).map_err(gone)?;
+        sent
     }
 
     /// Sends `req` to the worker at `addr`; returns its response header and payload.
@@ -344,7 +367,7 @@ impl DataClient {
     ) -> FsResult<WriteFileResponse> {
         req.request_id = self.next_request.fetch_add(1, Ordering::Relaxed);
         let resp = self.on_connection(addr, |conn| {
-            send_file(conn, addr, &req, source)?;
+            self.send_file(conn, addr, &req, source)?;
             self.await_answer(conn, addr, UPLOAD_ANSWER_TIMEOUT)?;
             let resp: WriteFileResponse =
                 read_header(&mut conn.reader).map_err(|e| frame_err(addr, e))?;
@@ -390,29 +413,77 @@ impl DataClient {
 /// whole file durable first.
 pub(crate) const UPLOAD_ANSWER_TIMEOUT: Duration = Duration::from_secs(600);
 
-fn send_file(
-    conn: &mut Conn,
-    addr: &str,
-    req: &WriteFileRequest,
-    source: &std::fs::File,
-) -> FsResult<()> {
-    use std::os::unix::fs::FileExt;
-    let gone = |e: std::io::Error| FsError::Unavailable(format!("worker {addr}: {e}"));
-    let header = DataRequest {
-        op: Some(data_request::Op::Write(req.clone())),
-    };
-    conn.writer()
-        .write_all(&encode_header(&header))
-        .map_err(gone)?;
-    let mut buf = vec![0u8; 1 << 20];
-    let mut offset = 0u64;
-    while offset < req.size {
-        let want = (req.size - offset).min(buf.len() as u64) as usize;
-        source.read_exact_at(&mut buf[..want], offset)?;
-        conn.writer().write_all(&buf[..want]).map_err(gone)?;
-        offset += want as u64;
+/// Checks on a worker that is slow to take a request or to answer it: each check is a
+/// new connection's handshake, which a busy worker (one waiting on the UFS) still answers
+/// at once. A stopped or wedged one fails [`FAILED_CHECKS`] checks in a row and is given
+/// up on.
+struct Watch<'a> {
+    client: &'a DataClient,
+    addr: &'a str,
+    started: Instant,
+    failed_checks: u32,
+}
+
+impl<'a> Watch<'a> {
+    fn new(client: &'a DataClient, addr: &'a str) -> Self {
+        Watch {
+            client,
+            addr,
+            started: Instant::now(),
+            failed_checks: 0,
+        }
     }
-    conn.writer().flush().map_err(gone)
+
+    /// One check while waiting for `what`; an error once the worker counts as stopped.
+    fn check(&mut self, what: &str) -> FsResult<()> {
+        match self.client.connect(self.addr) {
+            Ok(check) => {
+                self.failed_checks = 0;
+                self.client.checkin(self.addr, check);
+                Ok(())
+            }
+            Err(e) => {
+                self.failed_checks += 1;
+                if self.failed_checks < FAILED_CHECKS {
+                    return Ok(());
+                }
+                Err(FsError::TimedOut(format!(
+                    "worker {} stopped answering: no {what} for {:?}, and a new connection \
+                     to it got none either ({e})",
+                    self.addr,
+                    self.started.elapsed()
+                )))
+            }
+        }
+    }
+}
+
+/// A blocking socket's send or receive timeout ran out.
+fn timed_out(e: &std::io::Error) -> bool {
+    matches!(
+        e.kind(),
+        std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+    )
+}
+
+/// Writes all of `buf`, checking on the worker each time a write times out (a write
+/// that times out has taken nothing, on TCP and TLS alike).
+fn write_watched(conn: &mut Conn, watch: &mut Watch<'_>, mut buf: &[u8]) -> FsResult<()> {
+    let addr = watch.addr;
+    while !buf.is_empty() {
+        match conn.writer().write(buf) {
+            Ok(0) => {
+                return Err(FsError::Unavailable(format!(
+                    "worker {addr}: connection closed"
+                )))
+            }
+            Ok(n) => buf = &buf[n..],
+            Err(e) if timed_out(&e) => watch.check("progress taking the upload")?,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(FsError::Unavailable(format!("worker {addr}: {e}"))),
+        }
+    }
+    Ok(())
 }
 
 fn send_read(conn: &mut Conn, addr: &str, req: &ReadBlockRequest) -> FsResult<()> {
@@ -574,8 +645,30 @@ mod tests {
             return;
         }
         while let Ok(req) = read_header::<DataRequest, _>(&mut s) {
-            let Some(data_request::Op::Read(r)) = req.op else {
-                return;
+            let r = match req.op {
+                Some(data_request::Op::Read(r)) => r,
+                Some(data_request::Op::Write(w)) => {
+                    // Takes the payload a chunk at a time, none while stopped.
+                    let mut left = w.size as usize;
+                    let mut chunk = vec![0u8; 64 << 10];
+                    while left > 0 {
+                        hang_if_stopped();
+                        let n = left.min(chunk.len());
+                        if s.read_exact(&mut chunk[..n]).is_err() {
+                            return;
+                        }
+                        left -= n;
+                    }
+                    let answer = WriteFileResponse {
+                        request_id: w.request_id,
+                        ..Default::default()
+                    };
+                    if s.write_all(&encode_header(&answer)).is_err() {
+                        return;
+                    }
+                    continue;
+                }
+                _ => return,
             };
             hang_if_stopped();
             let answer = {
@@ -738,6 +831,31 @@ mod tests {
         assert_eq!(c.request(&w.addr, read(1)).unwrap().1, b"x");
         assert_eq!(c.usable(&both).len(), 2);
         assert!(!c.failed_lately(&w.addr));
+    }
+
+    #[test]
+    fn an_upload_to_a_worker_that_stopped_taking_it_is_given_up_on() {
+        let w = Worker::start("t", vec![Answer::Bytes(1)]);
+        let c = checking_client();
+        let mut source = tempfile::tempfile().unwrap();
+        source.write_all(&vec![7u8; 64 << 20]).unwrap();
+        let upload = |size: u64| WriteFileRequest {
+            size,
+            ..Default::default()
+        };
+        c.upload(&w.addr, upload(1 << 20), &source).unwrap();
+        // Stopped with the upload's connection pooled: the socket buffers fill, then
+        // nothing more goes out.
+        w.stopped.store(true, Ordering::SeqCst);
+        let asked = Instant::now();
+        let err = c.upload(&w.addr, upload(64 << 20), &source).unwrap_err();
+        assert!(asked.elapsed() < Duration::from_secs(30), "{err}");
+        assert!(
+            err.is_retryable() && err.to_string().contains("stopped answering"),
+            "{err}"
+        );
+        assert!(c.failed_lately(&w.addr));
+        w.stopped.store(false, Ordering::SeqCst);
     }
 
     #[test]
