@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use granary_common::auth::AttachToken;
 use granary_protos::v1::{SetShardMastersRequest, ShardInfo};
-use granary_shard_router::table_keeper::change_on_keeper;
+use granary_shard_router::leader::change_on_keeper;
 use tokio::task::JoinHandle;
 
 use crate::raft::{RaftLog, RaftStatus};

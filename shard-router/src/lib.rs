@@ -1,11 +1,11 @@
 //! Metadata sharding: the routing table (which shard owns a path), and the routed
 //! metadata service and router daemon built on it.
 
+pub mod leader;
 mod load;
 pub mod router;
 mod sharded;
 mod table;
-pub mod table_keeper;
 
 pub use load::load_tree;
 pub use sharded::{fetch_table, ShardedMetadata, ROOT};

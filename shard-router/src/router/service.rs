@@ -16,7 +16,7 @@ use granary_protos::v1::*;
 use tokio_stream::Stream;
 use tonic::{Request, Response, Status};
 
-use crate::table_keeper::{change_on_keeper, TableAnswer, TableClient};
+use crate::leader::{change_on_keeper, TableAnswer, TableClient};
 use crate::ShardedMetadata;
 
 pub struct RouterService {
