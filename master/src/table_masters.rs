@@ -28,6 +28,14 @@ pub fn start(
         let mut failed_for: Option<Vec<String>> = None;
         loop {
             tokio::time::sleep(CHECK_EVERY).await;
+            if outdated(&raft.status(), &store, &sources).is_none() {
+                continue;
+            }
+            // A leader deposed without knowing it yet would write back the masters it
+            // knew: only one a quorum still follows (a read index round) sends them.
+            if raft.read_index().await.is_err() {
+                continue;
+            }
             let Some((shard, masters, targets)) = outdated(&raft.status(), &store, &sources) else {
                 continue;
             };

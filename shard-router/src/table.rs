@@ -335,8 +335,12 @@ impl RoutingTable {
 
     /// The directories whose listing differs between this table and `next` for some
     /// shard: the root and every ancestor of a pin either table has. Listing them again
-    /// moves entries to where `next` puts them.
+    /// moves entries to where `next` puts them. None when only masters changed: every
+    /// entry stays where it is.
     pub fn relisted_by(&self, next: &RoutingTable) -> Vec<Vec<u8>> {
+        if self.ids == next.ids && self.proto.pins == next.proto.pins {
+            return Vec::new();
+        }
         let mut dirs = vec![b"/".to_vec()];
         for pin in self.proto.pins.iter().chain(&next.proto.pins) {
             let p = &pin.prefix;
@@ -499,6 +503,7 @@ mod tests {
             Some(&["new:1".into(), "new:2".into()][..])
         );
         assert_eq!(moved.masters(7), t2.masters(7));
+        assert!(t2.relisted_by(&moved).is_empty(), "nothing moves");
         assert_eq!(
             t2.with_masters(ShardInfo {
                 id: 9,
