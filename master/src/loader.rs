@@ -35,9 +35,24 @@ pub(crate) const LOADING_REPORT_AFTER: Duration = Duration::from_secs(1);
 /// listing that may fail the same way as long.
 const FAILURE_REPORTED_FOR: Duration = Duration::from_secs(5);
 
-/// A listing in flight: when it started, and its outcome once it ends.
+/// Removes a directory's listing from those in flight when dropped.
+struct InFlight<'a, L>(&'a MetadataLoader<L>, u64);
+
+impl<L> Drop for InFlight<'_, L> {
+    fn drop(&mut self) {
+        self.0
+            .inflight
+            .lock()
+            .expect("inflight lock")
+            .remove(&self.1);
+    }
+}
+
+/// A listing in flight: when it started, whether it lists even a fresh directory, and
+/// its outcome once it ends.
 struct Listing {
     started: Instant,
+    forced: bool,
     outcome: watch::Receiver<Option<FsResult<Inode>>>,
 }
 
@@ -233,9 +248,10 @@ impl<L: CommandLog> MetadataLoader<L> {
 
     /// Lists `dir` on a task of its own, so that a caller that goes away (a client that
     /// stopped waiting) leaves the listing to finish for the next one. A call joins the
-    /// listing in flight; a forced one only if that began after it came, else it waits
-    /// for that one to end and lists again. Within [`FAILURE_REPORTED_FOR`] of a failed
-    /// listing an unforced call gets its error.
+    /// listing in flight; a forced one only a forced one that began after it came, else
+    /// it waits for that one to end and lists again. Within [`FAILURE_REPORTED_FOR`] of
+    /// a failed listing, an unforced call for a directory never listed gets its error (one
+    /// listed before is answered as listed by [`Self::loaded_for_call`] meanwhile).
     async fn load(self: &Arc<Self>, dir: &Inode, force: bool) -> FsResult<Inode> {
         if !force && !self.needs_listing(dir) {
             return Ok(dir.clone());
@@ -247,7 +263,7 @@ impl<L: CommandLog> MetadataLoader<L> {
         }
         let came = Instant::now();
         loop {
-            if !force {
+            if !force && !dir.children_loaded {
                 if let Some(e) = self.failed_lately(dir.id) {
                     return Err(e);
                 }
@@ -255,7 +271,7 @@ impl<L: CommandLog> MetadataLoader<L> {
             let (mut outcome, joined) = {
                 let mut inflight = self.inflight.lock().expect("inflight lock");
                 match inflight.get(&dir.id) {
-                    Some(l) => (l.outcome.clone(), !force || l.started >= came),
+                    Some(l) => (l.outcome.clone(), !force || l.forced && l.started >= came),
                     None => (self.start_listing(&mut inflight, dir, force), true),
                 }
             };
@@ -283,11 +299,15 @@ impl<L: CommandLog> MetadataLoader<L> {
             dir.id,
             Listing {
                 started: Instant::now(),
+                forced: force,
                 outcome: outcome.clone(),
             },
         );
         let (me, dir) = (self.clone(), dir.clone());
         tokio::spawn(async move {
+            // Gone before its outcome is told (a call woken by it that lists again finds
+            // none in flight), and gone even if the listing panics.
+            let in_flight = InFlight(&me, dir.id);
             let result = me.list_now(&dir, force).await;
             {
                 let mut failed = me.failed.lock().expect("failed listings lock");
@@ -301,9 +321,7 @@ impl<L: CommandLog> MetadataLoader<L> {
                     }
                 }
             }
-            // Gone before its outcome is told: a call woken by it that lists again finds
-            // none in flight.
-            me.inflight.lock().expect("inflight lock").remove(&dir.id);
+            drop(in_flight);
             let _ = tell.send(Some(result));
         });
         outcome
@@ -712,6 +730,8 @@ mod tests {
         let big = loader.store.lookup(root.id, b"big").unwrap().unwrap();
         // A listing held up (as by a stalled UFS) and clients that stop waiting for it.
         let rename = loader.mutations.alone().await;
+        // The root's listing task ends just after its outcome is told.
+        tokio::time::sleep(Duration::from_millis(100)).await;
         let tasks = tokio::runtime::Handle::current().metrics();
         let before = tasks.num_alive_tasks();
         for _ in 0..50 {
