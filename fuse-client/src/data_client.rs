@@ -280,17 +280,12 @@ impl DataClient {
     /// Waits until `conn` has an answer to read, `bound` at most, checking on the
     /// worker meanwhile (see [`Watch`]).
     fn await_answer(&self, conn: &Conn, addr: &str, bound: Duration) -> FsResult<()> {
-        let mut watch = Watch::new(self, addr);
+        let mut watch = Watch::new(self, addr, bound);
         loop {
             if !conn.reader.buffer().is_empty() {
                 return Ok(());
             }
-            let left = bound.saturating_sub(watch.started.elapsed());
-            if left.is_zero() {
-                return Err(FsError::TimedOut(format!(
-                    "worker {addr}: no answer within {bound:?}"
-                )));
-            }
+            let left = bound.saturating_sub(watch.since.elapsed());
             if readable(conn.reader.get_ref().tcp(), left.min(self.check_every))
                 .map_err(|e| FsError::Unavailable(format!("worker {addr}: {e}")))?
             {
@@ -302,7 +297,10 @@ impl DataClient {
 
     /// Sends an upload: its header, then `req.size` bytes of `source` (from offset 0).
     /// A worker that stops taking them is checked on (see [`Watch`]) rather than waited
-    /// for until the write timeout.
+    /// for until the write timeout; one that takes nothing for `io_timeout` is given up on
+    /// even if it answers the checks. Its socket's timeouts are the check interval
+    /// meanwhile: a TLS write also reads (alerts, tickets) and would wait out the read
+    /// timeout.
     fn send_file(
         &self,
         conn: &mut Conn,
@@ -312,10 +310,13 @@ impl DataClient {
     ) -> FsResult<()> {
         use std::os::unix::fs::FileExt;
         let gone = |e: std::io::Error| FsError::Unavailable(format!("worker {addr}: {e}"));
-        let write_timeout =
-            |c: &Conn, t: Duration| c.reader.get_ref().tcp().set_write_timeout(Some(t));
-        write_timeout(conn, self.check_every).map_err(gone)?;
-        let mut watch = Watch::new(self, addr);
+        let timeouts = |c: &Conn, t: Duration| {
+            let tcp = c.reader.get_ref().tcp();
+            tcp.set_write_timeout(Some(t))
+                .and_then(|()| tcp.set_read_timeout(Some(t)))
+        };
+        timeouts(conn, self.check_every).map_err(gone)?;
+        let mut watch = Watch::new(self, addr, self.io_timeout);
         let sent = (|| {
             let header = DataRequest {
                 op: Some(data_request::Op::Write(req.clone())),
@@ -337,7 +338,7 @@ impl DataClient {
                 }
             }
         })();
-        write_timeout(conn, self.io_timeout).map_err(gone)?;
+        timeouts(conn, self.io_timeout).map_err(gone)?;
         sent
     }
 
@@ -416,26 +417,39 @@ pub(crate) const UPLOAD_ANSWER_TIMEOUT: Duration = Duration::from_secs(600);
 /// Checks on a worker that is slow to take a request or to answer it: each check is a
 /// new connection's handshake, which a busy worker (one waiting on the UFS) still answers
 /// at once. A stopped or wedged one fails [`FAILED_CHECKS`] checks in a row and is given
-/// up on.
+/// up on, and so is one that made no progress for `bound`.
 struct Watch<'a> {
     client: &'a DataClient,
     addr: &'a str,
-    started: Instant,
+    bound: Duration,
+    /// The start, or the last progress.
+    since: Instant,
     failed_checks: u32,
 }
 
 impl<'a> Watch<'a> {
-    fn new(client: &'a DataClient, addr: &'a str) -> Self {
+    fn new(client: &'a DataClient, addr: &'a str, bound: Duration) -> Self {
         Watch {
             client,
             addr,
-            started: Instant::now(),
+            bound,
+            since: Instant::now(),
             failed_checks: 0,
         }
     }
 
+    fn progressed(&mut self) {
+        self.since = Instant::now();
+    }
+
     /// One check while waiting for `what`; an error once the worker counts as stopped.
     fn check(&mut self, what: &str) -> FsResult<()> {
+        if self.since.elapsed() >= self.bound {
+            return Err(FsError::TimedOut(format!(
+                "worker {}: no {what} within {:?}",
+                self.addr, self.bound
+            )));
+        }
         match self.client.connect(self.addr) {
             Ok(check) => {
                 self.failed_checks = 0;
@@ -451,7 +465,7 @@ impl<'a> Watch<'a> {
                     "worker {} stopped answering: no {what} for {:?}, and a new connection \
                      to it got none either ({e})",
                     self.addr,
-                    self.started.elapsed()
+                    self.since.elapsed()
                 )))
             }
         }
@@ -477,7 +491,10 @@ fn write_watched(conn: &mut Conn, watch: &mut Watch<'_>, mut buf: &[u8]) -> FsRe
                     "worker {addr}: connection closed"
                 )))
             }
-            Ok(n) => buf = &buf[n..],
+            Ok(n) => {
+                buf = &buf[n..];
+                watch.progressed();
+            }
             Err(e) if timed_out(&e) => watch.check("progress taking the upload")?,
             Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
             Err(e) => return Err(FsError::Unavailable(format!("worker {addr}: {e}"))),
