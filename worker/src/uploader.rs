@@ -312,7 +312,7 @@ pub fn upload(
                 target.size
             )));
         }
-        ufs_file.flush()?;
+        ufs_file.store_written()?;
         if abandoned.load(std::sync::atomic::Ordering::Acquire) {
             return Err(FsError::Unavailable(format!(
                 "upload of {}: the client went away before it was complete; not published",

@@ -96,6 +96,12 @@ pub trait UfsUpload: Write + Send {
     /// returns the object as the UFS now reports it. With `durable`, every byte and the
     /// rename survive a machine crash too, not only a crash of any process.
     fn complete(self: Box<Self>, durable: bool) -> FsResult<UfsObject>;
+    /// Stores everything written where [`Self::complete`] finds it, so that little is
+    /// left for `complete` (S3: sends the last part and waits for every part). Called
+    /// after the last write, if at all.
+    fn store_written(&mut self) -> FsResult<()> {
+        Ok(())
+    }
 }
 
 pub trait Ufs: Send + Sync + Debug {

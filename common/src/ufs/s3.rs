@@ -619,8 +619,15 @@ impl Write for S3Upload {
         Ok(buf.len())
     }
 
-    /// Stores every byte written as parts (nothing is visible before `complete`).
     fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+impl UfsUpload for S3Upload {
+    /// The buffered bytes go as the last part (a part smaller than 5 MiB may only be
+    /// the last).
+    fn store_written(&mut self) -> FsResult<()> {
         if !self.buffer.is_empty() {
             self.send_part()?;
         }
@@ -629,12 +636,10 @@ impl Write for S3Upload {
         }
         Ok(())
     }
-}
 
-impl UfsUpload for S3Upload {
     fn complete(mut self: Box<Self>, _durable: bool) -> FsResult<UfsObject> {
         // An acknowledged S3 write is durable: nothing more for `durable`.
-        self.flush()?;
+        self.store_written()?;
         let mut upload = self.upload.take().expect("an open upload");
         let store = self.ufs.store.clone();
         let key = self.key.clone();

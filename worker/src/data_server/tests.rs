@@ -66,14 +66,7 @@ impl Gated {
     }
     /// Waits (at most 20 s) until `n` fills have started reading.
     async fn wait_for_fills(&self, n: usize) {
-        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
-        while self.fills() < n {
-            assert!(
-                std::time::Instant::now() < deadline,
-                "the fills never started"
-            );
-            tokio::time::sleep(std::time::Duration::from_millis(5)).await;
-        }
+        until("the fills never started", || self.fills() >= n).await;
     }
     fn fills(&self) -> usize {
         let reads = self.reads.lock().unwrap();
@@ -499,14 +492,14 @@ async fn a_short_circuit_read_of_a_whole_cold_block_gets_the_cache_file() {
     .unwrap();
 }
 
-/// A local UFS whose uploads hold their last bytes (the flush) until the gate opens, as
+/// A local UFS whose uploads hold their last bytes (`store_written`) until the gate opens, as
 /// an S3 upload's last parts take a while after the last chunk arrived; counts uploads
 /// that reached the flush and uploads that ended (completed or dropped).
 #[derive(Debug)]
 struct HeldUploads {
     local: LocalUfs,
     gate: Arc<(std::sync::Mutex<bool>, std::sync::Condvar)>,
-    flushing: Arc<AtomicUsize>,
+    storing: Arc<AtomicUsize>,
     ended: Arc<AtomicUsize>,
 }
 impl Ufs for HeldUploads {
@@ -533,7 +526,7 @@ impl Ufs for HeldUploads {
         Ok(Box::new(HeldUpload {
             inner: Some(self.local.create_upload(p)?),
             gate: self.gate.clone(),
-            flushing: self.flushing.clone(),
+            storing: self.storing.clone(),
             ended: self.ended.clone(),
         }))
     }
@@ -541,7 +534,7 @@ impl Ufs for HeldUploads {
 struct HeldUpload {
     inner: Option<Box<dyn granary_common::ufs::UfsUpload>>,
     gate: Arc<(std::sync::Mutex<bool>, std::sync::Condvar)>,
-    flushing: Arc<AtomicUsize>,
+    storing: Arc<AtomicUsize>,
     ended: Arc<AtomicUsize>,
 }
 impl Write for HeldUpload {
@@ -549,14 +542,17 @@ impl Write for HeldUpload {
         self.inner.as_mut().unwrap().write(b)
     }
     fn flush(&mut self) -> std::io::Result<()> {
-        self.flushing.fetch_add(1, Ordering::SeqCst);
-        let open = self.gate.0.lock().unwrap();
-        let limit = std::time::Duration::from_secs(30);
-        drop(self.gate.1.wait_timeout_while(open, limit, |open| !*open));
         self.inner.as_mut().unwrap().flush()
     }
 }
 impl granary_common::ufs::UfsUpload for HeldUpload {
+    fn store_written(&mut self) -> FsResult<()> {
+        self.storing.fetch_add(1, Ordering::SeqCst);
+        let open = self.gate.0.lock().unwrap();
+        let limit = std::time::Duration::from_secs(30);
+        drop(self.gate.1.wait_timeout_while(open, limit, |open| !*open));
+        self.inner.as_mut().unwrap().store_written()
+    }
     fn complete(mut self: Box<Self>, durable: bool) -> FsResult<UfsObject> {
         self.inner.take().unwrap().complete(durable)
     }
@@ -589,6 +585,7 @@ fn send_upload(addr: std::net::SocketAddr, name: &str, payload: &[u8]) -> TcpStr
     sock
 }
 
+/// Waits (20 s at most) until `cond` holds; fails with `what` then.
 async fn until(what: &str, cond: impl Fn() -> bool) {
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
     while !cond() {
@@ -600,11 +597,11 @@ async fn until(what: &str, cond: impl Fn() -> bool) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn an_upload_whose_client_went_away_before_it_completed_is_not_published() {
     let gate = Arc::new((std::sync::Mutex::new(false), std::sync::Condvar::new()));
-    let (flushing, ended) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
+    let (storing, ended) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
     let s = setup_with(1000, 4096, |local| HeldUploads {
         local,
         gate: gate.clone(),
-        flushing: flushing.clone(),
+        storing: storing.clone(),
         ended: ended.clone(),
     })
     .await;
@@ -613,7 +610,7 @@ async fn an_upload_whose_client_went_away_before_it_completed_is_not_published()
     let gone = send_upload(s.addr, "gone.bin", &payload);
     let waiting = send_upload(s.addr, "kept.bin", &payload);
     until("both uploads reach their last bytes", || {
-        flushing.load(Ordering::SeqCst) == 2
+        storing.load(Ordering::SeqCst) == 2
     })
     .await;
     drop(gone);
