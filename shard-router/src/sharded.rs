@@ -94,6 +94,7 @@ impl RootPages {
             known.remove(&name);
         }
         if known.len() + page.0.len() > ROOT_NAMES_KEPT {
+            tracing::warn!(shard, "shard {shard}'s root has more than {ROOT_NAMES_KEPT} names: while it is down, the root lists only those listed since");
             known.clear();
         }
         known.extend(page.0.iter().map(|e| (e.name.clone(), e.clone())));
@@ -388,9 +389,8 @@ impl ShardedMetadata {
         after: &[u8],
         limit: u32,
     ) -> FsResult<(Vec<Inode>, bool)> {
-        let remembered = self.root_pages.remembered(shard, after, limit);
         if self.root_pages.down(shard) {
-            if let Some(page) = remembered {
+            if let Some(page) = self.root_pages.remembered(shard, after, limit) {
                 return Ok(page);
             }
         }
@@ -401,7 +401,7 @@ impl ShardedMetadata {
             }
             Err(e @ (FsError::Io(_) | FsError::Unavailable(_) | FsError::TimedOut(_))) => {
                 self.root_pages.failed(shard);
-                match remembered {
+                match self.root_pages.remembered(shard, after, limit) {
                     Some(page) => {
                         tracing::warn!(shard, error = %e, "shard {shard} is unavailable: its top-level entries are listed as last seen");
                         Ok(page)
