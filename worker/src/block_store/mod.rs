@@ -86,9 +86,29 @@ struct Index {
     /// Blocks cached (`true`) or dropped since the last heartbeat: only the last change
     /// of each counts (one cached and dropped within a heartbeat is reported dropped).
     changed: HashMap<BlockId, bool>,
+    /// By file: how many of its blocks are cached, and the highest index any of them had
+    /// since (a bound, so a file's blocks are found without a pass over every entry).
+    files: HashMap<u64, (u32, u32)>,
 }
 
 impl Index {
+    fn insert(&mut self, id: BlockId, entry: Entry) {
+        if self.entries.insert(id, entry).is_none() {
+            let (count, highest) = self.files.entry(id.0).or_default();
+            *count += 1;
+            *highest = (*highest).max(id.1);
+        }
+    }
+
+    /// The cached blocks of `file`.
+    fn blocks_of(&self, file: u64) -> impl Iterator<Item = BlockId> + '_ {
+        let highest = self.files.get(&file).map(|f| f.1);
+        highest
+            .into_iter()
+            .flat_map(move |h| (0..=h).map(move |i| (file, i)))
+            .filter(|id| self.entries.contains_key(id))
+    }
+
     fn touch(&mut self, id: BlockId) {
         self.next_tick += 1;
         let tick = self.next_tick;
@@ -109,6 +129,12 @@ impl Index {
     /// Drops the entry without a report (it is replaced at once).
     fn take(&mut self, id: BlockId) -> Option<Entry> {
         let e = self.entries.remove(&id)?;
+        if let Some((count, _)) = self.files.get_mut(&id.0) {
+            *count -= 1;
+            if *count == 0 {
+                self.files.remove(&id.0);
+            }
+        }
         self.lru.remove(&e.tick);
         self.used -= e.len;
         if let Some(key) = e.shared_key(id) {
@@ -331,7 +357,7 @@ impl BlockStore {
                 file.blocks.insert(id.1);
                 file.bytes += entry.len;
             }
-            idx.entries.insert(id, entry);
+            idx.insert(id, entry);
             idx.touch(id);
         }
         drop(idx);
@@ -475,7 +501,7 @@ impl BlockStore {
     /// Adds a committed entry and evicts what that makes too much.
     fn enter(&self, idx: &mut Index, id: BlockId, entry: Entry, doomed: &mut Vec<Doomed>) {
         idx.used += entry.len;
-        idx.entries.insert(id, entry);
+        idx.insert(id, entry);
         idx.touch(id);
         idx.changed.insert(id, true);
         doomed.extend(self.evict_locked(idx, Some(id)));
@@ -552,11 +578,7 @@ impl BlockStore {
     pub fn evict_files(&self, file_ids: &HashSet<u64>) -> (u64, u64) {
         let ids: Vec<BlockId> = {
             let idx = self.index.lock().expect("index lock");
-            idx.entries
-                .keys()
-                .filter(|id| file_ids.contains(&id.0))
-                .copied()
-                .collect()
+            file_ids.iter().flat_map(|&f| idx.blocks_of(f)).collect()
         };
         self.evict(&ids)
     }

@@ -270,6 +270,15 @@ fn a_deleted_file_loses_the_blocks_of_every_version_it_had() {
     assert_eq!((blocks, bytes), (5, 500));
     assert!((0..5).all(|i| s.cached((7, i), FP).is_none() && s.cached((7, i), longer).is_none()));
     assert!(s.cached((8, 0), FP).is_some(), "another file's block stays");
+    assert_eq!(s.evict_files(&HashSet::from([7])), (0, 0));
+    // Blocks found on disk at a restart are found by file too.
+    for i in [0, 3, 40] {
+        put(&s, (9, i), &[1; 100]);
+    }
+    drop(s);
+    let (s, _) = BlockStore::open(dir.path(), 1 << 20, 0.9, 0.8).unwrap();
+    assert_eq!(s.evict_files(&HashSet::from([8, 9])), (4, 400));
+    assert_eq!(s.used(), 0);
 }
 
 #[test]
