@@ -600,6 +600,20 @@ impl Cluster {
         bail!("the admin call kept failing: {last}")
     }
 
+    /// Starts master `id` (joining the group) and adds it to the group as a member.
+    pub fn add_master(&mut self, id: u64) -> anyhow::Result<()> {
+        self.start_master(id)?;
+        let addr = self.addr_of(id);
+        self.admin_on_leader(|mut cl| {
+            let addr = addr.clone();
+            async move {
+                cl.add_member(granary_protos::v1::AddMemberRequest { id, addr })
+                    .await
+            }
+        })?;
+        Ok(())
+    }
+
     /// A client whose connection is driven by `rt` (the harness's own runtime has one
     /// thread, too few for a load generator).
     pub fn client_on(&self, addr: &str, rt: &tokio::runtime::Runtime) -> anyhow::Result<Client> {

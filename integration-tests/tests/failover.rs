@@ -320,16 +320,7 @@ fn master_migration_under_load_needs_no_restart() {
     std::thread::scope(|s| {
         readers(s, &m.path, 20, &stop, &reads, &errors);
         for id in [4u64, 5] {
-            c.start_master(id).unwrap();
-            let addr = c.addr_of(id);
-            c.admin_on_leader(|mut cl| {
-                let addr = addr.clone();
-                async move {
-                    cl.add_member(granary_protos::v1::AddMemberRequest { id, addr })
-                        .await
-                }
-            })
-            .unwrap();
+            c.add_master(id).unwrap();
             c.create(&format!("after-add-{id}")).unwrap();
         }
         for id in [1u64, 2] {

@@ -534,20 +534,8 @@ fn the_routing_table_follows_each_shards_master_group() {
         m.sort();
         m
     };
-    let add = |c: &mut Cluster, id: u64| {
-        c.start_master(id).unwrap();
-        let addr = c.addr_of(id);
-        c.admin_on_leader(|mut cl| {
-            let addr = addr.clone();
-            async move {
-                cl.add_member(granary_protos::v1::AddMemberRequest { id, addr })
-                    .await
-            }
-        })
-        .unwrap();
-    };
-    add(&mut s0, 2);
-    add(&mut s1, 2);
+    s0.add_master(2).unwrap();
+    s1.add_master(2).unwrap();
     let both = (names(&s0, &[1, 2]), names(&s1, &[1, 2]));
     wait_until(
         "the table names the new members",

@@ -699,12 +699,8 @@ mod tests {
 
     #[tokio::test]
     async fn a_listing_longer_than_a_call_is_reported_as_loading_and_goes_on_without_its_caller() {
-        let tmp = tempfile::tempdir().unwrap();
-        let data = tmp.path().join("data");
-        std::fs::create_dir_all(data.join("big")).unwrap();
+        let (_tmp, data, loader, big) = loader_with_big().await;
         std::fs::write(data.join("big/f1"), b"x").unwrap();
-        let (loader, _log, root) = loader_over(&data).await;
-        let big = loader.store.lookup(root.id, b"big").unwrap().unwrap();
 
         // A first listing waits for a directory rename between its UFS change and its
         // commit: this one holds the listing up for longer than a call waits.
@@ -721,13 +717,19 @@ mod tests {
         assert_eq!(loader.children(big.id).unwrap().len(), 1);
     }
 
-    #[tokio::test]
-    async fn calls_for_a_held_listing_share_it_and_leave_no_task_behind_them() {
+    /// A loader over a UFS with one empty directory, `big`, not listed yet.
+    async fn loader_with_big() -> (tempfile::TempDir, std::path::PathBuf, Loader, Inode) {
         let tmp = tempfile::tempdir().unwrap();
         let data = tmp.path().join("data");
         std::fs::create_dir_all(data.join("big")).unwrap();
         let (loader, _log, root) = loader_over(&data).await;
         let big = loader.store.lookup(root.id, b"big").unwrap().unwrap();
+        (tmp, data, loader, big)
+    }
+
+    #[tokio::test]
+    async fn calls_for_a_held_listing_share_it_and_leave_no_task_behind_them() {
+        let (_tmp, _data, loader, big) = loader_with_big().await;
         // A listing held up (as by a stalled UFS) and clients that stop waiting for it.
         let rename = loader.mutations.alone().await;
         // The root's listing task ends just after its outcome is told.
@@ -748,11 +750,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_listing_that_failed_without_its_caller_answers_the_next_calls_with_its_error() {
-        let tmp = tempfile::tempdir().unwrap();
-        let data = tmp.path().join("data");
-        std::fs::create_dir_all(data.join("big")).unwrap();
-        let (loader, _log, root) = loader_over(&data).await;
-        let big = loader.store.lookup(root.id, b"big").unwrap().unwrap();
+        let (_tmp, data, loader, big) = loader_with_big().await;
         let rename = loader.mutations.alone().await;
         let answer = loader.loaded_for_call(&big, true).await;
         assert!(matches!(answer, Err(FsError::Loading(_))), "{answer:?}");
