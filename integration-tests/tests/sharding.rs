@@ -536,6 +536,30 @@ fn the_routing_table_follows_each_shards_master_group() {
     };
     s0.add_master(2).unwrap();
     s1.add_master(2).unwrap();
+    // A master of another shard, one under another id and one not running are refused at
+    // once, and named for what is wrong.
+    s0.start_master(3).unwrap();
+    let refusal = |s1: &Cluster, id: u64, addr: String| -> String {
+        let leader = s1.addr_of(s1.leader(Duration::from_secs(10)).unwrap());
+        let mut admin = s1.admin_client(&leader).unwrap();
+        let started = Instant::now();
+        let r = s1.block_on(admin.add_member(granary_protos::v1::AddMemberRequest { id, addr }));
+        assert!(started.elapsed() < Duration::from_secs(10));
+        r.unwrap_err().message().to_string()
+    };
+    let other_shard = refusal(&s1, 3, s0.addr_of(3));
+    assert!(other_shard.contains("serves shard 0"), "{other_shard}");
+    s0.kill_master(3);
+    let gone = refusal(
+        &s1,
+        8,
+        format!("127.0.0.1:{}", granary_integration_tests::free_port()),
+    );
+    assert!(gone.contains("join = true"), "{gone}");
+    s1.start_master(3).unwrap();
+    let other_id = refusal(&s1, 7, s1.addr_of(3));
+    assert!(other_id.contains("runs with `id = 3`"), "{other_id}");
+    s1.kill_master(3);
     let both = (names(&s0, &[1, 2]), names(&s1, &[1, 2]));
     wait_until(
         "the table names the new members",

@@ -41,7 +41,8 @@ impl LeaderClients {
         self.get(&addr)
     }
 
-    fn get(&self, addr: &str) -> Result<PeerClient, Status> {
+    /// A client of the group member (or would-be member) at `addr`.
+    pub fn get(&self, addr: &str) -> Result<PeerClient, Status> {
         let mut clients = self.clients.lock().expect("clients lock");
         if let Some(c) = clients.get(addr) {
             return Ok(c.clone());

@@ -11,6 +11,61 @@ use super::count;
 use crate::raft::{Mail, MemberChange};
 use crate::service::MasterService;
 
+impl MasterService {
+    /// Asks the master at `addr` who it is before it is added as member `id`: one of
+    /// another shard, or under another id, would be taken for a member of this group by
+    /// every client and worker while it never caught up; one not running would only fail
+    /// the add a minute later.
+    async fn check_joining(&self, id: u64, addr: &str) -> Result<(), Status> {
+        let asked = async {
+            self.leader_clients
+                .get(addr)?
+                .identify(IdentifyRequest {})
+                .await
+        };
+        let refused = |why: String| {
+            Err(Status::failed_precondition(format!(
+                "not adding master {id} at {addr}: {why}"
+            )))
+        };
+        let me = self.store.shard();
+        match tokio::time::timeout(Duration::from_secs(5), asked).await {
+            Ok(Ok(who)) => {
+                let who = who.into_inner();
+                if who.shard_id != u32::from(me) {
+                    return refused(format!(
+                        "it serves shard {}, this group shard {me}: start it with `shard_id = {me}`{}",
+                        who.shard_id,
+                        match me {
+                            0 => "",
+                            _ => " and `routing`",
+                        }
+                    ));
+                }
+                if who.master_id != id {
+                    return refused(format!(
+                        "it runs with `id = {}`: add it as {}, or start it with `id = {id}`",
+                        who.master_id, who.master_id
+                    ));
+                }
+                Ok(())
+            }
+            Ok(Err(s)) if s.code() == tonic::Code::Unauthenticated => refused(format!(
+                "it refused this group's peer token ({}): give it the group's `peer_token`",
+                s.message()
+            )),
+            Ok(Err(s)) => refused(format!(
+                "it does not answer ({}): start it with `join = true` first",
+                s.message()
+            )),
+            Err(_) => refused(
+                "no answer within 5 s: start it with `join = true` first (a stopped process?)"
+                    .into(),
+            ),
+        }
+    }
+}
+
 #[tonic::async_trait]
 impl Admin for MasterService {
     async fn report(&self, _: Request<ReportRequest>) -> Result<Response<ReportReply>, Status> {
@@ -66,6 +121,7 @@ impl Admin for MasterService {
             )));
         }
         if learner.is_none() {
+            self.check_joining(r.id, &r.addr).await?;
             self.raft
                 .change_members(MemberChange::AddLearner {
                     id: r.id,

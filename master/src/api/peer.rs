@@ -1,5 +1,6 @@
 //! The `Peer` service: calls between members of one master group. A follower asks the
-//! leader for a read index (lease reads) or to list a directory from the UFS.
+//! leader for a read index (lease reads) or to list a directory from the UFS; a leader
+//! asks a master it is told to add which shard and id it has.
 
 use granary_protos::v1::peer_server::Peer;
 use granary_protos::v1::*;
@@ -41,6 +42,17 @@ impl Peer for MasterService {
         };
         Ok(Response::new(ReadIndexReply {
             index: self.raft.applied_index(),
+        }))
+    }
+
+    async fn identify(
+        &self,
+        _: Request<IdentifyRequest>,
+    ) -> Result<Response<IdentifyReply>, Status> {
+        count("identify");
+        Ok(Response::new(IdentifyReply {
+            shard_id: u32::from(self.store.shard()),
+            master_id: self.raft.status().id,
         }))
     }
 }
