@@ -102,7 +102,7 @@ pub async fn quorum_info(master: &str, token: &str) -> anyhow::Result<()> {
     let q = c
         .quorum_info(QuorumInfoRequest {})
         .await
-        .with_context(|| format!("master {master}"))?
+        .map_err(|s| quorum_refusal(master, s))?
         .into_inner();
     print_quorum(&q);
     Ok(())
@@ -117,6 +117,9 @@ pub enum QuorumChange {
 /// Sends a membership change to the leader, following leader hints.
 pub async fn quorum_change(master: &str, token: &str, change: QuorumChange) -> anyhow::Result<()> {
     let mut target = master.to_string();
+    if let QuorumChange::Add { id, .. } = &change {
+        eprintln!("adding master {id}: it joins as a learner and has 60 s to catch up before it becomes a voter");
+    }
     for _ in 0..5 {
         let mut c = client(&target, token)?;
         let r: Result<tonic::Response<QuorumChangeReply>, tonic::Status> = match &change {
@@ -139,10 +142,23 @@ pub async fn quorum_change(master: &str, token: &str, change: QuorumChange) -> a
                 }
                 return Ok(());
             }
+            Err(status) if status.code() == tonic::Code::Unimplemented => {
+                return Err(quorum_refusal(&target, status))
+            }
             Err(status) => target = leader_hint(&target, &status, "the leader")?,
         }
     }
     bail!("no leader found after following 5 hints")
+}
+
+/// A quorum call's failure; one that `target` does not serve at all names what to ask.
+fn quorum_refusal(target: &str, status: tonic::Status) -> anyhow::Error {
+    match status.code() {
+        tonic::Code::Unimplemented => anyhow::anyhow!(
+            "{target} serves no quorum calls: it is a router, or not a Granary master; give              `--master` a master of the group to change (each shard's group has its own)"
+        ),
+        _ => anyhow::Error::new(status).context(format!("master {target}")),
+    }
 }
 
 /// After a call to `target` failed with `status`: the leader it names (`target` is not

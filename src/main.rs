@@ -209,12 +209,24 @@ enum ShardsCommand {
 enum QuorumCommand {
     /// Members, roles, leader, term and replication progress.
     Info,
-    /// Add a master (start it first with this id and the current members in its config).
-    Add { id: u64, addr: String },
+    /// Add a master (start it first with this id, `join = true`, the group's `shard_id`
+    /// and `routing`, and the current members in its config).
+    Add {
+        /// The new master's `id`.
+        id: u64,
+        /// The address it serves on (host:port), as the other members reach it.
+        addr: String,
+    },
     /// Remove a master (the leader hands off leadership first if it is the one removed).
-    Remove { id: u64 },
+    Remove {
+        /// The master's `id` (see `quorum info`).
+        id: u64,
+    },
     /// Make another voter the leader.
-    TransferLeader { id: u64 },
+    TransferLeader {
+        /// The voter's `id` (see `quorum info`).
+        id: u64,
+    },
 }
 
 /// `local`, `master`, `worker` and `router` run servers whose settings come from their own
