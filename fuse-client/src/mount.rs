@@ -200,7 +200,7 @@ pub fn connect_metadata(cfg: &MountConfig) -> Result<Arc<dyn MetadataService>, M
         routing_version: None,
     };
     let meta: Arc<dyn MetadataService> = if cfg.proxy {
-        GrpcMetadataClient::connect(0, &cfg.masters, &opts).map_err(masters_err)?
+        GrpcMetadataClient::connect_proxy(&cfg.masters, &opts).map_err(masters_err)?
     } else {
         ShardedMetadata::connect(&cfg.masters, &opts).map_err(masters_err)?
     };

@@ -103,6 +103,8 @@ pub struct ClientOptions {
 
 pub struct GrpcMetadataClient {
     shard: u16,
+    /// What it calls, in messages: "shard N", or the routers a proxied mount calls.
+    called: String,
     members: RwLock<Members>,
     /// Member that answered last (the leader, normally); tried first.
     preferred: AtomicUsize,
@@ -142,6 +144,20 @@ impl Drop for GrpcMetadataClient {
 
 impl GrpcMetadataClient {
     pub fn connect(shard: u16, masters: &[String], opts: &ClientOptions) -> FsResult<Arc<Self>> {
+        Self::connect_as(shard, format!("shard {shard}"), masters, opts)
+    }
+
+    /// A client of routers in proxy mode: they answer for every shard.
+    pub fn connect_proxy(routers: &[String], opts: &ClientOptions) -> FsResult<Arc<Self>> {
+        Self::connect_as(0, format!("the routers {routers:?}"), routers, opts)
+    }
+
+    fn connect_as(
+        shard: u16,
+        called: String,
+        masters: &[String],
+        opts: &ClientOptions,
+    ) -> FsResult<Arc<Self>> {
         let mut token = AttachToken::new(&opts.cluster_token)
             .map_err(FsError::InvalidArgument)?
             .with_consistency(opts.read_consistency);
@@ -150,6 +166,7 @@ impl GrpcMetadataClient {
         }
         let client = Arc::new(GrpcMetadataClient {
             shard,
+            called,
             members: RwLock::new(Members {
                 list: Vec::new(),
                 version: (0, 0),
@@ -405,13 +422,13 @@ impl GrpcMetadataClient {
                     tracing::error!(
                         shard = self.shard,
                         op = what,
-                        "shard {} still listing after {:?}: {listing}; failing with EIO",
-                        self.shard,
+                        "{} still listing after {:?}: {listing}; failing with EIO",
+                        self.called,
                         since.elapsed()
                     );
                     return Err(FsError::io(format!(
-                        "shard {} still listing: {listing}",
-                        self.shard
+                        "{} still listing: {listing}",
+                        self.called
                     )));
                 }
                 if since.elapsed() >= tell_after {
@@ -472,13 +489,10 @@ impl GrpcMetadataClient {
                     tracing::debug!(
                         shard = self.shard,
                         op = what,
-                        "shard {} still unavailable: {err}; failing with EIO",
-                        self.shard
+                        "{} still unavailable: {err}; failing with EIO",
+                        self.called
                     );
-                    return Err(FsError::io(format!(
-                        "shard {} unavailable: {err}",
-                        self.shard
-                    )));
+                    return Err(FsError::io(format!("{} unavailable: {err}", self.called)));
                 }
                 // A master that took the call and never answered it (a leader waiting on
                 // a stalled UFS) is not one out of reach.
@@ -491,14 +505,11 @@ impl GrpcMetadataClient {
                     masters = ?self.masters(),
                     op = what,
                     attempts = attempt,
-                    "shard {} {state} for {:?}: {err}; failing with EIO",
-                    self.shard,
+                    "{} {state} for {:?}: {err}; failing with EIO",
+                    self.called,
                     start.elapsed()
                 );
-                return Err(FsError::io(format!(
-                    "shard {} unavailable: {err}",
-                    self.shard
-                )));
+                return Err(FsError::io(format!("{} unavailable: {err}", self.called)));
             }
             if news {
                 tracing::warn!(shard = self.shard, master = %member.addr, op = what, "metadata call failed, retrying: {err}");
