@@ -86,7 +86,12 @@ pub struct RaftNode {
     applier: Applier,
     /// Applied and synced to disk: the log may be compacted up to here.
     synced: u64,
+    /// Since when this member knows no leader, and when it last said so.
+    leaderless: Option<(Instant, Option<Instant>)>,
 }
+
+/// How long a member knows no leader before it warns, and how often it warns again.
+const LEADERLESS_WARN: Duration = Duration::from_secs(30);
 
 /// A snapshot the leader sent: pulled beside the Raft thread and stepped into raft only
 /// once it is complete and checked, so a holder that dies mid-pull costs a resend, never
@@ -229,6 +234,7 @@ impl RaftNode {
             applied_tx,
             applier,
             synced: applied,
+            leaderless: None,
         };
         node.load_masters()?;
         // A single-member group need not wait out an election timeout.
@@ -285,9 +291,34 @@ impl RaftNode {
                 self.on_ready()?;
             }
             self.note_transfer();
+            self.note_leaderless();
             self.advance_freshness();
             self.publish();
         }
+    }
+
+    /// Warns while this member has known no leader for long: a member started to join
+    /// and not added yet knows no group and stays quiet.
+    fn note_leaderless(&mut self) {
+        let voters = self.raw.raft.prs().conf().voters().ids().len();
+        if self.raw.raft.leader_id != 0 || voters == 0 {
+            self.leaderless = None;
+            return;
+        }
+        let (since, warned) = self.leaderless.get_or_insert((Instant::now(), None));
+        if since.elapsed() < LEADERLESS_WARN
+            || warned.is_some_and(|w| w.elapsed() < LEADERLESS_WARN * 2)
+        {
+            return;
+        }
+        *warned = Some(Instant::now());
+        tracing::warn!(
+            id = self.cfg.id,
+            term = self.raw.raft.term,
+            "master {} has known no leader for {:?}: its group lost its quorum, it cannot reach the other members, or it was removed from the group (see `granary admin quorum info` on another member); what it answers meanwhile (the routing table, stale reads) may be out of date",
+            self.cfg.id,
+            since.elapsed()
+        );
     }
 
     fn election_timeout(&self) -> Duration {
