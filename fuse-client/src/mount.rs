@@ -138,6 +138,7 @@ impl MountHandle {
         // may wait on a request in flight to this very mount.
         if let Some(p) = self.pins.take() {
             p.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+            p.thread.thread().unpark();
             let _ = p.thread.join();
         }
         match self.session.take() {
@@ -370,7 +371,8 @@ fn follow_pins(
     let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let stopped = stop.clone();
     let follow = move || loop {
-        std::thread::sleep(PIN_CHECK);
+        // Woken early to stop.
+        std::thread::park_timeout(PIN_CHECK);
         if stopped.load(std::sync::atomic::Ordering::Relaxed) {
             return;
         }
