@@ -63,6 +63,12 @@ impl Member {
     fn failed_recently(&self) -> bool {
         now_ms() < self.passed_over_until.load(Ordering::Relaxed)
     }
+
+    /// Passed over for answering nothing in time (longer than for a refusal).
+    fn silent(&self) -> bool {
+        let after_a_refusal = now_ms() + FAILED_PASS_OVER.as_millis() as u64;
+        after_a_refusal < self.passed_over_until.load(Ordering::Relaxed)
+    }
 }
 
 /// Counts a call in flight to a member for as long as it lives.
@@ -384,6 +390,12 @@ impl GrpcMetadataClient {
             true => Duration::ZERO,
             false => self.deadline,
         };
+        // A shard known down tries each member once, but not again one that answered
+        // nothing in time lately (each such try waits out `rpc_timeout`): at least one.
+        let tries_while_down = {
+            let members = self.members.read().expect("members lock");
+            members.list.iter().filter(|m| !m.silent()).count().max(1)
+        };
         let mut backoff = Duration::from_millis(20);
         let mut attempt = 0usize;
         let mut loading_since: Option<Instant> = None;
@@ -482,7 +494,9 @@ impl GrpcMetadataClient {
                         .is_ok();
             }
             attempt += 1;
-            if start.elapsed() >= deadline && (!known_down || attempt >= count) {
+            if start.elapsed() >= deadline
+                && (!known_down || attempt >= count.min(tries_while_down))
+            {
                 metrics::counter!("granary_client_metadata_failures_total").increment(1);
                 self.down_at.store(now_ms(), Ordering::Relaxed);
                 if known_down {
@@ -845,6 +859,41 @@ mod tests {
             tries_of(false) > 1,
             "back up, then down again: retried again"
         );
+    }
+
+    #[test]
+    fn a_shard_known_down_does_not_try_again_masters_that_answered_nothing_in_time() {
+        let opts = ClientOptions {
+            cluster_token: String::new(),
+            read_consistency: ReadConsistency::Linearizable,
+            follower_reads: false,
+            rpc_timeout: Duration::from_millis(100),
+            retry_deadline: Duration::from_millis(300),
+            routing_version: None,
+        };
+        let addrs: Vec<String> = (1..=3).map(|p| format!("127.0.0.1:{p}")).collect();
+        let client = GrpcMetadataClient::connect(0, &addrs, &opts).unwrap();
+        let tries_of = |status: fn() -> tonic::Status| {
+            let tries = AtomicUsize::new(0);
+            let r = client.call("getattr", true, |_| {
+                tries.fetch_add(1, Ordering::Relaxed);
+                async move { Err::<tonic::Response<()>, _>(status()) }
+            });
+            assert!(r.is_err());
+            tries.into_inner()
+        };
+        // Every master stopped: each try waits out the call's timeout.
+        let stopped = || tonic::Status::cancelled("Timeout expired");
+        assert!(tries_of(stopped) >= 3, "each tried until the deadline");
+        assert_eq!(tries_of(stopped), 1, "known down and all silent: one try");
+        // Refusing masters (fast to fail) are each tried once.
+        let refused = || tonic::Status::unavailable("connection refused");
+        client.down_at.store(0, Ordering::Relaxed);
+        for m in &client.members.read().unwrap().list {
+            m.passed_over_until.store(0, Ordering::Relaxed);
+        }
+        assert!(tries_of(refused) >= 3);
+        assert_eq!(tries_of(refused), 3, "known down: each once");
     }
 
     #[test]
