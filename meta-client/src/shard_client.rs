@@ -384,14 +384,15 @@ impl GrpcMetadataClient {
     {
         let mut start = Instant::now();
         let down_at = self.down_at.load(Ordering::Relaxed);
-        let known_down =
+        let mut known_down =
             down_at != 0 && now_ms().saturating_sub(down_at) < DOWN_REMEMBERED.as_millis() as u64;
-        let deadline = match known_down {
+        let mut deadline = match known_down {
             true => Duration::ZERO,
             false => self.deadline,
         };
         // A shard known down tries each member once, but not again one that answered
         // nothing in time lately (each such try waits out `rpc_timeout`): at least one.
+        // Those are passed over while another is there.
         let tries_while_down = {
             let members = self.members.read().expect("members lock");
             members.list.iter().filter(|m| !m.silent()).count().max(1)
@@ -409,7 +410,13 @@ impl GrpcMetadataClient {
             let (idx, member, count) = {
                 let members = self.members.read().expect("members lock");
                 let n = members.list.len().max(1);
-                let idx = cursor.unwrap_or_else(|| self.preferred.load(Ordering::Relaxed)) % n;
+                let mut idx = cursor.unwrap_or_else(|| self.preferred.load(Ordering::Relaxed)) % n;
+                if known_down {
+                    let answering = (0..n)
+                        .map(|k| (idx + k) % n)
+                        .find(|&i| members.list.get(i).is_some_and(|m| !m.silent()));
+                    idx = answering.unwrap_or(idx);
+                }
                 (idx, members.list[idx].clone(), n)
             };
             let answer = {
@@ -424,6 +431,13 @@ impl GrpcMetadataClient {
                 Err(status) => status,
             };
             let hint = Self::leader_hint(&status);
+            if hint.is_some() && known_down {
+                // A member answered: the shard is up, and the call gets its whole deadline.
+                self.down_at.store(0, Ordering::Relaxed);
+                known_down = false;
+                deadline = self.deadline;
+                start = Instant::now();
+            }
             let err = FsError::from(status);
             if let FsError::Loading(listing) = &err {
                 // The master answers so every second while it lists a big directory for
@@ -894,6 +908,37 @@ mod tests {
         }
         assert!(tries_of(refused) >= 3);
         assert_eq!(tries_of(refused), 3, "known down: each once");
+        // One silent, two refusing: the silent one is passed over.
+        let silent = |i: usize| client.members.read().unwrap().list[i].silent();
+        client.members.read().unwrap().list[0]
+            .passed_over_until
+            .store(now_ms() + 30_000, Ordering::Relaxed);
+        client.preferred.store(0, Ordering::Relaxed);
+        assert_eq!(tries_of(refused), 2);
+        assert!(silent(0), "not tried again");
+        // A member that names the leader shows the shard up: the leader is asked, even
+        // when every member had stayed silent.
+        for m in &client.members.read().unwrap().list {
+            m.passed_over_until
+                .store(now_ms() + 30_000, Ordering::Relaxed);
+        }
+        let tries = AtomicUsize::new(0);
+        let r = client.call("getattr", false, |_| {
+            let first = tries.fetch_add(1, Ordering::Relaxed) == 0;
+            async move {
+                match first {
+                    true => {
+                        let mut s = tonic::Status::unavailable("not the leader");
+                        s.metadata_mut()
+                            .insert(LEADER_METADATA_KEY, "127.0.0.1:2".parse().unwrap());
+                        Err(s)
+                    }
+                    false => Ok(tonic::Response::new(())),
+                }
+            }
+        });
+        assert!(r.is_ok());
+        assert_eq!(client.down_at.load(Ordering::Relaxed), 0);
     }
 
     #[test]
