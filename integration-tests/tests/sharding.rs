@@ -560,6 +560,18 @@ fn the_routing_table_follows_each_shards_master_group() {
     let other_id = refusal(&s1, 7, s1.addr_of(3));
     assert!(other_id.contains("runs with `id = 3`"), "{other_id}");
     s1.kill_master(3);
+    let stranger = Cluster::start(&MasterSpec {
+        ufs: ufs.path().to_path_buf(),
+        shard_id: 1,
+        routing: s0.master_addrs(),
+        peer_token: "another group's".into(),
+        worker: false,
+        ..Default::default()
+    })
+    .unwrap();
+    let other_token = refusal(&s1, 9, stranger.addr_of(1));
+    assert!(other_token.contains("peer_token"), "{other_token}");
+    drop(stranger);
     let both = (names(&s0, &[1, 2]), names(&s1, &[1, 2]));
     wait_until(
         "the table names the new members",

@@ -50,8 +50,19 @@ impl MasterService {
                 }
                 Ok(())
             }
-            Ok(Err(s)) if s.code() == tonic::Code::Unauthenticated => refused(format!(
-                "it refused this group's peer token ({}): give it the group's `peer_token`",
+            Ok(Err(s))
+                if matches!(
+                    s.code(),
+                    tonic::Code::PermissionDenied | tonic::Code::Unauthenticated
+                ) =>
+            {
+                refused(format!(
+                    "it refused this group's peer token ({}): give it the group's `peer_token`",
+                    s.message()
+                ))
+            }
+            Ok(Err(s)) if s.code() == tonic::Code::Unimplemented => refused(format!(
+                "it is not a Granary master, or one older than this one ({}): upgrade it first",
                 s.message()
             )),
             Ok(Err(s)) => refused(format!(
@@ -120,8 +131,12 @@ impl Admin for MasterService {
                 r.id, l.addr, r.id, r.addr
             )));
         }
-        if learner.is_none() {
+        let member = self.raft.status().info.peers.iter().any(|p| p.id == r.id);
+        // A member already (a voter; a learner retrying) is left to the change's own check.
+        if !member {
             self.check_joining(r.id, &r.addr).await?;
+        }
+        if learner.is_none() {
             self.raft
                 .change_members(MemberChange::AddLearner {
                     id: r.id,
