@@ -100,13 +100,14 @@ impl Index {
         }
     }
 
-    /// The cached blocks of `file`.
+    /// The cached blocks of `file` (looked for up to its highest index, until all counted
+    /// are found).
     fn blocks_of(&self, file: u64) -> impl Iterator<Item = BlockId> + '_ {
-        let highest = self.files.get(&file).map(|f| f.1);
-        highest
-            .into_iter()
-            .flat_map(move |h| (0..=h).map(move |i| (file, i)))
+        let (count, highest) = self.files.get(&file).copied().unwrap_or_default();
+        (0..=highest)
+            .map(move |i| (file, i))
             .filter(|id| self.entries.contains_key(id))
+            .take(count as usize)
     }
 
     fn touch(&mut self, id: BlockId) {
