@@ -155,7 +155,7 @@ pub async fn quorum_change(master: &str, token: &str, change: QuorumChange) -> a
 fn quorum_refusal(target: &str, status: tonic::Status) -> anyhow::Error {
     match status.code() {
         tonic::Code::Unimplemented => anyhow::anyhow!(
-            "{target} serves no quorum calls: it is a router, or not a Granary master; give              `--master` a master of the group to change (each shard's group has its own)"
+            "{target} serves no quorum calls: it is a router, or not a Granary master; give `--master` a master of the group to change (each shard's group has its own)"
         ),
         _ => anyhow::Error::new(status).context(format!("master {target}")),
     }

@@ -90,7 +90,7 @@ pub struct RaftNode {
     leaderless: Option<(Instant, Option<Instant>)>,
 }
 
-/// How long a member knows no leader before it warns, and how often it warns again.
+/// How long a member knows no leader before it warns (and it warns again every twice that).
 const LEADERLESS_WARN: Duration = Duration::from_secs(30);
 
 /// A snapshot the leader sent: pulled beside the Raft thread and stepped into raft only
@@ -300,8 +300,7 @@ impl RaftNode {
     /// Warns while this member has known no leader for long: a member started to join
     /// and not added yet knows no group and stays quiet.
     fn note_leaderless(&mut self) {
-        let voters = self.raw.raft.prs().conf().voters().ids().len();
-        if self.raw.raft.leader_id != 0 || voters == 0 {
+        if self.raw.raft.leader_id != 0 || self.raw.raft.prs().conf().voters().ids().is_empty() {
             self.leaderless = None;
             return;
         }
