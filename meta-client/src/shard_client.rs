@@ -755,16 +755,21 @@ impl GrpcMetadataClient {
 mod tests {
     use super::*;
 
-    #[test]
-    fn reads_go_to_the_member_with_the_fewest_calls_in_flight() {
-        let opts = ClientOptions {
+    /// Options with a 100 ms call timeout.
+    fn test_options(follower_reads: bool, retry_deadline: Duration) -> ClientOptions {
+        ClientOptions {
             cluster_token: String::new(),
             read_consistency: ReadConsistency::Linearizable,
-            follower_reads: true,
+            follower_reads,
             rpc_timeout: Duration::from_millis(100),
-            retry_deadline: Duration::from_millis(100),
+            retry_deadline,
             routing_version: None,
-        };
+        }
+    }
+
+    #[test]
+    fn reads_go_to_the_member_with_the_fewest_calls_in_flight() {
+        let opts = test_options(true, Duration::from_millis(100));
         let addrs: Vec<String> = (1..=3).map(|p| format!("127.0.0.1:{p}")).collect();
         let client = GrpcMetadataClient::connect(0, &addrs, &opts).unwrap();
         let busy = |counts: [usize; 3]| {
@@ -789,14 +794,7 @@ mod tests {
 
     #[test]
     fn a_member_that_answered_nothing_in_time_is_passed_over_for_longer_than_one_refusing() {
-        let opts = ClientOptions {
-            cluster_token: String::new(),
-            read_consistency: ReadConsistency::Linearizable,
-            follower_reads: true,
-            rpc_timeout: Duration::from_millis(100),
-            retry_deadline: Duration::from_secs(5),
-            routing_version: None,
-        };
+        let opts = test_options(true, Duration::from_secs(5));
         let addrs: Vec<String> = (1..=2).map(|p| format!("127.0.0.1:{p}")).collect();
         let client = GrpcMetadataClient::connect(0, &addrs, &opts).unwrap();
         let passed_over = || -> Vec<u64> {
@@ -843,14 +841,7 @@ mod tests {
 
     #[test]
     fn after_a_call_found_the_shard_down_the_next_ones_try_once_until_a_master_answers() {
-        let opts = ClientOptions {
-            cluster_token: String::new(),
-            read_consistency: ReadConsistency::Linearizable,
-            follower_reads: false,
-            rpc_timeout: Duration::from_millis(100),
-            retry_deadline: Duration::from_millis(300),
-            routing_version: None,
-        };
+        let opts = test_options(false, Duration::from_millis(300));
         let client = GrpcMetadataClient::connect(0, &["127.0.0.1:1".to_string()], &opts).unwrap();
         let tries_of = |up: bool| {
             let tries = AtomicUsize::new(0);
@@ -877,14 +868,7 @@ mod tests {
 
     #[test]
     fn a_shard_known_down_does_not_try_again_masters_that_answered_nothing_in_time() {
-        let opts = ClientOptions {
-            cluster_token: String::new(),
-            read_consistency: ReadConsistency::Linearizable,
-            follower_reads: false,
-            rpc_timeout: Duration::from_millis(100),
-            retry_deadline: Duration::from_millis(300),
-            routing_version: None,
-        };
+        let opts = test_options(false, Duration::from_millis(300));
         let addrs: Vec<String> = (1..=3).map(|p| format!("127.0.0.1:{p}")).collect();
         let client = GrpcMetadataClient::connect(0, &addrs, &opts).unwrap();
         let tries_of = |status: fn() -> tonic::Status| {
@@ -943,14 +927,7 @@ mod tests {
 
     #[test]
     fn a_call_waits_past_its_deadline_while_the_master_says_it_is_still_listing() {
-        let opts = ClientOptions {
-            cluster_token: String::new(),
-            read_consistency: ReadConsistency::Linearizable,
-            follower_reads: false,
-            rpc_timeout: Duration::from_millis(100),
-            retry_deadline: Duration::from_millis(100),
-            routing_version: None,
-        };
+        let opts = test_options(false, Duration::from_millis(100));
         let client = GrpcMetadataClient::connect(0, &["127.0.0.1:1".to_string()], &opts).unwrap();
         let answers = AtomicUsize::new(0);
         let started = Instant::now();
