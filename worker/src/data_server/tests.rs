@@ -39,25 +39,47 @@ impl Ufs for Counting {
     }
 }
 
+type Gate = Arc<(std::sync::Mutex<bool>, std::sync::Condvar)>;
+
+/// Waits until `gate` opens. Bounded: a test failing before it opens the gate must not
+/// hang in the runtime's drop, which waits for the blocking thread waiting here.
+fn wait_open(gate: &Gate) {
+    let open = gate.0.lock().unwrap();
+    let limit = std::time::Duration::from_secs(30);
+    drop(gate.1.wait_timeout_while(open, limit, |open| !*open));
+}
+
 /// A local UFS whose block fills (reads of more than `held_after` bytes) stop after
 /// their first `held_after` bytes until the gate opens, and fail there once if
-/// `fail_once`; shorter reads (direct ones) pass.
+/// `fail_once`; shorter reads (direct ones) pass. Its uploads hold their last bytes
+/// (`store_written`) until the gate opens too, as an S3 upload's last parts take a while
+/// after the last chunk arrived.
 #[derive(Debug)]
 struct Gated {
     local: LocalUfs,
     held_after: u64,
-    gate: (std::sync::Mutex<bool>, std::sync::Condvar),
+    gate: Gate,
     fail_once: std::sync::atomic::AtomicBool,
     reads: std::sync::Mutex<Vec<(u64, u64)>>,
+    uploads: Arc<UploadCounts>,
 }
+
+/// Uploads that reached their last bytes, and uploads that ended (completed or dropped).
+#[derive(Debug, Default)]
+struct UploadCounts {
+    storing: AtomicUsize,
+    ended: AtomicUsize,
+}
+
 impl Gated {
     fn new(local: LocalUfs, held_after: u64, open: bool, fail_once: bool) -> Self {
         Gated {
             local,
             held_after,
-            gate: (std::sync::Mutex::new(open), std::sync::Condvar::new()),
+            gate: Arc::new((std::sync::Mutex::new(open), std::sync::Condvar::new())),
             fail_once: fail_once.into(),
             reads: Default::default(),
+            uploads: Default::default(),
         }
     }
     fn open(&self) {
@@ -96,15 +118,18 @@ impl Ufs for Gated {
             return self.local.read_range(p, v, o, l, s);
         }
         let first = self.local.read_range(p, v, o, self.held_after, s)?;
-        // Bounded: a test failing before it opens the gate must not hang in the
-        // runtime's drop, which waits for this blocking thread.
-        let open = self.gate.0.lock().unwrap();
-        let limit = std::time::Duration::from_secs(30);
-        drop(self.gate.1.wait_timeout_while(open, limit, |open| !*open));
+        wait_open(&self.gate);
         if self.fail_once.swap(false, Ordering::SeqCst) {
             return Err(FsError::ufs("connection reset"));
         }
         Ok(first + self.local.read_range(p, v, o + first, l - first, s)?)
+    }
+    fn create_upload(&self, p: &[u8]) -> FsResult<Box<dyn granary_common::ufs::UfsUpload>> {
+        Ok(Box::new(HeldUpload {
+            inner: Some(self.local.create_upload(p)?),
+            gate: self.gate.clone(),
+            counts: self.uploads.clone(),
+        }))
     }
 }
 
@@ -492,50 +517,11 @@ async fn a_short_circuit_read_of_a_whole_cold_block_gets_the_cache_file() {
     .unwrap();
 }
 
-/// A local UFS whose uploads hold their last bytes (`store_written`) until the gate opens, as
-/// an S3 upload's last parts take a while after the last chunk arrived; counts uploads
-/// that reached the flush and uploads that ended (completed or dropped).
-#[derive(Debug)]
-struct HeldUploads {
-    local: LocalUfs,
-    gate: Arc<(std::sync::Mutex<bool>, std::sync::Condvar)>,
-    storing: Arc<AtomicUsize>,
-    ended: Arc<AtomicUsize>,
-}
-impl Ufs for HeldUploads {
-    fn uri(&self) -> &str {
-        self.local.uri()
-    }
-    fn list(&self, d: &[u8]) -> FsResult<Vec<UfsObject>> {
-        self.local.list(d)
-    }
-    fn stat(&self, p: &[u8]) -> FsResult<UfsObject> {
-        self.local.stat(p)
-    }
-    fn read_range(
-        &self,
-        p: &[u8],
-        v: Fingerprint,
-        o: u64,
-        l: u64,
-        s: &mut dyn std::io::Write,
-    ) -> FsResult<u64> {
-        self.local.read_range(p, v, o, l, s)
-    }
-    fn create_upload(&self, p: &[u8]) -> FsResult<Box<dyn granary_common::ufs::UfsUpload>> {
-        Ok(Box::new(HeldUpload {
-            inner: Some(self.local.create_upload(p)?),
-            gate: self.gate.clone(),
-            storing: self.storing.clone(),
-            ended: self.ended.clone(),
-        }))
-    }
-}
+/// An upload of [`Gated`].
 struct HeldUpload {
     inner: Option<Box<dyn granary_common::ufs::UfsUpload>>,
-    gate: Arc<(std::sync::Mutex<bool>, std::sync::Condvar)>,
-    storing: Arc<AtomicUsize>,
-    ended: Arc<AtomicUsize>,
+    gate: Gate,
+    counts: Arc<UploadCounts>,
 }
 impl Write for HeldUpload {
     fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
@@ -547,10 +533,8 @@ impl Write for HeldUpload {
 }
 impl granary_common::ufs::UfsUpload for HeldUpload {
     fn store_written(&mut self) -> FsResult<()> {
-        self.storing.fetch_add(1, Ordering::SeqCst);
-        let open = self.gate.0.lock().unwrap();
-        let limit = std::time::Duration::from_secs(30);
-        drop(self.gate.1.wait_timeout_while(open, limit, |open| !*open));
+        self.counts.storing.fetch_add(1, Ordering::SeqCst);
+        wait_open(&self.gate);
         self.inner.as_mut().unwrap().store_written()
     }
     fn complete(mut self: Box<Self>, durable: bool) -> FsResult<UfsObject> {
@@ -560,7 +544,7 @@ impl granary_common::ufs::UfsUpload for HeldUpload {
 impl Drop for HeldUpload {
     fn drop(&mut self) {
         drop(self.inner.take());
-        self.ended.fetch_add(1, Ordering::SeqCst);
+        self.counts.ended.fetch_add(1, Ordering::SeqCst);
     }
 }
 
@@ -596,34 +580,33 @@ async fn until(what: &str, cond: impl Fn() -> bool) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn an_upload_whose_client_went_away_before_it_completed_is_not_published() {
-    let gate = Arc::new((std::sync::Mutex::new(false), std::sync::Condvar::new()));
-    let (storing, ended) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
-    let s = setup_with(1000, 4096, |local| HeldUploads {
-        local,
-        gate: gate.clone(),
-        storing: storing.clone(),
-        ended: ended.clone(),
+    // No read is held.
+    let s = setup_with(1000, 4096, |local| {
+        Gated::new(local, u64::MAX, false, false)
     })
     .await;
+    let counts = s.ufs.uploads.clone();
     let payload = vec![7u8; 10_000];
     // Every byte sent, then killed while the worker stores the last of them.
     let gone = send_upload(s.addr, "gone.bin", &payload);
     let waiting = send_upload(s.addr, "kept.bin", &payload);
     until("both uploads reach their last bytes", || {
-        storing.load(Ordering::SeqCst) == 2
+        counts.storing.load(Ordering::SeqCst) == 2
     })
     .await;
     drop(gone);
     tokio::time::sleep(std::time::Duration::from_millis(200)).await;
-    *gate.0.lock().unwrap() = true;
-    gate.1.notify_all();
+    s.ufs.open();
     let mut waiting = waiting;
     let answer: WriteFileResponse =
         tokio::task::spawn_blocking(move || read_header(&mut waiting).unwrap())
             .await
             .unwrap();
     assert_eq!(answer.status, 0, "{}", answer.error);
-    until("both uploads end", || ended.load(Ordering::SeqCst) == 2).await;
+    until("both uploads end", || {
+        counts.ended.load(Ordering::SeqCst) == 2
+    })
+    .await;
     assert_eq!(s.ufs.local.stat(b"kept.bin").unwrap().size, 10_000);
     assert!(
         s.ufs.local.stat(b"gone.bin").is_err(),
