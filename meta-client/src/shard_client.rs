@@ -32,6 +32,9 @@ struct Member {
     /// after a call to it failed. A member that fails fast has no calls in flight and
     /// would otherwise be picked first every time.
     passed_over_until: Arc<AtomicU64>,
+    /// Until when it counts as silent (ms since `EPOCH`): its last failure was a call it
+    /// took and answered nothing in time.
+    silent_until: Arc<AtomicU64>,
     /// When its last failure was logged (ms since `EPOCH`; 0: never): a member down
     /// fails the first try of every call, which would otherwise log once per call.
     warned_at: Arc<AtomicU64>,
@@ -47,8 +50,8 @@ const WARN_EVERY_MS: u64 = 30_000;
 /// How long after a call found no master answering the next calls try each member once
 /// instead of retrying for the whole deadline.
 const DOWN_REMEMBERED: Duration = Duration::from_secs(10);
-/// Longest a call waits for a master's listing: a listing that keeps failing on the
-/// master is started again at each ask, and would otherwise be waited for forever.
+/// Longest a call waits for a master's listing: one that never ends (a UFS that lists
+/// forever) would otherwise be waited for forever.
 const LOADING_WAIT_MAX: Duration = Duration::from_secs(600);
 /// How often a call waiting for a master's listing says so.
 const LOADING_TELL_EVERY: Duration = Duration::from_secs(10);
@@ -64,10 +67,20 @@ impl Member {
         now_ms() < self.passed_over_until.load(Ordering::Relaxed)
     }
 
-    /// Passed over for answering nothing in time (longer than for a refusal).
+    /// Passed over for answering nothing in time.
     fn silent(&self) -> bool {
-        let after_a_refusal = now_ms() + FAILED_PASS_OVER.as_millis() as u64;
-        after_a_refusal < self.passed_over_until.load(Ordering::Relaxed)
+        now_ms() < self.silent_until.load(Ordering::Relaxed)
+    }
+
+    /// Passes it over after a failed call: for longer if it answered nothing in time.
+    fn pass_over(&self, now: u64, silent: bool) {
+        let (pass_over, silent_until) = match silent {
+            true => (SILENT_PASS_OVER, now + SILENT_PASS_OVER.as_millis() as u64),
+            false => (FAILED_PASS_OVER, 0),
+        };
+        self.passed_over_until
+            .store(now + pass_over.as_millis() as u64, Ordering::Relaxed);
+        self.silent_until.store(silent_until, Ordering::Relaxed);
     }
 }
 
@@ -203,6 +216,7 @@ impl GrpcMetadataClient {
             addr: addr.to_string(),
             outstanding: Arc::new(AtomicUsize::new(0)),
             passed_over_until: Arc::new(AtomicU64::new(0)),
+            silent_until: Arc::new(AtomicU64::new(0)),
             warned_at: Arc::new(AtomicU64::new(0)),
         })
     }
@@ -393,9 +407,12 @@ impl GrpcMetadataClient {
         // A shard known down tries each member once, but not again one that answered
         // nothing in time lately (each such try waits out `rpc_timeout`): at least one.
         // Those are passed over while another is there.
-        let tries_while_down = {
-            let members = self.members.read().expect("members lock");
-            members.list.iter().filter(|m| !m.silent()).count().max(1)
+        let tries_while_down = match known_down {
+            true => {
+                let members = self.members.read().expect("members lock");
+                members.list.iter().filter(|m| !m.silent()).count().max(1)
+            }
+            false => usize::MAX,
         };
         let mut backoff = Duration::from_millis(20);
         let mut attempt = 0usize;
@@ -493,13 +510,7 @@ impl GrpcMetadataClient {
             if hint.is_none() {
                 // Not a redirect to the leader: this member could not serve the call.
                 let now = now_ms();
-                let pass_over = match answered_nothing_in_time(&err) {
-                    true => SILENT_PASS_OVER,
-                    false => FAILED_PASS_OVER,
-                };
-                member
-                    .passed_over_until
-                    .store(now + pass_over.as_millis() as u64, Ordering::Relaxed);
+                member.pass_over(now, answered_nothing_in_time(&err));
                 let warned = member.warned_at.load(Ordering::Relaxed);
                 news = (warned == 0 || now.saturating_sub(warned) >= WARN_EVERY_MS)
                     && member
@@ -889,22 +900,20 @@ mod tests {
         client.down_at.store(0, Ordering::Relaxed);
         for m in &client.members.read().unwrap().list {
             m.passed_over_until.store(0, Ordering::Relaxed);
+            m.silent_until.store(0, Ordering::Relaxed);
         }
         assert!(tries_of(refused) >= 3);
         assert_eq!(tries_of(refused), 3, "known down: each once");
         // One silent, two refusing: the silent one is passed over.
         let silent = |i: usize| client.members.read().unwrap().list[i].silent();
-        client.members.read().unwrap().list[0]
-            .passed_over_until
-            .store(now_ms() + 30_000, Ordering::Relaxed);
+        client.members.read().unwrap().list[0].pass_over(now_ms(), true);
         client.preferred.store(0, Ordering::Relaxed);
         assert_eq!(tries_of(refused), 2);
         assert!(silent(0), "not tried again");
         // A member that names the leader shows the shard up: the leader is asked, even
         // when every member had stayed silent.
         for m in &client.members.read().unwrap().list {
-            m.passed_over_until
-                .store(now_ms() + 30_000, Ordering::Relaxed);
+            m.pass_over(now_ms(), true);
         }
         let tries = AtomicUsize::new(0);
         let r = client.call("getattr", false, |_| {
