@@ -140,9 +140,14 @@ impl Routing for MasterService {
             .shard
             .ok_or_else(|| Status::invalid_argument("set_shard_masters without a shard"))?;
         // Asked again by a leader that has not seen the last change yet: no new version.
-        let table = self.current_table()?;
-        if table.shards().contains(&shard) {
-            return Ok(Response::new(table.proto().clone()));
+        // Only shard 0's leader says so (a follower's table may be behind; another
+        // shard's master is refused by `change_table`).
+        if self.store.shard() == 0 {
+            self.leader_only()?;
+            let table = self.current_table()?;
+            if table.shards().contains(&shard) {
+                return Ok(Response::new(table.proto().clone()));
+            }
         }
         self.change_table(|t| t.with_masters(shard)).await
     }
