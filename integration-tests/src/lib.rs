@@ -578,26 +578,13 @@ impl Cluster {
         )?))
     }
 
-    /// Runs an admin `call` (a membership change) on the leader, trying again (as the
-    /// leader changes) until it succeeds, 50 times at most.
+    /// [`Self::on_leader`] for an admin `call` (a membership change), for a minute.
     pub fn admin_on_leader<T, F, Fut>(&self, call: F) -> anyhow::Result<T>
     where
         F: Fn(AdminClient) -> Fut,
         Fut: std::future::Future<Output = Result<tonic::Response<T>, tonic::Status>>,
     {
-        let mut last = String::new();
-        for _ in 0..50 {
-            let leader = self.leader(Duration::from_secs(10))?;
-            match self
-                .rt
-                .block_on(call(self.admin_client(&self.addr_of(leader))?))
-            {
-                Ok(r) => return Ok(r.into_inner()),
-                Err(s) => last = s.message().to_string(),
-            }
-            std::thread::sleep(Duration::from_millis(100));
-        }
-        bail!("the admin call kept failing: {last}")
+        self.on_leader_with(Duration::from_secs(60), |a| self.admin_client(a), call)
     }
 
     /// Starts master `id` (joining the group) and adds it to the group as a member.
@@ -680,6 +667,20 @@ impl Cluster {
         F: Fn(Client) -> Fut,
         Fut: std::future::Future<Output = Result<tonic::Response<T>, tonic::Status>>,
     {
+        self.on_leader_with(timeout, |a| self.client(a), call)
+    }
+
+    /// [`Self::on_leader`] with a client of any service, made by `client`.
+    fn on_leader_with<C, T, F, Fut>(
+        &self,
+        timeout: Duration,
+        client: impl Fn(&str) -> anyhow::Result<C>,
+        call: F,
+    ) -> anyhow::Result<T>
+    where
+        F: Fn(C) -> Fut,
+        Fut: std::future::Future<Output = Result<tonic::Response<T>, tonic::Status>>,
+    {
         let start = Instant::now();
         loop {
             let last = match self.leader(
@@ -687,7 +688,7 @@ impl Cluster {
                     .saturating_sub(start.elapsed())
                     .max(Duration::from_millis(100)),
             ) {
-                Ok(id) => match self.rt.block_on(call(self.client(&self.addr_of(id))?)) {
+                Ok(id) => match self.rt.block_on(call(client(&self.addr_of(id))?)) {
                     Ok(r) => return Ok(r.into_inner()),
                     // An answer, not a failure to reach the leader: the caller reads its code.
                     Err(s)
